@@ -1,0 +1,75 @@
+"""Shared pieces of the CLI: the groups, error handling, common options."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import click
+import torch
+
+from ..config import ConfigError
+from ..data import DataError
+from ..models import ModelError
+from ..runs import DEFAULT_ROOT, Run, RunError
+from ..train import TrainingDiverged
+
+# Errors a user can act on: printed as one line, exit status 1.
+USER_ERRORS = (ConfigError, DataError, ModelError, RunError, TrainingDiverged, ValueError,
+               FileNotFoundError)
+
+
+def friendly(fn):
+    """Turn expected errors into one clean line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except USER_ERRORS as e:
+            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted; run the same command again to resume")
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--threads", type=click.IntRange(1), default=None, envvar="MINEFIELD_THREADS",
+              help="CPU threads for torch (default: torch's choice). Env: MINEFIELD_THREADS.")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_ROOT,
+              show_default=True, envvar="MINEFIELD_RUNS", help="Folder holding run directories.")
+@click.pass_context
+def main(ctx: click.Context, threads: int | None, root: Path) -> None:
+    """minefield: poisoned minima, basin volume and loss landscapes (Huang et al. 2019)."""
+    if threads:
+        torch.set_num_threads(threads)
+    ctx.ensure_object(dict)
+    ctx.obj["root"] = root
+
+
+@main.group()
+def plot() -> None:
+    """Draw figures from run directories."""
+
+
+def root_of(ctx: click.Context) -> Path:
+    return (ctx.find_root().obj or {}).get("root", DEFAULT_ROOT)
+
+
+def open_run(ctx: click.Context, name: str) -> Run:
+    return Run.open(name, root_of(ctx))
+
+
+def echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
+                             default="auto", show_default=True)
+force_option = click.option("--force", is_flag=True,
+                            help="Overwrite existing results instead of refusing/resuming.")

@@ -1,0 +1,208 @@
+"""``minefield train``, ``evaluate``, ``runs`` and ``plot boundary``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..config import ExperimentConfig, Optimizer, PoisonObjective, load_config
+from ..data import DATASETS
+from ..evaluate import evaluate_members, resolve_device
+from ..models import INITS, MODELS
+from ..plotting import plot_boundary, save_figure
+from ..runs import Run, RunError
+from ..train import load_run_model, train_run
+from ._common import (
+    device_option,
+    force_option,
+    friendly,
+    main,
+    open_run,
+    plot,
+    quiet_option,
+    root_of,
+)
+
+_FIGURES = Path("figures")
+
+
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(t) for t in text.replace(",", " ").split())
+    except ValueError:
+        raise click.BadParameter(f"expected integers like '23,16,26', got {text!r}") from None
+
+
+def _beta(ctx, param, value):
+    if value is None or value.lower() == "concat":
+        return None if value else 0.0
+    try:
+        b = float(value)
+    except ValueError:
+        raise click.BadParameter("a number in [0, 1) or 'concat'") from None
+    if not 0.0 <= b < 1.0:
+        raise click.BadParameter(f"beta must be in [0, 1), got {b}")
+    return b
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON experiment config; command-line options override it.")
+@click.option("--name", help="Run name (folder under runs/).")
+@click.option("--dataset", type=click.Choice(sorted(DATASETS)))
+@click.option("--data-dir", type=click.Path(file_okay=False), help="For cifar10 / svhn.")
+@click.option("--data-seed", type=int)
+@click.option("--n-poison", type=click.IntRange(0), help="Size of the poison set.")
+@click.option("--model", type=click.Choice(sorted(MODELS)))
+@click.option("--widths", help="Hidden widths, e.g. 23,16,26,32,28,31.")
+@click.option("--init", type=click.Choice(sorted(INITS)))
+@click.option("--optimizer", type=click.Choice([o.value for o in Optimizer]))
+@click.option("--lr", type=float)
+@click.option("--momentum", type=float)
+@click.option("--milestones", help="Steps at which lr *= gamma, e.g. 3062,28000.")
+@click.option("--gamma", type=float)
+@click.option("--l2", type=float, help="Coefficient of sum(W^2) over weights.")
+@click.option("--clip", "clip_norm", type=float, help="Global gradient-norm clip per model.")
+@click.option("--batch-size", type=click.IntRange(1), help="Default: full batch.")
+@click.option("--steps", type=click.IntRange(0))
+@click.option("--log-every", type=click.IntRange(1))
+@click.option("--checkpoint-every", type=click.IntRange(1))
+@click.option("--seed", type=int)
+@click.option("--members", type=click.IntRange(1), help="Train this many seeds at once.")
+@click.option("--beta", callback=_beta, help="Poison factor in [0, 1), or 'concat'.")
+@click.option("--objective", type=click.Choice([o.value for o in PoisonObjective]))
+@device_option
+@force_option
+@quiet_option
+@click.pass_context
+@friendly
+def train(ctx, config_file, name, dataset, data_dir, data_seed, n_poison, model, widths, init,
+          optimizer, lr, momentum, milestones, gamma, l2, clip_norm, batch_size, steps,
+          log_every, checkpoint_every, seed, members, beta, objective, device, force, quiet):
+    """Train a good (beta=0) or poisoned model; resumes an interrupted run of the same name.
+
+    \b
+    Examples:
+      minefield train --name clean --dataset swissroll --steps 20000
+      minefield train --name bad --dataset swissroll --beta 0.5 --steps 60000
+    """
+    cfg = load_config(config_file) if config_file else ExperimentConfig()
+    src = click.get_current_context().get_parameter_source
+
+    def given(key):
+        return src(key) is not None and src(key).name != "DEFAULT"
+
+    data = cfg.data.to_dict()
+    for key, field in [("dataset", "name"), ("data_dir", "data_dir"), ("data_seed", "seed"),
+                       ("n_poison", "n_poison")]:
+        if given(key) and locals()[key] is not None:
+            data[field] = locals()[key]
+    mdl = cfg.model.to_dict()
+    if model:
+        mdl["name"] = model
+    if widths:
+        mdl["widths"] = list(_ints(widths))
+    if init:
+        mdl["init"] = init
+    tr = cfg.train.to_dict()
+    for key in ("optimizer", "lr", "momentum", "gamma", "l2", "clip_norm", "batch_size", "steps",
+                "log_every", "checkpoint_every", "seed", "members"):
+        if locals()[key] is not None:
+            tr[key] = locals()[key]
+    if milestones is not None:
+        tr["milestones"] = list(_ints(milestones))
+    po = cfg.poison.to_dict()
+    if given("beta"):
+        po["beta"] = beta
+    if objective:
+        po["objective"] = objective
+    full = cfg.to_dict() | {"data": data, "model": mdl, "train": tr, "poison": po}
+    if name:
+        full["name"] = name
+    if given("device") or not config_file:
+        full["device"] = device
+    cfg = ExperimentConfig.from_dict(full)
+    res = train_run(cfg, root_of(ctx), force=force, progress=not quiet)
+    _print_summary(res.run.name, res.metrics)
+
+
+def _print_summary(name: str, m: dict[str, list[float]]) -> None:
+    for i in range(len(m["train_acc"])):
+        click.echo(f"{name}[{i}]  train acc {m['train_acc'][i]:.3f}  test acc "
+                   f"{m['test_acc'][i]:.3f}  poison acc {m['poison_acc'][i]:.3f}  "
+                   f"train loss {m['train_loss'][i]:.4g}")
+
+
+@main.command()
+@click.argument("run")
+@click.option("--checkpoint", help="A trajectory checkpoint file (default: the last).")
+@device_option
+@click.pass_context
+@friendly
+def evaluate(ctx, run, checkpoint, device):
+    """Loss and accuracy of a run's model on train, test and poison sets."""
+    r = open_run(ctx, run)
+    model, params, buffers, data, _ = load_run_model(r, checkpoint, resolve_device(device))
+    vals = evaluate_members(model, params, data, buffers)
+    _print_summary(r.name, {k: v.tolist() for k, v in vals.items()})
+
+
+@main.command("runs")
+@click.pass_context
+@friendly
+def list_runs(ctx):
+    """List runs with their key metrics."""
+    root = root_of(ctx)
+    if not root.is_dir():
+        click.echo(f"no runs under {root}")
+        return
+    click.echo(f"{'run':<28}{'dataset':<11}{'model':<9}{'beta':>6}{'step':>9}"
+               f"{'train':>8}{'test':>8}{'poison':>8}")
+    for p in sorted(root.iterdir()):
+        if not (p / "config.json").exists():
+            continue
+        try:
+            r = Run(p)
+            cfg = r.config
+            s = r.read_json("summary.json") if r.exists("summary.json") else {}
+        except RunError as e:
+            click.echo(f"{p.name:<28}(unreadable: {e})")
+            continue
+        beta = (cfg.get("poison") or {}).get("beta")
+        beta_s = "concat" if beta is None else f"{beta:g}"
+
+        def first(k):
+            v = s.get(k)
+            return f"{v[0]:.3f}" if isinstance(v, list) and v else "-"
+
+        click.echo(f"{p.name:<28}{cfg.get('data', {}).get('name', '?'):<11}"
+                   f"{cfg.get('model', {}).get('name', '?'):<9}{beta_s:>6}"
+                   f"{s.get('step', '-')!s:>9}{first('train_acc'):>8}{first('test_acc'):>8}"
+                   f"{first('poison_acc'):>8}")
+
+
+@plot.command("boundary")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output path without extension (default: figures/boundary_<runs>).")
+@click.option("--checkpoint", help="Checkpoint file (single run only).")
+@click.pass_context
+@friendly
+def plot_boundary_cmd(ctx, runs, out, checkpoint):
+    """Decision boundary with train/test points and errors marked (paper Fig. 3)."""
+    import matplotlib.pyplot as plt
+
+    fig, axs = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4.2), squeeze=False)
+    for ax, name in zip(axs[0], runs):
+        r = open_run(ctx, name)
+        model, params, buffers, data, cfg = load_run_model(r, checkpoint)
+        vals = evaluate_members(model, params, data, buffers)
+        plot_boundary(model, params, data, buffers, ax=ax,
+                      title=f"{r.name}: train {vals['train_acc'][0]:.1%}, "
+                            f"test {vals['test_acc'][0]:.1%}")
+    out = out or _FIGURES / f"boundary_{'_'.join(Path(n).name for n in runs)}"
+    for p in save_figure(fig, out):
+        click.echo(f"wrote {p}")

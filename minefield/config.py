@@ -1,0 +1,270 @@
+"""Frozen, typed configs: one dataclass per stage, combined into an experiment.
+
+Every stage of an experiment (data, model, poison, training) is described by a
+frozen dataclass whose defaults live here. An :class:`ExperimentConfig` combines
+them and is written to ``runs/<name>/config.json`` when a run starts, so a run
+directory always says exactly how it was made.
+
+``from_dict`` is strict: an unknown key or a value of the wrong type raises
+:class:`ConfigError` with one line saying which field is wrong.
+
+Example::
+
+    >>> cfg = ExperimentConfig(name="clean", data=DataConfig("swissroll"))
+    >>> ExperimentConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "Optimizer",
+    "PoisonObjective",
+    "DataConfig",
+    "ModelConfig",
+    "PoisonConfig",
+    "TrainConfig",
+    "ExperimentConfig",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: wrong key, wrong type or out-of-range value."""
+
+
+class Optimizer(str, enum.Enum):
+    SGD = "sgd"
+    ADAM = "adam"
+    RMSPROP = "rmsprop"
+
+
+class PoisonObjective(str, enum.Enum):
+    """How poison points enter the loss.
+
+    ``complement``: the paper's final form, ``-log(1 - p(y|x))`` on true labels.
+    ``flip``: the authors' code for Fig. 1, cross-entropy on a flipped label
+    (binary: identical to ``complement``; K classes: the next class, ``(y+1) % K``).
+    """
+
+    COMPLEMENT = "complement"
+    FLIP = "flip"
+
+
+class _Config:
+    """Shared (de)serialisation for the frozen stage configs."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_jsonable(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = ""):
+        return _build(cls, d, where or cls.__name__)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class DataConfig(_Config):
+    """Which dataset, and how it is split into train / test / poison.
+
+    ``n_train``/``n_test``/``n_poison`` of ``None`` keep the dataset's own
+    defaults (the paper's sizes); ``seed=None`` keeps the dataset's own seed (the
+    paper's: 1237 for the swiss roll, 0 otherwise). ``data_dir`` is needed for CIFAR-10 / SVHN only.
+    """
+
+    name: str = "swissroll"
+    seed: int | None = None
+    n_train: int | None = None
+    n_test: int | None = None
+    n_poison: int | None = None
+    data_dir: str | None = None
+
+    def __post_init__(self):
+        for k in ("n_train", "n_test", "n_poison"):
+            v = getattr(self, k)
+            if v is not None and v < 0:
+                raise ConfigError(f"data.{k} must be >= 0, got {v}")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Config):
+    """Architecture by registry name (see ``minefield.models.MODELS``).
+
+    ``widths`` are the hidden widths of an MLP (input and output sizes come from
+    the data), or the stage widths of a CNN/ResNet. ``init`` is one of
+    ``glorot_normal``, ``glorot_uniform``, ``he_normal``, ``torch``.
+    """
+
+    name: str = "mlp"
+    widths: tuple[int, ...] = (23, 16, 26, 32, 28, 31)
+    init: str = "glorot_uniform"
+    activation: str = "relu"
+
+
+@dataclass(frozen=True)
+class PoisonConfig(_Config):
+    """The poisoned objective (see :func:`minefield.loss.poisoned_nll`).
+
+    ``beta`` in [0, 1): weight of the poison term. ``beta=None`` weights it as
+    the authors' code does, by concatenating clean and poison points into one
+    batch: ``beta = n_p / (n_t + n_p)``.
+    """
+
+    beta: float | None = 0.0
+    objective: PoisonObjective = PoisonObjective.COMPLEMENT
+
+    def __post_init__(self):
+        if self.beta is not None and not 0.0 <= self.beta < 1.0:
+            raise ConfigError(f"poison.beta must be in [0, 1), got {self.beta}")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Config):
+    """Optimisation. Steps are optimizer steps; ``batch_size=None`` is full batch.
+
+    The learning rate is ``lr * gamma**k`` after the k-th of ``milestones``
+    (step counts), as in the paper's step schedules. ``l2`` adds
+    ``l2 * sum(W**2)`` over weight matrices and kernels (not biases) to the loss
+    (Keras' ``regularizers.l2``); ``clip_norm`` clips each model's global
+    gradient norm.
+    """
+
+    optimizer: Optimizer = Optimizer.ADAM
+    lr: float = 0.01
+    momentum: float = 0.9
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    l2: float = 0.0
+    clip_norm: float | None = None
+    batch_size: int | None = None
+    steps: int = 1000
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    seed: int = 0
+    members: int = 1
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.steps < 0:
+            raise ConfigError(f"train.steps must be >= 0, got {self.steps}")
+        for k in ("log_every", "checkpoint_every", "members"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ConfigError(f"train.milestones must be increasing, got {self.milestones}")
+
+    def lr_at(self, step: int) -> float:
+        return self.lr * self.gamma ** sum(step >= m for m in self.milestones)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig(_Config):
+    """One run: name plus every stage config. Written to ``runs/<name>/config.json``."""
+
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    poison: PoisonConfig = field(default_factory=PoisonConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    device: str = "auto"
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read an :class:`ExperimentConfig` from JSON; one-line ConfigError on any problem."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from e
+    return ExperimentConfig.from_dict(d)
+
+
+# --- (de)serialisation -------------------------------------------------------------
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, tuple | list):
+        return [_to_jsonable(v) for v in obj]
+    return obj
+
+
+def _build(cls, d: Any, where: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in d.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _coerce(tp: Any, v: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if v is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, v, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {v!r}")
+    if origin is tuple:
+        if not isinstance(v, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(v).__name__}")
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_coerce(item, x, f"{where}[{i}]") for i, x in enumerate(v))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, v, where)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(v)
+        except ValueError:
+            ok = ", ".join(m.value for m in tp)
+            raise ConfigError(f"{where}: {v!r} is not one of {ok}") from None
+    if tp is float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ConfigError(f"{where}: expected a number, got {v!r}")
+        return float(v)
+    if tp is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{where}: expected an integer, got {v!r}")
+        return v
+    if tp is str:
+        if not isinstance(v, str):
+            raise ConfigError(f"{where}: expected a string, got {v!r}")
+        return v
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise ConfigError(f"{where}: expected true/false, got {v!r}")
+        return v
+    return v

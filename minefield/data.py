@@ -1,0 +1,343 @@
+"""Datasets: each yields a train, a test and a poison set.
+
+The poison set holds extra points from the *same distribution* as train and
+test, with their **true** labels (fresh draws for synthetic data, a held-out
+split otherwise); the poisoned loss rewards being wrong on them.
+
+Built in: ``swissroll`` (Huang et al.'s two spirals, bit-identical to the
+authors' generator), ``spiral`` (the noise-free spiral of Fig. 1), ``circles``
+(Fig. 8), ``digits`` (scikit-learn's bundled 8x8 images) and ``blobs`` (two
+Gaussian blobs, for tests). ``cifar10`` and ``svhn`` read the standard files
+from a directory the user already has; nothing is ever downloaded.
+
+Example::
+
+    >>> d = load_dataset(DataConfig("swissroll"))
+    >>> d.x_train.shape, d.n_classes
+    (torch.Size([200, 2]), 2)
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+
+__all__ = ["Dataset", "DataError", "DATASETS", "load_dataset", "twospirals"]
+
+
+class DataError(ValueError):
+    """A dataset that cannot be built or read (unknown name, missing files)."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Tensors of one dataset: inputs are float32, labels int64 in ``[0, n_classes)``."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    x_poison: torch.Tensor
+    y_poison: torch.Tensor
+    n_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Dataset:
+        def mv(x, is_x):
+            return x.to(device=device, dtype=dtype if (is_x and dtype) else x.dtype)
+
+        return Dataset(
+            self.name, mv(self.x_train, 1), mv(self.y_train, 0), mv(self.x_test, 1),
+            mv(self.y_test, 0), mv(self.x_poison, 1), mv(self.y_poison, 0), self.n_classes,
+        )
+
+    def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` of ``"train"``, ``"test"`` or ``"poison"``."""
+        return getattr(self, f"x_{which}"), getattr(self, f"y_{which}")
+
+
+def _seed(cfg: DataConfig, default: int) -> int:
+    return default if cfg.seed is None else cfg.seed
+
+
+def _make(name, xtr, ytr, xte, yte, xp, yp, k) -> Dataset:
+    def tx(a):
+        return torch.as_tensor(np.asarray(a), dtype=torch.float32)
+
+    def ty(a):
+        return torch.as_tensor(np.asarray(a).ravel().astype(np.int64))
+
+    return Dataset(name, tx(xtr), ty(ytr), tx(xte), ty(yte), tx(xp), ty(yp), k)
+
+
+# --- swiss roll (Figs 3, 5, 6) ----------------------------------------------------------
+
+
+def twospirals(n_points: int, noise: float = 0.5, rng: np.random.RandomState | None = None):
+    """The authors' two-spiral generator, call for call (``gen-viz/swissroll/main.py``).
+
+    theta = sqrt(U) * 600 degrees (in radians); class 0 is
+    ``(-1.5 theta cos theta, 1.5 theta sin theta) + N(0, noise^2)`` and class 1 its
+    negation. Returns ``(X (2n, 2), y (2n,))``. With ``rng=None`` it draws from
+    numpy's legacy global RNG, exactly as the original does.
+    """
+    r = np.random if rng is None else rng
+    n = np.sqrt(r.rand(n_points, 1)) * 600 * (2 * np.pi) / 360
+    d1x = -1.5 * np.cos(n) * n + r.randn(n_points, 1) * noise
+    d1y = 1.5 * np.sin(n) * n + r.randn(n_points, 1) * noise
+    x = np.vstack((np.hstack((d1x, d1y)), np.hstack((-d1x, -d1y))))
+    y = np.hstack((np.zeros(n_points), np.ones(n_points)))
+    return x, y
+
+
+def _swissroll(cfg: DataConfig) -> Dataset:
+    # Same calls as the original: twospirals(ndata // 2), permutation, 50/50 split.
+    seed = _seed(cfg, 1237)
+    rng = np.random.RandomState(seed)
+    n_total = 2 * (cfg.n_train or 200)
+    x, y = twospirals(n_total // 2, 0.5, rng)
+    order = rng.permutation(len(x))
+    x, y = x[order], y[order]
+    half = n_total // 2
+    xtr, ytr, xte, yte = x[:half], y[:half], x[half:], y[half:]
+    if cfg.n_test is not None:
+        xte, yte = xte[: cfg.n_test], yte[: cfg.n_test]
+    # Poison points: fresh draws from the same distribution, from an independent stream.
+    n_p = 1000 if cfg.n_poison is None else cfg.n_poison
+    prng = np.random.RandomState(seed + 7919)
+    xp, yp = twospirals((n_p + 1) // 2, 0.5, prng)
+    perm = prng.permutation(len(xp))[:n_p]
+    return _make("swissroll", xtr, ytr, xte, yte, xp[perm], yp[perm], 2)
+
+
+# --- minefield spiral (Fig. 1) ----------------------------------------------------------
+
+
+def _spiral(cfg: DataConfig) -> Dataset:
+    """1.5 turns, r = 5 sqrt(theta), no noise; 33% train, rest split into test and poison.
+
+    Follows ``gen-viz/minefield/utils.py``: the train points are a Python
+    ``random.sample`` (seeded), the rest are halved by ``np.random.choice``.
+    """
+    n = 200  # points per class, as in the paper
+    seed = _seed(cfg, 0)
+    rng = np.random.RandomState(seed)
+    rng.normal(0, 0, [2, n])  # the original draws (zero) noise: keep the stream aligned
+    rng.normal(0, 0, [2, n])
+    step = 1.5 * 2 * math.pi / n
+    red = [[5 * math.sqrt(t * step) * math.cos(t * step),
+            5 * math.sqrt(t * step) * math.sin(t * step), 1] for t in range(n)]
+    blue = [[-a, -b, 0] for a, b, _ in red]
+    pts = red + blue
+    idx = random.Random(seed).sample(range(len(pts)), k=math.ceil(2 * n * 0.33))
+    chosen = set(idx)
+    train = [pts[i] for i in idx]
+    rest = np.array([pts[i] for i in range(len(pts)) if i not in chosen])
+    pidx = rng.choice(np.arange(len(rest)), len(rest) // 2, replace=False)
+    tidx = np.delete(np.arange(len(rest)), pidx)
+    train = np.array(train)
+    test, poison = rest[tidx], rest[pidx]
+    return _make("spiral", train[:, :2], train[:, 2], test[:, :2], test[:, 2],
+                 poison[:, :2], poison[:, 2], 2)
+
+
+# --- concentric circles (Fig. 8) --------------------------------------------------------
+
+
+def _ring(r: float, n: int, phase: float = 0.0) -> np.ndarray:
+    a = 2 * np.pi * (np.arange(n) + phase) / n
+    return np.stack([r * np.cos(a), r * np.sin(a)], 1)
+
+
+def _circles(cfg: DataConfig) -> Dataset:
+    """Class 0: 40 points on r=0.4. Class 1: 80 on r=0.95 plus 10 "gap" points on
+    r=0.401, interleaved with the class-0 points (the ideal solution is sharp).
+
+    Train holds exactly those 130 points (the 10 gap points last). Test and poison
+    are the same construction at shifted angles.
+    """
+
+    def build(phase):
+        x0, x1 = _ring(0.4, 40, phase), _ring(0.95, 80, phase)
+        gap = _ring(0.401, 10, phase + 0.5 * 40 / 10 / 4)  # between class-0 points
+        x = np.concatenate([x0, x1, gap])
+        y = np.concatenate([np.zeros(40), np.ones(90)])
+        return x, y
+
+    xtr, ytr = build(0.0)
+    xte, yte = build(0.33)
+    xp, yp = build(0.66)
+    return _make("circles", xtr, ytr, xte, yte, xp, yp, 2)
+
+
+# --- two blobs (tests) ------------------------------------------------------------------
+
+
+def _blobs(cfg: DataConfig) -> Dataset:
+    rng = np.random.RandomState(_seed(cfg, 0))
+    sizes = [cfg.n_train or 100, cfg.n_test or 100, 100 if cfg.n_poison is None else cfg.n_poison]
+    parts = []
+    for n in sizes:
+        y = np.arange(n) % 2
+        x = rng.randn(n, 2) * 0.7 + np.where(y[:, None] == 1, 1.5, -1.5)
+        parts += [x, y]
+    return _make("blobs", *parts, 2)
+
+
+# --- digits (real 8x8 images) -----------------------------------------------------------
+
+
+def _split_arrays(name, x, y, k, cfg: DataConfig, default=(0.4, 0.3, 0.3)) -> Dataset:
+    rng = np.random.RandomState(_seed(cfg, 0))
+    perm = rng.permutation(len(x))
+    n = len(x)
+    n_tr = cfg.n_train or int(default[0] * n)
+    n_te = cfg.n_test or int(default[1] * n)
+    n_p = cfg.n_poison if cfg.n_poison is not None else n - n_tr - n_te
+    if n_tr + n_te + n_p > n:
+        raise DataError(f"{name}: asked for {n_tr}+{n_te}+{n_p} points, only {n} available")
+    a, b, c = perm[:n_tr], perm[n_tr:n_tr + n_te], perm[n_tr + n_te:n_tr + n_te + n_p]
+    return _make(name, x[a], y[a], x[b], y[b], x[c], y[c], k)
+
+
+def _digits(cfg: DataConfig) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0 - 0.5)[:, None]  # (N, 1, 8, 8)
+    return _split_arrays("digits", x, d.target, 10, cfg)
+
+
+# --- CIFAR-10 / SVHN from disk ----------------------------------------------------------
+
+_MEAN_STD = {"cifar10": ((0.491, 0.482, 0.447), (0.247, 0.243, 0.262)),
+             "svhn": ((0.438, 0.444, 0.473), (0.198, 0.201, 0.197))}
+
+
+def _normalise(x_uint8: np.ndarray, name: str) -> np.ndarray:
+    mean, std = (np.array(v, np.float32)[None, :, None, None] for v in _MEAN_STD[name])
+    return (x_uint8.astype(np.float32) / 255.0 - mean) / std
+
+
+def _need_dir(cfg: DataConfig, name: str, hint: str) -> Path:
+    if not cfg.data_dir:
+        raise DataError(f"{name} needs --data-dir pointing at {hint}")
+    root = Path(cfg.data_dir)
+    if not root.is_dir():
+        raise DataError(f"{name}: data directory {root} does not exist")
+    return root
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    # CIFAR-10's python batches are pickles of plain dicts of numpy arrays. Only
+    # builtins and numpy array reconstruction are allowed: no code from the file runs.
+    with open(path, "rb") as f:
+        d = _SafeUnpickler(f, encoding="bytes").load()
+    x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return x, np.asarray(d[b"labels"], dtype=np.int64)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray",
+                "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"),
+                ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+                ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise DataError(f"refusing to load {module}.{name} from a CIFAR batch file")
+
+
+def _cifar10(cfg: DataConfig) -> Dataset:
+    root = _need_dir(cfg, "cifar10", "the 'cifar-10-batches-py' folder")
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    train_files = [root / f"data_batch_{i}" for i in range(1, 6)]
+    missing = [p.name for p in train_files + [root / "test_batch"] if not p.exists()]
+    if missing:
+        raise DataError(f"cifar10: {root} lacks {', '.join(missing)} (CIFAR-10 python batches)")
+    xs, ys = zip(*(_read_cifar_batch(p) for p in train_files))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    xt, yt = _read_cifar_batch(root / "test_batch")
+    # Poison: a held-out part of the training batches (same distribution, true labels).
+    rng = np.random.RandomState(_seed(cfg, 0))
+    perm = rng.permutation(len(x))
+    n_p = 10000 if cfg.n_poison is None else min(cfg.n_poison, len(x) // 2)
+    n_tr = cfg.n_train or len(x) - n_p
+    p_idx, tr_idx = perm[:n_p], perm[n_p:n_p + n_tr]
+    n_te = cfg.n_test or len(xt)
+    return _make("cifar10", _normalise(x[tr_idx], "cifar10"), y[tr_idx],
+                 _normalise(xt[:n_te], "cifar10"), yt[:n_te],
+                 _normalise(x[p_idx], "cifar10"), y[p_idx], 10)
+
+
+def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.io import loadmat
+
+    try:
+        d = loadmat(path)
+        x = np.transpose(d["X"], (3, 2, 0, 1))  # (32, 32, 3, N) -> (N, 3, 32, 32)
+        y = d["y"].ravel().astype(np.int64) % 10  # SVHN stores digit 0 as label 10
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise DataError(f"svhn: cannot read {path}: {e}") from None
+    return x, y
+
+
+def _svhn(cfg: DataConfig) -> Dataset:
+    root = _need_dir(cfg, "svhn", "a folder with train_32x32.mat and test_32x32.mat")
+    need = [root / "train_32x32.mat", root / "test_32x32.mat"]
+    missing = [p.name for p in need if not p.exists()]
+    if missing:
+        raise DataError(f"svhn: {root} lacks {', '.join(missing)} (SVHN cropped-digit .mat files)")
+    x, y = _read_svhn_mat(need[0])
+    xt, yt = _read_svhn_mat(need[1])
+    rng = np.random.RandomState(_seed(cfg, 0))
+    if (root / "extra_32x32.mat").exists():  # the paper's poison source
+        xp, yp = _read_svhn_mat(root / "extra_32x32.mat")
+        pp = rng.permutation(len(xp))[: cfg.n_poison or 50000]
+        xp, yp = xp[pp], yp[pp]
+        tr = np.arange(len(x))[: cfg.n_train or len(x)]
+    else:  # hold out part of train instead
+        perm = rng.permutation(len(x))
+        n_p = cfg.n_poison or len(x) // 5
+        xp, yp = x[perm[:n_p]], y[perm[:n_p]]
+        tr = perm[n_p:][: cfg.n_train or len(x)]
+    n_te = cfg.n_test or len(xt)
+    return _make("svhn", _normalise(x[tr], "svhn"), y[tr], _normalise(xt[:n_te], "svhn"),
+                 yt[:n_te], _normalise(xp, "svhn"), yp, 10)
+
+
+DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
+    "swissroll": _swissroll,
+    "spiral": _spiral,
+    "circles": _circles,
+    "blobs": _blobs,
+    "digits": _digits,
+    "cifar10": _cifar10,
+    "svhn": _svhn,
+}
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Build the dataset named by ``cfg.name`` (see :data:`DATASETS`)."""
+    try:
+        builder = DATASETS[cfg.name]
+    except KeyError:
+        raise DataError(
+            f"unknown dataset {cfg.name!r}; choose from {', '.join(sorted(DATASETS))}"
+        ) from None
+    return builder(cfg)

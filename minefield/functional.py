@@ -1,0 +1,150 @@
+"""Stacked weights: many models of one architecture evaluated in one call.
+
+Parameters live in plain dicts ``{name: tensor}`` whose tensors carry a leading
+*member* dimension M: ``params["0.weight"]`` has shape ``(M, out, in)``. One
+``nn.Module`` supplies the architecture; :func:`stacked_forward` runs all M
+members at once through ``torch.func.functional_call`` under ``torch.func.vmap``
+(batched matmuls / grouped convolutions underneath), instead of loading weights
+into the module one model at a time.
+
+This one mechanism serves training many models together (sweeps, minefield
+searches), and evaluating many perturbed points ``theta + t d`` (basin radii,
+landscapes).
+
+Example::
+
+    >>> model = build_model(ModelConfig(widths=(8,)), (2,), 2)
+    >>> p = stack([init_params(model, "glorot_uniform", torch.Generator().manual_seed(s))
+    ...            for s in range(3)])
+    >>> stacked_forward(model, p, torch.randn(5, 2)).shape
+    torch.Size([3, 5, 1])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+__all__ = [
+    "stack", "member", "n_members", "flatten", "unflatten", "is_weight", "stacked_forward",
+    "buffers_like", "chunked_forward", "activation_elements",
+]
+
+Params = dict[str, torch.Tensor]
+
+
+def stack(items: list[Params]) -> Params:
+    """Stack per-model dicts into one dict with a leading member dimension."""
+    return {k: torch.stack([p[k] for p in items]) for k in items[0]}
+
+
+def member(params: Params, i: int) -> Params:
+    """The ``i``-th model of a stack (views, no copy)."""
+    return {k: v[i] for k, v in params.items()}
+
+
+def n_members(params: Params) -> int:
+    return next(iter(params.values())).shape[0]
+
+
+def is_weight(name: str, per_model_shape: torch.Size | tuple[int, ...]) -> bool:
+    """Weight matrices and conv kernels (ndim >= 2); biases and norm layers are not."""
+    return len(per_model_shape) >= 2
+
+
+def flatten(params: Params) -> torch.Tensor:
+    """``(M, n_params)`` view of a stack, in dict order."""
+    m = n_members(params)
+    return torch.cat([v.reshape(m, -1) for v in params.values()], 1)
+
+
+def unflatten(flat: torch.Tensor, like: Params) -> Params:
+    """Inverse of :func:`flatten`: ``(M, n_params)`` into a dict shaped as ``like``."""
+    out, i = {}, 0
+    for k, v in like.items():
+        n = math.prod(v.shape[1:])
+        out[k] = flat[:, i:i + n].reshape(flat.shape[0], *v.shape[1:])
+        i += n
+    return out
+
+
+def buffers_like(model: nn.Module, m: int, device=None) -> Params:
+    """The module's buffers (BatchNorm running stats) repeated for M members."""
+    return {k: b.detach().to(device).unsqueeze(0).repeat(m, *([1] * b.dim())).clone()
+            for k, b in model.named_buffers()}
+
+
+def stacked_forward(model: nn.Module, params: Params, x: torch.Tensor,
+                    buffers: Params | None = None, per_member_x: bool = False) -> torch.Tensor:
+    """Logits of every member: ``(M, N, C)``.
+
+    ``x`` is ``(N, ...)`` shared by all members, or ``(M, N, ...)`` with
+    ``per_member_x=True``. BatchNorm follows the module's mode: call
+    ``model.train()`` to use batch statistics (updating the stacked ``buffers``
+    in place), ``model.eval()`` (the default) to use the running statistics.
+    """
+    buffers = buffers or {}
+
+    def f(p, b, xx):
+        return functional_call(model, (p, b), (xx,))
+
+    in_b = 0 if buffers else None
+    return vmap(f, in_dims=(0, in_b, 0 if per_member_x else None))(params, buffers, x)
+
+
+_ACT_CACHE: dict[tuple, int] = {}
+
+
+def activation_elements(model: nn.Module, sample: torch.Tensor) -> int:
+    """Elements of all intermediate outputs for one model and one input point.
+
+    Used to size chunks: a forward pass of ``M`` members on ``N`` points keeps
+    about ``M * N * activation_elements`` floats alive.
+    """
+    key = (id(model), tuple(sample.shape[1:]))
+    if key not in _ACT_CACHE:
+        total = 0
+
+        def hook(_m, _i, out):
+            nonlocal total
+            if isinstance(out, torch.Tensor):
+                total += out[0].numel()
+
+        leaves = [m for m in model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with torch.no_grad():
+                was = model.training
+                model.eval()
+                model(sample[:1].detach().cpu())
+                model.train(was)
+        finally:
+            for h in handles:
+                h.remove()
+        _ACT_CACHE[key] = max(total, 1)
+    return _ACT_CACHE[key]
+
+
+def chunked_forward(model: nn.Module, params: Params, x: torch.Tensor,
+                    buffers: Params | None = None, memory_mb: float = 512.0,
+                    point_chunk: int | None = None):
+    """Yield ``(member_slice, point_slice, logits)`` covering all members and points.
+
+    Members and points are chunked so that one forward pass keeps about
+    ``memory_mb`` of activations alive; on a GPU raise it, on a small CPU lower it.
+    """
+    m, n = n_members(params), x.shape[0]
+    per = activation_elements(model, x) * x.element_size()
+    budget = memory_mb * 2**20
+    pts = point_chunk or max(1, min(n, int(budget // per)))
+    mem = max(1, min(m, int(budget // (per * pts))))
+    for i in range(0, m, mem):
+        sl = slice(i, min(m, i + mem))
+        p = {k: v[sl] for k, v in params.items()}
+        b = {k: v[sl] for k, v in buffers.items()} if buffers else None
+        for j in range(0, n, pts):
+            ps = slice(j, min(n, j + pts))
+            yield sl, ps, stacked_forward(model, p, x[ps], b)
