@@ -207,7 +207,7 @@ def _split_arrays(name, x, y, k, cfg: DataConfig, default=(0.4, 0.3, 0.3)) -> Da
     n_tr = cfg.n_train or int(default[0] * n)
     n_te = cfg.n_test or int(default[1] * n)
     n_p = cfg.n_poison if cfg.n_poison is not None else n - n_tr - n_te
-    if n_tr + n_te + n_p > n:
+    if n_p < 0 or n_tr + n_te + n_p > n:
         raise DataError(f"{name}: asked for {n_tr}+{n_te}+{n_p} points, only {n} available")
     a, b, c = perm[:n_tr], perm[n_tr:n_tr + n_te], perm[n_tr + n_te:n_tr + n_te + n_p]
     return _make(name, x[a], y[a], x[b], y[b], x[c], y[c], k)

@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
@@ -67,12 +68,14 @@ class _PreActBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout, eps=eps)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.act = nn.LeakyReLU(slope)
-        self.short = (nn.Conv2d(cin, cout, 1, stride, bias=False)
-                      if stride != 1 or cin != cout else None)
+        self.stride, self.pad = stride, cout - cin
 
     def forward(self, x):
         o = self.act(self.bn1(x))
-        s = x if self.short is None else self.short(o)
+        # Parameter-free shortcut as in the TF ResNet: average-pool, zero-pad channels.
+        s = F.avg_pool2d(x, self.stride) if self.stride > 1 else x
+        if self.pad:
+            s = F.pad(s, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
         o = self.conv1(o)
         o = self.conv2(self.act(self.bn2(o)))
         return o + s
@@ -163,14 +166,28 @@ def n_outputs(n_classes: int) -> int:
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
-    """The architecture named by ``cfg.name``, in eval mode, on the CPU."""
+    """The architecture named by ``cfg.name``, in eval mode, on the CPU.
+
+    Its own parameters are zeros: draw weights with :func:`init_params`.
+    """
     try:
         builder = MODELS[cfg.name]
     except KeyError:
         raise ModelError(f"unknown model {cfg.name!r}; choose from {', '.join(sorted(MODELS))}")
     if cfg.init not in INITS:
         raise ModelError(f"unknown init {cfg.init!r}; choose from {', '.join(sorted(INITS))}")
-    return builder(cfg, tuple(input_shape), n_outputs(n_classes)).eval()
+    # Built on the meta device so that construction draws nothing from the global
+    # RNG; weights come from init_params, so the module's own are zeros.
+    with torch.device("meta"):
+        model = builder(cfg, tuple(input_shape), n_outputs(n_classes))
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+    return model.eval()
 
 
 # --- initialisation -------------------------------------------------------------------

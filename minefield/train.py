@@ -34,10 +34,10 @@ from .evaluate import evaluate_members, resolve_device
 from .functional import Params, buffers_like, is_weight, n_members, stack, stacked_forward
 from .loss import poisoned_nll
 from .models import build_model, init_params
-from .runs import DEFAULT_ROOT, Run, load_tensors, save_tensors
+from .runs import DEFAULT_ROOT, Checkpoint, Run, RunError, load_tensors, save_tensors
 
 __all__ = ["fit", "FitResult", "TrainingDiverged", "train_run", "TrainResult", "init_stack",
-           "effective_beta", "make_optimizer"]
+           "effective_beta", "make_optimizer", "load_run_model", "match_model"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -290,8 +290,9 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
     if run is not None and run.exists("state.safetensors"):
         tensors, meta = load_tensors(run.file("state.safetensors"), dev)
         start = int(meta["step"])
-        params = {k[6:]: v for k, v in tensors.items() if k.startswith("param.")}
-        buffers = {k[7:]: v for k, v in tensors.items() if k.startswith("buffer.")} or None
+        # safetensors sorts its keys: restore the model's order (the optimizer's too)
+        params = {k: tensors[f"param.{k}"] for k in params}
+        buffers = {k: tensors[f"buffer.{k}"] for k, _ in model.named_buffers()} or None
         opt_state = _opt_from_tensors(tensors, meta)
         old_rows = [r for r in run.metrics() if r["step"] < start]
     rows = list(old_rows)
@@ -320,8 +321,8 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         save_tensors(run.file("state.safetensors"), state, {**base_meta, "step": step, **om})
 
     if start >= cfg.train.steps and run is not None:
-        ck = run.load_checkpoint(run.trajectory()[-1], dev)
-        res = FitResult(ck.params, ck.buffers, start, [], [None] * m)
+        p, b = match_model(model, run.load_checkpoint(run.trajectory()[-1], dev))
+        res = FitResult(p, b, start, [], [None] * m)
     else:
         res = fit(model, params, data, cfg.train, torch.tensor(betas),
                   flip=cfg.poison.objective is PoisonObjective.FLIP, buffers=buffers,
@@ -343,16 +344,21 @@ def load_run_model(run: Run, checkpoint: str | Path | None = None, device="cpu")
     traj = run.trajectory()
     if checkpoint is None:
         if not traj:
-            from .runs import RunError
-
             raise RunError(f"run {run.path} has no trajectory checkpoints (was it trained?)")
         checkpoint = traj[-1]
     ck = run.load_checkpoint(checkpoint, device)
-    expected = dict(model.named_parameters())
-    for k, v in expected.items():
-        if k not in ck.params or tuple(ck.params[k].shape[1:]) != tuple(v.shape):
-            from .runs import RunError
+    params, buffers = match_model(model, ck)
+    return model, params, buffers, data.to(device), cfg
 
-            raise RunError(f"checkpoint {ck.path} does not match the model of {run.path} "
-                           f"(parameter {k})")
-    return model, ck.params, ck.buffers, data.to(device), cfg
+
+def match_model(model: nn.Module, ck: Checkpoint) -> tuple[Params, Params]:
+    """A checkpoint's stacked params and buffers in the model's order, or a RunError."""
+    out: list[Params] = [{}, {}]
+    for i, (named, saved) in enumerate([(model.named_parameters(), ck.params),
+                                        (model.named_buffers(), ck.buffers)]):
+        for k, v in named:
+            if k not in saved or tuple(saved[k].shape[1:]) != tuple(v.shape):
+                raise RunError(f"checkpoint {ck.path} does not match the model "
+                               f"({k}: expected shape {tuple(v.shape)})")
+            out[i][k] = saved[k]
+    return out[0], out[1]

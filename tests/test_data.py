@@ -1,0 +1,139 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from minefield.config import DataConfig
+from minefield.data import DataError, load_dataset
+
+
+def test_swissroll_bit_identical_to_authors_generator():
+    # The authors' code (gen-viz/swissroll/main.py) with np.random.seed(1237):
+    # legacy global numpy RNG == a RandomState seeded the same way.
+    r = np.random.RandomState(1237)
+    n = np.sqrt(r.rand(200, 1)) * 600 * (2 * np.pi) / 360
+    d1x = -1.5 * np.cos(n) * n + r.randn(200, 1) * 0.5
+    d1y = 1.5 * np.sin(n) * n + r.randn(200, 1) * 0.5
+    x = np.vstack((np.hstack((d1x, d1y)), np.hstack((-d1x, -d1y))))
+    y = np.hstack((np.zeros(200), np.ones(200)))
+    order = r.permutation(400)
+    x, y = x[order], y[order]
+    d = load_dataset(DataConfig("swissroll"))
+    assert np.array_equal(d.x_train.numpy(), x[:200].astype(np.float32))
+    assert np.array_equal(d.y_train.numpy(), y[:200].astype(np.int64))
+    assert np.array_equal(d.x_test.numpy(), x[200:].astype(np.float32))
+    assert d.x_poison.shape == (1000, 2) and set(d.y_poison.tolist()) == {0, 1}
+
+
+def test_swissroll_poison_is_fresh_draws():
+    d = load_dataset(DataConfig("swissroll", n_poison=300))
+    assert d.x_poison.shape[0] == 300
+    # no poison point coincides with a train point
+    dist = torch.cdist(d.x_poison, d.x_train).min()
+    assert dist > 0
+
+
+def test_spiral_sizes_and_geometry():
+    d = load_dataset(DataConfig("spiral"))
+    assert (len(d.y_train), len(d.y_test), len(d.y_poison)) == (132, 134, 134)
+    allx = torch.cat([d.x_train, d.x_test, d.x_poison])
+    ally = torch.cat([d.y_train, d.y_test, d.y_poison])
+    # class 0 is class 1 negated, radius 5 sqrt(theta) with theta < 3 pi
+    r = allx.norm(dim=1)
+    assert r.max() < 5 * np.sqrt(3 * np.pi) + 1e-4
+    assert ally.sum() == 200
+    # train points are unique and disjoint from test/poison
+    rest = torch.cat([d.x_test, d.x_poison])
+    assert torch.cdist(d.x_train, rest).min() > 0
+
+
+def test_circles_structure():
+    d = load_dataset(DataConfig("circles"))
+    r = d.x_train.norm(dim=1)
+    assert len(d.y_train) == 130
+    assert ((r - 0.4).abs() < 1e-6).sum() == 40
+    assert ((r - 0.401).abs() < 1e-6).sum() == 10
+    assert (d.y_train[(r - 0.401).abs() < 1e-6] == 1).all()
+
+
+def test_digits_real_images_split():
+    d = load_dataset(DataConfig("digits"))
+    assert d.input_shape == (1, 8, 8) and d.n_classes == 10
+    n = len(d.y_train) + len(d.y_test) + len(d.y_poison)
+    assert n == 1797
+
+
+def test_unknown_dataset():
+    with pytest.raises(DataError, match="unknown dataset 'nope'"):
+        load_dataset(DataConfig("nope"))
+
+
+def test_digits_too_many_points():
+    with pytest.raises(DataError, match="only 1797 available"):
+        load_dataset(DataConfig("digits", n_train=1500, n_test=500))
+
+
+def _write_cifar(root, n=20):
+    root.mkdir()
+    rng = np.random.RandomState(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        d = {b"data": rng.randint(0, 256, (n, 3072), dtype=np.uint8),
+             b"labels": list(rng.randint(0, 10, n))}
+        with open(root / name, "wb") as f:
+            pickle.dump(d, f)
+
+
+def test_cifar10_from_python_batches(tmp_path):
+    _write_cifar(tmp_path / "cifar-10-batches-py")
+    d = load_dataset(DataConfig("cifar10", data_dir=str(tmp_path), n_poison=30))
+    assert d.input_shape == (3, 32, 32)
+    assert len(d.y_poison) == 30 and len(d.y_train) == 70 and len(d.y_test) == 20
+
+
+def test_cifar10_missing_files(tmp_path):
+    (tmp_path / "c").mkdir()
+    with pytest.raises(DataError, match="lacks data_batch_1"):
+        load_dataset(DataConfig("cifar10", data_dir=str(tmp_path / "c")))
+
+
+def test_cifar10_needs_data_dir():
+    with pytest.raises(DataError, match="needs --data-dir"):
+        load_dataset(DataConfig("cifar10"))
+
+
+def test_cifar_batch_refuses_code(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    _write_cifar(root)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(root / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": Evil(), b"labels": []}, f)
+    with pytest.raises(DataError, match="refusing to load"):
+        load_dataset(DataConfig("cifar10", data_dir=str(tmp_path)))
+
+
+def test_svhn_from_mat(tmp_path):
+    from scipy.io import savemat
+
+    rng = np.random.RandomState(0)
+    for name, n in [("train_32x32.mat", 30), ("test_32x32.mat", 10)]:
+        savemat(tmp_path / name, {"X": rng.randint(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                                  "y": rng.randint(1, 11, (n, 1))})
+    d = load_dataset(DataConfig("svhn", data_dir=str(tmp_path), n_poison=6))
+    assert d.input_shape == (3, 32, 32) and d.y_train.max() <= 9
+    assert len(d.y_poison) == 6 and len(d.y_train) == 24 and len(d.y_test) == 10
+
+
+def test_svhn_missing_and_corrupt(tmp_path):
+    with pytest.raises(DataError, match="lacks train_32x32.mat"):
+        load_dataset(DataConfig("svhn", data_dir=str(tmp_path)))
+    (tmp_path / "train_32x32.mat").write_bytes(b"garbage")
+    (tmp_path / "test_32x32.mat").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cannot read"):
+        load_dataset(DataConfig("svhn", data_dir=str(tmp_path)))
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(DataConfig("svhn", data_dir=str(tmp_path / "nope")))

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+import torch
+
+from minefield.runs import Run, RunError, atomic_write, load_tensors, save_tensors
+
+
+def test_create_resume_and_refuse_overwrite(tmp_path):
+    r = Run.create("a", {"x": 1}, tmp_path)
+    (r.path / "keep.txt").write_text("data")
+    assert Run.create("a", {"x": 1}, tmp_path).path == r.path  # same config: resume
+    with pytest.raises(RunError, match="different config; use --force"):
+        Run.create("a", {"x": 2}, tmp_path)
+    assert (r.path / "keep.txt").read_text() == "data"  # nothing lost
+    Run.create("a", {"x": 2}, tmp_path, force=True)
+    assert not (r.path / "keep.txt").exists()
+
+
+def test_refuses_foreign_folder_and_bad_names(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x").write_text("mine")
+    with pytest.raises(RunError, match="not a minefield run"):
+        Run.create("b", {}, tmp_path)
+    with pytest.raises(RunError, match="invalid run name"):
+        Run.create("../evil", {}, tmp_path)
+
+
+def test_open_errors(tmp_path):
+    with pytest.raises(RunError, match="no such run"):
+        Run.open("missing", tmp_path)
+    (tmp_path / "c").mkdir()
+    with pytest.raises(RunError, match="not a minefield run"):
+        Run.open(tmp_path / "c")
+    (tmp_path / "c" / "config.json").write_text("{broken")
+    with pytest.raises(RunError, match="corrupt JSON"):
+        Run.open(tmp_path / "c")
+
+
+def test_checkpoint_roundtrip_is_self_describing(tmp_path):
+    r = Run.create("d", {"x": 1}, tmp_path)
+    p = {"w": torch.randn(2, 3, 4)}
+    r.save_checkpoint("trajectory/step_00000001.safetensors", p, {}, {"step": 1, "seed": 5})
+    ck = r.load_checkpoint(r.trajectory()[0])
+    assert torch.equal(ck.params["w"], p["w"]) and ck.meta["seed"] == 5 and ck.step == 1
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path):
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(RunError, match="corrupt checkpoint"):
+        load_tensors(f)
+    with pytest.raises(RunError, match="missing checkpoint"):
+        load_tensors(tmp_path / "none.safetensors")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "f.json"
+    atomic_write(target, b'{"v": 1}')
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, b'{"v": 2}')
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temp files left
+
+
+def test_metrics_and_csv(tmp_path):
+    r = Run.create("e", {}, tmp_path)
+    r.write_metrics([{"step": 0, "a": 1.0}, {"step": 1, "a": float("nan")}])
+    rows = r.metrics()
+    assert rows[0]["a"] == 1.0 and rows[1]["a"] != rows[1]["a"]
+    (r.path / "metrics.jsonl").write_text('{"step": 0}\n{oops\n')
+    with pytest.raises(RunError, match="corrupt metrics line 2"):
+        r.metrics()
+    save_tensors(r.file("t.safetensors"), {"a": torch.ones(2)}, {"k": [1, 2]})
+    t, meta = load_tensors(r.file("t.safetensors"))
+    assert meta == {"k": [1, 2]} and t["a"].sum() == 2

@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from minefield.config import DataConfig, ModelConfig, PoisonConfig, TrainConfig
+from minefield.data import load_dataset
+from minefield.functional import member, stack
+from minefield.models import build_model
+from minefield.train import TrainingDiverged, fit, init_stack, train_run
+
+
+def _problem(m=3, dtype=torch.float64):
+    data = load_dataset(DataConfig("blobs", n_train=40, n_test=40, n_poison=40)).to(
+        "cpu", dtype)
+    model = build_model(ModelConfig(widths=(8, 8)), (2,), 2).to(dtype)
+    params = {k: v.to(dtype) for k, v in init_stack(model, "glorot_uniform", range(m)).items()}
+    return model, params, data
+
+
+@pytest.mark.parametrize("opt", ["adam", "sgd", "rmsprop"])
+def test_stacked_training_equals_independent_runs(opt):
+    model, params, data = _problem()
+    cfg = TrainConfig(optimizer=opt, lr=0.02, steps=25, log_every=25, clip_norm=0.5, l2=1e-3,
+                      batch_size=16)
+    betas = torch.tensor([0.0, 0.3, 0.6], dtype=torch.float64)
+    together = fit(model, params, data, cfg, betas)
+    for i in range(3):
+        alone = fit(model, stack([member(params, i)]), data, cfg, float(betas[i]))
+        for k in params:
+            torch.testing.assert_close(together.params[k][i], alone.params[k][0],
+                                       rtol=1e-9, atol=1e-12)
+
+
+def test_clean_training_fits_blobs():
+    model, params, data = _problem(m=1, dtype=torch.float32)
+    res = fit(model, params, data, TrainConfig(lr=0.05, steps=100, log_every=50), 0.0)
+    assert res.history[-1]["train_acc"] == 1.0 and res.history[-1]["test_acc"] > 0.9
+
+
+def test_poisoning_hurts_test_accuracy():
+    model, params, data = _problem(m=2, dtype=torch.float32)
+    res = fit(model, params, data, TrainConfig(lr=0.05, steps=300, log_every=300),
+              torch.tensor([0.0, 0.9]))
+    last = {r["member"]: r for r in res.history if r["step"] == 300}
+    assert last[0]["test_acc"] > 0.9 and last[1]["test_acc"] < last[0]["test_acc"] - 0.3
+
+
+def test_stop_fn_freezes_members():
+    model, params, data = _problem(m=2, dtype=torch.float32)
+    cfg = TrainConfig(lr=0.05, steps=200, log_every=10)
+    res = fit(model, params, data, cfg, 0.0,
+              stop_fn=lambda v: torch.tensor([True, False]))
+    assert res.stopped_at[0] == 0 and res.stopped_at[1] is None
+    assert torch.equal(res.params["0.weight"][0], params["0.weight"][0])
+    assert not torch.equal(res.params["0.weight"][1], params["0.weight"][1])
+
+
+def test_resume_is_bit_identical(tmp_path, tiny, monkeypatch):
+    cfg = tiny(batch_size=16)
+    full = train_run(cfg, tmp_path / "a", progress=False)
+
+    import minefield.train as tr
+
+    real = tr.save_tensors
+
+    def killed_after_step_20(path, tensors, meta):
+        real(path, tensors, meta)
+        if meta.get("step") == 20:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "save_tensors", killed_after_step_20)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "b", progress=False)
+    monkeypatch.setattr(tr, "save_tensors", real)
+    resumed = train_run(cfg, tmp_path / "b", progress=False)
+    for k in full.params:
+        assert torch.equal(full.params[k], resumed.params[k])
+    rows_a = [r for r in full.run.metrics()]
+    rows_b = [r for r in resumed.run.metrics()]
+    assert rows_a == rows_b
+
+
+def test_same_seed_same_numbers(tmp_path, tiny):
+    a = train_run(tiny(), tmp_path / "a", progress=False)
+    b = train_run(tiny(), tmp_path / "b", progress=False)
+    assert a.metrics == b.metrics
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, tiny):
+    cfg = tiny(lr=1e30, optimizer="sgd", steps=40, log_every=1, checkpoint_every=1)
+    with pytest.raises(TrainingDiverged, match="NaN/inf at step"):
+        train_run(cfg, tmp_path, progress=False)
+    run_dir = tmp_path / "tiny"
+    from minefield.runs import Run
+
+    r = Run.open(run_dir)
+    last = r.load_checkpoint(r.trajectory()[-1])
+    assert all(torch.isfinite(v).all() for v in last.params.values())
+
+
+def test_members_and_concat_beta(tmp_path, tiny):
+    cfg = tiny().replace(poison=PoisonConfig(beta=None))
+    cfg = cfg.replace(train=cfg.train.replace(members=2))
+    res = train_run(cfg, tmp_path, progress=False)
+    assert len(res.metrics["train_acc"]) == 2
+    assert res.run.read_json("summary.json")["betas"] == [0.5, 0.5]  # 40 / (40 + 40)
