@@ -1,0 +1,104 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from minefield.cli import main
+
+TINY = ["--dataset", "blobs", "--widths", "8,8", "--steps", "40", "--log-every", "20",
+        "--checkpoint-every", "20", "--lr", "0.05", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture
+def cli(tmp_path):
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, ["--root", str(tmp_path / "runs"), *args])
+
+    return invoke
+
+
+def test_train_evaluate_runs_and_plot(cli, tmp_path, monkeypatch):
+    r = cli("train", "--name", "good", *TINY)
+    assert r.exit_code == 0, r.output
+    assert "good[0]  train acc 1.000" in r.output
+    run = tmp_path / "runs" / "good"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["name"] == "blobs" and cfg["model"]["widths"] == [8, 8]
+    assert len(list((run / "trajectory").glob("*.safetensors"))) == 3
+    r = cli("evaluate", "good")
+    assert r.exit_code == 0 and "test acc" in r.output
+    r = cli("runs")
+    assert r.exit_code == 0 and "good" in r.output and "blobs" in r.output
+    monkeypatch.chdir(tmp_path)
+    r = cli("plot", "boundary", "good")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "figures" / "boundary_good.png").stat().st_size > 10_000
+
+
+def test_rerun_same_config_resumes_and_different_refuses(cli, tmp_path):
+    assert cli("train", "--name", "a", *TINY).exit_code == 0
+    before = (tmp_path / "runs" / "a" / "metrics.jsonl").read_text()
+    assert cli("train", "--name", "a", *TINY).exit_code == 0
+    r = cli("train", "--name", "a", *TINY, "--lr", "0.1")
+    assert r.exit_code == 1 and "different config; use --force" in r.output
+    assert (tmp_path / "runs" / "a" / "metrics.jsonl").read_text() == before
+    assert cli("train", "--name", "a", *TINY, "--lr", "0.1", "--force").exit_code == 0
+
+
+def test_config_file_and_override(cli, tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"name": "fromfile", "data": {"name": "blobs"},
+                             "model": {"widths": [4]}, "train": {"steps": 10, "log_every": 5,
+                                                                 "checkpoint_every": 5}}))
+    r = cli("train", "--config", str(f), "--lr", "0.02", "--quiet", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "runs" / "fromfile" / "config.json").read_text())
+    assert cfg["train"]["lr"] == 0.02 and cfg["model"]["widths"] == [4]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--dataset", "nope"], "Invalid value for '--dataset'"),
+    (["--beta", "1.0"], "beta must be in [0, 1)"),
+    (["--beta", "abc"], "a number in [0, 1) or 'concat'"),
+    (["--widths", "8,x"], "expected integers"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "does not exist"),
+    (["--dataset", "svhn"], "svhn needs --data-dir"),
+])
+def test_bad_input_one_line_nonzero(cli, args, msg):
+    r = cli("train", "--name", "bad", "--steps", "1", "--quiet", *args)
+    assert r.exit_code != 0
+    assert msg in r.output
+    assert "Traceback" not in r.output
+
+
+def test_bad_config_file_types(cli, tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"train": {"steps": "many"}}))
+    r = cli("train", "--config", str(f))
+    assert r.exit_code == 1 and "train.steps: expected an integer" in r.output
+
+
+def test_missing_and_corrupt_run(cli, tmp_path):
+    r = cli("evaluate", "ghost")
+    assert r.exit_code == 1 and "no such run" in r.output
+    assert cli("train", "--name", "c", *TINY).exit_code == 0
+    ck = sorted((tmp_path / "runs" / "c" / "trajectory").glob("*.safetensors"))[-1]
+    ck.write_bytes(b"garbage!garbage!")
+    r = cli("evaluate", "c")
+    assert r.exit_code == 1 and "corrupt checkpoint" in r.output
+
+
+def test_nan_loss_stops_with_message(cli, tmp_path):
+    r = cli("train", "--name", "nan", *TINY, "--lr", "1e30", "--optimizer", "sgd",
+            "--log-every", "1", "--checkpoint-every", "1")
+    assert r.exit_code == 1 and "NaN/inf at step" in r.output
+    assert (tmp_path / "runs" / "nan" / "trajectory").is_dir()
+
+
+def test_plot_boundary_rejects_images(cli, tmp_path):
+    assert cli("train", "--name", "dg", "--dataset", "digits", "--model", "cnn", "--steps", "2",
+               "--log-every", "1", "--checkpoint-every", "1", "--quiet").exit_code == 0
+    r = cli("plot", "boundary", "dg", "--out", str(tmp_path / "x"))
+    assert r.exit_code == 1 and "need 2-D inputs" in r.output
