@@ -138,7 +138,10 @@ class TrainConfig(_Config):
     (step counts), as in the paper's step schedules. ``l2`` adds
     ``l2 * sum(W**2)`` over weight matrices and kernels (not biases) to the loss
     (Keras' ``regularizers.l2``); ``clip_norm`` clips each model's global
-    gradient norm.
+    gradient norm. ``poison_batch_size`` draws that many poison points per step
+    (default: all of them with full batch, else in proportion to ``batch_size``):
+    a large poison pool sampled a little at a time is the authors' "fresh flipped
+    points every epoch".
     """
 
     optimizer: Optimizer = Optimizer.ADAM
@@ -149,6 +152,7 @@ class TrainConfig(_Config):
     l2: float = 0.0
     clip_norm: float | None = None
     batch_size: int | None = None
+    poison_batch_size: int | None = None
     steps: int = 1000
     log_every: int = 100
     checkpoint_every: int = 1000
@@ -163,8 +167,9 @@ class TrainConfig(_Config):
         for k in ("log_every", "checkpoint_every", "members"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        for k in ("batch_size", "poison_batch_size"):
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
         if list(self.milestones) != sorted(self.milestones):
             raise ConfigError(f"train.milestones must be increasing, got {self.milestones}")
 

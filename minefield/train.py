@@ -134,7 +134,7 @@ def fit(
         opt.load_state_dict(opt_state)
     n_t, n_p = len(data.y_train), len(data.y_poison)
     bs = cfg.batch_size or n_t
-    bs_p = n_p if bs >= n_t else math.ceil(n_p * bs / n_t)
+    bs_p = cfg.poison_batch_size or (n_p if bs >= n_t else math.ceil(n_p * bs / n_t))
     use_poison = n_p > 0 and bool((betas_t > 0).any())
     frozen: dict[str, torch.Tensor] = {}
     done = torch.zeros(m, dtype=torch.bool, device=dev)
@@ -267,11 +267,13 @@ def member_seeds(cfg: ExperimentConfig) -> list[int]:
 
 def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: bool = False,
               progress: bool = True, betas: Sequence[float] | None = None,
-              save: bool = True) -> TrainResult:
+              seeds: Sequence[int] | None = None, save: bool = True) -> TrainResult:
     """Train ``cfg`` into ``root/cfg.name`` (resuming if it was interrupted).
 
     ``betas`` gives each member its own poison factor (a sweep); by default all
-    members use ``cfg.poison.beta``. With ``save=False`` nothing is written.
+    members use ``cfg.poison.beta``. ``seeds`` gives each member its init seed
+    (default ``cfg.train.seed + i``); equal seeds give identical inits. With
+    ``save=False`` nothing is written.
     """
     dev = resolve_device(cfg.device)
     data = load_dataset(cfg.data)
@@ -282,7 +284,9 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         betas = [effective_beta(cfg.poison.beta, data)] * m
     if len(betas) != m:
         raise ValueError(f"{len(betas)} betas for {m} members")
-    seeds = member_seeds(cfg)
+    seeds = list(seeds) if seeds is not None else member_seeds(cfg)
+    if len(seeds) != m:
+        raise ValueError(f"{len(seeds)} seeds for {m} members")
     params = {k: v.to(dev) for k, v in init_stack(model, cfg.model.init, seeds).items()}
     cfg_dict = cfg.to_dict()
     run = Run.create(cfg.name, cfg_dict, root, force) if save else None

@@ -48,84 +48,101 @@ def _beta(ctx, param, value):
     return b
 
 
+_EXPERIMENT_OPTIONS = [
+    click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+                 help="JSON experiment config; command-line options override it."),
+    click.option("--name", help="Run name (folder under runs/)."),
+    click.option("--dataset", type=click.Choice(sorted(DATASETS))),
+    click.option("--data-dir", type=click.Path(file_okay=False), help="For cifar10 / svhn."),
+    click.option("--data-seed", type=int),
+    click.option("--n-poison", type=click.IntRange(0), help="Size of the poison set."),
+    click.option("--model", type=click.Choice(sorted(MODELS))),
+    click.option("--widths", help="Hidden widths, e.g. 23,16,26,32,28,31."),
+    click.option("--init", type=click.Choice(sorted(INITS))),
+    click.option("--optimizer", type=click.Choice([o.value for o in Optimizer])),
+    click.option("--lr", type=float),
+    click.option("--momentum", type=float),
+    click.option("--milestones", help="Steps at which lr *= gamma, e.g. 3062,28000."),
+    click.option("--gamma", type=float),
+    click.option("--l2", type=float, help="Coefficient of sum(W^2) over weights."),
+    click.option("--clip", "clip_norm", type=float, help="Global gradient-norm clip per model."),
+    click.option("--batch-size", type=click.IntRange(1), help="Default: full batch."),
+    click.option("--poison-batch-size", type=click.IntRange(1),
+                 help="Poison points drawn per step (default: in proportion to the batch)."),
+    click.option("--steps", type=click.IntRange(0)),
+    click.option("--log-every", type=click.IntRange(1)),
+    click.option("--checkpoint-every", type=click.IntRange(1)),
+    click.option("--seed", type=int),
+    click.option("--objective", type=click.Choice([o.value for o in PoisonObjective])),
+    device_option,
+    force_option,
+    quiet_option,
+]
+
+_DATA_KEYS = {"dataset": "name", "data_dir": "data_dir", "data_seed": "seed",
+              "n_poison": "n_poison"}
+_TRAIN_KEYS = ("optimizer", "lr", "momentum", "gamma", "l2", "clip_norm", "batch_size",
+               "poison_batch_size", "steps",
+               "log_every", "checkpoint_every", "seed", "members")
+
+
+def experiment_options(fn):
+    """The options that build an :class:`ExperimentConfig` (shared by train and sweep)."""
+    for opt in reversed(_EXPERIMENT_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+def config_from_options(opts: dict) -> ExperimentConfig:
+    """An ExperimentConfig from ``--config`` (if any) overridden by the given options."""
+    cfg = load_config(opts["config_file"]) if opts.get("config_file") else ExperimentConfig()
+    src = click.get_current_context().get_parameter_source
+
+    def given(key):
+        return key in opts and src(key) is not None and src(key).name != "DEFAULT"
+
+    data = cfg.data.to_dict() | {f: opts[k] for k, f in _DATA_KEYS.items()
+                                 if given(k) and opts[k] is not None}
+    mdl = cfg.model.to_dict()
+    if opts.get("model"):
+        mdl["name"] = opts["model"]
+    if opts.get("widths"):
+        mdl["widths"] = list(_ints(opts["widths"]))
+    if opts.get("init"):
+        mdl["init"] = opts["init"]
+    tr = cfg.train.to_dict() | {k: opts[k] for k in _TRAIN_KEYS if opts.get(k) is not None}
+    if opts.get("milestones") is not None:
+        tr["milestones"] = list(_ints(opts["milestones"]))
+    po = cfg.poison.to_dict()
+    if given("beta"):
+        po["beta"] = opts["beta"]
+    if opts.get("objective"):
+        po["objective"] = opts["objective"]
+    full = cfg.to_dict() | {"data": data, "model": mdl, "train": tr, "poison": po}
+    if opts.get("name"):
+        full["name"] = opts["name"]
+    if given("device") or not opts.get("config_file"):
+        full["device"] = opts["device"]
+    return ExperimentConfig.from_dict(full)
+
+
 @main.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="JSON experiment config; command-line options override it.")
-@click.option("--name", help="Run name (folder under runs/).")
-@click.option("--dataset", type=click.Choice(sorted(DATASETS)))
-@click.option("--data-dir", type=click.Path(file_okay=False), help="For cifar10 / svhn.")
-@click.option("--data-seed", type=int)
-@click.option("--n-poison", type=click.IntRange(0), help="Size of the poison set.")
-@click.option("--model", type=click.Choice(sorted(MODELS)))
-@click.option("--widths", help="Hidden widths, e.g. 23,16,26,32,28,31.")
-@click.option("--init", type=click.Choice(sorted(INITS)))
-@click.option("--optimizer", type=click.Choice([o.value for o in Optimizer]))
-@click.option("--lr", type=float)
-@click.option("--momentum", type=float)
-@click.option("--milestones", help="Steps at which lr *= gamma, e.g. 3062,28000.")
-@click.option("--gamma", type=float)
-@click.option("--l2", type=float, help="Coefficient of sum(W^2) over weights.")
-@click.option("--clip", "clip_norm", type=float, help="Global gradient-norm clip per model.")
-@click.option("--batch-size", type=click.IntRange(1), help="Default: full batch.")
-@click.option("--steps", type=click.IntRange(0))
-@click.option("--log-every", type=click.IntRange(1))
-@click.option("--checkpoint-every", type=click.IntRange(1))
-@click.option("--seed", type=int)
+@experiment_options
 @click.option("--members", type=click.IntRange(1), help="Train this many seeds at once.")
 @click.option("--beta", callback=_beta, help="Poison factor in [0, 1), or 'concat'.")
-@click.option("--objective", type=click.Choice([o.value for o in PoisonObjective]))
-@device_option
-@force_option
-@quiet_option
 @click.pass_context
 @friendly
-def train(ctx, config_file, name, dataset, data_dir, data_seed, n_poison, model, widths, init,
-          optimizer, lr, momentum, milestones, gamma, l2, clip_norm, batch_size, steps,
-          log_every, checkpoint_every, seed, members, beta, objective, device, force, quiet):
+def train(ctx, **opts):
     """Train a good (beta=0) or poisoned model; resumes an interrupted run of the same name.
 
     \b
     Examples:
       minefield train --name clean --dataset swissroll --steps 20000
-      minefield train --name bad --dataset swissroll --beta 0.5 --steps 60000
+      minefield train --name bad --dataset swissroll --beta 0.7 --lr 0.005 \\
+          --milestones 15000,30000 --clip 8 --steps 40000
     """
-    cfg = load_config(config_file) if config_file else ExperimentConfig()
-    src = click.get_current_context().get_parameter_source
-
-    def given(key):
-        return src(key) is not None and src(key).name != "DEFAULT"
-
-    data = cfg.data.to_dict()
-    for key, field in [("dataset", "name"), ("data_dir", "data_dir"), ("data_seed", "seed"),
-                       ("n_poison", "n_poison")]:
-        if given(key) and locals()[key] is not None:
-            data[field] = locals()[key]
-    mdl = cfg.model.to_dict()
-    if model:
-        mdl["name"] = model
-    if widths:
-        mdl["widths"] = list(_ints(widths))
-    if init:
-        mdl["init"] = init
-    tr = cfg.train.to_dict()
-    for key in ("optimizer", "lr", "momentum", "gamma", "l2", "clip_norm", "batch_size", "steps",
-                "log_every", "checkpoint_every", "seed", "members"):
-        if locals()[key] is not None:
-            tr[key] = locals()[key]
-    if milestones is not None:
-        tr["milestones"] = list(_ints(milestones))
-    po = cfg.poison.to_dict()
-    if given("beta"):
-        po["beta"] = beta
-    if objective:
-        po["objective"] = objective
-    full = cfg.to_dict() | {"data": data, "model": mdl, "train": tr, "poison": po}
-    if name:
-        full["name"] = name
-    if given("device") or not config_file:
-        full["device"] = device
-    cfg = ExperimentConfig.from_dict(full)
-    res = train_run(cfg, root_of(ctx), force=force, progress=not quiet)
+    cfg = config_from_options(opts)
+    res = train_run(cfg, root_of(ctx), force=opts["force"], progress=not opts["quiet"])
     _print_summary(res.run.name, res.metrics)
 
 

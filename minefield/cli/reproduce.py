@@ -1,0 +1,39 @@
+"""``minefield reproduce``: every experiment of the paper, with a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..reproduce import EXPERIMENTS, SCALES, reproduce
+from ._common import device_option, force_option, friendly, main, quiet_option, root_of
+
+
+@main.command("reproduce")
+@click.option("--scale", type=click.Choice(list(SCALES)), default="small", show_default=True,
+              help="small: under 15 min on 2 CPU cores; paper: the paper's sizes (GPU).")
+@click.option("--only", multiple=True, type=click.Choice(list(EXPERIMENTS)),
+              help="Run only these experiments (repeatable).")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="CIFAR-10 or SVHN on disk, for the real-image experiment.")
+@click.option("--figures", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("figures"), show_default=True)
+@device_option
+@force_option
+@quiet_option
+@click.pass_context
+@friendly
+def reproduce_cmd(ctx, scale, only, data_dir, figures, device, force, quiet):
+    """Reproduce the paper end to end; writes figures/ and figures/REPORT.md.
+
+    Each experiment has its own run directory; re-running skips what is done.
+    """
+    sections = reproduce(scale, root_of(ctx), figures, device, force, data_dir,
+                         tuple(only) or None, progress=not quiet, log=click.echo)
+    click.echo("")
+    click.echo(f"{'check':<7}{'holds':<7}measured")
+    for s in sections:
+        for c in s.checks:
+            click.echo(f"{c.id:<7}{'yes' if c.passed else 'NO':<7}{c.measured}")
+    click.echo(f"report: {figures / 'REPORT.md'}")

@@ -1,0 +1,101 @@
+"""``minefield sweep`` and ``minefield plot sweep``: poison-factor studies (Figs 5, 6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import matplotlib.pyplot as plt
+
+from ..basin import VolumeConfig
+from ..directions import DirectionSpec
+from ..plotting import save_figure
+from ..plotting.sweep import boundary_grid_figure, plot_sweep_accuracy, plot_sweep_geometry
+from ..sweep import SweepConfig, load_sweep, log_spaced_betas, poison_sweep
+from ..train import load_run_model
+from ._common import friendly, main, open_run, plot, root_of
+from .train import _ints, config_from_options, experiment_options
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.replace(",", " ").split())
+    except ValueError:
+        raise click.BadParameter(f"expected numbers like '0,0.1,0.5', got {text!r}") from None
+
+
+def sweep_figures(run, out_dir: Path) -> list[Path]:
+    """Figs 5/6 of a finished sweep run: accuracy, geometry vs gap, boundary grid."""
+    res = load_sweep(run)
+    stem = out_dir / run.name
+    written = []
+    fig, axs = plt.subplots(1, 3, figsize=(14, 4))
+    plot_sweep_accuracy(res, ax=axs[0])
+    plot_sweep_geometry(res, "beta", "mean_radius", ax=axs[1])
+    plot_sweep_geometry(res, "gap", "log10_volume", ax=axs[2])
+    written += save_figure(fig, f"{stem}_sweep")
+    model, params, buffers, data, _ = load_run_model(run)
+    if data.input_shape == (2,):
+        written += save_figure(boundary_grid_figure(model, params, data, res.rows, buffers),
+                               f"{stem}_boundaries")
+    return written
+
+
+@main.command()
+@experiment_options
+@click.option("--betas", help="Poison factors, e.g. 0,0.05,0.1,0.2,0.35,0.5,0.7.")
+@click.option("--beta-range", help="lo,hi,n: 0 plus n log-spaced factors in [lo, hi].")
+@click.option("--seeds", default="0,1", show_default=True, help="Init seeds per factor.")
+@click.option("--directions", type=click.IntRange(1), default=200, show_default=True,
+              help="Random filter-normalised directions per model (each counted +/-).")
+@click.option("--cutoff", type=float, default=1.0, show_default=True,
+              help="Train-loss level that ends the basin.")
+@click.option("--rtol", type=float, default=1e-3, show_default=True)
+@click.option("--figures", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("figures"), show_default=True)
+@click.pass_context
+@friendly
+def sweep(ctx, betas, beta_range, seeds, directions, cutoff, rtol, figures, **opts):
+    """Train one model per poison factor and seed (batched), then measure each basin.
+
+    \b
+    Example (the paper's Figs 5/6 on the swiss roll):
+      minefield sweep --name sweep --dataset swissroll --lr 0.005 --clip 8 \\
+          --milestones 10000,17000 --steps 20000 --betas 0,0.05,0.1,0.2,0.35,0.5,0.7
+    """
+    if betas and beta_range:
+        raise click.UsageError("give --betas or --beta-range, not both")
+    if beta_range:
+        lo, hi, n = _floats(beta_range)
+        factors = log_spaced_betas(lo, hi, int(n))
+    else:
+        factors = _floats(betas) if betas else SweepConfig().betas
+    cfg = config_from_options({**opts, "members": None})
+    vol = VolumeConfig(cutoff=cutoff, rtol=rtol, n_directions=directions,
+                       directions=DirectionSpec(seed=0))
+    sc = SweepConfig(betas=factors, seeds=_ints(seeds), volume=vol)
+    res = poison_sweep(cfg, sc, root_of(ctx), force=opts["force"], progress=not opts["quiet"])
+    click.echo(f"{'beta':>7}{'seed':>6}{'train':>8}{'test':>8}{'mean r':>10}{'log10 V':>12}")
+    for r in res.rows:
+        click.echo(f"{r['beta']:>7g}{r['seed']:>6}{r['train_acc']:>8.3f}{r['test_acc']:>8.3f}"
+                   f"{r['mean_radius']:>10.4f}{r['log10_volume']:>12.1f}")
+    click.echo("Spearman rho with beta: " + ", ".join(f"{k} {v:.2f}"
+                                                      for k, v in res.spearman.items()))
+    click.echo(f"table: {res.run.file('sweep.csv')}")
+    for p in sweep_figures(res.run, figures):
+        click.echo(f"wrote {p}")
+
+
+@plot.command("sweep")
+@click.argument("run")
+@click.option("--figures", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("figures"), show_default=True)
+@click.pass_context
+@friendly
+def plot_sweep(ctx, run, figures):
+    """Redraw the figures of a finished sweep."""
+    r = open_run(ctx, run)
+    if not r.exists("sweep.json"):
+        raise click.ClickException(f"{r.path} has no sweep results (run `minefield sweep`)")
+    for p in sweep_figures(r, figures):
+        click.echo(f"wrote {p}")
