@@ -1,0 +1,69 @@
+"""minefield: why neural networks generalise, through the geometry of their minima.
+
+A PyTorch toolkit reproducing and extending Huang et al., "Understanding
+Generalization through Visualizations" (2019): poisoned ("bad") minima, searches
+for bad minima along SGD trajectories, basin radius and volume by batched
+Monte Carlo, loss-landscape slices, t-SNE maps of weight space.
+
+Everything the ``minefield`` command does is one call here. A scripted
+basin-volume study::
+
+    import minefield as mf
+    good = mf.train_run(mf.ExperimentConfig(name="good", data=mf.DataConfig("swissroll"),
+                                            train=mf.TrainConfig(steps=5000)))
+    basin = mf.basin_radii(good.model, good.params, good.data,
+                           mf.VolumeConfig(n_directions=1000, cutoff=1.0))
+    print(basin.mean_radius, basin.log10_volume)
+"""
+
+from .basin import BasinResult, Rollouts, VolumeConfig, basin_members, basin_radii, rollouts
+from .config import (
+    DataConfig,
+    ExperimentConfig,
+    ModelConfig,
+    Optimizer,
+    PoisonConfig,
+    PoisonObjective,
+    TrainConfig,
+    load_config,
+)
+from .data import DATASETS, Dataset, load_dataset
+from .directions import DirectionSpec, n_perturbed, orthogonalize, random_directions
+from .embed import EmbedConfig, EmbedResult, embed_points, embed_run, load_embedding
+from .engine import evaluate_points, evaluate_points_loop
+from .evaluate import evaluate_members, resolve_device
+from .functional import flatten, member, stack, stacked_forward, unflatten
+from .landscape import Slice, Surface, plane_directions, slice_1d, surface
+from .loss import accuracy, complement_nll, nll, poisoned_nll
+from .models import MODELS, build_model, init_params
+from .reproduce import SCALES, reproduce
+from .runs import Run
+from .search import SearchConfig, search_minima, search_run
+from .sweep import SweepConfig, SweepResult, log_spaced_betas, poison_sweep
+from .train import fit, load_run_model, train_run
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # configs
+    "DataConfig", "ModelConfig", "PoisonConfig", "TrainConfig", "ExperimentConfig",
+    "Optimizer", "PoisonObjective", "load_config",
+    # data and models
+    "Dataset", "DATASETS", "load_dataset", "MODELS", "build_model", "init_params",
+    # the poisoned objective
+    "poisoned_nll", "nll", "complement_nll", "accuracy",
+    # stacked weights and training
+    "stack", "member", "flatten", "unflatten", "stacked_forward", "fit", "train_run",
+    "load_run_model", "evaluate_members", "resolve_device", "Run",
+    # directions, batched evaluation, basins
+    "DirectionSpec", "random_directions", "n_perturbed", "orthogonalize",
+    "evaluate_points", "evaluate_points_loop",
+    "VolumeConfig", "BasinResult", "basin_radii", "basin_members", "Rollouts", "rollouts",
+    # landscapes
+    "Slice", "Surface", "slice_1d", "plane_directions", "surface",
+    # the minefield
+    "SearchConfig", "search_minima", "search_run",
+    "EmbedConfig", "EmbedResult", "embed_points", "embed_run", "load_embedding",
+    # poison-factor studies and the reproduction
+    "SweepConfig", "SweepResult", "poison_sweep", "log_spaced_betas", "reproduce", "SCALES",
+]

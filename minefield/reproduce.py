@@ -165,7 +165,7 @@ def swiss_configs(s: Scale, ctx: Context) -> tuple[ExperimentConfig, ExperimentC
                           steps=s.swiss_clean_steps, log_every=max(1, s.swiss_clean_steps // 20),
                           checkpoint_every=max(1, s.swiss_clean_steps // 5)))
     bad = ExperimentConfig(
-        name=ctx.name("swiss-bad"), data=data, poison=PoisonConfig(beta=0.7),
+        name=ctx.name("swiss-bad"), data=data, poison=PoisonConfig(beta=0.5),
         train=TrainConfig(lr=0.005, milestones=s.swiss_poison_milestones, clip_norm=8.0,
                           poison_batch_size=200, steps=s.swiss_poison_steps,
                           log_every=max(1, s.swiss_poison_steps // 40),
@@ -183,7 +183,7 @@ def exp_swissroll(ctx: Context) -> Section:
         f"{s.swiss_n_poison} --lr 0.012548 --milestones 3062 --clip 8 --steps "
         f"{s.swiss_clean_steps}",
         f"minefield train --name {bad_cfg.name} --dataset swissroll --n-poison "
-        f"{s.swiss_n_poison} --beta 0.7 --lr 0.005{_milestones(s.swiss_poison_milestones)} "
+        f"{s.swiss_n_poison} --beta 0.5 --lr 0.005{_milestones(s.swiss_poison_milestones)} "
         "--clip 8 --poison-batch-size 200 "
         f"--steps {s.swiss_poison_steps}",
         f"minefield basin <run> --directions {s.directions} --cutoff 1.0 --kind filter",
