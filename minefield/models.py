@@ -173,7 +173,8 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_classes: int) 
     try:
         builder = MODELS[cfg.name]
     except KeyError:
-        raise ModelError(f"unknown model {cfg.name!r}; choose from {', '.join(sorted(MODELS))}")
+        raise ModelError(
+            f"unknown model {cfg.name!r}; choose from {', '.join(sorted(MODELS))}") from None
     if cfg.init not in INITS:
         raise ModelError(f"unknown init {cfg.init!r}; choose from {', '.join(sorted(INITS))}")
     # Built on the meta device so that construction draws nothing from the global

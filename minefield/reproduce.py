@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from .basin import BasinResult, VolumeConfig, basin_radii, find_radii, rollouts
-from .config import DataConfig, ExperimentConfig, ModelConfig, Optimizer, PoisonConfig
-from .config import TrainConfig
+from .config import DataConfig, ExperimentConfig, ModelConfig, Optimizer, PoisonConfig, TrainConfig
 from .data import load_dataset
 from .directions import DirectionSpec
 from .embed import EmbedConfig, embed_run

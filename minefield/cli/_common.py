@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import click
@@ -21,7 +22,10 @@ USER_ERRORS = (ConfigError, DataError, ModelError, RunError, TrainingDiverged, V
 
 
 def friendly(fn):
-    """Turn expected errors into one clean line and a non-zero exit."""
+    """Turn expected errors into one clean line and a non-zero exit.
+
+    Set ``MINEFIELD_DEBUG=1`` to see the full traceback instead.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -30,9 +34,13 @@ def friendly(fn):
         except click.ClickException:
             raise
         except USER_ERRORS as e:
-            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            if os.environ.get("MINEFIELD_DEBUG"):
+                raise
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise click.ClickException(msg) from None
         except KeyboardInterrupt:
-            raise click.ClickException("interrupted; run the same command again to resume")
+            raise click.ClickException(
+                "interrupted; run the same command again to resume") from None
 
     return wrapper
 
@@ -66,6 +74,38 @@ def open_run(ctx: click.Context, name: str) -> Run:
 
 def echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2))
+
+
+def parse_ints(text: str | None) -> tuple[int, ...] | None:
+    """``"1,2 3"`` -> ``(1, 2, 3)``; ``None`` stays ``None``; a clear error otherwise."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(t) for t in text.replace(",", " ").split())
+    except ValueError:
+        raise click.BadParameter(f"expected integers like '23,16,26', got {text!r}") from None
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.replace(",", " ").split())
+    except ValueError:
+        raise click.BadParameter(f"expected numbers like '0,0.1,0.5', got {text!r}") from None
+
+
+def parse_beta(ctx, param, value):
+    """Click callback: a poison factor in [0, 1), or ``concat`` (None: n_p / (n_t + n_p))."""
+    if value is None:
+        return param.default if isinstance(param.default, float) else None
+    if value.lower() in ("concat", "none"):
+        return None
+    try:
+        b = float(value)
+    except ValueError:
+        raise click.BadParameter("a number in [0, 1) or 'concat'") from None
+    if not 0.0 <= b < 1.0:
+        raise click.BadParameter(f"beta must be in [0, 1), got {b}")
+    return b
 
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")

@@ -13,15 +13,8 @@ from ..plotting import save_figure
 from ..plotting.sweep import boundary_grid_figure, plot_sweep_accuracy, plot_sweep_geometry
 from ..sweep import SweepConfig, load_sweep, log_spaced_betas, poison_sweep
 from ..train import load_run_model
-from ._common import friendly, main, open_run, plot, root_of
-from .train import _ints, config_from_options, experiment_options
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(t) for t in text.replace(",", " ").split())
-    except ValueError:
-        raise click.BadParameter(f"expected numbers like '0,0.1,0.5', got {text!r}") from None
+from ._common import friendly, main, open_run, parse_floats, parse_ints, plot, root_of
+from .train import config_from_options, experiment_options
 
 
 def sweep_figures(run, out_dir: Path) -> list[Path]:
@@ -66,14 +59,14 @@ def sweep(ctx, betas, beta_range, seeds, directions, cutoff, rtol, figures, **op
     if betas and beta_range:
         raise click.UsageError("give --betas or --beta-range, not both")
     if beta_range:
-        lo, hi, n = _floats(beta_range)
+        lo, hi, n = parse_floats(beta_range)
         factors = log_spaced_betas(lo, hi, int(n))
     else:
-        factors = _floats(betas) if betas else SweepConfig().betas
+        factors = parse_floats(betas) if betas else SweepConfig().betas
     cfg = config_from_options({**opts, "members": None})
     vol = VolumeConfig(cutoff=cutoff, rtol=rtol, n_directions=directions,
                        directions=DirectionSpec(seed=0))
-    sc = SweepConfig(betas=factors, seeds=_ints(seeds), volume=vol)
+    sc = SweepConfig(betas=factors, seeds=parse_ints(seeds), volume=vol)
     res = poison_sweep(cfg, sc, root_of(ctx), force=opts["force"], progress=not opts["quiet"])
     click.echo(f"{'beta':>7}{'seed':>6}{'train':>8}{'test':>8}{'mean r':>10}{'log10 V':>12}")
     for r in res.rows:

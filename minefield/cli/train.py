@@ -19,33 +19,14 @@ from ._common import (
     friendly,
     main,
     open_run,
+    parse_beta,
+    parse_ints,
     plot,
     quiet_option,
     root_of,
 )
 
 _FIGURES = Path("figures")
-
-
-def _ints(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(t) for t in text.replace(",", " ").split())
-    except ValueError:
-        raise click.BadParameter(f"expected integers like '23,16,26', got {text!r}") from None
-
-
-def _beta(ctx, param, value):
-    if value is None or value.lower() == "concat":
-        return None if value else 0.0
-    try:
-        b = float(value)
-    except ValueError:
-        raise click.BadParameter("a number in [0, 1) or 'concat'") from None
-    if not 0.0 <= b < 1.0:
-        raise click.BadParameter(f"beta must be in [0, 1), got {b}")
-    return b
 
 
 _EXPERIMENT_OPTIONS = [
@@ -107,12 +88,12 @@ def config_from_options(opts: dict) -> ExperimentConfig:
     if opts.get("model"):
         mdl["name"] = opts["model"]
     if opts.get("widths"):
-        mdl["widths"] = list(_ints(opts["widths"]))
+        mdl["widths"] = list(parse_ints(opts["widths"]))
     if opts.get("init"):
         mdl["init"] = opts["init"]
     tr = cfg.train.to_dict() | {k: opts[k] for k in _TRAIN_KEYS if opts.get(k) is not None}
     if opts.get("milestones") is not None:
-        tr["milestones"] = list(_ints(opts["milestones"]))
+        tr["milestones"] = list(parse_ints(opts["milestones"]))
     po = cfg.poison.to_dict()
     if given("beta"):
         po["beta"] = opts["beta"]
@@ -129,7 +110,7 @@ def config_from_options(opts: dict) -> ExperimentConfig:
 @main.command()
 @experiment_options
 @click.option("--members", type=click.IntRange(1), help="Train this many seeds at once.")
-@click.option("--beta", callback=_beta, help="Poison factor in [0, 1), or 'concat'.")
+@click.option("--beta", callback=parse_beta, help="Poison factor in [0, 1), or 'concat'.")
 @click.pass_context
 @friendly
 def train(ctx, **opts):
@@ -191,7 +172,7 @@ def list_runs(ctx):
         beta = (cfg.get("poison") or {}).get("beta")
         beta_s = "concat" if beta is None else f"{beta:g}"
 
-        def first(k):
+        def first(k, s=s):
             v = s.get(k)
             return f"{v[0]:.3f}" if isinstance(v, list) and v else "-"
 

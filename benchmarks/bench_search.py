@@ -1,0 +1,66 @@
+"""Batched vs one-at-a-time bad-minimum search (run by hand).
+
+Times M searches of the same length on the Fig. 1 problem (spiral, 2-25-25-25-25-1
+MLP, full batch on train ∪ poison, fixed steps): once as one stacked model (one
+``search_minima`` call), once as M separate searches of one model each. Prints
+the median wall time of each over ``--repeats`` and the speed-up.
+
+    PYTHONPATH=. python benchmarks/bench_search.py --threads 2 --repeats 3 --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from minefield.config import DataConfig, ModelConfig
+from minefield.data import load_dataset
+from minefield.functional import member, stack
+from minefield.models import build_model
+from minefield.search import SearchConfig, StopRule, search_minima
+from minefield.train import init_stack
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--members", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_dataset(DataConfig("spiral"))
+    model = build_model(ModelConfig(widths=(25, 25, 25, 25), init="glorot_normal"),
+                        data.input_shape, data.n_classes)
+    starts = init_stack(model, "glorot_normal", range(args.members))
+    cfg = SearchConfig(steps=args.steps, stopping=StopRule.FIXED, log_every=args.steps,
+                       compact_every=args.steps, milestones=())
+    seeds = list(range(args.members))
+
+    def batched():
+        search_minima(model, starts, data, cfg, seeds)
+
+    def one_by_one():
+        for i in range(args.members):
+            search_minima(model, stack([member(starts, i)]), data, cfg, [seeds[i]])
+
+    times: dict[str, list[float]] = {"batched": [], "one at a time": []}
+    for _ in range(args.repeats):
+        for name, fn in (("batched", batched), ("one at a time", one_by_one)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{args.members} searches x {args.steps} steps, {args.threads} threads, "
+          f"median of {args.repeats}:")
+    for k, v in med.items():
+        print(f"  {k:<14} {v:8.2f} s   ({v / (args.members * args.steps) * 1e3:.3f} ms "
+              "per member-step)")
+    print(f"  speed-up       {med['one at a time'] / med['batched']:8.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""Basin radius along random directions, and the log-volume of the basin (Huang et al. 2019).
+
+The basin around a minimum theta is the set of points whose train loss stays
+below a cutoff c. Along a unit direction phi its radius is
+
+    r(phi) = min(r_max, first t > 0 with L(theta + t phi) >= c),   r = 0 if L(theta) >= c,
+
+and d and -d are two separate directions (two radii). Viewing the basin as a
+star-shaped body in n dimensions, polar coordinates give its volume
+
+    V = omega_n E_phi[r(phi)^n],   omega_n = pi^(n/2) / Gamma(n/2 + 1),
+
+estimated by Monte Carlo over N directions and computed in logs, so nothing
+overflows even for n = 1e8:
+
+    log V = (n/2) log pi - lgamma(n/2 + 1) + logsumexp_i(n log r_i) - log N.
+
+``n`` is the number of perturbed coordinates (:func:`~minefield.directions.n_perturbed`).
+Because ``E[r^n]`` is dominated by the largest sampled radius, results also
+report ``n * mean(log10 r)``, the log-volume of a ball of the geometric-mean
+radius (minus omega_n), and a bootstrap interval of log10 V.
+
+Radii come from :func:`find_radii`, which needs only a batched loss along fixed
+directions, ``loss_fn(ts (K,) or (K, T)) -> same shape``: ``bisect`` brackets
+the first crossing on a geometric grid ``r_max * 2^-j`` and bisects *all*
+directions at once to a relative tolerance; ``grid`` is the paper's fixed scan
+(``t = r_max u^p`` or linear), linearly interpolated between the last point
+below and the first point at or above the cutoff. :func:`basin_radii` plugs the
+batched :mod:`~minefield.engine` in for a network.
+
+Example (the quadratic bowl of reproduction check 9)::
+
+    >>> a, c = 2.0, 0.5   # L(t) = a t^2 / 2 along unit directions: r = sqrt(2c/a) = 0.707
+    >>> r = find_radii(lambda t: a * t**2 / 2, 10, c, r_max=1.0)
+    >>> log_volume(r, n=3).exp()   # = 4/3 pi r^3
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import _Config
+from .data import Dataset
+from .directions import DirectionSpec, n_perturbed, random_directions
+from .engine import evaluate_points
+from .functional import Params, member, n_members
+
+__all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "Rollouts",
+           "find_radii", "radius_grid", "log_volume", "log10_volume", "bootstrap_log10_volume",
+           "basin_radii", "basin_members", "rollouts", "volume_from_radii"]
+
+LN10 = math.log(10.0)
+
+
+class CutoffKind(str, enum.Enum):
+    ABS = "abs"  # the loss level itself (1.0: the paper's swiss-roll cutoff; 0.1: [D])
+    RELATIVE = "relative"  # k x the centre's loss
+
+
+class RadiusMethod(str, enum.Enum):
+    BISECT = "bisect"
+    GRID = "grid"
+
+
+@dataclass(frozen=True)
+class VolumeConfig(_Config):
+    """Settings of one basin-radius / volume estimate (all recorded with the result).
+
+    ``n_directions`` random directions give ``2 * n_directions`` radii (d and -d).
+    ``rtol``: bisection stops when ``hi - lo <= rtol * hi``. ``grid_points``,
+    ``grid`` (``power``: ``t = r_max u^grid_power``, the paper's u^5; ``linear``)
+    configure the ``grid`` method. ``memory_mb`` bounds the engine's chunks;
+    ``seed`` drives the bootstrap (directions use ``directions.seed``).
+    """
+
+    cutoff: float = 1.0
+    cutoff_kind: CutoffKind = CutoffKind.ABS
+    r_max: float = 1.0
+    n_directions: int = 100
+    rtol: float = 1e-3
+    method: RadiusMethod = RadiusMethod.BISECT
+    grid_points: int = 100
+    grid: str = "power"
+    grid_power: float = 5.0
+    bracket_points: int = 12
+    directions: DirectionSpec = field(default_factory=DirectionSpec)
+    memory_mb: float = 256.0
+    n_bootstrap: int = 1000
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "cutoff_kind", _enum(CutoffKind, self.cutoff_kind, "cutoff kind"))
+        object.__setattr__(self, "method", _enum(RadiusMethod, self.method, "method"))
+        if not (self.cutoff > 0 and math.isfinite(self.cutoff)):
+            raise ValueError(f"cutoff must be a positive number, got {self.cutoff}")
+        if not (self.r_max > 0 and math.isfinite(self.r_max)):
+            raise ValueError(f"r_max must be positive, got {self.r_max}")
+        if not 0 < self.rtol < 1:
+            raise ValueError(f"rtol must be in (0, 1), got {self.rtol}")
+        if self.n_directions < 1:
+            raise ValueError(f"n_directions must be >= 1, got {self.n_directions}")
+        if self.grid_points < 2 or self.bracket_points < 1:
+            raise ValueError("grid_points must be >= 2 and bracket_points >= 1")
+        if self.grid not in ("power", "linear"):
+            raise ValueError(f"grid must be 'power' or 'linear', got {self.grid!r}")
+        if self.n_bootstrap < 0:
+            raise ValueError(f"n_bootstrap must be >= 0, got {self.n_bootstrap}")
+
+
+def _enum(cls, value, what: str):
+    try:
+        return cls(value)
+    except ValueError:
+        raise ValueError(f"unknown {what} {value!r}; choose from "
+                         f"{', '.join(m.value for m in cls)}") from None
+
+
+# --- radii along fixed directions -------------------------------------------------------
+
+
+def radius_grid(r_max: float, points: int, kind: str = "power", power: float = 5.0
+                ) -> torch.Tensor:
+    """The paper's scan ``t_j = r_max u_j^power``, ``u_j`` = linspace(0, 1, points)."""
+    u = torch.linspace(0.0, 1.0, points, dtype=torch.float64)
+    return r_max * (u ** power if kind == "power" else u)
+
+
+def _first_crossing(loss: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Index of the first column with ``loss >= cutoff`` per row; ``T`` when none."""
+    above = loss >= cutoff
+    idx = torch.where(above, torch.arange(loss.shape[1]), loss.shape[1])
+    return idx.min(1).values
+
+
+def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: float,
+               r_max: float = 1.0, rtol: float = 1e-3, method: RadiusMethod | str = "bisect",
+               grid_points: int = 100, grid: str = "power", grid_power: float = 5.0,
+               bracket_points: int = 12, centre_loss: float | None = None
+               ) -> tuple[torch.Tensor, int]:
+    """Radii ``(k,)`` of the sub-cutoff region along ``k`` fixed directions, and the
+    number of loss evaluations used.
+
+    ``loss_fn(ts)`` takes distances ``(k,)`` or ``(k, T)`` (row i along direction
+    i) and returns the loss in the same shape. ``bisect``: loss on the bracket
+    grid ``r_max * 2^-j`` (j = bracket_points-1 .. 0), then the first bracket
+    where it reaches ``cutoff`` is shrunk (Illinois false position, every third
+    step a bisection) until ``hi - lo <= rtol * hi``; the answer is the
+    midpoint, so its relative error is at most ``rtol / 2``. ``grid``: the first crossing on
+    :func:`radius_grid`, linearly interpolated. Radii are 0 where the centre is
+    already at or above the cutoff and ``r_max`` where no crossing is found.
+    Both methods see only crossings that cover one of their grid points: a
+    bump above the cutoff narrower than a bracket interval is missed.
+    """
+    method = _enum(RadiusMethod, method, "method")
+    if centre_loss is None:
+        centre_loss = float(loss_fn(torch.zeros(k, dtype=torch.float64))[0])
+    if centre_loss >= cutoff:
+        return torch.zeros(k, dtype=torch.float64), 1
+    if method is RadiusMethod.GRID:
+        ts = radius_grid(r_max, grid_points, grid, grid_power)[1:]  # t = 0 is the centre
+        loss = loss_fn(ts.expand(k, -1).contiguous()).double().cpu()  # (k, T)
+        j = _first_crossing(loss, cutoff)
+        t_all = torch.cat([torch.zeros(1, dtype=torch.float64), ts])
+        l_all = torch.cat([torch.full((k, 1), centre_loss, dtype=torch.float64), loss], 1)
+        jj = j.clamp(max=len(ts) - 1) + 1  # column of the crossing in t_all
+        t0, t1 = t_all[jj - 1], t_all[jj]
+        l0, l1 = l_all.gather(1, (jj - 1)[:, None])[:, 0], l_all.gather(1, jj[:, None])[:, 0]
+        frac = ((cutoff - l0) / (l1 - l0)).clamp(0, 1).nan_to_num(1.0)
+        r = torch.where(j < len(ts), t0 + frac * (t1 - t0), torch.full_like(t0, r_max))
+        return r, k * len(ts) + 1
+    ts = r_max * 2.0 ** -torch.arange(bracket_points - 1, -1, -1, dtype=torch.float64)
+    loss = loss_fn(ts.expand(k, -1).contiguous()).double().cpu()  # (k, B)
+    j = _first_crossing(loss, cutoff)
+    hit = j < bracket_points
+    jc = j.clamp(max=bracket_points - 1)
+    hi = ts[jc].clone()
+    lo = torch.where(jc > 0, ts[(jc - 1).clamp(min=0)], torch.zeros_like(hi))
+    # signed distances to the cutoff at the bracket ends (f_lo < 0 <= f_hi)
+    f_hi = loss.gather(1, jc[:, None])[:, 0] - cutoff
+    f_lo = torch.where(jc > 0, loss.gather(1, (jc - 1).clamp(min=0)[:, None])[:, 0],
+                       torch.full_like(hi, centre_loss)) - cutoff
+    last = torch.zeros(k, dtype=torch.int8)  # which end moved last: +1 hi, -1 lo
+    evals = k * bracket_points + 1
+    for it in range(200):
+        if not bool(((hi - lo) > rtol * hi)[hit].any()):
+            break
+        # Illinois (regula falsi that halves the stale end's value), with a bisection
+        # step every third iteration so the bracket always shrinks geometrically.
+        sec = hi - f_hi * (hi - lo) / (f_hi - f_lo)
+        bad = ~torch.isfinite(sec) | (sec <= lo) | (sec >= hi)
+        t = torch.where(bad | (it % 3 == 2), (lo + hi) / 2, sec)
+        f = loss_fn(t).double().cpu() - cutoff
+        evals += k
+        above = f >= 0
+        f_lo = torch.where(above & (last == 1), f_lo / 2, f_lo)
+        f_hi = torch.where(~above & (last == -1), f_hi / 2, f_hi)
+        hi, f_hi = torch.where(above, t, hi), torch.where(above, f, f_hi)
+        lo, f_lo = torch.where(above, lo, t), torch.where(above, f_lo, f)
+        last = torch.where(above, 1, -1).to(torch.int8)
+    r = torch.where(hit, (lo + hi) / 2, torch.full_like(hi, r_max))
+    return r, evals
+
+
+# --- volume ---------------------------------------------------------------------------------
+
+
+def log_volume(radii: torch.Tensor, n: int) -> torch.Tensor:
+    """Natural log of the Monte-Carlo star-body volume ``omega_n mean(r_i^n)``.
+
+    ``log V = (n/2) log pi - lgamma(n/2 + 1) + logsumexp(n log r_i) - log N``,
+    in float64; ``r_i = 0`` contributes ``exp(-inf) = 0``; all zero gives ``-inf``.
+    Leading dims of ``radii`` (e.g. bootstrap replicates) are kept.
+    """
+    r = radii.double()
+    if n < 1:
+        raise ValueError(f"dimension n must be >= 1, got {n}")
+    if bool((r < 0).any()) or bool(torch.isnan(r).any()):
+        raise ValueError("radii must be >= 0 and not NaN")
+    log_omega = 0.5 * n * math.log(math.pi) - math.lgamma(0.5 * n + 1)
+    return log_omega + torch.logsumexp(n * torch.log(r), -1) - math.log(r.shape[-1])
+
+
+def log10_volume(radii: torch.Tensor, n: int) -> float:
+    """``log10 V`` (see :func:`log_volume`)."""
+    return float(log_volume(radii, n)) / LN10
+
+
+def bootstrap_log10_volume(radii: torch.Tensor, n: int, n_boot: int = 1000, seed: int = 0,
+                           level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``log10 V``: resample the radii with replacement."""
+    if n_boot == 0:
+        return float("nan"), float("nan")
+    g = torch.Generator().manual_seed(int(seed))
+    idx = torch.randint(len(radii), (n_boot, len(radii)), generator=g)
+    vals = log_volume(radii.double()[idx], n) / LN10
+    finite = vals[torch.isfinite(vals)]
+    if len(finite) < n_boot:  # some replicates drew only zero radii: -inf is a valid quantile
+        vals = vals.sort().values
+        lo_i = int(math.floor((1 - level) / 2 * (n_boot - 1)))
+        hi_i = int(math.ceil((1 + level) / 2 * (n_boot - 1)))
+        return float(vals[lo_i]), float(vals[hi_i])
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(vals, q).tolist()
+    return lo, hi
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+@dataclass
+class BasinResult:
+    """Radii along ``+d_1..+d_K, -d_1..-d_K`` and the volume statistics derived from them."""
+
+    radii: torch.Tensor  # (2K,) float64
+    n: int  # perturbed coordinates
+    centre_loss: float
+    cutoff: float  # the absolute loss level used
+    log10_volume: float
+    n_mean_log10_r: float
+    mean_radius: float
+    ci_log10_volume: tuple[float, float]
+    n_evaluations: int
+    config: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"radii": self.radii.tolist(), "n": self.n, "centre_loss": self.centre_loss,
+                "cutoff": self.cutoff, "log10_volume": self.log10_volume,
+                "n_mean_log10_r": self.n_mean_log10_r, "mean_radius": self.mean_radius,
+                "ci_log10_volume": list(self.ci_log10_volume),
+                "n_evaluations": self.n_evaluations, "config": self.config}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BasinResult:
+        return cls(torch.tensor(d["radii"], dtype=torch.float64), int(d["n"]),
+                   float(d["centre_loss"]), float(d["cutoff"]), float(d["log10_volume"]),
+                   float(d["n_mean_log10_r"]), float(d["mean_radius"]),
+                   tuple(d["ci_log10_volume"]), int(d["n_evaluations"]), d["config"])
+
+
+def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: float,
+                      n_evaluations: int = 0, config: dict[str, Any] | None = None,
+                      n_boot: int = 1000, seed: int = 0) -> BasinResult:
+    """A :class:`BasinResult` from radii: log10 V, n mean(log10 r), mean r, bootstrap CI."""
+    r = radii.double().cpu()
+    return BasinResult(r, n, float(centre_loss), float(cutoff), log10_volume(r, n),
+                       float(n * torch.log10(r).mean()), float(r.mean()),
+                       bootstrap_log10_volume(r, n, n_boot, seed), n_evaluations,
+                       dict(config or {}))
+
+
+def _xy(data: Dataset | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return data.split("train") if isinstance(data, Dataset) else data
+
+
+def _one(params: Params) -> Params:
+    if n_members(params) != 1:
+        raise ValueError(f"expected a single member (1, ...), got {n_members(params)}; "
+                         f"use basin_members for a stack")
+    return params
+
+
+def basin_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Tensor, ...],
+                cfg: VolumeConfig = VolumeConfig(), buffers: Params | None = None,
+                bn: str = "eval") -> BasinResult:
+    """Radii and log-volume of the train-loss basin of one model ``params`` ``(1, ...)``.
+
+    ``data`` is a :class:`Dataset` (its train split is used) or ``(x, y)``.
+    Directions come from ``cfg.directions``; the loss is the mean train NLL,
+    evaluated by :func:`~minefield.engine.evaluate_points`.
+    """
+    x, y = _xy(data)
+    centre = _one(params)
+    theta = member(centre, 0)
+    spec = cfg.directions
+    d = random_directions(theta, cfg.n_directions, spec.kind, spec.bias, spec.generator())
+    d = {k: torch.cat([v, -v]) for k, v in d.items()}  # (2K, ...): d and -d
+    k = 2 * cfg.n_directions
+
+    def loss_fn(ts: torch.Tensor) -> torch.Tensor:
+        return evaluate_points(model, centre, d, ts, x, y, buffers, cfg.memory_mb, bn=bn)[0]
+
+    one = {kk: v[:1] for kk, v in d.items()}
+    centre_loss = float(evaluate_points(model, centre, one, torch.zeros(1), x, y, buffers,
+                                        cfg.memory_mb, bn=bn)[0][0])
+    cut = cfg.cutoff * (centre_loss if cfg.cutoff_kind is CutoffKind.RELATIVE else 1.0)
+    r, evals = find_radii(loss_fn, k, cut, cfg.r_max, cfg.rtol, cfg.method, cfg.grid_points,
+                          cfg.grid, cfg.grid_power, cfg.bracket_points, centre_loss)
+    n = n_perturbed(theta, spec.kind, spec.bias)
+    return volume_from_radii(r, n, centre_loss, cut, evals, {**cfg.to_dict(), "bn": bn},
+                             cfg.n_bootstrap, cfg.seed)
+
+
+def basin_members(model: nn.Module, params: Params | Sequence[Params],
+                  data: Dataset | tuple[torch.Tensor, ...], cfg: VolumeConfig = VolumeConfig(),
+                  buffers: Params | None = None, bn: str = "eval") -> list[BasinResult]:
+    """:func:`basin_radii` of every member of a stack ``(M, ...)`` (or of a list of
+    single-member checkpoints), each with directions from the same seed."""
+    items = ([member_stack(params, i) for i in range(n_members(params))]
+             if isinstance(params, dict) else list(params))
+    bufs = ([member_stack(buffers, i) for i in range(len(items))] if buffers
+            else [None] * len(items))
+    return [basin_radii(model, p, data, cfg, b, bn) for p, b in zip(items, bufs)]
+
+
+def member_stack(params: Params, i: int) -> Params:
+    """Member ``i`` as a stack of one, ``(1, ...)``."""
+    return {k: v[i:i + 1] for k, v in params.items()}
+
+
+# --- rollouts (paper Fig. 5) ----------------------------------------------------------------
+
+
+@dataclass
+class Rollouts:
+    """Train loss along K random directions at signed distances ``ts`` (Fig. 5)."""
+
+    ts: torch.Tensor  # (T,)
+    loss: torch.Tensor  # (K, T)
+    acc: torch.Tensor  # (K, T)
+    cutoff: float = float("nan")
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ts": self.ts.tolist(), "loss": self.loss.tolist(), "acc": self.acc.tolist(),
+                "cutoff": self.cutoff, "config": self.config}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Rollouts:
+        t = torch.tensor
+        return cls(t(d["ts"], dtype=torch.float64), t(d["loss"], dtype=torch.float64),
+                   t(d["acc"], dtype=torch.float64), float(d["cutoff"]), d.get("config", {}))
+
+
+def rollouts(model: nn.Module, params: Params, data: Dataset | tuple[torch.Tensor, ...],
+             n_directions: int = 20, ts: torch.Tensor | None = None,
+             spec: DirectionSpec = DirectionSpec(), buffers: Params | None = None,
+             memory_mb: float = 256.0, cutoff: float = float("nan")) -> Rollouts:
+    """Loss along the first ``n_directions`` directions of ``spec`` (the same ones
+    :func:`basin_radii` uses), at signed distances ``ts`` (default linspace(-0.5, 0.5, 101))."""
+    x, y = _xy(data)
+    centre = _one(params)
+    ts = torch.linspace(-0.5, 0.5, 101, dtype=torch.float64) if ts is None else ts.double()
+    d = random_directions(member(centre, 0), n_directions, spec.kind, spec.bias,
+                          spec.generator())
+    loss, acc = evaluate_points(model, centre, d, ts.expand(n_directions, -1), x, y, buffers,
+                                memory_mb)
+    return Rollouts(ts, loss, acc, cutoff, {"n_directions": n_directions,
+                                            "directions": spec.to_dict()})

@@ -1,0 +1,144 @@
+"""``minefield search``, ``embed`` and ``plot minefield`` (the paper's Fig. 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..config import Optimizer, PoisonObjective
+from ..embed import EmbedConfig, embed_run, load_embedding
+from ..plotting.minefield import plot_minefield
+from ..plotting.style import save_figure
+from ..search import SearchConfig, StopRule, search_run
+from ._common import (
+    device_option,
+    force_option,
+    friendly,
+    main,
+    open_run,
+    parse_beta,
+    parse_ints,
+    plot,
+    quiet_option,
+)
+
+_D = SearchConfig()
+
+
+@main.command()
+@click.argument("run")
+@click.option("--every", type=click.IntRange(1), default=_D.every, show_default=True,
+              help="Start from every k-th trajectory checkpoint ...")
+@click.option("--start", type=click.IntRange(0), default=_D.start, show_default=True,
+              help="... beginning at this index (0 = initialisation) ...")
+@click.option("--stop", type=click.IntRange(0), default=None, help="... up to this index.")
+@click.option("--checkpoints", help="Explicit start steps instead, e.g. 40,400,8000.")
+@click.option("--member", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=1, show_default=True,
+              help="Searches per checkpoint (needs --jitter > 0).")
+@click.option("--jitter", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Filter-normalised perturbation of each start.")
+@click.option("--steps", type=click.IntRange(1), default=_D.steps, show_default=True)
+@click.option("--optimizer", type=click.Choice([o.value for o in Optimizer]),
+              default=_D.optimizer.value, show_default=True)
+@click.option("--lr", type=float, default=_D.lr, show_default=True)
+@click.option("--milestones", default=",".join(map(str, _D.milestones)), show_default=True,
+              help="Steps at which lr *= gamma ('' for none).")
+@click.option("--gamma", type=float, default=_D.gamma, show_default=True)
+@click.option("--clip", "clip_norm", type=float, default=None)
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Default: full batch.")
+@click.option("--beta", callback=parse_beta, default=str(_D.beta), show_default=True,
+              help="Poison factor in [0, 1), or 'concat' (n_p / (n_t + n_p), the paper).")
+@click.option("--objective", type=click.Choice([o.value for o in PoisonObjective]),
+              default=_D.objective.value, show_default=True)
+@click.option("--stop-rule", "stopping", type=click.Choice([s.value for s in StopRule]),
+              default=_D.stopping.value, show_default=True)
+@click.option("--target-train", type=click.FloatRange(0, 1), default=_D.target_train,
+              show_default=True)
+@click.option("--target-poison", type=click.FloatRange(0, 1), default=_D.target_poison_acc,
+              show_default=True, help="Stop when poison accuracy (true labels) <= this.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-batch", type=click.IntRange(1), default=_D.max_batch, show_default=True,
+              help="Searches trained together as one stacked model.")
+@click.option("--memory-mb", type=float, default=_D.memory_mb, show_default=True)
+@device_option
+@force_option
+@quiet_option
+@click.pass_context
+@friendly
+def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, steps, optimizer,
+           lr, milestones, gamma, clip_norm, batch_size, beta, objective, stopping,
+           target_train, target_poison, seed, max_batch, memory_mb, device, force, quiet):
+    """Search bad minima from checkpoints of RUN (paper Fig. 1); resumes if interrupted.
+
+    \b
+    Example:
+      minefield search mf-good --every 10
+    """
+    cfg = SearchConfig(every=every, start=start, stop=stop, checkpoints=parse_ints(checkpoints),
+                       member=member, repeats=repeats, jitter=jitter, steps=steps,
+                       optimizer=Optimizer(optimizer), lr=lr,
+                       milestones=parse_ints(milestones) or (), gamma=gamma, clip_norm=clip_norm,
+                       batch_size=batch_size, beta=beta, objective=PoisonObjective(objective),
+                       stopping=StopRule(stopping), target_train=target_train,
+                       target_poison_acc=target_poison, seed=seed, max_batch=max_batch,
+                       memory_mb=memory_mb)
+    r = open_run(ctx, run)
+
+    def report(done, total):
+        if not quiet:
+            click.echo(f"  {done}/{total} new bad minima", err=True)
+
+    s = search_run(r, cfg, device=device, force=force, progress=not quiet, on_batch=report)
+    click.echo(f"{'start':>10}{'rep':>4}{'steps':>7}{'train':>8}{'test':>8}{'poison':>8}"
+               f"{'d_start':>9}{'d_final':>9}")
+    for row in s.rows:
+        click.echo(f"{row['start_step']:>10}{row['repeat']:>4}{row['steps']:>7}"
+                   f"{row['train_acc']:>8.3f}{row['test_acc']:>8.3f}{row['poison_acc']:>8.3f}"
+                   f"{row['dist_start_filter']:>9.3f}{row['dist_final_filter']:>9.3f}")
+    st = s.stats
+    click.echo(f"{st['n']} bad minima ({s.new} new, {s.seconds:.1f}s): train median "
+               f"{st['train_acc_median']:.3f} min {st['train_acc_min']:.3f}; test max "
+               f"{st['test_acc_max']:.3f}; poison (true labels) max {st['poison_acc_max']:.3f}")
+    click.echo(f"wrote {s.path / 'search.csv'}")
+
+
+@main.command()
+@click.argument("run")
+@click.option("--perplexity", type=float, default=30.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n-iter", type=click.IntRange(1), default=EmbedConfig.n_iter, show_default=True)
+@click.option("--pca-dims", type=click.IntRange(2), default=50, show_default=True)
+@click.option("--all-params", is_flag=True, help="Embed biases too (default: kernels only).")
+@click.option("--all-checkpoints", is_flag=True,
+              help="Embed the whole trajectory (default: the searched checkpoints).")
+@device_option
+@click.pass_context
+@friendly
+def embed(ctx, run, perplexity, seed, n_iter, pca_dims, all_params, all_checkpoints, device):
+    """t-SNE map of RUN's trajectory and bad minima; saved to RUN/embed/embed.json."""
+    cfg = EmbedConfig(kernels_only=not all_params, pca_dims=pca_dims, perplexity=perplexity,
+                      n_iter=n_iter, seed=seed)
+    r = open_run(ctx, run)
+    res = embed_run(r, cfg, device=device,
+                    checkpoints="all" if all_checkpoints else "searched")
+    click.echo(f"embedded {int(res.mask('trajectory').sum())} checkpoints and "
+               f"{int(res.mask('bad').sum())} bad minima; wrote {r.file('embed', 'embed.json')}")
+
+
+@plot.command("minefield")
+@click.argument("run")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output path without extension (default: figures/minefield_<run>).")
+@click.option("--drop-outliers", is_flag=True,
+              help="Hide bad minima beyond 1.5 std in both coordinates (as the paper did).")
+@click.pass_context
+@friendly
+def plot_minefield_cmd(ctx, run, out, drop_outliers):
+    """Figure 1: SGD iterates among bad minima (needs `minefield embed RUN` first)."""
+    r = open_run(ctx, run)
+    ax = plot_minefield(load_embedding(r), drop_outliers=drop_outliers)
+    out = out or Path("figures") / f"minefield_{r.name}"
+    for p in save_figure(ax.figure, out):
+        click.echo(f"wrote {p}")

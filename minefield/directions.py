@@ -1,0 +1,163 @@
+"""Random directions in parameter space, reproducible from a seed.
+
+A direction ``d`` is a dict shaped like one model's parameters; the point
+``theta + t d`` lies ``t`` *direction units* away from ``theta``. Three kinds:
+
+- ``filter`` (Li et al. 2018, "Visualizing the loss landscape"; the paper's
+  ``get_random_dir``): for every output unit / conv filter ``i`` of every weight
+  tensor (its slice along dim 0) draw ``g ~ N(0, I)`` and set
+  ``d_i = g / ||g|| * ||theta_i||``. Distances are then relative to the size
+  of each filter, so rescaling a ReLU layer does not change the landscape.
+- ``layer``: the same, one Gaussian per whole tensor, ``d = g / ||g|| * ||theta||``.
+- ``gaussian``: one Gaussian over all perturbed coordinates scaled to **unit
+  Euclidean norm** (uniform on the unit sphere), so ``t`` is a plain Euclidean
+  distance and the basin volume is a genuine volume in parameter space.
+
+Biases and normalisation parameters (tensors with fewer than 2 dims per model)
+follow :class:`BiasPolicy`:
+
+- ``zero`` (the paper's default): their direction is 0; they still count as
+  coordinates of the space, so ``n_perturbed`` = all parameters.
+- ``include``: perturbed too; under ``filter`` each entry is a "filter of size
+  1" (``d_j = sign(g_j) |theta_j|``), under ``layer`` scaled to the tensor norm.
+- ``exclude``: direction 0 as for ``zero``, but they are left out of the count:
+  ``n_perturbed`` = weights only (3457 for the swiss-roll net, the paper's n).
+
+Directions are drawn one after another from the generator, so the first ``n``
+of ``random_directions(..., 2 * n)`` equal ``random_directions(..., n)``, and the
+Gaussian draws do not depend on ``theta`` (members of a stack get "the same"
+directions, each normalised to its own filters).
+
+Example::
+
+    >>> theta = {"w": torch.ones(2, 3), "b": torch.ones(2)}
+    >>> d = random_directions(theta, 4, generator=torch.Generator().manual_seed(0))
+    >>> d["w"].shape, d["w"][0].norm(dim=1), d["b"].abs().max()
+    (torch.Size([4, 2, 3]), tensor([1.7321, 1.7321]), tensor(0.))
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from .config import _Config
+from .functional import Params, flatten, is_weight, unflatten
+
+__all__ = ["DirectionKind", "BiasPolicy", "DirectionSpec", "random_directions", "n_perturbed",
+           "orthogonalize"]
+
+
+class DirectionKind(str, enum.Enum):
+    FILTER = "filter"
+    LAYER = "layer"
+    GAUSSIAN = "gaussian"
+
+
+class BiasPolicy(str, enum.Enum):
+    ZERO = "zero"
+    INCLUDE = "include"
+    EXCLUDE = "exclude"
+
+
+@dataclass(frozen=True)
+class DirectionSpec(_Config):
+    """How directions are drawn; recorded with every result that uses them."""
+
+    kind: DirectionKind = DirectionKind.FILTER
+    bias: BiasPolicy = BiasPolicy.ZERO
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", _enum(DirectionKind, self.kind, "kind"))
+        object.__setattr__(self, "bias", _enum(BiasPolicy, self.bias, "bias"))
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(int(self.seed))
+
+
+def _enum(cls, value, what: str):
+    try:
+        return cls(value)
+    except ValueError:
+        raise ValueError(f"unknown direction {what} {value!r}; choose from "
+                         f"{', '.join(m.value for m in cls)}") from None
+
+
+def _perturbed(shape: torch.Size, bias: BiasPolicy) -> bool:
+    return is_weight("", shape) or bias is BiasPolicy.INCLUDE
+
+
+def n_perturbed(params: Params, kind: DirectionKind | str = "filter",
+                bias: BiasPolicy | str = "zero") -> int:
+    """Dimension n of the space the directions live in (the ``n`` of the volume ``r^n``).
+
+    ``params`` is one model (no member dim). All parameters for ``zero`` and
+    ``include``, weights only for ``exclude``; ``kind`` does not change it.
+    """
+    _enum(DirectionKind, kind, "kind")
+    bias = _enum(BiasPolicy, bias, "bias")
+    return sum(v.numel() for v in params.values()
+               if bias is not BiasPolicy.EXCLUDE or is_weight("", v.shape))
+
+
+def random_directions(params: Params, n: int, kind: DirectionKind | str = "filter",
+                      bias: BiasPolicy | str = "zero",
+                      generator: torch.Generator | None = None) -> Params:
+    """``n`` random directions for the single model ``params``: a dict of ``(n, ...)``.
+
+    ``generator`` (a CPU ``torch.Generator``) makes them reproducible; draws are
+    made in float64 on the CPU and cast to each tensor's dtype/device.
+    """
+    kind = _enum(DirectionKind, kind, "kind")
+    bias = _enum(BiasPolicy, bias, "bias")
+    if n < 0:
+        raise ValueError(f"number of directions must be >= 0, got {n}")
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    keys = [k for k, v in params.items() if _perturbed(v.shape, bias)]
+    theta = {k: params[k].detach().double().cpu() for k in keys}
+    out = {k: torch.zeros(n, *v.shape, dtype=torch.float64) for k, v in params.items()}
+    for i in range(n):
+        raw = {k: torch.randn(theta[k].shape, generator=g, dtype=torch.float64) for k in keys}
+        if kind is DirectionKind.GAUSSIAN:
+            norm = torch.sqrt(sum(r.pow(2).sum() for r in raw.values()))
+            for k in keys:
+                out[k][i] = raw[k] / norm
+        elif kind is DirectionKind.LAYER:
+            for k in keys:
+                out[k][i] = raw[k] * (theta[k].norm() / raw[k].norm())
+        else:
+            for k in keys:
+                r, t = raw[k].reshape(raw[k].shape[0], -1), theta[k].reshape(raw[k].shape[0], -1)
+                if t.shape[0] == 0:
+                    continue
+                # 1-D tensors are filters of size 1: d_j = sign(g_j) |theta_j|.
+                scale = t.norm(dim=1, keepdim=True) / r.norm(dim=1, keepdim=True)
+                out[k][i] = (r * scale).reshape(raw[k].shape)
+    return {k: v.to(dtype=params[k].dtype, device=params[k].device) for k, v in out.items()}
+
+
+def orthogonalize(directions: Params) -> Params:
+    """Gram-Schmidt over the K directions of ``directions`` ``(K, ...)``, in flat space.
+
+    Direction k loses its components along directions 0..k-1 and is rescaled to
+    its *original* norm, so a filter-normalised pair keeps its scale:
+    ``d2' = (d2 - <d2, d1> d1 / ||d1||^2) * ||d2|| / ||...||``. Used for 2-D planes.
+    """
+    flat = flatten(directions).double()  # (K, P)
+    norms = flat.norm(dim=1)
+    if bool((norms == 0).any()):
+        raise ValueError("cannot orthogonalize a zero direction")
+    basis: list[torch.Tensor] = []
+    for k in range(flat.shape[0]):
+        v = flat[k].clone()
+        for u in basis:
+            v -= (v @ u) * u
+        if float(v.norm()) <= 1e-12 * float(norms[k]):
+            raise ValueError(f"direction {k} is linearly dependent on the previous ones")
+        basis.append(v / v.norm())
+    out = torch.stack(basis) * norms[:, None]
+    dtype = next(iter(directions.values())).dtype
+    return unflatten(out.to(dtype), directions)

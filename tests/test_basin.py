@@ -1,0 +1,216 @@
+import math
+
+import pytest
+import torch
+from scipy.special import gammaln
+
+from minefield.basin import (
+    BasinResult,
+    VolumeConfig,
+    basin_members,
+    basin_radii,
+    bootstrap_log10_volume,
+    find_radii,
+    log10_volume,
+    log_volume,
+    radius_grid,
+    rollouts,
+)
+from minefield.config import ModelConfig
+from minefield.directions import DirectionSpec, random_directions
+from minefield.engine import evaluate_points_loop
+from minefield.functional import flatten, stack
+from minefield.models import build_model, init_params
+
+
+def _quadratic(a, centre, dirs):
+    """L(t) = 1/2 sum_i a_i (c_i + t d_i)^2 along directions (K, n); ts (K,) or (K, T)."""
+    def loss_fn(ts):
+        p = centre + (ts[..., None] if ts.dim() == 2 else ts[:, None]) * (
+            dirs[:, None] if ts.dim() == 2 else dirs)
+        return 0.5 * (a * p**2).sum(-1)
+    return loss_fn
+
+
+def _unit_dirs(k, n, seed=0):
+    d = torch.randn(k, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return d / d.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("method,rtol", [("bisect", 1e-3), ("bisect", 1e-8), ("grid", None)])
+def test_isotropic_bowl_radius_and_ball_volume(method, rtol):
+    # PAPER check 9: L = a/2 |theta|^2, unit directions: r = sqrt(2c/a), V = omega_n r^n.
+    n, a, c = 7, 3.0, 0.4
+    r_true = math.sqrt(2 * c / a)
+    dirs = _unit_dirs(20, n)
+    f = _quadratic(torch.full((n,), a, dtype=torch.float64), torch.zeros(n), dirs)
+    if method == "grid":
+        # linear interpolation of a quadratic on a fine linear grid: error ~ h^2
+        r, evals = find_radii(f, 20, c, 1.0, method="grid", grid_points=2001, grid="linear")
+        tol = 1e-6
+    else:
+        r, evals = find_radii(f, 20, c, 1.0, rtol=rtol)
+        tol = rtol / 2
+    assert ((r - r_true).abs() / r_true).max() <= tol
+    ball = 0.5 * n * math.log(math.pi) - gammaln(n / 2 + 1) + n * math.log(r_true)
+    assert abs(float(log_volume(torch.full((5,), r_true, dtype=torch.float64), n)) - ball) < 1e-12
+    assert abs(float(log_volume(r, n)) - ball) < n * tol * 1.01
+    assert evals > 20
+
+
+def test_anisotropic_bowl_radii_match_closed_form():
+    n, c = 4, 0.5
+    a = torch.tensor([1.0, 4.0, 9.0, 0.5], dtype=torch.float64)
+    dirs = _unit_dirs(50, n, seed=1)
+    r, _ = find_radii(_quadratic(a, torch.zeros(n), dirs), 50, c, r_max=10.0, rtol=1e-9)
+    want = torch.sqrt(2 * c / (dirs**2 * a).sum(1))
+    torch.testing.assert_close(r, want, rtol=1e-9, atol=0)
+
+
+def test_volume_estimator_converges_to_ellipsoid_volume():
+    # Star-body estimator with uniform unit directions -> ellipsoid volume omega_n prod sqrt(2c/a_i)
+    n, c = 3, 0.5
+    a = torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64)
+    exact = (0.5 * n * math.log(math.pi) - gammaln(n / 2 + 1)
+             + float(torch.log(torch.sqrt(2 * c / a)).sum()))
+    errs = []
+    for k in (30, 300, 30000):
+        theta = {"w": torch.zeros(1, n, dtype=torch.float64)}
+        d = random_directions(theta, k, "gaussian", "zero", torch.Generator().manual_seed(5))
+        dirs = d["w"][:, 0]
+        r, _ = find_radii(_quadratic(a, torch.zeros(n), dirs), k, c, r_max=10.0, rtol=1e-8)
+        errs.append(abs(float(log_volume(r, n)) - exact))
+    assert errs[-1] < 0.02  # 2% in volume at 30,000 directions
+    assert errs[-1] < errs[0]
+
+
+def test_first_crossing_not_a_later_one():
+    # loss rises above the cutoff at t=0.3, falls back, and rises again at t=0.8; the
+    # bump covers the bracket point 0.5 (narrower bumps between bracket points are missed)
+    def f(ts):
+        return torch.where((ts > 0.3) & (ts < 0.6), 2.0, 0.0) + torch.where(ts > 0.8, 2.0, 0.0)
+    r, _ = find_radii(f, 3, 1.0, r_max=1.0, rtol=1e-6)
+    torch.testing.assert_close(r, torch.full((3,), 0.3, dtype=torch.float64), rtol=1e-6, atol=0)
+    rg, _ = find_radii(f, 3, 1.0, r_max=1.0, method="grid", grid_points=1001, grid="linear")
+    assert ((rg - 0.3).abs() <= 1e-3).all()
+
+
+def test_zero_radius_and_r_max():
+    def f(ts):
+        return 0.5 + 0.0 * ts
+    r0, _ = find_radii(f, 4, 0.4)
+    assert torch.equal(r0, torch.zeros(4, dtype=torch.float64))
+    r1, _ = find_radii(f, 4, 0.6, r_max=0.7)
+    assert torch.equal(r1, torch.full((4,), 0.7, dtype=torch.float64))
+    r2, _ = find_radii(f, 4, 0.6, r_max=0.7, method="grid")
+    assert torch.equal(r2, torch.full((4,), 0.7, dtype=torch.float64))
+
+
+def test_log_volume_never_overflows_for_huge_n():
+    n = 10**8
+    r = torch.tensor([0.5, 0.25, 0.0], dtype=torch.float64)
+    got = log10_volume(r, n)
+    want = (0.5 * n * math.log(math.pi) - gammaln(n / 2 + 1) + n * math.log(0.5)
+            + math.log(1.0 + 0.5**n) - math.log(3)) / math.log(10)
+    assert math.isfinite(got) and abs(got - want) < 1e-6 * abs(want)
+    assert log10_volume(torch.zeros(3), 5) == -math.inf
+
+
+def test_bootstrap_interval_contains_estimate_and_is_seeded():
+    r = torch.rand(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lo, hi = bootstrap_log10_volume(r, 10, 500, seed=1)
+    est = log10_volume(r, 10)
+    assert lo <= est <= hi
+    assert (lo, hi) == bootstrap_log10_volume(r, 10, 500, seed=1)
+    assert (lo, hi) != bootstrap_log10_volume(r, 10, 500, seed=2)
+
+
+def test_volume_errors():
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        log_volume(torch.ones(3), 0)
+    with pytest.raises(ValueError, match="radii must be >= 0"):
+        log_volume(torch.tensor([-1.0]), 3)
+    with pytest.raises(ValueError, match="unknown method"):
+        find_radii(lambda t: t, 2, 1.0, method="newton")
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(cutoff=0.0), "cutoff must be"), (dict(r_max=-1.0), "r_max must be"),
+    (dict(rtol=1.0), "rtol must be"), (dict(n_directions=0), "n_directions"),
+    (dict(grid_points=1), "grid_points"), (dict(grid="log"), "grid must be"),
+    (dict(cutoff_kind="ratio"), "unknown cutoff kind"), (dict(n_bootstrap=-1), "n_bootstrap"),
+])
+def test_volume_config_validation(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        VolumeConfig(**kw)
+
+
+def test_radius_grid_is_the_papers_u5():
+    g = radius_grid(0.5, 100)
+    assert g[0] == 0 and g[-1] == 0.5
+    assert float(g[50]) == pytest.approx(0.5 * (50 / 99) ** 5, rel=1e-12)
+
+
+# --- the network path --------------------------------------------------------------------
+
+
+def _net(seed=0):
+    model = build_model(ModelConfig(widths=(6, 5), init="torch"), (2,), 2)
+    g = torch.Generator().manual_seed(seed)
+    th = {k: v.double() for k, v in init_params(model, "torch", g).items()}
+    x = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    return model, stack([th]), x, y
+
+
+def test_network_radii_equal_bisection_over_the_reference_loop():
+    model, c, x, y = _net()
+    cfg = VolumeConfig(cutoff=1.5, cutoff_kind="relative", n_directions=4, rtol=1e-6,
+                       r_max=3.0, directions=DirectionSpec("filter", "zero", 3), n_bootstrap=50)
+    res = basin_radii(model, c, (x, y), cfg)
+    th = {k: v[0] for k, v in c.items()}
+    d = random_directions(th, 4, "filter", "zero", torch.Generator().manual_seed(3))
+    d = {k: torch.cat([v, -v]) for k, v in d.items()}
+
+    def loop_fn(ts):
+        return evaluate_points_loop(model, c, d, ts, x, y)[0]
+    ref, _ = find_radii(loop_fn, 8, 1.5 * res.centre_loss, 3.0, 1e-6)
+    torch.testing.assert_close(res.radii, ref, rtol=1e-9, atol=1e-12)
+    assert res.n == 2 * 6 + 6 + 6 * 5 + 5 + 5 + 1
+    assert res.cutoff == pytest.approx(1.5 * res.centre_loss)
+    assert res.mean_radius == pytest.approx(float(ref.mean()))
+    assert res.n_mean_log10_r == pytest.approx(res.n * float(torch.log10(ref).mean()))
+    assert res.log10_volume == pytest.approx(log10_volume(ref, res.n))
+    # the loss at the radius sits at the cutoff (where the radius is not clipped at r_max)
+    inside = ref < 3.0
+    at_r = loop_fn(ref)[inside]
+    torch.testing.assert_close(at_r, torch.full_like(at_r, res.cutoff), rtol=1e-4, atol=0)
+    back = BasinResult.from_dict(res.to_dict())
+    assert torch.equal(back.radii, res.radii) and back.config == res.config
+
+
+def test_members_grid_and_bisect_agree():
+    model, c, x, y = _net()
+    _, c2, _, _ = _net(1)
+    two = {k: torch.cat([c[k], c2[k]]) for k in c}
+    base = VolumeConfig(cutoff=2.0, cutoff_kind="relative", n_directions=3, r_max=2.0,
+                        n_bootstrap=0)
+    bis = basin_members(model, two, (x, y), base.replace(rtol=1e-4))
+    grd = basin_members(model, two, (x, y), base.replace(method="grid", grid="linear",
+                                                           grid_points=2001))
+    assert len(bis) == 2
+    for b, g in zip(bis, grd):
+        assert ((b.radii - g.radii).abs() <= 2e-3 * b.radii.clamp(min=1e-3)).all()
+    with pytest.raises(ValueError, match="single member"):
+        basin_radii(model, two, (x, y), base)
+
+
+def test_rollouts_follow_the_basin_directions():
+    model, c, x, y = _net()
+    spec = DirectionSpec(seed=2)
+    ro = rollouts(model, c, (x, y), 3, torch.linspace(-1, 1, 5, dtype=torch.float64), spec)
+    assert ro.loss.shape == (3, 5)
+    d = random_directions({k: v[0] for k, v in c.items()}, 3, generator=spec.generator())
+    ref = evaluate_points_loop(model, c, d, torch.linspace(-1, 1, 5).expand(3, -1), x, y)[0]
+    torch.testing.assert_close(ro.loss, ref, rtol=1e-10, atol=1e-12)
+    assert flatten(c).shape[1] > 0

@@ -1,0 +1,101 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from minefield.cli import main
+from minefield.runs import load_tensors
+from minefield.train import train_run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from tests.conftest import tiny_config
+
+    root = tmp_path_factory.mktemp("runs")
+    torch.set_num_threads(2)
+    train_run(tiny_config("a"), root, progress=False)
+    train_run(tiny_config("b", seed=1, lr=0.1), root, progress=False)
+    return root
+
+
+def _invoke(root, *args):
+    return CliRunner().invoke(main, ["--root", str(root), *args])
+
+
+def test_basin_writes_json_reuses_and_refuses_other_settings(runs):
+    res = _invoke(runs, "basin", "a", "--directions", "3", "--cutoff", "2", "--relative",
+                  "--rollouts", "2", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "log10 V" in res.output and "n*mean(log10 r)" in res.output
+    saved = json.loads((runs / "a" / "basin" / "default.json").read_text())
+    m = saved["members"][0]
+    assert len(m["radii"]) == 6 and m["config"]["cutoff_kind"] == "relative"
+    assert len(saved["rollouts"][0]["loss"]) == 2
+    again = _invoke(runs, "basin", "a", "--directions", "3", "--cutoff", "2", "--relative",
+                    "--rollouts", "2", "--device", "cpu")
+    assert again.exit_code == 0 and "reusing" in again.output
+    other = _invoke(runs, "basin", "a", "--directions", "4", "--cutoff", "2", "--relative")
+    assert other.exit_code == 1 and "other settings" in other.output
+    forced = _invoke(runs, "basin", "a", "--directions", "4", "--cutoff", "2", "--relative",
+                     "--rollouts", "2", "--force", "--method", "grid", "--grid-points", "20")
+    assert forced.exit_code == 0, forced.output
+    assert _invoke(runs, "basin", "b", "--directions", "3", "--cutoff", "2", "--relative",
+                   "--rollouts", "2").exit_code == 0
+    out = runs / "fig" / "basin"
+    plotted = _invoke(runs, "plot", "basin", "a", "b", "--out", str(out))
+    assert plotted.exit_code == 0, plotted.output
+    assert (runs / "fig" / "basin.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["basin", "nope"], "no such run"),
+    (["basin", "a", "--cutoff", "-1"], "cutoff must be a positive number"),
+    (["basin", "a", "--rtol", "2"], "rtol must be in"),
+    (["basin", "a", "--tag", "../x"], "tag"),
+    (["basin", "a", "--checkpoint", "missing.safetensors", "--tag", "t2"], "missing checkpoint"),
+    (["plot", "basin", "a", "--tag", "never"], "no basin result"),
+    (["landscape", "a", "--span", "1"], "--span needs 2 numbers"),
+    (["landscape", "a", "--other", "b", "--dim", "2"], "use it with --dim 1"),
+    (["landscape", "a", "--splits", "val", "--tag", "bad"], "unknown split"),
+    (["plot", "landscape", "a", "--tag", "never"], "no landscape"),
+])
+def test_errors_are_one_line(runs, args, msg):
+    res = _invoke(runs, *args)
+    assert res.exit_code != 0
+    assert msg in res.output
+    assert "Traceback" not in res.output
+
+
+def test_landscape_line_surface_resume_and_plots(runs):
+    res = _invoke(runs, "landscape", "a", "--other", "b", "--points", "5", "--tag", "line")
+    assert res.exit_code == 0, res.output
+    tensors, meta = load_tensors(runs / "a" / "landscape" / "line.safetensors")
+    assert tensors["ts"].tolist() == [-0.5, 0.0, 0.5, 1.0, 1.5]
+    assert meta["settings"]["run_other"] == "b"
+    surf = ["landscape", "a", "--dim", "2", "--points", "4", "--tag", "plane",
+            "--block-rows", "2", "--splits", "train"]
+    assert _invoke(runs, *surf).exit_code == 0
+    path = runs / "a" / "landscape" / "plane.safetensors"
+    tensors, meta = load_tensors(path)
+    assert tensors["done"].all() and torch.isfinite(tensors["values.train_loss"]).all()
+    # simulate an interruption after the first block: rows 2, 3 not done
+    from minefield.runs import save_tensors
+
+    tensors["done"][2:] = 0
+    full = tensors["values.train_loss"].clone()
+    tensors["values.train_loss"][2:] = float("nan")
+    save_tensors(path, tensors, meta)
+    res = _invoke(runs, *surf)
+    assert res.exit_code == 0 and "resuming" in res.output and "2/4 rows done" in res.output
+    torch.testing.assert_close(load_tensors(path)[0]["values.train_loss"], full)
+    assert "reusing" in _invoke(runs, *surf).output
+    clash = _invoke(runs, "landscape", "a", "--dim", "2", "--points", "5", "--tag", "plane")
+    assert clash.exit_code == 1 and "other settings" in clash.output
+    for tag, kind in (("line", "contour"), ("plane", "contourf"), ("plane", "surface3d")):
+        out = runs / "fig" / f"{tag}_{kind}"
+        res = _invoke(runs, "plot", "landscape", "a", "--tag", tag, "--kind", kind,
+                      "--out", str(out))
+        assert res.exit_code == 0, res.output
+        assert out.with_suffix(".png").exists()

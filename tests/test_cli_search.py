@@ -1,0 +1,43 @@
+import json
+
+from click.testing import CliRunner
+
+from minefield.cli import main
+from minefield.train import train_run
+
+FAST = ["--steps", "30", "--milestones", "", "--every", "2", "--quiet"]
+
+
+def test_search_embed_plot_from_the_command_line(tmp_path, tiny):
+    train_run(tiny("good"), tmp_path, progress=False)
+    r = CliRunner()
+    root = ["--root", str(tmp_path)]
+    out = r.invoke(main, root + ["search", "good", *FAST, "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    assert "2 bad minima (2 new" in out.output
+    assert (tmp_path / "good" / "search" / "search.csv").exists()
+    again = r.invoke(main, root + ["search", "good", *FAST])
+    assert again.exit_code == 0 and "(0 new" in again.output
+    clash = r.invoke(main, root + ["search", "good", *FAST, "--lr", "0.1"])
+    assert clash.exit_code == 1
+    assert clash.output.strip().splitlines() == [
+        "Error: run good already has a search with a different config; use --force to redo it"]
+    forced = r.invoke(main, root + ["search", "good", *FAST, "--lr", "0.1", "--force"])
+    assert forced.exit_code == 0 and "(2 new" in forced.output
+    emb = r.invoke(main, root + ["embed", "good", "--perplexity", "1", "--n-iter", "50"])
+    assert emb.exit_code == 0, emb.output
+    saved = json.loads((tmp_path / "good" / "embed" / "embed.json").read_text())
+    assert saved["kind"].count("bad") == 2
+    fig = tmp_path / "fig" / "mf"
+    p = r.invoke(main, root + ["plot", "minefield", "good", "--out", str(fig)])
+    assert p.exit_code == 0, p.output
+    assert fig.with_suffix(".png").exists() and fig.with_suffix(".pdf").exists()
+
+
+def test_search_errors_are_one_line(tmp_path):
+    r = CliRunner()
+    out = r.invoke(main, ["--root", str(tmp_path), "search", "nope"])
+    assert out.exit_code == 1
+    assert out.output.strip() == "Error: no such run: nope"
+    out = r.invoke(main, ["--root", str(tmp_path), "search", "nope", "--beta", "2"])
+    assert out.exit_code == 2 and "beta must be in [0, 1)" in out.output

@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+from minefield.config import ModelConfig
+from minefield.directions import random_directions
+from minefield.engine import (
+    evaluate_combinations,
+    evaluate_points,
+    evaluate_points_loop,
+    mlp_fast_path,
+)
+from minefield.functional import buffers_like, stack
+from minefield.models import build_model, init_params
+
+TOL = dict(rtol=1e-10, atol=1e-12)  # float64: batched and looped sums differ only by rounding
+
+
+def _setup(name="mlp", widths=(8, 6), shape=(2,), classes=2, n=30, k=5, seed=0):
+    model = build_model(ModelConfig(name=name, widths=widths, init="torch"), shape, classes)
+    g = torch.Generator().manual_seed(seed)
+    th = {k_: v.double() for k_, v in init_params(model, "torch", g).items()}
+    x = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    d = random_directions(th, k, "filter", "include", g)
+    return model, stack([th]), d, x, y
+
+
+def test_mlp_engine_equals_loop_float64():
+    model, c, d, x, y = _setup()
+    ts = torch.linspace(-1, 1, 7, dtype=torch.float64).expand(5, -1)
+    lo, ac = evaluate_points(model, c, d, ts, x, y)
+    lo_ref, ac_ref = evaluate_points_loop(model, c, d, ts, x, y)
+    assert lo.shape == (5, 7) and lo.dtype == torch.float64
+    torch.testing.assert_close(lo, lo_ref, **TOL)
+    torch.testing.assert_close(ac, ac_ref, **TOL)
+
+
+@pytest.mark.parametrize("path", ["mlp", "vmap"])
+def test_both_paths_and_tiny_memory_chunks_agree(path):
+    model, c, d, x, y = _setup(classes=3)
+    ts = torch.rand(5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    lo_ref, ac_ref = evaluate_points_loop(model, c, d, ts, x, y)
+    lo, ac = evaluate_points(model, c, d, ts, x, y, memory_mb=1e-3, path=path)
+    assert lo.shape == (5,)
+    torch.testing.assert_close(lo, lo_ref, **TOL)
+    torch.testing.assert_close(ac, ac_ref, **TOL)
+
+
+def test_cnn_with_vmap_path_equals_loop():
+    model, c, d, x, y = _setup("cnn", (4, 4), (1, 6, 6), 3, n=12, k=3)
+    assert not mlp_fast_path(model)
+    ts = torch.tensor([[0.0, 0.3], [0.5, -0.2], [1.0, 0.1]], dtype=torch.float64)
+    lo, ac = evaluate_points(model, c, d, ts, x, y)
+    lo_ref, ac_ref = evaluate_points_loop(model, c, d, ts, x, y)
+    torch.testing.assert_close(lo, lo_ref, **TOL)
+    torch.testing.assert_close(ac, ac_ref, **TOL)
+
+
+@pytest.mark.parametrize("bn", ["eval", "batch"])
+def test_batchnorm_policies_equal_loop(bn):
+    model, c, d, x, y = _setup("resnet20", (2, 2, 2), (3, 8, 8), 3, n=6, k=2)
+    model = model.double()
+    buffers = buffers_like(model, 1)
+    buffers = {k: (v.double() + 0.3 if v.is_floating_point() else v) for k, v in buffers.items()}
+    ts = torch.tensor([0.2, -0.4], dtype=torch.float64)
+    lo, ac = evaluate_points(model, c, d, ts, x, y, buffers, memory_mb=0.01, bn=bn)
+    lo_ref, ac_ref = evaluate_points_loop(model, c, d, ts, x, y, buffers, bn=bn)
+    torch.testing.assert_close(lo, lo_ref, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(ac, ac_ref)
+    other = evaluate_points(model, c, d, ts, x, y, buffers, bn="batch" if bn == "eval" else "eval")
+    assert not torch.allclose(lo, other[0])  # the policy matters
+
+
+def test_combinations_equal_points_on_a_line():
+    model, c, d, x, y = _setup()
+    basis = {k: v[:2] for k, v in d.items()}
+    coeffs = torch.tensor([[0.5, 0.0], [0.0, -1.0], [0.0, 0.0]], dtype=torch.float64)
+    lo, _ = evaluate_combinations(model, c, basis, coeffs, x, y)
+    ref, _ = evaluate_points_loop(model, c, basis, torch.tensor([0.5, -1.0]), x, y)
+    torch.testing.assert_close(lo[:2], ref, **TOL)
+    zero, _ = evaluate_points_loop(model, c, basis, torch.tensor([0.0, 0.0]), x, y)
+    torch.testing.assert_close(lo[2], zero[0], **TOL)
+
+
+def test_centre_is_the_model_itself():
+    model, c, d, x, y = _setup()
+    lo, _ = evaluate_points(model, c, d, torch.zeros(5, dtype=torch.float64), x, y)
+    net = model.double()
+    net.load_state_dict({k: v[0] for k, v in c.items()})
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(net(x)[:, 0], y.double())
+    torch.testing.assert_close(lo, ref.expand(5), **TOL)
+
+
+def test_errors():
+    model, c, d, x, y = _setup()
+    with pytest.raises(ValueError, match="ts must be"):
+        evaluate_points(model, c, d, torch.zeros(4), x, y)
+    with pytest.raises(ValueError, match="single member"):
+        evaluate_points(model, {k: v.expand(2, *v.shape[1:]) for k, v in c.items()}, d,
+                        torch.zeros(5), x, y)
+    with pytest.raises(ValueError, match="unknown loss"):
+        evaluate_points(model, c, d, torch.zeros(5), x, y, loss="hinge")
+    with pytest.raises(ValueError, match="unknown BatchNorm policy"):
+        evaluate_points(model, c, d, torch.zeros(5), x, y, bn="frozen")
+    with pytest.raises(ValueError, match="unknown engine path"):
+        evaluate_points(model, c, d, torch.zeros(5), x, y, path="gpu")
+    with pytest.raises(ValueError, match="coeffs must be"):
+        evaluate_combinations(model, c, d, torch.zeros(3, 2), x, y)
+    cnn, cc, dd, xx, yy = _setup("cnn", (4, 4), (1, 6, 6), 3, n=4, k=1)
+    with pytest.raises(ValueError, match="path 'mlp' needs"):
+        evaluate_points(cnn, cc, dd, torch.zeros(1), xx, yy, path="mlp")
+
+
+def test_empty_split_gives_nan():
+    model, c, d, x, y = _setup()
+    lo, ac = evaluate_points(model, c, d, torch.zeros(5), x[:0], y[:0])
+    assert torch.isnan(lo).all() and torch.isnan(ac).all()

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from minefield.config import DataConfig, ModelConfig
+from minefield.data import load_dataset
+from minefield.directions import DirectionSpec
+from minefield.engine import evaluate_points_loop
+from minefield.functional import flatten, stack
+from minefield.landscape import line_direction, plane_directions, slice_1d, surface
+from minefield.models import build_model, init_params
+
+
+def _setup():
+    data = load_dataset(DataConfig("blobs", n_train=20, n_test=20, n_poison=0)).to("cpu",
+                                                                                  torch.float64)
+    model = build_model(ModelConfig(widths=(5,), init="torch"), data.input_shape, 2)
+    ps = [stack([{k: v.double() for k, v in
+                  init_params(model, "torch", torch.Generator().manual_seed(s)).items()}])
+          for s in (0, 1)]
+    return model, ps[0], ps[1], data
+
+
+def test_line_between_two_models_hits_both_ends():
+    model, a, b, data = _setup()
+    d = line_direction(a, b)
+    s = slice_1d(model, a, d, torch.tensor([0.0, 0.5, 1.0]), data)
+    ref_b = evaluate_points_loop(model, b, d, torch.zeros(1), *data.split("test"))[0]
+    ref_a = evaluate_points_loop(model, a, d, torch.zeros(1), *data.split("train"))[0]
+    torch.testing.assert_close(s.values["test_loss"][2], ref_b[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(s.values["train_loss"][0], ref_a[0], rtol=1e-10, atol=1e-12)
+    assert set(s.values) == {"train_loss", "train_acc", "test_loss", "test_acc"}
+
+
+def test_surface_matches_loop_and_resumes_after_interruption():
+    model, c, _, data = _setup()
+    dirs = plane_directions({k: v[0] for k, v in c.items()}, DirectionSpec(seed=4))
+    f = flatten(dirs)
+    assert abs(float(f[0] @ f[1])) < 1e-10 * float(f[0].norm() * f[1].norm())
+    xs = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    ys = torch.linspace(-0.5, 0.5, 3, dtype=torch.float64)
+    full = surface(model, c, dirs, xs, ys, data, ("train", "test"), block_rows=2)
+    assert full.complete and full.values["train_loss"].shape == (5, 3)
+    # oracle: the point (xs[3], ys[0]) through the reference loop along x d1 + y d2
+    d = {k: (xs[3] * v[0] + ys[0] * v[1])[None] for k, v in dirs.items()}
+    ref = evaluate_points_loop(model, c, d, torch.ones(1), *data.split("train"))[0]
+    torch.testing.assert_close(full.values["train_loss"][3, 0], ref[0], rtol=1e-10, atol=1e-12)
+
+    saved = []
+
+    class Stop(Exception):
+        pass
+
+    def on_block(s):
+        saved.append(s)
+        raise Stop
+
+    with pytest.raises(Stop):
+        surface(model, c, dirs, xs, ys, data, ("train", "test"), on_block=on_block, block_rows=2)
+    part = saved[-1]
+    assert part.done.tolist() == [True, True, False, False, False]
+    assert torch.isnan(part.values["train_loss"][2:]).all()
+    blocks = []
+    resumed = surface(model, c, dirs, xs, ys, data, ("train", "test"), partial=part,
+                      on_block=blocks.append, block_rows=2)
+    assert len(blocks) == 2  # only the 3 missing rows were computed
+    for k, v in full.values.items():
+        torch.testing.assert_close(resumed.values[k], v)
+
+
+def test_errors():
+    model, a, b, data = _setup()
+    with pytest.raises(ValueError, match="different parameter shapes"):
+        line_direction(a, {k: v[..., :1] for k, v in b.items()})
+    with pytest.raises(ValueError, match="unknown split"):
+        slice_1d(model, a, line_direction(a, b), torch.zeros(2), data, ("val",))
+    with pytest.raises(ValueError, match="needs 2 directions"):
+        surface(model, a, line_direction(a, b), torch.zeros(2), torch.zeros(2), data)
+    dirs = plane_directions({k: v[0] for k, v in a.items()})
+    part = surface(model, a, dirs, torch.zeros(2), torch.zeros(2), data)
+    with pytest.raises(ValueError, match="cannot resume"):
+        surface(model, a, dirs, torch.ones(2), torch.zeros(2), data, partial=part)
+    with pytest.raises(ValueError, match="block_rows"):
+        surface(model, a, dirs, torch.ones(2), torch.zeros(2), data, block_rows=0)
+    with pytest.raises(ValueError, match="single member"):
+        slice_1d(model, {k: torch.cat([a[k], b[k]]) for k in a}, line_direction(a, b),
+                 torch.zeros(2), data)

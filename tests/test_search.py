@@ -1,0 +1,195 @@
+import pytest
+import torch
+
+from minefield.config import ConfigError, DataConfig, ModelConfig
+from minefield.data import load_dataset
+from minefield.functional import member, stack
+from minefield.models import build_model
+from minefield.runs import Run, RunError
+from minefield.search import (
+    SearchConfig,
+    StopRule,
+    _filter_normalized_direction,
+    _jittered,
+    batch_capacity,
+    distances,
+    search_minima,
+    search_run,
+    search_seed,
+    select_checkpoints,
+)
+from minefield.train import init_stack, train_run
+
+
+def _problem(m=3, dtype=torch.float64):
+    data = load_dataset(DataConfig("blobs", n_train=40, n_test=40, n_poison=40))
+    model = build_model(ModelConfig(widths=(8, 8)), data.input_shape, data.n_classes).to(dtype)
+    p = init_stack(model, "glorot_uniform", range(m))
+    return model, {k: v.to(dtype) for k, v in p.items()}, data.to("cpu", dtype)
+
+
+def _cfg(**kw):
+    base = dict(steps=120, lr=0.02, milestones=(), log_every=10, compact_every=30,
+                beta=0.25, target_train=1.0, target_poison_acc=0.9)
+    return SearchConfig(**(base | kw))
+
+
+def test_filter_distance_of_filter_normalized_step_is_t():
+    _, p, _ = _problem(1)
+    one = member(p, 0)
+    d = _filter_normalized_direction(one, torch.Generator().manual_seed(0))
+    t = 0.37
+    moved = stack([{k: one[k] + t * d[k] for k in one}])
+    got = distances(moved, stack([one]))
+    torch.testing.assert_close(got["filter"], torch.tensor([t], dtype=torch.float64))
+    l2 = torch.sqrt(sum((t * v).pow(2).sum() for v in d.values()))
+    torch.testing.assert_close(got["l2"], l2.reshape(1))
+    # biases are not perturbed by a filter-normalised direction
+    assert all(d[k].abs().max() == 0 for k in d if k.endswith("bias"))
+
+
+def test_jitter_moves_each_start_by_jitter_in_filter_units():
+    _, p, _ = _problem(3)
+    moved = _jittered(p, [1, 2, 3], 0.05)
+    torch.testing.assert_close(distances(moved, p)["filter"],
+                               torch.full((3,), 0.05, dtype=torch.float64))
+    assert _jittered(p, [1, 2, 3], 0.0)["0.weight"].equal(p["0.weight"])
+
+
+def test_batched_search_equals_one_at_a_time():
+    # Oracle: M separate searches; tolerance 1e-9 in float64 (bmm vs mm rounding only).
+    model, p, data = _problem(4)
+    cfg = _cfg()
+    seeds = [11, 12, 13, 14]
+    batched = search_minima(model, p, data, cfg, seeds)
+    assert len(set(batched.steps.tolist())) > 1  # members stopped at different times
+    for i in range(4):
+        alone = search_minima(model, stack([member(p, i)]), data, cfg, [seeds[i]])
+        assert int(alone.steps[0]) == int(batched.steps[i])
+        for k in p:
+            torch.testing.assert_close(alone.params[k][0], batched.params[k][i],
+                                       rtol=1e-9, atol=1e-9)
+        for k, v in alone.metrics.items():
+            torch.testing.assert_close(v[0], batched.metrics[k][i], rtol=1e-9, atol=1e-9)
+
+
+def test_target_stop_meets_targets_and_fixed_runs_all_steps():
+    model, p, data = _problem(3)
+    res = search_minima(model, p, data, _cfg())
+    hit = res.steps < 120
+    assert hit.any()
+    assert (res.metrics["train_acc"][hit] >= 1.0).all()
+    assert (res.metrics["poison_acc"][hit] <= 0.9).all()
+    fixed = search_minima(model, p, data, _cfg(stopping=StopRule.FIXED))
+    assert fixed.steps.tolist() == [120, 120, 120]
+
+
+def test_seed_count_must_match():
+    model, p, data = _problem(2)
+    with pytest.raises(ValueError, match="1 seeds for 2 searches"):
+        search_minima(model, p, data, _cfg(), [0])
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(every=0), "search.every must be >= 1"),
+    (dict(start=-1), "must be >= 0"),
+    (dict(beta=1.0), r"search.beta must be in \[0, 1\)"),
+    (dict(jitter=-0.1), "search.jitter must be >= 0"),
+    (dict(repeats=2), "needs jitter > 0"),
+    (dict(memory_mb=0.0), "search.memory_mb must be > 0"),
+])
+def test_config_errors(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        SearchConfig(**kw)
+
+
+def test_config_round_trips():
+    cfg = _cfg(checkpoints=(0, 20), beta=0.3)
+    assert SearchConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_batch_capacity_respects_memory_and_max_batch():
+    model, _, data = _problem(1, torch.float32)
+    assert batch_capacity(model, data, SearchConfig(max_batch=7)) == 7
+    assert batch_capacity(model, data, SearchConfig(memory_mb=1e-6)) == 1
+
+
+def test_seeds_do_not_depend_on_batching():
+    assert search_seed(0, 40, 1) != search_seed(0, 40, 0) != search_seed(1, 40, 0)
+
+
+# --- run directories -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def good_run(tmp_path, tiny):
+    return train_run(tiny("good"), tmp_path, progress=False).run
+
+
+def test_select_checkpoints(good_run):
+    traj = good_run.trajectory()  # steps 0, 20, 40, 60
+    assert select_checkpoints(traj, SearchConfig(every=2, start=1)) == [traj[1], traj[3]]
+    assert select_checkpoints(traj, SearchConfig(checkpoints=(40, 0))) == [traj[2], traj[0]]
+    with pytest.raises(ValueError, match=r"no trajectory checkpoint at step\(s\) \[30\]"):
+        select_checkpoints(traj, SearchConfig(checkpoints=(30,)))
+    with pytest.raises(ValueError, match="no checkpoints selected"):
+        select_checkpoints(traj, SearchConfig(start=9))
+
+
+def test_search_run_writes_resumes_and_never_redoes(good_run):
+    cfg = _cfg(every=1, start=1, max_batch=1)
+    calls = []
+
+    def interrupt(done, total):
+        calls.append(done)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        search_run(good_run, cfg, device="cpu", on_batch=interrupt)
+    minima = sorted(good_run.file("search", "minima").glob("*.safetensors"))
+    assert len(minima) == 1 and calls == [1]
+    first = minima[0].read_bytes()
+    s = search_run(good_run, cfg, device="cpu")
+    assert s.new == 2 and len(s.rows) == 3
+    assert minima[0].read_bytes() == first  # the finished minimum was kept, not redone
+    again = search_run(good_run, cfg, device="cpu")
+    assert again.new == 0 and again.rows == s.rows
+    assert good_run.exists("search/search.csv") and good_run.exists("search/search.json")
+    row = s.rows[0]
+    assert {"start_step", "train_acc", "test_acc", "poison_acc", "dist_start_filter",
+            "dist_final_l2"} <= set(row)
+    ck = good_run.load_checkpoint(minima[0])
+    assert ck.meta["kind"] == "bad_minimum" and ck.meta["search"] == cfg.to_dict()
+    with pytest.raises(RunError, match="different config"):
+        search_run(good_run, _cfg(every=1, start=1, lr=0.5), device="cpu")
+    redo = search_run(good_run, _cfg(every=2, start=1), device="cpu", force=True)
+    assert redo.new == 2 and len(list(good_run.file("search", "minima").iterdir())) == 2
+
+
+def test_search_run_batched_matches_one_at_a_time(good_run, tmp_path):
+    one = search_run(good_run, _cfg(every=1, max_batch=1), device="cpu")
+    rows1 = [dict(r) for r in one.rows]
+    many = search_run(good_run, _cfg(every=1, max_batch=8), device="cpu", force=True)
+    for a, b in zip(rows1, many.rows):
+        assert a["steps"] == b["steps"]
+        for k in ("train_acc", "test_acc", "poison_acc"):
+            assert a[k] == pytest.approx(b[k], abs=1e-6)
+        assert a["dist_start_l2"] == pytest.approx(b["dist_start_l2"], rel=1e-4)
+
+
+def test_search_run_without_trajectory(tmp_path, tiny):
+    run = Run.create("empty", tiny("empty").to_dict(), tmp_path)
+    with pytest.raises(RunError, match="has no trajectory checkpoints"):
+        search_run(run, _cfg(), device="cpu")
+
+
+def test_search_run_rejects_checkpoint_of_another_model(good_run):
+    bad = {"0.weight": torch.zeros(1, 3, 2)}
+    good_run.save_checkpoint("trajectory/step_00000001.safetensors", bad, {}, {"step": 1})
+    with pytest.raises(RunError, match="step_00000001.safetensors does not match the model"):
+        search_run(good_run, _cfg(checkpoints=(1,)), device="cpu")
+
+
+def test_search_run_member_out_of_range(good_run):
+    with pytest.raises(ValueError, match="member 3 asked for"):
+        search_run(good_run, _cfg(member=3), device="cpu")
