@@ -149,12 +149,12 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
 
     ``loss_fn(ts)`` takes distances ``(k,)`` or ``(k, T)`` (row i along direction
     i) and returns the loss in the same shape. ``bisect``: loss on the bracket
-    grid ``r_max * 2^-j`` (j = bracket_points-1 .. 0), then the first bracket
-    where it reaches ``cutoff`` is shrunk (Illinois false position, every third
-    step a bisection) until ``hi - lo <= rtol * hi``; the answer is the
-    midpoint, so its relative error is at most ``rtol / 2``. ``grid``: the first crossing on
-    :func:`radius_grid`, linearly interpolated. Radii are 0 where the centre is
-    already at or above the cutoff and ``r_max`` where no crossing is found.
+    grid ``r_max * 2^-j`` (j = bracket_points-1 .. 0), then bisection of the
+    first bracket where it reaches ``cutoff`` until ``hi - lo <= rtol * hi``;
+    the answer is the midpoint, so its relative error is at most ``rtol / 2``.
+    ``grid``: the first crossing on :func:`radius_grid`, linearly interpolated.
+    Radii are 0 where the centre is already at or above the cutoff and ``r_max``
+    where no crossing is found.
     Both methods see only crossings that cover one of their grid points: a
     bump above the cutoff narrower than a bracket interval is missed.
     """
@@ -182,28 +182,14 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
     jc = j.clamp(max=bracket_points - 1)
     hi = ts[jc].clone()
     lo = torch.where(jc > 0, ts[(jc - 1).clamp(min=0)], torch.zeros_like(hi))
-    # signed distances to the cutoff at the bracket ends (f_lo < 0 <= f_hi)
-    f_hi = loss.gather(1, jc[:, None])[:, 0] - cutoff
-    f_lo = torch.where(jc > 0, loss.gather(1, (jc - 1).clamp(min=0)[:, None])[:, 0],
-                       torch.full_like(hi, centre_loss)) - cutoff
-    last = torch.zeros(k, dtype=torch.int8)  # which end moved last: +1 hi, -1 lo
     evals = k * bracket_points + 1
-    for it in range(200):
+    for _ in range(200):
         if not bool(((hi - lo) > rtol * hi)[hit].any()):
             break
-        # Illinois (regula falsi that halves the stale end's value), with a bisection
-        # step every third iteration so the bracket always shrinks geometrically.
-        sec = hi - f_hi * (hi - lo) / (f_hi - f_lo)
-        bad = ~torch.isfinite(sec) | (sec <= lo) | (sec >= hi)
-        t = torch.where(bad | (it % 3 == 2), (lo + hi) / 2, sec)
-        f = loss_fn(t).double().cpu() - cutoff
+        mid = (lo + hi) / 2
+        above = loss_fn(mid).double().cpu() >= cutoff
         evals += k
-        above = f >= 0
-        f_lo = torch.where(above & (last == 1), f_lo / 2, f_lo)
-        f_hi = torch.where(~above & (last == -1), f_hi / 2, f_hi)
-        hi, f_hi = torch.where(above, t, hi), torch.where(above, f, f_hi)
-        lo, f_lo = torch.where(above, lo, t), torch.where(above, f_lo, f)
-        last = torch.where(above, 1, -1).to(torch.int8)
+        hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
     r = torch.where(hit, (lo + hi) / 2, torch.full_like(hi, r_max))
     return r, evals
 

@@ -16,12 +16,14 @@ A direction ``d`` is a dict shaped like one model's parameters; the point
 Biases and normalisation parameters (tensors with fewer than 2 dims per model)
 follow :class:`BiasPolicy`:
 
-- ``zero`` (the paper's default): their direction is 0; they still count as
-  coordinates of the space, so ``n_perturbed`` = all parameters.
+- ``exclude`` (the default; the paper's ``get_random_dir`` with PAPER.md's n):
+  their direction is 0 and they are left out of the count, so ``n_perturbed`` =
+  weights only (3457 for the swiss-roll net): the basin is a star-shaped body
+  in the space the directions actually span.
+- ``zero``: direction 0 as for ``exclude``, but they still count as coordinates
+  (``n_perturbed`` = all parameters), for comparison with tools that do so.
 - ``include``: perturbed too; under ``filter`` each entry is a "filter of size
   1" (``d_j = sign(g_j) |theta_j|``), under ``layer`` scaled to the tensor norm.
-- ``exclude``: direction 0 as for ``zero``, but they are left out of the count:
-  ``n_perturbed`` = weights only (3457 for the swiss-roll net, the paper's n).
 
 Directions are drawn one after another from the generator, so the first ``n``
 of ``random_directions(..., 2 * n)`` equal ``random_directions(..., n)``, and the
@@ -67,7 +69,7 @@ class DirectionSpec(_Config):
     """How directions are drawn; recorded with every result that uses them."""
 
     kind: DirectionKind = DirectionKind.FILTER
-    bias: BiasPolicy = BiasPolicy.ZERO
+    bias: BiasPolicy = BiasPolicy.EXCLUDE
     seed: int = 0
 
     def __post_init__(self):
@@ -91,7 +93,7 @@ def _perturbed(shape: torch.Size, bias: BiasPolicy) -> bool:
 
 
 def n_perturbed(params: Params, kind: DirectionKind | str = "filter",
-                bias: BiasPolicy | str = "zero") -> int:
+                bias: BiasPolicy | str = "exclude") -> int:
     """Dimension n of the space the directions live in (the ``n`` of the volume ``r^n``).
 
     ``params`` is one model (no member dim). All parameters for ``zero`` and
@@ -104,7 +106,7 @@ def n_perturbed(params: Params, kind: DirectionKind | str = "filter",
 
 
 def random_directions(params: Params, n: int, kind: DirectionKind | str = "filter",
-                      bias: BiasPolicy | str = "zero",
+                      bias: BiasPolicy | str = "exclude",
                       generator: torch.Generator | None = None) -> Params:
     """``n`` random directions for the single model ``params``: a dict of ``(n, ...)``.
 

@@ -54,12 +54,13 @@ class FitResult:
 
 
 def make_optimizer(cfg: TrainConfig, leaves: list[torch.Tensor]) -> torch.optim.Optimizer:
+    # foreach: one fused kernel per op over all tensors (torch picks it only on CUDA).
     if cfg.optimizer is Optimizer.SGD:
-        return torch.optim.SGD(leaves, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.SGD(leaves, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
     if cfg.optimizer is Optimizer.ADAM:
-        return torch.optim.Adam(leaves, lr=cfg.lr)
+        return torch.optim.Adam(leaves, lr=cfg.lr, foreach=True)
     # Keras' RMSprop defaults (rho 0.9, eps 1e-7), as in the paper's minefield code.
-    return torch.optim.RMSprop(leaves, lr=cfg.lr, alpha=0.9, eps=1e-7)
+    return torch.optim.RMSprop(leaves, lr=cfg.lr, alpha=0.9, eps=1e-7, foreach=True)
 
 
 def init_stack(model: nn.Module, scheme: str, seeds: Sequence[int]) -> Params:
@@ -172,6 +173,9 @@ def fit(
                    for k, v in cur.items()}
         return cur
 
+    # BatchNorm uses batch statistics while training; evaluation switches to eval mode
+    # and back (see evaluate_split).
+    model.train(has_bn)
     bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, disable=not progress,
                leave=False, mininterval=0.5)
     step = start_step
@@ -194,9 +198,7 @@ def fit(
                 x = torch.cat([xb, xp])
             else:
                 x = xb
-            model.train(has_bn)
             logits = stacked_forward(model, leaves, x, buffers)
-            model.eval()
             nb = len(yb)
             if use_poison:
                 loss = poisoned_nll(logits[:, :nb], yb, logits[:, nb:], yp, betas_t, flip)
@@ -227,6 +229,7 @@ def fit(
                 last_ckpt = step
     finally:
         bar.close()
+        model.eval()
     return FitResult(_current(), buffers, step, history, stopped_at)
 
 

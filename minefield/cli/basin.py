@@ -33,9 +33,9 @@ kind_option = click.option("--kind", "dir_kind",
                            type=click.Choice([k.value for k in DirectionKind]),
                            default="filter", show_default=True, help="Direction normalisation.")
 bias_option = click.option("--bias", type=click.Choice([b.value for b in BiasPolicy]),
-                           default="zero", show_default=True,
-                           help="Biases/BN: zero (not moved, counted in n), include, exclude "
-                                "(not moved, not counted).")
+                           default="exclude", show_default=True,
+                           help="Biases/BN: exclude (not moved, not counted in n: the "
+                                "paper's n), zero (not moved, counted), include.")
 memory_option = click.option("--memory-mb", type=click.FloatRange(min=0, min_open=True),
                              default=256.0, show_default=True, help="Engine chunk budget.")
 
