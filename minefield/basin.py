@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import _Config
+from .config import _Config, parse_enum
 from .data import Dataset
 from .directions import DirectionSpec, n_perturbed, random_directions
 from .engine import evaluate_points
@@ -89,15 +89,17 @@ class VolumeConfig(_Config):
     grid_points: int = 100
     grid: str = "power"
     grid_power: float = 5.0
-    bracket_points: int = 12
+    bracket_points: int = 6
+    bracket_ratio: float = 4.0
     directions: DirectionSpec = field(default_factory=DirectionSpec)
     memory_mb: float = 256.0
     n_bootstrap: int = 1000
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "cutoff_kind", _enum(CutoffKind, self.cutoff_kind, "cutoff kind"))
-        object.__setattr__(self, "method", _enum(RadiusMethod, self.method, "method"))
+        object.__setattr__(self, "cutoff_kind",
+                           parse_enum(CutoffKind, self.cutoff_kind, "cutoff kind"))
+        object.__setattr__(self, "method", parse_enum(RadiusMethod, self.method, "method"))
         if not (self.cutoff > 0 and math.isfinite(self.cutoff)):
             raise ValueError(f"cutoff must be a positive number, got {self.cutoff}")
         if not (self.r_max > 0 and math.isfinite(self.r_max)):
@@ -106,20 +108,13 @@ class VolumeConfig(_Config):
             raise ValueError(f"rtol must be in (0, 1), got {self.rtol}")
         if self.n_directions < 1:
             raise ValueError(f"n_directions must be >= 1, got {self.n_directions}")
-        if self.grid_points < 2 or self.bracket_points < 1:
-            raise ValueError("grid_points must be >= 2 and bracket_points >= 1")
+        if self.grid_points < 2 or self.bracket_points < 1 or self.bracket_ratio <= 1:
+            raise ValueError("grid_points must be >= 2, bracket_points >= 1 and "
+                             "bracket_ratio > 1")
         if self.grid not in ("power", "linear"):
             raise ValueError(f"grid must be 'power' or 'linear', got {self.grid!r}")
         if self.n_bootstrap < 0:
             raise ValueError(f"n_bootstrap must be >= 0, got {self.n_bootstrap}")
-
-
-def _enum(cls, value, what: str):
-    try:
-        return cls(value)
-    except ValueError:
-        raise ValueError(f"unknown {what} {value!r}; choose from "
-                         f"{', '.join(m.value for m in cls)}") from None
 
 
 # --- radii along fixed directions -------------------------------------------------------
@@ -142,14 +137,15 @@ def _first_crossing(loss: torch.Tensor, cutoff: float) -> torch.Tensor:
 def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: float,
                r_max: float = 1.0, rtol: float = 1e-3, method: RadiusMethod | str = "bisect",
                grid_points: int = 100, grid: str = "power", grid_power: float = 5.0,
-               bracket_points: int = 12, centre_loss: float | None = None
-               ) -> tuple[torch.Tensor, int]:
+               bracket_points: int = 6, centre_loss: float | None = None,
+               bracket_ratio: float = 4.0) -> tuple[torch.Tensor, int]:
     """Radii ``(k,)`` of the sub-cutoff region along ``k`` fixed directions, and the
     number of loss evaluations used.
 
     ``loss_fn(ts)`` takes distances ``(k,)`` or ``(k, T)`` (row i along direction
     i) and returns the loss in the same shape. ``bisect``: loss on the bracket
-    grid ``r_max * 2^-j`` (j = bracket_points-1 .. 0), then bisection of the
+    grid ``r_max * bracket_ratio^-j`` (j = bracket_points-1 .. 0; default
+    1, 1/4, ..., 1/1024, one batched call), then bisection of the
     first bracket where it reaches ``cutoff`` until ``hi - lo <= rtol * hi``;
     the answer is the midpoint, so its relative error is at most ``rtol / 2``.
     ``grid``: the first crossing on :func:`radius_grid`, linearly interpolated.
@@ -158,7 +154,7 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
     Both methods see only crossings that cover one of their grid points: a
     bump above the cutoff narrower than a bracket interval is missed.
     """
-    method = _enum(RadiusMethod, method, "method")
+    method = parse_enum(RadiusMethod, method, "method")
     if centre_loss is None:
         centre_loss = float(loss_fn(torch.zeros(k, dtype=torch.float64))[0])
     if centre_loss >= cutoff:
@@ -175,7 +171,8 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
         frac = ((cutoff - l0) / (l1 - l0)).clamp(0, 1).nan_to_num(1.0)
         r = torch.where(j < len(ts), t0 + frac * (t1 - t0), torch.full_like(t0, r_max))
         return r, k * len(ts) + 1
-    ts = r_max * 2.0 ** -torch.arange(bracket_points - 1, -1, -1, dtype=torch.float64)
+    ts = r_max * float(bracket_ratio) ** -torch.arange(bracket_points - 1, -1, -1,
+                                                       dtype=torch.float64)
     loss = loss_fn(ts.expand(k, -1).contiguous()).double().cpu()  # (k, B)
     j = _first_crossing(loss, cutoff)
     hit = j < bracket_points
@@ -317,7 +314,8 @@ def basin_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Te
                                         cfg.memory_mb, bn=bn)[0][0])
     cut = cfg.cutoff * (centre_loss if cfg.cutoff_kind is CutoffKind.RELATIVE else 1.0)
     r, evals = find_radii(loss_fn, k, cut, cfg.r_max, cfg.rtol, cfg.method, cfg.grid_points,
-                          cfg.grid, cfg.grid_power, cfg.bracket_points, centre_loss)
+                          cfg.grid, cfg.grid_power, cfg.bracket_points, centre_loss,
+                          cfg.bracket_ratio)
     n = n_perturbed(theta, spec.kind, spec.bias)
     return volume_from_radii(r, n, centre_loss, cut, evals, {**cfg.to_dict(), "bn": bn},
                              cfg.n_bootstrap, cfg.seed)

@@ -36,6 +36,7 @@ __all__ = [
     "TrainConfig",
     "ExperimentConfig",
     "load_config",
+    "parse_enum",
 ]
 
 
@@ -187,6 +188,15 @@ class ExperimentConfig(_Config):
     poison: PoisonConfig = field(default_factory=PoisonConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "auto"
+
+
+def parse_enum(cls: type[enum.Enum], value: Any, what: str):
+    """``cls(value)``, or a one-line ValueError listing the allowed values."""
+    try:
+        return cls(value)
+    except ValueError:
+        raise ValueError(f"unknown {what} {value!r}; choose from "
+                         f"{', '.join(m.value for m in cls)}") from None
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

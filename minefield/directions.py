@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import _Config
+from .config import _Config, parse_enum
 from .functional import Params, flatten, is_weight, unflatten
 
 __all__ = ["DirectionKind", "BiasPolicy", "DirectionSpec", "random_directions", "n_perturbed",
@@ -73,19 +73,13 @@ class DirectionSpec(_Config):
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "kind", _enum(DirectionKind, self.kind, "kind"))
-        object.__setattr__(self, "bias", _enum(BiasPolicy, self.bias, "bias"))
+        object.__setattr__(self, "kind",
+                           parse_enum(DirectionKind, self.kind, "direction kind"))
+        object.__setattr__(self, "bias",
+                           parse_enum(BiasPolicy, self.bias, "direction bias"))
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(int(self.seed))
-
-
-def _enum(cls, value, what: str):
-    try:
-        return cls(value)
-    except ValueError:
-        raise ValueError(f"unknown direction {what} {value!r}; choose from "
-                         f"{', '.join(m.value for m in cls)}") from None
 
 
 def _perturbed(shape: torch.Size, bias: BiasPolicy) -> bool:
@@ -99,8 +93,8 @@ def n_perturbed(params: Params, kind: DirectionKind | str = "filter",
     ``params`` is one model (no member dim). All parameters for ``zero`` and
     ``include``, weights only for ``exclude``; ``kind`` does not change it.
     """
-    _enum(DirectionKind, kind, "kind")
-    bias = _enum(BiasPolicy, bias, "bias")
+    parse_enum(DirectionKind, kind, "direction kind")
+    bias = parse_enum(BiasPolicy, bias, "direction bias")
     return sum(v.numel() for v in params.values()
                if bias is not BiasPolicy.EXCLUDE or is_weight("", v.shape))
 
@@ -113,8 +107,8 @@ def random_directions(params: Params, n: int, kind: DirectionKind | str = "filte
     ``generator`` (a CPU ``torch.Generator``) makes them reproducible; draws are
     made in float64 on the CPU and cast to each tensor's dtype/device.
     """
-    kind = _enum(DirectionKind, kind, "kind")
-    bias = _enum(BiasPolicy, bias, "bias")
+    kind = parse_enum(DirectionKind, kind, "direction kind")
+    bias = parse_enum(BiasPolicy, bias, "direction bias")
     if n < 0:
         raise ValueError(f"number of directions must be >= 0, got {n}")
     g = generator if generator is not None else torch.Generator().manual_seed(0)

@@ -85,14 +85,14 @@ def test_volume_estimator_converges_to_ellipsoid_volume():
 
 
 def test_first_crossing_not_a_later_one():
-    # loss rises above the cutoff at t=0.3, falls back, and rises again at t=0.8; the
-    # bump covers the bracket point 0.5 (narrower bumps between bracket points are missed)
+    # loss rises above the cutoff at t=0.2, falls back, and rises again at t=0.8; the
+    # bump covers the bracket point 0.25 (narrower bumps between bracket points are missed)
     def f(ts):
-        return torch.where((ts > 0.3) & (ts < 0.6), 2.0, 0.0) + torch.where(ts > 0.8, 2.0, 0.0)
+        return torch.where((ts > 0.2) & (ts < 0.6), 2.0, 0.0) + torch.where(ts > 0.8, 2.0, 0.0)
     r, _ = find_radii(f, 3, 1.0, r_max=1.0, rtol=1e-6)
-    torch.testing.assert_close(r, torch.full((3,), 0.3, dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(r, torch.full((3,), 0.2, dtype=torch.float64), rtol=1e-6, atol=0)
     rg, _ = find_radii(f, 3, 1.0, r_max=1.0, method="grid", grid_points=1001, grid="linear")
-    assert ((rg - 0.3).abs() <= 1e-3).all()
+    assert ((rg - 0.2).abs() <= 1e-3).all()
 
 
 def test_zero_radius_and_r_max():
