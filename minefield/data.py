@@ -157,29 +157,32 @@ def _spiral(cfg: DataConfig) -> Dataset:
 # --- concentric circles (Fig. 8) --------------------------------------------------------
 
 
-def _ring(r: float, n: int, phase: float = 0.0) -> np.ndarray:
-    a = 2 * np.pi * (np.arange(n) + phase) / n
-    return np.stack([r * np.cos(a), r * np.sin(a)], 1)
+def _ring(r: float, n: int, offset: float = 0.0) -> np.ndarray:
+    # (r sin a, r cos a) at a = offset + 2 pi i / n, as in the authors' script
+    a = offset + 2 * np.pi * np.arange(n) / n
+    return np.stack([r * np.sin(a), r * np.cos(a)], 1)
 
 
 def _circles(cfg: DataConfig) -> Dataset:
-    """Class 0: 40 points on r=0.4. Class 1: 80 on r=0.95 plus 10 "gap" points on
-    r=0.401, interleaved with the class-0 points (the ideal solution is sharp).
+    """Fig. 8 (``gen-viz/wide_margins_example.py``): class 0 is 40 points on r=0.4;
+    class 1 is 80 points on r=0.95 plus 10 "gap" points on r=0.401, each halfway
+    (pi/40) between two class-0 points: the ideal solution is sharp.
 
-    Train holds exactly those 130 points (the 10 gap points last). Test and poison
-    are the same construction at shifted angles.
+    Train holds exactly the authors' 130 points (the 10 gap points last). Test and
+    poison are the same construction rotated by a third and two thirds of the
+    class-0 spacing.
     """
 
-    def build(phase):
-        x0, x1 = _ring(0.4, 40, phase), _ring(0.95, 80, phase)
-        gap = _ring(0.401, 10, phase + 0.5 * 40 / 10 / 4)  # between class-0 points
-        x = np.concatenate([x0, x1, gap])
-        y = np.concatenate([np.zeros(40), np.ones(90)])
-        return x, y
+    def build(theta):
+        x0 = _ring(0.4, 40, theta)
+        x1 = _ring(0.95, 80, theta)
+        gap = _ring(0.401, 10, theta + np.pi / 40)
+        return np.concatenate([x0, x1, gap]), np.concatenate([np.zeros(40), np.ones(90)])
 
+    step = 2 * np.pi / 40
     xtr, ytr = build(0.0)
-    xte, yte = build(0.33)
-    xp, yp = build(0.66)
+    xte, yte = build(step / 3)
+    xp, yp = build(2 * step / 3)
     return _make("circles", xtr, ytr, xte, yte, xp, yp, 2)
 
 

@@ -45,7 +45,7 @@ def log_spaced_betas(lo: float, hi: float, n: int, zero: bool = True) -> tuple[f
 class SweepConfig(_Config):
     """Poison factors x seeds, and how each model's basin is measured."""
 
-    betas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7)
+    betas: tuple[float, ...] = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.6)
     seeds: tuple[int, ...] = (0, 1)
     volume: VolumeConfig = field(default_factory=lambda: VolumeConfig(n_directions=200))
 

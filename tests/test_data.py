@@ -55,6 +55,11 @@ def test_circles_structure():
     assert ((r - 0.4).abs() < 1e-6).sum() == 40
     assert ((r - 0.401).abs() < 1e-6).sum() == 10
     assert (d.y_train[(r - 0.401).abs() < 1e-6] == 1).all()
+    # each gap point sits halfway (pi/40) between two class-0 points
+    gap, inner = d.x_train[120:].double(), d.x_train[:40].double()
+    nearest = torch.cdist(gap, inner).min(1).values
+    expected = ((0.401 - 0.4 * np.cos(np.pi / 40)) ** 2 + (0.4 * np.sin(np.pi / 40)) ** 2) ** 0.5
+    assert torch.allclose(nearest, torch.full_like(nearest, expected), atol=1e-6)
 
 
 def test_digits_real_images_split():

@@ -36,7 +36,7 @@ def sweep_figures(run, out_dir: Path) -> list[Path]:
 
 @main.command()
 @experiment_options
-@click.option("--betas", help="Poison factors, e.g. 0,0.05,0.1,0.2,0.35,0.5,0.7.")
+@click.option("--betas", help="Poison factors, e.g. 0,0.001,0.01,0.1,0.3,0.6.")
 @click.option("--beta-range", help="lo,hi,n: 0 plus n log-spaced factors in [lo, hi].")
 @click.option("--seeds", default="0,1", show_default=True, help="Init seeds per factor.")
 @click.option("--directions", type=click.IntRange(1), default=200, show_default=True,
@@ -54,7 +54,8 @@ def sweep(ctx, betas, beta_range, seeds, directions, cutoff, rtol, figures, **op
     \b
     Example (the paper's Figs 5/6 on the swiss roll):
       minefield sweep --name sweep --dataset swissroll --lr 0.005 --clip 8 \\
-          --milestones 10000,17000 --steps 20000 --betas 0,0.05,0.1,0.2,0.35,0.5,0.7
+          --milestones 10000,17000 --steps 20000 --n-poison 4000 \\
+          --poison-batch-size 200 --betas 0,0.001,0.003,0.01,0.03,0.1,0.3,0.6
     """
     if betas and beta_range:
         raise click.UsageError("give --betas or --beta-range, not both")
