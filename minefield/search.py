@@ -86,11 +86,13 @@ class StopRule(str, enum.Enum):
 class SearchConfig(_Config):
     """Which checkpoints to start from and how to train to a bad minimum.
 
-    Defaults (tuned on the spiral, 266 full-batch points, 10 starts spread over
-    the trajectory): Adam 5e-3, x0.1 at steps 50,000 and 70,000, 80,000 steps,
-    ``beta=0.6``: median train 93%, every minimum <= 53% test and <= 8% poison
-    accuracy. The paper's concatenation weight (134/266 = 0.504) or fewer steps
-    leave the latest checkpoints above 56% test or the median train below 90%.
+    Defaults (tuned on the spiral's 20 starts of ``minefield reproduce --scale
+    small``): Adam 2e-3, x0.1 at steps 50,000 and 70,000, up to 80,000 full-batch
+    steps, ``beta=0.5``, a member stops once train accuracy >= 0.97 and poison
+    accuracy <= 0.05. Measured: median train 90%, poison accuracy <= 25%, test
+    accuracy 36-61% (3 of 20 above 56%). Higher beta lowers test accuracy but
+    also train accuracy (beta 0.6: median train 85%, test <= 58%); no setting we
+    tried met all three of PAPER.md's check 8 at once.
 
     Checkpoints: ``trajectory[start:stop:every]`` (indices into the run's
     trajectory, which starts with the initialisation at index 0), or the steps
@@ -110,18 +112,18 @@ class SearchConfig(_Config):
     jitter: float = 0.0
     seed: int = 0
     optimizer: Optimizer = Optimizer.ADAM
-    lr: float = 0.005
+    lr: float = 0.002
     milestones: tuple[int, ...] = (50000, 70000)
     gamma: float = 0.1
     l2: float = 0.0
     clip_norm: float | None = None
     batch_size: int | None = None
     steps: int = 80000
-    beta: float | None = 0.6
+    beta: float | None = 0.5
     objective: PoisonObjective = PoisonObjective.FLIP
     stopping: StopRule = StopRule.TARGET
-    target_train: float = 1.0
-    target_poison_acc: float = 0.0
+    target_train: float = 0.97
+    target_poison_acc: float = 0.05
     log_every: int = 100
     compact_every: int = 500
     max_batch: int = 256
