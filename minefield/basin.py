@@ -74,7 +74,7 @@ class VolumeConfig(_Config):
     """Settings of one basin-radius / volume estimate (all recorded with the result).
 
     ``n_directions`` random directions give ``2 * n_directions`` radii (d and -d).
-    ``rtol``: bisection stops when ``hi - lo <= rtol * hi``. ``grid_points``,
+    ``rtol``: bisection stops when ``hi - lo <= 2 rtol lo``. ``grid_points``,
     ``grid`` (``power``: ``t = r_max u^grid_power``, the paper's u^5; ``linear``)
     configure the ``grid`` method. ``memory_mb`` bounds the engine's chunks;
     ``seed`` drives the bootstrap (directions use ``directions.seed``).
@@ -146,8 +146,9 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
     i) and returns the loss in the same shape. ``bisect``: loss on the bracket
     grid ``r_max * bracket_ratio^-j`` (j = bracket_points-1 .. 0; default
     1, 1/4, ..., 1/1024, one batched call), then bisection of the
-    first bracket where it reaches ``cutoff`` until ``hi - lo <= rtol * hi``;
-    the answer is the midpoint, so its relative error is at most ``rtol / 2``.
+    first bracket where it reaches ``cutoff`` until ``hi - lo <= 2 rtol lo``;
+    the answer is the midpoint, so (the radius being >= lo) its relative error
+    is at most ``rtol``.
     ``grid``: the first crossing on :func:`radius_grid`, linearly interpolated.
     Radii are 0 where the centre is already at or above the cutoff and ``r_max``
     where no crossing is found.
@@ -181,7 +182,7 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
     lo = torch.where(jc > 0, ts[(jc - 1).clamp(min=0)], torch.zeros_like(hi))
     evals = k * bracket_points + 1
     for _ in range(200):
-        if not bool(((hi - lo) > rtol * hi)[hit].any()):
+        if not bool(((hi - lo) > 2 * rtol * lo)[hit].any()):
             break
         mid = (lo + hi) / 2
         above = loss_fn(mid).double().cpu() >= cutoff
