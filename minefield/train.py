@@ -90,13 +90,9 @@ def _per_member_norm(tensors: list[torch.Tensor], m: int) -> torch.Tensor:
     return torch.sqrt(sum(t.reshape(m, -1).pow(2).sum(1) for t in tensors))
 
 
-def _check_finite(values: dict[str, torch.Tensor], step: int, last_good: int | None) -> None:
-    bad = [k for k in ("train_loss",) if not torch.isfinite(values[k]).all()]
-    bad += [k for k, v in values.items() if k == "weight_norm" and not torch.isfinite(v).all()]
-    if bad:
-        where = f"step {last_good}" if last_good is not None else "none yet"
-        raise TrainingDiverged(f"loss became NaN/inf at step {step}; "
-                               f"last good checkpoint: {where}")
+def _diverged(step: int, last_good: int | None) -> TrainingDiverged:
+    where = f"step {last_good}" if last_good is not None else "none yet"
+    return TrainingDiverged(f"loss became NaN/inf at step {step}; last good checkpoint: {where}")
 
 
 def fit(
@@ -110,7 +106,7 @@ def fit(
     buffers: Params | None = None,
     start_step: int = 0,
     opt_state: dict | None = None,
-    on_log: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+    on_log: Callable[[int, list[dict[str, Any]]], None] | None = None,
     on_checkpoint: Callable[[int, Params, Params, torch.optim.Optimizer], None] | None = None,
     stop_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
     progress: bool = False,
@@ -126,7 +122,8 @@ def fit(
     """
     m = n_members(params)
     dev = next(iter(params.values())).device
-    betas_t = torch.as_tensor(betas, dtype=torch.float32, device=dev).expand(m).clone()
+    beta_vals = torch.as_tensor(betas, dtype=torch.float64).expand(m).tolist()  # for logs
+    betas_t = torch.tensor(beta_vals, dtype=torch.float32, device=dev)
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     buffers = {k: v.clone() for k, v in (buffers or buffers_like(model, m, dev)).items()}
     weights = [v for k, v in leaves.items() if is_weight(k, v.shape[1:])]
@@ -148,13 +145,15 @@ def fit(
         nonlocal done, last_ckpt
         with torch.no_grad():
             vals = evaluate_members(model, _current(), data, buffers)
-        _check_finite(vals, step, last_ckpt)
+        if not (torch.isfinite(vals["train_loss"]).all()
+                and torch.isfinite(vals["weight_norm"]).all()):
+            raise _diverged(step, last_ckpt)
         lr = cfg.lr_at(step)
-        for i in range(m):
-            history.append({"step": step, "member": i, "lr": lr, "beta": float(betas_t[i]),
-                            **{k: float(v[i]) for k, v in vals.items()}})
+        rows = [{"step": step, "member": i, "lr": lr, "beta": beta_vals[i],
+                 **{k: float(v[i]) for k, v in vals.items()}} for i in range(m)]
+        history.extend(rows)
         if on_log:
-            on_log(step, vals)
+            on_log(step, rows)
         if stop_fn is not None:
             newly = stop_fn(vals).to(dev) & ~done
             for i in newly.nonzero().flatten().tolist():
@@ -223,8 +222,7 @@ def fit(
             if on_checkpoint and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 with torch.no_grad():
                     if not all(torch.isfinite(v).all() for v in leaves.values()):
-                        _check_finite({"train_loss": torch.tensor([float("nan")])}, step,
-                                      last_ckpt)
+                        raise _diverged(step, last_ckpt)
                 on_checkpoint(step, _current(), buffers, opt)
                 last_ckpt = step
     finally:
@@ -306,13 +304,11 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
     base_meta = {"config": cfg_dict, "seeds": seeds, "betas": list(map(float, betas)),
                  "members": m}
 
-    def on_log(step, vals):
+    def on_log(step, new_rows):
         nonlocal rows
         if run is None:
             return
-        rows = [r for r in rows if r["step"] != step] + [
-            {"step": step, "member": i, "lr": cfg.train.lr_at(step), "beta": float(betas[i]),
-             **{k: float(v[i]) for k, v in vals.items()}} for i in range(m)]
+        rows = [r for r in rows if r["step"] != step] + new_rows
         run.write_metrics(rows)
 
     def on_checkpoint(step, p, b, opt):
