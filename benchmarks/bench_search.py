@@ -1,7 +1,8 @@
 """Batched vs one-at-a-time bad-minimum search (run by hand).
 
 Times M searches of the same length on the Fig. 1 problem (spiral, 2-25-25-25-25-1
-MLP, full batch on train ∪ poison, fixed steps): once as one stacked model (one
+MLP, full batch on train ∪ untraining set ∪ the default 400 fresh poison points,
+fixed steps): once as one stacked model (one
 ``search_minima`` call), once as M separate searches of one model each. Prints
 the median wall time of each over ``--repeats`` and the speed-up.
 
@@ -17,10 +18,10 @@ import time
 import torch
 
 from minefield.config import DataConfig, ModelConfig
-from minefield.data import load_dataset
+from minefield.data import fresh_points, load_dataset
 from minefield.functional import member, stack
 from minefield.models import build_model
-from minefield.search import SearchConfig, StopRule, search_minima
+from minefield.search import AUTO_EXTRA_POISON, SearchConfig, StopRule, search_minima
 from minefield.train import init_stack
 
 
@@ -39,13 +40,15 @@ def main() -> None:
     cfg = SearchConfig(steps=args.steps, stopping=StopRule.FIXED, log_every=args.steps,
                        compact_every=args.steps, milestones=())
     seeds = list(range(args.members))
+    extra = fresh_points(DataConfig("spiral"), AUTO_EXTRA_POISON)
 
     def batched():
-        search_minima(model, starts, data, cfg, seeds)
+        search_minima(model, starts, data, cfg, seeds, extra=extra)
 
     def one_by_one():
         for i in range(args.members):
-            search_minima(model, stack([member(starts, i)]), data, cfg, [seeds[i]])
+            search_minima(model, stack([member(starts, i)]), data, cfg, [seeds[i]],
+                          extra=extra)
 
     times: dict[str, list[float]] = {"batched": [], "one at a time": []}
     for _ in range(args.repeats):

@@ -31,7 +31,8 @@ import torch
 
 from .config import DataConfig
 
-__all__ = ["Dataset", "DataError", "DATASETS", "load_dataset", "twospirals"]
+__all__ = ["Dataset", "DataError", "DATASETS", "load_dataset", "twospirals", "FRESH",
+           "fresh_points"]
 
 
 class DataError(ValueError):
@@ -152,6 +153,25 @@ def _spiral(cfg: DataConfig) -> Dataset:
     test, poison = rest[tidx], rest[pidx]
     return _make("spiral", train[:, :2], train[:, 2], test[:, :2], test[:, 2],
                  poison[:, :2], poison[:, 2], 2)
+
+
+def _spiral_curve(theta: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    # label 1 ("red") is (5 sqrt(t) cos t, 5 sqrt(t) sin t); label 0 is its negation
+    x = np.stack([5 * np.sqrt(theta) * np.cos(theta), 5 * np.sqrt(theta) * np.sin(theta)], 1)
+    return np.where(labels[:, None] == 1, x, -x)
+
+
+def _fresh_spiral(cfg: DataConfig, n: int, rng: np.random.RandomState):
+    # the population the 400 grid points are drawn from: the whole noise-free curve
+    theta = rng.uniform(0.0, 1.5 * 2 * math.pi, n)
+    y = rng.randint(0, 2, n)
+    return _spiral_curve(theta, y), y
+
+
+def _fresh_swissroll(cfg: DataConfig, n: int, rng: np.random.RandomState):
+    x, y = twospirals((n + 1) // 2, 0.5, rng)
+    perm = rng.permutation(len(x))[:n]
+    return x[perm], y[perm]
 
 
 # --- concentric circles (Fig. 8) --------------------------------------------------------
@@ -333,6 +353,38 @@ DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
     "cifar10": _cifar10,
     "svhn": _svhn,
 }
+
+
+#: Synthetic datasets that can draw fresh points from their own distribution.
+FRESH: dict[str, Callable[[DataConfig, int, np.random.RandomState], tuple]] = {
+    "spiral": _fresh_spiral,
+    "swissroll": _fresh_swissroll,
+}
+
+
+def fresh_points(cfg: DataConfig, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` new points ``(x, y)`` from the distribution of dataset ``cfg.name``, true labels.
+
+    For the spiral: uniform angle on the noise-free curve, either arm with
+    probability 1/2 (the 400 points of the dataset are a regular grid on it). For
+    the swiss roll: the authors' generator. Same ``seed``, same points.
+
+    Example::
+
+        >>> x, y = fresh_points(DataConfig("spiral"), 5)
+        >>> x.shape, y.shape
+        (torch.Size([5, 2]), torch.Size([5]))
+    """
+    try:
+        draw = FRESH[cfg.name]
+    except KeyError:
+        raise DataError(f"dataset {cfg.name!r} cannot draw fresh points (only "
+                        f"{', '.join(sorted(FRESH))} can)") from None
+    if n < 0:
+        raise DataError(f"cannot draw {n} points")
+    x, y = draw(cfg, n, np.random.RandomState(seed))
+    return (torch.as_tensor(np.asarray(x), dtype=torch.float32).reshape(n, -1),
+            torch.as_tensor(np.asarray(y).ravel().astype(np.int64)))
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:

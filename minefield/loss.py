@@ -65,19 +65,27 @@ def poisoned_nll(
     y_poison: torch.Tensor | None = None,
     beta: float | torch.Tensor = 0.0,
     flip: bool = False,
+    poison_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The poisoned objective, averaged over each set; shape ``logits.shape[:-2]``.
 
     ``flip=True`` uses cross-entropy on a flipped label instead of the complement
     (the authors' "untraining" set; identical for binary, ``(y+1) % K`` otherwise).
+    ``poison_weight`` ``(N_p,)`` makes the poison term a weighted mean
+    ``sum_i w_i l_i / sum_i w_i`` (default: the plain mean).
     """
     clean = nll(logits_train, y_train).mean(-1)
     if logits_poison is None or y_poison is None or y_poison.numel() == 0:
         return clean if isinstance(beta, float) and beta == 0.0 else (1 - beta) * clean
     if flip and logits_poison.shape[-1] > 1:
-        bad = nll(logits_poison, (y_poison + 1) % logits_poison.shape[-1]).mean(-1)
+        per = nll(logits_poison, (y_poison + 1) % logits_poison.shape[-1])
     else:
-        bad = complement_nll(logits_poison, y_poison).mean(-1)
+        per = complement_nll(logits_poison, y_poison)
+    if poison_weight is None:
+        bad = per.mean(-1)
+    else:
+        w = poison_weight.to(per.dtype)
+        bad = (per * w).sum(-1) / w.sum()
     return (1 - beta) * clean + beta * bad
 
 

@@ -22,6 +22,12 @@ from .runs import atomic_write, write_json
 __all__ = ["write_report", "machine"]
 
 
+def _order(c) -> tuple[int, str]:
+    # "8" < "8+" < "9" < "10"; ids without a number go last
+    digits = "".join(ch for ch in c.id if ch.isdigit())
+    return (int(digits) if digits else 10**6, c.id)
+
+
 def machine() -> str:
     """One line describing where the numbers were measured."""
     dev = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
@@ -52,7 +58,7 @@ def write_report(sections, ctx, seconds: float) -> Path:
         "|---|---|---|---|",
     ]
     lines += [f"| {c.id} | {c.text} | {c.measured} | {'yes' if c.passed else '**no**'} |"
-              for c in sorted(checks, key=lambda c: int(c.id) if c.id.isdigit() else 99)]
+              for c in sorted(checks, key=_order)]
     for s in sections:
         lines += ["", f"## {s.title}", "", f"Runs: {', '.join(f'`{r}`' for r in s.runs) or '-'}"
                   f"; {s.seconds:.0f} s.", "", "```", *s.commands, "```", ""]

@@ -67,11 +67,11 @@ SCALES: dict[str, Scale] = {
     "small": Scale("small", 5000, 40000, (15000, 30000), 4000, 1000,
                    (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.6), (0, 1), 20000,
                    (10000, 17000), 200,
-                   2000, 100, 80000, 10000, 4, 3000, 2000),
+                   2000, 100, 30000, 10000, 4, 3000, 2000),
     "paper": Scale("paper", 100000, 300000, (100000, 200000), 4000, 5000,
                    (0.0, 0.0001, 0.001, 0.005, 0.01, 0.03, 0.1, 0.2, 0.35, 0.5, 0.7, 0.8),
                    tuple(range(10)), 300000, (100000, 200000), 1000,
-                   2000, 10, 80000, 10000, 10, 20000, 50000),
+                   2000, 10, 30000, 10000, 10, 20000, 50000),
 }
 
 
@@ -347,6 +347,9 @@ def exp_minefield(ctx: Context) -> Section:
               st["test_acc_max"] <= 0.56 and st["poison_acc_max"] <= 0.30
               and st["train_acc_median"] >= 0.75,
               f"max test {_pct(st['test_acc_max'])}, max poison {_pct(st['poison_acc_max'])}, "
+              f"median train {_pct(st['train_acc_median'])}"),
+        Check("8+", "median bad-minimum train accuracy >= 90% (beyond PAPER.md: near-perfect "
+              "train, as the paper's caption says)", st["train_acc_median"] >= 0.90,
               f"median train {_pct(st['train_acc_median'])}"),
     ]
     sec.data = {"good": {k: v[0] for k, v in gm.items()}, "search": st,

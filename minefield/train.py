@@ -109,6 +109,8 @@ def fit(
     on_log: Callable[[int, list[dict[str, Any]]], None] | None = None,
     on_checkpoint: Callable[[int, Params, Params, torch.optim.Optimizer], None] | None = None,
     stop_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    poison_weight: torch.Tensor | None = None,
+    eval_data: Dataset | None = None,
     progress: bool = False,
     desc: str = "train",
 ) -> FitResult:
@@ -118,6 +120,10 @@ def fit(
     ``stop_fn(metrics) -> (M,) bool`` (checked at every log step) freezes members
     that reached their goal: their parameters are kept from that step on and
     ``stopped_at[m]`` records it; training ends when all members have stopped.
+    ``poison_weight`` ``(N_p,)`` weights the poison points (see
+    :func:`~minefield.loss.poisoned_nll`). Logged metrics (and so ``stop_fn``) are
+    measured on ``eval_data`` (default ``data``), e.g. the paper's splits when
+    ``data`` holds extra training points.
     Returns the final (or frozen) parameters and the logged history.
     """
     m = n_members(params)
@@ -131,6 +137,11 @@ def fit(
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     n_t, n_p = len(data.y_train), len(data.y_poison)
+    if poison_weight is not None:
+        if poison_weight.shape != (n_p,):
+            raise ValueError(f"poison_weight has shape {tuple(poison_weight.shape)}, the poison "
+                             f"set {n_p} points")
+        poison_weight = poison_weight.to(dev)
     bs = cfg.batch_size or n_t
     bs_p = cfg.poison_batch_size or (n_p if bs >= n_t else math.ceil(n_p * bs / n_t))
     use_poison = n_p > 0 and bool((betas_t > 0).any())
@@ -144,7 +155,7 @@ def fit(
     def log(step: int) -> bool:
         nonlocal done, last_ckpt
         with torch.no_grad():
-            vals = evaluate_members(model, _current(), data, buffers)
+            vals = evaluate_members(model, _current(), eval_data or data, buffers)
         if not (torch.isfinite(vals["train_loss"]).all()
                 and torch.isfinite(vals["weight_norm"]).all()):
             raise _diverged(step, last_ckpt)
@@ -194,13 +205,15 @@ def fit(
                 ip = _batch_indices(n_p, bs_p, cfg.seed + 1, step, dev)
                 xp = data.x_poison if ip is None else data.x_poison[ip]
                 yp = data.y_poison if ip is None else data.y_poison[ip]
+                wp = None if poison_weight is None else (
+                    poison_weight if ip is None else poison_weight[ip])
                 x = torch.cat([xb, xp])
             else:
                 x = xb
             logits = stacked_forward(model, leaves, x, buffers)
             nb = len(yb)
             if use_poison:
-                loss = poisoned_nll(logits[:, :nb], yb, logits[:, nb:], yp, betas_t, flip)
+                loss = poisoned_nll(logits[:, :nb], yb, logits[:, nb:], yp, betas_t, flip, wp)
             else:
                 loss = poisoned_nll(logits, yb)
             if cfg.l2 > 0:

@@ -41,3 +41,19 @@ def test_search_errors_are_one_line(tmp_path):
     assert out.output.strip() == "Error: no such run: nope"
     out = r.invoke(main, ["--root", str(tmp_path), "search", "nope", "--beta", "2"])
     assert out.exit_code == 2 and "beta must be in [0, 1)" in out.output
+
+
+def test_fresh_poison_options(tmp_path, tiny):
+    train_run(tiny("good"), tmp_path, progress=False)
+    r = CliRunner()
+    root = ["--root", str(tmp_path)]
+    out = r.invoke(main, root + ["search", "good", *FAST, "--extra-poison", "5",
+                                 "--extra-share", "0"])
+    assert out.exit_code == 1
+    assert out.output.strip() == ("Error: search.extra_poison=5 fresh points need a share of "
+                                  "the poison term (search.extra_share > 0)")
+    out = r.invoke(main, root + ["search", "good", *FAST, "--extra-poison", "5"])
+    assert out.exit_code == 1
+    assert out.output.strip() == ("Error: dataset 'blobs' cannot draw fresh points (only "
+                                  "spiral, swissroll can)")
+    assert not (tmp_path / "good" / "search").exists()

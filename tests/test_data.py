@@ -1,3 +1,4 @@
+import math
 import pickle
 
 import numpy as np
@@ -5,7 +6,7 @@ import pytest
 import torch
 
 from minefield.config import DataConfig
-from minefield.data import DataError, load_dataset
+from minefield.data import DataError, fresh_points, load_dataset
 
 
 def test_swissroll_bit_identical_to_authors_generator():
@@ -142,3 +143,33 @@ def test_svhn_missing_and_corrupt(tmp_path):
         load_dataset(DataConfig("svhn", data_dir=str(tmp_path)))
     with pytest.raises(DataError, match="does not exist"):
         load_dataset(DataConfig("svhn", data_dir=str(tmp_path / "nope")))
+
+
+def _on_spiral(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # a label-1 point is (5 sqrt(t) cos t, 5 sqrt(t) sin t) with t = (r / 5)^2; label 0 negated
+    sign = torch.where(y == 1, 1.0, -1.0).to(x.dtype)[:, None]
+    p = x.double() * sign
+    t = (p.norm(dim=1) / 5).pow(2)
+    curve = torch.stack([5 * t.sqrt() * t.cos(), 5 * t.sqrt() * t.sin()], 1)
+    return (curve - p).norm(dim=1)
+
+
+def test_fresh_spiral_points_come_from_the_datasets_curve():
+    d = load_dataset(DataConfig("spiral"))
+    for x, y in (d.split("train"), d.split("poison")):  # the grid follows the same convention
+        assert _on_spiral(x, y).max() < 1e-4
+    x, y = fresh_points(DataConfig("spiral"), 500, seed=3)
+    assert x.shape == (500, 2) and set(y.tolist()) == {0, 1}
+    assert _on_spiral(x, y).max() < 1e-4
+    t = (x.double().norm(dim=1) / 5).pow(2)
+    assert t.max() <= 3 * math.pi and t.min() >= 0
+    x2, y2 = fresh_points(DataConfig("spiral"), 500, seed=3)
+    assert x2.equal(x) and y2.equal(y)
+    assert not fresh_points(DataConfig("spiral"), 500, seed=4)[0].equal(x)
+
+
+def test_fresh_swissroll_points_and_unsupported_datasets():
+    x, y = fresh_points(DataConfig("swissroll"), 7)
+    assert x.shape == (7, 2) and y.shape == (7,)
+    with pytest.raises(DataError, match="dataset 'digits' cannot draw fresh points"):
+        fresh_points(DataConfig("digits"), 3)

@@ -84,3 +84,14 @@ def test_accuracy_and_predict():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="disagree"):
         nll(torch.zeros(3, 2), torch.zeros(4, dtype=torch.long))
+
+
+def test_poison_weight_is_a_weighted_mean():
+    zt, yt = _logits(6, 3, seed=1), torch.tensor([0, 1, 2, 0, 1, 2])
+    zp, yp = _logits(4, 3, seed=2), torch.tensor([2, 1, 0, 0])
+    plain = poisoned_nll(zt, yt, zp, yp, 0.4)
+    torch.testing.assert_close(poisoned_nll(zt, yt, zp, yp, 0.4, poison_weight=torch.full(
+        (4,), 3.0, dtype=torch.float64)), plain)
+    w = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    one = 0.6 * nll(zt, yt).mean() + 0.4 * complement_nll(zp[2:3], yp[2:3])[0]
+    torch.testing.assert_close(poisoned_nll(zt, yt, zp, yp, 0.4, poison_weight=w), one)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from minefield.config import ConfigError, DataConfig, ModelConfig
-from minefield.data import load_dataset
+from minefield.data import DataError, fresh_points, load_dataset
 from minefield.functional import member, stack
 from minefield.models import build_model
 from minefield.runs import Run, RunError
@@ -13,6 +13,7 @@ from minefield.search import (
     _jittered,
     batch_capacity,
     distances,
+    poison_set,
     search_minima,
     search_run,
     search_seed,
@@ -97,6 +98,9 @@ def test_seed_count_must_match():
     (dict(jitter=-0.1), "search.jitter must be >= 0"),
     (dict(repeats=2), "needs jitter > 0"),
     (dict(memory_mb=0.0), "search.memory_mb must be > 0"),
+    (dict(extra_poison=10, extra_share=0.0), "need a share of the poison term"),
+    (dict(extra_poison=-1), "search.extra_poison must be >= 0"),
+    (dict(extra_poison=10, extra_share=1.0), r"extra_share in \[0, 1\)"),
 ])
 def test_config_errors(kw, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -193,3 +197,60 @@ def test_search_run_rejects_checkpoint_of_another_model(good_run):
 def test_search_run_member_out_of_range(good_run):
     with pytest.raises(ValueError, match="member 3 asked for"):
         search_run(good_run, _cfg(member=3), device="cpu")
+
+
+# --- fresh poison points -------------------------------------------------------------------
+
+
+def test_poison_set_weights_give_fresh_points_their_share():
+    _, _, data = _problem(1)
+    cfg = _cfg(extra_poison=10, extra_share=0.2)
+    extra = (torch.zeros(10, 2), torch.ones(10, dtype=torch.long))
+    train, w = poison_set(data, cfg, extra)
+    assert len(train.y_poison) == 50 and train.y_train.equal(data.y_train)
+    assert train.x_poison[:40].equal(data.x_poison) and train.x_test.equal(data.x_test)
+    assert w.sum().item() == pytest.approx(1.0)
+    assert w[40:].sum().item() == pytest.approx(0.2) and w[:40].sum().item() == pytest.approx(0.8)
+    assert poison_set(data, _cfg(), None) == (data, None)
+    with pytest.raises(ValueError, match="needs that many fresh points"):
+        poison_set(data, cfg, None)
+    with pytest.raises(ValueError, match="3 fresh points given"):
+        poison_set(data, cfg, (torch.zeros(3, 2), torch.ones(3, dtype=torch.long)))
+
+
+def test_default_fresh_points_only_where_the_dataset_can_draw_them():
+    cfg = SearchConfig()
+    assert cfg.n_extra("spiral") == cfg.n_extra("swissroll") == 400
+    assert cfg.n_extra("digits") == cfg.n_extra("blobs") == 0
+    assert SearchConfig(extra_poison=0).n_extra("spiral") == 0
+    assert SearchConfig(extra_poison=7).n_extra("spiral") == 7
+
+
+def test_fresh_points_change_the_search_and_metrics_stay_on_the_papers_splits():
+    model, p, data = _problem(2)
+    cfg = _cfg(stopping=StopRule.FIXED, steps=60)
+    x = torch.randn(30, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    extra = (x, torch.randint(0, 2, (30,), generator=torch.Generator().manual_seed(1)))
+    plain = search_minima(model, p, data, cfg, [1, 2])
+    more = search_minima(model, p, data, cfg.replace(extra_poison=30, extra_share=0.5), [1, 2],
+                         extra=extra)
+    assert not plain.params["0.weight"].equal(more.params["0.weight"])
+    # the metrics are those of the same 40 untraining points, not of the 70 trained on
+    torch.testing.assert_close(
+        more.metrics["poison_acc"] * 40, torch.round(more.metrics["poison_acc"] * 40))
+
+
+def test_search_run_draws_fresh_points_from_the_runs_distribution(tmp_path, tiny):
+    cfg = tiny("spiral").replace(data=DataConfig("spiral"))
+    run = train_run(cfg, tmp_path, progress=False).run
+    s = search_run(run, _cfg(every=2, extra_poison=50, extra_share=0.3), device="cpu")
+    assert s.stats["n"] == 2
+    assert run.read_json("search/search.json")["search"]["extra_poison"] == 50
+    assert run.read_json("search/search.json")["extra_poison"] == 50
+    blobs = train_run(tiny("blobs"), tmp_path, progress=False).run
+    with pytest.raises(DataError, match="cannot draw fresh points"):
+        search_run(blobs, _cfg(extra_poison=5, extra_share=0.1), device="cpu")
+    assert not blobs.exists("search/config.json")  # nothing written on bad input
+    auto = search_run(blobs, _cfg(every=2), device="cpu")  # default: none for blobs
+    assert blobs.read_json("search/search.json")["extra_poison"] == 0 and auto.stats["n"] == 2
+    assert fresh_points(DataConfig("spiral"), 50, 0)[0].shape == (50, 2)

@@ -52,6 +52,13 @@ _D = SearchConfig()
               help="Poison factor in [0, 1), or 'concat' (n_p / (n_t + n_p), the paper).")
 @click.option("--objective", type=click.Choice([o.value for o in PoisonObjective]),
               default=_D.objective.value, show_default=True)
+@click.option("--extra-poison", type=click.IntRange(0), default=None,
+              help="Fresh points drawn from the data distribution added to the poison set "
+                   "[default: 400 on spiral and swissroll, 0 elsewhere; 0: the paper's "
+                   "untraining set alone].")
+@click.option("--extra-share", type=click.FloatRange(0, 1, max_open=True),
+              default=_D.extra_share, show_default=True,
+              help="Share of the poison term carried by the fresh points.")
 @click.option("--stop-rule", "stopping", type=click.Choice([s.value for s in StopRule]),
               default=_D.stopping.value, show_default=True)
 @click.option("--target-train", type=click.FloatRange(0, 1), default=_D.target_train,
@@ -68,7 +75,8 @@ _D = SearchConfig()
 @click.pass_context
 @friendly
 def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, steps, optimizer,
-           lr, milestones, gamma, clip_norm, batch_size, beta, objective, stopping,
+           lr, milestones, gamma, clip_norm, batch_size, beta, objective, extra_poison,
+           extra_share, stopping,
            target_train, target_poison, seed, max_batch, memory_mb, device, force, quiet):
     """Search bad minima from checkpoints of RUN (paper Fig. 1); resumes if interrupted.
 
@@ -81,6 +89,7 @@ def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, s
                        optimizer=Optimizer(optimizer), lr=lr,
                        milestones=parse_ints(milestones) or (), gamma=gamma, clip_norm=clip_norm,
                        batch_size=batch_size, beta=beta, objective=PoisonObjective(objective),
+                       extra_poison=extra_poison, extra_share=extra_share,
                        stopping=StopRule(stopping), target_train=target_train,
                        target_poison_acc=target_poison, seed=seed, max_batch=max_batch,
                        memory_mb=memory_mb)
