@@ -112,8 +112,8 @@ class SearchConfig(_Config):
     starts; train median, test max, untraining-set accuracy max): the paper's
     untraining set alone, Adam 2e-3, beta 0.5, 80,000 steps: 92%, 58%, 14% (3
     of 20 minima above 56% test); beta 0.6: 85%, 58%; 1000 fresh points in the
-    poison set with equal weight: 80%, 25%, 29%. The README's "Fig. 1" section
-    has the numbers of the defaults.
+    poison set with equal weight: 80%, 25%, 29%. The README's section "Figure 1 at
+    the paper's scale" has the numbers of the defaults.
 
     Checkpoints: ``trajectory[start:stop:every]`` (indices into the run's
     trajectory, which starts with the initialisation at index 0), or the steps
