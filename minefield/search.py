@@ -303,10 +303,9 @@ def poison_set(data: Dataset, cfg: SearchConfig,
         raise ValueError("fresh points given with search.extra_share=0")
     x, y = extra[0].to(data.x_poison), extra[1].to(data.y_poison.device)
     n_u = len(data.y_poison)
+    # an empty untraining set contributes an empty block, so the division never runs
     w = torch.cat([torch.full((n_u,), (1 - cfg.extra_share) / max(n_u, 1)),
                    torch.full((len(y),), cfg.extra_share / len(y))])
-    if n_u == 0:
-        w = w[n_u:]
     train = Dataset(data.name, data.x_train, data.y_train, data.x_test, data.y_test,
                     torch.cat([data.x_poison, x]), torch.cat([data.y_poison, y]),
                     data.n_classes)
