@@ -38,7 +38,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .functional import Params, activation_elements, n_members, stacked_forward
+from .functional import (
+    Params,
+    _mlp_forward,
+    activation_elements,
+    mlp_fast_path,
+    n_members,
+    stacked_forward,
+)
 from .loss import nll, predict
 
 __all__ = ["BNPolicy", "LOSSES", "evaluate_points", "evaluate_combinations",
@@ -53,48 +60,6 @@ class BNPolicy(str, enum.Enum):
 
 
 _CACHE_BYTES = 8 * 2**20
-_ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.LeakyReLU, nn.Identity)
-
-
-def mlp_fast_path(model: nn.Module) -> bool:
-    """True when ``model`` is a plain MLP the batched-matmul path can run."""
-    if not isinstance(model, nn.Sequential):
-        return False
-    seen_linear = False
-    for mod in model:
-        if isinstance(mod, nn.Linear):
-            seen_linear = True
-        elif isinstance(mod, nn.Flatten):
-            if seen_linear:
-                return False
-        elif not isinstance(mod, _ELEMENTWISE):
-            return False
-    return seen_linear
-
-
-def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor) -> torch.Tensor:
-    """Logits ``(m, N, C)``; Linear weights come pre-transposed, ``(m, in, out)``."""
-    h = x  # (N, ...) shared by every point, then (m, N, width)
-    for name, mod in model.named_children():
-        if isinstance(mod, nn.Linear):
-            w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
-            if h.dim() == 2:  # first layer: one input batch shared by every point
-                h = torch.matmul(h, w)
-                if b is not None:
-                    h += b.unsqueeze(1)
-            elif b is not None:
-                h = torch.baddbmm(b.unsqueeze(1), h, w)
-            else:
-                h = torch.bmm(h, w)
-        elif isinstance(mod, nn.Flatten):
-            h = h.flatten(1)
-        elif isinstance(mod, nn.ReLU):
-            h = h.relu_()
-        elif isinstance(mod, nn.LeakyReLU):
-            h = torch.nn.functional.leaky_relu_(h, mod.negative_slope)
-        elif isinstance(mod, nn.Tanh):
-            h = h.tanh_()
-    return h
 
 
 def _use_fast(model: nn.Module, buffers: Params | None, path: str) -> bool:
@@ -164,8 +129,8 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
                  if buffers else None)
             for j in range(0, n, pts):
                 ps = slice(j, min(n, j + pts))
-                logits = (_mlp_forward(model, p, x[ps]) if fast
-                          else stacked_forward(model, p, x[ps], b))
+                logits = (_mlp_forward(model, p, x[ps], transposed=True) if fast
+                          else stacked_forward(model, p, x[ps], b, path="vmap"))
                 out_loss[sl] += loss_fn(logits, y[ps]).sum(-1).double()
                 out_acc[sl] += (predict(logits) == y[ps]).sum(-1).double()
     finally:

@@ -1,0 +1,67 @@
+import pytest
+import torch
+from torch import nn
+
+from minefield.config import ModelConfig
+from minefield.functional import mlp_fast_path, stack, stacked_forward
+from minefield.models import build_model, init_params
+
+
+def _stacked_mlp(widths=(7, 5), classes=3, m=4, n=11):
+    model = build_model(ModelConfig(widths=widths, init="torch"), (2,), classes)
+    ps = [{k: v.double() for k, v in init_params(model, "torch",
+                                                  torch.Generator().manual_seed(s)).items()}
+          for s in range(m)]
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    return model, stack(ps), x, ps
+
+
+def _grads(model, params, x, path):
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    out = stacked_forward(model, leaves, x, path=path)
+    out.pow(2).sum().backward()
+    return out.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+def test_mlp_matmul_path_equals_vmap_and_the_module_float64():
+    model, params, x, ps = _stacked_mlp()
+    assert mlp_fast_path(model)
+    out, g = _grads(model, params, x, "auto")
+    ref, g_ref = _grads(model, params, x, "vmap")
+    assert out.shape == (4, 11, 3)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-12, atol=1e-12)
+    # each member against the plain module with that member's weights loaded
+    for i, p in enumerate(ps):
+        one = build_model(ModelConfig(widths=(7, 5), init="torch"), (2,), 3).double()
+        one.load_state_dict(p)
+        torch.testing.assert_close(out[i], one(x).detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", [nn.Tanh(), nn.LeakyReLU(0.1)])
+def test_matmul_path_handles_other_activations_and_no_bias(act):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 6, bias=False), act, nn.Linear(6, 2))
+    assert mlp_fast_path(model)
+    g = torch.Generator().manual_seed(0)
+    params = {k: torch.randn(3, *v.shape, generator=g, dtype=torch.float64)
+              for k, v in model.named_parameters()}
+    x = torch.randn(5, 2, 2, generator=g, dtype=torch.float64)
+    out, gr = _grads(model.double(), params, x, "auto")
+    ref, gr_ref = _grads(model, params, x, "vmap")
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for k in gr:
+        torch.testing.assert_close(gr[k], gr_ref[k], rtol=1e-12, atol=1e-12)
+
+
+def test_non_mlps_are_not_on_the_matmul_path():
+    cnn = build_model(ModelConfig(name="cnn", widths=(4, 4)), (1, 6, 6), 3)
+    assert not mlp_fast_path(cnn)
+    assert not mlp_fast_path(nn.Sequential(nn.Linear(2, 3), nn.Flatten(), nn.Linear(3, 1)))
+    assert not mlp_fast_path(nn.Sequential(nn.ReLU()))
+
+
+def test_unknown_forward_path():
+    model, params, x, _ = _stacked_mlp()
+    with pytest.raises(ValueError, match="unknown forward path"):
+        stacked_forward(model, params, x, path="mlp")
