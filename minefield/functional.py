@@ -108,6 +108,7 @@ def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor,
     through memory twice more). Same values as the ``vmap`` path up to rounding.
     """
     h = x  # (N, ...) shared by every member, then (M, N, width)
+    own = False  # activations act in place only on tensors made here, never on x
     for name, mod in model.named_children():
         if isinstance(mod, nn.Linear):
             w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
@@ -115,14 +116,15 @@ def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor,
                 h = h.expand(w.shape[0], *h.shape)
             wt = w if transposed else w.transpose(1, 2)  # (M, in, out)
             h = torch.bmm(h, wt) if b is None else torch.baddbmm(b.unsqueeze(1), h, wt)
+            own = True
         elif isinstance(mod, nn.Flatten):
             h = h.flatten(1)
         elif isinstance(mod, nn.ReLU):
-            h = h.relu_()
+            h = h.relu_() if own else h.relu()
         elif isinstance(mod, nn.LeakyReLU):
-            h = torch.nn.functional.leaky_relu_(h, mod.negative_slope)
+            h = torch.nn.functional.leaky_relu(h, mod.negative_slope, inplace=own)
         elif isinstance(mod, nn.Tanh):
-            h = h.tanh_()
+            h = h.tanh_() if own else h.tanh()
     return h
 
 

@@ -54,6 +54,18 @@ def test_matmul_path_handles_other_activations_and_no_bias(act):
         torch.testing.assert_close(gr[k], gr_ref[k], rtol=1e-12, atol=1e-12)
 
 
+def test_matmul_path_leaves_the_input_alone():
+    model = nn.Sequential(nn.Tanh(), nn.ReLU(), nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    assert mlp_fast_path(model)
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    before = x.clone()
+    params = {k: v.detach().double().unsqueeze(0).repeat(2, *[1] * v.dim())
+              for k, v in model.named_parameters()}
+    out = stacked_forward(model, params, x)
+    torch.testing.assert_close(x, before, rtol=0, atol=0)
+    torch.testing.assert_close(out, stacked_forward(model, params, x, path="vmap"))
+
+
 def test_non_mlps_are_not_on_the_matmul_path():
     cnn = build_model(ModelConfig(name="cnn", widths=(4, 4)), (1, 6, 6), 3)
     assert not mlp_fast_path(cnn)
