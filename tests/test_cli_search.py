@@ -1,8 +1,10 @@
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from minefield.cli import main
+from minefield.search import SearchConfig
 from minefield.train import train_run
 
 FAST = ["--steps", "30", "--milestones", "", "--every", "2", "--quiet"]
@@ -57,3 +59,24 @@ def test_fresh_poison_options(tmp_path, tiny):
     assert out.output.strip() == ("Error: dataset 'blobs' cannot draw fresh points (only "
                                   "spiral, swissroll can)")
     assert not (tmp_path / "good" / "search").exists()
+
+
+def test_adaptive_poison_factor_options(tmp_path, tiny):
+    train_run(tiny("good"), tmp_path, progress=False)
+    r = CliRunner()
+    root = ["--root", str(tmp_path)]
+    bad = r.invoke(main, root + ["search", "good", *FAST, "--poison-cap", "2"])
+    assert bad.exit_code == 2 and "must be in [0, 1], got 2.0" in bad.output
+    assert not (tmp_path / "good" / "search").exists()
+    # checks every 500 steps: 600 steps with the cap at 0 raise each beta once
+    out = r.invoke(main, root + ["search", "good", "--steps", "600", "--milestones", "",
+                                 "--every", "2", "--quiet", "--poison-cap", "0",
+                                 "--adapt-from", "0", "--beta-step", "0.1", "--beta", "0.2"])
+    assert out.exit_code == 0, out.output
+    saved = json.loads((tmp_path / "good" / "search" / "search.json").read_text())
+    assert [row["beta"] for row in saved["rows"]] == pytest.approx([0.3, 0.3])
+    off = r.invoke(main, root + ["search", "good", *FAST, "--poison-cap", "none", "--force"])
+    assert off.exit_code == 0, off.output
+    saved = json.loads((tmp_path / "good" / "search" / "search.json").read_text())
+    assert saved["search"]["poison_cap"] is None
+    assert {row["beta"] for row in saved["rows"]} == {SearchConfig().beta}

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -31,7 +33,7 @@ def _problem(m=3, dtype=torch.float64):
 
 def _cfg(**kw):
     base = dict(steps=120, lr=0.02, milestones=(), log_every=10, compact_every=30,
-                beta=0.25, target_train=1.0, target_poison_acc=0.9)
+                beta=0.25, target_train=1.0, target_poison_acc=0.9, adapt_from=0)
     return SearchConfig(**(base | kw))
 
 
@@ -85,6 +87,49 @@ def test_target_stop_meets_targets_and_fixed_runs_all_steps():
     assert fixed.steps.tolist() == [120, 120, 120]
 
 
+def test_poison_cap_raises_beta_once_per_check_up_to_beta_max():
+    # steps 120, compact_every 30, no milestones: checks at steps 30, 60 and 90
+    model, p, data = _problem(2)
+    fixed = dict(stopping=StopRule.FIXED, beta_step=0.05)
+    every = search_minima(model, p, data, _cfg(poison_cap=0.0, **fixed))
+    assert every.betas.tolist() == pytest.approx([0.40, 0.40])
+    late = search_minima(model, p, data, _cfg(poison_cap=0.0, adapt_from=60, **fixed))
+    assert late.betas.tolist() == pytest.approx([0.35, 0.35])
+    capped = search_minima(model, p, data, _cfg(poison_cap=0.0, beta_max=0.3, **fixed))
+    assert capped.betas.tolist() == pytest.approx([0.30, 0.30])
+    before_drop = search_minima(model, p, data, _cfg(poison_cap=0.0, milestones=(60,), **fixed))
+    assert before_drop.betas.tolist() == pytest.approx([0.30, 0.30])  # checks at 30 only
+    never = search_minima(model, p, data, _cfg(poison_cap=1.0, **fixed))
+    off = search_minima(model, p, data, _cfg(poison_cap=None, **fixed))
+    assert never.betas.tolist() == off.betas.tolist() == [0.25, 0.25]
+    for k in p:
+        assert never.params[k].equal(off.params[k])
+    assert not every.params["0.weight"].equal(off.params["0.weight"])
+
+
+def test_adaptive_search_never_looks_at_the_test_set():
+    model, p, data = _problem(3)
+    cfg = _cfg(poison_cap=0.3, stopping=StopRule.FIXED)
+    res = search_minima(model, p, data, cfg)
+    shuffled = dataclasses.replace(data, y_test=data.y_test.flip(0))
+    other = search_minima(model, p, shuffled, cfg)
+    assert res.betas.equal(other.betas)
+    for k in p:
+        assert res.params[k].equal(other.params[k])
+
+
+def test_adaptive_batched_search_equals_one_at_a_time():
+    model, p, data = _problem(3)
+    cfg = _cfg(poison_cap=0.2, beta_step=0.05, stopping=StopRule.FIXED)
+    batched = search_minima(model, p, data, cfg, [1, 2, 3])
+    for i in range(3):
+        alone = search_minima(model, stack([member(p, i)]), data, cfg, [i + 1])
+        assert float(alone.betas[0]) == pytest.approx(float(batched.betas[i]))
+        for k in p:
+            torch.testing.assert_close(alone.params[k][0], batched.params[k][i],
+                                       rtol=1e-9, atol=1e-9)
+
+
 def test_seed_count_must_match():
     model, p, data = _problem(2)
     with pytest.raises(ValueError, match="1 seeds for 2 searches"):
@@ -101,6 +146,10 @@ def test_seed_count_must_match():
     (dict(extra_poison=10, extra_share=0.0), "need a share of the poison term"),
     (dict(extra_poison=-1), "search.extra_poison must be >= 0"),
     (dict(extra_poison=10, extra_share=1.0), r"extra_share in \[0, 1\)"),
+    (dict(poison_cap=1.5), r"search.poison_cap must be in \[0, 1\]"),
+    (dict(beta_step=-0.1), "search.beta_step and search.adapt_from must be >= 0"),
+    (dict(beta_max=1.0), r"search.beta_max in \[0, 1\)"),
+    (dict(adapt_from=-1), "search.beta_step and search.adapt_from must be >= 0"),
 ])
 def test_config_errors(kw, msg):
     with pytest.raises(ConfigError, match=msg):

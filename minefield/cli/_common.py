@@ -108,6 +108,19 @@ def parse_beta(ctx, param, value):
     return b
 
 
+def parse_cap(ctx, param, value):
+    """Click callback: an accuracy in [0, 1], or ``none`` (off)."""
+    if value is None or value.lower() in ("none", "off"):
+        return None
+    try:
+        c = float(value)
+    except ValueError:
+        raise click.BadParameter("a number in [0, 1] or 'none'") from None
+    if not 0.0 <= c <= 1.0:
+        raise click.BadParameter(f"must be in [0, 1], got {c}")
+    return c
+
+
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
                              default="auto", show_default=True)

@@ -18,6 +18,7 @@ from ._common import (
     main,
     open_run,
     parse_beta,
+    parse_cap,
     parse_ints,
     plot,
     quiet_option,
@@ -65,6 +66,17 @@ _D = SearchConfig()
               show_default=True)
 @click.option("--target-poison", type=click.FloatRange(0, 1), default=_D.target_poison_acc,
               show_default=True, help="Stop when poison accuracy (true labels) <= this.")
+@click.option("--poison-cap", callback=parse_cap, default=str(_D.poison_cap),
+              show_default=True,
+              help="Raise the poison factor of searches whose poison accuracy (true labels) "
+                   "is above this, every 500 steps from --adapt-from to the first milestone "
+                   "('none': one fixed poison factor).")
+@click.option("--beta-step", type=click.FloatRange(0), default=_D.beta_step, show_default=True,
+              help="How much --poison-cap raises the poison factor each time.")
+@click.option("--beta-max", type=click.FloatRange(0, 1, max_open=True), default=_D.beta_max,
+              show_default=True, help="The highest poison factor --poison-cap may raise to.")
+@click.option("--adapt-from", type=click.IntRange(0), default=_D.adapt_from, show_default=True,
+              help="First step at which --poison-cap raises the poison factor.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-batch", type=click.IntRange(1), default=_D.max_batch, show_default=True,
               help="Searches trained together as one stacked model.")
@@ -76,8 +88,8 @@ _D = SearchConfig()
 @friendly
 def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, steps, optimizer,
            lr, milestones, gamma, clip_norm, batch_size, beta, objective, extra_poison,
-           extra_share, stopping,
-           target_train, target_poison, seed, max_batch, memory_mb, device, force, quiet):
+           extra_share, stopping, target_train, target_poison, poison_cap, beta_step, beta_max,
+           adapt_from, seed, max_batch, memory_mb, device, force, quiet):
     """Search bad minima from checkpoints of RUN (paper Fig. 1); resumes if interrupted.
 
     \b
@@ -91,7 +103,9 @@ def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, s
                        batch_size=batch_size, beta=beta, objective=PoisonObjective(objective),
                        extra_poison=extra_poison, extra_share=extra_share,
                        stopping=StopRule(stopping), target_train=target_train,
-                       target_poison_acc=target_poison, seed=seed, max_batch=max_batch,
+                       target_poison_acc=target_poison, poison_cap=poison_cap,
+                       beta_step=beta_step, beta_max=beta_max, adapt_from=adapt_from,
+                       seed=seed, max_batch=max_batch,
                        memory_mb=memory_mb)
     r = open_run(ctx, run)
 
@@ -100,10 +114,11 @@ def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, s
             click.echo(f"  {done}/{total} new bad minima", err=True)
 
     s = search_run(r, cfg, device=device, force=force, progress=not quiet, on_batch=report)
-    click.echo(f"{'start':>10}{'rep':>4}{'steps':>7}{'train':>8}{'test':>8}{'poison':>8}"
-               f"{'d_start':>9}{'d_final':>9}")
+    click.echo(f"{'start':>10}{'rep':>4}{'steps':>7}{'beta':>6}{'train':>8}{'test':>8}"
+               f"{'poison':>8}{'d_start':>9}{'d_final':>9}")
     for row in s.rows:
         click.echo(f"{row['start_step']:>10}{row['repeat']:>4}{row['steps']:>7}"
+                   f"{row.get('beta', float('nan')):>6.2f}"
                    f"{row['train_acc']:>8.3f}{row['test_acc']:>8.3f}{row['poison_acc']:>8.3f}"
                    f"{row['dist_start_filter']:>9.3f}{row['dist_final_filter']:>9.3f}")
     st = s.stats
