@@ -326,6 +326,8 @@ def exp_minefield(ctx: Context) -> Section:
     plot_minefield(emb, ax=ax)
     sec.figures += save_figure(fig, ctx.figures / "fig1_minefield")
     st, gm = summ.stats, good.metrics
+    betas = [r["beta"] for r in summ.rows]
+    raised = sum(b > scfg.beta + 1e-9 for b in betas)
     sec.numbers += [
         ("good model (final iterate): train / test", f"{_pct(gm['train_acc'][0])} / "
          f"{_pct(gm['test_acc'][0])}", "100% / 98.5% [P]"),
@@ -337,6 +339,8 @@ def exp_minefield(ctx: Context) -> Section:
          f"{_pct(st['test_acc_median'])}", "< 53% [P]; 22-41% [D]"),
         ("bad minima: max true-label accuracy on the poison set", _pct(st["poison_acc_max"]),
          "2-23% [R]"),
+        ("bad minima: poison factor raised by the adaptive search",
+         f"{raised} of {n} (start {scfg.beta:g}, max {max(betas):.3f})", "fixed [C]"),
         ("t-SNE perplexity", f"{perp:g}", "30 [P]"),
     ]
     sec.checks += [
