@@ -360,7 +360,8 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
     """Train every member of ``starts`` ``(M, ...)`` to a bad minimum, all in one stack.
 
     The objective is ``poisoned_nll(train, poison, beta)`` with ``beta =
-    cfg.beta`` (``None``: ``n_p / (n_t + n_p)``). Member ``i`` starts at
+    cfg.beta`` (``None``: ``n_p / (n_t + n_p)``) at the start, raised per member
+    by ``cfg.poison_cap`` (see :class:`SearchConfig`). Member ``i`` starts at
     ``starts[i] + cfg.jitter * d_i`` with ``d_i`` drawn from ``seeds[i]``. With
     ``cfg.stopping == "target"`` members stop (and are dropped from the stack at
     the next multiple of ``cfg.compact_every``) once they meet the targets;
