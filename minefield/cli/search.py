@@ -118,7 +118,7 @@ def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, s
                f"{'poison':>8}{'d_start':>9}{'d_final':>9}")
     for row in s.rows:
         click.echo(f"{row['start_step']:>10}{row['repeat']:>4}{row['steps']:>7}"
-                   f"{row.get('beta', float('nan')):>6.2f}"
+                   f"{row['beta']:>6.2f}"
                    f"{row['train_acc']:>8.3f}{row['test_acc']:>8.3f}{row['poison_acc']:>8.3f}"
                    f"{row['dist_start_filter']:>9.3f}{row['dist_final_filter']:>9.3f}")
     st = s.stats
