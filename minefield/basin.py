@@ -37,36 +37,26 @@ Example (the quadratic bowl of reproduction check 9)::
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .config import _Config, parse_enum
+from .config import ConfigError, _Config
 from .data import Dataset
 from .directions import DirectionSpec, n_perturbed, random_directions
 from .engine import evaluate_points
 from .functional import Params, member, n_members
+from .options import CutoffKind, Grid, RadiusMethod, option
 
 __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "Rollouts",
            "find_radii", "radius_grid", "log_volume", "log10_volume", "bootstrap_log10_volume",
            "basin_radii", "basin_members", "rollouts", "volume_from_radii"]
 
 LN10 = math.log(10.0)
-
-
-class CutoffKind(str, enum.Enum):
-    ABS = "abs"  # the loss level itself (1.0: the paper's swiss-roll cutoff; 0.1: [D])
-    RELATIVE = "relative"  # k x the centre's loss
-
-
-class RadiusMethod(str, enum.Enum):
-    BISECT = "bisect"
-    GRID = "grid"
 
 
 @dataclass(frozen=True)
@@ -87,7 +77,7 @@ class VolumeConfig(_Config):
     rtol: float = 1e-3
     method: RadiusMethod = RadiusMethod.BISECT
     grid_points: int = 100
-    grid: str = "power"
+    grid: Grid = Grid.POWER
     grid_power: float = 5.0
     bracket_points: int = 6
     bracket_ratio: float = 4.0
@@ -96,35 +86,32 @@ class VolumeConfig(_Config):
     n_bootstrap: int = 1000
     seed: int = 0
 
-    def __post_init__(self):
-        object.__setattr__(self, "cutoff_kind",
-                           parse_enum(CutoffKind, self.cutoff_kind, "cutoff kind"))
-        object.__setattr__(self, "method", parse_enum(RadiusMethod, self.method, "method"))
+    _section: ClassVar[str] = "volume"
+
+    def _validate(self):
         if not (self.cutoff > 0 and math.isfinite(self.cutoff)):
-            raise ValueError(f"cutoff must be a positive number, got {self.cutoff}")
+            raise ConfigError(f"volume.cutoff must be a positive number, got {self.cutoff}")
         if not (self.r_max > 0 and math.isfinite(self.r_max)):
-            raise ValueError(f"r_max must be positive, got {self.r_max}")
+            raise ConfigError(f"volume.r_max must be positive, got {self.r_max}")
         if not 0 < self.rtol < 1:
-            raise ValueError(f"rtol must be in (0, 1), got {self.rtol}")
+            raise ConfigError(f"volume.rtol must be in (0, 1), got {self.rtol}")
         if self.n_directions < 1:
-            raise ValueError(f"n_directions must be >= 1, got {self.n_directions}")
+            raise ConfigError(f"volume.n_directions must be >= 1, got {self.n_directions}")
         if self.grid_points < 2 or self.bracket_points < 1 or self.bracket_ratio <= 1:
-            raise ValueError("grid_points must be >= 2, bracket_points >= 1 and "
+            raise ConfigError("volume.grid_points must be >= 2, bracket_points >= 1 and "
                              "bracket_ratio > 1")
-        if self.grid not in ("power", "linear"):
-            raise ValueError(f"grid must be 'power' or 'linear', got {self.grid!r}")
         if self.n_bootstrap < 0:
-            raise ValueError(f"n_bootstrap must be >= 0, got {self.n_bootstrap}")
+            raise ConfigError(f"volume.n_bootstrap must be >= 0, got {self.n_bootstrap}")
 
 
 # --- radii along fixed directions -------------------------------------------------------
 
 
-def radius_grid(r_max: float, points: int, kind: str = "power", power: float = 5.0
+def radius_grid(r_max: float, points: int, kind: Grid | str = Grid.POWER, power: float = 5.0
                 ) -> torch.Tensor:
     """The paper's scan ``t_j = r_max u_j^power``, ``u_j`` = linspace(0, 1, points)."""
     u = torch.linspace(0.0, 1.0, points, dtype=torch.float64)
-    return r_max * (u ** power if kind == "power" else u)
+    return r_max * (u ** power if option(Grid, kind, "grid") is Grid.POWER else u)
 
 
 def _first_crossing(loss: torch.Tensor, cutoff: float) -> torch.Tensor:
@@ -136,7 +123,7 @@ def _first_crossing(loss: torch.Tensor, cutoff: float) -> torch.Tensor:
 
 def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: float,
                r_max: float = 1.0, rtol: float = 1e-3, method: RadiusMethod | str = "bisect",
-               grid_points: int = 100, grid: str = "power", grid_power: float = 5.0,
+               grid_points: int = 100, grid: Grid | str = Grid.POWER, grid_power: float = 5.0,
                bracket_points: int = 6, centre_loss: float | None = None,
                bracket_ratio: float = 4.0) -> tuple[torch.Tensor, int]:
     """Radii ``(k,)`` of the sub-cutoff region along ``k`` fixed directions, and the
@@ -155,7 +142,8 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
     Both methods see only crossings that cover one of their grid points: a
     bump above the cutoff narrower than a bracket interval is missed.
     """
-    method = parse_enum(RadiusMethod, method, "method")
+    method = option(RadiusMethod, method, "method")
+    grid = option(Grid, grid, "grid")
     if centre_loss is None:
         centre_loss = float(loss_fn(torch.zeros(k, dtype=torch.float64))[0])
     if centre_loss >= cutoff:

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from .options import Activation, ConfigError, Init, Optimizer, PoisonObjective, option
 
 __all__ = [
     "ConfigError",
@@ -36,34 +39,31 @@ __all__ = [
     "TrainConfig",
     "ExperimentConfig",
     "load_config",
-    "parse_enum",
 ]
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used: wrong key, wrong type or out-of-range value."""
+class _Config:
+    """Shared base of the frozen stage configs: enum coercion, checks, (de)serialisation.
 
-
-class Optimizer(str, enum.Enum):
-    SGD = "sgd"
-    ADAM = "adam"
-    RMSPROP = "rmsprop"
-
-
-class PoisonObjective(str, enum.Enum):
-    """How poison points enter the loss.
-
-    ``complement``: the paper's final form, ``-log(1 - p(y|x))`` on true labels.
-    ``flip``: the authors' code for Fig. 1, cross-entropy on a flipped label
-    (binary: identical to ``complement``; K classes: the next class, ``(y+1) % K``).
+    Every field whose type hint is a ``str, Enum`` (or ``Enum | None``) is coerced
+    here, once, from its hint: ``TrainConfig(optimizer="sgd")`` holds
+    ``Optimizer.SGD``, and an unknown string raises :class:`ConfigError` naming
+    the field and the choices. Subclasses put their range checks in ``_validate``.
     """
 
-    COMPLEMENT = "complement"
-    FLIP = "flip"
+    #: prefix of error messages ("train.lr must be > 0"); default: the class name.
+    _section: ClassVar[str] = ""
 
+    def __post_init__(self):
+        where = self._section or type(self).__name__
+        for name, tp in _enum_fields(type(self)).items():
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tp):
+                object.__setattr__(self, name, option(tp, value, f"{where}.{name}"))
+        self._validate()
 
-class _Config:
-    """Shared (de)serialisation for the frozen stage configs."""
+    def _validate(self) -> None:
+        """Range checks of a stage config; raise :class:`ConfigError`."""
 
     def to_dict(self) -> dict[str, Any]:
         return _to_jsonable(self)
@@ -91,8 +91,9 @@ class DataConfig(_Config):
     n_test: int | None = None
     n_poison: int | None = None
     data_dir: str | None = None
+    _section: ClassVar[str] = "data"
 
-    def __post_init__(self):
+    def _validate(self):
         for k in ("n_train", "n_test", "n_poison"):
             v = getattr(self, k)
             if v is not None and v < 0:
@@ -110,8 +111,9 @@ class ModelConfig(_Config):
 
     name: str = "mlp"
     widths: tuple[int, ...] = (23, 16, 26, 32, 28, 31)
-    init: str = "glorot_uniform"
-    activation: str = "relu"
+    init: Init = Init.GLOROT_UNIFORM
+    activation: Activation = Activation.RELU
+    _section: ClassVar[str] = "model"
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,9 @@ class PoisonConfig(_Config):
 
     beta: float | None = 0.0
     objective: PoisonObjective = PoisonObjective.COMPLEMENT
+    _section: ClassVar[str] = "poison"
 
-    def __post_init__(self):
+    def _validate(self):
         if self.beta is not None and not 0.0 <= self.beta < 1.0:
             raise ConfigError(f"poison.beta must be in [0, 1), got {self.beta}")
 
@@ -159,8 +162,9 @@ class TrainConfig(_Config):
     checkpoint_every: int = 1000
     seed: int = 0
     members: int = 1
+    _section: ClassVar[str] = "train"
 
-    def __post_init__(self):
+    def _validate(self):
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.steps < 0:
@@ -190,13 +194,19 @@ class ExperimentConfig(_Config):
     device: str = "auto"
 
 
-def parse_enum(cls: type[enum.Enum], value: Any, what: str):
-    """``cls(value)``, or a one-line ValueError listing the allowed values."""
-    try:
-        return cls(value)
-    except ValueError:
-        raise ValueError(f"unknown {what} {value!r}; choose from "
-                         f"{', '.join(m.value for m in cls)}") from None
+@functools.cache
+def _enum_fields(cls: type) -> dict[str, type[enum.Enum]]:
+    """``{field: Enum}`` for the fields of ``cls`` hinted ``E`` or ``E | None``."""
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        args = (typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType)
+                else (tp,))
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if len(enums) == 1:
+            out[f.name] = enums[0]
+    return out
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

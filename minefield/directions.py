@@ -40,28 +40,17 @@ Example::
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .config import _Config, parse_enum
+from .config import _Config
 from .functional import Params, flatten, is_weight, unflatten
+from .options import BiasPolicy, DirectionKind, option
 
 __all__ = ["DirectionKind", "BiasPolicy", "DirectionSpec", "random_directions", "n_perturbed",
            "orthogonalize"]
-
-
-class DirectionKind(str, enum.Enum):
-    FILTER = "filter"
-    LAYER = "layer"
-    GAUSSIAN = "gaussian"
-
-
-class BiasPolicy(str, enum.Enum):
-    ZERO = "zero"
-    INCLUDE = "include"
-    EXCLUDE = "exclude"
 
 
 @dataclass(frozen=True)
@@ -71,12 +60,7 @@ class DirectionSpec(_Config):
     kind: DirectionKind = DirectionKind.FILTER
     bias: BiasPolicy = BiasPolicy.EXCLUDE
     seed: int = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "kind",
-                           parse_enum(DirectionKind, self.kind, "direction kind"))
-        object.__setattr__(self, "bias",
-                           parse_enum(BiasPolicy, self.bias, "direction bias"))
+    _section: ClassVar[str] = "directions"
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(int(self.seed))
@@ -93,8 +77,8 @@ def n_perturbed(params: Params, kind: DirectionKind | str = "filter",
     ``params`` is one model (no member dim). All parameters for ``zero`` and
     ``include``, weights only for ``exclude``; ``kind`` does not change it.
     """
-    parse_enum(DirectionKind, kind, "direction kind")
-    bias = parse_enum(BiasPolicy, bias, "direction bias")
+    option(DirectionKind, kind, "direction kind")
+    bias = option(BiasPolicy, bias, "direction bias")
     return sum(v.numel() for v in params.values()
                if bias is not BiasPolicy.EXCLUDE or is_weight("", v.shape))
 
@@ -107,8 +91,8 @@ def random_directions(params: Params, n: int, kind: DirectionKind | str = "filte
     ``generator`` (a CPU ``torch.Generator``) makes them reproducible; draws are
     made in float64 on the CPU and cast to each tensor's dtype/device.
     """
-    kind = parse_enum(DirectionKind, kind, "direction kind")
-    bias = parse_enum(BiasPolicy, bias, "direction bias")
+    kind = option(DirectionKind, kind, "direction kind")
+    bias = option(BiasPolicy, bias, "direction bias")
     if n < 0:
         raise ValueError(f"number of directions must be >= 0, got {n}")
     g = generator if generator is not None else torch.Generator().manual_seed(0)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -53,8 +53,9 @@ class EmbedConfig(_Config):
     perplexity: float = 30.0
     n_iter: int = 750
     seed: int = 0
+    _section: ClassVar[str] = "embed"
 
-    def __post_init__(self):
+    def _validate(self):
         if self.pca_dims < 2:
             raise ConfigError(f"embed.pca_dims must be >= 2, got {self.pca_dims}")
         if self.perplexity <= 0:

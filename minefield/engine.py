@@ -32,7 +32,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import enum
 from collections.abc import Callable
 
 import torch
@@ -47,6 +46,7 @@ from .functional import (
     stacked_forward,
 )
 from .loss import nll, predict
+from .options import BNPolicy, EnginePath, option
 
 __all__ = ["BNPolicy", "LOSSES", "evaluate_points", "evaluate_combinations",
            "evaluate_points_loop", "mlp_fast_path"]
@@ -54,21 +54,15 @@ __all__ = ["BNPolicy", "LOSSES", "evaluate_points", "evaluate_combinations",
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"nll": nll}
 
 
-class BNPolicy(str, enum.Enum):
-    EVAL = "eval"
-    BATCH = "batch"
-
-
 _CACHE_BYTES = 8 * 2**20
 
 
-def _use_fast(model: nn.Module, buffers: Params | None, path: str) -> bool:
-    if path not in ("auto", "mlp", "vmap"):
-        raise ValueError(f"unknown engine path {path!r}; use auto, mlp or vmap")
+def _use_fast(model: nn.Module, buffers: Params | None, path: EnginePath | str) -> bool:
+    path = option(EnginePath, path, "engine path")
     ok = mlp_fast_path(model) and not buffers
-    if path == "mlp" and not ok:
+    if path is EnginePath.MLP and not ok:
         raise ValueError("path 'mlp' needs a plain nn.Sequential MLP without buffers")
-    return ok and path != "vmap"
+    return ok and path is not EnginePath.VMAP
 
 
 def _layout(params: Params, model: nn.Module, fast: bool) -> Params:
@@ -86,10 +80,7 @@ def _check_loss(loss: str) -> Callable:
 
 
 def _policy(bn: BNPolicy | str) -> BNPolicy:
-    try:
-        return BNPolicy(bn)
-    except ValueError:
-        raise ValueError(f"unknown BatchNorm policy {bn!r}; use eval or batch") from None
+    return option(BNPolicy, bn, "BatchNorm policy")
 
 
 @torch.no_grad()
@@ -147,7 +138,7 @@ def _centre(center: Params) -> None:
 def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: torch.Tensor,
                     x: torch.Tensor, y: torch.Tensor, buffers: Params | None = None,
                     memory_mb: float = 256.0, loss: str = "nll",
-                    bn: BNPolicy | str = "eval", path: str = "auto"
+                    bn: BNPolicy | str = "eval", path: EnginePath | str = "auto"
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and accuracy at ``theta + ts[k, j] * d_k`` for every direction k and distance j.
 
@@ -187,7 +178,7 @@ def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: to
 def evaluate_combinations(model: nn.Module, center: Params, basis: Params, coeffs: torch.Tensor,
                           x: torch.Tensor, y: torch.Tensor, buffers: Params | None = None,
                           memory_mb: float = 256.0, loss: str = "nll",
-                          bn: BNPolicy | str = "eval", path: str = "auto"
+                          bn: BNPolicy | str = "eval", path: EnginePath | str = "auto"
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and accuracy at ``theta + sum_b coeffs[i, b] basis_b`` for every row i.
 

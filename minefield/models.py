@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .options import Activation, Init, option
 
 __all__ = ["MODELS", "INITS", "build_model", "init_params", "n_outputs", "ModelError"]
 
@@ -33,12 +34,11 @@ class ModelError(ValueError):
     """Unknown model or an architecture that does not fit the data."""
 
 
-_ACT = {"relu": nn.ReLU, "tanh": nn.Tanh, "leaky_relu": lambda: nn.LeakyReLU(0.1)}
+_ACT = {Activation.RELU: nn.ReLU, Activation.TANH: nn.Tanh,
+        Activation.LEAKY_RELU: lambda: nn.LeakyReLU(0.1)}
 
 
 def _mlp(cfg: ModelConfig, input_shape: tuple[int, ...], n_out: int) -> nn.Module:
-    if cfg.activation not in _ACT:
-        raise ModelError(f"unknown activation {cfg.activation!r}; choose from {sorted(_ACT)}")
     sizes = [math.prod(input_shape), *cfg.widths, n_out]
     layers: list[nn.Module] = [nn.Flatten()] if len(input_shape) > 1 else []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -175,8 +175,6 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_classes: int) 
     except KeyError:
         raise ModelError(
             f"unknown model {cfg.name!r}; choose from {', '.join(sorted(MODELS))}") from None
-    if cfg.init not in INITS:
-        raise ModelError(f"unknown init {cfg.init!r}; choose from {', '.join(sorted(INITS))}")
     # Built on the meta device so that construction draws nothing from the global
     # RNG; weights come from init_params, so the module's own are zeros.
     with torch.device("meta"):
@@ -225,12 +223,12 @@ def _torch_default(w, g):
     return w.uniform_(-b, b, generator=g), b
 
 
-INITS = {"glorot_normal": _glorot_normal, "glorot_uniform": _glorot_uniform,
-         "he_normal": _he_normal, "torch": _torch_default}
+INITS = {Init.GLOROT_NORMAL: _glorot_normal, Init.GLOROT_UNIFORM: _glorot_uniform,
+         Init.HE_NORMAL: _he_normal, Init.TORCH: _torch_default}
 
 
 @torch.no_grad()
-def init_params(model: nn.Module, scheme: str, generator: torch.Generator
+def init_params(model: nn.Module, scheme: Init | str, generator: torch.Generator
                 ) -> dict[str, torch.Tensor]:
     """Fresh parameters for ``model``, drawn from ``generator`` (global RNG untouched).
 
@@ -239,7 +237,7 @@ def init_params(model: nn.Module, scheme: str, generator: torch.Generator
     scales are one and shifts zero. Returns ``{name: tensor}`` in
     ``model.named_parameters()`` order.
     """
-    fn = INITS[scheme]
+    fn = INITS[option(Init, scheme, "init")]
     out: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
     for name, p in model.named_parameters():

@@ -63,7 +63,6 @@ Example::
 
 from __future__ import annotations
 
-import enum
 import math
 import re
 import shutil
@@ -72,7 +71,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -81,6 +80,7 @@ from .config import ConfigError, Optimizer, PoisonObjective, TrainConfig, _Confi
 from .data import FRESH, Dataset, fresh_points
 from .evaluate import evaluate_members, resolve_device
 from .functional import Params, activation_elements, is_weight, n_members, stack
+from .options import StopRule
 from .runs import DEFAULT_ROOT, Run, RunError
 from .train import effective_beta, fit, load_run_model
 
@@ -91,13 +91,6 @@ __all__ = ["StopRule", "SearchConfig", "SearchResult", "SearchSummary", "search_
 SEARCH_DIR = "search"
 #: Fresh poison points drawn by default, for datasets that can draw them.
 AUTO_EXTRA_POISON = 400
-
-
-class StopRule(str, enum.Enum):
-    """``fixed``: every search runs ``steps`` steps (the paper). ``target``: stop early."""
-
-    FIXED = "fixed"
-    TARGET = "target"
 
 
 @dataclass(frozen=True)
@@ -181,8 +174,9 @@ class SearchConfig(_Config):
     compact_every: int = 500
     max_batch: int = 256
     memory_mb: float = 1024.0
+    _section: ClassVar[str] = "search"
 
-    def __post_init__(self):
+    def _validate(self):
         for k in ("every", "repeats", "log_every", "compact_every", "max_batch", "steps"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"search.{k} must be >= 1, got {getattr(self, k)}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy.stats import spearmanr
@@ -48,8 +48,9 @@ class SweepConfig(_Config):
     betas: tuple[float, ...] = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.6)
     seeds: tuple[int, ...] = (0, 1)
     volume: VolumeConfig = field(default_factory=lambda: VolumeConfig(n_directions=200))
+    _section: ClassVar[str] = "sweep"
 
-    def __post_init__(self):
+    def _validate(self):
         if not self.betas or not self.seeds:
             raise ConfigError("a sweep needs at least one beta and one seed")
         bad = [b for b in self.betas if not 0.0 <= b < 1.0]

@@ -16,7 +16,7 @@ from minefield.basin import (
     radius_grid,
     rollouts,
 )
-from minefield.config import ModelConfig
+from minefield.config import ConfigError, ModelConfig
 from minefield.directions import DirectionSpec, random_directions
 from minefield.engine import evaluate_points_loop
 from minefield.functional import flatten, stack
@@ -130,18 +130,20 @@ def test_volume_errors():
         log_volume(torch.ones(3), 0)
     with pytest.raises(ValueError, match="radii must be >= 0"):
         log_volume(torch.tensor([-1.0]), 3)
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ConfigError, match="method: 'newton' is not one of bisect, grid"):
         find_radii(lambda t: t, 2, 1.0, method="newton")
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(cutoff=0.0), "cutoff must be"), (dict(r_max=-1.0), "r_max must be"),
+    (dict(cutoff=0.0), "volume.cutoff must be"), (dict(r_max=-1.0), "volume.r_max must be"),
     (dict(rtol=1.0), "rtol must be"), (dict(n_directions=0), "n_directions"),
-    (dict(grid_points=1), "grid_points"), (dict(grid="log"), "grid must be"),
-    (dict(cutoff_kind="ratio"), "unknown cutoff kind"), (dict(n_bootstrap=-1), "n_bootstrap"),
+    (dict(grid_points=1), "grid_points"),
+    (dict(grid="log"), "volume.grid: 'log' is not one of power, linear"),
+    (dict(cutoff_kind="ratio"), "volume.cutoff_kind: 'ratio' is not one of abs, relative"),
+    (dict(n_bootstrap=-1), "volume.n_bootstrap must be >= 0"),
 ])
 def test_volume_config_validation(kw, msg):
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(ConfigError, match=msg):
         VolumeConfig(**kw)
 
 

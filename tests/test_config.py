@@ -1,16 +1,28 @@
 import json
 
 import pytest
+import torch
 
+from minefield.basin import VolumeConfig
 from minefield.config import (
     ConfigError,
     DataConfig,
     ExperimentConfig,
-    Optimizer,
+    ModelConfig,
     PoisonConfig,
     TrainConfig,
     load_config,
 )
+from minefield.directions import DirectionSpec
+from minefield.options import (
+    DirectionKind,
+    Init,
+    Optimizer,
+    PoisonObjective,
+    RadiusMethod,
+    StopRule,
+)
+from minefield.search import SearchConfig
 
 
 def test_roundtrip_through_json():
@@ -60,3 +72,53 @@ def test_beta_none_allowed_and_stage_defaults():
         TrainConfig(batch_size=0)
     with pytest.raises(ConfigError, match="steps must be >= 0"):
         TrainConfig(steps=-1)
+
+
+# --- enum fields: a string and its member are one value -------------------------------------
+
+
+@pytest.mark.parametrize("cls, field, member", [
+    (TrainConfig, "optimizer", Optimizer.SGD),
+    (TrainConfig, "optimizer", Optimizer.RMSPROP),
+    (PoisonConfig, "objective", PoisonObjective.FLIP),
+    (ModelConfig, "init", Init.HE_NORMAL),
+    (SearchConfig, "stopping", StopRule.FIXED),
+    (SearchConfig, "objective", PoisonObjective.COMPLEMENT),
+    (VolumeConfig, "method", RadiusMethod.GRID),
+    (DirectionSpec, "kind", DirectionKind.GAUSSIAN),
+])
+def test_strings_are_coerced_to_their_enum(cls, field, member):
+    from_str = cls(**{field: member.value})
+    assert getattr(from_str, field) is member
+    assert from_str == cls(**{field: member})
+
+
+@pytest.mark.parametrize("cls, field, msg", [
+    (TrainConfig, "optimizer", r"train.optimizer: 'lbfgs' is not one of sgd, adam, rmsprop"),
+    (PoisonConfig, "objective", r"poison.objective: 'lbfgs' is not one of complement, flip"),
+    (SearchConfig, "stopping", r"search.stopping: 'lbfgs' is not one of fixed, target"),
+    (VolumeConfig, "cutoff_kind", r"volume.cutoff_kind: 'lbfgs' is not one of abs, relative"),
+])
+def test_unknown_option_names_field_and_choices(cls, field, msg):
+    with pytest.raises(ConfigError, match=msg):
+        cls(**{field: "lbfgs"})
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "rmsprop"])
+def test_string_and_enum_optimizer_train_bit_identically(name):
+    from minefield.data import load_dataset
+    from minefield.models import build_model
+    from minefield.train import fit, init_stack
+
+    data = load_dataset(DataConfig("blobs", n_train=40, n_test=40, n_poison=40))
+    model = build_model(ModelConfig(widths=(8,)), (2,), 2)
+    params = init_stack(model, "glorot_uniform", [0])
+    kw = dict(lr=0.05, steps=20, log_every=20, batch_size=16)
+    by_str = fit(model, params, data, TrainConfig(optimizer=name, **kw), 0.0).params
+    by_enum = fit(model, params, data, TrainConfig(optimizer=Optimizer(name), **kw), 0.0).params
+    others = [fit(model, params, data, TrainConfig(optimizer=o, **kw), 0.0).params
+              for o in Optimizer if o.value != name]
+    for k in params:
+        assert torch.equal(by_str[k], by_enum[k])
+    # the regression: "sgd" and "adam" used to fall through to RMSprop
+    assert all(not torch.equal(by_str["0.weight"], o["0.weight"]) for o in others)

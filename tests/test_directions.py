@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from minefield.config import ConfigError
 from minefield.directions import (
     DirectionSpec,
     n_perturbed,
@@ -108,13 +109,13 @@ def test_orthogonalize_errors():
 
 def test_bad_arguments():
     th = _theta()
-    with pytest.raises(ValueError, match="unknown direction kind"):
+    with pytest.raises(ConfigError, match="direction kind: 'sideways' is not one of filter"):
         random_directions(th, 2, "sideways")
-    with pytest.raises(ValueError, match="unknown direction bias"):
+    with pytest.raises(ConfigError, match="direction bias: 'maybe' is not one of zero"):
         n_perturbed(th, "filter", "maybe")
     with pytest.raises(ValueError, match=">= 0"):
         random_directions(th, -1)
-    with pytest.raises(ValueError, match="unknown direction kind"):
+    with pytest.raises(ConfigError, match="directions.kind: 'nope' is not one of filter"):
         DirectionSpec(kind="nope")
 
 

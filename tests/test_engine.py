@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from minefield.config import ModelConfig
+from minefield.config import ConfigError, ModelConfig
 from minefield.directions import random_directions
 from minefield.engine import (
     evaluate_combinations,
@@ -100,9 +100,9 @@ def test_errors():
                         torch.zeros(5), x, y)
     with pytest.raises(ValueError, match="unknown loss"):
         evaluate_points(model, c, d, torch.zeros(5), x, y, loss="hinge")
-    with pytest.raises(ValueError, match="unknown BatchNorm policy"):
+    with pytest.raises(ConfigError, match="BatchNorm policy: 'frozen' is not one of eval"):
         evaluate_points(model, c, d, torch.zeros(5), x, y, bn="frozen")
-    with pytest.raises(ValueError, match="unknown engine path"):
+    with pytest.raises(ConfigError, match="engine path: 'gpu' is not one of auto, mlp"):
         evaluate_points(model, c, d, torch.zeros(5), x, y, path="gpu")
     with pytest.raises(ValueError, match="coeffs must be"):
         evaluate_combinations(model, c, d, torch.zeros(3, 2), x, y)

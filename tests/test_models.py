@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from minefield.config import ModelConfig
+from minefield.config import ConfigError, ModelConfig
 from minefield.functional import flatten, stack, stacked_forward, unflatten
 from minefield.models import ModelError, build_model, init_params
 
@@ -69,10 +69,10 @@ def test_flatten_roundtrip():
 def test_unknown_model_and_init_and_activation():
     with pytest.raises(ModelError, match="unknown model 'vgg'"):
         build_model(ModelConfig("vgg"), (2,), 2)
-    with pytest.raises(ModelError, match="unknown init"):
-        build_model(ModelConfig(init="zeros"), (2,), 2)
-    with pytest.raises(ModelError, match="unknown activation"):
-        build_model(ModelConfig(activation="gelu"), (2,), 2)
+    with pytest.raises(ConfigError, match="model.init: 'zeros' is not one of glorot_normal"):
+        ModelConfig(init="zeros")
+    with pytest.raises(ConfigError, match="model.activation: 'gelu' is not one of relu, tanh"):
+        ModelConfig(activation="gelu")
 
 
 def test_image_model_on_vector_data():

@@ -9,7 +9,8 @@ import click
 from ..config import ExperimentConfig, Optimizer, PoisonObjective, load_config
 from ..data import DATASETS
 from ..evaluate import evaluate_members, resolve_device
-from ..models import INITS, MODELS
+from ..models import MODELS
+from ..options import Init, choices
 from ..plotting import plot_boundary, save_figure
 from ..runs import Run, RunError
 from ..train import load_run_model, train_run
@@ -39,8 +40,8 @@ _EXPERIMENT_OPTIONS = [
     click.option("--n-poison", type=click.IntRange(0), help="Size of the poison set."),
     click.option("--model", type=click.Choice(sorted(MODELS))),
     click.option("--widths", help="Hidden widths, e.g. 23,16,26,32,28,31."),
-    click.option("--init", type=click.Choice(sorted(INITS))),
-    click.option("--optimizer", type=click.Choice([o.value for o in Optimizer])),
+    click.option("--init", type=click.Choice(choices(Init))),
+    click.option("--optimizer", type=click.Choice(choices(Optimizer))),
     click.option("--lr", type=float),
     click.option("--momentum", type=float),
     click.option("--milestones", help="Steps at which lr *= gamma, e.g. 3062,28000."),
@@ -54,7 +55,7 @@ _EXPERIMENT_OPTIONS = [
     click.option("--log-every", type=click.IntRange(1)),
     click.option("--checkpoint-every", type=click.IntRange(1)),
     click.option("--seed", type=int),
-    click.option("--objective", type=click.Choice([o.value for o in PoisonObjective])),
+    click.option("--objective", type=click.Choice(choices(PoisonObjective))),
     device_option,
     force_option,
     quiet_option,
