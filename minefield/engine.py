@@ -23,10 +23,16 @@ fraction correct; both come back in float64, shaped like ``ts``.
 
 Example::
 
-    >>> loss, acc = evaluate_points(model, theta, dirs, torch.linspace(0, 1, 11).expand(8, 11),
-    ...                             x_train, y_train)   # 8 directions x 11 distances
-    >>> loss.shape
-    torch.Size([8, 11])
+    >>> from minefield import DataConfig, ModelConfig, build_model, init_params, load_dataset
+    >>> from minefield import random_directions, stack
+    >>> data = load_dataset(DataConfig("blobs"))
+    >>> model = build_model(ModelConfig(widths=(8,)), (2,), 2)
+    >>> theta = stack([init_params(model, "glorot_uniform", torch.Generator().manual_seed(0))])
+    >>> dirs = random_directions({k: v[0] for k, v in theta.items()}, 8)
+    >>> ts = torch.linspace(0, 1, 11).expand(8, 11)   # 8 directions x 11 distances
+    >>> loss, acc = evaluate_points(model, theta, dirs, ts, data.x_train, data.y_train)
+    >>> loss.shape, bool((loss[:, 0] == loss[0, 0]).all())   # t = 0 is the centre
+    (torch.Size([8, 11]), True)
 """
 
 from __future__ import annotations

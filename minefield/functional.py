@@ -13,6 +13,7 @@ landscapes).
 
 Example::
 
+    >>> from minefield import ModelConfig, build_model, init_params
     >>> model = build_model(ModelConfig(widths=(8,)), (2,), 2)
     >>> p = stack([init_params(model, "glorot_uniform", torch.Generator().manual_seed(s))
     ...            for s in range(3)])

@@ -366,8 +366,15 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
 
     Example::
 
-        >>> res = search_minima(model, stacked_checkpoints, data, SearchConfig(steps=2000))
-        >>> res.metrics["test_acc"]          # (M,)   # doctest: +SKIP
+        >>> from minefield import DataConfig, ModelConfig, build_model, load_dataset
+        >>> from minefield.train import init_stack
+        >>> data = load_dataset(DataConfig("blobs"))
+        >>> model = build_model(ModelConfig(widths=(8,)), (2,), 2)
+        >>> starts = init_stack(model, "glorot_uniform", [0, 1, 2])   # 3 searches, one stack
+        >>> res = search_minima(model, starts, data, SearchConfig(lr=0.05, steps=200,
+        ...                                                       milestones=()))
+        >>> res.metrics["test_acc"].shape, res.steps.tolist()
+        (torch.Size([3]), [200, 200, 200])
     """
     m = n_members(starts)
     seeds = list(seeds) if seeds is not None else list(range(m))
