@@ -41,6 +41,7 @@ Example (the quadratic bowl of reproduction check 9)::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -55,8 +56,9 @@ from .engine import evaluate_points
 from .functional import Params, member, n_members
 from .options import CutoffKind, Grid, RadiusMethod, option
 
-__all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "Rollouts",
-           "find_radii", "radius_grid", "log_volume", "log10_volume", "bootstrap_log10_volume",
+__all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "BasinWarning",
+           "Rollouts", "find_radii", "radius_grid", "log_volume", "log10_volume",
+           "bootstrap_log10_volume",
            "basin_radii", "basin_members", "rollouts", "volume_from_radii"]
 
 LN10 = math.log(10.0)
@@ -229,9 +231,19 @@ def bootstrap_log10_volume(radii: torch.Tensor, n: int, n_boot: int = 1000, seed
 # --- results --------------------------------------------------------------------------------
 
 
+class BasinWarning(UserWarning):
+    """A basin estimate that the search range, not the loss, decided."""
+
+
 @dataclass
 class BasinResult:
-    """Radii along ``+d_1..+d_K, -d_1..-d_K`` and the volume statistics derived from them."""
+    """Radii along ``+d_1..+d_K, -d_1..-d_K`` and the volume statistics derived from them.
+
+    ``n_at_r_max`` counts the radii that reached ``r_max`` without crossing the
+    cutoff: those are lower bounds, and since ``E[r^n]`` is dominated by the
+    largest radius, one of them can set log V on its own (two learning rates then
+    give the identical volume). :func:`basin_radii` warns when it is not zero.
+    """
 
     radii: torch.Tensor  # (2K,) float64
     n: int  # perturbed coordinates
@@ -243,31 +255,39 @@ class BasinResult:
     ci_log10_volume: tuple[float, float]
     n_evaluations: int
     config: dict[str, Any]
+    n_at_r_max: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"radii": self.radii.tolist(), "n": self.n, "centre_loss": self.centre_loss,
                 "cutoff": self.cutoff, "log10_volume": self.log10_volume,
                 "n_mean_log10_r": self.n_mean_log10_r, "mean_radius": self.mean_radius,
                 "ci_log10_volume": list(self.ci_log10_volume),
-                "n_evaluations": self.n_evaluations, "config": self.config}
+                "n_evaluations": self.n_evaluations, "config": self.config,
+                "n_at_r_max": self.n_at_r_max}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BasinResult:
-        return cls(torch.tensor(d["radii"], dtype=torch.float64), int(d["n"]),
-                   float(d["centre_loss"]), float(d["cutoff"]), float(d["log10_volume"]),
-                   float(d["n_mean_log10_r"]), float(d["mean_radius"]),
-                   tuple(d["ci_log10_volume"]), int(d["n_evaluations"]), d["config"])
+        radii = torch.tensor(d["radii"], dtype=torch.float64)
+        at_max = d.get("n_at_r_max")  # results saved before the count was recorded
+        if at_max is None:
+            at_max = int((radii >= d["config"].get("r_max", math.inf)).sum())
+        return cls(radii, int(d["n"]), float(d["centre_loss"]), float(d["cutoff"]),
+                   float(d["log10_volume"]), float(d["n_mean_log10_r"]), float(d["mean_radius"]),
+                   tuple(d["ci_log10_volume"]), int(d["n_evaluations"]), d["config"],
+                   int(at_max))
 
 
 def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: float,
                       n_evaluations: int = 0, config: dict[str, Any] | None = None,
-                      n_boot: int = 1000, seed: int = 0) -> BasinResult:
-    """A :class:`BasinResult` from radii: log10 V, n mean(log10 r), mean r, bootstrap CI."""
+                      n_boot: int = 1000, seed: int = 0, r_max: float = math.inf
+                      ) -> BasinResult:
+    """A :class:`BasinResult` from radii: log10 V, n mean(log10 r), mean r, bootstrap CI,
+    and how many radii reached ``r_max``."""
     r = radii.double().cpu()
     return BasinResult(r, n, float(centre_loss), float(cutoff), log10_volume(r, n),
                        float(n * torch.log10(r).mean()), float(r.mean()),
                        bootstrap_log10_volume(r, n, n_boot, seed), n_evaluations,
-                       dict(config or {}))
+                       dict(config or {}), int((r >= r_max).sum()))
 
 
 def _xy(data: Dataset | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,8 +329,14 @@ def basin_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Te
                           cfg.grid, cfg.grid_power, cfg.bracket_points, centre_loss,
                           cfg.bracket_ratio)
     n = n_perturbed(theta, spec.kind, spec.bias)
-    return volume_from_radii(r, n, centre_loss, cut, evals, {**cfg.to_dict(), "bn": bn},
-                             cfg.n_bootstrap, cfg.seed)
+    res = volume_from_radii(r, n, centre_loss, cut, evals, {**cfg.to_dict(), "bn": bn},
+                            cfg.n_bootstrap, cfg.seed, cfg.r_max)
+    if res.n_at_r_max:
+        warnings.warn(BasinWarning(
+            f"{res.n_at_r_max} of {len(r)} radii reached r_max={cfg.r_max:g} without crossing "
+            f"the cutoff {cut:.4g}: log10 V is a lower bound set by r_max; raise r_max"),
+            stacklevel=2)
+    return res
 
 
 def basin_members(model: nn.Module, params: Params | Sequence[Params],

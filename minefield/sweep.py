@@ -112,7 +112,8 @@ def poison_sweep(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
                      "median_radius": float(b.radii.median()),
                      "log10_volume": b.log10_volume, "n_mean_log10_r": b.n_mean_log10_r,
                      "log10_volume_ci_low": b.ci_log10_volume[0],
-                     "log10_volume_ci_high": b.ci_log10_volume[1], "centre_loss": b.centre_loss})
+                     "log10_volume_ci_high": b.ci_log10_volume[1], "centre_loss": b.centre_loss,
+                     "n_at_r_max": b.n_at_r_max})
     out = SweepResult(rows, _spearman(rows), run, basins)
     if run is not None:
         run.write_csv("sweep.csv", rows)

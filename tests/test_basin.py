@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ from scipy.special import gammaln
 
 from minefield.basin import (
     BasinResult,
+    BasinWarning,
     VolumeConfig,
     basin_members,
     basin_radii,
@@ -169,7 +171,9 @@ def test_network_radii_equal_bisection_over_the_reference_loop():
     model, c, x, y = _net()
     cfg = VolumeConfig(cutoff=1.5, cutoff_kind="relative", n_directions=4, rtol=1e-6,
                        r_max=3.0, directions=DirectionSpec("filter", "zero", 3), n_bootstrap=50)
-    res = basin_radii(model, c, (x, y), cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BasinWarning)
+        res = basin_radii(model, c, (x, y), cfg)
     th = {k: v[0] for k, v in c.items()}
     d = random_directions(th, 4, "filter", "zero", torch.Generator().manual_seed(3))
     d = {k: torch.cat([v, -v]) for k, v in d.items()}
@@ -187,15 +191,34 @@ def test_network_radii_equal_bisection_over_the_reference_loop():
     inside = ref < 3.0
     at_r = loop_fn(ref)[inside]
     torch.testing.assert_close(at_r, torch.full_like(at_r, res.cutoff), rtol=1e-4, atol=0)
+    assert res.n_at_r_max == int((~inside).sum())
     back = BasinResult.from_dict(res.to_dict())
     assert torch.equal(back.radii, res.radii) and back.config == res.config
+    assert back.n_at_r_max == res.n_at_r_max
+
+
+def test_radii_at_r_max_are_counted_and_warned():
+    # regression: a volume set by r_max (two learning rates, one log10 V) went unflagged
+    model, c, x, y = _net()
+    cfg = VolumeConfig(cutoff=1.5, cutoff_kind="relative", n_directions=4, n_bootstrap=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BasinWarning)
+        free = basin_radii(model, c, (x, y), cfg.replace(r_max=50.0))
+    assert free.n_at_r_max == 0 and float(free.radii.max()) < 50.0
+    clipped_at = float(free.radii.sort().values[3])  # below 4 of the 8 radii
+    with pytest.warns(BasinWarning, match=r"radii reached r_max=.* raise r_max"):
+        clipped = basin_radii(model, c, (x, y), cfg.replace(r_max=clipped_at))
+    assert clipped.n_at_r_max == int((free.radii >= clipped_at).sum()) >= 4
+    old = clipped.to_dict()
+    del old["n_at_r_max"]  # files written before the count existed
+    assert BasinResult.from_dict(old).n_at_r_max == clipped.n_at_r_max
 
 
 def test_members_grid_and_bisect_agree():
     model, c, x, y = _net()
     _, c2, _, _ = _net(1)
     two = {k: torch.cat([c[k], c2[k]]) for k in c}
-    base = VolumeConfig(cutoff=2.0, cutoff_kind="relative", n_directions=3, r_max=2.0,
+    base = VolumeConfig(cutoff=2.0, cutoff_kind="relative", n_directions=3, r_max=40.0,
                         n_bootstrap=0)
     bis = basin_members(model, two, (x, y), base.replace(rtol=1e-4))
     grd = basin_members(model, two, (x, y), base.replace(method="grid", grid="linear",

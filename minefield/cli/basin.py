@@ -121,7 +121,8 @@ def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, met
         lo, hi = res.ci_log10_volume
         click.echo(f"{r.name}[{i}]  n {res.n}  centre loss {res.centre_loss:.4g}  "
                    f"mean radius {res.mean_radius:.4g}  log10 V {res.log10_volume:.6g} "
-                   f"[{lo:.6g}, {hi:.6g}]  n*mean(log10 r) {res.n_mean_log10_r:.6g}")
+                   f"[{lo:.6g}, {hi:.6g}]  n*mean(log10 r) {res.n_mean_log10_r:.6g}"
+                   + (f"  ({res.n_at_r_max} radii at r_max)" if res.n_at_r_max else ""))
 
 
 @plot.command("basin")
