@@ -41,7 +41,7 @@ from .directions import DirectionSpec, orthogonalize, random_directions
 from .engine import evaluate_combinations, evaluate_points
 from .functional import Params, n_members
 
-__all__ = ["Slice", "Surface", "line_direction", "slice_1d", "plane_directions", "surface",
+__all__ = ["Slice", "Surface", "axis", "line_direction", "slice_1d", "plane_directions", "surface",
            "METRICS"]
 
 METRICS = ("loss", "acc")
@@ -86,6 +86,31 @@ class Surface:
     @property
     def complete(self) -> bool:
         return bool(self.done.all())
+
+
+def axis(lo: float, hi: float, points: int, anchors: Sequence[float] = (0.0,)
+         ) -> torch.Tensor:
+    """``points`` evenly spaced values in ``[lo, hi]`` plus every anchor inside the range.
+
+    A landscape must be measured *at* the models it is drawn around: t = 0 (the
+    centre) and, on the line from model a to model b, t = 1. ``linspace(-0.5,
+    1.5, 51)`` steps by 0.04 and misses both, so the anchors are added exactly
+    (sorted, no duplicates): the result has ``points`` to ``points + len(anchors)``
+    values, float64.
+
+    Example::
+
+        >>> t = axis(-0.5, 1.5, 51, anchors=(0.0, 1.0))
+        >>> len(t), bool((t == 0).any()), bool((t == 1).any())
+        (53, True, True)
+        >>> axis(-1, 1, 5).tolist()
+        [-1.0, -0.5, 0.0, 0.5, 1.0]
+    """
+    if points < 2 or not lo < hi:
+        raise ValueError(f"an axis needs lo < hi and points >= 2, got [{lo}, {hi}], {points}")
+    ts = torch.linspace(lo, hi, points, dtype=torch.float64)
+    inside = [a for a in anchors if lo <= a <= hi]
+    return torch.unique(torch.cat([ts, torch.tensor(inside, dtype=torch.float64)]))
 
 
 def line_direction(a: Params, b: Params) -> Params:

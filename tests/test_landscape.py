@@ -1,13 +1,18 @@
 import pytest
 import torch
+from click.testing import CliRunner
 
+from minefield.cli import main
 from minefield.config import DataConfig, ModelConfig
 from minefield.data import load_dataset
 from minefield.directions import DirectionSpec
 from minefield.engine import evaluate_points_loop
 from minefield.functional import flatten, stack
-from minefield.landscape import line_direction, plane_directions, slice_1d, surface
+from minefield.landscape import axis, line_direction, plane_directions, slice_1d, surface
 from minefield.models import build_model, init_params
+from minefield.runs import Run, load_tensors
+from minefield.train import load_run_model, train_run
+from tests.conftest import tiny_config
 
 
 def _setup():
@@ -29,6 +34,34 @@ def test_line_between_two_models_hits_both_ends():
     torch.testing.assert_close(s.values["test_loss"][2], ref_b[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(s.values["train_loss"][0], ref_a[0], rtol=1e-10, atol=1e-12)
     assert set(s.values) == {"train_loss", "train_acc", "test_loss", "test_acc"}
+
+
+def test_axes_hold_the_models_they_are_drawn_around():
+    # regression: 51 points over [-0.5, 1.5] missed t = 0 and t = 1 (the two models)
+    t = axis(-0.5, 1.5, 51, anchors=(0.0, 1.0))
+    assert (t == 0).sum() == 1 and (t == 1).sum() == 1 and t[0] == -0.5 and t[-1] == 1.5
+    assert bool((t.diff() > 0).all()) and len(t) == 53
+    assert torch.equal(axis(-1, 1, 5), torch.linspace(-1, 1, 5, dtype=torch.float64))
+    assert torch.equal(axis(0.5, 2, 4, (0.0, 1.0)), torch.tensor([0.5, 1.0, 1.5, 2.0],
+                                                                dtype=torch.float64))
+    with pytest.raises(ValueError, match="an axis needs lo < hi and points >= 2"):
+        axis(1, 1, 5)
+
+
+def test_cli_line_reads_each_model_at_its_end(tmp_path):
+    for name, seed in (("good", 0), ("bad", 1)):
+        train_run(tiny_config(name, seed=seed), tmp_path, progress=False)
+    r = CliRunner().invoke(main, ["--root", str(tmp_path), "landscape", "good", "--other",
+                                  "bad", "--dim", "1", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    tensors, _ = load_tensors(tmp_path / "good" / "landscape" / "default.safetensors")
+    ts = tensors["ts"]
+    for name, t in (("good", 0.0), ("bad", 1.0)):
+        model, p, _, data, _ = load_run_model(Run.open(name, tmp_path))
+        direct = evaluate_points_loop(model, p, {k: v[:1] for k, v in p.items()},
+                                      torch.zeros(1), *data.split("train"))[0]
+        got = tensors["values.train_loss"][ts == t]
+        torch.testing.assert_close(got, direct.to(got.dtype), rtol=1e-5, atol=1e-6)
 
 
 def test_surface_matches_loop_and_resumes_after_interruption():

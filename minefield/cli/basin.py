@@ -18,7 +18,7 @@ import torch
 from ..basin import BasinResult, Rollouts, VolumeConfig, basin_members, member_stack, rollouts
 from ..directions import BiasPolicy, DirectionKind, DirectionSpec, random_directions
 from ..evaluate import resolve_device
-from ..landscape import Slice, Surface, line_direction, plane_directions, slice_1d, surface
+from ..landscape import Slice, Surface, axis, line_direction, plane_directions, slice_1d, surface
 from ..runs import RunError, load_tensors, save_tensors
 from ..train import load_run_model
 from ._common import device_option, force_option, friendly, main, open_run, plot
@@ -245,7 +245,8 @@ def landscape(ctx, run, other, checkpoint, dim, points, span, splits, member, bl
         raise click.BadParameter(f"{run} has no member {member}")
     centre = member_stack(params, member)
     bufs = member_stack(buffers, member) if buffers else None
-    ts = torch.linspace(lo, hi, points, dtype=torch.float64)
+    # the grid holds t = 0 (RUN) and, on a line, t = 1 (OTHER) exactly
+    ts = axis(lo, hi, points, (0.0, 1.0) if other else (0.0,))
     spec = DirectionSpec(dir_kind, bias, seed)
     if dim == "1":
         if other:
