@@ -29,18 +29,32 @@ from .config import (
 )
 from .data import DATASETS, Dataset, load_dataset
 from .directions import DirectionSpec, n_perturbed, orthogonalize, random_directions
-from .embed import EmbedConfig, EmbedResult, embed_points, embed_run, load_embedding
+from .embed import EmbedConfig, EmbedResult, embed_points
 from .engine import evaluate_points, evaluate_points_loop
 from .evaluate import evaluate_members, resolve_device
 from .functional import flatten, member, stack, stacked_forward, unflatten
-from .landscape import Slice, Surface, plane_directions, slice_1d, surface
+from .landscape import LandscapeConfig, Slice, Surface, axis, plane_directions, slice_1d, surface
 from .loss import accuracy, complement_nll, nll, poisoned_nll
 from .models import MODELS, build_model, init_params
 from .reproduce import SCALES, reproduce
 from .runs import Run
-from .search import SearchConfig, search_minima, search_run
-from .sweep import SweepConfig, SweepResult, log_spaced_betas, poison_sweep
-from .train import fit, load_run_model, train_run
+from .search import SearchConfig, search_minima
+from .stages import (
+    BasinRun,
+    basin_run,
+    embed_run,
+    landscape_run,
+    load_basin,
+    load_embedding,
+    load_landscape,
+    load_run_model,
+    load_sweep,
+    search_run,
+    sweep_run,
+    train_run,
+)
+from .sweep import SweepConfig, SweepResult, log_spaced_betas
+from .train import fit
 
 __version__ = "0.1.0"
 
@@ -53,17 +67,21 @@ __all__ = [
     # the poisoned objective
     "poisoned_nll", "nll", "complement_nll", "accuracy",
     # stacked weights and training
-    "stack", "member", "flatten", "unflatten", "stacked_forward", "fit", "train_run",
-    "load_run_model", "evaluate_members", "resolve_device", "Run",
+    "stack", "member", "flatten", "unflatten", "stacked_forward", "fit",
+    "evaluate_members", "resolve_device", "Run",
     # directions, batched evaluation, basins
     "DirectionSpec", "random_directions", "n_perturbed", "orthogonalize",
     "evaluate_points", "evaluate_points_loop",
     "VolumeConfig", "BasinResult", "basin_radii", "basin_members", "Rollouts", "rollouts",
     # landscapes
-    "Slice", "Surface", "slice_1d", "plane_directions", "surface",
+    "LandscapeConfig", "Slice", "Surface", "axis", "slice_1d", "plane_directions", "surface",
     # the minefield
-    "SearchConfig", "search_minima", "search_run",
-    "EmbedConfig", "EmbedResult", "embed_points", "embed_run", "load_embedding",
+    "SearchConfig", "search_minima",
+    "EmbedConfig", "EmbedResult", "embed_points",
     # poison-factor studies and the reproduction
-    "SweepConfig", "SweepResult", "poison_sweep", "log_spaced_betas", "reproduce", "SCALES",
+    "SweepConfig", "SweepResult", "log_spaced_betas", "reproduce", "SCALES",
+    # the results layer: one function per stage, files and resume rule included
+    "train_run", "search_run", "embed_run", "basin_run", "landscape_run", "sweep_run",
+    "load_run_model", "load_embedding", "load_basin", "load_landscape", "load_sweep",
+    "BasinRun",
 ]

@@ -7,9 +7,9 @@ result. The SGD iterates then trace a path through a "minefield" of bad minima.
 Here t-SNE is openTSNE's (random initialisation, seeded), so the map is a pure
 function of the weights and the config.
 
-:func:`embed_points` is the maths (array in, coordinates out); :func:`embed_run`
-collects a run's trajectory and its search results, embeds them and (optionally)
-saves ``runs/<name>/embed/embed.json``; :func:`load_embedding` reads it back.
+:func:`embed_points` is the maths (array in, coordinates out);
+:func:`minefield.stages.embed_run` collects a run's trajectory and its search
+results, embeds them and saves ``runs/<name>/embed/embed.json``.
 
 Example::
 
@@ -21,22 +21,15 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from .config import ConfigError, _Config
-from .evaluate import evaluate_members, resolve_device
-from .functional import Params, flatten, is_weight, stack
-from .runs import DEFAULT_ROOT, Run, RunError
-from .train import load_run_model
+from .functional import Params, flatten, is_weight
 
-__all__ = ["EmbedConfig", "EmbedResult", "weight_matrix", "embed_points", "embed_run",
-           "load_embedding"]
-
-EMBED_FILE = "embed/embed.json"
+__all__ = ["EmbedConfig", "EmbedResult", "weight_matrix", "embed_points"]
 
 
 @dataclass(frozen=True)
@@ -134,65 +127,3 @@ class EmbedResult:
                    list(d["step"]), t(d["train_acc"], dtype=torch.float64),
                    t(d["test_acc"], dtype=torch.float64), t(d["poison_acc"], dtype=torch.float64),
                    EmbedConfig.from_dict(d["config"]), d.get("run", ""))
-
-
-def embed_run(run: Run | str | Path, cfg: EmbedConfig = EmbedConfig(), *,
-              root: Path | str = DEFAULT_ROOT, device: str | torch.device = "auto",
-              checkpoints: str = "searched", save: bool = True) -> EmbedResult:
-    """Embed a run's trajectory with its bad minima (``search/minima``) in one t-SNE map.
-
-    ``checkpoints="searched"`` embeds the trajectory checkpoints the search
-    started from (the paper: every 10th epoch) plus the final iterate;
-    ``"all"`` embeds the whole trajectory. Accuracies are recomputed from the
-    weights. With ``save`` the result goes to ``runs/<name>/embed/embed.json``.
-
-    Example::
-
-        >>> res = embed_run("mf-good", EmbedConfig(perplexity=30))   # doctest: +SKIP
-        >>> res.coords.shape                                          # doctest: +SKIP
-        torch.Size([400, 2])
-    """
-    if checkpoints not in ("searched", "all"):
-        raise ValueError(f"checkpoints must be 'searched' or 'all', got {checkpoints!r}")
-    run = run if isinstance(run, Run) else Run.open(run, root)
-    traj = run.trajectory()
-    if not traj:
-        raise RunError(f"run {run.name} has no trajectory checkpoints; train it first")
-    minima = sorted(run.file("search", "minima").glob("*.safetensors"))
-    if not minima:
-        raise RunError(f"run {run.name} has no bad minima; run `minefield search` first")
-    dev = resolve_device(device)
-    model, _, _, data, _ = load_run_model(run, traj[-1], dev)
-    names = [n for n, _ in model.named_parameters()]
-    bad_cks = [run.load_checkpoint(p, dev) for p in minima]
-    member = int(bad_cks[0].meta.get("search", {}).get("member", 0))
-    if checkpoints == "searched":
-        wanted = {ck.meta["row"]["start_checkpoint"] for ck in bad_cks} | {traj[-1].name}
-        traj = [p for p in traj if p.name in wanted]
-    good_cks = [run.load_checkpoint(p, dev) for p in traj]
-    for ck in good_cks + bad_cks:
-        if any(n not in ck.params for n in names):
-            raise RunError(f"checkpoint {ck.path.name} does not match the model of run "
-                           f"{run.name}")
-    good = stack([{n: ck.params[n][member] for n in names} for ck in good_cks])
-    bad = stack([{n: ck.params[n][0] for n in names} for ck in bad_cks])
-    both = {n: torch.cat([good[n], bad[n]]) for n in names}
-    with torch.no_grad():
-        metrics = evaluate_members(model, both, data)
-    coords = embed_points(weight_matrix(both, cfg.kernels_only), cfg)
-    res = EmbedResult(coords, ["trajectory"] * len(good_cks) + ["bad"] * len(bad_cks),
-                      [ck.step for ck in good_cks]
-                      + [int(ck.meta["row"]["start_step"]) for ck in bad_cks],
-                      metrics["train_acc"].cpu(), metrics["test_acc"].cpu(),
-                      metrics["poison_acc"].cpu(), cfg, run.name)
-    if save:
-        run.write_json(EMBED_FILE, res.to_dict())
-    return res
-
-
-def load_embedding(run: Run | str | Path, root: Path | str = DEFAULT_ROOT) -> EmbedResult:
-    """Read ``runs/<name>/embed/embed.json`` written by :func:`embed_run`."""
-    run = run if isinstance(run, Run) else Run.open(run, root)
-    if not run.exists(EMBED_FILE):
-        raise RunError(f"run {run.name} has no embedding; run `minefield embed` first")
-    return EmbedResult.from_dict(run.read_json(EMBED_FILE))

@@ -31,20 +31,61 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .config import ConfigError, _Config
 from .data import Dataset
 from .directions import DirectionSpec, orthogonalize, random_directions
 from .engine import evaluate_combinations, evaluate_points
 from .functional import Params, n_members
+from .options import Split, option
 
-__all__ = ["Slice", "Surface", "axis", "line_direction", "slice_1d", "plane_directions", "surface",
-           "METRICS"]
+__all__ = ["LandscapeConfig", "Slice", "Surface", "axis", "line_direction", "slice_1d",
+           "plane_directions", "surface", "METRICS"]
 
 METRICS = ("loss", "acc")
+
+
+@dataclass(frozen=True)
+class LandscapeConfig(_Config):
+    """A 1-D slice or a 2-D surface around one member of a run (``minefield landscape``).
+
+    ``other`` (a second run) makes the slice the line from the run (t = 0) to it
+    (t = 1); otherwise slices and surfaces follow random ``directions``.
+    ``points`` per axis over ``span`` (default ``(-1, 1)``; with ``other``
+    ``(-0.5, 1.5)``), plus t = 0 and t = 1 exactly (:func:`axis`).
+    """
+
+    other: str | None = None
+    checkpoint: str | None = None
+    dim: int = 1
+    points: int = 51
+    span: tuple[float, ...] | None = None
+    splits: tuple[str, ...] = ("train", "test")
+    member: int = 0
+    directions: DirectionSpec = field(default_factory=DirectionSpec)
+    _section: ClassVar[str] = "landscape"
+
+    def _validate(self):
+        if self.dim not in (1, 2):
+            raise ConfigError(f"landscape.dim must be 1 or 2, got {self.dim}")
+        if self.other and self.dim == 2:
+            raise ConfigError("landscape.other draws a line: use it with --dim 1")
+        if self.points < 2 or self.member < 0:
+            raise ConfigError(f"landscape.points must be >= 2 and landscape.member >= 0, got "
+                              f"{self.points} and {self.member}")
+        if self.span is not None and (len(self.span) != 2 or not self.span[0] < self.span[1]):
+            raise ConfigError(f"landscape.span needs 2 numbers lo < hi, got {self.span}")
+        for s in self.splits:
+            option(Split, s, "landscape.splits")
+
+    def grid(self) -> torch.Tensor:
+        """The values of t (each axis): ``points`` over the span, plus 0 (and 1 on a line)."""
+        lo, hi = self.span or ((-0.5, 1.5) if self.other else (-1.0, 1.0))
+        return axis(lo, hi, self.points, (0.0, 1.0) if self.other else (0.0,))
 
 
 def _splits(data: Dataset, splits: Sequence[str]) -> dict[str, tuple[torch.Tensor, ...]]:

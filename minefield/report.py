@@ -74,7 +74,8 @@ def write_report(sections, ctx, seconds: float) -> Path:
         "scale": ctx.scale.name, "seconds": seconds, "machine": machine(),
         "checks": [{"id": c.id, "text": c.text, "passed": c.passed, "measured": c.measured}
                    for c in checks],
-        "sections": {s.key: {"runs": s.runs, "seconds": s.seconds, "data": s.data,
+        "sections": {s.key: {"runs": s.runs, "commands": s.commands, "seconds": s.seconds,
+                             "data": s.data,
                              "figures": [_rel(f, out) for f in s.figures]} for s in sections},
     }
     write_json(out / "report.json", data)

@@ -8,6 +8,12 @@ Layout of ``runs/<name>/``::
     trajectory/step_XXXXXXXX.safetensors   self-describing checkpoints
     <stage>/...                 results of later stages (search, basin, embed, ...)
 
+Every stage result obeys one resume rule, :meth:`Run.resume`: its *key* (the
+stage config that made it) is stored with it (``key`` in a JSON result, ``key``
+in a safetensors result's metadata, ``config.json`` in a result folder); asking
+again with the same key reuses (or resumes) it, a different key raises
+:class:`RunError` unless ``force``, which deletes the old result first.
+
 Every write is atomic (temporary file in the same folder, fsync, ``os.replace``):
 a kill at any moment leaves either the old file or the new one, never a torn
 one. Checkpoints are safetensors files whose metadata holds the experiment
@@ -94,6 +100,14 @@ def load_tensors(path: Path, device: str | torch.device = "cpu"
     return {k: v.to(device) for k, v in tensors.items()}, meta
 
 
+def _stored_key(path: Path, folder: bool) -> Any:
+    if folder:
+        return read_json(path / "config.json") if (path / "config.json").exists() else None
+    if path.suffix == ".safetensors":
+        return load_tensors(path)[1].get("key")
+    return read_json(path).get("key")
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """One saved point: stacked parameters ``(M, ...)``, buffers and metadata."""
@@ -178,6 +192,37 @@ class Run:
 
     def read_json(self, rel: str) -> Any:
         return read_json(self.file(rel))
+
+    # --- stage results ---------------------------------------------------------------
+    def resume(self, rel: str, key: dict[str, Any], force: bool = False) -> bool:
+        """The resume rule of every stage: True when ``rel`` holds results made with ``key``.
+
+        ``rel`` is a ``.json`` or ``.safetensors`` file, or a folder (any other
+        name). Nothing there: False. The same key: True (reuse it, or resume a
+        partial result). A different key: :class:`RunError`, unless ``force``,
+        which deletes the old result and returns False. A folder gets its key
+        written here (``rel/config.json``); a file stores it when written
+        (:meth:`write_result`, or ``key`` in safetensors metadata).
+        """
+        path = self.file(rel)
+        folder = path.suffix not in (".json", ".safetensors")
+        if path.exists():
+            if force:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            else:
+                old = _stored_key(path, folder)
+                if old != json.loads(json.dumps(key)):
+                    what = "other settings" if old is not None else "no key (an older minefield)"
+                    raise RunError(f"{path} holds results for {what}; use --force to redo "
+                                   "them")
+                return True
+        if folder:
+            self.write_json(f"{rel}/config.json", key)
+        return False
+
+    def write_result(self, rel: str, key: dict[str, Any], body: dict[str, Any]) -> Path:
+        """Write a JSON stage result ``{"key": key, **body}`` (see :meth:`resume`)."""
+        return self.write_json(rel, {"key": key, **body})
 
     def exists(self, rel: str) -> bool:
         return self.file(rel).exists()

@@ -48,47 +48,30 @@ iterate are reported in two units:
   biases are left out. A point ``ref + t d`` with ``d`` filter-normalised is at
   distance exactly ``t``: the same unit as the basin radius.
 
-:func:`search_minima` is the tensor-level search; :func:`search_run` runs it on a
-run directory: it writes every minimum as it finishes to
-``runs/<name>/search/minima/`` (self-describing safetensors), skips minima
-already there when resumed, and writes ``search/search.csv`` and
-``search/search.json``.
-
-Example::
-
-    >>> res = search_run("mf-good", SearchConfig(every=20))   # doctest: +SKIP
-    >>> max(r["test_acc"] for r in res.rows) <= 0.56           # doctest: +SKIP
-    True
+:func:`search_minima` is the tensor-level search (its example runs three
+searches on two blobs); :func:`minefield.stages.search_run` runs it on a run
+directory and owns the files.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import shutil
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .config import ConfigError, Optimizer, PoisonObjective, TrainConfig, _Config
-from .data import FRESH, Dataset, fresh_points
-from .evaluate import evaluate_members, resolve_device
+from .data import FRESH, Dataset
+from .evaluate import evaluate_members
 from .functional import Params, activation_elements, is_weight, n_members, stack
 from .options import StopRule
-from .runs import DEFAULT_ROOT, Run, RunError
-from .train import effective_beta, fit, load_run_model
+from .train import effective_beta, fit
 
-__all__ = ["StopRule", "SearchConfig", "SearchResult", "SearchSummary", "search_minima",
-           "search_run", "poison_set", "distances", "select_checkpoints", "search_seed",
-           "batch_capacity", "AUTO_EXTRA_POISON"]
-
-SEARCH_DIR = "search"
+__all__ = ["StopRule", "SearchConfig", "SearchResult", "search_minima", "poison_set",
+           "distances", "search_seed", "batch_capacity", "AUTO_EXTRA_POISON"]
 #: Fresh poison points drawn by default, for datasets that can draw them.
 AUTO_EXTRA_POISON = 400
 
@@ -456,135 +439,3 @@ def batch_capacity(model: nn.Module, data: Dataset, cfg: SearchConfig) -> int:
     size = data.x_train.element_size()
     per = 5 * n_params * size + 3 * activation_elements(model, data.x_train) * n_pts * size
     return max(1, min(cfg.max_batch, int(cfg.memory_mb * 2**20 // per)))
-
-
-# --- run directories --------------------------------------------------------------------------
-
-
-def _step_of(path: Path) -> int:
-    match = re.search(r"step_(\d+)", path.name)
-    if not match:
-        raise RunError(f"cannot read the step of checkpoint {path}")
-    return int(match.group(1))
-
-
-def select_checkpoints(trajectory: Sequence[Path], cfg: SearchConfig) -> list[Path]:
-    """The start checkpoints: ``trajectory[start:stop:every]``, or the listed steps."""
-    if cfg.checkpoints is None:
-        chosen = list(trajectory[cfg.start:cfg.stop:cfg.every])
-        if not chosen:
-            raise ValueError(f"no checkpoints selected: trajectory has {len(trajectory)}, "
-                             f"start={cfg.start} stop={cfg.stop} every={cfg.every}")
-        return chosen
-    by_step = {_step_of(p): p for p in trajectory}
-    missing = [s for s in cfg.checkpoints if s not in by_step]
-    if missing:
-        raise ValueError(f"no trajectory checkpoint at step(s) {missing}; available steps "
-                         f"{min(by_step)}..{max(by_step)}")
-    return [by_step[s] for s in dict.fromkeys(cfg.checkpoints)]
-
-
-def _load_start(run: Run, path: Path, model: nn.Module, member: int, device) -> Params:
-    ck = run.load_checkpoint(path, device)
-    for k, v in model.named_parameters():
-        if k not in ck.params or tuple(ck.params[k].shape[1:]) != tuple(v.shape):
-            raise RunError(f"checkpoint {path.name} does not match the model of run {run.name} "
-                           f"(parameter {k})")
-    if member >= n_members(ck.params):
-        raise ValueError(f"member {member} asked for, checkpoint {path.name} has "
-                         f"{n_members(ck.params)}")
-    return {k: ck.params[k][member] for k, _ in model.named_parameters()}
-
-
-@dataclass
-class SearchSummary:
-    """Everything ``search/search.json`` holds: one row per bad minimum, aggregates, timing."""
-
-    rows: list[dict[str, Any]]
-    stats: dict[str, float]
-    path: Path
-    new: int
-    seconds: float
-
-
-def _stats(rows: list[dict[str, Any]]) -> dict[str, float]:
-    if not rows:
-        return {"n": 0}
-    col = {k: [r[k] for r in rows] for k in ("train_acc", "test_acc", "poison_acc")}
-    return {"n": len(rows), "train_acc_min": min(col["train_acc"]),
-            "train_acc_median": statistics.median(col["train_acc"]),
-            "test_acc_max": max(col["test_acc"]), "test_acc_median":
-            statistics.median(col["test_acc"]), "poison_acc_max": max(col["poison_acc"]),
-            "steps_median": statistics.median(r["steps"] for r in rows)}
-
-
-def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
-               root: Path | str = DEFAULT_ROOT, device: str | torch.device = "auto",
-               force: bool = False, progress: bool = False,
-               on_batch: Callable[[int, int], None] | None = None) -> SearchSummary:
-    """Search bad minima from checkpoints of ``run``; resumable, results in ``run/search/``.
-
-    Minima already saved by an interrupted search with the same config are kept
-    and not redone; a different config raises :class:`RunError` unless ``force``
-    (which deletes the old search). ``on_batch(done, total)`` reports progress.
-
-    Example::
-
-        >>> s = search_run("mf-good", SearchConfig(every=10), device="cpu")  # doctest: +SKIP
-        >>> s.stats["test_acc_max"], s.stats["train_acc_median"]           # doctest: +SKIP
-    """
-    t0 = time.perf_counter()
-    run = run if isinstance(run, Run) else Run.open(run, root)
-    traj = run.trajectory()
-    if not traj:
-        raise RunError(f"run {run.name} has no trajectory checkpoints; train it first")
-    dev = resolve_device(device)
-    model, final_params, _, data, run_cfg = load_run_model(run, traj[-1], dev)
-    n_extra = cfg.n_extra(run_cfg.data.name)
-    extra = fresh_points(run_cfg.data, n_extra, cfg.seed) if n_extra else None
-    final = {k: v[cfg.member:cfg.member + 1] for k, v in final_params.items()}
-    chosen = select_checkpoints(traj, cfg)
-    record = {"search": cfg.to_dict(), "run": run.name, "final_checkpoint": traj[-1].name,
-              "extra_poison": n_extra}
-    if run.exists(f"{SEARCH_DIR}/config.json"):
-        if force:
-            shutil.rmtree(run.file(SEARCH_DIR))
-        elif run.read_json(f"{SEARCH_DIR}/config.json") != record:
-            raise RunError(f"run {run.name} already has a search with a different config; "
-                           "use --force to redo it")
-    run.write_json(f"{SEARCH_DIR}/config.json", record)
-    work = [(p, _step_of(p), r) for p in chosen for r in range(cfg.repeats)]
-
-    def rel(step: int, rep: int) -> str:
-        return f"{SEARCH_DIR}/minima/start_{step:08d}_r{rep:02d}.safetensors"
-
-    todo = [w for w in work if not run.exists(rel(w[1], w[2]))]
-    cap = batch_capacity(model, poison_set(data, cfg, extra)[0], cfg)
-    for b in range(0, len(todo), cap):
-        chunk = todo[b:b + cap]
-        starts = stack([_load_start(run, p, model, cfg.member, dev) for p, _, _ in chunk])
-        seeds = [search_seed(cfg.seed, s, r) for _, s, r in chunk]
-        res = search_minima(model, starts, data, cfg, seeds, extra=extra, progress=progress)
-        d_start, d_final = distances(res.params, starts), distances(res.params, final)
-        for i, (p, s, r) in enumerate(chunk):
-            row = {"start_checkpoint": p.name, "start_step": s, "repeat": r, "seed": seeds[i],
-                   "steps": int(res.steps[i]), "beta": float(res.betas[i]),
-                   **{k: float(v[i]) for k, v in res.metrics.items()},
-                   "dist_start_l2": float(d_start["l2"][i]),
-                   "dist_start_filter": float(d_start["filter"][i]),
-                   "dist_final_l2": float(d_final["l2"][i]),
-                   "dist_final_filter": float(d_final["filter"][i])}
-            one = {k: v[i:i + 1] for k, v in res.params.items()}
-            run.save_checkpoint(rel(s, r), one, {}, {"kind": "bad_minimum", "step": row["steps"],
-                                                    "row": row, "search": cfg.to_dict(),
-                                                    "run": run.name})
-        if on_batch:
-            on_batch(b + len(chunk), len(todo))
-    rows = [run.load_checkpoint(rel(s, r)).meta["row"] for _, s, r in work]
-    stats = _stats(rows)
-    seconds = time.perf_counter() - t0
-    run.write_csv(f"{SEARCH_DIR}/search.csv", rows)
-    run.write_json(f"{SEARCH_DIR}/search.json",
-                   {**record, "stats": stats, "rows": rows, "new": len(todo),
-                    "seconds": seconds, "batch": cap, "device": str(dev)})
-    return SearchSummary(rows, stats, run.file(SEARCH_DIR), len(todo), seconds)

@@ -4,13 +4,8 @@ One model per (poison factor beta, seed) is trained, all of them *together* as
 one stack (they share an architecture; see :func:`minefield.train.fit`), with the
 same init for equal seeds, as the paper does. Each model's basin is then measured
 with :func:`minefield.basin.basin_members`. The result is a tidy table, one row
-per model, that ``pandas.DataFrame(result.rows)`` reads directly::
-
-    >>> from minefield import ExperimentConfig, DataConfig, SweepConfig, poison_sweep
-    >>> res = poison_sweep(ExperimentConfig(name="sweep", data=DataConfig("swissroll")),
-    ...                    SweepConfig(betas=(0.0, 0.3, 0.6), seeds=(0,)))  # doctest: +SKIP
-    >>> res.spearman["test_acc"] < 0  # doctest: +SKIP
-    True
+per model, that ``pandas.DataFrame(result.rows)`` reads directly;
+:func:`minefield.stages.sweep_run` runs it into a run directory.
 
 The paper's claim, checked by ``spearman``: as poisoning rises, test accuracy
 *and* basin radius both fall.
@@ -19,18 +14,16 @@ The paper's claim, checked by ``spearman``: as poisoning rises, test accuracy
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 from scipy.stats import spearmanr
 
-from .basin import BasinResult, VolumeConfig, basin_members
-from .config import ConfigError, ExperimentConfig, _Config
-from .runs import DEFAULT_ROOT, Run
-from .train import train_run
+from .basin import BasinResult, VolumeConfig
+from .config import ConfigError, _Config
+from .runs import Run
 
-__all__ = ["SweepConfig", "SweepResult", "poison_sweep", "log_spaced_betas", "load_sweep"]
+__all__ = ["SweepConfig", "SweepResult", "log_spaced_betas", "sweep_rows", "spearman"]
 
 
 def log_spaced_betas(lo: float, hi: float, n: int, zero: bool = True) -> tuple[float, ...]:
@@ -71,7 +64,7 @@ class SweepResult:
         return {"rows": self.rows, "spearman": self.spearman}
 
 
-def _spearman(rows: list[dict[str, Any]]) -> dict[str, float]:
+def spearman(rows: list[dict[str, Any]]) -> dict[str, float]:
     beta = [r["beta"] for r in rows]
     out = {}
     for key in ("test_acc", "mean_radius", "log10_volume", "gap"):
@@ -81,32 +74,13 @@ def _spearman(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def poison_sweep(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
-                 root: Path | str = DEFAULT_ROOT, force: bool = False, progress: bool = True,
-                 save: bool = True) -> SweepResult:
-    """Train one model per (beta, seed) in ``sweep`` as a single stack, then measure
-    each model's basin; returns (and writes to ``root/base.name``) the tidy table.
-
-    ``base`` sets data, architecture and optimisation (its ``poison.beta`` and
-    ``train.members`` are replaced). Re-running resumes: training continues from
-    its last checkpoint, and finished basin measurements are reused.
-    """
-    grid = [(b, s) for b in sweep.betas for s in sweep.seeds]
-    cfg = base.replace(train=base.train.replace(members=len(grid)))
-    res = train_run(cfg, root, force=force, progress=progress, betas=[b for b, _ in grid],
-                    seeds=[base.train.seed + s for _, s in grid], save=save)
-    run = res.run
-    key = {"sweep": sweep.to_dict()}
-    if run is not None and run.exists("sweep.json"):
-        old = run.read_json("sweep.json")
-        if old.get("key") == key and not force:
-            return SweepResult(old["rows"], old["spearman"], run,
-                               [BasinResult.from_dict(b) for b in old["basins"]])
-    basins = basin_members(res.model, res.params, res.data, sweep.volume, res.buffers)
+def sweep_rows(grid: list[tuple[float, int]], metrics: dict[str, list[float]],
+               basins: list[BasinResult]) -> list[dict[str, Any]]:
+    """One tidy row per model: its (beta, seed), accuracies and losses, basin statistics."""
     rows = []
     for i, ((beta, seed), b) in enumerate(zip(grid, basins)):
-        m = {k: res.metrics[k][i] for k in ("train_acc", "test_acc", "poison_acc",
-                                             "train_loss", "test_loss")}
+        m = {k: metrics[k][i] for k in ("train_acc", "test_acc", "poison_acc", "train_loss",
+                                        "test_loss")}
         rows.append({"member": i, "beta": beta, "seed": seed, **m,
                      "gap": m["train_acc"] - m["test_acc"], "mean_radius": b.mean_radius,
                      "median_radius": float(b.radii.median()),
@@ -114,16 +88,4 @@ def poison_sweep(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
                      "log10_volume_ci_low": b.ci_log10_volume[0],
                      "log10_volume_ci_high": b.ci_log10_volume[1], "centre_loss": b.centre_loss,
                      "n_at_r_max": b.n_at_r_max})
-    out = SweepResult(rows, _spearman(rows), run, basins)
-    if run is not None:
-        run.write_csv("sweep.csv", rows)
-        run.write_json("sweep.json", {"key": key, **out.to_dict(),
-                                      "basins": [b.to_dict() for b in basins]})
-    return out
-
-
-def load_sweep(run: Run) -> SweepResult:
-    """A finished sweep from its run directory."""
-    d = run.read_json("sweep.json")
-    return SweepResult(d["rows"], d["spearman"], run,
-                       [BasinResult.from_dict(b) for b in d["basins"]])
+    return rows

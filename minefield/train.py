@@ -10,10 +10,8 @@ own global norm. A stack of one is ordinary training.
 Minibatches are a pure function of ``(seed, step)``, and the optimizer state is
 checkpointed, so an interrupted run resumes to bit-identical results on CPU.
 
-:func:`train_run` is the whole ``minefield train`` command as one call: it
-builds data and model from an :class:`~minefield.config.ExperimentConfig`,
-starts or resumes ``runs/<name>/``, and writes metrics and the checkpointed
-trajectory there.
+:func:`minefield.stages.train_run` is the whole ``minefield train`` command as
+one call: it starts or resumes ``runs/<name>/`` and trains through :func:`fit`.
 """
 
 from __future__ import annotations
@@ -21,23 +19,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import ExperimentConfig, Optimizer, PoisonObjective, TrainConfig
-from .data import Dataset, load_dataset
-from .evaluate import evaluate_members, resolve_device
+from .config import Optimizer, TrainConfig
+from .data import Dataset
+from .evaluate import evaluate_members
 from .functional import Params, buffers_like, is_weight, n_members, stack, stacked_forward
 from .loss import poisoned_nll
-from .models import build_model, init_params
-from .runs import DEFAULT_ROOT, Checkpoint, Run, RunError, load_tensors, save_tensors
+from .models import init_params
 
-__all__ = ["fit", "FitResult", "TrainingDiverged", "train_run", "TrainResult", "init_stack",
-           "effective_beta", "make_optimizer", "load_run_model", "match_model"]
+__all__ = ["fit", "FitResult", "TrainingDiverged", "init_stack", "effective_beta",
+           "make_optimizer"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -242,139 +238,3 @@ def fit(
         bar.close()
         model.eval()
     return FitResult(_current(), buffers, step, history, stopped_at)
-
-
-# --- runs ---------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainResult:
-    run: Run | None
-    params: Params
-    buffers: Params
-    metrics: dict[str, list[float]]
-    model: nn.Module
-    data: Dataset
-
-
-def _opt_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors = {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def _opt_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, idx, k = key.split(".", 2)
-            state.setdefault(int(idx), {})[k] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def member_seeds(cfg: ExperimentConfig) -> list[int]:
-    return [cfg.train.seed + i for i in range(cfg.train.members)]
-
-
-def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: bool = False,
-              progress: bool = True, betas: Sequence[float] | None = None,
-              seeds: Sequence[int] | None = None, save: bool = True) -> TrainResult:
-    """Train ``cfg`` into ``root/cfg.name`` (resuming if it was interrupted).
-
-    ``betas`` gives each member its own poison factor (a sweep); by default all
-    members use ``cfg.poison.beta``. ``seeds`` gives each member its init seed
-    (default ``cfg.train.seed + i``); equal seeds give identical inits. With
-    ``save=False`` nothing is written.
-    """
-    dev = resolve_device(cfg.device)
-    data = load_dataset(cfg.data)
-    model = build_model(cfg.model, data.input_shape, data.n_classes)
-    data = data.to(dev)
-    m = cfg.train.members
-    if betas is None:
-        betas = [effective_beta(cfg.poison.beta, data)] * m
-    if len(betas) != m:
-        raise ValueError(f"{len(betas)} betas for {m} members")
-    seeds = list(seeds) if seeds is not None else member_seeds(cfg)
-    if len(seeds) != m:
-        raise ValueError(f"{len(seeds)} seeds for {m} members")
-    params = {k: v.to(dev) for k, v in init_stack(model, cfg.model.init, seeds).items()}
-    cfg_dict = cfg.to_dict()
-    run = Run.create(cfg.name, cfg_dict, root, force) if save else None
-    start, opt_state, buffers, old_rows = 0, None, None, []
-    if run is not None and run.exists("state.safetensors"):
-        tensors, meta = load_tensors(run.file("state.safetensors"), dev)
-        start = int(meta["step"])
-        # safetensors sorts its keys: restore the model's order (the optimizer's too)
-        params = {k: tensors[f"param.{k}"] for k in params}
-        buffers = {k: tensors[f"buffer.{k}"] for k, _ in model.named_buffers()} or None
-        opt_state = _opt_from_tensors(tensors, meta)
-        old_rows = [r for r in run.metrics() if r["step"] < start]
-    rows = list(old_rows)
-    base_meta = {"config": cfg_dict, "seeds": seeds, "betas": list(map(float, betas)),
-                 "members": m}
-
-    def on_log(step, new_rows):
-        nonlocal rows
-        if run is None:
-            return
-        rows = [r for r in rows if r["step"] != step] + new_rows
-        run.write_metrics(rows)
-
-    def on_checkpoint(step, p, b, opt):
-        if run is None:
-            return
-        last = {k: v for k, v in rows[-1].items()} if rows and rows[-1]["step"] == step else {}
-        meta = {**base_meta, "step": step, "metrics": last}
-        run.save_checkpoint(f"trajectory/step_{step:08d}.safetensors", p, b, meta)
-        ot, om = _opt_to_tensors(opt)
-        state = {f"param.{k}": v for k, v in p.items()}
-        state.update({f"buffer.{k}": v for k, v in b.items()})
-        state.update(ot)
-        save_tensors(run.file("state.safetensors"), state, {**base_meta, "step": step, **om})
-
-    if start >= cfg.train.steps and run is not None:
-        p, b = match_model(model, run.load_checkpoint(run.trajectory()[-1], dev))
-        res = FitResult(p, b, start, [], [None] * m)
-    else:
-        res = fit(model, params, data, cfg.train, torch.tensor(betas),
-                  flip=cfg.poison.objective is PoisonObjective.FLIP, buffers=buffers,
-                  start_step=start, opt_state=opt_state, on_log=on_log,
-                  on_checkpoint=on_checkpoint, progress=progress, desc=cfg.name)
-    final = evaluate_members(model, res.params, data, res.buffers)
-    metrics = {k: v.tolist() for k, v in final.items()}
-    if run is not None:
-        run.write_json("summary.json", {"step": res.step, "seeds": seeds,
-                                        "betas": list(map(float, betas)), **metrics})
-    return TrainResult(run, res.params, res.buffers, metrics, model, data)
-
-
-def load_run_model(run: Run, checkpoint: str | Path | None = None, device="cpu"):
-    """``(model, params, buffers, data, cfg)`` of a run at its last (or a given) checkpoint."""
-    cfg = ExperimentConfig.from_dict(run.config)
-    data = load_dataset(cfg.data)
-    model = build_model(cfg.model, data.input_shape, data.n_classes)
-    traj = run.trajectory()
-    if checkpoint is None:
-        if not traj:
-            raise RunError(f"run {run.path} has no trajectory checkpoints (was it trained?)")
-        checkpoint = traj[-1]
-    ck = run.load_checkpoint(checkpoint, device)
-    params, buffers = match_model(model, ck)
-    return model, params, buffers, data.to(device), cfg
-
-
-def match_model(model: nn.Module, ck: Checkpoint) -> tuple[Params, Params]:
-    """A checkpoint's stacked params and buffers in the model's order, or a RunError."""
-    out: list[Params] = [{}, {}]
-    for i, (named, saved) in enumerate([(model.named_parameters(), ck.params),
-                                        (model.named_buffers(), ck.buffers)]):
-        for k, v in named:
-            if k not in saved or tuple(saved[k].shape[1:]) != tuple(v.shape):
-                raise RunError(f"checkpoint {ck.path} does not match the model "
-                               f"({k}: expected shape {tuple(v.shape)})")
-            out[i][k] = saved[k]
-    return out[0], out[1]

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from minefield.cli import main
 from minefield.runs import load_tensors
-from minefield.train import train_run
+from minefield.stages import train_run
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_basin_writes_json_reuses_and_refuses_other_settings(runs):
     (["plot", "basin", "a", "--tag", "never"], "no basin result"),
     (["landscape", "a", "--span", "1"], "--span needs 2 numbers"),
     (["landscape", "a", "--other", "b", "--dim", "2"], "use it with --dim 1"),
-    (["landscape", "a", "--splits", "val", "--tag", "bad"], "unknown split"),
+    (["landscape", "a", "--splits", "val", "--tag", "bad"], "is not one of train, test, poison"),
     (["plot", "landscape", "a", "--tag", "never"], "no landscape"),
 ])
 def test_errors_are_one_line(runs, args, msg):
@@ -73,7 +73,7 @@ def test_landscape_line_surface_resume_and_plots(runs):
     assert res.exit_code == 0, res.output
     tensors, meta = load_tensors(runs / "a" / "landscape" / "line.safetensors")
     assert tensors["ts"].tolist() == [-0.5, 0.0, 0.5, 1.0, 1.5]
-    assert meta["settings"]["run_other"] == "b"
+    assert meta["key"]["other"] == "b"
     surf = ["landscape", "a", "--dim", "2", "--points", "4", "--tag", "plane",
             "--block-rows", "2", "--splits", "train"]
     assert _invoke(runs, *surf).exit_code == 0
@@ -88,7 +88,8 @@ def test_landscape_line_surface_resume_and_plots(runs):
     tensors["values.train_loss"][2:] = float("nan")
     save_tensors(path, tensors, meta)
     res = _invoke(runs, *surf)
-    assert res.exit_code == 0 and "resuming" in res.output and "2/4 rows done" in res.output
+    # 4 rows, plus t = 0
+    assert res.exit_code == 0 and "resuming" in res.output and "2/5 rows done" in res.output
     torch.testing.assert_close(load_tensors(path)[0]["values.train_loss"], full)
     assert "reusing" in _invoke(runs, *surf).output
     clash = _invoke(runs, "landscape", "a", "--dim", "2", "--points", "5", "--tag", "plane")

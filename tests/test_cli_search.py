@@ -5,7 +5,7 @@ from click.testing import CliRunner
 
 from minefield.cli import main
 from minefield.search import SearchConfig
-from minefield.train import train_run
+from minefield.stages import train_run
 
 FAST = ["--steps", "30", "--milestones", "", "--every", "2", "--quiet"]
 
@@ -23,7 +23,8 @@ def test_search_embed_plot_from_the_command_line(tmp_path, tiny):
     clash = r.invoke(main, root + ["search", "good", *FAST, "--lr", "0.1"])
     assert clash.exit_code == 1
     assert clash.output.strip().splitlines() == [
-        "Error: run good already has a search with a different config; use --force to redo it"]
+        f"Error: {tmp_path / 'good' / 'search'} holds results for other settings; use --force "
+        "to redo them"]
     forced = r.invoke(main, root + ["search", "good", *FAST, "--lr", "0.1", "--force"])
     assert forced.exit_code == 0 and "(2 new" in forced.output
     emb = r.invoke(main, root + ["embed", "good", "--perplexity", "1", "--n-iter", "50"])

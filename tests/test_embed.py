@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from minefield.config import ConfigError
-from minefield.embed import EmbedConfig, embed_points, embed_run, load_embedding, weight_matrix
+from minefield.embed import EmbedConfig, embed_points, weight_matrix
 from minefield.plotting.minefield import outlier_mask, plot_minefield
 from minefield.runs import RunError
-from minefield.search import SearchConfig, search_run
-from minefield.train import train_run
+from minefield.search import SearchConfig
+from minefield.stages import embed_run, load_embedding, search_run, train_run
 
 
 def _clusters(n=30, k=3, d=20, seed=0):
@@ -82,5 +82,5 @@ def test_embed_run_save_load_and_plot(tmp_path, tiny):
     torch.testing.assert_close(back.test_acc, res.test_acc.double())
     ax = plot_minefield(back, drop_outliers=True)
     assert "final iterate: train" in ax.get_title() and "3 bad minima" in ax.get_title()
-    with pytest.raises(ValueError, match="'searched' or 'all'"):
+    with pytest.raises(ConfigError, match="checkpoints: 'some' is not one of searched, all"):
         embed_run(run, cfg, device="cpu", checkpoints="some")

@@ -11,7 +11,7 @@ from minefield.functional import flatten, stack
 from minefield.landscape import axis, line_direction, plane_directions, slice_1d, surface
 from minefield.models import build_model, init_params
 from minefield.runs import Run, load_tensors
-from minefield.train import load_run_model, train_run
+from minefield.stages import load_run_model, train_run
 from tests.conftest import tiny_config
 
 

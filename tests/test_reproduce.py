@@ -1,6 +1,7 @@
 """The whole pipeline at the tiny scale: every figure and the report, consistent with runs."""
 
 import json
+import shlex
 
 import pytest
 from click.testing import CliRunner
@@ -16,6 +17,8 @@ def tiny_repro(tmp_path_factory):
     r = runner.invoke(main, ["--root", str(tmp / "runs"), "reproduce", "--scale", "tiny",
                              "--figures", str(tmp / "figures"), "--device", "cpu", "--quiet"])
     assert r.exit_code == 0, r.output
+    # later tests re-run parts, which rewrites the report: keep the full one
+    (tmp / "report-full.json").write_bytes((tmp / "figures" / "report.json").read_bytes())
     return tmp, r.output
 
 
@@ -42,7 +45,7 @@ def test_report_numbers_match_run_directories(tiny_repro):
         run = Run.open(f"repro-tiny-swiss-{which}", root)
         summary = run.read_json("summary.json")
         assert sw[which]["test_acc"] == summary["test_acc"][0]
-        basin = run.read_json("basin/repro.json")
+        basin = run.read_json("basin/repro.json")["members"][0]
         assert sw[which]["basin"]["log10_volume"] == basin["log10_volume"]
     mf = rep["sections"]["minefield"]["data"]
     search = Run.open("repro-tiny-minefield", root).read_json("search/search.json")
@@ -61,6 +64,43 @@ def test_rerun_resumes_without_retraining(tiny_repro):
                                   "--quiet", "--only", "swissroll"])
     assert r.exit_code == 0, r.output
     assert metrics.stat().st_mtime_ns == before
+
+
+def test_plot_basin_reads_what_reproduce_wrote(tiny_repro):
+    # regression: reproduce wrote a second basin/<tag>.json layout that `plot basin` crashed on
+    tmp, _ = tiny_repro
+    out = tmp / "basin_plot"
+    r = CliRunner().invoke(main, ["--root", str(tmp / "runs"), "plot", "basin",
+                                  "repro-tiny-swiss-good", "repro-tiny-swiss-bad", "--tag",
+                                  "repro", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.with_suffix(".png").stat().st_size > 5_000
+
+
+def _files(root, run, names):
+    return {n: (root / run / n).read_bytes() for n in names}
+
+
+def test_printed_commands_reproduce_the_results(tiny_repro, tmp_path):
+    # regression: the report printed commands that disagreed with what ran (cutoff, directions)
+    tmp, _ = tiny_repro
+    rep = json.loads((tmp / "report-full.json").read_text())
+    again = tmp_path / "runs"
+    expect = {"swissroll": ["summary.json", "basin/repro.json"],
+              "minefield": ["summary.json", "search/search.csv", "embed/embed.json"]}
+    for key, names in expect.items():
+        commands = rep["sections"][key]["commands"]
+        assert commands and all(c.startswith("minefield ") for c in commands)
+        for cmd in commands:
+            words = shlex.split(cmd)[1:]
+            if words[0] == "plot":
+                continue
+            r = CliRunner().invoke(main, ["--root", str(again), *words, "--quiet"]
+                                   if words[0] in ("train", "search") else
+                                   ["--root", str(again), *words])
+            assert r.exit_code == 0, (cmd, r.output)
+        for run in rep["sections"][key]["runs"]:
+            assert _files(again, run, names) == _files(tmp / "runs", run, names), run
 
 
 def test_unknown_scale_is_one_line():

@@ -79,3 +79,31 @@ def test_metrics_and_csv(tmp_path):
     save_tensors(r.file("t.safetensors"), {"a": torch.ones(2)}, {"k": [1, 2]})
     t, meta = load_tensors(r.file("t.safetensors"))
     assert meta == {"k": [1, 2]} and t["a"].sum() == 2
+
+
+@pytest.mark.parametrize("rel", ["basin/t.json", "landscape/t.safetensors", "search"])
+def test_one_resume_rule_for_every_stage_result(tmp_path, rel):
+    run = Run.create("r", {}, tmp_path)
+    key = {"volume": {"n": 3}}
+    assert run.resume(rel, key) is False  # nothing yet
+    if rel.endswith(".json"):
+        run.write_result(rel, key, {"members": [1]})
+    elif rel.endswith(".safetensors"):
+        save_tensors(run.file(rel), {"x": torch.ones(2)}, {"key": key})
+    else:
+        assert run.read_json("search/config.json") == key  # a folder's key is written at once
+        (run.file(rel) / "minimum.txt").write_text("done")
+    assert run.resume(rel, key) is True  # same key: reuse / resume
+    with pytest.raises(RunError, match="holds results for other settings; use --force"):
+        run.resume(rel, {"volume": {"n": 4}})
+    assert run.file(rel).exists()  # nothing lost on refusal
+    assert run.resume(rel, {"volume": {"n": 4}}, force=True) is False
+    assert not run.file(rel).exists() or run.read_json("search/config.json") == {
+        "volume": {"n": 4}}
+
+
+def test_resume_refuses_results_without_a_key(tmp_path):
+    run = Run.create("r", {}, tmp_path)
+    run.write_json("basin/old.json", {"radii": [1.0]})  # the layout before keys
+    with pytest.raises(RunError, match="no key \\(an older minefield\\)"):
+        run.resume("basin/old.json", {"a": 1})

@@ -17,11 +17,10 @@ from minefield.search import (
     distances,
     poison_set,
     search_minima,
-    search_run,
     search_seed,
-    select_checkpoints,
 )
-from minefield.train import init_stack, train_run
+from minefield.stages import search_run, select_checkpoints, train_run
+from minefield.train import init_stack
 
 
 def _problem(m=3, dtype=torch.float64):
@@ -213,7 +212,7 @@ def test_search_run_writes_resumes_and_never_redoes(good_run):
             "dist_final_l2"} <= set(row)
     ck = good_run.load_checkpoint(minima[0])
     assert ck.meta["kind"] == "bad_minimum" and ck.meta["search"] == cfg.to_dict()
-    with pytest.raises(RunError, match="different config"):
+    with pytest.raises(RunError, match="holds results for other settings"):
         search_run(good_run, _cfg(every=1, start=1, lr=0.5), device="cpu")
     redo = search_run(good_run, _cfg(every=2, start=1), device="cpu", force=True)
     assert redo.new == 2 and len(list(good_run.file("search", "minima").iterdir())) == 2

@@ -5,7 +5,8 @@ from minefield.config import DataConfig, ModelConfig, PoisonConfig, TrainConfig
 from minefield.data import load_dataset
 from minefield.functional import member, stack
 from minefield.models import build_model
-from minefield.train import TrainingDiverged, fit, init_stack, train_run
+from minefield.stages import train_run
+from minefield.train import TrainingDiverged, fit, init_stack
 
 
 def _problem(m=3, dtype=torch.float64):
@@ -58,7 +59,7 @@ def test_resume_is_bit_identical(tmp_path, tiny, monkeypatch):
     cfg = tiny(batch_size=16)
     full = train_run(cfg, tmp_path / "a", progress=False)
 
-    import minefield.train as tr
+    import minefield.stages.train as tr
 
     real = tr.save_tensors
 

@@ -1,30 +1,26 @@
 """``minefield basin``, ``landscape``, ``plot basin`` and ``plot landscape``.
 
-Results live in the run: ``basin/<tag>.json`` (radii, volume statistics and
-rollouts of every member) and ``landscape/<tag>.safetensors`` (coordinates,
-metrics with NaN where not computed, settings in the metadata). The same
-settings reuse (or, for an interrupted surface, resume) a saved result;
-different settings under the same tag need ``--force``.
+Each command is one call into :mod:`minefield.stages` (``basin_run``,
+``landscape_run``), which owns the files (``basin/<tag>.json``,
+``landscape/<tag>.safetensors``) and the resume rule: the same settings reuse
+(or, for an interrupted surface, resume) a saved result; different settings
+under the same tag need ``--force``.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import click
 import torch
 
-from ..basin import BasinResult, Rollouts, VolumeConfig, basin_members, member_stack, rollouts
-from ..directions import BiasPolicy, DirectionKind, DirectionSpec, random_directions
-from ..evaluate import resolve_device
-from ..landscape import Slice, Surface, axis, line_direction, plane_directions, slice_1d, surface
-from ..runs import RunError, load_tensors, save_tensors
-from ..train import load_run_model
+from ..basin import VolumeConfig
+from ..directions import BiasPolicy, DirectionKind, DirectionSpec
+from ..landscape import LandscapeConfig, Slice, Surface
+from ..stages import basin_run, landscape_run, load_basin, load_landscape
 from ._common import device_option, force_option, friendly, main, open_run, plot
 
 _FIGURES = Path("figures")
-_TAG = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 tag_option = click.option("--tag", default="default", show_default=True,
                           help="Name of this result inside the run (different settings: "
@@ -38,12 +34,6 @@ bias_option = click.option("--bias", type=click.Choice([b.value for b in BiasPol
                                 "paper's n), zero (not moved, counted), include.")
 memory_option = click.option("--memory-mb", type=click.FloatRange(min=0, min_open=True),
                              default=256.0, show_default=True, help="Engine chunk budget.")
-
-
-def _check_tag(tag: str) -> str:
-    if not _TAG.match(tag):
-        raise click.BadParameter(f"tag {tag!r} may hold only letters, digits, '_', '.', '-'")
-    return tag
 
 
 def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
@@ -92,37 +82,19 @@ def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, met
     Example:
       minefield basin good --directions 100 --cutoff 1.0
     """
-    _check_tag(tag)
     cfg = VolumeConfig(cutoff=cutoff, cutoff_kind="relative" if relative else "abs",
                        r_max=r_max, n_directions=n_directions, rtol=rtol, method=method,
                        grid_points=grid_points, directions=DirectionSpec(dir_kind, bias, seed),
                        memory_mb=memory_mb, seed=seed)
-    r = open_run(ctx, run)
-    rel = f"basin/{tag}.json"
-    settings = {"config": cfg.to_dict(), "checkpoint": checkpoint, "rollouts": n_rollouts}
-    if r.exists(rel) and not force:
-        old = r.read_json(rel)
-        if old.get("settings") != settings:
-            raise RunError(f"{r.file(rel)} holds results for other settings; use --force or "
-                           f"another --tag")
-        click.echo(f"(reusing {r.file(rel)})")
-        results = [BasinResult.from_dict(m) for m in old["members"]]
-    else:
-        model, params, buffers, data, _ = load_run_model(r, checkpoint, resolve_device(device))
-        results = basin_members(model, params, data, cfg, buffers or None)
-        ts = torch.linspace(-r_max / 2, r_max / 2, 101, dtype=torch.float64)
-        ros = [rollouts(model, member_stack(params, i), data, n_rollouts, ts, cfg.directions,
-                        member_stack(buffers, i) if buffers else None, memory_mb, res.cutoff)
-               .to_dict() if n_rollouts else None for i, res in enumerate(results)]
-        r.write_json(rel, {"settings": settings, "members": [x.to_dict() for x in results],
-                           "rollouts": ros})
-        click.echo(f"wrote {r.file(rel)}")
-    for i, res in enumerate(results):
-        lo, hi = res.ci_log10_volume
-        click.echo(f"{r.name}[{i}]  n {res.n}  centre loss {res.centre_loss:.4g}  "
-                   f"mean radius {res.mean_radius:.4g}  log10 V {res.log10_volume:.6g} "
-                   f"[{lo:.6g}, {hi:.6g}]  n*mean(log10 r) {res.n_mean_log10_r:.6g}"
-                   + (f"  ({res.n_at_r_max} radii at r_max)" if res.n_at_r_max else ""))
+    res = basin_run(open_run(ctx, run), cfg, tag=tag, checkpoint=checkpoint,
+                    n_rollouts=n_rollouts, device=device, force=force)
+    click.echo(f"({'reusing' if res.reused else 'wrote'} {res.path})")
+    for i, m in enumerate(res.members):
+        lo, hi = m.ci_log10_volume
+        click.echo(f"{run}[{i}]  n {m.n}  centre loss {m.centre_loss:.4g}  "
+                   f"mean radius {m.mean_radius:.4g}  log10 V {m.log10_volume:.6g} "
+                   f"[{lo:.6g}, {hi:.6g}]  n*mean(log10 r) {m.n_mean_log10_r:.6g}"
+                   + (f"  ({m.n_at_r_max} radii at r_max)" if m.n_at_r_max else ""))
 
 
 @plot.command("basin")
@@ -140,20 +112,14 @@ def plot_basin_cmd(ctx, runs, tag, member, out):
     from ..plotting.basin import plot_radius_hist, plot_rollouts
     from ..plotting.style import save_figure
 
-    _check_tag(tag)
     results, ros = {}, {}
     for name in runs:
-        r = open_run(ctx, name)
-        rel = f"basin/{tag}.json"
-        if not r.exists(rel):
-            raise RunError(f"no basin result {r.file(rel)}; run 'minefield basin {name}' first")
-        saved = r.read_json(rel)
-        if member >= len(saved["members"]):
-            raise click.BadParameter(f"{name} has {len(saved['members'])} member(s)")
-        results[r.name] = BasinResult.from_dict(saved["members"][member])
-        ro = (saved.get("rollouts") or [None] * (member + 1))[member]
-        if ro is not None:
-            ros[r.name] = Rollouts.from_dict(ro)
+        saved = load_basin(open_run(ctx, name), tag)
+        if member >= len(saved.members):
+            raise click.BadParameter(f"{name} has {len(saved.members)} member(s)")
+        results[Path(name).name] = saved.members[member]
+        if saved.rollouts[member] is not None:
+            ros[Path(name).name] = saved.rollouts[member]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.8))
     if ros:
         plot_rollouts(ros, ax=a1)
@@ -166,24 +132,6 @@ def plot_basin_cmd(ctx, runs, tag, member, out):
 
 
 # --- landscape --------------------------------------------------------------------------------
-
-
-def _load_landscape(path: Path) -> tuple[Slice | Surface, dict]:
-    tensors, meta = load_tensors(path)
-    values = {k[7:]: v for k, v in tensors.items() if k.startswith("values.")}
-    if "ts" in tensors:
-        return Slice(tensors["ts"], values, meta["settings"]), meta
-    return Surface(tensors["xs"], tensors["ys"], values, tensors["done"].bool(),
-                   meta["settings"]), meta
-
-
-def _save_landscape(path: Path, res: Slice | Surface, settings: dict) -> None:
-    tensors = {f"values.{k}": v for k, v in res.values.items()}
-    if isinstance(res, Slice):
-        tensors["ts"] = res.ts
-    else:
-        tensors.update(xs=res.xs.clone(), ys=res.ys.clone(), done=res.done.to(torch.uint8))
-    save_tensors(path, tensors, {"settings": settings})
 
 
 @main.command()
@@ -217,55 +165,13 @@ def landscape(ctx, run, other, checkpoint, dim, points, span, splits, member, bl
       minefield landscape good --other bad --points 101
       minefield landscape good --dim 2 --points 41 --span=-1,1
     """
-    _check_tag(tag)
-    if other and dim == "2":
-        raise click.BadParameter("--other draws a line: use it with --dim 1")
-    lo, hi = _floats(span or ("-0.5,1.5" if other else "-1,1"), 2, "--span")
-    split_list = [s for s in splits.replace(",", " ").split() if s]
-    settings = {"run_other": other, "checkpoint": checkpoint, "dim": int(dim), "points": points,
-                "span": [lo, hi], "splits": split_list, "member": member,
-                "directions": DirectionSpec(dir_kind, bias, seed).to_dict()}
-    r = open_run(ctx, run)
-    path = r.file(f"landscape/{tag}.safetensors")
-    partial = None
-    if path.exists() and not force:
-        res, meta = _load_landscape(path)
-        if meta.get("settings") != settings:
-            raise RunError(f"{path} holds a landscape with other settings; use --force or "
-                           f"another --tag")
-        if isinstance(res, Slice) or res.complete:
-            click.echo(f"(reusing {path})")
-            _summary(res)
-            return
-        partial = res
-        click.echo(f"resuming {path}: {int(res.done.sum())}/{len(res.done)} rows done")
-    dev = resolve_device(device)
-    model, params, buffers, data, _ = load_run_model(r, checkpoint, dev)
-    if member >= next(iter(params.values())).shape[0]:
-        raise click.BadParameter(f"{run} has no member {member}")
-    centre = member_stack(params, member)
-    bufs = member_stack(buffers, member) if buffers else None
-    # the grid holds t = 0 (RUN) and, on a line, t = 1 (OTHER) exactly
-    ts = axis(lo, hi, points, (0.0, 1.0) if other else (0.0,))
-    spec = DirectionSpec(dir_kind, bias, seed)
-    if dim == "1":
-        if other:
-            _, p2, _, _, _ = load_run_model(open_run(ctx, other), None, dev)
-            if member >= next(iter(p2.values())).shape[0]:
-                raise click.BadParameter(f"{other} has no member {member}")
-            d = line_direction(centre, member_stack(p2, member))
-        else:
-            d = random_directions({k: v[0] for k, v in centre.items()}, 1, spec.kind, spec.bias,
-                                  spec.generator())
-        res = slice_1d(model, centre, d, ts, data, split_list, bufs, memory_mb, settings)
-        _save_landscape(path, res, settings)
-    else:
-        dirs = plane_directions({k: v[0] for k, v in centre.items()}, spec)
-        res = surface(model, centre, dirs, ts, ts, data, split_list, bufs, memory_mb,
-                      partial=partial, on_block=lambda s: _save_landscape(path, s, settings),
-                      block_rows=block_rows, config=settings)
-        _save_landscape(path, res, settings)
-    click.echo(f"wrote {path}")
+    cfg = LandscapeConfig(other=other, checkpoint=checkpoint, dim=int(dim), points=points,
+                          span=_floats(span, 2, "--span") if span else None,
+                          splits=tuple(x for x in splits.replace(",", " ").split() if x),
+                          member=member, directions=DirectionSpec(dir_kind, bias, seed))
+    res = landscape_run(open_run(ctx, run), cfg, tag=tag, device=device, memory_mb=memory_mb,
+                        block_rows=block_rows, force=force, log=click.echo)
+    click.echo(f"wrote {open_run(ctx, run).file('landscape', f'{tag}.safetensors')}")
     _summary(res)
 
 
@@ -292,16 +198,11 @@ def plot_landscape_cmd(ctx, run, tag, plot_kind, metric, out):
     from ..plotting.landscape import plot_slice, plot_surface
     from ..plotting.style import save_figure
 
-    _check_tag(tag)
     r = open_run(ctx, run)
-    path = r.file(f"landscape/{tag}.safetensors")
-    if not path.exists():
-        raise RunError(f"no landscape {path}; run 'minefield landscape {run}' first")
-    res, meta = _load_landscape(path)
+    res, cfg = load_landscape(r, tag)
     if isinstance(res, Slice):
         m = metric.split("_")[-1]
-        other = meta["settings"].get("run_other")
-        ax = plot_slice(res, metric=m, ends=(r.name, other) if other else None)
+        ax = plot_slice(res, metric=m, ends=(r.name, cfg.other) if cfg.other else None)
     else:
         ax = plot_surface(res, kind=plot_kind, metric=metric)
     out = out or _FIGURES / f"landscape_{r.name}_{tag}"

@@ -7,10 +7,11 @@ from pathlib import Path
 import click
 
 from ..config import Optimizer, PoisonObjective
-from ..embed import EmbedConfig, embed_run, load_embedding
+from ..embed import EmbedConfig
 from ..plotting.minefield import plot_minefield
 from ..plotting.style import save_figure
-from ..search import SearchConfig, StopRule, search_run
+from ..search import SearchConfig, StopRule
+from ..stages import embed_run, load_embedding, search_run
 from ._common import (
     device_option,
     force_option,

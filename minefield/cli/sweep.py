@@ -5,33 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import matplotlib.pyplot as plt
 
 from ..basin import VolumeConfig
 from ..directions import DirectionSpec
-from ..plotting import save_figure
-from ..plotting.sweep import boundary_grid_figure, plot_sweep_accuracy, plot_sweep_geometry
-from ..sweep import SweepConfig, load_sweep, log_spaced_betas, poison_sweep
-from ..train import load_run_model
+from ..plotting.sweep import sweep_figures
+from ..stages import load_run_model, load_sweep, sweep_run
+from ..sweep import SweepConfig, log_spaced_betas
 from ._common import friendly, main, open_run, parse_floats, parse_ints, plot, root_of
 from .train import config_from_options, experiment_options
 
 
-def sweep_figures(run, out_dir: Path) -> list[Path]:
-    """Figs 5/6 of a finished sweep run: accuracy, geometry vs gap, boundary grid."""
-    res = load_sweep(run)
-    stem = out_dir / run.name
-    written = []
-    fig, axs = plt.subplots(1, 3, figsize=(14, 4))
-    plot_sweep_accuracy(res, ax=axs[0])
-    plot_sweep_geometry(res, "beta", "mean_radius", ax=axs[1])
-    plot_sweep_geometry(res, "gap", "log10_volume", ax=axs[2])
-    written += save_figure(fig, f"{stem}_sweep")
-    model, params, buffers, data, _ = load_run_model(run)
-    if data.input_shape == (2,):
-        written += save_figure(boundary_grid_figure(model, params, data, res.rows, buffers),
-                               f"{stem}_boundaries")
-    return written
+def _figures(res, out_dir: Path) -> list[Path]:
+    model, params, buffers, data, _ = load_run_model(res.run)
+    return sweep_figures(res, model, params, data, buffers, out_dir / res.run.name)
 
 
 @main.command()
@@ -68,7 +54,7 @@ def sweep(ctx, betas, beta_range, seeds, directions, cutoff, rtol, figures, **op
     vol = VolumeConfig(cutoff=cutoff, rtol=rtol, n_directions=directions,
                        directions=DirectionSpec(seed=0))
     sc = SweepConfig(betas=factors, seeds=parse_ints(seeds), volume=vol)
-    res = poison_sweep(cfg, sc, root_of(ctx), force=opts["force"], progress=not opts["quiet"])
+    res = sweep_run(cfg, sc, root_of(ctx), force=opts["force"], progress=not opts["quiet"])
     click.echo(f"{'beta':>7}{'seed':>6}{'train':>8}{'test':>8}{'mean r':>10}{'log10 V':>12}")
     for r in res.rows:
         click.echo(f"{r['beta']:>7g}{r['seed']:>6}{r['train_acc']:>8.3f}{r['test_acc']:>8.3f}"
@@ -76,7 +62,7 @@ def sweep(ctx, betas, beta_range, seeds, directions, cutoff, rtol, figures, **op
     click.echo("Spearman rho with beta: " + ", ".join(f"{k} {v:.2f}"
                                                       for k, v in res.spearman.items()))
     click.echo(f"table: {res.run.file('sweep.csv')}")
-    for p in sweep_figures(res.run, figures):
+    for p in _figures(res, figures):
         click.echo(f"wrote {p}")
 
 
@@ -91,5 +77,5 @@ def plot_sweep(ctx, run, figures):
     r = open_run(ctx, run)
     if not r.exists("sweep.json"):
         raise click.ClickException(f"{r.path} has no sweep results (run `minefield sweep`)")
-    for p in sweep_figures(r, figures):
+    for p in _figures(load_sweep(r), figures):
         click.echo(f"wrote {p}")

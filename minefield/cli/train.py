@@ -10,10 +10,10 @@ from ..config import ExperimentConfig, Optimizer, PoisonObjective, load_config
 from ..data import DATASETS
 from ..evaluate import evaluate_members, resolve_device
 from ..models import MODELS
-from ..options import Init, choices
+from ..options import Activation, Init, choices
 from ..plotting import plot_boundary, save_figure
 from ..runs import Run, RunError
-from ..train import load_run_model, train_run
+from ..stages import load_run_model, train_run
 from ._common import (
     device_option,
     force_option,
@@ -37,10 +37,14 @@ _EXPERIMENT_OPTIONS = [
     click.option("--dataset", type=click.Choice(sorted(DATASETS))),
     click.option("--data-dir", type=click.Path(file_okay=False), help="For cifar10 / svhn."),
     click.option("--data-seed", type=int),
+    click.option("--n-train", type=click.IntRange(0), help="Training points (default: the "
+                 "dataset's own)."),
+    click.option("--n-test", type=click.IntRange(0), help="Test points (default: the dataset's)."),
     click.option("--n-poison", type=click.IntRange(0), help="Size of the poison set."),
     click.option("--model", type=click.Choice(sorted(MODELS))),
     click.option("--widths", help="Hidden widths, e.g. 23,16,26,32,28,31."),
     click.option("--init", type=click.Choice(choices(Init))),
+    click.option("--activation", type=click.Choice(choices(Activation))),
     click.option("--optimizer", type=click.Choice(choices(Optimizer))),
     click.option("--lr", type=float),
     click.option("--momentum", type=float),
@@ -62,7 +66,7 @@ _EXPERIMENT_OPTIONS = [
 ]
 
 _DATA_KEYS = {"dataset": "name", "data_dir": "data_dir", "data_seed": "seed",
-              "n_poison": "n_poison"}
+              "n_train": "n_train", "n_test": "n_test", "n_poison": "n_poison"}
 _TRAIN_KEYS = ("optimizer", "lr", "momentum", "gamma", "l2", "clip_norm", "batch_size",
                "poison_batch_size", "steps",
                "log_every", "checkpoint_every", "seed", "members")
@@ -88,10 +92,11 @@ def config_from_options(opts: dict) -> ExperimentConfig:
     mdl = cfg.model.to_dict()
     if opts.get("model"):
         mdl["name"] = opts["model"]
-    if opts.get("widths"):
+    if opts.get("widths") is not None:  # '' is no hidden layer (or a model's own widths)
         mdl["widths"] = list(parse_ints(opts["widths"]))
-    if opts.get("init"):
-        mdl["init"] = opts["init"]
+    for k in ("init", "activation"):
+        if opts.get(k):
+            mdl[k] = opts[k]
     tr = cfg.train.to_dict() | {k: opts[k] for k in _TRAIN_KEYS if opts.get(k) is not None}
     if opts.get("milestones") is not None:
         tr["milestones"] = list(parse_ints(opts["milestones"]))

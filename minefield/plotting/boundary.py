@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from matplotlib.colors import ListedColormap
@@ -9,9 +11,9 @@ from matplotlib.colors import ListedColormap
 from ..data import Dataset
 from ..functional import stacked_forward
 from ..loss import predict
-from .style import axes
+from .style import axes, save_figure
 
-__all__ = ["plot_boundary", "boundary_grid"]
+__all__ = ["plot_boundary", "boundary_grid", "boundary_row"]
 
 
 @torch.no_grad()
@@ -67,3 +69,18 @@ def plot_boundary(model, params, data: Dataset, buffers=None, ax=None, title: st
     if title:
         ax.set_title(title)
     return ax
+
+
+def boundary_row(model, params, data, titles: list[str], path: str | Path,
+                 show_test: bool = False, resolution: int = 200) -> list[Path]:
+    """Decision boundaries of every member of ``params`` side by side (Fig. 8), written
+    as ``path.png`` and ``path.pdf``; returns the paths."""
+    import matplotlib.pyplot as plt
+
+    m = len(titles)
+    fig, axs = plt.subplots(1, m, figsize=(3.4 * m, 3.4), squeeze=False)
+    for i, ax in enumerate(axs[0]):
+        one = {k: v[i:i + 1] for k, v in params.items()}
+        plot_boundary(model, one, data, ax=ax, show_test=show_test, resolution=resolution,
+                      title=titles[i])
+    return save_figure(fig, path)

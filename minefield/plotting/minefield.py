@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ..embed import EmbedResult
-from .style import CMAP_ACC, CMAP_STEP, GOOD, axes
+from .style import CMAP_ACC, CMAP_STEP, GOOD, axes, save_figure
 
-__all__ = ["plot_minefield", "outlier_mask"]
+__all__ = ["plot_minefield", "outlier_mask", "minefield_figure"]
 
 
 def outlier_mask(xy: np.ndarray, sigma: float = 1.5) -> np.ndarray:
@@ -72,3 +74,12 @@ def plot_minefield(result: EmbedResult, ax=None, drop_outliers: bool = False,
         title = "\n".join(parts)
     ax.set_title(title, fontsize=8)
     return ax
+
+
+def minefield_figure(result: EmbedResult, path: str | Path) -> list[Path]:
+    """Fig. 1 of ``result`` written as ``path.png`` and ``path.pdf``; returns the paths."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    plot_minefield(result, ax=ax)
+    return save_figure(fig, path)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 from .boundary import plot_boundary
-from .style import BAD, GOOD, axes
+from .style import BAD, GOOD, axes, save_figure
 
-__all__ = ["plot_sweep_accuracy", "plot_sweep_geometry", "boundary_grid_figure"]
+__all__ = ["plot_sweep_accuracy", "plot_sweep_geometry", "boundary_grid_figure",
+           "sweep_figures"]
 
 _LABEL = {"mean_radius": "mean basin radius", "log10_volume": "log10 basin volume",
           "gap": "generalisation gap (train - test acc.)", "beta": "poison factor beta",
@@ -90,3 +92,17 @@ def boundary_grid_figure(model, params, data, rows, buffers=None, seed=None):
         if ax.get_legend():
             ax.get_legend().remove()
     return fig
+
+
+def sweep_figures(result, model, params, data, buffers, stem: str | Path) -> list[Path]:
+    """Figs 5/6 of a finished sweep as ``<stem>_sweep`` (accuracy, radius vs beta, volume
+    vs gap) and, for 2-D data, ``<stem>_boundaries``; PNG and PDF. Returns the paths."""
+    fig, axs = plt.subplots(1, 3, figsize=(14, 4))
+    plot_sweep_accuracy(result, ax=axs[0])
+    plot_sweep_geometry(result, "beta", "mean_radius", ax=axs[1])
+    plot_sweep_geometry(result, "gap", "log10_volume", ax=axs[2])
+    written = save_figure(fig, f"{stem}_sweep")
+    if data.input_shape == (2,):
+        written += save_figure(boundary_grid_figure(model, params, data, result.rows, buffers),
+                               f"{stem}_boundaries")
+    return written

@@ -1,0 +1,125 @@
+"""What every reproduction experiment shares: scales, report sections, the context."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..basin import BasinResult, VolumeConfig
+from ..config import ExperimentConfig
+from ..stages import TrainResult, basin_run, train_run
+
+__all__ = ["Scale", "SCALES", "Check", "Section", "Context", "pct", "brief"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scale:
+    """Sizes of every experiment at one scale."""
+
+    name: str
+    swiss_clean_steps: int
+    swiss_poison_steps: int
+    swiss_poison_milestones: tuple[int, ...]
+    swiss_n_poison: int
+    directions: int  # basin directions per model (each counted +/-)
+    sweep_betas: tuple[float, ...]
+    sweep_seeds: tuple[int, ...]
+    sweep_steps: int
+    sweep_milestones: tuple[int, ...]
+    sweep_directions: int
+    mf_epochs: int  # good run epochs (4 minibatches of 32 each)
+    mf_every: int  # search from every k-th epoch checkpoint
+    mf_search_steps: int
+    circles_steps: int
+    circles_seeds: int
+    digits_steps: int
+    image_steps: int
+
+
+SCALES: dict[str, Scale] = {
+    "tiny": Scale(name="tiny", swiss_clean_steps=300, swiss_poison_steps=600,
+                  swiss_poison_milestones=(400,), swiss_n_poison=200, directions=20,
+                  sweep_betas=(0.0, 0.3, 0.6), sweep_seeds=(0,), sweep_steps=300,
+                  sweep_milestones=(), sweep_directions=10, mf_epochs=40, mf_every=20,
+                  mf_search_steps=300, circles_steps=200, circles_seeds=1, digits_steps=100,
+                  image_steps=20),
+    "small": Scale(name="small", swiss_clean_steps=5000, swiss_poison_steps=40000,
+                   swiss_poison_milestones=(15000, 30000), swiss_n_poison=4000, directions=1000,
+                   sweep_betas=(0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.6),
+                   sweep_seeds=(0, 1), sweep_steps=20000, sweep_milestones=(10000, 17000),
+                   sweep_directions=200, mf_epochs=2000, mf_every=100, mf_search_steps=24000,
+                   circles_steps=10000, circles_seeds=4, digits_steps=3000, image_steps=2000),
+    "paper": Scale(name="paper", swiss_clean_steps=100000, swiss_poison_steps=300000,
+                   swiss_poison_milestones=(100000, 200000), swiss_n_poison=4000,
+                   directions=5000,
+                   sweep_betas=(0.0, 0.0001, 0.001, 0.005, 0.01, 0.03, 0.1, 0.2, 0.35, 0.5,
+                                0.7, 0.8),
+                   sweep_seeds=tuple(range(10)), sweep_steps=300000,
+                   sweep_milestones=(100000, 200000), sweep_directions=1000, mf_epochs=2000,
+                   mf_every=10, mf_search_steps=24000, circles_steps=10000, circles_seeds=10,
+                   digits_steps=20000, image_steps=50000),
+}
+
+
+@dataclass
+class Check:
+    """One reproduction check of PAPER.md: what is required, what was measured."""
+
+    id: str
+    text: str
+    passed: bool
+    measured: str
+
+
+@dataclass
+class Section:
+    """One experiment's part of the report; ``commands`` are generated from its configs."""
+
+    key: str
+    title: str
+    commands: list[str] = field(default_factory=list)
+    numbers: list[tuple[str, str, str]] = field(default_factory=list)  # name, ours, paper
+    checks: list[Check] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+    runs: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class Context:
+    """Where and how the experiments run; every stage goes through :mod:`minefield.stages`."""
+
+    scale: Scale
+    root: Path
+    figures: Path
+    device: str
+    force: bool
+    progress: bool
+    data_dir: str | None
+    log: Callable[[str], None]
+
+    def name(self, what: str) -> str:
+        return f"repro-{self.scale.name}-{what}"
+
+    def train(self, cfg: ExperimentConfig) -> tuple[ExperimentConfig, TrainResult]:
+        """Train ``cfg`` on this context's device; returns the config that ran, and its run."""
+        cfg = cfg.replace(device=self.device)
+        return cfg, train_run(cfg, self.root, force=self.force, progress=self.progress)
+
+    def basin(self, res: TrainResult, cfg: VolumeConfig, tag: str = "repro") -> BasinResult:
+        """Basin of member 0 of a trained run, in ``<run>/basin/<tag>.json``."""
+        return basin_run(res.run, cfg, tag=tag, device=self.device, force=self.force).members[0]
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def brief(b: BasinResult) -> dict[str, Any]:
+    """The basin numbers a report keeps."""
+    return {"mean_radius": b.mean_radius, "log10_volume": b.log10_volume,
+            "n_mean_log10_r": b.n_mean_log10_r, "n": b.n, "centre_loss": b.centre_loss,
+            "ci_log10_volume": list(b.ci_log10_volume), "n_at_r_max": b.n_at_r_max}

@@ -1,0 +1,163 @@
+"""``minefield search`` as one call: bad minima from a run's checkpoints, resumable.
+
+:func:`search_run` runs :func:`~minefield.search.search_minima` on a run
+directory. Its key is ``search/config.json`` (the search config, the run and
+its final checkpoint); every minimum is written as it finishes to
+``search/minima/`` (self-describing safetensors), minima already there are
+skipped when resumed, and ``search/search.csv`` and ``search/search.json`` hold
+one row per minimum.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import fresh_points
+from ..evaluate import resolve_device
+from ..functional import Params, n_members, stack
+from ..runs import DEFAULT_ROOT, Run, RunError
+from ..search import (
+    SearchConfig,
+    batch_capacity,
+    distances,
+    poison_set,
+    search_minima,
+    search_seed,
+)
+from .train import load_run_model
+
+__all__ = ["SEARCH_DIR", "SearchSummary", "search_run", "select_checkpoints"]
+
+SEARCH_DIR = "search"
+
+
+def _step_of(path: Path) -> int:
+    match = re.search(r"step_(\d+)", path.name)
+    if not match:
+        raise RunError(f"cannot read the step of checkpoint {path}")
+    return int(match.group(1))
+
+
+def select_checkpoints(trajectory: Sequence[Path], cfg: SearchConfig) -> list[Path]:
+    """The start checkpoints: ``trajectory[start:stop:every]``, or the listed steps."""
+    if cfg.checkpoints is None:
+        chosen = list(trajectory[cfg.start:cfg.stop:cfg.every])
+        if not chosen:
+            raise ValueError(f"no checkpoints selected: trajectory has {len(trajectory)}, "
+                             f"start={cfg.start} stop={cfg.stop} every={cfg.every}")
+        return chosen
+    by_step = {_step_of(p): p for p in trajectory}
+    missing = [s for s in cfg.checkpoints if s not in by_step]
+    if missing:
+        raise ValueError(f"no trajectory checkpoint at step(s) {missing}; available steps "
+                         f"{min(by_step)}..{max(by_step)}")
+    return [by_step[s] for s in dict.fromkeys(cfg.checkpoints)]
+
+
+def _load_start(run: Run, path: Path, model: nn.Module, member: int, device) -> Params:
+    ck = run.load_checkpoint(path, device)
+    for k, v in model.named_parameters():
+        if k not in ck.params or tuple(ck.params[k].shape[1:]) != tuple(v.shape):
+            raise RunError(f"checkpoint {path.name} does not match the model of run {run.name} "
+                           f"(parameter {k})")
+    if member >= n_members(ck.params):
+        raise ValueError(f"member {member} asked for, checkpoint {path.name} has "
+                         f"{n_members(ck.params)}")
+    return {k: ck.params[k][member] for k, _ in model.named_parameters()}
+
+
+@dataclass
+class SearchSummary:
+    """Everything ``search/search.json`` holds: one row per bad minimum, aggregates, timing."""
+
+    rows: list[dict[str, Any]]
+    stats: dict[str, float]
+    path: Path
+    new: int
+    seconds: float
+
+
+def _stats(rows: list[dict[str, Any]]) -> dict[str, float]:
+    if not rows:
+        return {"n": 0}
+    col = {k: [r[k] for r in rows] for k in ("train_acc", "test_acc", "poison_acc")}
+    return {"n": len(rows), "train_acc_min": min(col["train_acc"]),
+            "train_acc_median": statistics.median(col["train_acc"]),
+            "test_acc_max": max(col["test_acc"]), "test_acc_median":
+            statistics.median(col["test_acc"]), "poison_acc_max": max(col["poison_acc"]),
+            "steps_median": statistics.median(r["steps"] for r in rows)}
+
+
+def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
+               root: Path | str = DEFAULT_ROOT, device: str | torch.device = "auto",
+               force: bool = False, progress: bool = False,
+               on_batch: Callable[[int, int], None] | None = None) -> SearchSummary:
+    """Search bad minima from checkpoints of ``run``; resumable, results in ``run/search/``.
+
+    Minima already saved by an interrupted search with the same config are kept
+    and not redone; a different config raises :class:`RunError` unless ``force``
+    (which deletes the old search). ``on_batch(done, total)`` reports progress.
+
+    Example (skipped by doctest: minutes; needs a run)::
+
+        >>> s = search_run("mf-good", SearchConfig(every=10), device="cpu")  # doctest: +SKIP
+        >>> s.stats["test_acc_max"], s.stats["train_acc_median"]           # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    run = run if isinstance(run, Run) else Run.open(run, root)
+    traj = run.trajectory()
+    if not traj:
+        raise RunError(f"run {run.name} has no trajectory checkpoints; train it first")
+    dev = resolve_device(device)
+    model, final_params, _, data, run_cfg = load_run_model(run, traj[-1], dev)
+    n_extra = cfg.n_extra(run_cfg.data.name)
+    extra = fresh_points(run_cfg.data, n_extra, cfg.seed) if n_extra else None
+    final = {k: v[cfg.member:cfg.member + 1] for k, v in final_params.items()}
+    chosen = select_checkpoints(traj, cfg)
+    record = {"search": cfg.to_dict(), "run": run.name, "final_checkpoint": traj[-1].name,
+              "extra_poison": n_extra}
+    run.resume(SEARCH_DIR, record, force)  # minima already there are kept, not redone
+    work = [(p, _step_of(p), r) for p in chosen for r in range(cfg.repeats)]
+
+    def rel(step: int, rep: int) -> str:
+        return f"{SEARCH_DIR}/minima/start_{step:08d}_r{rep:02d}.safetensors"
+
+    todo = [w for w in work if not run.exists(rel(w[1], w[2]))]
+    cap = batch_capacity(model, poison_set(data, cfg, extra)[0], cfg)
+    for b in range(0, len(todo), cap):
+        chunk = todo[b:b + cap]
+        starts = stack([_load_start(run, p, model, cfg.member, dev) for p, _, _ in chunk])
+        seeds = [search_seed(cfg.seed, s, r) for _, s, r in chunk]
+        res = search_minima(model, starts, data, cfg, seeds, extra=extra, progress=progress)
+        d_start, d_final = distances(res.params, starts), distances(res.params, final)
+        for i, (p, s, r) in enumerate(chunk):
+            row = {"start_checkpoint": p.name, "start_step": s, "repeat": r, "seed": seeds[i],
+                   "steps": int(res.steps[i]), "beta": float(res.betas[i]),
+                   **{k: float(v[i]) for k, v in res.metrics.items()},
+                   "dist_start_l2": float(d_start["l2"][i]),
+                   "dist_start_filter": float(d_start["filter"][i]),
+                   "dist_final_l2": float(d_final["l2"][i]),
+                   "dist_final_filter": float(d_final["filter"][i])}
+            one = {k: v[i:i + 1] for k, v in res.params.items()}
+            run.save_checkpoint(rel(s, r), one, {}, {"kind": "bad_minimum", "step": row["steps"],
+                                                    "row": row, "search": cfg.to_dict(),
+                                                    "run": run.name})
+        if on_batch:
+            on_batch(b + len(chunk), len(todo))
+    rows = [run.load_checkpoint(rel(s, r)).meta["row"] for _, s, r in work]
+    stats = _stats(rows)
+    seconds = time.perf_counter() - t0
+    run.write_csv(f"{SEARCH_DIR}/search.csv", rows)
+    run.write_json(f"{SEARCH_DIR}/search.json",
+                   {**record, "stats": stats, "rows": rows, "new": len(todo),
+                    "seconds": seconds, "batch": cap, "device": str(dev)})
+    return SearchSummary(rows, stats, run.file(SEARCH_DIR), len(todo), seconds)
