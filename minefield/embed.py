@@ -30,6 +30,7 @@ import torch
 from .config import ConfigError, _Config
 from .evaluate import evaluate_members, resolve_device
 from .functional import Params, flatten, is_weight, stack
+from .lock import locking
 from .runs import DEFAULT_ROOT, Run, RunError
 from .train import load_run_model
 
@@ -135,6 +136,7 @@ class EmbedResult:
                    EmbedConfig.from_dict(d["config"]), d.get("run", ""))
 
 
+@locking
 def embed_run(run: Run | str | Path, cfg: EmbedConfig = EmbedConfig(), *,
               root: Path | str = DEFAULT_ROOT, device: str | torch.device = "auto",
               checkpoints: str = "searched", save: bool = True) -> EmbedResult:
@@ -160,6 +162,8 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig = EmbedConfig(), *,
     minima = sorted(run.file("search", "minima").glob("*.safetensors"))
     if not minima:
         raise RunError(f"run {run.name} has no bad minima; run `minefield search` first")
+    if save:
+        run.lock()
     dev = resolve_device(device)
     model, _, _, data, _ = load_run_model(run, traj[-1], dev)
     names = [n for n, _ in model.named_parameters()]

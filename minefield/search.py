@@ -81,6 +81,7 @@ from .config import ConfigError, Optimizer, PoisonObjective, TrainConfig, _Confi
 from .data import FRESH, Dataset, fresh_points
 from .evaluate import evaluate_members, resolve_device
 from .functional import Params, activation_elements, is_weight, n_members, stack
+from .lock import locking
 from .runs import DEFAULT_ROOT, Run, RunError
 from .train import effective_beta, fit, load_run_model
 
@@ -210,6 +211,7 @@ class SearchConfig(_Config):
             raise ConfigError("search.beta_step and search.adapt_from must be >= 0 and "
                               f"search.beta_max in [0, 1), got {self.beta_step}, "
                               f"{self.adapt_from} and {self.beta_max}")
+        _check_search(self)
 
     @property
     def adapt_until(self) -> int:
@@ -229,6 +231,28 @@ class SearchConfig(_Config):
                            batch_size=self.batch_size, steps=self.steps,
                            log_every=self.log_every, checkpoint_every=self.steps,
                            seed=self.seed)
+
+
+def _check_search(cfg: SearchConfig) -> None:
+    from . import validate as v
+
+    for k in ("lr", "gamma", "memory_mb"):
+        v.positive(f"search.{k}", getattr(cfg, k))
+    for k in ("l2", "jitter", "beta_step"):
+        v.non_negative(f"search.{k}", getattr(cfg, k))
+    if cfg.clip_norm is not None:
+        v.positive("search.clip_norm", cfg.clip_norm)
+    for k in ("target_train", "target_poison_acc"):
+        v.in_unit(f"search.{k}", getattr(cfg, k))
+    v.increasing_steps("search.milestones", cfg.milestones)
+    if cfg.checkpoints is not None:
+        if not cfg.checkpoints:
+            raise ConfigError("search.checkpoints lists no step")
+        v.increasing_steps("search.checkpoints", sorted(cfg.checkpoints))
+    if cfg.stop is not None:
+        v.at_least("search.stop", cfg.stop, 0)
+    if cfg.batch_size is not None:
+        v.at_least("search.batch_size", cfg.batch_size, 1)
 
 
 # --- maths ----------------------------------------------------------------------------------
@@ -517,6 +541,7 @@ def _stats(rows: list[dict[str, Any]]) -> dict[str, float]:
             "steps_median": statistics.median(r["steps"] for r in rows)}
 
 
+@locking
 def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
                root: Path | str = DEFAULT_ROOT, device: str | torch.device = "auto",
                force: bool = False, progress: bool = False,
@@ -538,9 +563,13 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
     if not traj:
         raise RunError(f"run {run.name} has no trajectory checkpoints; train it first")
     dev = resolve_device(device)
+    run.lock()
     model, final_params, _, data, run_cfg = load_run_model(run, traj[-1], dev)
     n_extra = cfg.n_extra(run_cfg.data.name)
     extra = fresh_points(run_cfg.data, n_extra, cfg.seed) if n_extra else None
+    if cfg.member >= n_members(final_params):
+        raise ValueError(f"member {cfg.member} asked for, run {run.name} has "
+                         f"{n_members(final_params)}")
     final = {k: v[cfg.member:cfg.member + 1] for k, v in final_params.items()}
     chosen = select_checkpoints(traj, cfg)
     record = {"search": cfg.to_dict(), "run": run.name, "final_checkpoint": traj[-1].name,
@@ -548,7 +577,8 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
     if run.exists(f"{SEARCH_DIR}/config.json"):
         if force:
             shutil.rmtree(run.file(SEARCH_DIR))
-        elif run.read_json(f"{SEARCH_DIR}/config.json") != record:
+        elif (run.read_json(f"{SEARCH_DIR}/config.json") != record
+              and any(run.file(SEARCH_DIR, "minima").glob("*.safetensors"))):
             raise RunError(f"run {run.name} already has a search with a different config; "
                            "use --force to redo it")
     run.write_json(f"{SEARCH_DIR}/config.json", record)
@@ -559,8 +589,14 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
 
     todo = [w for w in work if not run.exists(rel(w[1], w[2]))]
     cap = batch_capacity(model, poison_set(data, cfg, extra)[0], cfg)
-    for b in range(0, len(todo), cap):
-        chunk = todo[b:b + cap]
+    # Stacks are fixed chunks of the whole work list, and a chunk with any minimum
+    # missing is redone whole: rounding depends on the stack a member trains in, and
+    # this chaotic objective amplifies it (see the module docstring), so a resumed
+    # search trains every member in the stack it would have had without the kill.
+    chunks = [work[b:b + cap] for b in range(0, len(work), cap)]
+    for b, chunk in enumerate(chunks):
+        if all(run.exists(rel(s, r)) for _, s, r in chunk):
+            continue
         starts = stack([_load_start(run, p, model, cfg.member, dev) for p, _, _ in chunk])
         seeds = [search_seed(cfg.seed, s, r) for _, s, r in chunk]
         res = search_minima(model, starts, data, cfg, seeds, extra=extra, progress=progress)
@@ -574,11 +610,13 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
                    "dist_final_l2": float(d_final["l2"][i]),
                    "dist_final_filter": float(d_final["filter"][i])}
             one = {k: v[i:i + 1] for k, v in res.params.items()}
+            if run.exists(rel(s, r)):
+                continue
             run.save_checkpoint(rel(s, r), one, {}, {"kind": "bad_minimum", "step": row["steps"],
                                                     "row": row, "search": cfg.to_dict(),
                                                     "run": run.name})
         if on_batch:
-            on_batch(b + len(chunk), len(todo))
+            on_batch(sum(len(c) for c in chunks[:b + 1]), len(work))
     rows = [run.load_checkpoint(rel(s, r)).meta["row"] for _, s, r in work]
     stats = _stats(rows)
     seconds = time.perf_counter() - t0

@@ -27,6 +27,7 @@ from scipy.stats import spearmanr
 
 from .basin import BasinResult, VolumeConfig, basin_members
 from .config import ConfigError, ExperimentConfig, _Config
+from .lock import locking
 from .runs import DEFAULT_ROOT, Run
 from .train import train_run
 
@@ -80,6 +81,7 @@ def _spearman(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+@locking
 def poison_sweep(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
                  root: Path | str = DEFAULT_ROOT, force: bool = False, progress: bool = True,
                  save: bool = True) -> SweepResult:

@@ -32,9 +32,11 @@ from .config import ExperimentConfig, Optimizer, PoisonObjective, TrainConfig
 from .data import Dataset, load_dataset
 from .evaluate import evaluate_members, resolve_device
 from .functional import Params, buffers_like, is_weight, n_members, stack, stacked_forward
+from .lock import locking
 from .loss import poisoned_nll
 from .models import build_model, init_params
 from .runs import DEFAULT_ROOT, Checkpoint, Run, RunError, load_tensors, save_tensors
+from .validate import check_training_memory
 
 __all__ = ["fit", "FitResult", "TrainingDiverged", "train_run", "TrainResult", "init_stack",
            "effective_beta", "make_optimizer", "load_run_model", "match_model"]
@@ -279,6 +281,7 @@ def member_seeds(cfg: ExperimentConfig) -> list[int]:
     return [cfg.train.seed + i for i in range(cfg.train.members)]
 
 
+@locking
 def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: bool = False,
               progress: bool = True, betas: Sequence[float] | None = None,
               seeds: Sequence[int] | None = None, save: bool = True) -> TrainResult:
@@ -291,6 +294,7 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
     """
     dev = resolve_device(cfg.device)
     data = load_dataset(cfg.data)
+    _check_memory(cfg, data)
     model = build_model(cfg.model, data.input_shape, data.n_classes)
     data = data.to(dev)
     m = cfg.train.members
@@ -336,7 +340,7 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         state.update(ot)
         save_tensors(run.file("state.safetensors"), state, {**base_meta, "step": step, **om})
 
-    if start >= cfg.train.steps and run is not None:
+    if start >= cfg.train.steps and run is not None and run.trajectory():
         p, b = match_model(model, run.load_checkpoint(run.trajectory()[-1], dev))
         res = FitResult(p, b, start, [], [None] * m)
     else:
@@ -350,6 +354,15 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         run.write_json("summary.json", {"step": res.step, "seeds": seeds,
                                         "betas": list(map(float, betas)), **metrics})
     return TrainResult(run, res.params, res.buffers, metrics, model, data)
+
+
+def _check_memory(cfg: ExperimentConfig, data: Dataset) -> None:
+    """Refuse, before anything is allocated or written, a model or stack too big to train."""
+    n_t, n_p = len(data.y_train), len(data.y_poison)
+    bs = min(cfg.train.batch_size or n_t, n_t)
+    bs_p = cfg.train.poison_batch_size or (n_p if bs >= n_t else math.ceil(n_p * bs / n_t))
+    check_training_memory(cfg.model, data.input_shape, data.n_classes, cfg.train.members,
+                          bs + min(bs_p, n_p), data.x_train.element_size())
 
 
 def load_run_model(run: Run, checkpoint: str | Path | None = None, device="cpu"):

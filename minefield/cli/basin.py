@@ -9,6 +9,7 @@ different settings under the same tag need ``--force``.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -108,6 +109,7 @@ def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, met
         click.echo(f"(reusing {r.file(rel)})")
         results = [BasinResult.from_dict(m) for m in old["members"]]
     else:
+        r.lock()
         model, params, buffers, data, _ = load_run_model(r, checkpoint, resolve_device(device))
         results = basin_members(model, params, data, cfg, buffers or None)
         ts = torch.linspace(-r_max / 2, r_max / 2, 101, dtype=torch.float64)
@@ -220,6 +222,10 @@ def landscape(ctx, run, other, checkpoint, dim, points, span, splits, member, bl
     if other and dim == "2":
         raise click.BadParameter("--other draws a line: use it with --dim 1")
     lo, hi = _floats(span or ("-0.5,1.5" if other else "-1,1"), 2, "--span")
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise click.BadParameter(f"--span needs two finite numbers, low < high; got {span!r}")
+    if points > 10_000:
+        raise click.BadParameter(f"--points is per axis: at most 10000, got {points}")
     split_list = [s for s in splits.replace(",", " ").split() if s]
     settings = {"run_other": other, "checkpoint": checkpoint, "dim": int(dim), "points": points,
                 "span": [lo, hi], "splits": split_list, "member": member,
@@ -238,6 +244,7 @@ def landscape(ctx, run, other, checkpoint, dim, points, span, splits, member, bl
             return
         partial = res
         click.echo(f"resuming {path}: {int(res.done.sum())}/{len(res.done)} rows done")
+    r.lock()
     dev = resolve_device(device)
     model, params, buffers, data, _ = load_run_model(r, checkpoint, dev)
     if member >= next(iter(params.values())).shape[0]:
