@@ -17,6 +17,7 @@ rebuilt without the command line that made it, and loading never unpickles.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -111,8 +112,15 @@ def read_limited(path: Path | str, limit: int, what: str = "file") -> bytes:
 
 def atomic_write(path: Path, data: bytes) -> None:
     path = Path(path)
+    new_dirs = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except BaseException:
+        for d in new_dirs:  # a failed write leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
     try:
         # mkstemp makes 0600 files; results are meant to be shared as the umask says
         os.fchmod(fd, 0o666 & ~_umask())
@@ -215,6 +223,7 @@ class Run:
             raise RunError(f"{path} exists and is not a minefield run; use --force or "
                            "another --name")
         run = cls(path)
+        created = not path.exists()
         run.lock()
         if force and path.exists():
             for p in path.iterdir():
@@ -225,7 +234,15 @@ class Run:
                 raise RunError(f"run {path} exists with a different config; "
                                "use --force to overwrite it or choose another --name")
             return run
-        write_json(cfg_path, config)
+        try:
+            write_json(cfg_path, config)
+        except BaseException:
+            if created:  # leave no empty run folder behind a failed start
+                from . import lock
+
+                lock.release(path)
+                shutil.rmtree(path, ignore_errors=True)
+            raise
         return run
 
     @classmethod

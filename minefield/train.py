@@ -311,12 +311,20 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
     start, opt_state, buffers, old_rows = 0, None, None, []
     if run is not None and run.exists("state.safetensors"):
         tensors, meta = load_tensors(run.file("state.safetensors"), dev)
-        start = int(meta["step"])
-        # safetensors sorts its keys: restore the model's order (the optimizer's too)
-        params = {k: tensors[f"param.{k}"] for k in params}
-        buffers = {k: tensors[f"buffer.{k}"] for k, _ in model.named_buffers()} or None
-        opt_state = _opt_from_tensors(tensors, meta)
-        old_rows = [r for r in run.metrics() if r["step"] < start]
+        try:
+            start = int(meta["step"])
+            # safetensors sorts its keys: restore the model's order (the optimizer's too)
+            params = {k: _same_shape(tensors[f"param.{k}"], v) for k, v in params.items()}
+            buffers = {k: tensors[f"buffer.{k}"] for k, _ in model.named_buffers()} or None
+            opt_state = _opt_from_tensors(tensors, meta)
+            _check_opt_state(opt_state, cfg.train, list(params.values()), start)
+            old_rows = [r for r in run.metrics() if r["step"] < start]
+            if start > 0 and not run.exists(f"trajectory/step_{start:08d}.safetensors"):
+                raise ValueError(f"the trajectory checkpoint of step {start} is missing")
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise RunError(f"{run.file('state.safetensors')} cannot resume this run "
+                           f"({type(e).__name__}: {str(e)[:80]}); delete it to restart "
+                           "from the beginning, or use --force") from None
     rows = list(old_rows)
     base_meta = {"config": cfg_dict, "seeds": seeds, "betas": list(map(float, betas)),
                  "members": m}
@@ -354,6 +362,28 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         run.write_json("summary.json", {"step": res.step, "seeds": seeds,
                                         "betas": list(map(float, betas)), **metrics})
     return TrainResult(run, res.params, res.buffers, metrics, model, data)
+
+
+def _same_shape(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if saved.shape != like.shape or saved.dtype != like.dtype:
+        raise ValueError(f"saved shape {tuple(saved.shape)}, expected {tuple(like.shape)}")
+    return saved
+
+
+def _check_opt_state(state: dict, cfg: TrainConfig, leaves: list[torch.Tensor],
+                     step: int) -> None:
+    """Raise ValueError unless ``state`` loads into this run's optimizer."""
+    make_optimizer(cfg, [v.detach().clone().requires_grad_(True) for v in leaves]
+                   ).load_state_dict(state)
+    for idx, st in state["state"].items():
+        for k, v in st.items():
+            if v.dim() and v.shape != leaves[int(idx)].shape:
+                raise ValueError(f"optimizer state {idx}.{k} has shape {tuple(v.shape)}")
+    stateless = cfg.optimizer is Optimizer.SGD and cfg.momentum == 0
+    if not state["state"] and not stateless and step > 0:
+        raise ValueError("the optimizer state is missing")
+    if state["state"] and len(state["state"]) != len(leaves):
+        raise ValueError(f"optimizer state for {len(state['state'])} of {len(leaves)} tensors")
 
 
 def _check_memory(cfg: ExperimentConfig, data: Dataset) -> None:
