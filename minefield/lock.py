@@ -100,6 +100,13 @@ def _refusal(path: Path) -> RunLocked:
                      "to finish or stop it")
 
 
+def _command() -> str:
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name in ("__main__.py", "minefield"):
+        argv[0] = "minefield"
+    return " ".join(argv)[:500]
+
+
 def acquire(path: Path | str) -> None:
     """Take the write lock of run directory ``path`` (created if missing), or raise.
 
@@ -125,7 +132,7 @@ def acquire(path: Path | str) -> None:
             f.seek(0)
             f.truncate()
             f.write(json.dumps({"pid": os.getpid(), "since": int(time.time()),
-                                "cmd": " ".join(sys.argv)[:500]}) + "\n")
+                                "cmd": _command()}) + "\n")
             f.flush()
             _held[key] = [f, 1]
         stack = getattr(_scopes, "stack", None)

@@ -37,7 +37,18 @@ filter of each weight matrix rescaled to that filter's norm in ``theta``; biases
 0) drawn from the search's own seed. Minibatch noise cannot tell repeats apart:
 all members of a stack share one minibatch order (``seed``), and the default is
 full batch anyway. Searches are seeded by ``(seed, start step, repeat)`` only,
-so a minimum does not depend on which batch it was trained in.
+and nothing else couples the members of a stack: each has its own poison factor,
+stopping step and optimizer state, and minibatches and fresh points depend on
+``seed`` alone. Stacks of different sizes still round differently (batched
+kernels; 1e-16 relative per step in float64, 1e-7 in float32), and poisoned
+training is chaotic enough to amplify that: on the spiral, one start searched
+alone and in a stack of two differs by 2e-13 after 200 steps, 6e-3 after 500
+and O(1) after 1,000, in float64 as in float32 (different minima, same
+statistics). So stacks are fixed chunks of the work list (``max_batch``, or
+fewer for ``memory_mb``), and a resumed search redoes a partly saved stack
+whole: one command gives bit-identical minima on one machine, whether it was
+killed and resumed or not. Another ``max_batch`` or ``memory_mb`` gives other
+stacks, hence minima equal only to rounding on short searches.
 
 Distances (:func:`distances`) to the start checkpoint and to the good run's final
 iterate are reported in two units:

@@ -101,8 +101,8 @@ def model_size(model_cfg: Any, input_shape: tuple[int, ...], n_classes: int
     Example::
 
         >>> from minefield.config import ModelConfig
-        >>> model_size(ModelConfig(widths=(8,)), (2,), 2)   # 2*8+8 + 8*1+1 weights
-        (33, 19)
+        >>> model_size(ModelConfig(widths=(8,)), (2,), 2)  # 2*8+8 + 8+1; outputs 8, 8, 1
+        (33, 17)
     """
     import torch
 

@@ -38,14 +38,15 @@ import torch
 from click.testing import CliRunner
 
 from minefield.cli import main
-from minefield.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+from minefield.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from minefield.data import load_dataset
 from minefield.functional import member, stack
 from minefield.lock import RunLocked, acquire, holder, is_held, release
 from minefield.models import build_model
-from minefield.runs import Run, RunError, save_tensors
+from minefield.runs import Run, RunError, read_limited, save_tensors
 from minefield.search import SearchConfig, StopRule, search_minima, search_run
 from minefield.train import init_stack, train_run
+from minefield.validate import check_training_memory
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["train", "--name", "fresh", "--dataset", "blobs", "--widths", "8,8", "--steps", "20",
@@ -98,6 +99,8 @@ def _cases() -> list[Case]:
     bad_opt(TRAIN, "--widths", ["", "abc", "1.5"], r"expected integers like")
     bad_opt(TRAIN, "--widths", ["100000000"], r"needs about [\d.]+ GB, more than", code=1)
     bad_opt(TRAIN, "--members", ["1000000"], r"needs about [\d.]+ GB, more than", code=1)
+    bad_opt(TRAIN, "--widths", ["100000,100000"], r"10,000,\d+,\d+ parameters, more than",
+            code=1)
     for opt in ("--steps", "--n-poison"):
         bad_opt(TRAIN, opt, ["-1"], r"Invalid value for '--(steps|n-poison)'")
     for opt in ("--batch-size", "--log-every", "--checkpoint-every", "--members"):
@@ -369,6 +372,52 @@ def test_the_table_covers_every_issue_case():
                    "train-eacces", "train-enospc", "--widths='100000000'", "config-devzero",
                    "checkpoint-devzero", "--lr='nan'", "basin-run=../outside/victim"):
         assert needle in ids, needle
+
+
+# --- the same checks from Python --------------------------------------------------------------
+
+NAN = float("nan")
+PY_CASES = [
+    (TrainConfig, {"lr": NAN}, r"train\.lr must be a finite number > 0"),
+    (TrainConfig, {"clip_norm": -1.0}, r"train\.clip_norm must be a finite number > 0"),
+    (TrainConfig, {"l2": -1.0}, r"train\.l2 must be a finite number >= 0"),
+    (TrainConfig, {"momentum": 1.0}, r"train\.momentum must be in \[0, 1\)"),
+    (TrainConfig, {"milestones": (-5,)}, r"train\.milestones must be step counts >= 0"),
+    (ModelConfig, {"widths": (0,)}, r"model\.widths must be integers >= 1"),
+    (ExperimentConfig, {"name": "a\nb"}, r"invalid run name .*control character"),
+    (ExperimentConfig, {"name": ""}, r"invalid run name '': it is empty"),
+    (ExperimentConfig, {"device": "tpu"}, r"device must be auto, cpu or cuda"),
+    (SearchConfig, {"lr": NAN}, r"search\.lr must be a finite number > 0"),
+    (SearchConfig, {"checkpoints": ()}, r"search\.checkpoints lists no step"),
+    (SearchConfig, {"stop": -1}, r"search\.stop must be an integer >= 0"),
+    (SearchConfig, {"batch_size": 0}, r"search\.batch_size must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("cls,kw,match", PY_CASES, ids=[m[:30] for _, _, m in PY_CASES])
+def test_configs_refuse_bad_values_in_python(cls, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        cls(**kw)
+
+
+def test_model_size_is_refused_before_allocation():
+    with pytest.raises(ConfigError, match=r"has 10,000,\d+,\d+ parameters, more than the"):
+        check_training_memory(ModelConfig(widths=(100_000, 100_000)), (2,), 2, 1, 10)
+    with pytest.raises(ConfigError, match=r"needs about 0\.0 GB, more than the 0\.0 GB"):
+        check_training_memory(ModelConfig(widths=(8,)), (2,), 2, 1, 10, limit=10)
+    assert check_training_memory(ModelConfig(widths=(8,)), (2,), 2, 2, 10) == \
+        2 * (6 * 33 + 3 * 17 * 10) * 4
+
+
+def test_oversize_and_special_files_are_not_read(tmp_path):
+    big = tmp_path / "big.json"
+    big.write_text("[" + " " * 100 + "]")
+    with pytest.raises(RunError, match=r"has 102 bytes, more than the 50 accepted"):
+        read_limited(big, 50)
+    with pytest.raises(RunError, match=r"is not a regular file"):
+        read_limited("/dev/zero", 50)
+    with pytest.raises(RunError, match=r"missing file"):
+        read_limited(tmp_path / "nope", 50)
 
 
 # --- listing, steps 0, search config left behind ------------------------------------------
