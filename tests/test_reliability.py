@@ -523,6 +523,10 @@ def test_lock_refusal_message(tmp_path):
     try:
         with pytest.raises(RunLocked, match=rf"run r is being written by pid {p.pid} since "):
             acquire(d)
+        # the recorded pid is gone but the flock is still held (a child inherited it)
+        (d / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "since": 0}))
+        with pytest.raises(RunLocked, match=r"no longer running; a child process of it"):
+            acquire(d)
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
