@@ -35,7 +35,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 __all__ = ["Run", "RunError", "Checkpoint", "atomic_write", "write_json", "read_json",
-           "save_tensors", "load_tensors", "DEFAULT_ROOT"]
+           "save_tensors", "load_tensors", "DEFAULT_ROOT", "check_name", "read_limited"]
 
 DEFAULT_ROOT = Path("runs")
 FORMAT = "minefield/1"

@@ -21,7 +21,8 @@ from typing import Any
 from .config import ConfigError
 
 __all__ = ["finite", "positive", "non_negative", "at_least", "in_unit", "increasing_steps",
-           "memory_limit_bytes", "check_memory", "MAX_PARAMS"]
+           "memory_limit_bytes", "check_memory", "model_size", "check_training_memory",
+           "MAX_PARAMS"]
 
 #: Largest model accepted (parameters per member): 4 GB of float32 weights.
 MAX_PARAMS = 10**9
@@ -32,21 +33,25 @@ def _is_number(v: Any) -> bool:
 
 
 def finite(where: str, v: Any) -> None:
+    """``v`` is a real number, not NaN or infinite (bools are not numbers here)."""
     if not _is_number(v) or not math.isfinite(v):
         raise ConfigError(f"{where} must be a finite number, got {v!r}")
 
 
 def positive(where: str, v: Any) -> None:
+    """``v`` is finite and > 0 (learning rates, clip norms, decay factors)."""
     if not _is_number(v) or not math.isfinite(v) or v <= 0:
         raise ConfigError(f"{where} must be a finite number > 0, got {v!r}")
 
 
 def non_negative(where: str, v: Any) -> None:
+    """``v`` is finite and >= 0 (l2 coefficients, jitter)."""
     if not _is_number(v) or not math.isfinite(v) or v < 0:
         raise ConfigError(f"{where} must be a finite number >= 0, got {v!r}")
 
 
 def at_least(where: str, v: Any, low: int) -> None:
+    """``v`` is an integer >= ``low``."""
     if not isinstance(v, int) or isinstance(v, bool) or v < low:
         raise ConfigError(f"{where} must be an integer >= {low}, got {v!r}")
 
