@@ -97,6 +97,8 @@ class DataConfig(_Config):
             v = getattr(self, k)
             if v is not None and v < 0:
                 raise ConfigError(f"data.{k} must be >= 0, got {v}")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ConfigError(f"data.seed must be in [0, 2**32), got {self.seed}")
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ METRICS = ("loss", "acc")
 
 def _splits(data: Dataset, splits: Sequence[str]) -> dict[str, tuple[torch.Tensor, ...]]:
     out = {}
+    if not splits:
+        raise ValueError("no split given; use train, test and/or poison")
     for s in splits:
         if s not in ("train", "test", "poison"):
             raise ValueError(f"unknown split {s!r}; use train, test or poison")

@@ -173,7 +173,11 @@ def _cases() -> list[Case]:
             r"--span needs (two finite numbers|2 numbers)")
     bad_opt(L, "--points", ["1000000"], r"--points is per axis: at most 10000")
     bad_opt(L, "--other", ["../x"], r"not a path", code=1)
+    bad_opt(L, "--splits", ["", ","], r"--splits needs train, test and/or poison")
     bad_opt(L, "--splits", ["val"], r"unknown split 'val'", code=1)
+    bad_opt(B, "--memory-mb", ["nan"], r"memory_mb must be a positive number", code=1)
+    bad_opt(TRAIN, "--data-seed", ["-5", "4294967296"], r"data\.seed must be in \[0, 2\*\*32\)",
+            code=1)
     bad_opt(L, "--member", ["3"], r"has no member 3")
     out.append(Case("embed-no-minima", ("embed", "good"), r"has no bad minima"))
     bad_opt(("embed", "good"), "--perplexity", ["nan", "-1"], r"embed\.perplexity must be",
@@ -388,6 +392,7 @@ PY_CASES = [
     (ExperimentConfig, {"name": ""}, r"invalid run name '': it is empty"),
     (ExperimentConfig, {"device": "tpu"}, r"device must be auto, cpu or cuda"),
     (SearchConfig, {"lr": NAN}, r"search\.lr must be a finite number > 0"),
+    (DataConfig, {"seed": -1}, r"data\.seed must be in \[0, 2\*\*32\)"),
     (SearchConfig, {"checkpoints": ()}, r"search\.checkpoints lists no step"),
     (SearchConfig, {"stop": -1}, r"search\.stop must be an integer >= 0"),
     (SearchConfig, {"batch_size": 0}, r"search\.batch_size must be an integer >= 1"),
@@ -398,6 +403,14 @@ PY_CASES = [
 def test_configs_refuse_bad_values_in_python(cls, kw, match):
     with pytest.raises(ConfigError, match=match):
         cls(**kw)
+
+
+def test_a_landscape_needs_a_split():
+    from minefield.landscape import slice_1d
+
+    model, p, data, _, _ = _search_problem(1, torch.float64)
+    with pytest.raises(ValueError, match="no split given"):
+        slice_1d(model, p, p, torch.zeros(2), data, ())
 
 
 def test_model_size_is_refused_before_allocation():

@@ -227,6 +227,8 @@ def landscape(ctx, run, other, checkpoint, dim, points, span, splits, member, bl
     if points > 10_000:
         raise click.BadParameter(f"--points is per axis: at most 10000, got {points}")
     split_list = [s for s in splits.replace(",", " ").split() if s]
+    if not split_list:
+        raise click.BadParameter(f"--splits needs train, test and/or poison, got {splits!r}")
     settings = {"run_other": other, "checkpoint": checkpoint, "dim": int(dim), "points": points,
                 "span": [lo, hi], "splits": split_list, "member": member,
                 "directions": DirectionSpec(dir_kind, bias, seed).to_dict()}
