@@ -31,7 +31,7 @@ from .config import ConfigError, _Config
 from .evaluate import evaluate_members, resolve_device
 from .functional import Params, flatten, is_weight, stack
 from .lock import locking
-from .runs import DEFAULT_ROOT, Run, RunError
+from .runs import DEFAULT_ROOT, Run, RunError, reading
 from .train import load_run_model
 
 __all__ = ["EmbedConfig", "EmbedResult", "weight_matrix", "embed_points", "embed_run",
@@ -169,8 +169,11 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig = EmbedConfig(), *,
     names = [n for n, _ in model.named_parameters()]
     bad_cks = [run.load_checkpoint(p, dev) for p in minima]
     member = int(bad_cks[0].meta.get("search", {}).get("member", 0))
+    with reading(run.file("search", "minima")):
+        starts = [(ck.meta["row"]["start_checkpoint"], int(ck.meta["row"]["start_step"]))
+                  for ck in bad_cks]
     if checkpoints == "searched":
-        wanted = {ck.meta["row"]["start_checkpoint"] for ck in bad_cks} | {traj[-1].name}
+        wanted = {name for name, _ in starts} | {traj[-1].name}
         traj = [p for p in traj if p.name in wanted]
     good_cks = [run.load_checkpoint(p, dev) for p in traj]
     for ck in good_cks + bad_cks:
@@ -185,7 +188,7 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig = EmbedConfig(), *,
     coords = embed_points(weight_matrix(both, cfg.kernels_only), cfg)
     res = EmbedResult(coords, ["trajectory"] * len(good_cks) + ["bad"] * len(bad_cks),
                       [ck.step for ck in good_cks]
-                      + [int(ck.meta["row"]["start_step"]) for ck in bad_cks],
+                      + [step for _, step in starts],
                       metrics["train_acc"].cpu(), metrics["test_acc"].cpu(),
                       metrics["poison_acc"].cpu(), cfg, run.name)
     if save:

@@ -24,7 +24,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 __all__ = ["Run", "RunError", "Checkpoint", "atomic_write", "write_json", "read_json",
-           "save_tensors", "load_tensors", "DEFAULT_ROOT", "check_name", "read_limited"]
+           "save_tensors", "load_tensors", "DEFAULT_ROOT", "check_name", "read_limited",
+           "reading"]
 
 DEFAULT_ROOT = Path("runs")
 FORMAT = "minefield/1"
@@ -108,6 +109,29 @@ def read_limited(path: Path | str, limit: int, what: str = "file") -> bytes:
     if len(data) > limit:
         raise RunError(f"{what} {path} grew past {limit} bytes while being read")
     return data
+
+
+@contextlib.contextmanager
+def reading(path: Path | str) -> Iterator[None]:
+    """Report a file whose contents do not have the expected shape as one RunError.
+
+    Wrap the code that interprets a saved result (``d["members"]``, ``meta["row"]``):
+    a hand-edited, truncated or foreign file gives ``RunError: ... is corrupt``
+    instead of a KeyError deep inside.
+
+    Example::
+
+        >>> saved = [1, 2]  # a list where an object was expected
+        >>> with reading("runs/x/basin/default.json"):  # doctest: +ELLIPSIS
+        ...     saved["members"]
+        Traceback (most recent call last):
+        minefield.runs.RunError: runs/x/basin/default.json is corrupt or not ... to redo it
+    """
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+        raise RunError(f"{path} is corrupt or not what minefield wrote ({type(e).__name__}: "
+                       f"{str(e)[:80]}); use --force to redo it") from None
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -93,7 +93,7 @@ from .data import FRESH, Dataset, fresh_points
 from .evaluate import evaluate_members, resolve_device
 from .functional import Params, activation_elements, is_weight, n_members, stack
 from .lock import locking
-from .runs import DEFAULT_ROOT, Run, RunError
+from .runs import DEFAULT_ROOT, Run, RunError, reading
 from .train import effective_beta, fit, load_run_model
 
 __all__ = ["StopRule", "SearchConfig", "SearchResult", "SearchSummary", "search_minima",
@@ -628,7 +628,8 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
                                                     "run": run.name})
         if on_batch:
             on_batch(sum(len(c) for c in chunks[:b + 1]), len(work))
-    rows = [run.load_checkpoint(rel(s, r)).meta["row"] for _, s, r in work]
+    with reading(run.file(SEARCH_DIR, "minima")):
+        rows = [dict(run.load_checkpoint(rel(s, r)).meta["row"]) for _, s, r in work]
     stats = _stats(rows)
     seconds = time.perf_counter() - t0
     run.write_csv(f"{SEARCH_DIR}/search.csv", rows)

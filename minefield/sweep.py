@@ -28,7 +28,7 @@ from scipy.stats import spearmanr
 from .basin import BasinResult, VolumeConfig, basin_members
 from .config import ConfigError, ExperimentConfig, _Config
 from .lock import locking
-from .runs import DEFAULT_ROOT, Run
+from .runs import DEFAULT_ROOT, Run, reading
 from .train import train_run
 
 __all__ = ["SweepConfig", "SweepResult", "poison_sweep", "log_spaced_betas", "load_sweep"]
@@ -100,9 +100,10 @@ def poison_sweep(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
     key = {"sweep": sweep.to_dict()}
     if run is not None and run.exists("sweep.json"):
         old = run.read_json("sweep.json")
-        if old.get("key") == key and not force:
-            return SweepResult(old["rows"], old["spearman"], run,
-                               [BasinResult.from_dict(b) for b in old["basins"]])
+        with reading(run.file("sweep.json")):
+            if old.get("key") == key and not force:
+                return SweepResult(old["rows"], old["spearman"], run,
+                                   [BasinResult.from_dict(b) for b in old["basins"]])
     basins = basin_members(res.model, res.params, res.data, sweep.volume, res.buffers)
     rows = []
     for i, ((beta, seed), b) in enumerate(zip(grid, basins)):

@@ -203,6 +203,16 @@ def _cases() -> list[Case]:
                      ("metrics-garbage", r"corrupt metrics line 1"),
                      ("state-devzero", r"not a regular file")]:
         out.append(Case(f"resume-{key}", resume, err, setup=key))
+    # saved results that are not what minefield wrote
+    corrupt = r"is corrupt or not what minefield wrote"
+    for key, cmd in [("basin-list", ("basin", "good", "--directions", "2", "--rollouts", "0")),
+                     ("basin-list", ("plot", "basin", "good", "--out", "{files}/fig")),
+                     ("basin-members-int", ("plot", "basin", "good", "--out", "{files}/fig")),
+                     ("landscape-no-settings", ("landscape", "good", "--points", "3")),
+                     ("landscape-no-settings", ("plot", "landscape", "good", "--out",
+                                                "{files}/fig")),
+                     ("minimum-no-row", ("embed", "good"))]:
+        out.append(Case(f"{key}-{cmd[0]}-{cmd[1]}", cmd, corrupt, setup=key))
     # a failing disk: full, read-only
     for patch, err in [("enospc", r"no space left on the device"),
                        ("eacces", r"permission denied")]:
@@ -282,13 +292,25 @@ def _damage(key: str):
             shutil.rmtree(run / "trajectory")
         elif key == "metrics-garbage":
             (run / "metrics.jsonl").write_text("{oops\n")
+        elif key.startswith("basin-"):
+            (run / "basin").mkdir()
+            text = "[1]" if key == "basin-list" else '{"members": [1]}'
+            (run / "basin" / "default.json").write_text(text)
+        elif key == "landscape-no-settings":
+            save_tensors(run / "landscape" / "default.safetensors", {"ts": torch.zeros(3)}, {})
+        elif key == "minimum-no-row":
+            ck = Run(run).load_checkpoint(run / "trajectory" / "step_00000020.safetensors")
+            save_tensors(run / "search" / "minima" / "start_00000020_r00.safetensors",
+                         {f"param.{k}": v for k, v in ck.params.items()}, {"kind": "x"})
     return setup
 
 
 SETUPS = {"configs": _write_configs, "cifar": _write_cifar, "checkpoints": _write_checkpoints,
           **{k: _damage(k) for k in ("state-garbage", "state-empty", "state-no-opt",
                                      "state-no-step", "state-shape", "trajectory-deleted",
-                                     "metrics-garbage", "state-devzero")}}
+                                     "metrics-garbage", "state-devzero", "basin-list",
+                                     "basin-members-int", "landscape-no-settings",
+                                     "minimum-no-row")}}
 
 
 def _failing_mkstemp(err: int):

@@ -20,7 +20,7 @@ from ..basin import BasinResult, Rollouts, VolumeConfig, basin_members, member_s
 from ..directions import BiasPolicy, DirectionKind, DirectionSpec, random_directions
 from ..evaluate import resolve_device
 from ..landscape import Slice, Surface, line_direction, plane_directions, slice_1d, surface
-from ..runs import RunError, load_tensors, save_tensors
+from ..runs import RunError, load_tensors, reading, save_tensors
 from ..train import load_run_model
 from ._common import device_option, force_option, friendly, main, open_run, plot
 
@@ -103,11 +103,12 @@ def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, met
     settings = {"config": cfg.to_dict(), "checkpoint": checkpoint, "rollouts": n_rollouts}
     if r.exists(rel) and not force:
         old = r.read_json(rel)
-        if old.get("settings") != settings:
-            raise RunError(f"{r.file(rel)} holds results for other settings; use --force or "
-                           f"another --tag")
+        with reading(r.file(rel)):
+            if old.get("settings") != settings:
+                raise RunError(f"{r.file(rel)} holds results for other settings; use --force "
+                               f"or another --tag")
+            results = [BasinResult.from_dict(m) for m in old["members"]]
         click.echo(f"(reusing {r.file(rel)})")
-        results = [BasinResult.from_dict(m) for m in old["members"]]
     else:
         r.lock()
         model, params, buffers, data, _ = load_run_model(r, checkpoint, resolve_device(device))
@@ -149,12 +150,13 @@ def plot_basin_cmd(ctx, runs, tag, member, out):
         if not r.exists(rel):
             raise RunError(f"no basin result {r.file(rel)}; run 'minefield basin {name}' first")
         saved = r.read_json(rel)
-        if member >= len(saved["members"]):
-            raise click.BadParameter(f"{name} has {len(saved['members'])} member(s)")
-        results[r.name] = BasinResult.from_dict(saved["members"][member])
-        ro = (saved.get("rollouts") or [None] * (member + 1))[member]
-        if ro is not None:
-            ros[r.name] = Rollouts.from_dict(ro)
+        with reading(r.file(rel)):
+            if member >= len(saved["members"]):
+                raise click.BadParameter(f"{name} has {len(saved['members'])} member(s)")
+            results[r.name] = BasinResult.from_dict(saved["members"][member])
+            ro = (saved.get("rollouts") or [None] * (member + 1))[member]
+            if ro is not None:
+                ros[r.name] = Rollouts.from_dict(ro)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.8))
     if ros:
         plot_rollouts(ros, ax=a1)
@@ -172,10 +174,11 @@ def plot_basin_cmd(ctx, runs, tag, member, out):
 def _load_landscape(path: Path) -> tuple[Slice | Surface, dict]:
     tensors, meta = load_tensors(path)
     values = {k[7:]: v for k, v in tensors.items() if k.startswith("values.")}
-    if "ts" in tensors:
-        return Slice(tensors["ts"], values, meta["settings"]), meta
-    return Surface(tensors["xs"], tensors["ys"], values, tensors["done"].bool(),
-                   meta["settings"]), meta
+    with reading(path):
+        if "ts" in tensors:
+            return Slice(tensors["ts"], values, meta["settings"]), meta
+        return Surface(tensors["xs"], tensors["ys"], values, tensors["done"].bool(),
+                       meta["settings"]), meta
 
 
 def _save_landscape(path: Path, res: Slice | Surface, settings: dict) -> None:
