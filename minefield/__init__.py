@@ -18,6 +18,7 @@ basin-volume study::
 
 from .basin import BasinResult, Rollouts, VolumeConfig, basin_members, basin_radii, rollouts
 from .config import (
+    ConfigError,
     DataConfig,
     ExperimentConfig,
     ModelConfig,
@@ -34,10 +35,11 @@ from .engine import evaluate_points, evaluate_points_loop
 from .evaluate import evaluate_members, resolve_device
 from .functional import flatten, member, stack, stacked_forward, unflatten
 from .landscape import LandscapeConfig, Slice, Surface, axis, plane_directions, slice_1d, surface
+from .lock import RunLocked
 from .loss import accuracy, complement_nll, nll, poisoned_nll
 from .models import MODELS, build_model, init_params
 from .reproduce import SCALES, reproduce
-from .runs import Run
+from .runs import Run, RunError
 from .search import SearchConfig, search_minima
 from .stages import (
     BasinRun,
@@ -84,4 +86,6 @@ __all__ = [
     "train_run", "search_run", "embed_run", "basin_run", "landscape_run", "sweep_run",
     "load_run_model", "load_embedding", "load_basin", "load_landscape", "load_sweep",
     "BasinRun",
+    # errors: a config that cannot be used, a missing or corrupt run, a run another writes
+    "ConfigError", "RunError", "RunLocked",
 ]

@@ -107,6 +107,8 @@ class VolumeConfig(_Config):
                              "bracket_ratio > 1")
         if self.n_bootstrap < 0:
             raise ConfigError(f"volume.n_bootstrap must be >= 0, got {self.n_bootstrap}")
+        if not (self.memory_mb > 0 and math.isfinite(self.memory_mb)):
+            raise ConfigError(f"volume.memory_mb must be a positive number, got {self.memory_mb}")
 
 
 # --- radii along fixed directions -------------------------------------------------------

@@ -98,6 +98,8 @@ class DataConfig(_Config):
             v = getattr(self, k)
             if v is not None and v < 0:
                 raise ConfigError(f"data.{k} must be >= 0, got {v}")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ConfigError(f"data.seed must be in [0, 2**32), got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,11 @@ class ModelConfig(_Config):
     init: Init = Init.GLOROT_UNIFORM
     activation: Activation = Activation.RELU
     _section: ClassVar[str] = "model"
+
+    def _validate(self):
+        bad = [w for w in self.widths if not isinstance(w, int) or isinstance(w, bool) or w < 1]
+        if bad:
+            raise ConfigError(f"model.widths must be integers >= 1, got {tuple(self.widths)}")
 
 
 @dataclass(frozen=True)
@@ -177,6 +184,7 @@ class TrainConfig(_Config):
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
         if list(self.milestones) != sorted(self.milestones):
             raise ConfigError(f"train.milestones must be increasing, got {self.milestones}")
+        _check_train(self)
 
     def lr_at(self, step: int) -> float:
         return self.lr * self.gamma ** sum(step >= m for m in self.milestones)
@@ -192,6 +200,30 @@ class ExperimentConfig(_Config):
     poison: PoisonConfig = field(default_factory=PoisonConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "auto"
+
+    def _validate(self):
+        from .runs import RunError, check_name
+
+        try:
+            check_name(self.name)
+        except RunError as e:
+            raise ConfigError(str(e)) from None
+        if not isinstance(self.device, str) or not (
+                self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+def _check_train(cfg: TrainConfig) -> None:
+    from . import validate as v
+
+    v.positive("train.lr", cfg.lr)
+    v.positive("train.gamma", cfg.gamma)
+    v.finite("train.momentum", cfg.momentum)
+    v.in_unit("train.momentum", cfg.momentum, closed=False)
+    v.non_negative("train.l2", cfg.l2)
+    if cfg.clip_norm is not None:
+        v.positive("train.clip_norm", cfg.clip_norm)
+    v.increasing_steps("train.milestones", cfg.milestones)
 
 
 @functools.cache
@@ -210,12 +242,19 @@ def _enum_fields(cls: type) -> dict[str, type[enum.Enum]]:
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
-    """Read an :class:`ExperimentConfig` from JSON; one-line ConfigError on any problem."""
+    """Read an :class:`ExperimentConfig` from JSON; one-line ConfigError on any problem.
+
+    Only a regular file of at most 1 MiB is read (not ``/dev/zero``, not a FIFO).
+    """
+    from .runs import RunError, read_limited
+
+    if not Path(path).exists():
+        raise ConfigError(f"config file not found: {path}")
     try:
-        d = json.loads(Path(path).read_text())
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file not found: {path}") from e
-    except json.JSONDecodeError as e:
+        d = json.loads(read_limited(path, 2**20, "config file"))
+    except RunError as e:
+        raise ConfigError(str(e)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid JSON: {e}") from e
     return ExperimentConfig.from_dict(d)
 

@@ -51,7 +51,7 @@ class EmbedConfig(_Config):
     def _validate(self):
         if self.pca_dims < 2:
             raise ConfigError(f"embed.pca_dims must be >= 2, got {self.pca_dims}")
-        if self.perplexity <= 0:
+        if not self.perplexity > 0 or self.perplexity == float("inf"):
             raise ConfigError(f"embed.perplexity must be > 0, got {self.perplexity}")
         if self.n_iter < 1:
             raise ConfigError(f"embed.n_iter must be >= 1, got {self.n_iter}")

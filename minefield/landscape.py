@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -41,7 +42,7 @@ from .data import Dataset
 from .directions import DirectionSpec, orthogonalize, random_directions
 from .engine import evaluate_combinations, evaluate_points
 from .functional import Params, n_members
-from .options import Split, option
+from .options import Split, choices
 
 __all__ = ["LandscapeConfig", "Slice", "Surface", "axis", "line_direction", "slice_1d",
            "plane_directions", "surface", "METRICS"]
@@ -77,10 +78,16 @@ class LandscapeConfig(_Config):
         if self.points < 2 or self.member < 0:
             raise ConfigError(f"landscape.points must be >= 2 and landscape.member >= 0, got "
                               f"{self.points} and {self.member}")
-        if self.span is not None and (len(self.span) != 2 or not self.span[0] < self.span[1]):
-            raise ConfigError(f"landscape.span needs 2 numbers lo < hi, got {self.span}")
+        if self.points > 10_000:
+            raise ConfigError(f"--points is per axis: at most 10000, got {self.points}")
+        if self.span is not None and (len(self.span) != 2 or not all(map(math.isfinite, self.span))
+                                      or not self.span[0] < self.span[1]):
+            raise ConfigError(f"--span needs two finite numbers, low < high; got {self.span}")
+        if not self.splits:
+            raise ConfigError("--splits needs train, test and/or poison, got none")
         for s in self.splits:
-            option(Split, s, "landscape.splits")
+            if s not in set(choices(Split)):
+                raise ConfigError(f"unknown split {s!r}; use train, test or poison")
 
     def grid(self) -> torch.Tensor:
         """The values of t (each axis): ``points`` over the span, plus 0 (and 1 on a line)."""
@@ -90,11 +97,21 @@ class LandscapeConfig(_Config):
 
 def _splits(data: Dataset, splits: Sequence[str]) -> dict[str, tuple[torch.Tensor, ...]]:
     out = {}
+    if not splits:
+        raise ValueError("no split given; use train, test and/or poison")
     for s in splits:
         if s not in ("train", "test", "poison"):
             raise ValueError(f"unknown split {s!r}; use train, test or poison")
         out[s] = data.split(s)
     return out
+
+
+def _check_grid(ts, what: str) -> torch.Tensor:
+    """``ts`` as float64, or a ValueError unless it is 1-D, non-empty and finite."""
+    ts = torch.as_tensor(ts, dtype=torch.float64)
+    if ts.dim() != 1 or len(ts) == 0 or not bool(torch.isfinite(ts).all()):
+        raise ValueError(f"{what} must be finite coordinates (1-D, at least one)")
+    return ts
 
 
 def _check_one(params: Params, what: str) -> None:
@@ -173,7 +190,7 @@ def slice_1d(model: nn.Module, center: Params, direction: Params, ts: torch.Tens
     """
     _check_one(center, "the centre")
     _check_one(direction, "the direction")
-    ts = torch.as_tensor(ts, dtype=torch.float64)
+    ts = _check_grid(ts, "ts")
     values = {}
     for s, (x, y) in _splits(data, splits).items():
         lo, ac = evaluate_points(model, center, direction, ts[None], x, y, buffers, memory_mb)
@@ -204,7 +221,7 @@ def surface(model: nn.Module, center: Params, directions: Params, xs: torch.Tens
         raise ValueError(f"a plane needs 2 directions, got {n_members(directions)}")
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-    xs, ys = torch.as_tensor(xs, dtype=torch.float64), torch.as_tensor(ys, dtype=torch.float64)
+    xs, ys = _check_grid(xs, "xs"), _check_grid(ys, "ys")
     sets = _splits(data, splits)
     keys = [f"{s}_{m}" for s in sets for m in METRICS]
     if partial is not None:

@@ -58,7 +58,7 @@ def test_basin_writes_json_reuses_and_refuses_other_settings(runs):
     (["plot", "basin", "a", "--tag", "never"], "no basin result"),
     (["landscape", "a", "--span", "1"], "--span needs 2 numbers"),
     (["landscape", "a", "--other", "b", "--dim", "2"], "use it with --dim 1"),
-    (["landscape", "a", "--splits", "val", "--tag", "bad"], "is not one of train, test, poison"),
+    (["landscape", "a", "--splits", "val", "--tag", "bad"], "unknown split 'val'"),
     (["plot", "landscape", "a", "--tag", "never"], "no landscape"),
 ])
 def test_errors_are_one_line(runs, args, msg):

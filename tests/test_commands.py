@@ -32,7 +32,7 @@ EXPERIMENTS = [
                           l2=1e-4, clip_norm=2.0, batch_size=8, poison_batch_size=4, steps=11,
                           log_every=2, checkpoint_every=3, seed=7, members=2),
         device="cpu"),
-    ExperimentConfig(name="no-hidden", model=ModelConfig("cnn", widths=()),
+    ExperimentConfig(name="cnn", model=ModelConfig("cnn", widths=(16, 32)),
                      poison=PoisonConfig(beta=0.25)),
 ]
 

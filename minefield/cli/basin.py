@@ -15,9 +15,11 @@ import click
 import torch
 
 from ..basin import VolumeConfig
+from ..config import ConfigError, ExperimentConfig
 from ..directions import BiasPolicy, DirectionKind, DirectionSpec
 from ..landscape import LandscapeConfig, Slice, Surface
 from ..stages import basin_run, landscape_run, load_basin, load_landscape
+from ..stages.basin import check_tag
 from ._common import device_option, force_option, friendly, main, open_run, plot
 
 _FIGURES = Path("figures")
@@ -34,6 +36,13 @@ bias_option = click.option("--bias", type=click.Choice([b.value for b in BiasPol
                                 "paper's n), zero (not moved, counted), include.")
 memory_option = click.option("--memory-mb", type=click.FloatRange(min=0, min_open=True),
                              default=256.0, show_default=True, help="Engine chunk budget.")
+
+
+def _tag(tag: str) -> str:
+    try:
+        return check_tag(tag)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--tag'") from None
 
 
 def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
@@ -82,6 +91,7 @@ def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, met
     Example:
       minefield basin good --directions 100 --cutoff 1.0
     """
+    _tag(tag)
     cfg = VolumeConfig(cutoff=cutoff, cutoff_kind="relative" if relative else "abs",
                        r_max=r_max, n_directions=n_directions, rtol=rtol, method=method,
                        grid_points=grid_points, directions=DirectionSpec(dir_kind, bias, seed),
@@ -112,6 +122,7 @@ def plot_basin_cmd(ctx, runs, tag, member, out):
     from ..plotting.basin import plot_radius_hist, plot_rollouts
     from ..plotting.style import save_figure
 
+    _tag(tag)
     results, ros = {}, {}
     for name in runs:
         saved = load_basin(open_run(ctx, name), tag)
@@ -165,11 +176,21 @@ def landscape(ctx, run, other, checkpoint, dim, points, span, splits, member, bl
       minefield landscape good --other bad --points 101
       minefield landscape good --dim 2 --points 41 --span=-1,1
     """
-    cfg = LandscapeConfig(other=other, checkpoint=checkpoint, dim=int(dim), points=points,
-                          span=_floats(span, 2, "--span") if span else None,
-                          splits=tuple(x for x in splits.replace(",", " ").split() if x),
-                          member=member, directions=DirectionSpec(dir_kind, bias, seed))
-    res = landscape_run(open_run(ctx, run), cfg, tag=tag, device=device, memory_mb=memory_mb,
+    _tag(tag)
+    try:  # options that cannot make a landscape are usage errors (exit 2)
+        cfg = LandscapeConfig(other=other, checkpoint=checkpoint, dim=int(dim), points=points,
+                              span=_floats(span, 2, "--span") if span else None,
+                              splits=tuple(x for x in splits.replace(",", " ").split() if x),
+                              member=member, directions=DirectionSpec(dir_kind, bias, seed))
+    except ConfigError as e:
+        if str(e).startswith("--"):  # a bad option value: a usage error (exit 2)
+            raise click.BadParameter(str(e)) from None
+        raise
+    r = open_run(ctx, run)
+    members = ExperimentConfig.from_dict(r.config).train.members
+    if member >= members:
+        raise click.BadParameter(f"{run} has no member {member}", param_hint="'--member'")
+    res = landscape_run(r, cfg, tag=tag, device=device, memory_mb=memory_mb,
                         block_rows=block_rows, force=force, log=click.echo)
     click.echo(f"wrote {open_run(ctx, run).file('landscape', f'{tag}.safetensors')}")
     _summary(res)
@@ -199,7 +220,7 @@ def plot_landscape_cmd(ctx, run, tag, plot_kind, metric, out):
     from ..plotting.style import save_figure
 
     r = open_run(ctx, run)
-    res, cfg = load_landscape(r, tag)
+    res, cfg = load_landscape(r, _tag(tag))
     if isinstance(res, Slice):
         m = metric.split("_")[-1]
         ax = plot_slice(res, metric=m, ends=(r.name, cfg.other) if cfg.other else None)

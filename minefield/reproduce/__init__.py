@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..lock import locking
 from ..runs import DEFAULT_ROOT
 from .circles import exp_circles
 from .common import SCALES, Check, Context, Scale, Section
@@ -43,6 +44,7 @@ EXPERIMENTS: dict[str, Callable[[Context], Section | None]] = {
 }
 
 
+@locking
 def reproduce(scale: str = "small", root: Path | str = DEFAULT_ROOT,
               figures: Path | str = Path("figures"), device: str = "auto", force: bool = False,
               data_dir: str | None = None, only: tuple[str, ...] | None = None,

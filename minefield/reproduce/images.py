@@ -12,6 +12,8 @@ from .common import Context, Section, brief, pct
 
 __all__ = ["exp_digits", "exp_images"]
 
+_WIDTHS = {"cnn": (16, 32), "resnet20": (16, 32, 64)}  # each model's own default widths
+
 
 def _image_pair(ctx: Context, dataset: str, model: str, steps: int, beta: float,
                 data_dir: str | None) -> Section:
@@ -19,7 +21,7 @@ def _image_pair(ctx: Context, dataset: str, model: str, steps: int, beta: float,
     common = dict(optimizer=Optimizer.ADAM, lr=1e-3, batch_size=128, steps=steps,
                   log_every=max(1, steps // 10), checkpoint_every=max(1, steps // 2))
     good_cfg = ExperimentConfig(name=ctx.name(f"{dataset}-good"), data=data,
-                                model=ModelConfig(model, widths=()),
+                                model=ModelConfig(model, widths=_WIDTHS[model]),
                                 train=TrainConfig(**common))
     bad_cfg = good_cfg.replace(name=ctx.name(f"{dataset}-bad"), poison=PoisonConfig(beta=beta))
     sec = Section(dataset, f"Real images: {dataset} with {model}, good vs poisoned",

@@ -21,7 +21,8 @@ import torch
 
 from ..basin import BasinResult, Rollouts, VolumeConfig, basin_members, member_stack, rollouts
 from ..evaluate import resolve_device
-from ..runs import DEFAULT_ROOT, Run, RunError
+from ..lock import locking
+from ..runs import DEFAULT_ROOT, Run, RunError, reading
 from .train import load_run_model
 
 __all__ = ["BasinRun", "basin_run", "load_basin", "check_tag"]
@@ -46,6 +47,7 @@ class BasinRun:
     reused: bool = False
 
 
+@locking
 def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
               tag: str = "default", checkpoint: str | None = None, n_rollouts: int = 20,
               root: Path | str = DEFAULT_ROOT, device: str | torch.device = "auto",
@@ -64,6 +66,7 @@ def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
     run = run if isinstance(run, Run) else Run.open(run, root)
     rel = f"basin/{tag}.json"
     key = {"volume": cfg.to_dict(), "checkpoint": checkpoint, "rollouts": n_rollouts}
+    run.lock()
     if run.resume(rel, key, force):
         return load_basin(run, tag, reused=True)
     model, params, buffers, data, _ = load_run_model(run, checkpoint, resolve_device(device))
@@ -87,10 +90,10 @@ def load_basin(run: Run | str | Path, tag: str = "default", root: Path | str = D
         raise RunError(f"no basin result {run.file(rel)}; run 'minefield basin {run.name}' "
                        "first")
     saved = run.read_json(rel)
-    if "members" not in saved:
-        raise RunError(f"{run.file(rel)} was written by an older minefield; redo it with "
-                       "--force")
-    members = [BasinResult.from_dict(m) for m in saved["members"]]
-    ros = [Rollouts.from_dict(r) if r else None
-           for r in saved.get("rollouts") or [None] * len(members)]
+    with reading(run.file(rel)):
+        members = [BasinResult.from_dict(m) for m in saved["members"]]
+        ros = [Rollouts.from_dict(r) if r else None
+               for r in saved.get("rollouts") or [None] * len(members)]
+        if len(ros) != len(members):
+            raise ValueError(f"{len(ros)} rollouts for {len(members)} members")
     return BasinRun(members, ros, run.file(rel), reused)

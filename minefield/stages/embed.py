@@ -12,8 +12,9 @@ import torch
 from ..embed import EmbedConfig, EmbedResult, embed_points, weight_matrix
 from ..evaluate import evaluate_members, resolve_device
 from ..functional import stack
+from ..lock import locking
 from ..options import EmbedCheckpoints, option
-from ..runs import DEFAULT_ROOT, Run, RunError
+from ..runs import DEFAULT_ROOT, Run, RunError, reading
 from .train import load_run_model
 
 __all__ = ["EMBED_FILE", "embed_run", "load_embedding"]
@@ -21,6 +22,7 @@ __all__ = ["EMBED_FILE", "embed_run", "load_embedding"]
 EMBED_FILE = "embed/embed.json"
 
 
+@locking
 def embed_run(run: Run | str | Path, cfg: EmbedConfig = EmbedConfig(), *,
               root: Path | str = DEFAULT_ROOT, device: str | torch.device = "auto",
               checkpoints: EmbedCheckpoints | str = "searched", save: bool = True,
@@ -50,16 +52,22 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig = EmbedConfig(), *,
         raise RunError(f"run {run.name} has no bad minima; run `minefield search` first")
     # the map depends on the search that made the minima, and on which minima there are
     key = {"embed": cfg.to_dict(), "checkpoints": checkpoints.value,
-           "search": run.read_json("search/config.json"), "minima": [p.name for p in minima]}
-    if save and run.resume(EMBED_FILE, key, force):
-        return load_embedding(run)
+           "search": run.read_json("search/config.json") if run.exists("search/config.json")
+           else None, "minima": [p.name for p in minima]}
+    if save:
+        run.lock()
+        if run.resume(EMBED_FILE, key, force):
+            return load_embedding(run)
     dev = resolve_device(device)
     model, _, _, data, _ = load_run_model(run, traj[-1], dev)
     names = [n for n, _ in model.named_parameters()]
     bad_cks = [run.load_checkpoint(p, dev) for p in minima]
     member = int(bad_cks[0].meta.get("search", {}).get("member", 0))
+    with reading(run.file("search", "minima")):
+        starts = [(ck.meta["row"]["start_checkpoint"], int(ck.meta["row"]["start_step"]))
+                  for ck in bad_cks]
     if checkpoints is EmbedCheckpoints.SEARCHED:
-        wanted = {ck.meta["row"]["start_checkpoint"] for ck in bad_cks} | {traj[-1].name}
+        wanted = {name for name, _ in starts} | {traj[-1].name}
         traj = [p for p in traj if p.name in wanted]
     good_cks = [run.load_checkpoint(p, dev) for p in traj]
     for ck in good_cks + bad_cks:
@@ -74,7 +82,7 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig = EmbedConfig(), *,
     coords = embed_points(weight_matrix(both, cfg.kernels_only), cfg)
     res = EmbedResult(coords, ["trajectory"] * len(good_cks) + ["bad"] * len(bad_cks),
                       [ck.step for ck in good_cks]
-                      + [int(ck.meta["row"]["start_step"]) for ck in bad_cks],
+                      + [step for _, step in starts],
                       metrics["train_acc"].cpu(), metrics["test_acc"].cpu(),
                       metrics["poison_acc"].cpu(), cfg, run.name)
     if save:

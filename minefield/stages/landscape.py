@@ -27,7 +27,8 @@ from ..landscape import (
     slice_1d,
     surface,
 )
-from ..runs import DEFAULT_ROOT, Run, RunError, load_tensors, save_tensors
+from ..lock import locking
+from ..runs import DEFAULT_ROOT, Run, RunError, load_tensors, reading, save_tensors
 from .basin import check_tag
 from .train import load_run_model
 
@@ -46,14 +47,13 @@ def load_landscape(run: Run | str | Path, tag: str = "default", root: Path | str
     if not path.exists():
         raise RunError(f"no landscape {path}; run 'minefield landscape {run.name}' first")
     tensors, meta = load_tensors(path)
-    if "key" not in meta:
-        raise RunError(f"{path} was written by an older minefield; redo it with --force")
-    cfg = LandscapeConfig.from_dict(meta["key"])
     values = {k[7:]: v for k, v in tensors.items() if k.startswith("values.")}
-    if "ts" in tensors:
-        return Slice(tensors["ts"], values, meta["key"]), cfg
-    return Surface(tensors["xs"], tensors["ys"], values, tensors["done"].bool(),
-                   meta["key"]), cfg
+    with reading(path):
+        cfg = LandscapeConfig.from_dict(meta["key"])
+        if "ts" in tensors:
+            return Slice(tensors["ts"], values, meta["key"]), cfg
+        return Surface(tensors["xs"], tensors["ys"], values, tensors["done"].bool(),
+                       meta["key"]), cfg
 
 
 def _save(path: Path, res: Slice | Surface, key: dict) -> None:
@@ -65,6 +65,7 @@ def _save(path: Path, res: Slice | Surface, key: dict) -> None:
     save_tensors(path, tensors, {"key": key})
 
 
+@locking
 def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(), *,
                   tag: str = "default", root: Path | str = DEFAULT_ROOT,
                   device: str | torch.device = "auto", memory_mb: float = 256.0,
@@ -83,6 +84,7 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
     path = _path(run, tag)
     key = cfg.to_dict()
     partial = None
+    run.lock()
     if run.resume(str(path.relative_to(run.path)), key, force):
         res, _ = load_landscape(run, tag)
         if isinstance(res, Slice) or res.complete:
@@ -101,7 +103,8 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
     ts, spec = cfg.grid(), cfg.directions
     if cfg.dim == 1:
         if cfg.other:
-            _, p2, _, _, _ = load_run_model(Run.open(cfg.other, run.path.parent), None, dev)
+            _, p2, _, _, _ = load_run_model(Run.open_named(cfg.other, run.path.parent), None,
+                                            dev)
             if cfg.member >= n_members(p2):
                 raise ValueError(f"run {cfg.other} has no member {cfg.member}")
             d = line_direction(centre, member_stack(p2, cfg.member))

@@ -24,7 +24,8 @@ from torch import nn
 from ..data import fresh_points
 from ..evaluate import resolve_device
 from ..functional import Params, n_members, stack
-from ..runs import DEFAULT_ROOT, Run, RunError
+from ..lock import locking
+from ..runs import DEFAULT_ROOT, Run, RunError, reading
 from ..search import (
     SearchConfig,
     batch_capacity,
@@ -97,6 +98,7 @@ def _stats(rows: list[dict[str, Any]]) -> dict[str, float]:
             "steps_median": statistics.median(r["steps"] for r in rows)}
 
 
+@locking
 def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
                root: Path | str = DEFAULT_ROOT, device: str | torch.device = "auto",
                force: bool = False, progress: bool = False,
@@ -118,14 +120,21 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
     if not traj:
         raise RunError(f"run {run.name} has no trajectory checkpoints; train it first")
     dev = resolve_device(device)
+    run.lock()
     model, final_params, _, data, run_cfg = load_run_model(run, traj[-1], dev)
     n_extra = cfg.n_extra(run_cfg.data.name)
     extra = fresh_points(run_cfg.data, n_extra, cfg.seed) if n_extra else None
+    if cfg.member >= n_members(final_params):
+        raise ValueError(f"member {cfg.member} asked for, run {run.name} has "
+                         f"{n_members(final_params)}")
     final = {k: v[cfg.member:cfg.member + 1] for k, v in final_params.items()}
     chosen = select_checkpoints(traj, cfg)
     record = {"search": cfg.to_dict(), "run": run.name, "final_checkpoint": traj[-1].name,
               "extra_poison": n_extra}
-    run.resume(SEARCH_DIR, record, force)  # minima already there are kept, not redone
+    # minima already there are kept, not redone; a different config refuses once the
+    # old one has saved a minimum (before that there is nothing to lose)
+    started = any(run.file(SEARCH_DIR, "minima").glob("*.safetensors"))
+    run.resume(SEARCH_DIR, record, force or not started)
     work = [(p, _step_of(p), r) for p in chosen for r in range(cfg.repeats)]
 
     def rel(step: int, rep: int) -> str:
@@ -133,8 +142,14 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
 
     todo = [w for w in work if not run.exists(rel(w[1], w[2]))]
     cap = batch_capacity(model, poison_set(data, cfg, extra)[0], cfg)
-    for b in range(0, len(todo), cap):
-        chunk = todo[b:b + cap]
+    # Stacks are fixed chunks of the whole work list, and a chunk with any minimum
+    # missing is redone whole: rounding depends on the stack a member trains in, and
+    # this chaotic objective amplifies it (see the module docstring), so a resumed
+    # search trains every member in the stack it would have had without the kill.
+    chunks = [work[b:b + cap] for b in range(0, len(work), cap)]
+    for b, chunk in enumerate(chunks):
+        if all(run.exists(rel(s, r)) for _, s, r in chunk):
+            continue
         starts = stack([_load_start(run, p, model, cfg.member, dev) for p, _, _ in chunk])
         seeds = [search_seed(cfg.seed, s, r) for _, s, r in chunk]
         res = search_minima(model, starts, data, cfg, seeds, extra=extra, progress=progress)
@@ -148,12 +163,15 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
                    "dist_final_l2": float(d_final["l2"][i]),
                    "dist_final_filter": float(d_final["filter"][i])}
             one = {k: v[i:i + 1] for k, v in res.params.items()}
+            if run.exists(rel(s, r)):
+                continue
             run.save_checkpoint(rel(s, r), one, {}, {"kind": "bad_minimum", "step": row["steps"],
                                                     "row": row, "search": cfg.to_dict(),
                                                     "run": run.name})
         if on_batch:
-            on_batch(b + len(chunk), len(todo))
-    rows = [run.load_checkpoint(rel(s, r)).meta["row"] for _, s, r in work]
+            on_batch(sum(len(c) for c in chunks[:b + 1]), len(work))
+    with reading(run.file(SEARCH_DIR, "minima")):
+        rows = [dict(run.load_checkpoint(rel(s, r)).meta["row"]) for _, s, r in work]
     stats = _stats(rows)
     seconds = time.perf_counter() - t0
     run.write_csv(f"{SEARCH_DIR}/search.csv", rows)

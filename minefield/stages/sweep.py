@@ -19,7 +19,8 @@ from pathlib import Path
 
 from ..basin import BasinResult, basin_members
 from ..config import ExperimentConfig
-from ..runs import DEFAULT_ROOT, Run
+from ..lock import locking
+from ..runs import DEFAULT_ROOT, Run, reading
 from ..sweep import SweepConfig, SweepResult, spearman, sweep_rows
 from .train import train_run
 
@@ -28,6 +29,7 @@ __all__ = ["SWEEP_FILE", "sweep_run", "load_sweep"]
 SWEEP_FILE = "sweep.json"
 
 
+@locking
 def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
               root: Path | str = DEFAULT_ROOT, force: bool = False, progress: bool = True,
               save: bool = True) -> SweepResult:
@@ -60,5 +62,6 @@ def load_sweep(run: Run | str | Path, root: Path | str = DEFAULT_ROOT) -> SweepR
     """A finished sweep from its run directory."""
     run = run if isinstance(run, Run) else Run.open(run, root)
     d = run.read_json(SWEEP_FILE)
-    return SweepResult(d["rows"], d["spearman"], run,
-                       [BasinResult.from_dict(b) for b in d["basins"]])
+    with reading(run.file(SWEEP_FILE)):
+        return SweepResult(d["rows"], d["spearman"], run,
+                           [BasinResult.from_dict(b) for b in d["basins"]])
