@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from .config import Optimizer, TrainConfig
 from .data import Dataset
 from .evaluate import evaluate_members
-from .functional import Params, buffers_like, is_weight, n_members, stack, stacked_forward
-from .loss import poisoned_nll
+from .functional import Params, buffers_like, n_members, stack
 from .models import init_params
+from .step import Batch, Hyper, Objective, Update, plain_update, poisoned_objective, train_step
 
 __all__ = ["fit", "FitResult", "TrainingDiverged", "init_stack", "effective_beta",
            "make_optimizer"]
@@ -82,8 +82,20 @@ def _batch_indices(n: int, bs: int, seed: int, step: int, device) -> torch.Tenso
     return torch.randperm(n, generator=g)[k * bs:(k + 1) * bs].to(device)
 
 
-def _per_member_norm(tensors: list[torch.Tensor], m: int) -> torch.Tensor:
-    return torch.sqrt(sum(t.reshape(m, -1).pow(2).sum(1) for t in tensors))
+def _batch(data: Dataset, seed: int, step: int, bs: int, bs_p: int,
+           poison_weight: torch.Tensor | None) -> Batch:
+    """Step ``step``'s minibatch: a pure function of ``(seed, step)``; ``bs_p=0``: no poison."""
+    dev = data.y_train.device
+    it = _batch_indices(len(data.y_train), bs, seed, step, dev)
+    xb = data.x_train if it is None else data.x_train[it]
+    yb = data.y_train if it is None else data.y_train[it]
+    if not bs_p:
+        return Batch(xb, yb)
+    ip = _batch_indices(len(data.y_poison), bs_p, seed + 1, step, dev)
+    xp = data.x_poison if ip is None else data.x_poison[ip]
+    yp = data.y_poison if ip is None else data.y_poison[ip]
+    wp = None if poison_weight is None else (poison_weight if ip is None else poison_weight[ip])
+    return Batch(torch.cat([xb, xp]), yb, yp, wp)
 
 
 def _diverged(step: int, last_good: int | None) -> TrainingDiverged:
@@ -109,6 +121,8 @@ def fit(
     eval_data: Dataset | None = None,
     progress: bool = False,
     desc: str = "train",
+    objective: Objective = poisoned_objective,
+    update: Update = plain_update,
 ) -> FitResult:
     """Train the stack ``params`` ``(M, ...)`` on the poisoned objective for ``cfg.steps``.
 
@@ -120,6 +134,9 @@ def fit(
     :func:`~minefield.loss.poisoned_nll`). Logged metrics (and so ``stop_fn``) are
     measured on ``eval_data`` (default ``data``), e.g. the paper's splits when
     ``data`` holds extra training points.
+    This is the driver (schedule, minibatches, logging, checkpoints, stopping);
+    each step is :func:`minefield.step.train_step` with ``objective`` and
+    ``update`` (e.g. :func:`minefield.step.sam_update`) plugged in.
     Returns the final (or frozen) parameters and the logged history.
     """
     m = n_members(params)
@@ -128,7 +145,6 @@ def fit(
     betas_t = torch.tensor(beta_vals, dtype=torch.float32, device=dev)
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     buffers = {k: v.clone() for k, v in (buffers or buffers_like(model, m, dev)).items()}
-    weights = [v for k, v in leaves.items() if is_weight(k, v.shape[1:])]
     opt = make_optimizer(cfg, list(leaves.values()))
     if opt_state is not None:
         opt.load_state_dict(opt_state)
@@ -141,6 +157,8 @@ def fit(
     bs = cfg.batch_size or n_t
     bs_p = cfg.poison_batch_size or (n_p if bs >= n_t else math.ceil(n_p * bs / n_t))
     use_poison = n_p > 0 and bool((betas_t > 0).any())
+    l2 = torch.full((m,), cfg.l2, dtype=torch.float32, device=dev) if cfg.l2 > 0 else None
+    hyper = Hyper(betas_t, l2, cfg.clip_norm, flip)
     frozen: dict[str, torch.Tensor] = {}
     done = torch.zeros(m, dtype=torch.bool, device=dev)
     stopped_at: list[int | None] = [None] * m
@@ -194,35 +212,8 @@ def fit(
         while step < cfg.steps:
             for g in opt.param_groups:
                 g["lr"] = cfg.lr_at(step)
-            it = _batch_indices(n_t, bs, cfg.seed, step, dev)
-            xb = data.x_train if it is None else data.x_train[it]
-            yb = data.y_train if it is None else data.y_train[it]
-            if use_poison:
-                ip = _batch_indices(n_p, bs_p, cfg.seed + 1, step, dev)
-                xp = data.x_poison if ip is None else data.x_poison[ip]
-                yp = data.y_poison if ip is None else data.y_poison[ip]
-                wp = None if poison_weight is None else (
-                    poison_weight if ip is None else poison_weight[ip])
-                x = torch.cat([xb, xp])
-            else:
-                x = xb
-            logits = stacked_forward(model, leaves, x, buffers)
-            nb = len(yb)
-            if use_poison:
-                loss = poisoned_nll(logits[:, :nb], yb, logits[:, nb:], yp, betas_t, flip, wp)
-            else:
-                loss = poisoned_nll(logits, yb)
-            if cfg.l2 > 0:
-                loss = loss + cfg.l2 * sum(w.pow(2).reshape(m, -1).sum(1) for w in weights)
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            if cfg.clip_norm is not None:
-                grads = [v.grad for v in leaves.values()]
-                norm = _per_member_norm(grads, m)
-                scale = (cfg.clip_norm / (norm + 1e-6)).clamp(max=1.0)
-                for g_ in grads:
-                    g_.mul_(scale.view(-1, *[1] * (g_.dim() - 1)))
-            opt.step()
+            batch = _batch(data, cfg.seed, step, bs, bs_p if use_poison else 0, poison_weight)
+            train_step(model, leaves, buffers, opt, batch, hyper, objective, update)
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
