@@ -101,30 +101,9 @@ class SearchConfig(_Config):
     until the first milestone, a member whose true-label accuracy on the
     untraining set is above ``poison_cap`` gets its beta raised by ``beta_step``,
     up to ``beta_max`` (``poison_cap=None``: one fixed beta). The search looks
-    only at the untraining set it trains on, never at the test set. Why: with one
-    fixed beta about 1 search in 200 from the paper's checkpoints ended above 30%
-    untraining-set accuracy (32.1% with beta 0.43, 32.8% with 0.45), and a larger
-    fixed beta costs every search train accuracy. Measured on 44 starts of a
-    paper-scale good run, enriched with the 25 worst of a fixed-beta run (so
-    their medians sit below the 200's), 24,000 steps, as train median / test max /
-    untraining max: fixed beta 0.43: 90.2% / 55.2% / 26.9%; the defaults (cap
-    0.22, step 0.005, from step 10,000): 89.0% / 49.3% / 25.4%; cap 0.25 with
-    step 0.01: 89.0% / 51.5% / 26.1%; cap 0.2 with step 0.01: 86.4% / 49.3% /
-    19.4%. On the 16 of them spread evenly over the trajectory the defaults leave
-    the train median at 90.5%, as fixed beta does. Accuracies barely move after
-    the first learning-rate drop: on those 44, steps 22,000 to 30,000 of the old
-    30,000-step schedule (x0.1 at 20,000 and 25,000) moved the test maximum from
-    55.2% to 54.5%, the train median from 89.0% to 89.4% and the untraining
-    maximum not at all, hence the shorter schedule (20% less time).
-
-    Fixed-beta settings tried before, on 41 starts (steps 4, 204, ..., 7804 and
-    7044) with the old 30,000-step schedule: beta 0.43: 91.7% / 49.3% / 30.6%;
-    0.45: 90.9% / 43.3% / 23.9%; 38,000 steps (x0.1 at 26,000 and 32,000) with
-    beta 0.44 to 0.47: at best 90.9% / 43.3% / 23.9%; 200 fresh points instead of
-    400: 91.7% / 58.2% / 27.6%. On all 200 the 41 did not predict the tail (beta
-    0.45: 90.9% / 57.5% / 32.8%). The paper's untraining set alone (Adam 2e-3,
-    beta 0.5, 80,000 steps) gave 92% / 58% / 14% on 20 starts, and 1000 fresh
-    points with equal weight 80% / 25% / 29%.
+    only at the untraining set it trains on, never at the test set. How these
+    defaults were chosen (the settings tried and what each gave) is in
+    ``docs/search.md``.
 
     Checkpoints: ``trajectory[start:stop:every]`` (indices into the run's
     trajectory, which starts with the initialisation at index 0), or the steps
