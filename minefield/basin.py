@@ -53,7 +53,7 @@ from .config import ConfigError, _Config
 from .data import Dataset
 from .directions import DirectionSpec, n_perturbed, random_directions
 from .engine import evaluate_points
-from .functional import Params, member, n_members
+from .functional import Params, check_single, member, n_members, one
 from .options import CutoffKind, Grid, RadiusMethod, option
 
 __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "BasinWarning",
@@ -296,13 +296,6 @@ def _xy(data: Dataset | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor
     return data.split("train") if isinstance(data, Dataset) else data
 
 
-def _one(params: Params) -> Params:
-    if n_members(params) != 1:
-        raise ValueError(f"expected a single member (1, ...), got {n_members(params)}; "
-                         f"use basin_members for a stack")
-    return params
-
-
 def basin_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Tensor, ...],
                 cfg: VolumeConfig = VolumeConfig(), buffers: Params | None = None,
                 bn: str = "eval") -> BasinResult:
@@ -313,7 +306,7 @@ def basin_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Te
     evaluated by :func:`~minefield.engine.evaluate_points`.
     """
     x, y = _xy(data)
-    centre = _one(params)
+    centre = check_single(params, "the model (use basin_members for a stack)")
     theta = member(centre, 0)
     spec = cfg.directions
     d = random_directions(theta, cfg.n_directions, spec.kind, spec.bias, spec.generator())
@@ -323,8 +316,8 @@ def basin_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Te
     def loss_fn(ts: torch.Tensor) -> torch.Tensor:
         return evaluate_points(model, centre, d, ts, x, y, buffers, cfg.memory_mb, bn=bn)[0]
 
-    one = {kk: v[:1] for kk, v in d.items()}
-    centre_loss = float(evaluate_points(model, centre, one, torch.zeros(1), x, y, buffers,
+    first = one(d, 0)
+    centre_loss = float(evaluate_points(model, centre, first, torch.zeros(1), x, y, buffers,
                                         cfg.memory_mb, bn=bn)[0][0])
     cut = cfg.cutoff * (centre_loss if cfg.cutoff_kind is CutoffKind.RELATIVE else 1.0)
     r, evals = find_radii(loss_fn, k, cut, cfg.r_max, cfg.rtol, cfg.method, cfg.grid_points,
@@ -346,16 +339,11 @@ def basin_members(model: nn.Module, params: Params | Sequence[Params],
                   buffers: Params | None = None, bn: str = "eval") -> list[BasinResult]:
     """:func:`basin_radii` of every member of a stack ``(M, ...)`` (or of a list of
     single-member checkpoints), each with directions from the same seed."""
-    items = ([member_stack(params, i) for i in range(n_members(params))]
+    items = ([one(params, i) for i in range(n_members(params))]
              if isinstance(params, dict) else list(params))
-    bufs = ([member_stack(buffers, i) for i in range(len(items))] if buffers
+    bufs = ([one(buffers, i) for i in range(len(items))] if buffers
             else [None] * len(items))
     return [basin_radii(model, p, data, cfg, b, bn) for p, b in zip(items, bufs)]
-
-
-def member_stack(params: Params, i: int) -> Params:
-    """Member ``i`` as a stack of one, ``(1, ...)``."""
-    return {k: v[i:i + 1] for k, v in params.items()}
 
 
 # --- rollouts (paper Fig. 5) ----------------------------------------------------------------
@@ -389,7 +377,7 @@ def rollouts(model: nn.Module, params: Params, data: Dataset | tuple[torch.Tenso
     """Loss along the first ``n_directions`` directions of ``spec`` (the same ones
     :func:`basin_radii` uses), at signed distances ``ts`` (default linspace(-0.5, 0.5, 101))."""
     x, y = _xy(data)
-    centre = _one(params)
+    centre = check_single(params, "the model (use basin_members for a stack)")
     ts = torch.linspace(-0.5, 0.5, 101, dtype=torch.float64) if ts is None else ts.double()
     d = random_directions(member(centre, 0), n_directions, spec.kind, spec.bias,
                           spec.generator())

@@ -47,6 +47,7 @@ from .functional import (
     Params,
     _mlp_forward,
     activation_elements,
+    check_single,
     mlp_fast_path,
     n_members,
     stacked_forward,
@@ -135,12 +136,6 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
     return out_loss / n, out_acc / n
 
 
-def _centre(center: Params) -> None:
-    if n_members(center) != 1:
-        raise ValueError(f"the centre must be a single member (1, ...), got "
-                         f"{n_members(center)} members")
-
-
 def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: torch.Tensor,
                     x: torch.Tensor, y: torch.Tensor, buffers: Params | None = None,
                     memory_mb: float = 256.0, loss: str = "nll",
@@ -156,7 +151,7 @@ def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: to
     """
     bn = _policy(bn)
     dtype = center[next(iter(center))].dtype
-    _centre(center)
+    check_single(center, "the centre")
     k_dirs = next(iter(directions.values())).shape[0]
     ts = torch.as_tensor(ts)
     if ts.dim() not in (1, 2) or ts.shape[0] != k_dirs:
@@ -193,7 +188,7 @@ def evaluate_combinations(model: nn.Module, center: Params, basis: Params, coeff
     """
     bn = _policy(bn)
     dtype = center[next(iter(center))].dtype
-    _centre(center)
+    check_single(center, "the centre")
     n_basis = next(iter(basis.values())).shape[0]
     fast = _use_fast(model, buffers, path)
     c = _layout(center, model, fast)
@@ -222,7 +217,7 @@ def evaluate_points_loop(model: nn.Module, center: Params, directions: Params, t
     Same arguments and result as :func:`evaluate_points`, one forward pass per point.
     """
     loss_fn, bn = _check_loss(loss), _policy(bn)
-    _centre(center)
+    check_single(center, "the centre")
     ts = torch.as_tensor(ts)
     dtype = center[next(iter(center))].dtype
     net = copy.deepcopy(model).to(dtype=dtype, device=y.device).train(bn is BNPolicy.BATCH)

@@ -30,7 +30,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 __all__ = [
-    "stack", "member", "n_members", "flatten", "unflatten", "is_weight", "stacked_forward",
+    "stack", "member", "one", "check_single", "n_members", "flatten", "unflatten", "is_weight",
+    "stacked_forward",
     "buffers_like", "chunked_forward", "activation_elements", "mlp_fast_path",
 ]
 
@@ -48,7 +49,21 @@ def member(params: Params, i: int) -> Params:
 
 
 def n_members(params: Params) -> int:
+    """M, the leading member dimension of a stack."""
     return next(iter(params.values())).shape[0]
+
+
+def one(params: Params | None, i: int) -> Params | None:
+    """Member ``i`` as a stack of one, ``(1, ...)`` (views); ``None`` (no buffers) stays None."""
+    return None if params is None else {k: v[i:i + 1] for k, v in params.items()}
+
+
+def check_single(params: Params, what: str = "params") -> Params:
+    """``params`` if it is a stack of one member ``(1, ...)``, else ValueError."""
+    if n_members(params) != 1:
+        raise ValueError(f"{what} must be a single member (1, ...), got {n_members(params)} "
+                         "members")
+    return params
 
 
 def is_weight(name: str, per_model_shape: torch.Size | tuple[int, ...]) -> bool:

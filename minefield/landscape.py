@@ -41,7 +41,7 @@ from .config import ConfigError, _Config
 from .data import Dataset
 from .directions import DirectionSpec, orthogonalize, random_directions
 from .engine import evaluate_combinations, evaluate_points
-from .functional import Params, n_members
+from .functional import Params, check_single, n_members
 from .options import Split, choices
 
 __all__ = ["LandscapeConfig", "Slice", "Surface", "axis", "line_direction", "slice_1d",
@@ -114,11 +114,6 @@ def _check_grid(ts, what: str) -> torch.Tensor:
     return ts
 
 
-def _check_one(params: Params, what: str) -> None:
-    if n_members(params) != 1:
-        raise ValueError(f"{what} must be a single member (1, ...), got {n_members(params)}")
-
-
 @dataclass
 class Slice:
     """Metrics at ``theta + t d`` for each ``t`` in ``ts``: ``values[f"{split}_{metric}"]`` (T,)."""
@@ -173,8 +168,8 @@ def axis(lo: float, hi: float, points: int, anchors: Sequence[float] = (0.0,)
 
 def line_direction(a: Params, b: Params) -> Params:
     """``b - a`` as a single direction ``(1, ...)``: the line from model a to model b."""
-    _check_one(a, "model a")
-    _check_one(b, "model b")
+    check_single(a, "model a")
+    check_single(b, "model b")
     if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
         raise ValueError("the two models have different parameter shapes")
     return {k: b[k] - a[k] for k in a}
@@ -188,8 +183,8 @@ def slice_1d(model: nn.Module, center: Params, direction: Params, ts: torch.Tens
 
     ``direction`` is ``(1, ...)``: a random direction or :func:`line_direction`.
     """
-    _check_one(center, "the centre")
-    _check_one(direction, "the direction")
+    check_single(center, "the centre")
+    check_single(direction, "the direction")
     ts = _check_grid(ts, "ts")
     values = {}
     for s, (x, y) in _splits(data, splits).items():
@@ -216,7 +211,7 @@ def surface(model: nn.Module, center: Params, directions: Params, xs: torch.Tens
     block ``on_block(result_so_far)`` is called. ``partial`` (same grid) resumes:
     its finished rows are kept, not recomputed.
     """
-    _check_one(center, "the centre")
+    check_single(center, "the centre")
     if n_members(directions) != 2:
         raise ValueError(f"a plane needs 2 directions, got {n_members(directions)}")
     if block_rows < 1:

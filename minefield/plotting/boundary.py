@@ -9,7 +9,7 @@ import torch
 from matplotlib.colors import ListedColormap
 
 from ..data import Dataset
-from ..functional import stacked_forward
+from ..functional import one, stacked_forward
 from ..loss import predict
 from .style import axes, save_figure
 
@@ -26,9 +26,8 @@ def boundary_grid(model, params, x: torch.Tensor, buffers=None, resolution: int 
     gy = np.linspace(lo[1] - pad[1], hi[1] + pad[1], resolution)
     xx, yy = np.meshgrid(gx, gy)
     pts = torch.tensor(np.stack([xx.ravel(), yy.ravel()], 1), dtype=x.dtype, device=x.device)
-    one = {k: v[:1] for k, v in params.items()}
-    b = {k: v[:1] for k, v in buffers.items()} if buffers else None
-    cls = predict(stacked_forward(model, one, pts, b))[0].cpu().numpy().reshape(xx.shape)
+    first, b = one(params, 0), one(buffers or None, 0)
+    cls = predict(stacked_forward(model, first, pts, b))[0].cpu().numpy().reshape(xx.shape)
     return xx, yy, cls
 
 
@@ -49,12 +48,11 @@ def plot_boundary(model, params, data: Dataset, buffers=None, ax=None, title: st
     ax.contourf(xx, yy, cls, levels=[-0.5, 0.5, 1.5], cmap=ListedColormap(["#aec7e8", "#f7b6b2"]),
                 alpha=0.8)
     colors = np.array(["#1f4e9c", "#9c1f1f"])
-    one = {k: v[:1] for k, v in params.items()}
-    b = {k: v[:1] for k, v in buffers.items()} if buffers else None
+    first, b = one(params, 0), one(buffers or None, 0)
     splits = [("train", "o", 14)] + ([("test", "P", 16)] if show_test else [])
     for split, marker, size in splits:
         x, y = data.split(split)
-        pred = predict(stacked_forward(model, one, x, b))[0]
+        pred = predict(stacked_forward(model, first, x, b))[0]
         xn, yn, wrong = x.cpu().numpy(), y.cpu().numpy(), (pred != y).cpu().numpy()
         ax.scatter(xn[~wrong, 0], xn[~wrong, 1], c=colors[yn[~wrong]], s=size, marker=marker,
                    linewidths=0, label=f"{split}")
@@ -80,7 +78,7 @@ def boundary_row(model, params, data, titles: list[str], path: str | Path,
     m = len(titles)
     fig, axs = plt.subplots(1, m, figsize=(3.4 * m, 3.4), squeeze=False)
     for i, ax in enumerate(axs[0]):
-        one = {k: v[i:i + 1] for k, v in params.items()}
-        plot_boundary(model, one, data, ax=ax, show_test=show_test, resolution=resolution,
+        plot_boundary(model, one(params, i), data, ax=ax, show_test=show_test,
+                      resolution=resolution,
                       title=titles[i])
     return save_figure(fig, path)

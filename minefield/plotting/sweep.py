@@ -8,6 +8,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ..functional import one
 from .boundary import plot_boundary
 from .style import BAD, GOOD, axes, save_figure
 
@@ -84,9 +85,7 @@ def boundary_grid_figure(model, params, data, rows, buffers=None, seed=None):
         ax.set_visible(False)
     for ax, r in zip(axs.flat, chosen):
         i = r["member"]
-        one = {k: v[i:i + 1] for k, v in params.items()}
-        b = {k: v[i:i + 1] for k, v in buffers.items()} if buffers else None
-        plot_boundary(model, one, data, b, ax=ax, resolution=150,
+        plot_boundary(model, one(params, i), data, one(buffers or None, i), ax=ax, resolution=150,
                       title=f"beta={r['beta']:g}: train {r['train_acc']:.0%}, "
                             f"test {r['test_acc']:.0%}")
         if ax.get_legend():

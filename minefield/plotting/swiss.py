@@ -7,6 +7,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from ..functional import one
 from .basin import plot_radius_hist, plot_rollouts
 from .boundary import plot_boundary
 from .style import save_figure
@@ -23,8 +24,7 @@ def swiss_figure(good, bad, rollouts, basins, path: str | Path) -> list[Path]:
     fig, axs = plt.subplots(2, 2, figsize=(9, 8.4))
     for ax, res, label in ((axs[0, 0], good, "good"), (axs[0, 1], bad, "poisoned")):
         m = res.metrics
-        one = {k: v[:1] for k, v in res.params.items()}
-        plot_boundary(res.model, one, res.data, ax=ax, resolution=250,
+        plot_boundary(res.model, one(res.params, 0), res.data, ax=ax, resolution=250,
                       title=f"{label} minimum: train {m['train_acc'][0]:.0%}, "
                             f"test {m['test_acc'][0]:.0%}")
     plot_rollouts({"good": rollouts[0], "poisoned": rollouts[1]}, ax=axs[1, 0])

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from ..basin import BasinResult, Rollouts, VolumeConfig, basin_members, member_stack, rollouts
+from ..basin import BasinResult, Rollouts, VolumeConfig, basin_members, rollouts
 from ..evaluate import resolve_device
+from ..functional import one
 from ..lock import locking
 from ..runs import DEFAULT_ROOT, Run, RunError, reading
 from .train import load_run_model
@@ -72,8 +73,8 @@ def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
     model, params, buffers, data, _ = load_run_model(run, checkpoint, resolve_device(device))
     results = basin_members(model, params, data, cfg, buffers or None)
     ts = torch.linspace(-cfg.r_max / 2, cfg.r_max / 2, 101, dtype=torch.float64)
-    ros = [rollouts(model, member_stack(params, i), data, n_rollouts, ts, cfg.directions,
-                    member_stack(buffers, i) if buffers else None, cfg.memory_mb, res.cutoff)
+    ros = [rollouts(model, one(params, i), data, n_rollouts, ts, cfg.directions,
+                    one(buffers or None, i), cfg.memory_mb, res.cutoff)
            if n_rollouts else None for i, res in enumerate(results)]
     path = run.write_result(rel, key, {"members": [r.to_dict() for r in results],
                                        "rollouts": [r.to_dict() if r else None for r in ros]})

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..basin import member_stack
 from ..directions import random_directions
 from ..evaluate import resolve_device
-from ..functional import member, n_members
+from ..functional import member, n_members, one
 from ..landscape import (
     LandscapeConfig,
     Slice,
@@ -98,8 +97,8 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
     model, params, buffers, data, _ = load_run_model(run, cfg.checkpoint, dev)
     if cfg.member >= n_members(params):
         raise ValueError(f"run {run.name} has no member {cfg.member}")
-    centre = member_stack(params, cfg.member)
-    bufs = member_stack(buffers, cfg.member) if buffers else None
+    centre = one(params, cfg.member)
+    bufs = one(buffers or None, cfg.member)
     ts, spec = cfg.grid(), cfg.directions
     if cfg.dim == 1:
         if cfg.other:
@@ -107,7 +106,7 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
                                             dev)
             if cfg.member >= n_members(p2):
                 raise ValueError(f"run {cfg.other} has no member {cfg.member}")
-            d = line_direction(centre, member_stack(p2, cfg.member))
+            d = line_direction(centre, one(p2, cfg.member))
         else:
             d = random_directions(member(centre, 0), 1, spec.kind, spec.bias, spec.generator())
         res = slice_1d(model, centre, d, ts, data, cfg.splits, bufs, memory_mb, key)

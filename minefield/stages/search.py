@@ -23,7 +23,7 @@ from torch import nn
 
 from ..data import fresh_points
 from ..evaluate import resolve_device
-from ..functional import Params, n_members, stack
+from ..functional import Params, n_members, one, stack
 from ..lock import locking
 from ..runs import DEFAULT_ROOT, Run, RunError, reading
 from ..search import (
@@ -127,7 +127,7 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
     if cfg.member >= n_members(final_params):
         raise ValueError(f"member {cfg.member} asked for, run {run.name} has "
                          f"{n_members(final_params)}")
-    final = {k: v[cfg.member:cfg.member + 1] for k, v in final_params.items()}
+    final = one(final_params, cfg.member)
     chosen = select_checkpoints(traj, cfg)
     record = {"search": cfg.to_dict(), "run": run.name, "final_checkpoint": traj[-1].name,
               "extra_poison": n_extra}
@@ -162,12 +162,13 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
                    "dist_start_filter": float(d_start["filter"][i]),
                    "dist_final_l2": float(d_final["l2"][i]),
                    "dist_final_filter": float(d_final["filter"][i])}
-            one = {k: v[i:i + 1] for k, v in res.params.items()}
+            minimum = one(res.params, i)
             if run.exists(rel(s, r)):
                 continue
-            run.save_checkpoint(rel(s, r), one, {}, {"kind": "bad_minimum", "step": row["steps"],
-                                                    "row": row, "search": cfg.to_dict(),
-                                                    "run": run.name})
+            run.save_checkpoint(rel(s, r), minimum, {}, {"kind": "bad_minimum",
+                                                        "step": row["steps"], "row": row,
+                                                        "search": cfg.to_dict(),
+                                                        "run": run.name})
         if on_batch:
             on_batch(sum(len(c) for c in chunks[:b + 1]), len(work))
     with reading(run.file(SEARCH_DIR, "minima")):
