@@ -69,158 +69,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import ConfigError, Optimizer, PoisonObjective, TrainConfig, _Config
-from .data import FRESH, Dataset
+from .config import PoisonObjective
+from .data import Dataset
 from .evaluate import evaluate_members
 from .functional import Params, activation_elements, is_weight, n_members, stack
 from .options import StopRule
+from .search_config import AUTO_EXTRA_POISON, SearchConfig
 from .train import effective_beta, fit
 
 __all__ = ["StopRule", "SearchConfig", "SearchResult", "search_minima", "poison_set",
            "distances", "search_seed", "batch_capacity", "AUTO_EXTRA_POISON"]
-#: Fresh poison points drawn by default, for datasets that can draw them.
-AUTO_EXTRA_POISON = 400
-
-
-@dataclass(frozen=True)
-class SearchConfig(_Config):
-    """Which checkpoints to start from and how to train to a bad minimum.
-
-    Defaults (tuned on the spiral's starts of ``minefield reproduce``, then checked
-    on the paper's 200): Adam 4e-3, x0.1 at steps 20,000 and 22,000, up to 24,000
-    full-batch steps, ``beta=0.43``, 400 fresh poison points carrying 11% of the
-    poison term; a member stops once train accuracy >= 0.97 and poison accuracy
-    <= 0.05 (few do: most run every step).
-
-    Adaptive poison factor: every ``compact_every`` steps from ``adapt_from``
-    until the first milestone, a member whose true-label accuracy on the
-    untraining set is above ``poison_cap`` gets its beta raised by ``beta_step``,
-    up to ``beta_max`` (``poison_cap=None``: one fixed beta). The search looks
-    only at the untraining set it trains on, never at the test set. How these
-    defaults were chosen (the settings tried and what each gave) is in
-    ``docs/search.md``.
-
-    Checkpoints: ``trajectory[start:stop:every]`` (indices into the run's
-    trajectory, which starts with the initialisation at index 0), or the steps
-    listed in ``checkpoints``. ``member`` picks the model of a multi-member run.
-    Training: as :class:`~minefield.config.TrainConfig` (``batch_size=None`` is full
-    batch on train ∪ poison), with the poisoned objective ``beta``/``objective``
-    (``beta=None``: the authors' concatenated untraining set) and the fresh
-    poison points (``extra_poison``: how many, ``None`` for the default;
-    ``extra_share``: their share of the poison term). ``max_batch``
-    members train together, fewer if ``memory_mb`` would be exceeded.
-    """
-
-    every: int = 10
-    start: int = 1
-    stop: int | None = None
-    checkpoints: tuple[int, ...] | None = None
-    member: int = 0
-    repeats: int = 1
-    jitter: float = 0.0
-    seed: int = 0
-    optimizer: Optimizer = Optimizer.ADAM
-    lr: float = 0.004
-    milestones: tuple[int, ...] = (20000, 22000)
-    gamma: float = 0.1
-    l2: float = 0.0
-    clip_norm: float | None = None
-    batch_size: int | None = None
-    steps: int = 24000
-    beta: float | None = 0.43
-    objective: PoisonObjective = PoisonObjective.FLIP
-    extra_poison: int | None = None
-    extra_share: float = 0.11
-    stopping: StopRule = StopRule.TARGET
-    target_train: float = 0.97
-    target_poison_acc: float = 0.05
-    poison_cap: float | None = 0.22
-    beta_step: float = 0.005
-    beta_max: float = 0.6
-    adapt_from: int = 10000
-    log_every: int = 100
-    compact_every: int = 500
-    max_batch: int = 256
-    memory_mb: float = 1024.0
-    _section: ClassVar[str] = "search"
-
-    def _validate(self):
-        for k in ("every", "repeats", "log_every", "compact_every", "max_batch", "steps"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"search.{k} must be >= 1, got {getattr(self, k)}")
-        if self.start < 0 or self.member < 0:
-            raise ConfigError("search.start and search.member must be >= 0")
-        if self.beta is not None and not 0.0 <= self.beta < 1.0:
-            raise ConfigError(f"search.beta must be in [0, 1), got {self.beta}")
-        if self.jitter < 0:
-            raise ConfigError(f"search.jitter must be >= 0, got {self.jitter}")
-        if self.repeats > 1 and self.jitter == 0:
-            raise ConfigError("search.repeats > 1 needs jitter > 0: without it every repeat "
-                              "from a checkpoint trains to the same minimum")
-        if (self.extra_poison is not None and self.extra_poison < 0) or not (
-                0.0 <= self.extra_share < 1.0):
-            raise ConfigError("search.extra_poison must be >= 0 and search.extra_share in "
-                              f"[0, 1), got {self.extra_poison} and {self.extra_share}")
-        if self.extra_poison and self.extra_share == 0:
-            raise ConfigError(f"search.extra_poison={self.extra_poison} fresh points need a "
-                              "share of the poison term (search.extra_share > 0)")
-        if self.memory_mb <= 0:
-            raise ConfigError(f"search.memory_mb must be > 0, got {self.memory_mb}")
-        if self.poison_cap is not None and not 0.0 <= self.poison_cap <= 1.0:
-            raise ConfigError(f"search.poison_cap must be in [0, 1], got {self.poison_cap}")
-        if self.beta_step < 0 or not 0.0 <= self.beta_max < 1.0 or self.adapt_from < 0:
-            raise ConfigError("search.beta_step and search.adapt_from must be >= 0 and "
-                              f"search.beta_max in [0, 1), got {self.beta_step}, "
-                              f"{self.adapt_from} and {self.beta_max}")
-        _check_search(self)
-
-    @property
-    def adapt_until(self) -> int:
-        """The step at which the poison factor stops adapting: the first learning-rate drop."""
-        return self.milestones[0] if self.milestones else self.steps
-
-    def n_extra(self, dataset: str) -> int:
-        """Fresh poison points for a run on ``dataset`` (resolves ``extra_poison=None``)."""
-        if self.extra_poison is not None:
-            return self.extra_poison
-        return AUTO_EXTRA_POISON if dataset in FRESH and self.extra_share > 0 else 0
-
-    def train_config(self) -> TrainConfig:
-        """The :class:`TrainConfig` each search is trained with."""
-        return TrainConfig(optimizer=self.optimizer, lr=self.lr, milestones=self.milestones,
-                           gamma=self.gamma, l2=self.l2, clip_norm=self.clip_norm,
-                           batch_size=self.batch_size, steps=self.steps,
-                           log_every=self.log_every, checkpoint_every=self.steps,
-                           seed=self.seed)
-
-
-def _check_search(cfg: SearchConfig) -> None:
-    from . import validate as v
-
-    for k in ("lr", "gamma", "memory_mb"):
-        v.positive(f"search.{k}", getattr(cfg, k))
-    for k in ("l2", "jitter", "beta_step"):
-        v.non_negative(f"search.{k}", getattr(cfg, k))
-    if cfg.clip_norm is not None:
-        v.positive("search.clip_norm", cfg.clip_norm)
-    for k in ("target_train", "target_poison_acc"):
-        v.in_unit(f"search.{k}", getattr(cfg, k))
-    v.increasing_steps("search.milestones", cfg.milestones)
-    if cfg.checkpoints is not None:
-        if not cfg.checkpoints:
-            raise ConfigError("search.checkpoints lists no step")
-        v.increasing_steps("search.checkpoints", sorted(cfg.checkpoints))
-    if cfg.stop is not None:
-        v.at_least("search.stop", cfg.stop, 0)
-    if cfg.batch_size is not None:
-        v.at_least("search.batch_size", cfg.batch_size, 1)
-
-
 # --- maths ----------------------------------------------------------------------------------
 
 
