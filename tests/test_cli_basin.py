@@ -29,6 +29,7 @@ def test_basin_writes_json_reuses_and_refuses_other_settings(runs):
                   "--rollouts", "2", "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert "log10 V" in res.output and "n*mean(log10 r)" in res.output
+    assert "radii at r_max: a lower bound; raise --r-max" in res.output  # 2 of 6 here
     saved = json.loads((runs / "a" / "basin" / "default.json").read_text())
     m = saved["members"][0]
     assert len(m["radii"]) == 6 and m["config"]["cutoff_kind"] == "relative"

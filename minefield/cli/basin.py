@@ -9,12 +9,13 @@ under the same tag need ``--force``.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import click
 import torch
 
-from ..basin import VolumeConfig
+from ..basin import BasinWarning, VolumeConfig
 from ..config import ConfigError, ExperimentConfig
 from ..directions import BiasPolicy, DirectionKind, DirectionSpec
 from ..landscape import LandscapeConfig, Slice, Surface
@@ -96,15 +97,18 @@ def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, met
                        r_max=r_max, n_directions=n_directions, rtol=rtol, method=method,
                        grid_points=grid_points, directions=DirectionSpec(dir_kind, bias, seed),
                        memory_mb=memory_mb, seed=seed)
-    res = basin_run(open_run(ctx, run), cfg, tag=tag, checkpoint=checkpoint,
-                    n_rollouts=n_rollouts, device=device, force=force)
+    with warnings.catch_warnings():  # said below in one line per member instead
+        warnings.simplefilter("ignore", BasinWarning)
+        res = basin_run(open_run(ctx, run), cfg, tag=tag, checkpoint=checkpoint,
+                        n_rollouts=n_rollouts, device=device, force=force)
     click.echo(f"({'reusing' if res.reused else 'wrote'} {res.path})")
     for i, m in enumerate(res.members):
         lo, hi = m.ci_log10_volume
         click.echo(f"{run}[{i}]  n {m.n}  centre loss {m.centre_loss:.4g}  "
                    f"mean radius {m.mean_radius:.4g}  log10 V {m.log10_volume:.6g} "
                    f"[{lo:.6g}, {hi:.6g}]  n*mean(log10 r) {m.n_mean_log10_r:.6g}"
-                   + (f"  ({m.n_at_r_max} radii at r_max)" if m.n_at_r_max else ""))
+                   + (f"  ({m.n_at_r_max} radii at r_max: a lower bound; raise --r-max)"
+                      if m.n_at_r_max else ""))
 
 
 @plot.command("basin")
