@@ -37,7 +37,7 @@ def main() -> None:
     model = build_model(ModelConfig(widths=(25, 25, 25, 25), init="glorot_normal"),
                         data.input_shape, data.n_classes)
     starts = init_stack(model, "glorot_normal", range(args.members))
-    cfg = SearchConfig(steps=args.steps, stopping=StopRule.FIXED, log_every=args.steps,
+    cfg = SearchConfig.make(steps=args.steps, stopping=StopRule.FIXED, log_every=args.steps,
                        compact_every=args.steps, milestones=())
     seeds = list(range(args.members))
     extra = fresh_points(DataConfig("spiral"), AUTO_EXTRA_POISON)

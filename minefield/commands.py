@@ -47,14 +47,15 @@ _TRAIN = [("name", "--name"), ("data.name", "--dataset"), ("data.data_dir", "--d
 _SWEEP_SKIP = {"poison.beta", "train.members"}  # set per member by the sweep
 _SEARCH = [("every", "--every"), ("start", "--start"), ("stop", "--stop"),
            ("checkpoints", "--checkpoints"), ("member", "--member"), ("repeats", "--repeats"),
-           ("jitter", "--jitter"), ("steps", "--steps"), ("optimizer", "--optimizer"),
-           ("lr", "--lr"), ("milestones", "--milestones"), ("gamma", "--gamma"),
-           ("clip_norm", "--clip"), ("batch_size", "--batch-size"), ("beta", "--beta"),
+           ("jitter", "--jitter"), ("train.steps", "--steps"),
+           ("train.optimizer", "--optimizer"), ("train.lr", "--lr"),
+           ("train.milestones", "--milestones"), ("train.gamma", "--gamma"),
+           ("train.clip_norm", "--clip"), ("train.batch_size", "--batch-size"), ("beta", "--beta"),
            ("objective", "--objective"), ("extra_poison", "--extra-poison"),
            ("extra_share", "--extra-share"), ("stopping", "--stop-rule"),
            ("target_train", "--target-train"), ("target_poison_acc", "--target-poison"),
            ("poison_cap", "--poison-cap"), ("beta_step", "--beta-step"),
-           ("beta_max", "--beta-max"), ("adapt_from", "--adapt-from"), ("seed", "--seed"),
+           ("beta_max", "--beta-max"), ("adapt_from", "--adapt-from"), ("train.seed", "--seed"),
            ("max_batch", "--max-batch"), ("memory_mb", "--memory-mb")]
 _EMBED = [("perplexity", "--perplexity"), ("seed", "--seed"), ("n_iter", "--n-iter"),
           ("pca_dims", "--pca-dims")]
@@ -122,8 +123,8 @@ def train_command(cfg: ExperimentConfig) -> str:
 def search_command(run: str, cfg: SearchConfig) -> str:
     """``minefield search RUN ...`` that runs the search ``cfg``."""
     special = {"beta": "concat"} if cfg.beta is None else {}
-    if cfg.milestones == ():
-        special["milestones"] = ""
+    if cfg.train.milestones == ():
+        special["train.milestones"] = ""
     return _join(["minefield", "search", run, *_options(cfg, SearchConfig(), _SEARCH, special)])
 
 

@@ -79,11 +79,11 @@ from .data import Dataset
 from .evaluate import evaluate_members
 from .functional import Params, activation_elements, is_weight, n_members, stack
 from .options import StopRule
-from .search_config import AUTO_EXTRA_POISON, SearchConfig
+from .search_config import AUTO_EXTRA_POISON, SEARCH_TRAIN, SearchConfig
 from .train import effective_beta, fit
 
-__all__ = ["StopRule", "SearchConfig", "SearchResult", "search_minima", "poison_set",
-           "distances", "search_seed", "batch_capacity", "AUTO_EXTRA_POISON"]
+__all__ = ["StopRule", "SearchConfig", "SEARCH_TRAIN", "SearchResult", "search_minima",
+           "poison_set", "distances", "search_seed", "batch_capacity", "AUTO_EXTRA_POISON"]
 # --- maths ----------------------------------------------------------------------------------
 
 
@@ -230,8 +230,8 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
         >>> data = load_dataset(DataConfig("blobs"))
         >>> model = build_model(ModelConfig(widths=(8,)), (2,), 2)
         >>> starts = init_stack(model, "glorot_uniform", [0, 1, 2])   # 3 searches, one stack
-        >>> res = search_minima(model, starts, data, SearchConfig(lr=0.05, steps=200,
-        ...                                                       milestones=()))
+        >>> res = search_minima(model, starts, data, SearchConfig.make(lr=0.05, steps=200,
+        ...                                                            milestones=()))
         >>> res.metrics["test_acc"].shape, res.steps.tolist()
         (torch.Size([3]), [200, 200, 200])
     """
@@ -310,8 +310,8 @@ def batch_capacity(model: nn.Module, data: Dataset, cfg: SearchConfig) -> int:
     """
     n_params = sum(p.numel() for p in model.parameters())
     n_pts = len(data.y_train) + len(data.y_poison)
-    if cfg.batch_size is not None:
-        n_pts = min(n_pts, 2 * cfg.batch_size)
+    if cfg.train.batch_size is not None:
+        n_pts = min(n_pts, 2 * cfg.train.batch_size)
     size = data.x_train.element_size()
     per = 5 * n_params * size + 3 * activation_elements(model, data.x_train) * n_pts * size
     return max(1, min(cfg.max_batch, int(cfg.memory_mb * 2**20 // per)))

@@ -6,14 +6,21 @@ Field by field in :class:`SearchConfig`; how its defaults were chosen is in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .config import ConfigError, Optimizer, PoisonObjective, TrainConfig, _Config
 from .data import FRESH
 from .options import StopRule
 
-__all__ = ["SearchConfig", "AUTO_EXTRA_POISON"]
+__all__ = ["SearchConfig", "SEARCH_TRAIN", "AUTO_EXTRA_POISON"]
+
+#: How a search trains by default: Adam 4e-3, x0.1 at steps 20,000 and 22,000, 24,000
+#: full-batch steps, metrics every 100 (stopping is checked there).
+SEARCH_TRAIN = TrainConfig(optimizer=Optimizer.ADAM, lr=0.004, milestones=(20000, 22000),
+                           steps=24000, log_every=100)
+_TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 #: Fresh poison points drawn by default, for datasets that can draw them.
 AUTO_EXTRA_POISON = 400
@@ -40,8 +47,11 @@ class SearchConfig(_Config):
     Checkpoints: ``trajectory[start:stop:every]`` (indices into the run's
     trajectory, which starts with the initialisation at index 0), or the steps
     listed in ``checkpoints``. ``member`` picks the model of a multi-member run.
-    Training: as :class:`~minefield.config.TrainConfig` (``batch_size=None`` is full
-    batch on train ∪ poison), with the poisoned objective ``beta``/``objective``
+    Training: ``train``, a :class:`~minefield.config.TrainConfig` (default
+    :data:`SEARCH_TRAIN`; ``batch_size=None`` is full batch on train ∪ poison;
+    ``train.seed`` seeds the minibatches, the fresh points and every search;
+    ``checkpoint_every`` and ``members`` are not used), with the poisoned objective
+    ``beta``/``objective``
     (``beta=None``: the authors' concatenated untraining set) and the fresh
     poison points (``extra_poison``: how many, ``None`` for the default;
     ``extra_share``: their share of the poison term). ``max_batch``
@@ -55,15 +65,7 @@ class SearchConfig(_Config):
     member: int = 0
     repeats: int = 1
     jitter: float = 0.0
-    seed: int = 0
-    optimizer: Optimizer = Optimizer.ADAM
-    lr: float = 0.004
-    milestones: tuple[int, ...] = (20000, 22000)
-    gamma: float = 0.1
-    l2: float = 0.0
-    clip_norm: float | None = None
-    batch_size: int | None = None
-    steps: int = 24000
+    train: TrainConfig = field(default_factory=lambda: SEARCH_TRAIN)
     beta: float | None = 0.43
     objective: PoisonObjective = PoisonObjective.FLIP
     extra_poison: int | None = None
@@ -75,16 +77,17 @@ class SearchConfig(_Config):
     beta_step: float = 0.005
     beta_max: float = 0.6
     adapt_from: int = 10000
-    log_every: int = 100
     compact_every: int = 500
     max_batch: int = 256
     memory_mb: float = 1024.0
     _section: ClassVar[str] = "search"
 
     def _validate(self):
-        for k in ("every", "repeats", "log_every", "compact_every", "max_batch", "steps"):
+        for k in ("every", "repeats", "compact_every", "max_batch"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"search.{k} must be >= 1, got {getattr(self, k)}")
+        if self.train.steps < 1:
+            raise ConfigError(f"search.train.steps must be >= 1, got {self.train.steps}")
         if self.start < 0 or self.member < 0:
             raise ConfigError("search.start and search.member must be >= 0")
         if self.beta is not None and not 0.0 <= self.beta < 1.0:
@@ -114,7 +117,41 @@ class SearchConfig(_Config):
     @property
     def adapt_until(self) -> int:
         """The step at which the poison factor stops adapting: the first learning-rate drop."""
-        return self.milestones[0] if self.milestones else self.steps
+        return self.train.milestones[0] if self.train.milestones else self.train.steps
+
+    @property
+    def steps(self) -> int:
+        """Steps of every search (``train.steps``)."""
+        return self.train.steps
+
+    @property
+    def seed(self) -> int:
+        """Seed of the minibatch order, the fresh points and every search's own seed
+        (``train.seed``)."""
+        return self.train.seed
+
+    @classmethod
+    def make(cls, **kw) -> SearchConfig:
+        """A SearchConfig from keywords of both kinds: :class:`TrainConfig` fields
+        (``steps``, ``lr``, ``seed``...) go into ``train`` over :data:`SEARCH_TRAIN`.
+
+        Example::
+
+            >>> SearchConfig.make(every=20, steps=300, lr=0.01).train.steps
+            300
+        """
+        tkw = {k: kw.pop(k) for k in list(kw) if k in _TRAIN_FIELDS}
+        return cls(train=kw.pop("train", SEARCH_TRAIN).replace(**tkw), **kw)
+
+    @classmethod
+    def from_dict(cls, d, where: str = ""):
+        """As every config; a config.json written when the training fields sat flat in
+        the search config (before ``train``) is read too."""
+        if isinstance(d, dict) and _TRAIN_FIELDS & set(d) and "train" not in d:
+            flat = {k: d[k] for k in d if k in _TRAIN_FIELDS}
+            d = {k: v for k, v in d.items() if k not in _TRAIN_FIELDS}
+            d["train"] = SEARCH_TRAIN.to_dict() | flat
+        return super().from_dict(d, where)
 
     def n_extra(self, dataset: str) -> int:
         """Fresh poison points for a run on ``dataset`` (resolves ``extra_poison=None``)."""
@@ -124,30 +161,20 @@ class SearchConfig(_Config):
 
     def train_config(self) -> TrainConfig:
         """The :class:`TrainConfig` each search is trained with."""
-        return TrainConfig(optimizer=self.optimizer, lr=self.lr, milestones=self.milestones,
-                           gamma=self.gamma, l2=self.l2, clip_norm=self.clip_norm,
-                           batch_size=self.batch_size, steps=self.steps,
-                           log_every=self.log_every, checkpoint_every=self.steps,
-                           seed=self.seed)
+        return self.train
 
 
 def _check_search(cfg: SearchConfig) -> None:
     from . import validate as v
 
-    for k in ("lr", "gamma", "memory_mb"):
-        v.positive(f"search.{k}", getattr(cfg, k))
-    for k in ("l2", "jitter", "beta_step"):
+    v.positive("search.memory_mb", cfg.memory_mb)
+    for k in ("jitter", "beta_step"):
         v.non_negative(f"search.{k}", getattr(cfg, k))
-    if cfg.clip_norm is not None:
-        v.positive("search.clip_norm", cfg.clip_norm)
     for k in ("target_train", "target_poison_acc"):
         v.in_unit(f"search.{k}", getattr(cfg, k))
-    v.increasing_steps("search.milestones", cfg.milestones)
     if cfg.checkpoints is not None:
         if not cfg.checkpoints:
             raise ConfigError("search.checkpoints lists no step")
         v.increasing_steps("search.checkpoints", sorted(cfg.checkpoints))
     if cfg.stop is not None:
         v.at_least("search.stop", cfg.stop, 0)
-    if cfg.batch_size is not None:
-        v.at_least("search.batch_size", cfg.batch_size, 1)

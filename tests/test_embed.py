@@ -72,7 +72,7 @@ def test_embed_run_save_load_and_plot(tmp_path, tiny):
         embed_run(run, device="cpu")
     with pytest.raises(RunError, match="has no embedding"):
         load_embedding(run)
-    search_run(run, SearchConfig(every=1, steps=30, log_every=10, milestones=()), device="cpu")
+    search_run(run, SearchConfig.make(every=1, steps=30, log_every=10, milestones=()), device="cpu")
     cfg = EmbedConfig(perplexity=2, n_iter=50)
     res = embed_run(run, cfg, device="cpu")
     assert res.kind == ["trajectory"] * 3 + ["bad"] * 3

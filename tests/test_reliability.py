@@ -494,7 +494,7 @@ def test_stray_search_config_without_minima_is_replaced(base, tmp_path):
     shutil.copytree(base, root)
     (root / "good" / "search").mkdir()
     (root / "good" / "search" / "config.json").write_text('{"search": "another"}')
-    cfg = SearchConfig(checkpoints=(20,), steps=10, milestones=(), adapt_from=0)
+    cfg = SearchConfig.make(checkpoints=(20,), steps=10, milestones=(), adapt_from=0)
     s = search_run("good", cfg, root=root, device="cpu")
     assert s.new == 1
 
@@ -616,7 +616,7 @@ def _search_problem(m: int, dtype: torch.dtype):
                                                                         generator=g))
     # everything that could couple members: per-member adaptive beta, target stopping with
     # compaction, minibatches, fresh poison points, clipping and l2
-    cfg = SearchConfig(steps=150, lr=0.02, milestones=(120,), log_every=10, compact_every=30,
+    cfg = SearchConfig.make(steps=150, lr=0.02, milestones=(120,), log_every=10, compact_every=30,
                        beta=0.4, target_train=1.0, target_poison_acc=0.9, poison_cap=0.93,
                        beta_step=0.05, adapt_from=0, batch_size=16, clip_norm=5.0, l2=1e-4,
                        extra_poison=30, extra_share=0.2)
@@ -659,7 +659,7 @@ class _Killed(BaseException):
 
 
 def test_search_killed_after_every_save_resumes_to_the_same_minima(base, tmp_path):
-    cfg = SearchConfig(every=1, start=0, steps=60, lr=0.02, milestones=(), log_every=10,
+    cfg = SearchConfig.make(every=1, start=0, steps=60, lr=0.02, milestones=(), log_every=10,
                        compact_every=20, beta=0.3, target_train=1.0, target_poison_acc=0.9,
                        poison_cap=0.2, adapt_from=0, max_batch=3, stopping=StopRule.TARGET)
     ref_root = tmp_path / "ref"

@@ -9,6 +9,7 @@ from minefield.functional import member, stack
 from minefield.models import build_model
 from minefield.runs import Run, RunError
 from minefield.search import (
+    SEARCH_TRAIN,
     SearchConfig,
     StopRule,
     _filter_normalized_direction,
@@ -33,7 +34,7 @@ def _problem(m=3, dtype=torch.float64):
 def _cfg(**kw):
     base = dict(steps=120, lr=0.02, milestones=(), log_every=10, compact_every=30,
                 beta=0.25, target_train=1.0, target_poison_acc=0.9, adapt_from=0)
-    return SearchConfig(**(base | kw))
+    return SearchConfig.make(**(base | kw))
 
 
 def test_filter_distance_of_filter_normalized_step_is_t():
@@ -152,7 +153,7 @@ def test_seed_count_must_match():
 ])
 def test_config_errors(kw, msg):
     with pytest.raises(ConfigError, match=msg):
-        SearchConfig(**kw)
+        SearchConfig.make(**kw)
 
 
 def test_config_round_trips():
@@ -162,8 +163,8 @@ def test_config_round_trips():
 
 def test_batch_capacity_respects_memory_and_max_batch():
     model, _, data = _problem(1, torch.float32)
-    assert batch_capacity(model, data, SearchConfig(max_batch=7)) == 7
-    assert batch_capacity(model, data, SearchConfig(memory_mb=1e-6)) == 1
+    assert batch_capacity(model, data, SearchConfig.make(max_batch=7)) == 7
+    assert batch_capacity(model, data, SearchConfig.make(memory_mb=1e-6)) == 1
 
 
 def test_seeds_do_not_depend_on_batching():
@@ -180,12 +181,12 @@ def good_run(tmp_path, tiny):
 
 def test_select_checkpoints(good_run):
     traj = good_run.trajectory()  # steps 0, 20, 40, 60
-    assert select_checkpoints(traj, SearchConfig(every=2, start=1)) == [traj[1], traj[3]]
-    assert select_checkpoints(traj, SearchConfig(checkpoints=(40, 0))) == [traj[2], traj[0]]
+    assert select_checkpoints(traj, SearchConfig.make(every=2, start=1)) == [traj[1], traj[3]]
+    assert select_checkpoints(traj, SearchConfig.make(checkpoints=(40, 0))) == [traj[2], traj[0]]
     with pytest.raises(ValueError, match=r"no trajectory checkpoint at step\(s\) \[30\]"):
-        select_checkpoints(traj, SearchConfig(checkpoints=(30,)))
+        select_checkpoints(traj, SearchConfig.make(checkpoints=(30,)))
     with pytest.raises(ValueError, match="no checkpoints selected"):
-        select_checkpoints(traj, SearchConfig(start=9))
+        select_checkpoints(traj, SearchConfig.make(start=9))
 
 
 def test_search_run_writes_resumes_and_never_redoes(good_run):
@@ -270,8 +271,8 @@ def test_default_fresh_points_only_where_the_dataset_can_draw_them():
     cfg = SearchConfig()
     assert cfg.n_extra("spiral") == cfg.n_extra("swissroll") == 400
     assert cfg.n_extra("digits") == cfg.n_extra("blobs") == 0
-    assert SearchConfig(extra_poison=0).n_extra("spiral") == 0
-    assert SearchConfig(extra_poison=7).n_extra("spiral") == 7
+    assert SearchConfig.make(extra_poison=0).n_extra("spiral") == 0
+    assert SearchConfig.make(extra_poison=7).n_extra("spiral") == 7
 
 
 def test_fresh_points_change_the_search_and_metrics_stay_on_the_papers_splits():
@@ -302,3 +303,17 @@ def test_search_run_draws_fresh_points_from_the_runs_distribution(tmp_path, tiny
     auto = search_run(blobs, _cfg(every=2), device="cpu")  # default: none for blobs
     assert blobs.read_json("search/search.json")["extra_poison"] == 0 and auto.stats["n"] == 2
     assert fresh_points(DataConfig("spiral"), 50, 0)[0].shape == (50, 2)
+
+
+def test_search_config_holds_a_train_config_and_reads_the_flat_layout():
+    cfg = SearchConfig.make(every=3, steps=50, lr=0.01, seed=4)
+    assert cfg.train == SEARCH_TRAIN.replace(steps=50, lr=0.01, seed=4)
+    assert (cfg.steps, cfg.seed, cfg.every) == (50, 4, 3)
+    assert SearchConfig.from_dict(cfg.to_dict()) == cfg
+    flat = {k: v for k, v in cfg.to_dict().items() if k != "train"}  # before `train` existed
+    flat |= {"steps": 50, "lr": 0.01, "seed": 4, "optimizer": "adam"}
+    assert SearchConfig.from_dict(flat) == cfg
+    with pytest.raises(ConfigError, match="search.train.steps must be >= 1"):
+        SearchConfig.make(steps=0)
+    with pytest.raises(ConfigError, match="train.optimizer: 'lbfgs' is not one of"):
+        SearchConfig.make(optimizer="lbfgs")

@@ -43,11 +43,11 @@ _D = SearchConfig()
               help="Filter-normalised perturbation of each start.")
 @click.option("--steps", type=click.IntRange(1), default=_D.steps, show_default=True)
 @click.option("--optimizer", type=click.Choice([o.value for o in Optimizer]),
-              default=_D.optimizer.value, show_default=True)
-@click.option("--lr", type=float, default=_D.lr, show_default=True)
-@click.option("--milestones", default=",".join(map(str, _D.milestones)), show_default=True,
+              default=_D.train.optimizer.value, show_default=True)
+@click.option("--lr", type=float, default=_D.train.lr, show_default=True)
+@click.option("--milestones", default=",".join(map(str, _D.train.milestones)), show_default=True,
               help="Steps at which lr *= gamma ('' for none).")
-@click.option("--gamma", type=float, default=_D.gamma, show_default=True)
+@click.option("--gamma", type=float, default=_D.train.gamma, show_default=True)
 @click.option("--clip", "clip_norm", type=float, default=None)
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Default: full batch.")
 @click.option("--beta", callback=parse_beta, default=str(_D.beta), show_default=True,
@@ -97,7 +97,8 @@ def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, s
     Example:
       minefield search mf-good --every 10
     """
-    cfg = SearchConfig(every=every, start=start, stop=stop, checkpoints=parse_ints(checkpoints),
+    cfg = SearchConfig.make(every=every, start=start, stop=stop,
+                            checkpoints=parse_ints(checkpoints),
                        member=member, repeats=repeats, jitter=jitter, steps=steps,
                        optimizer=Optimizer(optimizer), lr=lr,
                        milestones=parse_ints(milestones) or (), gamma=gamma, clip_norm=clip_norm,
