@@ -144,15 +144,15 @@ def _cases() -> list[Case]:
     # search values
     S = ("search", "good", "--steps", "20", "-q")
     for opt, vals, err, code in [
-        ("--lr", ["nan", "0"], r"search\.lr must be a finite number > 0", 1),
-        ("--clip", ["-1", "nan"], r"search\.clip_norm must be a finite number > 0", 1),
+        ("--lr", ["nan", "0"], r"train\.lr must be (a finite number )?> 0", 1),
+        ("--clip", ["-1", "nan"], r"train\.clip_norm must be a finite number > 0", 1),
         ("--memory-mb", ["0", "nan"], r"search\.memory_mb must be", 1),
-        ("--gamma", ["nan"], r"search\.gamma must be", 1),
+        ("--gamma", ["nan"], r"train\.gamma must be", 1),
         ("--checkpoints", ["999"], r"no trajectory checkpoint at step", 1),
         ("--checkpoints", ["5,x"], r"expected integers like", 2),
         ("--member", ["5"], r"member 5 asked for, run good has 1", 1),
         ("--beta", ["1", "nan"], r"beta must be in \[0, 1\)|a number in", 2),
-        ("--milestones", ["5,2"], r"search\.milestones must be increasing", 1),
+        ("--milestones", ["5,2"], r"train\.milestones must be increasing", 1),
         ("--jitter", ["nan", "inf"], r"search\.jitter must be a finite number >= 0", 1),
         ("--target-train", ["nan"], r"search\.target_train must be in \[0, 1\]", 1),
         ("--repeats", ["2"], r"repeats > 1 needs jitter > 0", 1),
@@ -414,11 +414,11 @@ PY_CASES = [
     (ExperimentConfig, {"name": "a\nb"}, r"invalid run name .*control character"),
     (ExperimentConfig, {"name": ""}, r"invalid run name '': it is empty"),
     (ExperimentConfig, {"device": "tpu"}, r"device must be auto, cpu or cuda"),
-    (SearchConfig, {"lr": NAN}, r"search\.lr must be a finite number > 0"),
+    (SearchConfig.make, {"lr": NAN}, r"train\.lr must be a finite number > 0"),
     (DataConfig, {"seed": -1}, r"data\.seed must be in \[0, 2\*\*32\)"),
     (SearchConfig, {"checkpoints": ()}, r"search\.checkpoints lists no step"),
     (SearchConfig, {"stop": -1}, r"search\.stop must be an integer >= 0"),
-    (SearchConfig, {"batch_size": 0}, r"search\.batch_size must be an integer >= 1"),
+    (SearchConfig.make, {"batch_size": 0}, r"train\.batch_size must be >= 1"),
 ]
 
 
