@@ -27,18 +27,39 @@ from .config import (
     TrainConfig,
     load_config,
 )
+from .curvature import (
+    Eigen,
+    SpectralDensity,
+    TraceEstimate,
+    dense_hessian,
+    hessian_diagonal,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    spectral_density,
+    top_eigenvalues,
+)
 from .data import DATASETS, Dataset, load_dataset
 from .directions import DirectionSpec, n_perturbed, orthogonalize, random_directions
 from .embed import EmbedConfig, EmbedResult, embed_points, embed_run, load_embedding
 from .engine import evaluate_points, evaluate_points_loop
 from .evaluate import evaluate_members, resolve_device
 from .functional import flatten, member, stack, stacked_forward, unflatten
+from .hvp import CurvatureOperator, NonFiniteLoss, Objective, model_objective
 from .landscape import Slice, Surface, plane_directions, slice_1d, surface
 from .loss import accuracy, complement_nll, nll, poisoned_nll
+from .measures import MEASURES, SharpnessConfig, measure_members
 from .models import MODELS, build_model, init_params
 from .reproduce import SCALES, reproduce
 from .runs import Run
 from .search import SearchConfig, search_minima, search_run
+from .sharpness import (
+    SharpnessEstimate,
+    average_sharpness,
+    m_sharpness,
+    pac_bayes_sigma,
+    worst_case_sharpness,
+)
 from .sweep import SweepConfig, SweepResult, log_spaced_betas, poison_sweep
 from .train import fit, load_run_model, train_run
 
@@ -59,6 +80,12 @@ __all__ = [
     "DirectionSpec", "random_directions", "n_perturbed", "orthogonalize",
     "evaluate_points", "evaluate_points_loop",
     "VolumeConfig", "BasinResult", "basin_radii", "basin_members", "Rollouts", "rollouts",
+    # curvature and sharpness
+    "Objective", "model_objective", "CurvatureOperator", "NonFiniteLoss",
+    "top_eigenvalues", "Eigen", "hutchinson_trace", "hutchpp_trace", "TraceEstimate",
+    "hutchinson_diagonal", "hessian_diagonal", "dense_hessian", "spectral_density",
+    "SpectralDensity", "worst_case_sharpness", "average_sharpness", "m_sharpness",
+    "pac_bayes_sigma", "SharpnessEstimate", "SharpnessConfig", "MEASURES", "measure_members",
     # landscapes
     "Slice", "Surface", "slice_1d", "plane_directions", "surface",
     # the minefield
