@@ -241,19 +241,27 @@ def model_objective(model: nn.Module, params: Params,
 class CurvatureOperator:
     """``H``, ``G`` or ``F`` of every member, applied to flat ``(M, n)`` vectors in one call.
 
-    ``probe_chunk`` bounds how many probe vectors :meth:`matmat` pushes through
-    ``vmap`` at once (memory). Checks once that every member's loss is finite.
+    The Hessian defaults to ``mode="reverse"``: the gradient of the summed loss of
+    all members is built once with its graph kept (``create_graph``), and each
+    product is one more backward pass through it (Pearlmutter 1994), about 1.3x a
+    gradient on ResNet-20 (CPU). ``mode="forward"`` (``jvp`` of ``grad`` under
+    ``vmap``) keeps no graph: less memory, about 2-3x slower there. GGN and Fisher
+    always use forward mode. ``probe_chunk`` bounds how many probes :meth:`matmat`
+    pushes through one call. Checks once that every member's loss is finite.
 
     Raises:
         NonFiniteLoss: the loss is NaN or infinite at some member.
+        ConfigError: an unknown kind or mode.
     """
 
     def __init__(self, objective: Objective, kind: CurvatureKind | str = "hessian",
-                 probe_chunk: int | None = 64):
+                 probe_chunk: int | None = 64, mode: str = "reverse"):
         try:
             self.kind = parse_enum(CurvatureKind, kind, "curvature kind")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if mode not in ("reverse", "forward"):
+            raise ConfigError(f"mode must be 'reverse' or 'forward', got {mode!r}")
         self.objective = objective
         self.probe_chunk = probe_chunk
         self.n, self.m = objective.n_params, objective.n_members
@@ -261,7 +269,26 @@ class CurvatureOperator:
         self.device = next(iter(objective.params.values())).device
         self.n_matvecs = 0  # products per member applied so far (one per probe vector)
         objective.check_finite()
+        self.mode = mode if self.kind is CurvatureKind.HESSIAN else "forward"
         self._apply = vmap(self._member_product, in_dims=(0, objective._bdim, 0))
+        self._graph: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    def _reverse_graph(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Leaves and their gradient with its graph: ``d(sum_m L_m)/dP`` is member m's
+        own gradient in slot m, so one backward through it is the stacked product."""
+        if self._graph is None:
+            obj = self.objective
+            leaves = {k: v.detach().clone().requires_grad_(True) for k, v in obj.params.items()}
+            with torch.enable_grad():
+                if self.m == 1:  # plain autograd: no vmap overhead on convolutions
+                    b = {k: (v[0] if obj._bdim == 0 else v) for k, v in obj.buffers.items()}
+                    total = obj.member_loss({k: v[0] for k, v in leaves.items()}, b)
+                else:
+                    total = vmap(obj.member_loss, in_dims=(0, obj._bdim))(
+                        leaves, obj.buffers).sum()
+                grads = torch.autograd.grad(total, list(leaves.values()), create_graph=True)
+            self._graph = (list(leaves.values()), list(grads))
+        return self._graph
 
     def _member_product(self, p: Params, b: Params, v: Params) -> Params:
         obj = self.objective
@@ -285,34 +312,39 @@ class CurvatureOperator:
             out = {k: out[k] + back[k] for k in out}
         return out
 
+    def _product(self, v: torch.Tensor) -> torch.Tensor:
+        """``(M, n) -> (M, n)`` without checks or counting."""
+        obj = self.objective
+        vd = unflatten(v.to(self.dtype), obj.params)
+        if self.mode == "forward":
+            return flatten(self._apply(obj.params, obj.buffers, vd))
+        leaves, grads = self._reverse_graph()
+        with torch.enable_grad():
+            hv = torch.autograd.grad(grads, leaves, grad_outputs=list(vd.values()),
+                                     retain_graph=True)
+        return torch.cat([h.reshape(self.m, -1) for h in hv], 1).detach()
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``(M, n) -> (M, n)``: member m's matrix times ``v[m]``."""
         if v.shape != (self.m, self.n):
             raise ConfigError(f"expected vectors of shape ({self.m}, {self.n}), got "
                               f"{tuple(v.shape)}")
-        obj = self.objective
-        vd = unflatten(v.to(self.dtype), obj.params)
         self.n_matvecs += 1
-        return flatten(self._apply(obj.params, obj.buffers, vd))
+        return self._product(v)
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
-        """``(M, K, n) -> (M, K, n)``: K products per member, ``probe_chunk`` at a time."""
+        """``(M, K, n) -> (M, K, n)``: K products per member, ``probe_chunk`` at a time
+        through ``vmap`` (forward mode) or one backward per probe (reverse mode)."""
         if v.dim() != 3 or v.shape[0] != self.m or v.shape[2] != self.n:
             raise ConfigError(f"expected vectors of shape ({self.m}, K, {self.n}), got "
                               f"{tuple(v.shape)}")
         k = v.shape[1]
-        chunk = self.probe_chunk or k
-        outs = []
-        for i in range(0, k, chunk):
-            part = v[:, i:i + chunk]
-            fn = vmap(self._flat_apply, in_dims=1, out_dims=1)
-            outs.append(fn(part))
         self.n_matvecs += k
-        return torch.cat(outs, 1)
-
-    def _flat_apply(self, v: torch.Tensor) -> torch.Tensor:
-        obj = self.objective
-        return flatten(self._apply(obj.params, obj.buffers, unflatten(v, obj.params)))
+        if self.mode == "reverse":
+            return torch.stack([self._product(v[:, i]) for i in range(k)], 1)
+        chunk = self.probe_chunk or k
+        fn = vmap(self._product, in_dims=1, out_dims=1)
+        return torch.cat([fn(v[:, i:i + chunk]) for i in range(0, k, chunk)], 1)
 
 
 def dense_matrix(op: CurvatureOperator) -> torch.Tensor:

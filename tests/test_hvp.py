@@ -58,9 +58,10 @@ def test_quadratic_hessian_and_ggn_are_the_matrix():
     torch.testing.assert_close(dense_matrix(ggn), a.expand(2, -1, -1), rtol=0, atol=1e-12)
 
 
-def test_mlp_hessian_matches_autograd_dense_float64():
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_mlp_hessian_matches_autograd_dense_float64(mode):
     model, p, x, y = _problem(classes=3)
-    op = CurvatureOperator(model_objective(model, p, (x, y)))
+    op = CurvatureOperator(model_objective(model, p, (x, y)), mode=mode)
     h = dense_matrix(op)
     for i in range(3):
         f, flat = _flat_loss(model, p, x, y, i)
@@ -68,19 +69,21 @@ def test_mlp_hessian_matches_autograd_dense_float64():
         torch.testing.assert_close(h[i], ref, rtol=1e-10, atol=1e-12)
 
 
-def test_stacked_hvp_equals_per_model_hvps():
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_stacked_hvp_equals_per_model_hvps(mode):
     model, p, x, y = _problem(m=4)
-    op = CurvatureOperator(model_objective(model, p, (x, y)))
+    op = CurvatureOperator(model_objective(model, p, (x, y)), mode=mode)
     v = torch.randn(4, op.n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     stacked = op.matvec(v)
     for i in range(4):
         one = CurvatureOperator(model_objective(model, {k: t[i:i + 1] for k, t in p.items()},
-                                                (x, y)))
+                                                (x, y)), mode=mode)
         torch.testing.assert_close(stacked[i:i + 1], one.matvec(v[i:i + 1]), rtol=1e-12,
                                    atol=1e-14)
     # K probes per member through matmat agree with K matvecs
     vv = torch.randn(4, 5, op.n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    mm = CurvatureOperator(model_objective(model, p, (x, y)), probe_chunk=2).matmat(vv)
+    mm = CurvatureOperator(model_objective(model, p, (x, y)), probe_chunk=2,
+                           mode=mode).matmat(vv)
     for k in range(5):
         torch.testing.assert_close(mm[:, k], op.matvec(vv[:, k]), rtol=1e-12, atol=1e-14)
 
@@ -131,8 +134,9 @@ def test_batchnorm_policies_match_autograd():
     model, p, x, y, bufs = _resnet()
     v = torch.randn(2, sum(t[0].numel() for t in p.values()),
                     generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    for bn in ("eval", "batch"):
-        op = CurvatureOperator(model_objective(model, p, (x, y), bufs, bn=bn))
+    for bn, mode in (("eval", "reverse"), ("batch", "reverse"), ("eval", "forward"),
+                     ("batch", "forward")):
+        op = CurvatureOperator(model_objective(model, p, (x, y), bufs, bn=bn), mode=mode)
         out = op.matvec(v)
         for i in range(2):
             f, flat = _flat_loss(model, p, x, y, i, bufs if bn == "eval" else None,
@@ -141,6 +145,11 @@ def test_batchnorm_policies_match_autograd():
             torch.testing.assert_close(out[i], ref, rtol=1e-9, atol=1e-11)
     before = {k: t.clone() for k, t in bufs.items()}
     CurvatureOperator(model_objective(model, p, (x, y), bufs, bn="batch")).matvec(v)
+    one = {k: t[:1] for k, t in p.items()}  # a stack of one takes the plain-autograd path
+    single = CurvatureOperator(model_objective(model, one, (x, y), {k: t[:1] for k, t in
+                                                                    bufs.items()}))
+    full = CurvatureOperator(model_objective(model, p, (x, y), bufs)).matvec(v)
+    torch.testing.assert_close(single.matvec(v[:1]), full[:1], rtol=1e-9, atol=1e-11)
     assert all(torch.equal(bufs[k], before[k]) for k in bufs)  # running stats untouched
     assert not model.training
 
@@ -169,6 +178,8 @@ def test_bad_inputs_raise_one_clear_error():
     obj = model_objective(model, p, (x, y), bufs)
     with pytest.raises(ConfigError, match="unknown curvature kind"):
         CurvatureOperator(obj, "laplace")
+    with pytest.raises(ConfigError, match="mode must be 'reverse' or 'forward'"):
+        CurvatureOperator(obj, mode="sideways")
     op = CurvatureOperator(obj)
     with pytest.raises(ConfigError, match="expected vectors of shape"):
         op.matvec(torch.zeros(3, op.n, dtype=torch.float64))
