@@ -47,7 +47,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 from .config import ConfigError, parse_enum
 from .data import Dataset
 from .engine import LOSSES, BNPolicy, evaluate_points
-from .functional import Params, flatten, n_members, unflatten
+from .functional import Params, _mlp_forward, flatten, mlp_fast_path, n_members, unflatten
 
 __all__ = ["CurvatureKind", "NonFiniteLoss", "Objective", "model_objective", "CurvatureOperator",
            "dense_matrix"]
@@ -280,7 +280,11 @@ class CurvatureOperator:
             obj = self.objective
             leaves = {k: v.detach().clone().requires_grad_(True) for k, v in obj.params.items()}
             with torch.enable_grad():
-                if self.m == 1:  # plain autograd: no vmap overhead on convolutions
+                if obj.model is not None and not obj.buffers and mlp_fast_path(obj.model):
+                    # plain MLPs: the engine's batched matmuls, (M, N, C) logits at once
+                    total = sum(obj.weight * obj.per_sample(_mlp_forward(obj.model, leaves, x),
+                                                            y).sum() for x, y in obj.chunks)
+                elif self.m == 1:  # plain autograd: no vmap overhead on convolutions
                     b = {k: (v[0] if obj._bdim == 0 else v) for k, v in obj.buffers.items()}
                     total = obj.member_loss({k: v[0] for k, v in leaves.items()}, b)
                 else:

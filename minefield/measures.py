@@ -70,13 +70,13 @@ class SharpnessConfig(_Config):
     measures: tuple[str, ...] = ("lambda_max", "trace", "ggn_lambda_max", "ggn_trace",
                                  "fisher_trace", "worst_l2", "worst_linf", "asam", "average",
                                  "m_sharpness", "pac_bayes_sigma", "pac_bayes_sigma_mag")
-    rho: float = 0.5
-    rho_linf: float = 0.01
+    rho: float = 0.05
+    rho_linf: float = 0.001
     rho_adaptive: float = 0.05
     eta: float = 0.01
     steps: int = 10
     restarts: int = 2
-    sigma: float = 0.02
+    sigma: float = 0.002
     n_samples: int = 64
     m: int = 20
     bound: float = 0.1
