@@ -45,7 +45,7 @@ from .embed import EmbedConfig, EmbedResult, embed_points, embed_run, load_embed
 from .engine import evaluate_points, evaluate_points_loop
 from .evaluate import evaluate_members, resolve_device
 from .functional import flatten, member, stack, stacked_forward, unflatten
-from .hvp import CurvatureOperator, NonFiniteLoss, Objective, model_objective
+from .hvp import CurvatureKind, CurvatureOperator, NonFiniteLoss, Objective, model_objective
 from .landscape import Slice, Surface, plane_directions, slice_1d, surface
 from .loss import accuracy, complement_nll, nll, poisoned_nll
 from .measures import MEASURES, SharpnessConfig, measure_members
@@ -81,7 +81,7 @@ __all__ = [
     "evaluate_points", "evaluate_points_loop",
     "VolumeConfig", "BasinResult", "basin_radii", "basin_members", "Rollouts", "rollouts",
     # curvature and sharpness
-    "Objective", "model_objective", "CurvatureOperator", "NonFiniteLoss",
+    "Objective", "model_objective", "CurvatureOperator", "CurvatureKind", "NonFiniteLoss",
     "top_eigenvalues", "Eigen", "hutchinson_trace", "hutchpp_trace", "TraceEstimate",
     "hutchinson_diagonal", "hessian_diagonal", "dense_hessian", "spectral_density",
     "SpectralDensity", "worst_case_sharpness", "average_sharpness", "m_sharpness",

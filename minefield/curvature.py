@@ -192,7 +192,10 @@ def hutchinson_trace(op: CurvatureOperator, rtol: float | None = 1e-2, n_probes:
     half-width is ``<= rtol |estimate|`` for every member (at least ``min_probes``)
     or ``n_probes`` are spent; ``rtol=None`` always uses ``n_probes``. Each probe
     has variance ``2 (||H||_F^2 - sum_i H_ii^2)``; the sample variance is reported.
-    ``deflate=s > 0`` is Hutch++ (see :func:`hutchpp_trace`).
+    ``deflate=s > 0`` is Hutch++ (see :func:`hutchpp_trace`). Stopping on the
+    interval itself could make it optimistic; with ``min_probes=30`` the 95% interval
+    covered the truth in 94.7% (Hutchinson, rtol 0.05) and 96.3% (Hutch++, rtol 0.02)
+    of 300 seeds on the 60-dimensional test spectrum.
 
     Raises:
         ConfigError: a non-positive rtol, ``level`` outside (0, 1) or fewer than 2 probes.
