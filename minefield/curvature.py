@@ -75,7 +75,7 @@ def lanczos(apply, v0: torch.Tensor, n_iter: int, generator: torch.Generator | N
     ``H Q^T = Q^T T + beta_j q_{j+1} e_j^T``, ``T = tridiag(beta[:-1], alpha, beta[:-1])``.
     An exhausted Krylov space (``beta ~ 0``) restarts from a fresh random vector
     orthogonal to Q with a zero coupling, so T stays exact. ``check(alpha, beta)``,
-    called every 5 iterations, may return True to stop early.
+    called after every iteration, may return True to stop early.
     """
     b, n = v0.shape
     g = generator or torch.Generator().manual_seed(0)
@@ -91,8 +91,7 @@ def lanczos(apply, v0: torch.Tensor, n_iter: int, generator: torch.Generator | N
         w = _orth(w, q[:, :j + 1])
         beta[:, j] = w.norm(dim=1).double()
         scale = torch.maximum(scale, alpha[:, j].abs() + beta[:, j])
-        if j + 1 == n_iter or (check is not None and (j + 1) % 5 == 0
-                               and check(alpha[:, :j + 1], beta[:, :j + 1])):
+        if j + 1 == n_iter or (check is not None and check(alpha[:, :j + 1], beta[:, :j + 1])):
             break
         tiny = beta[:, j] <= 1e3 * torch.finfo(v0.dtype).eps * scale.clamp(min=1e-30)
         if bool(tiny.any()):
@@ -160,7 +159,7 @@ def top_eigenvalues(op: CurvatureOperator, k: int = 1, tol: float = 1e-4,
     vec = None
     if vectors:
         sk = s.gather(2, idx[:, None, :].expand(-1, s.shape[1], -1))  # (M, j, k)
-        vec = torch.einsum("mjk,mjn->mkn", sk.to(q.dtype), q)
+        vec = torch.einsum("mjk,mjn->mkn", sk.to(q), q)
     return Eigen(theta, res, vec, n_done)
 
 

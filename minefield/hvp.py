@@ -138,12 +138,7 @@ class Objective:
 
     def check_finite(self) -> torch.Tensor:
         """The ``(M,)`` losses, or :class:`NonFiniteLoss` naming the bad members."""
-        val = self.losses()
-        bad = (~torch.isfinite(val)).nonzero().flatten().tolist()
-        if bad:
-            raise NonFiniteLoss(f"the loss is NaN or infinite at member(s) {bad}: curvature and "
-                                f"sharpness are undefined there")
-        return val
+        return _raise_if_not_finite(self.losses())
 
     def perturbed_losses(self, i: int, directions: Params, ts: torch.Tensor) -> torch.Tensor:
         """Losses ``(K,)`` of member ``i`` at ``theta_i + ts[k] d_k`` (no gradients).
@@ -174,6 +169,14 @@ class Objective:
 
     def _own_buffers(self) -> Params | None:
         return self.buffers if self._bdim == 0 else None
+
+
+def _raise_if_not_finite(losses: torch.Tensor) -> torch.Tensor:
+    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+    if bad:
+        raise NonFiniteLoss(f"the loss is NaN or infinite at member(s) {bad}: curvature and "
+                            f"sharpness are undefined there")
+    return losses
 
 
 def _has_bn(model: nn.Module) -> bool:
@@ -268,10 +271,13 @@ class CurvatureOperator:
         self.dtype = objective.dtype
         self.device = next(iter(objective.params.values())).device
         self.n_matvecs = 0  # products per member applied so far (one per probe vector)
-        objective.check_finite()
         self.mode = mode if self.kind is CurvatureKind.HESSIAN else "forward"
+        if self.mode == "reverse":
+            self._graph = None
+            self._reverse_graph()  # checks the losses it computes on the way
+        else:
+            objective.check_finite()
         self._apply = vmap(self._member_product, in_dims=(0, objective._bdim, 0))
-        self._graph: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def _reverse_graph(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Leaves and their gradient with its graph: ``d(sum_m L_m)/dP`` is member m's
@@ -282,15 +288,16 @@ class CurvatureOperator:
             with torch.enable_grad():
                 if obj.model is not None and not obj.buffers and mlp_fast_path(obj.model):
                     # plain MLPs: the engine's batched matmuls, (M, N, C) logits at once
-                    total = sum(obj.weight * obj.per_sample(_mlp_forward(obj.model, leaves, x),
-                                                            y).sum() for x, y in obj.chunks)
+                    losses = sum(obj.weight * obj.per_sample(
+                        _mlp_forward(obj.model, leaves, x), y).sum(-1) for x, y in obj.chunks)
                 elif self.m == 1:  # plain autograd: no vmap overhead on convolutions
                     b = {k: (v[0] if obj._bdim == 0 else v) for k, v in obj.buffers.items()}
-                    total = obj.member_loss({k: v[0] for k, v in leaves.items()}, b)
+                    losses = obj.member_loss({k: v[0] for k, v in leaves.items()}, b)[None]
                 else:
-                    total = vmap(obj.member_loss, in_dims=(0, obj._bdim))(
-                        leaves, obj.buffers).sum()
-                grads = torch.autograd.grad(total, list(leaves.values()), create_graph=True)
+                    losses = vmap(obj.member_loss, in_dims=(0, obj._bdim))(leaves, obj.buffers)
+                _raise_if_not_finite(losses.detach())
+                grads = torch.autograd.grad(losses.sum(), list(leaves.values()),
+                                            create_graph=True)
             self._graph = (list(leaves.values()), list(grads))
         return self._graph
 
