@@ -108,6 +108,8 @@ def pyhessian_columns(net, x, y, repeats):
     def crit(out, yy):
         return nll(out, yy).mean()
 
+    PyHessian(net, crit, data=(x.float(), y), cuda=False)  # warm-up, untimed
+
     def eig():
         torch.manual_seed(0)  # PyHessian draws from the global RNG
         return PyHessian(net, crit, data=(x.float(), y), cuda=False).eigenvalues()[0][0]
@@ -136,6 +138,8 @@ def compare(name, model, p32, x, y, ref_eig, ref_tr, repeats, exact_ref, max_pro
     print(f"\n== {name}: top eigenvalue and trace ==")
     print(f"reference: lambda_max {ref_eig:.7g}, trace "
           f"{ref_tr if isinstance(ref_tr, str) else f'{ref_tr:.7g}'}")
+    CurvatureOperator(model_objective(model, p32, (x, y), buffers)).matvec(
+        torch.zeros(1, sum(v[0].numel() for v in p32.values())))  # warm-up, untimed
     t_eig, e = timed(lambda: top_eigenvalues(CurvatureOperator(
         model_objective(model, p32, (x, y), buffers)), k=1, tol=1e-2), repeats)
     t_tr, tr = timed(lambda: hutchpp_trace(CurvatureOperator(

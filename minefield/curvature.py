@@ -79,7 +79,8 @@ def lanczos(apply, v0: torch.Tensor, n_iter: int, generator: torch.Generator | N
     """
     b, n = v0.shape
     g = generator or torch.Generator().manual_seed(0)
-    q = torch.zeros(b, n_iter, n, dtype=v0.dtype, device=v0.device)
+    # Q grows by doubling: most runs stop long before n_iter (300 x n would be wasted)
+    q = torch.zeros(b, min(n_iter, 16), n, dtype=v0.dtype, device=v0.device)
     alpha = torch.zeros(b, n_iter, dtype=torch.float64)
     beta = torch.zeros(b, n_iter, dtype=torch.float64)
     q[:, 0] = v0 / v0.norm(dim=1, keepdim=True)
@@ -99,6 +100,9 @@ def lanczos(apply, v0: torch.Tensor, n_iter: int, generator: torch.Generator | N
             fresh = _orth(fresh, q[:, :j + 1])
             w = torch.where(tiny[:, None].to(w.device), fresh, w)
             beta[:, j] = torch.where(tiny, 0.0, beta[:, j])
+        if j + 1 == q.shape[1]:
+            q = torch.cat([q, torch.zeros(b, min(q.shape[1], n_iter - q.shape[1]), n,
+                                          dtype=q.dtype, device=q.device)], 1)
         q[:, j + 1] = w / w.norm(dim=1, keepdim=True)
     return alpha[:, :j + 1], beta[:, :j + 1], q[:, :j + 1], j + 1
 

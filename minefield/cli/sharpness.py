@@ -63,7 +63,7 @@ def sharpness(ctx, run, measures, checkpoint, rho, rho_linf, rho_adaptive, sigma
     \b
     Examples:
       minefield sharpness good
-      minefield sharpness bad --measures lambda_max,trace,worst_l2 --rho 0.5
+      minefield sharpness bad --measures lambda_max,trace,worst_l2 --rho 0.1
     """
     _check_tag(tag)
     cfg = SharpnessConfig(measures=_measures(measures), rho=rho, rho_linf=rho_linf,
