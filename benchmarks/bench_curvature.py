@@ -108,20 +108,23 @@ def pyhessian_columns(net, x, y, repeats):
     def crit(out, yy):
         return nll(out, yy).mean()
 
-    PyHessian(net, crit, data=(x.float(), y), cuda=False)  # warm-up, untimed
+    def fresh():  # PyHessian reads p.grad after backward(): clear it, or the Hessian doubles
+        net.zero_grad(set_to_none=True)
+        return PyHessian(net, crit, data=(x.float(), y), cuda=False)
+
+    fresh()  # warm-up, untimed
 
     def eig():
         torch.manual_seed(0)  # PyHessian draws from the global RNG
-        return PyHessian(net, crit, data=(x.float(), y), cuda=False).eigenvalues()[0][0]
+        return fresh().eigenvalues()[0][0]
 
     def trace():
         torch.manual_seed(0)
-        return float(torch.tensor(PyHessian(net, crit, data=(x.float(), y),
-                                            cuda=False).trace()).mean())
+        return float(torch.tensor(fresh().trace()).mean())
 
     def per_probe():
         torch.manual_seed(0)
-        h = PyHessian(net, crit, data=(x.float(), y), cuda=False)
+        h = fresh()
         t = time.perf_counter()
         h.trace(maxIter=20, tol=0.0)  # tol 0: exactly 20 probes
         return (time.perf_counter() - t) / 20
