@@ -18,6 +18,7 @@ basin-volume study::
 
 from .basin import BasinResult, Rollouts, VolumeConfig, basin_members, basin_radii, rollouts
 from .config import (
+    ConfigError,
     DataConfig,
     ExperimentConfig,
     ModelConfig,
@@ -47,11 +48,12 @@ from .evaluate import evaluate_members, resolve_device
 from .functional import flatten, member, stack, stacked_forward, unflatten
 from .hvp import CurvatureKind, CurvatureOperator, NonFiniteLoss, Objective, model_objective
 from .landscape import Slice, Surface, plane_directions, slice_1d, surface
+from .lock import RunLocked
 from .loss import accuracy, complement_nll, nll, poisoned_nll
 from .measures import MEASURES, SharpnessConfig, measure_members
 from .models import MODELS, build_model, init_params
 from .reproduce import SCALES, reproduce
-from .runs import Run
+from .runs import Run, RunError
 from .search import SearchConfig, search_minima, search_run
 from .sharpness import (
     SharpnessEstimate,
@@ -93,4 +95,6 @@ __all__ = [
     "EmbedConfig", "EmbedResult", "embed_points", "embed_run", "load_embedding",
     # poison-factor studies and the reproduction
     "SweepConfig", "SweepResult", "poison_sweep", "log_spaced_betas", "reproduce", "SCALES",
+    # errors: a config that cannot be used, a missing or corrupt run, a run another writes
+    "ConfigError", "RunError", "RunLocked",
 ]

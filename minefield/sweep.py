@@ -30,8 +30,9 @@ from scipy.stats import spearmanr
 
 from .basin import BasinResult, VolumeConfig, basin_members
 from .config import ConfigError, ExperimentConfig, _Config
+from .lock import locking
 from .measures import SharpnessConfig, measure_members
-from .runs import DEFAULT_ROOT, Run
+from .runs import DEFAULT_ROOT, Run, reading
 from .train import train_run
 
 __all__ = ["SweepConfig", "SweepResult", "poison_sweep", "log_spaced_betas", "load_sweep"]
@@ -89,6 +90,7 @@ def _spearman(rows: list[dict[str, Any]], by: str = "beta",
     return out
 
 
+@locking
 def poison_sweep(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
                  root: Path | str = DEFAULT_ROOT, force: bool = False, progress: bool = True,
                  save: bool = True) -> SweepResult:
@@ -109,10 +111,11 @@ def poison_sweep(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
         del key["sweep"]["sharpness"]
     if run is not None and run.exists("sweep.json"):
         old = run.read_json("sweep.json")
-        if old.get("key") == key and not force:
-            return SweepResult(old["rows"], old["spearman"], run,
-                               [BasinResult.from_dict(b) for b in old["basins"]],
-                               old.get("spearman_gap", {}))
+        with reading(run.file("sweep.json")):
+            if old.get("key") == key and not force:
+                return SweepResult(old["rows"], old["spearman"], run,
+                                   [BasinResult.from_dict(b) for b in old["basins"]],
+                                   old.get("spearman_gap", {}))
     basins = basin_members(res.model, res.params, res.data, sweep.volume, res.buffers)
     rows = []
     for i, ((beta, seed), b) in enumerate(zip(grid, basins)):

@@ -12,7 +12,7 @@ import click
 
 from ..evaluate import resolve_device
 from ..measures import MEASURES, SharpnessConfig, measure_members
-from ..runs import RunError
+from ..runs import RunError, reading
 from ..train import load_run_model
 from ._common import device_option, force_option, friendly, main, open_run
 from .basin import _check_tag, tag_option
@@ -76,12 +76,15 @@ def sharpness(ctx, run, measures, checkpoint, rho, rho_linf, rho_adaptive, sigma
     done: dict[str, list[float]] = {}
     if r.exists(rel) and not force:
         old = r.read_json(rel)
-        if old.get("settings") != settings:
-            raise RunError(f"{r.file(rel)} holds results for other settings; use --force or "
-                           f"another --tag")
-        done = old["columns"]
-    model, params, buffers, data, _ = load_run_model(r, checkpoint, resolve_device(device))
+        with reading(r.file(rel)):
+            if old.get("settings") != settings:
+                raise RunError(f"{r.file(rel)} holds results for other settings; use --force "
+                               f"or another --tag")
+            done = {k: [float(x) for x in v] for k, v in old["columns"].items()}
     todo = [name for name in cfg.measures if name not in done]
+    if todo:
+        r.lock()  # one writer per run: refused here, before any work
+    model, params, buffers, data, _ = load_run_model(r, checkpoint, resolve_device(device))
     if todo:
         click.echo(f"measuring {', '.join(todo)} on {r.name} "
                    f"({next(iter(params.values())).shape[0]} member(s))")
