@@ -148,8 +148,11 @@ class Objective:
         """
         centre = {k: v[i:i + 1] for k, v in self.params.items()}
         if self.model is not None:
-            bufs = ({k: v[i:i + 1] for k, v in self.buffers.items()} if self._bdim == 0
-                    else None)
+            if self._bdim == 0:
+                bufs = {k: v[i:i + 1] for k, v in self.buffers.items()}
+            else:  # batch statistics: the engine still wants (unused) stats to update
+                bufs = {k: (v.to(self.dtype) if v.is_floating_point() else v)[None].clone()
+                        for k, v in self.model.named_buffers()} or None
             x, y = self.data
             return evaluate_points(self.model, centre, directions, ts, x, y, bufs,
                                    loss=self.loss, bn=self.bn)[0]

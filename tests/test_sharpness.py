@@ -182,3 +182,29 @@ def test_bad_inputs_raise_one_clear_error():
     p["0.bias"][0, 0] = float("inf")
     with pytest.raises(NonFiniteLoss, match="NaN or infinite"):
         average_sharpness(model_objective(model, p, data), 0.1)
+
+
+def test_batchnorm_policies_through_the_engine_match_a_plain_loop():
+    from tests.test_hvp import _resnet
+
+    model, p, x, y, bufs = _resnet()
+    k, sig = 3, 0.05
+    for bn in ("eval", "batch"):
+        obj = model_objective(model, p, (x, y), bufs if bn == "eval" else None, bn=bn)
+        got = average_sharpness(obj, sig, n_samples=k, seed=2)
+        net = copy.deepcopy(model).double().train(bn == "batch")
+        for i in range(2):
+            w = flatten({kk: v[i:i + 1] for kk, v in p.items()})
+            z = torch.randn(k, w.shape[1], generator=torch.Generator().manual_seed(2),
+                            dtype=torch.float64)
+            state = {kk: v[i] for kk, v in bufs.items()} if bn == "eval" else {}
+
+            def loss(flat, state=state, net=net):
+                q = {kk: v[0] for kk, v in unflatten(flat[None], p).items()}
+                out = functional_call(net, (q, {kk: v.clone() for kk, v in state.items()}), (x,))
+                return float(nll(out, y).mean())
+
+            base = loss(w[0])
+            incs = torch.tensor([(loss(w[0] + sig * z[j]) + loss(w[0] - sig * z[j])) / 2 - base
+                                 for j in range(k)], dtype=torch.float64)
+            torch.testing.assert_close(got.value[i], incs.mean(), rtol=1e-8, atol=1e-10)
