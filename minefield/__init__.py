@@ -28,19 +28,40 @@ from .config import (
     TrainConfig,
     load_config,
 )
+from .curvature import (
+    Eigen,
+    SpectralDensity,
+    TraceEstimate,
+    dense_hessian,
+    hessian_diagonal,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    spectral_density,
+    top_eigenvalues,
+)
 from .data import DATASETS, Dataset, load_dataset
 from .directions import DirectionSpec, n_perturbed, orthogonalize, random_directions
 from .embed import EmbedConfig, EmbedResult, embed_points
 from .engine import evaluate_points, evaluate_points_loop
 from .evaluate import evaluate_members, resolve_device
 from .functional import flatten, member, stack, stacked_forward, unflatten
+from .hvp import CurvatureKind, CurvatureOperator, NonFiniteLoss, Objective, model_objective
 from .landscape import LandscapeConfig, Slice, Surface, axis, plane_directions, slice_1d, surface
 from .lock import RunLocked
 from .loss import accuracy, complement_nll, nll, poisoned_nll
+from .measures import MEASURES, SharpnessConfig, measure_members
 from .models import MODELS, build_model, init_params
 from .reproduce import SCALES, reproduce
 from .runs import Run, RunError
 from .search import SearchConfig, search_minima
+from .sharpness import (
+    SharpnessEstimate,
+    average_sharpness,
+    m_sharpness,
+    pac_bayes_sigma,
+    worst_case_sharpness,
+)
 from .stages import (
     BasinRun,
     basin_run,
@@ -75,6 +96,12 @@ __all__ = [
     "DirectionSpec", "random_directions", "n_perturbed", "orthogonalize",
     "evaluate_points", "evaluate_points_loop",
     "VolumeConfig", "BasinResult", "basin_radii", "basin_members", "Rollouts", "rollouts",
+    # curvature and sharpness
+    "Objective", "model_objective", "CurvatureOperator", "CurvatureKind", "NonFiniteLoss",
+    "top_eigenvalues", "Eigen", "hutchinson_trace", "hutchpp_trace", "TraceEstimate",
+    "hutchinson_diagonal", "hessian_diagonal", "dense_hessian", "spectral_density",
+    "SpectralDensity", "worst_case_sharpness", "average_sharpness", "m_sharpness",
+    "pac_bayes_sigma", "SharpnessEstimate", "SharpnessConfig", "MEASURES", "measure_members",
     # landscapes
     "LandscapeConfig", "Slice", "Surface", "axis", "slice_1d", "plane_directions", "surface",
     # the minefield

@@ -24,6 +24,7 @@ from typing import Any
 from .basin import VolumeConfig
 from .config import ExperimentConfig
 from .embed import EmbedConfig
+from .measures import SharpnessConfig
 from .search import SearchConfig
 from .sweep import SweepConfig
 
@@ -154,6 +155,11 @@ def sweep_command(base: ExperimentConfig, sweep: SweepConfig) -> str:
     """``minefield sweep ...`` that runs the poison-factor study ``sweep`` on ``base``."""
     words = ["minefield", "sweep", *_options(base, ExperimentConfig(), _TRAIN, skip=_SWEEP_SKIP)]
     words += ["--betas", _text(sweep.betas), "--seeds", _text(sweep.seeds)]
+    if sweep.sharpness is not None:  # the CLI offers the measures at default settings
+        if sweep.sharpness != SharpnessConfig(measures=sweep.sharpness.measures):
+            raise ValueError("sweep.sharpness settings other than the measures have no "
+                             "command-line option")
+        words += ["--measures", _text(sweep.sharpness.measures)]
     vol, ref = sweep.volume, SweepConfig().volume
     _check_covered(vol, ref, {"volume.n_directions", "volume.cutoff", "volume.rtol"}, "volume.")
     for field, flag in (("n_directions", "--directions"), ("cutoff", "--cutoff"),

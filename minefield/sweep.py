@@ -8,7 +8,10 @@ per model, that ``pandas.DataFrame(result.rows)`` reads directly;
 :func:`minefield.stages.sweep_run` runs it into a run directory.
 
 The paper's claim, checked by ``spearman``: as poisoning rises, test accuracy
-*and* basin radius both fall.
+*and* basin radius both fall. With ``SweepConfig(sharpness=SharpnessConfig(...))``
+every curvature and sharpness measure of :mod:`minefield.measures` becomes a
+column too, and ``spearman_gap`` holds each geometry column's Spearman
+correlation with the generalization gap (train minus test accuracy).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from scipy.stats import spearmanr
 
 from .basin import BasinResult, VolumeConfig
 from .config import ConfigError, _Config
+from .measures import SharpnessConfig
 from .runs import Run
 
 __all__ = ["SweepConfig", "SweepResult", "log_spaced_betas", "sweep_rows", "spearman"]
@@ -41,6 +45,7 @@ class SweepConfig(_Config):
     betas: tuple[float, ...] = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.6)
     seeds: tuple[int, ...] = (0, 1)
     volume: VolumeConfig = field(default_factory=lambda: VolumeConfig(n_directions=200))
+    sharpness: SharpnessConfig | None = None  # None: no curvature / sharpness columns
     _section: ClassVar[str] = "sweep"
 
     def _validate(self):
@@ -53,24 +58,30 @@ class SweepConfig(_Config):
 
 @dataclass
 class SweepResult:
-    """Rows (one per model), Spearman correlations with beta, and where it was saved."""
+    """Rows (one per model), Spearman correlations with beta and with the
+    generalization gap, and where it was saved."""
 
     rows: list[dict[str, Any]]
     spearman: dict[str, float]
     run: Run | None
     basins: list[BasinResult]
+    spearman_gap: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "spearman": self.spearman}
+        return {"rows": self.rows, "spearman": self.spearman, "spearman_gap": self.spearman_gap}
 
 
-def spearman(rows: list[dict[str, Any]]) -> dict[str, float]:
-    beta = [r["beta"] for r in rows]
+def spearman(rows: list[dict[str, Any]], by: str = "beta",
+             keys: tuple[str, ...] = ("test_acc", "mean_radius", "log10_volume", "gap")
+             ) -> dict[str, float]:
+    """Spearman rank correlation of each column ``keys`` with column ``by`` (NaN when
+    either is constant)."""
+    x = [r[by] for r in rows]
     out = {}
-    for key in ("test_acc", "mean_radius", "log10_volume", "gap"):
+    for key in keys:
         vals = [r[key] for r in rows]
-        rho = spearmanr(beta, vals).statistic if len(set(beta)) > 1 else float("nan")
-        out[key] = float(rho)
+        ok = len(set(x)) > 1 and len(set(vals)) > 1
+        out[key] = float(spearmanr(x, vals).statistic) if ok else float("nan")
     return out
 
 

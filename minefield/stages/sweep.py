@@ -20,6 +20,7 @@ from pathlib import Path
 from ..basin import BasinResult, basin_members
 from ..config import ExperimentConfig
 from ..lock import locking
+from ..measures import measure_members
 from ..runs import DEFAULT_ROOT, Run, reading
 from ..sweep import SweepConfig, SweepResult, spearman, sweep_rows
 from .train import train_run
@@ -46,11 +47,22 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
                     seeds=[base.train.seed + s for _, s in grid], save=save)
     run = res.run
     key = {"sweep": sweep.to_dict()}
+    if sweep.sharpness is None:  # sweeps saved before the field existed stay valid
+        del key["sweep"]["sharpness"]
     if run is not None and run.resume(SWEEP_FILE, key, force):
         return load_sweep(run)
     basins = basin_members(res.model, res.params, res.data, sweep.volume, res.buffers)
     rows = sweep_rows(grid, res.metrics, basins)
-    out = SweepResult(rows, spearman(rows), run, basins)
+    measures: tuple[str, ...] = ()
+    if sweep.sharpness is not None:
+        cols = measure_members(res.model, res.params, res.data, sweep.sharpness,
+                               res.buffers or None)
+        for i, row in enumerate(rows):
+            row.update({k: float(v[i]) for k, v in cols.items()})
+        measures = sweep.sharpness.measures
+    keys = ("test_acc", "mean_radius", "log10_volume", "gap") + measures
+    out = SweepResult(rows, spearman(rows, keys=keys), run, basins,
+                      spearman(rows, "gap", ("mean_radius", "log10_volume") + measures))
     if run is not None:
         run.write_csv("sweep.csv", rows)
         run.write_result(SWEEP_FILE, key, {**out.to_dict(),
@@ -64,4 +76,5 @@ def load_sweep(run: Run | str | Path, root: Path | str = DEFAULT_ROOT) -> SweepR
     d = run.read_json(SWEEP_FILE)
     with reading(run.file(SWEEP_FILE)):
         return SweepResult(d["rows"], d["spearman"], run,
-                           [BasinResult.from_dict(b) for b in d["basins"]])
+                           [BasinResult.from_dict(b) for b in d["basins"]],
+                           d.get("spearman_gap", {}))
