@@ -17,6 +17,7 @@ basin-volume study::
 """
 
 from .basin import BasinResult, Rollouts, VolumeConfig, basin_members, basin_radii, rollouts
+from .bodies import Box, Ellipsoid, QuadraticNet
 from .config import (
     DataConfig,
     ExperimentConfig,
@@ -27,6 +28,7 @@ from .config import (
     TrainConfig,
     load_config,
 )
+from .cooling import cooling_volume
 from .data import DATASETS, Dataset, load_dataset
 from .directions import DirectionSpec, n_perturbed, orthogonalize, random_directions
 from .embed import EmbedConfig, EmbedResult, embed_points, embed_run, load_embedding
@@ -36,11 +38,14 @@ from .functional import flatten, member, stack, stacked_forward, unflatten
 from .landscape import Slice, Surface, plane_directions, slice_1d, surface
 from .loss import accuracy, complement_nll, nll, poisoned_nll
 from .models import MODELS, build_model, init_params
+from .netvolume import NetworkLines, basin_volume
+from .precondition import Preconditioner, floor_curvature
 from .reproduce import SCALES, reproduce
 from .runs import Run
 from .search import SearchConfig, search_minima, search_run
 from .sweep import SweepConfig, SweepResult, log_spaced_betas, poison_sweep
 from .train import fit, load_run_model, train_run
+from .volume import Estimator, VolumeEstimate, log_chi_cdf, star_volume
 
 __version__ = "0.1.0"
 
@@ -59,6 +64,10 @@ __all__ = [
     "DirectionSpec", "random_directions", "n_perturbed", "orthogonalize",
     "evaluate_points", "evaluate_points_loop",
     "VolumeConfig", "BasinResult", "basin_radii", "basin_members", "Rollouts", "rollouts",
+    # volume estimators with measured error, and the bodies they are measured on
+    "Estimator", "VolumeEstimate", "star_volume", "cooling_volume", "log_chi_cdf",
+    "Preconditioner", "floor_curvature", "NetworkLines", "basin_volume",
+    "Ellipsoid", "Box", "QuadraticNet",
     # landscapes
     "Slice", "Surface", "slice_1d", "plane_directions", "surface",
     # the minefield

@@ -236,8 +236,10 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
             sq = y.pow(2).sum(1).reshape(reps, n_chains)
             if schedule is None:
                 nxt = _next_beta(beta, sq, log_wt, ratio_var)
-                if nxt == 0 and 0.5 * beta * rho_max**2 > 1:  # bound the last ratio's weights
-                    nxt = min(0.5 * beta, 2 / rho_max**2)
+                if nxt > 0 or 0.5 * beta * rho_max**2 > 1:
+                    # never faster than Cousins & Vempala's sigma^2 -> sigma^2 (1 + 1/sqrt(n)):
+                    # resampled chains, not yet diverse, underrate the ratio's variance
+                    nxt = max(nxt, beta / (1 + n**-0.5))
             else:
                 nxt = schedule[len(betas)]
             log_y = 0.5 * (beta - nxt) * sq  # (R, N): log f_next / f_beta

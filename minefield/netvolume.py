@@ -42,7 +42,8 @@ from .functional import Params, member
 from .precondition import Preconditioner, floor_curvature
 from .volume import ray_radii
 
-__all__ = ["NetworkLines", "CurvatureKind", "network_curvature"]
+__all__ = ["NetworkLines", "CurvatureKind", "network_curvature", "adam_curvature",
+           "basin_volume"]
 
 MAX_DENSE = 6000
 
@@ -198,3 +199,17 @@ def basin_volume(model: nn.Module, params: Params, data, cfg, buffers: Params | 
     est.n_evaluations = lines.evaluations
     est.details["log_det_scale"] = lines.log_det_scale  # + this: log V in parameter units
     return BasinResult.from_estimate(est, centre_loss, cut, {**cfg.to_dict(), "bn": bn})
+
+
+def adam_curvature(state: dict[str, torch.Tensor], keys: list[str], member: int) -> Params:
+    """Adam's second moments ``exp_avg_sq`` (an empirical Fisher diagonal) of one member,
+    per parameter, from a saved optimizer state (``opt.<i>.exp_avg_sq``: leaf ``i`` is
+    ``keys[i]``, stacked over members) -- a ``given`` curvature for :func:`basin_volume`."""
+    out = {}
+    for i, k in enumerate(keys):
+        name = f"opt.{i}.exp_avg_sq"
+        if name not in state:
+            raise ConfigError(f"the optimizer state has no {name}: was the run trained "
+                              f"with Adam?")
+        out[k] = state[name][member]
+    return out

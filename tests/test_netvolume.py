@@ -9,7 +9,7 @@ from minefield.config import ConfigError, ModelConfig
 from minefield.directions import DirectionSpec, random_directions
 from minefield.engine import evaluate_points, evaluate_points_loop
 from minefield.models import build_model, init_params
-from minefield.netvolume import NetworkLines, network_curvature
+from minefield.netvolume import NetworkLines, adam_curvature, network_curvature
 from minefield.precondition import Preconditioner
 
 F64 = torch.float64
@@ -101,6 +101,14 @@ def test_filter_units_and_given_curvature():
     zero = {k: torch.zeros_like(v) for k, v in theta.items()}
     with pytest.raises(ConfigError, match="use directions of kind 'gaussian'"):
         NetworkLines(model, zero, x, y, DirectionSpec("filter"))
+
+
+def test_adam_curvature_reads_second_moments():
+    state = {"opt.0.exp_avg_sq": torch.arange(6.0).reshape(2, 3)}
+    got = adam_curvature(state, ["w"], 1)
+    assert torch.equal(got["w"], torch.tensor([3.0, 4.0, 5.0]))
+    with pytest.raises(ConfigError, match="trained with Adam"):
+        adam_curvature({}, ["w"], 0)
 
 
 def test_volume_config_errors():
