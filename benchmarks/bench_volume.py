@@ -17,7 +17,9 @@ Estimators: ``naive`` (the paper's), ``is`` with a preconditioner computed the
 way a user would (Hutchinson diagonal by autodiff, dense Hessian by
 ``torch.func.hessian``, or the curvature-free axis radii for the box; its cost
 is included), ``gaussian`` where the Gaussian mass has a closed form (ball, box)
-and ``mcmc`` (Gaussian cooling) on the box with ``--mcmc-*`` settings.
+and ``mcmc`` (Gaussian cooling) on a box of ``--mcmc-n`` dimensions (at n = 3457 its
+schedule, ``~sqrt(n) log(beta_0 rho_max^2)`` phases of hit-and-run walks, is ~800
+phases: hours on 2 cores), beside ``is`` on the same small box.
 
     PYTHONPATH=. python benchmarks/bench_volume.py --threads 2
 """
@@ -93,9 +95,10 @@ def main() -> None:
     ap.add_argument("--r-max", type=float, default=100.0)
     ap.add_argument("--probes", type=int, default=16, help="Hutchinson probes")
     ap.add_argument("--sigma", type=float, default=0.05, help="Gaussian-measure std")
-    ap.add_argument("--mcmc-chains", type=int, default=16)
-    ap.add_argument("--mcmc-replicates", type=int, default=4)
-    ap.add_argument("--mcmc-walk", type=int, default=1)
+    ap.add_argument("--mcmc-n", type=int, default=100, help="dimension of the mcmc box")
+    ap.add_argument("--mcmc-chains", type=int, default=64)
+    ap.add_argument("--mcmc-replicates", type=int, default=8)
+    ap.add_argument("--mcmc-walk", type=int, default=5)
     ap.add_argument("--no-mcmc", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -142,15 +145,21 @@ def main() -> None:
                           make() if make else None, sigma=args.sigma)
         row("box", name, box.gaussian_log_mass(args.sigma) / LN10, est.log10_volume,
             est.ci_log10, est.ess, est.n_evaluations, time.perf_counter() - t0)
-    if not args.no_mcmc:
+    if not args.no_mcmc:  # at n = 3457 its schedule alone is ~800 phases: a smaller box
+        m = args.mcmc_n
+        small = Box(log_spaced_axes(m, args.decades))
         t0 = time.perf_counter()
-        pre = Preconditioner.diagonal(axis_curvature(box, n, args.r_max, args.rtol))
-        est = cooling_volume(box, n, box.cutoff, args.mcmc_chains, args.mcmc_replicates,
+        pre = Preconditioner.diagonal(axis_curvature(small, m, args.r_max, args.rtol))
+        est = cooling_volume(small, m, small.cutoff, args.mcmc_chains, args.mcmc_replicates,
                              torch.Generator().manual_seed(7), args.r_max, args.rtol, pre,
                              args.mcmc_walk)
-        row("box", f"mcmc ({est.details['phases']} phases)", box.log_volume / LN10,
+        row(f"box n={m}", f"mcmc ({est.details['phases']} phases)", small.log_volume / LN10,
             est.log10_volume, est.ci_log10, est.ess, est.n_evaluations,
             time.perf_counter() - t0)
+        small_is = star_volume(small, m, small.cutoff, "is", args.directions,
+                               torch.Generator().manual_seed(7), args.r_max, args.rtol, pre)
+        row(f"box n={m}", "is (axis radii)", small.log_volume / LN10, small_is.log10_volume,
+            small_is.ci_log10, small_is.ess, small_is.n_evaluations, 0.0)
 
     net = QuadraticNet((rot * a.pow(-2)) @ rot.T)
     params = {k: v.detach()[None].clone() for k, v in net.named_parameters()}

@@ -19,6 +19,7 @@ basin-volume study::
 from .basin import BasinResult, Rollouts, VolumeConfig, basin_members, basin_radii, rollouts
 from .bodies import Box, Ellipsoid, QuadraticNet
 from .config import (
+    ConfigError,
     DataConfig,
     ExperimentConfig,
     ModelConfig,
@@ -36,12 +37,13 @@ from .engine import evaluate_points, evaluate_points_loop
 from .evaluate import evaluate_members, resolve_device
 from .functional import flatten, member, stack, stacked_forward, unflatten
 from .landscape import Slice, Surface, plane_directions, slice_1d, surface
+from .lock import RunLocked
 from .loss import accuracy, complement_nll, nll, poisoned_nll
 from .models import MODELS, build_model, init_params
 from .netvolume import NetworkLines, basin_volume
 from .precondition import Preconditioner, floor_curvature
 from .reproduce import SCALES, reproduce
-from .runs import Run
+from .runs import Run, RunError
 from .search import SearchConfig, search_minima, search_run
 from .sweep import SweepConfig, SweepResult, log_spaced_betas, poison_sweep
 from .train import fit, load_run_model, train_run
@@ -75,4 +77,6 @@ __all__ = [
     "EmbedConfig", "EmbedResult", "embed_points", "embed_run", "load_embedding",
     # poison-factor studies and the reproduction
     "SweepConfig", "SweepResult", "poison_sweep", "log_spaced_betas", "reproduce", "SCALES",
+    # errors: a config that cannot be used, a missing or corrupt run, a run another writes
+    "ConfigError", "RunError", "RunLocked",
 ]

@@ -143,6 +143,8 @@ class VolumeConfig(_Config):
             raise ValueError(f"grid must be 'power' or 'linear', got {self.grid!r}")
         if self.n_bootstrap < 0:
             raise ValueError(f"n_bootstrap must be >= 0, got {self.n_bootstrap}")
+        if not (self.memory_mb > 0 and math.isfinite(self.memory_mb)):
+            raise ValueError(f"memory_mb must be a positive number, got {self.memory_mb}")
 
 
 # --- radii along fixed directions -------------------------------------------------------

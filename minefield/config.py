@@ -97,6 +97,8 @@ class DataConfig(_Config):
             v = getattr(self, k)
             if v is not None and v < 0:
                 raise ConfigError(f"data.{k} must be >= 0, got {v}")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ConfigError(f"data.seed must be in [0, 2**32), got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,11 @@ class ModelConfig(_Config):
     widths: tuple[int, ...] = (23, 16, 26, 32, 28, 31)
     init: str = "glorot_uniform"
     activation: str = "relu"
+
+    def __post_init__(self):
+        bad = [w for w in self.widths if not isinstance(w, int) or isinstance(w, bool) or w < 1]
+        if bad:
+            raise ConfigError(f"model.widths must be integers >= 1, got {tuple(self.widths)}")
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,7 @@ class TrainConfig(_Config):
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
         if list(self.milestones) != sorted(self.milestones):
             raise ConfigError(f"train.milestones must be increasing, got {self.milestones}")
+        _check_train(self)
 
     def lr_at(self, step: int) -> float:
         return self.lr * self.gamma ** sum(step >= m for m in self.milestones)
@@ -189,6 +197,30 @@ class ExperimentConfig(_Config):
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "auto"
 
+    def __post_init__(self):
+        from .runs import RunError, check_name
+
+        try:
+            check_name(self.name)
+        except RunError as e:
+            raise ConfigError(str(e)) from None
+        if not isinstance(self.device, str) or not (
+                self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+def _check_train(cfg: TrainConfig) -> None:
+    from . import validate as v
+
+    v.positive("train.lr", cfg.lr)
+    v.positive("train.gamma", cfg.gamma)
+    v.finite("train.momentum", cfg.momentum)
+    v.in_unit("train.momentum", cfg.momentum, closed=False)
+    v.non_negative("train.l2", cfg.l2)
+    if cfg.clip_norm is not None:
+        v.positive("train.clip_norm", cfg.clip_norm)
+    v.increasing_steps("train.milestones", cfg.milestones)
+
 
 def parse_enum(cls: type[enum.Enum], value: Any, what: str):
     """``cls(value)``, or a one-line ValueError listing the allowed values."""
@@ -200,12 +232,19 @@ def parse_enum(cls: type[enum.Enum], value: Any, what: str):
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
-    """Read an :class:`ExperimentConfig` from JSON; one-line ConfigError on any problem."""
+    """Read an :class:`ExperimentConfig` from JSON; one-line ConfigError on any problem.
+
+    Only a regular file of at most 1 MiB is read (not ``/dev/zero``, not a FIFO).
+    """
+    from .runs import RunError, read_limited
+
+    if not Path(path).exists():
+        raise ConfigError(f"config file not found: {path}")
     try:
-        d = json.loads(Path(path).read_text())
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file not found: {path}") from e
-    except json.JSONDecodeError as e:
+        d = json.loads(read_limited(path, 2**20, "config file"))
+    except RunError as e:
+        raise ConfigError(str(e)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid JSON: {e}") from e
     return ExperimentConfig.from_dict(d)
 

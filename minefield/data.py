@@ -267,10 +267,23 @@ def _need_dir(cfg: DataConfig, name: str, hint: str) -> Path:
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     # CIFAR-10's python batches are pickles of plain dicts of numpy arrays. Only
     # builtins and numpy array reconstruction are allowed: no code from the file runs.
-    with open(path, "rb") as f:
-        d = _SafeUnpickler(f, encoding="bytes").load()
-    x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return x, np.asarray(d[b"labels"], dtype=np.int64)
+    try:
+        if path.stat().st_size > 2**30 or not path.is_file():
+            raise DataError(f"{path} is not a CIFAR-10 batch (not a regular file under 1 GiB)")
+        with open(path, "rb") as f:
+            d = _SafeUnpickler(f, encoding="bytes").load()
+        x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(d[b"labels"], dtype=np.int64).reshape(-1)
+    except DataError:
+        raise
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, IndexError,
+            AttributeError, UnicodeDecodeError, OverflowError) as e:
+        why = "it is empty" if isinstance(e, EOFError) else f"{type(e).__name__}: {e}"
+        raise DataError(f"{path} is not a CIFAR-10 python batch ({why[:120]})") from None
+    if len(x) != len(y) or (len(y) and not (0 <= y.min() and y.max() < 10)):
+        raise DataError(f"{path} is not a CIFAR-10 python batch ({len(x)} images, "
+                        f"{len(y)} labels, labels must be 0..9)")
+    return x, y
 
 
 class _SafeUnpickler(pickle.Unpickler):

@@ -30,7 +30,8 @@ import torch
 from .config import ConfigError, _Config
 from .evaluate import evaluate_members, resolve_device
 from .functional import Params, flatten, is_weight, stack
-from .runs import DEFAULT_ROOT, Run, RunError
+from .lock import locking
+from .runs import DEFAULT_ROOT, Run, RunError, reading
 from .train import load_run_model
 
 __all__ = ["EmbedConfig", "EmbedResult", "weight_matrix", "embed_points", "embed_run",
@@ -57,7 +58,7 @@ class EmbedConfig(_Config):
     def __post_init__(self):
         if self.pca_dims < 2:
             raise ConfigError(f"embed.pca_dims must be >= 2, got {self.pca_dims}")
-        if self.perplexity <= 0:
+        if not self.perplexity > 0 or self.perplexity == float("inf"):
             raise ConfigError(f"embed.perplexity must be > 0, got {self.perplexity}")
         if self.n_iter < 1:
             raise ConfigError(f"embed.n_iter must be >= 1, got {self.n_iter}")
@@ -135,6 +136,7 @@ class EmbedResult:
                    EmbedConfig.from_dict(d["config"]), d.get("run", ""))
 
 
+@locking
 def embed_run(run: Run | str | Path, cfg: EmbedConfig = EmbedConfig(), *,
               root: Path | str = DEFAULT_ROOT, device: str | torch.device = "auto",
               checkpoints: str = "searched", save: bool = True) -> EmbedResult:
@@ -160,13 +162,18 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig = EmbedConfig(), *,
     minima = sorted(run.file("search", "minima").glob("*.safetensors"))
     if not minima:
         raise RunError(f"run {run.name} has no bad minima; run `minefield search` first")
+    if save:
+        run.lock()
     dev = resolve_device(device)
     model, _, _, data, _ = load_run_model(run, traj[-1], dev)
     names = [n for n, _ in model.named_parameters()]
     bad_cks = [run.load_checkpoint(p, dev) for p in minima]
     member = int(bad_cks[0].meta.get("search", {}).get("member", 0))
+    with reading(run.file("search", "minima")):
+        starts = [(ck.meta["row"]["start_checkpoint"], int(ck.meta["row"]["start_step"]))
+                  for ck in bad_cks]
     if checkpoints == "searched":
-        wanted = {ck.meta["row"]["start_checkpoint"] for ck in bad_cks} | {traj[-1].name}
+        wanted = {name for name, _ in starts} | {traj[-1].name}
         traj = [p for p in traj if p.name in wanted]
     good_cks = [run.load_checkpoint(p, dev) for p in traj]
     for ck in good_cks + bad_cks:
@@ -181,7 +188,7 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig = EmbedConfig(), *,
     coords = embed_points(weight_matrix(both, cfg.kernels_only), cfg)
     res = EmbedResult(coords, ["trajectory"] * len(good_cks) + ["bad"] * len(bad_cks),
                       [ck.step for ck in good_cks]
-                      + [int(ck.meta["row"]["start_step"]) for ck in bad_cks],
+                      + [step for _, step in starts],
                       metrics["train_acc"].cpu(), metrics["test_acc"].cpu(),
                       metrics["poison_acc"].cpu(), cfg, run.name)
     if save:

@@ -44,11 +44,21 @@ METRICS = ("loss", "acc")
 
 def _splits(data: Dataset, splits: Sequence[str]) -> dict[str, tuple[torch.Tensor, ...]]:
     out = {}
+    if not splits:
+        raise ValueError("no split given; use train, test and/or poison")
     for s in splits:
         if s not in ("train", "test", "poison"):
             raise ValueError(f"unknown split {s!r}; use train, test or poison")
         out[s] = data.split(s)
     return out
+
+
+def _check_grid(ts, what: str) -> torch.Tensor:
+    """``ts`` as float64, or a ValueError unless it is 1-D, non-empty and finite."""
+    ts = torch.as_tensor(ts, dtype=torch.float64)
+    if ts.dim() != 1 or len(ts) == 0 or not bool(torch.isfinite(ts).all()):
+        raise ValueError(f"{what} must be finite coordinates (1-D, at least one)")
+    return ts
 
 
 def _check_one(params: Params, what: str) -> None:
@@ -102,7 +112,7 @@ def slice_1d(model: nn.Module, center: Params, direction: Params, ts: torch.Tens
     """
     _check_one(center, "the centre")
     _check_one(direction, "the direction")
-    ts = torch.as_tensor(ts, dtype=torch.float64)
+    ts = _check_grid(ts, "ts")
     values = {}
     for s, (x, y) in _splits(data, splits).items():
         lo, ac = evaluate_points(model, center, direction, ts[None], x, y, buffers, memory_mb)
@@ -133,7 +143,7 @@ def surface(model: nn.Module, center: Params, directions: Params, xs: torch.Tens
         raise ValueError(f"a plane needs 2 directions, got {n_members(directions)}")
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-    xs, ys = torch.as_tensor(xs, dtype=torch.float64), torch.as_tensor(ys, dtype=torch.float64)
+    xs, ys = _check_grid(xs, "xs"), _check_grid(ys, "ys")
     sets = _splits(data, splits)
     keys = [f"{s}_{m}" for s in sets for m in METRICS]
     if partial is not None:

@@ -8,10 +8,11 @@ NLL). ``x`` lives in the ``n`` perturbed coordinates of
 ``S = diag(s)`` sets their unit, following the direction kind:
 
 - ``gaussian``: ``s = 1``, plain Euclidean parameter space (volumes in parameter units);
-- ``filter``: ``s_j = |theta_f| / sqrt(size_f)`` for the filter ``f`` (output unit)
+- ``filter``: ``s_j = |theta_f| sqrt(n / size_f)`` for the filter ``f`` (output unit)
   holding coordinate ``j``: the linear counterpart of Li et al.'s filter
   normalisation (a uniform unit ``x`` direction maps to a direction whose filters have
-  norm ``|theta_f|`` on average, not exactly); ``layer``: the same per tensor.
+  norm ``|theta_f|`` on average, not exactly, so radii are in about the paper's units);
+  ``layer``: the same per tensor.
 
 The ``naive`` estimator keeps the paper's exactly normalised directions
 (:func:`minefield.basin.basin_radii`); the others report ``log V`` in ``x`` units.
@@ -80,6 +81,8 @@ class NetworkLines:
             scales.append(s.reshape(-1))
         self.scale = torch.cat(scales) if scales else torch.zeros(0, dtype=torch.float64)
         self.n = len(self.scale)
+        if spec.kind is not DirectionKind.GAUSSIAN:  # a unit x moves each filter by ~|theta_f|
+            self.scale = self.scale * math.sqrt(self.n)
         if self.n == 0 or not bool((self.scale > 0).all()):
             raise ConfigError(f"{spec.kind.value} units are zero for some filters (weights "
                               f"that are exactly 0): use directions of kind 'gaussian'")

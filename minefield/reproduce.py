@@ -29,6 +29,7 @@ from .config import DataConfig, ExperimentConfig, ModelConfig, Optimizer, Poison
 from .data import load_dataset
 from .directions import DirectionSpec
 from .embed import EmbedConfig, embed_run
+from .lock import locking
 from .runs import DEFAULT_ROOT
 from .search import SearchConfig, search_run
 from .sweep import SweepConfig, poison_sweep
@@ -540,6 +541,7 @@ EXPERIMENTS: dict[str, Callable[[Context], Section | None]] = {
 }
 
 
+@locking
 def reproduce(scale: str = "small", root: Path | str = DEFAULT_ROOT,
               figures: Path | str = Path("figures"), device: str = "auto", force: bool = False,
               data_dir: str | None = None, only: tuple[str, ...] | None = None,

@@ -37,7 +37,18 @@ filter of each weight matrix rescaled to that filter's norm in ``theta``; biases
 0) drawn from the search's own seed. Minibatch noise cannot tell repeats apart:
 all members of a stack share one minibatch order (``seed``), and the default is
 full batch anyway. Searches are seeded by ``(seed, start step, repeat)`` only,
-so a minimum does not depend on which batch it was trained in.
+and nothing else couples the members of a stack: each has its own poison factor,
+stopping step and optimizer state, and minibatches and fresh points depend on
+``seed`` alone. Stacks of different sizes still round differently (batched
+kernels; 1e-16 relative per step in float64, 1e-7 in float32), and poisoned
+training is chaotic enough to amplify that: on the spiral, one start searched
+alone and in a stack of two differs by 2e-13 after 200 steps, 6e-3 after 500
+and O(1) after 1,000, in float64 as in float32 (different minima, same
+statistics). So stacks are fixed chunks of the work list (``max_batch``, or
+fewer for ``memory_mb``), and a resumed search redoes a partly saved stack
+whole: one command gives bit-identical minima on one machine, whether it was
+killed and resumed or not. Another ``max_batch`` or ``memory_mb`` gives other
+stacks, hence minima equal only to rounding on short searches.
 
 Distances (:func:`distances`) to the start checkpoint and to the good run's final
 iterate are reported in two units:
@@ -81,7 +92,8 @@ from .config import ConfigError, Optimizer, PoisonObjective, TrainConfig, _Confi
 from .data import FRESH, Dataset, fresh_points
 from .evaluate import evaluate_members, resolve_device
 from .functional import Params, activation_elements, is_weight, n_members, stack
-from .runs import DEFAULT_ROOT, Run, RunError
+from .lock import locking
+from .runs import DEFAULT_ROOT, Run, RunError, reading
 from .train import effective_beta, fit, load_run_model
 
 __all__ = ["StopRule", "SearchConfig", "SearchResult", "SearchSummary", "search_minima",
@@ -210,6 +222,7 @@ class SearchConfig(_Config):
             raise ConfigError("search.beta_step and search.adapt_from must be >= 0 and "
                               f"search.beta_max in [0, 1), got {self.beta_step}, "
                               f"{self.adapt_from} and {self.beta_max}")
+        _check_search(self)
 
     @property
     def adapt_until(self) -> int:
@@ -229,6 +242,28 @@ class SearchConfig(_Config):
                            batch_size=self.batch_size, steps=self.steps,
                            log_every=self.log_every, checkpoint_every=self.steps,
                            seed=self.seed)
+
+
+def _check_search(cfg: SearchConfig) -> None:
+    from . import validate as v
+
+    for k in ("lr", "gamma", "memory_mb"):
+        v.positive(f"search.{k}", getattr(cfg, k))
+    for k in ("l2", "jitter", "beta_step"):
+        v.non_negative(f"search.{k}", getattr(cfg, k))
+    if cfg.clip_norm is not None:
+        v.positive("search.clip_norm", cfg.clip_norm)
+    for k in ("target_train", "target_poison_acc"):
+        v.in_unit(f"search.{k}", getattr(cfg, k))
+    v.increasing_steps("search.milestones", cfg.milestones)
+    if cfg.checkpoints is not None:
+        if not cfg.checkpoints:
+            raise ConfigError("search.checkpoints lists no step")
+        v.increasing_steps("search.checkpoints", sorted(cfg.checkpoints))
+    if cfg.stop is not None:
+        v.at_least("search.stop", cfg.stop, 0)
+    if cfg.batch_size is not None:
+        v.at_least("search.batch_size", cfg.batch_size, 1)
 
 
 # --- maths ----------------------------------------------------------------------------------
@@ -517,6 +552,7 @@ def _stats(rows: list[dict[str, Any]]) -> dict[str, float]:
             "steps_median": statistics.median(r["steps"] for r in rows)}
 
 
+@locking
 def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
                root: Path | str = DEFAULT_ROOT, device: str | torch.device = "auto",
                force: bool = False, progress: bool = False,
@@ -538,9 +574,13 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
     if not traj:
         raise RunError(f"run {run.name} has no trajectory checkpoints; train it first")
     dev = resolve_device(device)
+    run.lock()
     model, final_params, _, data, run_cfg = load_run_model(run, traj[-1], dev)
     n_extra = cfg.n_extra(run_cfg.data.name)
     extra = fresh_points(run_cfg.data, n_extra, cfg.seed) if n_extra else None
+    if cfg.member >= n_members(final_params):
+        raise ValueError(f"member {cfg.member} asked for, run {run.name} has "
+                         f"{n_members(final_params)}")
     final = {k: v[cfg.member:cfg.member + 1] for k, v in final_params.items()}
     chosen = select_checkpoints(traj, cfg)
     record = {"search": cfg.to_dict(), "run": run.name, "final_checkpoint": traj[-1].name,
@@ -548,7 +588,8 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
     if run.exists(f"{SEARCH_DIR}/config.json"):
         if force:
             shutil.rmtree(run.file(SEARCH_DIR))
-        elif run.read_json(f"{SEARCH_DIR}/config.json") != record:
+        elif (run.read_json(f"{SEARCH_DIR}/config.json") != record
+              and any(run.file(SEARCH_DIR, "minima").glob("*.safetensors"))):
             raise RunError(f"run {run.name} already has a search with a different config; "
                            "use --force to redo it")
     run.write_json(f"{SEARCH_DIR}/config.json", record)
@@ -559,8 +600,14 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
 
     todo = [w for w in work if not run.exists(rel(w[1], w[2]))]
     cap = batch_capacity(model, poison_set(data, cfg, extra)[0], cfg)
-    for b in range(0, len(todo), cap):
-        chunk = todo[b:b + cap]
+    # Stacks are fixed chunks of the whole work list, and a chunk with any minimum
+    # missing is redone whole: rounding depends on the stack a member trains in, and
+    # this chaotic objective amplifies it (see the module docstring), so a resumed
+    # search trains every member in the stack it would have had without the kill.
+    chunks = [work[b:b + cap] for b in range(0, len(work), cap)]
+    for b, chunk in enumerate(chunks):
+        if all(run.exists(rel(s, r)) for _, s, r in chunk):
+            continue
         starts = stack([_load_start(run, p, model, cfg.member, dev) for p, _, _ in chunk])
         seeds = [search_seed(cfg.seed, s, r) for _, s, r in chunk]
         res = search_minima(model, starts, data, cfg, seeds, extra=extra, progress=progress)
@@ -574,12 +621,15 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
                    "dist_final_l2": float(d_final["l2"][i]),
                    "dist_final_filter": float(d_final["filter"][i])}
             one = {k: v[i:i + 1] for k, v in res.params.items()}
+            if run.exists(rel(s, r)):
+                continue
             run.save_checkpoint(rel(s, r), one, {}, {"kind": "bad_minimum", "step": row["steps"],
                                                     "row": row, "search": cfg.to_dict(),
                                                     "run": run.name})
         if on_batch:
-            on_batch(b + len(chunk), len(todo))
-    rows = [run.load_checkpoint(rel(s, r)).meta["row"] for _, s, r in work]
+            on_batch(sum(len(c) for c in chunks[:b + 1]), len(work))
+    with reading(run.file(SEARCH_DIR, "minima")):
+        rows = [dict(run.load_checkpoint(rel(s, r)).meta["row"]) for _, s, r in work]
     stats = _stats(rows)
     seconds = time.perf_counter() - t0
     run.write_csv(f"{SEARCH_DIR}/search.csv", rows)

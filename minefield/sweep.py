@@ -27,7 +27,8 @@ from scipy.stats import spearmanr
 
 from .basin import BasinResult, VolumeConfig, basin_members
 from .config import ConfigError, ExperimentConfig, _Config
-from .runs import DEFAULT_ROOT, Run
+from .lock import locking
+from .runs import DEFAULT_ROOT, Run, reading
 from .train import train_run
 
 __all__ = ["SweepConfig", "SweepResult", "poison_sweep", "log_spaced_betas", "load_sweep"]
@@ -80,6 +81,7 @@ def _spearman(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+@locking
 def poison_sweep(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
                  root: Path | str = DEFAULT_ROOT, force: bool = False, progress: bool = True,
                  save: bool = True) -> SweepResult:
@@ -98,9 +100,10 @@ def poison_sweep(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
     key = {"sweep": sweep.to_dict()}
     if run is not None and run.exists("sweep.json"):
         old = run.read_json("sweep.json")
-        if old.get("key") == key and not force:
-            return SweepResult(old["rows"], old["spearman"], run,
-                               [BasinResult.from_dict(b) for b in old["basins"]])
+        with reading(run.file("sweep.json")):
+            if old.get("key") == key and not force:
+                return SweepResult(old["rows"], old["spearman"], run,
+                                   [BasinResult.from_dict(b) for b in old["basins"]])
     basins = basin_members(res.model, res.params, res.data, sweep.volume, res.buffers)
     rows = []
     for i, ((beta, seed), b) in enumerate(zip(grid, basins)):

@@ -32,9 +32,11 @@ from .config import ExperimentConfig, Optimizer, PoisonObjective, TrainConfig
 from .data import Dataset, load_dataset
 from .evaluate import evaluate_members, resolve_device
 from .functional import Params, buffers_like, is_weight, n_members, stack, stacked_forward
+from .lock import locking
 from .loss import poisoned_nll
 from .models import build_model, init_params
 from .runs import DEFAULT_ROOT, Checkpoint, Run, RunError, load_tensors, save_tensors
+from .validate import check_training_memory
 
 __all__ = ["fit", "FitResult", "TrainingDiverged", "train_run", "TrainResult", "init_stack",
            "effective_beta", "make_optimizer", "load_run_model", "match_model"]
@@ -279,6 +281,7 @@ def member_seeds(cfg: ExperimentConfig) -> list[int]:
     return [cfg.train.seed + i for i in range(cfg.train.members)]
 
 
+@locking
 def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: bool = False,
               progress: bool = True, betas: Sequence[float] | None = None,
               seeds: Sequence[int] | None = None, save: bool = True) -> TrainResult:
@@ -291,6 +294,7 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
     """
     dev = resolve_device(cfg.device)
     data = load_dataset(cfg.data)
+    _check_memory(cfg, data)
     model = build_model(cfg.model, data.input_shape, data.n_classes)
     data = data.to(dev)
     m = cfg.train.members
@@ -307,12 +311,20 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
     start, opt_state, buffers, old_rows = 0, None, None, []
     if run is not None and run.exists("state.safetensors"):
         tensors, meta = load_tensors(run.file("state.safetensors"), dev)
-        start = int(meta["step"])
-        # safetensors sorts its keys: restore the model's order (the optimizer's too)
-        params = {k: tensors[f"param.{k}"] for k in params}
-        buffers = {k: tensors[f"buffer.{k}"] for k, _ in model.named_buffers()} or None
-        opt_state = _opt_from_tensors(tensors, meta)
-        old_rows = [r for r in run.metrics() if r["step"] < start]
+        try:
+            start = int(meta["step"])
+            # safetensors sorts its keys: restore the model's order (the optimizer's too)
+            params = {k: _same_shape(tensors[f"param.{k}"], v) for k, v in params.items()}
+            buffers = {k: tensors[f"buffer.{k}"] for k, _ in model.named_buffers()} or None
+            opt_state = _opt_from_tensors(tensors, meta)
+            _check_opt_state(opt_state, cfg.train, list(params.values()), start)
+            old_rows = [r for r in run.metrics() if r["step"] < start]
+            if start > 0 and not run.exists(f"trajectory/step_{start:08d}.safetensors"):
+                raise ValueError(f"the trajectory checkpoint of step {start} is missing")
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise RunError(f"{run.file('state.safetensors')} cannot resume this run "
+                           f"({type(e).__name__}: {str(e)[:80]}); delete it to restart "
+                           "from the beginning, or use --force") from None
     rows = list(old_rows)
     base_meta = {"config": cfg_dict, "seeds": seeds, "betas": list(map(float, betas)),
                  "members": m}
@@ -336,7 +348,7 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         state.update(ot)
         save_tensors(run.file("state.safetensors"), state, {**base_meta, "step": step, **om})
 
-    if start >= cfg.train.steps and run is not None:
+    if start >= cfg.train.steps and run is not None and run.trajectory():
         p, b = match_model(model, run.load_checkpoint(run.trajectory()[-1], dev))
         res = FitResult(p, b, start, [], [None] * m)
     else:
@@ -350,6 +362,37 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         run.write_json("summary.json", {"step": res.step, "seeds": seeds,
                                         "betas": list(map(float, betas)), **metrics})
     return TrainResult(run, res.params, res.buffers, metrics, model, data)
+
+
+def _same_shape(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if saved.shape != like.shape or saved.dtype != like.dtype:
+        raise ValueError(f"saved shape {tuple(saved.shape)}, expected {tuple(like.shape)}")
+    return saved
+
+
+def _check_opt_state(state: dict, cfg: TrainConfig, leaves: list[torch.Tensor],
+                     step: int) -> None:
+    """Raise ValueError unless ``state`` loads into this run's optimizer."""
+    make_optimizer(cfg, [v.detach().clone().requires_grad_(True) for v in leaves]
+                   ).load_state_dict(state)
+    for idx, st in state["state"].items():
+        for k, v in st.items():
+            if v.dim() and v.shape != leaves[int(idx)].shape:
+                raise ValueError(f"optimizer state {idx}.{k} has shape {tuple(v.shape)}")
+    stateless = cfg.optimizer is Optimizer.SGD and cfg.momentum == 0
+    if not state["state"] and not stateless and step > 0:
+        raise ValueError("the optimizer state is missing")
+    if state["state"] and len(state["state"]) != len(leaves):
+        raise ValueError(f"optimizer state for {len(state['state'])} of {len(leaves)} tensors")
+
+
+def _check_memory(cfg: ExperimentConfig, data: Dataset) -> None:
+    """Refuse, before anything is allocated or written, a model or stack too big to train."""
+    n_t, n_p = len(data.y_train), len(data.y_poison)
+    bs = min(cfg.train.batch_size or n_t, n_t)
+    bs_p = cfg.train.poison_batch_size or (n_p if bs >= n_t else math.ceil(n_p * bs / n_t))
+    check_training_memory(cfg.model, data.input_shape, data.n_classes, cfg.train.members,
+                          bs + min(bs_p, n_p), data.x_train.element_size())
 
 
 def load_run_model(run: Run, checkpoint: str | Path | None = None, device="cpu"):

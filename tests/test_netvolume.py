@@ -90,7 +90,11 @@ def test_filter_units_and_given_curvature():
     lines = NetworkLines(model, theta, x, y, DirectionSpec("filter"))
     w0 = theta["0.weight"][0]
     assert lines.n == sum(v[0].numel() for v in theta.values() if v.dim() > 2)  # weights
-    assert lines.scale[0] == pytest.approx(float(w0[0].norm() / math.sqrt(2)))
+    assert lines.scale[0] == pytest.approx(float(w0[0].norm() * math.sqrt(lines.n / 2)))
+    u = torch.randn(4000, lines.n, generator=torch.Generator().manual_seed(0), dtype=F64)
+    d = lines.to_params(u / u.norm(dim=1, keepdim=True))["0.weight"]  # (4000, 4, 2)
+    assert d.pow(2).sum(-1).mean(0).sqrt().tolist() == pytest.approx(
+        w0.norm(dim=1).tolist(), rel=0.05)  # filters move by |theta_f| on average
     given = {k: torch.full_like(v[0], 2.0) for k, v in theta.items()}
     pre = network_curvature(lines, "given", 1e-9, torch.Generator(), given=given)
     assert isinstance(pre, Preconditioner) and pre.kind == "diagonal"

@@ -38,11 +38,36 @@ def friendly(fn):
                 raise
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise click.ClickException(msg) from None
+        except OSError as e:  # a read-only folder, a full disk, a file we may not read
+            if os.environ.get("MINEFIELD_DEBUG"):
+                raise
+            raise click.ClickException(_os_error(e)) from None
+        except MemoryError:
+            raise click.ClickException("out of memory; use smaller models, fewer members "
+                                       "or a smaller --memory-mb") from None
         except KeyboardInterrupt:
             raise click.ClickException(
                 "interrupted; run the same command again to resume") from None
+        except Exception as e:  # a bug: still one line, the traceback on request
+            if os.environ.get("MINEFIELD_DEBUG"):
+                raise
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            raise click.ClickException(
+                f"unexpected error {type(e).__name__}: {first} (this is a bug; "
+                "MINEFIELD_DEBUG=1 shows the traceback)") from None
 
     return wrapper
+
+
+def _os_error(e: OSError) -> str:
+    where = f": {e.filename}" if e.filename else ""
+    why = e.strerror or str(e) or type(e).__name__
+    if isinstance(e, PermissionError):
+        return f"permission denied{where} (is the folder read-only?)"
+    if e.errno == 28:
+        return f"no space left on the device{where}; nothing was half-written (writes " \
+               "are atomic), free space and run the same command again"
+    return f"{why}{where}"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,7 +94,8 @@ def root_of(ctx: click.Context) -> Path:
 
 
 def open_run(ctx: click.Context, name: str) -> Run:
-    return Run.open(name, root_of(ctx))
+    """The run called ``name`` under ``--root`` (a name, never a path)."""
+    return Run.open_named(name, root_of(ctx))
 
 
 def echo_json(obj) -> None:

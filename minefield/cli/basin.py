@@ -9,6 +9,7 @@ different settings under the same tag need ``--force``.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ..directions import BiasPolicy, DirectionKind, DirectionSpec, random_direct
 from ..evaluate import resolve_device
 from ..landscape import Slice, Surface, line_direction, plane_directions, slice_1d, surface
 from ..netvolume import CurvatureKind, adam_curvature, basin_volume
-from ..runs import RunError, load_tensors, save_tensors
+from ..runs import RunError, load_tensors, reading, save_tensors
 from ..train import load_run_model
 from ..volume import Estimator
 from ._common import device_option, force_option, friendly, main, open_run, plot
@@ -130,12 +131,14 @@ def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, met
                            f"--preconditioner adam")
     if r.exists(rel) and not force:
         old = r.read_json(rel)
-        if old.get("settings") != settings:
-            raise RunError(f"{r.file(rel)} holds results for other settings; use --force or "
-                           f"another --tag")
+        with reading(r.file(rel)):
+            if old.get("settings") != settings:
+                raise RunError(f"{r.file(rel)} holds results for other settings; use --force "
+                               f"or another --tag")
+            results = [BasinResult.from_dict(m) for m in old["members"]]
         click.echo(f"(reusing {r.file(rel)})")
-        results = [BasinResult.from_dict(m) for m in old["members"]]
     else:
+        r.lock()
         model, params, buffers, data, _ = load_run_model(r, checkpoint, resolve_device(device))
         if pre == "adam":
             tensors, _ = load_tensors(r.file("state.safetensors"))
@@ -190,12 +193,13 @@ def plot_basin_cmd(ctx, runs, tag, member, out):
         if not r.exists(rel):
             raise RunError(f"no basin result {r.file(rel)}; run 'minefield basin {name}' first")
         saved = r.read_json(rel)
-        if member >= len(saved["members"]):
-            raise click.BadParameter(f"{name} has {len(saved['members'])} member(s)")
-        results[r.name] = BasinResult.from_dict(saved["members"][member])
-        ro = (saved.get("rollouts") or [None] * (member + 1))[member]
-        if ro is not None:
-            ros[r.name] = Rollouts.from_dict(ro)
+        with reading(r.file(rel)):
+            if member >= len(saved["members"]):
+                raise click.BadParameter(f"{name} has {len(saved['members'])} member(s)")
+            results[r.name] = BasinResult.from_dict(saved["members"][member])
+            ro = (saved.get("rollouts") or [None] * (member + 1))[member]
+            if ro is not None:
+                ros[r.name] = Rollouts.from_dict(ro)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.8))
     if ros:
         plot_rollouts(ros, ax=a1)
@@ -213,10 +217,11 @@ def plot_basin_cmd(ctx, runs, tag, member, out):
 def _load_landscape(path: Path) -> tuple[Slice | Surface, dict]:
     tensors, meta = load_tensors(path)
     values = {k[7:]: v for k, v in tensors.items() if k.startswith("values.")}
-    if "ts" in tensors:
-        return Slice(tensors["ts"], values, meta["settings"]), meta
-    return Surface(tensors["xs"], tensors["ys"], values, tensors["done"].bool(),
-                   meta["settings"]), meta
+    with reading(path):
+        if "ts" in tensors:
+            return Slice(tensors["ts"], values, meta["settings"]), meta
+        return Surface(tensors["xs"], tensors["ys"], values, tensors["done"].bool(),
+                       meta["settings"]), meta
 
 
 def _save_landscape(path: Path, res: Slice | Surface, settings: dict) -> None:
@@ -263,7 +268,13 @@ def landscape(ctx, run, other, checkpoint, dim, points, span, splits, member, bl
     if other and dim == "2":
         raise click.BadParameter("--other draws a line: use it with --dim 1")
     lo, hi = _floats(span or ("-0.5,1.5" if other else "-1,1"), 2, "--span")
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise click.BadParameter(f"--span needs two finite numbers, low < high; got {span!r}")
+    if points > 10_000:
+        raise click.BadParameter(f"--points is per axis: at most 10000, got {points}")
     split_list = [s for s in splits.replace(",", " ").split() if s]
+    if not split_list:
+        raise click.BadParameter(f"--splits needs train, test and/or poison, got {splits!r}")
     settings = {"run_other": other, "checkpoint": checkpoint, "dim": int(dim), "points": points,
                 "span": [lo, hi], "splits": split_list, "member": member,
                 "directions": DirectionSpec(dir_kind, bias, seed).to_dict()}
@@ -281,6 +292,7 @@ def landscape(ctx, run, other, checkpoint, dim, points, span, splits, member, bl
             return
         partial = res
         click.echo(f"resuming {path}: {int(res.done.sum())}/{len(res.done)} rows done")
+    r.lock()
     dev = resolve_device(device)
     model, params, buffers, data, _ = load_run_model(r, checkpoint, dev)
     if member >= next(iter(params.values())).shape[0]:

@@ -111,7 +111,7 @@ def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, s
 
     def report(done, total):
         if not quiet:
-            click.echo(f"  {done}/{total} new bad minima", err=True)
+            click.echo(f"  {done}/{total} bad minima", err=True)
 
     s = search_run(r, cfg, device=device, force=force, progress=not quiet, on_batch=report)
     click.echo(f"{'start':>10}{'rep':>4}{'steps':>7}{'beta':>6}{'train':>8}{'test':>8}"

@@ -87,8 +87,11 @@ def config_from_options(opts: dict) -> ExperimentConfig:
     mdl = cfg.model.to_dict()
     if opts.get("model"):
         mdl["name"] = opts["model"]
-    if opts.get("widths"):
+    if opts.get("widths") is not None:
         mdl["widths"] = list(parse_ints(opts["widths"]))
+        if not mdl["widths"]:
+            raise click.BadParameter("expected integers like '23,16,26', got ''",
+                                     param_hint="'--widths'")
     if opts.get("init"):
         mdl["init"] = opts["init"]
     tr = cfg.train.to_dict() | {k: opts[k] for k in _TRAIN_KEYS if opts.get(k) is not None}
@@ -100,7 +103,7 @@ def config_from_options(opts: dict) -> ExperimentConfig:
     if opts.get("objective"):
         po["objective"] = opts["objective"]
     full = cfg.to_dict() | {"data": data, "model": mdl, "train": tr, "poison": po}
-    if opts.get("name"):
+    if opts.get("name") is not None:
         full["name"] = opts["name"]
     if given("device") or not opts.get("config_file"):
         full["device"] = opts["device"]
@@ -163,23 +166,31 @@ def list_runs(ctx):
         if not (p / "config.json").exists():
             continue
         try:
-            r = Run(p)
-            cfg = r.config
-            s = r.read_json("summary.json") if r.exists("summary.json") else {}
-        except RunError as e:
-            click.echo(f"{p.name:<28}(unreadable: {e})")
-            continue
-        beta = (cfg.get("poison") or {}).get("beta")
-        beta_s = "concat" if beta is None else f"{beta:g}"
+            click.echo(_run_line(p))
+        except (RunError, OSError, TypeError, ValueError, AttributeError, KeyError,
+                IndexError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            click.echo(f"{p.name:<28}(unreadable: {why[:100]})")
 
-        def first(k, s=s):
-            v = s.get(k)
-            return f"{v[0]:.3f}" if isinstance(v, list) and v else "-"
 
-        click.echo(f"{p.name:<28}{cfg.get('data', {}).get('name', '?'):<11}"
-                   f"{cfg.get('model', {}).get('name', '?'):<9}{beta_s:>6}"
-                   f"{s.get('step', '-')!s:>9}{first('train_acc'):>8}{first('test_acc'):>8}"
-                   f"{first('poison_acc'):>8}")
+def _run_line(p: Path) -> str:
+    """One row of ``minefield runs``; raises on a config or summary it cannot read."""
+    r = Run(p)
+    cfg = r.config
+    s = r.read_json("summary.json") if r.exists("summary.json") else {}
+    if not isinstance(cfg, dict) or not isinstance(s, dict):
+        raise RunError("config.json or summary.json is not a JSON object")
+    beta = (cfg.get("poison") or {}).get("beta")
+    beta_s = "concat" if beta is None else f"{beta:g}"
+
+    def first(k):
+        v = s.get(k)
+        return f"{v[0]:.3f}" if isinstance(v, list) and v else "-"
+
+    return (f"{p.name:<28}{cfg.get('data', {}).get('name', '?')!s:<11}"
+            f"{cfg.get('model', {}).get('name', '?')!s:<9}{beta_s:>6}"
+            f"{s.get('step', '-')!s:>9}{first('train_acc'):>8}{first('test_acc'):>8}"
+            f"{first('poison_acc'):>8}")
 
 
 @plot.command("boundary")
