@@ -332,7 +332,8 @@ def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: f
     if len(r) >= 4 and len(r) % 2 == 0:
         _, (dlo, dhi), diag["ess"], diag["max_share"] = weights_estimate(
             n * r.log(), True, 0.95, slack * LN10)
-        diag["ci_log10_normal"] = [dlo / LN10, dhi / LN10]
+        log_omega = 0.5 * n * math.log(math.pi) - math.lgamma(0.5 * n + 1)
+        diag["ci_log10_normal"] = [(dlo + log_omega) / LN10, (dhi + log_omega) / LN10]
         if diag["ess"] < 10:
             diag["warnings"].append(f"ESS {diag['ess']:.1f} of {len(r)} radii: a handful of "
                                     f"directions decide log V; its interval is not "

@@ -158,8 +158,9 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
         ratio_var: target relative variance of one chain's phase ratio.
         n_rays: ray pairs per replicate for the start.
     Returns:
-        A :class:`~minefield.volume.VolumeEstimate` (``ess``: the smallest
-        per-phase ESS of the ratios; ``details``: phases, betas, replicate estimates).
+        A :class:`~minefield.volume.VolumeEstimate` (``ess``: the smallest, over
+        phases, of the chains' weight ESS summed over replicates; ``details``: phases,
+        betas, replicate estimates).
     Raises:
         ConfigError: fewer than 2 replicates or chains, bad numbers, a start outside K.
     """
@@ -180,7 +181,7 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
     w = _unit(n_replicates * n_rays, n, g)
     tw = apply(torch.cat([w, -w]))
     length = tw.norm(dim=1)
-    s, evals = ray_radii(line_loss, tw / length[:, None], cutoff, r_max, rtol, -math.inf)
+    s, evals = ray_radii(line_loss, tw / length[:, None], cutoff, r_max, rtol)
     rho = s / length  # radii in y
     rho_max = float(rho.max())
     if float(rho.min()) <= 0:
@@ -190,7 +191,6 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
     log_mu0 = torch.logsumexp(lf.permute(1, 0, 2).reshape(n_replicates, -1), 1) - math.log(
         2 * n_rays)
     log_z = 0.5 * n * math.log(2 * math.pi * sigma0**2) + log_mu0  # (R,)
-
 
     def hit_and_run(y: torch.Tensor, beta: float) -> torch.Tensor:
         nonlocal evals
@@ -276,8 +276,9 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
         warns.append(f"{n_chains} chains per replicate: intervals were measured to cover "
                      f"at their rate with 64; with few chains they run narrow and low")
     if float(log_vol.std()) > 1.0:
-        warns.append(f"replicates spread {float(log_vol.std()):.2f} nats: more chains or "
-                     f"a longer walk")
+        warns.append(f"replicates spread {float(log_vol.std()):.2f} nats: the chains have "
+                     f"not mixed, the estimate runs low and its interval is not trustworthy; "
+                     f"use more chains and a longer walk")
     return VolumeEstimate("mcmc", est, (est - half - slack, est + half + slack), level, n,
                           min_ess, m, float("nan"), int((s >= r_max).sum()), evals, warns,
                           {"phases": len(betas) - 1, "betas": betas, "sigma0": sigma0,

@@ -71,7 +71,7 @@ def test_cooling_errors():
         cooling_volume(body, 2, body.cutoff, n_replicates=1)
     with pytest.raises(ConfigError, match="ratio_var"):
         cooling_volume(body, 2, body.cutoff, ratio_var=0.0)
-    with pytest.raises(ConfigError, match="inside the basin"):
+    with pytest.raises(ConfigError, match="not inside the basin"):
         cooling_volume(body, 2, -1.0, 4, 2, walk_length=1)
     with pytest.raises(ConfigError, match="n = 3 coordinates"):
         cooling_volume(body, 2, body.cutoff, preconditioner=Preconditioner.diagonal(
