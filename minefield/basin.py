@@ -31,8 +31,9 @@ batched :mod:`~minefield.engine` in for a network.
 Example (the quadratic bowl of reproduction check 9)::
 
     >>> a, c = 2.0, 0.5   # L(t) = a t^2 / 2 along unit directions: r = sqrt(2c/a) = 0.707
-    >>> r = find_radii(lambda t: a * t**2 / 2, 10, c, r_max=1.0)
-    >>> log_volume(r, n=3).exp()   # = 4/3 pi r^3
+    >>> r, evaluations = find_radii(lambda t: a * t**2 / 2, 10, c, r_max=1.0)
+    >>> round(float(log_volume(r, n=3).exp()), 2)   # = 4/3 pi r^3 = 1.481
+    1.48
 """
 
 from __future__ import annotations
