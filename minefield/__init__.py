@@ -30,21 +30,42 @@ from .config import (
     load_config,
 )
 from .cooling import cooling_volume
+from .curvature import (
+    Eigen,
+    SpectralDensity,
+    TraceEstimate,
+    dense_hessian,
+    hessian_diagonal,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    spectral_density,
+    top_eigenvalues,
+)
 from .data import DATASETS, Dataset, load_dataset
 from .directions import DirectionSpec, n_perturbed, orthogonalize, random_directions
 from .embed import EmbedConfig, EmbedResult, embed_points, embed_run, load_embedding
 from .engine import evaluate_points, evaluate_points_loop
 from .evaluate import evaluate_members, resolve_device
 from .functional import flatten, member, stack, stacked_forward, unflatten
+from .hvp import CurvatureKind, CurvatureOperator, NonFiniteLoss, Objective, model_objective
 from .landscape import Slice, Surface, plane_directions, slice_1d, surface
 from .lock import RunLocked
 from .loss import accuracy, complement_nll, nll, poisoned_nll
+from .measures import MEASURES, SharpnessConfig, measure_members
 from .models import MODELS, build_model, init_params
 from .netvolume import NetworkLines, basin_volume
 from .precondition import Preconditioner, floor_curvature
 from .reproduce import SCALES, reproduce
 from .runs import Run, RunError
 from .search import SearchConfig, search_minima, search_run
+from .sharpness import (
+    SharpnessEstimate,
+    average_sharpness,
+    m_sharpness,
+    pac_bayes_sigma,
+    worst_case_sharpness,
+)
 from .sweep import SweepConfig, SweepResult, log_spaced_betas, poison_sweep
 from .train import fit, load_run_model, train_run
 from .volume import Estimator, VolumeEstimate, log_chi_cdf, star_volume
@@ -70,6 +91,12 @@ __all__ = [
     "Estimator", "VolumeEstimate", "star_volume", "cooling_volume", "log_chi_cdf",
     "Preconditioner", "floor_curvature", "NetworkLines", "basin_volume",
     "Ellipsoid", "Box", "QuadraticNet",
+    # curvature and sharpness
+    "Objective", "model_objective", "CurvatureOperator", "CurvatureKind", "NonFiniteLoss",
+    "top_eigenvalues", "Eigen", "hutchinson_trace", "hutchpp_trace", "TraceEstimate",
+    "hutchinson_diagonal", "hessian_diagonal", "dense_hessian", "spectral_density",
+    "SpectralDensity", "worst_case_sharpness", "average_sharpness", "m_sharpness",
+    "pac_bayes_sigma", "SharpnessEstimate", "SharpnessConfig", "MEASURES", "measure_members",
     # landscapes
     "Slice", "Surface", "slice_1d", "plane_directions", "surface",
     # the minefield

@@ -13,7 +13,10 @@ per model, that ``pandas.DataFrame(result.rows)`` reads directly::
     True
 
 The paper's claim, checked by ``spearman``: as poisoning rises, test accuracy
-*and* basin radius both fall.
+*and* basin radius both fall. With ``SweepConfig(sharpness=SharpnessConfig(...))``
+every curvature and sharpness measure of :mod:`minefield.measures` becomes a
+column too, and ``spearman_gap`` holds each geometry column's Spearman
+correlation with the generalization gap (train minus test accuracy).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from scipy.stats import spearmanr
 from .basin import BasinResult, VolumeConfig, basin_members
 from .config import ConfigError, ExperimentConfig, _Config
 from .lock import locking
+from .measures import SharpnessConfig, measure_members
 from .runs import DEFAULT_ROOT, Run, reading
 from .train import train_run
 
@@ -49,6 +53,7 @@ class SweepConfig(_Config):
     betas: tuple[float, ...] = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.6)
     seeds: tuple[int, ...] = (0, 1)
     volume: VolumeConfig = field(default_factory=lambda: VolumeConfig(n_directions=200))
+    sharpness: SharpnessConfig | None = None  # None: no curvature / sharpness columns
 
     def __post_init__(self):
         if not self.betas or not self.seeds:
@@ -60,24 +65,28 @@ class SweepConfig(_Config):
 
 @dataclass
 class SweepResult:
-    """Rows (one per model), Spearman correlations with beta, and where it was saved."""
+    """Rows (one per model), Spearman correlations with beta and with the
+    generalization gap, and where it was saved."""
 
     rows: list[dict[str, Any]]
     spearman: dict[str, float]
     run: Run | None
     basins: list[BasinResult]
+    spearman_gap: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "spearman": self.spearman}
+        return {"rows": self.rows, "spearman": self.spearman, "spearman_gap": self.spearman_gap}
 
 
-def _spearman(rows: list[dict[str, Any]]) -> dict[str, float]:
-    beta = [r["beta"] for r in rows]
+def _spearman(rows: list[dict[str, Any]], by: str = "beta",
+              keys: tuple[str, ...] = ("test_acc", "mean_radius", "log10_volume", "gap")
+              ) -> dict[str, float]:
+    x = [r[by] for r in rows]
     out = {}
-    for key in ("test_acc", "mean_radius", "log10_volume", "gap"):
+    for key in keys:
         vals = [r[key] for r in rows]
-        rho = spearmanr(beta, vals).statistic if len(set(beta)) > 1 else float("nan")
-        out[key] = float(rho)
+        ok = len(set(x)) > 1 and len(set(vals)) > 1
+        out[key] = float(spearmanr(x, vals).statistic) if ok else float("nan")
     return out
 
 
@@ -98,12 +107,15 @@ def poison_sweep(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
                     seeds=[base.train.seed + s for _, s in grid], save=save)
     run = res.run
     key = {"sweep": sweep.to_dict()}
+    if sweep.sharpness is None:  # sweeps saved before the field existed stay valid
+        del key["sweep"]["sharpness"]
     if run is not None and run.exists("sweep.json"):
         old = run.read_json("sweep.json")
         with reading(run.file("sweep.json")):
             if old.get("key") == key and not force:
                 return SweepResult(old["rows"], old["spearman"], run,
-                                   [BasinResult.from_dict(b) for b in old["basins"]])
+                                   [BasinResult.from_dict(b) for b in old["basins"]],
+                                   old.get("spearman_gap", {}))
     basins = basin_members(res.model, res.params, res.data, sweep.volume, res.buffers)
     rows = []
     for i, ((beta, seed), b) in enumerate(zip(grid, basins)):
@@ -115,7 +127,16 @@ def poison_sweep(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
                      "log10_volume": b.log10_volume, "n_mean_log10_r": b.n_mean_log10_r,
                      "log10_volume_ci_low": b.ci_log10_volume[0],
                      "log10_volume_ci_high": b.ci_log10_volume[1], "centre_loss": b.centre_loss})
-    out = SweepResult(rows, _spearman(rows), run, basins)
+    measures: tuple[str, ...] = ()
+    if sweep.sharpness is not None:
+        cols = measure_members(res.model, res.params, res.data, sweep.sharpness,
+                               res.buffers or None)
+        for i, row in enumerate(rows):
+            row.update({k: float(v[i]) for k, v in cols.items()})
+        measures = sweep.sharpness.measures
+    keys = ("test_acc", "mean_radius", "log10_volume", "gap") + measures
+    out = SweepResult(rows, _spearman(rows, keys=keys), run, basins,
+                      _spearman(rows, "gap", ("mean_radius", "log10_volume") + measures))
     if run is not None:
         run.write_csv("sweep.csv", rows)
         run.write_json("sweep.json", {"key": key, **out.to_dict(),
@@ -127,4 +148,4 @@ def load_sweep(run: Run) -> SweepResult:
     """A finished sweep from its run directory."""
     d = run.read_json("sweep.json")
     return SweepResult(d["rows"], d["spearman"], run,
-                       [BasinResult.from_dict(b) for b in d["basins"]])
+                       [BasinResult.from_dict(b) for b in d["basins"]], d.get("spearman_gap", {}))

@@ -41,3 +41,15 @@ def test_stacked_training_on_cuda_matches_cpu():
               torch.tensor([0.0, 0.5]))
     for k in params:
         torch.testing.assert_close(gpu.params[k].cpu(), cpu.params[k], rtol=1e-3, atol=1e-4)
+
+
+def test_curvature_and_sharpness_on_cuda_match_cpu():
+    from minefield.measures import SharpnessConfig, measure_members
+
+    data, model, params = _setup()
+    cfg = SharpnessConfig(measures=("lambda_max", "trace", "worst_l2", "average",
+                                    "pac_bayes_sigma"), steps=3, n_samples=8)
+    cpu = measure_members(model, params, data, cfg)
+    gpu = measure_members(model, {k: v.cuda() for k, v in params.items()}, data.to("cuda"), cfg)
+    for k in ("lambda_max", "worst_l2", "average", "pac_bayes_sigma"):
+        torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-6, atol=1e-9)

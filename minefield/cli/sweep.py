@@ -9,12 +9,17 @@ import matplotlib.pyplot as plt
 
 from ..basin import VolumeConfig
 from ..directions import DirectionSpec
+from ..measures import MEASURES, SharpnessConfig
 from ..plotting import save_figure
 from ..plotting.sweep import boundary_grid_figure, plot_sweep_accuracy, plot_sweep_geometry
 from ..sweep import SweepConfig, load_sweep, log_spaced_betas, poison_sweep
 from ..train import load_run_model
 from ._common import friendly, main, open_run, parse_floats, parse_ints, plot, root_of
 from .train import config_from_options, experiment_options
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    return tuple(t for t in text.replace(",", " ").split() if t)
 
 
 def sweep_figures(run, out_dir: Path) -> list[Path]:
@@ -44,11 +49,13 @@ def sweep_figures(run, out_dir: Path) -> list[Path]:
 @click.option("--cutoff", type=float, default=1.0, show_default=True,
               help="Train-loss level that ends the basin.")
 @click.option("--rtol", type=float, default=1e-3, show_default=True)
+@click.option("--measures", help="Curvature / sharpness columns (see `minefield sharpness`), "
+                                 "comma-separated, or 'all'; default settings.")
 @click.option("--figures", type=click.Path(file_okay=False, path_type=Path),
               default=Path("figures"), show_default=True)
 @click.pass_context
 @friendly
-def sweep(ctx, betas, beta_range, seeds, directions, cutoff, rtol, figures, **opts):
+def sweep(ctx, betas, beta_range, seeds, directions, cutoff, rtol, measures, figures, **opts):
     """Train one model per poison factor and seed (batched), then measure each basin.
 
     \b
@@ -67,7 +74,9 @@ def sweep(ctx, betas, beta_range, seeds, directions, cutoff, rtol, figures, **op
     cfg = config_from_options({**opts, "members": None})
     vol = VolumeConfig(cutoff=cutoff, rtol=rtol, n_directions=directions,
                        directions=DirectionSpec(seed=0))
-    sc = SweepConfig(betas=factors, seeds=parse_ints(seeds), volume=vol)
+    sharp = SharpnessConfig(measures=tuple(MEASURES) if measures.strip() == "all" else
+                            parse_names(measures)) if measures else None
+    sc = SweepConfig(betas=factors, seeds=parse_ints(seeds), volume=vol, sharpness=sharp)
     res = poison_sweep(cfg, sc, root_of(ctx), force=opts["force"], progress=not opts["quiet"])
     click.echo(f"{'beta':>7}{'seed':>6}{'train':>8}{'test':>8}{'mean r':>10}{'log10 V':>12}")
     for r in res.rows:
@@ -75,6 +84,8 @@ def sweep(ctx, betas, beta_range, seeds, directions, cutoff, rtol, figures, **op
                    f"{r['mean_radius']:>10.4f}{r['log10_volume']:>12.1f}")
     click.echo("Spearman rho with beta: " + ", ".join(f"{k} {v:.2f}"
                                                       for k, v in res.spearman.items()))
+    click.echo("Spearman rho with the generalization gap: " + ", ".join(
+        f"{k} {v:.2f}" for k, v in res.spearman_gap.items()))
     click.echo(f"table: {res.run.file('sweep.csv')}")
     for p in sweep_figures(res.run, figures):
         click.echo(f"wrote {p}")

@@ -1,0 +1,290 @@
+"""Curvature side by side: minefield vs PyHessian vs the dense Hessian (run by hand).
+
+In one run, on the swiss-roll MLP (3614 parameters, the README's good model,
+trained here unless ``--run`` names one) and on ResNet-20 (32x32 inputs, He init
+fitted by ``--resnet-steps`` Adam steps to ``--resnet-batch`` Gaussian images with
+random labels among 10 classes, then measured with BN in eval mode):
+
+1. top eigenvalue and trace: minefield (Lanczos until the residual bound is 1e-2 of
+   lambda, its actual error being far smaller; Hutch++
+   until the 95% interval's half-width is <= 1% of the estimate) against
+   PyHessian (power iteration and Hutchinson with its default tolerances) and
+   against the dense float64 Hessian where it fits (the MLP). Errors are
+   relative to the dense reference (MLP) or to a float64 Lanczos run (ResNet's
+   eigenvalue); ResNet's trace has no exact reference, so its interval is
+   reported together with the time plain Hutchinson (PyHessian's estimator)
+   would need for the same interval, from its measured per-probe variance;
+2. one Hessian-vector product against one gradient (forward + backward);
+3. M = 32 stacked swiss-roll models against 32 separate calls: one HVP, and
+   the whole top-eigenvalue + trace measurement.
+
+Every time is the median of ``--repeats``. PyHessian is optional
+(``pip install pyhessian``); without it its columns say so and are skipped.
+The machine may be shared: compare only the ratios printed by one run.
+
+    PYTHONPATH=. python benchmarks/bench_curvature.py --threads 1 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+
+from minefield.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+from minefield.curvature import dense_hessian, hutchpp_trace, top_eigenvalues
+from minefield.hvp import CurvatureOperator, model_objective
+from minefield.loss import nll
+from minefield.models import build_model
+from minefield.runs import Run
+from minefield.train import init_stack, load_run_model, train_run
+
+try:
+    from pyhessian import hessian as PyHessian
+except ImportError:  # optional benchmark dependency
+    PyHessian = None
+
+
+def timed(fn, repeats: int):
+    """``(median seconds, last result)``."""
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def module_with(model, params, i=0, buffers=None):
+    net = copy.deepcopy(model).float().eval()
+    state = {k: v[i].float() for k, v in params.items()}
+    state.update({k: v[i] for k, v in (buffers or {}).items()})
+    net.load_state_dict(state, strict=False)
+    return net
+
+
+def good_swissroll(run: str | None):
+    if run:
+        model, params, buffers, data, _ = load_run_model(Run.open(run))
+        return model, {k: v[:1] for k, v in params.items()}, data
+    cfg = ExperimentConfig(name="bench-good", data=DataConfig("swissroll"),
+                           train=TrainConfig(lr=0.012548, milestones=(3062,), clip_norm=8.0,
+                                             steps=5000, log_every=5000,
+                                             checkpoint_every=5000), device="cpu")
+    res = train_run(cfg, progress=False, save=False)
+    return res.model, res.params, res.data
+
+
+def fitted_resnet(n: int, steps: int):
+    """ResNet-20 (He init) fitted by Adam to ``n`` Gaussian 32x32 images with random
+    labels (BN in training mode), then in eval mode: a minimum, as the measures expect."""
+    model = build_model(ModelConfig("resnet20"), (3, 32, 32), 10)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    net = module_with(model, init_stack(model, "he_normal", [0])).train()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        nll(net(x), y).mean().backward()
+        opt.step()
+    net.eval()
+    params = {k: v.detach()[None].clone() for k, v in net.named_parameters()}
+    buffers = {k: v.detach()[None].clone() for k, v in net.named_buffers()}
+    with torch.no_grad():
+        print(f"\nResNet-20 after {steps} Adam steps on {n} images: train loss (eval mode) "
+              f"{float(nll(net(x), y).mean()):.3g}")
+    return model, params, buffers, x, y
+
+
+def pyhessian_columns(net, x, y, repeats):
+    if PyHessian is None:
+        return None
+
+    def crit(out, yy):
+        return nll(out, yy).mean()
+
+    def fresh():  # PyHessian reads p.grad after backward(): clear it, or the Hessian doubles
+        net.zero_grad(set_to_none=True)
+        return PyHessian(net, crit, data=(x.float(), y), cuda=False)
+
+    fresh()  # warm-up, untimed
+
+    def eig():
+        torch.manual_seed(0)  # PyHessian draws from the global RNG
+        return fresh().eigenvalues()[0][0]
+
+    def trace():
+        torch.manual_seed(0)
+        return float(torch.tensor(fresh().trace()).mean())
+
+    def per_probe():
+        torch.manual_seed(0)
+        h = fresh()
+        t = time.perf_counter()
+        h.trace(maxIter=20, tol=0.0)  # tol 0: exactly 20 probes
+        return (time.perf_counter() - t) / 20
+
+    return timed(eig, repeats), timed(trace, repeats), timed(per_probe, repeats)[1]
+
+
+def rel(a, b):
+    return abs(float(a) - float(b)) / abs(float(b))
+
+
+def compare(name, model, p32, x, y, ref_eig, ref_tr, repeats, exact_ref, max_products=3000,
+            buffers=None):
+    print(f"\n== {name}: top eigenvalue and trace ==")
+    print(f"reference: lambda_max {ref_eig:.7g}, trace "
+          f"{ref_tr if isinstance(ref_tr, str) else f'{ref_tr:.7g}'}")
+    CurvatureOperator(model_objective(model, p32, (x, y), buffers)).matvec(
+        torch.zeros(1, sum(v[0].numel() for v in p32.values())))  # warm-up, untimed
+    t_eig, e = timed(lambda: top_eigenvalues(CurvatureOperator(
+        model_objective(model, p32, (x, y), buffers)), k=1, tol=1e-2), repeats)
+    t_tr, tr = timed(lambda: hutchpp_trace(CurvatureOperator(
+        model_objective(model, p32, (x, y), buffers)), rank=20, rtol=1e-2,
+        n_probes=max_products - 40), repeats)
+    est, (lo, hi) = float(tr.estimate[0]), tr.ci[0].tolist()
+    print(f"minefield  lambda_max {float(e.values[0, 0]):.7g} (+-{float(e.residuals[0, 0]):.1g}, "
+          f"rel. error {rel(e.values[0, 0], ref_eig):.1e}, {e.n_iter} products) "
+          f"in {t_eig:.2f} s")
+    if exact_ref:
+        print(f"minefield  trace {est:.7g} [{lo:.7g}, {hi:.7g}] (rel. error "
+              f"{rel(est, ref_tr):.1e}, covers: {lo <= ref_tr <= hi}, {tr.n_matvecs} products) "
+              f"in {t_tr:.2f} s")
+    else:
+        print(f"minefield  trace {est:.7g} [{lo:.7g}, {hi:.7g}] (half-width "
+              f"{(hi - lo) / 2 / abs(est):.1e} of the estimate, {tr.n_matvecs} products) "
+              f"in {t_tr:.2f} s")
+    need = hutchinson_probes(model, p32, x, y, buffers)
+    cols = pyhessian_columns(module_with(model, p32, buffers=buffers), x, y, repeats)
+    if cols is None:
+        print("PyHessian  not installed (pip install pyhessian): column skipped")
+        return
+    (tp_eig, pe), (tp_tr, pt), probe = cols
+    print(f"PyHessian  lambda_max {pe:.7g} (rel. error {rel(pe, ref_eig):.1e}) in {tp_eig:.2f} s"
+          f"  -> minefield {tp_eig / t_eig:.1f}x faster")
+    if exact_ref:
+        print(f"PyHessian  trace {pt:.7g} (rel. error {rel(pt, ref_tr):.1e}, no interval) in "
+              f"{tp_tr:.2f} s  -> minefield {tp_tr / t_tr:.1f}x faster")
+    else:
+        print(f"PyHessian  trace {pt:.7g} (no interval; {rel(pt, est):.1e} from minefield's) in "
+              f"{tp_tr:.2f} s  -> minefield {tp_tr / t_tr:.1f}x faster")
+    print(f"PyHessian  trace at matched accuracy (a 1% half-width): its plain Hutchinson needs "
+          f"~{need:.0f} probes x {probe * 1e3:.1f} ms = {need * probe:.1f} s  -> minefield "
+          f"{need * probe / t_tr:.1f}x faster")
+
+
+def hutchinson_probes(model, p32, x, y, buffers=None, probes: int = 30) -> float:
+    """Probes plain Hutchinson needs for a 95% half-width of 1%, from the variance of
+    ``probes`` Rademacher probes."""
+    op = CurvatureOperator(model_objective(model, p32, (x, y), buffers))
+    z = (torch.randint(0, 2, (1, probes, op.n), generator=torch.Generator().manual_seed(1))
+         * 2 - 1)
+    q = (op.matmat(z.float()) * z).sum(2).double()[0]  # probes z^T H z
+    return float((1.96 * q.std() / (0.01 * q.mean().abs())) ** 2)
+
+
+def hvp_vs_gradient(name, model, p32, x, y, repeats, buffers=None):
+    op = CurvatureOperator(model_objective(model, p32, (x, y), buffers))
+    v = torch.randn(1, op.n)
+    op.matvec(v)  # builds the cached gradient graph
+    t_hvp, _ = timed(lambda: op.matvec(v), repeats)
+    t_first, _ = timed(lambda: CurvatureOperator(model_objective(
+        model, p32, (x, y), buffers)).matvec(v), repeats)
+    net = module_with(model, p32, buffers=buffers)
+
+    def gradient():
+        net.zero_grad()
+        nll(net(x.float()), y).mean().backward()
+
+    gradient()
+    t_g, _ = timed(gradient, repeats)
+    print(f"{name}: one HVP {t_hvp * 1e3:.1f} ms vs one gradient {t_g * 1e3:.1f} ms: "
+          f"{t_hvp / t_g:.2f}x (target <= 2x); first product incl. the graph "
+          f"{t_first * 1e3:.1f} ms")
+
+
+def stacked(model, data, members, repeats):
+    x, y = data.split("train")
+    p = init_stack(model, "glorot_uniform", range(members))
+    one = [{k: v[i:i + 1] for k, v in p.items()} for i in range(members)]
+    op = CurvatureOperator(model_objective(model, p, (x, y)))
+    ops = [CurvatureOperator(model_objective(model, q, (x, y))) for q in one]
+    v = torch.randn(members, op.n)
+    op.matvec(v)
+    [o.matvec(v[i:i + 1]) for i, o in enumerate(ops)]
+    t_s, _ = timed(lambda: op.matvec(v), repeats)
+    t_l, _ = timed(lambda: [o.matvec(v[i:i + 1]) for i, o in enumerate(ops)], repeats)
+    print(f"one HVP of {members} swiss-roll MLPs: stacked {t_s * 1e3:.1f} ms vs {members} "
+          f"separate {t_l * 1e3:.1f} ms: {t_l / t_s:.1f}x")
+
+    def measure(params):  # fixed work: 20 Lanczos steps + Hutch++ with 20 + 20 + 60 products
+        o = CurvatureOperator(model_objective(model, params, (x, y)))
+        return (top_eigenvalues(o, k=1, tol=1e-30, max_iter=20).values,
+                hutchpp_trace(o, rank=20, rtol=None, n_probes=60).estimate)
+
+    t_s, _ = timed(lambda: measure(p), repeats)
+    t_l, _ = timed(lambda: [measure(q) for q in one], repeats)
+    print(f"lambda_max + trace of {members} models (120 products each, incl. set-up): one "
+          f"stacked call {t_s:.2f} s vs {members} separate calls {t_l:.2f} s: {t_l / t_s:.1f}x "
+          f"(target >= 5x)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--run", help="A trained swiss-roll run (member 0); default: train one.")
+    ap.add_argument("--resnet-batch", type=int, default=32)
+    ap.add_argument("--members", type=int, default=32)
+    ap.add_argument("--resnet-products", type=int, default=800,
+                    help="Budget of Hessian products for ResNet-20's trace.")
+    ap.add_argument("--resnet-steps", type=int, default=100,
+                    help="Adam steps fitting ResNet-20 to its images before measuring.")
+    ap.add_argument("--skip-resnet", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats}; "
+          f"PyHessian: {'installed' if PyHessian else 'not installed'}")
+
+    model, params, data = good_swissroll(args.run)
+    x, y = data.split("train")
+    p64 = {k: v[:1].double() for k, v in params.items()}
+    p32 = {k: v[:1].float() for k, v in params.items()}
+    t_dense, h = timed(lambda: dense_hessian(model, p64, (x, y)), 1)
+    t0 = time.perf_counter()
+    ev = torch.linalg.eigvalsh(h[0])
+    t_dense += time.perf_counter() - t0
+    ref_eig, ref_tr = float(ev[-1]), float(h[0].trace())
+    print(f"\ndense float64 Hessian of the swiss-roll MLP ({h.shape[-1]} parameters) + eigvalsh: "
+          f"{t_dense:.1f} s")
+    compare("swiss-roll MLP, float32", model, p32, x, y, ref_eig, ref_tr, args.repeats, True)
+    t64, _ = timed(lambda: hutchpp_trace(CurvatureOperator(model_objective(
+        model, p64, (x, y))), rank=20, rtol=1e-2), args.repeats)
+    print(f"minefield float64 trace (same rule) in {t64:.2f} s; dense float64 {t_dense:.1f} s")
+
+    if not args.skip_resnet:
+        rmodel, rp, rb, rx, ry = fitted_resnet(args.resnet_batch, args.resnet_steps)
+        ref = top_eigenvalues(CurvatureOperator(model_objective(
+            rmodel, {k: v.double() for k, v in rp.items()}, (rx, ry), rb)), k=1, tol=1e-6)
+        compare(f"ResNet-20, 32x32, {args.resnet_batch} inputs, float32", rmodel, rp, rx, ry,
+                float(ref.values[0, 0]), "no exact reference", 1, False, args.resnet_products,
+                rb)
+
+    print("\n== one HVP vs one gradient ==")
+    hvp_vs_gradient("swiss-roll MLP", model, p32, x, y, max(args.repeats, 5))
+    if not args.skip_resnet:
+        hvp_vs_gradient("ResNet-20", rmodel, rp, rx, ry, args.repeats, rb)
+
+    print(f"\n== M = {args.members} stacked vs separate (CPU) ==")
+    stacked(model, data, args.members, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

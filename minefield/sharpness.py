@@ -1,0 +1,224 @@
+"""Sharpness of a minimum: how much the loss rises when the weights move a little.
+
+For the loss ``L`` of each member of a stack (an :class:`~minefield.hvp.Objective`):
+
+- **worst case** (Keskar et al. 2017; the SAM bound of Foret et al. 2021):
+  ``S = max_{||delta||_p <= rho} L(w + T delta) - L(w)`` with ``p`` = 2 or inf,
+  ``T = I``; found by projected gradient ascent (normalised steps for L2, sign
+  steps for L-inf, Madry et al. 2018) from ``restarts`` random starts, all
+  members x restarts as one stack; the largest value seen is reported, a lower
+  bound of the true maximum. For a quadratic ``L = w^T A w / 2`` at its
+  minimum the L2 value is ``rho^2 lambda_max / 2``.
+- **adaptive** (ASAM, Kwon et al. 2021): the same with ``T = diag(|w| + eta)``, so
+  the ball scales with each weight and the measure is invariant to ReLU rescaling.
+- **average case** (expected sharpness, Neyshabur et al. 2017):
+  ``E_{z ~ N(0, I)} L(w + sigma T z) - L(w)``; antithetic pairs ``+-z`` cancel the
+  first-order term; evaluated by the batched engine; ``~ sigma^2 tr(T H T) / 2``.
+- **m-sharpness** (Foret et al. 2021; Andriushchenko & Flammarion 2022): the worst
+  case on each of ``N / m`` disjoint random data subsets of size ``m``, averaged.
+- **PAC-Bayes sigma'** (Jiang et al. 2020, "Fantastic generalization measures",
+  Sec. 5.1): the largest ``sigma`` with ``E L(w + sigma T z) - L(w) <= bound``,
+  by bisection over ``log sigma`` with the same probes at every ``sigma``.
+  Flatter minima have *larger* sigma'; Jiang et al.'s measure is ``1 / sigma'^2``.
+
+``rho`` and ``sigma`` are in parameter units (``T = I``) or fractions of
+``|w| + eta`` (adaptive). Losses are in nats. Example::
+
+    >>> import torch
+    >>> from minefield.hvp import Objective
+    >>> a = torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64))
+    >>> obj = Objective.from_function({"w": torch.zeros(1, 2, dtype=torch.float64)},
+    ...                               lambda p: p["w"] @ a @ p["w"] / 2)
+    >>> worst_case_sharpness(obj, rho=0.1, steps=20).value   # rho^2 * 4 / 2
+    tensor([0.0200], dtype=torch.float64)
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError, parse_enum
+from .functional import flatten, unflatten
+from .hvp import Objective
+
+__all__ = ["Norm", "SharpnessEstimate", "worst_case_sharpness", "average_sharpness",
+           "m_sharpness", "pac_bayes_sigma"]
+
+
+class Norm(str, enum.Enum):
+    L2 = "l2"
+    LINF = "linf"
+
+
+@dataclass
+class SharpnessEstimate:
+    """A measure per member: ``value`` ``(M,)`` and its standard error (NaN when the
+    value is a maximum found by search rather than a mean)."""
+
+    value: torch.Tensor
+    stderr: torch.Tensor
+
+
+def _positive(name: str, v: float) -> None:
+    if not (v > 0 and math.isfinite(v)):
+        raise ConfigError(f"{name} must be a positive number, got {v}")
+
+
+def _scale(w: torch.Tensor, adaptive: bool, eta: float) -> torch.Tensor:
+    return w.abs() + eta if adaptive else torch.ones_like(w)
+
+
+def _project(delta: torch.Tensor, rho: float, norm: Norm) -> torch.Tensor:
+    if norm is Norm.LINF:
+        return delta.clamp(-rho, rho)
+    n = delta.norm(dim=1, keepdim=True)
+    return delta * (rho / n.clamp(min=rho))
+
+
+def worst_case_sharpness(obj: Objective, rho: float, norm: Norm | str = "l2",
+                         adaptive: bool = False, steps: int = 10, restarts: int = 1,
+                         step_size: float = 1.0, eta: float = 0.01, seed: int = 0
+                         ) -> SharpnessEstimate:
+    """``max_{||delta||_p <= rho} L(w + T delta) - L(w)`` per member, by projected ascent.
+
+    ``steps`` gradient steps of length ``step_size * rho`` (L2: along the normalised
+    gradient; L-inf: its sign) from ``restarts`` random starts on the sphere (L2)
+    or in the box (L-inf), every member and restart as one stack. ``adaptive``
+    uses ASAM's ``T = |w| + eta``.
+
+    Raises:
+        ConfigError: rho <= 0, steps < 1, restarts < 1, or an unknown norm.
+    """
+    _positive("rho", rho)
+    _positive("step_size", step_size)
+    if steps < 1 or restarts < 1:
+        raise ConfigError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
+    try:
+        norm = parse_enum(Norm, norm, "norm")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    base = obj.check_finite().double()
+    w = flatten(obj.params).repeat_interleave(restarts, 0)  # (M R, n)
+    t = _scale(w, adaptive, eta)
+    # Every member starts from the same R draws, so a member's result does not depend
+    # on the stack it sits in.
+    g = torch.Generator().manual_seed(int(seed))
+    shape = (restarts, w.shape[1])
+    z = (torch.randn(shape, generator=g, dtype=torch.float64) if norm is Norm.L2
+         else 2 * torch.rand(shape, generator=g, dtype=torch.float64) - 1)
+    z = z.to(w).repeat(obj.n_members, 1)  # (M R, n)
+    delta = rho * z / z.norm(dim=1, keepdim=True) if norm is Norm.L2 else rho * z
+    best = torch.full((w.shape[0],), -math.inf, dtype=torch.float64)
+    for i in range(steps + 1):
+        loss, grads = obj.value_and_grad(unflatten(w + t * delta, obj.params), restarts)
+        best = torch.maximum(best, loss.detach().double().cpu())
+        if i == steps:
+            break
+        gd = t * flatten(grads)
+        step = (gd.sign() if norm is Norm.LINF
+                else gd / gd.norm(dim=1, keepdim=True).clamp(min=1e-30))
+        delta = _project(delta + step_size * rho * step, rho, norm)
+    m = obj.n_members
+    value = best.view(m, restarts).amax(1) - base.cpu()
+    return SharpnessEstimate(value, torch.full((m,), math.nan, dtype=torch.float64))
+
+
+def _probes(obj: Objective, n_samples: int, seed: int, adaptive: bool, eta: float, i: int):
+    """Antithetic directions ``(2K, ...)`` ``[T z_1..T z_K, -T z_1..]`` for member ``i``."""
+    g = torch.Generator().manual_seed(int(seed))
+    w = flatten({k: v[i:i + 1] for k, v in obj.params.items()})  # (1, n)
+    z = torch.randn(n_samples, w.shape[1], generator=g, dtype=torch.float64).to(w)
+    d = _scale(w, adaptive, eta) * z
+    return unflatten(torch.cat([d, -d]), obj.params)
+
+
+def _pair_means(losses: torch.Tensor, k: int) -> torch.Tensor:
+    return (losses[:k] + losses[k:]) / 2  # (K,) one iid sample per antithetic pair
+
+
+def average_sharpness(obj: Objective, sigma: float, n_samples: int = 64,
+                      adaptive: bool = False, eta: float = 0.01, seed: int = 0
+                      ) -> SharpnessEstimate:
+    """``E_z L(w + sigma T z) - L(w)``, ``z ~ N(0, I)``, per member, with its standard
+    error over ``n_samples`` antithetic pairs (``2 n_samples`` engine evaluations).
+
+    Raises:
+        ConfigError: sigma <= 0 or n_samples < 2.
+    """
+    _positive("sigma", sigma)
+    if n_samples < 2:
+        raise ConfigError(f"n_samples must be >= 2, got {n_samples}")
+    base = obj.check_finite().double().cpu()
+    vals, errs = [], []
+    for i in range(obj.n_members):
+        d = _probes(obj, n_samples, seed, adaptive, eta, i)
+        ts = torch.full((2 * n_samples,), float(sigma), dtype=torch.float64)
+        inc = _pair_means(obj.perturbed_losses(i, d, ts).double().cpu(), n_samples) - base[i]
+        vals.append(inc.mean())
+        errs.append(inc.std() / math.sqrt(n_samples))
+    return SharpnessEstimate(torch.stack(vals), torch.stack(errs))
+
+
+def m_sharpness(obj: Objective, rho: float, m: int, n_subsets: int | None = None,
+                seed: int = 0, **worst) -> SharpnessEstimate:
+    """Worst-case sharpness averaged over disjoint random data subsets of size ``m``
+    (``floor(N / m)`` of them, or the first ``n_subsets``); ``worst`` goes to
+    :func:`worst_case_sharpness`. The standard error is over subsets.
+
+    Raises:
+        ConfigError: m < 1 or larger than the data, or an objective without data.
+    """
+    if obj.data is None:
+        raise ConfigError("m-sharpness needs a model objective with data")
+    n = len(obj.data[1])
+    if not 1 <= m <= n:
+        raise ConfigError(f"m must be in [1, {n}] (the number of training points), got {m}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    count = n // m if n_subsets is None else min(n // m, n_subsets)
+    vals = torch.stack([worst_case_sharpness(obj.restrict(perm[j * m:(j + 1) * m]), rho,
+                                             seed=seed, **worst).value for j in range(count)])
+    se = vals.std(0) / math.sqrt(count) if count > 1 else torch.full_like(vals[0], math.nan)
+    return SharpnessEstimate(vals.mean(0), se)
+
+
+def pac_bayes_sigma(obj: Objective, bound: float = 0.1, n_samples: int = 32,
+                    adaptive: bool = False, eta: float = 0.01, lo: float = 1e-5,
+                    hi: float = 1.0, rtol: float = 1e-2, seed: int = 0) -> torch.Tensor:
+    """Jiang et al.'s ``sigma'`` per member ``(M,)``: the largest ``sigma`` in
+    ``[lo, hi]`` with a mean loss increase ``<= bound`` over ``n_samples``
+    antithetic Gaussian pairs (the same pairs at every sigma, so the estimate
+    is a smooth function of sigma), bisected in ``log sigma`` until ``hi/lo <= 1 + rtol``.
+    Returns ``hi`` when even ``hi`` stays under the bound, ``lo`` when ``lo`` does not.
+
+    Raises:
+        ConfigError: bound <= 0, ``not 0 < lo < hi`` or rtol <= 0.
+    """
+    _positive("bound", bound)
+    _positive("rtol", rtol)
+    if not 0 < lo < hi:
+        raise ConfigError(f"need 0 < lo < hi, got lo={lo}, hi={hi}")
+    base = obj.check_finite().double().cpu()
+    out = []
+    for i in range(obj.n_members):
+        d = _probes(obj, n_samples, seed, adaptive, eta, i)
+
+        def dev(s: float, i=i, d=d) -> float:
+            ts = torch.full((2 * n_samples,), s, dtype=torch.float64)
+            return float(obj.perturbed_losses(i, d, ts).double().cpu().mean() - base[i])
+
+        a, b = lo, hi
+        if dev(b) <= bound:
+            out.append(b)
+            continue
+        if dev(a) > bound:
+            out.append(a)
+            continue
+        while b / a > 1 + rtol:
+            mid = math.sqrt(a * b)
+            a, b = (mid, b) if dev(mid) <= bound else (a, mid)
+        out.append(a)
+    return torch.tensor(out, dtype=torch.float64)

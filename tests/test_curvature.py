@@ -1,0 +1,189 @@
+"""Eigenvalues, traces, diagonals and spectral densities against known spectra and dense
+float64 Hessians."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from minefield.config import ConfigError, ModelConfig
+from minefield.curvature import (
+    dense_hessian,
+    hessian_diagonal,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    spectral_density,
+    top_eigenvalues,
+)
+from minefield.hvp import CurvatureOperator, Objective, dense_matrix, model_objective
+from minefield.models import build_model
+from minefield.train import init_stack
+
+
+def _spectrum_op(ev: torch.Tensor, m: int = 2, seed: int = 0):
+    """``L(w) = w^T A w / 2`` with ``A = Q diag(ev) Q^T`` for a random rotation Q."""
+    n = len(ev)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed),
+                                       dtype=torch.float64))
+    a = q @ torch.diag(ev.double()) @ q.T
+    w = {"w": torch.zeros(m, n, dtype=torch.float64)}
+    return CurvatureOperator(Objective.from_function(w, lambda p: p["w"] @ a @ p["w"] / 2)), a
+
+
+def _mlp(m=3, n=40, dtype=torch.float64):
+    model = build_model(ModelConfig(widths=(8, 8)), (2,), 3)
+    p = {k: v.to(dtype) for k, v in init_stack(model, "glorot_uniform", range(m)).items()}
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(n, 2, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return model, p, (x, y)
+
+
+SPECTRUM = torch.cat([torch.tensor([10.0, 6.0, 3.0]), torch.linspace(-0.5, 1.0, 57)])
+
+
+def test_lanczos_recovers_a_known_spectrum():
+    op, _ = _spectrum_op(SPECTRUM)
+    e = top_eigenvalues(op, k=3, tol=1e-8, vectors=True)
+    torch.testing.assert_close(e.values, torch.tensor([[10.0, 6.0, 3.0]] * 2,
+                                                      dtype=torch.float64), rtol=1e-8, atol=0)
+    assert (e.residuals <= 1e-8 * 10).all() and e.n_iter < op.n
+    # Ritz vectors are eigenvectors: ||H v - theta v|| is the reported residual
+    hv = op.matmat(e.vectors)
+    err = (hv - e.values[..., None] * e.vectors).norm(dim=2)
+    assert (err <= e.residuals + 1e-10).all()
+    low = top_eigenvalues(op, k=1, which="smallest", tol=1e-8)
+    torch.testing.assert_close(low.values, torch.full((2, 1), -0.5, dtype=torch.float64))
+
+
+def test_lanczos_interval_covers_the_truth_when_stopped_early():
+    op, _ = _spectrum_op(SPECTRUM)
+    e = top_eigenvalues(op, k=2, max_iter=8, tol=1e-12)
+    assert e.n_iter == 8
+    truth = torch.tensor([10.0, 6.0], dtype=torch.float64)
+    assert ((e.values - truth).abs() <= e.residuals).all()
+
+
+def test_top_eigenvalues_of_an_mlp_match_the_dense_hessian():
+    model, p, data = _mlp()
+    dense = torch.linalg.eigvalsh(dense_hessian(model, p, data)).flip(-1)[:, :3]
+    for kind in ("hessian", "ggn", "fisher"):
+        op = CurvatureOperator(model_objective(model, p, data), kind)
+        ref = torch.linalg.eigvalsh(dense_matrix(op)).flip(-1)[:, :3]
+        e = top_eigenvalues(op, k=3, tol=1e-10)
+        torch.testing.assert_close(e.values, ref, rtol=1e-8, atol=1e-10)
+        if kind == "hessian":
+            torch.testing.assert_close(ref, dense)
+    # float32 parameters: the same to float32 accuracy
+    p32 = {k: v.float() for k, v in p.items()}
+    e32 = top_eigenvalues(CurvatureOperator(model_objective(model, p32, data)), k=1, tol=1e-5)
+    torch.testing.assert_close(e32.values.double(), dense[:, :1], rtol=1e-4, atol=1e-6)
+
+
+def test_hutchinson_is_exact_for_a_diagonal_and_converges_otherwise():
+    ev = SPECTRUM
+    w = {"w": torch.zeros(1, len(ev), dtype=torch.float64)}
+    diag = CurvatureOperator(Objective.from_function(
+        w, lambda p: (ev.double() * p["w"] ** 2).sum() / 2))
+    est = hutchinson_trace(diag, rtol=None, n_probes=5)
+    torch.testing.assert_close(est.estimate, ev.sum().double().reshape(1))
+    assert float(est.stderr) < 1e-12
+    op, a = _spectrum_op(ev, m=1)
+    errs = [float((hutchinson_trace(op, rtol=None, n_probes=k, seed=s).estimate - a.trace()).abs())
+            for k in (10, 1000) for s in range(5)]
+    assert sum(errs[5:]) < sum(errs[:5]) / 3  # ~ 1/sqrt(K): 10x fewer errors at 100x probes
+
+
+def test_trace_intervals_cover_the_truth_at_their_rate():
+    op, a = _spectrum_op(SPECTRUM, m=1)
+    for fn in (lambda s: hutchinson_trace(op, rtol=None, n_probes=30, seed=s),
+               lambda s: hutchpp_trace(op, rank=3, rtol=None, n_probes=30, seed=s)):
+        hits = [bool((r := fn(s)).ci[0, 0] <= a.trace() <= r.ci[0, 1]) for s in range(200)]
+        assert 0.90 <= sum(hits) / 200 <= 0.99  # nominal 0.95; 200 trials: sd 0.015
+
+
+def test_hutchpp_is_exact_on_low_rank_and_beats_hutchinson():
+    ev = torch.cat([torch.tensor([5.0, 3.0, 2.0, 1.0]), torch.zeros(36)])
+    op, a = _spectrum_op(ev, m=1)
+    r = hutchpp_trace(op, rank=6, rtol=None, n_probes=4)
+    torch.testing.assert_close(r.estimate, a.trace().reshape(1), rtol=1e-10, atol=1e-10)
+    op, a = _spectrum_op(SPECTRUM, m=1)
+    pp = [abs(float(hutchpp_trace(op, rank=10, rtol=None, n_probes=40, seed=s).estimate
+                    - a.trace())) for s in range(10)]
+    hu = [abs(float(hutchinson_trace(op, rtol=None, n_probes=60, seed=s).estimate - a.trace()))
+          for s in range(10)]
+    assert sum(pp) < sum(hu) / 2  # same budget (60 products), top of the spectrum deflated
+
+
+def test_trace_stops_at_the_requested_precision():
+    op, a = _spectrum_op(SPECTRUM, m=2)
+    r = hutchpp_trace(op, rank=10, rtol=0.02, n_probes=5000)
+    assert r.n_probes < 5000
+    half = (r.ci[:, 1] - r.ci[:, 0]) / 2
+    assert (half <= 0.02 * r.estimate.abs()).all()
+    assert r.n_matvecs == 20 + r.n_probes
+
+
+def test_diagonal_exact_and_hutchinson():
+    model, p, data = _mlp(m=2)
+    h = dense_hessian(model, p, data)
+    exact = hessian_diagonal(model, p, data)
+    torch.testing.assert_close(exact, h.diagonal(dim1=1, dim2=2), rtol=1e-10, atol=1e-12)
+    op, a = _spectrum_op(SPECTRUM, m=1)
+    errs = []
+    for k in (20, 2000):
+        d, se = hutchinson_diagonal(op, n_probes=k)
+        errs.append(float((d[0] - a.diagonal()).abs().mean()))
+        assert float(((d[0] - a.diagonal()).abs() <= 5 * se[0] + 1e-12).float().mean()) > 0.95
+    assert errs[1] < errs[0] / 5
+    est = hessian_diagonal(model, p, data, n_probes=4000)
+    assert float((est - exact).abs().max()) < 0.1 * float(exact.abs().max())
+
+
+def test_slq_quadrature_matches_moments_of_each_probe():
+    op, a = _spectrum_op(SPECTRUM, m=2)
+    m_steps, probes = 8, 3
+    sd = spectral_density(op, n_iter=m_steps, n_probes=probes, seed=4)
+    assert sd.nodes.shape == (2, probes, m_steps)
+    torch.testing.assert_close(sd.weights.sum(2), torch.ones(2, probes, dtype=torch.float64))
+    g = torch.Generator().manual_seed(4)
+    z = (torch.randint(0, 2, (2, probes, op.n), generator=g) * 2 - 1).double()
+    for p in (1, 2, 5, 2 * m_steps - 1):  # Gauss quadrature is exact up to degree 2m - 1
+        ap = torch.linalg.matrix_power(a, p)
+        exact = torch.einsum("mkn,nj,mkj->mk", z, ap, z) / op.n
+        torch.testing.assert_close((sd.weights * sd.nodes ** p).sum(2), exact, rtol=1e-8,
+                                   atol=1e-8)
+    full = spectral_density(op, n_iter=op.n, n_probes=1)  # whole Krylov space: the spectrum
+    torch.testing.assert_close(full.nodes[0, 0], SPECTRUM.double().sort().values, rtol=1e-8,
+                               atol=1e-8)
+    grid = torch.linspace(-3, 13, 4001)
+    dens = sd.density(grid, sigma=0.2)
+    assert abs(float(torch.trapezoid(dens[0], grid)) - 1) < 1e-6
+    many = spectral_density(op, n_iter=20, n_probes=200, seed=1)
+    torch.testing.assert_close(many.moment(2), (SPECTRUM.double() ** 2).mean().expand(2),
+                               rtol=0.1, atol=0)
+
+
+def test_bad_inputs_raise_one_clear_error():
+    op, _ = _spectrum_op(SPECTRUM)
+    with pytest.raises(ConfigError, match=r"k=61 eigenvalues asked for, but the model has 60"):
+        top_eigenvalues(op, k=61)
+    with pytest.raises(ConfigError, match="need 1 <= k"):
+        top_eigenvalues(op, k=0)
+    with pytest.raises(ConfigError, match="which must be"):
+        top_eigenvalues(op, which="middle")
+    with pytest.raises(ConfigError, match="cannot give k=5"):
+        top_eigenvalues(op, k=5, max_iter=3)
+    with pytest.raises(ConfigError, match="rtol must be > 0"):
+        hutchinson_trace(op, rtol=-1.0)
+    with pytest.raises(ConfigError, match="n_probes >= 2"):
+        hutchinson_trace(op, n_probes=1)
+    with pytest.raises(ConfigError, match="deflate=60"):
+        hutchinson_trace(op, deflate=60)
+    with pytest.raises(ConfigError, match="n_probes must be >= 2"):
+        hutchinson_diagonal(op, n_probes=1)
+    with pytest.raises(ConfigError, match="n_iter and n_probes"):
+        spectral_density(op, n_iter=0)
+    assert math.isfinite(float(top_eigenvalues(op).values[0, 0]))

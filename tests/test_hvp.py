@@ -1,0 +1,194 @@
+"""HVP / GGN / Fisher products against dense float64 references built by plain autograd."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from minefield.config import ConfigError, ModelConfig
+from minefield.functional import flatten, unflatten
+from minefield.hvp import CurvatureOperator, NonFiniteLoss, Objective, dense_matrix, model_objective
+from minefield.loss import nll
+from minefield.models import build_model
+from minefield.train import init_stack
+
+
+def _problem(widths=(6, 5), m=3, n=24, classes=2, seed=0, name="mlp", shape=(2,)):
+    model = build_model(ModelConfig(name, widths=widths), shape, classes)
+    p = {k: v.double() for k, v in init_stack(model, "glorot_uniform",
+                                              list(range(seed, seed + m))).items()}
+    g = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return model, p, x, y
+
+
+def _flat_loss(model, p, x, y, i, buffers=None, train=False):
+    """The plain reference: member i's mean NLL as a function of its flat parameters."""
+    one = {k: v[i:i + 1] for k, v in p.items()}
+    net = copy.deepcopy(model).double().train(train)
+    bufs = {k: v[i] for k, v in (buffers or {}).items()}
+
+    def f(flat):
+        q = {k: v[0] for k, v in unflatten(flat[None], one).items()}
+        return nll(functional_call(net, (q, bufs) if bufs else q, (x,)), y).mean()
+
+    return f, flatten(one)[0]
+
+
+def _quadratic(n=12, seed=0, m=2):
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(n, n, generator=g, dtype=torch.float64)
+    a = (b + b.T) / 2
+    w = {"w": torch.randn(m, n, generator=g, dtype=torch.float64)}
+    return a, w
+
+
+def test_quadratic_hessian_and_ggn_are_the_matrix():
+    a, w = _quadratic()
+    obj = Objective.from_function(w, lambda p: p["w"] @ a @ p["w"] / 2)
+    h = dense_matrix(CurvatureOperator(obj))
+    torch.testing.assert_close(h, a.expand(2, -1, -1), rtol=0, atol=1e-12)
+    # outputs z = w, outer loss z^T A z / 2: the Gauss-Newton matrix is A too
+    ggn = CurvatureOperator(Objective.from_function(w, lambda z: z @ a @ z / 2, lambda p: p["w"]),
+                            "ggn")
+    torch.testing.assert_close(dense_matrix(ggn), a.expand(2, -1, -1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_mlp_hessian_matches_autograd_dense_float64(mode):
+    model, p, x, y = _problem(classes=3)
+    op = CurvatureOperator(model_objective(model, p, (x, y)), mode=mode)
+    h = dense_matrix(op)
+    for i in range(3):
+        f, flat = _flat_loss(model, p, x, y, i)
+        ref = torch.autograd.functional.hessian(f, flat)
+        torch.testing.assert_close(h[i], ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_stacked_hvp_equals_per_model_hvps(mode):
+    model, p, x, y = _problem(m=4)
+    op = CurvatureOperator(model_objective(model, p, (x, y)), mode=mode)
+    v = torch.randn(4, op.n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    stacked = op.matvec(v)
+    for i in range(4):
+        one = CurvatureOperator(model_objective(model, {k: t[i:i + 1] for k, t in p.items()},
+                                                (x, y)), mode=mode)
+        torch.testing.assert_close(stacked[i:i + 1], one.matvec(v[i:i + 1]), rtol=1e-12,
+                                   atol=1e-14)
+    # K probes per member through matmat agree with K matvecs
+    vv = torch.randn(4, 5, op.n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    mm = CurvatureOperator(model_objective(model, p, (x, y)), probe_chunk=2,
+                           mode=mode).matmat(vv)
+    for k in range(5):
+        torch.testing.assert_close(mm[:, k], op.matvec(vv[:, k]), rtol=1e-12, atol=1e-14)
+
+
+def test_chunked_data_sums_to_the_full_product():
+    model, p, x, y = _problem(n=25)
+    op = CurvatureOperator(model_objective(model, p, (x, y)))
+    v = torch.randn(3, op.n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    full = op.matvec(v)
+    chunked = CurvatureOperator(model_objective(model, p, (x, y), batch_size=7)).matvec(v)
+    torch.testing.assert_close(chunked, full, rtol=1e-12, atol=1e-14)
+
+
+def test_ggn_and_fisher_match_their_definitions():
+    model, p, x, y = _problem(m=2, n=10, classes=3)
+    one = {k: v[:1] for k, v in p.items()}
+    ggn = dense_matrix(CurvatureOperator(model_objective(model, one, (x, y)), "ggn"))[0]
+    fisher = dense_matrix(CurvatureOperator(model_objective(model, one, (x, y)), "fisher"))[0]
+    flat = flatten(one)[0]
+    net = copy.deepcopy(model).double()
+
+    def logits(fl):
+        return functional_call(net, {k: v[0] for k, v in unflatten(fl[None], one).items()}, (x,))
+
+    jac = torch.autograd.functional.jacobian(logits, flat)  # (N, C, n)
+    z = logits(flat)
+    pr = z.softmax(-1)
+    hz = torch.diag_embed(pr) - pr[:, :, None] * pr[:, None, :]  # softmax NLL Hessian in z
+    ref_ggn = torch.einsum("ncp,ncd,ndq->pq", jac, hz, jac) / len(y)
+    torch.testing.assert_close(ggn, ref_ggn, rtol=1e-10, atol=1e-12)
+    per = torch.autograd.functional.jacobian(lambda fl: nll(logits(fl), y), flat)  # (N, n)
+    torch.testing.assert_close(fisher, per.T @ per / len(y), rtol=1e-10, atol=1e-12)
+    assert torch.linalg.eigvalsh(ggn).min() > -1e-12  # PSD, unlike the Hessian
+
+
+def _resnet():
+    model, p, x, y = _problem(widths=(2, 4, 4), m=2, n=6, classes=3, name="resnet20",
+                              shape=(3, 8, 8))
+    g = torch.Generator().manual_seed(5)
+    bufs = {k: (v.double().unsqueeze(0).repeat(2, *[1] * v.dim()) +
+                (0.1 * torch.rand(2, *v.shape, generator=g, dtype=torch.float64)
+                 if v.is_floating_point() else 0))
+            for k, v in model.named_buffers()}
+    return model, p, x, y, bufs
+
+
+def test_batchnorm_policies_match_autograd():
+    model, p, x, y, bufs = _resnet()
+    v = torch.randn(2, sum(t[0].numel() for t in p.values()),
+                    generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for bn, mode in (("eval", "reverse"), ("batch", "reverse"), ("eval", "forward"),
+                     ("batch", "forward")):
+        op = CurvatureOperator(model_objective(model, p, (x, y), bufs, bn=bn), mode=mode)
+        out = op.matvec(v)
+        for i in range(2):
+            f, flat = _flat_loss(model, p, x, y, i, bufs if bn == "eval" else None,
+                                 train=bn == "batch")
+            ref = torch.autograd.functional.hvp(f, flat, v[i])[1]
+            torch.testing.assert_close(out[i], ref, rtol=1e-9, atol=1e-11)
+    before = {k: t.clone() for k, t in bufs.items()}
+    CurvatureOperator(model_objective(model, p, (x, y), bufs, bn="batch")).matvec(v)
+    one = {k: t[:1] for k, t in p.items()}  # a stack of one takes the plain-autograd path
+    single = CurvatureOperator(model_objective(model, one, (x, y), {k: t[:1] for k, t in
+                                                                    bufs.items()}))
+    full = CurvatureOperator(model_objective(model, p, (x, y), bufs)).matvec(v)
+    torch.testing.assert_close(single.matvec(v[:1]), full[:1], rtol=1e-9, atol=1e-11)
+    assert all(torch.equal(bufs[k], before[k]) for k in bufs)  # running stats untouched
+    assert not model.training
+
+
+def test_float32_parameters_give_a_float32_operator():
+    model, p, x, y = _problem()
+    p32 = {k: v.float() for k, v in p.items()}
+    op = CurvatureOperator(model_objective(model, p32, (x, y)))
+    assert op.dtype == torch.float32
+    h64 = dense_matrix(CurvatureOperator(model_objective(model, p, (x, y))))
+    torch.testing.assert_close(dense_matrix(op).double(), h64, rtol=1e-3, atol=1e-5)
+
+
+def test_bad_inputs_raise_one_clear_error():
+    model, p, x, y, bufs = _resnet()
+    model.train()
+    with pytest.raises(ConfigError, match="training mode but bn='eval'"):
+        model_objective(model, p, (x, y), bufs)
+    model.eval()
+    with pytest.raises(ConfigError, match="batch_size cannot split"):
+        model_objective(model, p, (x, y), bn="batch", batch_size=2)
+    with pytest.raises(ConfigError, match="unknown BatchNorm policy"):
+        model_objective(model, p, (x, y), bn="frozen")
+    with pytest.raises(ConfigError, match="unknown loss"):
+        model_objective(model, p, (x, y), loss="mse")
+    obj = model_objective(model, p, (x, y), bufs)
+    with pytest.raises(ConfigError, match="unknown curvature kind"):
+        CurvatureOperator(obj, "laplace")
+    with pytest.raises(ConfigError, match="mode must be 'reverse' or 'forward'"):
+        CurvatureOperator(obj, mode="sideways")
+    op = CurvatureOperator(obj)
+    with pytest.raises(ConfigError, match="expected vectors of shape"):
+        op.matvec(torch.zeros(3, op.n, dtype=torch.float64))
+    with pytest.raises(ConfigError, match="expected vectors of shape"):
+        op.matmat(torch.zeros(2, op.n, dtype=torch.float64))
+    bad = {k: v.clone() for k, v in p.items()}
+    bad["fc.bias"][1, 0] = float("nan")
+    with pytest.raises(NonFiniteLoss, match=r"NaN or infinite at member\(s\) \[1\]"):
+        CurvatureOperator(model_objective(model, bad, (x, y), bufs))
+    with pytest.raises(ConfigError, match="only a model objective"):
+        _, w = _quadratic()
+        Objective.from_function(w, lambda q: q["w"].sum()).restrict(torch.arange(1))

@@ -1,0 +1,139 @@
+"""The measure table, the ``minefield sharpness`` command and the sweep columns."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from minefield.cli import main
+from minefield.config import ConfigError
+from minefield.curvature import dense_hessian
+from minefield.hvp import NonFiniteLoss
+from minefield.measures import MEASURES, SharpnessConfig, measure_members
+from minefield.sweep import SweepConfig, load_sweep, poison_sweep
+from minefield.train import load_run_model, train_run
+from tests.conftest import tiny_config
+
+FAST = dict(steps=2, restarts=1, n_samples=4, m=20, trace_rtol=0.5, max_probes=8,
+            trace_rank=4)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    torch.set_num_threads(2)
+    train_run(tiny_config("a", members=2), root, progress=False)
+    return root
+
+
+def _invoke(root, *args):
+    return CliRunner().invoke(main, ["--root", str(root), *args])
+
+
+def test_every_measure_gives_one_value_per_member(runs):
+    from minefield.runs import Run
+
+    model, p, buffers, data, _ = load_run_model(Run.open("a", runs))
+    cols = measure_members(model, p, data, SharpnessConfig(**FAST), buffers or None)
+    for name in MEASURES:
+        assert cols[name].shape == (2,) and torch.isfinite(cols[name]).all(), name
+    h = dense_hessian(model, {k: v.double() for k, v in p.items()}, data)
+    top = torch.linalg.eigvalsh(h)[:, -1]
+    torch.testing.assert_close(cols["lambda_max"], top, rtol=1e-4, atol=1e-8)
+    tr = h.diagonal(dim1=1, dim2=2).sum(1)
+    assert ((cols["trace_ci_low"] <= tr) & (tr <= cols["trace_ci_high"])).all()
+    # columns given as done are reused, not recomputed
+    again = measure_members(model, p, data, SharpnessConfig(measures=("worst_l2",), **FAST),
+                            done={"worst_l2": [1.0, 2.0]})
+    assert again["worst_l2"].tolist() == [1.0, 2.0]
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="unknown measure\\(s\\) flatness"):
+        SharpnessConfig(measures=("flatness",))
+    with pytest.raises(ConfigError, match="rho must be > 0, got -0.5"):
+        SharpnessConfig(rho=-0.5)
+    with pytest.raises(ConfigError, match="steps must be >= 1"):
+        SharpnessConfig(steps=0)
+    with pytest.raises(ConfigError, match="no measures"):
+        SharpnessConfig(measures=())
+    with pytest.raises(ConfigError, match="n_samples and max_probes"):
+        SharpnessConfig(n_samples=1)
+    with pytest.raises(ConfigError, match="eta must be >= 0"):
+        SharpnessConfig(eta=-1.0)
+    with pytest.raises(ConfigError, match="bn must be"):
+        SharpnessConfig(bn="frozen")
+    with pytest.raises(ConfigError, match="dtype must be"):
+        SharpnessConfig(dtype="float16")
+
+
+def test_cli_writes_resumes_adds_and_refuses(runs):
+    args = ["sharpness", "a", "--steps", "2", "--restarts", "1", "--samples", "4",
+            "--trace-rtol", "0.5"]
+    res = _invoke(runs, *args, "--measures", "lambda_max,worst_l2")
+    assert res.exit_code == 0, res.output
+    path = runs / "a" / "sharpness" / "default.json"
+    saved = json.loads(path.read_text())
+    assert set(saved["columns"]) >= {"lambda_max", "worst_l2", "lambda_max_residual"}
+    assert len(saved["columns"]["lambda_max"]) == 2
+    again = _invoke(runs, *args, "--measures", "lambda_max,worst_l2")
+    assert again.exit_code == 0 and "reusing" in again.output
+    more = _invoke(runs, *args, "--measures", "lambda_max,average")
+    assert more.exit_code == 0 and "measuring average on a" in more.output
+    assert set(json.loads(path.read_text())["columns"]) >= {"lambda_max", "worst_l2", "average"}
+    before = path.read_text()
+    other = _invoke(runs, *args, "--measures", "lambda_max", "--rho", "0.1")
+    assert other.exit_code == 1 and "other settings" in other.output
+    assert path.read_text() == before
+    forced = _invoke(runs, *args, "--measures", "lambda_max", "--rho", "0.1", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert set(json.loads(path.read_text())["columns"]) == {"lambda_max", "lambda_max_residual"}
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--measures", "flatness"], "unknown measure(s) flatness"),
+    (["--rho", "-1"], "rho must be > 0, got -1.0"),
+    (["--measures", "m_sharpness", "--m", "0"], "m must be >= 1"),
+    (["--tag", "../x"], "tag"),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(runs, args, msg):
+    res = _invoke(runs, "sharpness", "a", "--tag", "bad", *args)
+    assert res.exit_code != 0 and msg in res.output, res.output
+    assert "Traceback" not in res.output
+    assert not (runs / "a" / "sharpness" / "bad.json").exists()
+
+
+def test_cli_nan_model_is_one_line(runs, tmp_path):
+    from minefield.runs import Run
+
+    r = Run.open("a", runs)
+    ck = r.load_checkpoint(r.trajectory()[-1])
+    params = {k: v.clone() for k, v in ck.params.items()}
+    params["0.bias"][1, 0] = math.nan
+    path = tmp_path / "nan.safetensors"
+    r.save_checkpoint(str(path), params, ck.buffers, ck.meta)
+    res = _invoke(runs, "sharpness", "a", "--checkpoint", str(path), "--tag", "nan",
+                  "--measures", "lambda_max")
+    assert res.exit_code == 1 and "NaN or infinite at member(s) [1]" in res.output
+    assert not (runs / "a" / "sharpness" / "nan.json").exists()
+    model, p, b, data, _ = load_run_model(r, path)
+    with pytest.raises(NonFiniteLoss):
+        measure_members(model, p, data, SharpnessConfig(measures=("trace",)))
+
+
+def test_sweep_adds_measure_columns_and_gap_correlations(tmp_path):
+    cfg = tiny_config("sw").replace(data=tiny_config().data.replace(n_poison=40))
+    sc = SweepConfig(betas=(0.0, 0.3, 0.6), seeds=(0,),
+                     volume=SweepConfig().volume.replace(n_directions=3, n_bootstrap=10),
+                     sharpness=SharpnessConfig(measures=("lambda_max", "worst_l2"), **FAST))
+    res = poison_sweep(cfg, sc, tmp_path, progress=False)
+    assert all("lambda_max" in r and "worst_l2_stderr" in r for r in res.rows)
+    assert set(res.spearman_gap) == {"mean_radius", "log10_volume", "lambda_max", "worst_l2"}
+    assert "lambda_max" in res.spearman
+    loaded = load_sweep(res.run)
+    assert loaded.spearman_gap == res.spearman_gap
+    assert "lambda_max" in (tmp_path / "sw" / "sweep.csv").read_text().splitlines()[0]
