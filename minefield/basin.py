@@ -54,7 +54,8 @@ from .data import Dataset
 from .directions import DirectionSpec, n_perturbed, random_directions
 from .engine import evaluate_points
 from .functional import Params, check_single, member, n_members, one
-from .options import CutoffKind, Grid, RadiusMethod, option
+from .options import CurvatureKind, CutoffKind, Estimator, Grid, RadiusMethod, option
+from .volume import VolumeEstimate, weights_estimate
 
 __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "BasinWarning",
            "Rollouts", "find_radii", "radius_grid", "log_volume", "log10_volume",
@@ -73,6 +74,11 @@ class VolumeConfig(_Config):
     ``grid`` (``power``: ``t = r_max u^grid_power``, the paper's u^5; ``linear``)
     configure the ``grid`` method. ``memory_mb`` bounds the engine's chunks;
     ``seed`` drives the bootstrap (directions use ``directions.seed``).
+    ``estimator`` (:mod:`minefield.volume`): ``naive`` (the paper's), ``is``,
+    ``gaussian`` (mass under ``N(theta, sigma^2 I)``, default ``sigma = r_max / sqrt(n)``)
+    or ``mcmc`` (``n_chains`` x ``n_replicates`` chains, ``walk_length`` hit-and-run
+    steps per phase); ``preconditioner`` (:mod:`minefield.netvolume`) shapes the
+    last three (``probes``: Hutchinson probes).
     """
 
     cutoff: float = 1.0
@@ -90,10 +96,25 @@ class VolumeConfig(_Config):
     memory_mb: float = 256.0
     n_bootstrap: int = 1000
     seed: int = 0
+    estimator: Estimator = Estimator.NAIVE
+    preconditioner: CurvatureKind = CurvatureKind.NONE
+    sigma: float | None = None
+    n_chains: int = 64
+    n_replicates: int = 8
+    walk_length: int | None = None
+    probes: int = 64
 
     _section: ClassVar[str] = "volume"
 
     def _validate(self):
+        if self.estimator is Estimator.IS and self.preconditioner is CurvatureKind.NONE:
+            raise ConfigError("volume.estimator 'is' needs a preconditioner (hessian, "
+                              "hutchinson, axes or given)")
+        if self.sigma is not None and not (self.sigma > 0 and math.isfinite(self.sigma)):
+            raise ConfigError(f"volume.sigma must be a positive number, got {self.sigma}")
+        if self.n_chains < 2 or self.n_replicates < 2 or self.probes < 1:
+            raise ConfigError("volume.n_chains and n_replicates must be >= 2 (an interval needs "
+                              "independent draws) and probes >= 1")
         if not (self.cutoff > 0 and math.isfinite(self.cutoff)):
             raise ConfigError(f"volume.cutoff must be a positive number, got {self.cutoff}")
         if not (self.r_max > 0 and math.isfinite(self.r_max)):
@@ -258,6 +279,9 @@ class BasinResult:
     n_evaluations: int
     config: dict[str, Any]
     n_at_r_max: int = 0
+    estimator: str = "naive"
+    # ess, max_share, n_at_r_max, warnings, ... (see minefield.volume.VolumeEstimate)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"radii": self.radii.tolist(), "n": self.n, "centre_loss": self.centre_loss,
@@ -265,7 +289,8 @@ class BasinResult:
                 "n_mean_log10_r": self.n_mean_log10_r, "mean_radius": self.mean_radius,
                 "ci_log10_volume": list(self.ci_log10_volume),
                 "n_evaluations": self.n_evaluations, "config": self.config,
-                "n_at_r_max": self.n_at_r_max}
+                "n_at_r_max": self.n_at_r_max, "estimator": self.estimator,
+                "diagnostics": self.diagnostics}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BasinResult:
@@ -276,20 +301,52 @@ class BasinResult:
         return cls(radii, int(d["n"]), float(d["centre_loss"]), float(d["cutoff"]),
                    float(d["log10_volume"]), float(d["n_mean_log10_r"]), float(d["mean_radius"]),
                    tuple(d["ci_log10_volume"]), int(d["n_evaluations"]), d["config"],
-                   int(at_max))
+                   int(at_max), d.get("estimator", "naive"), d.get("diagnostics", {}))
+
+    @classmethod
+    def from_estimate(cls, est: VolumeEstimate, centre_loss: float, cutoff: float,
+                      config: dict[str, Any]) -> BasinResult:
+        """A result of any estimator (radii: those of its rays, empty for mcmc)."""
+        r = torch.tensor(est.details.get("radii", []), dtype=torch.float64)
+        nm = float(est.n * torch.log10(r).mean()) if len(r) else math.nan
+        diag = {"ess": est.ess, "n_samples": est.n_samples, "max_share": est.max_share,
+                "n_at_r_max": est.n_at_r_max, "warnings": est.warnings,
+                **{k: v for k, v in est.details.items() if k != "radii"}}
+        return cls(r, est.n, float(centre_loss), float(cutoff), est.log10_volume, nm,
+                   float(r.mean()) if len(r) else math.nan, est.ci_log10, est.n_evaluations,
+                   dict(config), int(est.n_at_r_max), est.estimator, diag)
 
 
 def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: float,
                       n_evaluations: int = 0, config: dict[str, Any] | None = None,
                       n_boot: int = 1000, seed: int = 0, r_max: float = math.inf
                       ) -> BasinResult:
-    """A :class:`BasinResult` from radii: log10 V, n mean(log10 r), mean r, bootstrap CI,
-    and how many radii reached ``r_max``."""
+    """A :class:`BasinResult` from radii: log10 V, n mean(log10 r), mean r, bootstrap CI
+    (widened by ``n log10(1 + rtol)`` of ``config``'s bisection), how many radii reached
+    ``r_max`` (the argument, else ``config``'s) and the diagnostics of
+    :mod:`minefield.volume` (ESS, largest share, normal interval)."""
     r = radii.double().cpu()
+    cfg = dict(config or {})
+    bisect = cfg.get("method", "bisect") == "bisect"
+    slack = n * math.log1p(cfg.get("rtol", 0.0)) / LN10 if bisect else 0.0
+    lo, hi = bootstrap_log10_volume(r, n, n_boot, seed)
+    limit = r_max if math.isfinite(r_max) else cfg.get("r_max", math.inf)
+    at_max = int((r >= limit).sum())
+    diag: dict[str, Any] = {"n_samples": len(r), "n_at_r_max": at_max, "warnings": []}
+    if len(r) >= 4 and len(r) % 2 == 0:
+        _, (dlo, dhi), diag["ess"], diag["max_share"] = weights_estimate(
+            n * r.log(), True, 0.95, slack * LN10)
+        log_omega = 0.5 * n * math.log(math.pi) - math.lgamma(0.5 * n + 1)
+        diag["ci_log10_normal"] = [(dlo + log_omega) / LN10, (dhi + log_omega) / LN10]
+        if diag["ess"] < 10:
+            diag["warnings"].append(f"ESS {diag['ess']:.1f} of {len(r)} radii: a handful of "
+                                    f"directions decide log V; its interval is not "
+                                    f"trustworthy")
+    if not bisect:
+        diag["warnings"].append("grid radii: their interpolation error is not in the interval")
     return BasinResult(r, n, float(centre_loss), float(cutoff), log10_volume(r, n),
                        float(n * torch.log10(r).mean()), float(r.mean()),
-                       bootstrap_log10_volume(r, n, n_boot, seed), n_evaluations,
-                       dict(config or {}), int((r >= r_max).sum()))
+                       (lo - slack, hi + slack), n_evaluations, cfg, at_max, "naive", diag)
 
 
 def _xy(data: Dataset | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,8 +360,13 @@ def basin_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Te
 
     ``data`` is a :class:`Dataset` (its train split is used) or ``(x, y)``.
     Directions come from ``cfg.directions``; the loss is the mean train NLL,
-    evaluated by :func:`~minefield.engine.evaluate_points`.
+    evaluated by :func:`~minefield.engine.evaluate_points`. Estimators other than
+    ``naive`` go to :func:`minefield.netvolume.basin_volume`.
     """
+    if cfg.estimator is not Estimator.NAIVE:
+        from .netvolume import basin_volume
+
+        return basin_volume(model, params, data, cfg, buffers, bn)
     x, y = _xy(data)
     centre = check_single(params, "the model (use basin_members for a stack)")
     theta = member(centre, 0)

@@ -63,7 +63,10 @@ _EMBED = [("perplexity", "--perplexity"), ("seed", "--seed"), ("n_iter", "--n-it
 _VOLUME = [("n_directions", "--directions"), ("cutoff", "--cutoff"), ("r_max", "--r-max"),
            ("rtol", "--rtol"), ("method", "--method"), ("grid_points", "--grid-points"),
            ("directions.kind", "--kind"), ("directions.bias", "--bias"),
-           ("memory_mb", "--memory-mb")]
+           ("memory_mb", "--memory-mb"), ("estimator", "--estimator"),
+           ("preconditioner", "--preconditioner"), ("sigma", "--sigma"),
+           ("n_chains", "--chains"), ("n_replicates", "--replicates"),
+           ("walk_length", "--walk")]
 
 
 def _get(obj: Any, dotted: str) -> Any:

@@ -22,7 +22,8 @@ from typing import Any
 
 __all__ = ["ConfigError", "option", "choices", "Optimizer", "PoisonObjective", "StopRule",
            "CutoffKind", "RadiusMethod", "Grid", "DirectionKind", "BiasPolicy", "BNPolicy",
-           "EnginePath", "Init", "Activation", "Split", "EmbedCheckpoints"]
+           "EnginePath", "Init", "Activation", "Split", "EmbedCheckpoints", "Estimator",
+           "CurvatureKind"]
 
 
 class ConfigError(ValueError):
@@ -140,3 +141,22 @@ class EmbedCheckpoints(str, enum.Enum):
 
     SEARCHED = "searched"
     ALL = "all"
+
+
+class Estimator(str, enum.Enum):
+    """Basin-volume estimator (:mod:`minefield.volume`, :mod:`minefield.cooling`)."""
+
+    NAIVE = "naive"
+    IS = "is"
+    MCMC = "mcmc"
+    GAUSSIAN = "gaussian"
+
+
+class CurvatureKind(str, enum.Enum):
+    """Curvature that preconditions importance-sampled directions (:mod:`minefield.netvolume`)."""
+
+    NONE = "none"
+    HESSIAN = "hessian"
+    HUTCHINSON = "hutchinson"
+    AXES = "axes"
+    GIVEN = "given"  # a diagonal passed in (Adam's second moments, a Fisher diagonal)

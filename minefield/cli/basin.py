@@ -19,6 +19,7 @@ from ..basin import BasinWarning, VolumeConfig
 from ..config import ConfigError, ExperimentConfig
 from ..directions import BiasPolicy, DirectionKind, DirectionSpec
 from ..landscape import LandscapeConfig, Slice, Surface
+from ..options import CurvatureKind, Estimator
 from ..stages import basin_run, landscape_run, load_basin, load_landscape
 from ..stages.basin import check_tag
 from ._common import device_option, force_option, friendly, main, open_run, plot
@@ -73,6 +74,22 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
               show_default=True)
 @click.option("--grid-points", type=click.IntRange(2), default=100, show_default=True,
               help="Points of the grid method (t = r_max u^5).")
+@click.option("--estimator", type=click.Choice([e.value for e in Estimator]), default="naive",
+              show_default=True, help="Volume estimator: naive (the paper's), is "
+              "(preconditioned importance sampling), mcmc (Gaussian cooling), gaussian "
+              "(mass under N(theta, sigma^2 I)).")
+@click.option("--preconditioner", type=click.Choice([*(c.value for c in CurvatureKind
+                                                       if c.value != "given"), "adam"]),
+              default=None, help="Shape of is/mcmc/gaussian proposals (default: hessian for "
+              "is, none otherwise); adam: the run's Adam second moments.")
+@click.option("--sigma", type=click.FloatRange(min=0, min_open=True),
+              help="Gaussian-measure std (default r_max / sqrt(n)).")
+@click.option("--chains", type=click.IntRange(2), default=64, show_default=True,
+              help="mcmc: chains per replicate.")
+@click.option("--replicates", type=click.IntRange(2), default=8, show_default=True,
+              help="mcmc: independent replicates (the interval comes from them).")
+@click.option("--walk", type=click.IntRange(1), help="mcmc: hit-and-run steps per phase "
+              "(default max(10, n)).")
 @kind_option
 @bias_option
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -85,22 +102,27 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
 @click.pass_context
 @friendly
 def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, method,
-          grid_points, dir_kind, bias, seed, n_rollouts, tag, device, memory_mb, force):
+          grid_points, estimator, preconditioner, sigma, chains, replicates, walk, dir_kind,
+          bias, seed, n_rollouts, tag, device, memory_mb, force):
     """Basin radii along random directions and log10 of the basin volume (paper Sec. 5).
 
     \b
     Example:
       minefield basin good --directions 100 --cutoff 1.0
+      minefield basin good --estimator is --preconditioner hessian --kind gaussian
     """
     _tag(tag)
+    pre = preconditioner or ("hessian" if estimator == "is" else "none")
     cfg = VolumeConfig(cutoff=cutoff, cutoff_kind="relative" if relative else "abs",
                        r_max=r_max, n_directions=n_directions, rtol=rtol, method=method,
                        grid_points=grid_points, directions=DirectionSpec(dir_kind, bias, seed),
-                       memory_mb=memory_mb, seed=seed)
+                       memory_mb=memory_mb, seed=seed, estimator=estimator,
+                       preconditioner="given" if pre == "adam" else pre, sigma=sigma,
+                       n_chains=chains, n_replicates=replicates, walk_length=walk)
     with warnings.catch_warnings():  # said below in one line per member instead
         warnings.simplefilter("ignore", BasinWarning)
         res = basin_run(open_run(ctx, run), cfg, tag=tag, checkpoint=checkpoint,
-                        n_rollouts=n_rollouts, device=device, force=force)
+                        n_rollouts=n_rollouts, device=device, force=force, adam=pre == "adam")
     click.echo(f"({'reusing' if res.reused else 'wrote'} {res.path})")
     for i, m in enumerate(res.members):
         lo, hi = m.ci_log10_volume
@@ -109,6 +131,13 @@ def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, met
                    f"[{lo:.6g}, {hi:.6g}]  n*mean(log10 r) {m.n_mean_log10_r:.6g}"
                    + (f"  ({m.n_at_r_max} radii at r_max: a lower bound; raise --r-max)"
                       if m.n_at_r_max else ""))
+        d = m.diagnostics
+        if d:
+            click.echo(f"  {m.estimator}: ESS {d.get('ess', float('nan')):.1f} of "
+                       f"{d.get('n_samples', 0)}, largest share "
+                       f"{d.get('max_share', float('nan')):.3g}")
+        for w in d.get("warnings", []):
+            click.echo(f"  warning: {w}")
 
 
 @plot.command("basin")

@@ -122,4 +122,37 @@ def brief(b: BasinResult) -> dict[str, Any]:
     """The basin numbers a report keeps."""
     return {"mean_radius": b.mean_radius, "log10_volume": b.log10_volume,
             "n_mean_log10_r": b.n_mean_log10_r, "n": b.n, "centre_loss": b.centre_loss,
-            "ci_log10_volume": list(b.ci_log10_volume), "n_at_r_max": b.n_at_r_max}
+            "ci_log10_volume": list(b.ci_log10_volume), "n_at_r_max": b.n_at_r_max,
+            "estimator": b.estimator, "ess": b.diagnostics.get("ess"),
+            "warnings": b.diagnostics.get("warnings", [])}
+
+
+# Estimators beside the paper's naive one (minefield.volume): estimator, preconditioner.
+ESTIMATORS = (("is", "hessian"), ("is", "hutchinson"), ("gaussian", "none"))
+
+
+def estimator_rows(ctx: Context, runs: dict[str, TrainResult], vcfg: VolumeConfig,
+                   naive: dict[str, BasinResult]
+                   ) -> tuple[list[tuple[str, str, str]], dict, list[VolumeConfig]]:
+    """log10 V of every model by every estimator, side by side (same directions' units and
+    cutoff as ``vcfg``); the dense Hessian only up to n = 6000. Returns report rows, their
+    data and the configs that ran (for the printed commands)."""
+    def row(label: str, got: dict[str, BasinResult]) -> tuple[str, str, str]:
+        return (f"{label}, [95% CI], ESS; " + " / ".join(got),
+                " / ".join(f"{b.log10_volume:.0f} [{b.ci_log10_volume[0]:.0f}, "
+                           f"{b.ci_log10_volume[1]:.0f}], {b.diagnostics.get('ess', 0):.1f}"
+                           for b in got.values()), "-")
+
+    rows, data, cfgs = [row("naive: log10 V", naive)], {}, []
+    n = next(iter(naive.values())).n
+    for est, pre in ESTIMATORS:
+        if pre == "hessian" and n > 6000:
+            continue
+        cfg = vcfg.replace(estimator=est, preconditioner=pre)
+        ctx.log(f"  {est} ({pre}) volume estimates")
+        got = {k: ctx.basin(r, cfg, f"repro-{est}-{pre}") for k, r in runs.items()}
+        data[f"{est}-{pre}"] = {k: brief(b) for k, b in got.items()}
+        label = "mass under N(theta, sigma^2 I)" if est == "gaussian" else "log10 V"
+        rows.append(row(f"{est} ({pre}): {label}", got))
+        cfgs.append(cfg)
+    return rows, data, cfgs

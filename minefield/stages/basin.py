@@ -23,7 +23,8 @@ from ..basin import BasinResult, Rollouts, VolumeConfig, basin_members, rollouts
 from ..evaluate import resolve_device
 from ..functional import one
 from ..lock import locking
-from ..runs import DEFAULT_ROOT, Run, RunError, reading
+from ..netvolume import adam_curvature, basin_volume
+from ..runs import DEFAULT_ROOT, Run, RunError, load_tensors, reading
 from .train import load_run_model
 
 __all__ = ["BasinRun", "basin_run", "load_basin", "check_tag"]
@@ -52,8 +53,12 @@ class BasinRun:
 def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
               tag: str = "default", checkpoint: str | None = None, n_rollouts: int = 20,
               root: Path | str = DEFAULT_ROOT, device: str | torch.device = "auto",
-              force: bool = False) -> BasinRun:
+              force: bool = False, adam: bool = False) -> BasinRun:
     """Basin radius and volume of every member of ``run`` at ``checkpoint`` (default: last).
+
+    ``adam=True`` preconditions the estimator (``cfg.preconditioner`` must be
+    ``given``) by the run's Adam second moments from ``state.safetensors``
+    (:func:`minefield.netvolume.adam_curvature`).
 
     ``n_rollouts`` directions (the first ones the radii use) also store the loss
     along ``t`` in ``[-r_max/2, r_max/2]`` (101 points) for ``plot basin``.
@@ -67,11 +72,22 @@ def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
     run = run if isinstance(run, Run) else Run.open(run, root)
     rel = f"basin/{tag}.json"
     key = {"volume": cfg.to_dict(), "checkpoint": checkpoint, "rollouts": n_rollouts}
+    if adam:
+        key["curvature"] = "adam"
+        if not run.exists("state.safetensors"):
+            raise RunError(f"{run.path} has no optimizer state (state.safetensors) for the "
+                           "adam preconditioner")
     run.lock()
     if run.resume(rel, key, force):
         return load_basin(run, tag, reused=True)
     model, params, buffers, data, _ = load_run_model(run, checkpoint, resolve_device(device))
-    results = basin_members(model, params, data, cfg, buffers or None)
+    if adam:
+        state, _ = load_tensors(run.file("state.safetensors"))
+        results = [basin_volume(model, one(params, i), data, cfg, one(buffers or None, i),
+                                curvature=adam_curvature(state, list(params), i))
+                   for i in range(next(iter(params.values())).shape[0])]
+    else:
+        results = basin_members(model, params, data, cfg, buffers or None)
     ts = torch.linspace(-cfg.r_max / 2, cfg.r_max / 2, 101, dtype=torch.float64)
     ros = [rollouts(model, one(params, i), data, n_rollouts, ts, cfg.directions,
                     one(buffers or None, i), cfg.memory_mb, res.cutoff)
