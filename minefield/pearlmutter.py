@@ -139,7 +139,7 @@ class MLPHessian:
         ins, d1s, d2s = [], [], []  # layer inputs h_{l-1}; phi', phi'' of each hidden layer
         for (wn, bn), (_, act) in zip(self.names, plan):
             w = params[wn]
-            ins.append(h)
+            ins.append(h.contiguous())  # bmm would copy the expanded input at every product
             a = (torch.bmm(h, w.transpose(1, 2)) if bn is None
                  else torch.baddbmm(params[bn].unsqueeze(1), h, w.transpose(1, 2)))
             if act is None:
@@ -157,13 +157,14 @@ class MLPHessian:
             curls.append(None if d2s[i - 1] is None else back * d2s[i - 1])
             delta = back * d1s[i - 1]
             deltas.append(delta)
-        return ins, d1s, deltas[::-1], curls[::-1], lambda u: weight * hz(u)
+        deltas_t = [d.transpose(1, 2).contiguous() for d in deltas[::-1]]
+        return ins, d1s, deltas[::-1], deltas_t, curls[::-1], lambda u: weight * hz(u)
 
     @torch.no_grad()
     def matvec(self, v: Params) -> Params:
         """``{name: (M, ...)}`` -> ``{name: (M, ...)}``: member m's Hessian times ``v[m]``."""
         out: Params = {}
-        for ins, d1s, deltas, curls, hz in self.caches:
+        for ins, d1s, deltas, deltas_t, curls, hz in self.caches:
             ras, rhs, rh = [], [], None  # R{a_l}, R{h_{l-1}}
             for i, (wn, bn) in enumerate(self.names):
                 rhs.append(rh)
@@ -180,7 +181,7 @@ class MLPHessian:
                 wn, bn = self.names[i]
                 gw = torch.bmm(rdelta.transpose(1, 2), ins[i])
                 if rhs[i] is not None:
-                    gw.baddbmm_(deltas[i].transpose(1, 2), rhs[i])
+                    gw.baddbmm_(deltas_t[i], rhs[i])
                 _add(out, wn, gw)
                 if bn is not None:
                     _add(out, bn, rdelta.sum(1))
