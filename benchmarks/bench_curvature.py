@@ -292,6 +292,8 @@ def main() -> None:
     ap.add_argument("--resnet-steps", type=int, default=100,
                     help="Adam steps fitting ResNet-20 to its images before measuring.")
     ap.add_argument("--skip-resnet", action="store_true")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="Only sections 2 and 3 (HVP vs gradient, stacked vs separate).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph")
@@ -300,6 +302,29 @@ def main() -> None:
 
     model, params, data = good_swissroll(args.run)
     x, y = data.split("train")
+    p32 = {k: v[:1].float() for k, v in params.items()}
+    if not args.speed_only:
+        accuracy(model, params, x, y, args)
+    if not args.skip_resnet:
+        rmodel, rp, rb, rx, ry = fitted_resnet(args.resnet_batch, args.resnet_steps)
+        if not args.speed_only:
+            ref = top_eigenvalues(CurvatureOperator(model_objective(
+                rmodel, {k: v.double() for k, v in rp.items()}, (rx, ry), rb)), k=1, tol=1e-6)
+            compare(f"ResNet-20, 32x32, {args.resnet_batch} inputs, float32", rmodel, rp, rx,
+                    ry, float(ref.values[0, 0]), "no exact reference", 1, False,
+                    args.resnet_products, rb)
+
+    print("\n== one HVP vs one gradient ==")
+    hvp_vs_gradient("swiss-roll MLP", model, p32, x, y, max(args.repeats, 5))
+    if not args.skip_resnet:
+        hvp_vs_gradient("ResNet-20", rmodel, rp, rx, ry, args.repeats, rb)
+
+    print(f"\n== M = {args.members} stacked vs separate (CPU) ==")
+    stacked(model, data, args.members, args.repeats)
+
+
+def accuracy(model, params, x, y, args) -> None:
+    """Section 1 on the swiss-roll MLP: minefield and PyHessian against the dense Hessian."""
     p64 = {k: v[:1].double() for k, v in params.items()}
     p32 = {k: v[:1].float() for k, v in params.items()}
     t_dense, h = timed(lambda: dense_hessian(model, p64, (x, y)), 1)
@@ -313,22 +338,6 @@ def main() -> None:
     t64, _ = timed(lambda: hutchpp_trace(CurvatureOperator(model_objective(
         model, p64, (x, y))), rank=20, rtol=1e-2), args.repeats)
     print(f"minefield float64 trace (same rule) in {t64:.2f} s; dense float64 {t_dense:.1f} s")
-
-    if not args.skip_resnet:
-        rmodel, rp, rb, rx, ry = fitted_resnet(args.resnet_batch, args.resnet_steps)
-        ref = top_eigenvalues(CurvatureOperator(model_objective(
-            rmodel, {k: v.double() for k, v in rp.items()}, (rx, ry), rb)), k=1, tol=1e-6)
-        compare(f"ResNet-20, 32x32, {args.resnet_batch} inputs, float32", rmodel, rp, rx, ry,
-                float(ref.values[0, 0]), "no exact reference", 1, False, args.resnet_products,
-                rb)
-
-    print("\n== one HVP vs one gradient ==")
-    hvp_vs_gradient("swiss-roll MLP", model, p32, x, y, max(args.repeats, 5))
-    if not args.skip_resnet:
-        hvp_vs_gradient("ResNet-20", rmodel, rp, rx, ry, args.repeats, rb)
-
-    print(f"\n== M = {args.members} stacked vs separate (CPU) ==")
-    stacked(model, data, args.members, args.repeats)
 
 
 if __name__ == "__main__":
