@@ -17,6 +17,7 @@ basin-volume study::
 """
 
 from .basin import BasinResult, Rollouts, VolumeConfig, basin_members, basin_radii, rollouts
+from .bodies import Box, Ellipsoid, QuadraticNet
 from .config import (
     ConfigError,
     DataConfig,
@@ -28,6 +29,7 @@ from .config import (
     TrainConfig,
     load_config,
 )
+from .cooling import cooling_volume
 from .curvature import (
     Eigen,
     SpectralDensity,
@@ -52,6 +54,8 @@ from .lock import RunLocked
 from .loss import accuracy, complement_nll, nll, poisoned_nll
 from .measures import MEASURES, SharpnessConfig, measure_members
 from .models import MODELS, build_model, init_params
+from .netvolume import NetworkLines, basin_volume
+from .precondition import Preconditioner, floor_curvature
 from .reproduce import SCALES, reproduce
 from .runs import Run, RunError
 from .search import SearchConfig, search_minima, search_run
@@ -64,6 +68,7 @@ from .sharpness import (
 )
 from .sweep import SweepConfig, SweepResult, log_spaced_betas, poison_sweep
 from .train import fit, load_run_model, train_run
+from .volume import Estimator, VolumeEstimate, log_chi_cdf, star_volume
 
 __version__ = "0.1.0"
 
@@ -82,6 +87,10 @@ __all__ = [
     "DirectionSpec", "random_directions", "n_perturbed", "orthogonalize",
     "evaluate_points", "evaluate_points_loop",
     "VolumeConfig", "BasinResult", "basin_radii", "basin_members", "Rollouts", "rollouts",
+    # volume estimators with measured error, and the bodies they are measured on
+    "Estimator", "VolumeEstimate", "star_volume", "cooling_volume", "log_chi_cdf",
+    "Preconditioner", "floor_curvature", "NetworkLines", "basin_volume",
+    "Ellipsoid", "Box", "QuadraticNet",
     # curvature and sharpness
     "Objective", "model_objective", "CurvatureOperator", "CurvatureKind", "NonFiniteLoss",
     "top_eigenvalues", "Eigen", "hutchinson_trace", "hutchpp_trace", "TraceEstimate",

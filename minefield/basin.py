@@ -31,8 +31,9 @@ batched :mod:`~minefield.engine` in for a network.
 Example (the quadratic bowl of reproduction check 9)::
 
     >>> a, c = 2.0, 0.5   # L(t) = a t^2 / 2 along unit directions: r = sqrt(2c/a) = 0.707
-    >>> r = find_radii(lambda t: a * t**2 / 2, 10, c, r_max=1.0)
-    >>> log_volume(r, n=3).exp()   # = 4/3 pi r^3
+    >>> r, evaluations = find_radii(lambda t: a * t**2 / 2, 10, c, r_max=1.0)
+    >>> round(float(log_volume(r, n=3).exp()), 2)   # = 4/3 pi r^3 = 1.481
+    1.48
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import _Config, parse_enum
+from .config import ConfigError, _Config, parse_enum
 from .data import Dataset
 from .directions import DirectionSpec, n_perturbed, random_directions
 from .engine import evaluate_points
 from .functional import Params, member, n_members
+from .netvolume import CurvatureKind
+from .volume import Estimator, VolumeEstimate, parse_estimator, weights_estimate
 
 __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "Rollouts",
            "find_radii", "radius_grid", "log_volume", "log10_volume", "bootstrap_log10_volume",
@@ -78,6 +81,11 @@ class VolumeConfig(_Config):
     ``grid`` (``power``: ``t = r_max u^grid_power``, the paper's u^5; ``linear``)
     configure the ``grid`` method. ``memory_mb`` bounds the engine's chunks;
     ``seed`` drives the bootstrap (directions use ``directions.seed``).
+    ``estimator`` (:mod:`minefield.volume`): ``naive`` (the paper's), ``is``,
+    ``gaussian`` (mass under ``N(theta, sigma^2 I)``, default ``sigma = r_max / sqrt(n)``)
+    or ``mcmc`` (``n_chains`` x ``n_replicates`` chains, ``walk_length`` hit-and-run
+    steps per phase); ``preconditioner`` (:mod:`minefield.netvolume`) shapes the
+    last three (``probes``: Hutchinson probes).
     """
 
     cutoff: float = 1.0
@@ -95,11 +103,32 @@ class VolumeConfig(_Config):
     memory_mb: float = 256.0
     n_bootstrap: int = 1000
     seed: int = 0
+    estimator: Estimator = Estimator.NAIVE
+    preconditioner: CurvatureKind = CurvatureKind.NONE
+    sigma: float | None = None
+    n_chains: int = 64
+    n_replicates: int = 8
+    walk_length: int | None = None
+    probes: int = 64
 
     def __post_init__(self):
         object.__setattr__(self, "cutoff_kind",
                            parse_enum(CutoffKind, self.cutoff_kind, "cutoff kind"))
         object.__setattr__(self, "method", parse_enum(RadiusMethod, self.method, "method"))
+        object.__setattr__(self, "estimator", parse_estimator(self.estimator))
+        try:
+            pre = parse_enum(CurvatureKind, self.preconditioner, "preconditioner")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        object.__setattr__(self, "preconditioner", pre)
+        if self.estimator is Estimator.IS and self.preconditioner is CurvatureKind.NONE:
+            raise ConfigError("estimator 'is' needs a preconditioner (hessian, hutchinson, "
+                              "axes or given)")
+        if self.sigma is not None and not (self.sigma > 0 and math.isfinite(self.sigma)):
+            raise ConfigError(f"sigma must be a positive number, got {self.sigma}")
+        if self.n_chains < 2 or self.n_replicates < 2 or self.probes < 1:
+            raise ConfigError("n_chains and n_replicates must be >= 2 (an interval needs "
+                              "independent draws) and probes >= 1")
         if not (self.cutoff > 0 and math.isfinite(self.cutoff)):
             raise ValueError(f"cutoff must be a positive number, got {self.cutoff}")
         if not (self.r_max > 0 and math.isfinite(self.r_max)):
@@ -254,31 +283,67 @@ class BasinResult:
     ci_log10_volume: tuple[float, float]
     n_evaluations: int
     config: dict[str, Any]
+    estimator: str = "naive"
+    # ess, max_share, n_at_r_max, warnings, ... (see minefield.volume.VolumeEstimate)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"radii": self.radii.tolist(), "n": self.n, "centre_loss": self.centre_loss,
                 "cutoff": self.cutoff, "log10_volume": self.log10_volume,
                 "n_mean_log10_r": self.n_mean_log10_r, "mean_radius": self.mean_radius,
                 "ci_log10_volume": list(self.ci_log10_volume),
-                "n_evaluations": self.n_evaluations, "config": self.config}
+                "n_evaluations": self.n_evaluations, "config": self.config,
+                "estimator": self.estimator, "diagnostics": self.diagnostics}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BasinResult:
         return cls(torch.tensor(d["radii"], dtype=torch.float64), int(d["n"]),
                    float(d["centre_loss"]), float(d["cutoff"]), float(d["log10_volume"]),
                    float(d["n_mean_log10_r"]), float(d["mean_radius"]),
-                   tuple(d["ci_log10_volume"]), int(d["n_evaluations"]), d["config"])
+                   tuple(d["ci_log10_volume"]), int(d["n_evaluations"]), d["config"],
+                   d.get("estimator", "naive"), d.get("diagnostics", {}))
+
+    @classmethod
+    def from_estimate(cls, est: VolumeEstimate, centre_loss: float, cutoff: float,
+                      config: dict[str, Any]) -> BasinResult:
+        """A result of any estimator (radii: those of its rays, empty for mcmc)."""
+        r = torch.tensor(est.details.get("radii", []), dtype=torch.float64)
+        nm = float(est.n * torch.log10(r).mean()) if len(r) else math.nan
+        diag = {"ess": est.ess, "n_samples": est.n_samples, "max_share": est.max_share,
+                "n_at_r_max": est.n_at_r_max, "warnings": est.warnings,
+                **{k: v for k, v in est.details.items() if k != "radii"}}
+        return cls(r, est.n, float(centre_loss), float(cutoff), est.log10_volume, nm,
+                   float(r.mean()) if len(r) else math.nan, est.ci_log10, est.n_evaluations,
+                   dict(config), est.estimator, diag)
 
 
 def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: float,
                       n_evaluations: int = 0, config: dict[str, Any] | None = None,
                       n_boot: int = 1000, seed: int = 0) -> BasinResult:
-    """A :class:`BasinResult` from radii: log10 V, n mean(log10 r), mean r, bootstrap CI."""
+    """A :class:`BasinResult` from radii: log10 V, n mean(log10 r), mean r, bootstrap CI
+    (widened by ``n log10(1 + rtol)`` of ``config``'s bisection) and the diagnostics of
+    :mod:`minefield.volume` (ESS, largest share, normal interval, radii at ``r_max``)."""
     r = radii.double().cpu()
+    cfg = dict(config or {})
+    bisect = cfg.get("method", "bisect") == "bisect"
+    slack = n * math.log1p(cfg.get("rtol", 0.0)) / LN10 if bisect else 0.0
+    lo, hi = bootstrap_log10_volume(r, n, n_boot, seed)
+    diag: dict[str, Any] = {"n_samples": len(r), "n_at_r_max": int(
+        (r >= cfg.get("r_max", math.inf)).sum()), "warnings": []}
+    if len(r) >= 4 and len(r) % 2 == 0:
+        _, (dlo, dhi), diag["ess"], diag["max_share"] = weights_estimate(
+            n * r.log(), True, 0.95, slack * LN10)
+        log_omega = 0.5 * n * math.log(math.pi) - math.lgamma(0.5 * n + 1)
+        diag["ci_log10_normal"] = [(dlo + log_omega) / LN10, (dhi + log_omega) / LN10]
+        if diag["ess"] < 10:
+            diag["warnings"].append(f"ESS {diag['ess']:.1f} of {len(r)} radii: a handful of "
+                                    f"directions decide log V; its interval is not "
+                                    f"trustworthy")
+    if not bisect:
+        diag["warnings"].append("grid radii: their interpolation error is not in the interval")
     return BasinResult(r, n, float(centre_loss), float(cutoff), log10_volume(r, n),
                        float(n * torch.log10(r).mean()), float(r.mean()),
-                       bootstrap_log10_volume(r, n, n_boot, seed), n_evaluations,
-                       dict(config or {}))
+                       (lo - slack, hi + slack), n_evaluations, cfg, "naive", diag)
 
 
 def _xy(data: Dataset | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,8 +364,13 @@ def basin_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Te
 
     ``data`` is a :class:`Dataset` (its train split is used) or ``(x, y)``.
     Directions come from ``cfg.directions``; the loss is the mean train NLL,
-    evaluated by :func:`~minefield.engine.evaluate_points`.
+    evaluated by :func:`~minefield.engine.evaluate_points`. Estimators other than
+    ``naive`` go to :func:`minefield.netvolume.basin_volume`.
     """
+    if cfg.estimator is not Estimator.NAIVE:
+        from .netvolume import basin_volume
+
+        return basin_volume(model, params, data, cfg, buffers, bn)
     x, y = _xy(data)
     centre = _one(params)
     theta = member(centre, 0)

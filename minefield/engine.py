@@ -147,8 +147,8 @@ def _centre(center: Params) -> None:
 def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: torch.Tensor,
                     x: torch.Tensor, y: torch.Tensor, buffers: Params | None = None,
                     memory_mb: float = 256.0, loss: str = "nll",
-                    bn: BNPolicy | str = "eval", path: str = "auto"
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    bn: BNPolicy | str = "eval", path: str = "auto",
+                    starts: Params | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and accuracy at ``theta + ts[k, j] * d_k`` for every direction k and distance j.
 
     ``center``: one model with a member dim of 1; ``directions``: ``(K, ...)``;
@@ -156,6 +156,7 @@ def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: to
     ``(loss, acc)`` in float64 with the shape of ``ts``. The points are formed
     in the centre's dtype, so float64 parameters give a float64 evaluation.
     ``path``: ``auto`` (batched matmuls for plain MLPs, else vmap), ``mlp`` or ``vmap``.
+    ``starts`` ``(K, ...)``: lines from ``theta + s_k`` instead (hit-and-run chords).
     """
     bn = _policy(bn)
     dtype = center[next(iter(center))].dtype
@@ -168,6 +169,9 @@ def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: to
     fast = _use_fast(model, buffers, path)
     c = _layout(center, model, fast)
     d = _layout({k: v.to(dtype) for k, v in directions.items()}, model, fast)
+    if starts is not None:
+        c0 = c
+        s0 = _layout({k: v.to(dtype) for k, v in starts.items()}, model, fast)
     dev = c[next(iter(c))].device
     t_flat = ts.reshape(-1).to(dtype=dtype, device=dev)
     k_idx = torch.arange(k_dirs, device=dev).repeat_interleave(
@@ -175,8 +179,9 @@ def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: to
 
     def make(sl: slice) -> Params:
         t = t_flat[sl]
+        base = c if starts is None else {k: c0[k] + s0[k][k_idx[sl]] for k in c0}
         return {k: torch.addcmul(v, t.view(-1, *[1] * (v.dim() - 1)), d[k][k_idx[sl]])
-                for k, v in c.items()}
+                for k, v in base.items()}
 
     n_params = sum(v[0].numel() for v in c.values())
     lo, ac = _evaluate(model, t_flat.numel(), n_params, dtype, make, x, y, buffers,

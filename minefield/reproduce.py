@@ -233,20 +233,54 @@ def exp_swissroll(ctx: Context) -> Section:
               "directions, +/-, cutoff 1.0)", ratio >= 10, f"{ratio:.1f}x"),
         Check("5", "log10 V_good - log10 V_bad >= 1000", gap >= 1000, f"{gap:.0f}"),
     ]
+    est_rows, est_data = _estimator_rows(ctx, {"good": good, "bad": bad}, vcfg,
+                                         {"good": bg, "bad": bb})
+    sec.numbers += est_rows
+    sec.commands.append("minefield basin <run> --estimator is --preconditioner hessian "
+                        f"--directions {s.directions} --cutoff 1.0 --kind filter")
     roll = [rollouts(r.model, {k: v[:1] for k, v in r.params.items()}, r.data, 20,
                      torch.linspace(-0.5, 0.5, 101, dtype=torch.float64), vcfg.directions,
                      cutoff=1.0) for r in (good, bad)]
     sec.figures += swiss_figure(good, bad, roll, (bg, bb), ctx.figures / "fig3_swissroll")
     sec.data = {"good": {**{k: v[0] for k, v in gm.items()}, "basin": _brief(bg)},
                 "bad": {**{k: v[0] for k, v in bm.items()}, "basin": _brief(bb)},
-                "radius_ratio": ratio, "log10_volume_gap": gap}
+                "radius_ratio": ratio, "log10_volume_gap": gap, "estimators": est_data}
     return sec
+
+
+# Estimators beside the paper's naive one (minefield.volume): direction kind, preconditioner.
+ESTIMATORS = (("is", "hessian"), ("is", "hutchinson"), ("gaussian", "none"))
+
+
+def _estimator_rows(ctx: Context, runs: dict[str, TrainResult], vcfg: VolumeConfig,
+                    naive: dict[str, BasinResult]) -> tuple[list[tuple[str, str, str]], dict]:
+    """log10 V of every model by every estimator, side by side (filter units, same cutoff)."""
+    rows, data = [], {}
+    n = next(iter(naive.values())).n
+    for est, pre in ESTIMATORS:
+        if pre == "hessian" and n > 6000:
+            continue
+        cfg = vcfg.replace(estimator=est, preconditioner=pre)
+        ctx.log(f"  {est} ({pre}) volume estimates")
+        got = {k: _basin(ctx, r, cfg, f"repro-{est}-{pre}") for k, r in runs.items()}
+        data[f"{est}-{pre}"] = {k: _brief(b) for k, b in got.items()}
+        label = "mass under N(theta, sigma^2 I)" if est == "gaussian" else "log10 V"
+        rows.append((f"{est} ({pre}): {label}, [95% CI], ESS; " + " / ".join(got),
+                     " / ".join(f"{b.log10_volume:.0f} [{b.ci_log10_volume[0]:.0f}, "
+                                f"{b.ci_log10_volume[1]:.0f}], {b.diagnostics['ess']:.1f}"
+                                for b in got.values()), "-"))
+    rows.insert(0, ("naive: log10 V, [95% CI], ESS; " + " / ".join(naive),
+                    " / ".join(f"{b.log10_volume:.0f} [{b.ci_log10_volume[0]:.0f}, "
+                               f"{b.ci_log10_volume[1]:.0f}], {b.diagnostics.get('ess', 0):.1f}"
+                               for b in naive.values()), "-"))
+    return rows, data
 
 
 def _brief(b: BasinResult) -> dict[str, Any]:
     return {"mean_radius": b.mean_radius, "log10_volume": b.log10_volume,
             "n_mean_log10_r": b.n_mean_log10_r, "n": b.n, "centre_loss": b.centre_loss,
-            "ci_log10_volume": list(b.ci_log10_volume)}
+            "ci_log10_volume": list(b.ci_log10_volume), "estimator": b.estimator,
+            "ess": b.diagnostics.get("ess"), "warnings": b.diagnostics.get("warnings", [])}
 
 
 # --- Figs 5 and 6, check 6: the poison-factor sweep ----------------------------------------
@@ -472,8 +506,12 @@ def _image_pair(ctx: Context, dataset: str, model: str, steps: int, beta: float,
                             f"{_pct(m['train_acc'][0])} / {_pct(m['test_acc'][0])}, "
                             f"{b.mean_radius:.4f}, {b.log10_volume:.0f}",
                             "SVHN: ~97% test good, 100% / 29% poisoned [C]"))
+    est_rows, est_data = _estimator_rows(ctx, {"good": good, "poisoned": bad}, vcfg,
+                                         {"good": bg, "poisoned": bb})
+    sec.numbers += est_rows
     sec.data = {"good": {**{k: v[0] for k, v in good.metrics.items()}, "basin": _brief(bg)},
-                "bad": {**{k: v[0] for k, v in bad.metrics.items()}, "basin": _brief(bb)}}
+                "bad": {**{k: v[0] for k, v in bad.metrics.items()}, "basin": _brief(bb)},
+                "estimators": est_data}
     return sec
 
 

@@ -99,3 +99,36 @@ def test_landscape_line_surface_resume_and_plots(runs):
                       "--out", str(out))
         assert res.exit_code == 0, res.output
         assert out.with_suffix(".png").exists()
+
+
+def test_basin_estimators_from_the_cli(runs):
+    res = _invoke(runs, "basin", "a", "--estimator", "is", "--kind", "gaussian", "--directions",
+                  "4", "--cutoff", "2", "--relative", "--rollouts", "0", "--tag", "is")
+    assert res.exit_code == 0, res.output
+    assert "is: ESS" in res.output
+    m = json.loads((runs / "a" / "basin" / "is.json").read_text())["members"][0]
+    assert m["estimator"] == "is" and m["config"]["preconditioner"] == "hessian"
+    assert m["diagnostics"]["n_samples"] == 8 and m["diagnostics"]["preconditioner"] == "dense"
+    res = _invoke(runs, "basin", "a", "--estimator", "gaussian", "--kind", "gaussian",
+                  "--sigma", "0.1", "--directions", "3", "--rollouts", "0", "--tag", "gm")
+    assert res.exit_code == 0, res.output
+    m = json.loads((runs / "a" / "basin" / "gm.json").read_text())["members"][0]
+    assert m["estimator"] == "gaussian" and m["log10_volume"] <= 0  # a probability
+    res = _invoke(runs, "basin", "a", "--estimator", "is", "--preconditioner", "adam", "--kind",
+                  "gaussian", "--directions", "3", "--rollouts", "0", "--tag", "adam")
+    assert res.exit_code == 0, res.output  # the tiny runs train with Adam
+    saved = json.loads((runs / "a" / "basin" / "adam.json").read_text())
+    assert saved["settings"]["curvature"] == "adam"
+    assert saved["members"][0]["diagnostics"]["preconditioner"] == "diagonal"
+
+
+@pytest.mark.parametrize("args,message,code", [
+    (["--estimator", "exact"], "Invalid value for '--estimator'", 2),
+    (["--estimator", "is", "--preconditioner", "none"], "needs a preconditioner", 1),
+    (["--estimator", "mcmc", "--replicates", "1"], "Invalid value for '--replicates'", 2),
+])
+def test_basin_estimator_errors_are_one_line_and_write_nothing(runs, args, message, code):
+    res = _invoke(runs, "basin", "a", *args, "--kind", "gaussian", "--tag", "bad")
+    assert res.exit_code == code and message in res.output
+    assert "Traceback" not in res.output
+    assert not (runs / "a" / "basin" / "bad.json").exists()

@@ -20,8 +20,10 @@ from ..basin import BasinResult, Rollouts, VolumeConfig, basin_members, member_s
 from ..directions import BiasPolicy, DirectionKind, DirectionSpec, random_directions
 from ..evaluate import resolve_device
 from ..landscape import Slice, Surface, line_direction, plane_directions, slice_1d, surface
+from ..netvolume import CurvatureKind, adam_curvature, basin_volume
 from ..runs import RunError, load_tensors, reading, save_tensors
 from ..train import load_run_model
+from ..volume import Estimator
 from ._common import device_option, force_option, friendly, main, open_run, plot
 
 _FIGURES = Path("figures")
@@ -74,6 +76,22 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
               show_default=True)
 @click.option("--grid-points", type=click.IntRange(2), default=100, show_default=True,
               help="Points of the grid method (t = r_max u^5).")
+@click.option("--estimator", type=click.Choice([e.value for e in Estimator]), default="naive",
+              show_default=True, help="Volume estimator: naive (the paper's), is "
+              "(preconditioned importance sampling), mcmc (Gaussian cooling), gaussian "
+              "(mass under N(theta, sigma^2 I)).")
+@click.option("--preconditioner", type=click.Choice([*(c.value for c in CurvatureKind
+                                                       if c.value != "given"), "adam"]),
+              default=None, help="Shape of is/mcmc/gaussian proposals (default: hessian for "
+              "is, none otherwise); adam: the run's Adam second moments.")
+@click.option("--sigma", type=click.FloatRange(min=0, min_open=True),
+              help="Gaussian-measure std (default r_max / sqrt(n)).")
+@click.option("--chains", type=click.IntRange(2), default=64, show_default=True,
+              help="mcmc: chains per replicate.")
+@click.option("--replicates", type=click.IntRange(2), default=8, show_default=True,
+              help="mcmc: independent replicates (the interval comes from them).")
+@click.option("--walk", type=click.IntRange(1), help="mcmc: hit-and-run steps per phase "
+              "(default max(10, n)).")
 @kind_option
 @bias_option
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -86,21 +104,31 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
 @click.pass_context
 @friendly
 def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, method,
-          grid_points, dir_kind, bias, seed, n_rollouts, tag, device, memory_mb, force):
+          grid_points, estimator, preconditioner, sigma, chains, replicates, walk, dir_kind,
+          bias, seed, n_rollouts, tag, device, memory_mb, force):
     """Basin radii along random directions and log10 of the basin volume (paper Sec. 5).
 
     \b
     Example:
       minefield basin good --directions 100 --cutoff 1.0
+      minefield basin good --estimator is --preconditioner hessian --kind gaussian
     """
     _check_tag(tag)
+    pre = preconditioner or ("hessian" if estimator == "is" else "none")
     cfg = VolumeConfig(cutoff=cutoff, cutoff_kind="relative" if relative else "abs",
                        r_max=r_max, n_directions=n_directions, rtol=rtol, method=method,
                        grid_points=grid_points, directions=DirectionSpec(dir_kind, bias, seed),
-                       memory_mb=memory_mb, seed=seed)
+                       memory_mb=memory_mb, seed=seed, estimator=estimator,
+                       preconditioner="given" if pre == "adam" else pre, sigma=sigma,
+                       n_chains=chains, n_replicates=replicates, walk_length=walk)
     r = open_run(ctx, run)
     rel = f"basin/{tag}.json"
     settings = {"config": cfg.to_dict(), "checkpoint": checkpoint, "rollouts": n_rollouts}
+    if pre == "adam":
+        settings["curvature"] = "adam"
+        if not r.exists("state.safetensors"):
+            raise RunError(f"{r.path} has no optimizer state (state.safetensors) for "
+                           f"--preconditioner adam")
     if r.exists(rel) and not force:
         old = r.read_json(rel)
         with reading(r.file(rel)):
@@ -112,7 +140,14 @@ def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, met
     else:
         r.lock()
         model, params, buffers, data, _ = load_run_model(r, checkpoint, resolve_device(device))
-        results = basin_members(model, params, data, cfg, buffers or None)
+        if pre == "adam":
+            tensors, _ = load_tensors(r.file("state.safetensors"))
+            results = [basin_volume(model, member_stack(params, i), data, cfg,
+                                    member_stack(buffers, i) if buffers else None,
+                                    curvature=adam_curvature(tensors, list(params), i))
+                       for i in range(next(iter(params.values())).shape[0])]
+        else:
+            results = basin_members(model, params, data, cfg, buffers or None)
         ts = torch.linspace(-r_max / 2, r_max / 2, 101, dtype=torch.float64)
         ros = [rollouts(model, member_stack(params, i), data, n_rollouts, ts, cfg.directions,
                         member_stack(buffers, i) if buffers else None, memory_mb, res.cutoff)
@@ -125,6 +160,14 @@ def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, met
         click.echo(f"{r.name}[{i}]  n {res.n}  centre loss {res.centre_loss:.4g}  "
                    f"mean radius {res.mean_radius:.4g}  log10 V {res.log10_volume:.6g} "
                    f"[{lo:.6g}, {hi:.6g}]  n*mean(log10 r) {res.n_mean_log10_r:.6g}")
+        d = res.diagnostics
+        if d:
+            click.echo(f"  {res.estimator}: ESS {d.get('ess', float('nan')):.1f} of "
+                       f"{d.get('n_samples', 0)}, largest share "
+                       f"{d.get('max_share', float('nan')):.3g}, at r_max "
+                       f"{d.get('n_at_r_max', 0)}")
+        for w in d.get("warnings", []):
+            click.echo(f"  warning: {w}")
 
 
 @plot.command("basin")

@@ -1,0 +1,182 @@
+"""Benchmark of the volume estimators against bodies of known volume (run by hand).
+
+Prints one table, measured in one run: for each oracle at ``n`` = 3457 (the
+swiss-roll net's weights) with ``--decades`` of semi-axis spread, each
+estimator's log10 error (estimate - truth), its 95% interval relative to the
+truth, ESS, loss evaluations and wall time (one run per row; the machine's load
+is stated by the caller). Oracles (:mod:`minefield.bodies`):
+
+- ``ball``: unit ball;
+- ``ellipsoid``: axis-aligned, semi-axes log-spaced over ``--decades``;
+- ``rotated``: the same, rotated by a Haar-random orthogonal matrix;
+- ``box``: ``max_i |x_i| / a_i < 1`` (zero Hessian: curvature cannot see it);
+- ``network``: :class:`~minefield.bodies.QuadraticNet`, the rotated ellipsoid as
+  a user ``nn.Module`` run through the public network API (``basin_radii``).
+
+Estimators: ``naive`` (the paper's), ``is`` with a preconditioner computed the
+way a user would (Hutchinson diagonal by autodiff, dense Hessian by
+``torch.func.hessian``, or the curvature-free axis radii for the box; its cost
+is included), ``gaussian`` where the Gaussian mass has a closed form (ball, box)
+and ``mcmc`` (Gaussian cooling) on a box of ``--mcmc-n`` dimensions (at n = 3457 its
+schedule, ``~sqrt(n) log(beta_0 rho_max^2)`` phases of hit-and-run walks, is ~800
+phases: hours on 2 cores), beside ``is`` on the same small box.
+
+    PYTHONPATH=. python benchmarks/bench_volume.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from minefield.basin import VolumeConfig, basin_radii
+from minefield.bodies import (
+    Box,
+    Ellipsoid,
+    QuadraticNet,
+    log_spaced_axes,
+    random_rotation,
+)
+from minefield.cooling import cooling_volume
+from minefield.directions import DirectionSpec
+from minefield.precondition import Preconditioner, floor_curvature
+from minefield.volume import LN10, star_volume
+
+ROW = "{:<10} {:<22} {:>9} {:>22} {:>8} {:>11} {:>8}"
+
+
+def hutchinson(loss, n: int, probes: int, g: torch.Generator) -> torch.Tensor:
+    """Diagonal of the Hessian of ``loss`` at 0, ``E[z * H z]`` over Rademacher ``z``."""
+    grad = torch.func.grad(loss)
+    z = torch.randint(0, 2, (probes, n), generator=g).double() * 2 - 1
+    x0 = torch.zeros(n, dtype=torch.float64)
+    hz = torch.stack([torch.func.jvp(grad, (x0,), (zi,))[1] for zi in z])
+    return (z * hz).mean(0)
+
+
+def axis_curvature(body, n: int, r_max: float, rtol: float) -> torch.Tensor:
+    from minefield.volume import ray_radii
+
+    eye = torch.eye(n, dtype=torch.float64)
+    r, _ = ray_radii(body, torch.cat([eye, -eye]), body.cutoff, r_max, rtol)
+    return 1 / (r[:n] * r[n:])
+
+
+def row(oracle: str, name: str, truth: float, est_log10: float, ci: tuple[float, float],
+        ess: float, evals: int, seconds: float) -> None:
+    err = est_log10 - truth
+    lo, hi = ci[0] - truth, ci[1] - truth
+    mark = "" if lo <= 0 <= hi else " (misses)"
+    print(ROW.format(oracle, name, f"{err:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]{mark}",
+                     f"{ess:.1f}", str(evals), f"{seconds:.1f}"))
+
+
+def run_body(oracle: str, body, n: int, args, g_seed: int, curv: dict) -> None:
+    truth = body.log_volume / LN10
+    for name, make in curv.items():
+        t0 = time.perf_counter()
+        pre = make() if make is not None else None
+        est = star_volume(body, n, body.cutoff, "naive" if pre is None else "is",
+                          args.directions, torch.Generator().manual_seed(g_seed), args.r_max,
+                          args.rtol, pre)
+        row(oracle, name, truth, est.log10_volume, est.ci_log10, est.ess, est.n_evaluations,
+            time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=3457)
+    ap.add_argument("--decades", type=float, default=2.0)
+    ap.add_argument("--directions", type=int, default=100, help="pairs u, -u per estimate")
+    ap.add_argument("--rtol", type=float, default=1e-6)
+    ap.add_argument("--r-max", type=float, default=100.0)
+    ap.add_argument("--probes", type=int, default=16, help="Hutchinson probes")
+    ap.add_argument("--sigma", type=float, default=0.05, help="Gaussian-measure std")
+    ap.add_argument("--mcmc-n", type=int, default=100, help="dimension of the mcmc box")
+    ap.add_argument("--mcmc-chains", type=int, default=64)
+    ap.add_argument("--mcmc-replicates", type=int, default=8)
+    ap.add_argument("--mcmc-walk", type=int, default=5)
+    ap.add_argument("--no-mcmc", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    n, t_all = args.n, time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    a = log_spaced_axes(n, args.decades)
+    rot = random_rotation(n, g)
+    print(f"n = {n}, semi-axes 10^-{args.decades:g} .. 1, {args.directions} direction pairs, "
+          f"rtol {args.rtol:g}, {args.threads} threads")
+    print(ROW.format("oracle", "estimator", "log10 err", "95% CI - truth", "ESS", "evals",
+                     "time s"))
+
+    ball = Ellipsoid(torch.ones(n, dtype=torch.float64))
+    ell = Ellipsoid(a)
+    rotated = Ellipsoid(a, rot)
+    box = Box(a)
+
+    def hutch(body):
+        return lambda: Preconditioner.diagonal(floor_curvature(
+            hutchinson(body.loss, n, args.probes, torch.Generator().manual_seed(1)), 1e-12))
+
+    def dense(body):
+        return lambda: Preconditioner.dense(floor_curvature(
+            torch.func.hessian(body.loss)(torch.zeros(n, dtype=torch.float64)), 1e-12))
+
+    run_body("ball", ball, n, args, 2, {"naive": None, "is (hutchinson)": hutch(ball)})
+    est = star_volume(ball, n, ball.cutoff, "gaussian", args.directions,
+                      torch.Generator().manual_seed(2), args.r_max, args.rtol,
+                      sigma=args.sigma)
+    row("ball", "gaussian (mass)", ball.gaussian_log_mass(args.sigma) / LN10, est.log10_volume,
+        est.ci_log10, est.ess, est.n_evaluations, 0.0)
+    run_body("ellipsoid", ell, n, args, 3, {"naive": None, "is (hutchinson)": hutch(ell)})
+    run_body("rotated", rotated, n, args, 4, {"naive": None, "is (hutchinson)": hutch(rotated),
+                                               "is (dense hessian)": dense(rotated)})
+    run_body("box", box, n, args, 5, {
+        "naive": None, "is (axis radii)": lambda: Preconditioner.diagonal(
+            axis_curvature(box, n, args.r_max, args.rtol))})
+    for name, make in (("gaussian (mass)", None), ("gaussian, is (axes)", lambda: (
+            Preconditioner.diagonal(axis_curvature(box, n, args.r_max, args.rtol))))):
+        t0 = time.perf_counter()
+        est = star_volume(box, n, box.cutoff, "gaussian", args.directions,
+                          torch.Generator().manual_seed(6), args.r_max, args.rtol,
+                          make() if make else None, sigma=args.sigma)
+        row("box", name, box.gaussian_log_mass(args.sigma) / LN10, est.log10_volume,
+            est.ci_log10, est.ess, est.n_evaluations, time.perf_counter() - t0)
+    if not args.no_mcmc:  # at n = 3457 its schedule alone is ~800 phases: a smaller box
+        m = args.mcmc_n
+        small = Box(log_spaced_axes(m, args.decades))
+        t0 = time.perf_counter()
+        pre = Preconditioner.diagonal(axis_curvature(small, m, args.r_max, args.rtol))
+        est = cooling_volume(small, m, small.cutoff, args.mcmc_chains, args.mcmc_replicates,
+                             torch.Generator().manual_seed(7), args.r_max, args.rtol, pre,
+                             args.mcmc_walk)
+        row(f"box n={m}", f"mcmc ({est.details['phases']} phases)", small.log_volume / LN10,
+            est.log10_volume, est.ci_log10, est.ess, est.n_evaluations,
+            time.perf_counter() - t0)
+        small_is = star_volume(small, m, small.cutoff, "is", args.directions,
+                               torch.Generator().manual_seed(7), args.r_max, args.rtol, pre)
+        row(f"box n={m}", "is (axis radii)", small.log_volume / LN10, small_is.log10_volume,
+            small_is.ci_log10, small_is.ess, small_is.n_evaluations, 0.0)
+
+    net = QuadraticNet((rot * a.pow(-2)) @ rot.T)
+    params = {k: v.detach()[None].clone() for k, v in net.named_parameters()}
+    truth = net.body().log_volume / LN10
+    for name, estimator, pre in [("naive", "naive", "none"), ("is (dense hessian)", "is",
+                                                                "hessian")]:
+        t0 = time.perf_counter()
+        res = basin_radii(net, params, QuadraticNet.data(), VolumeConfig(
+            cutoff=QuadraticNet.cutoff, r_max=args.r_max, rtol=args.rtol,
+            n_directions=args.directions, estimator=estimator, preconditioner=pre,
+            directions=DirectionSpec("gaussian", seed=8), n_bootstrap=0))
+        ci = (res.ci_log10_volume if estimator != "naive"
+              else tuple(res.diagnostics["ci_log10_normal"]))
+        row("network", name, truth, res.log10_volume, ci, res.diagnostics.get("ess", math.nan),
+            res.n_evaluations, time.perf_counter() - t0)
+    print(f"total {time.perf_counter() - t_all:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

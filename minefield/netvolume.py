@@ -1,0 +1,218 @@
+"""A network's basin as a line-loss function, so every volume estimator runs on it.
+
+:class:`NetworkLines` turns a model and one minimum ``theta`` into the line-loss
+``f(x0, v, t) = L(theta + S (x0 + t v))`` of :mod:`minefield.volume`, evaluated
+by the batched :func:`~minefield.engine.evaluate_points` (``L``: the mean train
+NLL). ``x`` lives in the ``n`` perturbed coordinates of
+:func:`~minefield.directions.n_perturbed` (``bias='exclude'``: weights only), and
+``S = diag(s)`` sets their unit, following the direction kind:
+
+- ``gaussian``: ``s = 1``, plain Euclidean parameter space (volumes in parameter units);
+- ``filter``: ``s_j = |theta_f| sqrt(n / size_f)`` for the filter ``f`` (output unit)
+  holding coordinate ``j``: the linear counterpart of Li et al.'s filter
+  normalisation (a uniform unit ``x`` direction maps to a direction whose filters have
+  norm ``|theta_f|`` on average, not exactly, so radii are in about the paper's units);
+  ``layer``: the same per tensor.
+
+The ``naive`` estimator keeps the paper's exactly normalised directions
+(:func:`minefield.basin.basin_radii`); the others report ``log V`` in ``x`` units.
+
+Preconditioners for ``is``, ``gaussian`` and ``mcmc`` (:func:`network_curvature`),
+all in ``x`` coordinates (``C_x = S C_theta S``) and floored at
+``2 (c - L(theta)) / r_max^2`` (:func:`~minefield.precondition.floor_curvature`):
+``hessian`` (dense, ``torch.func.hessian``, for ``n <= 6000``), ``hutchinson`` (the
+diagonal ``E[z * H z]`` over Rademacher ``z``, Bekas et al. 2007), ``axes`` (``1 / (r_+ r_-)``
+from the radii along each coordinate axis: no curvature at all, so it also sees a
+flat-bottomed basin's walls) and a user-given diagonal (e.g. Adam's second moments,
+the Fisher diagonal: ``curvature=``).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .config import ConfigError
+from .directions import DirectionKind, DirectionSpec, _perturbed
+from .engine import LOSSES, evaluate_points
+from .functional import Params, member
+from .precondition import Preconditioner, floor_curvature
+from .volume import ray_radii
+
+__all__ = ["NetworkLines", "CurvatureKind", "network_curvature", "adam_curvature",
+           "basin_volume"]
+
+MAX_DENSE = 6000
+
+
+class CurvatureKind(str, enum.Enum):
+    NONE = "none"
+    HESSIAN = "hessian"
+    HUTCHINSON = "hutchinson"
+    AXES = "axes"
+    GIVEN = "given"  # a diagonal passed in (Adam's second moments, a Fisher diagonal)
+
+
+class NetworkLines:
+    """The line-loss ``f(x0, v, t)`` of one minimum ``centre`` ``(1, ...)`` of ``model``."""
+
+    def __init__(self, model: nn.Module, centre: Params, x: torch.Tensor, y: torch.Tensor,
+                 spec: DirectionSpec = DirectionSpec(), buffers: Params | None = None,
+                 memory_mb: float = 256.0, bn: str = "eval"):
+        self.model, self.centre, self.x, self.y = model, centre, x, y
+        self.buffers, self.memory_mb, self.bn = buffers, memory_mb, bn
+        theta = member(centre, 0)
+        self.keys = [k for k, v in theta.items() if _perturbed(v.shape, spec.bias)]
+        scales = []
+        for k in self.keys:
+            t = theta[k].detach().double().cpu()
+            if spec.kind is DirectionKind.GAUSSIAN:
+                s = torch.ones_like(t)
+            elif spec.kind is DirectionKind.LAYER or t.dim() < 2:
+                rows = t.reshape(1, -1) if spec.kind is DirectionKind.LAYER else t.reshape(-1, 1)
+                s = (rows.norm(dim=1, keepdim=True) / math.sqrt(rows.shape[1])).expand_as(rows)
+            else:
+                rows = t.reshape(t.shape[0], -1)
+                s = (rows.norm(dim=1, keepdim=True) / math.sqrt(rows.shape[1])).expand_as(rows)
+            scales.append(s.reshape(-1))
+        self.scale = torch.cat(scales) if scales else torch.zeros(0, dtype=torch.float64)
+        self.n = len(self.scale)
+        if spec.kind is not DirectionKind.GAUSSIAN:  # a unit x moves each filter by ~|theta_f|
+            self.scale = self.scale * math.sqrt(self.n)
+        if self.n == 0 or not bool((self.scale > 0).all()):
+            raise ConfigError(f"{spec.kind.value} units are zero for some filters (weights "
+                              f"that are exactly 0): use directions of kind 'gaussian'")
+        self.shapes = {k: theta[k].shape for k in self.keys}
+        self.log_det_scale = float(self.scale.log().sum())
+        self.evaluations = 0
+
+    def to_params(self, flat: torch.Tensor) -> Params:
+        """``S flat`` ``(K, n)`` as parameter tensors ``(K, ...)`` (0 where not perturbed)."""
+        v = flat.double() * self.scale
+        out, i = {}, 0
+        for k, c in self.centre.items():
+            if k in self.shapes:
+                size = self.shapes[k].numel()
+                out[k] = v[:, i:i + size].reshape(len(v), *self.shapes[k]).to(c)
+                i += size
+            else:
+                out[k] = torch.zeros(len(v), *c.shape[1:], dtype=c.dtype, device=c.device)
+        return out
+
+    def __call__(self, x0: torch.Tensor | None, v: torch.Tensor, t: torch.Tensor
+                 ) -> torch.Tensor:
+        self.evaluations += t.numel()
+        starts = None if x0 is None else self.to_params(x0)
+        return evaluate_points(self.model, self.centre, self.to_params(v), t, self.x, self.y,
+                               self.buffers, self.memory_mb, bn=self.bn, starts=starts)[0]
+
+    def loss_at(self, flat: torch.Tensor) -> torch.Tensor:
+        """The (differentiable) train loss at ``theta + S flat``, ``flat`` ``(n,)``."""
+        d = self.to_params(flat[None])
+        params = {k: v[0] + d[k][0] for k, v in self.centre.items()}
+        bufs = {k: b[0] for k, b in (self.buffers or {}).items()}
+        was = self.model.training
+        self.model.train(self.bn == "batch")
+        try:
+            logits = functional_call(self.model, {**params, **bufs}, (self.x.to(flat.dtype),))
+        finally:
+            self.model.train(was)
+        return LOSSES["nll"](logits, self.y).mean()
+
+
+def network_curvature(lines: NetworkLines, kind: CurvatureKind | str, floor: float,
+                      generator: torch.Generator, cutoff: float = math.nan,
+                      r_max: float = 1.0, rtol: float = 1e-3, probes: int = 64,
+                      given: Params | None = None) -> Preconditioner | None:
+    """A preconditioner in ``x`` coordinates of ``kind`` (module docstring), or ``None``."""
+    kind = CurvatureKind(kind)
+    zero = torch.zeros(lines.n, dtype=torch.float64, requires_grad=False)
+    centre = {k: v.double() for k, v in lines.centre.items()}
+    if kind is CurvatureKind.NONE:
+        return None
+    if kind is CurvatureKind.GIVEN:
+        if given is None:
+            raise ConfigError("preconditioner 'given' needs a curvature (e.g. Adam's "
+                              "second moments)")
+        missing = [k for k in lines.keys if k not in given]
+        if missing:
+            raise ConfigError(f"given curvature lacks {missing}")
+        c = torch.cat([given[k].detach().double().reshape(-1).cpu() for k in lines.keys])
+        if len(c) != lines.n:
+            raise ConfigError(f"given curvature has {len(c)} entries, the basin n = {lines.n}")
+        return Preconditioner.diagonal(floor_curvature(c * lines.scale**2, floor))
+    if kind is CurvatureKind.AXES:
+        eye = torch.eye(lines.n, dtype=torch.float64)
+        r, _ = ray_radii(lines, torch.cat([eye, -eye]), cutoff, r_max, rtol)
+        return Preconditioner.diagonal(floor_curvature(1 / (r[:lines.n] * r[lines.n:]), floor))
+    saved = lines.centre
+    lines.centre = centre  # derivatives in float64
+    model_dtype = next(lines.model.parameters()).dtype
+    lines.model.double()
+    try:
+        if kind is CurvatureKind.HESSIAN:
+            if lines.n > MAX_DENSE:
+                raise ConfigError(f"a dense Hessian of n = {lines.n} > {MAX_DENSE} "
+                                  f"coordinates is too large: use 'hutchinson'")
+            h = torch.func.hessian(lines.loss_at)(zero).detach()
+            return Preconditioner.dense(floor_curvature(h, floor))
+        grad = torch.func.grad(lines.loss_at)
+        z = torch.randint(0, 2, (probes, lines.n), generator=generator).double() * 2 - 1
+        hz = torch.stack([torch.func.jvp(grad, (zero,), (zi,))[1] for zi in z]).detach()
+        return Preconditioner.diagonal(floor_curvature((z * hz).mean(0), floor))
+    finally:
+        lines.centre = saved
+        lines.model.to(model_dtype)
+
+
+
+def basin_volume(model: nn.Module, params: Params, data, cfg, buffers: Params | None = None,
+                 bn: str = "eval", curvature: Params | None = None):
+    """The basin of one model ``params`` ``(1, ...)`` with ``cfg.estimator`` (a
+    :class:`~minefield.basin.VolumeConfig`): a :class:`~minefield.basin.BasinResult`
+    whose ``diagnostics`` hold ESS, largest share, rays at ``r_max``, warnings.
+
+    ``curvature``: a diagonal in parameter shapes for ``preconditioner='given'``.
+    ``log10_volume`` is in the ``x`` units of the direction kind (module docstring).
+    """
+    from .basin import BasinResult, CutoffKind, _one, _xy
+    from .cooling import cooling_volume
+    from .volume import Estimator, star_volume
+
+    x, y = _xy(data)
+    centre = _one(params)
+    lines = NetworkLines(model, centre, x, y, cfg.directions, buffers, cfg.memory_mb, bn)
+    centre_loss = float(lines(None, torch.zeros(1, lines.n, dtype=torch.float64),
+                              torch.zeros(1, dtype=torch.float64))[0])
+    cut = cfg.cutoff * (centre_loss if cfg.cutoff_kind is CutoffKind.RELATIVE else 1.0)
+    g = cfg.directions.generator()
+    floor = 2 * max(cut - centre_loss, 1e-12) / cfg.r_max**2
+    pre = network_curvature(lines, cfg.preconditioner, floor, g, cut, cfg.r_max, cfg.rtol,
+                            cfg.probes, curvature)
+    if cfg.estimator is Estimator.MCMC:
+        est = cooling_volume(lines, lines.n, cut, cfg.n_chains, cfg.n_replicates, g,
+                             cfg.r_max, cfg.rtol, pre, cfg.walk_length)
+    else:
+        est = star_volume(lines, lines.n, cut, cfg.estimator, cfg.n_directions, g, cfg.r_max,
+                          cfg.rtol, pre, cfg.sigma, centre_loss)
+    est.n_evaluations = lines.evaluations
+    est.details["log_det_scale"] = lines.log_det_scale  # + this: log V in parameter units
+    return BasinResult.from_estimate(est, centre_loss, cut, {**cfg.to_dict(), "bn": bn})
+
+
+def adam_curvature(state: dict[str, torch.Tensor], keys: list[str], member: int) -> Params:
+    """Adam's second moments ``exp_avg_sq`` (an empirical Fisher diagonal) of one member,
+    per parameter, from a saved optimizer state (``opt.<i>.exp_avg_sq``: leaf ``i`` is
+    ``keys[i]``, stacked over members) -- a ``given`` curvature for :func:`basin_volume`."""
+    out = {}
+    for i, k in enumerate(keys):
+        name = f"opt.{i}.exp_avg_sq"
+        if name not in state:
+            raise ConfigError(f"the optimizer state has no {name}: was the run trained "
+                              f"with Adam?")
+        out[k] = state[name][member]
+    return out

@@ -1,0 +1,291 @@
+"""Volume estimators of a star-shaped basin, each reporting how far it can be trusted.
+
+Every estimator takes a *line-loss* function ``f(x0, v, t)``: the loss at
+``x0_k + t_kj v_k`` for starts ``x0`` ``(K, n)`` (``None``: the centre, the
+origin), unit directions ``v`` ``(K, n)`` and distances ``t`` ``(K,)`` or
+``(K, T)``, returned in the shape of ``t``. The basin is the region below
+``cutoff`` within ``r_max`` of the centre; radii along rays come from the
+batched bisection of :func:`minefield.basin.find_radii`, which leaves a relative
+error of at most ``rtol`` in every radius. Estimators (:class:`Estimator`):
+
+- ``naive`` (Huang et al. 2019): ``V = omega_n E_u[r(u)^n]``, ``u`` uniform on the
+  sphere. In high dimension this sum is its largest term: read the ESS.
+- ``is``: importance sampling of directions from the angular central Gaussian
+  (ACG) of a positive-definite curvature ``C`` (:class:`~minefield.precondition.Preconditioner`),
+  ``u = T g / |T g|`` with ``T T^T = C^-1``, whose density relative to the uniform
+  one is ``p(u) = det(C)^1/2 (u^T C u)^-n/2`` (Tyler 1987). Each radius gets the weight
+  ``w(u) = r(u)^n / p(u)``, and ``V = omega_n E_p[w]``. Exact (every weight equal)
+  when the basin is the ellipsoid ``{x^T C x <= s}`` for any ``s``; it assumes the
+  basin is roughly that ellipsoid: the weights' spread (ESS) says how far it is not.
+- ``gaussian`` (the "probability of sampling the network at random" of
+  EleutherAI's basin-volume code): the mass of the basin under ``N(0, sigma^2 I)``,
+  ``E_u[F_n(r(u) / sigma)]`` with ``F_n`` the chi distribution's CDF
+  (:func:`log_chi_cdf`), with the same IS weights when a preconditioner is given.
+- ``mcmc``: multiphase Gaussian cooling (:mod:`minefield.cooling`): no shape assumed.
+
+All work in logs (``n`` up to millions). Every estimate is a :class:`VolumeEstimate`
+with diagnostics: the effective sample size ``(sum w)^2 / sum w^2`` of the weights,
+the share of the largest weight, the rays that reached ``r_max``, and a confidence
+interval that adds the bisection's worst case ``n log(1 + rtol)`` on each side to the
+sampling error. Directions come in pairs ``u, -u`` (the paper's d and -d); the
+sampling error treats each pair's mean as one independent draw.
+
+Example (an ellipsoid, exact with the matched preconditioner)::
+
+    >>> from minefield.bodies import Ellipsoid
+    >>> from minefield.precondition import Preconditioner
+    >>> body = Ellipsoid(torch.tensor([0.1, 1.0, 3.0], dtype=torch.float64))
+    >>> est = star_volume(body, 3, body.cutoff, "is", 50, torch.Generator().manual_seed(0),
+    ...                   r_max=10.0, rtol=1e-9,
+    ...                   preconditioner=Preconditioner.diagonal(body.curvature()))
+    >>> round(est.log_volume, 6) == round(body.log_volume, 6), est.ess
+    (True, 100.0)
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
+from typing import Any
+
+import torch
+
+from .bodies import log_ball_volume
+from .config import ConfigError, parse_enum
+from .precondition import Preconditioner
+
+__all__ = ["Estimator", "parse_estimator", "LineLoss", "VolumeEstimate", "log_chi_cdf",
+           "star_volume", "weights_estimate", "ray_radii", "LN10"]
+
+LN10 = math.log(10.0)
+LineLoss = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor]
+FEW = 10.0  # an ESS below this many draws is "a handful": the interval is not trustworthy
+
+
+class Estimator(str, enum.Enum):
+    NAIVE = "naive"
+    IS = "is"
+    MCMC = "mcmc"
+    GAUSSIAN = "gaussian"
+
+
+def parse_estimator(value: Estimator | str) -> Estimator:
+    """``value`` as an :class:`Estimator`, or a :class:`ConfigError` naming the choices."""
+    try:
+        return parse_enum(Estimator, value, "estimator")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+@dataclass
+class VolumeEstimate:
+    """A log-volume (natural log; for ``gaussian``, the log-mass) with its diagnostics."""
+
+    estimator: str
+    log_volume: float
+    ci: tuple[float, float]  # natural log, at `level`, bisection tolerance included
+    level: float
+    n: int
+    ess: float  # of the weights (mcmc: the smallest per-phase ESS)
+    n_samples: int  # weights (mcmc: chains)
+    max_share: float  # largest weight / sum of weights
+    n_at_r_max: int
+    n_evaluations: int
+    warnings: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def log10_volume(self) -> float:
+        return self.log_volume / LN10
+
+    @property
+    def ci_log10(self) -> tuple[float, float]:
+        return self.ci[0] / LN10, self.ci[1] / LN10
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"ci": list(self.ci)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VolumeEstimate:
+        return cls(**{**d, "ci": tuple(d["ci"])})
+
+
+def log_chi_cdf(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``log P(chi_n <= x)`` in float64, stable for ``n`` in the millions.
+
+    ``P(chi_n <= x) = P(n/2, x^2/2)``, the regularised lower incomplete gamma
+    function. Where it underflows (far below the mode ``sqrt(n - 1)``) the series
+    ``log P(a, z) = a log z - z - lgamma(a + 1) + log sum_k z^k / ((a+1)...(a+k))``
+    (Abramowitz & Stegun 6.5.29) takes over; its terms shrink at least as fast as
+    ``(z / a)^k`` there.
+
+    >>> round(float(log_chi_cdf(torch.tensor(1.0), 2)), 6)   # log(1 - exp(-1/2))
+    -0.932752
+    """
+    if n < 1:
+        raise ConfigError(f"dimension n must be >= 1, got {n}")
+    x = torch.as_tensor(x, dtype=torch.float64)
+    a = torch.tensor(0.5 * n, dtype=torch.float64)
+    z = 0.5 * x.clamp(min=0).pow(2)
+    out = torch.special.gammainc(a, z).log()
+    low = (out < -600) & (z > 0)
+    if bool(low.any()):
+        out[low] = _log_gammainc_series(a, z[low])
+    return torch.where(x <= 0, torch.full_like(out, -math.inf), out)
+
+
+def _log_gammainc_series(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``log P(a, z)`` by the series of :func:`log_chi_cdf` (for ``z < a``; ``z > 0``)."""
+    log_s, log_term = torch.zeros_like(z), torch.zeros_like(z)
+    for k in range(1, 10**7):
+        log_term = log_term + torch.log(z / (a + k))
+        log_s = torch.logaddexp(log_s, log_term)
+        if bool((log_term - log_s < -40).all()):
+            break
+    return a * z.log() - z - torch.lgamma(a + 1) + log_s
+
+
+def _z(level: float) -> float:
+    return NormalDist().inv_cdf(0.5 + level / 2)
+
+
+def weights_estimate(log_w: torch.Tensor, pairs: bool = True, level: float = 0.95,
+                     slack: float = 0.0) -> tuple[float, tuple[float, float], float, float]:
+    """``log mean(w)``, its interval, the ESS and the largest weight's share, from log-weights.
+
+    The interval is the normal one for the mean of the (pair-averaged when
+    ``pairs``: the first half of ``log_w`` are the ``u``, the second the ``-u``)
+    weights, ``mean +- z se``, mapped to logs (lower end ``-inf`` when ``z se >=
+    mean``) and widened by ``slack`` (the bisection's worst case) on each side.
+    Raises :class:`ConfigError` with fewer than two independent draws.
+    """
+    lw = log_w.double()
+    w_all = torch.exp(lw - lw.max())
+    ess = float(w_all.sum() ** 2 / w_all.pow(2).sum())
+    share = float(w_all.max() / w_all.sum())
+    draws = torch.logaddexp(*lw.reshape(2, -1)) - math.log(2) if pairs else lw
+    if len(draws) < 2:
+        raise ConfigError(f"{len(draws)} independent draw(s) give no interval: use at least "
+                          f"2 directions (chains, replicates)")
+    top = float(draws.max())
+    if not math.isfinite(top):  # every weight is zero: the basin is empty along every draw
+        return -math.inf, (-math.inf, -math.inf + slack), 0.0, float("nan")
+    w = torch.exp(draws - top)
+    mean = float(w.mean())
+    cv = float(w.std() / math.sqrt(len(w))) / mean * _z(level)
+    est = top + math.log(mean)
+    lo = est + math.log1p(-cv) if cv < 1 else -math.inf
+    return est, (lo - slack, est + math.log1p(cv) + slack), ess, share
+
+
+def ray_radii(line_loss: LineLoss, u: torch.Tensor, cutoff: float, r_max: float,
+              rtol: float, centre_loss: float | None = None, bracket_points: int = 12,
+              bracket_ratio: float = 4.0) -> tuple[torch.Tensor, int]:
+    """Radii ``(K,)`` of the sub-cutoff region along the rays ``u`` ``(K, n)`` from the
+    centre (batched bisection), and the number of loss evaluations."""
+    from .basin import find_radii
+
+    return find_radii(lambda ts: line_loss(None, u, ts), len(u), cutoff, r_max, rtol,
+                      "bisect", bracket_points=bracket_points, centre_loss=centre_loss,
+                      bracket_ratio=bracket_ratio)
+
+
+def _directions(n: int, k: int, generator: torch.Generator,
+                preconditioner: Preconditioner | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` pairs ``u, -u`` ``(2k, n)`` and ``log(uniform / proposal)`` density ``(2k,)``."""
+    if preconditioner is None:
+        g = torch.randn(k, n, generator=generator, dtype=torch.float64)
+        u = g / g.norm(dim=1, keepdim=True)
+        log_ratio = torch.zeros(2 * k, dtype=torch.float64)
+    else:
+        x = preconditioner.sample(k, generator)
+        u = x / x.norm(dim=1, keepdim=True)
+        log_ratio = (-0.5 * preconditioner.logdet + 0.5 * n * preconditioner.quad(u).log())
+        log_ratio = log_ratio.repeat(2)  # the ACG density is even: p(-u) = p(u)
+    return torch.cat([u, -u]), log_ratio
+
+
+def _check(n: int, cutoff: float, k: int, r_max: float, rtol: float) -> None:
+    if n < 1:
+        raise ConfigError(f"dimension n must be >= 1, got {n}")
+    if k < 2:
+        raise ConfigError(f"{k} direction pair(s) give no interval: use at least 2")
+    if not (math.isfinite(cutoff) and math.isfinite(r_max) and r_max > 0 and 0 < rtol < 1):
+        raise ConfigError(f"need a finite cutoff, r_max > 0 and 0 < rtol < 1; got "
+                          f"cutoff={cutoff}, r_max={r_max}, rtol={rtol}")
+
+
+def _warnings(ess: float, n_at_max: int, n_rays: int, r_max: float) -> list[str]:
+    out = []
+    if ess < FEW:
+        out.append(f"ESS {ess:.1f} of {n_rays} draws: a handful of directions decide the "
+                   f"estimate and its interval is not trustworthy")
+    elif ess < 0.1 * n_rays:
+        out.append(f"ESS {ess:.1f} of {n_rays} draws: heavy-tailed weights, the interval "
+                   f"may be too narrow")
+    if n_at_max:
+        out.append(f"{n_at_max} of {n_rays} rays reached r_max = {r_max:g}: this is the volume "
+                   f"of the basin within r_max")
+    return out
+
+
+def star_volume(line_loss: LineLoss, n: int, cutoff: float,
+                estimator: Estimator | str = "naive", n_directions: int = 100,
+                generator: torch.Generator | None = None, r_max: float = 1.0,
+                rtol: float = 1e-3, preconditioner: Preconditioner | None = None,
+                sigma: float | None = None, centre_loss: float | None = None,
+                level: float = 0.95) -> VolumeEstimate:
+    """``naive``, ``is`` or ``gaussian`` estimate from ``n_directions`` pairs of rays.
+
+    Args:
+        line_loss: the loss along lines (module docstring); ``n`` coordinates.
+        cutoff: the basin is ``{L < cutoff}`` within ``r_max``.
+        estimator: ``naive`` (uniform rays), ``is`` (ACG rays of ``preconditioner``)
+            or ``gaussian`` (mass under ``N(0, sigma^2 I)``; IS rays when a
+            preconditioner is given; ``sigma`` defaults to ``r_max / sqrt(n)``).
+        n_directions: pairs ``u, -u``; ``generator``: their randomness.
+        rtol: relative bisection tolerance of every radius.
+    Returns:
+        A :class:`VolumeEstimate`; ``details`` holds the radii.
+    Raises:
+        ConfigError: unknown estimator, missing/mismatched preconditioner, fewer
+            than 2 pairs, bad numbers.
+    """
+    est = parse_estimator(estimator)
+    if est is Estimator.MCMC:
+        raise ConfigError("star_volume does naive, is and gaussian; mcmc is "
+                          "minefield.cooling.cooling_volume")
+    _check(n, cutoff, n_directions, r_max, rtol)
+    if est is Estimator.IS and preconditioner is None:
+        raise ConfigError("estimator 'is' needs a preconditioner")
+    if est is Estimator.NAIVE:
+        preconditioner = None
+    if preconditioner is not None:
+        preconditioner.check(n)
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    u, log_ratio = _directions(n, n_directions, g, preconditioner)
+    r, evals = ray_radii(line_loss, u, cutoff, r_max, rtol, centre_loss)
+    if est is Estimator.GAUSSIAN:
+        sigma = r_max / math.sqrt(n) if sigma is None else float(sigma)
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise ConfigError(f"sigma must be a positive number, got {sigma}")
+        log_w = log_chi_cdf(r / sigma, n) + log_ratio
+        log_norm = 0.0
+    else:
+        log_w = n * r.log() + log_ratio
+        log_norm = log_ball_volume(n)
+    slack = n * math.log1p(rtol)
+    value, (lo, hi), ess, share = weights_estimate(log_w, True, level, slack)
+    n_at = int((r >= r_max).sum())
+    details: dict[str, Any] = {"radii": r.tolist(), "rtol": rtol, "r_max": r_max}
+    if est is Estimator.GAUSSIAN:
+        value, hi = min(value, 0.0), min(hi, 0.0)  # a probability
+        details["sigma"] = sigma
+    if preconditioner is not None:
+        details["preconditioner"] = preconditioner.kind
+    return VolumeEstimate(est.value, value + log_norm, (lo + log_norm, hi + log_norm), level,
+                          n, ess, len(r), share, n_at, evals,
+                          _warnings(ess, n_at, len(r), r_max), details)

@@ -1,0 +1,78 @@
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from minefield.bodies import Box, Ellipsoid, log_spaced_axes
+from minefield.config import ConfigError
+from minefield.cooling import _truncnorm, cooling_volume
+from minefield.precondition import Preconditioner
+
+F64 = torch.float64
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_truncated_normal_draws_follow_scipy():
+    g = _gen(0)
+    k = 20000
+    mu = torch.full((k,), 0.3, dtype=F64)
+    for lo, hi, sd in [(-1.0, 2.0, 1.0), (4.0, 6.0, 1.0), (-9.0, -7.5, 1.0), (-0.1, 0.2, 5.0)]:
+        z = _truncnorm(mu, sd, torch.full((k,), lo, dtype=F64), torch.full((k,), hi, dtype=F64),
+                       g)
+        assert float(z.min()) >= lo and float(z.max()) <= hi
+        a, b = (lo - 0.3) / sd, (hi - 0.3) / sd
+        assert stats.kstest(z.numpy(), stats.truncnorm(a, b, loc=0.3, scale=sd).cdf).pvalue > 1e-3
+    u = _truncnorm(mu, math.inf, torch.zeros(k, dtype=F64), torch.ones(k, dtype=F64), g)
+    assert stats.kstest(u.numpy(), "uniform").pvalue > 1e-3
+
+
+def test_cooling_converges_on_a_box_as_chains_grow():
+    n = 3
+    a = log_spaced_axes(n, 1.0)
+    body = Box(a)
+    errs = [abs(cooling_volume(body, n, body.cutoff, chains, 4, _gen(0), 10.0, 1e-3,
+                               walk_length=8).log_volume - body.log_volume)
+            for chains in (4, 128)]
+    assert errs[1] < 0.3 and errs[1] < errs[0]  # 3 decades of volume, no rounding given
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["ball", "box"])
+def test_cooling_intervals_cover_at_their_rate(which):
+    # 20 seeds of a 95% interval: Binomial(20, 0.95) <= 16 has probability 0.016
+    n = 3
+    a = log_spaced_axes(n, 1.0)
+    body, pre = ((Ellipsoid(torch.ones(n, dtype=F64)), None) if which == "ball"
+                 else (Box(a), Preconditioner.diagonal(a.pow(-2))))
+    hits = 0
+    for seed in range(20):
+        est = cooling_volume(body, n, body.cutoff, 64, 8, _gen(seed), 10.0, 1e-3,
+                             preconditioner=pre, walk_length=8)
+        hits += est.ci[0] <= body.log_volume <= est.ci[1]
+    assert hits >= 17
+
+
+def test_cooling_reports_its_run():
+    body = Ellipsoid(torch.ones(2, dtype=F64))
+    est = cooling_volume(body, 2, body.cutoff, 8, 4, _gen(0), 3.0, 1e-4, walk_length=4)
+    d = est.details
+    assert est.estimator == "mcmc" and len(d["replicates"]) == 4
+    assert d["betas"][-1] == 0.0 and d["phases"] == len(d["betas"]) - 1
+    assert est.n_evaluations > 0 and est.ess > 0 and est.n_samples == 32
+
+
+def test_cooling_errors():
+    body = Ellipsoid(torch.ones(2, dtype=F64))
+    with pytest.raises(ConfigError, match="at least|>= 2 replicates"):
+        cooling_volume(body, 2, body.cutoff, n_replicates=1)
+    with pytest.raises(ConfigError, match="ratio_var"):
+        cooling_volume(body, 2, body.cutoff, ratio_var=0.0)
+    with pytest.raises(ConfigError, match="not inside the basin"):
+        cooling_volume(body, 2, -1.0, 4, 2, walk_length=1)
+    with pytest.raises(ConfigError, match="n = 3 coordinates"):
+        cooling_volume(body, 2, body.cutoff, preconditioner=Preconditioner.diagonal(
+            torch.ones(3, dtype=F64)))

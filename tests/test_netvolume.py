@@ -1,0 +1,133 @@
+import math
+
+import pytest
+import torch
+
+from minefield.basin import BasinResult, VolumeConfig, basin_radii
+from minefield.bodies import QuadraticNet, log_spaced_axes, random_rotation
+from minefield.config import ConfigError, ModelConfig
+from minefield.directions import DirectionSpec, random_directions
+from minefield.engine import evaluate_points, evaluate_points_loop
+from minefield.models import build_model, init_params
+from minefield.netvolume import NetworkLines, adam_curvature, network_curvature
+from minefield.precondition import Preconditioner
+
+F64 = torch.float64
+LN10 = math.log(10)
+
+
+def _quadratic_net(n=6, seed=0):
+    a = log_spaced_axes(n, 1.0)
+    rot = random_rotation(n, torch.Generator().manual_seed(seed))
+    net = QuadraticNet((rot * a.pow(-2)) @ rot.T)
+    params = {k: v.detach()[None].clone() for k, v in net.named_parameters()}
+    return net, params, net.body().log_volume / LN10
+
+
+def _cfg(**kw):
+    base = dict(cutoff=QuadraticNet.cutoff, r_max=50.0, rtol=1e-8, n_directions=100,
+                directions=DirectionSpec("gaussian"))
+    return VolumeConfig(**(base | kw))
+
+
+def test_is_with_the_dense_hessian_is_exact_through_the_network_api():
+    net, params, truth = _quadratic_net()
+    res = basin_radii(net, params, QuadraticNet.data(), _cfg(estimator="is",
+                                                             preconditioner="hessian"))
+    assert res.estimator == "is" and res.n == 6
+    assert res.log10_volume == pytest.approx(truth, abs=1e-6)
+    assert res.diagnostics["ess"] == pytest.approx(200, rel=1e-6)
+    assert res.ci_log10_volume[0] <= truth <= res.ci_log10_volume[1]
+    again = BasinResult.from_dict(res.to_dict())
+    assert again.estimator == "is" and again.diagnostics["ess"] == res.diagnostics["ess"]
+
+
+@pytest.mark.parametrize("estimator,pre", [("naive", "none"), ("is", "hutchinson"),
+                                           ("is", "axes"), ("mcmc", "hessian")])
+def test_other_estimators_land_near_the_ellipsoid(estimator, pre):
+    net, params, truth = _quadratic_net()
+    res = basin_radii(net, params, QuadraticNet.data(),
+                      _cfg(estimator=estimator, preconditioner=pre, n_directions=400,
+                           n_chains=32, n_replicates=4, walk_length=6, rtol=1e-4))
+    assert abs(res.log10_volume - truth) < 0.5  # 6 dims, 1 decade of semi-axes: ~1.4 log10
+    if estimator == "naive":  # its normal interval sits around its estimate
+        lo, hi = res.diagnostics["ci_log10_normal"]
+        assert lo <= res.log10_volume <= hi and hi - res.log10_volume < 1
+    assert res.n_evaluations > 0 and "warnings" in res.diagnostics
+
+
+def test_gaussian_measure_of_a_round_network_basin():
+    # A = I: the basin is the unit ball, its mass under N(0, s^2 I) is P(chi_n <= 1/s)
+    n, sigma = 5, 0.3
+    net = QuadraticNet(torch.eye(n, dtype=F64))
+    params = {k: v.detach()[None].clone() for k, v in net.named_parameters()}
+    res = basin_radii(net, params, QuadraticNet.data(), _cfg(estimator="gaussian",
+                                                             sigma=sigma, n_directions=10))
+    want = net.body().gaussian_log_mass(sigma) / LN10
+    assert res.log10_volume == pytest.approx(want, abs=1e-7)
+
+
+def test_engine_lines_from_starts_match_the_loop():
+    model = build_model(ModelConfig(widths=(5,)), (2,), 2).double()
+    g0 = torch.Generator().manual_seed(0)
+    theta = {k: v.double() for k, v in init_params(model, "torch", g0).items()}
+    centre = {k: v[None] for k, v in theta.items()}
+    g = torch.Generator().manual_seed(0)
+    d = random_directions(theta, 3, "gaussian", "include", g)
+    s = random_directions(theta, 3, "gaussian", "include", g)
+    x, y = torch.randn(7, 2, generator=g, dtype=F64), torch.randint(0, 2, (7,), generator=g)
+    ts = torch.linspace(0, 1, 4, dtype=F64).expand(3, 4)
+    got = evaluate_points(model, centre, d, ts, x, y, starts=s)[0]
+    for k in range(3):
+        moved = {kk: v + s[kk][k:k + 1] for kk, v in centre.items()}
+        one = {kk: v[k:k + 1] for kk, v in d.items()}
+        want = evaluate_points_loop(model, moved, one, ts[k:k + 1], x, y)[0]
+        assert torch.allclose(got[k:k + 1], want, atol=1e-12)
+
+
+def test_filter_units_and_given_curvature():
+    model = build_model(ModelConfig(widths=(4,)), (2,), 2).double()
+    theta = {k: v.double()[None]
+             for k, v in init_params(model, "torch", torch.Generator().manual_seed(0)).items()}
+    x, y = torch.zeros(3, 2, dtype=F64), torch.zeros(3, dtype=torch.long)
+    lines = NetworkLines(model, theta, x, y, DirectionSpec("filter"))
+    w0 = theta["0.weight"][0]
+    assert lines.n == sum(v[0].numel() for v in theta.values() if v.dim() > 2)  # weights
+    assert lines.scale[0] == pytest.approx(float(w0[0].norm() * math.sqrt(lines.n / 2)))
+    u = torch.randn(4000, lines.n, generator=torch.Generator().manual_seed(0), dtype=F64)
+    d = lines.to_params(u / u.norm(dim=1, keepdim=True))["0.weight"]  # (4000, 4, 2)
+    assert d.pow(2).sum(-1).mean(0).sqrt().tolist() == pytest.approx(
+        w0.norm(dim=1).tolist(), rel=0.05)  # filters move by |theta_f| on average
+    given = {k: torch.full_like(v[0], 2.0) for k, v in theta.items()}
+    pre = network_curvature(lines, "given", 1e-9, torch.Generator(), given=given)
+    assert isinstance(pre, Preconditioner) and pre.kind == "diagonal"
+    with pytest.raises(ConfigError, match="needs a curvature"):
+        network_curvature(lines, "given", 1e-9, torch.Generator())
+    with pytest.raises(ConfigError, match="lacks"):
+        network_curvature(lines, "given", 1e-9, torch.Generator(), given={})
+    zero = {k: torch.zeros_like(v) for k, v in theta.items()}
+    with pytest.raises(ConfigError, match="use directions of kind 'gaussian'"):
+        NetworkLines(model, zero, x, y, DirectionSpec("filter"))
+
+
+def test_adam_curvature_reads_second_moments():
+    state = {"opt.0.exp_avg_sq": torch.arange(6.0).reshape(2, 3)}
+    got = adam_curvature(state, ["w"], 1)
+    assert torch.equal(got["w"], torch.tensor([3.0, 4.0, 5.0]))
+    with pytest.raises(ConfigError, match="trained with Adam"):
+        adam_curvature({}, ["w"], 0)
+
+
+def test_volume_config_errors():
+    with pytest.raises(ConfigError, match="unknown estimator"):
+        VolumeConfig(estimator="exact")
+    with pytest.raises(ConfigError, match="unknown preconditioner"):
+        VolumeConfig(preconditioner="magic")
+    with pytest.raises(ConfigError, match="needs a preconditioner"):
+        VolumeConfig(estimator="is")
+    with pytest.raises(ConfigError, match="sigma must be"):
+        VolumeConfig(estimator="gaussian", sigma=0.0)
+    with pytest.raises(ConfigError, match="n_chains and n_replicates"):
+        VolumeConfig(estimator="mcmc", n_replicates=1)
+    assert VolumeConfig.from_dict(VolumeConfig(estimator="mcmc").to_dict()).estimator.value \
+        == "mcmc"

@@ -1,0 +1,215 @@
+import math
+
+import pytest
+import torch
+from scipy.special import gammainc
+
+from minefield.bodies import Box, Ellipsoid, log_ball_volume, log_spaced_axes, random_rotation
+from minefield.config import ConfigError
+from minefield.precondition import Preconditioner, floor_curvature
+from minefield.volume import (
+    _log_gammainc_series,
+    log_chi_cdf,
+    star_volume,
+    weights_estimate,
+)
+
+F64 = torch.float64
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# --- the chi CDF in logs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("x", [1e-150, 1e-8, 1e-3, 0.5, 1.0, 3.0, 10.0])
+def test_log_chi_cdf_n2_closed_form(x):
+    # chi_2: P(chi <= x) = 1 - exp(-x^2/2), exactly; 1e-150 forces the series branch
+    want = math.log(-math.expm1(-x * x / 2))
+    got = float(log_chi_cdf(torch.tensor(x, dtype=F64), 2))
+    assert got == pytest.approx(want, rel=1e-10, abs=1e-12)
+
+
+def test_log_chi_cdf_n1_is_erf_and_limits():
+    x = torch.tensor([0.0, 0.3, 2.0, math.inf], dtype=F64)
+    got = log_chi_cdf(x, 1)
+    assert got[0] == -math.inf and got[3] == 0.0
+    assert torch.allclose(got[1:3], torch.erf(x[1:3] / math.sqrt(2)).log(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("n", [10, 3457, 2_000_000])
+def test_log_gammainc_series_matches_scipy_where_both_work(n):
+    a = n / 2
+    # points below the mode where scipy's value is still a normal float (1e-280 .. 1e-5)
+    zs = [z for z in torch.linspace(0.01 * a, a, 4000).tolist()
+          if 1e-280 < gammainc(a, z) < 1e-5][::200]
+    assert zs
+    z = torch.tensor(zs, dtype=F64)
+    want = torch.tensor([math.log(gammainc(a, v)) for v in zs], dtype=F64)
+    got = _log_gammainc_series(torch.tensor(a, dtype=F64), z)
+    assert torch.allclose(got, want, rtol=1e-8)
+
+
+def test_log_chi_cdf_far_below_the_mode_is_finite_and_monotone():
+    n = 5_000_000  # sqrt(n) = 2236: P(chi <= 1000) is about exp(-2.5e6)
+    got = log_chi_cdf(torch.tensor([500.0, 1000.0, 2000.0, 2236.0], dtype=F64), n)
+    assert bool(torch.isfinite(got).all()) and bool((got.diff() > 0).all())
+    assert float(got[1]) < -1e6
+
+
+# --- exact bodies ------------------------------------------------------------------------
+
+
+def test_ball_naive_is_exact_and_interval_holds_the_bisection_error():
+    n = 50
+    body = Ellipsoid(torch.full((n,), 0.3, dtype=F64))
+    est = star_volume(body, n, body.cutoff, "naive", 20, _gen(0), r_max=1.0, rtol=1e-3)
+    assert abs(est.log_volume - body.log_volume) <= n * math.log1p(1e-3)
+    assert est.ci[0] <= body.log_volume <= est.ci[1]
+    assert est.ess == pytest.approx(40, rel=1e-3) and est.n_at_r_max == 0
+
+
+def test_interval_covers_the_truth_when_rtol_dominates():
+    # the case: quadratic bowl, n = 4000, rtol 1e-3: n log(1 + rtol) = 1.7 log10
+    n = 4000
+    body = Ellipsoid(torch.full((n,), 0.5, dtype=F64))
+    est = star_volume(body, n, body.cutoff, "naive", 4, _gen(0), r_max=1.0, rtol=1e-3)
+    assert est.ci[0] <= body.log_volume <= est.ci[1]
+    assert est.ci[1] - est.ci[0] >= 2 * n * math.log1p(1e-3) * 0.999
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "dense", "low_rank"])
+def test_is_is_exact_on_an_ellipsoid_with_its_own_curvature(kind):
+    n = 12
+    a = log_spaced_axes(n, 2.0)
+    if kind == "diagonal":
+        body, pre = Ellipsoid(a), Preconditioner.diagonal(a.pow(-2))
+    elif kind == "dense":
+        body = Ellipsoid(a, random_rotation(n, _gen(1)))
+        pre = Preconditioner.dense(body.curvature())
+    else:  # three distinct axes along random orthonormal vectors, the rest radius 1
+        q = random_rotation(n, _gen(2))
+        axes = torch.ones(n, dtype=F64)
+        axes[:3] = torch.tensor([0.01, 0.1, 3.0], dtype=F64)
+        body = Ellipsoid(axes, q)
+        pre = Preconditioner.low_rank(axes[:3].pow(-2) - 1, q[:, :3], torch.ones(n, dtype=F64))
+    est = star_volume(body, n, body.cutoff, "is", 30, _gen(0), r_max=1e3, rtol=1e-10,
+                      preconditioner=pre)
+    assert est.log_volume == pytest.approx(body.log_volume, abs=1e-6)
+    assert est.ess == pytest.approx(60, rel=1e-6) and not est.warnings
+
+
+def test_naive_collapses_on_an_anisotropic_ellipsoid_and_says_so():
+    n = 60
+    body = Ellipsoid(log_spaced_axes(n, 2.0))
+    est = star_volume(body, n, body.cutoff, "naive", 200, _gen(0), r_max=10.0, rtol=1e-6)
+    assert est.log_volume < body.log_volume - 5  # far below: the largest term is missing
+    assert est.ess < 10 and any("handful" in w for w in est.warnings)
+
+
+def test_naive_converges_as_directions_grow():
+    n = 4
+    body = Ellipsoid(log_spaced_axes(n, 0.5))
+    errs = [abs(star_volume(body, n, body.cutoff, "naive", k, _gen(0), r_max=10.0,
+                            rtol=1e-8).log_volume - body.log_volume) for k in (10, 100, 4000)]
+    assert errs[2] < 0.03 and errs[2] < errs[0]
+
+
+@pytest.mark.parametrize("estimator", ["naive", "is"])
+def test_intervals_cover_at_their_rate_on_a_box(estimator):
+    # 40 seeds, 90% intervals: Binomial(40, 0.9) >= 31 with probability 0.99
+    n = 4
+    a = log_spaced_axes(n, 0.5)
+    body = Box(a)
+    pre = Preconditioner.diagonal(a.pow(-2))
+    hits = sum(est.ci[0] <= body.log_volume <= est.ci[1] for est in (
+        star_volume(body, n, body.cutoff, estimator, 300, _gen(s), r_max=10.0, rtol=1e-8,
+                    preconditioner=pre, level=0.9) for s in range(40)))
+    assert hits >= 31
+
+
+def test_gaussian_mass_of_a_ball_is_exact_and_of_a_box_covered():
+    n, sigma = 30, 0.2
+    ball = Ellipsoid(torch.full((n,), 1.1, dtype=F64))
+    est = star_volume(ball, n, ball.cutoff, "gaussian", 5, _gen(0), r_max=5.0, rtol=1e-10,
+                      sigma=sigma)
+    assert est.log_volume == pytest.approx(ball.gaussian_log_mass(sigma), abs=1e-7)
+    box = Box(log_spaced_axes(4, 0.5))
+    hits = sum(est.ci[0] <= box.gaussian_log_mass(0.4) <= est.ci[1] for est in (
+        star_volume(box, 4, box.cutoff, "gaussian", 300, _gen(s), r_max=10.0, rtol=1e-8,
+                    sigma=0.4, level=0.9) for s in range(40)))
+    assert hits >= 31
+
+
+def test_weights_estimate_pairs_and_shares():
+    lw = torch.log(torch.tensor([1.0, 3.0, 1.0, 3.0], dtype=F64))  # pairs (1,1) and (3,3)
+    est, (lo, hi), ess, share = weights_estimate(lw)
+    assert est == pytest.approx(math.log(2.0))
+    assert ess == pytest.approx(64 / 20) and share == pytest.approx(3 / 8)
+    assert lo < est < hi
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def test_preconditioner_errors():
+    with pytest.raises(ConfigError, match="not positive definite"):
+        Preconditioner.dense(torch.diag(torch.tensor([1.0, -1.0], dtype=F64)))
+    with pytest.raises(ConfigError, match="square"):
+        Preconditioner.dense(torch.ones(2, 3, dtype=F64))
+    with pytest.raises(ConfigError, match="symmetric"):
+        Preconditioner.dense(torch.tensor([[1.0, 0.5], [0.0, 1.0]], dtype=F64))
+    with pytest.raises(ConfigError, match="NaN"):
+        Preconditioner.diagonal(torch.tensor([1.0, math.nan], dtype=F64))
+    with pytest.raises(ConfigError, match="not positive definite"):
+        Preconditioner.diagonal(torch.tensor([1.0, 0.0], dtype=F64))
+    with pytest.raises(ConfigError, match="vector"):
+        Preconditioner.diagonal(torch.ones(2, 2, dtype=F64))
+    with pytest.raises(ConfigError, match="must be a tensor"):
+        Preconditioner.diagonal([1.0, 2.0])
+    with pytest.raises(ConfigError, match="not positive definite"):  # 1 - 1 * |v|^2 = 0
+        Preconditioner.low_rank(torch.tensor([-1.0], dtype=F64), torch.eye(3, 1, dtype=F64),
+                                torch.ones(3, dtype=F64))
+    with pytest.raises(ConfigError, match=r"eigenvectors \(n, k\)"):
+        Preconditioner.low_rank(torch.tensor([1.0], dtype=F64), torch.ones(2, 1, dtype=F64),
+                                torch.ones(3, dtype=F64))
+    with pytest.raises(ConfigError, match="curvature floor"):
+        floor_curvature(torch.ones(3, dtype=F64), 0.0)
+
+
+def test_floor_curvature_makes_a_valid_preconditioner():
+    h = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=F64)  # eigenvalues 3 and -1
+    c = floor_curvature(h, 0.5)
+    assert torch.allclose(torch.linalg.eigvalsh(c), torch.tensor([0.5, 3.0], dtype=F64))
+    Preconditioner.dense(c)
+
+
+def test_estimator_errors():
+    body = Ellipsoid(torch.ones(3, dtype=F64))
+    with pytest.raises(ConfigError, match="unknown estimator"):
+        star_volume(body, 3, 0.5, "exact")
+    with pytest.raises(ConfigError, match="needs a preconditioner"):
+        star_volume(body, 3, 0.5, "is")
+    with pytest.raises(ConfigError, match="give no interval"):
+        star_volume(body, 3, 0.5, "naive", 1)
+    with pytest.raises(ConfigError, match="n = 4 coordinates"):
+        star_volume(body, 3, 0.5, "is", preconditioner=Preconditioner.diagonal(
+            torch.ones(4, dtype=F64)))
+    with pytest.raises(ConfigError, match="cooling_volume"):
+        star_volume(body, 3, 0.5, "mcmc")
+    with pytest.raises(ConfigError, match="sigma must be"):
+        star_volume(body, 3, 0.5, "gaussian", sigma=-1.0)
+    with pytest.raises(ConfigError, match="finite cutoff"):
+        star_volume(body, 3, math.nan)
+    with pytest.raises(ConfigError, match="no interval"):
+        weights_estimate(torch.zeros(1, dtype=F64), pairs=False)
+    with pytest.raises(ConfigError, match="dimension"):
+        log_chi_cdf(torch.ones(1), 0)
+
+
+def test_ball_volume_and_gaussian_mass_helpers():
+    assert log_ball_volume(3, 2.0) == pytest.approx(math.log(4 / 3 * math.pi * 8))
+    with pytest.raises(ValueError, match="only for a ball"):
+        Ellipsoid(torch.tensor([1.0, 2.0])).gaussian_log_mass(1.0)
