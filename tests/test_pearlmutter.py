@@ -1,0 +1,73 @@
+"""Pearlmutter's R-operator for stacked MLPs against the dense float64 autograd Hessian."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from minefield.config import ModelConfig
+from minefield.functional import flatten, unflatten
+from minefield.hvp import CurvatureOperator, model_objective
+from minefield.loss import nll
+from minefield.models import build_model
+from minefield.pearlmutter import MLPHessian, mlp_plan
+from minefield.train import init_stack
+
+
+def _dense(model, p, x, y, i):
+    """Member i's Hessian of the mean NLL by plain autograd, float64."""
+    one = {k: v[i:i + 1] for k, v in p.items()}
+
+    def f(flat):
+        q = {k: v[0] for k, v in unflatten(flat[None], one).items()}
+        return nll(functional_call(model, q, (x,)), y).mean()
+
+    return torch.autograd.functional.hessian(f, flatten(one)[0])
+
+
+@pytest.mark.parametrize("act,classes", [("relu", 2), ("tanh", 3), ("leaky_relu", 4),
+                                         ("tanh", 2)])
+def test_products_equal_the_dense_hessian(act, classes):
+    model = build_model(ModelConfig(widths=(5, 4), activation=act), (3,), classes).double()
+    p = {k: v.double() for k, v in init_stack(model, "glorot_uniform", [0, 1, 2]).items()}
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(25, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (25,), generator=g)
+    v = torch.randn(3, flatten(p).shape[1], generator=g, dtype=torch.float64)
+    chunks = [(x[:11], y[:11]), (x[11:], y[11:])]  # chunked data sums to the whole product
+    hv = flatten(MLPHessian(model, p, chunks, 1 / 25).matvec(unflatten(v, p)))
+    for i in range(3):
+        torch.testing.assert_close(hv[i], _dense(model, p, x, y, i) @ v[i], rtol=1e-10,
+                                   atol=1e-12)
+
+
+def test_operator_uses_it_and_agrees_with_forward_mode():
+    model = build_model(ModelConfig(widths=(6, 5), activation="tanh"), (2,), 2).double()
+    p = {k: v.double() for k, v in init_stack(model, "glorot_uniform", [3, 4]).items()}
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (30,), generator=g)
+    rev = CurvatureOperator(model_objective(model, p, (x, y), batch_size=7))
+    fwd = CurvatureOperator(model_objective(model, p, (x, y)), mode="forward")
+    assert rev._mlp is not None
+    v = torch.randn(2, 4, rev.n, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(rev.matmat(v), fwd.matmat(v), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rev._mlp.losses, fwd.objective.losses(), rtol=1e-12, atol=0)
+
+
+def test_plan_accepts_plain_mlps_only():
+    plan = mlp_plan(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+    assert [(n, type(a).__name__ if a else None) for n, a in plan] == [("1", "Tanh"), ("3", None)]
+    assert mlp_plan(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.ReLU(), nn.Linear(3, 2))) is None
+    assert mlp_plan(nn.Sequential(nn.Linear(4, 3), nn.ReLU())) is None  # logits not linear
+    assert mlp_plan(nn.Sequential(nn.Linear(4, 3), nn.Sigmoid(), nn.Linear(3, 2))) is None
+    assert mlp_plan(nn.Linear(4, 3)) is None
+
+
+def test_a_model_outside_the_plan_raises():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Sigmoid(), nn.Linear(3, 1))
+    p = {k: v[None].detach() for k, v in model.named_parameters()}
+    with pytest.raises(ValueError, match="nn.Sequential of Linear layers"):
+        MLPHessian(model, p, [(torch.randn(4, 2), torch.zeros(4, dtype=torch.long))], 0.25)
