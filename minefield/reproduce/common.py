@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..basin import BasinResult, VolumeConfig
+from ..commands import basin_command
 from ..config import ExperimentConfig
 from ..stages import TrainResult, basin_run, train_run
 
@@ -133,26 +134,27 @@ ESTIMATORS = (("is", "hessian"), ("is", "hutchinson"), ("gaussian", "none"))
 
 def estimator_rows(ctx: Context, runs: dict[str, TrainResult], vcfg: VolumeConfig,
                    naive: dict[str, BasinResult]
-                   ) -> tuple[list[tuple[str, str, str]], dict, list[VolumeConfig]]:
+                   ) -> tuple[list[tuple[str, str, str]], dict, list[str]]:
     """log10 V of every model by every estimator, side by side (same directions' units and
     cutoff as ``vcfg``); the dense Hessian only up to n = 6000. Returns report rows, their
-    data and the configs that ran (for the printed commands)."""
+    data and the commands that reproduce them (generated from the configs that ran)."""
     def row(label: str, got: dict[str, BasinResult]) -> tuple[str, str, str]:
         return (f"{label}, [95% CI], ESS; " + " / ".join(got),
                 " / ".join(f"{b.log10_volume:.0f} [{b.ci_log10_volume[0]:.0f}, "
                            f"{b.ci_log10_volume[1]:.0f}], {b.diagnostics.get('ess', 0):.1f}"
                            for b in got.values()), "-")
 
-    rows, data, cfgs = [row("naive: log10 V", naive)], {}, []
+    rows, data, commands = [row("naive: log10 V", naive)], {}, []
     n = next(iter(naive.values())).n
     for est, pre in ESTIMATORS:
         if pre == "hessian" and n > 6000:
             continue
         cfg = vcfg.replace(estimator=est, preconditioner=pre)
         ctx.log(f"  {est} ({pre}) volume estimates")
-        got = {k: ctx.basin(r, cfg, f"repro-{est}-{pre}") for k, r in runs.items()}
+        tag = f"repro-{est}-{pre}"
+        got = {k: ctx.basin(r, cfg, tag) for k, r in runs.items()}
+        commands += [basin_command(r.run.name, cfg, tag) for r in runs.values()]
         data[f"{est}-{pre}"] = {k: brief(b) for k, b in got.items()}
         label = "mass under N(theta, sigma^2 I)" if est == "gaussian" else "log10 V"
         rows.append(row(f"{est} ({pre}): {label}", got))
-        cfgs.append(cfg)
-    return rows, data, cfgs
+    return rows, data, commands

@@ -39,12 +39,10 @@ def _image_pair(ctx: Context, dataset: str, model: str, steps: int, beta: float,
                             f"{pct(m['train_acc'][0])} / {pct(m['test_acc'][0])}, "
                             f"{b.mean_radius:.4f}, {b.log10_volume:.0f}",
                             "SVHN: ~97% test good, 100% / 29% poisoned [C]"))
-    est_rows, est_data, est_cfgs = estimator_rows(ctx, {"good": good, "poisoned": bad}, vcfg,
+    est_rows, est_data, est_commands = estimator_rows(ctx, {"good": good, "poisoned": bad}, vcfg,
                                                   {"good": bg, "poisoned": bb})
     sec.numbers += est_rows
-    sec.commands += [basin_command(c.name, e, f"repro-{e.estimator.value}-"
-                                   f"{e.preconditioner.value}")
-                     for e in est_cfgs for c in (good_cfg, bad_cfg)]
+    sec.commands += est_commands
     sec.data = {"good": {**{k: v[0] for k, v in good.metrics.items()}, "basin": brief(bg)},
                 "bad": {**{k: v[0] for k, v in bad.metrics.items()}, "basin": brief(bb)},
                 "estimators": est_data}

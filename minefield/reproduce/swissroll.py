@@ -101,12 +101,10 @@ def exp_swissroll(ctx: Context) -> Section:
               "directions, +/-, cutoff 1.0)", ratio >= 10, f"{ratio:.1f}x"),
         Check("5", "log10 V_good - log10 V_bad >= 1000", gap >= 1000, f"{gap:.0f}"),
     ]
-    est_rows, est_data, est_cfgs = estimator_rows(ctx, {"good": good, "bad": bad}, vcfg,
+    est_rows, est_data, est_commands = estimator_rows(ctx, {"good": good, "bad": bad}, vcfg,
                                                   {"good": bg, "bad": bb})
     sec.numbers += est_rows
-    sec.commands += [basin_command(c.name, e, f"repro-{e.estimator.value}-"
-                                   f"{e.preconditioner.value}")
-                     for e in est_cfgs for c in (clean_cfg, bad_cfg)]
+    sec.commands += est_commands
     roll = [load_basin(r.run, "repro").rollouts[0] for r in (good, bad)]
     sec.figures += swiss_figure(good, bad, roll, (bg, bb), ctx.figures / "fig3_swissroll")
     sec.data = {"good": {**{k: v[0] for k, v in gm.items()}, "basin": brief(bg)},
