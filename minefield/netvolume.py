@@ -156,7 +156,7 @@ def network_curvature(lines: NetworkLines, kind: CurvatureKind | str, floor: flo
             return Preconditioner.dense(floor_curvature(h, floor))
         grad = torch.func.grad(lines.loss_at)
         z = torch.randint(0, 2, (probes, lines.n), generator=generator).double() * 2 - 1
-        hz = torch.stack([torch.func.jvp(grad, (zero,), (zi,))[1] for zi in z]).detach()
+        hz = torch.func.vmap(lambda v: torch.func.jvp(grad, (zero,), (v,))[1])(z).detach()
         return Preconditioner.diagonal(floor_curvature((z * hz).mean(0), floor))
     finally:
         lines.centre = saved
