@@ -47,6 +47,17 @@ from .directions import DirectionSpec, n_perturbed, orthogonalize, random_direct
 from .embed import EmbedConfig, EmbedResult, embed_points
 from .engine import evaluate_points, evaluate_points_loop
 from .evaluate import evaluate_members, resolve_device
+from .executor import (
+    Executor,
+    ExecutorKind,
+    LocalExecutor,
+    RayExecutor,
+    TaskFailed,
+    TaskStore,
+    make_executor,
+    run_tasks,
+    task_seed,
+)
 from .functional import flatten, member, stack, stacked_forward, unflatten
 from .hvp import CurvatureKind, CurvatureOperator, NonFiniteLoss, Objective, model_objective
 from .landscape import LandscapeConfig, Slice, Surface, axis, plane_directions, slice_1d, surface
@@ -122,6 +133,9 @@ __all__ = [
     "train_run", "search_run", "embed_run", "basin_run", "landscape_run", "sweep_run",
     "load_run_model", "load_embedding", "load_basin", "load_landscape", "load_sweep",
     "BasinRun",
+    # running the tasks of a stage here or on a Ray cluster
+    "Executor", "ExecutorKind", "make_executor", "LocalExecutor", "RayExecutor", "run_tasks",
+    "TaskStore", "task_seed", "TaskFailed",
     # errors: a config that cannot be used, a missing or corrupt run, a run another writes
     "ConfigError", "RunError", "RunLocked",
 ]

@@ -60,7 +60,8 @@ from .volume import VolumeEstimate, weights_estimate
 __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "BasinWarning",
            "Rollouts", "find_radii", "radius_grid", "log_volume", "log10_volume",
            "bootstrap_log10_volume",
-           "basin_radii", "basin_members", "rollouts", "volume_from_radii"]
+           "basin_radii", "basin_members", "rollouts", "volume_from_radii", "direction_radii",
+           "radii_result"]
 
 LN10 = math.log(10.0)
 
@@ -198,12 +199,15 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
     lo = torch.where(jc > 0, ts[(jc - 1).clamp(min=0)], torch.zeros_like(hi))
     evals = k * bracket_points + 1
     for _ in range(200):
-        if not bool(((hi - lo) > 2 * rtol * lo)[hit].any()):
+        # a converged direction stops moving: its radius depends on its own losses only,
+        # not on which directions share the batch (so blocks of directions agree)
+        active = hit & ((hi - lo) > 2 * rtol * lo)
+        if not bool(active.any()):
             break
         mid = (lo + hi) / 2
         above = loss_fn(mid).double().cpu() >= cutoff
-        evals += k
-        hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
+        evals += int(active.sum())  # the evaluations the radii needed (the batch is k wide)
+        hi, lo = torch.where(active & above, mid, hi), torch.where(active & ~above, mid, lo)
     r = torch.where(hit, (lo + hi) / 2, torch.full_like(hi, r_max))
     return r, evals
 
@@ -367,13 +371,32 @@ def basin_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Te
         from .netvolume import basin_volume
 
         return basin_volume(model, params, data, cfg, buffers, bn)
+    r, evals, centre_loss, cut, n = direction_radii(model, params, data, cfg, buffers, bn)
+    return radii_result(r, n, centre_loss, cut, evals, cfg, bn)
+
+
+def direction_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Tensor, ...],
+                    cfg: VolumeConfig = VolumeConfig(), buffers: Params | None = None,
+                    bn: str = "eval", block: tuple[int, int] | None = None
+                    ) -> tuple[torch.Tensor, int, float, float, int]:
+    """The radii of :func:`basin_radii` along directions ``block = (a, b)`` of
+    ``cfg.directions`` (default all): ``(radii (2(b-a),) for +d_a..+d_{b-1} then -d_a..,
+    loss evaluations, centre loss, absolute cutoff, perturbed coordinates n)``.
+
+    Directions are drawn one after another from one generator and each radius
+    depends on its own direction only, so the blocks of a split, put back in
+    order, give the unsplit radii exactly (what :mod:`minefield.executor` tasks rely on).
+    """
+    a, b = block if block is not None else (0, cfg.n_directions)
+    if not 0 <= a < b <= cfg.n_directions:
+        raise ConfigError(f"direction block {(a, b)} is not inside [0, {cfg.n_directions})")
     x, y = _xy(data)
     centre = check_single(params, "the model (use basin_members for a stack)")
     theta = member(centre, 0)
     spec = cfg.directions
-    d = random_directions(theta, cfg.n_directions, spec.kind, spec.bias, spec.generator())
-    d = {k: torch.cat([v, -v]) for k, v in d.items()}  # (2K, ...): d and -d
-    k = 2 * cfg.n_directions
+    d = random_directions(theta, b, spec.kind, spec.bias, spec.generator())
+    d = {k: torch.cat([v[a:], -v[a:]]) for k, v in d.items()}  # (2K, ...): d and -d
+    k = 2 * (b - a)
 
     def loss_fn(ts: torch.Tensor) -> torch.Tensor:
         return evaluate_points(model, centre, d, ts, x, y, buffers, cfg.memory_mb, bn=bn)[0]
@@ -385,14 +408,20 @@ def basin_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Te
     r, evals = find_radii(loss_fn, k, cut, cfg.r_max, cfg.rtol, cfg.method, cfg.grid_points,
                           cfg.grid, cfg.grid_power, cfg.bracket_points, centre_loss,
                           cfg.bracket_ratio)
-    n = n_perturbed(theta, spec.kind, spec.bias)
+    return r, evals, centre_loss, cut, n_perturbed(theta, spec.kind, spec.bias)
+
+
+def radii_result(radii: torch.Tensor, n: int, centre_loss: float, cutoff: float, evals: int,
+                 cfg: VolumeConfig, bn: str = "eval") -> BasinResult:
+    """:func:`volume_from_radii` with ``cfg``'s bootstrap, warning when radii hit r_max."""
+    r, cut = radii, cutoff
     res = volume_from_radii(r, n, centre_loss, cut, evals, {**cfg.to_dict(), "bn": bn},
                             cfg.n_bootstrap, cfg.seed, cfg.r_max)
     if res.n_at_r_max:
         warnings.warn(BasinWarning(
             f"{res.n_at_r_max} of {len(r)} radii reached r_max={cfg.r_max:g} without crossing "
             f"the cutoff {cut:.4g}: log10 V is a lower bound set by r_max; raise r_max"),
-            stacklevel=2)
+            stacklevel=3)
     return res
 
 

@@ -23,7 +23,7 @@ from typing import Any
 __all__ = ["ConfigError", "option", "choices", "Optimizer", "PoisonObjective", "StopRule",
            "CutoffKind", "RadiusMethod", "Grid", "DirectionKind", "BiasPolicy", "BNPolicy",
            "EnginePath", "Init", "Activation", "Split", "EmbedCheckpoints", "Estimator",
-           "CurvatureKind"]
+           "CurvatureKind", "ExecutorKind"]
 
 
 class ConfigError(ValueError):
@@ -160,3 +160,10 @@ class CurvatureKind(str, enum.Enum):
     HUTCHINSON = "hutchinson"
     AXES = "axes"
     GIVEN = "given"  # a diagonal passed in (Adam's second moments, a Fisher diagonal)
+
+
+class ExecutorKind(str, enum.Enum):
+    """Where the tasks of a multi-task stage run (:mod:`minefield.executor`)."""
+
+    LOCAL = "local"
+    RAY = "ray"

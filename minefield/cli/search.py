@@ -14,6 +14,8 @@ from ..search import SearchConfig, StopRule
 from ..stages import embed_run, load_embedding, search_run
 from ._common import (
     device_option,
+    executor_of,
+    executor_options,
     force_option,
     friendly,
     main,
@@ -85,12 +87,13 @@ _D = SearchConfig()
 @device_option
 @force_option
 @quiet_option
+@executor_options
 @click.pass_context
 @friendly
 def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, steps, optimizer,
            lr, milestones, gamma, clip_norm, batch_size, beta, objective, extra_poison,
            extra_share, stopping, target_train, target_poison, poison_cap, beta_step, beta_max,
-           adapt_from, seed, max_batch, memory_mb, device, force, quiet):
+           adapt_from, seed, max_batch, memory_mb, device, force, quiet, **ex_opts):
     """Search bad minima from checkpoints of RUN (paper Fig. 1); resumes if interrupted.
 
     \b
@@ -115,7 +118,13 @@ def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, s
         if not quiet:
             click.echo(f"  {done}/{total} bad minima", err=True)
 
-    s = search_run(r, cfg, device=device, force=force, progress=not quiet, on_batch=report)
+    executor = executor_of(ex_opts)
+    try:  # with an executor, each stack of --max-batch searches is a task
+        s = search_run(r, cfg, device=device, force=force, progress=not quiet and not executor,
+                       on_batch=report, executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()
     click.echo(f"{'start':>10}{'rep':>4}{'steps':>7}{'beta':>6}{'train':>8}{'test':>8}"
                f"{'poison':>8}{'d_start':>9}{'d_final':>9}")
     for row in s.rows:

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..basin import BasinResult, basin_members
-from ..config import ExperimentConfig
+from ..config import ConfigError, ExperimentConfig
+from ..executor import Executor, LocalExecutor, TaskStore, run_tasks
 from ..lock import locking
 from ..measures import measure_members
 from ..runs import DEFAULT_ROOT, Run, reading
@@ -33,22 +36,34 @@ SWEEP_FILE = "sweep.json"
 @locking
 def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
               root: Path | str = DEFAULT_ROOT, force: bool = False, progress: bool = True,
-              save: bool = True) -> SweepResult:
+              save: bool = True, executor: Executor | None = None,
+              models_per_task: int | None = None) -> SweepResult:
     """Train one model per (beta, seed) in ``sweep`` as a single stack, then measure
     each model's basin; returns (and writes to ``root/base.name``) the tidy table.
 
     ``base`` sets data, architecture and optimisation (its ``poison.beta`` and
     ``train.members`` are replaced). Re-running resumes: training continues from
     its last checkpoint, and finished basin measurements are reused.
+
+    With an ``executor`` (:mod:`minefield.executor`) or ``models_per_task``, the
+    grid is split into tasks of ``models_per_task`` models (default: all), each
+    trained as its own stack and measured by a pure task function; finished tasks
+    are kept in ``tasks/`` and a rerun redoes only the missing ones. The run then
+    holds the final weights of all models as one checkpoint (no trajectory).
+    Every model's seed and batches come from its own (beta, seed), so the split
+    changes no logic; it changes float rounding (a stack's size sets how its
+    matmuls round), which is why ``models_per_task`` is part of the result's key:
+    local and Ray give identical numbers for the same split.
     """
+    if executor is not None or models_per_task is not None:
+        return _sweep_tasks(base, sweep, root, force, save, executor or LocalExecutor(),
+                            models_per_task)
     grid = [(b, s) for b in sweep.betas for s in sweep.seeds]
     cfg = base.replace(train=base.train.replace(members=len(grid)))
     res = train_run(cfg, root, force=force, progress=progress, betas=[b for b, _ in grid],
                     seeds=[base.train.seed + s for _, s in grid], save=save)
     run = res.run
-    key = {"sweep": sweep.to_dict()}
-    if sweep.sharpness is None:  # sweeps saved before the field existed stay valid
-        del key["sweep"]["sharpness"]
+    key = _sweep_key(sweep)
     if run is not None and run.resume(SWEEP_FILE, key, force):
         return load_sweep(run)
     basins = basin_members(res.model, res.params, res.data, sweep.volume, res.buffers)
@@ -67,6 +82,78 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
         run.write_csv("sweep.csv", rows)
         run.write_result(SWEEP_FILE, key, {**out.to_dict(),
                                            "basins": [b.to_dict() for b in basins]})
+    return out
+
+
+def _sweep_key(sweep: SweepConfig) -> dict:
+    key = {"sweep": sweep.to_dict()}
+    if sweep.sharpness is None:  # sweeps saved before the field existed stay valid
+        del key["sweep"]["sharpness"]
+    return key
+
+
+def _sweep_tasks(base: ExperimentConfig, sweep: SweepConfig, root: Path | str, force: bool,
+                 save: bool, executor: Executor, per_task: int | None) -> SweepResult:
+    """:func:`sweep_run` as tasks of ``per_task`` models each, run and merged."""
+    grid = [(b, s) for b in sweep.betas for s in sweep.seeds]
+    per = per_task or len(grid)
+    if per < 1:
+        raise ConfigError(f"models_per_task must be >= 1, got {per}")
+    cfg = base.replace(train=base.train.replace(members=len(grid)))
+    key = {**_sweep_key(sweep), "models_per_task": per}
+    run = Run.create(cfg.name, cfg.to_dict(), root, force) if save else None
+    if run is not None and run.resume(SWEEP_FILE, key, force):
+        return load_sweep(run)
+    specs = {f"models{a:05d}-{min(a + per, len(grid)) - 1:05d}":
+             {"base": base, "grid": grid[a:a + per], "sweep": sweep}
+             for a in range(0, len(grid), per)}
+    store = TaskStore(run, "tasks", {**key, "experiment": cfg.to_dict()}, force) if run \
+        else None
+    parts = list(run_tasks(executor, sweep_task, specs, store).values())
+    metrics = {k: [v for p in parts for v in p["metrics"][k]] for k in parts[0]["metrics"]}
+    basins = [BasinResult.from_dict(b) for p in parts for b in p["basins"]]
+    rows = sweep_rows(grid, metrics, basins)
+    measures = sweep.sharpness.measures if sweep.sharpness is not None else ()
+    for i, row in enumerate(rows):
+        row.update({m: [v for p in parts for v in p["measures"][m]][i] for m in measures})
+    keys = ("test_acc", "mean_radius", "log10_volume", "gap") + measures
+    out = SweepResult(rows, spearman(rows, keys=keys), run, basins,
+                      spearman(rows, "gap", ("mean_radius", "log10_volume") + measures))
+    if run is not None:
+        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]
+                   if k.startswith(("param.", "buffer."))}
+        seeds = [base.train.seed + s for _, s in grid]
+        meta = {"config": cfg.to_dict(), "seeds": seeds, "betas": [b for b, _ in grid],
+                "members": len(grid), "step": cfg.train.steps, "metrics": {}}
+        run.save_checkpoint(f"trajectory/step_{cfg.train.steps:08d}.safetensors",
+                            {k[6:]: v for k, v in tensors.items() if k.startswith("param.")},
+                            {k[7:]: v for k, v in tensors.items() if k.startswith("buffer.")},
+                            meta)
+        run.write_json("summary.json", {"step": cfg.train.steps, "seeds": seeds,
+                                        "betas": meta["betas"], **metrics})
+        run.write_csv("sweep.csv", rows)
+        run.write_result(SWEEP_FILE, key, {**out.to_dict(),
+                                           "basins": [b.to_dict() for b in basins]})
+    return out
+
+
+def sweep_task(spec: dict) -> dict:
+    """One task of a sweep (pure: nothing read or written): train its models as one
+    stack, measure each basin (and the sharpness columns); metrics, basins, measures
+    and the final weights (``param.*``, ``buffer.*``, stacked over its models)."""
+    base, grid, sweep = spec["base"], spec["grid"], spec["sweep"]
+    cfg = base.replace(train=base.train.replace(members=len(grid)))
+    res = train_run(cfg, progress=False, betas=[b for b, _ in grid],
+                    seeds=[base.train.seed + s for _, s in grid], save=False)
+    basins = basin_members(res.model, res.params, res.data, sweep.volume, res.buffers)
+    cols = {}
+    if sweep.sharpness is not None:
+        cols = measure_members(res.model, res.params, res.data, sweep.sharpness,
+                               res.buffers or None)
+    out = {"metrics": res.metrics, "basins": [b.to_dict() for b in basins],
+           "measures": {k: [float(x) for x in v] for k, v in cols.items()}}
+    out.update({f"param.{k}": v.detach().cpu() for k, v in res.params.items()})
+    out.update({f"buffer.{k}": v.detach().cpu() for k, v in (res.buffers or {}).items()})
     return out
 
 
