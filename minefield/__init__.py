@@ -44,7 +44,7 @@ from .curvature import (
 )
 from .data import DATASETS, Dataset, load_dataset
 from .directions import DirectionSpec, n_perturbed, orthogonalize, random_directions
-from .embed import EmbedConfig, EmbedResult, embed_points
+from .embed import EmbedConfig, EmbedResult, TSNEMap, embed_points, fit_map
 from .engine import evaluate_points, evaluate_points_loop
 from .evaluate import evaluate_members, resolve_device
 from .functional import flatten, member, stack, stacked_forward, unflatten
@@ -74,6 +74,7 @@ from .stages import (
     load_basin,
     load_embedding,
     load_landscape,
+    load_map,
     load_run_model,
     load_sweep,
     search_run,
@@ -115,12 +116,12 @@ __all__ = [
     "LandscapeConfig", "Slice", "Surface", "axis", "slice_1d", "plane_directions", "surface",
     # the minefield
     "SearchConfig", "search_minima",
-    "EmbedConfig", "EmbedResult", "embed_points",
+    "EmbedConfig", "EmbedResult", "TSNEMap", "embed_points", "fit_map",
     # poison-factor studies and the reproduction
     "SweepConfig", "SweepResult", "log_spaced_betas", "reproduce", "SCALES",
     # the results layer: one function per stage, files and resume rule included
     "train_run", "search_run", "embed_run", "basin_run", "landscape_run", "sweep_run",
-    "load_run_model", "load_embedding", "load_basin", "load_landscape", "load_sweep",
+    "load_run_model", "load_embedding", "load_map", "load_basin", "load_landscape", "load_sweep",
     "BasinRun",
     # errors: a config that cannot be used, a missing or corrupt run, a run another writes
     "ConfigError", "RunError", "RunLocked",
