@@ -47,7 +47,7 @@ from .directions import DirectionSpec, n_perturbed, orthogonalize, random_direct
 from .embed import EmbedConfig, EmbedResult, TSNEMap, embed_points, fit_map
 from .engine import evaluate_points, evaluate_points_loop
 from .evaluate import evaluate_members, resolve_device
-from .functional import flatten, member, stack, stacked_forward, unflatten
+from .functional import stacked_forward
 from .hvp import CurvatureKind, CurvatureOperator, NonFiniteLoss, Objective, model_objective
 from .landscape import LandscapeConfig, Slice, Surface, axis, plane_directions, slice_1d, surface
 from .lock import RunLocked
@@ -66,6 +66,7 @@ from .sharpness import (
     pac_bayes_sigma,
     worst_case_sharpness,
 )
+from .stacked import Stacked, check_single, flatten, member, one, stack, unflatten
 from .stages import (
     BasinRun,
     basin_run,
@@ -96,7 +97,8 @@ __all__ = [
     # the poisoned objective
     "poisoned_nll", "nll", "complement_nll", "accuracy",
     # stacked weights and training
-    "stack", "member", "flatten", "unflatten", "stacked_forward", "fit",
+    "Stacked", "stack", "member", "one", "check_single", "flatten", "unflatten",
+    "stacked_forward", "fit",
     "evaluate_members", "resolve_device", "Run",
     # directions, batched evaluation, basins
     "DirectionSpec", "random_directions", "n_perturbed", "orthogonalize",
