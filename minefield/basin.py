@@ -57,7 +57,7 @@ from .engine import evaluate_points
 from .functional import Params, check_single, member, n_members, one
 from .options import CurvatureKind, CutoffKind, Estimator, Grid, RadiusMethod
 from .radii import find_radii, radius_grid
-from .rollouts import Rollouts, rollouts
+from .rollout import Rollouts, rollouts
 from .volume import VolumeEstimate, weights_estimate
 
 __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "BasinWarning",
