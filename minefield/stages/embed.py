@@ -63,8 +63,10 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig | None = None, *,
         >>> res = embed_run("mf-good", EmbedConfig(perplexity=30))  # doctest: +SKIP
         >>> res.coords.shape                                          # doctest: +SKIP
         torch.Size([400, 2])
-        >>> res = embed_run("mf-good", add=["runs/mf-good2/search/minima/m0001.safetensors"])
-        ...                                                            # doctest: +SKIP
+        >>> new = "runs/mf2/search/minima/start_00000040_r00.safetensors"  # another run's
+        >>> res = embed_run("mf-good", add=[new])                    # doctest: +SKIP
+        >>> res.kind[-1], res.added[-1]                              # doctest: +SKIP
+        ('added', '/home/me/runs/mf2/search/minima/start_00000040_r00.safetensors')
     """
     run = run if isinstance(run, Run) else Run.open(run, root)
     stored = _stored(run)
