@@ -149,6 +149,15 @@ def test_embed_run_adds_checkpoints_without_moving_the_map(tmp_path, tiny):
     assert (run.path / "embed" / "embed.json").read_text() == text
     more = embed_run(run, cfg, device="cpu", add=[theirs[2]])
     assert torch.equal(more.coords[:9], res.coords) and more.kind[-1] == "added"
+    # a minimum searched after the map was made (here: copied in) is added to the same map
+    late = run.path / "search" / "minima" / "start_00000060_r09.safetensors"
+    late.write_bytes(theirs[2].read_bytes())
+    with pytest.raises(RunError, match="holds results for other settings"):
+        embed_run(run, cfg, device="cpu")  # the map lacks a minimum the run now has
+    latest = embed_run(run, cfg, device="cpu", add=[late])
+    assert torch.equal(latest.coords[:10], more.coords)
+    assert latest.added[-1] == "search/minima/start_00000060_r09.safetensors"
+    late.unlink()
     ax = plot_minefield(more)
     assert "4 points added to the fitted map" in ax.get_title()
     assert "added to the map" in [t.get_text() for t in ax.get_legend().get_texts()]

@@ -49,8 +49,11 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig | None = None, *,
     ``transform`` (:meth:`~minefield.embed.TSNEMap.transform`): the map's points
     do not move, the new ones get kind ``"added"``. A file with several members
     contributes the member the map's trajectory shows. Files already added are
-    skipped, so adding is idempotent. All added files are read and checked
-    before anything is written.
+    skipped, so adding is idempotent. Adding needs only ``cfg`` and
+    ``checkpoints`` to match the map's: minima searched since the map was made
+    can be added to it (a call without ``add`` then refuses: the map no longer
+    shows all the run's minima). All added files are read and checked before
+    anything is written.
 
     Raises:
         RunError: no trajectory or no bad minima; an added file missing, corrupt,
@@ -85,6 +88,9 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig | None = None, *,
     key = {"embed": cfg.to_dict(), "checkpoints": checkpoints.value,
            "search": run.read_json("search/config.json") if run.exists("search/config.json")
            else None, "minima": [p.name for p in minima]}
+    if (add and stored and not force and cfg == EmbedConfig.from_dict(stored["config"])
+            and stored["key"]["checkpoints"] == checkpoints.value):
+        key = stored["key"]  # add to the map there, even if the run has minima it lacks
     dev = resolve_device(device)
     model, _, _, data, _ = load_run_model(run, traj[-1], dev)
     names = {n: v.shape for n, v in model.named_parameters()}
