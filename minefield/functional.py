@@ -30,7 +30,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 __all__ = [
-    "stack", "member", "one", "check_single", "n_members", "flatten", "unflatten", "is_weight",
+    "stack", "member", "one", "alone", "check_single", "n_members", "flatten", "unflatten",
+    "is_weight",
     "stacked_forward",
     "buffers_like", "chunked_forward", "activation_elements", "mlp_fast_path",
 ]
@@ -56,6 +57,16 @@ def n_members(params: Params) -> int:
 def one(params: Params | None, i: int) -> Params | None:
     """Member ``i`` as a stack of one, ``(1, ...)`` (views); ``None`` (no buffers) stays None."""
     return None if params is None else {k: v[i:i + 1] for k, v in params.items()}
+
+
+def alone(params: Params, i: int) -> Params:
+    """Member ``i`` as a stack of one ``(1, ...)`` in fresh storage (a copy, not a view).
+
+    Fresh tensors start on the allocator's 64-byte boundary, so kernels see member
+    ``i`` at the same alignment whatever its position in the stack (BLAS results
+    can depend on alignment; see :func:`minefield.step.isolated`).
+    """
+    return {k: v[i:i + 1].clone() for k, v in params.items()}
 
 
 def check_single(params: Params, what: str = "params") -> Params:
