@@ -65,6 +65,13 @@ def alone(params: Params, i: int) -> Params:
     Fresh tensors start on the allocator's 64-byte boundary, so kernels see member
     ``i`` at the same alignment whatever its position in the stack (BLAS results
     can depend on alignment; see :func:`minefield.step.isolated`).
+
+    Example::
+
+        >>> p = {"w": torch.arange(6.0).reshape(3, 2)}
+        >>> a = alone(p, 1)
+        >>> a["w"], a["w"].data_ptr() != p["w"][1].data_ptr()
+        (tensor([[2., 3.]]), True)
     """
     return {k: v[i:i + 1].clone() for k, v in params.items()}
 

@@ -141,7 +141,8 @@ def fit(
     ``update`` (e.g. :func:`minefield.step.sam_update`) plugged in.
     ``isolated=True`` computes every member on its own kernels (objective,
     clipping norms, logged metrics; see :func:`minefield.step.isolated`), so a
-    member's trajectory is bit-for-bit the same in a stack of any size.
+    member's trajectory is bit-for-bit the same in a stack of any size; it runs
+    on one intra-op thread (restored on return).
     Returns the final (or frozen) parameters and the logged history.
     """
     m = n_members(params)
@@ -211,6 +212,9 @@ def fit(
     bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, disable=not progress,
                leave=False, mininterval=0.5)
     step = start_step
+    threads = torch.get_num_threads()
+    if isolated:  # one member's small kernels gain nothing from threads, and lose to their
+        torch.set_num_threads(1)  # start-up cost (much more so on a busy machine)
     try:
         if step % cfg.log_every == 0 and log(step):
             return FitResult(_current(), buffers, step, history, stopped_at)
@@ -236,4 +240,5 @@ def fit(
     finally:
         bar.close()
         model.eval()
+        torch.set_num_threads(threads)
     return FitResult(_current(), buffers, step, history, stopped_at)

@@ -31,7 +31,7 @@ from minefield.runs import Run, RunError
 from minefield.search import SearchConfig, StopRule, search_minima
 from minefield.stages import search_run, train_run
 from minefield.step import Batch, Hyper, isolated, train_step
-from minefield.train import init_stack, make_optimizer
+from minefield.train import fit, init_stack, make_optimizer
 
 _STAGE = importlib.import_module("minefield.stages.search")
 
@@ -257,3 +257,16 @@ def test_isolate_is_a_command_line_switch_and_part_of_the_key(base, tmp_path):
     assert res.exit_code == 1 and "holds results for other settings" in res.output
     key_isolated = SearchConfig.make(**_SEARCH).to_dict()
     assert key_isolated["isolate"] is True
+
+
+def test_an_isolated_fit_runs_on_one_thread_and_restores_the_count():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model, p, data, cfg, _ = _search_problem(2, torch.float64)
+        seen = []
+        fit(model, p, data, cfg.train.replace(steps=3, log_every=1, checkpoint_every=3), 0.3,
+            isolated=True, on_log=lambda step, rows: seen.append(torch.get_num_threads()))
+        assert seen == [1, 1, 1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
