@@ -133,7 +133,8 @@ def search_command(run: str, cfg: SearchConfig) -> str:
     special = {"beta": "concat"} if cfg.beta is None else {}
     if cfg.train.milestones == ():
         special["train.milestones"] = ""
-    return _join(["minefield", "search", run, *_options(cfg, SearchConfig(), _SEARCH, special)])
+    words = _options(cfg, SearchConfig(), _SEARCH, special, skip={"isolate"})
+    return _join(["minefield", "search", run, *words, *([] if cfg.isolate else ["--no-isolate"])])
 
 
 def embed_command(run: str, cfg: EmbedConfig, all_checkpoints: bool = False) -> str:

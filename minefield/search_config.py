@@ -56,6 +56,11 @@ class SearchConfig(_Config):
     poison points (``extra_poison``: how many, ``None`` for the default;
     ``extra_share``: their share of the poison term). ``max_batch``
     members train together, fewer if ``memory_mb`` would be exceeded.
+    ``isolate`` (default) computes every member on kernels shaped for one model
+    (:func:`minefield.step.isolated`), so a minimum is bit-for-bit the same
+    whatever ``max_batch`` or ``memory_mb`` group it with; ``isolate=False`` runs
+    one batched pass per stack (faster on many cores or a GPU, but a member's
+    rounding then depends on its stack, which the chaotic search amplifies).
     """
 
     every: int = 10
@@ -80,6 +85,7 @@ class SearchConfig(_Config):
     compact_every: int = 500
     max_batch: int = 256
     memory_mb: float = 1024.0
+    isolate: bool = True
     _section: ClassVar[str] = "search"
 
     def _validate(self):

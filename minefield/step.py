@@ -17,6 +17,19 @@ Per-member hyper-parameters (:class:`Hyper`: poison factor ``beta`` and ``l2``)
 are ``(M,)`` tensors; members' losses are summed before ``backward``, so each
 member gets exactly its own gradient.
 
+**Isolated members** (:func:`isolated`, ``Hyper.isolated``). Batched kernels
+give each member its own gradient *mathematically*, but not to the last bit:
+how a member's numbers are rounded depends on how many members share the call
+and where in the stack it sits (BLAS runs a one-output layer of a stack of one
+as gemv and of a larger stack as batched gemm, and its results depend on the
+memory alignment of a member's slice; vectorised ``softplus``/``sigmoid``
+compute the last elements of a tensor in scalar code). Chaotic objectives such
+as the poisoned loss amplify that to O(1) over a few thousand steps. An
+isolated step computes every member with kernels shaped for one model, on
+freshly allocated parameters, and clips with per-member norms, so member m's
+step is bit-for-bit the same in any stack (the stacked optimizer and the other
+elementwise updates are exact per element).
+
 Example::
 
     >>> import torch
@@ -42,11 +55,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .functional import Params, is_weight, n_members, stacked_forward
+from .functional import Params, is_weight, n_members, one, stacked_forward
 from .loss import poisoned_nll
 
 __all__ = ["Batch", "Hyper", "Objective", "Update", "poisoned_objective", "plain_update",
-           "sam_update", "train_step", "clip_per_member"]
+           "sam_update", "train_step", "clip_per_member", "isolated"]
 
 
 @dataclass
@@ -71,6 +84,12 @@ class Hyper:
     l2: torch.Tensor | None = None  # coefficient of sum W^2 per member; None: no penalty
     clip_norm: float | None = None  # each member's global gradient norm is clipped to this
     flip: bool = False  # poison term as cross-entropy on flipped labels
+    isolated: bool = False  # clipping norms reduced member by member (see isolated)
+
+    def member(self, i: int) -> Hyper:
+        """Member ``i``'s hyper-parameters, as ``(1,)`` tensors."""
+        return Hyper(self.beta[i:i + 1], None if self.l2 is None else self.l2[i:i + 1],
+                     self.clip_norm, self.flip, self.isolated)
 
 
 Objective = Callable[[nn.Module, Params, Params, Batch, Hyper], torch.Tensor]
@@ -95,10 +114,24 @@ def poisoned_objective(model: nn.Module, params: Params, buffers: Params, batch:
     return loss
 
 
-def clip_per_member(grads: list[torch.Tensor], clip_norm: float) -> None:
-    """Scale each member's gradient (in place) so its global norm is at most ``clip_norm``."""
-    m = grads[0].shape[0]
-    norm = torch.sqrt(sum(g.reshape(m, -1).pow(2).sum(1) for g in grads))
+def _norms(tensors: list[torch.Tensor], isolated: bool) -> torch.Tensor:
+    """``(M,)`` global norm of each member over ``tensors``, reduced per member if isolated."""
+    m = tensors[0].shape[0]
+    if isolated:
+        return torch.stack([torch.sqrt(sum(t[i].pow(2).sum() for t in tensors))
+                            for i in range(m)])
+    return torch.sqrt(sum(t.reshape(m, -1).pow(2).sum(1) for t in tensors))
+
+
+def clip_per_member(grads: list[torch.Tensor], clip_norm: float, isolated: bool = False
+                    ) -> None:
+    """Scale each member's gradient (in place) so its global norm is at most ``clip_norm``.
+
+    ``isolated=True`` reduces each member's squares on its own: a row reduction of a
+    stack may split long rows across threads when rows are few, which rounds a
+    member differently in stacks of different sizes.
+    """
+    norm = _norms(grads, isolated)
     scale = (clip_norm / (norm + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
@@ -111,7 +144,7 @@ def plain_update(loss_fn: Callable[[], torch.Tensor], params: Params,
     opt.zero_grad(set_to_none=True)
     loss.sum().backward()
     if hyper.clip_norm is not None:
-        clip_per_member([v.grad for v in params.values()], hyper.clip_norm)
+        clip_per_member([v.grad for v in params.values()], hyper.clip_norm, hyper.isolated)
     opt.step()
     return loss.detach()
 
@@ -129,9 +162,8 @@ def sam_update(rho: float) -> Update:
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         leaves = list(params.values())
-        m = leaves[0].shape[0]
         with torch.no_grad():
-            norm = torch.sqrt(sum(v.grad.reshape(m, -1).pow(2).sum(1) for v in leaves))
+            norm = _norms([v.grad for v in leaves], hyper.isolated)
             scale = rho / (norm + 1e-12)
             eps = [v.grad * scale.view(-1, *[1] * (v.dim() - 1)) for v in leaves]
             for v, e in zip(leaves, eps):
@@ -142,11 +174,49 @@ def sam_update(rho: float) -> Update:
             for v, e in zip(leaves, eps):
                 v.sub_(e)
         if hyper.clip_norm is not None:
-            clip_per_member([v.grad for v in leaves], hyper.clip_norm)
+            clip_per_member([v.grad for v in leaves], hyper.clip_norm, hyper.isolated)
         opt.step()
         return loss.detach()
 
     return update
+
+
+def isolated(objective: Objective = poisoned_objective) -> Objective:
+    """``objective`` computed one member at a time, each on kernels shaped for one model.
+
+    Member m's loss (and so, through autograd, its gradient) is
+    ``objective(model, theta_m, buffers_m, batch, hyper_m)`` on a stack of one,
+    with ``theta_m`` copied into fresh storage: the same kernels, shapes and
+    alignment in every stack, so the result does not depend on the other
+    members (see the module docstring). The members' parameters are split with
+    ``unbind``, whose backward stacks the gradients (O(M), not O(M^2)).
+    Values equal the batched objective's up to rounding.
+
+    Example::
+
+        >>> from minefield import DataConfig, ModelConfig, build_model, load_dataset
+        >>> from minefield.train import init_stack
+        >>> data = load_dataset(DataConfig("blobs"))
+        >>> model = build_model(ModelConfig(widths=(8,)), (2,), 2)
+        >>> p = init_stack(model, "torch", [0, 1, 2])
+        >>> batch, hyper = Batch(data.x_train, data.y_train), Hyper(beta=torch.zeros(3))
+        >>> alone = isolated()(model, {k: v[1:2] for k, v in p.items()}, {}, batch,
+        ...                    hyper.member(1))
+        >>> bool(isolated()(model, p, {}, batch, hyper)[1] == alone[0])
+        True
+    """
+
+    def one_at_a_time(model: nn.Module, params: Params, buffers: Params, batch: Batch,
+                      hyper: Hyper) -> torch.Tensor:
+        cols = {k: v.unbind(0) for k, v in params.items()}
+        losses = []
+        for i in range(n_members(params)):
+            theta = {k: c[i].clone().unsqueeze(0) for k, c in cols.items()}
+            losses.append(objective(model, theta, one(buffers, i) if buffers else {}, batch,
+                                    hyper.member(i)))
+        return torch.cat(losses)
+
+    return one_at_a_time
 
 
 def train_step(model: nn.Module, params: Params, buffers: Params, opt: torch.optim.Optimizer,

@@ -31,6 +31,7 @@ from .evaluate import evaluate_members
 from .functional import Params, buffers_like, n_members, stack
 from .models import init_params
 from .step import Batch, Hyper, Objective, Update, plain_update, poisoned_objective, train_step
+from .step import isolated as isolate  # fit's flag of the same name switches it on
 
 __all__ = ["fit", "FitResult", "TrainingDiverged", "init_stack", "effective_beta",
            "make_optimizer"]
@@ -123,6 +124,7 @@ def fit(
     desc: str = "train",
     objective: Objective = poisoned_objective,
     update: Update = plain_update,
+    isolated: bool = False,
 ) -> FitResult:
     """Train the stack ``params`` ``(M, ...)`` on the poisoned objective for ``cfg.steps``.
 
@@ -137,6 +139,10 @@ def fit(
     This is the driver (schedule, minibatches, logging, checkpoints, stopping);
     each step is :func:`minefield.step.train_step` with ``objective`` and
     ``update`` (e.g. :func:`minefield.step.sam_update`) plugged in.
+    ``isolated=True`` computes every member on its own kernels (objective,
+    clipping norms, logged metrics; see :func:`minefield.step.isolated`), so a
+    member's trajectory is bit-for-bit the same in a stack of any size; it runs
+    on one intra-op thread (restored on return).
     Returns the final (or frozen) parameters and the logged history.
     """
     m = n_members(params)
@@ -158,7 +164,9 @@ def fit(
     bs_p = cfg.poison_batch_size or (n_p if bs >= n_t else math.ceil(n_p * bs / n_t))
     use_poison = n_p > 0 and bool((betas_t > 0).any())
     l2 = torch.full((m,), cfg.l2, dtype=torch.float32, device=dev) if cfg.l2 > 0 else None
-    hyper = Hyper(betas_t, l2, cfg.clip_norm, flip)
+    hyper = Hyper(betas_t, l2, cfg.clip_norm, flip, isolated)
+    if isolated:
+        objective = isolate(objective)
     frozen: dict[str, torch.Tensor] = {}
     done = torch.zeros(m, dtype=torch.bool, device=dev)
     stopped_at: list[int | None] = [None] * m
@@ -169,7 +177,8 @@ def fit(
     def log(step: int) -> bool:
         nonlocal done, last_ckpt
         with torch.no_grad():
-            vals = evaluate_members(model, _current(), eval_data or data, buffers)
+            vals = evaluate_members(model, _current(), eval_data or data, buffers,
+                                    isolated=isolated)
         if not (torch.isfinite(vals["train_loss"]).all()
                 and torch.isfinite(vals["weight_norm"]).all()):
             raise _diverged(step, last_ckpt)
@@ -203,6 +212,9 @@ def fit(
     bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, disable=not progress,
                leave=False, mininterval=0.5)
     step = start_step
+    threads = torch.get_num_threads()
+    if isolated:  # one member's small kernels gain nothing from threads, and lose to their
+        torch.set_num_threads(1)  # start-up cost (much more so on a busy machine)
     try:
         if step % cfg.log_every == 0 and log(step):
             return FitResult(_current(), buffers, step, history, stopped_at)
@@ -228,4 +240,5 @@ def fit(
     finally:
         bar.close()
         model.eval()
+        torch.set_num_threads(threads)
     return FitResult(_current(), buffers, step, history, stopped_at)

@@ -86,6 +86,9 @@ _D = SearchConfig()
 @click.option("--max-batch", type=click.IntRange(1), default=_D.max_batch, show_default=True,
               help="Searches trained together as one stacked model.")
 @click.option("--memory-mb", type=float, default=_D.memory_mb, show_default=True)
+@click.option("--isolate/--no-isolate", default=_D.isolate, show_default=True,
+              help="Compute each search on kernels shaped for one model: minima do not "
+                   "depend on --max-batch. --no-isolate: one batched pass per stack.")
 @device_option
 @force_option
 @quiet_option
@@ -95,7 +98,7 @@ _D = SearchConfig()
 def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, steps, optimizer,
            lr, milestones, gamma, clip_norm, batch_size, beta, objective, extra_poison,
            extra_share, stopping, target_train, target_poison, poison_cap, beta_step, beta_max,
-           adapt_from, seed, max_batch, memory_mb, device, force, quiet, **ex_opts):
+           adapt_from, seed, max_batch, memory_mb, isolate, device, force, quiet, **ex_opts):
     """Search bad minima from checkpoints of RUN (paper Fig. 1); resumes if interrupted.
 
     \b
@@ -113,7 +116,7 @@ def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, s
                        target_poison_acc=target_poison, poison_cap=poison_cap,
                        beta_step=beta_step, beta_max=beta_max, adapt_from=adapt_from,
                        seed=seed, max_batch=max_batch,
-                       memory_mb=memory_mb)
+                       memory_mb=memory_mb, isolate=isolate)
     r = open_run(ctx, run)
 
     def report(done, total):

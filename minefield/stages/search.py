@@ -102,7 +102,8 @@ def search_task(spec: dict[str, Any]) -> dict[str, Any]:
     seeds = [search_seed(cfg.seed, s, r) for _, s, r in spec["work"]]
     res = search_minima(model, starts, data, cfg, seeds, extra=spec["extra"],
                         progress=spec["progress"])
-    d_start, d_final = distances(res.params, starts), distances(res.params, final)
+    d_start = distances(res.params, starts, isolated=cfg.isolate)
+    d_final = distances(res.params, final, isolated=cfg.isolate)
     rows = [{"start_checkpoint": name, "start_step": s, "repeat": r, "seed": seeds[i],
              "steps": int(res.steps[i]), "beta": float(res.betas[i]),
              **{k: float(v[i]) for k, v in res.metrics.items()},
@@ -136,7 +137,10 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
 
     Minima already saved by an interrupted search with the same config are kept
     and not redone; a different config raises :class:`RunError` unless ``force``
-    (which deletes the old search). ``on_batch(done, total)`` reports progress.
+    (which deletes the old search). With ``cfg.isolate`` (the default) only the
+    missing minima are trained, and ``max_batch`` / ``memory_mb`` may differ from
+    the interrupted command's: they cannot change a minimum. ``on_batch(done,
+    total)`` reports progress.
 
     Each stack of searches (a chunk of the work list) is one task of ``executor``
     (:mod:`minefield.executor`; default: this process), whose minima the driver
@@ -163,7 +167,10 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
                          f"{n_members(final_params)}")
     final = one(final_params, cfg.member)
     chosen = select_checkpoints(traj, cfg)
-    record = {"search": cfg.to_dict(), "run": run.name, "final_checkpoint": traj[-1].name,
+    key = cfg.to_dict()
+    if cfg.isolate:  # grouping cannot change isolated minima: resume with any --max-batch
+        del key["max_batch"], key["memory_mb"]
+    record = {"search": key, "run": run.name, "final_checkpoint": traj[-1].name,
               "extra_poison": n_extra}
     # minima already there are kept, not redone; a different config refuses once the
     # old one has saved a minimum (before that there is nothing to lose)
@@ -176,11 +183,13 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
 
     todo = [w for w in work if not run.exists(rel(w[1], w[2]))]
     cap = batch_capacity(model, poison_set(data, cfg, extra)[0], cfg)
-    # Stacks are fixed chunks of the whole work list, and a chunk with any minimum
-    # missing is redone whole: rounding depends on the stack a member trains in, and
-    # this chaotic objective amplifies it (see the module docstring), so a resumed
-    # search trains every member in the stack it would have had without the kill.
-    chunks = [work[b:b + cap] for b in range(0, len(work), cap)]
+    # Isolated members (cfg.isolate, the default) do not depend on their stack, so
+    # only the missing minima are trained, in stacks of any size. Batched ones round
+    # differently in different stacks, and this chaotic objective amplifies it: their
+    # stacks are fixed chunks of the whole work list, and a chunk with a minimum
+    # missing is redone whole, as it would have run without the kill.
+    listed = todo if cfg.isolate else work
+    chunks = [listed[b:b + cap] for b in range(0, len(listed), cap)]
     todo_chunks = [c for c in chunks if not all(run.exists(rel(s, r)) for _, s, r in c)]
     specs = [{"experiment": run_cfg, "search": cfg, "device": str(device), "extra": extra,
               "final": {k: v.cpu() for k, v in final.items()}, "progress": progress,
