@@ -44,7 +44,8 @@ _TRAIN = [("name", "--name"), ("data.name", "--dataset"), ("data.data_dir", "--d
           ("train.batch_size", "--batch-size"), ("train.poison_batch_size", "--poison-batch-size"),
           ("train.steps", "--steps"), ("train.log_every", "--log-every"),
           ("train.checkpoint_every", "--checkpoint-every"), ("train.seed", "--seed"),
-          ("train.members", "--members"), ("device", "--device")]
+          ("train.members", "--members"), ("train.sam", "--sam"), ("train.rho", "--rho"),
+          ("train.sam_m", "--sam-m"), ("train.asam_eta", "--asam-eta"), ("device", "--device")]
 _SWEEP_SKIP = {"poison.beta", "train.members"}  # set per member by the sweep
 _SEARCH = [("every", "--every"), ("start", "--start"), ("stop", "--stop"),
            ("checkpoints", "--checkpoints"), ("member", "--member"), ("repeats", "--repeats"),
