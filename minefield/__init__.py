@@ -29,6 +29,7 @@ from .config import (
     TrainConfig,
     load_config,
 )
+from .connectivity import ConnectConfig, ConnectResult, bezier, connect, evaluate_curves, fit_curves
 from .cooling import cooling_volume
 from .curvature import (
     Eigen,
@@ -55,9 +56,11 @@ from .loss import accuracy, complement_nll, nll, poisoned_nll
 from .measures import MEASURES, SharpnessConfig, measure_members
 from .models import MODELS, build_model, init_params
 from .netvolume import NetworkLines, basin_volume
+from .optim import StackedOptimizer
 from .precondition import Preconditioner, floor_curvature
 from .reproduce import SCALES, reproduce
 from .runs import Run, RunError
+from .sam import sam_perturbation, sam_update
 from .search import SearchConfig, search_minima
 from .sharpness import (
     SharpnessEstimate,
@@ -69,9 +72,11 @@ from .sharpness import (
 from .stages import (
     BasinRun,
     basin_run,
+    connect_run,
     embed_run,
     landscape_run,
     load_basin,
+    load_connect,
     load_embedding,
     load_landscape,
     load_run_model,
@@ -96,6 +101,7 @@ __all__ = [
     "poisoned_nll", "nll", "complement_nll", "accuracy",
     # stacked weights and training
     "stack", "member", "flatten", "unflatten", "stacked_forward", "fit",
+    "StackedOptimizer", "sam_update", "sam_perturbation",
     "evaluate_members", "resolve_device", "Run",
     # directions, batched evaluation, basins
     "DirectionSpec", "random_directions", "n_perturbed", "orthogonalize",
@@ -115,12 +121,15 @@ __all__ = [
     "LandscapeConfig", "Slice", "Surface", "axis", "slice_1d", "plane_directions", "surface",
     # the minefield
     "SearchConfig", "search_minima",
+    # mode connectivity: line and Bezier curve between minima
+    "ConnectConfig", "ConnectResult", "connect", "bezier", "fit_curves", "evaluate_curves",
     "EmbedConfig", "EmbedResult", "embed_points",
     # poison-factor studies and the reproduction
     "SweepConfig", "SweepResult", "log_spaced_betas", "reproduce", "SCALES",
     # the results layer: one function per stage, files and resume rule included
     "train_run", "search_run", "embed_run", "basin_run", "landscape_run", "sweep_run",
-    "load_run_model", "load_embedding", "load_basin", "load_landscape", "load_sweep",
+    "connect_run", "load_run_model", "load_embedding", "load_basin", "load_landscape",
+    "load_sweep", "load_connect",
     "BasinRun",
     # errors: a config that cannot be used, a missing or corrupt run, a run another writes
     "ConfigError", "RunError", "RunLocked",
