@@ -6,7 +6,7 @@ plug in without touching the driver:
 
 - an **objective** ``objective(model, params, buffers, batch, hyper) -> (M,)``,
   the loss of every member (default :func:`poisoned_objective`: the poisoned
-  NLL of :mod:`minefield.loss` plus ``l2 * sum W^2``; :mod:`minefield.connect`
+  NLL of :mod:`minefield.loss` plus ``l2 * sum W^2``; :mod:`minefield.connectivity`
   plugs in the loss at sampled points of Bezier curves);
 - an **update** ``update(loss_fn, params, opt, hyper, batch) -> (M,)`` that
   evaluates ``loss_fn(batch)`` (on the step's batch or a part of it) as often

@@ -77,7 +77,7 @@ def connect_cmd(ctx, run_a, run_b, checkpoint_a, checkpoint_b, member_a, member_
 def _end(end: list) -> str:
     """``run[member] checkpoint`` of a saved endpoint ``[run, checkpoint, member]``."""
     run, ck, member = end
-    return f"{run}[{member}] {Path(ck).stem if ck else 'last'}"
+    return f"{run}[{member}] {Path(ck).stem}"
 
 
 @plot.command("connect")

@@ -52,10 +52,14 @@ def check_endpoints(run_a: Run, run_b: Run) -> None:
                               "architecture and dataset")
 
 
-def _checkpoint(run: Run, rel: str | None) -> str | None:
-    """``rel`` as a checkpoint file inside ``run`` (no absolute paths, no ``..``)."""
+def _checkpoint(run: Run, rel: str | None) -> str:
+    """``rel`` as a checkpoint file inside ``run`` (no absolute paths, no ``..``); ``None``:
+    the last trajectory checkpoint, named, so a run trained further is not mistaken for it."""
     if rel is None:
-        return None
+        traj = run.trajectory()
+        if not traj:
+            raise RunError(f"run {run.path} has no trajectory checkpoints (was it trained?)")
+        return str(traj[-1].relative_to(run.path))
     p = Path(rel)
     if p.is_absolute() or ".." in p.parts or not run.file(rel).is_file():
         raise RunError(f"no checkpoint {rel!r} inside run {run.name} (give a path relative "
@@ -63,8 +67,8 @@ def _checkpoint(run: Run, rel: str | None) -> str | None:
     return rel
 
 
-def _abs(run: Run, rel: str | None) -> Path | None:
-    return None if rel is None else run.file(rel)
+def _abs(run: Run, rel: str) -> Path:
+    return run.file(rel)
 
 
 def _minima(run: Run) -> list[str]:
