@@ -45,10 +45,10 @@ from .curvature import (
 )
 from .data import DATASETS, Dataset, load_dataset
 from .directions import DirectionSpec, n_perturbed, orthogonalize, random_directions
-from .embed import EmbedConfig, EmbedResult, embed_points
+from .embed import EmbedConfig, EmbedResult, TSNEMap, embed_points, fit_map
 from .engine import evaluate_points, evaluate_points_loop
 from .evaluate import evaluate_members, resolve_device
-from .functional import flatten, member, stack, stacked_forward, unflatten
+from .functional import stacked_forward
 from .hvp import CurvatureKind, CurvatureOperator, NonFiniteLoss, Objective, model_objective
 from .landscape import LandscapeConfig, Slice, Surface, axis, plane_directions, slice_1d, surface
 from .lock import RunLocked
@@ -69,6 +69,7 @@ from .sharpness import (
     pac_bayes_sigma,
     worst_case_sharpness,
 )
+from .stacked import Stacked, check_single, flatten, member, one, stack, unflatten
 from .stages import (
     BasinRun,
     basin_run,
@@ -79,6 +80,7 @@ from .stages import (
     load_connect,
     load_embedding,
     load_landscape,
+    load_map,
     load_run_model,
     load_sweep,
     search_run,
@@ -100,7 +102,8 @@ __all__ = [
     # the poisoned objective
     "poisoned_nll", "nll", "complement_nll", "accuracy",
     # stacked weights and training
-    "stack", "member", "flatten", "unflatten", "stacked_forward", "fit",
+    "Stacked", "stack", "member", "one", "check_single", "flatten", "unflatten",
+    "stacked_forward", "fit",
     "StackedOptimizer", "sam_update", "sam_perturbation",
     "evaluate_members", "resolve_device", "Run",
     # directions, batched evaluation, basins
@@ -121,15 +124,15 @@ __all__ = [
     "LandscapeConfig", "Slice", "Surface", "axis", "slice_1d", "plane_directions", "surface",
     # the minefield
     "SearchConfig", "search_minima",
+    "EmbedConfig", "EmbedResult", "TSNEMap", "embed_points", "fit_map",
     # mode connectivity: line and Bezier curve between minima
     "ConnectConfig", "ConnectResult", "connect", "bezier", "fit_curves", "evaluate_curves",
-    "EmbedConfig", "EmbedResult", "embed_points",
     # poison-factor studies and the reproduction
     "SweepConfig", "SweepResult", "log_spaced_betas", "reproduce", "SCALES",
     # the results layer: one function per stage, files and resume rule included
     "train_run", "search_run", "embed_run", "basin_run", "landscape_run", "sweep_run",
-    "connect_run", "load_run_model", "load_embedding", "load_basin", "load_landscape",
-    "load_sweep", "load_connect",
+    "load_run_model", "load_embedding", "load_map", "load_basin", "load_landscape", "load_sweep",
+    "connect_run", "load_connect",
     "BasinRun",
     # errors: a config that cannot be used, a missing or corrupt run, a run another writes
     "ConfigError", "RunError", "RunLocked",

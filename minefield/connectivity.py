@@ -130,6 +130,9 @@ def fit_curves(model: nn.Module, a: Params, b: Params, data: Dataset,
     Minimises ``E_{t ~ U[0,1]} L_train(theta_p(t))`` with ``cfg``'s optimizer,
     schedule, batch size and L2, one ``t`` per curve per step drawn from
     ``cfg.seed``; all curves are one stack. BatchNorm layers use batch statistics.
+    The ``P`` values of ``t`` of a step are one draw, so a curve trained in a stack
+    of P sees other ``t`` than the same curve trained alone (same seed, same numbers
+    for the same stack).
     """
     p = n_members(a)
     dev = next(iter(a.values())).device

@@ -164,7 +164,8 @@ def test_connect_command_writes_reuses_and_plots(cli, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "line max" in r.output and "wrote" in r.output
     saved = json.loads((tmp_path / "runs" / "g" / "connect" / "default.json").read_text())
-    assert len(saved["ts"]) == 9 and saved["pairs"][0]["b"] == ["g", "trajectory/step_00000040.safetensors", 1]
+    assert len(saved["ts"]) == 9
+    assert saved["pairs"][0]["b"] == ["g", "trajectory/step_00000040.safetensors", 1]
     assert (tmp_path / "runs" / "g" / "connect" / "default.safetensors").is_file()
     r = cli(*args)
     assert r.exit_code == 0 and "reusing" in r.output
