@@ -29,6 +29,7 @@ from .config import (
     TrainConfig,
     load_config,
 )
+from .connectivity import ConnectConfig, ConnectResult, bezier, connect, evaluate_curves, fit_curves
 from .cooling import cooling_volume
 from .curvature import (
     Eigen,
@@ -66,9 +67,11 @@ from .loss import accuracy, complement_nll, nll, poisoned_nll
 from .measures import MEASURES, SharpnessConfig, measure_members
 from .models import MODELS, build_model, init_params
 from .netvolume import NetworkLines, basin_volume
+from .optim import StackedOptimizer
 from .precondition import Preconditioner, floor_curvature
 from .reproduce import SCALES, reproduce
 from .runs import Run, RunError
+from .sam import sam_perturbation, sam_update
 from .search import SearchConfig, search_minima
 from .sharpness import (
     SharpnessEstimate,
@@ -81,9 +84,11 @@ from .stacked import Stacked, check_single, flatten, member, one, stack, unflatt
 from .stages import (
     BasinRun,
     basin_run,
+    connect_run,
     embed_run,
     landscape_run,
     load_basin,
+    load_connect,
     load_embedding,
     load_landscape,
     load_map,
@@ -110,6 +115,7 @@ __all__ = [
     # stacked weights and training
     "Stacked", "stack", "member", "one", "check_single", "flatten", "unflatten",
     "stacked_forward", "fit",
+    "StackedOptimizer", "sam_update", "sam_perturbation",
     "evaluate_members", "resolve_device", "Run",
     # directions, batched evaluation, basins
     "DirectionSpec", "random_directions", "n_perturbed", "orthogonalize",
@@ -130,11 +136,14 @@ __all__ = [
     # the minefield
     "SearchConfig", "search_minima",
     "EmbedConfig", "EmbedResult", "TSNEMap", "embed_points", "fit_map",
+    # mode connectivity: line and Bezier curve between minima
+    "ConnectConfig", "ConnectResult", "connect", "bezier", "fit_curves", "evaluate_curves",
     # poison-factor studies and the reproduction
     "SweepConfig", "SweepResult", "log_spaced_betas", "reproduce", "SCALES",
     # the results layer: one function per stage, files and resume rule included
     "train_run", "search_run", "embed_run", "basin_run", "landscape_run", "sweep_run",
     "load_run_model", "load_embedding", "load_map", "load_basin", "load_landscape", "load_sweep",
+    "connect_run", "load_connect",
     "BasinRun",
     # running the tasks of a stage here or on a Ray cluster
     "Executor", "ExecutorKind", "make_executor", "LocalExecutor", "RayExecutor", "run_tasks",

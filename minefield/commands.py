@@ -38,7 +38,8 @@ _TRAIN_FLAGS = {"optimizer": "--optimizer", "lr": "--lr", "momentum": "--momentu
                 "clip_norm": "--clip", "batch_size": "--batch-size",
                 "poison_batch_size": "--poison-batch-size", "steps": "--steps",
                 "log_every": "--log-every", "checkpoint_every": "--checkpoint-every",
-                "seed": "--seed", "members": "--members"}
+                "seed": "--seed", "members": "--members", "sam": "--sam", "rho": "--rho",
+                "sam_m": "--sam-m", "asam_eta": "--asam-eta"}
 
 
 def _train(*fields: str) -> list[tuple[str, str]]:

@@ -23,7 +23,7 @@ from typing import Any
 __all__ = ["ConfigError", "option", "choices", "Optimizer", "PoisonObjective", "StopRule",
            "CutoffKind", "RadiusMethod", "Grid", "DirectionKind", "BiasPolicy", "BNPolicy",
            "EnginePath", "Init", "Activation", "Split", "EmbedCheckpoints", "Estimator",
-           "CurvatureKind", "ExecutorKind"]
+           "CurvatureKind", "ExecutorKind", "SamKind"]
 
 
 class ConfigError(ValueError):
@@ -51,6 +51,14 @@ class Optimizer(str, enum.Enum):
     SGD = "sgd"
     ADAM = "adam"
     RMSPROP = "rmsprop"
+
+
+class SamKind(str, enum.Enum):
+    """Sharpness-aware training (:mod:`minefield.sam`): none, SAM, or adaptive ASAM."""
+
+    NONE = "none"
+    SAM = "sam"
+    ASAM = "asam"
 
 
 class PoisonObjective(str, enum.Enum):

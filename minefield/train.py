@@ -30,6 +30,8 @@ from .data import Dataset
 from .evaluate import evaluate_members
 from .functional import Params, buffers_like, n_members, stack
 from .models import init_params
+from .optim import StackedOptimizer
+from .sam import sam_update
 from .step import Batch, Hyper, Objective, Update, plain_update, poisoned_objective, train_step
 from .step import isolated as isolate  # fit's flag of the same name switches it on
 
@@ -50,14 +52,11 @@ class FitResult:
     stopped_at: list[int | None]
 
 
-def make_optimizer(cfg: TrainConfig, leaves: list[torch.Tensor]) -> torch.optim.Optimizer:
-    # foreach: one fused kernel per op over all tensors (torch picks it only on CUDA).
+def make_optimizer(cfg: TrainConfig, leaves: list[torch.Tensor]) -> StackedOptimizer:
+    """``cfg.optimizer`` over the stacked ``leaves``; a step may give each member its own lr."""
     if cfg.optimizer is Optimizer.SGD:
-        return torch.optim.SGD(leaves, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
-    if cfg.optimizer is Optimizer.ADAM:
-        return torch.optim.Adam(leaves, lr=cfg.lr, foreach=True)
-    # Keras' RMSprop defaults (rho 0.9, eps 1e-7), as in the paper's minefield code.
-    return torch.optim.RMSprop(leaves, lr=cfg.lr, alpha=0.9, eps=1e-7, foreach=True)
+        return StackedOptimizer(leaves, cfg.optimizer, cfg.lr, momentum=cfg.momentum)
+    return StackedOptimizer(leaves, cfg.optimizer, cfg.lr)
 
 
 def init_stack(model: nn.Module, scheme: str, seeds: Sequence[int]) -> Params:
@@ -99,6 +98,19 @@ def _batch(data: Dataset, seed: int, step: int, bs: int, bs_p: int,
     return Batch(torch.cat([xb, xp]), yb, yp, wp)
 
 
+def _per_member(what: str, values, default: float, m: int, dtype: torch.dtype,
+                device) -> torch.Tensor:
+    """``values`` (or ``default`` for all) as an ``(M,)`` tensor; ValueError on a wrong length."""
+    if values is None:
+        return torch.full((m,), default, dtype=dtype, device=device)
+    t = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if len(t) != m:
+        raise ValueError(f"{len(t)} {what} for {m} members")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} must be finite, got {t.tolist()}")
+    return t.to(device=device, dtype=dtype)
+
+
 def _diverged(step: int, last_good: int | None) -> TrainingDiverged:
     where = f"step {last_good}" if last_good is not None else "none yet"
     return TrainingDiverged(f"loss became NaN/inf at step {step}; last good checkpoint: {where}")
@@ -123,8 +135,11 @@ def fit(
     progress: bool = False,
     desc: str = "train",
     objective: Objective = poisoned_objective,
-    update: Update = plain_update,
+    update: Update | None = None,
     isolated: bool = False,
+    lrs: torch.Tensor | Sequence[float] | None = None,
+    l2s: torch.Tensor | Sequence[float] | None = None,
+    rhos: torch.Tensor | Sequence[float] | None = None,
 ) -> FitResult:
     """Train the stack ``params`` ``(M, ...)`` on the poisoned objective for ``cfg.steps``.
 
@@ -136,9 +151,14 @@ def fit(
     :func:`~minefield.loss.poisoned_nll`). Logged metrics (and so ``stop_fn``) are
     measured on ``eval_data`` (default ``data``), e.g. the paper's splits when
     ``data`` holds extra training points.
+    ``lrs``, ``l2s``, ``rhos`` ``(M,)`` give each member its own learning rate
+    (scaled by the schedule's ``gamma**k``), L2 coefficient and SAM radius
+    (default: ``cfg.lr``, ``cfg.l2``, ``cfg.rho`` for every member); equal values
+    train exactly as the scalar config does.
     This is the driver (schedule, minibatches, logging, checkpoints, stopping);
     each step is :func:`minefield.step.train_step` with ``objective`` and
-    ``update`` (e.g. :func:`minefield.step.sam_update`) plugged in.
+    ``update`` plugged in (default: :func:`minefield.sam.sam_update` for
+    ``cfg.sam``, which is the plain update when ``cfg.sam`` is none).
     ``isolated=True`` computes every member on its own kernels (objective,
     clipping norms, logged metrics; see :func:`minefield.step.isolated`), so a
     member's trajectory is bit-for-bit the same in a stack of any size; it runs
@@ -163,8 +183,17 @@ def fit(
     bs = cfg.batch_size or n_t
     bs_p = cfg.poison_batch_size or (n_p if bs >= n_t else math.ceil(n_p * bs / n_t))
     use_poison = n_p > 0 and bool((betas_t > 0).any())
-    l2 = torch.full((m,), cfg.l2, dtype=torch.float32, device=dev) if cfg.l2 > 0 else None
-    hyper = Hyper(betas_t, l2, cfg.clip_norm, flip, isolated)
+    lr0 = _per_member("lrs", lrs, cfg.lr, m, torch.float64, "cpu")
+    l2 = _per_member("l2s", l2s, cfg.l2, m, torch.float32, dev)
+    rho = _per_member("rhos", rhos, cfg.rho, m, torch.float64, dev)
+    if bool((lr0 <= 0).any()) or bool((l2 < 0).any()) or bool((rho < 0).any()):
+        raise ValueError("per-member lrs must be > 0, l2s and rhos >= 0")
+    if update is None:
+        update = sam_update(cfg.sam, cfg.sam_m, cfg.asam_eta)
+        if bool((rho > 0).any()) and update is plain_update:
+            raise ValueError("per-member rhos > 0 need train.sam = sam or asam")
+    hyper = Hyper(betas_t, l2 if bool((l2 > 0).any()) else None, cfg.clip_norm, flip,
+                  isolated, rho=rho)
     if isolated:
         objective = isolate(objective)
     frozen: dict[str, torch.Tensor] = {}
@@ -183,7 +212,8 @@ def fit(
                 and torch.isfinite(vals["weight_norm"]).all()):
             raise _diverged(step, last_ckpt)
         lr = cfg.lr_at(step)
-        rows = [{"step": step, "member": i, "lr": lr, "beta": beta_vals[i],
+        lr = (lr0 * cfg.lr_factor(step)).tolist()
+        rows = [{"step": step, "member": i, "lr": lr[i], "beta": beta_vals[i],
                  **{k: float(v[i]) for k, v in vals.items()}} for i in range(m)]
         history.extend(rows)
         if on_log:
@@ -224,6 +254,7 @@ def fit(
         while step < cfg.steps:
             for g in opt.param_groups:
                 g["lr"] = cfg.lr_at(step)
+            hyper.lr = lr0 * cfg.lr_factor(step)
             batch = _batch(data, cfg.seed, step, bs, bs_p if use_poison else 0, poison_weight)
             train_step(model, leaves, buffers, opt, batch, hyper, objective, update)
             step += 1
