@@ -123,10 +123,12 @@ def fit(
     desc: str = "train",
     objective: Objective = poisoned_objective,
     update: Update = plain_update,
+    l2: Sequence[float] | None = None,
 ) -> FitResult:
     """Train the stack ``params`` ``(M, ...)`` on the poisoned objective for ``cfg.steps``.
 
-    Per member m the loss is ``poisoned_nll(train, poison, betas[m]) + l2 * sum W^2``.
+    Per member m the loss is ``poisoned_nll(train, poison, betas[m]) + l2[m] * sum W^2``
+    (``l2``: one coefficient per member; default ``cfg.l2`` for all).
     ``stop_fn(metrics) -> (M,) bool`` (checked at every log step) freezes members
     that reached their goal: their parameters are kept from that step on and
     ``stopped_at[m]`` records it; training ends when all members have stopped.
@@ -157,8 +159,11 @@ def fit(
     bs = cfg.batch_size or n_t
     bs_p = cfg.poison_batch_size or (n_p if bs >= n_t else math.ceil(n_p * bs / n_t))
     use_poison = n_p > 0 and bool((betas_t > 0).any())
-    l2 = torch.full((m,), cfg.l2, dtype=torch.float32, device=dev) if cfg.l2 > 0 else None
-    hyper = Hyper(betas_t, l2, cfg.clip_norm, flip)
+    l2_vals = [cfg.l2] * m if l2 is None else [float(v) for v in l2]
+    if len(l2_vals) != m or any(not v >= 0 for v in l2_vals):
+        raise ValueError(f"l2 needs {m} coefficients >= 0, got {l2_vals}")
+    l2_t = (torch.tensor(l2_vals, dtype=torch.float32, device=dev) if any(l2_vals) else None)
+    hyper = Hyper(betas_t, l2_t, cfg.clip_norm, flip)
     frozen: dict[str, torch.Tensor] = {}
     done = torch.zeros(m, dtype=torch.bool, device=dev)
     stopped_at: list[int | None] = [None] * m

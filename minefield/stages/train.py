@@ -66,13 +66,16 @@ def member_seeds(cfg: ExperimentConfig) -> list[int]:
 @locking
 def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: bool = False,
               progress: bool = True, betas: Sequence[float] | None = None,
-              seeds: Sequence[int] | None = None, save: bool = True) -> TrainResult:
+              seeds: Sequence[int] | None = None, save: bool = True,
+              l2s: Sequence[float] | None = None) -> TrainResult:
     """Train ``cfg`` into ``root/cfg.name`` (resuming if it was interrupted).
 
-    ``betas`` gives each member its own poison factor (a sweep); by default all
-    members use ``cfg.poison.beta``. ``seeds`` gives each member its init seed
-    (default ``cfg.train.seed + i``); equal seeds give identical inits. With
-    ``save=False`` nothing is written.
+    ``betas`` gives each member its own poison factor (a sweep; ``None`` in it:
+    the concatenation weight, see :func:`~minefield.train.effective_beta`); by
+    default all members use ``cfg.poison.beta``. ``seeds`` gives each member its
+    init seed (default ``cfg.train.seed + i``); equal seeds give identical inits.
+    ``l2s`` gives each member its weight-decay coefficient (default ``cfg.train.l2``).
+    With ``save=False`` nothing is written.
     """
     dev = resolve_device(cfg.device)
     data = load_dataset(cfg.data)
@@ -84,6 +87,10 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         betas = [effective_beta(cfg.poison.beta, data)] * m
     if len(betas) != m:
         raise ValueError(f"{len(betas)} betas for {m} members")
+    betas = [effective_beta(b, data) for b in betas]
+    l2s = [cfg.train.l2] * m if l2s is None else [float(v) for v in l2s]
+    if len(l2s) != m:
+        raise ValueError(f"{len(l2s)} l2 coefficients for {m} members")
     seeds = list(seeds) if seeds is not None else member_seeds(cfg)
     if len(seeds) != m:
         raise ValueError(f"{len(seeds)} seeds for {m} members")
@@ -110,6 +117,8 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
     rows = list(old_rows)
     base_meta = {"config": cfg_dict, "seeds": seeds, "betas": list(map(float, betas)),
                  "members": m}
+    if any(v != cfg.train.l2 for v in l2s):  # metadata of plain runs stays as it was
+        base_meta["l2s"] = l2s
 
     def on_log(step, new_rows):
         nonlocal rows
@@ -137,12 +146,13 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         res = fit(model, params, data, cfg.train, torch.tensor(betas),
                   flip=cfg.poison.objective is PoisonObjective.FLIP, buffers=buffers,
                   start_step=start, opt_state=opt_state, on_log=on_log,
-                  on_checkpoint=on_checkpoint, progress=progress, desc=cfg.name)
+                  on_checkpoint=on_checkpoint, progress=progress, desc=cfg.name, l2=l2s)
     final = evaluate_members(model, res.params, data, res.buffers)
     metrics = {k: v.tolist() for k, v in final.items()}
     if run is not None:
+        extra = {"l2s": l2s} if "l2s" in base_meta else {}
         run.write_json("summary.json", {"step": res.step, "seeds": seeds,
-                                        "betas": list(map(float, betas)), **metrics})
+                                        "betas": list(map(float, betas)), **extra, **metrics})
     return TrainResult(run, res.params, res.buffers, metrics, model, data)
 
 
