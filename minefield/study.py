@@ -105,8 +105,9 @@ def _jsonable(v: Any) -> Any:
 class StudyConfig(_Config):
     """What a study varies and how each model is measured.
 
-    ``grid``: ``{field: [values]}``, every combination (a product); or ``points``:
-    a list of ``{field: value}`` (every point names the same fields). ``volume``:
+    ``grid``: ``{field: [values]}``, every combination (a product); ``points``: a
+    list of ``{field: value}`` (every point names the same fields), e.g. optimizers
+    with their own settings; both: every point with every grid combination. ``volume``:
     the basin radius and volume estimate (:mod:`minefield.basin`); ``sharpness``:
     the curvature / sharpness columns (:mod:`minefield.measures`; ``None``: none);
     ``target``: the column the measures are ranked against (``gap``: train minus
@@ -124,8 +125,6 @@ class StudyConfig(_Config):
         if not isinstance(self.grid, dict):
             raise ConfigError(f"study.grid must be an object {{field: [values]}}, got "
                               f"{type(self.grid).__name__}")
-        if self.grid and self.points:
-            raise ConfigError("study: give a grid or a list of points, not both")
         if not self.grid and not self.points:
             raise ConfigError("study: the grid is empty (vary at least one field)")
         for k, v in self.grid.items():
@@ -137,12 +136,15 @@ class StudyConfig(_Config):
             if any(n is None or not n for n in names) or any(n != names[0] for n in names):
                 raise ConfigError("study.points must be non-empty objects that all name the "
                                   "same fields")
+            both = sorted(set(names[0]) & set(self.grid))
+            if both:
+                raise ConfigError(f"study: {', '.join(both)} is in both the points and the grid")
         if self.target not in ("gap", "loss_gap"):
             raise ConfigError(f"study.target must be 'gap' or 'loss_gap', got {self.target!r}")
 
     def design(self) -> list[str]:
-        """The varied fields, in the order given."""
-        return list(self.grid) if self.grid else list(self.points[0])
+        """The varied fields, in the order given (the points' first)."""
+        return (list(self.points[0]) if self.points else []) + list(self.grid)
 
 
 @dataclass(frozen=True)
@@ -212,13 +214,12 @@ def _points(study: StudyConfig, known: dict[str, Any]) -> list[dict[str, Any]]:
     fields = study.design()
     for f in fields:
         _check_field(f, known)
-    raw = ([dict(zip(fields, combo)) for combo in
-            itertools.product(*(study.grid[f] for f in fields))]
-           if study.grid else [dict(p) for p in study.points])
-    out = []
-    for i, p in enumerate(raw):
-        out.append({f: _coerce(known[f], v, f"study: {f}" if study.grid else
-                               f"study: point {i}, {f}") for f, v in p.items()})
+    points = [dict(p) for p in study.points] or [{}]
+    for i, p in enumerate(points):
+        points[i] = {f: _coerce(known[f], v, f"study: point {i}, {f}") for f, v in p.items()}
+    grid = {f: [_coerce(known[f], v, f"study: {f}") for v in vs] for f, vs in study.grid.items()}
+    out = [{**p, **dict(zip(grid, combo))} for p in points
+           for combo in itertools.product(*grid.values())]
     keys = [json.dumps(_jsonable_point(p), sort_keys=True) for p in out]
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -90,9 +91,21 @@ def test_bad_grids_raise_one_clear_config_error(grid, match):
         plan_study(tiny_config("s"), study(grid=grid))
 
 
+def test_points_cross_the_grid():
+    plan = plan_study(tiny_config("s"), study(
+        points=({"train.optimizer": "sgd", "train.lr": 0.1},
+                {"train.optimizer": "adam", "train.lr": 0.01}),
+        grid={"train.seed": [0, 1, 2]}))
+    assert plan.design == ["train.optimizer", "train.lr", "train.seed"]
+    assert len(plan.points) == 6 and [len(s.members) for s in plan.stacks] == [3, 3]
+    assert plan.stacks[1].config.train.optimizer.value == "adam"
+
+
 def test_bad_point_lists_raise():
-    with pytest.raises(ConfigError, match="not both"):
+    with pytest.raises(ConfigError, match="train.lr is in both the points and the grid"):
         study(grid={"train.lr": [0.1]}, points=({"train.lr": 0.1},))
+    with pytest.raises(ConfigError, match="study: point 1, train.lr: expected a number"):
+        plan_study(tiny_config("s"), study(points=({"train.lr": 0.1}, {"train.lr": "x"})))
     with pytest.raises(ConfigError, match="name the same fields"):
         study(points=({"train.lr": 0.1}, {"train.l2": 0.1}))
     with pytest.raises(ConfigError, match="target must be"):
@@ -168,6 +181,19 @@ def test_a_partial_task_resumes_from_its_last_measured_step(tmp_path):
     path.write_text(json.dumps(partial))
     run_stack(spec, tmp_path)
     assert json.loads(path.read_text()) == full
+
+
+def test_a_diverged_stack_is_a_row_of_nan_not_the_end_of_the_study(tmp_path):
+    base = tiny_config("dv", steps=20, optimizer="sgd")
+    res = study_run(base, study(grid={"train.lr": [0.05, 1e12]}), tmp_path, progress=False)
+    ok, bad = res.rows
+    assert not ok["diverged"] and ok["test_acc"] > 0.5
+    assert bad["diverged"] and math.isnan(bad["gap"]) and math.isnan(bad["test_acc"])
+    assert all(s["n"] == 1 for s in res.scores)
+    models = tmp_path / "dv" / "stacks" / bad["stack"] / "models.json"
+    stamp = models.stat().st_mtime_ns
+    study_run(base, study(grid={"train.lr": [0.05, 1e12]}), tmp_path, progress=False)
+    assert models.stat().st_mtime_ns == stamp  # not retrained on resume
 
 
 def test_the_executor_is_one_pluggable_loop(tmp_path):

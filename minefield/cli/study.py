@@ -88,7 +88,9 @@ def _grid_file(path: Path) -> dict:
 @click.option("--vary", "vary", multiple=True, metavar="FIELD=V1,V2",
               help="A field and its values, e.g. train.lr=0.01,0.1 (repeat: a grid).")
 @click.option("--grid", "grid_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="JSON grid {field: [values]} or list of points [{field: value}, ...].")
+              help="JSON grid {field: [values]}, list of points [{field: value}, ...], or "
+                   "{\"points\": [...], \"grid\": {...}} (each point x the grid); --vary "
+                   "adds to the grid.")
 @click.option("--directions", type=click.IntRange(1), default=100, show_default=True,
               help="Random filter-normalised directions per model (each counted +/-).")
 @click.option("--cutoff", type=float, default=1.0, show_default=True,
@@ -114,17 +116,14 @@ def study(ctx, vary, grid_file, directions, cutoff, r_max, estimator, measures, 
           --steps 3000 --vary train.lr=0.003,0.01,0.03 \\
           --vary train.batch_size=16,64,null --vary train.seed=0,1 --measures lambda_max
     """
-    if vary and grid_file:
-        raise click.UsageError("give --vary or --grid, not both")
     spec = _grid_file(grid_file) if grid_file else {}
-    grid: dict[str, list] = {}
+    grid: dict[str, list] = dict(spec.get("grid") or {})
     for text in vary:
         field, values = parse_vary(text)
         if field in grid:
             raise click.BadParameter(f"{field} is varied twice", param_hint="'--vary'")
         grid[field] = values
-    if grid:
-        spec = {"grid": grid}
+    spec["grid"] = grid
     opts = {**opts, "members": None}
     base = config_from_options(opts)
     vol = VolumeConfig(cutoff=cutoff, r_max=r_max, n_directions=directions,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from math import nan
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from ..measures import measure_members
 from ..ranking import score_measures
 from ..runs import DEFAULT_ROOT, Run, RunError, reading
 from ..study import REPLICATES, StackSpec, StudyConfig, StudyPlan, plan_study
+from ..train import TrainingDiverged
 from .train import match_model, train_run
 
 __all__ = ["FLATNESS", "MODELS_FILE", "STUDY_FILE", "StudyResult", "run_stack", "run_tasks",
@@ -51,6 +53,7 @@ STUDY_FILE = "study.json"
 _BASIN_COLUMNS = ("mean_radius", "median_radius", "log10_volume", "n_mean_log10_r")
 #: Columns that grow as a minimum gets flatter (the others grow with sharpness or norm).
 FLATNESS = (*_BASIN_COLUMNS, "pac_bayes_sigma", "pac_bayes_sigma_mag")
+_NAN_COLUMNS = ("train_acc", "test_acc", "train_loss", "test_loss", "gap", "loss_gap")
 
 
 @dataclass
@@ -81,12 +84,26 @@ def run_stack(spec: StackSpec | dict[str, Any], root: Path | str,
     Per step and member: ``evaluate_members`` (loss and accuracy on every split,
     weight norm), :func:`~minefield.basin.basin_members` with ``spec.volume`` and,
     when ``spec.sharpness`` is set, :func:`~minefield.measures.measure_members`.
-    ``force`` retrains the run from scratch.
+    ``force`` retrains the run from scratch. A stack whose loss diverges is recorded
+    as such (``"diverged"`` in models.json): its models are rows of NaN in the table.
     """
     spec = spec if isinstance(spec, StackSpec) else StackSpec.from_dict(spec)
-    res = train_run(spec.config, root, force=force, progress=progress, **spec.train_kwargs())
-    run = res.run
     key = _key(spec)
+    path = Path(root) / spec.name / MODELS_FILE
+    if path.exists() and not force:  # a finished task (diverged ones too) does nothing
+        run = Run.open(path.parent)
+        with reading(path):
+            saved = run.read_json(MODELS_FILE)
+            if saved["complete"] and saved["key"] == json.loads(json.dumps(key)):
+                return path
+    try:
+        res = train_run(spec.config, root, force=force, progress=progress,
+                        **spec.train_kwargs())
+    except TrainingDiverged as e:  # a study over lr meets some: their rows are NaN
+        run = Run.open(Path(root) / spec.name)
+        return run.write_result(MODELS_FILE, key, {"complete": True, "diverged": str(e),
+                                                   "steps": {}})
+    run = res.run
     done: dict[str, Any] = {}
     if run.resume(MODELS_FILE, key):
         saved = run.read_json(MODELS_FILE)
@@ -131,12 +148,18 @@ def stack_rows(spec: StackSpec, root: Path | str, design: list[str]) -> list[dic
         if not saved["complete"] or saved["key"] != json.loads(json.dumps(_key(spec))):
             raise RunError(f"{run.file(MODELS_FILE)} is not finished for this study")
         for step in spec.steps:
+            if saved.get("diverged"):
+                rows += [{**spec.design(i, step, design), "stack": spec.name, "member": i,
+                          "step": step, "diverged": True, **dict.fromkeys(_NAN_COLUMNS, nan)}
+                         for i in range(len(spec.members))]
+                continue
             at = saved["steps"][str(step)]
             for i in range(len(spec.members)):
                 m = {k: v[i] for k, v in at["metrics"].items()}
                 b = BasinResult.from_dict(at["basins"][i])
                 rows.append({**spec.design(i, step, design), "stack": spec.name, "member": i,
-                             "step": step, **m, "gap": m["train_acc"] - m["test_acc"],
+                             "step": step, "diverged": False, **m,
+                             "gap": m["train_acc"] - m["test_acc"],
                              "loss_gap": m["test_loss"] - m["train_loss"],
                              "mean_radius": b.mean_radius,
                              "median_radius": (float(b.radii.median()) if len(b.radii)
