@@ -15,7 +15,7 @@ from minefield.basin import VolumeConfig
 from minefield.cli import main
 from minefield.config import ConfigError
 from minefield.measures import SharpnessConfig
-from minefield.runs import Run
+from minefield.runs import Run, RunError
 from minefield.stages import train_run
 from minefield.stages.study import load_study, run_stack, run_tasks, stack_rows, study_run
 from minefield.study import MAX_CHECKPOINTS, STACKABLE, StackSpec, StudyConfig, plan_study
@@ -179,6 +179,10 @@ def test_a_partial_task_resumes_from_its_last_measured_step(tmp_path):
     full = json.loads(path.read_text())
     partial = {**full, "complete": False, "steps": {"20": full["steps"]["20"]}}
     path.write_text(json.dumps(partial))
+    with pytest.raises(RunError, match="is not finished for this study"):
+        stack_rows(spec, tmp_path, [])
+    with pytest.raises(RunError, match="has no study results"):
+        load_study(path.parent)
     run_stack(spec, tmp_path)
     assert json.loads(path.read_text()) == full
 
@@ -228,6 +232,8 @@ def _cli(root, *args):
     (("--vary", "model.widths=3"), "model.widths: expected a list"),
     (("--vary", "train.lr"), "expected FIELD=V1,V2"),
     (("--vary", "train.steps=10:0:5"), "needs step >= 1 and b >= a"),
+    (("--vary", "train.steps=0:x:5"), "expected integers a:b:step"),
+    (("--vary", "train.lr=0.1", "--vary", "train.lr=0.2"), "train.lr is varied twice"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, match):
     root = tmp_path / "runs"
@@ -236,6 +242,30 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, match):
     errors = [line for line in res.output.splitlines() if line.startswith("Error")]
     assert "Traceback" not in res.output and len(errors) == 1
     assert not root.exists() and not (tmp_path / "fig").exists()
+
+
+@pytest.mark.parametrize("text, match", [("{not json", "is not valid JSON"),
+                                         ("3", "must hold an object")])
+def test_cli_bad_grid_file_is_one_line(tmp_path, text, match):
+    grid = tmp_path / "grid.json"
+    grid.write_text(text)
+    res = _cli(tmp_path / "runs", "--grid", str(grid))
+    assert res.exit_code == 1 and match in res.output and not (tmp_path / "runs").exists()
+
+
+def test_per_member_l2_needs_one_coefficient_per_member(tmp_path):
+    from minefield.data import load_dataset
+    from minefield.models import build_model
+    from minefield.train import fit, init_stack
+
+    cfg = tiny_config("l2", members=2)
+    with pytest.raises(ValueError, match="3 l2 coefficients for 2 members"):
+        train_run(cfg, tmp_path, progress=False, l2s=[0.0, 0.1, 0.2])
+    assert not (tmp_path / "l2").exists()
+    data = load_dataset(cfg.data)
+    model = build_model(cfg.model, data.input_shape, data.n_classes)
+    with pytest.raises(ValueError, match=r"l2 needs 2 coefficients >= 0"):
+        fit(model, init_stack(model, "torch", [0, 1]), data, cfg.train, l2=[0.1, -1.0])
 
 
 def test_cli_runs_a_study_with_a_grid_file_and_redraws_it(tmp_path):
