@@ -69,6 +69,7 @@ from .models import MODELS, build_model, init_params
 from .netvolume import NetworkLines, basin_volume
 from .optim import StackedOptimizer
 from .precondition import Preconditioner, floor_curvature
+from .ranking import cmi_score, granulated_tau, kendall_tau, score_measures
 from .reproduce import SCALES, reproduce
 from .runs import Run, RunError
 from .sam import sam_perturbation, sam_update
@@ -98,6 +99,8 @@ from .stages import (
     sweep_run,
     train_run,
 )
+from .stages.study import StudyResult, load_study, run_stack, run_stacks, study_run
+from .study import STACKABLE, StackSpec, StudyConfig, plan_study
 from .sweep import SweepConfig, SweepResult, log_spaced_betas
 from .train import fit
 from .volume import Estimator, VolumeEstimate, log_chi_cdf, star_volume
@@ -140,6 +143,10 @@ __all__ = [
     "ConnectConfig", "ConnectResult", "connect", "bezier", "fit_curves", "evaluate_curves",
     # poison-factor studies and the reproduction
     "SweepConfig", "SweepResult", "log_spaced_betas", "reproduce", "SCALES",
+    # studies: a grid of configs -> stacks -> a tidy table -> every measure scored
+    "StudyConfig", "StackSpec", "STACKABLE", "plan_study", "study_run", "run_stack",
+    "run_stacks", "load_study", "StudyResult",
+    "kendall_tau", "granulated_tau", "cmi_score", "score_measures",
     # the results layer: one function per stage, files and resume rule included
     "train_run", "search_run", "embed_run", "basin_run", "landscape_run", "sweep_run",
     "load_run_model", "load_embedding", "load_map", "load_basin", "load_landscape", "load_sweep",

@@ -143,7 +143,8 @@ def fit(
 ) -> FitResult:
     """Train the stack ``params`` ``(M, ...)`` on the poisoned objective for ``cfg.steps``.
 
-    Per member m the loss is ``poisoned_nll(train, poison, betas[m]) + l2 * sum W^2``.
+    Per member m the loss is ``poisoned_nll(train, poison, betas[m]) + l2[m] * sum W^2``
+    (``l2``: one coefficient per member; default ``cfg.l2`` for all).
     ``stop_fn(metrics) -> (M,) bool`` (checked at every log step) freezes members
     that reached their goal: their parameters are kept from that step on and
     ``stopped_at[m]`` records it; training ends when all members have stopped.

@@ -43,6 +43,8 @@ from minefield.executor import (
 )
 from minefield.runs import Run, RunError
 from minefield.stages import load_run_model
+from minefield.stages.study import study_run
+from minefield.study import StudyConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::minefield.basin.BasinWarning")
 
@@ -263,6 +265,17 @@ def test_ray_sweep_and_volume_equal_local(ray_ex, one_thread, tiny, tmp_path):
                       directions_per_task=5, executor=ray_ex)
     assert _text([m.to_dict() for m in whole.members]) == \
         _text([m.to_dict() for m in split.members])
+
+
+def test_ray_study_equals_local(ray_ex, one_thread, tiny, tmp_path):
+    base = tiny("st", steps=20)
+    cfg = StudyConfig(grid={"train.lr": [0.01, 0.05], "train.batch_size": [16, 32]},
+                      volume=VolumeConfig(n_directions=4))
+    loc = study_run(base, cfg, tmp_path / "local", progress=False)
+    ray = study_run(base, cfg, tmp_path / "ray", progress=False, executor=ray_ex)
+    assert len(loc.rows) == 4 and _text(loc.rows) == _text(ray.rows)
+    assert [(tmp_path / r / "st" / "study.csv").read_bytes() for r in ("local", "ray")] \
+        == [(tmp_path / "local" / "st" / "study.csv").read_bytes()] * 2
 
 
 def test_ray_landscape_and_search_equal_local(ray_ex, one_thread, tiny, tmp_path):

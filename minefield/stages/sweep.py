@@ -1,8 +1,11 @@
-"""``minefield sweep`` as one call: one model per (poison factor, seed), then each basin.
+"""``minefield sweep`` as one call: a study over (poison factor, seed), one stack.
 
-The models train together as one stack into ``runs/<name>/`` (see
-:func:`~minefield.stages.train_run`); ``sweep.json`` (keyed by the
-:class:`~minefield.sweep.SweepConfig`) and ``sweep.csv`` hold the tidy table.
+The sweep is the study (:mod:`minefield.stages.study`) of the grid
+``{"poison.beta": betas, "train.seed": seeds}``: every model shares the
+architecture, so all of them train as one stack, here in ``runs/<name>/``
+itself (:func:`~minefield.stages.study.run_stack`: trajectory, ``models.json``).
+``sweep.json`` (keyed by the :class:`~minefield.sweep.SweepConfig`) and
+``sweep.csv`` hold the sweep's own tidy table and its Spearman correlations.
 
 Example (skipped by doctest: minutes)::
 
@@ -15,6 +18,8 @@ Example (skipped by doctest: minutes)::
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,12 +30,24 @@ from ..executor import Executor, LocalExecutor, TaskStore, run_tasks
 from ..lock import locking
 from ..measures import measure_members
 from ..runs import DEFAULT_ROOT, Run, reading
+from ..study import StackSpec, StudyConfig, plan_study
 from ..sweep import SweepConfig, SweepResult, spearman, sweep_rows
+from .study import MODELS_FILE, run_stack
 from .train import train_run
 
-__all__ = ["SWEEP_FILE", "sweep_run", "load_sweep"]
+__all__ = ["SWEEP_FILE", "sweep_run", "load_sweep", "sweep_spec"]
 
 SWEEP_FILE = "sweep.json"
+
+
+def sweep_spec(base: ExperimentConfig, sweep: SweepConfig) -> StackSpec:
+    """The sweep's one stack, named ``base.name``: members in (beta, seed) order, member
+    seeds ``base.train.seed + s``."""
+    study = StudyConfig(grid={"poison.beta": list(sweep.betas),
+                              "train.seed": [base.train.seed + s for s in sweep.seeds]},
+                        volume=sweep.volume, sharpness=sweep.sharpness)
+    (spec,) = plan_study(base, study).stacks
+    return dataclasses.replace(spec, name=base.name, config=spec.config.replace(name=base.name))
 
 
 @locking
@@ -43,7 +60,9 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
 
     ``base`` sets data, architecture and optimisation (its ``poison.beta`` and
     ``train.members`` are replaced). Re-running resumes: training continues from
-    its last checkpoint, and finished basin measurements are reused.
+    its last checkpoint, and finished measurements are reused. ``save=False`` works
+    in a temporary folder and keeps nothing. The sweep is one stack of a study
+    (:func:`sweep_spec`, :func:`~minefield.stages.study.run_stack`).
 
     With an ``executor`` (:mod:`minefield.executor`) or ``models_per_task``, the
     grid is split into tasks of ``models_per_task`` models (default: all), each
@@ -58,30 +77,30 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
     if executor is not None or models_per_task is not None:
         return _sweep_tasks(base, sweep, root, force, save, executor or LocalExecutor(),
                             models_per_task)
+    if not save:
+        with tempfile.TemporaryDirectory() as tmp:
+            return dataclasses.replace(sweep_run(base, sweep, tmp, progress=progress),
+                                       run=None)
     grid = [(b, s) for b in sweep.betas for s in sweep.seeds]
-    cfg = base.replace(train=base.train.replace(members=len(grid)))
-    res = train_run(cfg, root, force=force, progress=progress, betas=[b for b, _ in grid],
-                    seeds=[base.train.seed + s for _, s in grid], save=save)
-    run = res.run
+    spec = sweep_spec(base, sweep)
+    run_stack(spec, root, progress=progress, force=force)
+    run = Run.open(Path(root) / base.name)
     key = _sweep_key(sweep)
-    if run is not None and run.resume(SWEEP_FILE, key, force):
+    if run.resume(SWEEP_FILE, key, force):
         return load_sweep(run)
-    basins = basin_members(res.model, res.params, res.data, sweep.volume, res.buffers)
-    rows = sweep_rows(grid, res.metrics, basins)
-    measures: tuple[str, ...] = ()
-    if sweep.sharpness is not None:
-        cols = measure_members(res.model, res.params, res.data, sweep.sharpness,
-                               res.buffers or None)
+    saved = run.read_json(MODELS_FILE)
+    with reading(run.file(MODELS_FILE)):
+        at = saved["steps"][str(spec.config.train.steps)]
+        basins = [BasinResult.from_dict(b) for b in at["basins"]]
+        rows = sweep_rows(grid, at["metrics"], basins)
         for i, row in enumerate(rows):
-            row.update({k: float(v[i]) for k, v in cols.items()})
-        measures = sweep.sharpness.measures
+            row.update({k: float(v[i]) for k, v in at["measures"].items()})
+    measures = () if sweep.sharpness is None else sweep.sharpness.measures
     keys = ("test_acc", "mean_radius", "log10_volume", "gap") + measures
     out = SweepResult(rows, spearman(rows, keys=keys), run, basins,
                       spearman(rows, "gap", ("mean_radius", "log10_volume") + measures))
-    if run is not None:
-        run.write_csv("sweep.csv", rows)
-        run.write_result(SWEEP_FILE, key, {**out.to_dict(),
-                                           "basins": [b.to_dict() for b in basins]})
+    run.write_csv("sweep.csv", rows)
+    run.write_result(SWEEP_FILE, key, {**out.to_dict(), "basins": [b.to_dict() for b in basins]})
     return out
 
 

@@ -71,8 +71,9 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
               rhos: Sequence[float] | None = None) -> TrainResult:
     """Train ``cfg`` into ``root/cfg.name`` (resuming if it was interrupted).
 
-    ``betas`` gives each member its own poison factor (a sweep); by default all
-    members use ``cfg.poison.beta``. ``seeds`` gives each member its init seed
+    ``betas`` gives each member its own poison factor (a sweep; ``None`` in it:
+    the concatenation weight, see :func:`~minefield.train.effective_beta`); by
+    default all members use ``cfg.poison.beta``. ``seeds`` gives each member its init seed
     (default ``cfg.train.seed + i``); equal seeds give identical inits.
     ``lrs``, ``l2s``, ``rhos`` give each member its own learning rate, L2
     coefficient and SAM radius (default: the config's, for all; see
@@ -89,6 +90,10 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         betas = [effective_beta(cfg.poison.beta, data)] * m
     if len(betas) != m:
         raise ValueError(f"{len(betas)} betas for {m} members")
+    betas = [effective_beta(b, data) for b in betas]
+    l2s = [cfg.train.l2] * m if l2s is None else [float(v) for v in l2s]
+    if len(l2s) != m:
+        raise ValueError(f"{len(l2s)} l2 coefficients for {m} members")
     seeds = list(seeds) if seeds is not None else member_seeds(cfg)
     if len(seeds) != m:
         raise ValueError(f"{len(seeds)} seeds for {m} members")
