@@ -34,17 +34,23 @@ def study(**kw) -> StudyConfig:
 
 def test_plan_stacks_members_that_differ_only_in_stackable_fields():
     base = tiny_config("s")
-    plan = plan_study(base, study(grid={"train.lr": [0.01, 0.1], "train.seed": [0, 1],
+    plan = plan_study(base, study(grid={"train.batch_size": [8, 16], "train.seed": [0, 1],
                                         "poison.beta": [0.0, 0.3], "train.l2": [0.0, 1e-3]}))
     assert len(plan.stacks) == 2 and len(plan.points) == 16
-    for spec, lr in zip(plan.stacks, (0.01, 0.1)):
-        assert spec.config.train.lr == lr and spec.config.train.members == 8
+    for spec, bs in zip(plan.stacks, (8, 16)):
+        assert spec.config.train.batch_size == bs and spec.config.train.members == 8
         assert spec.config.name == spec.name and spec.steps == (base.train.steps,)
         assert set(spec.train_kwargs()) == set(STACKABLE.values())
         assert sorted(m["train.l2"] for m in spec.members) == [0.0] * 4 + [1e-3] * 4
         # the shared config keeps the base's stackable values: members carry their own
         assert spec.config.train.seed == base.train.seed and spec.config.poison.beta == 0.0
     assert len({s.name for s in plan.stacks}) == 2
+    # learning rates and SAM radii stack too: one stack, each member its own value
+    sam = base.replace(train=base.train.replace(sam="sam"))
+    (spec,) = plan_study(sam, study(grid={"train.lr": [0.01, 0.1], "train.rho": [0.0, 0.05]})
+                         ).stacks
+    assert sorted(spec.train_kwargs()["lrs"]) == [0.01, 0.01, 0.1, 0.1]
+    assert sorted(spec.train_kwargs()["rhos"]) == [0.0, 0.0, 0.05, 0.05]
 
 
 def test_plan_puts_steps_on_one_trajectory_with_a_checkpoint_at_each():
@@ -189,14 +195,16 @@ def test_a_partial_task_resumes_from_its_last_measured_step(tmp_path):
 
 def test_a_diverged_stack_is_a_row_of_nan_not_the_end_of_the_study(tmp_path):
     base = tiny_config("dv", steps=20, optimizer="sgd")
-    res = study_run(base, study(grid={"train.lr": [0.05, 1e12]}), tmp_path, progress=False)
+    points = ({"train.lr": 0.05, "train.batch_size": 16},
+              {"train.lr": 1e12, "train.batch_size": 32})  # two stacks: one diverges
+    res = study_run(base, study(points=points), tmp_path, progress=False)
     ok, bad = res.rows
     assert not ok["diverged"] and ok["test_acc"] > 0.5
     assert bad["diverged"] and math.isnan(bad["gap"]) and math.isnan(bad["test_acc"])
     assert all(s["n"] == 1 for s in res.scores)
     models = tmp_path / "dv" / "stacks" / bad["stack"] / "models.json"
     stamp = models.stat().st_mtime_ns
-    study_run(base, study(grid={"train.lr": [0.05, 1e12]}), tmp_path, progress=False)
+    study_run(base, study(points=points), tmp_path, progress=False)
     assert models.stat().st_mtime_ns == stamp  # not retrained on resume
 
 
@@ -208,7 +216,7 @@ def test_the_executor_is_one_pluggable_loop(tmp_path):
         run_stacks(list(reversed(specs)), root)
 
     base = tiny_config("ex", steps=10)
-    cfg = study(grid={"train.lr": [0.02, 0.2]})
+    cfg = study(grid={"train.batch_size": [8, 16]})
     res = study_run(base, cfg, tmp_path, progress=False, run_all=backwards)
     assert seen == [r["stack"] for r in res.rows]
     ref = study_run(base.replace(name="ex2"), cfg, tmp_path, progress=False)
@@ -264,7 +272,7 @@ def test_per_member_l2_needs_one_coefficient_per_member(tmp_path):
     assert not (tmp_path / "l2").exists()
     data = load_dataset(cfg.data)
     model = build_model(cfg.model, data.input_shape, data.n_classes)
-    with pytest.raises(ValueError, match=r"l2 needs 2 coefficients >= 0"):
+    with pytest.raises(ValueError, match=r"l2s and rhos >= 0"):
         fit(model, init_stack(model, "torch", [0, 1]), data, cfg.train, l2s=[0.1, -1.0])
 
 
