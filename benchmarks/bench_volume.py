@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--r-max", type=float, default=100.0)
     ap.add_argument("--probes", type=int, default=16, help="Hutchinson probes")
     ap.add_argument("--sigma", type=float, default=0.05, help="Gaussian-measure std")
-    ap.add_argument("--mcmc-n", type=int, default=100, help="dimension of the mcmc box")
+    ap.add_argument("--mcmc-n", type=int, default=30, help="dimension of the mcmc box")
     ap.add_argument("--mcmc-chains", type=int, default=64)
     ap.add_argument("--mcmc-replicates", type=int, default=8)
     ap.add_argument("--mcmc-walk", type=int, default=None,
