@@ -58,7 +58,7 @@ from .functional import Params, check_single, member, n_members, one
 from .options import CurvatureKind, CutoffKind, Estimator, Grid, RadiusMethod
 from .radii import find_radii, radius_grid
 from .rollout import Rollouts, rollouts
-from .volume import VolumeEstimate, weights_estimate
+from .volume import VolumeEstimate, honest_interval, weights_estimate
 
 __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "BasinWarning",
            "Rollouts", "find_radii", "radius_grid", "log_volume", "log10_volume",
@@ -266,10 +266,17 @@ def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: f
             n * r.log(), True, 0.95, slack * LN10)
         log_omega = 0.5 * n * math.log(math.pi) - math.lgamma(0.5 * n + 1)
         diag["ci_log10_normal"] = [(dlo + log_omega) / LN10, (dhi + log_omega) / LN10]
-        if diag["ess"] < 10:
-            diag["warnings"].append(f"ESS {diag['ess']:.1f} of {len(r)} radii: a handful of "
-                                    f"directions decide log V; its interval is not "
-                                    f"trustworthy")
+        # heavy-tailed r^n: the bootstrap interval is not to be trusted either
+        log_upper = log_omega + n * math.log(limit) if math.isfinite(limit) else math.inf
+        (blo, bhi), diag["interval"] = honest_interval(
+            log10_volume(r, n) * LN10, ((lo - slack) * LN10, (hi + slack) * LN10),
+            diag["ess"], len(r), 0.95, log_upper, slack * LN10)
+        lo, hi = blo / LN10 + slack, bhi / LN10 - slack
+        if diag["interval"] == "bound":
+            diag["warnings"].append(f"ESS {diag['ess']:.1f} of {len(r)} radii: heavy-tailed "
+                                    f"r^n, so log V is in effect a lower bound; its interval "
+                                    f"runs from a Markov lower bound to the volume within "
+                                    f"r_max")
     if not bisect:
         diag["warnings"].append("grid radii: their interpolation error is not in the interval")
     return BasinResult(r, n, float(centre_loss), float(cutoff), log10_volume(r, n),
