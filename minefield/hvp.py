@@ -349,7 +349,7 @@ class CurvatureOperator:
         if self.mode == "forward":
             return flatten(self._apply(obj.params, obj.buffers, vd))
         if self._mlp is not None:
-            return flatten(self._mlp.matvec(vd))
+            return self._mlp.matvec_flat(v.to(self.dtype))
         leaves, grads = self._reverse_graph()
         with torch.enable_grad():
             hv = torch.autograd.grad(grads, leaves, grad_outputs=list(vd.values()),
