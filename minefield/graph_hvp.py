@@ -23,8 +23,9 @@ direction ``V`` of its weight ``W``:
 The forward values, ``phi'``, and every adjoint ``delta`` are computed once (one
 autograd backward) and kept, so a product is one forward and one backward pass
 of the tangents, with no autograd graph: per convolution two forward
-convolutions and two ``convolution_backward`` calls (each giving one input and
-one weight gradient). Members of a stack are looped over.
+convolutions, two transposed ones (input gradients) and two weight gradients,
+in channels-last layout (oneDNN's native one) and into buffers allocated on the
+first product. Members of a stack are looped over.
 
 Example (agrees with autograd's double backward)::
 
@@ -334,10 +335,10 @@ class GraphHessian:
             vw, vb = v[f"{node.target}.weight"], v.get(f"{node.target}.bias")
             w = self.params[f"{node.target}.weight"][i]
             if step.kind == "conv":
-                out = F.conv2d(x, vw, vb, mod.stride, mod.padding, mod.dilation, mod.groups)
+                args = (mod.stride, mod.padding, mod.dilation, False, [0, 0], mod.groups)
+                out = _conv(x, vw, vb, args, _buffer(extra, step.name, 0, val[step.name]))
                 if rx is not None:
-                    out += F.conv2d(rx, w, None, mod.stride, mod.padding, mod.dilation,
-                                    mod.groups)
+                    out += _conv(rx, w, None, args, _buffer(extra, step.name, 1, out))
                 return out
             out = F.linear(x, vw, vb)
             return out if rx is None else out.addmm_(rx, w.T) if out.dim() == 2 else \
@@ -346,7 +347,11 @@ class GraphHessian:
             rx = r[step.inputs[0]]
             s, xhat = extra[step.name]
             vw, vb = v.get(f"{node.target}.weight"), v.get(f"{node.target}.bias")
-            out = xhat * _channel(vw, xhat) if vw is not None else torch.zeros_like(xhat)
+            out = _buffer(extra, step.name, 0, xhat)
+            if vw is not None:
+                torch.mul(xhat, _channel(vw, xhat), out=out)
+            else:
+                out.zero_()
             if vb is not None:
                 out += _channel(vb, xhat)
             if rx is not None:
@@ -358,7 +363,8 @@ class GraphHessian:
         if all(t is None for t in rins):
             return None
         if step.kind == "act":
-            return rins[0] * extra[step.name][0]
+            return torch.mul(rins[0], extra[step.name][0],
+                             out=_buffer(extra, step.name, 0, rins[0]))
         fn, _ = extra[step.name]
         return fn(*[torch.zeros_like(val[n]) if t is None else t
                     for n, t in zip(step.inputs, rins)])
@@ -372,17 +378,15 @@ class GraphHessian:
             wn, bname = f"{node.target}.weight", f"{node.target}.bias"
             w, vw = self.params[wn][i], v[wn]
             if step.kind == "conv":
+                # dgrad and wgrad in separate calls: one call for both is several times
+                # slower on oneDNN when two such calls follow each other
                 args = (None, mod.stride, mod.padding, mod.dilation, False, [0, 0], mod.groups)
-                gi, gw, _ = torch.ops.aten.convolution_backward(rdy, x, w, *args,
-                                                                [need_in, True, False])
-                hv[wn] += gw
-                if need_in or rx is not None:
-                    gi2, gw2, _ = torch.ops.aten.convolution_backward(
-                        dy, x if rx is None else rx, vw, *args, [need_in, rx is not None, False])
-                    if rx is not None:
-                        hv[wn] += gw2
-                    if need_in:
-                        gi += gi2
+                hv[wn] += _conv_back(rdy, x, w, args, weight=True)
+                if rx is not None:
+                    hv[wn] += _conv_back(dy, rx, vw, args, weight=True)
+                if need_in:
+                    gi = _dgrad(rdy, w, mod, x, _buffer(extra, step.name, 2, x))
+                    gi += _dgrad(dy, vw, mod, x, _buffer(extra, step.name, 3, x))
                 if bname in hv:
                     hv[bname] += rdy.sum((0, 2, 3))
             else:
@@ -403,15 +407,16 @@ class GraphHessian:
             wn, bname = f"{node.target}.weight", f"{node.target}.bias"
             dims = [0, *range(2, rdy.dim())]
             if wn in hv:
-                hv[wn] += (rdy * xhat).sum(dims)
+                tmp = _buffer(extra, step.name, 1, rdy)
+                hv[wn] += torch.mul(rdy, xhat, out=tmp).sum(dims)
                 if rx is not None:
-                    hv[wn] += (dy * rx).sum(dims) * s
+                    hv[wn] += torch.mul(dy, rx, out=tmp).sum(dims) * s
             if bname in hv:
                 hv[bname] += rdy.sum(dims)
             if need_in:
                 gamma = self.params.get(wn)
                 scale = s if gamma is None else s * gamma[i]
-                gi = rdy * _channel(scale, rdy)
+                gi = torch.mul(rdy, _channel(scale, rdy), out=_buffer(extra, step.name, 2, rdy))
                 if wn in v:
                     gi.addcmul_(dy, _channel(v[wn] * s, dy))
                 _accumulate(rd, src, gi)
@@ -420,7 +425,7 @@ class GraphHessian:
             if not need_in:
                 return
             d1, d2 = extra[step.name]
-            gi = rdy * d1
+            gi = torch.mul(rdy, d1, out=_buffer(extra, step.name, 1, rdy))
             if d2 is not None and r[src] is not None:
                 gi.addcmul_(d2 * delta[step.name], r[src])
             _accumulate(rd, src, gi)
@@ -432,6 +437,37 @@ class GraphHessian:
 
     def _live(self, name: str) -> bool:
         return self._live_set.__contains__(name)
+
+
+def _buffer(extra: dict, name: str, slot: int, like: torch.Tensor) -> torch.Tensor:
+    """A work buffer shaped (and strided) as ``like``, allocated on the first product and
+    reused by every later one: fresh large tensors cost page faults on each call."""
+    key = (name, slot)
+    buf = extra.get(key)
+    if buf is None or buf.shape != like.shape:
+        buf = extra[key] = torch.empty_like(like)
+    return buf
+
+
+def _conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, args: tuple,
+          out: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.convolution.out(x, w, b, *args, out=out)
+
+
+def _dgrad(g: torch.Tensor, w: torch.Tensor, mod: nn.Conv2d, x: torch.Tensor,
+           out: torch.Tensor) -> torch.Tensor:
+    """The input gradient of a convolution as the transposed convolution into ``out``."""
+    pad = [x.shape[2 + j] - ((g.shape[2 + j] - 1) * mod.stride[j] - 2 * mod.padding[j]
+                             + mod.dilation[j] * (w.shape[2 + j] - 1) + 1) for j in range(2)]
+    return torch.ops.aten.convolution.out(g, w, None, mod.stride, mod.padding, mod.dilation,
+                                          True, pad, mod.groups, out=out)
+
+
+def _conv_back(grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, args: tuple,
+               weight: bool = False) -> torch.Tensor:
+    """The input gradient (``weight=False``) or the weight gradient of a convolution."""
+    out = torch.ops.aten.convolution_backward(grad_out, x, w, *args, [not weight, weight, False])
+    return out[1] if weight else out[0]
 
 
 def _accumulate(rd: dict[str, torch.Tensor], name: str, g: torch.Tensor) -> None:
