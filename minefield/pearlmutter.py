@@ -170,7 +170,8 @@ class MLPHessian:
         new = xt.new_empty
         work = ([new(self.m, w.shape[1], n) for w in self.w],  # R{a_l}
                 [new(self.m, w.shape[1], n) for w in self.w[:-1]],  # R{h_l}
-                [new(self.m, w.shape[2], n) for w in self.w])  # back-propagated R{delta}
+                [new(self.m, w.shape[2], n) for w in self.w],  # back-propagated R{delta}
+                [new(w.shape) for w in self.w])  # weight gradients
         return ins, d1s, deltas[::-1], curls[::-1], lambda u: hz(u).mul_(self.weight), work
 
     def _linear(self, w, b, h, i, out=None):
@@ -196,7 +197,7 @@ class MLPHessian:
         v = v if v.stride(-1) == 1 else v.contiguous()  # member slices must be views
         out = v.new_zeros(self.m, self.n)
         last = len(self.w) - 1
-        for ins, d1s, deltas, curls, hz, (ras, rhs, backs) in self.caches:
+        for ins, d1s, deltas, curls, hz, (ras, rhs, backs, grads) in self.caches:
             for i, (wn, bn) in enumerate(self.names):
                 ra = self._linear(self._view(v, wn), self._view(v, bn) if bn else None, ins[i],
                                   i, ras[i])
@@ -210,9 +211,9 @@ class MLPHessian:
                 gw = self._view(out, wn)
                 if i == 0:
                     gw.add_(torch.mm(rdelta.reshape(-1, rdelta.shape[2]), ins[0].T).view_as(gw))
-                else:
-                    gw.baddbmm_(rdelta, ins[i].transpose(1, 2))
-                    gw.baddbmm_(deltas[i], rhs[i - 1].transpose(1, 2))
+                else:  # into a contiguous buffer: bmm into a view of `out` loops over members
+                    g = torch.bmm(rdelta, ins[i].transpose(1, 2), out=grads[i])
+                    gw.add_(g.baddbmm_(deltas[i], rhs[i - 1].transpose(1, 2)))
                 if bn is not None:
                     self._view(out, bn).add_(rdelta.sum(2))
                 if i:
