@@ -45,6 +45,7 @@ import torch
 
 from minefield.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from minefield.curvature import dense_hessian, hutchpp_trace, top_eigenvalues
+from minefield.data import load_dataset
 from minefield.hvp import CurvatureOperator, model_objective
 from minefield.loss import nll
 from minefield.models import build_model
@@ -103,7 +104,11 @@ def module_with(model, params, i=0, buffers=None):
     return net
 
 
-def good_swissroll(run: str | None):
+def good_swissroll(run: str | None, untrained: bool = False):
+    if untrained:  # the speed sections only: a product's cost does not depend on the values
+        data = load_dataset(DataConfig("swissroll"))
+        model = build_model(ModelConfig(), data.x_train.shape[1:], data.n_classes)
+        return model, init_stack(model, "glorot_uniform", [0]), data
     if run:
         model, params, buffers, data, _ = load_run_model(Run.open(run))
         return model, {k: v[:1] for k, v in params.items()}, data
@@ -336,6 +341,9 @@ def main() -> None:
     ap.add_argument("--skip-resnet", action="store_true")
     ap.add_argument("--speed-only", action="store_true",
                     help="Only sections 2 and 3 (HVP vs gradient, stacked vs separate).")
+    ap.add_argument("--untrained", action="store_true",
+                    help="With --speed-only: time products at initialised weights instead of "
+                         "training the swiss-roll model first (use --resnet-steps 0 too).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph")
@@ -343,7 +351,7 @@ def main() -> None:
           f"PyHessian: {'installed' if PyHessian else 'not installed'}; load average "
           f"{' '.join(f'{a:.1f}' for a in os.getloadavg())} on {os.cpu_count()} CPUs")
 
-    model, params, data = good_swissroll(args.run)
+    model, params, data = good_swissroll(args.run, args.speed_only and args.untrained)
     x, y = data.split("train")
     p32 = {k: v[:1].float() for k, v in params.items()}
     if not args.speed_only:
