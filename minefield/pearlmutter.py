@@ -46,8 +46,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .functional import Params
 from .loss import nll
+from .stacked import Params
 
 __all__ = ["mlp_plan", "MLPHessian"]
 
