@@ -125,16 +125,12 @@ class GraphHessian:
         self._live_set = {s.name for s in steps if s.live}
         self.params, self.buffers = params, buffers
         self.m = next(iter(params.values())).shape[0]
-        dtype = next(iter(params.values())).dtype
-        self.losses = torch.zeros(self.m, dtype=dtype)
+        first = next(iter(params.values()))
+        dtype = first.dtype
+        self.losses = torch.zeros(self.m, dtype=dtype, device=first.device)
         self.tapes = [[self._record(i, x.to(dtype), y) for x, y in chunks] for i in range(self.m)]
 
     # --- the primal pass, recorded once --------------------------------------------------
-    def _member(self, i: int, prefix: str) -> tuple[torch.Tensor | None, ...]:
-        p = self.params
-        return tuple(p[f"{prefix}.{k}"][i] if f"{prefix}.{k}" in p else None
-                     for k in ("weight", "bias"))
-
     def _record(self, i: int, x: torch.Tensor, y: torch.Tensor) -> _Tape:
         tape = _Tape()
         val = tape.value
@@ -156,7 +152,7 @@ class GraphHessian:
         tape.delta = {k: (torch.zeros_like(val[k]) if d is None else d)
                       for k, d in zip(keep, deltas)}
         tape.value = {k: v.detach() for k, v in val.items()}
-        g, hz = _loss_derivatives(tape.value[self.steps[-1].inputs[0]], y)
+        _, hz = _loss_derivatives(tape.value[self.steps[-1].inputs[0]], y)
         tape.extra["loss"] = lambda u: self.weight * hz(u)
         return tape
 
