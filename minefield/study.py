@@ -23,7 +23,7 @@ Example::
 
     >>> from minefield import DataConfig, ExperimentConfig
     >>> base = ExperimentConfig(name="lr-bs", data=DataConfig("digits"))
-    >>> plan = plan_study(base, StudyConfig(grid={"train.lr": [0.01, 0.1],
+    >>> plan = plan_study(base, StudyConfig(grid={"train.batch_size": [16, 64],
     ...                                          "train.seed": [0, 1, 2]}))
     >>> len(plan.stacks), [len(s.members) for s in plan.stacks]
     (2, [3, 3])
