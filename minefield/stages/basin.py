@@ -14,8 +14,10 @@ result, others refuse without ``force``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,6 +52,18 @@ def check_tag(tag: str) -> str:
     if not _TAG.match(tag):
         raise ValueError(f"tag {tag!r} may hold only letters, digits, '_', '.', '-'")
     return tag
+
+
+def read_tagged(run: Run | str | Path, root: Path | str, kind: str, tag: str,
+                command: Callable[[Run], str]) -> tuple[Run, str, Any]:
+    """The run, the path and the JSON of its saved ``<kind>/<tag>.json``; a missing
+    result raises :class:`RunError` naming ``command(run)``, the command that makes it."""
+    check_tag(tag)
+    run = run if isinstance(run, Run) else Run.open(run, root)
+    rel = f"{kind}/{tag}.json"
+    if not run.exists(rel):
+        raise RunError(f"no {kind} result {run.file(rel)}; run '{command(run)}' first")
+    return run, rel, run.read_json(rel)
 
 
 @dataclass
@@ -201,13 +215,8 @@ def basin_task(spec: dict) -> dict:
 def load_basin(run: Run | str | Path, tag: str = "default", root: Path | str = DEFAULT_ROOT,
                reused: bool = False) -> BasinRun:
     """A saved ``basin/<tag>.json`` (see :func:`basin_run`)."""
-    check_tag(tag)
-    run = run if isinstance(run, Run) else Run.open(run, root)
-    rel = f"basin/{tag}.json"
-    if not run.exists(rel):
-        raise RunError(f"no basin result {run.file(rel)}; run 'minefield basin {run.name}' "
-                       "first")
-    saved = run.read_json(rel)
+    run, rel, saved = read_tagged(run, root, "basin", tag,
+                                  lambda r: f"minefield basin {r.name}")
     with reading(run.file(rel)):
         members = [BasinResult.from_dict(m) for m in saved["members"]]
         ros = [Rollouts.from_dict(r) if r else None

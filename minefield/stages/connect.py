@@ -24,7 +24,7 @@ from ..evaluate import resolve_device
 from ..functional import Params, n_members, stack
 from ..lock import locking
 from ..runs import DEFAULT_ROOT, Run, RunError, reading
-from .basin import check_tag
+from .basin import check_tag, read_tagged
 from .search import SEARCH_DIR
 from .train import load_run_model, match_model
 
@@ -144,12 +144,7 @@ def connect_run(run_a: Run | str | Path, run_b: Run | str | Path,
 def load_connect(run: Run | str | Path, tag: str = "default", root: Path | str = DEFAULT_ROOT,
                  reused: bool = False) -> ConnectRun:
     """A saved ``connect/<tag>.json`` (see :func:`connect_run`)."""
-    check_tag(tag)
-    run = run if isinstance(run, Run) else Run.open(run, root)
-    rel = f"connect/{tag}.json"
-    if not run.exists(rel):
-        raise RunError(f"no connect result {run.file(rel)}; run 'minefield connect' first")
-    saved = run.read_json(rel)
+    run, rel, saved = read_tagged(run, root, "connect", tag, lambda r: "minefield connect")
     with reading(run.file(rel)):
         res = ConnectResult.from_dict(saved)
         pairs = list(saved["pairs"])
