@@ -54,7 +54,7 @@ from .data import Dataset
 from .data import train_xy as _xy
 from .directions import DirectionSpec, n_perturbed, random_directions
 from .engine import evaluate_points
-from .functional import Params, check_single, member, n_members, one
+from .functional import Params, alone, check_single, member, n_members, one
 from .options import CurvatureKind, CutoffKind, Estimator, Grid, RadiusMethod
 from .radii import find_radii, radius_grid
 from .rollout import Rollouts, rollouts
@@ -356,8 +356,10 @@ def basin_members(model: nn.Module, params: Params | Sequence[Params],
                   data: Dataset | tuple[torch.Tensor, ...], cfg: VolumeConfig = VolumeConfig(),
                   buffers: Params | None = None, bn: str = "eval") -> list[BasinResult]:
     """:func:`basin_radii` of every member of a stack ``(M, ...)`` (or of a list of
-    single-member checkpoints), each with directions from the same seed."""
-    items = ([one(params, i) for i in range(n_members(params))]
+    single-member checkpoints), each with directions from the same seed. Each member
+    is copied into fresh storage (:func:`~minefield.functional.alone`), so its basin is
+    bit-for-bit the same in a stack of any size (kernels can round by alignment)."""
+    items = ([alone(params, i) for i in range(n_members(params))]
              if isinstance(params, dict) else list(params))
     bufs = ([one(buffers, i) for i in range(len(items))] if buffers
             else [None] * len(items))

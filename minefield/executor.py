@@ -26,8 +26,10 @@ stored. Worker nodes need minefield installed and, for file datasets, the
 data; they need no shared file system, since only the driver writes.
 
 Torch's CPU kernels can round differently with a different number of threads:
-a Ray task runs with ``max(1, int(cpus_per_task))`` threads, so numbers are
-bit-identical to the local executor when the driver uses as many.
+a Ray task runs with ``max(1, int(cpus_per_task))`` threads, so batched numbers
+are bit-identical to the local executor when the driver uses as many. Stages of
+isolated members (``train.isolate``) run single-threaded wherever they run,
+and then no split, executor or thread count changes a number.
 
 Example::
 
@@ -46,7 +48,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +59,7 @@ from .options import ConfigError, ExecutorKind, option
 from .runs import Run, RunError, load_tensors, save_tensors
 
 __all__ = ["Executor", "ExecutorKind", "LocalExecutor", "RayExecutor", "make_executor",
-           "TaskFailed", "TaskStore", "run_tasks", "task_seed", "RAY_MISSING"]
+           "TaskFailed", "TaskStore", "run_tasks", "task_seed", "torch_threads", "RAY_MISSING"]
 
 RAY_MISSING = "the ray executor needs Ray, which is not installed: pip install minefield[ray]"
 
@@ -72,6 +75,20 @@ def task_seed(*identity: Any) -> int:
     every process and on every machine (unlike ``hash``, which Python salts per process)."""
     digest = hashlib.sha256(repr(identity).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` intra-op torch threads (``None``: unchanged), then
+    restore the count. Tasks of isolated members run with 1, so their numbers do
+    not depend on the machine's cores or ``cpus_per_task``."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Executor:
