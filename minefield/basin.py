@@ -81,8 +81,9 @@ class VolumeConfig(_Config):
     ``estimator`` (:mod:`minefield.volume`): ``naive`` (the paper's), ``is``,
     ``gaussian`` (mass under ``N(theta, sigma^2 I)``, default ``sigma = r_max / sqrt(n)``)
     or ``mcmc`` (``n_chains`` x ``n_replicates`` chains, ``walk_length`` hit-and-run
-    steps per phase); ``preconditioner`` (:mod:`minefield.netvolume`) shapes the
-    last three (``probes``: Hutchinson probes).
+    steps per phase; ``mcmc_blocks``: independent blocks of replicates, each seeded by
+    its index, :mod:`minefield.cooling_blocks`: the unit of a task); ``preconditioner``
+    (:mod:`minefield.netvolume`) shapes the last three (``probes``: Hutchinson probes).
     """
 
     cutoff: float = 1.0
@@ -107,8 +108,10 @@ class VolumeConfig(_Config):
     n_replicates: int = 8
     walk_length: int | None = None
     probes: int = 64
+    mcmc_blocks: int = 1
 
     _section: ClassVar[str] = "volume"
+    _omit_default: ClassVar[tuple[str, ...]] = ("mcmc_blocks",)
 
     def _validate(self):
         if self.estimator is Estimator.IS and self.preconditioner is CurvatureKind.NONE:
@@ -116,6 +119,10 @@ class VolumeConfig(_Config):
                               "hutchinson, axes or given)")
         if self.sigma is not None and not (self.sigma > 0 and math.isfinite(self.sigma)):
             raise ConfigError(f"volume.sigma must be a positive number, got {self.sigma}")
+        if self.mcmc_blocks != 1 and (self.estimator is not Estimator.MCMC
+                                      or not 1 <= 2 * self.mcmc_blocks <= self.n_replicates):
+            raise ConfigError(f"volume.mcmc_blocks={self.mcmc_blocks} needs the mcmc estimator "
+                              f"and at least 2 of the {self.n_replicates} replicates per block")
         if self.n_chains < 2 or self.n_replicates < 2 or self.probes < 1:
             raise ConfigError("volume.n_chains and n_replicates must be >= 2 (an interval needs "
                               "independent draws) and probes >= 1")
