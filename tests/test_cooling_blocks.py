@@ -102,7 +102,7 @@ def mcmc_cfg() -> VolumeConfig:
 
 
 def test_basin_blocks_as_tasks_equal_the_unsplit_estimate(tiny, tmp_path):
-    small = tiny(members=2, steps=30)  # 2 members of 12 weights: a short walk per chain
+    small = tiny(members=2, steps=30)  # 2 small members (n = 9): a short walk per chain
     train_run(small.replace(model=ModelConfig(widths=(3,))), tmp_path, progress=False)
     whole = basin_run("tiny", mcmc_cfg(), tag="whole", root=tmp_path, n_rollouts=0)
     split = basin_run("tiny", mcmc_cfg(), tag="tasks", root=tmp_path, n_rollouts=0,

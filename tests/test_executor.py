@@ -309,7 +309,7 @@ def test_ray_sweep_and_volume_equal_local(ray_ex, one_thread, tiny, tmp_path):
                       directions_per_task=5, executor=ray_ex)
     assert _text([m.to_dict() for m in whole.members]) == \
         _text([m.to_dict() for m in split.members])
-    small = tiny("small").replace(model=ModelConfig(widths=(3,)))  # 12 weights
+    small = tiny("small").replace(model=ModelConfig(widths=(3,)))  # n = 9: short walks
     for root in ("local", "ray"):
         train_run(small, tmp_path / root, progress=False)
     chains = VolumeConfig(estimator="mcmc", n_chains=8, n_replicates=4, walk_length=3,
@@ -349,7 +349,8 @@ def test_ray_study_equals_local(ray_ex, one_thread, tiny, tmp_path):
     split = study_run(iso, cfg, tmp_path / "ray", progress=False, executor=ray_ex,
                       models_per_task=1)
     where = ("stack", "member")
-    assert len({r["stack"] for r in split.rows}) == 4 < 2 * len({r["stack"] for r in whole.rows})
+    assert len({r["stack"] for r in whole.rows}) == 2  # batch sizes do not stack, lrs do
+    assert len({r["stack"] for r in split.rows}) == 4
     assert _text([{k: v for k, v in r.items() if k not in where} for r in whole.rows]) == \
         _text([{k: v for k, v in r.items() if k not in where} for r in split.rows])
     assert _text(whole.scores) == _text(split.scores)

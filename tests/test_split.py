@@ -109,3 +109,17 @@ def test_isolate_is_left_out_of_old_configs(tiny):
     d = tiny().to_dict()
     assert "isolate" not in d["train"]  # configs saved before the field stay valid keys
     assert isolated(tiny, "x").to_dict()["train"]["isolate"] is True
+
+
+def test_cli_refuses_a_split_without_isolate_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from minefield.cli import main
+
+    args = ["--root", str(tmp_path / "runs"), "study", "--name", "st", "--dataset", "blobs",
+            "--steps", "5", "--vary", "train.seed=0,1,2", "--models-per-task", "2"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and res.output.strip().splitlines() == [
+        "Error: models_per_task=2 splits a stack of 3 models, which changes how their numbers "
+        "round; isolate the members (train.isolate, --isolate) to split it"]
+    assert not (tmp_path / "runs").exists()
