@@ -54,11 +54,11 @@ from .data import Dataset
 from .directions import DirectionSpec, n_perturbed, random_directions
 from .engine import evaluate_points
 from .functional import Params, check_single, member, n_members, one
-from .options import CurvatureKind, CutoffKind, Estimator, Grid, RadiusMethod, option
+from .options import CurvatureKind, CutoffKind, Estimator, Grid, Precision, RadiusMethod, option
 from .volume import VolumeEstimate, weights_estimate
 
 __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "BasinWarning",
-           "Rollouts", "find_radii", "radius_grid", "log_volume", "log10_volume",
+           "Rollouts", "find_radii", "check_radii", "radius_grid", "log_volume", "log10_volume",
            "bootstrap_log10_volume",
            "basin_radii", "basin_members", "rollouts", "volume_from_radii"]
 
@@ -72,13 +72,16 @@ class VolumeConfig(_Config):
     ``n_directions`` random directions give ``2 * n_directions`` radii (d and -d).
     ``rtol``: bisection stops when ``hi - lo <= 2 rtol lo``. ``grid_points``,
     ``grid`` (``power``: ``t = r_max u^grid_power``, the paper's u^5; ``linear``)
-    configure the ``grid`` method. ``memory_mb`` bounds the engine's chunks;
+    configure the ``grid`` method. ``memory_mb`` bounds the engine's chunks
+    (``None``: the device's default, :func:`minefield.autotune.memory_budget_mb`);
     ``seed`` drives the bootstrap (directions use ``directions.seed``).
     ``estimator`` (:mod:`minefield.volume`): ``naive`` (the paper's), ``is``,
     ``gaussian`` (mass under ``N(theta, sigma^2 I)``, default ``sigma = r_max / sqrt(n)``)
     or ``mcmc`` (``n_chains`` x ``n_replicates`` chains, ``walk_length`` hit-and-run
     steps per phase); ``preconditioner`` (:mod:`minefield.netvolume`) shapes the
-    last three (``probes``: Hutchinson probes).
+    last three (``probes``: Hutchinson probes). ``precision``: ``bf16`` / ``tf32`` run
+    the bisection in that arithmetic, then every radius is checked in the parameters'
+    own precision (:func:`check_radii`); if any moved beyond ``rtol`` all are redone.
     """
 
     cutoff: float = 1.0
@@ -93,7 +96,7 @@ class VolumeConfig(_Config):
     bracket_points: int = 6
     bracket_ratio: float = 4.0
     directions: DirectionSpec = field(default_factory=DirectionSpec)
-    memory_mb: float = 256.0
+    memory_mb: float | None = None
     n_bootstrap: int = 1000
     seed: int = 0
     estimator: Estimator = Estimator.NAIVE
@@ -103,6 +106,7 @@ class VolumeConfig(_Config):
     n_replicates: int = 8
     walk_length: int | None = None
     probes: int = 64
+    precision: Precision = Precision.FLOAT32
 
     _section: ClassVar[str] = "volume"
 
@@ -128,7 +132,8 @@ class VolumeConfig(_Config):
                              "bracket_ratio > 1")
         if self.n_bootstrap < 0:
             raise ConfigError(f"volume.n_bootstrap must be >= 0, got {self.n_bootstrap}")
-        if not (self.memory_mb > 0 and math.isfinite(self.memory_mb)):
+        if self.memory_mb is not None and not (self.memory_mb > 0
+                                               and math.isfinite(self.memory_mb)):
             raise ConfigError(f"volume.memory_mb must be a positive number, got {self.memory_mb}")
 
 
@@ -206,6 +211,26 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
         hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
     r = torch.where(hit, (lo + hi) / 2, torch.full_like(hi, r_max))
     return r, evals
+
+
+def check_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], r: torch.Tensor,
+                cutoff: float, rtol: float, r_max: float) -> torch.Tensor:
+    """``(k,)`` bool: whether each radius is a valid answer for ``loss_fn`` to ``rtol``.
+
+    A crossing radius ``0 < r < r_max`` is valid when ``L(r (1 - rtol)) < cutoff <=
+    L(r (1 + rtol))`` (a crossing lies within the bisection's tolerance of ``r``);
+    ``r = r_max`` when ``L(r_max) < cutoff``; ``r = 0`` is always kept (the centre
+    decides it). Two evaluations per direction: how radii bisected in a low precision
+    (``bf16``) are checked in the parameters' own.
+    """
+    r = r.double()
+    hit = (r > 0) & (r < r_max)
+    lo = torch.where(hit, r * (1 - rtol), r)
+    hi = torch.where(hit, (r * (1 + rtol)).clamp(max=r_max), r)
+    loss = loss_fn(torch.stack([lo, hi], 1)).double().cpu()  # (k, 2)
+    ok_hit = (loss[:, 0] < cutoff) & (loss[:, 1] >= cutoff)
+    ok_max = loss[:, 1] < cutoff
+    return torch.where(hit, ok_hit, torch.where(r > 0, ok_max, torch.ones_like(ok_hit)))
 
 
 # --- volume ---------------------------------------------------------------------------------
@@ -375,19 +400,34 @@ def basin_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Te
     d = {k: torch.cat([v, -v]) for k, v in d.items()}  # (2K, ...): d and -d
     k = 2 * cfg.n_directions
 
-    def loss_fn(ts: torch.Tensor) -> torch.Tensor:
-        return evaluate_points(model, centre, d, ts, x, y, buffers, cfg.memory_mb, bn=bn)[0]
+    def loss_at(precision: Precision) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda ts: evaluate_points(model, centre, d, ts, x, y, buffers, cfg.memory_mb,
+                                          bn=bn, precision=precision)[0]
 
     first = one(d, 0)
     centre_loss = float(evaluate_points(model, centre, first, torch.zeros(1), x, y, buffers,
                                         cfg.memory_mb, bn=bn)[0][0])
     cut = cfg.cutoff * (centre_loss if cfg.cutoff_kind is CutoffKind.RELATIVE else 1.0)
-    r, evals = find_radii(loss_fn, k, cut, cfg.r_max, cfg.rtol, cfg.method, cfg.grid_points,
-                          cfg.grid, cfg.grid_power, cfg.bracket_points, centre_loss,
-                          cfg.bracket_ratio)
+
+    def radii(precision: Precision) -> tuple[torch.Tensor, int]:
+        return find_radii(loss_at(precision), k, cut, cfg.r_max, cfg.rtol, cfg.method,
+                          cfg.grid_points, cfg.grid, cfg.grid_power, cfg.bracket_points,
+                          centre_loss, cfg.bracket_ratio)
+
+    r, evals = radii(cfg.precision)
+    moved = 0
+    if cfg.precision is not Precision.FLOAT32:
+        moved = int((~check_radii(loss_at(Precision.FLOAT32), r, cut, cfg.rtol,
+                                  cfg.r_max)).sum())
+        evals += 2 * k
+        if moved:
+            r, more = radii(Precision.FLOAT32)
+            evals += more
     n = n_perturbed(theta, spec.kind, spec.bias)
     res = volume_from_radii(r, n, centre_loss, cut, evals, {**cfg.to_dict(), "bn": bn},
                             cfg.n_bootstrap, cfg.seed, cfg.r_max)
+    if cfg.precision is not Precision.FLOAT32:
+        res.diagnostics["precision_moved"] = moved  # radii redone in full precision if > 0
     if res.n_at_r_max:
         warnings.warn(BasinWarning(
             f"{res.n_at_r_max} of {len(r)} radii reached r_max={cfg.r_max:g} without crossing "
@@ -435,7 +475,7 @@ class Rollouts:
 def rollouts(model: nn.Module, params: Params, data: Dataset | tuple[torch.Tensor, ...],
              n_directions: int = 20, ts: torch.Tensor | None = None,
              spec: DirectionSpec = DirectionSpec(), buffers: Params | None = None,
-             memory_mb: float = 256.0, cutoff: float = float("nan")) -> Rollouts:
+             memory_mb: float | None = None, cutoff: float = float("nan")) -> Rollouts:
     """Loss along the first ``n_directions`` directions of ``spec`` (the same ones
     :func:`basin_radii` uses), at signed distances ``ts`` (default linspace(-0.5, 0.5, 101))."""
     x, y = _xy(data)
