@@ -56,7 +56,9 @@ _SEARCH = [("every", "--every"), ("start", "--start"), ("stop", "--stop"),
            ("extra_share", "--extra-share"), ("stopping", "--stop-rule"),
            ("target_train", "--target-train"), ("target_poison_acc", "--target-poison"),
            ("poison_cap", "--poison-cap"), ("beta_step", "--beta-step"),
-           ("beta_max", "--beta-max"), ("adapt_from", "--adapt-from"), ("train.seed", "--seed"),
+           ("beta_max", "--beta-max"), ("adapt_from", "--adapt-from"),
+           ("continue_below", "--continue-below"), ("continue_steps", "--continue-steps"),
+           ("train.seed", "--seed"),
            ("max_batch", "--max-batch"), ("memory_mb", "--memory-mb")]
 _EMBED = [("perplexity", "--perplexity"), ("seed", "--seed"), ("n_iter", "--n-iter"),
           ("pca_dims", "--pca-dims")]
