@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .compiled import CompiledObjective, sync
 from .config import Optimizer, TrainConfig
 from .data import Dataset
 from .evaluate import evaluate_members
@@ -47,6 +48,7 @@ class FitResult:
     step: int
     history: list[dict[str, Any]]
     stopped_at: list[int | None]
+    compiled: dict[str, Any] = field(default_factory=dict)  # CompiledObjective.report
 
 
 def make_optimizer(cfg: TrainConfig, leaves: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -123,6 +125,8 @@ def fit(
     desc: str = "train",
     objective: Objective = poisoned_objective,
     update: Update = plain_update,
+    compile_mode: str = "auto",
+    compile_backend: str = "inductor",
 ) -> FitResult:
     """Train the stack ``params`` ``(M, ...)`` on the poisoned objective for ``cfg.steps``.
 
@@ -137,6 +141,8 @@ def fit(
     This is the driver (schedule, minibatches, logging, checkpoints, stopping);
     each step is :func:`minefield.step.train_step` with ``objective`` and
     ``update`` (e.g. :func:`minefield.step.sam_update`) plugged in.
+    ``compile_mode`` (``auto``/``on``/``off``): the objective under ``torch.compile``
+    when it pays, on CUDA only by default (:mod:`minefield.compiled`).
     Returns the final (or frozen) parameters and the logged history.
     """
     m = n_members(params)
@@ -165,6 +171,8 @@ def fit(
     history: list[dict[str, Any]] = []
     last_ckpt: int | None = start_step if start_step > 0 else None
     has_bn = any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in model.modules())
+    step_objective = CompiledObjective(objective, compile_mode, dev, cfg.steps - start_step,
+                                       backend=compile_backend)
 
     def log(step: int) -> bool:
         nonlocal done, last_ckpt
@@ -205,7 +213,8 @@ def fit(
     step = start_step
     try:
         if step % cfg.log_every == 0 and log(step):
-            return FitResult(_current(), buffers, step, history, stopped_at)
+            return FitResult(_current(), buffers, step, history, stopped_at,
+                             step_objective.report)
         if on_checkpoint and step % cfg.checkpoint_every == 0 and start_step == 0:
             on_checkpoint(step, _current(), buffers, opt)
             last_ckpt = step
@@ -213,7 +222,10 @@ def fit(
             for g in opt.param_groups:
                 g["lr"] = cfg.lr_at(step)
             batch = _batch(data, cfg.seed, step, bs, bs_p if use_poison else 0, poison_weight)
-            train_step(model, leaves, buffers, opt, batch, hyper, objective, update)
+            t0 = sync(dev) if step_objective.timing else 0.0
+            train_step(model, leaves, buffers, opt, batch, hyper, step_objective, update)
+            if step_objective.timing:
+                step_objective.record(sync(dev) - t0)
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -228,4 +240,4 @@ def fit(
     finally:
         bar.close()
         model.eval()
-    return FitResult(_current(), buffers, step, history, stopped_at)
+    return FitResult(_current(), buffers, step, history, stopped_at, step_objective.report)
