@@ -198,8 +198,14 @@ def _run(model: nn.Module, n_points: int, dtype: torch.dtype, makers: dict[bool,
         return _evaluate(model, k, n_params, dtype, makers[p == "mlp"], xs, ys, buffers,
                          memory_mb, bn, loss, p, precision)
 
-    cuda = y.device.type == "cuda"  # the probe: a few points on a few inputs per candidate
-    q, nx = min(n_points, 8 if cuda else 4), min(len(y), 512 if cuda else 32)
+    # The probe: a chunk of points on a slice of the inputs per candidate. MLP points are
+    # cheap and their batched path only shows its worth on many points at once; conv
+    # points are dear, a few tell the per-point cost.
+    cuda = y.device.type == "cuda"
+    if "mlp" in candidates:
+        q, nx = min(n_points, 256), min(len(y), 256)
+    else:
+        q, nx = min(n_points, 8 if cuda else 4), min(len(y), 512 if cuda else 32)
     if len(candidates) > 1 and q and nx:
         key = probe_key(model, makers[False](slice(0, 1)), x[:nx], (bn.value, precision.value))
         path = choose_path(key, candidates, lambda p: lambda: evaluate(p, q, x[:nx], y[:nx]),
