@@ -45,6 +45,7 @@ from minefield.hvp import CurvatureOperator, model_objective
 from minefield.loss import nll
 from minefield.models import build_model
 from minefield.runs import Run
+from minefield.stacked import member, one
 from minefield.stages import load_run_model, train_run
 from minefield.train import init_stack
 
@@ -66,8 +67,8 @@ def timed(fn, repeats: int):
 
 def module_with(model, params, i=0, buffers=None):
     net = copy.deepcopy(model).float().eval()
-    state = {k: v[i].float() for k, v in params.items()}
-    state.update({k: v[i] for k, v in (buffers or {}).items()})
+    state = {k: v.float() for k, v in member(params, i).items()}
+    state.update(member(buffers or {}, i))
     net.load_state_dict(state, strict=False)
     return net
 
@@ -75,7 +76,7 @@ def module_with(model, params, i=0, buffers=None):
 def good_swissroll(run: str | None):
     if run:
         model, params, buffers, data, _ = load_run_model(Run.open(run))
-        return model, {k: v[:1] for k, v in params.items()}, data
+        return model, one(params, 0), data
     cfg = ExperimentConfig(name="bench-good", data=DataConfig("swissroll"),
                            train=TrainConfig(lr=0.012548, milestones=(3062,), clip_norm=8.0,
                                              steps=5000, log_every=5000,
@@ -250,10 +251,10 @@ def stacked(model, data, members, repeats):
     idiomatic per-model comparator (:class:`ModuleHessian`) and minefield with M = 1."""
     x, y = data.split("train")
     p = init_stack(model, "glorot_uniform", range(members))
-    one = [{k: v[i:i + 1] for k, v in p.items()} for i in range(members)]
-    nets = [module_with(model, q) for q in one]
+    singles = [one(p, i) for i in range(members)]
+    nets = [module_with(model, q) for q in singles]
     op = CurvatureOperator(model_objective(model, p, (x, y)))
-    ops = [CurvatureOperator(model_objective(model, q, (x, y))) for q in one]
+    ops = [CurvatureOperator(model_objective(model, q, (x, y))) for q in singles]
     refs = [ModuleHessian(net, x, y) for net in nets]
     v = torch.randn(members, op.n)
     op.matvec(v)  # warm-up

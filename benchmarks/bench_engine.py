@@ -41,8 +41,8 @@ from minefield.config import DataConfig, ModelConfig
 from minefield.data import load_dataset
 from minefield.directions import random_directions
 from minefield.engine import evaluate_points, evaluate_points_loop
-from minefield.functional import stack
 from minefield.models import build_model, init_params
+from minefield.stacked import member, one, stack
 
 DEVICE = torch.device("cpu")
 
@@ -115,7 +115,7 @@ def bench_volume(n_dirs, repeats, memory_mb, rtol=1e-3, cutoff=1.0):
     model, c, _, _, x, y = setup([23, 16, 26, 32, 28, 31], 200, 1)
     # a trained-looking centre is not needed for timing; scale the init down so the
     # loss crosses the cutoff inside r_max along most directions
-    th = {k: v[0].cpu() for k, v in c.items()}
+    th = {k: v.cpu() for k, v in member(c, 0).items()}
     d = random_directions(th, n_dirs, "filter", "zero", torch.Generator().manual_seed(7))
     d = {k: v.to(DEVICE) for k, v in d.items()}
     d = {k: torch.cat([v, -v]) for k, v in d.items()}
@@ -128,7 +128,7 @@ def bench_volume(n_dirs, repeats, memory_mb, rtol=1e-3, cutoff=1.0):
         return fn
 
     fn = make_fn(d)
-    centre = float(evaluate_points(model, c, {kk: v[:1] for kk, v in d.items()},
+    centre = float(evaluate_points(model, c, one(d, 0),
                                    torch.zeros(1), x, y)[0][0])
     cut = cutoff + centre
     t_bis = median_time(lambda: find_radii(fn, k, cut, r_max, rtol, "bisect",

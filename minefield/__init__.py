@@ -44,10 +44,10 @@ from .curvature import (
 )
 from .data import DATASETS, Dataset, load_dataset
 from .directions import DirectionSpec, n_perturbed, orthogonalize, random_directions
-from .embed import EmbedConfig, EmbedResult, embed_points
+from .embed import EmbedConfig, EmbedResult, TSNEMap, embed_points, fit_map
 from .engine import evaluate_points, evaluate_points_loop
 from .evaluate import evaluate_members, resolve_device
-from .functional import flatten, member, stack, stacked_forward, unflatten
+from .functional import stacked_forward
 from .hvp import CurvatureKind, CurvatureOperator, NonFiniteLoss, Objective, model_objective
 from .landscape import LandscapeConfig, Slice, Surface, axis, plane_directions, slice_1d, surface
 from .lock import RunLocked
@@ -66,6 +66,7 @@ from .sharpness import (
     pac_bayes_sigma,
     worst_case_sharpness,
 )
+from .stacked import Stacked, check_single, flatten, member, one, stack, unflatten
 from .stages import (
     BasinRun,
     basin_run,
@@ -74,6 +75,7 @@ from .stages import (
     load_basin,
     load_embedding,
     load_landscape,
+    load_map,
     load_run_model,
     load_sweep,
     search_run,
@@ -95,7 +97,8 @@ __all__ = [
     # the poisoned objective
     "poisoned_nll", "nll", "complement_nll", "accuracy",
     # stacked weights and training
-    "stack", "member", "flatten", "unflatten", "stacked_forward", "fit",
+    "Stacked", "stack", "member", "one", "check_single", "flatten", "unflatten",
+    "stacked_forward", "fit",
     "evaluate_members", "resolve_device", "Run",
     # directions, batched evaluation, basins
     "DirectionSpec", "random_directions", "n_perturbed", "orthogonalize",
@@ -115,12 +118,12 @@ __all__ = [
     "LandscapeConfig", "Slice", "Surface", "axis", "slice_1d", "plane_directions", "surface",
     # the minefield
     "SearchConfig", "search_minima",
-    "EmbedConfig", "EmbedResult", "embed_points",
+    "EmbedConfig", "EmbedResult", "TSNEMap", "embed_points", "fit_map",
     # poison-factor studies and the reproduction
     "SweepConfig", "SweepResult", "log_spaced_betas", "reproduce", "SCALES",
     # the results layer: one function per stage, files and resume rule included
     "train_run", "search_run", "embed_run", "basin_run", "landscape_run", "sweep_run",
-    "load_run_model", "load_embedding", "load_basin", "load_landscape", "load_sweep",
+    "load_run_model", "load_embedding", "load_map", "load_basin", "load_landscape", "load_sweep",
     "BasinRun",
     # errors: a config that cannot be used, a missing or corrupt run, a run another writes
     "ConfigError", "RunError", "RunLocked",

@@ -51,10 +51,13 @@ from torch import nn
 
 from .config import ConfigError, _Config
 from .data import Dataset
+from .data import train_xy as _xy
 from .directions import DirectionSpec, n_perturbed, random_directions
 from .engine import evaluate_points
 from .functional import Params, check_single, member, n_members, one
-from .options import CurvatureKind, CutoffKind, Estimator, Grid, Precision, RadiusMethod, option
+from .options import CurvatureKind, CutoffKind, Estimator, Grid, Precision, RadiusMethod
+from .radii import check_radii, find_radii, radius_grid
+from .rollout import Rollouts, rollouts
 from .volume import VolumeEstimate, weights_estimate
 
 __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "BasinWarning",
@@ -135,102 +138,6 @@ class VolumeConfig(_Config):
         if self.memory_mb is not None and not (self.memory_mb > 0
                                                and math.isfinite(self.memory_mb)):
             raise ConfigError(f"volume.memory_mb must be a positive number, got {self.memory_mb}")
-
-
-# --- radii along fixed directions -------------------------------------------------------
-
-
-def radius_grid(r_max: float, points: int, kind: Grid | str = Grid.POWER, power: float = 5.0
-                ) -> torch.Tensor:
-    """The paper's scan ``t_j = r_max u_j^power``, ``u_j`` = linspace(0, 1, points)."""
-    u = torch.linspace(0.0, 1.0, points, dtype=torch.float64)
-    return r_max * (u ** power if option(Grid, kind, "grid") is Grid.POWER else u)
-
-
-def _first_crossing(loss: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """Index of the first column with ``loss >= cutoff`` per row; ``T`` when none."""
-    above = loss >= cutoff
-    idx = torch.where(above, torch.arange(loss.shape[1]), loss.shape[1])
-    return idx.min(1).values
-
-
-def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: float,
-               r_max: float = 1.0, rtol: float = 1e-3, method: RadiusMethod | str = "bisect",
-               grid_points: int = 100, grid: Grid | str = Grid.POWER, grid_power: float = 5.0,
-               bracket_points: int = 6, centre_loss: float | None = None,
-               bracket_ratio: float = 4.0) -> tuple[torch.Tensor, int]:
-    """Radii ``(k,)`` of the sub-cutoff region along ``k`` fixed directions, and the
-    number of loss evaluations used.
-
-    ``loss_fn(ts)`` takes distances ``(k,)`` or ``(k, T)`` (row i along direction
-    i) and returns the loss in the same shape. ``bisect``: loss on the bracket
-    grid ``r_max * bracket_ratio^-j`` (j = bracket_points-1 .. 0; default
-    1, 1/4, ..., 1/1024, one batched call), then bisection of the
-    first bracket where it reaches ``cutoff`` until ``hi - lo <= 2 rtol lo``;
-    the answer is the midpoint, so (the radius being >= lo) its relative error
-    is at most ``rtol``.
-    ``grid``: the first crossing on :func:`radius_grid`, linearly interpolated.
-    Radii are 0 where the centre is already at or above the cutoff and ``r_max``
-    where no crossing is found.
-    Both methods see only crossings that cover one of their grid points: a
-    bump above the cutoff narrower than a bracket interval is missed.
-    """
-    method = option(RadiusMethod, method, "method")
-    grid = option(Grid, grid, "grid")
-    if centre_loss is None:
-        centre_loss = float(loss_fn(torch.zeros(k, dtype=torch.float64))[0])
-    if centre_loss >= cutoff:
-        return torch.zeros(k, dtype=torch.float64), 1
-    if method is RadiusMethod.GRID:
-        ts = radius_grid(r_max, grid_points, grid, grid_power)[1:]  # t = 0 is the centre
-        loss = loss_fn(ts.expand(k, -1).contiguous()).double().cpu()  # (k, T)
-        j = _first_crossing(loss, cutoff)
-        t_all = torch.cat([torch.zeros(1, dtype=torch.float64), ts])
-        l_all = torch.cat([torch.full((k, 1), centre_loss, dtype=torch.float64), loss], 1)
-        jj = j.clamp(max=len(ts) - 1) + 1  # column of the crossing in t_all
-        t0, t1 = t_all[jj - 1], t_all[jj]
-        l0, l1 = l_all.gather(1, (jj - 1)[:, None])[:, 0], l_all.gather(1, jj[:, None])[:, 0]
-        frac = ((cutoff - l0) / (l1 - l0)).clamp(0, 1).nan_to_num(1.0)
-        r = torch.where(j < len(ts), t0 + frac * (t1 - t0), torch.full_like(t0, r_max))
-        return r, k * len(ts) + 1
-    ts = r_max * float(bracket_ratio) ** -torch.arange(bracket_points - 1, -1, -1,
-                                                       dtype=torch.float64)
-    loss = loss_fn(ts.expand(k, -1).contiguous()).double().cpu()  # (k, B)
-    j = _first_crossing(loss, cutoff)
-    hit = j < bracket_points
-    jc = j.clamp(max=bracket_points - 1)
-    hi = ts[jc].clone()
-    lo = torch.where(jc > 0, ts[(jc - 1).clamp(min=0)], torch.zeros_like(hi))
-    evals = k * bracket_points + 1
-    for _ in range(200):
-        if not bool(((hi - lo) > 2 * rtol * lo)[hit].any()):
-            break
-        mid = (lo + hi) / 2
-        above = loss_fn(mid).double().cpu() >= cutoff
-        evals += k
-        hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
-    r = torch.where(hit, (lo + hi) / 2, torch.full_like(hi, r_max))
-    return r, evals
-
-
-def check_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], r: torch.Tensor,
-                cutoff: float, rtol: float, r_max: float) -> torch.Tensor:
-    """``(k,)`` bool: whether each radius is a valid answer for ``loss_fn`` to ``rtol``.
-
-    A crossing radius ``0 < r < r_max`` is valid when ``L(r (1 - rtol)) < cutoff <=
-    L(r (1 + rtol))`` (a crossing lies within the bisection's tolerance of ``r``);
-    ``r = r_max`` when ``L(r_max) < cutoff``; ``r = 0`` is always kept (the centre
-    decides it). Two evaluations per direction: how radii bisected in a low precision
-    (``bf16``) are checked in the parameters' own.
-    """
-    r = r.double()
-    hit = (r > 0) & (r < r_max)
-    lo = torch.where(hit, r * (1 - rtol), r)
-    hi = torch.where(hit, (r * (1 + rtol)).clamp(max=r_max), r)
-    loss = loss_fn(torch.stack([lo, hi], 1)).double().cpu()  # (k, 2)
-    ok_hit = (loss[:, 0] < cutoff) & (loss[:, 1] >= cutoff)
-    ok_max = loss[:, 1] < cutoff
-    return torch.where(hit, ok_hit, torch.where(r > 0, ok_max, torch.ones_like(ok_hit)))
 
 
 # --- volume ---------------------------------------------------------------------------------
@@ -374,10 +281,6 @@ def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: f
                        (lo - slack, hi + slack), n_evaluations, cfg, at_max, "naive", diag)
 
 
-def _xy(data: Dataset | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return data.split("train") if isinstance(data, Dataset) else data
-
-
 def basin_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Tensor, ...],
                 cfg: VolumeConfig = VolumeConfig(), buffers: Params | None = None,
                 bn: str = "eval") -> BasinResult:
@@ -446,44 +349,3 @@ def basin_members(model: nn.Module, params: Params | Sequence[Params],
     bufs = ([one(buffers, i) for i in range(len(items))] if buffers
             else [None] * len(items))
     return [basin_radii(model, p, data, cfg, b, bn) for p, b in zip(items, bufs)]
-
-
-# --- rollouts (paper Fig. 5) ----------------------------------------------------------------
-
-
-@dataclass
-class Rollouts:
-    """Train loss along K random directions at signed distances ``ts`` (Fig. 5)."""
-
-    ts: torch.Tensor  # (T,)
-    loss: torch.Tensor  # (K, T)
-    acc: torch.Tensor  # (K, T)
-    cutoff: float = float("nan")
-    config: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ts": self.ts.tolist(), "loss": self.loss.tolist(), "acc": self.acc.tolist(),
-                "cutoff": self.cutoff, "config": self.config}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Rollouts:
-        t = torch.tensor
-        return cls(t(d["ts"], dtype=torch.float64), t(d["loss"], dtype=torch.float64),
-                   t(d["acc"], dtype=torch.float64), float(d["cutoff"]), d.get("config", {}))
-
-
-def rollouts(model: nn.Module, params: Params, data: Dataset | tuple[torch.Tensor, ...],
-             n_directions: int = 20, ts: torch.Tensor | None = None,
-             spec: DirectionSpec = DirectionSpec(), buffers: Params | None = None,
-             memory_mb: float | None = None, cutoff: float = float("nan")) -> Rollouts:
-    """Loss along the first ``n_directions`` directions of ``spec`` (the same ones
-    :func:`basin_radii` uses), at signed distances ``ts`` (default linspace(-0.5, 0.5, 101))."""
-    x, y = _xy(data)
-    centre = check_single(params, "the model (use basin_members for a stack)")
-    ts = torch.linspace(-0.5, 0.5, 101, dtype=torch.float64) if ts is None else ts.double()
-    d = random_directions(member(centre, 0), n_directions, spec.kind, spec.bias,
-                          spec.generator())
-    loss, acc = evaluate_points(model, centre, d, ts.expand(n_directions, -1), x, y, buffers,
-                                memory_mb)
-    return Rollouts(ts, loss, acc, cutoff, {"n_directions": n_directions,
-                                            "directions": spec.to_dict()})

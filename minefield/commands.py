@@ -32,33 +32,37 @@ __all__ = ["train_command", "search_command", "embed_command", "basin_command",
            "sweep_command"]
 
 # (dotted field, option) in the order the options are printed
+# TrainConfig's options, shared by `train` and `search` (whose TrainConfig is `train.*`)
+_TRAIN_FLAGS = {"optimizer": "--optimizer", "lr": "--lr", "momentum": "--momentum",
+                "milestones": "--milestones", "gamma": "--gamma", "l2": "--l2",
+                "clip_norm": "--clip", "batch_size": "--batch-size",
+                "poison_batch_size": "--poison-batch-size", "steps": "--steps",
+                "log_every": "--log-every", "checkpoint_every": "--checkpoint-every",
+                "seed": "--seed", "members": "--members"}
+
+
+def _train(*fields: str) -> list[tuple[str, str]]:
+    return [(f"train.{f}", _TRAIN_FLAGS[f]) for f in fields]
+
+
 _TRAIN = [("name", "--name"), ("data.name", "--dataset"), ("data.data_dir", "--data-dir"),
           ("data.seed", "--data-seed"), ("data.n_train", "--n-train"),
           ("data.n_test", "--n-test"), ("data.n_poison", "--n-poison"),
           ("model.name", "--model"), ("model.widths", "--widths"), ("model.init", "--init"),
           ("model.activation", "--activation"), ("poison.beta", "--beta"),
-          ("poison.objective", "--objective"), ("train.optimizer", "--optimizer"),
-          ("train.lr", "--lr"), ("train.momentum", "--momentum"),
-          ("train.milestones", "--milestones"), ("train.gamma", "--gamma"),
-          ("train.l2", "--l2"), ("train.clip_norm", "--clip"),
-          ("train.batch_size", "--batch-size"), ("train.poison_batch_size", "--poison-batch-size"),
-          ("train.steps", "--steps"), ("train.log_every", "--log-every"),
-          ("train.checkpoint_every", "--checkpoint-every"), ("train.seed", "--seed"),
-          ("train.members", "--members"), ("device", "--device")]
+          ("poison.objective", "--objective"), *_train(*_TRAIN_FLAGS), ("device", "--device")]
 _SWEEP_SKIP = {"poison.beta", "train.members"}  # set per member by the sweep
 _SEARCH = [("every", "--every"), ("start", "--start"), ("stop", "--stop"),
            ("checkpoints", "--checkpoints"), ("member", "--member"), ("repeats", "--repeats"),
-           ("jitter", "--jitter"), ("train.steps", "--steps"),
-           ("train.optimizer", "--optimizer"), ("train.lr", "--lr"),
-           ("train.milestones", "--milestones"), ("train.gamma", "--gamma"),
-           ("train.clip_norm", "--clip"), ("train.batch_size", "--batch-size"), ("beta", "--beta"),
-           ("objective", "--objective"), ("extra_poison", "--extra-poison"),
+           ("jitter", "--jitter"),
+           *_train("steps", "optimizer", "lr", "milestones", "gamma", "clip_norm", "batch_size"),
+           ("beta", "--beta"), ("objective", "--objective"), ("extra_poison", "--extra-poison"),
            ("extra_share", "--extra-share"), ("stopping", "--stop-rule"),
            ("target_train", "--target-train"), ("target_poison_acc", "--target-poison"),
            ("poison_cap", "--poison-cap"), ("beta_step", "--beta-step"),
            ("beta_max", "--beta-max"), ("adapt_from", "--adapt-from"),
            ("continue_below", "--continue-below"), ("continue_steps", "--continue-steps"),
-           ("train.seed", "--seed"),
+           *_train("seed"),
            ("max_batch", "--max-batch"), ("memory_mb", "--memory-mb")]
 _EMBED = [("perplexity", "--perplexity"), ("seed", "--seed"), ("n_iter", "--n-iter"),
           ("pca_dims", "--pca-dims")]

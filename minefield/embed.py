@@ -20,7 +20,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -29,7 +29,7 @@ import torch
 from .config import ConfigError, _Config
 from .functional import Params, flatten, is_weight
 
-__all__ = ["EmbedConfig", "EmbedResult", "weight_matrix", "embed_points"]
+__all__ = ["EmbedConfig", "EmbedResult", "TSNEMap", "weight_matrix", "fit_map", "embed_points"]
 
 
 @dataclass(frozen=True)
@@ -66,17 +66,100 @@ def weight_matrix(params: Params, kernels_only: bool = True) -> torch.Tensor:
     return flatten(params)
 
 
-def embed_points(x: torch.Tensor, cfg: EmbedConfig = EmbedConfig()) -> torch.Tensor:
-    """PCA to ``min(pca_dims, N, D)`` dims, then t-SNE: ``(N, D)`` -> ``(N, 2)`` float64.
+@dataclass(frozen=True)
+class TSNEMap:
+    """A fitted t-SNE map that new points can be added to (openTSNE's staged object, kept).
 
-    A perplexity too large for N points (openTSNE needs ``3 * perplexity < N``)
-    is lowered to ``(N - 1) / 3``.
+    openTSNE's ``TSNE.fit`` returns a ``TSNEEmbedding`` whose ``transform`` places
+    new points into the existing map: each new point is initialised at the median
+    of its ``k = 25`` nearest reference points' positions, then optimised against
+    the fixed reference embedding alone (perplexity 5, 250 iterations,
+    openTSNE's defaults for adding points; Poličar et al. 2019). That object
+    holds a kNN index and is not safely serialisable, so this class keeps what
+    rebuilds it: the PCA (``mean``, ``components``), the reduced points t-SNE saw
+    (``reference``), their map coordinates and the perplexity and seed. It is
+    saved as plain tensors (safetensors, no pickle) by
+    :func:`minefield.stages.embed_run`.
+
+    Attributes:
+        coords: ``(N, 2)`` float64 map of the fitted points.
+        reference: ``(N, k)`` float64 PCA scores the map was fitted on.
+        mean: ``(D,)`` PCA mean of the weight rows.
+        components: ``(k, D)`` PCA axes; ``(0, D)`` when no PCA was applied
+            (``k = D``, the rows are used as they are).
+        perplexity: the perplexity used (after lowering for small N).
+        seed: the seed of the fit (openTSNE ``random_state``).
 
     Example::
 
-        >>> x = torch.randn(60, 10, generator=torch.Generator().manual_seed(0))
-        >>> embed_points(x, EmbedConfig(perplexity=10)).shape
-        torch.Size([60, 2])
+        >>> x = torch.randn(60, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> m = fit_map(x, EmbedConfig(perplexity=10, n_iter=100, pca_dims=5))
+        >>> m.transform(x[:3] + 0.01).shape
+        torch.Size([3, 2])
+    """
+
+    coords: torch.Tensor
+    reference: torch.Tensor
+    mean: torch.Tensor
+    components: torch.Tensor
+    perplexity: float
+    seed: int
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Weight rows ``(n, D)`` to the PCA scores ``(n, k)`` the map was fitted on."""
+        x = x.detach().cpu().double()
+        if x.dim() != 2 or x.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"new points must be (n, {self.mean.shape[0]}) like the map's, "
+                             f"got {tuple(x.shape)}")
+        if self.components.shape[0] == 0:
+            return x
+        return (x - self.mean) @ self.components.T
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """Place new weight rows ``(n, D)`` into the map: ``(n, 2)`` float64.
+
+        The map's own points do not move (openTSNE optimises only the new points;
+        its in-place centring of the reference is undone here). Each new point is
+        placed independently of the other new points.
+        """
+        from openTSNE import TSNEEmbedding
+        from openTSNE.affinity import PerplexityBasedNN
+
+        z = self.project(x).numpy()
+        ref = self.reference.numpy()
+        affinities = PerplexityBasedNN(ref, perplexity=self.perplexity, random_state=self.seed,
+                                       n_jobs=1)
+        emb = TSNEEmbedding(self.coords.numpy().copy(), affinities, random_state=self.seed,
+                            n_jobs=1)
+        # transform centres the reference in place: shift the new points back by as much
+        shift = (emb.max(0) + emb.min(0)) / 2
+        new = np.asarray(emb.transform(z), dtype=np.float64) + shift
+        return torch.from_numpy(new)
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and JSON metadata for a safetensors file (see :meth:`from_tensors`)."""
+        return ({"coords": self.coords, "reference": self.reference, "mean": self.mean,
+                 "components": self.components},
+                {"perplexity": self.perplexity, "seed": self.seed})
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], meta: dict[str, Any]) -> TSNEMap:
+        """Rebuild a map saved with :meth:`to_tensors`; KeyError/ValueError when malformed."""
+        n, d = t["reference"].shape[0], t["mean"].shape[0]
+        if (t["coords"].shape != (n, 2) or t["components"].dim() != 2
+                or t["components"].shape[1] != d
+                or t["reference"].shape[1] != (t["components"].shape[0] or d)):
+            raise ValueError("map tensors of inconsistent shapes")
+        return cls(*(t[k].double() for k in ("coords", "reference", "mean", "components")),
+                   float(meta["perplexity"]), int(meta["seed"]))
+
+
+def fit_map(x: torch.Tensor, cfg: EmbedConfig = EmbedConfig()) -> TSNEMap:
+    """PCA to ``min(pca_dims, N, D)`` dims, then t-SNE of ``(N, D)`` rows: a :class:`TSNEMap`.
+
+    A perplexity too large for N points (openTSNE needs ``3 * perplexity < N``)
+    is lowered to ``(N - 1) / 3``. ``fit_map(x, cfg).coords`` is
+    :func:`embed_points`; the map can also place new points (:meth:`TSNEMap.transform`).
     """
     from openTSNE import TSNE
     from sklearn.decomposition import PCA
@@ -86,20 +169,44 @@ def embed_points(x: torch.Tensor, cfg: EmbedConfig = EmbedConfig()) -> torch.Ten
         raise ValueError(f"need at least 4 points as an (N, D) matrix, got {tuple(x.shape)}")
     a = x.detach().cpu().double().numpy()
     k = min(cfg.pca_dims, n, a.shape[1])
+    mean, comps = np.zeros(a.shape[1]), np.zeros((0, a.shape[1]))
     if k < a.shape[1]:
-        a = PCA(k, random_state=cfg.seed).fit_transform(a)
+        pca = PCA(k, random_state=cfg.seed)
+        a = pca.fit_transform(a)
+        mean, comps = pca.mean_, pca.components_
     perplexity = min(cfg.perplexity, (n - 1) / 3)
     tsne = TSNE(2, perplexity=perplexity, n_iter=cfg.n_iter, initialization="random",
                 random_state=cfg.seed, n_jobs=1, verbose=False)
-    return torch.from_numpy(np.asarray(tsne.fit(a), dtype=np.float64))
+    coords = torch.from_numpy(np.asarray(tsne.fit(a), dtype=np.float64))
+    t = torch.from_numpy
+    return TSNEMap(coords, t(np.ascontiguousarray(a, dtype=np.float64)),
+                   t(np.asarray(mean, dtype=np.float64)), t(np.asarray(comps, dtype=np.float64)),
+                   float(perplexity), cfg.seed)
+
+
+def embed_points(x: torch.Tensor, cfg: EmbedConfig = EmbedConfig()) -> torch.Tensor:
+    """PCA to ``min(pca_dims, N, D)`` dims, then t-SNE: ``(N, D)`` -> ``(N, 2)`` float64.
+
+    The coordinates of :func:`fit_map` (use that to add points to the map later).
+
+    Example::
+
+        >>> x = torch.randn(60, 10, generator=torch.Generator().manual_seed(0))
+        >>> embed_points(x, EmbedConfig(perplexity=10)).shape
+        torch.Size([60, 2])
+    """
+    return fit_map(x, cfg).coords
 
 
 @dataclass
 class EmbedResult:
-    """Coordinates ``(N, 2)`` and per-point labels: kind (trajectory/bad), step, accuracies.
+    """Coordinates ``(N, 2)`` and per-point labels: kind, step, accuracies.
 
-    For a trajectory point ``step`` is its training step; for a bad minimum, the
-    step of the checkpoint it started from.
+    ``kind`` is ``"trajectory"``, ``"bad"`` (a bad minimum) or ``"added"`` (a
+    point placed later into the fitted map, :meth:`TSNEMap.transform`). For a
+    trajectory point ``step`` is its training step; for a bad minimum, the step of
+    the checkpoint it started from. ``added`` names the checkpoint file of each
+    added point, in order.
     """
 
     coords: torch.Tensor
@@ -110,6 +217,7 @@ class EmbedResult:
     poison_acc: torch.Tensor
     config: EmbedConfig
     run: str = ""
+    added: list[str] = field(default_factory=list)
 
     def mask(self, kind: str) -> torch.Tensor:
         return torch.tensor([k == kind for k in self.kind], dtype=torch.bool)
@@ -118,7 +226,7 @@ class EmbedResult:
         return {"run": self.run, "config": self.config.to_dict(),
                 "coords": self.coords.tolist(), "kind": self.kind, "step": self.step,
                 "train_acc": self.train_acc.tolist(), "test_acc": self.test_acc.tolist(),
-                "poison_acc": self.poison_acc.tolist()}
+                "poison_acc": self.poison_acc.tolist(), "added": self.added}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EmbedResult:
@@ -126,4 +234,16 @@ class EmbedResult:
         return cls(t(d["coords"], dtype=torch.float64).reshape(-1, 2), list(d["kind"]),
                    list(d["step"]), t(d["train_acc"], dtype=torch.float64),
                    t(d["test_acc"], dtype=torch.float64), t(d["poison_acc"], dtype=torch.float64),
-                   EmbedConfig.from_dict(d["config"]), d.get("run", ""))
+                   EmbedConfig.from_dict(d["config"]), d.get("run", ""),
+                   list(d.get("added", [])))
+
+    def extend(self, coords: torch.Tensor, steps: list[int], metrics: dict[str, torch.Tensor],
+               sources: list[str]) -> EmbedResult:
+        """A new result with points of kind ``"added"`` appended; the old rows unchanged."""
+        cat = torch.cat
+        return EmbedResult(cat([self.coords, coords.double()]), self.kind + ["added"] * len(steps),
+                           self.step + list(steps),
+                           cat([self.train_acc, metrics["train_acc"].double()]),
+                           cat([self.test_acc, metrics["test_acc"].double()]),
+                           cat([self.poison_acc, metrics["poison_acc"].double()]),
+                           self.config, self.run, self.added + list(sources))

@@ -24,11 +24,11 @@ fraction correct; both come back in float64, shaped like ``ts``.
 Example::
 
     >>> from minefield import DataConfig, ModelConfig, build_model, init_params, load_dataset
-    >>> from minefield import random_directions, stack
+    >>> from minefield import member, random_directions, stack
     >>> data = load_dataset(DataConfig("blobs"))
     >>> model = build_model(ModelConfig(widths=(8,)), (2,), 2)
     >>> theta = stack([init_params(model, "glorot_uniform", torch.Generator().manual_seed(0))])
-    >>> dirs = random_directions({k: v[0] for k, v in theta.items()}, 8)
+    >>> dirs = random_directions(member(theta, 0), 8)
     >>> ts = torch.linspace(0, 1, 11).expand(8, 11)   # 8 directions x 11 distances
     >>> loss, acc = evaluate_points(model, theta, dirs, ts, data.x_train, data.y_train)
     >>> loss.shape, bool((loss[:, 0] == loss[0, 0]).all())   # t = 0 is the centre
@@ -51,8 +51,10 @@ from .functional import (
     _mlp_forward,
     activation_elements,
     check_single,
+    member,
     mlp_fast_path,
     n_members,
+    one,
     stacked_forward,
 )
 from .loss import nll, predict
@@ -171,7 +173,7 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
                 sl = slice(i, min(n_points, i + mem))
                 p = make(sl)
                 m = n_members(p)
-                b = ({k: v[:1].expand(m, *v.shape[1:]).clone() for k, v in buffers.items()}
+                b = ({k: v.expand(m, *v.shape[1:]).clone() for k, v in one(buffers, 0).items()}
                      if buffers else None)
                 for j in range(0, n, pts):
                     ps = slice(j, min(n, j + pts))
@@ -341,7 +343,7 @@ def evaluate_points_loop(model: nn.Module, center: Params, directions: Params, t
     tt = ts.reshape(ts.shape[0], -1)
     out_loss = torch.zeros(tt.shape, dtype=torch.float64)
     out_acc = torch.zeros(tt.shape, dtype=torch.float64)
-    fixed = {k: v[0] for k, v in (buffers or {}).items()}
+    fixed = member(buffers or {}, 0)
     for k in range(tt.shape[0]):
         for j in range(tt.shape[1]):
             t = float(tt[k, j])

@@ -7,6 +7,9 @@ members at once through ``torch.func.functional_call`` under ``torch.func.vmap``
 (batched matmuls / grouped convolutions underneath), instead of loading weights
 into the module one model at a time.
 
+The dict type and its operations (member count, one member, flatten) live in
+:mod:`minefield.stacked`; they are re-exported here.
+
 This one mechanism serves training many models together (sweeps, minefield
 searches), and evaluating many perturbed points ``theta + t d`` (basin radii,
 landscapes).
@@ -23,68 +26,33 @@ Example::
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from .stacked import (  # noqa: F401 - the stack operations, re-exported from their home
+    Params,
+    Stacked,
+    check_single,
+    flatten,
+    member,
+    n_members,
+    one,
+    select,
+    stack,
+    unflatten,
+)
+
 __all__ = [
-    "stack", "member", "one", "check_single", "n_members", "flatten", "unflatten", "is_weight",
-    "stacked_forward", "single_forward",
+    "Stacked", "stack", "member", "one", "select", "check_single", "n_members", "flatten",
+    "unflatten", "is_weight", "stacked_forward", "single_forward",
     "buffers_like", "chunked_forward", "activation_elements", "mlp_fast_path",
 ]
-
-Params = dict[str, torch.Tensor]
-
-
-def stack(items: list[Params]) -> Params:
-    """Stack per-model dicts into one dict with a leading member dimension."""
-    return {k: torch.stack([p[k] for p in items]) for k in items[0]}
-
-
-def member(params: Params, i: int) -> Params:
-    """The ``i``-th model of a stack (views, no copy)."""
-    return {k: v[i] for k, v in params.items()}
-
-
-def n_members(params: Params) -> int:
-    """M, the leading member dimension of a stack."""
-    return next(iter(params.values())).shape[0]
-
-
-def one(params: Params | None, i: int) -> Params | None:
-    """Member ``i`` as a stack of one, ``(1, ...)`` (views); ``None`` (no buffers) stays None."""
-    return None if params is None else {k: v[i:i + 1] for k, v in params.items()}
-
-
-def check_single(params: Params, what: str = "params") -> Params:
-    """``params`` if it is a stack of one member ``(1, ...)``, else ValueError."""
-    if n_members(params) != 1:
-        raise ValueError(f"{what} must be a single member (1, ...), got {n_members(params)} "
-                         "members")
-    return params
 
 
 def is_weight(name: str, per_model_shape: torch.Size | tuple[int, ...]) -> bool:
     """Weight matrices and conv kernels (ndim >= 2); biases and norm layers are not."""
     return len(per_model_shape) >= 2
-
-
-def flatten(params: Params) -> torch.Tensor:
-    """``(M, n_params)`` view of a stack, in dict order."""
-    m = n_members(params)
-    return torch.cat([v.reshape(m, -1) for v in params.values()], 1)
-
-
-def unflatten(flat: torch.Tensor, like: Params) -> Params:
-    """Inverse of :func:`flatten`: ``(M, n_params)`` into a dict shaped as ``like``."""
-    out, i = {}, 0
-    for k, v in like.items():
-        n = math.prod(v.shape[1:])
-        out[k] = flat[:, i:i + n].reshape(flat.shape[0], *v.shape[1:])
-        i += n
-    return out
 
 
 def buffers_like(model: nn.Module, m: int, device=None) -> Params:
@@ -236,8 +204,8 @@ def chunked_forward(model: nn.Module, params: Params, x: torch.Tensor,
     mem = max(1, min(m, int(budget // (per * pts))))
     for i in range(0, m, mem):
         sl = slice(i, min(m, i + mem))
-        p = {k: v[sl] for k, v in params.items()}
-        b = {k: v[sl] for k, v in buffers.items()} if buffers else None
+        p = select(params, sl)
+        b = select(buffers, sl) if buffers else None
         for j in range(0, n, pts):
             ps = slice(j, min(n, j + pts))
             yield sl, ps, stacked_forward(model, p, x[ps], b)

@@ -47,9 +47,10 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 from .config import ConfigError
 from .data import Dataset
 from .engine import LOSSES, BNPolicy, evaluate_points
-from .functional import Params, _mlp_forward, flatten, mlp_fast_path, n_members, unflatten
+from .functional import _mlp_forward, mlp_fast_path
 from .options import option
 from .pearlmutter import MLPHessian, mlp_plan
+from .stacked import Params, flatten, member, n_members, one, unflatten
 
 __all__ = ["CurvatureKind", "NonFiniteLoss", "Objective", "model_objective", "CurvatureOperator",
            "dense_matrix"]
@@ -148,10 +149,10 @@ class Objective:
         Models go through :func:`~minefield.engine.evaluate_points` (batched
         matmuls, chunked); other objectives through ``vmap``.
         """
-        centre = {k: v[i:i + 1] for k, v in self.params.items()}
+        centre = one(self.params, i)
         if self.model is not None:
             if self._bdim == 0:
-                bufs = {k: v[i:i + 1] for k, v in self.buffers.items()}
+                bufs = one(self.buffers, i)
             else:  # batch statistics: the engine still wants (unused) stats to update
                 bufs = {k: (v.to(self.dtype) if v.is_floating_point() else v)[None].clone()
                         for k, v in self.model.named_buffers()} or None
@@ -160,7 +161,7 @@ class Objective:
                                    loss=self.loss, bn=self.bn)[0]
         pts = {k: v + ts.to(v.dtype).view(-1, *[1] * (v.dim() - 1)) * directions[k]
                for k, v in centre.items()}
-        b = {k: v[i] for k, v in self.buffers.items()} if self._bdim == 0 else self.buffers
+        b = member(self.buffers, i) if self._bdim == 0 else self.buffers
         with torch.no_grad():
             return vmap(self.member_loss, in_dims=(0, None))(pts, b).double()
 
@@ -311,7 +312,7 @@ class CurvatureOperator:
                         _mlp_forward(obj.model, leaves, x), y).sum(-1) for x, y in obj.chunks)
                 elif self.m == 1:  # plain autograd: no vmap overhead on convolutions
                     b = {k: (v[0] if obj._bdim == 0 else v) for k, v in obj.buffers.items()}
-                    losses = obj.member_loss({k: v[0] for k, v in leaves.items()}, b)[None]
+                    losses = obj.member_loss(member(leaves, 0), b)[None]
                 else:
                     losses = vmap(obj.member_loss, in_dims=(0, obj._bdim))(leaves, obj.buffers)
                 _raise_if_not_finite(losses.detach())

@@ -16,11 +16,11 @@ lets the caller save it, and ``partial=`` resumes from such a saved surface
 Example::
 
     >>> from minefield import DataConfig, ModelConfig, build_model, init_params, load_dataset
-    >>> from minefield import stack
+    >>> from minefield import member, stack
     >>> data = load_dataset(DataConfig("blobs"))
     >>> model = build_model(ModelConfig(widths=(8,)), (2,), 2)
     >>> theta = stack([init_params(model, "glorot_uniform", torch.Generator().manual_seed(0))])
-    >>> dirs = plane_directions({k: v[0] for k, v in theta.items()}, DirectionSpec(seed=0))
+    >>> dirs = plane_directions(member(theta, 0), DirectionSpec(seed=0))
     >>> s = surface(model, theta, dirs, torch.linspace(-1, 1, 21), torch.linspace(-1, 1, 21),
     ...             data)
     >>> s.values["train_loss"].shape

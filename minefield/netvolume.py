@@ -107,8 +107,8 @@ class NetworkLines:
     def loss_at(self, flat: torch.Tensor) -> torch.Tensor:
         """The (differentiable) train loss at ``theta + S flat``, ``flat`` ``(n,)``."""
         d = self.to_params(flat[None])
-        params = {k: v[0] + d[k][0] for k, v in self.centre.items()}
-        bufs = {k: b[0] for k, b in (self.buffers or {}).items()}
+        params = {k: v + d[k][0] for k, v in member(self.centre, 0).items()}
+        bufs = member(self.buffers or {}, 0)
         was = self.model.training
         self.model.train(self.bn == "batch")
         try:

@@ -77,9 +77,10 @@ from torch import nn
 from .config import PoisonObjective, TrainConfig
 from .data import Dataset
 from .evaluate import evaluate_members
-from .functional import Params, activation_elements, is_weight, n_members, stack
+from .functional import activation_elements, is_weight
 from .options import StopRule
 from .search_config import AUTO_EXTRA_POISON, SEARCH_TRAIN, SearchConfig
+from .stacked import Params, member, n_members, select, stack
 from .train import effective_beta, fit
 
 __all__ = ["StopRule", "SearchConfig", "SEARCH_TRAIN", "SearchResult", "search_minima",
@@ -142,7 +143,7 @@ def _jittered(starts: Params, seeds: Sequence[int], jitter: float) -> Params:
         return {k: v.clone() for k, v in starts.items()}
     items = []
     for i, s in enumerate(seeds):
-        one = {k: v[i] for k, v in starts.items()}
+        one = member(starts, i)
         d = _filter_normalized_direction(one, torch.Generator().manual_seed(int(s)))
         items.append({k: one[k] + jitter * d[k] for k in one})
     return stack(items)
@@ -276,7 +277,7 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
         if "opt" not in captured or end >= horizon or not len(keep):
             break
         _adapt_betas(cfg, betas, active, keep, res.history, end)
-        cur = {k: v[keep].detach().clone() for k, v in res.params.items()}
+        cur = {k: v.detach().clone() for k, v in select(res.params, keep).items()}
         opt_state = _slice_opt_state(captured["opt"], keep.to(next(iter(cur.values())).device),
                                      len(active))
         active, step = active[keep], end

@@ -42,9 +42,9 @@ from dataclasses import dataclass
 import torch
 
 from .config import ConfigError
-from .functional import flatten, unflatten
 from .hvp import Objective
 from .options import option
+from .stacked import flatten, one, unflatten
 
 __all__ = ["Norm", "SharpnessEstimate", "worst_case_sharpness", "average_sharpness",
            "m_sharpness", "pac_bayes_sigma"]
@@ -131,7 +131,7 @@ def worst_case_sharpness(obj: Objective, rho: float, norm: Norm | str = "l2",
 def _probes(obj: Objective, n_samples: int, seed: int, adaptive: bool, eta: float, i: int):
     """Antithetic directions ``(2K, ...)`` ``[T z_1..T z_K, -T z_1..]`` for member ``i``."""
     g = torch.Generator().manual_seed(int(seed))
-    w = flatten({k: v[i:i + 1] for k, v in obj.params.items()})  # (1, n)
+    w = flatten(one(obj.params, i))  # (1, n)
     z = torch.randn(n_samples, w.shape[1], generator=g, dtype=torch.float64).to(w)
     d = _scale(w, adaptive, eta) * z
     return unflatten(torch.cat([d, -d]), obj.params)

@@ -21,8 +21,8 @@ from minefield.basin import (
 from minefield.config import ConfigError, ModelConfig
 from minefield.directions import DirectionSpec, random_directions
 from minefield.engine import evaluate_points_loop
-from minefield.functional import flatten, stack
 from minefield.models import build_model, init_params
+from minefield.stacked import flatten, member, stack
 
 
 def _quadratic(a, centre, dirs):
@@ -174,7 +174,7 @@ def test_network_radii_equal_bisection_over_the_reference_loop():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BasinWarning)
         res = basin_radii(model, c, (x, y), cfg)
-    th = {k: v[0] for k, v in c.items()}
+    th = member(c, 0)
     d = random_directions(th, 4, "filter", "zero", torch.Generator().manual_seed(3))
     d = {k: torch.cat([v, -v]) for k, v in d.items()}
 
@@ -235,7 +235,7 @@ def test_rollouts_follow_the_basin_directions():
     spec = DirectionSpec(seed=2)
     ro = rollouts(model, c, (x, y), 3, torch.linspace(-1, 1, 5, dtype=torch.float64), spec)
     assert ro.loss.shape == (3, 5)
-    d = random_directions({k: v[0] for k, v in c.items()}, 3, generator=spec.generator())
+    d = random_directions(member(c, 0), 3, generator=spec.generator())
     ref = evaluate_points_loop(model, c, d, torch.linspace(-1, 1, 5).expand(3, -1), x, y)[0]
     torch.testing.assert_close(ro.loss, ref, rtol=1e-10, atol=1e-12)
     assert flatten(c).shape[1] > 0

@@ -31,6 +31,15 @@ def test_search_embed_plot_from_the_command_line(tmp_path, tiny):
     assert emb.exit_code == 0, emb.output
     saved = json.loads((tmp_path / "good" / "embed" / "embed.json").read_text())
     assert saved["kind"].count("bad") == 2
+    add = r.invoke(main, root + ["embed", "good", "--add", "trajectory/step_00000020.safetensors",
+                                 "--device", "cpu"])
+    assert add.exit_code == 0, add.output
+    assert "placed 1 new points into the map (1 added in all" in add.output
+    again = json.loads((tmp_path / "good" / "embed" / "embed.json").read_text())
+    assert again["coords"][:-1] == saved["coords"] and again["kind"][-1] == "added"
+    bad = r.invoke(main, root + ["embed", "good", "--add", "nope.safetensors"])
+    assert bad.exit_code == 1 and len(bad.output.strip().splitlines()) == 1
+    assert "missing checkpoint" in bad.output
     fig = tmp_path / "fig" / "mf"
     p = r.invoke(main, root + ["plot", "minefield", "good", "--out", str(fig)])
     assert p.exit_code == 0, p.output

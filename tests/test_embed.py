@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from minefield.config import ConfigError
-from minefield.embed import EmbedConfig, embed_points, weight_matrix
+from minefield.config import ConfigError, ModelConfig
+from minefield.embed import EmbedConfig, TSNEMap, embed_points, fit_map, weight_matrix
 from minefield.plotting.minefield import outlier_mask, plot_minefield
 from minefield.runs import RunError
 from minefield.search import SearchConfig
-from minefield.stages import embed_run, load_embedding, search_run, train_run
+from minefield.stages import embed_run, load_embedding, load_map, search_run, train_run
 
 
 def _clusters(n=30, k=3, d=20, seed=0):
@@ -84,3 +84,122 @@ def test_embed_run_save_load_and_plot(tmp_path, tiny):
     assert "final iterate: train" in ax.get_title() and "3 bad minima" in ax.get_title()
     with pytest.raises(ConfigError, match="checkpoints: 'some' is not one of searched, all"):
         embed_run(run, cfg, device="cpu", checkpoints="some")
+
+
+def test_map_places_new_points_beside_their_nearest_old_neighbours():
+    x, y = _clusters(n=30, k=3, d=20, seed=0)
+    tmap = fit_map(x, EmbedConfig(perplexity=10, n_iter=250, pca_dims=10))
+    old = tmap.coords.clone()
+    new, y_new = _clusters(n=6, k=3, d=20, seed=0)  # same centres, fresh noise
+    new = new + 0.3 * torch.randn(new.shape, generator=torch.Generator().manual_seed(1),
+                                  dtype=torch.float64)
+    z = tmap.transform(new)
+    assert z.shape == (18, 2) and z.dtype == torch.float64
+    assert torch.equal(tmap.coords, old)  # the map's own points never move
+    # oracle: the nearest old point in weight space, and where the map put it
+    nearest = torch.cdist(new, x).argmin(1)
+    assert torch.equal(y[nearest], y_new)
+    d_map = torch.cdist(z, old)
+    assert torch.equal(y[d_map.argmin(1)], y_new)  # lands in its own cluster
+    # and closer to its weight-space neighbour than to any point of another cluster
+    own = d_map[torch.arange(18), nearest]
+    other = d_map.masked_fill(y[None, :] == y_new[:, None], float("inf")).min(1).values
+    assert (own < other).all()
+    assert torch.equal(tmap.transform(new), z)  # deterministic
+
+
+def test_map_round_trips_through_plain_tensors():
+    x, _ = _clusters(n=10, k=2, d=6)
+    for pca in (3, 50):  # with and without a PCA (d = 6 < 50 keeps the rows)
+        tmap = fit_map(x, EmbedConfig(perplexity=3, n_iter=50, pca_dims=pca))
+        assert tmap.components.shape == ((3, 6) if pca == 3 else (0, 6))
+        back = TSNEMap.from_tensors(*tmap.to_tensors())
+        assert torch.equal(back.coords, tmap.coords) and back.perplexity == tmap.perplexity
+        assert torch.equal(back.transform(x[:2]), tmap.transform(x[:2]))
+    assert torch.equal(tmap.coords, embed_points(x, EmbedConfig(perplexity=3, n_iter=50)))
+    with pytest.raises(ValueError, match=r"new points must be \(n, 6\)"):
+        tmap.transform(torch.zeros(2, 5))
+    t, meta = tmap.to_tensors()
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        TSNEMap.from_tensors({**t, "coords": t["coords"][:3]}, meta)
+
+
+def test_embed_run_adds_checkpoints_without_moving_the_map(tmp_path, tiny):
+    run = train_run(tiny("good"), tmp_path, progress=False).run
+    other = train_run(tiny("other", seed=1), tmp_path, progress=False).run
+    fast = SearchConfig.make(every=1, steps=30, log_every=10, milestones=())
+    search_run(run, fast, device="cpu")
+    search_run(other, fast, device="cpu")
+    with pytest.raises(RunError, match="has no embedding"):
+        load_map(run)
+    cfg = EmbedConfig(perplexity=2, n_iter=50)
+    base = embed_run(run, cfg, device="cpu")
+    theirs = sorted((other.path / "search" / "minima").glob("*.safetensors"))
+    mine = "trajectory/step_00000040.safetensors"
+    res = embed_run(run, device="cpu", add=[*theirs[:2], mine])  # the saved map's settings
+    assert res.kind == base.kind + ["added"] * 3
+    assert torch.equal(res.coords[:6], base.coords)  # old points exactly where they were
+    assert res.added == [str(p.resolve()) for p in theirs[:2]] + [mine]
+    assert res.step[6:] == [30, 30, 40] and res.test_acc[6:].isfinite().all()
+    saved = load_embedding(run)
+    assert torch.equal(saved.coords, res.coords) and saved.added == res.added
+    # placing them again is a no-op; a further file appends, the rest stays put
+    text = (run.path / "embed" / "embed.json").read_text()
+    assert torch.equal(embed_run(run, cfg, device="cpu", add=[theirs[0]]).coords, res.coords)
+    assert (run.path / "embed" / "embed.json").read_text() == text
+    more = embed_run(run, cfg, device="cpu", add=[theirs[2]])
+    assert torch.equal(more.coords[:9], res.coords) and more.kind[-1] == "added"
+    # a minimum searched after the map was made (here: copied in) is added to the same map
+    late = run.path / "search" / "minima" / "start_00000060_r09.safetensors"
+    late.write_bytes(theirs[2].read_bytes())
+    with pytest.raises(RunError, match="holds results for other settings"):
+        embed_run(run, cfg, device="cpu")  # the map lacks a minimum the run now has
+    latest = embed_run(run, cfg, device="cpu", add=[late])
+    assert torch.equal(latest.coords[:10], more.coords)
+    assert latest.added[-1] == "search/minima/start_00000060_r09.safetensors"
+    late.unlink()
+    ax = plot_minefield(more)
+    assert "4 points added to the fitted map" in ax.get_title()
+    assert "added to the map" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_embed_run_add_errors_change_nothing(tmp_path, tiny):
+    run = train_run(tiny("good"), tmp_path, progress=False).run
+    wide = train_run(tiny("wide").replace(model=ModelConfig(widths=(9, 8))), tmp_path,
+                     progress=False).run
+    search_run(run, SearchConfig.make(every=1, steps=30, log_every=10, milestones=()),
+               device="cpu")
+    cfg = EmbedConfig(perplexity=2, n_iter=50)
+    with pytest.raises(RunError, match="missing checkpoint"):
+        embed_run(run, cfg, device="cpu", add=["trajectory/nope.safetensors"])
+    assert not (run.path / "embed").exists()  # refused before the map was made
+    embed_run(run, cfg, device="cpu")
+    emb = run.path / "embed"
+    files = {p.name: p.read_bytes() for p in emb.iterdir()}
+    wrong = wide.trajectory()[-1]
+    with pytest.raises(RunError, match="does not match the model of run good"):
+        embed_run(run, cfg, device="cpu", add=[wrong])
+    with pytest.raises(RunError, match="holds results for other settings"):
+        embed_run(run, cfg.replace(seed=1), device="cpu", add=[run.trajectory()[0]])
+    assert {p.name: p.read_bytes() for p in emb.iterdir()} == files
+    (emb / "map.safetensors").rename(emb / "old.safetensors")
+    with pytest.raises(RunError, match="no fitted map"):
+        embed_run(run, cfg, device="cpu", add=[run.trajectory()[0]])
+    (emb / "old.safetensors").rename(emb / "map.safetensors")
+    embed_run(run, cfg.replace(seed=1), device="cpu", force=True)
+    (emb / "map.safetensors").write_bytes(files["map.safetensors"])  # a map of other settings
+    with pytest.raises(RunError, match="does not belong to"):
+        load_map(run)
+
+
+def test_added_file_must_hold_the_maps_member(tmp_path):
+    from minefield.runs import Checkpoint
+    from minefield.stages.embed import _member_of
+
+    names = {"w": torch.Size([2, 3])}
+    ck = Checkpoint(tmp_path / "x.safetensors", {"w": torch.arange(12.).view(2, 2, 3)}, {}, {})
+    assert torch.equal(_member_of(ck, names, 1)["w"], ck.params["w"][1])
+    single = Checkpoint(ck.path, {"w": ck.params["w"][:1]}, {}, {})
+    assert torch.equal(_member_of(single, names, 5)["w"], ck.params["w"][0])
+    with pytest.raises(RunError, match="x.safetensors has 2 members; the map shows member 2"):
+        _member_of(ck, names, 2)

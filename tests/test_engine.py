@@ -9,8 +9,9 @@ from minefield.engine import (
     evaluate_points_loop,
     mlp_fast_path,
 )
-from minefield.functional import buffers_like, stack
+from minefield.functional import buffers_like
 from minefield.models import build_model, init_params
+from minefield.stacked import member, stack
 
 TOL = dict(rtol=1e-10, atol=1e-12)  # float64: batched and looped sums differ only by rounding
 
@@ -86,7 +87,7 @@ def test_centre_is_the_model_itself():
     model, c, d, x, y = _setup()
     lo, _ = evaluate_points(model, c, d, torch.zeros(5, dtype=torch.float64), x, y)
     net = model.double()
-    net.load_state_dict({k: v[0] for k, v in c.items()})
+    net.load_state_dict(member(c, 0))
     ref = torch.nn.functional.binary_cross_entropy_with_logits(net(x)[:, 0], y.double())
     torch.testing.assert_close(lo, ref.expand(5), **TOL)
 

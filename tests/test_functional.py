@@ -77,15 +77,3 @@ def test_unknown_forward_path():
     model, params, x, _ = _stacked_mlp()
     with pytest.raises(ValueError, match="unknown forward path"):
         stacked_forward(model, params, x, path="mlp")
-
-
-def test_one_member_as_a_stack_and_the_single_member_check():
-    from minefield.functional import check_single, one
-
-    p = {"w": torch.arange(12.0).reshape(3, 2, 2), "b": torch.arange(6.0).reshape(3, 2)}
-    first = one(p, 1)
-    assert first["w"].shape == (1, 2, 2) and torch.equal(first["b"][0], p["b"][1])
-    assert one(None, 0) is None and check_single(first) is first
-    with pytest.raises(ValueError, match="the centre must be a single member \\(1, ...\\), "
-                                         "got 3 members"):
-        check_single(p, "the centre")

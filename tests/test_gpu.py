@@ -9,8 +9,9 @@ from minefield.config import DataConfig, ModelConfig, TrainConfig
 from minefield.data import Dataset, load_dataset
 from minefield.directions import random_directions
 from minefield.engine import evaluate_points, precision_error
-from minefield.functional import buffers_like, member
+from minefield.functional import buffers_like
 from minefield.models import build_model, init_params
+from minefield.stacked import member, one
 from minefield.train import fit, init_stack
 
 pytestmark = [pytest.mark.gpu,
@@ -25,11 +26,11 @@ def _setup():
 
 def test_engine_on_cuda_matches_cpu():
     data, model, params = _setup()
-    one = {k: v[:1] for k, v in params.items()}
-    d = random_directions(member(one, 0), 64, generator=torch.Generator().manual_seed(0))
+    first = one(params, 0)
+    d = random_directions(member(first, 0), 64, generator=torch.Generator().manual_seed(0))
     ts = torch.linspace(0, 0.3, 64)
-    cpu = evaluate_points(model, one, d, ts, data.x_train, data.y_train)[0]
-    mv = {k: v.cuda() for k, v in one.items()}
+    cpu = evaluate_points(model, first, d, ts, data.x_train, data.y_train)[0]
+    mv = {k: v.cuda() for k, v in first.items()}
     dv = {k: v.cuda() for k, v in d.items()}
     gpu = evaluate_points(model, mv, dv, ts.cuda(), data.x_train.cuda(), data.y_train.cuda())[0]
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)

@@ -9,10 +9,10 @@ import torch
 from torch.func import functional_call
 
 from minefield.config import ConfigError, ModelConfig
-from minefield.functional import flatten, unflatten
 from minefield.hvp import CurvatureOperator, NonFiniteLoss, Objective, dense_matrix, model_objective
 from minefield.loss import nll
 from minefield.models import build_model
+from minefield.stacked import flatten, member, one, unflatten
 from minefield.train import init_stack
 
 
@@ -28,15 +28,15 @@ def _problem(widths=(6, 5), m=3, n=24, classes=2, seed=0, name="mlp", shape=(2,)
 
 def _flat_loss(model, p, x, y, i, buffers=None, train=False):
     """The plain reference: member i's mean NLL as a function of its flat parameters."""
-    one = {k: v[i:i + 1] for k, v in p.items()}
+    single = one(p, i)
     net = copy.deepcopy(model).double().train(train)
-    bufs = {k: v[i] for k, v in (buffers or {}).items()}
+    bufs = member(buffers or {}, i)
 
     def f(flat):
-        q = {k: v[0] for k, v in unflatten(flat[None], one).items()}
+        q = member(unflatten(flat[None], single), 0)
         return nll(functional_call(net, (q, bufs) if bufs else q, (x,)), y).mean()
 
-    return f, flatten(one)[0]
+    return f, flatten(single)[0]
 
 
 def _quadratic(n=12, seed=0, m=2):
@@ -99,14 +99,14 @@ def test_chunked_data_sums_to_the_full_product():
 
 def test_ggn_and_fisher_match_their_definitions():
     model, p, x, y = _problem(m=2, n=10, classes=3)
-    one = {k: v[:1] for k, v in p.items()}
-    ggn = dense_matrix(CurvatureOperator(model_objective(model, one, (x, y)), "ggn"))[0]
-    fisher = dense_matrix(CurvatureOperator(model_objective(model, one, (x, y)), "fisher"))[0]
-    flat = flatten(one)[0]
+    first = one(p, 0)
+    ggn = dense_matrix(CurvatureOperator(model_objective(model, first, (x, y)), "ggn"))[0]
+    fisher = dense_matrix(CurvatureOperator(model_objective(model, first, (x, y)), "fisher"))[0]
+    flat = flatten(first)[0]
     net = copy.deepcopy(model).double()
 
     def logits(fl):
-        return functional_call(net, {k: v[0] for k, v in unflatten(fl[None], one).items()}, (x,))
+        return functional_call(net, member(unflatten(fl[None], first), 0), (x,))
 
     jac = torch.autograd.functional.jacobian(logits, flat)  # (N, C, n)
     z = logits(flat)

@@ -7,10 +7,10 @@ from minefield.config import DataConfig, ModelConfig
 from minefield.data import load_dataset
 from minefield.directions import DirectionSpec
 from minefield.engine import evaluate_points_loop
-from minefield.functional import flatten, stack
 from minefield.landscape import axis, line_direction, plane_directions, slice_1d, surface
 from minefield.models import build_model, init_params
 from minefield.runs import Run, load_tensors
+from minefield.stacked import flatten, member, one, stack
 from minefield.stages import load_run_model, train_run
 from tests.conftest import tiny_config
 
@@ -58,7 +58,7 @@ def test_cli_line_reads_each_model_at_its_end(tmp_path):
     ts = tensors["ts"]
     for name, t in (("good", 0.0), ("bad", 1.0)):
         model, p, _, data, _ = load_run_model(Run.open(name, tmp_path))
-        direct = evaluate_points_loop(model, p, {k: v[:1] for k, v in p.items()},
+        direct = evaluate_points_loop(model, p, one(p, 0),
                                       torch.zeros(1), *data.split("train"))[0]
         got = tensors["values.train_loss"][ts == t]
         torch.testing.assert_close(got, direct.to(got.dtype), rtol=1e-5, atol=1e-6)
@@ -66,7 +66,7 @@ def test_cli_line_reads_each_model_at_its_end(tmp_path):
 
 def test_surface_matches_loop_and_resumes_after_interruption():
     model, c, _, data = _setup()
-    dirs = plane_directions({k: v[0] for k, v in c.items()}, DirectionSpec(seed=4))
+    dirs = plane_directions(member(c, 0), DirectionSpec(seed=4))
     f = flatten(dirs)
     assert abs(float(f[0] @ f[1])) < 1e-10 * float(f[0].norm() * f[1].norm())
     xs = torch.linspace(-1, 1, 5, dtype=torch.float64)
@@ -108,7 +108,7 @@ def test_errors():
         slice_1d(model, a, line_direction(a, b), torch.zeros(2), data, ("val",))
     with pytest.raises(ValueError, match="needs 2 directions"):
         surface(model, a, line_direction(a, b), torch.zeros(2), torch.zeros(2), data)
-    dirs = plane_directions({k: v[0] for k, v in a.items()})
+    dirs = plane_directions(member(a, 0))
     part = surface(model, a, dirs, torch.zeros(2), torch.zeros(2), data)
     with pytest.raises(ValueError, match="cannot resume"):
         surface(model, a, dirs, torch.ones(2), torch.zeros(2), data, partial=part)

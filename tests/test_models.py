@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from minefield.config import ConfigError, ModelConfig
-from minefield.functional import flatten, stack, stacked_forward, unflatten
+from minefield.functional import stacked_forward
 from minefield.models import ModelError, build_model, init_params
+from minefield.stacked import flatten, member, stack, unflatten
 
 
 def count(m, weights_only=False):
@@ -53,7 +54,7 @@ def test_stacked_forward_matches_module_loop():
     x = torch.randn(5, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     out = stacked_forward(m, p, x)
     for i in range(3):
-        m.load_state_dict({k: v[i] for k, v in p.items()})
+        m.load_state_dict(member(p, i))
         torch.testing.assert_close(out[i], m(x))
 
 

@@ -11,6 +11,7 @@ from minefield.engine import evaluate_points, evaluate_points_loop
 from minefield.models import build_model, init_params
 from minefield.netvolume import NetworkLines, adam_curvature, network_curvature
 from minefield.precondition import Preconditioner
+from minefield.stacked import stack
 
 F64 = torch.float64
 LN10 = math.log(10)
@@ -71,7 +72,7 @@ def test_engine_lines_from_starts_match_the_loop():
     model = build_model(ModelConfig(widths=(5,)), (2,), 2).double()
     g0 = torch.Generator().manual_seed(0)
     theta = {k: v.double() for k, v in init_params(model, "torch", g0).items()}
-    centre = {k: v[None] for k, v in theta.items()}
+    centre = stack([theta])
     g = torch.Generator().manual_seed(0)
     d = random_directions(theta, 3, "gaussian", "include", g)
     s = random_directions(theta, 3, "gaussian", "include", g)

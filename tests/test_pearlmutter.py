@@ -8,23 +8,23 @@ from torch import nn
 from torch.func import functional_call
 
 from minefield.config import ModelConfig
-from minefield.functional import flatten, unflatten
 from minefield.hvp import CurvatureOperator, model_objective
 from minefield.loss import nll
 from minefield.models import build_model
 from minefield.pearlmutter import MLPHessian, mlp_plan
+from minefield.stacked import flatten, member, one, stack, unflatten
 from minefield.train import init_stack
 
 
 def _dense(model, p, x, y, i):
     """Member i's Hessian of the mean NLL by plain autograd, float64."""
-    one = {k: v[i:i + 1] for k, v in p.items()}
+    single = one(p, i)
 
     def f(flat):
-        q = {k: v[0] for k, v in unflatten(flat[None], one).items()}
+        q = member(unflatten(flat[None], single), 0)
         return nll(functional_call(model, q, (x,)), y).mean()
 
-    return torch.autograd.functional.hessian(f, flatten(one)[0])
+    return torch.autograd.functional.hessian(f, flatten(single)[0])
 
 
 @pytest.mark.parametrize("act,classes", [("relu", 2), ("tanh", 3), ("leaky_relu", 4),
@@ -68,6 +68,6 @@ def test_plan_accepts_plain_mlps_only():
 
 def test_a_model_outside_the_plan_raises():
     model = nn.Sequential(nn.Linear(2, 3), nn.Sigmoid(), nn.Linear(3, 1))
-    p = {k: v[None].detach() for k, v in model.named_parameters()}
+    p = stack([{k: v.detach() for k, v in model.named_parameters()}])
     with pytest.raises(ValueError, match="nn.Sequential of Linear layers"):
         MLPHessian(model, p, [(torch.randn(4, 2), torch.zeros(4, dtype=torch.long))], 0.25)

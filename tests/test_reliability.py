@@ -352,7 +352,7 @@ def run_case(case: Case, base: Path, work: Path) -> dict[str, Any]:
     args = [a.format(root=root, files=files, good=root / "good") for a in case.args]
     env = {"MINEFIELD_THREADS": "1"}
     if case.patch:
-        with mock.patch("minefield.runs.tempfile.mkstemp",
+        with mock.patch("minefield.files.tempfile.mkstemp",
                         _failing_mkstemp(PATCHES[case.patch])):
             res = CliRunner().invoke(main, ["--root", str(root), *args], env=env)
     else:

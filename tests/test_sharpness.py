@@ -11,7 +11,6 @@ from torch.func import functional_call
 
 from minefield.config import ConfigError, ModelConfig
 from minefield.curvature import dense_hessian
-from minefield.functional import flatten, unflatten
 from minefield.hvp import NonFiniteLoss, Objective, model_objective
 from minefield.loss import nll
 from minefield.models import build_model
@@ -21,6 +20,7 @@ from minefield.sharpness import (
     pac_bayes_sigma,
     worst_case_sharpness,
 )
+from minefield.stacked import flatten, member, one, unflatten
 from minefield.train import init_stack
 
 
@@ -78,17 +78,17 @@ def test_worst_case_is_batched_without_changing_any_member():
     obj = model_objective(model, p, data)
     stacked = worst_case_sharpness(obj, 0.2, restarts=3, steps=5)
     for i in range(3):
-        one = model_objective(model, {k: v[i:i + 1] for k, v in p.items()}, data)
-        torch.testing.assert_close(worst_case_sharpness(one, 0.2, restarts=3, steps=5).value,
+        single = model_objective(model, one(p, i), data)
+        torch.testing.assert_close(worst_case_sharpness(single, 0.2, restarts=3, steps=5).value,
                                    stacked.value[i:i + 1], rtol=1e-10, atol=1e-12)
     # the ascent beats the best of 200 random points on the sphere
     g = torch.Generator().manual_seed(0)
-    w = flatten({k: v[:1] for k, v in p.items()})
+    w = flatten(one(p, 0))
     z = torch.randn(200, w.shape[1], generator=g, dtype=torch.float64)
     pts = unflatten(w + 0.2 * z / z.norm(dim=1, keepdim=True), p)
     x, y = data
     net = copy.deepcopy(model).double()
-    rand = max(float(nll(functional_call(net, {k: v[j] for k, v in pts.items()}, (x,)), y).mean())
+    rand = max(float(nll(functional_call(net, member(pts, j), (x,)), y).mean())
                for j in range(200))
     assert float(stacked.value[0]) > rand - float(obj.losses()[0])
 

@@ -5,6 +5,7 @@ import torch
 from minefield.config import DataConfig, ModelConfig, TrainConfig
 from minefield.data import load_dataset
 from minefield.models import build_model
+from minefield.stacked import one
 from minefield.step import Batch, Hyper, poisoned_objective, sam_update, train_step
 from minefield.train import fit, init_stack, make_optimizer
 
@@ -26,7 +27,7 @@ def test_sam_step_equals_the_two_gradient_formula():
     opt = make_optimizer(TrainConfig(optimizer="sgd", lr=lr, momentum=0.0), list(leaves.values()))
     train_step(model, leaves, {}, opt, batch, hyper, update=sam_update(rho))
     for i in range(2):  # the oracle, one member at a time with plain autograd
-        theta = {k: v[i:i + 1].clone().requires_grad_() for k, v in params.items()}
+        theta = {k: v.clone().requires_grad_() for k, v in one(params, i).items()}
         g = torch.autograd.grad(poisoned_objective(model, theta, {}, batch, hyper).sum(),
                                 list(theta.values()))
         norm = torch.sqrt(sum(x.pow(2).sum() for x in g))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ..config import Optimizer, PoisonObjective
 from ..embed import EmbedConfig
@@ -12,6 +13,7 @@ from ..plotting.minefield import plot_minefield
 from ..plotting.style import save_figure
 from ..search import SearchConfig, StopRule
 from ..stages import embed_run, load_embedding, search_run
+from ..stages.embed import EMBED_FILE
 from ._common import (
     device_option,
     force_option,
@@ -147,18 +149,31 @@ def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, s
 @click.option("--all-params", is_flag=True, help="Embed biases too (default: kernels only).")
 @click.option("--all-checkpoints", is_flag=True,
               help="Embed the whole trajectory (default: the searched checkpoints).")
+@click.option("--add", "add", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
+              help="Place this checkpoint into RUN's existing map (openTSNE transform; the "
+                   "map's points do not move). Repeatable. Without other options the map's "
+                   "own settings are used.")
+@force_option
 @device_option
 @click.pass_context
 @friendly
-def embed(ctx, run, perplexity, seed, n_iter, pca_dims, all_params, all_checkpoints, device):
-    """t-SNE map of RUN's trajectory and bad minima; saved to RUN/embed/embed.json."""
+def embed(ctx, run, perplexity, seed, n_iter, pca_dims, all_params, all_checkpoints, add,
+          force, device):
+    """t-SNE map of RUN's trajectory and bad minima; saved to RUN/embed/."""
     cfg = EmbedConfig(kernels_only=not all_params, pca_dims=pca_dims, perplexity=perplexity,
                       n_iter=n_iter, seed=seed)
+    checkpoints = "all" if all_checkpoints else "searched"
+    options = ("perplexity", "seed", "n_iter", "pca_dims", "all_params", "all_checkpoints")
+    if add and all(ctx.get_parameter_source(o) is ParameterSource.DEFAULT for o in options):
+        cfg = checkpoints = None  # add to the map that is there, whatever its settings
     r = open_run(ctx, run)
-    res = embed_run(r, cfg, device=device,
-                    checkpoints="all" if all_checkpoints else "searched")
+    before = len(load_embedding(r).added) if add and r.exists(EMBED_FILE) else 0
+    res = embed_run(r, cfg, device=device, checkpoints=checkpoints, add=add, force=force)
     click.echo(f"embedded {int(res.mask('trajectory').sum())} checkpoints and "
                f"{int(res.mask('bad').sum())} bad minima; wrote {r.file('embed', 'embed.json')}")
+    if add:
+        click.echo(f"placed {len(res.added) - before} new points into the map "
+                   f"({len(res.added)} added in all; the map's points did not move)")
 
 
 @plot.command("minefield")

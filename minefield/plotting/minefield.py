@@ -27,6 +27,8 @@ def plot_minefield(result: EmbedResult, ax=None, drop_outliers: bool = False,
 
     SGD iterates are coloured by step and joined faintly in order; bad minima are
     coloured by their test accuracy (colour bar); the final iterate is a star.
+    Points added later into the fitted map (kind ``"added"``,
+    :meth:`~minefield.embed.TSNEMap.transform`) are open black triangles.
     The title states the final iterate's accuracies and the bad minima's ranges.
     ``drop_outliers`` hides bad minima beyond ``sigma`` std in both coordinates,
     as the paper's plots did (off by default; the title says how many were hidden).
@@ -54,6 +56,10 @@ def plot_minefield(result: EmbedResult, ax=None, drop_outliers: bool = False,
         sc = ax.scatter(xy[bad, 0], xy[bad, 1], c=test[bad] * 100, cmap=CMAP_ACC, s=14,
                         marker="s", zorder=2, edgecolors="none", label="bad minima")
         plt.colorbar(sc, ax=ax, label="bad minima: test accuracy (%)", shrink=0.8)
+    added = result.mask("added").numpy()
+    if added.any():
+        ax.scatter(xy[added, 0], xy[added, 1], marker="^", s=36, facecolors="none",
+                   edgecolors="k", linewidths=0.9, zorder=4, label="added to the map")
     if len(ti):
         last = ti[-1]
         ax.scatter(xy[last, 0], xy[last, 1], marker="*", s=220, c=GOOD, edgecolors="k",
@@ -69,6 +75,8 @@ def plot_minefield(result: EmbedResult, ax=None, drop_outliers: bool = False,
         if allbad.any():
             parts.append(f"{int(allbad.sum())} bad minima: train >= {train[allbad].min():.1%}, "
                          f"test <= {test[allbad].max():.1%}")
+        if added.any():
+            parts.append(f"{int(added.sum())} points added to the fitted map (triangles)")
         if hidden:
             parts.append(f"{hidden} outliers (> {sigma:g} std) not drawn")
         title = "\n".join(parts)

@@ -6,6 +6,7 @@ from ..commands import embed_command, search_command, train_command
 from ..config import DataConfig, ExperimentConfig, ModelConfig, Optimizer, TrainConfig
 from ..embed import EmbedConfig
 from ..search import SearchConfig
+from ..stacked import member
 from ..stages import embed_run, search_run
 from .common import Check, Context, Section, pct
 
@@ -67,6 +68,6 @@ def exp_minefield(ctx: Context) -> Section:
               "train, as the paper's caption says)", st["train_acc_median"] >= 0.90,
               f"median train {pct(st['train_acc_median'])}"),
     ]
-    sec.data = {"good": {k: v[0] for k, v in gm.items()}, "search": st,
+    sec.data = {"good": member(gm, 0), "search": st,
                 "search_seconds": summ.seconds}
     return sec

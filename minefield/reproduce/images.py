@@ -6,6 +6,7 @@ from ..basin import VolumeConfig
 from ..commands import basin_command, train_command
 from ..config import DataConfig, ExperimentConfig, ModelConfig, Optimizer, PoisonConfig, TrainConfig
 from ..directions import DirectionSpec
+from ..stacked import member
 from .common import Context, Section, brief, estimator_rows, pct
 
 __all__ = ["exp_digits"]
@@ -41,8 +42,8 @@ def _image_pair(ctx: Context, dataset: str, model: str, steps: int, beta: float,
                                                   {"good": bg, "poisoned": bb})
     sec.numbers += est_rows
     sec.commands += est_commands
-    sec.data = {"good": {**{k: v[0] for k, v in good.metrics.items()}, "basin": brief(bg)},
-                "bad": {**{k: v[0] for k, v in bad.metrics.items()}, "basin": brief(bb)},
+    sec.data = {"good": {**member(good.metrics, 0), "basin": brief(bg)},
+                "bad": {**member(bad.metrics, 0), "basin": brief(bb)},
                 "estimators": est_data}
     return sec
 

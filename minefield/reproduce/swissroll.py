@@ -11,6 +11,7 @@ from ..commands import basin_command, train_command
 from ..config import DataConfig, ExperimentConfig, PoisonConfig, TrainConfig
 from ..data import load_dataset
 from ..directions import DirectionSpec
+from ..stacked import member
 from ..stages import load_basin
 from .common import Check, Context, Scale, Section, brief, estimator_rows, pct
 
@@ -107,7 +108,7 @@ def exp_swissroll(ctx: Context) -> Section:
     sec.commands += est_commands
     roll = [load_basin(r.run, "repro").rollouts[0] for r in (good, bad)]
     sec.figures += swiss_figure(good, bad, roll, (bg, bb), ctx.figures / "fig3_swissroll")
-    sec.data = {"good": {**{k: v[0] for k, v in gm.items()}, "basin": brief(bg)},
-                "bad": {**{k: v[0] for k, v in bm.items()}, "basin": brief(bb)},
+    sec.data = {"good": {**member(gm, 0), "basin": brief(bg)},
+                "bad": {**member(bm, 0), "basin": brief(bb)},
                 "radius_ratio": ratio, "log10_volume_gap": gap, "estimators": est_data}
     return sec

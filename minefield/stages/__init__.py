@@ -12,7 +12,7 @@ stage                 writes                          key
 ====================  =============================  ==============================
 :func:`train_run`     ``config.json``, trajectory     the experiment config
 :func:`search_run`    ``search/``                     the search config
-:func:`embed_run`     ``embed/embed.json``            the embed config
+:func:`embed_run`     ``embed/`` (points, map)        the embed config
 :func:`basin_run`     ``basin/<tag>.json``            volume config, checkpoint
 :func:`landscape_run` ``landscape/<tag>.safetensors`` the landscape config
 :func:`sweep_run`     a run + ``sweep.json``          experiment + sweep config
@@ -20,7 +20,7 @@ stage                 writes                          key
 """
 
 from .basin import BasinRun, basin_run, load_basin
-from .embed import embed_run, load_embedding
+from .embed import embed_run, load_embedding, load_map
 from .landscape import landscape_run, load_landscape
 from .search import SearchSummary, search_run, select_checkpoints
 from .sweep import load_sweep, sweep_run
@@ -28,5 +28,5 @@ from .train import TrainResult, load_run_model, match_model, train_run
 
 __all__ = ["train_run", "TrainResult", "load_run_model", "match_model",
            "search_run", "SearchSummary", "select_checkpoints",
-           "embed_run", "load_embedding", "basin_run", "BasinRun", "load_basin",
+           "embed_run", "load_embedding", "load_map", "basin_run", "BasinRun", "load_basin",
            "landscape_run", "load_landscape", "sweep_run", "load_sweep"]

@@ -1,48 +1,82 @@
 """``minefield embed`` as one call: a run's trajectory and bad minima in one t-SNE map.
 
-Saved as ``runs/<name>/embed/embed.json`` (keyed by the embed config).
+Saved as ``runs/<name>/embed/embed.json`` (the points, keyed by the embed
+config) and ``runs/<name>/embed/map.safetensors`` (the fitted map,
+:class:`~minefield.embed.TSNEMap`, as plain tensors), so that later checkpoints
+can be placed into the same map (``add=``) instead of re-embedding everything.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from ..embed import EmbedConfig, EmbedResult, embed_points, weight_matrix
+from ..embed import EmbedConfig, EmbedResult, TSNEMap, fit_map, weight_matrix
 from ..evaluate import evaluate_members, resolve_device
 from ..functional import stack
 from ..lock import locking
 from ..options import EmbedCheckpoints, option
-from ..runs import DEFAULT_ROOT, Run, RunError, reading
+from ..runs import DEFAULT_ROOT, Checkpoint, Run, RunError, load_tensors, reading, save_tensors
 from .train import load_run_model
 
-__all__ = ["EMBED_FILE", "embed_run", "load_embedding"]
+__all__ = ["EMBED_FILE", "MAP_FILE", "embed_run", "load_embedding", "load_map"]
 
 EMBED_FILE = "embed/embed.json"
+MAP_FILE = "embed/map.safetensors"
 
 
 @locking
-def embed_run(run: Run | str | Path, cfg: EmbedConfig = EmbedConfig(), *,
+def embed_run(run: Run | str | Path, cfg: EmbedConfig | None = None, *,
               root: Path | str = DEFAULT_ROOT, device: str | torch.device = "auto",
-              checkpoints: EmbedCheckpoints | str = "searched", save: bool = True,
+              checkpoints: EmbedCheckpoints | str | None = None,
+              add: Sequence[str | Path] = (), save: bool = True,
               force: bool = False) -> EmbedResult:
     """Embed a run's trajectory with its bad minima (``search/minima``) in one t-SNE map.
 
     ``checkpoints="searched"`` embeds the trajectory checkpoints the search
     started from (the paper: every 10th epoch) plus the final iterate;
     ``"all"`` embeds the whole trajectory. Accuracies are recomputed from the
-    weights. With ``save`` the result goes to ``runs/<name>/embed/embed.json``,
-    keyed by ``cfg`` and ``checkpoints``: the same key reuses it, another
-    refuses without ``force``.
+    weights. With ``save`` the result goes to ``runs/<name>/embed/embed.json``
+    and the fitted map to ``embed/map.safetensors``, keyed by ``cfg`` and
+    ``checkpoints``: the same key reuses them, another refuses without ``force``.
+    ``cfg=None`` / ``checkpoints=None`` mean the saved map's settings, or the
+    defaults (``EmbedConfig()``, ``"searched"``) when there is none.
+
+    ``add`` places more checkpoint files (new bad minima, other checkpoints of
+    the same architecture, from any run) into the existing map with openTSNE's
+    ``transform`` (:meth:`~minefield.embed.TSNEMap.transform`): the map's points
+    do not move, the new ones get kind ``"added"``. A file with several members
+    contributes the member the map's trajectory shows. Files already added are
+    skipped, so adding is idempotent. Adding needs only ``cfg`` and
+    ``checkpoints`` to match the map's: minima searched since the map was made
+    can be added to it (a call without ``add`` then refuses: the map no longer
+    shows all the run's minima). All added files are read and checked before
+    anything is written.
+
+    Raises:
+        RunError: no trajectory or no bad minima; an added file missing, corrupt,
+            of another architecture or without the member; a saved map of other
+            settings (without ``force``) or made before maps were kept.
+        ConfigError: an unknown ``checkpoints`` value.
 
     Example (skipped by doctest: needs a run)::
 
         >>> res = embed_run("mf-good", EmbedConfig(perplexity=30))  # doctest: +SKIP
         >>> res.coords.shape                                          # doctest: +SKIP
         torch.Size([400, 2])
+        >>> new = "runs/mf2/search/minima/start_00000040_r00.safetensors"  # another run's
+        >>> res = embed_run("mf-good", add=[new])                    # doctest: +SKIP
+        >>> res.kind[-1], res.added[-1]                              # doctest: +SKIP
+        ('added', '/home/me/runs/mf2/search/minima/start_00000040_r00.safetensors')
     """
     run = run if isinstance(run, Run) else Run.open(run, root)
+    stored = _stored(run)
+    if cfg is None:
+        cfg = EmbedConfig.from_dict(stored["config"]) if stored else EmbedConfig()
+    if checkpoints is None:
+        checkpoints = stored["key"]["checkpoints"] if stored else EmbedCheckpoints.SEARCHED
     checkpoints = option(EmbedCheckpoints, checkpoints, "checkpoints")
     traj = run.trajectory()
     if not traj:
@@ -54,39 +88,52 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig = EmbedConfig(), *,
     key = {"embed": cfg.to_dict(), "checkpoints": checkpoints.value,
            "search": run.read_json("search/config.json") if run.exists("search/config.json")
            else None, "minima": [p.name for p in minima]}
+    if (add and stored and not force and cfg == EmbedConfig.from_dict(stored["config"])
+            and stored["key"]["checkpoints"] == checkpoints.value):
+        key = stored["key"]  # add to the map there, even if the run has minima it lacks
+    dev = resolve_device(device)
+    model, _, _, data, _ = load_run_model(run, traj[-1], dev)
+    names = {n: v.shape for n, v in model.named_parameters()}
+    bad_cks = [run.load_checkpoint(p, dev) for p in minima]
+    member = int(bad_cks[0].meta.get("search", {}).get("member", 0))
+    extra = [run.load_checkpoint(_resolve(run, p), dev) for p in add]
+    _check_models(run, extra, names)
+    extra_rows = [_member_of(ck, names, member) for ck in extra]
+    res = tmap = None
     if save:
         run.lock()
         if run.resume(EMBED_FILE, key, force):
-            return load_embedding(run)
-    dev = resolve_device(device)
-    model, _, _, data, _ = load_run_model(run, traj[-1], dev)
-    names = [n for n, _ in model.named_parameters()]
-    bad_cks = [run.load_checkpoint(p, dev) for p in minima]
-    member = int(bad_cks[0].meta.get("search", {}).get("member", 0))
-    with reading(run.file("search", "minima")):
-        starts = [(ck.meta["row"]["start_checkpoint"], int(ck.meta["row"]["start_step"]))
-                  for ck in bad_cks]
-    if checkpoints is EmbedCheckpoints.SEARCHED:
-        wanted = {name for name, _ in starts} | {traj[-1].name}
-        traj = [p for p in traj if p.name in wanted]
-    good_cks = [run.load_checkpoint(p, dev) for p in traj]
-    for ck in good_cks + bad_cks:
-        if any(n not in ck.params for n in names):
-            raise RunError(f"checkpoint {ck.path.name} does not match the model of run "
-                           f"{run.name}")
-    good = stack([{n: ck.params[n][member] for n in names} for ck in good_cks])
-    bad = stack([{n: ck.params[n][0] for n in names} for ck in bad_cks])
-    both = {n: torch.cat([good[n], bad[n]]) for n in names}
-    with torch.no_grad():
-        metrics = evaluate_members(model, both, data)
-    coords = embed_points(weight_matrix(both, cfg.kernels_only), cfg)
-    res = EmbedResult(coords, ["trajectory"] * len(good_cks) + ["bad"] * len(bad_cks),
-                      [ck.step for ck in good_cks]
-                      + [step for _, step in starts],
-                      metrics["train_acc"].cpu(), metrics["test_acc"].cpu(),
-                      metrics["poison_acc"].cpu(), cfg, run.name)
-    if save:
-        run.write_result(EMBED_FILE, key, res.to_dict())
+            res = load_embedding(run)
+            tmap = load_map(run) if add else None
+    if res is None:
+        with reading(run.file("search", "minima")):
+            starts = [(ck.meta["row"]["start_checkpoint"], int(ck.meta["row"]["start_step"]))
+                      for ck in bad_cks]
+        if checkpoints is EmbedCheckpoints.SEARCHED:
+            wanted = {name for name, _ in starts} | {traj[-1].name}
+            traj = [p for p in traj if p.name in wanted]
+        good_cks = [run.load_checkpoint(p, dev) for p in traj]
+        _check_models(run, good_cks + bad_cks, names)
+        good = stack([{n: ck.params[n][member] for n in names} for ck in good_cks])
+        bad = stack([{n: ck.params[n][0] for n in names} for ck in bad_cks])
+        both = {n: torch.cat([good[n], bad[n]]) for n in names}
+        with torch.no_grad():
+            metrics = evaluate_members(model, both, data)
+        tmap = fit_map(weight_matrix(both, cfg.kernels_only), cfg)
+        res = EmbedResult(tmap.coords, ["trajectory"] * len(good_cks) + ["bad"] * len(bad_cks),
+                          [ck.step for ck in good_cks] + [step for _, step in starts],
+                          metrics["train_acc"].cpu(), metrics["test_acc"].cpu(),
+                          metrics["poison_acc"].cpu(), cfg, run.name)
+        if save:  # the map first: embed.json is what makes the pair count as done
+            tensors, meta = tmap.to_tensors()
+            save_tensors(run.file(MAP_FILE), tensors, {"key": key, **meta})
+            run.write_result(EMBED_FILE, key, res.to_dict())
+    new = {_source(run, ck): (ck.step, row) for ck, row in zip(extra, extra_rows)}
+    new = {s: v for s, v in new.items() if s not in res.added}
+    if new:
+        res = _place(res, tmap, new, model, data, cfg)
+        if save:
+            run.write_result(EMBED_FILE, key, res.to_dict())
     return res
 
 
@@ -95,4 +142,76 @@ def load_embedding(run: Run | str | Path, root: Path | str = DEFAULT_ROOT) -> Em
     run = run if isinstance(run, Run) else Run.open(run, root)
     if not run.exists(EMBED_FILE):
         raise RunError(f"run {run.name} has no embedding; run `minefield embed` first")
-    return EmbedResult.from_dict(run.read_json(EMBED_FILE))
+    with reading(run.file(EMBED_FILE)):
+        return EmbedResult.from_dict(run.read_json(EMBED_FILE))
+
+
+def load_map(run: Run | str | Path, root: Path | str = DEFAULT_ROOT) -> TSNEMap:
+    """The fitted map of ``runs/<name>/embed/map.safetensors``, checked against embed.json."""
+    run = run if isinstance(run, Run) else Run.open(run, root)
+    if not run.exists(EMBED_FILE):
+        raise RunError(f"run {run.name} has no embedding; run `minefield embed` first")
+    path = run.file(MAP_FILE)
+    if not path.exists():
+        raise RunError(f"run {run.name} has an embedding but no fitted map (made before maps "
+                       "were kept); redo it with --force to add points to it")
+    tensors, meta = load_tensors(path)
+    with reading(path):
+        if meta["key"] != run.read_json(EMBED_FILE)["key"]:
+            raise RunError(f"{path} does not belong to {run.file(EMBED_FILE)}; redo the "
+                           "embedding with --force")
+        return TSNEMap.from_tensors(tensors, meta)
+
+
+def _stored(run: Run) -> dict | None:
+    """The saved embedding's ``{"key", "config"}``, or None when there is none."""
+    if not run.exists(EMBED_FILE):
+        return None
+    d = run.read_json(EMBED_FILE)
+    with reading(run.file(EMBED_FILE)):
+        return {"key": d["key"], "config": d["key"]["embed"]}
+
+
+def _resolve(run: Run, p: str | Path) -> Path:
+    """An added file: a path as given, else relative to the run directory."""
+    p = Path(p)
+    return p if p.is_absolute() or p.exists() else run.file(str(p))
+
+
+def _source(run: Run, ck: Checkpoint) -> str:
+    """How an added file is named in the result: relative to the run when inside it."""
+    path = ck.path.resolve()
+    try:
+        return str(path.relative_to(run.path.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _check_models(run: Run, cks: list[Checkpoint], names: dict[str, torch.Size]) -> None:
+    """Every checkpoint holds the run model's parameters, (M, *shape) each."""
+    for ck in cks:
+        if any(n not in ck.params or ck.params[n].shape[1:] != shape
+               for n, shape in names.items()):
+            raise RunError(f"checkpoint {ck.path.name} does not match the model of run "
+                           f"{run.name}")
+
+
+def _member_of(ck: Checkpoint, names: dict[str, torch.Size], member: int
+               ) -> dict[str, torch.Tensor]:
+    """The one model of a single-member file, else member ``member`` of its stack."""
+    m = ck.params[next(iter(names))].shape[0]
+    if m > 1 and member >= m:
+        raise RunError(f"checkpoint {ck.path.name} has {m} members; the map shows member "
+                       f"{member}")
+    return {n: ck.params[n][member if m > 1 else 0] for n in names}
+
+
+def _place(res: EmbedResult, tmap: TSNEMap, new: dict[str, tuple[int, dict]], model, data,
+           cfg: EmbedConfig) -> EmbedResult:
+    """``res`` with the models ``new`` (source -> (step, params)) placed into ``tmap``."""
+    params = stack([row for _, row in new.values()])
+    with torch.no_grad():
+        metrics = evaluate_members(model, params, data)
+    coords = tmap.transform(weight_matrix(params, cfg.kernels_only))
+    return res.extend(coords, [step for step, _ in new.values()],
+                      {k: v.cpu() for k, v in metrics.items()}, list(new))

@@ -1,0 +1,31 @@
+"""The README's scripted study runs as printed (at a tiny scale) and prints what it shows."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+STUDY = "A scripted study, train -> basin -> tidy table"
+
+
+def _study() -> tuple[str, str]:
+    """The study's code block and the output block after it."""
+    text = README.read_text()
+    blocks = re.findall(r"```(\w*)\n(.*?)```", text[text.index(STUDY):], re.S)
+    (lang, code), (_, shown) = blocks[0], blocks[1]
+    assert lang == "python"
+    return code, shown
+
+
+def test_lr_study_in_the_readme_runs_and_prints_its_table(tmp_path, monkeypatch, capsys):
+    code, shown = _study()
+    assert len(code.strip().splitlines()) < 15
+    tiny = code.replace("steps=3000", "steps=5").replace("n_directions=200", "n_directions=2")
+    assert tiny.count("steps=5") == 1 and tiny.count("n_directions=2") == 1
+    monkeypatch.chdir(tmp_path)  # the study writes runs/lr-* under the working directory
+    exec(compile(tiny, "README study", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == shown.splitlines()[0].split()  # the same columns
+    assert len(printed) == len(shown.strip().splitlines()) == 9  # header + 8 learning rates
+    assert [float(r.split()[0]) for r in printed[1:]] == [
+        float(r.split()[0]) for r in shown.strip().splitlines()[1:]]
+    assert len(list((tmp_path / "runs").glob("lr-*"))) == 8
