@@ -15,14 +15,17 @@ random labels among 10 classes, then measured with BN in eval mode):
    reported together with the time plain Hutchinson (PyHessian's estimator)
    would need for the same interval, from its measured per-probe variance;
 2. one Hessian-vector product against one gradient (``torch.autograd.grad`` of the
-   same float32 loss of an ``nn.Module`` on the same data: forward + backward);
+   same float32 loss of an ``nn.Module`` on the same data: forward + backward), and
+   for ResNet-20 also against that gradient in channels-last layout;
 3. M = 32 stacked swiss-roll models against 32 separate calls: one HVP, and
    the whole top-eigenvalue + trace measurement (the same algorithms). The
    separate calls are the idiomatic per-model scheme (an ``nn.Module``, its
    gradient graph built once, one ``torch.autograd.grad`` double backward per
    product) and, for reference, minefield itself with M = 1.
 
-Every time is the median of ``--repeats``. PyHessian is optional
+Every time is the median of ``--repeats``; sections 2 and 3 call the compared
+functions in turn within each repeat and print wall-clock and CPU-time ratios
+(CPU time of this process leaves out waiting for a core on a loaded machine). PyHessian is optional
 (``pip install pyhessian``); without it its columns say so and are skipped.
 The machine may be shared: compare only the ratios printed by one run.
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 import warnings
@@ -41,6 +45,7 @@ import torch
 
 from minefield.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from minefield.curvature import dense_hessian, hutchpp_trace, top_eigenvalues
+from minefield.data import load_dataset
 from minefield.hvp import CurvatureOperator, model_objective
 from minefield.loss import nll
 from minefield.models import build_model
@@ -65,6 +70,33 @@ def timed(fn, repeats: int):
     return statistics.median(times), out
 
 
+def side_by_side(fns: dict, repeats: int) -> dict:
+    """``{name: (median wall seconds, median CPU seconds of this process)}``, the
+    functions called in turn within each repeat (after one untimed warm-up round),
+    so that a changing load on a shared machine hits all of them alike. CPU time
+    (``time.process_time``, all threads) leaves out the time spent waiting for a core."""
+    for fn in fns.values():
+        fn()
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
+
+
+def ratio(t: dict, a: str, b: str) -> str:
+    """``t[a] / t[b]`` in wall and CPU time."""
+    return f"{t[a][0] / t[b][0]:.2f}x wall, {t[a][1] / t[b][1]:.2f}x CPU"
+
+
+def ms(t: dict, k: str) -> str:
+    return f"{t[k][0] * 1e3:.1f} ms (CPU {t[k][1] * 1e3:.1f} ms)"
+
+
 def module_with(model, params, i=0, buffers=None):
     net = copy.deepcopy(model).float().eval()
     state = {k: v.float() for k, v in member(params, i).items()}
@@ -73,7 +105,11 @@ def module_with(model, params, i=0, buffers=None):
     return net
 
 
-def good_swissroll(run: str | None):
+def good_swissroll(run: str | None, untrained: bool = False):
+    if untrained:  # the speed sections only: a product's cost does not depend on the values
+        data = load_dataset(DataConfig("swissroll"))
+        model = build_model(ModelConfig(), data.x_train.shape[1:], data.n_classes)
+        return model, init_stack(model, "glorot_uniform", [0]), data
     if run:
         model, params, buffers, data, _ = load_run_model(Run.open(run))
         return model, one(params, 0), data
@@ -227,23 +263,34 @@ class ModuleHessian:
 
 def hvp_vs_gradient(name, model, p32, x, y, repeats, buffers=None):
     """One HVP against one plain ``torch.autograd.grad`` of the same float32 loss on the
-    same data (forward + backward of an ``nn.Module``), side by side."""
+    same data (forward + backward of an ``nn.Module``), side by side; for images also
+    against the same gradient in channels-last layout (oneDNN's fastest on CPU)."""
     op = CurvatureOperator(model_objective(model, p32, (x, y), buffers))
     v = torch.randn(1, op.n)
     net = module_with(model, p32, buffers=buffers)
     params = list(net.parameters())
     xf = x.float()
     ref = ModuleHessian(net, xf, y)
-    op.matvec(v), ref.matvec(v)  # warm-up
-    t_hvp, _ = timed(lambda: op.matvec(v), repeats)
-    t_g, _ = timed(lambda: torch.autograd.grad(nll(net(xf), y).mean(), params), repeats)
-    t_ref, _ = timed(lambda: ref.matvec(v), repeats)
+    fns = {"hvp": lambda: op.matvec(v),
+           "grad": lambda: torch.autograd.grad(nll(net(xf), y).mean(), params),
+           "double backward": lambda: ref.matvec(v)}
+    if xf.dim() == 4:
+        net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+        params_cl, x_cl = list(net_cl.parameters()), xf.contiguous(
+            memory_format=torch.channels_last)
+        fns["grad channels-last"] = lambda: torch.autograd.grad(
+            nll(net_cl(x_cl), y).mean(), params_cl)
+    t = side_by_side(fns, repeats)
     t_first, _ = timed(lambda: CurvatureOperator(model_objective(
         model, p32, (x, y), buffers)).matvec(v), repeats)
-    print(f"{name}: one HVP {t_hvp * 1e3:.2f} ms vs one gradient {t_g * 1e3:.2f} ms: "
-          f"{t_hvp / t_g:.2f}x (target <= 2x); nn.Module double backward "
-          f"{t_ref * 1e3:.2f} ms ({t_ref / t_g:.2f}x); first product incl. set-up "
-          f"{t_first * 1e3:.2f} ms")
+    print(f"{name}: one HVP {ms(t, 'hvp')} vs one gradient {ms(t, 'grad')}: "
+          f"{ratio(t, 'hvp', 'grad')} (target <= 2x)")
+    if "grad channels-last" in t:
+        print(f"  vs the channels-last gradient {ms(t, 'grad channels-last')}: "
+              f"{ratio(t, 'hvp', 'grad channels-last')}")
+    print(f"  nn.Module double backward {ms(t, 'double backward')}: "
+          f"{ratio(t, 'double backward', 'grad')} of the gradient; first product incl. "
+          f"set-up {t_first * 1e3:.1f} ms")
 
 
 def stacked(model, data, members, repeats):
@@ -257,29 +304,28 @@ def stacked(model, data, members, repeats):
     ops = [CurvatureOperator(model_objective(model, q, (x, y))) for q in singles]
     refs = [ModuleHessian(net, x, y) for net in nets]
     v = torch.randn(members, op.n)
-    op.matvec(v)  # warm-up
-    [o.matvec(v[i:i + 1]) for i, o in enumerate(ops)]
-    [o.matvec(v[i:i + 1]) for i, o in enumerate(refs)]
-    t_s, _ = timed(lambda: op.matvec(v), repeats)
-    t_r, _ = timed(lambda: [o.matvec(v[i:i + 1]) for i, o in enumerate(refs)], repeats)
-    t_l, _ = timed(lambda: [o.matvec(v[i:i + 1]) for i, o in enumerate(ops)], repeats)
-    print(f"one HVP of {members} swiss-roll MLPs: stacked {t_s * 1e3:.1f} ms vs {members} "
-          f"nn.Module double backwards {t_r * 1e3:.1f} ms: {t_r / t_s:.1f}x (target >= 5x); "
-          f"vs {members} minefield M=1 calls {t_l * 1e3:.1f} ms: {t_l / t_s:.1f}x")
+    t = side_by_side({"stacked": lambda: op.matvec(v),
+                      "modules": lambda: [o.matvec(v[i:i + 1]) for i, o in enumerate(refs)],
+                      "M=1": lambda: [o.matvec(v[i:i + 1]) for i, o in enumerate(ops)]},
+                     max(repeats, 11))
+    print(f"one HVP of {members} swiss-roll MLPs: stacked {ms(t, 'stacked')} vs {members} "
+          f"nn.Module double backwards {ms(t, 'modules')}: {ratio(t, 'modules', 'stacked')} "
+          f"faster (target >= 5x); vs {members} minefield M=1 calls {ms(t, 'M=1')}: "
+          f"{ratio(t, 'M=1', 'stacked')}")
 
     def measure(o):  # fixed work: 20 Lanczos steps + Hutch++ with 20 + 20 + 60 products
         return (top_eigenvalues(o, k=1, tol=1e-30, max_iter=20).values,
                 hutchpp_trace(o, rank=20, rtol=None, n_probes=60).estimate)
 
-    t_s, _ = timed(lambda: measure(CurvatureOperator(model_objective(model, p, (x, y)))),
-                   repeats)
-    t_r, _ = timed(lambda: [measure(ModuleHessian(net, x, y)) for net in nets], repeats)
-    t_l, _ = timed(lambda: [measure(CurvatureOperator(model_objective(model, q, (x, y))))
-                            for q in one], repeats)
+    t = side_by_side({
+        "stacked": lambda: measure(CurvatureOperator(model_objective(model, p, (x, y)))),
+        "modules": lambda: [measure(ModuleHessian(net, x, y)) for net in nets],
+        "M=1": lambda: [measure(CurvatureOperator(model_objective(model, q, (x, y))))
+                        for q in one]}, repeats)
     print(f"lambda_max + trace of {members} models (120 products each, incl. set-up): one "
-          f"stacked call {t_s:.2f} s vs {members} nn.Module operators {t_r:.2f} s: "
-          f"{t_r / t_s:.1f}x (target >= 5x); vs {members} minefield M=1 calls {t_l:.2f} s: "
-          f"{t_l / t_s:.1f}x")
+          f"stacked call {ms(t, 'stacked')} vs {members} nn.Module operators "
+          f"{ms(t, 'modules')}: {ratio(t, 'modules', 'stacked')} faster (target >= 5x); vs "
+          f"{members} minefield M=1 calls {ms(t, 'M=1')}: {ratio(t, 'M=1', 'stacked')}")
 
 
 def main() -> None:
@@ -298,6 +344,9 @@ def main() -> None:
     ap.add_argument("--skip-resnet", action="store_true")
     ap.add_argument("--speed-only", action="store_true",
                     help="Only sections 2 and 3 (HVP vs gradient, stacked vs separate).")
+    ap.add_argument("--untrained", action="store_true",
+                    help="With --speed-only: time products at initialised weights instead of "
+                         "training the swiss-roll model first (use --resnet-steps 0 too).")
     args = ap.parse_args()
     if args.device != "cpu":
         raise SystemExit(f"{ap.prog}: --device {args.device}: this benchmark runs on the CPU "
@@ -305,9 +354,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph")
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats}; "
-          f"PyHessian: {'installed' if PyHessian else 'not installed'}")
+          f"PyHessian: {'installed' if PyHessian else 'not installed'}; load average "
+          f"{' '.join(f'{a:.1f}' for a in os.getloadavg())} on {os.cpu_count()} CPUs")
 
-    model, params, data = good_swissroll(args.run)
+    model, params, data = good_swissroll(args.run, args.speed_only and args.untrained)
     x, y = data.split("train")
     p32 = {k: v[:1].float() for k, v in params.items()}
     if not args.speed_only:
@@ -324,10 +374,11 @@ def main() -> None:
     print("\n== one HVP vs one gradient ==")
     hvp_vs_gradient("swiss-roll MLP", model, p32, x, y, max(args.repeats, 5))
     if not args.skip_resnet:
-        hvp_vs_gradient("ResNet-20", rmodel, rp, rx, ry, args.repeats, rb)
+        hvp_vs_gradient("ResNet-20", rmodel, rp, rx, ry, max(args.repeats, 5), rb)
 
     print(f"\n== M = {args.members} stacked vs separate (CPU) ==")
     stacked(model, data, args.members, args.repeats)
+    print(f"\nload average at the end {' '.join(f'{a:.1f}' for a in os.getloadavg())}")
 
 
 def accuracy(model, params, x, y, args) -> None:

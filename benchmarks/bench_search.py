@@ -1,10 +1,15 @@
-"""Batched vs one-at-a-time bad-minimum search (run by hand).
+"""Batched vs isolated vs one-at-a-time bad-minimum search (run by hand).
 
 Times M searches of the same length on the Fig. 1 problem (spiral, 2-25-25-25-25-1
 MLP, full batch on train ∪ untraining set ∪ the default 400 fresh poison points,
-fixed steps): once as one stacked model (one
-``search_minima`` call), once as M separate searches of one model each. Prints
-the median wall time of each over ``--repeats`` and the speed-up.
+fixed steps), side by side in one run:
+
+- ``batched``: one stacked model, one batched pass per step (``isolate=False``);
+- ``isolated``: one stack, each member on kernels shaped for one model (the
+  default, ``isolate=True``: minima independent of the grouping);
+- ``one at a time``: M separate searches of one model each.
+
+Prints the median wall time of each over ``--repeats`` and the ratios.
 
     PYTHONPATH=. python benchmarks/bench_search.py --threads 2 --repeats 3 --steps 200
 """
@@ -39,21 +44,25 @@ def main() -> None:
     starts = {k: v.to(dev) for k, v in init_stack(model, "glorot_normal",
                                                     range(args.members)).items()}
     cfg = SearchConfig.make(steps=args.steps, stopping=StopRule.FIXED, log_every=args.steps,
-                       compact_every=args.steps, milestones=())
+                            compact_every=args.steps, milestones=(), isolate=False)
     seeds = list(range(args.members))
     extra = tuple(t.to(dev) for t in fresh_points(DataConfig("spiral"), AUTO_EXTRA_POISON))
 
     def batched():
         search_minima(model, starts, data, cfg, seeds, extra=extra)
 
+    def isolated():
+        search_minima(model, starts, data, cfg.replace(isolate=True), seeds, extra=extra)
+
     def one_by_one():
         for i in range(args.members):
             search_minima(model, stack([member(starts, i)]), data, cfg, [seeds[i]],
                           extra=extra)
 
-    times: dict[str, list[float]] = {"batched": [], "one at a time": []}
+    runs = {"batched": batched, "isolated": isolated, "one at a time": one_by_one}
+    times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.repeats):
-        for name, fn in (("batched", batched), ("one at a time", one_by_one)):
+        for name, fn in runs.items():
             t = time.perf_counter()
             fn()
             if dev.type == "cuda":
@@ -65,7 +74,9 @@ def main() -> None:
     for k, v in med.items():
         print(f"  {k:<14} {v:8.2f} s   ({v / (args.members * args.steps) * 1e3:.3f} ms "
               "per member-step)")
-    print(f"  speed-up       {med['one at a time'] / med['batched']:8.1f}x")
+    print(f"  one at a time / batched   {med['one at a time'] / med['batched']:6.2f}x")
+    print(f"  one at a time / isolated  {med['one at a time'] / med['isolated']:6.2f}x")
+    print(f"  isolated / batched (cost) {med['isolated'] / med['batched']:6.2f}x")
 
 
 if __name__ == "__main__":

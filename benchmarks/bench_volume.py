@@ -14,12 +14,17 @@ is stated by the caller). Oracles (:mod:`minefield.bodies`):
   a user ``nn.Module`` run through the public network API (``basin_radii``).
 
 Estimators: ``naive`` (the paper's), ``is`` with a preconditioner computed the
-way a user would (Hutchinson diagonal by autodiff, dense Hessian by
-``torch.func.hessian``, or the curvature-free axis radii for the box; its cost
-is included), ``gaussian`` where the Gaussian mass has a closed form (ball, box)
-and ``mcmc`` (Gaussian cooling) on a box of ``--mcmc-n`` dimensions (at n = 3457 its
-schedule, ``~sqrt(n) log(beta_0 rho_max^2)`` phases of hit-and-run walks, is ~800
-phases: hours on 2 cores), beside ``is`` on the same small box.
+way a user would (Hutchinson diagonal by autodiff; the dense Hessian of the network
+row through ``basin_radii(..., preconditioner='hessian')``, i.e.
+:func:`minefield.curvature.dense_hessian`; the rotated body's closed-form curvature;
+the curvature-free axis radii for the box; its cost is included), ``gaussian`` where
+the Gaussian mass has a closed form (ball, box) and ``mcmc`` (Gaussian cooling,
+coordinate walk of ``2 n`` steps per phase) on a box of ``--mcmc-n`` dimensions: at
+n = 3457 a box rounded to a cube needs ~``n log n`` coordinate steps per chain per
+phase, each a bisection of O(n) losses (hours on 2 cores), beside ``is`` on the same
+small box. Intervals of heavy-tailed weights (ESS below 10% of the draws) are the
+honest bound of :func:`minefield.volume.honest_interval`: a Markov lower bound up to
+the volume within ``r_max``.
 
     PYTHONPATH=. python benchmarks/bench_volume.py --threads 2
 """
@@ -95,10 +100,12 @@ def main() -> None:
     ap.add_argument("--r-max", type=float, default=100.0)
     ap.add_argument("--probes", type=int, default=16, help="Hutchinson probes")
     ap.add_argument("--sigma", type=float, default=0.05, help="Gaussian-measure std")
-    ap.add_argument("--mcmc-n", type=int, default=100, help="dimension of the mcmc box")
+    ap.add_argument("--mcmc-n", type=int, default=30, help="dimension of the mcmc box")
     ap.add_argument("--mcmc-chains", type=int, default=64)
     ap.add_argument("--mcmc-replicates", type=int, default=8)
-    ap.add_argument("--mcmc-walk", type=int, default=5)
+    ap.add_argument("--mcmc-walk", type=int, default=None,
+                    help="steps per phase (default 2 n)")
+    ap.add_argument("--mcmc-kind", default="coordinate", choices=["coordinate", "hit_and_run"])
     ap.add_argument("--no-mcmc", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu",
@@ -126,9 +133,9 @@ def main() -> None:
         return lambda: Preconditioner.diagonal(floor_curvature(
             hutchinson(body.loss, n, args.probes, torch.Generator().manual_seed(1)), 1e-12))
 
-    def dense(body):
-        return lambda: Preconditioner.dense(floor_curvature(
-            torch.func.hessian(body.loss)(torch.zeros(n, dtype=torch.float64)), 1e-12))
+    def exact(body):  # R diag(1/a^2) R^T in closed form: one n^3 product; the network row
+        # below computes the same matrix as a user would (minefield.curvature.dense_hessian)
+        return lambda: Preconditioner.dense(floor_curvature(body.curvature(), 1e-12))
 
     run_body("ball", ball, n, args, 2, {"naive": None, "is (hutchinson)": hutch(ball)})
     est = star_volume(ball, n, ball.cutoff, "gaussian", args.directions,
@@ -138,7 +145,7 @@ def main() -> None:
         est.ci_log10, est.ess, est.n_evaluations, 0.0)
     run_body("ellipsoid", ell, n, args, 3, {"naive": None, "is (hutchinson)": hutch(ell)})
     run_body("rotated", rotated, n, args, 4, {"naive": None, "is (hutchinson)": hutch(rotated),
-                                               "is (dense hessian)": dense(rotated)})
+                                               "is (exact curvature)": exact(rotated)})
     run_body("box", box, n, args, 5, {
         "naive": None, "is (axis radii)": lambda: Preconditioner.diagonal(
             axis_curvature(box, n, args.r_max, args.rtol))})
@@ -157,8 +164,10 @@ def main() -> None:
         pre = Preconditioner.diagonal(axis_curvature(small, m, args.r_max, args.rtol))
         est = cooling_volume(small, m, small.cutoff, args.mcmc_chains, args.mcmc_replicates,
                              torch.Generator().manual_seed(7), args.r_max, args.rtol, pre,
-                             args.mcmc_walk)
-        row(f"box n={m}", f"mcmc ({est.details['phases']} phases)", small.log_volume / LN10,
+                             args.mcmc_walk, walk=args.mcmc_kind)
+        lag = est.details["lag_correlation"]
+        row(f"box n={m}", f"mcmc ({est.details['phases']} ph, lag {lag:.2f})",
+            small.log_volume / LN10,
             est.log10_volume, est.ci_log10, est.ess, est.n_evaluations,
             time.perf_counter() - t0)
         small_is = star_volume(small, m, small.cutoff, "is", args.directions,

@@ -29,6 +29,7 @@ from .config import (
     TrainConfig,
     load_config,
 )
+from .connectivity import ConnectConfig, ConnectResult, bezier, connect, evaluate_curves, fit_curves
 from .cooling import cooling_volume
 from .curvature import (
     Eigen,
@@ -47,6 +48,17 @@ from .directions import DirectionSpec, n_perturbed, orthogonalize, random_direct
 from .embed import EmbedConfig, EmbedResult, TSNEMap, embed_points, fit_map
 from .engine import evaluate_points, evaluate_points_loop
 from .evaluate import evaluate_members, resolve_device
+from .executor import (
+    Executor,
+    ExecutorKind,
+    LocalExecutor,
+    RayExecutor,
+    TaskFailed,
+    TaskStore,
+    make_executor,
+    run_tasks,
+    task_seed,
+)
 from .functional import stacked_forward
 from .hvp import CurvatureKind, CurvatureOperator, NonFiniteLoss, Objective, model_objective
 from .landscape import LandscapeConfig, Slice, Surface, axis, plane_directions, slice_1d, surface
@@ -55,9 +67,12 @@ from .loss import accuracy, complement_nll, nll, poisoned_nll
 from .measures import MEASURES, SharpnessConfig, measure_members
 from .models import MODELS, build_model, init_params
 from .netvolume import NetworkLines, basin_volume
+from .optim import StackedOptimizer
 from .precondition import Preconditioner, floor_curvature
+from .ranking import cmi_score, granulated_tau, kendall_tau, score_measures
 from .reproduce import SCALES, reproduce
 from .runs import Run, RunError
+from .sam import sam_perturbation, sam_update
 from .search import SearchConfig, search_minima
 from .sharpness import (
     SharpnessEstimate,
@@ -70,9 +85,11 @@ from .stacked import Stacked, check_single, flatten, member, one, stack, unflatt
 from .stages import (
     BasinRun,
     basin_run,
+    connect_run,
     embed_run,
     landscape_run,
     load_basin,
+    load_connect,
     load_embedding,
     load_landscape,
     load_map,
@@ -82,6 +99,8 @@ from .stages import (
     sweep_run,
     train_run,
 )
+from .stages.study import StudyResult, load_study, run_stack, run_stacks, study_run
+from .study import STACKABLE, StackSpec, StudyConfig, plan_study
 from .sweep import SweepConfig, SweepResult, log_spaced_betas
 from .train import fit
 from .volume import Estimator, VolumeEstimate, log_chi_cdf, star_volume
@@ -99,6 +118,7 @@ __all__ = [
     # stacked weights and training
     "Stacked", "stack", "member", "one", "check_single", "flatten", "unflatten",
     "stacked_forward", "fit",
+    "StackedOptimizer", "sam_update", "sam_perturbation",
     "evaluate_members", "resolve_device", "Run",
     # directions, batched evaluation, basins
     "DirectionSpec", "random_directions", "n_perturbed", "orthogonalize",
@@ -119,12 +139,22 @@ __all__ = [
     # the minefield
     "SearchConfig", "search_minima",
     "EmbedConfig", "EmbedResult", "TSNEMap", "embed_points", "fit_map",
+    # mode connectivity: line and Bezier curve between minima
+    "ConnectConfig", "ConnectResult", "connect", "bezier", "fit_curves", "evaluate_curves",
     # poison-factor studies and the reproduction
     "SweepConfig", "SweepResult", "log_spaced_betas", "reproduce", "SCALES",
+    # studies: a grid of configs -> stacks -> a tidy table -> every measure scored
+    "StudyConfig", "StackSpec", "STACKABLE", "plan_study", "study_run", "run_stack",
+    "run_stacks", "load_study", "StudyResult",
+    "kendall_tau", "granulated_tau", "cmi_score", "score_measures",
     # the results layer: one function per stage, files and resume rule included
     "train_run", "search_run", "embed_run", "basin_run", "landscape_run", "sweep_run",
     "load_run_model", "load_embedding", "load_map", "load_basin", "load_landscape", "load_sweep",
+    "connect_run", "load_connect",
     "BasinRun",
+    # running the tasks of a stage here or on a Ray cluster
+    "Executor", "ExecutorKind", "make_executor", "LocalExecutor", "RayExecutor", "run_tasks",
+    "TaskStore", "task_seed", "TaskFailed",
     # errors: a config that cannot be used, a missing or corrupt run, a run another writes
     "ConfigError", "RunError", "RunLocked",
 ]

@@ -58,12 +58,13 @@ from .functional import Params, check_single, member, n_members, one
 from .options import CurvatureKind, CutoffKind, Estimator, Grid, Precision, RadiusMethod
 from .radii import check_radii, find_radii, radius_grid
 from .rollout import Rollouts, rollouts
-from .volume import VolumeEstimate, weights_estimate
+from .volume import VolumeEstimate, honest_interval, weights_estimate
 
 __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "BasinWarning",
            "Rollouts", "find_radii", "check_radii", "radius_grid", "log_volume", "log10_volume",
            "bootstrap_log10_volume",
-           "basin_radii", "basin_members", "rollouts", "volume_from_radii"]
+           "basin_radii", "basin_members", "rollouts", "volume_from_radii", "direction_radii",
+           "radii_result"]
 
 LN10 = math.log(10.0)
 
@@ -270,10 +271,17 @@ def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: f
             n * r.log(), True, 0.95, slack * LN10)
         log_omega = 0.5 * n * math.log(math.pi) - math.lgamma(0.5 * n + 1)
         diag["ci_log10_normal"] = [(dlo + log_omega) / LN10, (dhi + log_omega) / LN10]
-        if diag["ess"] < 10:
-            diag["warnings"].append(f"ESS {diag['ess']:.1f} of {len(r)} radii: a handful of "
-                                    f"directions decide log V; its interval is not "
-                                    f"trustworthy")
+        # heavy-tailed r^n: the bootstrap interval is not to be trusted either
+        log_upper = log_omega + n * math.log(limit) if math.isfinite(limit) else math.inf
+        (blo, bhi), diag["interval"] = honest_interval(
+            log10_volume(r, n) * LN10, ((lo - slack) * LN10, (hi + slack) * LN10),
+            diag["ess"], len(r), 0.95, log_upper, slack * LN10)
+        lo, hi = blo / LN10 + slack, bhi / LN10 - slack
+        if diag["interval"] == "bound":
+            diag["warnings"].append(f"ESS {diag['ess']:.1f} of {len(r)} radii: heavy-tailed "
+                                    f"r^n, so log V is in effect a lower bound; its interval "
+                                    f"runs from a Markov lower bound to the volume within "
+                                    f"r_max")
     if not bisect:
         diag["warnings"].append("grid radii: their interpolation error is not in the interval")
     return BasinResult(r, n, float(centre_loss), float(cutoff), log10_volume(r, n),
@@ -295,13 +303,34 @@ def basin_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Te
         from .netvolume import basin_volume
 
         return basin_volume(model, params, data, cfg, buffers, bn)
+    r, evals, centre_loss, cut, n, moved = direction_radii(model, params, data, cfg, buffers,
+                                                           bn)
+    return radii_result(r, n, centre_loss, cut, evals, cfg, bn, moved)
+
+
+def direction_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Tensor, ...],
+                    cfg: VolumeConfig = VolumeConfig(), buffers: Params | None = None,
+                    bn: str = "eval", block: tuple[int, int] | None = None
+                    ) -> tuple[torch.Tensor, int, float, float, int, int]:
+    """The radii of :func:`basin_radii` along directions ``block = (a, b)`` of
+    ``cfg.directions`` (default all): ``(radii (2(b-a),) for +d_a..+d_{b-1} then -d_a..,
+    loss evaluations, centre loss, absolute cutoff, perturbed coordinates n, radii that
+    a ``cfg.precision`` below float32 got wrong and float32 redid)``.
+
+    Directions are drawn one after another from one generator and each radius
+    depends on its own direction only, so the blocks of a split, put back in
+    order, give the unsplit radii exactly (what :mod:`minefield.executor` tasks rely on).
+    """
+    a, b = block if block is not None else (0, cfg.n_directions)
+    if not 0 <= a < b <= cfg.n_directions:
+        raise ConfigError(f"direction block {(a, b)} is not inside [0, {cfg.n_directions})")
     x, y = _xy(data)
     centre = check_single(params, "the model (use basin_members for a stack)")
     theta = member(centre, 0)
     spec = cfg.directions
-    d = random_directions(theta, cfg.n_directions, spec.kind, spec.bias, spec.generator())
-    d = {k: torch.cat([v, -v]) for k, v in d.items()}  # (2K, ...): d and -d
-    k = 2 * cfg.n_directions
+    d = random_directions(theta, b, spec.kind, spec.bias, spec.generator())
+    d = {k: torch.cat([v[a:], -v[a:]]) for k, v in d.items()}  # (2K, ...): d and -d
+    k = 2 * (b - a)
 
     def loss_at(precision: Precision) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda ts: evaluate_points(model, centre, d, ts, x, y, buffers, cfg.memory_mb,
@@ -311,7 +340,6 @@ def basin_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Te
     centre_loss = float(evaluate_points(model, centre, first, torch.zeros(1), x, y, buffers,
                                         cfg.memory_mb, bn=bn)[0][0])
     cut = cfg.cutoff * (centre_loss if cfg.cutoff_kind is CutoffKind.RELATIVE else 1.0)
-
     def radii(precision: Precision) -> tuple[torch.Tensor, int]:
         return find_radii(loss_at(precision), k, cut, cfg.r_max, cfg.rtol, cfg.method,
                           cfg.grid_points, cfg.grid, cfg.grid_power, cfg.bracket_points,
@@ -326,7 +354,14 @@ def basin_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Te
         if moved:
             r, more = radii(Precision.FLOAT32)
             evals += more
-    n = n_perturbed(theta, spec.kind, spec.bias)
+    return r, evals, centre_loss, cut, n_perturbed(theta, spec.kind, spec.bias), moved
+
+
+def radii_result(radii: torch.Tensor, n: int, centre_loss: float, cutoff: float, evals: int,
+                 cfg: VolumeConfig, bn: str = "eval", moved: int = 0) -> BasinResult:
+    """:func:`volume_from_radii` with ``cfg``'s bootstrap, warning when radii hit r_max;
+    ``moved``: radii a low-precision pass got wrong and full precision redid."""
+    r, cut = radii, cutoff
     res = volume_from_radii(r, n, centre_loss, cut, evals, {**cfg.to_dict(), "bn": bn},
                             cfg.n_bootstrap, cfg.seed, cfg.r_max)
     if cfg.precision is not Precision.FLOAT32:
@@ -335,7 +370,7 @@ def basin_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Te
         warnings.warn(BasinWarning(
             f"{res.n_at_r_max} of {len(r)} radii reached r_max={cfg.r_max:g} without crossing "
             f"the cutoff {cut:.4g}: log10 V is a lower bound set by r_max; raise r_max"),
-            stacklevel=2)
+            stacklevel=3)
     return res
 
 

@@ -38,7 +38,8 @@ _TRAIN_FLAGS = {"optimizer": "--optimizer", "lr": "--lr", "momentum": "--momentu
                 "clip_norm": "--clip", "batch_size": "--batch-size",
                 "poison_batch_size": "--poison-batch-size", "steps": "--steps",
                 "log_every": "--log-every", "checkpoint_every": "--checkpoint-every",
-                "seed": "--seed", "members": "--members"}
+                "seed": "--seed", "members": "--members", "sam": "--sam", "rho": "--rho",
+                "sam_m": "--sam-m", "asam_eta": "--asam-eta"}
 
 
 def _train(*fields: str) -> list[tuple[str, str]]:
@@ -135,7 +136,8 @@ def search_command(run: str, cfg: SearchConfig) -> str:
     special = {"beta": "concat"} if cfg.beta is None else {}
     if cfg.train.milestones == ():
         special["train.milestones"] = ""
-    return _join(["minefield", "search", run, *_options(cfg, SearchConfig(), _SEARCH, special)])
+    words = _options(cfg, SearchConfig(), _SEARCH, special, skip={"isolate"})
+    return _join(["minefield", "search", run, *words, *([] if cfg.isolate else ["--no-isolate"])])
 
 
 def embed_command(run: str, cfg: EmbedConfig, all_checkpoints: bool = False) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .options import Activation, ConfigError, Init, Optimizer, PoisonObjective, option
+from .options import Activation, ConfigError, Init, Optimizer, PoisonObjective, SamKind, option
 
 __all__ = [
     "ConfigError",
@@ -37,6 +37,7 @@ __all__ = [
     "ModelConfig",
     "PoisonConfig",
     "TrainConfig",
+    "SamKind",
     "ExperimentConfig",
     "load_config",
 ]
@@ -153,6 +154,13 @@ class TrainConfig(_Config):
     (default: all of them with full batch, else in proportion to ``batch_size``):
     a large poison pool sampled a little at a time is the authors' "fresh flipped
     points every epoch".
+
+    ``sam`` wraps the optimizer in sharpness-aware minimisation
+    (:mod:`minefield.sam`): ``sam`` (Foret et al. 2021) or ``asam`` (Kwon et al.
+    2021) with radius ``rho`` (parameter units for sam, relative to ``|w| +
+    asam_eta`` for asam); ``sam_m`` splits each batch into parts of that many
+    training points, each with its own perturbation (m-SAM). ``rho = 0`` is the
+    base optimizer exactly.
     """
 
     optimizer: Optimizer = Optimizer.ADAM
@@ -169,6 +177,10 @@ class TrainConfig(_Config):
     checkpoint_every: int = 1000
     seed: int = 0
     members: int = 1
+    sam: SamKind = SamKind.NONE
+    rho: float = 0.0
+    sam_m: int | None = None
+    asam_eta: float = 0.01
     _section: ClassVar[str] = "train"
 
     def _validate(self):
@@ -186,8 +198,12 @@ class TrainConfig(_Config):
             raise ConfigError(f"train.milestones must be increasing, got {self.milestones}")
         _check_train(self)
 
+    def lr_factor(self, step: int) -> float:
+        """The schedule's factor at ``step``: ``gamma**k`` after the k-th milestone."""
+        return self.gamma ** sum(step >= m for m in self.milestones)
+
     def lr_at(self, step: int) -> float:
-        return self.lr * self.gamma ** sum(step >= m for m in self.milestones)
+        return self.lr * self.lr_factor(step)
 
 
 @dataclass(frozen=True)
@@ -224,6 +240,15 @@ def _check_train(cfg: TrainConfig) -> None:
     if cfg.clip_norm is not None:
         v.positive("train.clip_norm", cfg.clip_norm)
     v.increasing_steps("train.milestones", cfg.milestones)
+    v.finite("train.rho", cfg.rho)
+    v.non_negative("train.rho", cfg.rho)
+    v.finite("train.asam_eta", cfg.asam_eta)
+    v.non_negative("train.asam_eta", cfg.asam_eta)
+    if cfg.sam_m is not None and cfg.sam_m < 1:
+        raise ConfigError(f"train.sam_m must be >= 1, got {cfg.sam_m}")
+    if cfg.sam is SamKind.NONE and (cfg.rho > 0 or cfg.sam_m is not None):
+        raise ConfigError("train.rho and train.sam_m need train.sam = sam or asam "
+                          f"(got sam = none, rho = {cfg.rho}, sam_m = {cfg.sam_m})")
 
 
 @functools.cache

@@ -8,6 +8,10 @@ chunked, batched forward passes and returns one ``(M,)`` tensor per metric:
 - ``{split}_acc``: accuracy against true labels (for poison: how often the model
   is right on points it was trained to get wrong);
 - ``weight_norm``: the L2 norm of all parameters.
+
+``isolated=True`` evaluates each member on its own (a stack of one in fresh
+storage): the numbers, and so decisions taken from them such as stopping, are
+then bit-for-bit the same in any stack (see :func:`minefield.step.isolated`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from torch import nn
 
 from .data import Dataset
-from .functional import Params, chunked_forward, flatten, n_members
+from .functional import Params, alone, chunked_forward, flatten, n_members, one
 from .loss import nll, predict
 
 __all__ = ["SPLITS", "evaluate_members", "evaluate_split", "resolve_device"]
@@ -61,8 +65,16 @@ def evaluate_split(model: nn.Module, params: Params, x: torch.Tensor, y: torch.T
 
 
 def evaluate_members(model: nn.Module, params: Params, data: Dataset,
-                     buffers: Params | None = None, splits=SPLITS) -> dict[str, torch.Tensor]:
-    """Every metric of every member: ``{"train_loss": (M,), "train_acc": (M,), ...}``."""
+                     buffers: Params | None = None, splits=SPLITS, *, isolated: bool = False
+                     ) -> dict[str, torch.Tensor]:
+    """Every metric of every member: ``{"train_loss": (M,), "train_acc": (M,), ...}``.
+
+    ``isolated=True``: one member at a time, each bit-for-bit independent of the stack.
+    """
+    if isolated:
+        rows = [evaluate_members(model, alone(params, i), data, one(buffers, i), splits)
+                for i in range(n_members(params))]
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
     out: dict[str, torch.Tensor] = {}
     for s in splits:
         x, y = data.split(s)

@@ -33,6 +33,7 @@ from torch.func import functional_call, vmap
 from .stacked import (  # noqa: F401 - the stack operations, re-exported from their home
     Params,
     Stacked,
+    alone,
     check_single,
     flatten,
     member,
@@ -44,7 +45,7 @@ from .stacked import (  # noqa: F401 - the stack operations, re-exported from th
 )
 
 __all__ = [
-    "Stacked", "stack", "member", "one", "select", "check_single", "n_members", "flatten",
+    "Stacked", "stack", "member", "one", "alone", "select", "check_single", "n_members", "flatten",
     "unflatten", "is_weight", "stacked_forward", "single_forward",
     "buffers_like", "chunked_forward", "activation_elements", "mlp_fast_path",
 ]

@@ -48,6 +48,7 @@ from .config import ConfigError
 from .data import Dataset
 from .engine import LOSSES, BNPolicy, evaluate_points
 from .functional import _mlp_forward, mlp_fast_path
+from .graph_hvp import GraphHessian, graph_plan
 from .options import option
 from .pearlmutter import MLPHessian, mlp_plan
 from .stacked import Params, flatten, member, n_members, one, unflatten
@@ -252,17 +253,24 @@ def _pearlmutter_applies(obj: Objective) -> bool:
             and mlp_plan(obj.model) is not None)
 
 
+def _graph_applies(obj: Objective) -> bool:
+    """BatchNorm only with running statistics: batch statistics couple the samples."""
+    return (obj.model is not None and obj.loss == "nll" and (obj._bdim == 0 or not obj.buffers)
+            and graph_plan(obj.model) is not None)
+
+
 class CurvatureOperator:
     """``H``, ``G`` or ``F`` of every member, applied to flat ``(M, n)`` vectors in one call.
 
-    The Hessian defaults to ``mode="reverse"``: for plain MLPs with the NLL
-    (:func:`~minefield.pearlmutter.mlp_plan`) Pearlmutter's R-operator written out
-    as batched matmuls over the members (:class:`~minefield.pearlmutter.MLPHessian`,
-    the forward and backward quantities cached once), about 0.7x a gradient on the
-    swiss-roll MLP; for any other model the gradient of the summed loss of all
-    members is built once with its graph kept (``create_graph``), and each
-    product is one more backward pass through it, about 2x a gradient on
-    ResNet-20 (CPU). ``mode="forward"`` (``jvp`` of ``grad`` under ``vmap``)
+    The Hessian defaults to ``mode="reverse"``: Pearlmutter's R-operator with the
+    forward and backward quantities cached once, for plain MLPs with the NLL
+    (:func:`~minefield.pearlmutter.mlp_plan`) as batched matmuls over the members
+    (:class:`~minefield.pearlmutter.MLPHessian`), for traceable conv/BatchNorm
+    networks with running statistics (:func:`~minefield.graph_hvp.graph_plan`, such
+    as ResNet-20) layer by layer (:class:`~minefield.graph_hvp.GraphHessian`); for
+    any other model the gradient of the summed loss of all members is built once
+    with its graph kept (``create_graph``), and each product is one more backward
+    pass through it. ``mode="forward"`` (``jvp`` of ``grad`` under ``vmap``)
     keeps no graph: less memory, slower. GGN and Fisher
     always use forward mode. ``probe_chunk`` bounds how many probes :meth:`matmat`
     pushes through one call. Checks once that every member's loss is finite.
@@ -287,10 +295,14 @@ class CurvatureOperator:
         self.device = next(iter(objective.params.values())).device
         self.n_matvecs = 0  # products per member applied so far (one per probe vector)
         self.mode = mode if self.kind is CurvatureKind.HESSIAN else "forward"
-        self._mlp = None
+        self._mlp = None  # an exact R-operator when one applies: MLPHessian or GraphHessian
         if self.mode == "reverse" and _pearlmutter_applies(objective):
             self._mlp = MLPHessian(objective.model, objective.params, objective.chunks,
                                    objective.weight)
+            _raise_if_not_finite(self._mlp.losses)
+        elif self.mode == "reverse" and _graph_applies(objective):
+            self._mlp = GraphHessian(objective.model, objective.params, objective.buffers,
+                                     objective.chunks, objective.weight)
             _raise_if_not_finite(self._mlp.losses)
         elif self.mode == "reverse":
             self._graph = None
@@ -350,7 +362,7 @@ class CurvatureOperator:
         if self.mode == "forward":
             return flatten(self._apply(obj.params, obj.buffers, vd))
         if self._mlp is not None:
-            return flatten(self._mlp.matvec(vd))
+            return self._mlp.matvec_flat(v.to(self.dtype))
         leaves, grads = self._reverse_graph()
         with torch.enable_grad():
             hv = torch.autograd.grad(grads, leaves, grad_outputs=list(vd.values()),

@@ -20,8 +20,10 @@ The ``naive`` estimator keeps the paper's exactly normalised directions
 Preconditioners for ``is``, ``gaussian`` and ``mcmc`` (:func:`network_curvature`),
 all in ``x`` coordinates (``C_x = S C_theta S``) and floored at
 ``2 (c - L(theta)) / r_max^2`` (:func:`~minefield.precondition.floor_curvature`):
-``hessian`` (dense, ``torch.func.hessian``, for ``n <= 6000``), ``hutchinson`` (the
-diagonal ``E[z * H z]`` over Rademacher ``z``, Bekas et al. 2007), ``axes`` (``1 / (r_+ r_-)``
+``hessian`` (dense, from :func:`minefield.curvature.dense_hessian`'s batched
+Hessian-vector products, for ``n <= 6000``), ``hutchinson`` (the diagonal ``E[z * H z]``
+over Rademacher ``z``, Bekas et al. 2007, :func:`minefield.curvature.hessian_diagonal`;
+in ``x`` units ``diag_x = s_i^2 H_ii``), ``axes`` (``1 / (r_+ r_-)``
 from the radii along each coordinate axis: no curvature at all, so it also sees a
 flat-bottomed basin's walls) and a user-given diagonal (e.g. Adam's second moments,
 the Fisher diagonal: ``curvature=``).
@@ -36,6 +38,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .config import ConfigError
+from .curvature import dense_hessian, hessian_diagonal
 from .directions import DirectionKind, DirectionSpec, _perturbed
 from .engine import LOSSES, evaluate_points
 from .functional import Params, check_single, member
@@ -47,8 +50,6 @@ __all__ = ["NetworkLines", "CurvatureKind", "network_curvature", "adam_curvature
            "basin_volume"]
 
 MAX_DENSE = 6000
-
-
 
 
 class NetworkLines:
@@ -124,7 +125,6 @@ def network_curvature(lines: NetworkLines, kind: CurvatureKind | str, floor: flo
                       given: Params | None = None) -> Preconditioner | None:
     """A preconditioner in ``x`` coordinates of ``kind`` (module docstring), or ``None``."""
     kind = CurvatureKind(kind)
-    zero = torch.zeros(lines.n, dtype=torch.float64, requires_grad=False)
     centre = {k: v.double() for k, v in lines.centre.items()}
     if kind is CurvatureKind.NONE:
         return None
@@ -143,25 +143,38 @@ def network_curvature(lines: NetworkLines, kind: CurvatureKind | str, floor: flo
         eye = torch.eye(lines.n, dtype=torch.float64)
         r, _ = ray_radii(lines, torch.cat([eye, -eye]), cutoff, r_max, rtol)
         return Preconditioner.diagonal(floor_curvature(1 / (r[:lines.n] * r[lines.n:]), floor))
-    saved = lines.centre
-    lines.centre = centre  # derivatives in float64
+    if kind is CurvatureKind.HESSIAN and lines.n > MAX_DENSE:
+        raise ConfigError(f"a dense Hessian of n = {lines.n} > {MAX_DENSE} coordinates is "
+                          f"too large: use 'hutchinson'")
+    # minefield.curvature's batched Hessian-vector products, in float64, over all
+    # parameters; then the perturbed coordinates, in x units: C_x = S C_theta S
     model_dtype = next(lines.model.parameters()).dtype
     lines.model.double()
     try:
+        data = (lines.x.double(), lines.y)
+        bufs = ({k: b.double() if b.is_floating_point() else b for k, b in lines.buffers.items()}
+                if lines.buffers else None)
+        idx = _coordinates(lines)
+        s = lines.scale
         if kind is CurvatureKind.HESSIAN:
-            if lines.n > MAX_DENSE:
-                raise ConfigError(f"a dense Hessian of n = {lines.n} > {MAX_DENSE} "
-                                  f"coordinates is too large: use 'hutchinson'")
-            h = torch.func.hessian(lines.loss_at)(zero).detach()
-            return Preconditioner.dense(floor_curvature(h, floor))
-        grad = torch.func.grad(lines.loss_at)
-        z = torch.randint(0, 2, (probes, lines.n), generator=generator).double() * 2 - 1
-        hz = torch.func.vmap(lambda v: torch.func.jvp(grad, (zero,), (v,))[1])(z).detach()
-        return Preconditioner.diagonal(floor_curvature((z * hz).mean(0), floor))
+            h = dense_hessian(lines.model, centre, data, bufs, lines.bn)[0][idx][:, idx]
+            return Preconditioner.dense(floor_curvature(s[:, None] * h * s[None, :], floor))
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        d = hessian_diagonal(lines.model, centre, data, probes, seed, bufs, lines.bn)[0][idx]
+        return Preconditioner.diagonal(floor_curvature(s**2 * d, floor))
     finally:
-        lines.centre = saved
         lines.model.to(model_dtype)
 
+
+def _coordinates(lines: NetworkLines) -> torch.Tensor:
+    """Indices of the perturbed coordinates in :func:`~minefield.functional.flatten` order."""
+    out, i = [], 0
+    for k, v in lines.centre.items():
+        size = math.prod(v.shape[1:])
+        if k in lines.shapes:
+            out.append(torch.arange(i, i + size))
+        i += size
+    return torch.cat(out)
 
 
 def basin_volume(model: nn.Module, params: Params, data, cfg, buffers: Params | None = None,

@@ -23,7 +23,7 @@ from typing import Any
 __all__ = ["ConfigError", "option", "choices", "Optimizer", "PoisonObjective", "StopRule",
            "CutoffKind", "RadiusMethod", "Grid", "DirectionKind", "BiasPolicy", "BNPolicy",
            "EnginePath", "Init", "Activation", "Split", "EmbedCheckpoints", "Estimator",
-           "CurvatureKind", "Precision"]
+           "CurvatureKind", "ExecutorKind", "SamKind", "Precision"]
 
 
 class ConfigError(ValueError):
@@ -51,6 +51,14 @@ class Optimizer(str, enum.Enum):
     SGD = "sgd"
     ADAM = "adam"
     RMSPROP = "rmsprop"
+
+
+class SamKind(str, enum.Enum):
+    """Sharpness-aware training (:mod:`minefield.sam`): none, SAM, or adaptive ASAM."""
+
+    NONE = "none"
+    SAM = "sam"
+    ASAM = "asam"
 
 
 class PoisonObjective(str, enum.Enum):
@@ -175,3 +183,10 @@ class CurvatureKind(str, enum.Enum):
     HUTCHINSON = "hutchinson"
     AXES = "axes"
     GIVEN = "given"  # a diagonal passed in (Adam's second moments, a Fisher diagonal)
+
+
+class ExecutorKind(str, enum.Enum):
+    """Where the tasks of a multi-task stage run (:mod:`minefield.executor`)."""
+
+    LOCAL = "local"
+    RAY = "ray"

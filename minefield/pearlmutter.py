@@ -16,9 +16,12 @@ pass ``delta_L = dL/dz``, ``g_{W_l} = delta_l^T h_{l-1}``,
   + (delta_l W_l) phi''(a_{l-1}) R{a_{l-1}}``.
 
 The forward activations, ``phi'``, ``delta`` and ``(delta W) phi''`` are computed
-once and kept, so each product costs two batched matmuls (``torch.baddbmm`` over
-the M members) per layer forward and four backward, and no autograd graph: on
-the small networks of the paper that overhead, not the arithmetic, dominates.
+once and kept, so each product costs two batched matmuls (``torch.bmm`` over the
+M members) per layer forward and four backward, and no autograd graph: on the
+small networks of the paper that overhead, not the arithmetic, dominates.
+Activations are kept feature-major, ``(M, width, N)``: the long data axis is
+then the one the matmul kernels vectorise over, and every product writes into
+buffers allocated once (fresh large tensors cost page faults on every call).
 Piecewise-linear activations (ReLU, leaky ReLU) have ``phi'' = 0`` almost
 everywhere, as autograd assumes too.
 
@@ -43,8 +46,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .functional import Params
 from .loss import nll
+from .stacked import Params
 
 __all__ = ["mlp_plan", "MLPHessian"]
 
@@ -90,15 +93,16 @@ def _derivatives(act: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def _loss_derivatives(z: torch.Tensor, y: torch.Tensor):
-    """``(dl/dz, u -> (d^2 l/dz^2) u)`` of the per-sample NLL of logits ``(M, N, C)``."""
-    if z.shape[-1] == 1:
-        s = (1 - 2 * y.to(z.dtype)).view(1, -1, 1)
+    """``(dl/dz, u -> (d^2 l/dz^2) u in place)`` of the per-sample NLL of feature-major
+    logits ``(M, C, N)``."""
+    if z.shape[1] == 1:
+        s = (1 - 2 * y.to(z.dtype)).view(1, 1, -1)
         sig = torch.sigmoid(s * z)
         curv = sig * (1 - sig)
-        return s * sig, lambda u: curv * u
-    p = torch.softmax(z, -1)
-    g = p - torch.nn.functional.one_hot(y, z.shape[-1]).to(z.dtype)
-    return g, lambda u: p * (u - (p * u).sum(-1, keepdim=True))
+        return s * sig, lambda u: u.mul_(curv)
+    p = torch.softmax(z, 1)
+    g = p - torch.nn.functional.one_hot(y, z.shape[1]).to(z.dtype).T
+    return g, lambda u: u.sub_((p * u).sum(1, keepdim=True)).mul_(p)
 
 
 class MLPHessian:
@@ -111,7 +115,8 @@ class MLPHessian:
         chunks: ``[(x (N, ...), y (N,)), ...]`` pieces of the data.
         weight: the factor in front of the sum (``1 / N`` for the mean loss).
 
-    ``losses`` holds the ``(M,)`` losses met on the way.
+    ``losses`` holds the ``(M,)`` losses met on the way. :meth:`matvec_flat` works
+    on flat ``(M, n)`` vectors in the order of ``params``, :meth:`matvec` on dicts.
 
     Raises:
         ValueError: ``model`` is not a plain MLP :func:`mlp_plan` accepts.
@@ -126,72 +131,101 @@ class MLPHessian:
         self.names = [(f"{n}.weight", f"{n}.bias" if f"{n}.bias" in params else None)
                       for n, _ in plan]
         self.w = [params[wn] for wn, _ in self.names]
+        self.m, self.weight = self.w[0].shape[0], weight
+        self.shapes = {k: v.shape[1:] for k, v in params.items()}  # flat order: dict order
+        self.offsets, o = {}, 0
+        for k, shape in self.shapes.items():
+            self.offsets[k] = o
+            o += shape.numel()
+        self.n = o
         dtype = self.w[0].dtype
-        self.caches = []
-        self.losses = torch.zeros(self.w[0].shape[0], dtype=dtype, device=self.w[0].device)
+        self.losses = torch.zeros(self.m, dtype=dtype, device=self.w[0].device)
         with torch.no_grad():
-            for x, y in chunks:
-                self.caches.append(self._cache(plan, params, x.to(dtype).flatten(1), y, weight))
+            self.caches = [self._cache(plan, params, x.to(dtype).flatten(1), y)
+                           for x, y in chunks]
 
-    def _cache(self, plan, params, x, y, weight):
-        m = self.w[0].shape[0]
-        h = x.expand(m, *x.shape)
-        ins, d1s, d2s = [], [], []  # layer inputs h_{l-1}; phi', phi'' of each hidden layer
-        for (wn, bn), (_, act) in zip(self.names, plan):
-            w = params[wn]
-            ins.append(h.contiguous())  # bmm would copy the expanded input at every product
-            a = (torch.bmm(h, w.transpose(1, 2)) if bn is None
-                 else torch.baddbmm(params[bn].unsqueeze(1), h, w.transpose(1, 2)))
+    def _cache(self, plan, params, x, y):
+        xt = x.T.contiguous()  # (in, N): the first layer's input, shared by every member
+        h = xt
+        ins, d1s, d2s = [xt], [], []  # layer inputs h_{l-1} (M, in, N); phi', phi''
+        for i, ((wn, bn), (_, act)) in enumerate(zip(self.names, plan)):
+            a = self._linear(params[wn], params[bn] if bn else None, h, i)
             if act is None:
                 h = a
                 continue
             h, d1, d2 = _derivatives(act, a)
+            ins.append(h)
             d1s.append(d1)
             d2s.append(d2)
-        self.losses += weight * nll(h, y).sum(-1)
+        self.losses += self.weight * nll(h.transpose(1, 2), y).sum(-1)
         g, hz = _loss_derivatives(h, y)
-        delta = weight * g
+        delta = self.weight * g
         deltas, curls = [delta], []  # delta_l from the last layer down; (delta W) phi''
         for i in range(len(self.w) - 1, 0, -1):
-            back = torch.bmm(delta, self.w[i])
+            back = torch.bmm(self.w[i].transpose(1, 2), delta)
             curls.append(None if d2s[i - 1] is None else back * d2s[i - 1])
             delta = back * d1s[i - 1]
             deltas.append(delta)
-        deltas_t = [d.transpose(1, 2).contiguous() for d in deltas[::-1]]
-        return ins, d1s, deltas[::-1], deltas_t, curls[::-1], lambda u: weight * hz(u)
+        n = xt.shape[1]
+        new = xt.new_empty
+        work = ([new(self.m, w.shape[1], n) for w in self.w],  # R{a_l}
+                [new(self.m, w.shape[1], n) for w in self.w[:-1]],  # R{h_l}
+                [new(self.m, w.shape[2], n) for w in self.w],  # back-propagated R{delta}
+                [new(w.shape) for w in self.w])  # weight gradients
+        return ins, d1s, deltas[::-1], curls[::-1], lambda u: hz(u).mul_(self.weight), work
+
+    def _linear(self, w, b, h, i, out=None):
+        """``w h + b`` for ``(M, out, in)`` weights; layer 0's ``h`` ``(in, N)`` is shared,
+        so its product is one plain matmul for all members."""
+        m, o = w.shape[:2]
+        if i == 0:
+            a = torch.mm(w.reshape(m * o, -1), h, out=None if out is None else
+                         out.view(m * o, -1)).view(m, o, -1)
+            return a if b is None else a.add_(b.unsqueeze(2))
+        if b is None:
+            return torch.bmm(w, h, out=out)
+        return torch.baddbmm(b.unsqueeze(2), w, h, out=out)
+
+    def _view(self, flat: torch.Tensor, name: str) -> torch.Tensor:
+        o = self.offsets[name]
+        shape = self.shapes[name]
+        return flat[:, o:o + shape.numel()].view(self.m, *shape)
 
     @torch.no_grad()
-    def matvec(self, v: Params) -> Params:
-        """``{name: (M, ...)}`` -> ``{name: (M, ...)}``: member m's Hessian times ``v[m]``."""
-        out: Params = {}
-        for ins, d1s, deltas, deltas_t, curls, hz in self.caches:
-            ras, rhs, rh = [], [], None  # R{a_l}, R{h_{l-1}}
+    def matvec_flat(self, v: torch.Tensor) -> torch.Tensor:
+        """``(M, n) -> (M, n)``: member m's Hessian times ``v[m]`` (flat, ``params`` order)."""
+        v = v if v.stride(-1) == 1 else v.contiguous()  # member slices must be views
+        out = v.new_zeros(self.m, self.n)
+        last = len(self.w) - 1
+        for ins, d1s, deltas, curls, hz, (ras, rhs, backs, grads) in self.caches:
             for i, (wn, bn) in enumerate(self.names):
-                rhs.append(rh)
-                vt = v[wn].transpose(1, 2)
-                ra = (torch.bmm(ins[i], vt) if bn is None
-                      else torch.baddbmm(v[bn].unsqueeze(1), ins[i], vt))
-                if rh is not None:
-                    ra.baddbmm_(rh, self.w[i].transpose(1, 2))
-                ras.append(ra)
-                if i < len(d1s):
-                    rh = ra * d1s[i]
-            rdelta = hz(ras[-1])
-            for i in range(len(self.w) - 1, -1, -1):
-                wn, bn = self.names[i]
-                gw = torch.bmm(rdelta.transpose(1, 2), ins[i])
-                if rhs[i] is not None:
-                    gw.baddbmm_(deltas_t[i], rhs[i])
-                _add(out, wn, gw)
-                if bn is not None:
-                    _add(out, bn, rdelta.sum(1))
+                ra = self._linear(self._view(v, wn), self._view(v, bn) if bn else None, ins[i],
+                                  i, ras[i])
                 if i:
-                    back = torch.bmm(rdelta, self.w[i]).baddbmm_(deltas[i], v[wn])
-                    rdelta = back * d1s[i - 1]
+                    ra.baddbmm_(self.w[i], rhs[i - 1])
+                if i < last:
+                    torch.mul(ra, d1s[i], out=rhs[i])
+            rdelta = hz(ras[-1])  # overwrites R{z}, not needed any more
+            for i in range(last, -1, -1):
+                wn, bn = self.names[i]
+                gw = self._view(out, wn)
+                if i == 0:
+                    gw.add_(torch.mm(rdelta.reshape(-1, rdelta.shape[2]), ins[0].T).view_as(gw))
+                else:  # into a contiguous buffer: bmm into a view of `out` loops over members
+                    g = torch.bmm(rdelta, ins[i].transpose(1, 2), out=grads[i])
+                    gw.add_(g.baddbmm_(deltas[i], rhs[i - 1].transpose(1, 2)))
+                if bn is not None:
+                    self._view(out, bn).add_(rdelta.sum(2))
+                if i:
+                    back = torch.bmm(self.w[i].transpose(1, 2), rdelta, out=backs[i])
+                    rdelta = back.baddbmm_(self._view(v, wn).transpose(1, 2), deltas[i])
+                    rdelta.mul_(d1s[i - 1])
                     if curls[i - 1] is not None:
                         rdelta.addcmul_(curls[i - 1], ras[i - 1])
-        return {k: out[k] for k in v}
+        return out
 
-
-def _add(out: Params, name: str, t: torch.Tensor) -> None:
-    out[name] = out[name] + t if name in out else t
+    def matvec(self, v: Params) -> Params:
+        """``{name: (M, ...)}`` -> ``{name: (M, ...)}``: member m's Hessian times ``v[m]``."""
+        flat = torch.cat([v[k].reshape(self.m, -1) for k in self.shapes], 1)
+        hv = self.matvec_flat(flat)
+        return {k: self._view(hv, k) for k in self.shapes}

@@ -88,12 +88,15 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
     lo = torch.where(jc > 0, ts[(jc - 1).clamp(min=0)], torch.zeros_like(hi))
     evals = k * bracket_points + 1
     for _ in range(200):
-        if not bool(((hi - lo) > 2 * rtol * lo)[hit].any()):
+        # a converged direction stops moving: its radius depends on its own losses only,
+        # not on which directions share the batch (so blocks of directions agree)
+        active = hit & ((hi - lo) > 2 * rtol * lo)
+        if not bool(active.any()):
             break
         mid = (lo + hi) / 2
         above = loss_fn(mid).double().cpu() >= cutoff
-        evals += k
-        hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
+        evals += int(active.sum())  # the evaluations the radii needed (the batch is k wide)
+        hi, lo = torch.where(active & above, mid, hi), torch.where(active & ~above, mid, lo)
     r = torch.where(hit, (lo + hi) / 2, torch.full_like(hi, r_max))
     return r, evals
 

@@ -25,7 +25,7 @@ always measured on the dataset's own train / test / poison splits.
 
 All searches of a batch train together as **one stacked model** through
 :func:`minefield.train.fit` (one optimizer over stacked tensors is exactly M
-independent optimizers). With ``stopping="target"`` a member is frozen once
+independent optimizers, bit for bit). With ``stopping="target"`` a member is frozen once
 ``train_acc >= target_train`` and ``poison_acc <= target_poison_acc`` (poison
 accuracy is on the *true* labels); every ``compact_every`` steps the frozen
 members are dropped from the stack (with their optimizer state), so the batch
@@ -36,19 +36,27 @@ Repeats from one checkpoint differ only through ``jitter``: each search starts a
 filter of each weight matrix rescaled to that filter's norm in ``theta``; biases
 0) drawn from the search's own seed. Minibatch noise cannot tell repeats apart:
 all members of a stack share one minibatch order (``seed``), and the default is
-full batch anyway. Searches are seeded by ``(seed, start step, repeat)`` only,
-and nothing else couples the members of a stack: each has its own poison factor,
-stopping step and optimizer state, and minibatches and fresh points depend on
-``seed`` alone. Stacks of different sizes still round differently (batched
-kernels; 1e-16 relative per step in float64, 1e-7 in float32), and poisoned
-training is chaotic enough to amplify that: on the spiral, one start searched
-alone and in a stack of two differs by 2e-13 after 200 steps, 6e-3 after 500
-and O(1) after 1,000, in float64 as in float32 (different minima, same
-statistics). So stacks are fixed chunks of the work list (``max_batch``, or
-fewer for ``memory_mb``), and a resumed search redoes a partly saved stack
-whole: one command gives bit-identical minima on one machine, whether it was
-killed and resumed or not. Another ``max_batch`` or ``memory_mb`` gives other
-stacks, hence minima equal only to rounding on short searches.
+full batch anyway.
+
+**A minimum does not depend on its stack.** Searches are seeded by ``(seed,
+start step, repeat)`` only; each member has its own poison factor, stopping step
+and optimizer state; minibatches and fresh points depend on ``seed`` alone. That
+makes members independent mathematically, but batched kernels would still round
+a member differently in stacks of different sizes (BLAS takes gemv for a
+one-output layer of a stack of one and batched gemm for more, and its results
+depend on the memory alignment of a member's slice; vectorised ``softplus``
+computes a tensor's last elements in scalar code), and the poisoned dynamics
+amplify one rounding difference to O(1) within a few thousand steps (the
+issue's 2,000-step search: 1,600 vs 2,000 steps, test accuracy 0.396 vs 0.433
+with ``max_batch`` 1 vs 2). So by default (``cfg.isolate``) every member is
+computed on kernels shaped for one model (:func:`minefield.step.isolated`:
+objective, clipping norms, logged metrics, final metrics, distances), and the
+stacked optimizer's elementwise updates are exact per element: a member's
+trajectory is bit-for-bit the same in float64 and float32 whatever ``max_batch``
+or ``memory_mb`` group it with, and a search killed at any point resumes to
+the same minima with any grouping. ``isolate=False`` runs one batched pass per
+stack instead (faster on many cores or a GPU; stacks are then fixed chunks so
+one command still repeats itself exactly).
 
 Distances (:func:`distances`) to the start checkpoint and to the good run's final
 iterate are reported in two units:
@@ -80,7 +88,7 @@ from .evaluate import evaluate_members
 from .functional import activation_elements, is_weight
 from .options import StopRule
 from .search_config import AUTO_EXTRA_POISON, SEARCH_TRAIN, SearchConfig
-from .stacked import Params, member, n_members, select, stack
+from .stacked import Params, alone, member, n_members, select, stack
 from .train import effective_beta, fit
 
 __all__ = ["StopRule", "SearchConfig", "SEARCH_TRAIN", "SearchResult", "search_minima",
@@ -98,12 +106,14 @@ def _filter_rows(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], v.shape[1], -1)
 
 
-def distances(params: Params, ref: Params) -> dict[str, torch.Tensor]:
+def distances(params: Params, ref: Params, *, isolated: bool = False
+              ) -> dict[str, torch.Tensor]:
     """Plain and filter-normalised distances of each member of ``params`` to ``ref``.
 
     ``ref`` has M members or one (broadcast). Returns ``{"l2": (M,), "filter": (M,)}``
     in float64: ``l2 = ||theta - ref||`` over all parameters, ``filter =
     sqrt(mean_f ||Delta_f||^2 / ||ref_f||^2)`` over the filters of weight tensors.
+    ``isolated=True`` reduces one member at a time (bit-for-bit the same in any stack).
 
     Example::
 
@@ -111,6 +121,10 @@ def distances(params: Params, ref: Params) -> dict[str, torch.Tensor]:
         >>> distances({"w": 3 * torch.ones(1, 2, 3), "b": torch.ones(1, 2)}, ref)["filter"]
         tensor([2.], dtype=torch.float64)
     """
+    if isolated:
+        rows = [distances(alone(params, i), alone(ref, i if n_members(ref) > 1 else 0))
+                for i in range(n_members(params))]
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
     sq = 0.0
     ratios = []
     for k, v in params.items():
@@ -264,7 +278,7 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
         res = fit(model, cur, train_data, seg, betas[active], flip=flip, start_step=step,
                   opt_state=opt_state, stop_fn=stop_fn, on_checkpoint=keep_state,
                   poison_weight=weight, eval_data=data, progress=progress,
-                  desc=f"search {step}-{end}")
+                  desc=f"search {step}-{end}", isolated=cfg.isolate)
         done = torch.tensor([s is not None for s in res.stopped_at])
         if end >= cfg.steps:
             done |= _trained_enough(cfg, res.history, end, len(active))
@@ -282,7 +296,7 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
                                      len(active))
         active, step = active[keep], end
     with torch.no_grad():
-        metrics = evaluate_members(model, final, data)
+        metrics = evaluate_members(model, final, data, isolated=cfg.isolate)
     return SearchResult(final, steps, metrics, betas)
 
 

@@ -62,6 +62,11 @@ class SearchConfig(_Config):
     (``None``: a quarter of ``train.steps``) over which the learning rate replays the
     schedule's last ``continue_steps`` steps; it stops at the first ``compact_every``
     boundary where it reaches ``continue_below`` (``None``: no continuation).
+    ``isolate`` (default) computes every member on kernels shaped for one model
+    (:func:`minefield.step.isolated`), so a minimum is bit-for-bit the same
+    whatever ``max_batch`` or ``memory_mb`` group it with; ``isolate=False`` runs
+    one batched pass per stack (faster on many cores or a GPU, but a member's
+    rounding then depends on its stack, which the chaotic search amplifies).
     """
 
     every: int = 10
@@ -88,6 +93,7 @@ class SearchConfig(_Config):
     continue_steps: int | None = None
     max_batch: int = 256
     memory_mb: float = 1024.0
+    isolate: bool = True
     _section: ClassVar[str] = "search"
 
     def _validate(self):

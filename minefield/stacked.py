@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["Params", "Stacked", "stack", "member", "one", "select", "check_single",
+__all__ = ["Params", "Stacked", "stack", "member", "one", "alone", "select", "check_single",
            "n_members", "flatten", "unflatten"]
 
 Params = dict[str, torch.Tensor]
@@ -130,6 +130,23 @@ def n_members(params: Params) -> int:
 def one(params: Params | None, i: int) -> Params | None:
     """Member ``i`` as a stack of one, ``(1, ...)`` (views); ``None`` (no buffers) stays None."""
     return None if params is None else dict(Stacked(params).one(i))
+
+
+def alone(params: Params, i: int) -> Params:
+    """Member ``i`` as a stack of one ``(1, ...)`` in fresh storage (a copy, not a view).
+
+    Fresh tensors start on the allocator's 64-byte boundary, so kernels see member
+    ``i`` at the same alignment whatever its position in the stack (BLAS results
+    can depend on alignment; see :func:`minefield.step.isolated`).
+
+    Example::
+
+        >>> p = {"w": torch.arange(6.0).reshape(3, 2)}
+        >>> a = alone(p, 1)
+        >>> a["w"], a["w"].data_ptr() != p["w"][1].data_ptr()
+        (tensor([[2., 3.]]), True)
+    """
+    return {k: v[i:i + 1].clone() for k, v in params.items()}
 
 
 def select(params: Params, idx: slice | torch.Tensor | Sequence[int]) -> Params:

@@ -6,16 +6,31 @@ plug in without touching the driver:
 
 - an **objective** ``objective(model, params, buffers, batch, hyper) -> (M,)``,
   the loss of every member (default :func:`poisoned_objective`: the poisoned
-  NLL of :mod:`minefield.loss` plus ``l2 * sum W^2``; a Bezier-curve objective
-  would evaluate points along the curve instead);
-- an **update** ``update(loss_fn, params, opt, hyper) -> (M,)`` that evaluates
-  ``loss_fn()`` as often as it needs and steps the optimizer (default
-  :func:`plain_update`; :func:`sam_update` evaluates the gradient twice, at
-  ``theta`` and at ``theta + rho g / ||g||``, Foret et al. 2021).
+  NLL of :mod:`minefield.loss` plus ``l2 * sum W^2``; :mod:`minefield.connectivity`
+  plugs in the loss at sampled points of Bezier curves);
+- an **update** ``update(loss_fn, params, opt, hyper, batch) -> (M,)`` that
+  evaluates ``loss_fn(batch)`` (on the step's batch or a part of it) as often
+  as it needs and steps the optimizer (default :func:`plain_update`;
+  :func:`minefield.sam.sam_update`: SAM, ASAM and m-SAM, two gradient
+  evaluations per step).
 
-Per-member hyper-parameters (:class:`Hyper`: poison factor ``beta`` and ``l2``)
-are ``(M,)`` tensors; members' losses are summed before ``backward``, so each
-member gets exactly its own gradient.
+Per-member hyper-parameters (:class:`Hyper`: poison factor ``beta``, ``l2``,
+learning rate ``lr``, SAM radius ``rho``) are ``(M,)`` tensors; members' losses
+are summed before ``backward``, so each member gets exactly its own gradient,
+and :class:`~minefield.optim.StackedOptimizer` steps member m with ``lr[m]``.
+
+**Isolated members** (:func:`isolated`, ``Hyper.isolated``). Batched kernels
+give each member its own gradient *mathematically*, but not to the last bit:
+how a member's numbers are rounded depends on how many members share the call
+and where in the stack it sits (BLAS runs a one-output layer of a stack of one
+as gemv and of a larger stack as batched gemm, and its results depend on the
+memory alignment of a member's slice; vectorised ``softplus``/``sigmoid``
+compute the last elements of a tensor in scalar code). Chaotic objectives such
+as the poisoned loss amplify that to O(1) over a few thousand steps. An
+isolated step computes every member with kernels shaped for one model, on
+freshly allocated parameters, and clips with per-member norms, so member m's
+step is bit-for-bit the same in any stack (the stacked optimizer and the other
+elementwise updates are exact per element).
 
 Example::
 
@@ -27,7 +42,7 @@ Example::
     >>> leaves = {k: v.requires_grad_() for k, v in init_stack(model, "torch", [0, 1]).items()}
     >>> opt = make_optimizer(TrainConfig(lr=0.1), list(leaves.values()))
     >>> batch = Batch(data.x_train, data.y_train)
-    >>> hyper = Hyper(beta=torch.zeros(2), l2=torch.zeros(2))
+    >>> hyper = Hyper(beta=torch.zeros(2), lr=torch.tensor([0.1, 0.01]))
     >>> first = train_step(model, leaves, {}, opt, batch, hyper)
     >>> second = train_step(model, leaves, {}, opt, batch, hyper)
     >>> first.shape, bool((second < first).all())
@@ -42,11 +57,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .functional import Params, is_weight, n_members, stacked_forward
+from .functional import Params, is_weight, n_members, one, stacked_forward
 from .loss import poisoned_nll
 
-__all__ = ["Batch", "Hyper", "Objective", "Update", "poisoned_objective", "plain_update",
-           "sam_update", "train_step", "clip_per_member"]
+__all__ = ["Batch", "Hyper", "Objective", "LossFn", "Update", "poisoned_objective",
+           "plain_update", "train_step", "clip_per_member", "set_grads", "isolated"]
 
 
 @dataclass
@@ -65,17 +80,34 @@ class Batch:
 
 @dataclass
 class Hyper:
-    """Per-member hyper-parameters of one step, ``(M,)`` tensors, and the clip norm."""
+    """Per-member hyper-parameters of one step, ``(M,)`` tensors, and the clip norm.
+
+    ``lr`` is the learning rate of *this* step (the driver applies the schedule);
+    ``None`` leaves it to the optimizer's ``param_groups``. ``rho`` is the SAM
+    radius (read by :func:`minefield.sam.sam_update`; 0: the base optimizer).
+    """
 
     beta: torch.Tensor  # poison factor per member
     l2: torch.Tensor | None = None  # coefficient of sum W^2 per member; None: no penalty
     clip_norm: float | None = None  # each member's global gradient norm is clipped to this
     flip: bool = False  # poison term as cross-entropy on flipped labels
+    isolated: bool = False  # clipping norms reduced member by member (see isolated)
+    lr: torch.Tensor | None = None  # learning rate per member at this step
+    rho: torch.Tensor | None = None  # SAM radius per member
+
+    def member(self, i: int) -> Hyper:
+        """Member ``i``'s hyper-parameters, as ``(1,)`` tensors."""
+        def cut(t):
+            return None if t is None else t[i:i + 1]
+        return Hyper(cut(self.beta), cut(self.l2), self.clip_norm, self.flip,
+                     self.isolated, cut(self.lr), cut(self.rho))
 
 
 Objective = Callable[[nn.Module, Params, Params, Batch, Hyper], torch.Tensor]
-Update = Callable[[Callable[[], torch.Tensor], Params, torch.optim.Optimizer, Hyper],
-                  torch.Tensor]
+#: ``loss_fn(batch, track=True) -> (M,)``: the objective at the current parameters on
+#: ``batch``; ``track=False`` leaves BatchNorm's running statistics untouched.
+LossFn = Callable[..., torch.Tensor]
+Update = Callable[[LossFn, Params, torch.optim.Optimizer, Hyper, Batch], torch.Tensor]
 
 
 def poisoned_objective(model: nn.Module, params: Params, buffers: Params, batch: Batch,
@@ -95,58 +127,94 @@ def poisoned_objective(model: nn.Module, params: Params, buffers: Params, batch:
     return loss
 
 
-def clip_per_member(grads: list[torch.Tensor], clip_norm: float) -> None:
-    """Scale each member's gradient (in place) so its global norm is at most ``clip_norm``."""
-    m = grads[0].shape[0]
-    norm = torch.sqrt(sum(g.reshape(m, -1).pow(2).sum(1) for g in grads))
+def _norms(tensors: list[torch.Tensor], isolated: bool) -> torch.Tensor:
+    """``(M,)`` global norm of each member over ``tensors``, reduced per member if isolated."""
+    m = tensors[0].shape[0]
+    if isolated:
+        return torch.stack([torch.sqrt(sum(t[i].pow(2).sum() for t in tensors))
+                            for i in range(m)])
+    return torch.sqrt(sum(t.reshape(m, -1).pow(2).sum(1) for t in tensors))
+
+
+def clip_per_member(grads: list[torch.Tensor], clip_norm: float, isolated: bool = False
+                    ) -> None:
+    """Scale each member's gradient (in place) so its global norm is at most ``clip_norm``.
+
+    ``isolated=True`` reduces each member's squares on its own: a row reduction of a
+    stack may split long rows across threads when rows are few, which rounds a
+    member differently in stacks of different sizes.
+    """
+    norm = _norms(grads, isolated)
     scale = (clip_norm / (norm + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
 
 
-def plain_update(loss_fn: Callable[[], torch.Tensor], params: Params,
-                 opt: torch.optim.Optimizer, hyper: Hyper) -> torch.Tensor:
-    """One gradient of ``sum_m loss_m``, clipped per member, then ``opt.step()``."""
-    loss = loss_fn()
+def set_grads(leaves: list[torch.Tensor], grads: list[torch.Tensor] | tuple,
+              clip_norm: float | None, isolated: bool = False) -> None:
+    """``leaf.grad = grad``, then each member's global norm clipped to ``clip_norm``
+    (reduced member by member when ``isolated``, see :func:`clip_per_member`)."""
+    for v, g in zip(leaves, grads):
+        v.grad = g
+    if clip_norm is not None:
+        clip_per_member([v.grad for v in leaves], clip_norm, isolated)
+
+
+def plain_update(loss_fn: LossFn, params: Params, opt: torch.optim.Optimizer, hyper: Hyper,
+                 batch: Batch) -> torch.Tensor:
+    """One gradient of ``sum_m loss_m``, clipped per member, then ``opt.step(lr=hyper.lr)``."""
+    loss = loss_fn(batch)
     opt.zero_grad(set_to_none=True)
     loss.sum().backward()
     if hyper.clip_norm is not None:
-        clip_per_member([v.grad for v in params.values()], hyper.clip_norm)
-    opt.step()
+        clip_per_member([v.grad for v in params.values()], hyper.clip_norm, hyper.isolated)
+    _step(opt, hyper)
     return loss.detach()
 
 
-def sam_update(rho: float) -> Update:
-    """Sharpness-aware minimisation (Foret et al. 2021) as an update rule.
+def _step(opt: torch.optim.Optimizer, hyper: Hyper) -> None:
+    if hyper.lr is None:
+        opt.step()
+    else:
+        opt.step(lr=hyper.lr)
 
-    Per member: ``g = grad L(theta)``, ``eps = rho g / ||g||``, then the
-    optimizer steps with ``grad L(theta + eps)`` from ``theta``: two gradient
-    evaluations per step. Returns the loss at ``theta``.
+
+def isolated(objective: Objective = poisoned_objective) -> Objective:
+    """``objective`` computed one member at a time, each on kernels shaped for one model.
+
+    Member m's loss (and so, through autograd, its gradient) is
+    ``objective(model, theta_m, buffers_m, batch, hyper_m)`` on a stack of one,
+    with ``theta_m`` copied into fresh storage: the same kernels, shapes and
+    alignment in every stack, so the result does not depend on the other
+    members (see the module docstring). The members' parameters are split with
+    ``unbind``, whose backward stacks the gradients (O(M), not O(M^2)).
+    Values equal the batched objective's up to rounding.
+
+    Example::
+
+        >>> from minefield import DataConfig, ModelConfig, build_model, load_dataset
+        >>> from minefield.train import init_stack
+        >>> data = load_dataset(DataConfig("blobs"))
+        >>> model = build_model(ModelConfig(widths=(8,)), (2,), 2)
+        >>> p = init_stack(model, "torch", [0, 1, 2])
+        >>> batch, hyper = Batch(data.x_train, data.y_train), Hyper(beta=torch.zeros(3))
+        >>> alone = isolated()(model, {k: v[1:2] for k, v in p.items()}, {}, batch,
+        ...                    hyper.member(1))
+        >>> bool(isolated()(model, p, {}, batch, hyper)[1] == alone[0])
+        True
     """
 
-    def update(loss_fn, params, opt, hyper):
-        loss = loss_fn()
-        opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        leaves = list(params.values())
-        m = leaves[0].shape[0]
-        with torch.no_grad():
-            norm = torch.sqrt(sum(v.grad.reshape(m, -1).pow(2).sum(1) for v in leaves))
-            scale = rho / (norm + 1e-12)
-            eps = [v.grad * scale.view(-1, *[1] * (v.dim() - 1)) for v in leaves]
-            for v, e in zip(leaves, eps):
-                v.add_(e)
-        opt.zero_grad(set_to_none=True)
-        loss_fn().sum().backward()
-        with torch.no_grad():
-            for v, e in zip(leaves, eps):
-                v.sub_(e)
-        if hyper.clip_norm is not None:
-            clip_per_member([v.grad for v in leaves], hyper.clip_norm)
-        opt.step()
-        return loss.detach()
+    def one_at_a_time(model: nn.Module, params: Params, buffers: Params, batch: Batch,
+                      hyper: Hyper) -> torch.Tensor:
+        cols = {k: v.unbind(0) for k, v in params.items()}
+        losses = []
+        for i in range(n_members(params)):
+            theta = {k: c[i].clone().unsqueeze(0) for k, c in cols.items()}
+            losses.append(objective(model, theta, one(buffers, i) if buffers else {}, batch,
+                                    hyper.member(i)))
+        return torch.cat(losses)
 
-    return update
+    return one_at_a_time
 
 
 def train_step(model: nn.Module, params: Params, buffers: Params, opt: torch.optim.Optimizer,
@@ -156,4 +224,9 @@ def train_step(model: nn.Module, params: Params, buffers: Params, opt: torch.opt
 
     Returns the members' losses ``(M,)`` before the step.
     """
-    return update(lambda: objective(model, params, buffers, batch, hyper), params, opt, hyper)
+
+    def loss_fn(b: Batch, track: bool = True) -> torch.Tensor:
+        bufs = buffers if track else {k: v.clone() for k, v in buffers.items()}
+        return objective(model, params, bufs, b, hyper)
+
+    return update(loss_fn, params, opt, hyper, batch)

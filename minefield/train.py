@@ -31,7 +31,10 @@ from .data import Dataset
 from .evaluate import evaluate_members
 from .functional import Params, buffers_like, n_members, stack
 from .models import init_params
+from .optim import StackedOptimizer
+from .sam import sam_update
 from .step import Batch, Hyper, Objective, Update, plain_update, poisoned_objective, train_step
+from .step import isolated as isolate  # fit's flag of the same name switches it on
 
 __all__ = ["fit", "FitResult", "TrainingDiverged", "init_stack", "effective_beta",
            "make_optimizer"]
@@ -51,14 +54,11 @@ class FitResult:
     compiled: dict[str, Any] = field(default_factory=dict)  # CompiledObjective.report
 
 
-def make_optimizer(cfg: TrainConfig, leaves: list[torch.Tensor]) -> torch.optim.Optimizer:
-    # foreach: one fused kernel per op over all tensors (torch picks it only on CUDA).
+def make_optimizer(cfg: TrainConfig, leaves: list[torch.Tensor]) -> StackedOptimizer:
+    """``cfg.optimizer`` over the stacked ``leaves``; a step may give each member its own lr."""
     if cfg.optimizer is Optimizer.SGD:
-        return torch.optim.SGD(leaves, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
-    if cfg.optimizer is Optimizer.ADAM:
-        return torch.optim.Adam(leaves, lr=cfg.lr, foreach=True)
-    # Keras' RMSprop defaults (rho 0.9, eps 1e-7), as in the paper's minefield code.
-    return torch.optim.RMSprop(leaves, lr=cfg.lr, alpha=0.9, eps=1e-7, foreach=True)
+        return StackedOptimizer(leaves, cfg.optimizer, cfg.lr, momentum=cfg.momentum)
+    return StackedOptimizer(leaves, cfg.optimizer, cfg.lr)
 
 
 def init_stack(model: nn.Module, scheme: str, seeds: Sequence[int]) -> Params:
@@ -100,6 +100,19 @@ def _batch(data: Dataset, seed: int, step: int, bs: int, bs_p: int,
     return Batch(torch.cat([xb, xp]), yb, yp, wp)
 
 
+def _per_member(what: str, values, default: float, m: int, dtype: torch.dtype,
+                device) -> torch.Tensor:
+    """``values`` (or ``default`` for all) as an ``(M,)`` tensor; ValueError on a wrong length."""
+    if values is None:
+        return torch.full((m,), default, dtype=dtype, device=device)
+    t = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if len(t) != m:
+        raise ValueError(f"{len(t)} {what} for {m} members")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} must be finite, got {t.tolist()}")
+    return t.to(device=device, dtype=dtype)
+
+
 def _diverged(step: int, last_good: int | None) -> TrainingDiverged:
     where = f"step {last_good}" if last_good is not None else "none yet"
     return TrainingDiverged(f"loss became NaN/inf at step {step}; last good checkpoint: {where}")
@@ -124,13 +137,18 @@ def fit(
     progress: bool = False,
     desc: str = "train",
     objective: Objective = poisoned_objective,
-    update: Update = plain_update,
+    update: Update | None = None,
+    isolated: bool = False,
+    lrs: torch.Tensor | Sequence[float] | None = None,
+    l2s: torch.Tensor | Sequence[float] | None = None,
+    rhos: torch.Tensor | Sequence[float] | None = None,
     compile_mode: str = "auto",
     compile_backend: str = "inductor",
 ) -> FitResult:
     """Train the stack ``params`` ``(M, ...)`` on the poisoned objective for ``cfg.steps``.
 
-    Per member m the loss is ``poisoned_nll(train, poison, betas[m]) + l2 * sum W^2``.
+    Per member m the loss is ``poisoned_nll(train, poison, betas[m]) + l2[m] * sum W^2``
+    (``l2``: one coefficient per member; default ``cfg.l2`` for all).
     ``stop_fn(metrics) -> (M,) bool`` (checked at every log step) freezes members
     that reached their goal: their parameters are kept from that step on and
     ``stopped_at[m]`` records it; training ends when all members have stopped.
@@ -138,9 +156,18 @@ def fit(
     :func:`~minefield.loss.poisoned_nll`). Logged metrics (and so ``stop_fn``) are
     measured on ``eval_data`` (default ``data``), e.g. the paper's splits when
     ``data`` holds extra training points.
+    ``lrs``, ``l2s``, ``rhos`` ``(M,)`` give each member its own learning rate
+    (scaled by the schedule's ``gamma**k``), L2 coefficient and SAM radius
+    (default: ``cfg.lr``, ``cfg.l2``, ``cfg.rho`` for every member); equal values
+    train exactly as the scalar config does.
     This is the driver (schedule, minibatches, logging, checkpoints, stopping);
     each step is :func:`minefield.step.train_step` with ``objective`` and
-    ``update`` (e.g. :func:`minefield.step.sam_update`) plugged in.
+    ``update`` plugged in (default: :func:`minefield.sam.sam_update` for
+    ``cfg.sam``, which is the plain update when ``cfg.sam`` is none).
+    ``isolated=True`` computes every member on its own kernels (objective,
+    clipping norms, logged metrics; see :func:`minefield.step.isolated`), so a
+    member's trajectory is bit-for-bit the same in a stack of any size; it runs
+    on one intra-op thread (restored on return).
     ``compile_mode`` (``auto``/``on``/``off``): the objective under ``torch.compile``
     when it pays, on CUDA only by default (:mod:`minefield.compiled`).
     Returns the final (or frozen) parameters and the logged history.
@@ -163,8 +190,19 @@ def fit(
     bs = cfg.batch_size or n_t
     bs_p = cfg.poison_batch_size or (n_p if bs >= n_t else math.ceil(n_p * bs / n_t))
     use_poison = n_p > 0 and bool((betas_t > 0).any())
-    l2 = torch.full((m,), cfg.l2, dtype=torch.float32, device=dev) if cfg.l2 > 0 else None
-    hyper = Hyper(betas_t, l2, cfg.clip_norm, flip)
+    lr0 = _per_member("lrs", lrs, cfg.lr, m, torch.float64, "cpu")
+    l2 = _per_member("l2s", l2s, cfg.l2, m, torch.float32, dev)
+    rho = _per_member("rhos", rhos, cfg.rho, m, torch.float64, dev)
+    if bool((lr0 <= 0).any()) or bool((l2 < 0).any()) or bool((rho < 0).any()):
+        raise ValueError("per-member lrs must be > 0, l2s and rhos >= 0")
+    if update is None:
+        update = sam_update(cfg.sam, cfg.sam_m, cfg.asam_eta)
+        if bool((rho > 0).any()) and update is plain_update:
+            raise ValueError("per-member rhos > 0 need train.sam = sam or asam")
+    hyper = Hyper(betas_t, l2 if bool((l2 > 0).any()) else None, cfg.clip_norm, flip,
+                  isolated, rho=rho)
+    if isolated:
+        objective = isolate(objective)
     frozen: dict[str, torch.Tensor] = {}
     done = torch.zeros(m, dtype=torch.bool, device=dev)
     stopped_at: list[int | None] = [None] * m
@@ -177,12 +215,13 @@ def fit(
     def log(step: int) -> bool:
         nonlocal done, last_ckpt
         with torch.no_grad():
-            vals = evaluate_members(model, _current(), eval_data or data, buffers)
+            vals = evaluate_members(model, _current(), eval_data or data, buffers,
+                                    isolated=isolated)
         if not (torch.isfinite(vals["train_loss"]).all()
                 and torch.isfinite(vals["weight_norm"]).all()):
             raise _diverged(step, last_ckpt)
-        lr = cfg.lr_at(step)
-        rows = [{"step": step, "member": i, "lr": lr, "beta": beta_vals[i],
+        lr = (lr0 * cfg.lr_factor(step)).tolist()
+        rows = [{"step": step, "member": i, "lr": lr[i], "beta": beta_vals[i],
                  **{k: float(v[i]) for k, v in vals.items()}} for i in range(m)]
         history.extend(rows)
         if on_log:
@@ -211,6 +250,9 @@ def fit(
     bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, disable=not progress,
                leave=False, mininterval=0.5)
     step = start_step
+    threads = torch.get_num_threads()
+    if isolated:  # one member's small kernels gain nothing from threads, and lose to their
+        torch.set_num_threads(1)  # start-up cost (much more so on a busy machine)
     try:
         if step % cfg.log_every == 0 and log(step):
             return FitResult(_current(), buffers, step, history, stopped_at,
@@ -221,6 +263,7 @@ def fit(
         while step < cfg.steps:
             for g in opt.param_groups:
                 g["lr"] = cfg.lr_at(step)
+            hyper.lr = lr0 * cfg.lr_factor(step)
             batch = _batch(data, cfg.seed, step, bs, bs_p if use_poison else 0, poison_weight)
             t0 = sync(dev) if step_objective.timing else 0.0
             train_step(model, leaves, buffers, opt, batch, hyper, step_objective, update)
@@ -240,4 +283,5 @@ def fit(
     finally:
         bar.close()
         model.eval()
+        torch.set_num_threads(threads)
     return FitResult(_current(), buffers, step, history, stopped_at, step_objective.report)

@@ -6,7 +6,7 @@ from scipy import stats
 
 from minefield.bodies import Box, Ellipsoid, log_spaced_axes
 from minefield.config import ConfigError
-from minefield.cooling import _truncnorm, cooling_volume
+from minefield.cooling import _log_h, _truncchi, _truncnorm, cooling_volume
 from minefield.precondition import Preconditioner
 
 F64 = torch.float64
@@ -28,6 +28,58 @@ def test_truncated_normal_draws_follow_scipy():
         assert stats.kstest(z.numpy(), stats.truncnorm(a, b, loc=0.3, scale=sd).cdf).pvalue > 1e-3
     u = _truncnorm(mu, math.inf, torch.zeros(k, dtype=F64), torch.ones(k, dtype=F64), g)
     assert stats.kstest(u.numpy(), "uniform").pvalue > 1e-3
+
+
+def test_truncated_chi_draws_follow_scipy_and_h_is_its_normaliser():
+    n, k, beta = 7, 20000, 4.0
+    for rho in (0.5, 1.5, 30.0):  # deep in the lower tail, at the mode, untruncated
+        s = _truncchi(torch.full((k,), rho, dtype=F64), beta, n, _gen(1))
+        assert float(s.max()) <= rho
+        sd = 1 / math.sqrt(beta)
+        dist = stats.chi(n, scale=sd)
+        cdf = lambda x, d=dist, c=dist.cdf(rho): d.cdf(x) / c  # noqa: E731
+        assert stats.kstest(s.numpy(), cdf).pvalue > 1e-3
+        # h_beta(rho) = int_0^rho s^(n-1) exp(-beta s^2 / 2) ds, by quadrature
+        from scipy.integrate import quad
+        want = quad(lambda x: x ** (n - 1) * math.exp(-beta * x * x / 2), 0, rho)[0]
+        got = float(_log_h(beta, torch.tensor(rho, dtype=F64), n))
+        assert got == pytest.approx(math.log(want), rel=1e-8)
+    assert float(_log_h(0.0, torch.tensor(2.0, dtype=F64), n)) == pytest.approx(
+        math.log(2.0**n / n))
+
+
+def test_cooling_is_exact_on_a_ball():
+    # Rao-Blackwellised ratios depend only on the radius along each chain's direction:
+    # equal on a ball, so every phase's ratio is exact and the replicates agree
+    n, rtol = 30, 1e-6
+    body = Ellipsoid(torch.full((n,), 0.7, dtype=F64))
+    est = cooling_volume(body, n, body.cutoff, 8, 4, _gen(0), 5.0, rtol, walk_length=2)
+    reps = torch.tensor(est.details["replicates"])
+    assert float(reps.max() - reps.min()) < 1e-9
+    assert abs(est.log_volume - body.log_volume) <= n * math.log1p(rtol)
+    assert est.ci[0] <= body.log_volume <= est.ci[1]
+
+
+def test_cooling_says_when_the_walk_is_too_short():
+    n = 20
+    body = Box(log_spaced_axes(n, 1.0))
+    pre = Preconditioner.diagonal(body.a.pow(-2))
+    short = cooling_volume(body, n, body.cutoff, 32, 4, _gen(0), 10.0, 1e-6, pre,
+                           walk_length=1)
+    assert short.details["lag_correlation"] > 0.2
+    assert any("lengthen walk_length" in w for w in short.warnings)
+    assert short.log_volume < body.log_volume  # the lag shows as an estimate that runs low
+
+
+@pytest.mark.slow
+def test_cooling_covers_a_ten_dimensional_box_with_a_long_walk():
+    n = 10
+    body = Box(log_spaced_axes(n, 2.0))
+    pre = Preconditioner.diagonal(body.a.pow(-2))
+    est = cooling_volume(body, n, body.cutoff, 64, 8, _gen(7), 100.0, 1e-6, pre,
+                         walk_length=5 * n)
+    assert est.ci[0] <= body.log_volume <= est.ci[1]
+    assert abs(est.log_volume - body.log_volume) < 0.15 and not est.warnings
 
 
 def test_cooling_converges_on_a_box_as_chains_grow():
@@ -69,6 +121,8 @@ def test_cooling_errors():
     body = Ellipsoid(torch.ones(2, dtype=F64))
     with pytest.raises(ConfigError, match="at least|>= 2 replicates"):
         cooling_volume(body, 2, body.cutoff, n_replicates=1)
+    with pytest.raises(ConfigError, match="walk must be"):
+        cooling_volume(body, 2, body.cutoff, walk="ball")
     with pytest.raises(ConfigError, match="ratio_var"):
         cooling_volume(body, 2, body.cutoff, ratio_var=0.0)
     with pytest.raises(ConfigError, match="not inside the basin"):

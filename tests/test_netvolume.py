@@ -6,10 +6,11 @@ import torch
 from minefield.basin import BasinResult, VolumeConfig, basin_radii
 from minefield.bodies import QuadraticNet, log_spaced_axes, random_rotation
 from minefield.config import ConfigError, ModelConfig
+from minefield.curvature import dense_hessian
 from minefield.directions import DirectionSpec, random_directions
 from minefield.engine import evaluate_points, evaluate_points_loop
 from minefield.models import build_model, init_params
-from minefield.netvolume import NetworkLines, adam_curvature, network_curvature
+from minefield.netvolume import NetworkLines, _coordinates, adam_curvature, network_curvature
 from minefield.precondition import Preconditioner
 from minefield.stacked import stack
 
@@ -132,3 +133,33 @@ def test_volume_config_errors():
         VolumeConfig(estimator="mcmc", n_replicates=1)
     assert VolumeConfig.from_dict(VolumeConfig(estimator="mcmc").to_dict()).estimator.value \
         == "mcmc"
+
+
+def test_curvature_preconditioners_in_filter_units_match_the_dense_reference():
+    # C_x = S H S over the perturbed weights only (biases excluded), against
+    # torch.func.hessian of the line's own loss in x coordinates (the slow reference)
+    model = build_model(ModelConfig(widths=(3,)), (2,), 2).double()
+    theta = {k: v.double()[None]
+             for k, v in init_params(model, "torch", torch.Generator().manual_seed(1)).items()}
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(20, 2, generator=g, dtype=F64), torch.randint(0, 2, (20,), generator=g)
+    lines = NetworkLines(model, theta, x, y, DirectionSpec("filter"))
+    want = torch.func.hessian(lines.loss_at)(torch.zeros(lines.n, dtype=F64))
+    lam = torch.linalg.eigvalsh(want)
+    floor = 1e-3 * float(lam.abs().max())  # well above round-off in the flat directions
+    pre = network_curvature(lines, "hessian", floor, torch.Generator())
+    ref = Preconditioner.dense(torch.linalg.eigh(want)[1] @ torch.diag(lam.clamp(min=floor))
+                               @ torch.linalg.eigh(want)[1].T)
+    assert pre.logdet == pytest.approx(ref.logdet, rel=1e-8)
+    u = torch.randn(5, lines.n, generator=g, dtype=F64)
+    assert torch.allclose(pre.quad(u), ref.quad(u), rtol=1e-8)
+    probes = 4000
+    diag = network_curvature(lines, "hutchinson", floor, torch.Generator().manual_seed(0),
+                             probes=probes)
+    # Hutchinson's error on entry i: sd sqrt(sum_{j != i} H_ij^2 / probes) over all the
+    # parameters (biases too), times s_i^2 in x units
+    full = dense_hessian(model, theta, (x, y))[0]
+    idx = _coordinates(lines)
+    sd = ((full.pow(2).sum(1) - full.diagonal().pow(2)) / probes).sqrt()[idx] * lines.scale**2
+    err = (diag._p["d"] - want.diagonal().clamp(min=floor)).abs()
+    assert bool((err <= 4 * sd).all())

@@ -14,7 +14,7 @@ from __future__ import annotations
 from . import train as _train  # noqa: F401,E402  (registers commands)
 from ._common import main, plot  # noqa: F401  (groups)
 
-for _mod in ("search", "basin", "sweep", "reproduce", "sharpness"):
+for _mod in ("search", "basin", "sweep", "reproduce", "sharpness", "connect", "study"):
     try:  # optional command modules register themselves when present
         __import__(f"{__name__}.{_mod}")
     except ModuleNotFoundError as e:  # pragma: no cover - only while developing

@@ -12,13 +12,15 @@ import torch
 
 from ..config import ConfigError
 from ..data import DataError
+from ..executor import Executor, TaskFailed, make_executor
 from ..models import ModelError
+from ..options import ExecutorKind, choices
 from ..runs import DEFAULT_ROOT, Run, RunError
 from ..train import TrainingDiverged
 
 # Errors a user can act on: printed as one line, exit status 1.
 USER_ERRORS = (ConfigError, DataError, ModelError, RunError, TrainingDiverged, ValueError,
-               FileNotFoundError)
+               FileNotFoundError, TaskFailed)
 
 
 def friendly(fn):
@@ -152,3 +154,36 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
                              default="auto", show_default=True)
 force_option = click.option("--force", is_flag=True,
                             help="Overwrite existing results instead of refusing/resuming.")
+
+
+def executor_options(fn):
+    """``--executor local|ray``, ``--address``, ``--cpus-per-task``, ``--gpus-per-task``."""
+    opts = [
+        click.option("--executor", type=click.Choice(choices(ExecutorKind)), default="local",
+                     show_default=True, help="Where tasks run: this process, or Ray "
+                     "(pip install minefield[ray])."),
+        click.option("--address", help="ray: 'auto' (this machine's cluster) or HOST:PORT; "
+                     "default: start Ray on this machine."),
+        click.option("--cpus-per-task", type=click.FloatRange(min=0, min_open=True),
+                     default=1.0, show_default=True, help="ray: CPUs each task asks for."),
+        click.option("--gpus-per-task", type=click.FloatRange(min=0), default=0.0,
+                     show_default=True, help="ray: GPUs each task asks for (0.25: four "
+                     "tasks share a GPU)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def executor_of(opts: dict) -> Executor | None:
+    """The executor the options ask for (popping them from ``opts``); None for ``local``.
+
+    Built before anything is written: without Ray, ``--executor ray`` is one line
+    saying ``pip install minefield[ray]``.
+    """
+    kind = opts.pop("executor")
+    address, cpus, gpus = opts.pop("address"), opts.pop("cpus_per_task"), opts.pop(
+        "gpus_per_task")
+    if kind == "local":
+        return None
+    return make_executor(kind, address, cpus, gpus)

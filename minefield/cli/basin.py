@@ -22,7 +22,16 @@ from ..landscape import LandscapeConfig, Slice, Surface
 from ..options import CurvatureKind, Estimator, Precision
 from ..stages import basin_run, landscape_run, load_basin, load_landscape
 from ..stages.basin import check_tag
-from ._common import device_option, force_option, friendly, main, open_run, plot
+from ._common import (
+    device_option,
+    executor_of,
+    executor_options,
+    force_option,
+    friendly,
+    main,
+    open_run,
+    plot,
+)
 
 _FIGURES = Path("figures")
 
@@ -104,11 +113,15 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
 @device_option
 @memory_option
 @force_option
+@click.option("--directions-per-task", type=click.IntRange(1), help="naive: split each "
+              "member's directions into tasks of this many (the result is the same).")
+@executor_options
 @click.pass_context
 @friendly
 def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, method,
           grid_points, estimator, preconditioner, sigma, chains, replicates, walk, dir_kind,
-          bias, seed, n_rollouts, precision, tag, device, memory_mb, force):
+          bias, seed, n_rollouts, precision, tag, device, memory_mb, force, directions_per_task,
+          **ex_opts):
     """Basin radii along random directions and log10 of the basin volume (paper Sec. 5).
 
     \b
@@ -125,10 +138,17 @@ def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, met
                        preconditioner="given" if pre == "adam" else pre, sigma=sigma,
                        n_chains=chains, n_replicates=replicates, walk_length=walk,
                        precision=precision)
+    executor = executor_of(ex_opts)
     with warnings.catch_warnings():  # said below in one line per member instead
         warnings.simplefilter("ignore", BasinWarning)
-        res = basin_run(open_run(ctx, run), cfg, tag=tag, checkpoint=checkpoint,
-                        n_rollouts=n_rollouts, device=device, force=force, adam=pre == "adam")
+        try:
+            res = basin_run(open_run(ctx, run), cfg, tag=tag, checkpoint=checkpoint,
+                            n_rollouts=n_rollouts, device=device, force=force,
+                            adam=pre == "adam", executor=executor,
+                            directions_per_task=directions_per_task)
+        finally:
+            if executor is not None:
+                executor.close()
     click.echo(f"({'reusing' if res.reused else 'wrote'} {res.path})")
     for i, m in enumerate(res.members):
         lo, hi = m.ci_log10_volume
@@ -204,10 +224,11 @@ def plot_basin_cmd(ctx, runs, tag, member, out):
 @device_option
 @memory_option
 @force_option
+@executor_options
 @click.pass_context
 @friendly
 def landscape(ctx, run, other, checkpoint, dim, points, span, splits, member, block_rows,
-              dir_kind, bias, seed, tag, device, memory_mb, force):
+              dir_kind, bias, seed, tag, device, memory_mb, force, **ex_opts):
     """1-D slices and 2-D surfaces of the loss; an interrupted surface resumes.
 
     \b
@@ -229,8 +250,14 @@ def landscape(ctx, run, other, checkpoint, dim, points, span, splits, member, bl
     members = ExperimentConfig.from_dict(r.config).train.members
     if member >= members:
         raise click.BadParameter(f"{run} has no member {member}", param_hint="'--member'")
-    res = landscape_run(r, cfg, tag=tag, device=device, memory_mb=memory_mb,
-                        block_rows=block_rows, force=force, log=click.echo)
+    executor = executor_of(ex_opts)
+    try:  # with an executor, each block of --block-rows rows of a surface is a task
+        res = landscape_run(r, cfg, tag=tag, device=device, memory_mb=memory_mb,
+                            block_rows=block_rows, force=force, log=click.echo,
+                            executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()
     click.echo(f"wrote {open_run(ctx, run).file('landscape', f'{tag}.safetensors')}")
     _summary(res)
 

@@ -16,6 +16,8 @@ from ..stages import embed_run, load_embedding, search_run
 from ..stages.embed import EMBED_FILE
 from ._common import (
     device_option,
+    executor_of,
+    executor_options,
     force_option,
     friendly,
     main,
@@ -90,16 +92,20 @@ _D = SearchConfig()
 @click.option("--max-batch", type=click.IntRange(1), default=_D.max_batch, show_default=True,
               help="Searches trained together as one stacked model.")
 @click.option("--memory-mb", type=float, default=_D.memory_mb, show_default=True)
+@click.option("--isolate/--no-isolate", default=_D.isolate, show_default=True,
+              help="Compute each search on kernels shaped for one model: minima do not "
+                   "depend on --max-batch. --no-isolate: one batched pass per stack.")
 @device_option
 @force_option
 @quiet_option
+@executor_options
 @click.pass_context
 @friendly
 def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, steps, optimizer,
            lr, milestones, gamma, clip_norm, batch_size, beta, objective, extra_poison,
            extra_share, stopping, target_train, target_poison, poison_cap, beta_step, beta_max,
-           adapt_from, continue_below, continue_steps, seed, max_batch, memory_mb, device, force,
-           quiet):
+           adapt_from, continue_below, continue_steps, seed, max_batch, memory_mb, isolate,
+           device, force, quiet, **ex_opts):
     """Search bad minima from checkpoints of RUN (paper Fig. 1); resumes if interrupted.
 
     \b
@@ -118,14 +124,20 @@ def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, s
                        beta_step=beta_step, beta_max=beta_max, adapt_from=adapt_from,
                        continue_below=continue_below, continue_steps=continue_steps,
                        seed=seed, max_batch=max_batch,
-                       memory_mb=memory_mb)
+                       memory_mb=memory_mb, isolate=isolate)
     r = open_run(ctx, run)
 
     def report(done, total):
         if not quiet:
             click.echo(f"  {done}/{total} bad minima", err=True)
 
-    s = search_run(r, cfg, device=device, force=force, progress=not quiet, on_batch=report)
+    executor = executor_of(ex_opts)
+    try:  # with an executor, each stack of --max-batch searches is a task
+        s = search_run(r, cfg, device=device, force=force, progress=not quiet and not executor,
+                       on_batch=report, executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()
     click.echo(f"{'start':>10}{'rep':>4}{'steps':>7}{'beta':>6}{'train':>8}{'test':>8}"
                f"{'poison':>8}{'d_start':>9}{'d_final':>9}")
     for row in s.rows:

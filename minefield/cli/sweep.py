@@ -12,7 +12,17 @@ from ..measures import MEASURES, SharpnessConfig
 from ..plotting.sweep import sweep_figures
 from ..stages import load_run_model, load_sweep, sweep_run
 from ..sweep import SweepConfig, log_spaced_betas
-from ._common import friendly, main, open_run, parse_floats, parse_ints, plot, root_of
+from ._common import (
+    executor_of,
+    executor_options,
+    friendly,
+    main,
+    open_run,
+    parse_floats,
+    parse_ints,
+    plot,
+    root_of,
+)
 from .train import config_from_options, experiment_options
 
 
@@ -39,9 +49,14 @@ def _figures(res, out_dir: Path) -> list[Path]:
                                  "comma-separated, or 'all'; default settings.")
 @click.option("--figures", type=click.Path(file_okay=False, path_type=Path),
               default=Path("figures"), show_default=True)
+@click.option("--models-per-task", type=click.IntRange(1), help="Split the models into "
+              "tasks of this many, each trained as its own stack (default: one stack of "
+              "all). Part of the result's key: the split changes float rounding.")
+@executor_options
 @click.pass_context
 @friendly
-def sweep(ctx, betas, beta_range, seeds, directions, cutoff, rtol, measures, figures, **opts):
+def sweep(ctx, betas, beta_range, seeds, directions, cutoff, rtol, measures, figures,
+          models_per_task, **opts):
     """Train one model per poison factor and seed (batched), then measure each basin.
 
     \b
@@ -49,7 +64,10 @@ def sweep(ctx, betas, beta_range, seeds, directions, cutoff, rtol, measures, fig
       minefield sweep --name sweep --dataset swissroll --lr 0.005 --clip 8 \\
           --milestones 10000,17000 --steps 20000 --n-poison 4000 \\
           --poison-batch-size 200 --betas 0,0.001,0.003,0.01,0.03,0.1,0.3,0.6
+    The same on a Ray cluster, one model per task:
+      ... --models-per-task 1 --executor ray --address auto
     """
+    executor = executor_of(opts)
     if betas and beta_range:
         raise click.UsageError("give --betas or --beta-range, not both")
     if beta_range:
@@ -63,7 +81,12 @@ def sweep(ctx, betas, beta_range, seeds, directions, cutoff, rtol, measures, fig
     sharp = SharpnessConfig(measures=tuple(MEASURES) if measures.strip() == "all" else
                             parse_names(measures)) if measures else None
     sc = SweepConfig(betas=factors, seeds=parse_ints(seeds), volume=vol, sharpness=sharp)
-    res = sweep_run(cfg, sc, root_of(ctx), force=opts["force"], progress=not opts["quiet"])
+    try:
+        res = sweep_run(cfg, sc, root_of(ctx), force=opts["force"], progress=not opts["quiet"],
+                        executor=executor, models_per_task=models_per_task)
+    finally:
+        if executor is not None:
+            executor.close()
     click.echo(f"{'beta':>7}{'seed':>6}{'train':>8}{'test':>8}{'mean r':>10}{'log10 V':>12}")
     for r in res.rows:
         click.echo(f"{r['beta']:>7g}{r['seed']:>6}{r['train_acc']:>8.3f}{r['test_acc']:>8.3f}"

@@ -10,7 +10,7 @@ from ..config import ExperimentConfig, Optimizer, PoisonObjective, load_config
 from ..data import DATASETS
 from ..evaluate import evaluate_members, resolve_device
 from ..models import MODELS
-from ..options import Activation, Init, choices
+from ..options import Activation, Init, SamKind, choices
 from ..plotting import plot_boundary, save_figure
 from ..runs import Run, RunError
 from ..stages import load_run_model, train_run
@@ -56,6 +56,12 @@ _EXPERIMENT_OPTIONS = [
     click.option("--poison-batch-size", type=click.IntRange(1),
                  help="Poison points drawn per step (default: in proportion to the batch)."),
     click.option("--steps", type=click.IntRange(0)),
+    click.option("--sam", type=click.Choice(choices(SamKind)),
+                 help="Sharpness-aware training: sam (Foret et al.) or asam (Kwon et al.)."),
+    click.option("--rho", type=float, help="SAM radius (asam: relative to |w| + eta)."),
+    click.option("--sam-m", type=click.IntRange(1),
+                 help="m-SAM: one perturbation per part of this many training points."),
+    click.option("--asam-eta", type=float, help="ASAM's eta in T = |w| + eta."),
     click.option("--log-every", type=click.IntRange(1)),
     click.option("--checkpoint-every", type=click.IntRange(1)),
     click.option("--seed", type=int),
@@ -69,7 +75,8 @@ _DATA_KEYS = {"dataset": "name", "data_dir": "data_dir", "data_seed": "seed",
               "n_train": "n_train", "n_test": "n_test", "n_poison": "n_poison"}
 _TRAIN_KEYS = ("optimizer", "lr", "momentum", "gamma", "l2", "clip_norm", "batch_size",
                "poison_batch_size", "steps",
-               "log_every", "checkpoint_every", "seed", "members")
+               "log_every", "checkpoint_every", "seed", "members", "sam", "rho", "sam_m",
+               "asam_eta")
 
 
 def experiment_options(fn):

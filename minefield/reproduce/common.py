@@ -110,9 +110,10 @@ class Context:
     progress: bool
     data_dir: str | None
     log: Callable[[str], None]
+    seed: int = 0  # training seed of the good runs (0: the reference runs)
 
     def name(self, what: str) -> str:
-        return f"repro-{self.scale.name}-{what}"
+        return f"repro-{self.scale.name}-{what}" + (f"-seed{self.seed}" if self.seed else "")
 
     def train(self, cfg: ExperimentConfig) -> tuple[ExperimentConfig, TrainResult]:
         """Train ``cfg`` on this context's device; returns the config that ran, and its run."""

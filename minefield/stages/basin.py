@@ -14,16 +14,31 @@ result, others refuse without ``force``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..basin import BasinResult, Rollouts, VolumeConfig, basin_members, rollouts
+from ..basin import (
+    BasinResult,
+    Rollouts,
+    VolumeConfig,
+    basin_members,
+    direction_radii,
+    radii_result,
+    rollouts,
+)
+from ..config import ConfigError, ExperimentConfig
+from ..data import load_dataset
 from ..evaluate import resolve_device
-from ..functional import one
+from ..executor import Executor, TaskStore, run_tasks
+from ..functional import n_members, one
 from ..lock import locking
+from ..models import build_model
 from ..netvolume import adam_curvature, basin_volume
+from ..options import Estimator
 from ..runs import DEFAULT_ROOT, Run, RunError, load_tensors, reading
 from .train import load_run_model
 
@@ -37,6 +52,18 @@ def check_tag(tag: str) -> str:
     if not _TAG.match(tag):
         raise ValueError(f"tag {tag!r} may hold only letters, digits, '_', '.', '-'")
     return tag
+
+
+def read_tagged(run: Run | str | Path, root: Path | str, kind: str, tag: str,
+                command: Callable[[Run], str]) -> tuple[Run, str, Any]:
+    """The run, the path and the JSON of its saved ``<kind>/<tag>.json``; a missing
+    result raises :class:`RunError` naming ``command(run)``, the command that makes it."""
+    check_tag(tag)
+    run = run if isinstance(run, Run) else Run.open(run, root)
+    rel = f"{kind}/{tag}.json"
+    if not run.exists(rel):
+        raise RunError(f"no {kind} result {run.file(rel)}; run '{command(run)}' first")
+    return run, rel, run.read_json(rel)
 
 
 @dataclass
@@ -53,7 +80,8 @@ class BasinRun:
 def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
               tag: str = "default", checkpoint: str | None = None, n_rollouts: int = 20,
               root: Path | str = DEFAULT_ROOT, device: str | torch.device = "auto",
-              force: bool = False, adam: bool = False) -> BasinRun:
+              force: bool = False, adam: bool = False, executor: Executor | None = None,
+              directions_per_task: int | None = None) -> BasinRun:
     """Basin radius and volume of every member of ``run`` at ``checkpoint`` (default: last).
 
     ``adam=True`` preconditions the estimator (``cfg.preconditioner`` must be
@@ -62,6 +90,13 @@ def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
 
     ``n_rollouts`` directions (the first ones the radii use) also store the loss
     along ``t`` in ``[-r_max/2, r_max/2]`` (101 points) for ``plot basin``.
+
+    With an ``executor`` (:mod:`minefield.executor`) or ``directions_per_task``,
+    the work is split into tasks: one per member, and for the ``naive`` estimator
+    one per block of ``directions_per_task`` directions of a member. Finished
+    tasks are kept in ``basin/<tag>.tasks/`` and a rerun redoes only the missing
+    ones; the merged result is the same, number for number, as the unsplit one
+    (each radius depends on its own direction only), so the key ignores the split.
 
     Example (skipped by doctest: needs a run)::
 
@@ -80,6 +115,13 @@ def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
     run.lock()
     if run.resume(rel, key, force):
         return load_basin(run, tag, reused=True)
+    if executor is not None or directions_per_task is not None:
+        results, ros = _basin_tasks(run, tag, cfg, key, checkpoint, n_rollouts, device, adam,
+                                    executor, directions_per_task, force)
+        path = run.write_result(rel, key, {"members": [r.to_dict() for r in results],
+                                           "rollouts": [r.to_dict() if r else None
+                                                        for r in ros]})
+        return BasinRun(results, ros, path)
     model, params, buffers, data, _ = load_run_model(run, checkpoint, resolve_device(device))
     if adam:
         state, _ = load_tensors(run.file("state.safetensors"))
@@ -97,16 +139,85 @@ def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
     return BasinRun(results, ros, path)
 
 
+def _basin_tasks(run: Run, tag: str, cfg: VolumeConfig, key: dict, checkpoint: str | None,
+                 n_rollouts: int, device, adam: bool, executor: Executor | None,
+                 per_task: int | None, force: bool
+                 ) -> tuple[list[BasinResult], list[Rollouts | None]]:
+    """:func:`basin_run`'s work as tasks (members x direction blocks), run and merged."""
+    from ..executor import LocalExecutor
+
+    naive = cfg.estimator is Estimator.NAIVE and not adam
+    if per_task is not None and (per_task < 1 or not naive):
+        raise ConfigError("directions_per_task must be >= 1, and applies to the naive "
+                          "estimator only (the others run one task per member)")
+    _, params, buffers, _, exp = load_run_model(run, checkpoint, "cpu")
+    state = load_tensors(run.file("state.safetensors"))[0] if adam else None
+    k = cfg.n_directions
+    step = per_task or k
+    blocks = [(a, min(a + step, k)) for a in range(0, k, step)] if naive else [None]
+    specs = {}
+    for i in range(n_members(params)):
+        for j, block in enumerate(blocks):
+            tid = f"m{i:04d}" + (f"-d{block[0]:07d}-{block[1]:07d}" if block else "")
+            specs[tid] = {"experiment": exp, "params": one(params, i),
+                          "buffers": one(buffers or None, i), "volume": cfg, "block": block,
+                          "rollouts": n_rollouts if j == 0 else 0, "device": str(device),
+                          "curvature": adam_curvature(state, list(params), i) if adam
+                          else None}
+    store = TaskStore(run, f"basin/{tag}.tasks", key, force)
+    out = run_tasks(executor or LocalExecutor(), basin_task, specs, store)
+    results, ros = [], []
+    for i in range(n_members(params)):
+        parts = [out[t] for t in specs if t.startswith(f"m{i:04d}")]
+        ros.append(Rollouts.from_dict(parts[0]["rollouts"]) if parts[0].get("rollouts")
+                   else None)
+        if not naive:
+            results.append(BasinResult.from_dict(parts[0]["result"]))
+            continue
+        half = [len(p["radii"]) // 2 for p in parts]
+        radii = torch.cat([p["radii"][:h] for p, h in zip(parts, half)]
+                          + [p["radii"][h:] for p, h in zip(parts, half)])
+        evals = sum(p["evals"] for p in parts) - (len(parts) - 1)  # the centre once
+        results.append(radii_result(radii, parts[0]["n"], parts[0]["centre_loss"],
+                                    parts[0]["cutoff"], evals, cfg,
+                                    moved=sum(p.get("moved", 0) for p in parts)))
+    return results, ros
+
+
+def basin_task(spec: dict) -> dict:
+    """One basin task (pure: nothing read from or written to a run): the radii of a
+    block of directions of one member (naive estimator), or the whole estimate of
+    one member (the others), plus its rollouts when asked for."""
+    dev = resolve_device(spec["device"])
+    exp: ExperimentConfig = spec["experiment"]
+    data = load_dataset(exp.data)
+    model = build_model(exp.model, data.input_shape, data.n_classes)
+    data = data.to(dev)
+    params = {k: v.to(dev) for k, v in spec["params"].items()}
+    bufs = {k: v.to(dev) for k, v in spec["buffers"].items()} if spec["buffers"] else None
+    cfg: VolumeConfig = spec["volume"]
+    out: dict = {}
+    if spec["block"] is not None:
+        r, evals, centre_loss, cut, n, moved = direction_radii(model, params, data, cfg, bufs,
+                                                               block=spec["block"])
+        out.update(radii=r, evals=evals, centre_loss=centre_loss, cutoff=cut, n=n, moved=moved)
+    else:
+        curv = spec["curvature"]
+        res = basin_volume(model, params, data, cfg, bufs, curvature=curv) if curv \
+            else basin_members(model, params, data, cfg, bufs)[0]
+        out["result"], cut = res.to_dict(), res.cutoff
+    if spec["rollouts"]:
+        ts = torch.linspace(-cfg.r_max / 2, cfg.r_max / 2, 101, dtype=torch.float64)
+        out["rollouts"] = rollouts(model, params, data, spec["rollouts"], ts, cfg.directions,
+                                   bufs, cfg.memory_mb, cut).to_dict()
+    return out
+
+
 def load_basin(run: Run | str | Path, tag: str = "default", root: Path | str = DEFAULT_ROOT,
                reused: bool = False) -> BasinRun:
     """A saved ``basin/<tag>.json`` (see :func:`basin_run`)."""
-    check_tag(tag)
-    run = run if isinstance(run, Run) else Run.open(run, root)
-    rel = f"basin/{tag}.json"
-    if not run.exists(rel):
-        raise RunError(f"no basin result {run.file(rel)}; run 'minefield basin {run.name}' "
-                       "first")
-    saved = run.read_json(rel)
+    run, rel, saved = read_tagged(run, root, "basin", tag,
+                                  lambda r: f"minefield basin {r.name}")
     with reading(run.file(rel)):
         members = [BasinResult.from_dict(m) for m in saved["members"]]
         ros = [Rollouts.from_dict(r) if r else None

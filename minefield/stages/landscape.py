@@ -14,8 +14,11 @@ from pathlib import Path
 
 import torch
 
+from ..config import ExperimentConfig
+from ..data import load_dataset
 from ..directions import random_directions
 from ..evaluate import resolve_device
+from ..executor import Executor
 from ..functional import member, n_members, one
 from ..landscape import (
     LandscapeConfig,
@@ -27,6 +30,7 @@ from ..landscape import (
     surface,
 )
 from ..lock import locking
+from ..models import build_model
 from ..runs import DEFAULT_ROOT, Run, RunError, load_tensors, reading, save_tensors
 from .basin import check_tag
 from .train import load_run_model
@@ -36,6 +40,51 @@ __all__ = ["landscape_run", "load_landscape"]
 
 def _path(run: Run, tag: str) -> Path:
     return run.file(f"landscape/{check_tag(tag)}.safetensors")
+
+
+def _surface_tasks(executor: Executor, run: Run, cfg: LandscapeConfig, centre, bufs,
+                   memory_mb: float, block_rows: int, partial: Surface | None,
+                   save: Callable[[Surface], None], device: str) -> Surface:
+    """A surface whose blocks of rows are tasks of ``executor``, merged as they arrive."""
+    ts = cfg.grid()
+    dirs = plane_directions(member(centre, 0), cfg.directions)
+    keys = [f"{s}_{m}" for s in cfg.splits for m in ("loss", "acc")]
+    nan = torch.full((len(ts), len(ts)), float("nan"), dtype=torch.float64)
+    res = partial or Surface(ts, ts, {k: nan.clone() for k in keys},
+                             torch.zeros(len(ts), dtype=torch.bool), cfg.to_dict())
+    todo = (~res.done).nonzero().flatten().tolist()
+    blocks = [torch.tensor(todo[b:b + block_rows]) for b in range(0, len(todo), block_rows)]
+    exp = ExperimentConfig.from_dict(run.config)
+    cpu = {k: v.cpu() for k, v in centre.items()}
+    specs = [{"experiment": exp, "centre": cpu, "directions": {k: v.cpu() for k, v in
+                                                               dirs.items()},
+              "buffers": {k: v.cpu() for k, v in bufs.items()} if bufs else None,
+              "xs": ts[rows], "ys": ts, "splits": cfg.splits, "memory_mb": memory_mb,
+              "device": device} for rows in blocks]
+
+    def keep(i: int, values: dict[str, torch.Tensor]) -> None:
+        for k, v in values.items():
+            res.values[k][blocks[i]] = v
+        res.done[blocks[i]] = True
+        save(res)
+
+    executor.map(surface_task, specs, keep)
+    return res
+
+
+def surface_task(spec: dict) -> dict[str, torch.Tensor]:
+    """Rows ``spec["xs"]`` of a surface (pure: nothing read from or written to a run)."""
+    dev = resolve_device(spec["device"])
+    exp = spec["experiment"]
+    data = load_dataset(exp.data)
+    model = build_model(exp.model, data.input_shape, data.n_classes)
+    data = data.to(dev)
+    to = {k: v.to(dev) for k, v in spec["centre"].items()}
+    dirs = {k: v.to(dev) for k, v in spec["directions"].items()}
+    bufs = {k: v.to(dev) for k, v in spec["buffers"].items()} if spec["buffers"] else None
+    res = surface(model, to, dirs, spec["xs"], spec["ys"], data, spec["splits"], bufs,
+                  spec["memory_mb"], block_rows=len(spec["xs"]))
+    return res.values
 
 
 def load_landscape(run: Run | str | Path, tag: str = "default", root: Path | str = DEFAULT_ROOT
@@ -69,10 +118,14 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
                   tag: str = "default", root: Path | str = DEFAULT_ROOT,
                   device: str | torch.device = "auto", memory_mb: float | None = None,
                   block_rows: int = 4, force: bool = False,
-                  log: Callable[[str], None] | None = None) -> Slice | Surface:
+                  log: Callable[[str], None] | None = None,
+                  executor: Executor | None = None) -> Slice | Surface:
     """The landscape ``cfg`` around member ``cfg.member`` of ``run``, saved (and resumed).
 
-    ``log`` hears whether a saved result is reused or resumed.
+    ``log`` hears whether a saved result is reused or resumed. With an
+    ``executor`` (:mod:`minefield.executor`), each block of ``block_rows`` rows
+    of a surface is a task; the driver saves the surface as blocks arrive, so an
+    interrupted one resumes with the missing rows only.
 
     Example (skipped by doctest: needs runs)::
 
@@ -110,10 +163,13 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
         else:
             d = random_directions(member(centre, 0), 1, spec.kind, spec.bias, spec.generator())
         res = slice_1d(model, centre, d, ts, data, cfg.splits, bufs, memory_mb, key)
-    else:
+    elif executor is None:
         res = surface(model, centre, plane_directions(member(centre, 0), spec), ts, ts, data,
                       cfg.splits, bufs, memory_mb, partial=partial,
                       on_block=lambda s: _save(path, s, key), block_rows=block_rows,
                       config=key)
+    else:
+        res = _surface_tasks(executor, run, cfg, centre, bufs, memory_mb, block_rows, partial,
+                             lambda s: _save(path, s, key), str(device))
     _save(path, res, key)
     return res

@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import fresh_points
+from ..data import fresh_points, load_dataset
 from ..evaluate import resolve_device
+from ..executor import Executor, LocalExecutor
 from ..functional import Params, n_members, one, stack
 from ..lock import locking
+from ..models import build_model
 from ..runs import DEFAULT_ROOT, Run, RunError, reading
 from ..search import (
     SearchConfig,
@@ -87,6 +89,33 @@ class SearchSummary:
     seconds: float
 
 
+def search_task(spec: dict[str, Any]) -> dict[str, Any]:
+    """One stack of searches (pure: nothing read from or written to a run): the rows and
+    the minima ``(1, ...)`` of the starts ``spec["work"]``, seeds from their identity."""
+    dev = resolve_device(spec["device"])
+    exp, cfg = spec["experiment"], spec["search"]
+    data = load_dataset(exp.data)
+    model = build_model(exp.model, data.input_shape, data.n_classes)
+    data = data.to(dev)
+    starts = {k: v.to(dev) for k, v in spec["starts"].items()}
+    final = {k: v.to(dev) for k, v in spec["final"].items()}
+    seeds = [search_seed(cfg.seed, s, r) for _, s, r in spec["work"]]
+    res = search_minima(model, starts, data, cfg, seeds, extra=spec["extra"],
+                        progress=spec["progress"])
+    d_start = distances(res.params, starts, isolated=cfg.isolate)
+    d_final = distances(res.params, final, isolated=cfg.isolate)
+    rows = [{"start_checkpoint": name, "start_step": s, "repeat": r, "seed": seeds[i],
+             "steps": int(res.steps[i]), "beta": float(res.betas[i]),
+             **{k: float(v[i]) for k, v in res.metrics.items()},
+             "dist_start_l2": float(d_start["l2"][i]),
+             "dist_start_filter": float(d_start["filter"][i]),
+             "dist_final_l2": float(d_final["l2"][i]),
+             "dist_final_filter": float(d_final["filter"][i])}
+            for i, (name, s, r) in enumerate(spec["work"])]
+    minima = [{k: v.cpu() for k, v in one(res.params, i).items()} for i in range(len(rows))]
+    return {"rows": rows, "minima": minima}
+
+
 def _stats(rows: list[dict[str, Any]]) -> dict[str, float]:
     if not rows:
         return {"n": 0}
@@ -102,12 +131,21 @@ def _stats(rows: list[dict[str, Any]]) -> dict[str, float]:
 def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
                root: Path | str = DEFAULT_ROOT, device: str | torch.device = "auto",
                force: bool = False, progress: bool = False,
-               on_batch: Callable[[int, int], None] | None = None) -> SearchSummary:
+               on_batch: Callable[[int, int], None] | None = None,
+               executor: Executor | None = None) -> SearchSummary:
     """Search bad minima from checkpoints of ``run``; resumable, results in ``run/search/``.
 
     Minima already saved by an interrupted search with the same config are kept
     and not redone; a different config raises :class:`RunError` unless ``force``
-    (which deletes the old search). ``on_batch(done, total)`` reports progress.
+    (which deletes the old search). With ``cfg.isolate`` (the default) only the
+    missing minima are trained, and ``max_batch`` / ``memory_mb`` may differ from
+    the interrupted command's: they cannot change a minimum. ``on_batch(done,
+    total)`` reports progress.
+
+    Each stack of searches (a chunk of the work list) is one task of ``executor``
+    (:mod:`minefield.executor`; default: this process), whose minima the driver
+    writes as the task finishes; the chunks do not depend on the executor, so
+    local and Ray searches give the same minima.
 
     Example (skipped by doctest: minutes; needs a run)::
 
@@ -129,7 +167,10 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
                          f"{n_members(final_params)}")
     final = one(final_params, cfg.member)
     chosen = select_checkpoints(traj, cfg)
-    record = {"search": cfg.to_dict(), "run": run.name, "final_checkpoint": traj[-1].name,
+    key = cfg.to_dict()
+    if cfg.isolate:  # grouping cannot change isolated minima: resume with any --max-batch
+        del key["max_batch"], key["memory_mb"]
+    record = {"search": key, "run": run.name, "final_checkpoint": traj[-1].name,
               "extra_poison": n_extra}
     # minima already there are kept, not redone; a different config refuses once the
     # old one has saved a minimum (before that there is nothing to lose)
@@ -142,35 +183,34 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
 
     todo = [w for w in work if not run.exists(rel(w[1], w[2]))]
     cap = batch_capacity(model, poison_set(data, cfg, extra)[0], cfg)
-    # Stacks are fixed chunks of the whole work list, and a chunk with any minimum
-    # missing is redone whole: rounding depends on the stack a member trains in, and
-    # this chaotic objective amplifies it (see the module docstring), so a resumed
-    # search trains every member in the stack it would have had without the kill.
-    chunks = [work[b:b + cap] for b in range(0, len(work), cap)]
-    for b, chunk in enumerate(chunks):
-        if all(run.exists(rel(s, r)) for _, s, r in chunk):
-            continue
-        starts = stack([_load_start(run, p, model, cfg.member, dev) for p, _, _ in chunk])
-        seeds = [search_seed(cfg.seed, s, r) for _, s, r in chunk]
-        res = search_minima(model, starts, data, cfg, seeds, extra=extra, progress=progress)
-        d_start, d_final = distances(res.params, starts), distances(res.params, final)
-        for i, (p, s, r) in enumerate(chunk):
-            row = {"start_checkpoint": p.name, "start_step": s, "repeat": r, "seed": seeds[i],
-                   "steps": int(res.steps[i]), "beta": float(res.betas[i]),
-                   **{k: float(v[i]) for k, v in res.metrics.items()},
-                   "dist_start_l2": float(d_start["l2"][i]),
-                   "dist_start_filter": float(d_start["filter"][i]),
-                   "dist_final_l2": float(d_final["l2"][i]),
-                   "dist_final_filter": float(d_final["filter"][i])}
-            minimum = one(res.params, i)
-            if run.exists(rel(s, r)):
-                continue
-            run.save_checkpoint(rel(s, r), minimum, {}, {"kind": "bad_minimum",
+    # Isolated members (cfg.isolate, the default) do not depend on their stack, so
+    # only the missing minima are trained, in stacks of any size. Batched ones round
+    # differently in different stacks, and this chaotic objective amplifies it: their
+    # stacks are fixed chunks of the whole work list, and a chunk with a minimum
+    # missing is redone whole, as it would have run without the kill.
+    listed = todo if cfg.isolate else work
+    chunks = [listed[b:b + cap] for b in range(0, len(listed), cap)]
+    todo_chunks = [c for c in chunks if not all(run.exists(rel(s, r)) for _, s, r in c)]
+    specs = [{"experiment": run_cfg, "search": cfg, "device": str(device), "extra": extra,
+              "final": {k: v.cpu() for k, v in final.items()}, "progress": progress,
+              "starts": stack([_load_start(run, p, model, cfg.member, "cpu")
+                               for p, _, _ in chunk]),
+              "work": [(p.name, s, r) for p, s, r in chunk]} for chunk in todo_chunks]
+    finished = [len(work) - sum(len(c) for c in todo_chunks)]
+
+    def keep(i: int, out: dict[str, Any]) -> None:
+        for row, minimum in zip(out["rows"], out["minima"]):
+            path = rel(row["start_step"], row["repeat"])
+            if not run.exists(path):
+                run.save_checkpoint(path, minimum, {}, {"kind": "bad_minimum",
                                                         "step": row["steps"], "row": row,
                                                         "search": cfg.to_dict(),
                                                         "run": run.name})
+        finished[0] += len(out["rows"])
         if on_batch:
-            on_batch(sum(len(c) for c in chunks[:b + 1]), len(work))
+            on_batch(finished[0], len(work))
+
+    (executor or LocalExecutor()).map(search_task, specs, keep)
     with reading(run.file(SEARCH_DIR, "minima")):
         rows = [dict(run.load_checkpoint(rel(s, r)).meta["row"]) for _, s, r in work]
     stats = _stats(rows)

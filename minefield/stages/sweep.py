@@ -1,8 +1,11 @@
-"""``minefield sweep`` as one call: one model per (poison factor, seed), then each basin.
+"""``minefield sweep`` as one call: a study over (poison factor, seed), one stack.
 
-The models train together as one stack into ``runs/<name>/`` (see
-:func:`~minefield.stages.train_run`); ``sweep.json`` (keyed by the
-:class:`~minefield.sweep.SweepConfig`) and ``sweep.csv`` hold the tidy table.
+The sweep is the study (:mod:`minefield.stages.study`) of the grid
+``{"poison.beta": betas, "train.seed": seeds}``: every model shares the
+architecture, so all of them train as one stack, here in ``runs/<name>/``
+itself (:func:`~minefield.stages.study.run_stack`: trajectory, ``models.json``).
+``sweep.json`` (keyed by the :class:`~minefield.sweep.SweepConfig`) and
+``sweep.csv`` hold the sweep's own tidy table and its Spearman correlations.
 
 Example (skipped by doctest: minutes)::
 
@@ -15,58 +18,161 @@ Example (skipped by doctest: minutes)::
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 from pathlib import Path
 
+import torch
+
 from ..basin import BasinResult, basin_members
-from ..config import ExperimentConfig
+from ..config import ConfigError, ExperimentConfig
+from ..executor import Executor, LocalExecutor, TaskStore, run_tasks
 from ..lock import locking
 from ..measures import measure_members
 from ..runs import DEFAULT_ROOT, Run, reading
+from ..study import StackSpec, StudyConfig, plan_study
 from ..sweep import SweepConfig, SweepResult, spearman, sweep_rows
+from .study import MODELS_FILE, run_stack
 from .train import train_run
 
-__all__ = ["SWEEP_FILE", "sweep_run", "load_sweep"]
+__all__ = ["SWEEP_FILE", "sweep_run", "load_sweep", "sweep_spec"]
 
 SWEEP_FILE = "sweep.json"
+
+
+def sweep_spec(base: ExperimentConfig, sweep: SweepConfig) -> StackSpec:
+    """The sweep's one stack, named ``base.name``: members in (beta, seed) order, member
+    seeds ``base.train.seed + s``."""
+    study = StudyConfig(grid={"poison.beta": list(sweep.betas),
+                              "train.seed": [base.train.seed + s for s in sweep.seeds]},
+                        volume=sweep.volume, sharpness=sweep.sharpness)
+    (spec,) = plan_study(base, study).stacks
+    return dataclasses.replace(spec, name=base.name, config=spec.config.replace(name=base.name))
 
 
 @locking
 def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
               root: Path | str = DEFAULT_ROOT, force: bool = False, progress: bool = True,
-              save: bool = True) -> SweepResult:
+              save: bool = True, executor: Executor | None = None,
+              models_per_task: int | None = None) -> SweepResult:
     """Train one model per (beta, seed) in ``sweep`` as a single stack, then measure
     each model's basin; returns (and writes to ``root/base.name``) the tidy table.
 
     ``base`` sets data, architecture and optimisation (its ``poison.beta`` and
     ``train.members`` are replaced). Re-running resumes: training continues from
-    its last checkpoint, and finished basin measurements are reused.
+    its last checkpoint, and finished measurements are reused. ``save=False`` works
+    in a temporary folder and keeps nothing. The sweep is one stack of a study
+    (:func:`sweep_spec`, :func:`~minefield.stages.study.run_stack`).
+
+    With an ``executor`` (:mod:`minefield.executor`) or ``models_per_task``, the
+    grid is split into tasks of ``models_per_task`` models (default: all), each
+    trained as its own stack and measured by a pure task function; finished tasks
+    are kept in ``tasks/`` and a rerun redoes only the missing ones. The run then
+    holds the final weights of all models as one checkpoint (no trajectory).
+    Every model's seed and batches come from its own (beta, seed), so the split
+    changes no logic; it changes float rounding (a stack's size sets how its
+    matmuls round), which is why ``models_per_task`` is part of the result's key:
+    local and Ray give identical numbers for the same split.
     """
+    if executor is not None or models_per_task is not None:
+        return _sweep_tasks(base, sweep, root, force, save, executor or LocalExecutor(),
+                            models_per_task)
+    if not save:
+        with tempfile.TemporaryDirectory() as tmp:
+            return dataclasses.replace(sweep_run(base, sweep, tmp, progress=progress),
+                                       run=None)
     grid = [(b, s) for b in sweep.betas for s in sweep.seeds]
-    cfg = base.replace(train=base.train.replace(members=len(grid)))
-    res = train_run(cfg, root, force=force, progress=progress, betas=[b for b, _ in grid],
-                    seeds=[base.train.seed + s for _, s in grid], save=save)
-    run = res.run
+    spec = sweep_spec(base, sweep)
+    run_stack(spec, root, progress=progress, force=force)
+    run = Run.open(Path(root) / base.name)
+    key = _sweep_key(sweep)
+    if run.resume(SWEEP_FILE, key, force):
+        return load_sweep(run)
+    saved = run.read_json(MODELS_FILE)
+    with reading(run.file(MODELS_FILE)):
+        at = saved["steps"][str(spec.config.train.steps)]
+        basins = [BasinResult.from_dict(b) for b in at["basins"]]
+        rows = sweep_rows(grid, at["metrics"], basins)
+        for i, row in enumerate(rows):
+            row.update({k: float(v[i]) for k, v in at["measures"].items()})
+    measures = () if sweep.sharpness is None else sweep.sharpness.measures
+    keys = ("test_acc", "mean_radius", "log10_volume", "gap") + measures
+    out = SweepResult(rows, spearman(rows, keys=keys), run, basins,
+                      spearman(rows, "gap", ("mean_radius", "log10_volume") + measures))
+    run.write_csv("sweep.csv", rows)
+    run.write_result(SWEEP_FILE, key, {**out.to_dict(), "basins": [b.to_dict() for b in basins]})
+    return out
+
+
+def _sweep_key(sweep: SweepConfig) -> dict:
     key = {"sweep": sweep.to_dict()}
     if sweep.sharpness is None:  # sweeps saved before the field existed stay valid
         del key["sweep"]["sharpness"]
+    return key
+
+
+def _sweep_tasks(base: ExperimentConfig, sweep: SweepConfig, root: Path | str, force: bool,
+                 save: bool, executor: Executor, per_task: int | None) -> SweepResult:
+    """:func:`sweep_run` as tasks of ``per_task`` models each, run and merged."""
+    grid = [(b, s) for b in sweep.betas for s in sweep.seeds]
+    per = per_task or len(grid)
+    if per < 1:
+        raise ConfigError(f"models_per_task must be >= 1, got {per}")
+    cfg = base.replace(train=base.train.replace(members=len(grid)))
+    key = {**_sweep_key(sweep), "models_per_task": per}
+    run = Run.create(cfg.name, cfg.to_dict(), root, force) if save else None
     if run is not None and run.resume(SWEEP_FILE, key, force):
         return load_sweep(run)
-    basins = basin_members(res.model, res.params, res.data, sweep.volume, res.buffers)
-    rows = sweep_rows(grid, res.metrics, basins)
-    measures: tuple[str, ...] = ()
-    if sweep.sharpness is not None:
-        cols = measure_members(res.model, res.params, res.data, sweep.sharpness,
-                               res.buffers or None)
-        for i, row in enumerate(rows):
-            row.update({k: float(v[i]) for k, v in cols.items()})
-        measures = sweep.sharpness.measures
+    specs = {f"models{a:05d}-{min(a + per, len(grid)) - 1:05d}":
+             {"base": base, "grid": grid[a:a + per], "sweep": sweep}
+             for a in range(0, len(grid), per)}
+    store = TaskStore(run, "tasks", {**key, "experiment": cfg.to_dict()}, force) if run \
+        else None
+    parts = list(run_tasks(executor, sweep_task, specs, store).values())
+    metrics = {k: [v for p in parts for v in p["metrics"][k]] for k in parts[0]["metrics"]}
+    basins = [BasinResult.from_dict(b) for p in parts for b in p["basins"]]
+    rows = sweep_rows(grid, metrics, basins)
+    measures = sweep.sharpness.measures if sweep.sharpness is not None else ()
+    for i, row in enumerate(rows):
+        row.update({m: [v for p in parts for v in p["measures"][m]][i] for m in measures})
     keys = ("test_acc", "mean_radius", "log10_volume", "gap") + measures
     out = SweepResult(rows, spearman(rows, keys=keys), run, basins,
                       spearman(rows, "gap", ("mean_radius", "log10_volume") + measures))
     if run is not None:
+        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]
+                   if k.startswith(("param.", "buffer."))}
+        seeds = [base.train.seed + s for _, s in grid]
+        meta = {"config": cfg.to_dict(), "seeds": seeds, "betas": [b for b, _ in grid],
+                "members": len(grid), "step": cfg.train.steps, "metrics": {}}
+        run.save_checkpoint(f"trajectory/step_{cfg.train.steps:08d}.safetensors",
+                            {k[6:]: v for k, v in tensors.items() if k.startswith("param.")},
+                            {k[7:]: v for k, v in tensors.items() if k.startswith("buffer.")},
+                            meta)
+        run.write_json("summary.json", {"step": cfg.train.steps, "seeds": seeds,
+                                        "betas": meta["betas"], **metrics})
         run.write_csv("sweep.csv", rows)
         run.write_result(SWEEP_FILE, key, {**out.to_dict(),
                                            "basins": [b.to_dict() for b in basins]})
+    return out
+
+
+def sweep_task(spec: dict) -> dict:
+    """One task of a sweep (pure: nothing read or written): train its models as one
+    stack, measure each basin (and the sharpness columns); metrics, basins, measures
+    and the final weights (``param.*``, ``buffer.*``, stacked over its models)."""
+    base, grid, sweep = spec["base"], spec["grid"], spec["sweep"]
+    cfg = base.replace(train=base.train.replace(members=len(grid)))
+    res = train_run(cfg, progress=False, betas=[b for b, _ in grid],
+                    seeds=[base.train.seed + s for _, s in grid], save=False)
+    basins = basin_members(res.model, res.params, res.data, sweep.volume, res.buffers)
+    cols = {}
+    if sweep.sharpness is not None:
+        cols = measure_members(res.model, res.params, res.data, sweep.sharpness,
+                               res.buffers or None)
+    out = {"metrics": res.metrics, "basins": [b.to_dict() for b in basins],
+           "measures": {k: [float(x) for x in v] for k, v in cols.items()}}
+    out.update({f"param.{k}": v.detach().cpu() for k, v in res.params.items()})
+    out.update({f"buffer.{k}": v.detach().cpu() for k, v in (res.buffers or {}).items()})
     return out
 
 

@@ -66,13 +66,19 @@ def member_seeds(cfg: ExperimentConfig) -> list[int]:
 @locking
 def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: bool = False,
               progress: bool = True, betas: Sequence[float] | None = None,
-              seeds: Sequence[int] | None = None, save: bool = True) -> TrainResult:
+              seeds: Sequence[int] | None = None, save: bool = True,
+              lrs: Sequence[float] | None = None, l2s: Sequence[float] | None = None,
+              rhos: Sequence[float] | None = None) -> TrainResult:
     """Train ``cfg`` into ``root/cfg.name`` (resuming if it was interrupted).
 
-    ``betas`` gives each member its own poison factor (a sweep); by default all
-    members use ``cfg.poison.beta``. ``seeds`` gives each member its init seed
-    (default ``cfg.train.seed + i``); equal seeds give identical inits. With
-    ``save=False`` nothing is written.
+    ``betas`` gives each member its own poison factor (a sweep; ``None`` in it:
+    the concatenation weight, see :func:`~minefield.train.effective_beta`); by
+    default all members use ``cfg.poison.beta``. ``seeds`` gives each member its init seed
+    (default ``cfg.train.seed + i``); equal seeds give identical inits.
+    ``lrs``, ``l2s``, ``rhos`` give each member its own learning rate, L2
+    coefficient and SAM radius (default: the config's, for all; see
+    :func:`~minefield.train.fit`); they are recorded in the checkpoints' metadata
+    and ``summary.json``. With ``save=False`` nothing is written.
     """
     dev = resolve_device(cfg.device)
     data = load_dataset(cfg.data)
@@ -84,9 +90,18 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         betas = [effective_beta(cfg.poison.beta, data)] * m
     if len(betas) != m:
         raise ValueError(f"{len(betas)} betas for {m} members")
+    betas = [effective_beta(b, data) for b in betas]
+    l2s = [cfg.train.l2] * m if l2s is None else [float(v) for v in l2s]
+    if len(l2s) != m:
+        raise ValueError(f"{len(l2s)} l2 coefficients for {m} members")
     seeds = list(seeds) if seeds is not None else member_seeds(cfg)
     if len(seeds) != m:
         raise ValueError(f"{len(seeds)} seeds for {m} members")
+    per_member = {k: [float(x) for x in v] for k, v in
+                  (("lrs", lrs), ("l2s", l2s), ("rhos", rhos)) if v is not None}
+    for k, v in per_member.items():
+        if len(v) != m:
+            raise ValueError(f"{len(v)} {k} for {m} members")
     params = {k: v.to(dev) for k, v in init_stack(model, cfg.model.init, seeds).items()}
     cfg_dict = cfg.to_dict()
     run = Run.create(cfg.name, cfg_dict, root, force) if save else None
@@ -95,6 +110,9 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         tensors, meta = load_tensors(run.file("state.safetensors"), dev)
         try:
             start = int(meta["step"])
+            if {k: meta.get(k) for k in ("lrs", "l2s", "rhos")} != {
+                    k: per_member.get(k) for k in ("lrs", "l2s", "rhos")}:
+                raise ValueError("it was trained with other per-member lrs, l2s or rhos")
             # safetensors sorts its keys: restore the model's order (the optimizer's too)
             params = {k: _same_shape(tensors[f"param.{k}"], v) for k, v in params.items()}
             buffers = {k: tensors[f"buffer.{k}"] for k, _ in model.named_buffers()} or None
@@ -109,7 +127,7 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
                            "from the beginning, or use --force") from None
     rows = list(old_rows)
     base_meta = {"config": cfg_dict, "seeds": seeds, "betas": list(map(float, betas)),
-                 "members": m}
+                 "members": m, **per_member}
 
     def on_log(step, new_rows):
         nonlocal rows
@@ -137,12 +155,14 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         res = fit(model, params, data, cfg.train, torch.tensor(betas),
                   flip=cfg.poison.objective is PoisonObjective.FLIP, buffers=buffers,
                   start_step=start, opt_state=opt_state, on_log=on_log,
-                  on_checkpoint=on_checkpoint, progress=progress, desc=cfg.name)
+                  on_checkpoint=on_checkpoint, progress=progress, desc=cfg.name,
+                  lrs=lrs, l2s=l2s, rhos=rhos)
     final = evaluate_members(model, res.params, data, res.buffers)
     metrics = {k: v.tolist() for k, v in final.items()}
     if run is not None:
         run.write_json("summary.json", {"step": res.step, "seeds": seeds,
-                                        "betas": list(map(float, betas)), **metrics})
+                                        "betas": list(map(float, betas)), **per_member,
+                                        **metrics})
     return TrainResult(run, res.params, res.buffers, metrics, model, data)
 
 

@@ -1,0 +1,297 @@
+"""Mode connectivity: the loss along the straight line and along a trained Bezier curve.
+
+Between two minima ``a`` and ``b`` of one architecture:
+
+- the **line** ``theta(t) = (1 - t) a + t b``;
+- a quadratic **Bezier curve** (Garipov et al. 2018, "Loss Surfaces, Mode
+  Connectivity, and Fast Ensembling of DNNs")
+  ``theta(t) = (1 - t)^2 a + 2 t (1 - t) c + t^2 b`` whose control point ``c``
+  is trained to minimise ``E_{t ~ U[0, 1]} L(theta(t))`` (one ``t`` per curve
+  and step), starting from the midpoint ``c = (a + b) / 2``, where the curve is
+  the line. Endpoints are exact: ``theta(0) = a``, ``theta(1) = b`` bit for bit.
+
+Many pairs are one stack: the control points of P curves are trained together
+(P members, :func:`minefield.step.train_step` with :func:`curve_objective`), and
+all ``P x T`` points of the curves are evaluated by one stacked forward per
+chunk (:func:`evaluate_curves`). Models with BatchNorm get statistics recomputed
+at every point of the curve (Garipov et al.): one train-mode pass over the
+training inputs with fresh running statistics (their exact mean and unbiased
+variance on the training inputs), then evaluation in eval mode with them.
+
+The **barrier** of a path (Frankle et al. 2020) is its largest excess over the
+straight interpolation of the endpoint values:
+``max_t L(theta(t)) - ((1 - t) L(a) + t L(b))`` for the loss (nats) and
+``max_t ((1 - t) A(a) + t A(b)) - A(theta(t))`` for accuracy (fraction);
+:func:`barriers` also reports the maximum loss along the path.
+
+Example::
+
+    >>> from minefield import DataConfig, ModelConfig, build_model, load_dataset
+    >>> from minefield.train import init_stack
+    >>> data = load_dataset(DataConfig("blobs"))
+    >>> model = build_model(ModelConfig(widths=(8,)), (2,), 2)
+    >>> a, b = init_stack(model, "glorot_uniform", [0]), init_stack(model, "glorot_uniform", [1])
+    >>> res = connect(model, a, b, data, ConnectConfig(n_points=5, train=CURVE_TRAIN.replace(
+    ...     steps=50)))
+    >>> res.curve["train_loss"].shape, bool(res.curve["train_loss"][0, 0] == res.line[
+    ...     "train_loss"][0, 0])
+    (torch.Size([1, 5]), True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .config import ConfigError, Optimizer, TrainConfig, _Config
+from .data import Dataset
+from .functional import Params, activation_elements, buffers_like, n_members, stacked_forward
+from .loss import nll, predict
+from .step import Batch, Hyper, plain_update, train_step
+from .train import _batch, make_optimizer
+
+__all__ = ["ConnectConfig", "CURVE_TRAIN", "ConnectResult", "bezier", "curve_objective",
+           "fit_curves", "evaluate_curves", "barriers", "connect"]
+
+#: Training of the control points: Adam 0.01, 1000 full-batch steps (swiss-roll scale).
+CURVE_TRAIN = TrainConfig(optimizer=Optimizer.ADAM, lr=0.01, steps=1000, log_every=1000,
+                          checkpoint_every=1000)
+
+
+@dataclass(frozen=True)
+class ConnectConfig(_Config):
+    """How two minima are connected: ``n_points`` values of ``t`` in [0, 1] (both ends
+    included) to evaluate, and ``train``, the training of the control points
+    (its ``seed`` draws the ``t`` of each step and the minibatches)."""
+
+    n_points: int = 41
+    train: TrainConfig = field(default_factory=lambda: CURVE_TRAIN)
+    memory_mb: float = 256.0
+    _section: ClassVar[str] = "connect"
+
+    def _validate(self):
+        if isinstance(self.n_points, bool) or not isinstance(self.n_points, int) \
+                or self.n_points < 2:
+            raise ConfigError(f"connect.n_points must be an integer >= 2, got {self.n_points}")
+        if not self.memory_mb > 0:
+            raise ConfigError(f"connect.memory_mb must be > 0, got {self.memory_mb}")
+
+    def ts(self) -> torch.Tensor:
+        return torch.linspace(0, 1, self.n_points, dtype=torch.float64)
+
+
+def bezier(a: Params, c: Params, b: Params, t: torch.Tensor) -> Params:
+    """Points ``(1 - t)^2 a + 2 t (1 - t) c + t^2 b`` of P curves at T values of ``t``.
+
+    ``a``, ``c``, ``b``: stacks ``(P, ...)``; ``t``: ``(T,)`` (every curve) or
+    ``(P, T)``. Returns a stack ``(P * T, ...)``, curve-major. Differentiable in
+    ``c`` (and ``a``, ``b``).
+    """
+    p = n_members(a)
+    t = torch.as_tensor(t)
+    t = t.expand(p, t.shape[-1]) if t.dim() == 1 else t
+    if t.shape[0] != p:
+        raise ValueError(f"t has {t.shape[0]} rows for {p} curves")
+    k = t.shape[1]
+    out = {}
+    for name, va in a.items():
+        tt = t.to(va).reshape(p, k, *[1] * (va.dim() - 1))
+        s = 1 - tt
+        pt = (s * s) * va.unsqueeze(1) + (2 * tt * s) * c[name].unsqueeze(1) \
+            + (tt * tt) * b[name].unsqueeze(1)
+        out[name] = pt.reshape(p * k, *va.shape[1:])
+    return out
+
+
+def curve_objective(a: Params, b: Params, t: torch.Tensor):
+    """An objective for :func:`~minefield.step.train_step` whose parameters are the
+    control points ``c`` ``(P, ...)``: the clean NLL (+ ``l2 * sum W^2``) of each
+    curve at its own ``t[p]`` (a ``(P,)`` tensor the caller refills each step)."""
+    from .step import poisoned_objective
+
+    def objective(model: nn.Module, c: Params, buffers: Params, batch: Batch,
+                  hyper: Hyper) -> torch.Tensor:
+        return poisoned_objective(model, bezier(a, c, b, t.unsqueeze(1)), buffers, batch, hyper)
+
+    return objective
+
+
+def _has_bn(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def fit_curves(model: nn.Module, a: Params, b: Params, data: Dataset,
+               cfg: TrainConfig = CURVE_TRAIN) -> Params:
+    """Control points ``c`` ``(P, ...)`` of P Bezier curves from ``a[p]`` to ``b[p]``.
+
+    Minimises ``E_{t ~ U[0,1]} L_train(theta_p(t))`` with ``cfg``'s optimizer,
+    schedule, batch size and L2, one ``t`` per curve per step drawn from
+    ``cfg.seed``; all curves are one stack. BatchNorm layers use batch statistics.
+    The ``P`` values of ``t`` of a step are one draw, so a curve trained in a stack
+    of P sees other ``t`` than the same curve trained alone (same seed, same numbers
+    for the same stack).
+    """
+    p = n_members(a)
+    dev = next(iter(a.values())).device
+    c = {k: ((a[k] + b[k]) / 2).detach().clone().requires_grad_(True) for k in a}
+    opt = make_optimizer(cfg, list(c.values()))
+    t = torch.zeros(p, dtype=torch.float64, device=dev)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    hyper = Hyper(beta=torch.zeros(p, device=dev),
+                  l2=torch.full((p,), cfg.l2, device=dev) if cfg.l2 > 0 else None,
+                  clip_norm=cfg.clip_norm)
+    buffers = buffers_like(model, p, dev) if _has_bn(model) else {}
+    objective = curve_objective(a, b, t)
+    n_t = len(data.y_train)
+    was = model.training
+    model.train(_has_bn(model))
+    try:
+        for step in range(cfg.steps):
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr_at(step)
+            t.copy_(torch.rand(p, generator=gen, dtype=torch.float64))
+            batch = _batch(data, cfg.seed, step, cfg.batch_size or n_t, 0, None)
+            train_step(model, c, buffers, opt, batch, hyper, objective, plain_update)
+    finally:
+        model.train(was)
+    return {k: v.detach() for k, v in c.items()}
+
+
+def _bn_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def _point_stats(model: nn.Module, points: Params, x: torch.Tensor) -> Params:
+    """Fresh BatchNorm statistics of every point: one train-mode pass over ``x``."""
+    m = n_members(points)
+    bufs = buffers_like(model, m, x.device)
+    mods = _bn_modules(model)
+    saved = [mod.momentum for mod in mods]
+    try:
+        for mod in mods:
+            mod.momentum = 1.0  # running <- the batch's own mean and unbiased variance
+        model.train()
+        stacked_forward(model, points, x, bufs)
+    finally:
+        for mod, mom in zip(mods, saved):
+            mod.momentum = mom
+        model.eval()
+    return bufs
+
+
+@torch.no_grad()
+def evaluate_curves(model: nn.Module, a: Params, c: Params, b: Params, ts: torch.Tensor,
+                    x: torch.Tensor, y: torch.Tensor, x_stats: torch.Tensor | None = None,
+                    memory_mb: float = 256.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean NLL and accuracy at every point of P curves: ``(loss (P, T), acc (P, T))``.
+
+    ``ts`` ``(T,)``. Points go through one stacked forward per chunk of about
+    ``memory_mb`` of activations. With BatchNorm, each point's statistics are
+    recomputed on ``x_stats`` (the training inputs; required then).
+    """
+    p, k = n_members(a), len(ts)
+    bn = _has_bn(model)
+    if bn and x_stats is None:
+        raise ValueError("a model with BatchNorm needs x_stats (the training inputs) to "
+                         "recompute its statistics along the curve")
+    dtype = next(iter(a.values())).dtype
+    x = x.to(dtype)
+    per = activation_elements(model, x[:1].to(next(model.parameters()).dtype)) * x.element_size()
+    n_pts = max(len(x), 0 if x_stats is None else len(x_stats))
+    chunk = max(1, int(memory_mb * 2**20 // max(1, per * n_pts)))
+    loss = torch.empty(p * k, dtype=torch.float64, device=y.device)
+    acc = torch.empty(p * k, dtype=torch.float64, device=y.device)
+    was = model.training
+    model.eval()
+    try:
+        for i in range(0, p, max(1, chunk // k)):
+            sl = slice(i, min(p, i + max(1, chunk // k)))
+            pts = bezier({n: v[sl] for n, v in a.items()}, {n: v[sl] for n, v in c.items()},
+                         {n: v[sl] for n, v in b.items()}, ts)
+            bufs = _point_stats(model, pts, x_stats.to(dtype)) if bn else None
+            logits = stacked_forward(model, pts, x, bufs)
+            rows = slice(sl.start * k, sl.stop * k)
+            loss[rows] = nll(logits, y).double().mean(-1)
+            acc[rows] = (predict(logits) == y).double().mean(-1)
+    finally:
+        model.train(was)
+    return loss.reshape(p, k), acc.reshape(p, k)
+
+
+def barriers(ts: torch.Tensor, loss: torch.Tensor, acc: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per path ``(P,)``: ``max_loss``, ``loss_barrier``, ``acc_barrier`` and the ``t``
+    of the loss barrier (see the module docstring); ``loss``/``acc`` are ``(P, T)``."""
+    t = torch.as_tensor(ts, dtype=torch.float64).to(loss.device)
+    lin_l = (1 - t) * loss[:, :1] + t * loss[:, -1:]
+    lin_a = (1 - t) * acc[:, :1] + t * acc[:, -1:]
+    excess = loss - lin_l
+    return {"max_loss": loss.max(1).values, "loss_barrier": excess.max(1).values,
+            "t_barrier": t[excess.argmax(1)], "acc_barrier": (lin_a - acc).max(1).values}
+
+
+@dataclass
+class ConnectResult:
+    """Line and curve from ``a[p]`` to ``b[p]``: ``ts`` ``(T,)``; ``line`` and ``curve``
+    hold ``{train,test}_{loss,acc}`` ``(P, T)`` and their :func:`barriers` ``(P,)``
+    (keys ``train_max_loss``, ``test_acc_barrier``, ...); ``control`` the trained ``c``."""
+
+    ts: torch.Tensor
+    line: dict[str, torch.Tensor]
+    curve: dict[str, torch.Tensor]
+    control: Params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ts": self.ts.tolist(),
+                "line": {k: v.tolist() for k, v in self.line.items()},
+                "curve": {k: v.tolist() for k, v in self.curve.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], control: Params | None = None) -> ConnectResult:
+        def tensors(x):
+            return {k: torch.tensor(v, dtype=torch.float64) for k, v in x.items()}
+
+        return cls(torch.tensor(d["ts"], dtype=torch.float64), tensors(d["line"]),
+                   tensors(d["curve"]), control or {})
+
+
+def _path(model, a, c, b, data, ts, memory_mb) -> dict[str, torch.Tensor]:
+    out = {}
+    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+        loss, acc = evaluate_curves(model, a, c, b, ts, x, y, data.x_train, memory_mb)
+        out[f"{split}_loss"], out[f"{split}_acc"] = loss, acc
+        out.update({f"{split}_{k}": v for k, v in barriers(ts, loss, acc).items()})
+    return out
+
+
+def connect(model: nn.Module, a: Params, b: Params, data: Dataset,
+            cfg: ConnectConfig = ConnectConfig(), control: Params | None = None
+            ) -> ConnectResult:
+    """Connect ``a[p]`` to ``b[p]`` for every pair p by the line and a trained Bezier curve.
+
+    ``a``, ``b``: stacks ``(P, ...)`` of one architecture (a stack of one is
+    broadcast to the other's P). ``control``: control points already trained
+    (skips :func:`fit_curves`). Returns losses and accuracies on the train and
+    test splits along both paths, and their barriers.
+    """
+    a, b = _broadcast(a, b)
+    if control is None:
+        control = fit_curves(model, a, b, data, cfg.train)
+    ts = cfg.ts()
+    mid = {k: (a[k] + b[k]) / 2 for k in a}
+    return ConnectResult(ts, _path(model, a, mid, b, data, ts, cfg.memory_mb),
+                         _path(model, a, control, b, data, ts, cfg.memory_mb), control)
+
+
+def _broadcast(a: Params, b: Params) -> tuple[Params, Params]:
+    if set(a) != set(b) or any(a[k].shape[1:] != b[k].shape[1:] for k in a):
+        raise ValueError("the two endpoints are not of one architecture")
+    pa, pb = n_members(a), n_members(b)
+    if pa != pb and 1 not in (pa, pb):
+        raise ValueError(f"{pa} and {pb} endpoints: give equal numbers, or one and many")
+    p = max(pa, pb)
+    return ({k: v.expand(p, *v.shape[1:]) for k, v in a.items()},
+            {k: v.expand(p, *v.shape[1:]) for k, v in b.items()})

@@ -1,0 +1,151 @@
+"""``minefield connect`` as one call: line and Bezier curve between two runs' minima.
+
+:func:`connect_run` connects a checkpoint (and member) of run A to one of run B,
+or to every bad minimum of run B's search (``minima=True``; all curves one
+stack). Both runs must be of one architecture and dataset, checked before
+anything is written. Results live in run A: ``connect/<tag>.safetensors`` (the
+trained control points, written first, so an interrupted command resumes at the
+evaluation) and ``connect/<tag>.json`` (``{"key", "ts", "line", "curve",
+"pairs"}``), keyed by the connect config and the endpoints: the same key
+reuses them, another needs ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, ExperimentConfig
+from ..connectivity import ConnectConfig, ConnectResult, connect
+from ..evaluate import resolve_device
+from ..functional import Params, n_members, stack
+from ..lock import locking
+from ..runs import DEFAULT_ROOT, Run, RunError, reading
+from .basin import check_tag, read_tagged
+from .search import SEARCH_DIR
+from .train import load_run_model, match_model
+
+__all__ = ["ConnectRun", "connect_run", "load_connect", "check_endpoints"]
+
+
+@dataclass
+class ConnectRun:
+    result: ConnectResult
+    pairs: list[dict]
+    path: Path
+    reused: bool = False
+
+
+def check_endpoints(run_a: Run, run_b: Run) -> None:
+    """ConfigError unless the runs share model and data (the same parameter space)."""
+    ca, cb = (ExperimentConfig.from_dict(r.config) for r in (run_a, run_b))
+    for what in ("model", "data"):
+        da, db = getattr(ca, what).to_dict(), getattr(cb, what).to_dict()
+        diff = [k for k in da if da[k] != db[k]]
+        if diff:
+            k = diff[0]
+            raise ConfigError(f"runs {run_a.name} and {run_b.name} have different {what}s "
+                              f"({what}.{k}: {da[k]} vs {db[k]}); connect needs one "
+                              "architecture and dataset")
+
+
+def _checkpoint(run: Run, rel: str | None) -> str:
+    """``rel`` as a checkpoint file inside ``run`` (no absolute paths, no ``..``); ``None``:
+    the last trajectory checkpoint, named, so a run trained further is not mistaken for it."""
+    if rel is None:
+        traj = run.trajectory()
+        if not traj:
+            raise RunError(f"run {run.path} has no trajectory checkpoints (was it trained?)")
+        return str(traj[-1].relative_to(run.path))
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts or not run.file(rel).is_file():
+        raise RunError(f"no checkpoint {rel!r} inside run {run.name} (give a path relative "
+                       "to the run, e.g. trajectory/step_00001000.safetensors)")
+    return rel
+
+
+def _abs(run: Run, rel: str) -> Path:
+    return run.file(rel)
+
+
+def _minima(run: Run) -> list[str]:
+    d = run.file(SEARCH_DIR, "minima")
+    found = sorted(d.glob("*.safetensors")) if d.is_dir() else []
+    if not found:
+        raise RunError(f"run {run.name} has no bad minima ({d}); run 'minefield search "
+                       f"{run.name}' first")
+    return [str(p.relative_to(run.path)) for p in found]
+
+
+def _member(params: Params, i: int, run: Run) -> Params:
+    if not 0 <= i < n_members(params):
+        raise ConfigError(f"run {run.name} has {n_members(params)} members, no member {i}")
+    return {k: v[i:i + 1] for k, v in params.items()}
+
+
+@locking
+def connect_run(run_a: Run | str | Path, run_b: Run | str | Path,
+                cfg: ConnectConfig = ConnectConfig(), *, checkpoint_a: str | None = None,
+                checkpoint_b: str | None = None, member_a: int = 0, member_b: int = 0,
+                minima: bool = False, tag: str = "default", root: Path | str = DEFAULT_ROOT,
+                device: str | torch.device = "auto", force: bool = False) -> ConnectRun:
+    """Connect run A's model to run B's (or to each of B's bad minima); saved in run A.
+
+    Checkpoints are paths inside the run (default: the last trajectory
+    checkpoint); ``minima=True`` takes every ``search/minima/*.safetensors`` of
+    run B as an endpoint, and ignores ``checkpoint_b``/``member_b``.
+
+    Example (skipped by doctest: needs two runs)::
+
+        >>> c = connect_run("good", "good", minima=True)           # doctest: +SKIP
+        >>> c.result.curve["train_max_loss"], c.result.line["train_max_loss"]  # doctest: +SKIP
+
+    Raises:
+        ConfigError: runs of different architectures or data, a member out of range.
+        RunError: a missing run, checkpoint or search; a different saved result.
+    """
+    check_tag(tag)
+    run_a = run_a if isinstance(run_a, Run) else Run.open(run_a, root)
+    run_b = run_b if isinstance(run_b, Run) else Run.open(run_b, root)
+    check_endpoints(run_a, run_b)
+    checkpoint_a = _checkpoint(run_a, checkpoint_a)
+    ends_b = _minima(run_b) if minima else [_checkpoint(run_b, checkpoint_b)]
+    dev = resolve_device(device)
+    model, pa, _, data, _ = load_run_model(run_a, _abs(run_a, checkpoint_a), dev)
+    a = _member(pa, member_a, run_a)
+    bs = []
+    for ck in ends_b:
+        _, pb, _, _, _ = load_run_model(run_b, _abs(run_b, ck), dev)
+        bs.append(_member(pb, 0 if minima else member_b, run_b))
+    b = stack([{k: v[0] for k, v in p.items()} for p in bs])
+    pairs = [{"a": [run_a.name, checkpoint_a, member_a],
+              "b": [run_b.name, ck, 0 if minima else member_b]} for ck in ends_b]
+    key = {"connect": cfg.to_dict(), "pairs": pairs}
+    rel, ctl = f"connect/{tag}.json", f"connect/{tag}.safetensors"
+    run_a.lock()
+    if run_a.resume(rel, key, force):
+        return load_connect(run_a, tag, reused=True)
+    control = None
+    if run_a.exists(ctl) and not force:
+        with reading(run_a.file(ctl)):
+            saved = run_a.load_checkpoint(run_a.file(ctl), dev)
+        if saved.meta.get("key") == json.loads(json.dumps(key)):
+            control, _ = match_model(model, saved)
+    res = connect(model, a, b, data, cfg, control)
+    if control is None:
+        run_a.save_checkpoint(ctl, res.control, {}, {"key": key})
+    path = run_a.write_result(rel, key, {**res.to_dict(), "pairs": pairs})
+    return ConnectRun(res, pairs, path)
+
+
+def load_connect(run: Run | str | Path, tag: str = "default", root: Path | str = DEFAULT_ROOT,
+                 reused: bool = False) -> ConnectRun:
+    """A saved ``connect/<tag>.json`` (see :func:`connect_run`)."""
+    run, rel, saved = read_tagged(run, root, "connect", tag, lambda r: "minefield connect")
+    with reading(run.file(rel)):
+        res = ConnectResult.from_dict(saved)
+        pairs = list(saved["pairs"])
+    return ConnectRun(res, pairs, run.file(rel), reused)

@@ -1,0 +1,247 @@
+"""``minefield study`` as one call: plan -> one task per stack -> tidy table -> scores.
+
+Layout of a study ``runs/<name>/``::
+
+    config.json       {"kind": "study", "base": ExperimentConfig, "study": StudyConfig}
+    stacks/<stack>/   one ordinary run per stack (config, trajectory, summary), plus
+                      models.json: every (member, step)'s metrics, basin and measures
+    study.csv         the tidy table, one row per model (pandas.read_csv reads it)
+    scores.csv        one row per measure: Kendall tau, granulated tau, CMI vs the gap
+    study.json        both, keyed by the study config
+
+Each stack is one independent task, :func:`run_stack` (``spec, root -> files``):
+it trains (or resumes) its run and writes ``models.json`` atomically, after
+every measured checkpoint, so a killed study resumes where it stopped.
+:func:`run_stacks` is the whole local execution loop; ``study_run(...,
+executor=mf.make_executor("ray", ...))`` (:mod:`minefield.executor`) spreads the
+stacks over Ray workers instead (each worker writes its stack's run itself, so on a
+cluster ``--root`` must be a shared file system), and ``run_all=`` takes any
+callable of the list of specs and the stacks' root.
+
+Example (skipped by doctest: minutes)::
+
+    >>> from minefield import DataConfig, ExperimentConfig, StudyConfig
+    >>> res = study_run(ExperimentConfig(name="lr", data=DataConfig("digits")),
+    ...                 StudyConfig(grid={"train.lr": [0.001, 0.01], "train.seed": [0, 1]})
+    ...                 )  # doctest: +SKIP
+    >>> res.scores[0]["measure"], res.scores[0]["kendall_tau"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from math import nan
+from pathlib import Path
+from typing import Any
+
+from ..basin import BasinResult, basin_members
+from ..config import ExperimentConfig
+from ..evaluate import evaluate_members
+from ..executor import Executor
+from ..lock import locking
+from ..measures import measure_members
+from ..ranking import score_measures
+from ..runs import DEFAULT_ROOT, Run, RunError, reading
+from ..study import REPLICATES, StackSpec, StudyConfig, StudyPlan, plan_study
+from ..train import TrainingDiverged
+from .train import match_model, train_run
+
+__all__ = ["FLATNESS", "MODELS_FILE", "STUDY_FILE", "StudyResult", "run_stack", "run_stacks",
+           "stack_task", "stack_rows", "study_run", "load_study", "measure_columns"]
+
+MODELS_FILE = "models.json"
+STUDY_FILE = "study.json"
+_BASIN_COLUMNS = ("mean_radius", "median_radius", "log10_volume", "n_mean_log10_r")
+#: Columns that grow as a minimum gets flatter (the others grow with sharpness or norm).
+FLATNESS = (*_BASIN_COLUMNS, "pac_bayes_sigma", "pac_bayes_sigma_mag")
+_NAN_COLUMNS = ("train_acc", "test_acc", "train_loss", "test_loss", "gap", "loss_gap")
+
+
+@dataclass
+class StudyResult:
+    """The tidy table (one row per model), the score of every measure, where it is saved."""
+
+    rows: list[dict[str, Any]]
+    scores: list[dict[str, Any]]
+    run: Run | None
+    design: list[str]
+    measures: list[str]
+    target: str = "gap"
+
+
+def _key(spec: StackSpec) -> dict[str, Any]:
+    return {"volume": spec.volume.to_dict(), "steps": list(spec.steps),
+            "members": [dict(m) for m in spec.members],
+            "sharpness": None if spec.sharpness is None else spec.sharpness.to_dict()}
+
+
+@locking
+def run_stack(spec: StackSpec | dict[str, Any], root: Path | str,
+              progress: bool = False, force: bool = False) -> Path:
+    """The task of one stack: train ``spec.config`` into ``root/spec.name`` (or resume
+    it), then measure every member at every step of ``spec.steps``; returns the path of
+    its ``models.json``. Pure in its inputs: the same spec gives the same file.
+
+    Per step and member: ``evaluate_members`` (loss and accuracy on every split,
+    weight norm), :func:`~minefield.basin.basin_members` with ``spec.volume`` and,
+    when ``spec.sharpness`` is set, :func:`~minefield.measures.measure_members`.
+    ``force`` retrains the run from scratch. A stack whose loss diverges is recorded
+    as such (``"diverged"`` in models.json): its models are rows of NaN in the table.
+    """
+    spec = spec if isinstance(spec, StackSpec) else StackSpec.from_dict(spec)
+    key = _key(spec)
+    path = Path(root) / spec.name / MODELS_FILE
+    if path.exists() and not force:  # a finished task (diverged ones too) does nothing
+        run = Run.open(path.parent)
+        with reading(path):
+            saved = run.read_json(MODELS_FILE)
+            if saved["complete"] and saved["key"] == json.loads(json.dumps(key)):
+                return path
+    try:
+        res = train_run(spec.config, root, force=force, progress=progress,
+                        **spec.train_kwargs())
+    except TrainingDiverged as e:  # a study over lr meets some: their rows are NaN
+        run = Run.open(Path(root) / spec.name)
+        return run.write_result(MODELS_FILE, key, {"complete": True, "diverged": str(e),
+                                                   "steps": {}})
+    run = res.run
+    done: dict[str, Any] = {}
+    if run.resume(MODELS_FILE, key):
+        saved = run.read_json(MODELS_FILE)
+        with reading(run.file(MODELS_FILE)):
+            if saved["complete"]:
+                return run.file(MODELS_FILE)
+            done = dict(saved["steps"])
+    for step in spec.steps:
+        if str(step) in done:
+            continue
+        ck = run.load_checkpoint(f"trajectory/step_{step:08d}.safetensors")
+        params, buffers = match_model(res.model, ck)
+        metrics = evaluate_members(res.model, params, res.data, buffers)
+        basins = basin_members(res.model, params, res.data, spec.volume, buffers or None)
+        cols = ({} if spec.sharpness is None else
+                measure_members(res.model, params, res.data, spec.sharpness, buffers or None))
+        done[str(step)] = {"metrics": {k: v.tolist() for k, v in metrics.items()},
+                           "basins": [b.to_dict() for b in basins],
+                           "measures": {k: v.tolist() for k, v in cols.items()}}
+        run.write_result(MODELS_FILE, key, {"complete": False, "steps": done})
+    return run.write_result(MODELS_FILE, key, {"complete": True, "steps": done})
+
+
+def run_stacks(specs: list[StackSpec], root: Path, progress: bool = False) -> None:
+    """The local loop: every task, one after the other, in this process."""
+    for spec in specs:
+        run_stack(spec, root, progress=progress)
+
+
+def stack_task(item: tuple[dict[str, Any], str]) -> str:
+    """:func:`run_stack` as an executor task: ``(spec.to_dict(), root) -> spec name``."""
+    spec = StackSpec.from_dict(item[0])
+    run_stack(spec, Path(item[1]))
+    return spec.name
+
+
+def measure_columns(spec: StackSpec) -> list[str]:
+    """The columns scored against the gap: basin size, weight norm, each measure."""
+    extra = [] if spec.sharpness is None else list(spec.sharpness.measures)
+    return [*_BASIN_COLUMNS, "weight_norm", *extra]
+
+
+def stack_rows(spec: StackSpec, root: Path | str, design: list[str]) -> list[dict[str, Any]]:
+    """One tidy row per (member, step) of a finished stack (read from its models.json)."""
+    run = Run.open(Path(root) / spec.name)
+    saved = run.read_json(MODELS_FILE)
+    rows = []
+    with reading(run.file(MODELS_FILE)):
+        if not saved["complete"] or saved["key"] != json.loads(json.dumps(_key(spec))):
+            raise RunError(f"{run.file(MODELS_FILE)} is not finished for this study")
+        for step in spec.steps:
+            if saved.get("diverged"):
+                rows += [{**spec.design(i, step, design), "stack": spec.name, "member": i,
+                          "step": step, "diverged": True, **dict.fromkeys(_NAN_COLUMNS, nan)}
+                         for i in range(len(spec.members))]
+                continue
+            at = saved["steps"][str(step)]
+            for i in range(len(spec.members)):
+                m = {k: v[i] for k, v in at["metrics"].items()}
+                b = BasinResult.from_dict(at["basins"][i])
+                rows.append({**spec.design(i, step, design), "stack": spec.name, "member": i,
+                             "step": step, "diverged": False, **m,
+                             "gap": m["train_acc"] - m["test_acc"],
+                             "loss_gap": m["test_loss"] - m["train_loss"],
+                             "mean_radius": b.mean_radius,
+                             "median_radius": (float(b.radii.median()) if len(b.radii)
+                                               else float("nan")),
+                             "log10_volume": b.log10_volume,
+                             "n_mean_log10_r": b.n_mean_log10_r,
+                             "log10_volume_ci_low": b.ci_log10_volume[0],
+                             "log10_volume_ci_high": b.ci_log10_volume[1],
+                             "centre_loss": b.centre_loss, "n_at_r_max": b.n_at_r_max,
+                             **{k: v[i] for k, v in at["measures"].items()}})
+    return rows
+
+
+def _point(row: dict[str, Any], design: list[str]) -> str:
+    return json.dumps({k: row[k] for k in design}, sort_keys=True)
+
+
+@locking
+def study_run(base: ExperimentConfig, study: StudyConfig, root: Path | str = DEFAULT_ROOT,
+              force: bool = False, progress: bool = True,
+              run_all: Callable[[list[StackSpec], Path], Any] | None = None,
+              executor: Executor | None = None) -> StudyResult:
+    """Run the study into ``root/base.name``: every stack's task, then the table and
+    the scores (see the module docstring). Re-running resumes; a different study under
+    the same name refuses without ``force``.
+
+    Stacks run one after another here, or as tasks of ``executor`` (e.g. Ray), or
+    through ``run_all(specs, root)``; none of these changes a number (a stack is
+    trained and measured the same wherever it runs).
+
+    ``base`` sets everything the study does not vary. Every field and value is
+    checked (:func:`~minefield.study.plan_study`) before anything is written.
+
+    Raises:
+        ConfigError: an unknown field, an empty grid, a value of the wrong type.
+        RunError: the name holds another study or run (without ``force``).
+    """
+    plan = plan_study(base, study)
+    run = Run.create(base.name, {"kind": "study", "base": base.to_dict(),
+                                 "study": study.to_dict()}, root, force)
+    stacks_root = run.file("stacks")
+    if run_all is not None:
+        run_all(plan.stacks, stacks_root)
+    elif executor is not None:
+        executor.map(stack_task, [(s.to_dict(), str(stacks_root)) for s in plan.stacks])
+    else:
+        run_stacks(plan.stacks, stacks_root, progress)
+    return _collect(run, plan, study)
+
+
+def _collect(run: Run, plan: StudyPlan, study: StudyConfig) -> StudyResult:
+    wanted = {json.dumps(p, sort_keys=True) for p in plan.points}
+    rows = [r for spec in plan.stacks for r in stack_rows(spec, run.file("stacks"), plan.design)
+            if _point(r, plan.design) in wanted]
+    measures = measure_columns(plan.stacks[0])
+    reps = [d for d in plan.design if d in REPLICATES]
+    scores = score_measures(rows, measures, plan.design, reps, study.target, FLATNESS)
+    run.write_csv("study.csv", rows)
+    run.write_csv("scores.csv", scores)
+    run.write_result(STUDY_FILE, {"study": study.to_dict()},
+                     {"design": plan.design, "measures": measures, "target": study.target,
+                      "rows": rows, "scores": scores})
+    return StudyResult(rows, scores, run, plan.design, measures, study.target)
+
+
+def load_study(run: Run | str | Path, root: Path | str = DEFAULT_ROOT) -> StudyResult:
+    """A finished study from its run directory."""
+    run = run if isinstance(run, Run) else Run.open(run, root)
+    if not run.exists(STUDY_FILE):
+        raise RunError(f"{run.path} has no study results (run `minefield study`)")
+    d = run.read_json(STUDY_FILE)
+    with reading(run.file(STUDY_FILE)):
+        return StudyResult(d["rows"], d["scores"], run, d["design"], d["measures"],
+                           d["target"])
+

@@ -1,0 +1,228 @@
+"""Mode connectivity: Bezier points, batched evaluation against the one-point loop, barriers,
+the good-to-bad curve, and the connect stage and command."""
+
+import copy
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from minefield.cli import main
+from minefield.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from minefield.connectivity import (
+    CURVE_TRAIN,
+    ConnectConfig,
+    barriers,
+    bezier,
+    connect,
+    evaluate_curves,
+)
+from minefield.data import load_dataset
+from minefield.loss import nll, predict
+from minefield.models import build_model
+from minefield.train import fit, init_stack
+
+
+def _stacks(model, seeds, dtype=torch.float64):
+    return {k: v.to(dtype) for k, v in init_stack(model, "glorot_uniform", seeds).items()}
+
+
+def _data(dtype=torch.float64):
+    return load_dataset(DataConfig("blobs", n_train=60, n_test=60, n_poison=60)).to("cpu", dtype)
+
+
+def test_endpoints_are_exact_and_the_midpoint_curve_is_the_line():
+    model = build_model(ModelConfig(widths=(5,)), (2,), 2).double()
+    a, b, c = _stacks(model, [0, 1]), _stacks(model, [2, 3]), _stacks(model, [4, 5])
+    ts = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    pts = bezier(a, c, b, ts)   # (2 * 3, ...), curve-major
+    mid = bezier(a, {k: (a[k] + b[k]) / 2 for k in a}, b, ts)
+    for k in a:
+        assert torch.equal(pts[k][0::3], a[k]) and torch.equal(pts[k][2::3], b[k])
+        want = 0.49 * a[k] + 0.42 * c[k] + 0.09 * b[k]
+        torch.testing.assert_close(pts[k][1::3], want, rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(mid[k][1::3], 0.7 * a[k] + 0.3 * b[k], rtol=1e-14,
+                                   atol=1e-15)
+
+
+def _loop(model, a, c, b, ts, x, y, x_stats=None):
+    """One point at a time through a plain nn.Module (BatchNorm: fresh stats on x_stats)."""
+    net = copy.deepcopy(model).double()
+    loss = torch.zeros(len(next(iter(a.values()))), len(ts), dtype=torch.float64)
+    acc = torch.zeros_like(loss)
+    for p in range(loss.shape[0]):
+        for j, t in enumerate(ts.tolist()):
+            point = {k: (1 - t) ** 2 * a[k][p] + 2 * t * (1 - t) * c[k][p] + t ** 2 * b[k][p]
+                     for k in a}
+            net.load_state_dict(point, strict=False)
+            if x_stats is not None:
+                for mod in net.modules():
+                    if isinstance(mod, nn.BatchNorm1d):
+                        mod.reset_running_stats()
+                        mod.momentum = None
+                net.train()
+                with torch.no_grad():
+                    net(x_stats)
+            net.eval()
+            with torch.no_grad():
+                out = net(x)
+            loss[p, j] = nll(out, y).mean()
+            acc[p, j] = (predict(out) == y).double().mean()
+    return loss, acc
+
+
+def test_batched_curve_points_equal_the_one_point_loop():
+    data = _data()
+    model = build_model(ModelConfig(widths=(6, 4)), (2,), 2).double()
+    a, b, c = _stacks(model, [0, 1]), _stacks(model, [2, 3]), _stacks(model, [4, 5])
+    ts = torch.linspace(0, 1, 7, dtype=torch.float64)
+    loss, acc = evaluate_curves(model, a, c, b, ts, data.x_test, data.y_test, memory_mb=0.01)
+    want_l, want_a = _loop(model, a, c, b, ts, data.x_test, data.y_test)
+    torch.testing.assert_close(loss, want_l, rtol=1e-12, atol=1e-14)
+    assert torch.equal(acc, want_a)
+
+
+def test_batchnorm_statistics_are_recomputed_at_every_point():
+    data = _data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 1)).double()
+    base = {k: v.detach() for k, v in model.named_parameters()}
+    ends = [{k: (v + 0.3 * torch.randn(v.shape, dtype=v.dtype)).unsqueeze(0)
+             for k, v in base.items()} for _ in range(3)]
+    a, c, b = ends
+    ts = torch.linspace(0, 1, 5, dtype=torch.float64)
+    loss, acc = evaluate_curves(model, a, c, b, ts, data.x_test, data.y_test, data.x_train)
+    want_l, want_a = _loop(model, a, c, b, ts, data.x_test, data.y_test, data.x_train)
+    torch.testing.assert_close(loss, want_l, rtol=1e-10, atol=1e-12)
+    assert torch.equal(acc, want_a)
+    with pytest.raises(ValueError, match="needs x_stats"):
+        evaluate_curves(model, a, c, b, ts, data.x_test, data.y_test)
+
+
+def test_barriers_of_a_known_profile():
+    ts = torch.linspace(0, 1, 5, dtype=torch.float64)
+    loss = torch.tensor([[1.0, 2.0, 5.0, 2.0, 3.0]], dtype=torch.float64)
+    acc = torch.tensor([[1.0, 0.9, 0.4, 0.8, 0.6]], dtype=torch.float64)
+    out = barriers(ts, loss, acc)
+    assert out["max_loss"].item() == 5.0
+    assert out["loss_barrier"].item() == 3.0 and out["t_barrier"].item() == 0.5
+    torch.testing.assert_close(out["acc_barrier"], torch.tensor([0.4], dtype=torch.float64))
+
+
+def _good_and_bad():
+    data = load_dataset(DataConfig("swissroll", n_train=100, n_test=100, n_poison=100)).to(
+        "cpu", torch.float64)
+    model = build_model(ModelConfig(widths=(12, 12)), (2,), 2).double()
+    cfg = TrainConfig(optimizer="adam", lr=0.01, steps=400, log_every=400)
+    good = fit(model, _stacks(model, [0]), data, cfg)
+    bad = fit(model, _stacks(model, [1]), data, cfg, torch.tensor([0.5]))
+    assert good.history[-1]["test_acc"] > 0.8 > 0.6 > bad.history[-1]["test_acc"]
+    return model, good.params, bad.params, data
+
+
+def test_a_good_to_bad_curve_has_a_lower_maximum_loss_than_the_line():
+    model, good, bad, data = _good_and_bad()
+    res = connect(model, good, bad, data, ConnectConfig(n_points=21, train=CURVE_TRAIN.replace(
+        steps=200)))
+    line, curve = res.line["train_max_loss"].item(), res.curve["train_max_loss"].item()
+    ends = max(res.line["train_loss"][0, 0].item(), res.line["train_loss"][0, -1].item())
+    assert line > 1.5 * ends        # the line climbs a barrier ...
+    assert curve < 0.75 * line      # ... the trained curve goes round most of it
+    for path in (res.line, res.curve):  # endpoints exact: both paths start and end alike
+        assert path["train_loss"][0, 0] == res.line["train_loss"][0, 0]
+        assert path["test_acc"][0, -1] == res.line["test_acc"][0, -1]
+
+
+# --- the stage and the command ------------------------------------------------------------
+
+TINY = ["--dataset", "blobs", "--n-train", "40", "--n-test", "40", "--n-poison", "40",
+        "--widths", "6", "--steps", "40", "--log-every", "20", "--checkpoint-every", "20",
+        "--lr", "0.05", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture
+def cli(tmp_path):
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, ["--root", str(tmp_path / "runs"), *args])
+
+    return invoke
+
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
+                  and p.name != ".lock")
+
+
+def test_connect_command_writes_reuses_and_plots(cli, tmp_path, monkeypatch):
+    assert cli("train", "--name", "g", "--members", "2", *TINY).exit_code == 0
+    args = ["connect", "g", "g", "--member-b", "1", "--steps", "30", "--points", "9"]
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert "line max" in r.output and "wrote" in r.output
+    saved = json.loads((tmp_path / "runs" / "g" / "connect" / "default.json").read_text())
+    assert len(saved["ts"]) == 9
+    assert saved["pairs"][0]["b"] == ["g", "trajectory/step_00000040.safetensors", 1]
+    assert (tmp_path / "runs" / "g" / "connect" / "default.safetensors").is_file()
+    r = cli(*args)
+    assert r.exit_code == 0 and "reusing" in r.output
+    r = cli(*args[:-2], "--points", "11")
+    assert r.exit_code != 0 and "--force" in r.output
+    monkeypatch.chdir(tmp_path)
+    r = cli("plot", "connect", "g")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "figures" / "connect_g_default.png").stat().st_size > 10_000
+
+
+def test_connect_to_the_minima_of_a_search(cli, tmp_path):
+    assert cli("train", "--name", "g", *TINY).exit_code == 0
+    r = cli("connect", "g", "g", "--minima")
+    assert r.exit_code != 0 and "no bad minima" in r.output
+    r = cli("search", "g", "--every", "1", "--steps", "30", "--milestones", "", "--quiet")
+    assert r.exit_code == 0, r.output
+    n = len(list((tmp_path / "runs" / "g" / "search" / "minima").glob("*.safetensors")))
+    r = cli("connect", "g", "g", "--minima", "--steps", "20", "--points", "5")
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "runs" / "g" / "connect" / "default.json").read_text())
+    assert n >= 2 and len(saved["pairs"]) == n
+    assert len(saved["curve"]["train_loss"]) == n
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (["--widths", "7"], "different models (model.widths: [6] vs [7])"),
+    (["--dataset", "spiral"], "different "),
+])
+def test_runs_of_different_architectures_give_one_line_and_nothing_written(cli, tmp_path, bad,
+                                                                          msg):
+    assert cli("train", "--name", "a", *TINY).exit_code == 0
+    assert cli("train", "--name", "b", *TINY, *bad).exit_code == 0
+    before = _files(tmp_path / "runs")
+    r = cli("connect", "a", "b")
+    assert r.exit_code == 1 and msg in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert _files(tmp_path / "runs") == before
+
+
+def test_bad_endpoints_raise(cli, tmp_path):
+    from minefield.stages.connect import connect_run
+
+    assert cli("train", "--name", "a", *TINY).exit_code == 0
+    root = tmp_path / "runs"
+    before = _files(root)
+    with pytest.raises(ConfigError, match="has 1 members, no member 3"):
+        connect_run("a", "a", member_b=3, root=root)
+    from minefield.runs import RunError
+
+    for ck in ("../a/config.json", "/etc/passwd", "trajectory/nope.safetensors"):
+        with pytest.raises(RunError, match="no checkpoint"):
+            connect_run("a", "a", checkpoint_b=ck, root=root)
+    with pytest.raises(ConfigError, match="connect.n_points must be an integer >= 2"):
+        ConnectConfig(n_points=1)
+    with pytest.raises(ValueError, match="not of one architecture"):
+        model = build_model(ModelConfig(widths=(5,)), (2,), 2)
+        other = build_model(ModelConfig(widths=(4,)), (2,), 2)
+        connect(model, _stacks(model, [0]), _stacks(other, [0]), _data())
+    assert _files(root) == before

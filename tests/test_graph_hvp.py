@@ -1,0 +1,141 @@
+"""The R-operator on traced conv/BN graphs against the dense float64 Hessian and torch.func."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp
+
+from minefield.config import ModelConfig
+from minefield.functional import flatten, unflatten
+from minefield.graph_hvp import GraphHessian, graph_plan
+from minefield.hvp import CurvatureOperator, model_objective
+from minefield.loss import nll
+from minefield.models import build_model
+
+
+def _stack(model, m, g):
+    """``m`` perturbed copies of the parameters and of the running statistics (float64)."""
+    p = {k: torch.stack([v.detach() + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+                         for _ in range(m)]) for k, v in model.named_parameters()}
+    b = {k: torch.stack([v.detach() + 0.3 * torch.rand(v.shape, generator=g, dtype=v.dtype)
+                         if v.is_floating_point() else v for _ in range(m)])
+         for k, v in model.named_buffers()}
+    return p, b
+
+
+def _loss(model, p, b, x, y):
+    return nll(functional_call(model, (p, b), (x,)), y).mean()
+
+
+class _Small(nn.Module):
+    """Conv, eval BatchNorm, Tanh (phi'' != 0), a residual sum, average pooling, zero
+    padding of channels and a linear head: every rule once."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+        self.conv2 = nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn(self.conv(x)))
+        s = F.pad(F.avg_pool2d(h, 2), (0, 0, 0, 0, 0, 1))
+        o = F.leaky_relu(self.conv2(h), 0.2) + s
+        return self.fc(o.mean((2, 3)))
+
+
+def test_products_equal_the_dense_hessian():
+    g = torch.Generator().manual_seed(3)
+    model = _Small().double().eval()
+    p, b = _stack(model, 2, g)
+    x = torch.randn(9, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,), generator=g)
+    v = torch.randn(2, flatten(p).shape[1], generator=g, dtype=torch.float64)
+    chunks = [(x[:4], y[:4]), (x[4:], y[4:])]  # chunked data sums to the whole product
+    op = GraphHessian(model, p, b, chunks, 1 / 9)
+    hv = op.matvec_flat(v)
+    for i in range(2):
+        one = {k: t[i:i + 1] for k, t in p.items()}
+        bi = {k: t[i] for k, t in b.items()}
+
+        def f(flat, one=one, bi=bi):
+            q = {k: t[0] for k, t in unflatten(flat[None], one).items()}
+            return _loss(model, q, bi, x, y)
+
+        h = torch.autograd.functional.hessian(f, flatten(one)[0])
+        torch.testing.assert_close(hv[i], h @ v[i], rtol=1e-10, atol=1e-12)
+        assert float(op.losses[i]) == pytest.approx(float(f(flatten(one)[0])), rel=1e-12)
+
+
+@pytest.mark.parametrize("name,widths,classes", [("resnet20", (2, 3, 4), 10),
+                                                 ("resnet18", (2, 3, 3, 4), 2),
+                                                 ("cnn", (3, 4), 4)])
+def test_library_models_agree_with_forward_over_reverse(name, widths, classes):
+    g = torch.Generator().manual_seed(5)
+    model = build_model(ModelConfig(name, widths=widths), (3, 8, 8), classes).double().eval()
+    p, b = _stack(model, 2, g)
+    x = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (6,), generator=g)
+    v = unflatten(torch.randn(2, flatten(p).shape[1], generator=g, dtype=torch.float64), p)
+    hv = GraphHessian(model, p, b, [(x, y)], 1 / 6).matvec(v)
+    for i in range(2):
+        bi = {k: t[i] for k, t in b.items()}
+        ref = jvp(grad(lambda q, bi=bi: _loss(model, q, bi, x, y)),
+                  ({k: t[i] for k, t in p.items()},), ({k: t[i] for k, t in v.items()},))[1]
+        for k in p:
+            torch.testing.assert_close(hv[k][i], ref[k], rtol=1e-9, atol=1e-12)
+
+
+def test_operator_uses_it_under_eval_bn_only():
+    g = torch.Generator().manual_seed(2)
+    model = build_model(ModelConfig("resnet20", widths=(2, 2, 3)), (3, 8, 8), 3).double().eval()
+    p, b = _stack(model, 2, g)
+    x = torch.randn(5, 3, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=g)
+    rev = CurvatureOperator(model_objective(model, p, (x, y), b))
+    fwd = CurvatureOperator(model_objective(model, p, (x, y), b), mode="forward")
+    assert isinstance(rev._mlp, GraphHessian)
+    v = torch.randn(2, 3, rev.n, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(rev.matmat(v), fwd.matmat(v), rtol=1e-9, atol=1e-12)
+    batch = CurvatureOperator(model_objective(model, p, (x, y), bn="batch"))
+    assert batch._mlp is None  # batch statistics couple the samples: autograd's graph
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)  # data-dependent control flow
+
+
+class _AddsConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.fc(x) + 1.0  # affine, not linear: outside the "map" rule
+
+
+@pytest.mark.parametrize("model", [
+    nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 2)),
+    nn.Sequential(nn.Linear(2, 3), nn.Sigmoid(), nn.Linear(3, 2)),
+    nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.Flatten(), nn.Linear(32, 2)),
+    nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"), nn.Flatten()),
+    nn.Sequential(nn.BatchNorm1d(2, track_running_stats=False), nn.Linear(2, 2)),
+    _Untraceable(), _AddsConstant()])
+def test_plan_refuses_what_its_rules_do_not_cover(model):
+    assert graph_plan(model) is None
+
+
+def test_a_model_outside_the_plan_raises():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Sigmoid(), nn.Linear(3, 1))
+    p = {k: v[None].detach() for k, v in model.named_parameters()}
+    with pytest.raises(ValueError, match="torch.fx-traceable network"):
+        GraphHessian(model, p, {}, [(torch.randn(4, 2), torch.zeros(4, dtype=torch.long))], 0.25)

@@ -1,0 +1,301 @@
+"""Studies: planning (stacks, checks), the per-stack task, the table, the CLI's bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import tiny_config
+
+from minefield.basin import VolumeConfig
+from minefield.cli import main
+from minefield.config import ConfigError
+from minefield.measures import SharpnessConfig
+from minefield.runs import Run, RunError
+from minefield.stages import train_run
+from minefield.stages.study import load_study, run_stack, run_stacks, stack_rows, study_run
+from minefield.study import MAX_CHECKPOINTS, STACKABLE, StackSpec, StudyConfig, plan_study
+
+VOL = VolumeConfig(n_directions=3, n_bootstrap=10)
+# tiny nets have radii at r_max; the table counts them (n_at_r_max)
+pytestmark = pytest.mark.filterwarnings("ignore::minefield.basin.BasinWarning")
+
+
+def study(**kw) -> StudyConfig:
+    return StudyConfig(volume=VOL, **kw)
+
+
+# --- planning ----------------------------------------------------------------------------
+
+
+def test_plan_stacks_members_that_differ_only_in_stackable_fields():
+    base = tiny_config("s")
+    plan = plan_study(base, study(grid={"train.batch_size": [8, 16], "train.seed": [0, 1],
+                                        "poison.beta": [0.0, 0.3], "train.l2": [0.0, 1e-3]}))
+    assert len(plan.stacks) == 2 and len(plan.points) == 16
+    for spec, bs in zip(plan.stacks, (8, 16)):
+        assert spec.config.train.batch_size == bs and spec.config.train.members == 8
+        assert spec.config.name == spec.name and spec.steps == (base.train.steps,)
+        assert set(spec.train_kwargs()) == set(STACKABLE.values())
+        assert sorted(m["train.l2"] for m in spec.members) == [0.0] * 4 + [1e-3] * 4
+        # the shared config keeps the base's stackable values: members carry their own
+        assert spec.config.train.seed == base.train.seed and spec.config.poison.beta == 0.0
+    assert len({s.name for s in plan.stacks}) == 2
+    # learning rates and SAM radii stack too: one stack, each member its own value
+    sam = base.replace(train=base.train.replace(sam="sam"))
+    (spec,) = plan_study(sam, study(grid={"train.lr": [0.01, 0.1], "train.rho": [0.0, 0.05]})
+                         ).stacks
+    assert sorted(spec.train_kwargs()["lrs"]) == [0.01, 0.01, 0.1, 0.1]
+    assert sorted(spec.train_kwargs()["rhos"]) == [0.0, 0.0, 0.05, 0.05]
+
+
+def test_plan_puts_steps_on_one_trajectory_with_a_checkpoint_at_each():
+    plan = plan_study(tiny_config("s"), study(grid={"train.steps": [0, 20, 50],
+                                                    "train.batch_size": [8, 16]}))
+    assert len(plan.stacks) == 2
+    for spec in plan.stacks:
+        assert spec.steps == (0, 20, 50) and spec.config.train.steps == 50
+        assert spec.config.train.checkpoint_every == 10 and len(spec.members) == 1
+
+
+def test_plan_accepts_a_list_of_points():
+    plan = plan_study(tiny_config("s"), study(points=(
+        {"train.lr": 0.01, "model.widths": [4]}, {"train.lr": 0.1, "model.widths": [4, 4]})))
+    assert [s.config.model.widths for s in plan.stacks] == [(4,), (4, 4)]
+    assert plan.points[1] == {"train.lr": 0.1, "model.widths": [4, 4]}
+
+
+def test_stack_spec_travels_as_json():
+    (spec,) = plan_study(tiny_config("s"), study(grid={"train.seed": [0, 1]},
+                                                 sharpness=SharpnessConfig(measures=("trace",)))
+                         ).stacks
+    assert StackSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+@pytest.mark.parametrize("grid, match", [
+    ({"train.lrr": [0.1]}, r"unknown field 'train.lrr' \(did you mean train.lr\?\)"),
+    ({"lr": [0.1]}, r"unknown field 'lr' \(did you mean train.lr\?\)"),
+    ({"model.depth": [2]}, "unknown field 'model.depth'"),
+    ({"train.members": [2]}, "train.members is set by the study itself"),
+    ({"train.lr": ["fast"]}, r"study: train.lr: expected a number, got 'fast'"),
+    ({"train.batch_size": [1.5]}, "study: train.batch_size: expected an integer"),
+    ({"model.widths": [8]}, "study: model.widths: expected a list"),
+    ({"train.optimizer": ["sgdd"]}, "'sgdd' is not one of"),
+    ({"train.lr": [-1.0]}, r"train.lr must be > 0"),
+    ({"train.lr": [0.1, 0.1]}, "appears more than once"),
+    ({"train.lr": []}, "needs a non-empty list"),
+    ({"train.lr": 0.1}, "needs a non-empty list"),
+    ({}, "the grid is empty"),
+    ({"train.steps": [1, 2 * MAX_CHECKPOINTS + 1]}, "more than 2000"),
+])
+def test_bad_grids_raise_one_clear_config_error(grid, match):
+    with pytest.raises(ConfigError, match=match):
+        plan_study(tiny_config("s"), study(grid=grid))
+
+
+def test_points_cross_the_grid():
+    plan = plan_study(tiny_config("s"), study(
+        points=({"train.optimizer": "sgd", "train.lr": 0.1},
+                {"train.optimizer": "adam", "train.lr": 0.01}),
+        grid={"train.seed": [0, 1, 2]}))
+    assert plan.design == ["train.optimizer", "train.lr", "train.seed"]
+    assert len(plan.points) == 6 and [len(s.members) for s in plan.stacks] == [3, 3]
+    assert plan.stacks[1].config.train.optimizer.value == "adam"
+
+
+def test_bad_point_lists_raise():
+    with pytest.raises(ConfigError, match="train.lr is in both the points and the grid"):
+        study(grid={"train.lr": [0.1]}, points=({"train.lr": 0.1},))
+    with pytest.raises(ConfigError, match="study: point 1, train.lr: expected a number"):
+        plan_study(tiny_config("s"), study(points=({"train.lr": 0.1}, {"train.lr": "x"})))
+    with pytest.raises(ConfigError, match="name the same fields"):
+        study(points=({"train.lr": 0.1}, {"train.l2": 0.1}))
+    with pytest.raises(ConfigError, match="target must be"):
+        study(grid={"train.lr": [0.1]}, target="acc")
+    with pytest.raises(ConfigError, match="must be an object"):
+        study(grid=[("train.lr", [0.1])])
+
+
+# --- the task and the study --------------------------------------------------------------
+
+
+def test_a_stacked_member_equals_its_own_single_run(tmp_path):
+    base = tiny_config("s", steps=30)
+    plan = plan_study(base, study(grid={"train.seed": [3, 4], "train.l2": [0.0, 0.01]}))
+    (spec,) = plan.stacks
+    run_stack(spec, tmp_path)
+    rows = stack_rows(spec, tmp_path, plan.design)
+    for row in rows:
+        # one model alone: init seed = the member's seed, its l2, minibatches of the base
+        single = base.replace(name=f"one-{row['member']}", train=base.train.replace(
+            l2=row["train.l2"]))
+        res = train_run(single, tmp_path, progress=False, seeds=[row["train.seed"]])
+        assert row["train_loss"] == pytest.approx(res.metrics["train_loss"][0], abs=1e-5)
+        assert row["weight_norm"] == pytest.approx(res.metrics["weight_norm"][0], rel=1e-5)
+    # l2 acts per member: the penalised members end with smaller weights
+    norm = {(r["train.seed"], r["train.l2"]): r["weight_norm"] for r in rows}
+    assert all(norm[(s, 0.01)] < norm[(s, 0.0)] for s in (3, 4))
+
+
+def test_a_checkpoint_of_a_long_run_is_the_short_run(tmp_path):
+    base = tiny_config("s")
+    plan = plan_study(base, study(grid={"train.steps": [20, 40]}))
+    (spec,) = plan.stacks
+    run_stack(spec, tmp_path)
+    short = plan_study(base, study(grid={"train.steps": [20]})).stacks[0]
+    run_stack(short, tmp_path)
+    long_rows = stack_rows(spec, tmp_path, plan.design)
+    short_row = stack_rows(short, tmp_path, plan.design)[0]
+    assert long_rows[0]["step"] == 20 and long_rows[1]["step"] == 40
+    for k in ("train_loss", "test_acc", "weight_norm", "mean_radius", "log10_volume"):
+        assert long_rows[0][k] == short_row[k]
+
+
+def test_study_writes_a_tidy_table_and_scores_and_resumes(tmp_path):
+    base = tiny_config("st", steps=20)
+    cfg = study(grid={"train.lr": [0.02, 0.2], "train.seed": [0, 1], "poison.beta": [0.0, 0.5]},
+                sharpness=SharpnessConfig(measures=("lambda_max",)))
+    res = study_run(base, cfg, tmp_path, progress=False)
+    df = pd.read_csv(tmp_path / "st" / "study.csv")
+    assert len(df) == 8 and {"train.lr", "train.seed", "poison.beta", "gap", "mean_radius",
+                             "log10_volume", "lambda_max", "stack"} <= set(df.columns)
+    assert (df["gap"] == df["train_acc"] - df["test_acc"]).all()
+    scores = pd.read_csv(tmp_path / "st" / "scores.csv")
+    assert list(scores["measure"]) == res.measures and "lambda_max" in res.measures
+    assert {"kendall_tau", "granulated_tau", "psi_train.lr", "psi_poison.beta", "cmi"} <= set(
+        scores.columns)
+    # three hyper-parameters in a complete grid: the CMI is defined
+    assert scores["cmi"].notna().all()
+    models = [tmp_path / "st" / "stacks" / s / "models.json" for s in df["stack"].unique()]
+    stamps = [p.stat().st_mtime_ns for p in models]
+    again = study_run(base, cfg, tmp_path, progress=False)
+    assert again.rows == res.rows and [p.stat().st_mtime_ns for p in models] == stamps
+    assert load_study("st", tmp_path).scores == res.scores
+    with pytest.raises(Exception, match="different config"):
+        study_run(base, study(grid={"train.lr": [0.02]}), tmp_path, progress=False)
+
+
+def test_a_partial_task_resumes_from_its_last_measured_step(tmp_path):
+    (spec,) = plan_study(tiny_config("s"), study(grid={"train.steps": [20, 40, 60]})).stacks
+    path = run_stack(spec, tmp_path)
+    full = json.loads(path.read_text())
+    partial = {**full, "complete": False, "steps": {"20": full["steps"]["20"]}}
+    path.write_text(json.dumps(partial))
+    with pytest.raises(RunError, match="is not finished for this study"):
+        stack_rows(spec, tmp_path, [])
+    with pytest.raises(RunError, match="has no study results"):
+        load_study(path.parent)
+    run_stack(spec, tmp_path)
+    assert json.loads(path.read_text()) == full
+
+
+def test_a_diverged_stack_is_a_row_of_nan_not_the_end_of_the_study(tmp_path):
+    base = tiny_config("dv", steps=20, optimizer="sgd")
+    points = ({"train.lr": 0.05, "train.batch_size": 16},
+              {"train.lr": 1e12, "train.batch_size": 32})  # two stacks: one diverges
+    res = study_run(base, study(points=points), tmp_path, progress=False)
+    ok, bad = res.rows
+    assert not ok["diverged"] and ok["test_acc"] > 0.5
+    assert bad["diverged"] and math.isnan(bad["gap"]) and math.isnan(bad["test_acc"])
+    assert all(s["n"] == 1 for s in res.scores)
+    models = tmp_path / "dv" / "stacks" / bad["stack"] / "models.json"
+    stamp = models.stat().st_mtime_ns
+    study_run(base, study(points=points), tmp_path, progress=False)
+    assert models.stat().st_mtime_ns == stamp  # not retrained on resume
+
+
+def test_the_executor_is_one_pluggable_loop(tmp_path):
+    seen = []
+
+    def backwards(specs, root):  # any executor: here the tasks run in reverse order
+        seen.extend(s.name for s in specs)
+        run_stacks(list(reversed(specs)), root)
+
+    base = tiny_config("ex", steps=10)
+    cfg = study(grid={"train.batch_size": [8, 16]})
+    res = study_run(base, cfg, tmp_path, progress=False, run_all=backwards)
+    assert seen == [r["stack"] for r in res.rows]
+    ref = study_run(base.replace(name="ex2"), cfg, tmp_path, progress=False)
+    strip = [{k: v for k, v in r.items()} for r in ref.rows]
+    assert [r["test_acc"] for r in res.rows] == [r["test_acc"] for r in strip]
+
+
+# --- the command line ------------------------------------------------------------------
+
+
+def _cli(root, *args):
+    return CliRunner().invoke(main, ["--root", str(root), "study", "--name", "c", "--dataset",
+                                     "blobs", "--n-train", "40", "--n-test", "40", "--widths",
+                                     "8", "--steps", "10", "--directions", "2", "-q", *args])
+
+
+@pytest.mark.parametrize("args, match", [
+    (("--vary", "train.lrr=0.1,0.2"), "unknown field 'train.lrr'"),
+    ((), "the grid is empty"),
+    (("--vary", "train.lr=fast,0.1"), "train.lr: expected a number, got 'fast'"),
+    (("--vary", "model.widths=3"), "model.widths: expected a list"),
+    (("--vary", "train.lr"), "expected FIELD=V1,V2"),
+    (("--vary", "train.steps=10:0:5"), "needs step >= 1 and b >= a"),
+    (("--vary", "train.steps=0:x:5"), "expected integers a:b:step"),
+    (("--vary", "train.lr=0.1", "--vary", "train.lr=0.2"), "train.lr is varied twice"),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, match):
+    root = tmp_path / "runs"
+    res = _cli(root, "--figures", str(tmp_path / "fig"), *args)
+    assert res.exit_code != 0 and match in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error")]
+    assert "Traceback" not in res.output and len(errors) == 1
+    assert not root.exists() and not (tmp_path / "fig").exists()
+
+
+@pytest.mark.parametrize("text, match", [("{not json", "is not valid JSON"),
+                                         ("3", "must hold an object")])
+def test_cli_bad_grid_file_is_one_line(tmp_path, text, match):
+    grid = tmp_path / "grid.json"
+    grid.write_text(text)
+    res = _cli(tmp_path / "runs", "--grid", str(grid))
+    assert res.exit_code == 1 and match in res.output and not (tmp_path / "runs").exists()
+
+
+def test_per_member_l2_needs_one_coefficient_per_member(tmp_path):
+    from minefield.data import load_dataset
+    from minefield.models import build_model
+    from minefield.train import fit, init_stack
+
+    cfg = tiny_config("l2", members=2)
+    with pytest.raises(ValueError, match="3 l2 coefficients for 2 members"):
+        train_run(cfg, tmp_path, progress=False, l2s=[0.0, 0.1, 0.2])
+    assert not (tmp_path / "l2").exists()
+    data = load_dataset(cfg.data)
+    model = build_model(cfg.model, data.input_shape, data.n_classes)
+    with pytest.raises(ValueError, match=r"l2s and rhos >= 0"):
+        fit(model, init_stack(model, "torch", [0, 1]), data, cfg.train, l2s=[0.1, -1.0])
+
+
+def test_cli_runs_a_study_with_a_grid_file_and_redraws_it(tmp_path):
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"train.lr": [0.02, 0.2], "train.seed": [0, 1]}))
+    root, fig = tmp_path / "runs", tmp_path / "fig"
+    res = _cli(root, "--grid", str(grid), "--measures", "lambda_max", "--figures", str(fig))
+    assert res.exit_code == 0, res.output
+    assert "lambda_max" in res.output and "Kendall tau" in res.output
+    assert (fig / "c" / "lambda_max.png").exists() and (fig / "c" / "scores.png").exists()
+    assert len(pd.read_csv(root / "c" / "study.csv")) == 4
+    again = CliRunner().invoke(main, ["--root", str(root), "plot", "study", "c", "--figures",
+                                      str(tmp_path / "f2")])
+    assert again.exit_code == 0 and (tmp_path / "f2" / "c" / "mean_radius.png").exists()
+    assert Run.open(root / "c").config["kind"] == "study"
+
+
+def test_cli_trajectory_study_draws_the_trajectory(tmp_path):
+    res = _cli(tmp_path / "runs", "--vary", "train.steps=0:10:5", "--figures",
+               str(tmp_path / "fig"), "--measures", "lambda_max")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "fig" / "c" / "trajectory.png").exists()
+    df = pd.read_csv(tmp_path / "runs" / "c" / "study.csv")
+    assert list(df["step"]) == [0, 5, 10]
+    assert torch.isfinite(torch.tensor(df["lambda_max"].values)).all()
