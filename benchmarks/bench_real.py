@@ -1,7 +1,8 @@
 """Real networks: minefield's defaults against plain PyTorch, side by side (run by hand).
 
 Every row times minefield with its DEFAULT settings (``path="auto"``: the measured
-choice of :mod:`minefield.autotune`; ``memory_mb=None``: the device's budget)
+choice of :mod:`minefield.autotune` on CUDA, its fixed rule on a CPU;
+``memory_mb=None``: the device's budget)
 against the idiomatic loop of ``benchmarks/plain.py`` (the point written into one
 ``nn.Module`` in place, the data in big batches, ``torch.no_grad``), in one run,
 medians of ``--repeats``:
@@ -29,6 +30,7 @@ from minefield import autotune
 from minefield.config import DataConfig, ModelConfig, TrainConfig
 from minefield.data import load_dataset
 from minefield.directions import random_directions
+from minefield.engine import _candidates as path_candidates  # the paths "auto" weighs
 from minefield.engine import evaluate_points, precision_error
 from minefield.functional import buffers_like, stack
 from minefield.models import build_model, init_params
@@ -58,8 +60,9 @@ def evaluation(name, model, x, y, k, repeats, dev, extra_bf16=False):
     evaluate_points(model, c, d, ts, x, y, bufs)  # first call: includes the probe
     first = time.perf_counter() - t0
     t_eng = median_time(lambda: evaluate_points(model, c, d, ts, x, y, bufs), repeats, dev)
+    rule = path_candidates(model, bufs, "auto", x)  # one path: the CPU's fixed rule
     key = [kk for kk in autotune.PROBES if kk[0] == type(model).__qualname__]
-    chosen = autotune.PROBES[key[-1]] if key else ("-", {})
+    chosen = (rule[0], {}) if len(rule) == 1 else autotune.PROBES[key[-1]]
     net = plain_net(model, c, bufs)
     t_loop = median_time(lambda: point_loop(net, c, d, ts, x, y), repeats, dev)
     n = len(y)

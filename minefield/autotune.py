@@ -10,9 +10,14 @@ constant tuned on one CPU:
 - **path** (:func:`choose_path`): ``mlp`` (batched matmuls, plain MLPs only),
   ``vmap`` (all points of a chunk in one call: batched matmuls / grouped
   convolutions) or ``loop`` (one point at a time, each on the whole data batch:
-  one ordinary convolution per layer). A small timing probe runs each candidate
-  on a few points and keeps the fastest; the choice is cached per (model
-  shapes, input shape, device, dtype), so it is measured once per process;
+  one ordinary convolution per layer). On CUDA (and on any device with
+  ``path="probe"``) a small timing probe runs each candidate on a few points and
+  keeps the fastest; the choice is cached per (model shapes, input shape, device,
+  dtype), so it is measured once per process. On a CPU ``auto`` is a fixed rule
+  taken from ``benchmarks/bench_real.py``'s measurements (plain MLPs ``mlp``, conv
+  nets with BatchNorm ``loop_cl``, other nets ``vmap``): a probe's choice can flip
+  with the machine's load, and paths agree only to rounding, so a probed CPU
+  default would break "same seed, same numbers";
 - **channels_last** for conv nets on the ``loop`` path: probed as a candidate
   of its own (``loop_cl``).
 

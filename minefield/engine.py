@@ -76,11 +76,14 @@ def _candidates(model: nn.Module, buffers: Params | None, path: EnginePath | str
     mlp_ok = mlp_fast_path(model) and not buffers
     if path is EnginePath.MLP and not mlp_ok:
         raise ValueError("path 'mlp' needs a plain nn.Sequential MLP without buffers")
-    if path is not EnginePath.AUTO:
+    if path not in (EnginePath.AUTO, EnginePath.PROBE):
         return [path.value]
+    conv = x.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if path is EnginePath.AUTO and x.device.type == "cpu":  # a fixed rule: reproducible
+        bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        return ["mlp" if mlp_ok else "loop_cl" if conv and bn else "vmap"]
     if mlp_ok:
         return ["mlp", "vmap"]
-    conv = x.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
     return ["vmap", "loop", "loop_cl"] if conv else ["vmap", "loop"]
 
 

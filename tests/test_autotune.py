@@ -71,14 +71,29 @@ def test_auto_probe_is_cached_and_picks_a_candidate():
     model, c, d, x, y = _conv(seed=5, widths=(3, 5))
     ts = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
     n_before = len(autotune.PROBES)
-    lo, _ = evaluate_points(model, c, d, ts, x, y)
+    lo, _ = evaluate_points(model, c, d, ts, x, y, path="probe")
     assert len(autotune.PROBES) == n_before + 1
     key = [k for k in autotune.PROBES if k[0] == type(model).__qualname__][-1]
     chosen, cost = autotune.PROBES[key]
     assert chosen in ("vmap", "loop", "loop_cl") and set(cost) == {"vmap", "loop", "loop_cl"}
-    evaluate_points(model, c, d, ts, x, y)
+    evaluate_points(model, c, d, ts, x, y, path="probe")
     assert len(autotune.PROBES) == n_before + 1  # measured once
     torch.testing.assert_close(lo, evaluate_points_loop(model, c, d, ts, x, y)[0], **TOL)
+
+
+@pytest.mark.parametrize("args, rule", [((), "vmap"),
+                                        (("resnet20", (2, 4, 4), (3, 8, 8), 10, 6, 2), "loop_cl")])
+def test_auto_on_cpu_is_a_fixed_rule_not_a_probe(args, rule):
+    # "same seed, same numbers": a probe on a loaded CPU could flip the path (and the
+    # rounding); auto on a CPU never probes, and equals the path its rule names, bit for bit
+    model, c, d, x, y = _conv(*args)
+    bufs = {k: v.double() if v.is_floating_point() else v
+            for k, v in buffers_like(model, 1).items()} or None
+    ts = torch.tensor([0.1, 0.2, 0.3][:len(next(iter(d.values())))], dtype=torch.float64)
+    n_before = len(autotune.PROBES)
+    lo, _ = evaluate_points(model, c, d, ts, x, y, bufs)
+    assert len(autotune.PROBES) == n_before
+    assert torch.equal(lo, evaluate_points(model, c, d, ts, x, y, bufs, path=rule)[0])
 
 
 def test_pick_keeps_the_first_unless_clearly_faster():
