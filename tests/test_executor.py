@@ -402,6 +402,15 @@ def test_ray_retries_a_killed_worker_and_reports_task_errors(ray_ex, tmp_path):
     assert sorted(heard) == [0, 2]
 
 
+def niceness_task(spec: dict) -> int:
+    return os.nice(0)
+
+
+def test_ray_workers_of_an_instance_started_here_are_not_niced(ray_ex):
+    # Ray's default niceness 15 gave 2 workers a fraction of a core each on a busy machine
+    assert ray_ex.map(niceness_task, [{}, {}]) == [0, 0]
+
+
 def test_ray_executor_errors(ray_ex):
     with pytest.raises(ConfigError, match="cpus_per_task must be a positive number"):
         RayExecutor(cpus_per_task=0)
