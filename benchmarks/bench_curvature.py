@@ -321,7 +321,7 @@ def stacked(model, data, members, repeats):
         "stacked": lambda: measure(CurvatureOperator(model_objective(model, p, (x, y)))),
         "modules": lambda: [measure(ModuleHessian(net, x, y)) for net in nets],
         "M=1": lambda: [measure(CurvatureOperator(model_objective(model, q, (x, y))))
-                        for q in one]}, repeats)
+                        for q in singles]}, repeats)
     print(f"lambda_max + trace of {members} models (120 products each, incl. set-up): one "
           f"stacked call {ms(t, 'stacked')} vs {members} nn.Module operators "
           f"{ms(t, 'modules')}: {ratio(t, 'modules', 'stacked')} faster (target >= 5x); vs "
