@@ -1,7 +1,8 @@
 """Benchmark of the SAM step's cost (run by hand, not a test).
 
 Measures, side by side in one run (median over ``--repeats`` of the time per step,
-each repeat ``--steps`` steps after a warm-up):
+each repeat ``--steps`` steps after a warm-up; the variants take turns within each
+repeat, so load changes on a shared machine hit them alike):
 
 1. stacked SGD (momentum 0.9) over M members: :func:`minefield.step.train_step`
    with :func:`~minefield.step.plain_update` (one gradient per step);
@@ -41,15 +42,19 @@ from minefield.train import init_stack, make_optimizer
 RHO, LR = 0.05, 0.01
 
 
-def per_step(run, steps: int, repeats: int) -> float:
-    """Median over ``repeats`` of (time of ``run(steps)``) / steps, after one warm-up."""
-    run(max(1, steps // 5))
-    times = []
+def per_step(runs: dict, steps: int, repeats: int) -> dict[str, float]:
+    """Median over ``repeats`` of (time of ``run(steps)``) / steps for every run, after
+    one warm-up each; the runs take turns within each repeat (round robin), so a
+    change in the machine's load hits all of them alike."""
+    for run in runs.values():
+        run(max(1, steps // 5))
+    times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):
-        t = time.perf_counter()
-        run(steps)
-        times.append((time.perf_counter() - t) / steps)
-    return statistics.median(times)
+        for k, run in runs.items():
+            t = time.perf_counter()
+            run(steps)
+            times[k].append((time.perf_counter() - t) / steps)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def stacked(model, seeds, batch, update, rho):
@@ -144,22 +149,17 @@ def main():
           f"rho {RHO}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
           f"median of {args.repeats} x {args.steps} steps")
     sam, asam = sam_update("sam"), sam_update("asam")
-    rows = {
-        "stacked SGD": per_step(stacked(model, seeds, batch, plain_update, 0.0), args.steps,
-                                args.repeats),
-        "stacked SAM": per_step(stacked(model, seeds, batch, sam, RHO), args.steps,
-                                args.repeats),
-        "stacked ASAM": per_step(stacked(model, seeds, batch, asam, 10 * RHO), args.steps,
-                                 args.repeats),
-        "loop of M stacks of one, SGD": per_step(looped(model, seeds, batch, plain_update, 0.0),
-                                                 args.steps, args.repeats),
-        "loop of M stacks of one, SAM": per_step(looped(model, seeds, batch, sam, RHO),
-                                                 args.steps, args.repeats),
-        "loop of M nn.Modules, SGD (torch.optim)": per_step(
-            idiomatic(make_net, model, seeds, batch, False), args.steps, args.repeats),
-        "loop of M nn.Modules, SAM (torch.optim)": per_step(
-            idiomatic(make_net, model, seeds, batch, True), args.steps, args.repeats),
-    }
+    rows = per_step({
+        "stacked SGD": stacked(model, seeds, batch, plain_update, 0.0),
+        "stacked SAM": stacked(model, seeds, batch, sam, RHO),
+        "stacked ASAM": stacked(model, seeds, batch, asam, 10 * RHO),
+        "loop of M stacks of one, SGD": looped(model, seeds, batch, plain_update, 0.0),
+        "loop of M stacks of one, SAM": looped(model, seeds, batch, sam, RHO),
+        "loop of M nn.Modules, SGD (torch.optim)": idiomatic(make_net, model, seeds, batch,
+                                                             False),
+        "loop of M nn.Modules, SAM (torch.optim)": idiomatic(make_net, model, seeds, batch,
+                                                             True),
+    }, args.steps, args.repeats)
     print(f"\n{'step of all M members':42s} {'ms':>8s} {'/ stacked SGD':>14s}")
     for k, v in rows.items():
         print(f"{k:42s} {v * 1e3:8.3f} {v / rows['stacked SGD']:14.2f}")

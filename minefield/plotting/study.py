@@ -112,8 +112,7 @@ def plot_groups(result, columns: tuple[str, ...] = GROUP_COLUMNS):
     n = max(len(cols), 1)
     ncol = min(n, 3)
     nrow = -(-n // ncol)
-    fig, axs = plt.subplots(nrow, ncol, figsize=(3.0 * ncol, 0.25 * len(labels) + 2.0 * nrow),
-                            squeeze=False)
+    fig, axs = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.3 * nrow), squeeze=False)
     pos = np.arange(len(labels))
     for ax, c in zip(axs.flat, cols):
         for k, lab in enumerate(labels):
@@ -122,7 +121,7 @@ def plot_groups(result, columns: tuple[str, ...] = GROUP_COLUMNS):
             ax.scatter(np.full(len(ys), k), ys, s=10, color="0.3", zorder=3)
             if len(ys):
                 ax.hlines(ys.mean(), k - 0.3, k + 0.3, color="C3", lw=2)
-        ax.set_xticks(pos, labels, rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(pos, labels, rotation=40, ha="right", fontsize=6)
         ax.set_title(c)
     for ax in list(axs.flat)[len(cols):]:
         ax.set_visible(False)
