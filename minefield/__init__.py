@@ -29,7 +29,15 @@ from .config import (
     TrainConfig,
     load_config,
 )
-from .connectivity import ConnectConfig, ConnectResult, bezier, connect, evaluate_curves, fit_curves
+from .connectivity import (
+    ConnectConfig,
+    ConnectResult,
+    bezier,
+    connect,
+    evaluate_curves,
+    fit_curves,
+    pair_seed,
+)
 from .cooling import cooling_volume
 from .curvature import (
     Eigen,
@@ -141,6 +149,7 @@ __all__ = [
     "EmbedConfig", "EmbedResult", "TSNEMap", "embed_points", "fit_map",
     # mode connectivity: line and Bezier curve between minima
     "ConnectConfig", "ConnectResult", "connect", "bezier", "fit_curves", "evaluate_curves",
+    "pair_seed",
     # poison-factor studies and the reproduction
     "SweepConfig", "SweepResult", "log_spaced_betas", "reproduce", "SCALES",
     # studies: a grid of configs -> stacks -> a tidy table -> every measure scored
