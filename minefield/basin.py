@@ -82,7 +82,9 @@ class VolumeConfig(_Config):
     ``gaussian`` (mass under ``N(theta, sigma^2 I)``, default ``sigma = r_max / sqrt(n)``)
     or ``mcmc`` (``n_chains`` x ``n_replicates`` chains, ``walk_length`` hit-and-run
     steps per phase); ``preconditioner`` (:mod:`minefield.netvolume`) shapes the
-    last three (``probes``: Hutchinson probes).
+    last three (``probes``: Hutchinson probes); ``power`` is the shape of the ``is`` /
+    ``gaussian`` proposal body (``"2"``: the preconditioner's ellipsoid; ``"inf"``: its
+    box; ``"auto"``: learnt from pilot rays, :func:`minefield.volume.fit_power`).
     """
 
     cutoff: float = 1.0
@@ -107,13 +109,28 @@ class VolumeConfig(_Config):
     n_replicates: int = 8
     walk_length: int | None = None
     probes: int = 64
+    power: str = "2"
 
     _section: ClassVar[str] = "volume"
+
+    def proposal_power(self) -> float | str:
+        """``power`` as :func:`~minefield.volume.star_volume` takes it."""
+        if self.power == "auto":
+            return "auto"
+        try:
+            value = float(self.power)
+        except ValueError:
+            value = math.nan
+        if not value >= 1:
+            raise ConfigError(f"volume.power must be a number >= 1, 'inf' or 'auto', got "
+                              f"{self.power!r}")
+        return value
 
     def _validate(self):
         if self.estimator is Estimator.IS and self.preconditioner is CurvatureKind.NONE:
             raise ConfigError("volume.estimator 'is' needs a preconditioner (hessian, "
                               "hutchinson, axes or given)")
+        self.proposal_power()
         if self.sigma is not None and not (self.sigma > 0 and math.isfinite(self.sigma)):
             raise ConfigError(f"volume.sigma must be a positive number, got {self.sigma}")
         if self.n_chains < 2 or self.n_replicates < 2 or self.probes < 1:

@@ -86,7 +86,7 @@ from .config import ConfigError
 from .precondition import Preconditioner
 from .volume import LineLoss, VolumeEstimate, _warnings, log_chi_cdf, ray_radii
 
-__all__ = ["cooling_volume"]
+__all__ = ["cooling_volume", "replicate_interval"]
 
 
 def _capped(line_loss: LineLoss, r_max: float) -> LineLoss:
@@ -197,6 +197,18 @@ def _lag_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a * b).sum(1)[ok] / den[ok]).mean()) if bool(ok.any()) else 0.0
 
 
+def replicate_interval(log_vol: torch.Tensor, level: float = 0.95) -> tuple[float, float]:
+    """``log E[Z]`` and the half-width of its interval from independent replicates'
+    log-estimates ``log_vol`` ``(R,)``: each replicate's ``Z`` is unbiased and about
+    lognormal, so Cox's ``mean + s^2/2 +- t_{R-1} sqrt(s^2/R + s^4/(2(R-1)))`` (Land 1972).
+    """
+    r = len(log_vol)
+    var = float(log_vol.var())
+    half = float(student_t.ppf(0.5 + level / 2, r - 1)) * math.sqrt(
+        var / r + var**2 / (2 * (r - 1)))
+    return float(log_vol.mean()) + var / 2, half
+
+
 LAG = 0.2  # lag correlation above which the chains are called unmixed (measured on boxes)
 _SPAN = 60.0  # log-beta range searched for one step (e^60: beyond any schedule's jump)
 
@@ -272,10 +284,12 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
         nonlocal evals
         k, sd = len(y), 1 / math.sqrt(beta) if beta > 0 else math.inf
         shape = _round(y.reshape(-1, n_chains, n)) if not coordinate else None
-        for _ in range(steps):  # 3. all chains at once
-            if coordinate:  # a random axis of the rounded coordinates per chain
+        for step in range(steps):  # 3. all chains at once
+            if coordinate:  # the axes of the rounded coordinates, in a random order per
+                if step % n == 0:  # chain and sweep: every axis once per n steps
+                    order = torch.rand(k, n, generator=g).argsort(1)
                 w = torch.zeros(k, n, dtype=torch.float64)
-                w[torch.arange(k), torch.randint(0, n, (k,), generator=g)] = 1.0
+                w[torch.arange(k), order[:, step % n]] = 1.0
             else:
                 z = torch.randn(k // n_chains, n_chains, n, generator=g, dtype=torch.float64)
                 w = (z * shape if shape.shape[1] == 1 else z @ shape).reshape(k, n)
@@ -353,11 +367,7 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
     log_r, betas, min_ess, lag = smc(n_replicates, schedule)
     log_z = log_z + log_r
     log_vol = log_z + (p.log_abs_det_t() if p is not None else 0.0)  # (R,)
-    # each replicate's Z is unbiased and ~lognormal: Cox's interval for a lognormal mean
-    var = float(log_vol.var())
-    est = float(log_vol.mean()) + var / 2
-    half = float(student_t.ppf(0.5 + level / 2, n_replicates - 1)) * math.sqrt(
-        var / n_replicates + var**2 / (2 * (n_replicates - 1)))
+    est, half = replicate_interval(log_vol, level)
     slack = n * math.log1p(rtol)
     warns = _warnings(min_ess, 0, m, r_max)
     if n_chains < 32:
