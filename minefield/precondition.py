@@ -205,5 +205,9 @@ def floor_curvature(c: torch.Tensor, floor: float) -> torch.Tensor:
     c = _finite(c, "curvature")
     if c.dim() == 1:
         return c.clamp(min=floor)
-    lam, v = torch.linalg.eigh(0.5 * (c + c.T))
+    sym = 0.5 * (c + c.T)
+    eye = torch.eye(len(c), dtype=c.dtype)
+    if int(torch.linalg.cholesky_ex(sym - floor * eye)[1]) == 0:
+        return sym  # every eigenvalue is above the floor already: no n^3 eigensolver
+    lam, v = torch.linalg.eigh(sym)
     return (v * lam.clamp(min=floor)) @ v.T

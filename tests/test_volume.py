@@ -231,6 +231,10 @@ def test_floor_curvature_makes_a_valid_preconditioner():
     c = floor_curvature(h, 0.5)
     assert torch.allclose(torch.linalg.eigvalsh(c), torch.tensor([0.5, 3.0], dtype=F64))
     Preconditioner.dense(c)
+    above = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=F64)  # eigenvalues 0.79, 2.21
+    assert torch.equal(floor_curvature(above, 0.7), above)  # untouched (no eigensolver)
+    assert torch.allclose(torch.linalg.eigvalsh(floor_curvature(above, 0.9))[0],
+                          torch.tensor(0.9, dtype=F64))
 
 
 def test_estimator_errors():
