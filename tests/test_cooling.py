@@ -93,10 +93,11 @@ def test_cooling_converges_on_a_box_as_chains_grow():
     n = 3
     a = log_spaced_axes(n, 1.0)
     body = Box(a)
-    errs = [abs(cooling_volume(body, n, body.cutoff, chains, 4, _gen(0), 10.0, 1e-3,
-                               walk_length=8).log_volume - body.log_volume)
-            for chains in (4, 128)]
-    assert errs[1] < 0.3 and errs[1] < errs[0]  # 3 decades of volume, no rounding given
+    ests = [cooling_volume(body, n, body.cutoff, chains, 4, _gen(0), 10.0, 1e-3,
+                           walk_length=8) for chains in (4, 128)]
+    spread = [float(torch.tensor(e.details["replicates"]).std()) for e in ests]
+    # 3 decades of volume, no rounding given: the replicates close in, the estimate holds
+    assert abs(ests[1].log_volume - body.log_volume) < 0.1 and spread[1] < spread[0] / 2
 
 
 @pytest.mark.slow
