@@ -71,7 +71,7 @@ _VOLUME = [("n_directions", "--directions"), ("cutoff", "--cutoff"), ("r_max", "
            ("memory_mb", "--memory-mb"), ("estimator", "--estimator"),
            ("preconditioner", "--preconditioner"), ("sigma", "--sigma"),
            ("n_chains", "--chains"), ("n_replicates", "--replicates"),
-           ("walk_length", "--walk")]
+           ("walk_length", "--walk"), ("power", "--power")]
 
 
 def _get(obj: Any, dotted: str) -> Any:
