@@ -331,6 +331,8 @@ def stacked(model, data, members, repeats):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu",
+                    help="cpu only: its comparators (PyHessian, exact oracles) are CPU code")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--run", help="A trained swiss-roll run (member 0); default: train one.")
     ap.add_argument("--resnet-batch", type=int, default=32)
@@ -346,6 +348,9 @@ def main() -> None:
                     help="With --speed-only: time products at initialised weights instead of "
                          "training the swiss-roll model first (use --resnet-steps 0 too).")
     args = ap.parse_args()
+    if args.device != "cpu":
+        raise SystemExit(f"{ap.prog}: --device {args.device}: this benchmark runs on the CPU "
+                         "only (see bench_real.py and bench_engine.py for the GPU)")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph")
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats}; "

@@ -21,6 +21,7 @@ import statistics
 import time
 
 import torch
+from plain import common_args, setup
 
 from minefield.config import DataConfig, ModelConfig
 from minefield.data import fresh_points, load_dataset
@@ -32,20 +33,20 @@ from minefield.train import init_stack
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    common_args(ap)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--members", type=int, default=32)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    data = load_dataset(DataConfig("spiral"))
+    dev = setup(args)
+    data = load_dataset(DataConfig("spiral")).to(dev)
     model = build_model(ModelConfig(widths=(25, 25, 25, 25), init="glorot_normal"),
                         data.input_shape, data.n_classes)
-    starts = init_stack(model, "glorot_normal", range(args.members))
+    starts = {k: v.to(dev) for k, v in init_stack(model, "glorot_normal",
+                                                    range(args.members)).items()}
     cfg = SearchConfig.make(steps=args.steps, stopping=StopRule.FIXED, log_every=args.steps,
                             compact_every=args.steps, milestones=(), isolate=False)
     seeds = list(range(args.members))
-    extra = fresh_points(DataConfig("spiral"), AUTO_EXTRA_POISON)
+    extra = tuple(t.to(dev) for t in fresh_points(DataConfig("spiral"), AUTO_EXTRA_POISON))
 
     def batched():
         search_minima(model, starts, data, cfg, seeds, extra=extra)
@@ -64,9 +65,11 @@ def main() -> None:
         for name, fn in runs.items():
             t = time.perf_counter()
             fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{args.members} searches x {args.steps} steps, {args.threads} threads, "
+    print(f"{args.members} searches x {args.steps} steps on {dev}, {args.threads} threads, "
           f"median of {args.repeats}:")
     for k, v in med.items():
         print(f"  {k:<14} {v:8.2f} s   ({v / (args.members * args.steps) * 1e3:.3f} ms "

@@ -115,7 +115,12 @@ def main() -> None:
     ap.add_argument("--mcmc-kind", default="coordinate", choices=["coordinate", "hit_and_run"])
     ap.add_argument("--no-mcmc", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu",
+                    help="cpu only: its comparators (PyHessian, exact oracles) are CPU code")
     args = ap.parse_args()
+    if args.device != "cpu":
+        raise SystemExit(f"{ap.prog}: --device {args.device}: this benchmark runs on the CPU "
+                         "only (see bench_real.py and bench_engine.py for the GPU)")
     torch.set_num_threads(args.threads)
     n, t_all = args.n, time.perf_counter()
     g = torch.Generator().manual_seed(0)

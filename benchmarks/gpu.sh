@@ -1,18 +1,52 @@
 #!/usr/bin/env bash
-# The GPU checks, in one call on a machine with CUDA (see README "Performance").
+# Every GPU check of the project in one call on a machine with CUDA (README "Performance"):
+# the GPU tests (CUDA against the CPU, the compiled step, bf16 radii) and the benchmarks
+# with --device cuda, each step under its own timeout; a summary at the end.
+# Budget: under 8 minutes on one H200 (caps: tests 110 s, bench_real 120 s, bench_engine
+# 50 s, bench_search 50 s, Fig. 1 at paper scale for two good-run seeds 140 s).
 # Usage, from the repository root:  bash benchmarks/gpu.sh
-# openTSNE may be missing on the device machine: carry its wheel in .whl/ and this
-# script installs it into /tmp/site first. The benchmarks do not take --device yet
-# (issue 14), so today this runs the GPU tests: CUDA against the CPU.
-set -uo pipefail
+# openTSNE (Fig. 1's embedding) may be missing on the device machine: carry its wheel in
+# .whl/ (python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux2014_x86_64 -d .whl openTSNE==1.0.2) and this script installs it
+# into /tmp/site first.
+set -u -o pipefail
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}  # the interpreter with torch (CUDA build)
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
+nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=csv || true
+declare -a NAMES=() RCS=() SECS=()
+step() {  # step NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo; echo "== $name (timeout ${limit}s): $*"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$?
+  NAMES+=("$name"); RCS+=("$rc"); SECS+=("$((SECONDS - t0))")
+  [ "$rc" -eq 124 ] && echo "!! $name timed out after ${limit}s"
+  return 0
+}
+step "GPU tests" 110 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gpu.py
+step "bench_real (MLP, CNN, ResNet-20 eval+train, bf16)" 120 \
+  "$PY" benchmarks/bench_real.py --device cuda --repeats 3
+step "bench_engine (MLP paths, wide MLP)" 50 \
+  "$PY" benchmarks/bench_engine.py --device cuda --repeats 3 --skip-volume --swiss-points 131072
+step "bench_search (stacked search step, 200 members)" 50 \
+  "$PY" benchmarks/bench_search.py --device cuda --repeats 2 --members 200 --steps 300
+step "Fig. 1 paper scale on CUDA, good runs of seeds 0 and 1 (checks 8, 8+)" 140 \
+  "$PY" benchmarks/fig1_seeds.py --scale paper --device cuda --seeds 0,1
+echo; echo "== summary"
 rc=0
-echo "== GPU tests (CUDA against the CPU)"
-time python3 -m pytest -q -p no:cacheprovider -m gpu tests || rc=1
+for i in "${!NAMES[@]}"; do
+  status=ok; [ "${RCS[$i]}" -ne 0 ] && { status="FAILED (rc ${RCS[$i]})"; rc=1; }
+  [ "${RCS[$i]}" -eq 124 ] && status="TIMED OUT"
+  printf '  %-55s %-16s %4ss\n' "${NAMES[$i]}" "$status" "${SECS[$i]}"
+done
+echo "bars (issue 14, defaults): MLP >= 2.5M evals/s; ResNet-20 eval >= 400k image-evals/s;"
+echo "  training >= 23k img/s one model, stack of 8 >= 3x one; Fig. 1 <= 60 s per seed with"
+echo "  checks 8 and 8+ ok; read them in the output above"
 exit $rc

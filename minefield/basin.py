@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -55,13 +55,13 @@ from .data import train_xy as _xy
 from .directions import DirectionSpec, n_perturbed, random_directions
 from .engine import evaluate_points
 from .functional import Params, check_single, member, n_members, one
-from .options import CurvatureKind, CutoffKind, Estimator, Grid, RadiusMethod
-from .radii import find_radii, radius_grid
+from .options import CurvatureKind, CutoffKind, Estimator, Grid, Precision, RadiusMethod
+from .radii import check_radii, find_radii, radius_grid
 from .rollout import Rollouts, rollouts
 from .volume import VolumeEstimate, honest_interval, weights_estimate
 
 __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "BasinWarning",
-           "Rollouts", "find_radii", "radius_grid", "log_volume", "log10_volume",
+           "Rollouts", "find_radii", "check_radii", "radius_grid", "log_volume", "log10_volume",
            "bootstrap_log10_volume",
            "basin_radii", "basin_members", "rollouts", "volume_from_radii", "direction_radii",
            "radii_result"]
@@ -76,7 +76,8 @@ class VolumeConfig(_Config):
     ``n_directions`` random directions give ``2 * n_directions`` radii (d and -d).
     ``rtol``: bisection stops when ``hi - lo <= 2 rtol lo``. ``grid_points``,
     ``grid`` (``power``: ``t = r_max u^grid_power``, the paper's u^5; ``linear``)
-    configure the ``grid`` method. ``memory_mb`` bounds the engine's chunks;
+    configure the ``grid`` method. ``memory_mb`` bounds the engine's chunks
+    (``None``: the device's default, :func:`minefield.autotune.memory_budget_mb`);
     ``seed`` drives the bootstrap (directions use ``directions.seed``).
     ``estimator`` (:mod:`minefield.volume`): ``naive`` (the paper's), ``is``,
     ``gaussian`` (mass under ``N(theta, sigma^2 I)``, default ``sigma = r_max / sqrt(n)``)
@@ -85,6 +86,9 @@ class VolumeConfig(_Config):
     last three (``probes``: Hutchinson probes); ``power`` is the shape of the ``is`` /
     ``gaussian`` proposal body (``"2"``: the preconditioner's ellipsoid; ``"inf"``: its
     box; ``"auto"``: learnt from pilot rays, :func:`minefield.volume.fit_power`).
+    ``precision``: ``bf16`` / ``tf32`` run
+    the bisection in that arithmetic, then every radius is checked in the parameters'
+    own precision (:func:`check_radii`); if any moved beyond ``rtol`` all are redone.
     """
 
     cutoff: float = 1.0
@@ -99,7 +103,7 @@ class VolumeConfig(_Config):
     bracket_points: int = 6
     bracket_ratio: float = 4.0
     directions: DirectionSpec = field(default_factory=DirectionSpec)
-    memory_mb: float = 256.0
+    memory_mb: float | None = None
     n_bootstrap: int = 1000
     seed: int = 0
     estimator: Estimator = Estimator.NAIVE
@@ -110,6 +114,7 @@ class VolumeConfig(_Config):
     walk_length: int | None = None
     probes: int = 64
     power: str = "2"
+    precision: Precision = Precision.FLOAT32
 
     _section: ClassVar[str] = "volume"
 
@@ -149,7 +154,8 @@ class VolumeConfig(_Config):
                              "bracket_ratio > 1")
         if self.n_bootstrap < 0:
             raise ConfigError(f"volume.n_bootstrap must be >= 0, got {self.n_bootstrap}")
-        if not (self.memory_mb > 0 and math.isfinite(self.memory_mb)):
+        if self.memory_mb is not None and not (self.memory_mb > 0
+                                               and math.isfinite(self.memory_mb)):
             raise ConfigError(f"volume.memory_mb must be a positive number, got {self.memory_mb}")
 
 
@@ -315,17 +321,19 @@ def basin_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Te
         from .netvolume import basin_volume
 
         return basin_volume(model, params, data, cfg, buffers, bn)
-    r, evals, centre_loss, cut, n = direction_radii(model, params, data, cfg, buffers, bn)
-    return radii_result(r, n, centre_loss, cut, evals, cfg, bn)
+    r, evals, centre_loss, cut, n, moved = direction_radii(model, params, data, cfg, buffers,
+                                                           bn)
+    return radii_result(r, n, centre_loss, cut, evals, cfg, bn, moved)
 
 
 def direction_radii(model: nn.Module, params: Params, data: Dataset | tuple[torch.Tensor, ...],
                     cfg: VolumeConfig = VolumeConfig(), buffers: Params | None = None,
                     bn: str = "eval", block: tuple[int, int] | None = None
-                    ) -> tuple[torch.Tensor, int, float, float, int]:
+                    ) -> tuple[torch.Tensor, int, float, float, int, int]:
     """The radii of :func:`basin_radii` along directions ``block = (a, b)`` of
     ``cfg.directions`` (default all): ``(radii (2(b-a),) for +d_a..+d_{b-1} then -d_a..,
-    loss evaluations, centre loss, absolute cutoff, perturbed coordinates n)``.
+    loss evaluations, centre loss, absolute cutoff, perturbed coordinates n, radii that
+    a ``cfg.precision`` below float32 got wrong and float32 redid)``.
 
     Directions are drawn one after another from one generator and each radius
     depends on its own direction only, so the blocks of a split, put back in
@@ -342,25 +350,40 @@ def direction_radii(model: nn.Module, params: Params, data: Dataset | tuple[torc
     d = {k: torch.cat([v[a:], -v[a:]]) for k, v in d.items()}  # (2K, ...): d and -d
     k = 2 * (b - a)
 
-    def loss_fn(ts: torch.Tensor) -> torch.Tensor:
-        return evaluate_points(model, centre, d, ts, x, y, buffers, cfg.memory_mb, bn=bn)[0]
+    def loss_at(precision: Precision) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda ts: evaluate_points(model, centre, d, ts, x, y, buffers, cfg.memory_mb,
+                                          bn=bn, precision=precision)[0]
 
     first = one(d, 0)
     centre_loss = float(evaluate_points(model, centre, first, torch.zeros(1), x, y, buffers,
                                         cfg.memory_mb, bn=bn)[0][0])
     cut = cfg.cutoff * (centre_loss if cfg.cutoff_kind is CutoffKind.RELATIVE else 1.0)
-    r, evals = find_radii(loss_fn, k, cut, cfg.r_max, cfg.rtol, cfg.method, cfg.grid_points,
-                          cfg.grid, cfg.grid_power, cfg.bracket_points, centre_loss,
-                          cfg.bracket_ratio)
-    return r, evals, centre_loss, cut, n_perturbed(theta, spec.kind, spec.bias)
+    def radii(precision: Precision) -> tuple[torch.Tensor, int]:
+        return find_radii(loss_at(precision), k, cut, cfg.r_max, cfg.rtol, cfg.method,
+                          cfg.grid_points, cfg.grid, cfg.grid_power, cfg.bracket_points,
+                          centre_loss, cfg.bracket_ratio)
+
+    r, evals = radii(cfg.precision)
+    moved = 0
+    if cfg.precision is not Precision.FLOAT32:
+        moved = int((~check_radii(loss_at(Precision.FLOAT32), r, cut, cfg.rtol,
+                                  cfg.r_max)).sum())
+        evals += 2 * k
+        if moved:
+            r, more = radii(Precision.FLOAT32)
+            evals += more
+    return r, evals, centre_loss, cut, n_perturbed(theta, spec.kind, spec.bias), moved
 
 
 def radii_result(radii: torch.Tensor, n: int, centre_loss: float, cutoff: float, evals: int,
-                 cfg: VolumeConfig, bn: str = "eval") -> BasinResult:
-    """:func:`volume_from_radii` with ``cfg``'s bootstrap, warning when radii hit r_max."""
+                 cfg: VolumeConfig, bn: str = "eval", moved: int = 0) -> BasinResult:
+    """:func:`volume_from_radii` with ``cfg``'s bootstrap, warning when radii hit r_max;
+    ``moved``: radii a low-precision pass got wrong and full precision redid."""
     r, cut = radii, cutoff
     res = volume_from_radii(r, n, centre_loss, cut, evals, {**cfg.to_dict(), "bn": bn},
                             cfg.n_bootstrap, cfg.seed, cfg.r_max)
+    if cfg.precision is not Precision.FLOAT32:
+        res.diagnostics["precision_moved"] = moved  # radii redone in full precision if > 0
     if res.n_at_r_max:
         warnings.warn(BasinWarning(
             f"{res.n_at_r_max} of {len(r)} radii reached r_max={cfg.r_max:g} without crossing "

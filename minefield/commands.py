@@ -61,7 +61,9 @@ _SEARCH = [("every", "--every"), ("start", "--start"), ("stop", "--stop"),
            ("extra_share", "--extra-share"), ("stopping", "--stop-rule"),
            ("target_train", "--target-train"), ("target_poison_acc", "--target-poison"),
            ("poison_cap", "--poison-cap"), ("beta_step", "--beta-step"),
-           ("beta_max", "--beta-max"), ("adapt_from", "--adapt-from"), *_train("seed"),
+           ("beta_max", "--beta-max"), ("adapt_from", "--adapt-from"),
+           ("continue_below", "--continue-below"), ("continue_steps", "--continue-steps"),
+           *_train("seed"),
            ("max_batch", "--max-batch"), ("memory_mb", "--memory-mb")]
 _EMBED = [("perplexity", "--perplexity"), ("seed", "--seed"), ("n_iter", "--n-iter"),
           ("pca_dims", "--pca-dims")]
@@ -71,7 +73,8 @@ _VOLUME = [("n_directions", "--directions"), ("cutoff", "--cutoff"), ("r_max", "
            ("memory_mb", "--memory-mb"), ("estimator", "--estimator"),
            ("preconditioner", "--preconditioner"), ("sigma", "--sigma"),
            ("n_chains", "--chains"), ("n_replicates", "--replicates"),
-           ("walk_length", "--walk"), ("power", "--power")]
+           ("walk_length", "--walk"), ("power", "--power"),
+           ("precision", "--precision")]
 
 
 def _get(obj: Any, dotted: str) -> Any:

@@ -37,12 +37,15 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
+from .autotune import cache_clamped, choose_path, memory_budget_mb, probe_key
 from .functional import (
     Params,
     _mlp_forward,
@@ -55,10 +58,10 @@ from .functional import (
     stacked_forward,
 )
 from .loss import nll, predict
-from .options import BNPolicy, EnginePath, option
+from .options import BNPolicy, EnginePath, Precision, option
 
 __all__ = ["BNPolicy", "LOSSES", "evaluate_points", "evaluate_combinations",
-           "evaluate_points_loop", "mlp_fast_path"]
+           "evaluate_points_loop", "mlp_fast_path", "precision_error"]
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"nll": nll}
 
@@ -66,12 +69,22 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"nll"
 _CACHE_BYTES = 8 * 2**20
 
 
-def _use_fast(model: nn.Module, buffers: Params | None, path: EnginePath | str) -> bool:
+def _candidates(model: nn.Module, buffers: Params | None, path: EnginePath | str,
+                x: torch.Tensor) -> list[str]:
+    """The paths ``path`` allows for this model, the preferred (unprobed) one first."""
     path = option(EnginePath, path, "engine path")
-    ok = mlp_fast_path(model) and not buffers
-    if path is EnginePath.MLP and not ok:
+    mlp_ok = mlp_fast_path(model) and not buffers
+    if path is EnginePath.MLP and not mlp_ok:
         raise ValueError("path 'mlp' needs a plain nn.Sequential MLP without buffers")
-    return ok and path is not EnginePath.VMAP
+    if path not in (EnginePath.AUTO, EnginePath.PROBE):
+        return [path.value]
+    conv = x.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if path is EnginePath.AUTO and x.device.type == "cpu":  # a fixed rule: reproducible
+        bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        return ["mlp" if mlp_ok else "loop_cl" if conv and bn else "vmap"]
+    if mlp_ok:
+        return ["mlp", "vmap"]
+    return ["vmap", "loop", "loop_cl"] if conv else ["vmap", "loop"]
 
 
 def _layout(params: Params, model: nn.Module, fast: bool) -> Params:
@@ -92,13 +105,46 @@ def _policy(bn: BNPolicy | str) -> BNPolicy:
     return option(BNPolicy, bn, "BatchNorm policy")
 
 
+@contextlib.contextmanager
+def _arithmetic(precision: Precision, device: torch.device):
+    """``bf16``: autocast; ``tf32``: TF32 matmuls/convolutions on CUDA (restored after)."""
+    if precision is Precision.BF16:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    elif precision is Precision.TF32 and device.type == "cuda":
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    else:
+        yield
+
+
+def _looped_logits(model: nn.Module, p: Params, x: torch.Tensor, b: Params | None,
+                   channels_last: bool) -> torch.Tensor:
+    """``(m, N, C)``: each point of the stack ``p`` run alone on all of ``x``, as an
+    ordinary module call (one plain convolution per layer instead of a grouped one)."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = []
+    for i in range(n_members(p)):
+        pi = {k: (v[i].contiguous(memory_format=torch.channels_last)
+                  if channels_last and v.dim() == 5 else v[i]) for k, v in p.items()}
+        bi = {k: v[i] for k, v in b.items()} if b else {}
+        out.append(functional_call(model, (pi, bi), (x,)))
+    return torch.stack(out)
+
+
 @torch.no_grad()
 def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype,
               make: Callable[[slice], Params], x: torch.Tensor, y: torch.Tensor,
-              buffers: Params | None, memory_mb: float, bn: BNPolicy, loss: str, fast: bool
+              buffers: Params | None, memory_mb: float | None, bn: BNPolicy, loss: str,
+              path: str, precision: Precision = Precision.FLOAT32
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss (n_points,), acc (n_points,))``; ``make(sl)`` builds the points ``sl``
-    (in the :func:`_layout` of the chosen path)."""
+    (in the :func:`_layout` of ``path``: ``mlp``, ``vmap``, ``loop`` or ``loop_cl``)."""
     loss_fn = _check_loss(loss)
     dev = y.device
     out_loss = torch.zeros(n_points, dtype=torch.float64, device=dev)
@@ -112,47 +158,89 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
     size = torch.finfo(dtype).bits // 8
     mdt = next(model.parameters()).dtype  # activation_elements runs the module itself
     per = activation_elements(model, x[:1].to(mdt)) * size  # bytes per (point, input)
-    budget = memory_mb * 2**20
+    budget = memory_budget_mb(dev, memory_mb) * 2**20
     pts = n if bn is BNPolicy.BATCH else max(1, min(n, int(budget // (per + 1))))
-    mem = max(1, min(n_points, int(budget // (per * pts + 3 * n_params * size))))
-    if fast:  # keep one layer's activations cache-sized: bandwidth, not FLOPs, limits
+    looped = path in ("loop", "loop_cl")
+    # a looped chunk keeps one point's activations alive; a vmapped one every point's
+    act = per * pts * (0 if looped else 1)
+    mem = max(1, min(n_points, int(budget // (act + 3 * n_params * size))))
+    if path == "mlp" and cache_clamped(dev):
+        # keep one layer's activations cache-sized: bandwidth, not FLOPs, limits on a CPU
         width = max(m.out_features for m in model if isinstance(m, nn.Linear))
         mem = max(1, min(mem, _CACHE_BYTES // (pts * width * size)))
     was = model.training
     model.train(bn is BNPolicy.BATCH)
     try:
-        for i in range(0, n_points, mem):
-            sl = slice(i, min(n_points, i + mem))
-            p = make(sl)
-            m = n_members(p)
-            b = ({k: v.expand(m, *v.shape[1:]).clone() for k, v in one(buffers, 0).items()}
-                 if buffers else None)
-            for j in range(0, n, pts):
-                ps = slice(j, min(n, j + pts))
-                logits = (_mlp_forward(model, p, x[ps], transposed=True) if fast
-                          else stacked_forward(model, p, x[ps], b, path="vmap"))
-                out_loss[sl] += loss_fn(logits, y[ps]).sum(-1).double()
-                out_acc[sl] += (predict(logits) == y[ps]).sum(-1).double()
+        with _arithmetic(precision, dev):
+            for i in range(0, n_points, mem):
+                sl = slice(i, min(n_points, i + mem))
+                p = make(sl)
+                m = n_members(p)
+                b = ({k: v.expand(m, *v.shape[1:]).clone() for k, v in one(buffers, 0).items()}
+                     if buffers else None)
+                for j in range(0, n, pts):
+                    ps = slice(j, min(n, j + pts))
+                    if path == "mlp":
+                        logits = _mlp_forward(model, p, x[ps], transposed=True)
+                    elif looped:
+                        logits = _looped_logits(model, p, x[ps], b, path == "loop_cl")
+                    else:
+                        logits = stacked_forward(model, p, x[ps], b, path="vmap")
+                    logits = logits.to(dtype)
+                    out_loss[sl] += loss_fn(logits, y[ps]).sum(-1).double()
+                    out_acc[sl] += (predict(logits) == y[ps]).sum(-1).double()
     finally:
         model.train(was)
     return out_loss / n, out_acc / n
 
 
+def _run(model: nn.Module, n_points: int, dtype: torch.dtype, makers: dict[bool, Callable],
+         n_params: int, x: torch.Tensor, y: torch.Tensor, buffers: Params | None,
+         memory_mb: float | None, bn: BNPolicy, loss: str, candidates: list[str],
+         precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the path (probing the candidates on a few points, cached) and evaluate."""
+    def evaluate(p: str, k: int = n_points, xs=x, ys=y):
+        return _evaluate(model, k, n_params, dtype, makers[p == "mlp"], xs, ys, buffers,
+                         memory_mb, bn, loss, p, precision)
+
+    # The probe: a chunk of points on a slice of the inputs per candidate. MLP points are
+    # cheap and their batched path only shows its worth on many points at once; conv
+    # points are dear, a few tell the per-point cost.
+    cuda = y.device.type == "cuda"
+    if "mlp" in candidates:
+        q, nx = min(n_points, 256), min(len(y), 256)
+    else:
+        q, nx = min(n_points, 8 if cuda else 4), min(len(y), 512 if cuda else 32)
+    if len(candidates) > 1 and q and nx:
+        key = probe_key(model, makers[False](slice(0, 1)), x[:nx], (bn.value, precision.value))
+        path = choose_path(key, candidates, lambda p: lambda: evaluate(p, q, x[:nx], y[:nx]),
+                           per=q, device=y.device, repeats=1)
+    else:
+        path = candidates[0]
+    return evaluate(path)
+
+
 def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: torch.Tensor,
                     x: torch.Tensor, y: torch.Tensor, buffers: Params | None = None,
-                    memory_mb: float = 256.0, loss: str = "nll",
+                    memory_mb: float | None = None, loss: str = "nll",
                     bn: BNPolicy | str = "eval", path: EnginePath | str = "auto",
-                    starts: Params | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    starts: Params | None = None, precision: Precision | str = "float32"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and accuracy at ``theta + ts[k, j] * d_k`` for every direction k and distance j.
 
     ``center``: one model with a member dim of 1; ``directions``: ``(K, ...)``;
     ``ts``: ``(K,)`` (one distance per direction) or ``(K, T)``. Returns
     ``(loss, acc)`` in float64 with the shape of ``ts``. The points are formed
     in the centre's dtype, so float64 parameters give a float64 evaluation.
-    ``path``: ``auto`` (batched matmuls for plain MLPs, else vmap), ``mlp`` or ``vmap``.
+    ``path``: ``auto`` (the fastest by a cached timing probe, see
+    :mod:`minefield.autotune`), or one of ``mlp``, ``vmap``, ``loop``, ``loop_cl``.
+    ``memory_mb``: chunk budget, ``None`` for the device's default
+    (:func:`~minefield.autotune.memory_budget_mb`). ``precision``: ``float32`` (the
+    parameters' dtype), or the opt-in ``bf16`` / ``tf32`` (see :func:`precision_error`).
     ``starts`` ``(K, ...)``: lines from ``theta + s_k`` instead (hit-and-run chords).
     """
     bn = _policy(bn)
+    precision = option(Precision, precision, "precision")
     dtype = center[next(iter(center))].dtype
     check_single(center, "the centre")
     k_dirs = next(iter(directions.values())).shape[0]
@@ -160,58 +248,84 @@ def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: to
     if ts.dim() not in (1, 2) or ts.shape[0] != k_dirs:
         raise ValueError(f"ts must be (K,) or (K, T) with K = {k_dirs} directions, "
                          f"got shape {tuple(ts.shape)}")
-    fast = _use_fast(model, buffers, path)
-    c = _layout(center, model, fast)
-    d = _layout({k: v.to(dtype) for k, v in directions.items()}, model, fast)
-    if starts is not None:
-        c0 = c
-        s0 = _layout({k: v.to(dtype) for k, v in starts.items()}, model, fast)
-    dev = c[next(iter(c))].device
+    candidates = _candidates(model, buffers, path, x)
+    dev = center[next(iter(center))].device
     t_flat = ts.reshape(-1).to(dtype=dtype, device=dev)
     k_idx = torch.arange(k_dirs, device=dev).repeat_interleave(
         1 if ts.dim() == 1 else ts.shape[1])
 
-    def make(sl: slice) -> Params:
-        t = t_flat[sl]
-        base = c if starts is None else {k: c0[k] + s0[k][k_idx[sl]] for k in c0}
-        return {k: torch.addcmul(v, t.view(-1, *[1] * (v.dim() - 1)), d[k][k_idx[sl]])
-                for k, v in base.items()}
+    def maker(fast: bool) -> Callable[[slice], Params]:
+        c = _layout(center, model, fast)
+        d = _layout({k: v.to(dtype) for k, v in directions.items()}, model, fast)
+        s0 = (None if starts is None
+              else _layout({k: v.to(dtype) for k, v in starts.items()}, model, fast))
 
-    n_params = sum(v[0].numel() for v in c.values())
-    lo, ac = _evaluate(model, t_flat.numel(), n_params, dtype, make, x, y, buffers,
-                       memory_mb, bn, loss, fast)
+        def make(sl: slice) -> Params:
+            t = t_flat[sl]
+            base = c if s0 is None else {k: c[k] + s0[k][k_idx[sl]] for k in c}
+            return {k: torch.addcmul(v, t.view(-1, *[1] * (v.dim() - 1)), d[k][k_idx[sl]])
+                    for k, v in base.items()}
+        return make
+
+    makers = {f: maker(f) for f in {p == "mlp" for p in candidates} | {False}}
+    n_params = sum(v[0].numel() for v in center.values())
+    lo, ac = _run(model, t_flat.numel(), dtype, makers, n_params, x, y, buffers, memory_mb, bn,
+                  loss, candidates, precision)
     return lo.reshape(ts.shape), ac.reshape(ts.shape)
 
 
 def evaluate_combinations(model: nn.Module, center: Params, basis: Params, coeffs: torch.Tensor,
                           x: torch.Tensor, y: torch.Tensor, buffers: Params | None = None,
-                          memory_mb: float = 256.0, loss: str = "nll",
-                          bn: BNPolicy | str = "eval", path: EnginePath | str = "auto"
+                          memory_mb: float | None = None, loss: str = "nll",
+                          bn: BNPolicy | str = "eval", path: EnginePath | str = "auto",
+                          precision: Precision | str = "float32"
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and accuracy at ``theta + sum_b coeffs[i, b] basis_b`` for every row i.
 
     ``basis``: ``(B, ...)`` (e.g. the two directions of a plane); ``coeffs``:
     ``(N_points, B)``. Returns ``(loss (N_points,), acc (N_points,))`` in float64.
+    ``path``, ``memory_mb`` and ``precision`` as in :func:`evaluate_points`.
     """
     bn = _policy(bn)
+    precision = option(Precision, precision, "precision")
     dtype = center[next(iter(center))].dtype
     check_single(center, "the centre")
     n_basis = next(iter(basis.values())).shape[0]
-    fast = _use_fast(model, buffers, path)
-    c = _layout(center, model, fast)
-    v = _layout({k: b.to(dtype) for k, b in basis.items()}, model, fast)
-    coeffs = torch.as_tensor(coeffs).to(dtype=dtype, device=c[next(iter(c))].device)
+    candidates = _candidates(model, buffers, path, x)
+    coeffs = torch.as_tensor(coeffs).to(dtype=dtype, device=center[next(iter(center))].device)
     if coeffs.dim() != 2 or coeffs.shape[1] != n_basis:
         raise ValueError(f"coeffs must be (N, {n_basis}), got shape {tuple(coeffs.shape)}")
 
-    def make(sl: slice) -> Params:
-        a = coeffs[sl]
-        return {k: (c0.reshape(1, -1) + a @ v[k].reshape(n_basis, -1)).reshape(-1, *c0.shape[1:])
-                for k, c0 in c.items()}
+    def maker(fast: bool) -> Callable[[slice], Params]:
+        c = _layout(center, model, fast)
+        v = _layout({k: b.to(dtype) for k, b in basis.items()}, model, fast)
 
-    n_params = sum(t[0].numel() for t in c.values())
-    return _evaluate(model, coeffs.shape[0], n_params, dtype, make, x, y, buffers,
-                     memory_mb, bn, loss, fast)
+        def make(sl: slice) -> Params:
+            a = coeffs[sl]
+            return {k: (c0.reshape(1, -1) + a @ v[k].reshape(n_basis, -1)).reshape(
+                -1, *c0.shape[1:]) for k, c0 in c.items()}
+        return make
+
+    makers = {f: maker(f) for f in {p == "mlp" for p in candidates} | {False}}
+    n_params = sum(t[0].numel() for t in center.values())
+    return _run(model, coeffs.shape[0], dtype, makers, n_params, x, y, buffers, memory_mb, bn,
+                loss, candidates, precision)
+
+
+def precision_error(model: nn.Module, center: Params, directions: Params, ts: torch.Tensor,
+                    x: torch.Tensor, y: torch.Tensor, precision: Precision | str,
+                    buffers: Params | None = None, bn: BNPolicy | str = "eval",
+                    path: EnginePath | str = "auto") -> float:
+    """Largest ``|L_precision - L_float32|`` over the points of :func:`evaluate_points`.
+
+    The report that goes with the opt-in ``bf16`` / ``tf32`` evaluation: a radius
+    found by bisection on a cutoff ``c`` moves by about ``error / |dL/dt|``, so an
+    error well below ``c * rtol`` leaves radii inside the bisection tolerance.
+    """
+    ref = evaluate_points(model, center, directions, ts, x, y, buffers, bn=bn, path=path)[0]
+    low = evaluate_points(model, center, directions, ts, x, y, buffers, bn=bn, path=path,
+                          precision=precision)[0]
+    return float((low - ref).abs().max())
 
 
 @torch.no_grad()

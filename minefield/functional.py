@@ -46,7 +46,7 @@ from .stacked import (  # noqa: F401 - the stack operations, re-exported from th
 
 __all__ = [
     "Stacked", "stack", "member", "one", "alone", "select", "check_single", "n_members", "flatten",
-    "unflatten", "is_weight", "stacked_forward",
+    "unflatten", "is_weight", "stacked_forward", "single_forward",
     "buffers_like", "chunked_forward", "activation_elements", "mlp_fast_path",
 ]
 
@@ -122,21 +122,38 @@ def stacked_forward(model: nn.Module, params: Params, x: torch.Tensor,
     ``per_member_x=True``. BatchNorm follows the module's mode: call
     ``model.train()`` to use batch statistics (updating the stacked ``buffers``
     in place), ``model.eval()`` (the default) to use the running statistics.
-    ``path="auto"`` runs plain MLPs (:func:`mlp_fast_path`) as batched matmuls and
-    everything else through ``functional_call`` under ``vmap``; ``path="vmap"``
-    always takes the latter.
+    ``path="auto"`` runs plain MLPs (:func:`mlp_fast_path`) as batched matmuls, a
+    stack of one as the plain module (:func:`single_forward`) and everything else
+    through ``functional_call`` under ``vmap``; ``path="vmap"`` always takes the latter.
     """
     buffers = buffers or {}
     if path not in ("auto", "vmap"):
         raise ValueError(f"unknown forward path {path!r}; use auto or vmap")
     if path == "auto" and not buffers and not per_member_x and mlp_fast_path(model):
         return _mlp_forward(model, params, x)
+    if path == "auto" and not per_member_x and n_members(params) == 1:
+        return single_forward(model, params, x, buffers)
 
     def f(p, b, xx):
         return functional_call(model, (p, b), (xx,))
 
     in_b = 0 if buffers else None
     return vmap(f, in_dims=(0, in_b, 0 if per_member_x else None))(params, buffers, x)
+
+
+def single_forward(model: nn.Module, params: Params, x: torch.Tensor,
+                   buffers: Params | None = None) -> torch.Tensor:
+    """A stack of one member run as the plain module: logits ``(1, N, C)``.
+
+    No ``vmap``: each layer is the ordinary kernel (one convolution, not a grouped
+    one), so one model trains and evaluates as fast as ``nn.Module`` code. The
+    member's views ``params[k][0]`` carry gradients back to the stack, and
+    BatchNorm in training mode updates ``buffers[k][0]`` in place, as the stacked
+    path does. Same values as the ``vmap`` path up to rounding.
+    """
+    p = {k: v[0] for k, v in params.items()}
+    b = {k: v[0] for k, v in (buffers or {}).items()}
+    return functional_call(model, (p, b), (x,)).unsqueeze(0)
 
 
 _ACT_CACHE: dict[tuple, int] = {}
@@ -163,7 +180,8 @@ def activation_elements(model: nn.Module, sample: torch.Tensor) -> int:
             with torch.no_grad():
                 was = model.training
                 model.eval()
-                model(sample[:1].detach().cpu())
+                mdt = next(model.parameters()).dtype  # the sample may be float64
+                model(sample[:1].detach().cpu().to(mdt))
                 model.train(was)
         finally:
             for h in handles:

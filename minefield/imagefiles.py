@@ -90,7 +90,7 @@ def cifar10(cfg: DataConfig) -> Dataset:
     # Poison: a held-out part of the training batches (same distribution, true labels).
     rng = np.random.RandomState(_seed(cfg, 0))
     perm = rng.permutation(len(x))
-    n_p = 10000 if cfg.n_poison is None else min(cfg.n_poison, len(x) // 2)
+    n_p = min(10000 if cfg.n_poison is None else cfg.n_poison, len(x) // 2)
     n_tr = cfg.n_train or len(x) - n_p
     p_idx, tr_idx = perm[:n_p], perm[n_p:n_p + n_tr]
     n_te = cfg.n_test or len(xt)

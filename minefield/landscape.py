@@ -177,7 +177,7 @@ def line_direction(a: Params, b: Params) -> Params:
 
 def slice_1d(model: nn.Module, center: Params, direction: Params, ts: torch.Tensor,
              data: Dataset, splits: Sequence[str] = ("train", "test"),
-             buffers: Params | None = None, memory_mb: float = 256.0,
+             buffers: Params | None = None, memory_mb: float | None = None,
              config: dict[str, Any] | None = None) -> Slice:
     """Loss and accuracy at ``center + t * direction`` for every ``t`` in ``ts`` (T,).
 
@@ -202,7 +202,7 @@ def plane_directions(theta: Params, spec: DirectionSpec = DirectionSpec()) -> Pa
 
 def surface(model: nn.Module, center: Params, directions: Params, xs: torch.Tensor,
             ys: torch.Tensor, data: Dataset, splits: Sequence[str] = ("train",),
-            buffers: Params | None = None, memory_mb: float = 256.0,
+            buffers: Params | None = None, memory_mb: float | None = None,
             partial: Surface | None = None, on_block: Callable[[Surface], None] | None = None,
             block_rows: int = 4, config: dict[str, Any] | None = None) -> Surface:
     """Metrics on the plane ``center + xs[i] d_1 + ys[j] d_2``, ``directions`` ``(2, ...)``.

@@ -57,7 +57,7 @@ class NetworkLines:
 
     def __init__(self, model: nn.Module, centre: Params, x: torch.Tensor, y: torch.Tensor,
                  spec: DirectionSpec = DirectionSpec(), buffers: Params | None = None,
-                 memory_mb: float = 256.0, bn: str = "eval"):
+                 memory_mb: float | None = None, bn: str = "eval"):
         self.model, self.centre, self.x, self.y = model, centre, x, y
         self.buffers, self.memory_mb, self.bn = buffers, memory_mb, bn
         theta = member(centre, 0)

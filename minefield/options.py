@@ -23,7 +23,7 @@ from typing import Any
 __all__ = ["ConfigError", "option", "choices", "Optimizer", "PoisonObjective", "StopRule",
            "CutoffKind", "RadiusMethod", "Grid", "DirectionKind", "BiasPolicy", "BNPolicy",
            "EnginePath", "Init", "Activation", "Split", "EmbedCheckpoints", "Estimator",
-           "CurvatureKind", "ExecutorKind", "SamKind"]
+           "CurvatureKind", "ExecutorKind", "SamKind", "Precision"]
 
 
 class ConfigError(ValueError):
@@ -118,11 +118,31 @@ class BNPolicy(str, enum.Enum):
 
 
 class EnginePath(str, enum.Enum):
-    """``auto``: batched matmuls for plain MLPs, else ``vmap``; or force one of them."""
+    """How the engine batches points (:mod:`minefield.engine`). ``probe``: the fastest
+    of the paths below by a cached timing probe (:mod:`minefield.autotune`); ``auto``:
+    the probe on CUDA, and on a CPU a fixed rule measured by ``benchmarks/bench_real.py``
+    (plain MLPs ``mlp``; conv nets with BatchNorm ``loop_cl``; others ``vmap``), so that
+    the same seed gives the same numbers whatever the machine's load (paths agree only
+    to rounding); or force one: ``mlp`` (batched matmuls, plain MLPs), ``vmap`` (every
+    point of a chunk in one call), ``loop`` (one point at a time on the whole data
+    batch), ``loop_cl`` (``loop`` with channels_last images)."""
 
     AUTO = "auto"
+    PROBE = "probe"
     MLP = "mlp"
     VMAP = "vmap"
+    LOOP = "loop"
+    LOOP_CL = "loop_cl"
+
+
+class Precision(str, enum.Enum):
+    """Arithmetic of an engine evaluation: ``float32`` (the parameters' own dtype, exact
+    reference), ``bf16`` (autocast to bfloat16) or ``tf32`` (TF32 matmuls and convolutions
+    on CUDA; on a CPU the same as ``float32``)."""
+
+    FLOAT32 = "float32"
+    BF16 = "bf16"
+    TF32 = "tf32"
 
 
 class Init(str, enum.Enum):

@@ -22,7 +22,7 @@ import torch
 
 from .options import Grid, RadiusMethod, option
 
-__all__ = ["find_radii", "radius_grid"]
+__all__ = ["find_radii", "radius_grid", "check_radii"]
 
 
 def radius_grid(r_max: float, points: int, kind: Grid | str = Grid.POWER, power: float = 5.0
@@ -99,3 +99,23 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
         hi, lo = torch.where(active & above, mid, hi), torch.where(active & ~above, mid, lo)
     r = torch.where(hit, (lo + hi) / 2, torch.full_like(hi, r_max))
     return r, evals
+
+
+def check_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], r: torch.Tensor,
+                cutoff: float, rtol: float, r_max: float) -> torch.Tensor:
+    """``(k,)`` bool: whether each radius is a valid answer for ``loss_fn`` to ``rtol``.
+
+    A crossing radius ``0 < r < r_max`` is valid when ``L(r (1 - rtol)) < cutoff <=
+    L(r (1 + rtol))`` (a crossing lies within the bisection's tolerance of ``r``);
+    ``r = r_max`` when ``L(r_max) < cutoff``; ``r = 0`` is always kept (the centre
+    decides it). Two evaluations per direction: how radii bisected in a low precision
+    (``bf16``) are checked in the parameters' own.
+    """
+    r = r.double()
+    hit = (r > 0) & (r < r_max)
+    lo = torch.where(hit, r * (1 - rtol), r)
+    hi = torch.where(hit, (r * (1 + rtol)).clamp(max=r_max), r)
+    loss = loss_fn(torch.stack([lo, hi], 1)).double().cpu()  # (k, 2)
+    ok_hit = (loss[:, 0] < cutoff) & (loss[:, 1] >= cutoff)
+    ok_max = loss[:, 1] < cutoff
+    return torch.where(hit, ok_hit, torch.where(r > 0, ok_max, torch.ones_like(ok_hit)))

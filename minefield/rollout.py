@@ -44,7 +44,7 @@ class Rollouts:
 def rollouts(model: nn.Module, params: Params, data: Dataset | tuple[torch.Tensor, ...],
              n_directions: int = 20, ts: torch.Tensor | None = None,
              spec: DirectionSpec = DirectionSpec(), buffers: Params | None = None,
-             memory_mb: float = 256.0, cutoff: float = float("nan")) -> Rollouts:
+             memory_mb: float | None = None, cutoff: float = float("nan")) -> Rollouts:
     """Loss along the first ``n_directions`` directions of ``spec`` (the same ones
     :func:`basin_radii` uses), at signed distances ``ts`` (default linspace(-0.5, 0.5, 101))."""
     x, y = train_xy(data)

@@ -82,7 +82,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import PoisonObjective
+from .config import PoisonObjective, TrainConfig
 from .data import Dataset
 from .evaluate import evaluate_members
 from .functional import activation_elements, is_weight
@@ -265,9 +265,10 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
     betas = torch.full((m,), beta, dtype=torch.float64)
     active = torch.arange(m)
     step, opt_state = 0, None
-    while len(active) and step < cfg.steps:
-        end = min(cfg.steps, step + cfg.compact_every)
-        seg = tc.replace(steps=end, checkpoint_every=end)
+    horizon = cfg.steps + cfg.extra_steps
+    while len(active) and step < horizon:
+        end = min(cfg.steps if step < cfg.steps else horizon, step + cfg.compact_every)
+        seg = _segment(tc, cfg, step, end)
         captured: dict[str, Any] = {}
 
         def keep_state(s, _p, _b, opt, end=end, captured=captured):
@@ -279,14 +280,15 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
                   poison_weight=weight, eval_data=data, progress=progress,
                   desc=f"search {step}-{end}", isolated=cfg.isolate)
         done = torch.tensor([s is not None for s in res.stopped_at])
-        for i in (done if step + cfg.compact_every < cfg.steps else torch.ones_like(done)
-                  ).nonzero().flatten().tolist():
+        if end >= cfg.steps:
+            done |= _trained_enough(cfg, res.history, end, len(active))
+        for i in (done if end < cfg.steps else torch.ones_like(done)).nonzero().flatten().tolist():
             for k in final:
                 final[k][active[i]] = res.params[k][i]
-            if res.stopped_at[i] is not None:
-                steps[active[i]] = res.stopped_at[i]
+            stopped = res.stopped_at[i]
+            steps[active[i]] = stopped if stopped is not None else end
         keep = (~done).nonzero().flatten()
-        if "opt" not in captured or end >= cfg.steps:
+        if "opt" not in captured or end >= horizon or not len(keep):
             break
         _adapt_betas(cfg, betas, active, keep, res.history, end)
         cur = {k: v.detach().clone() for k, v in select(res.params, keep).items()}
@@ -296,6 +298,26 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
     with torch.no_grad():
         metrics = evaluate_members(model, final, data, isolated=cfg.isolate)
     return SearchResult(final, steps, metrics, betas)
+
+
+def _segment(tc: TrainConfig, cfg: SearchConfig, step: int, end: int) -> TrainConfig:
+    """Training config of the segment ``[step, end)``; past ``cfg.steps`` (continuation)
+    the learning rate replays the schedule's last ``cfg.extra_steps`` steps."""
+    seg = tc.replace(steps=end, checkpoint_every=end)
+    if step < cfg.steps:
+        return seg
+    return seg.replace(milestones=tuple(s + cfg.extra_steps for s in tc.milestones))
+
+
+def _trained_enough(cfg: SearchConfig, history: list[dict[str, Any]], step: int,
+                    m: int) -> torch.Tensor:
+    """``(m,)`` bool: members that need no continuation at ``step`` (train accuracy at
+    least ``cfg.continue_below``, or continuation off)."""
+    if cfg.continue_below is None or step >= cfg.steps + cfg.extra_steps:
+        return torch.ones(m, dtype=torch.bool)
+    acc = {r["member"]: r["train_acc"] for r in history if r["step"] == step}
+    # a member missing from the last log stopped earlier (target reached)
+    return torch.tensor([acc.get(i, 1.0) >= cfg.continue_below - 1e-9 for i in range(m)])
 
 
 def _adapt_betas(cfg: SearchConfig, betas: torch.Tensor, active: torch.Tensor,

@@ -56,6 +56,12 @@ class SearchConfig(_Config):
     poison points (``extra_poison``: how many, ``None`` for the default;
     ``extra_share``: their share of the poison term). ``max_batch``
     members train together, fewer if ``memory_mb`` would be exceeded.
+
+    Continuation: a member whose train accuracy is still below ``continue_below``
+    when the schedule ends keeps training, up to ``continue_steps`` more steps
+    (``None``: a quarter of ``train.steps``) over which the learning rate replays the
+    schedule's last ``continue_steps`` steps; it stops at the first ``compact_every``
+    boundary where it reaches ``continue_below`` (``None``: no continuation).
     ``isolate`` (default) computes every member on kernels shaped for one model
     (:func:`minefield.step.isolated`), so a minimum is bit-for-bit the same
     whatever ``max_batch`` or ``memory_mb`` group it with; ``isolate=False`` runs
@@ -83,6 +89,8 @@ class SearchConfig(_Config):
     beta_max: float = 0.6
     adapt_from: int = 10000
     compact_every: int = 500
+    continue_below: float | None = 0.9
+    continue_steps: int | None = None
     max_batch: int = 256
     memory_mb: float = 1024.0
     isolate: bool = True
@@ -112,6 +120,11 @@ class SearchConfig(_Config):
                               "share of the poison term (search.extra_share > 0)")
         if self.memory_mb <= 0:
             raise ConfigError(f"search.memory_mb must be > 0, got {self.memory_mb}")
+        if (self.continue_below is not None and not 0.0 <= self.continue_below <= 1.0) or (
+                self.continue_steps is not None and self.continue_steps < 0):
+            raise ConfigError("search.continue_below must be in [0, 1] and "
+                              f"search.continue_steps >= 0, got {self.continue_below} and "
+                              f"{self.continue_steps}")
         if self.poison_cap is not None and not 0.0 <= self.poison_cap <= 1.0:
             raise ConfigError(f"search.poison_cap must be in [0, 1], got {self.poison_cap}")
         if self.beta_step < 0 or not 0.0 <= self.beta_max < 1.0 or self.adapt_from < 0:
@@ -124,6 +137,13 @@ class SearchConfig(_Config):
     def adapt_until(self) -> int:
         """The step at which the poison factor stops adapting: the first learning-rate drop."""
         return self.train.milestones[0] if self.train.milestones else self.train.steps
+
+    @property
+    def extra_steps(self) -> int:
+        """Most steps a member below ``continue_below`` trains past ``train.steps``."""
+        if self.continue_below is None:
+            return 0
+        return self.train.steps // 4 if self.continue_steps is None else self.continue_steps
 
     @property
     def steps(self) -> int:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .compiled import CompiledObjective, sync
 from .config import Optimizer, TrainConfig
 from .data import Dataset
 from .evaluate import evaluate_members
@@ -50,6 +51,7 @@ class FitResult:
     step: int
     history: list[dict[str, Any]]
     stopped_at: list[int | None]
+    compiled: dict[str, Any] = field(default_factory=dict)  # CompiledObjective.report
 
 
 def make_optimizer(cfg: TrainConfig, leaves: list[torch.Tensor]) -> StackedOptimizer:
@@ -140,6 +142,8 @@ def fit(
     lrs: torch.Tensor | Sequence[float] | None = None,
     l2s: torch.Tensor | Sequence[float] | None = None,
     rhos: torch.Tensor | Sequence[float] | None = None,
+    compile_mode: str = "auto",
+    compile_backend: str = "inductor",
 ) -> FitResult:
     """Train the stack ``params`` ``(M, ...)`` on the poisoned objective for ``cfg.steps``.
 
@@ -164,6 +168,8 @@ def fit(
     clipping norms, logged metrics; see :func:`minefield.step.isolated`), so a
     member's trajectory is bit-for-bit the same in a stack of any size; it runs
     on one intra-op thread (restored on return).
+    ``compile_mode`` (``auto``/``on``/``off``): the objective under ``torch.compile``
+    when it pays, on CUDA only by default (:mod:`minefield.compiled`).
     Returns the final (or frozen) parameters and the logged history.
     """
     m = n_members(params)
@@ -203,6 +209,8 @@ def fit(
     history: list[dict[str, Any]] = []
     last_ckpt: int | None = start_step if start_step > 0 else None
     has_bn = any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in model.modules())
+    step_objective = CompiledObjective(objective, compile_mode, dev, cfg.steps - start_step,
+                                       backend=compile_backend)
 
     def log(step: int) -> bool:
         nonlocal done, last_ckpt
@@ -212,7 +220,6 @@ def fit(
         if not (torch.isfinite(vals["train_loss"]).all()
                 and torch.isfinite(vals["weight_norm"]).all()):
             raise _diverged(step, last_ckpt)
-        lr = cfg.lr_at(step)
         lr = (lr0 * cfg.lr_factor(step)).tolist()
         rows = [{"step": step, "member": i, "lr": lr[i], "beta": beta_vals[i],
                  **{k: float(v[i]) for k, v in vals.items()}} for i in range(m)]
@@ -248,7 +255,8 @@ def fit(
         torch.set_num_threads(1)  # start-up cost (much more so on a busy machine)
     try:
         if step % cfg.log_every == 0 and log(step):
-            return FitResult(_current(), buffers, step, history, stopped_at)
+            return FitResult(_current(), buffers, step, history, stopped_at,
+                             step_objective.report)
         if on_checkpoint and step % cfg.checkpoint_every == 0 and start_step == 0:
             on_checkpoint(step, _current(), buffers, opt)
             last_ckpt = step
@@ -257,7 +265,10 @@ def fit(
                 g["lr"] = cfg.lr_at(step)
             hyper.lr = lr0 * cfg.lr_factor(step)
             batch = _batch(data, cfg.seed, step, bs, bs_p if use_poison else 0, poison_weight)
-            train_step(model, leaves, buffers, opt, batch, hyper, objective, update)
+            t0 = sync(dev) if step_objective.timing else 0.0
+            train_step(model, leaves, buffers, opt, batch, hyper, step_objective, update)
+            if step_objective.timing:
+                step_objective.record(sync(dev) - t0)
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -273,4 +284,4 @@ def fit(
         bar.close()
         model.eval()
         torch.set_num_threads(threads)
-    return FitResult(_current(), buffers, step, history, stopped_at)
+    return FitResult(_current(), buffers, step, history, stopped_at, step_objective.report)

@@ -103,7 +103,7 @@ def test_errors():
         evaluate_points(model, c, d, torch.zeros(5), x, y, loss="hinge")
     with pytest.raises(ConfigError, match="BatchNorm policy: 'frozen' is not one of eval"):
         evaluate_points(model, c, d, torch.zeros(5), x, y, bn="frozen")
-    with pytest.raises(ConfigError, match="engine path: 'gpu' is not one of auto, mlp"):
+    with pytest.raises(ConfigError, match="engine path: 'gpu' is not one of auto, probe, mlp"):
         evaluate_points(model, c, d, torch.zeros(5), x, y, path="gpu")
     with pytest.raises(ValueError, match="coeffs must be"):
         evaluate_combinations(model, c, d, torch.zeros(3, 2), x, y)

@@ -3,11 +3,14 @@
 import pytest
 import torch
 
+from minefield import autotune
+from minefield.basin import VolumeConfig, basin_radii
 from minefield.config import DataConfig, ModelConfig, TrainConfig
-from minefield.data import load_dataset
+from minefield.data import Dataset, load_dataset
 from minefield.directions import random_directions
-from minefield.engine import evaluate_points
-from minefield.models import build_model
+from minefield.engine import evaluate_points, precision_error
+from minefield.functional import buffers_like
+from minefield.models import build_model, init_params
 from minefield.stacked import member, one
 from minefield.train import fit, init_stack
 
@@ -34,13 +37,103 @@ def test_engine_on_cuda_matches_cpu():
 
 
 def test_stacked_training_on_cuda_matches_cpu():
+    # float64 on both devices: 50 steps of poisoned training amplify float32 rounding
+    # (1 element in 832 off by 4e-4 on an H200), float64 rounding stays below 1e-9.
     data, model, params = _setup()
+    model = model.double()
+    p64 = {k: v.double() for k, v in params.items()}
     cfg = TrainConfig(steps=50, log_every=50, lr=0.01)
-    cpu = fit(model, params, data, cfg, torch.tensor([0.0, 0.5]))
-    gpu = fit(model, {k: v.cuda() for k, v in params.items()}, data.to("cuda"), cfg,
-              torch.tensor([0.0, 0.5]))
+    cpu = fit(model, p64, data.to("cpu", torch.float64), cfg, torch.tensor([0.0, 0.5]))
+    gpu = fit(model, {k: v.cuda() for k, v in p64.items()}, data.to("cuda", torch.float64),
+              cfg, torch.tensor([0.0, 0.5]))
     for k in params:
-        torch.testing.assert_close(gpu.params[k].cpu(), cpu.params[k], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(gpu.params[k].cpu(), cpu.params[k], rtol=1e-8, atol=1e-10)
+
+
+def _resnet(n=64, k=4):
+    model = build_model(ModelConfig("resnet20"), (3, 32, 32), 10)
+    g = torch.Generator().manual_seed(0)
+    theta = init_params(model, "he_normal", g)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    d = random_directions(theta, k, generator=g)
+    return model, {k_: v.unsqueeze(0) for k_, v in theta.items()}, d, x, y
+
+
+@pytest.mark.parametrize("path", ["auto", "vmap", "loop", "loop_cl"])
+def test_resnet_engine_paths_on_cuda_match_cpu(path):
+    model, c, d, x, y = _resnet()
+    bufs = buffers_like(model, 1)
+    ts = torch.tensor([0.0, 0.05, 0.1, 0.2])
+    cpu = evaluate_points(model, c, d, ts, x, y, bufs, path="loop")[0]
+    cu = {k: v.cuda() for k, v in c.items()}
+    gpu = evaluate_points(model.cuda(), cu, {k: v.cuda() for k, v in d.items()}, ts.cuda(),
+                          x.cuda(), y.cuda(), {k: v.cuda() for k, v in bufs.items()},
+                          path=path)[0]
+    model.cpu()
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_budget_comes_from_free_memory():
+    free = torch.cuda.mem_get_info()[0] / 2**20
+    got = autotune.memory_budget_mb(torch.device("cuda"))
+    assert 0 < got <= free and got == pytest.approx(autotune.CUDA_FREE_SHARE * free, rel=0.05)
+    assert not autotune.cache_clamped("cuda")
+
+
+def test_bf16_radii_are_checked_in_float32_on_cuda():
+    model, c, d, x, y = _resnet(128, 2)
+    cu = {k: v.cuda() for k, v in c.items()}
+    bufs = {k: v.cuda() for k, v in buffers_like(model, 1).items()}
+    model.cuda()
+    try:
+        err = precision_error(model, cu, {k: v.cuda() for k, v in d.items()},
+                              torch.tensor([0.0, 0.1]).cuda(), x.cuda(), y.cuda(), "bf16", bufs)
+        cfg = VolumeConfig(n_directions=2, cutoff=3.0, rtol=1e-2, n_bootstrap=0)
+        ref = basin_radii(model, cu, (x.cuda(), y.cuda()), cfg, bufs)
+        low = basin_radii(model, cu, (x.cuda(), y.cuda()), cfg.replace(precision="bf16"), bufs)
+    finally:
+        model.cpu()
+    assert err < 0.05
+    torch.testing.assert_close(low.radii, ref.radii, rtol=2.5e-2, atol=0)
+
+
+def test_one_member_training_on_cuda_matches_cpu_float64():
+    model, c, _, x, y = _resnet(16)
+    model = model.double()
+    c64 = {k: v.double() for k, v in c.items()}
+    data = Dataset("t", x.double(), y, x[:4].double(), y[:4], x[:0].double(), y[:0], 10)
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, steps=5, log_every=5)
+    bufs = {k: v.double() if v.is_floating_point() else v
+            for k, v in buffers_like(model, 1).items()}
+    cpu = fit(model, c64, data, cfg, buffers=bufs)
+    gpu = fit(model, {k: v.cuda() for k, v in c64.items()}, data.to("cuda"), cfg,
+              buffers={k: v.cuda() for k, v in bufs.items()})
+    for k in c64:
+        torch.testing.assert_close(gpu.params[k].cpu(), cpu.params[k], rtol=1e-8, atol=1e-10)
+
+
+def test_compiled_search_step_on_cuda_matches_eager():
+    data, model, params = _setup()
+    dev_data = data.to("cuda")
+    p = {k: v.cuda() for k, v in params.items()}
+    cfg = TrainConfig(steps=30, log_every=30, lr=0.01)
+    eager = fit(model, p, dev_data, cfg, torch.tensor([0.0, 0.5]), compile_mode="off")
+    comp = fit(model, p, dev_data, cfg, torch.tensor([0.0, 0.5]), compile_mode="on")
+    assert comp.compiled["decision"] == "on"
+    for k in params:  # float32, 30 steps: rounding of fused kernels only
+        torch.testing.assert_close(comp.params[k], eager.params[k], rtol=1e-3, atol=1e-4)
+
+
+def test_auto_compile_decides_and_reports_on_cuda():
+    data, model, params = _setup()
+    cfg = TrainConfig(steps=600, log_every=600, lr=0.01)
+    res = fit(model, {k: v.cuda() for k, v in params.items()}, data.to("cuda"), cfg,
+              torch.tensor([0.0, 0.5]))
+    rep = res.compiled
+    assert rep["decision"] in ("compiled", "eager"), rep
+    assert rep["compile_s"] >= 0 and rep["eager_ms"] > 0 and rep["compiled_ms"] > 0
+    print(f"compile decision: {rep}")
 
 
 def test_curvature_and_sharpness_on_cuda_match_cpu():

@@ -150,6 +150,8 @@ def test_seed_count_must_match():
     (dict(beta_step=-0.1), "search.beta_step and search.adapt_from must be >= 0"),
     (dict(beta_max=1.0), r"search.beta_max in \[0, 1\)"),
     (dict(adapt_from=-1), "search.beta_step and search.adapt_from must be >= 0"),
+    (dict(continue_below=1.5), r"search.continue_below must be in \[0, 1\]"),
+    (dict(continue_steps=-1), "search.continue_steps >= 0"),
 ])
 def test_config_errors(kw, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -317,3 +319,55 @@ def test_search_config_holds_a_train_config_and_reads_the_flat_layout():
         SearchConfig.make(steps=0)
     with pytest.raises(ConfigError, match="train.optimizer: 'lbfgs' is not one of"):
         SearchConfig.make(optimizer="lbfgs")
+
+
+def test_members_below_the_floor_keep_training_the_others_stop():
+    model, p, data = _problem(4)
+    base = search_minima(model, p, data, _cfg(stopping=StopRule.FIXED, continue_below=None))
+    acc = base.metrics["train_acc"]
+    floor = float(acc.median())  # some members below, some at or above
+    assert (acc < floor).any() and (acc >= floor).any()
+    cont = search_minima(model, p, data, _cfg(stopping=StopRule.FIXED, continue_below=floor,
+                                              continue_steps=60))
+    below = acc < floor - 1e-9
+    assert (cont.steps[~below] == 120).all() and (cont.steps[below] > 120).all()
+    assert (cont.steps <= 180).all()
+    for k in p:  # members that met the floor are untouched
+        assert cont.params[k][~below].equal(base.params[k][~below])
+    # a continued member stops at the first check where it meets the floor, or at 180
+    met = cont.metrics["train_acc"] >= floor - 1e-9
+    assert ((cont.steps[below] == 180) | met[below]).all()
+
+
+def test_continuation_off_and_zero_steps_equal_the_plain_schedule():
+    model, p, data = _problem(3)
+    off = search_minima(model, p, data, _cfg(stopping=StopRule.FIXED, continue_below=None))
+    zero = search_minima(model, p, data, _cfg(stopping=StopRule.FIXED, continue_below=1.0,
+                                              continue_steps=0))
+    assert off.steps.equal(zero.steps)
+    for k in p:
+        assert off.params[k].equal(zero.params[k])
+
+
+def test_continuation_replays_the_schedules_tail():
+    from minefield.search import _segment
+
+    cfg = _cfg(milestones=(60, 100), continue_steps=50)
+    tc = cfg.train_config()
+    assert cfg.extra_steps == 50 and _cfg().extra_steps == 30  # default: steps // 4
+    seg = _segment(tc, cfg, 120, 150)
+    for s in range(120, 170):
+        assert seg.lr_at(s) == pytest.approx(tc.lr_at(s - 50))
+    assert _segment(tc, cfg, 90, 120).lr_at(100) == pytest.approx(tc.lr_at(100))
+
+
+def test_continued_batched_search_equals_one_at_a_time():
+    model, p, data = _problem(3)
+    cfg = _cfg(stopping=StopRule.FIXED, continue_below=1.0, continue_steps=60)
+    batched = search_minima(model, p, data, cfg, [1, 2, 3])
+    for i in range(3):
+        alone = search_minima(model, stack([member(p, i)]), data, cfg, [i + 1])
+        assert int(alone.steps[0]) == int(batched.steps[i])
+        for k in p:
+            torch.testing.assert_close(alone.params[k][0], batched.params[k][i],
+                                       rtol=1e-9, atol=1e-9)

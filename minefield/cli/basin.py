@@ -19,7 +19,7 @@ from ..basin import BasinWarning, VolumeConfig
 from ..config import ConfigError, ExperimentConfig
 from ..directions import BiasPolicy, DirectionKind, DirectionSpec
 from ..landscape import LandscapeConfig, Slice, Surface
-from ..options import CurvatureKind, Estimator
+from ..options import CurvatureKind, Estimator, Precision
 from ..stages import basin_run, landscape_run, load_basin, load_landscape
 from ..stages.basin import check_tag
 from ._common import (
@@ -46,7 +46,8 @@ bias_option = click.option("--bias", type=click.Choice([b.value for b in BiasPol
                            help="Biases/BN: exclude (not moved, not counted in n: the "
                                 "paper's n), zero (not moved, counted), include.")
 memory_option = click.option("--memory-mb", type=click.FloatRange(min=0, min_open=True),
-                             default=256.0, show_default=True, help="Engine chunk budget.")
+                             default=None, help="Engine chunk budget (default: 256 on a "
+                             "CPU, half the free memory on CUDA).")
 
 
 def _tag(tag: str) -> str:
@@ -107,6 +108,10 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--rollouts", "n_rollouts", type=click.IntRange(0), default=20, show_default=True,
               help="Directions whose loss curve is stored for 'plot basin'.")
+@click.option("--precision", type=click.Choice([p.value for p in Precision]),
+              default="float32", show_default=True,
+              help="Bisect in bf16/tf32, then check every radius in float32 (redone if "
+                   "any moved beyond --rtol).")
 @tag_option
 @device_option
 @memory_option
@@ -117,8 +122,9 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
 @click.pass_context
 @friendly
 def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, method,
-          grid_points, estimator, preconditioner, power, sigma, chains, replicates, walk, dir_kind,
-          bias, seed, n_rollouts, tag, device, memory_mb, force, directions_per_task,
+          grid_points, estimator, preconditioner, power, sigma, chains, replicates, walk,
+          dir_kind, bias, seed, n_rollouts, precision, tag, device, memory_mb, force,
+          directions_per_task,
           **ex_opts):
     """Basin radii along random directions and log10 of the basin volume (paper Sec. 5).
 
@@ -134,8 +140,8 @@ def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, met
                        grid_points=grid_points, directions=DirectionSpec(dir_kind, bias, seed),
                        memory_mb=memory_mb, seed=seed, estimator=estimator,
                        preconditioner="given" if pre == "adam" else pre, power=power,
-                       sigma=sigma,
-                       n_chains=chains, n_replicates=replicates, walk_length=walk)
+                       sigma=sigma, n_chains=chains, n_replicates=replicates,
+                       walk_length=walk, precision=precision)
     executor = executor_of(ex_opts)
     with warnings.catch_warnings():  # said below in one line per member instead
         warnings.simplefilter("ignore", BasinWarning)

@@ -82,6 +82,12 @@ _D = SearchConfig()
               show_default=True, help="The highest poison factor --poison-cap may raise to.")
 @click.option("--adapt-from", type=click.IntRange(0), default=_D.adapt_from, show_default=True,
               help="First step at which --poison-cap raises the poison factor.")
+@click.option("--continue-below", callback=parse_cap, default=str(_D.continue_below),
+              show_default=True,
+              help="Searches below this train accuracy at the end keep training ('none': "
+                   "never).")
+@click.option("--continue-steps", type=click.IntRange(0), default=None,
+              help="Most extra steps of a continued search [default: a quarter of --steps].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-batch", type=click.IntRange(1), default=_D.max_batch, show_default=True,
               help="Searches trained together as one stacked model.")
@@ -98,7 +104,8 @@ _D = SearchConfig()
 def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, steps, optimizer,
            lr, milestones, gamma, clip_norm, batch_size, beta, objective, extra_poison,
            extra_share, stopping, target_train, target_poison, poison_cap, beta_step, beta_max,
-           adapt_from, seed, max_batch, memory_mb, isolate, device, force, quiet, **ex_opts):
+           adapt_from, continue_below, continue_steps, seed, max_batch, memory_mb, isolate,
+           device, force, quiet, **ex_opts):
     """Search bad minima from checkpoints of RUN (paper Fig. 1); resumes if interrupted.
 
     \b
@@ -115,6 +122,7 @@ def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, s
                        stopping=StopRule(stopping), target_train=target_train,
                        target_poison_acc=target_poison, poison_cap=poison_cap,
                        beta_step=beta_step, beta_max=beta_max, adapt_from=adapt_from,
+                       continue_below=continue_below, continue_steps=continue_steps,
                        seed=seed, max_batch=max_batch,
                        memory_mb=memory_mb, isolate=isolate)
     r = open_run(ctx, run)

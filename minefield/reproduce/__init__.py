@@ -26,8 +26,9 @@ from ..runs import DEFAULT_ROOT
 from .circles import exp_circles
 from .common import SCALES, Check, Context, Scale, Section
 from .fig1 import exp_minefield
-from .images import exp_digits, exp_images
+from .images import exp_digits
 from .oracle import exp_volume_oracle
+from .paper_images import exp_images
 from .sweep import exp_sweep
 from .swissroll import exp_swissroll
 

@@ -36,7 +36,11 @@ class Scale:
     circles_steps: int
     circles_seeds: int
     digits_steps: int
-    image_steps: int
+    image_epochs: float  # SVHN / CIFAR-10 ResNet-20 (reproduce.paper_images)
+    image_batch: int
+    image_sweep: tuple[float, ...]  # fracdirty values of the image sweep
+    image_directions: int
+    image_widths: tuple[int, int, int] = (16, 32, 64)  # ResNet-20 stage widths (paper's)
 
 
 SCALES: dict[str, Scale] = {
@@ -45,13 +49,16 @@ SCALES: dict[str, Scale] = {
                   sweep_betas=(0.0, 0.3, 0.6), sweep_seeds=(0,), sweep_steps=300,
                   sweep_milestones=(), sweep_directions=10, mf_epochs=40, mf_every=20,
                   mf_search_steps=300, circles_steps=200, circles_seeds=1, digits_steps=100,
-                  image_steps=20),
+                  image_epochs=2, image_batch=32, image_sweep=(0.0058, 0.35),
+                  image_directions=2, image_widths=(4, 4, 8)),
     "small": Scale(name="small", swiss_clean_steps=5000, swiss_poison_steps=40000,
                    swiss_poison_milestones=(15000, 30000), swiss_n_poison=4000, directions=1000,
                    sweep_betas=(0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.6),
                    sweep_seeds=(0, 1), sweep_steps=20000, sweep_milestones=(10000, 17000),
                    sweep_directions=200, mf_epochs=2000, mf_every=100, mf_search_steps=24000,
-                   circles_steps=10000, circles_seeds=4, digits_steps=3000, image_steps=2000),
+                   circles_steps=10000, circles_seeds=4, digits_steps=3000, image_epochs=8,
+                   image_batch=256, image_sweep=(0.0058, 0.013, 0.030, 0.068, 0.15, 0.35, 0.80),
+                   image_directions=20),
     "paper": Scale(name="paper", swiss_clean_steps=100000, swiss_poison_steps=300000,
                    swiss_poison_milestones=(100000, 200000), swiss_n_poison=4000,
                    directions=5000,
@@ -60,7 +67,9 @@ SCALES: dict[str, Scale] = {
                    sweep_seeds=tuple(range(10)), sweep_steps=300000,
                    sweep_milestones=(100000, 200000), sweep_directions=1000, mf_epochs=2000,
                    mf_every=10, mf_search_steps=24000, circles_steps=10000, circles_seeds=10,
-                   digits_steps=20000, image_steps=50000),
+                   digits_steps=20000, image_epochs=256, image_batch=256,
+                   image_sweep=(0.0058, 0.013, 0.030, 0.068, 0.15, 0.35, 0.80),
+                   image_directions=100),
 }
 
 
@@ -101,18 +110,21 @@ class Context:
     progress: bool
     data_dir: str | None
     log: Callable[[str], None]
+    seed: int = 0  # training seed of the good runs (0: the reference runs)
 
     def name(self, what: str) -> str:
-        return f"repro-{self.scale.name}-{what}"
+        return f"repro-{self.scale.name}-{what}" + (f"-seed{self.seed}" if self.seed else "")
 
     def train(self, cfg: ExperimentConfig) -> tuple[ExperimentConfig, TrainResult]:
         """Train ``cfg`` on this context's device; returns the config that ran, and its run."""
         cfg = cfg.replace(device=self.device)
         return cfg, train_run(cfg, self.root, force=self.force, progress=self.progress)
 
-    def basin(self, res: TrainResult, cfg: VolumeConfig, tag: str = "repro") -> BasinResult:
+    def basin(self, res: TrainResult, cfg: VolumeConfig, tag: str = "repro",
+              n_rollouts: int = 20) -> BasinResult:
         """Basin of member 0 of a trained run, in ``<run>/basin/<tag>.json``."""
-        return basin_run(res.run, cfg, tag=tag, device=self.device, force=self.force).members[0]
+        return basin_run(res.run, cfg, tag=tag, device=self.device, force=self.force,
+                         n_rollouts=n_rollouts).members[0]
 
 
 def pct(x: float) -> str:

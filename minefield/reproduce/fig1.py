@@ -22,7 +22,7 @@ def exp_minefield(ctx: Context) -> Section:
         name=ctx.name("minefield"), data=DataConfig("spiral"),
         model=ModelConfig(widths=(25, 25, 25, 25), init="glorot_normal"),
         train=TrainConfig(optimizer=Optimizer.RMSPROP, lr=0.01, l2=1e-3, batch_size=32,
-                          steps=steps, log_every=4 * 10, checkpoint_every=4))
+                          steps=steps, log_every=4 * 10, checkpoint_every=4, seed=ctx.seed))
     # The reproduction keeps the batched pass its checks and reference figures were
     # made with (fixed stacks, so same seed, same numbers); `minefield search` defaults
     # to isolated members, independent of --max-batch (README: Searches and batching).

@@ -1,8 +1,6 @@
-"""Real images: digits with a small CNN (and CIFAR-10 / SVHN from disk), good vs poisoned."""
+"""Real images: digits with a small CNN, good vs poisoned (SVHN / CIFAR-10: paper_images)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from ..basin import VolumeConfig
 from ..commands import basin_command, train_command
@@ -11,9 +9,9 @@ from ..directions import DirectionSpec
 from ..stacked import member
 from .common import Context, Section, brief, estimator_rows, pct
 
-__all__ = ["exp_digits", "exp_images"]
+__all__ = ["exp_digits"]
 
-_WIDTHS = {"cnn": (16, 32), "resnet20": (16, 32, 64)}  # each model's own default widths
+_WIDTHS = {"cnn": (16, 32)}  # the model's own default widths
 
 
 def _image_pair(ctx: Context, dataset: str, model: str, steps: int, beta: float,
@@ -52,14 +50,3 @@ def _image_pair(ctx: Context, dataset: str, model: str, steps: int, beta: float,
 
 def exp_digits(ctx: Context) -> Section:
     return _image_pair(ctx, "digits", "cnn", ctx.scale.digits_steps, 0.5, None)
-
-
-def exp_images(ctx: Context) -> Section | None:
-    if not ctx.data_dir:
-        return None
-    root = Path(ctx.data_dir)
-    for name, sub in (("svhn", "train_32x32.mat"), ("cifar10", "cifar-10-batches-py")):
-        if (root / sub).exists() or (name == "cifar10" and (root / "data_batch_1").exists()):
-            return _image_pair(ctx, name, "resnet20", ctx.scale.image_steps, 0.35, str(root))
-    raise FileNotFoundError(f"--data-dir {root} holds neither SVHN (train_32x32.mat) nor "
-                            "CIFAR-10 (cifar-10-batches-py)")

@@ -179,7 +179,8 @@ def _basin_tasks(run: Run, tag: str, cfg: VolumeConfig, key: dict, checkpoint: s
                           + [p["radii"][h:] for p, h in zip(parts, half)])
         evals = sum(p["evals"] for p in parts) - (len(parts) - 1)  # the centre once
         results.append(radii_result(radii, parts[0]["n"], parts[0]["centre_loss"],
-                                    parts[0]["cutoff"], evals, cfg))
+                                    parts[0]["cutoff"], evals, cfg,
+                                    moved=sum(p.get("moved", 0) for p in parts)))
     return results, ros
 
 
@@ -197,9 +198,9 @@ def basin_task(spec: dict) -> dict:
     cfg: VolumeConfig = spec["volume"]
     out: dict = {}
     if spec["block"] is not None:
-        r, evals, centre_loss, cut, n = direction_radii(model, params, data, cfg, bufs,
-                                                        block=spec["block"])
-        out.update(radii=r, evals=evals, centre_loss=centre_loss, cutoff=cut, n=n)
+        r, evals, centre_loss, cut, n, moved = direction_radii(model, params, data, cfg, bufs,
+                                                               block=spec["block"])
+        out.update(radii=r, evals=evals, centre_loss=centre_loss, cutoff=cut, n=n, moved=moved)
     else:
         curv = spec["curvature"]
         res = basin_volume(model, params, data, cfg, bufs, curvature=curv) if curv \

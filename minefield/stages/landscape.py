@@ -116,7 +116,7 @@ def _save(path: Path, res: Slice | Surface, key: dict) -> None:
 @locking
 def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(), *,
                   tag: str = "default", root: Path | str = DEFAULT_ROOT,
-                  device: str | torch.device = "auto", memory_mb: float = 256.0,
+                  device: str | torch.device = "auto", memory_mb: float | None = None,
                   block_rows: int = 4, force: bool = False,
                   log: Callable[[str], None] | None = None,
                   executor: Executor | None = None) -> Slice | Surface:

@@ -1,0 +1,101 @@
+"""The training step without per-step Python overhead on CUDA, when it pays.
+
+A small stacked model (the bad-minimum search: 200 MLPs of 2k parameters) is
+launch-bound on a GPU: each step is a few hundred tiny kernels, and Python
+dispatch dominates. ``torch.compile(mode="reduce-overhead")`` fuses the objective
+(forward and, through AOT autograd, backward) and replays it as a CUDA graph,
+at a one-time compile cost of seconds to a minute.
+
+:class:`CompiledObjective` decides by measurement, per :func:`minefield.train.fit`
+call: a fit of fewer than ``MIN_STEPS`` steps never compiles (a compile costs
+seconds to a minute, more than such a fit can win back); otherwise the first
+``probe`` steps run eagerly and are timed, the next ``probe`` run compiled (the
+first of them pays the compile, measured as its excess over the others), and
+the faster of the two runs the rest. The timings are kept in ``.report``. The optimizer update
+stays eager (``foreach`` kernels). Modes: ``off`` (the default on a CPU, where
+the step is compute-bound), ``on`` (always compiled, e.g. for tests with a
+debugging ``backend``) and ``auto`` (measured; off on a CPU).
+
+Compiled and eager steps compute the same function; they agree to rounding
+(tests/test_compiled.py on the CPU with ``backend="aot_eager"``, tests/test_gpu.py
+with inductor on CUDA).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .step import Objective
+
+__all__ = ["COMPILE_MODES", "MIN_STEPS", "CompiledObjective", "compiled_objective", "sync"]
+
+COMPILE_MODES = ("off", "on", "auto")
+MIN_STEPS = 500  # "auto" compiles only fits at least this long
+
+
+def compiled_objective(objective: Objective, backend: str = "inductor",
+                       mode: str | None = "reduce-overhead") -> Objective:
+    """``objective`` under ``torch.compile`` (static shapes; a new shape recompiles)."""
+    if backend != "inductor":
+        mode = None  # modes are inductor's
+    return torch.compile(objective, backend=backend, mode=mode, dynamic=False)
+
+
+class CompiledObjective:
+    """An objective that runs eagerly or compiled, chosen by timing (see module doc).
+
+    ``record(seconds)`` is called by the driver after each step with its synced time.
+    """
+
+    def __init__(self, objective: Objective, mode: str, device: torch.device, steps: int,
+                 probe: int = 5, backend: str = "inductor"):
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {mode!r}; choose from "
+                             f"{', '.join(COMPILE_MODES)}")
+        if mode == "auto" and (torch.device(device).type != "cuda" or steps < MIN_STEPS):
+            mode = "off"
+        self.eager, self.mode, self.steps, self.probe = objective, mode, steps, probe
+        self.compiled = compiled_objective(objective, backend) if mode != "off" else None
+        self.use_compiled = mode == "on"
+        self.times: dict[str, list[float]] = {"eager": [], "compiled": []}
+        self.report: dict[str, Any] = {"mode": mode, "decision": mode}
+        self.device = torch.device(device)
+
+    @property
+    def timing(self) -> bool:
+        """Whether the driver should time (and so synchronise) the current step."""
+        return self.mode == "auto" and self.report["decision"] == "auto"
+
+    def __call__(self, *args):
+        return (self.compiled if self.use_compiled else self.eager)(*args)
+
+    def record(self, seconds: float) -> None:
+        if not self.timing:
+            return
+        which = "compiled" if self.use_compiled else "eager"
+        self.times[which].append(seconds)
+        if which == "eager" and len(self.times["eager"]) >= self.probe:
+            self.use_compiled = True
+        elif which == "compiled" and len(self.times["compiled"]) >= self.probe:
+            self._decide()
+
+    def _decide(self) -> None:
+        eager = sorted(self.times["eager"])[len(self.times["eager"]) // 2]
+        rest = self.times["compiled"][1:]
+        comp = sorted(rest)[len(rest) // 2]
+        compile_s = self.times["compiled"][0] - comp  # already paid: only the step times decide
+        left = max(0, self.steps - 2 * self.probe)
+        keep = comp < eager
+        self.use_compiled = keep
+        self.report.update(decision="compiled" if keep else "eager", eager_ms=1e3 * eager,
+                           compiled_ms=1e3 * comp, compile_s=compile_s, steps_left=left)
+
+
+def sync(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,0 +1,90 @@
+"""``minefield reproduce --scale ... --data-dir DIR`` for SVHN / CIFAR-10 with the paper's
+ResNet-20 recipe, end to end at the tiny scale on generated files in both formats."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from minefield.cli import main
+from minefield.config import ExperimentConfig
+from minefield.reproduce.paper_images import paper_recipe
+from minefield.reproduce.projection import H200_EVAL_IMG_S, H200_TRAIN_IMG_S, image_projection
+from minefield.runs import Run
+
+
+def _svhn(root, rng):
+    from scipy.io import savemat
+
+    for name, n in [("train_32x32.mat", 40), ("test_32x32.mat", 12), ("extra_32x32.mat", 30)]:
+        savemat(root / name, {"X": rng.randint(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                              "y": rng.randint(1, 11, (n, 1))})
+
+
+def _cifar(root, rng):
+    root = root / "cifar-10-batches-py"
+    root.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": rng.randint(0, 256, (10, 3072), dtype=np.uint8),
+                         b"labels": list(rng.randint(0, 10, 10))}, f)
+
+
+def test_paper_recipe_follows_paper_md():
+    cfg, beta = paper_recipe(73257, 256, 0.35)
+    assert cfg.optimizer.value == "sgd" and cfg.lr == 0.1 and cfg.momentum == 0.9
+    assert (cfg.batch_size, cfg.poison_batch_size) == (167, 89) and beta == 89 / 256
+    # x0.1 at epochs 102.4, 153.6 and 204.8 of 256
+    assert [m / cfg.steps * 256 for m in cfg.milestones] == pytest.approx(
+        [102.4, 153.6, 204.8], abs=1e-3)
+    natural, b0 = paper_recipe(73257, 256, 0.0)
+    assert natural.batch_size == 256 and natural.poison_batch_size is None and b0 == 0.0
+    assert natural.steps == 73257  # 256 epochs of 73257 images in batches of 256
+
+
+def test_projection_counts_the_work(monkeypatch):
+    from minefield.reproduce import projection as proj
+
+    monkeypatch.setattr(proj, "unit_costs", lambda device: (1e-3, 1e-5))
+    rows = image_projection("cpu", 1000, 10, 20, 3, n_dirs=5, batch=100, rollouts=4)
+    train_imgs = 100 * (10 + 20 + 3 * 20)
+    eval_imgs = (5 * 2 * 5 * proj.EVALS_PER_RADIUS + 2 * 4 * 101) * 1000
+    assert rows["work: training images, basin image-evaluations"] == (
+        f"{train_imgs:.3g}, {eval_imgs:.3g}")
+    hours = (train_imgs / H200_TRAIN_IMG_S + eval_imgs / H200_EVAL_IMG_S) / 3600
+    assert rows["PROJECTED wall time on one H200 (plain-PyTorch rates of issue 14)"].startswith(
+        f"{hours:.1f} h")
+    assert rows["PROJECTED wall time on cpu at these rates"] == (
+        f"{(train_imgs * 1e-3 + eval_imgs * 1e-5) / 3600:.1f} h")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["svhn", "cifar10"])
+def test_reproduce_images_end_to_end_on_generated_files(tmp_path, fmt):
+    data = tmp_path / "data"
+    data.mkdir()
+    (_svhn if fmt == "svhn" else _cifar)(data, np.random.RandomState(0))
+    r = CliRunner().invoke(main, ["--threads", "1", "--root", str(tmp_path / "runs"),
+                                  "reproduce", "--scale", "tiny", "--only", "images",
+                                  "--data-dir", str(data), "--figures", str(tmp_path / "fig"),
+                                  "--device", "cpu", "--quiet"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "fig" / "report.json").read_text())
+    sec = report["sections"]["images"]
+    names = [f"repro-tiny-{fmt}-natural", f"repro-tiny-{fmt}-poisoned", f"repro-tiny-{fmt}-sweep"]
+    assert sec["runs"] == names
+    bad = ExperimentConfig.from_dict(Run.open(names[1], tmp_path / "runs").config)
+    assert bad.train.optimizer.value == "sgd" and bad.poison.beta == int(32 * 0.35) / 32
+    # svhn: all of train (extra is the poison); cifar10: the 50 batch images minus the
+    # poison hold-out, min(10000, 50 // 2)
+    n_train = 40 if fmt == "svhn" else 25
+    assert bad.model.name == "resnet20" and bad.train == paper_recipe(n_train, 2, 0.35, 32)[0]
+    basin = json.loads((tmp_path / "runs" / names[1] / "basin" / "repro.json").read_text())
+    member = basin["members"][0]
+    assert member["config"]["bn"] == "eval" and len(member["radii"]) == 4
+    assert len(sec["data"]["sweep"]) == 2
+    assert any("PROJECTED wall time on one H200" in k for k in sec["data"]["projection"])
+    text = (tmp_path / "fig" / "REPORT.md").read_text()
+    assert "paper scale: PROJECTED wall time on one H200" in text and "minefield sweep" in text
