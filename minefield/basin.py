@@ -58,7 +58,7 @@ from .functional import Params, check_single, member, n_members, one
 from .options import CurvatureKind, CutoffKind, Estimator, Grid, Precision, RadiusMethod
 from .radii import check_radii, find_radii, radius_grid
 from .rollout import Rollouts, rollouts
-from .volume import VolumeEstimate, honest_interval, weights_estimate
+from .volume import VolumeEstimate, honest_interval, parse_power, weights_estimate
 
 __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "BasinWarning",
            "Rollouts", "find_radii", "check_radii", "radius_grid", "log_volume", "log10_volume",
@@ -120,16 +120,7 @@ class VolumeConfig(_Config):
 
     def proposal_power(self) -> float | str:
         """``power`` as :func:`~minefield.volume.star_volume` takes it."""
-        if self.power == "auto":
-            return "auto"
-        try:
-            value = float(self.power)
-        except ValueError:
-            value = math.nan
-        if not value >= 1:
-            raise ConfigError(f"volume.power must be a number >= 1, 'inf' or 'auto', got "
-                              f"{self.power!r}")
-        return value
+        return parse_power(self.power, "volume.power")
 
     def _validate(self):
         if self.estimator is Estimator.IS and self.preconditioner is CurvatureKind.NONE:

@@ -63,9 +63,9 @@ from .config import ConfigError
 from .options import Estimator, option
 from .precondition import Preconditioner
 
-__all__ = ["Estimator", "parse_estimator", "LineLoss", "VolumeEstimate", "log_chi_cdf",
-           "star_volume", "fit_power", "POWERS", "weights_estimate", "honest_interval",
-           "ray_radii", "LN10"]
+__all__ = ["Estimator", "parse_estimator", "parse_power", "LineLoss", "VolumeEstimate",
+           "log_chi_cdf", "star_volume", "fit_power", "POWERS", "weights_estimate",
+           "honest_interval", "ray_radii", "LN10"]
 
 LN10 = math.log(10.0)
 LineLoss = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -73,6 +73,19 @@ FEW = 10.0  # an ESS below this many draws is "a handful"
 HEAVY = 0.1  # an ESS below this share of the draws: heavy-tailed weights (honest_interval)
 
 
+
+
+def parse_power(text: str | float, what: str = "power") -> float | str:
+    """A proposal power: a number >= 1 (``"inf"`` too) or ``"auto"``; else ConfigError."""
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not value >= 1:
+        raise ConfigError(f"{what} must be a number >= 1, 'inf' or 'auto', got {text!r}")
+    return value
 
 
 def parse_estimator(value: Estimator | str) -> Estimator:
@@ -332,13 +345,11 @@ def star_volume(line_loss: LineLoss, n: int, cutoff: float,
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     details: dict[str, Any] = {"rtol": rtol, "r_max": r_max}
     pilot = 0
-    if power == "auto" and preconditioner is not None:
+    if power is not None and parse_power(power) == "auto" and preconditioner is not None:
         preconditioner, details["power_scores"], pilot = fit_power(
             line_loss, n, cutoff, preconditioner, g, r_max, rtol, centre_loss=centre_loss)
     elif power is not None and preconditioner is not None:
-        if isinstance(power, str):
-            raise ConfigError(f"power must be a number >= 1, inf or 'auto', got {power!r}")
-        preconditioner = preconditioner.with_power(power)
+        preconditioner = preconditioner.with_power(parse_power(power))
     u, log_ratio = _directions(n, n_directions, g, preconditioner)
     r, evals = ray_radii(line_loss, u, cutoff, r_max, rtol, centre_loss)
     evals += pilot

@@ -347,7 +347,7 @@ def test_power_errors():
         with pytest.raises(ConfigError, match="power must be >= 1"):
             pre.with_power(bad)
     body = Ellipsoid(torch.ones(2, dtype=F64))
-    with pytest.raises(ConfigError, match="power must be a number >= 1, inf or 'auto'"):
+    with pytest.raises(ConfigError, match="power must be a number >= 1, 'inf' or 'auto'"):
         star_volume(body, 2, body.cutoff, "is", 4, preconditioner=pre, power="round")
     from minefield.basin import VolumeConfig
 
