@@ -17,7 +17,7 @@ basin-volume study::
 """
 
 from .basin import BasinResult, Rollouts, VolumeConfig, basin_members, basin_radii, rollouts
-from .bodies import Box, Ellipsoid, QuadraticNet
+from .bodies import Box, Ellipsoid, LpBall, QuadraticNet
 from .config import (
     ConfigError,
     DataConfig,
@@ -111,7 +111,7 @@ from .stages.study import StudyResult, load_study, run_stack, run_stacks, study_
 from .study import STACKABLE, StackSpec, StudyConfig, plan_study
 from .sweep import SweepConfig, SweepResult, log_spaced_betas
 from .train import fit
-from .volume import Estimator, VolumeEstimate, log_chi_cdf, star_volume
+from .volume import Estimator, VolumeEstimate, fit_power, log_chi_cdf, star_volume
 
 __version__ = "0.1.0"
 
@@ -133,9 +133,9 @@ __all__ = [
     "evaluate_points", "evaluate_points_loop",
     "VolumeConfig", "BasinResult", "basin_radii", "basin_members", "Rollouts", "rollouts",
     # volume estimators with measured error, and the bodies they are measured on
-    "Estimator", "VolumeEstimate", "star_volume", "cooling_volume", "log_chi_cdf",
+    "Estimator", "VolumeEstimate", "star_volume", "fit_power", "cooling_volume", "log_chi_cdf",
     "Preconditioner", "floor_curvature", "NetworkLines", "basin_volume",
-    "Ellipsoid", "Box", "QuadraticNet",
+    "Ellipsoid", "Box", "LpBall", "QuadraticNet",
     # curvature and sharpness
     "Objective", "model_objective", "CurvatureOperator", "CurvatureKind", "NonFiniteLoss",
     "top_eigenvalues", "Eigen", "hutchinson_trace", "hutchpp_trace", "TraceEstimate",

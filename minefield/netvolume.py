@@ -205,7 +205,8 @@ def basin_volume(model: nn.Module, params: Params, data, cfg, buffers: Params | 
                              cfg.r_max, cfg.rtol, pre, cfg.walk_length)
     else:
         est = star_volume(lines, lines.n, cut, cfg.estimator, cfg.n_directions, g, cfg.r_max,
-                          cfg.rtol, pre, cfg.sigma, centre_loss)
+                          cfg.rtol, pre, cfg.sigma, centre_loss,
+                          power=cfg.proposal_power())
     est.n_evaluations = lines.evaluations
     est.details["log_det_scale"] = lines.log_det_scale  # + this: log V in parameter units
     return BasinResult.from_estimate(est, centre_loss, cut, {**cfg.to_dict(), "bn": bn})
