@@ -33,6 +33,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/bench_engine.py --threads $(THREADS)
 	$(BIN)/python benchmarks/bench_search.py --threads $(THREADS)
+	$(BIN)/python benchmarks/bench_sam.py --threads $(THREADS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

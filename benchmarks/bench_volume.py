@@ -17,12 +17,15 @@ Estimators: ``naive`` (the paper's), ``is`` with a preconditioner computed the
 way a user would (Hutchinson diagonal by autodiff; the dense Hessian of the network
 row through ``basin_radii(..., preconditioner='hessian')``, i.e.
 :func:`minefield.curvature.dense_hessian`; the rotated body's closed-form curvature;
-the curvature-free axis radii for the box; its cost is included), ``gaussian`` where
+the curvature-free axis radii for the box; its cost is included in the first row that
+uses it: each preconditioner is made once per body), ``is`` with the
+proposal's shape (the l_p power) learnt from pilot rays (``power='auto'``,
+:func:`minefield.volume.fit_power`; the row names the power chosen), ``gaussian`` where
 the Gaussian mass has a closed form (ball, box) and ``mcmc`` (Gaussian cooling,
-coordinate walk of ``2 n`` steps per phase) on a box of ``--mcmc-n`` dimensions: at
-n = 3457 a box rounded to a cube needs ~``n log n`` coordinate steps per chain per
-phase, each a bisection of O(n) losses (hours on 2 cores), beside ``is`` on the same
-small box. Intervals of heavy-tailed weights (ESS below 10% of the draws) are the
+coordinate walk of one sweep of the ``n`` axes per phase) on a box of ``--mcmc-n``
+dimensions: at n = 3457 a sweep is ``n`` coordinate steps per chain per phase, each a
+bisection of O(n) losses, over ~100 phases (hours on 2 cores), beside ``is`` on the
+same small box. Intervals of heavy-tailed weights (ESS below 10% of the draws) are the
 honest bound of :func:`minefield.volume.honest_interval`: a Markov lower bound up to
 the volume within ``r_max``.
 
@@ -50,7 +53,8 @@ from minefield.directions import DirectionSpec
 from minefield.precondition import Preconditioner, floor_curvature
 from minefield.volume import LN10, star_volume
 
-ROW = "{:<10} {:<22} {:>9} {:>22} {:>8} {:>11} {:>8}"
+SPENT = [0]  # loss evaluations of the axis radii, added to the row that used them
+ROW = "{:<10} {:<24} {:>9} {:>22} {:>8} {:>11} {:>8}"
 
 
 def hutchinson(loss, n: int, probes: int, g: torch.Generator) -> torch.Tensor:
@@ -66,7 +70,8 @@ def axis_curvature(body, n: int, r_max: float, rtol: float) -> torch.Tensor:
     from minefield.volume import ray_radii
 
     eye = torch.eye(n, dtype=torch.float64)
-    r, _ = ray_radii(body, torch.cat([eye, -eye]), body.cutoff, r_max, rtol)
+    r, evals = ray_radii(body, torch.cat([eye, -eye]), body.cutoff, r_max, rtol)
+    SPENT[0] += evals
     return 1 / (r[:n] * r[n:])
 
 
@@ -82,13 +87,15 @@ def row(oracle: str, name: str, truth: float, est_log10: float, ci: tuple[float,
 def run_body(oracle: str, body, n: int, args, g_seed: int, curv: dict) -> None:
     truth = body.log_volume / LN10
     for name, make in curv.items():
-        t0 = time.perf_counter()
+        t0, SPENT[0] = time.perf_counter(), 0
         pre = make() if make is not None else None
         est = star_volume(body, n, body.cutoff, "naive" if pre is None else "is",
                           args.directions, torch.Generator().manual_seed(g_seed), args.r_max,
-                          args.rtol, pre)
-        row(oracle, name, truth, est.log10_volume, est.ci_log10, est.ess, est.n_evaluations,
-            time.perf_counter() - t0)
+                          args.rtol, pre, power="auto" if "learnt" in name else None)
+        if "learnt" in name:
+            name = f"{name}: {est.details['power']:g}"
+        row(oracle, name, truth, est.log10_volume, est.ci_log10, est.ess,
+            est.n_evaluations + SPENT[0], time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -100,11 +107,11 @@ def main() -> None:
     ap.add_argument("--r-max", type=float, default=100.0)
     ap.add_argument("--probes", type=int, default=16, help="Hutchinson probes")
     ap.add_argument("--sigma", type=float, default=0.05, help="Gaussian-measure std")
-    ap.add_argument("--mcmc-n", type=int, default=30, help="dimension of the mcmc box")
+    ap.add_argument("--mcmc-n", type=int, default=20, help="dimension of the mcmc box")
     ap.add_argument("--mcmc-chains", type=int, default=64)
     ap.add_argument("--mcmc-replicates", type=int, default=8)
     ap.add_argument("--mcmc-walk", type=int, default=None,
-                    help="steps per phase (default 2 n)")
+                    help="steps per phase (default n: one sweep of the axes)")
     ap.add_argument("--mcmc-kind", default="coordinate", choices=["coordinate", "hit_and_run"])
     ap.add_argument("--no-mcmc", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
@@ -133,9 +140,23 @@ def main() -> None:
         return lambda: Preconditioner.diagonal(floor_curvature(
             hutchinson(body.loss, n, args.probes, torch.Generator().manual_seed(1)), 1e-12))
 
-    def exact(body):  # R diag(1/a^2) R^T in closed form: one n^3 product; the network row
-        # below computes the same matrix as a user would (minefield.curvature.dense_hessian)
-        return lambda: Preconditioner.dense(floor_curvature(body.curvature(), 1e-12))
+    made = {}  # preconditioners made once per body: the first row to use one pays for it
+
+    def once(key, build):
+        def make():
+            if key not in made:
+                made[key] = build()
+            return made[key]
+        return make
+
+    def exact(body):  # R diag(1/a^2) R^T in closed form (positive definite: no floor; one
+        # n^3 product and a Cholesky); the network row below computes the same matrix as a
+        # user would (minefield.curvature.dense_hessian)
+        return once(("exact", id(body)), lambda: Preconditioner.dense(body.curvature()))
+
+    def axes(body):
+        return once(("axes", id(body)), lambda: Preconditioner.diagonal(
+            axis_curvature(body, n, args.r_max, args.rtol)))
 
     run_body("ball", ball, n, args, 2, {"naive": None, "is (hutchinson)": hutch(ball)})
     est = star_volume(ball, n, ball.cutoff, "gaussian", args.directions,
@@ -143,20 +164,20 @@ def main() -> None:
                       sigma=args.sigma)
     row("ball", "gaussian (mass)", ball.gaussian_log_mass(args.sigma) / LN10, est.log10_volume,
         est.ci_log10, est.ess, est.n_evaluations, 0.0)
-    run_body("ellipsoid", ell, n, args, 3, {"naive": None, "is (hutchinson)": hutch(ell)})
+    run_body("ellipsoid", ell, n, args, 3, {"naive": None, "is (hutchinson)": hutch(ell),
+                                             "is (axes, learnt p)": axes(ell)})
     run_body("rotated", rotated, n, args, 4, {"naive": None, "is (hutchinson)": hutch(rotated),
-                                               "is (exact curvature)": exact(rotated)})
-    run_body("box", box, n, args, 5, {
-        "naive": None, "is (axis radii)": lambda: Preconditioner.diagonal(
-            axis_curvature(box, n, args.r_max, args.rtol))})
-    for name, make in (("gaussian (mass)", None), ("gaussian, is (axes)", lambda: (
-            Preconditioner.diagonal(axis_curvature(box, n, args.r_max, args.rtol))))):
-        t0 = time.perf_counter()
+                                               "is (exact curvature)": exact(rotated),
+                                               "is (same C, learnt p)": exact(rotated)})
+    run_body("box", box, n, args, 5, {"naive": None, "is (axes, learnt p)": axes(box),
+                                      "is (axis radii)": axes(box)})
+    for name, make in (("gaussian (mass)", None), ("gaussian, is (axes)", axes(box))):
+        t0, SPENT[0] = time.perf_counter(), 0
         est = star_volume(box, n, box.cutoff, "gaussian", args.directions,
                           torch.Generator().manual_seed(6), args.r_max, args.rtol,
                           make() if make else None, sigma=args.sigma)
         row("box", name, box.gaussian_log_mass(args.sigma) / LN10, est.log10_volume,
-            est.ci_log10, est.ess, est.n_evaluations, time.perf_counter() - t0)
+            est.ci_log10, est.ess, est.n_evaluations + SPENT[0], time.perf_counter() - t0)
     if not args.no_mcmc:  # at n = 3457 its schedule alone is ~800 phases: a smaller box
         m = args.mcmc_n
         small = Box(log_spaced_axes(m, args.decades))
@@ -164,7 +185,7 @@ def main() -> None:
         pre = Preconditioner.diagonal(axis_curvature(small, m, args.r_max, args.rtol))
         est = cooling_volume(small, m, small.cutoff, args.mcmc_chains, args.mcmc_replicates,
                              torch.Generator().manual_seed(7), args.r_max, args.rtol, pre,
-                             args.mcmc_walk, walk=args.mcmc_kind)
+                             args.mcmc_walk or m, walk=args.mcmc_kind)
         lag = est.details["lag_correlation"]
         row(f"box n={m}", f"mcmc ({est.details['phases']} ph, lag {lag:.2f})",
             small.log_volume / LN10,

@@ -17,7 +17,7 @@ basin-volume study::
 """
 
 from .basin import BasinResult, Rollouts, VolumeConfig, basin_members, basin_radii, rollouts
-from .bodies import Box, Ellipsoid, QuadraticNet
+from .bodies import Box, Ellipsoid, LpBall, QuadraticNet
 from .config import (
     ConfigError,
     DataConfig,
@@ -29,7 +29,15 @@ from .config import (
     TrainConfig,
     load_config,
 )
-from .connectivity import ConnectConfig, ConnectResult, bezier, connect, evaluate_curves, fit_curves
+from .connectivity import (
+    ConnectConfig,
+    ConnectResult,
+    bezier,
+    connect,
+    evaluate_curves,
+    fit_curves,
+    pair_seed,
+)
 from .cooling import cooling_volume
 from .cooling_blocks import block_replicates, cooling_block, merge_blocks
 from .curvature import (
@@ -111,7 +119,7 @@ from .stages.study import StudyResult, load_study, run_stack, run_stacks, study_
 from .study import STACKABLE, StackSpec, StudyConfig, plan_study
 from .sweep import SweepConfig, SweepResult, log_spaced_betas
 from .train import fit
-from .volume import Estimator, VolumeEstimate, log_chi_cdf, star_volume
+from .volume import Estimator, VolumeEstimate, fit_power, log_chi_cdf, star_volume
 
 __version__ = "0.1.0"
 
@@ -133,11 +141,11 @@ __all__ = [
     "evaluate_points", "evaluate_points_loop",
     "VolumeConfig", "BasinResult", "basin_radii", "basin_members", "Rollouts", "rollouts",
     # volume estimators with measured error, and the bodies they are measured on
-    "Estimator", "VolumeEstimate", "star_volume", "cooling_volume", "log_chi_cdf",
+    "Estimator", "VolumeEstimate", "star_volume", "fit_power", "cooling_volume", "log_chi_cdf",
     "cooling_block", "merge_blocks", "block_replicates", "CoolingBlocks", "cooling_blocks",
     "merge_cooling_blocks",
     "Preconditioner", "floor_curvature", "NetworkLines", "basin_volume",
-    "Ellipsoid", "Box", "QuadraticNet",
+    "Ellipsoid", "Box", "LpBall", "QuadraticNet",
     # curvature and sharpness
     "Objective", "model_objective", "CurvatureOperator", "CurvatureKind", "NonFiniteLoss",
     "top_eigenvalues", "Eigen", "hutchinson_trace", "hutchpp_trace", "TraceEstimate",
@@ -151,6 +159,7 @@ __all__ = [
     "EmbedConfig", "EmbedResult", "TSNEMap", "embed_points", "fit_map",
     # mode connectivity: line and Bezier curve between minima
     "ConnectConfig", "ConnectResult", "connect", "bezier", "fit_curves", "evaluate_curves",
+    "pair_seed",
     # poison-factor studies and the reproduction
     "SweepConfig", "SweepResult", "log_spaced_betas", "reproduce", "SCALES",
     # studies: a grid of configs -> stacks -> a tidy table -> every measure scored

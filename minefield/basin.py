@@ -58,7 +58,7 @@ from .functional import Params, alone, check_single, member, n_members, one
 from .options import CurvatureKind, CutoffKind, Estimator, Grid, Precision, RadiusMethod
 from .radii import check_radii, find_radii, radius_grid
 from .rollout import Rollouts, rollouts
-from .volume import VolumeEstimate, honest_interval, weights_estimate
+from .volume import VolumeEstimate, honest_interval, parse_power, weights_estimate
 
 __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "BasinWarning",
            "Rollouts", "find_radii", "check_radii", "radius_grid", "log_volume", "log10_volume",
@@ -84,7 +84,10 @@ class VolumeConfig(_Config):
     or ``mcmc`` (``n_chains`` x ``n_replicates`` chains, ``walk_length`` hit-and-run
     steps per phase; ``mcmc_blocks``: independent blocks of replicates, each seeded by
     its index, :mod:`minefield.cooling_blocks`: the unit of a task); ``preconditioner``
-    (:mod:`minefield.netvolume`) shapes the last three (``probes``: Hutchinson probes).
+    (:mod:`minefield.netvolume`) shapes the last three (``probes``: Hutchinson probes);
+    ``power`` is the shape of the ``is`` /
+    ``gaussian`` proposal body (``"2"``: the preconditioner's ellipsoid; ``"inf"``: its
+    box; ``"auto"``: learnt from pilot rays, :func:`minefield.volume.fit_power`).
     ``precision``: ``bf16`` / ``tf32`` run
     the bisection in that arithmetic, then every radius is checked in the parameters'
     own precision (:func:`check_radii`); if any moved beyond ``rtol`` all are redone.
@@ -112,16 +115,22 @@ class VolumeConfig(_Config):
     n_replicates: int = 8
     walk_length: int | None = None
     probes: int = 64
+    power: str = "2"
     precision: Precision = Precision.FLOAT32
     mcmc_blocks: int = 1
 
     _section: ClassVar[str] = "volume"
     _omit_default: ClassVar[tuple[str, ...]] = ("mcmc_blocks",)
 
+    def proposal_power(self) -> float | str:
+        """``power`` as :func:`~minefield.volume.star_volume` takes it."""
+        return parse_power(self.power, "volume.power")
+
     def _validate(self):
         if self.estimator is Estimator.IS and self.preconditioner is CurvatureKind.NONE:
             raise ConfigError("volume.estimator 'is' needs a preconditioner (hessian, "
                               "hutchinson, axes or given)")
+        self.proposal_power()
         if self.sigma is not None and not (self.sigma > 0 and math.isfinite(self.sigma)):
             raise ConfigError(f"volume.sigma must be a positive number, got {self.sigma}")
         if self.mcmc_blocks != 1 and (self.estimator is not Estimator.MCMC

@@ -9,6 +9,7 @@ Every body is the sub-cutoff region ``{x : L(x) < cutoff}`` of a loss ``L`` on
   A unit ball is ``Ellipsoid(torch.ones(n))``.
 - :class:`Box` (``L = max_i |x_i| / a_i``, cutoff 1): ``log V = sum_i log(2 a_i)``.
   Its Hessian is zero inside, so curvature says nothing about its shape.
+- :class:`LpBall` (``L = |x / a|_p``, cutoff 1): the shapes in between.
 
 Bodies are *line-loss functions* (see :mod:`minefield.volume`): called as
 ``body(x0, v, t)`` with starts ``x0`` ``(K, n)`` (or ``None``: the origin), unit
@@ -34,7 +35,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["Ellipsoid", "Box", "QuadraticNet", "log_ball_volume", "log_spaced_axes",
+__all__ = ["Ellipsoid", "Box", "LpBall", "QuadraticNet", "log_ball_volume", "log_spaced_axes",
            "random_rotation"]
 
 
@@ -114,25 +115,26 @@ class Ellipsoid:
         return (0.5 * q).reshape(t.shape)
 
 
-class Box:
-    """``{x : max_i |x_i| / a_i < 1}``: the cutoff-1 region of ``L = max_i |x_i| / a_i``."""
+class LpBall:
+    """``{x : |x / a|_p < 1}``: the cutoff-1 region of ``L = |x / a|_p`` (p >= 1 or inf),
+    ``log V = sum_i log(2 a_i Gamma(1 + 1/p)) - log Gamma(1 + n/p)``: between an
+    ellipsoid (p = 2) and a box (p = inf)."""
 
     cutoff = 1.0
 
-    def __init__(self, half_widths: torch.Tensor):
-        self.a = half_widths.double()
+    def __init__(self, half_widths: torch.Tensor, p: float):
+        self.a, self.p = half_widths.double(), float(p)
         self.n = len(self.a)
 
     @property
     def log_volume(self) -> float:
-        return float(torch.log(2 * self.a).sum())
-
-    def gaussian_log_mass(self, sigma: float) -> float:
-        """``log P(x in box)``, ``x ~ N(0, sigma^2 I)``: ``sum_i log erf(a_i / (sigma sqrt 2))``."""
-        return float(torch.log(torch.erf(self.a / (sigma * math.sqrt(2)))).sum())
+        if math.isinf(self.p):
+            return float(torch.log(2 * self.a).sum())
+        return (float(torch.log(2 * self.a).sum()) + self.n * math.lgamma(1 + 1 / self.p)
+                - math.lgamma(1 + self.n / self.p))
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
-        return (x / self.a).abs().amax(-1)
+        return torch.linalg.vector_norm(x / self.a, self.p, dim=-1)
 
     def __call__(self, x0: torch.Tensor | None, v: torch.Tensor, t: torch.Tensor
                  ) -> torch.Tensor:
@@ -143,6 +145,20 @@ class Box:
             out[sl] = self.loss(_points(None if x0 is None else x0[sl].double(),
                                         v[sl].double(), t[sl].double()))
         return out
+
+
+class Box(LpBall):
+    """``{x : max_i |x_i| / a_i < 1}``: the cutoff-1 region of ``L = max_i |x_i| / a_i``."""
+
+    def __init__(self, half_widths: torch.Tensor):
+        super().__init__(half_widths, math.inf)
+
+    def gaussian_log_mass(self, sigma: float) -> float:
+        """``log P(x in box)``, ``x ~ N(0, sigma^2 I)``: ``sum_i log erf(a_i / (sigma sqrt 2))``."""
+        return float(torch.log(torch.erf(self.a / (sigma * math.sqrt(2)))).sum())
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        return (x / self.a).abs().amax(-1)
 
 
 class QuadraticNet(nn.Module):

@@ -73,7 +73,8 @@ _VOLUME = [("n_directions", "--directions"), ("cutoff", "--cutoff"), ("r_max", "
            ("memory_mb", "--memory-mb"), ("estimator", "--estimator"),
            ("preconditioner", "--preconditioner"), ("sigma", "--sigma"),
            ("n_chains", "--chains"), ("n_replicates", "--replicates"),
-           ("walk_length", "--walk"), ("precision", "--precision")]
+           ("walk_length", "--walk"), ("power", "--power"),
+           ("precision", "--precision")]
 
 
 def _get(obj: Any, dotted: str) -> Any:

@@ -12,11 +12,19 @@ Between two minima ``a`` and ``b`` of one architecture:
 
 Many pairs are one stack: the control points of P curves are trained together
 (P members, :func:`minefield.step.train_step` with :func:`curve_objective`), and
-all ``P x T`` points of the curves are evaluated by one stacked forward per
-chunk (:func:`evaluate_curves`). Models with BatchNorm get statistics recomputed
-at every point of the curve (Garipov et al.): one train-mode pass over the
-training inputs with fresh running statistics (their exact mean and unbiased
-variance on the training inputs), then evaluation in eval mode with them.
+the points of the curves are evaluated by stacked forwards (:func:`evaluate_curves`:
+all T points of a curve in one forward; with ``isolate=False`` all ``P x T``
+points per chunk of memory). A curve does not depend on its stack: its ``t``
+samples come from its own generator, seeded by the training seed and the pair's
+endpoint values (:func:`pair_seed`), and with ``isolate`` (the default) each
+curve is trained and evaluated on kernels shaped for one model (as
+:func:`minefield.step.isolated`), so a pair trained in a stack of P gives the
+same numbers, bit for bit, as the pair trained alone (tested).
+
+Models with BatchNorm get statistics recomputed at every point of the curve
+(Garipov et al.): one train-mode pass over the training inputs with fresh
+running statistics (their exact mean and unbiased variance on the training
+inputs), then evaluation in eval mode with them.
 
 The **barrier** of a path (Frankle et al. 2020) is its largest excess over the
 straight interpolation of the endpoint values:
@@ -40,6 +48,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -50,11 +59,12 @@ from .config import ConfigError, Optimizer, TrainConfig, _Config
 from .data import Dataset
 from .functional import Params, activation_elements, buffers_like, n_members, stacked_forward
 from .loss import nll, predict
-from .step import Batch, Hyper, plain_update, train_step
+from .stacked import alone, one
+from .step import Batch, Hyper, plain_update, poisoned_objective, train_step
 from .train import _batch, make_optimizer
 
 __all__ = ["ConnectConfig", "CURVE_TRAIN", "ConnectResult", "bezier", "curve_objective",
-           "fit_curves", "evaluate_curves", "barriers", "connect"]
+           "pair_seed", "fit_curves", "evaluate_curves", "barriers", "connect"]
 
 #: Training of the control points: Adam 0.01, 1000 full-batch steps (swiss-roll scale).
 CURVE_TRAIN = TrainConfig(optimizer=Optimizer.ADAM, lr=0.01, steps=1000, log_every=1000,
@@ -65,11 +75,15 @@ CURVE_TRAIN = TrainConfig(optimizer=Optimizer.ADAM, lr=0.01, steps=1000, log_eve
 class ConnectConfig(_Config):
     """How two minima are connected: ``n_points`` values of ``t`` in [0, 1] (both ends
     included) to evaluate, and ``train``, the training of the control points
-    (its ``seed`` draws the ``t`` of each step and the minibatches)."""
+    (its ``seed``, with each pair's endpoints, draws the ``t`` of each step; alone,
+    the minibatches). ``isolate``: each curve on kernels shaped for one model, so
+    its numbers do not depend on the other curves of the stack (``False``: one
+    batched pass for all curves, faster on many cores, equal up to rounding)."""
 
     n_points: int = 41
     train: TrainConfig = field(default_factory=lambda: CURVE_TRAIN)
     memory_mb: float = 256.0
+    isolate: bool = True
     _section: ClassVar[str] = "connect"
 
     def _validate(self):
@@ -106,17 +120,52 @@ def bezier(a: Params, c: Params, b: Params, t: torch.Tensor) -> Params:
     return out
 
 
-def curve_objective(a: Params, b: Params, t: torch.Tensor):
+def curve_objective(a: Params, b: Params, t: torch.Tensor, isolate: bool = False):
     """An objective for :func:`~minefield.step.train_step` whose parameters are the
     control points ``c`` ``(P, ...)``: the clean NLL (+ ``l2 * sum W^2``) of each
-    curve at its own ``t[p]`` (a ``(P,)`` tensor the caller refills each step)."""
-    from .step import poisoned_objective
+    curve at its own ``t[p]`` (a ``(P,)`` tensor the caller refills each step).
+    ``isolate``: one curve at a time, its point in fresh storage and on kernels
+    shaped for one model (as :func:`minefield.step.isolated`)."""
 
     def objective(model: nn.Module, c: Params, buffers: Params, batch: Batch,
                   hyper: Hyper) -> torch.Tensor:
-        return poisoned_objective(model, bezier(a, c, b, t.unsqueeze(1)), buffers, batch, hyper)
+        if not isolate:
+            return poisoned_objective(model, bezier(a, c, b, t.unsqueeze(1)), buffers, batch,
+                                      hyper)
+        cols = {k: v.unbind(0) for k, v in c.items()}  # backward stacks the gradients
+        losses = []
+        for i in range(n_members(c)):
+            ci = {k: col[i].clone().unsqueeze(0) for k, col in cols.items()}
+            point = bezier(alone(a, i), ci, alone(b, i), t[i:i + 1].unsqueeze(1))
+            losses.append(poisoned_objective(model, point, one(buffers, i) if buffers else {},
+                                             batch, hyper.member(i)))
+        return torch.cat(losses)
 
     return objective
+
+
+def pair_seed(a: Params, b: Params, seed: int = 0) -> int:
+    """A 63-bit seed from ``seed`` and the values of one pair's endpoints (stacks of one).
+
+    The pair's identity: the same endpoints give the same seed whatever stack they
+    are in, their dtype (values hashed as float64) or device. SHA-256 of the
+    names, shapes and bytes.
+
+    Example::
+
+        >>> a, b = {"w": torch.zeros(1, 2)}, {"w": torch.ones(1, 2)}
+        >>> pair_seed(a, b) == pair_seed({"w": torch.zeros(1, 2, dtype=torch.float64)}, b)
+        True
+        >>> pair_seed(a, b) != pair_seed(b, a) != pair_seed(a, b, seed=1)
+        True
+    """
+    h = hashlib.sha256(str(int(seed)).encode())
+    for side in (a, b):
+        for k in sorted(side):
+            v = side[k].detach().to("cpu", torch.float64).contiguous()
+            h.update(f"{k}{tuple(v.shape)}".encode())
+            h.update(v.numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little") >> 1
 
 
 def _has_bn(model: nn.Module) -> bool:
@@ -124,39 +173,45 @@ def _has_bn(model: nn.Module) -> bool:
 
 
 def fit_curves(model: nn.Module, a: Params, b: Params, data: Dataset,
-               cfg: TrainConfig = CURVE_TRAIN) -> Params:
+               cfg: TrainConfig = CURVE_TRAIN, isolate: bool = True) -> Params:
     """Control points ``c`` ``(P, ...)`` of P Bezier curves from ``a[p]`` to ``b[p]``.
 
     Minimises ``E_{t ~ U[0,1]} L_train(theta_p(t))`` with ``cfg``'s optimizer,
-    schedule, batch size and L2, one ``t`` per curve per step drawn from
-    ``cfg.seed``; all curves are one stack. BatchNorm layers use batch statistics.
-    The ``P`` values of ``t`` of a step are one draw, so a curve trained in a stack
-    of P sees other ``t`` than the same curve trained alone (same seed, same numbers
-    for the same stack).
+    schedule, batch size and L2; all curves are one stack. Curve p draws one ``t``
+    per step from its own generator, seeded by :func:`pair_seed` of ``cfg.seed``
+    and its endpoints; the minibatches come from ``cfg.seed`` (the same for every
+    curve). So a curve sees the same ``t`` and batches in any stack, and with
+    ``isolate`` (each curve's loss, gradient norm and clipping computed on its own,
+    on one intra-op thread, restored on return) its control point is bit-for-bit
+    the one it gets trained alone. BatchNorm layers use batch statistics.
     """
     p = n_members(a)
     dev = next(iter(a.values())).device
     c = {k: ((a[k] + b[k]) / 2).detach().clone().requires_grad_(True) for k in a}
     opt = make_optimizer(cfg, list(c.values()))
     t = torch.zeros(p, dtype=torch.float64, device=dev)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gens = [torch.Generator().manual_seed(pair_seed(one(a, i), one(b, i), cfg.seed))
+            for i in range(p)]
     hyper = Hyper(beta=torch.zeros(p, device=dev),
                   l2=torch.full((p,), cfg.l2, device=dev) if cfg.l2 > 0 else None,
-                  clip_norm=cfg.clip_norm)
+                  clip_norm=cfg.clip_norm, isolated=isolate)
     buffers = buffers_like(model, p, dev) if _has_bn(model) else {}
-    objective = curve_objective(a, b, t)
+    objective = curve_objective(a, b, t, isolate)
     n_t = len(data.y_train)
-    was = model.training
+    was, threads = model.training, torch.get_num_threads()
     model.train(_has_bn(model))
+    if isolate:  # one model's small kernels gain nothing from threads (as fit does)
+        torch.set_num_threads(1)
     try:
         for step in range(cfg.steps):
             for g in opt.param_groups:
                 g["lr"] = cfg.lr_at(step)
-            t.copy_(torch.rand(p, generator=gen, dtype=torch.float64))
+            t.copy_(torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens]))
             batch = _batch(data, cfg.seed, step, cfg.batch_size or n_t, 0, None)
             train_step(model, c, buffers, opt, batch, hyper, objective, plain_update)
     finally:
         model.train(was)
+        torch.set_num_threads(threads)
     return {k: v.detach() for k, v in c.items()}
 
 
@@ -186,14 +241,21 @@ def _point_stats(model: nn.Module, points: Params, x: torch.Tensor) -> Params:
 @torch.no_grad()
 def evaluate_curves(model: nn.Module, a: Params, c: Params, b: Params, ts: torch.Tensor,
                     x: torch.Tensor, y: torch.Tensor, x_stats: torch.Tensor | None = None,
-                    memory_mb: float = 256.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    memory_mb: float = 256.0, isolate: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean NLL and accuracy at every point of P curves: ``(loss (P, T), acc (P, T))``.
 
     ``ts`` ``(T,)``. Points go through one stacked forward per chunk of about
     ``memory_mb`` of activations. With BatchNorm, each point's statistics are
     recomputed on ``x_stats`` (the training inputs; required then).
+    ``isolate``: one curve at a time, in fresh storage (its numbers are then the
+    same in any stack).
     """
     p, k = n_members(a), len(ts)
+    if isolate:
+        rows = [evaluate_curves(model, alone(a, i), alone(c, i), alone(b, i), ts, x, y,
+                                x_stats, memory_mb) for i in range(p)]
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
     bn = _has_bn(model)
     if bn and x_stats is None:
         raise ValueError("a model with BatchNorm needs x_stats (the training inputs) to "
@@ -258,10 +320,10 @@ class ConnectResult:
                    tensors(d["curve"]), control or {})
 
 
-def _path(model, a, c, b, data, ts, memory_mb) -> dict[str, torch.Tensor]:
+def _path(model, a, c, b, data, ts, memory_mb, isolate) -> dict[str, torch.Tensor]:
     out = {}
     for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
-        loss, acc = evaluate_curves(model, a, c, b, ts, x, y, data.x_train, memory_mb)
+        loss, acc = evaluate_curves(model, a, c, b, ts, x, y, data.x_train, memory_mb, isolate)
         out[f"{split}_loss"], out[f"{split}_acc"] = loss, acc
         out.update({f"{split}_{k}": v for k, v in barriers(ts, loss, acc).items()})
     return out
@@ -275,15 +337,17 @@ def connect(model: nn.Module, a: Params, b: Params, data: Dataset,
     ``a``, ``b``: stacks ``(P, ...)`` of one architecture (a stack of one is
     broadcast to the other's P). ``control``: control points already trained
     (skips :func:`fit_curves`). Returns losses and accuracies on the train and
-    test splits along both paths, and their barriers.
+    test splits along both paths, and their barriers. With ``cfg.isolate`` a
+    pair's numbers are the same, bit for bit, in any stack of pairs.
     """
     a, b = _broadcast(a, b)
     if control is None:
-        control = fit_curves(model, a, b, data, cfg.train)
+        control = fit_curves(model, a, b, data, cfg.train, cfg.isolate)
     ts = cfg.ts()
     mid = {k: (a[k] + b[k]) / 2 for k in a}
-    return ConnectResult(ts, _path(model, a, mid, b, data, ts, cfg.memory_mb),
-                         _path(model, a, control, b, data, ts, cfg.memory_mb), control)
+    return ConnectResult(ts, _path(model, a, mid, b, data, ts, cfg.memory_mb, cfg.isolate),
+                         _path(model, a, control, b, data, ts, cfg.memory_mb, cfg.isolate),
+                         control)
 
 
 def _broadcast(a: Params, b: Params) -> tuple[Params, Params]:

@@ -27,10 +27,14 @@ of ``K`` along ``u``; :func:`_log_h`, closed form through the chi CDF), so
 3. *Chains*: ``walk_length`` steps per phase, then one exact Gibbs step of the radius
    ``|y|`` given the direction (a chi variable truncated to ``[0, rho(u)]``, whose ray
    also gives the weight's ``rho(u)``). A step (Smith 1984) picks a direction ``w`` in
-   ``y``: a random axis of the rounded coordinates (``walk='coordinate'``, volesti's
-   default CDHR: on a box rounded by its axes each step is an exact Gibbs update, where
-   hit-and-run needs ``~n^2`` steps to cross it) or a uniform direction shaped by the
-   chains' covariance (``'hit_and_run'``); the chord of ``K`` through the chain comes from
+   ``y``: an axis of the rounded coordinates (``walk='coordinate'``, volesti's default
+   CDHR: on a box rounded by its axes each step is an exact Gibbs update, where
+   hit-and-run needs ``~n^2`` steps to cross it), the axes taken in a fresh random order
+   per chain and sweep, so every axis moves once per ``n`` steps (a random axis per step
+   leaves ``exp(-L/n)`` of them where the last phase left them after ``L`` steps: 8% at
+   ``L = 2.5 n``; that lag, shared by every replicate, made the 20-d box's interval miss,
+   -0.17 [-0.33, -0.01] nats), or a uniform direction shaped by the chains' covariance
+   (``'hit_and_run'``); the chord of ``K`` through the chain comes from
    the batched bisection of :func:`~minefield.basin.find_radii` on both sides (shrunk by
    ``1 + rtol`` so it stays inside), then a draw of the 1-D Gaussian ``N(-y.w, 1/beta)``
    truncated to the chord. All chains of all replicates move in one batched call per
@@ -38,8 +42,9 @@ of ``K`` along ``u``; :func:`_log_h`, closed form through the chi CDF), so
 4. *Mixing check*: the correlation across chains of ``log rho(u)`` before and after a
    phase's walk (``details['lag_correlation']``, the largest over phases); above
    ``LAG`` = 0.2 the walk is shorter than the mixing time and a warning says the
-   estimate runs low (measured on boxes: n = 20, walk 5: 0.74 and -0.75 nats; walk 50:
-   0.12 and -0.17 nats).
+   estimate runs low (measured on 20-d boxes: 5 random-axis steps: 0.74 and -0.75 nats;
+   50 random-axis steps: 0.12-0.18 and -0.07 to -0.21 nats, under the threshold; one
+   sweep of 20 axes: 0.02-0.09 and -0.07 to +0.01 nats, intervals covering).
 
 Why Gaussian cooling and not nested balls ``K cap B(r_i)`` (Lovasz & Vempala): with
 balls, ``n log(R/r)`` phases; with Gaussians ``~ sqrt(n) log(R/r)``, and each phase's
@@ -60,8 +65,10 @@ a cube, about ``n log n`` coordinate steps per chain per phase, each a bisection
 ``beta`` s); then ``n_replicates`` independent replicates of ``n_chains`` chains, each with
 its own start rays, follow it. Their log-volumes ``L_r`` are about normal (logs of
 products of many ratios), so the estimate of ``log E[Z]`` is Cox's ``mean(L) + s^2/2``
-with the interval ``+- t_{R-1} sqrt(s^2/R + s^4/(2(R-1)))`` (Land 1972), widened by
-``n log(1 + rtol)``. Coverage is tested at small ``n`` (``tests/test_cooling.py``).
+with the interval ``+- t_{R-1} sqrt(s^2/R + s^4/(2(R-1)))`` (Land 1972,
+:func:`replicate_interval`), widened by ``n log(1 + rtol)``. Replicates cannot see a
+bias they share (chains that lag behind the cooling), hence the sweeps and the mixing
+check. Coverage is tested at n = 3 and n = 20 (``tests/test_cooling.py``).
 
 Example (a 3-ball of radius 1: log V = log(4 pi / 3); exact on a ball, up to the bisection)::
 
@@ -86,7 +93,7 @@ from .config import ConfigError
 from .precondition import Preconditioner
 from .volume import LineLoss, VolumeEstimate, _warnings, log_chi_cdf, ray_radii
 
-__all__ = ["cooling_volume"]
+__all__ = ["cooling_volume", "replicate_interval"]
 
 
 def _capped(line_loss: LineLoss, r_max: float) -> LineLoss:
@@ -197,6 +204,18 @@ def _lag_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a * b).sum(1)[ok] / den[ok]).mean()) if bool(ok.any()) else 0.0
 
 
+def replicate_interval(log_vol: torch.Tensor, level: float = 0.95) -> tuple[float, float]:
+    """``log E[Z]`` and the half-width of its interval from independent replicates'
+    log-estimates ``log_vol`` ``(R,)``: each replicate's ``Z`` is unbiased and about
+    lognormal, so Cox's ``mean + s^2/2 +- t_{R-1} sqrt(s^2/R + s^4/(2(R-1)))`` (Land 1972).
+    """
+    r = len(log_vol)
+    var = float(log_vol.var())
+    half = float(student_t.ppf(0.5 + level / 2, r - 1)) * math.sqrt(
+        var / r + var**2 / (2 * (r - 1)))
+    return float(log_vol.mean()) + var / 2, half
+
+
 LAG = 0.2  # lag correlation above which the chains are called unmixed (measured on boxes)
 _SPAN = 60.0  # log-beta range searched for one step (e^60: beyond any schedule's jump)
 
@@ -215,8 +234,8 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
         line_loss, n, cutoff, r_max, rtol: as :func:`~minefield.volume.star_volume`.
         n_chains: chains per replicate; n_replicates: independent replicates (>= 2).
         preconditioner: rounding ``x = T y`` (a good one makes ``K_y`` round).
-        walk_length: steps per phase (default ``max(10, 2 n)``); walk: ``coordinate``
-            or ``hit_and_run`` (module docstring).
+        walk_length: steps per phase (default ``max(10, 2 n)``: two sweeps of the
+            axes); walk: ``coordinate`` or ``hit_and_run`` (module docstring).
         max_step: the largest factor ``beta / beta'`` of one phase before ``beta < 1 /
             rho_max^2``.
         ratio_var: target relative variance of one chain's phase ratio.
@@ -272,10 +291,12 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
         nonlocal evals
         k, sd = len(y), 1 / math.sqrt(beta) if beta > 0 else math.inf
         shape = _round(y.reshape(-1, n_chains, n)) if not coordinate else None
-        for _ in range(steps):  # 3. all chains at once
-            if coordinate:  # a random axis of the rounded coordinates per chain
+        for step in range(steps):  # 3. all chains at once
+            if coordinate:  # the axes of the rounded coordinates, in a random order per
+                if step % n == 0:  # chain and sweep: every axis once per n steps
+                    order = torch.rand(k, n, generator=g).argsort(1)
                 w = torch.zeros(k, n, dtype=torch.float64)
-                w[torch.arange(k), torch.randint(0, n, (k,), generator=g)] = 1.0
+                w[torch.arange(k), order[:, step % n]] = 1.0
             else:
                 z = torch.randn(k // n_chains, n_chains, n, generator=g, dtype=torch.float64)
                 w = (z * shape if shape.shape[1] == 1 else z @ shape).reshape(k, n)
@@ -353,11 +374,7 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
     log_r, betas, min_ess, lag = smc(n_replicates, schedule)
     log_z = log_z + log_r
     log_vol = log_z + (p.log_abs_det_t() if p is not None else 0.0)  # (R,)
-    # each replicate's Z is unbiased and ~lognormal: Cox's interval for a lognormal mean
-    var = float(log_vol.var())
-    est = float(log_vol.mean()) + var / 2
-    half = float(student_t.ppf(0.5 + level / 2, n_replicates - 1)) * math.sqrt(
-        var / n_replicates + var**2 / (2 * (n_replicates - 1)))
+    est, half = replicate_interval(log_vol, level)
     slack = n * math.log1p(rtol)
     warns = _warnings(min_ess, 0, m, r_max)
     if n_chains < 32:

@@ -197,7 +197,7 @@ def basin_volume(model: nn.Module, params: Params, data, cfg, buffers: Params | 
         return merge_cooling_blocks([run], cfg, bn)
     lines, centre_loss, cut, g, pre = _setup(model, params, data, cfg, buffers, bn, curvature)
     est = star_volume(lines, lines.n, cut, cfg.estimator, cfg.n_directions, g, cfg.r_max,
-                      cfg.rtol, pre, cfg.sigma, centre_loss)
+                      cfg.rtol, pre, cfg.sigma, centre_loss, power=cfg.proposal_power())
     return _result(est, lines.evaluations, lines.log_det_scale, centre_loss, cut, cfg, bn)
 
 

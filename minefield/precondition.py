@@ -9,6 +9,20 @@ matters below). It offers the three operations the volume estimators need:
 - ``quad(u)``: ``u^T C u`` per row;
 - ``logdet``: ``log det C``; and ``apply(z) = T z`` for rounding a chain's coordinates.
 
+*Shape* (``power`` p, :meth:`Preconditioner.with_power`): the guessed body need not be
+an ellipsoid. With power ``p`` it is ``T B_p``, ``B_p`` the unit l_p ball (p = 2: the
+ellipsoid; p = inf: the parallelotope ``T [-1, 1]^n``, a box when ``T`` is diagonal).
+``sample`` then draws ``x = T z`` with ``z_i`` iid of density ``~ exp(-|z_i|^p)``
+(uniform on ``[-1, 1]`` at p = inf), whose direction ``x / |x|`` has the density of
+the directions of a uniform point of ``T B_p`` (any density that is a function of
+``|z|_p`` gives the same directions), relative to the uniform direction
+
+    p(u) / p_unif(u) = omega_n / (vol(T B_p) |T^-1 u|_p^n),
+    vol(T B_p) = |det T| (2 Gamma(1 + 1/p))^n / Gamma(1 + n/p)
+
+(``log_ratio`` returns the log of its inverse; at p = 2 it is the angular central
+Gaussian of Tyler 1987, ``det(C)^1/2 (u^T C u)^-n/2``).
+
 Three forms, all on plain tensors (any source of curvature plugs in):
 
 - :meth:`Preconditioner.dense` ``(n, n)`` (e.g. the Hessian of a small net):
@@ -39,6 +53,7 @@ from __future__ import annotations
 import math
 
 import torch
+from scipy.special import gammaincinv
 
 from .config import ConfigError
 
@@ -56,8 +71,17 @@ def _finite(x: torch.Tensor, what: str) -> torch.Tensor:
 class Preconditioner:
     """A positive-definite curvature ``C`` (dense, diagonal or low rank plus diagonal)."""
 
-    def __init__(self, kind: str, n: int, logdet: float, **parts: torch.Tensor):
+    def __init__(self, kind: str, n: int, logdet: float, power: float = 2.0,
+                 **parts: torch.Tensor):
         self.kind, self.n, self.logdet, self._p = kind, n, float(logdet), parts
+        self.power = float(power)
+
+    def with_power(self, power: float) -> Preconditioner:
+        """The same ``T`` with the proposal body ``T B_power`` (module docstring)."""
+        power = float(power)
+        if not power >= 1:  # NaN too
+            raise ConfigError(f"preconditioner power must be >= 1 (or inf), got {power}")
+        return Preconditioner(self.kind, self.n, self.logdet, power, **self._p)
 
     @classmethod
     def dense(cls, c: torch.Tensor) -> Preconditioner:
@@ -122,9 +146,45 @@ class Preconditioner:
             z = z + ((z @ p["u"]) * p["shrink"]) @ p["u"].T
         return z / p["d"].sqrt()
 
+    def unapply(self, x: torch.Tensor) -> torch.Tensor:
+        """``T^-1 x`` per row (``|T^-1 x|^2 = x^T C x``)."""
+        x = x.double()
+        p = self._p
+        if self.kind == "dense":
+            return x @ p["chol"]
+        z = x * p["d"].sqrt()
+        if self.kind == "low_rank":  # T^-1 = (I + U ((1 + mu)^1/2 - 1) U^T) D^1/2
+            grow = (1 + p["shrink"]).reciprocal() - 1
+            z = z + ((z @ p["u"]) * grow) @ p["u"].T
+        return z
+
     def sample(self, k: int, generator: torch.Generator) -> torch.Tensor:
-        """``k`` draws of ``N(0, C^-1)`` ``(k, n)``."""
-        return self.apply(torch.randn(k, self.n, generator=generator, dtype=torch.float64))
+        """``k`` draws ``x = T z`` ``(k, n)``, ``z_i ~ exp(-|z_i|^power)`` (power 2:
+        ``N(0, C^-1)`` up to scale; inf: uniform on ``[-1, 1]``)."""
+        shape = (k, self.n)
+        if self.power == 2:
+            return self.apply(torch.randn(shape, generator=generator, dtype=torch.float64))
+        u = torch.rand(shape, generator=generator, dtype=torch.float64)
+        if math.isinf(self.power):
+            return self.apply(2 * u - 1)
+        sign = torch.randint(0, 2, shape, generator=generator).double() * 2 - 1
+        # |z|^p ~ Gamma(1/p): by the inverse CDF, so the generator alone fixes the draws
+        mag = torch.from_numpy(gammaincinv(1 / self.power, u.numpy())) ** (1 / self.power)
+        return self.apply(sign * mag)
+
+    def log_ratio(self, u: torch.Tensor) -> torch.Tensor:
+        """``log(p_unif(u) / p(u))`` per unit row of ``u`` ``(k, n)``, ``p`` the density
+        of :meth:`sample`'s directions (module docstring)."""
+        n, q = self.n, self.power
+        if q == 2:  # the angular central Gaussian
+            return -0.5 * self.logdet + 0.5 * n * self.quad(u).log()
+        z = self.unapply(u).abs()
+        log_norm = z.amax(-1).log() if math.isinf(q) else (
+            z.log().mul(q).logsumexp(-1) / q)
+        log_vol_b = n * math.log(2) if math.isinf(q) else (
+            n * math.log(2 * math.gamma(1 + 1 / q)) - math.lgamma(1 + n / q))
+        log_omega = 0.5 * n * math.log(math.pi) - math.lgamma(0.5 * n + 1)
+        return self.log_abs_det_t() + log_vol_b - log_omega + n * log_norm
 
     def log_abs_det_t(self) -> float:
         """``log |det T| = -1/2 log det C``: the volume factor from rounded coordinates."""
@@ -145,5 +205,9 @@ def floor_curvature(c: torch.Tensor, floor: float) -> torch.Tensor:
     c = _finite(c, "curvature")
     if c.dim() == 1:
         return c.clamp(min=floor)
-    lam, v = torch.linalg.eigh(0.5 * (c + c.T))
+    sym = 0.5 * (c + c.T)
+    eye = torch.eye(len(c), dtype=c.dtype)
+    if int(torch.linalg.cholesky_ex(sym - floor * eye)[1]) == 0:
+        return sym  # every eigenvalue is above the floor already: no n^3 eigensolver
+    lam, v = torch.linalg.eigh(sym)
     return (v * lam.clamp(min=floor)) @ v.T

@@ -128,6 +128,8 @@ def test_basin_estimators_from_the_cli(runs):
     (["--estimator", "exact"], "Invalid value for '--estimator'", 2),
     (["--estimator", "is", "--preconditioner", "none"], "needs a preconditioner", 1),
     (["--estimator", "mcmc", "--replicates", "1"], "Invalid value for '--replicates'", 2),
+    (["--estimator", "is", "--preconditioner", "axes", "--power", "round"],
+     "volume.power must be a number >= 1", 1),
 ])
 def test_basin_estimator_errors_are_one_line_and_write_nothing(runs, args, message, code):
     res = _invoke(runs, "basin", "a", *args, "--kind", "gaussian", "--tag", "bad")

@@ -18,6 +18,8 @@ from minefield.connectivity import (
     bezier,
     connect,
     evaluate_curves,
+    fit_curves,
+    pair_seed,
 )
 from minefield.data import load_dataset
 from minefield.loss import nll, predict
@@ -135,6 +137,61 @@ def test_a_good_to_bad_curve_has_a_lower_maximum_loss_than_the_line():
         assert path["test_acc"][0, -1] == res.line["test_acc"][0, -1]
 
 
+def _three_pairs():
+    data = _data()
+    model = build_model(ModelConfig(widths=(6, 5)), (2,), 2).double()
+    return model, _stacks(model, [0, 1, 2]), _stacks(model, [3, 4, 5]), data
+
+
+CURVE_SMALL = CURVE_TRAIN.replace(steps=40, batch_size=16, clip_norm=0.5, milestones=(20,),
+                                  seed=7)
+
+
+def test_a_curve_trained_in_a_stack_is_bit_identical_to_the_pair_trained_alone():
+    model, a, b, data = _three_pairs()
+    cfg = ConnectConfig(n_points=6, train=CURVE_SMALL)
+    stacked = connect(model, a, b, data, cfg)
+    for i in range(3):
+        alone = connect(model, {k: v[i:i + 1] for k, v in a.items()},
+                        {k: v[i:i + 1] for k, v in b.items()}, data, cfg)
+        for k, v in alone.control.items():
+            assert torch.equal(stacked.control[k][i:i + 1], v), k
+        for path in ("line", "curve"):
+            for k, v in getattr(alone, path).items():
+                assert torch.equal(getattr(stacked, path)[k][i:i + 1], v), (path, k)
+    # the curves moved, and differently: a stack of copies of one pair is not what is tested
+    moved = [(stacked.control[k] - (a[k] + b[k]) / 2).abs().amax() for k in a]
+    assert max(moved) > 1e-3
+    assert not torch.equal(stacked.curve["train_loss"][0], stacked.curve["train_loss"][1])
+
+
+def test_batched_curves_equal_the_pair_alone_up_to_rounding():
+    """isolate=False: one batched pass; the same t and batches, so equal to float64 rounding
+    (tolerance 1e-9 after 40 clipped Adam steps)."""
+    model, a, b, data = _three_pairs()
+    ctl = fit_curves(model, a, b, data, CURVE_SMALL, isolate=False)
+    for i in range(3):
+        alone = fit_curves(model, {k: v[i:i + 1] for k, v in a.items()},
+                           {k: v[i:i + 1] for k, v in b.items()}, data, CURVE_SMALL)
+        for k, v in alone.items():
+            torch.testing.assert_close(ctl[k][i:i + 1], v, rtol=1e-9, atol=1e-12)
+
+
+def test_pair_seed_is_the_pairs_identity():
+    model, a, b, _ = _three_pairs()
+    one = [pair_seed({k: v[i:i + 1] for k, v in a.items()},
+                     {k: v[i:i + 1] for k, v in b.items()}, 3) for i in range(3)]
+    assert len(set(one)) == 3 and all(0 <= s < 2**63 for s in one)
+    moved = {k: v[:1].clone() for k, v in a.items()}
+    moved["0.weight"][0, 0, 0] += 1e-12  # any change of a value is another pair
+    assert pair_seed(moved, {k: v[:1] for k, v in b.items()}, 3) != one[0]
+    b1 = {k: v[:1] for k, v in b.items()}
+    a64 = {k: v[:1] / 3 for k, v in a.items()}  # values float32 cannot hold
+    a32 = {k: v.float() for k, v in a64.items()}
+    assert pair_seed(a32, b1, 3) != pair_seed(a64, b1, 3)  # rounded: other values ...
+    assert pair_seed(a32, b1, 3) == pair_seed({k: v.double() for k, v in a32.items()}, b1, 3)
+
+
 # --- the stage and the command ------------------------------------------------------------
 
 TINY = ["--dataset", "blobs", "--n-train", "40", "--n-test", "40", "--n-poison", "40",
@@ -189,6 +246,15 @@ def test_connect_to_the_minima_of_a_search(cli, tmp_path):
     saved = json.loads((tmp_path / "runs" / "g" / "connect" / "default.json").read_text())
     assert n >= 2 and len(saved["pairs"]) == n
     assert len(saved["curve"]["train_loss"]) == n
+    # the last pair of the stack, connected alone: the same numbers, bit for bit
+    last = saved["pairs"][-1]["b"][1]
+    r = cli("connect", "g", "g", "--checkpoint-b", last, "--steps", "20", "--points", "5",
+            "--tag", "alone")
+    assert r.exit_code == 0, r.output
+    alone = json.loads((tmp_path / "runs" / "g" / "connect" / "alone.json").read_text())
+    for path in ("line", "curve"):
+        for k, v in alone[path].items():
+            assert saved[path][k][-1] == v[0], (path, k)
 
 
 @pytest.mark.parametrize("bad,msg", [

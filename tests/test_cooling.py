@@ -6,7 +6,14 @@ from scipy import stats
 
 from minefield.bodies import Box, Ellipsoid, log_spaced_axes
 from minefield.config import ConfigError
-from minefield.cooling import _log_h, _truncchi, _truncnorm, cooling_volume
+from minefield.cooling import (
+    LAG,
+    _log_h,
+    _truncchi,
+    _truncnorm,
+    cooling_volume,
+    replicate_interval,
+)
 from minefield.precondition import Preconditioner
 
 F64 = torch.float64
@@ -86,10 +93,11 @@ def test_cooling_converges_on_a_box_as_chains_grow():
     n = 3
     a = log_spaced_axes(n, 1.0)
     body = Box(a)
-    errs = [abs(cooling_volume(body, n, body.cutoff, chains, 4, _gen(0), 10.0, 1e-3,
-                               walk_length=8).log_volume - body.log_volume)
-            for chains in (4, 128)]
-    assert errs[1] < 0.3 and errs[1] < errs[0]  # 3 decades of volume, no rounding given
+    ests = [cooling_volume(body, n, body.cutoff, chains, 4, _gen(0), 10.0, 1e-3,
+                           walk_length=8) for chains in (4, 128)]
+    spread = [float(torch.tensor(e.details["replicates"]).std()) for e in ests]
+    # 3 decades of volume, no rounding given: the replicates close in, the estimate holds
+    assert abs(ests[1].log_volume - body.log_volume) < 0.1 and spread[1] < spread[0] / 2
 
 
 @pytest.mark.slow
@@ -106,6 +114,26 @@ def test_cooling_intervals_cover_at_their_rate(which):
                              preconditioner=pre, walk_length=8)
         hits += est.ci[0] <= body.log_volume <= est.ci[1]
     assert hits >= 17
+
+
+@pytest.mark.slow
+def test_cooling_intervals_cover_a_twenty_dimensional_box():
+    # 12 independent 95% intervals of 8 replicates each, from one batched run (the
+    # schedule comes from its own pilot replicates): Binomial(12, 0.95) <= 9 has
+    # probability 0.02. With 50 random-axis steps per phase the interval missed here
+    # (-0.17 [-0.33, -0.01] nats): ~8% of the axes stayed where the last phase left them
+    n, groups, rtol = 20, 12, 1e-3
+    body = Box(log_spaced_axes(n, 2.0))
+    pre = Preconditioner.diagonal(body.a.pow(-2))
+    est = cooling_volume(body, n, body.cutoff, 16, 8 * groups, _gen(0), 100.0, rtol, pre,
+                         walk_length=n)
+    slack = n * math.log1p(rtol)
+    hits = 0
+    for reps in torch.tensor(est.details["replicates"]).reshape(groups, 8):
+        mid, half = replicate_interval(reps)
+        hits += mid - half - slack <= body.log_volume <= mid + half + slack
+    assert hits >= 10
+    assert est.details["lag_correlation"] < LAG
 
 
 def test_cooling_reports_its_run():

@@ -44,6 +44,24 @@ def test_is_with_the_dense_hessian_is_exact_through_the_network_api():
     assert again.estimator == "is" and again.diagnostics["ess"] == res.diagnostics["ess"]
 
 
+def test_learnt_power_through_the_network_api():
+    # an axis-aligned quadratic: the axis radii are its semi-axes and the learnt shape is
+    # the ellipsoid (p = 2), so the estimate is exact; the pilot rays are counted
+    n = 6
+    a = log_spaced_axes(n, 1.0)
+    net = QuadraticNet(torch.diag(a.pow(-2)))
+    params = {k: v.detach()[None].clone() for k, v in net.named_parameters()}
+    truth = net.body().log_volume / LN10
+    res = basin_radii(net, params, QuadraticNet.data(),
+                      _cfg(estimator="is", preconditioner="axes", power="auto",
+                           n_directions=20))
+    assert res.diagnostics["power"] == 2.0 and len(res.diagnostics["power_scores"]) == 7
+    assert res.log10_volume == pytest.approx(truth, abs=1e-6)
+    fixed = basin_radii(net, params, QuadraticNet.data(),
+                        _cfg(estimator="is", preconditioner="axes", n_directions=20))
+    assert res.n_evaluations > fixed.n_evaluations and "power_scores" not in fixed.diagnostics
+
+
 @pytest.mark.parametrize("estimator,pre", [("naive", "none"), ("is", "hutchinson"),
                                            ("is", "axes"), ("mcmc", "hessian")])
 def test_other_estimators_land_near_the_ellipsoid(estimator, pre):

@@ -284,6 +284,7 @@ def test_cli_runs_a_study_with_a_grid_file_and_redraws_it(tmp_path):
     assert res.exit_code == 0, res.output
     assert "lambda_max" in res.output and "Kendall tau" in res.output
     assert (fig / "c" / "lambda_max.png").exists() and (fig / "c" / "scores.png").exists()
+    assert (fig / "c" / "groups.png").exists()  # two settings (lr) with two seeds each
     assert len(pd.read_csv(root / "c" / "study.csv")) == 4
     again = CliRunner().invoke(main, ["--root", str(root), "plot", "study", "c", "--figures",
                                       str(tmp_path / "f2")])
@@ -296,6 +297,30 @@ def test_cli_trajectory_study_draws_the_trajectory(tmp_path):
                str(tmp_path / "fig"), "--measures", "lambda_max")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "fig" / "c" / "trajectory.png").exists()
+    assert not (tmp_path / "fig" / "c" / "groups.png").exists()
     df = pd.read_csv(tmp_path / "runs" / "c" / "study.csv")
     assert list(df["step"]) == [0, 5, 10]
     assert torch.isfinite(torch.tensor(df["lambda_max"].values)).all()
+
+
+def test_groups_figure_puts_each_model_at_its_setting():
+    from types import SimpleNamespace
+
+    from minefield.plotting.study import group_label, plot_groups
+
+    rows = [{"train.sam": k, "train.rho": r, "train.seed": s, "test_acc": 0.9 + r + s / 100,
+             "lambda_max": float("nan"), "diverged": False}
+            for k, r in (("none", 0.0), ("sam", 0.05)) for s in (0, 1, 2)]
+    rows.append({**rows[0], "train.seed": 3, "test_acc": float("nan"), "diverged": True})
+    assert group_label(rows[3], ["train.sam", "train.rho"]) == "sam=sam, rho=0.05"
+    fig = plot_groups(SimpleNamespace(rows=rows, design=["train.sam", "train.rho", "train.seed"]))
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == ["test_acc"]  # lambda_max: no finite value
+    ax = shown[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["sam=none, rho=0.0",
+                                                           "sam=sam, rho=0.05"]
+    from matplotlib.collections import PathCollection
+
+    dots = [c.get_offsets() for c in ax.collections if isinstance(c, PathCollection)]
+    xs = sorted((float(x), round(float(y), 12)) for d in dots for x, y in d)
+    assert xs == [(0.0, 0.9), (0.0, 0.91), (0.0, 0.92), (1.0, 0.95), (1.0, 0.96), (1.0, 0.97)]

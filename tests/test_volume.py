@@ -4,12 +4,22 @@ import pytest
 import torch
 from scipy.special import gammainc
 
-from minefield.bodies import Box, Ellipsoid, log_ball_volume, log_spaced_axes, random_rotation
+from minefield.bodies import (
+    Box,
+    Ellipsoid,
+    LpBall,
+    log_ball_volume,
+    log_spaced_axes,
+    random_rotation,
+)
 from minefield.config import ConfigError
 from minefield.precondition import Preconditioner, floor_curvature
 from minefield.volume import (
+    POWERS,
     _log_gammainc_series,
+    fit_power,
     log_chi_cdf,
+    ray_radii,
     star_volume,
     weights_estimate,
 )
@@ -221,6 +231,10 @@ def test_floor_curvature_makes_a_valid_preconditioner():
     c = floor_curvature(h, 0.5)
     assert torch.allclose(torch.linalg.eigvalsh(c), torch.tensor([0.5, 3.0], dtype=F64))
     Preconditioner.dense(c)
+    above = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=F64)  # eigenvalues 0.79, 2.21
+    assert torch.equal(floor_curvature(above, 0.7), above)  # untouched (no eigensolver)
+    assert torch.allclose(torch.linalg.eigvalsh(floor_curvature(above, 0.9))[0],
+                          torch.tensor(0.9, dtype=F64))
 
 
 def test_estimator_errors():
@@ -250,3 +264,95 @@ def test_ball_volume_and_gaussian_mass_helpers():
     assert log_ball_volume(3, 2.0) == pytest.approx(math.log(4 / 3 * math.pi * 8))
     with pytest.raises(ValueError, match="only for a ball"):
         Ellipsoid(torch.tensor([1.0, 2.0])).gaussian_log_mass(1.0)
+
+
+# --- the proposal's shape: l_p bodies ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dense", "diagonal", "low_rank"])
+def test_unapply_inverts_apply_and_gives_the_quadratic_form(kind):
+    n = 5
+    d = torch.linspace(0.5, 2.0, n, dtype=F64)
+    g = _gen(0)
+    if kind == "dense":
+        q = random_rotation(n, g)
+        pre = Preconditioner.dense((q * d) @ q.T)
+    elif kind == "diagonal":
+        pre = Preconditioner.diagonal(d)
+    else:
+        pre = Preconditioner.low_rank(torch.tensor([3.0, -0.2], dtype=F64),
+                                      torch.randn(n, 2, generator=g, dtype=F64), d + 1)
+    z = torch.randn(4, n, generator=g, dtype=F64)
+    assert torch.allclose(pre.unapply(pre.apply(z)), z, atol=1e-12)
+    assert torch.allclose(pre.unapply(z).pow(2).sum(1), pre.quad(z), rtol=1e-12)
+
+
+@pytest.mark.parametrize("power", [1.0, 4.0, math.inf])
+@pytest.mark.parametrize("body", ["ellipsoid", "box"])
+def test_lp_proposals_are_unbiased_on_bodies_of_another_shape(power, body):
+    # sampler and density must agree, or the weights would not average to the volume
+    n = 3
+    a = log_spaced_axes(n, 1.0)
+    b = Ellipsoid(a) if body == "ellipsoid" else Box(a)
+    pre = Preconditioner.diagonal(a.pow(-2)).with_power(power)
+    est = star_volume(b, n, b.cutoff, "is", 4000, _gen(1), r_max=10.0, rtol=1e-8,
+                      preconditioner=pre)
+    assert est.ci[0] <= b.log_volume <= est.ci[1]
+    assert abs(est.log_volume - b.log_volume) < 0.05
+
+
+@pytest.mark.parametrize("p", [1.0, 4.0, math.inf])
+def test_is_is_exact_on_an_lp_ball_with_its_own_shape(p):
+    n, rtol = 60, 1e-8
+    b = LpBall(log_spaced_axes(n, 2.0), p)
+    pre = Preconditioner.diagonal(b.a.pow(-2)).with_power(p)
+    est = star_volume(b, n, b.cutoff, "is", 20, _gen(2), r_max=100.0, rtol=rtol,
+                      preconditioner=pre)
+    assert est.ess == pytest.approx(40.0) and est.details["power"] == p
+    assert abs(est.log_volume - b.log_volume) <= n * math.log1p(rtol)
+
+
+def test_fit_power_learns_the_shape_from_pilot_rays():
+    n, rtol = 40, 1e-8
+    a = log_spaced_axes(n, 2.0)
+    for body, want in [(Ellipsoid(a), 2.0), (Box(a), math.inf), (LpBall(a, 8.0), 8.0)]:
+        eye = torch.eye(n, dtype=F64)  # the scales from the radii along the axes
+        r, axis_evals = ray_radii(body, torch.cat([eye, -eye]), body.cutoff, 100.0, rtol)
+        pre = Preconditioner.diagonal(1 / (r[:n] * r[n:]))
+        pick, scores, evals = fit_power(body, n, body.cutoff, pre, _gen(3), 100.0, rtol)
+        assert pick.power == want and scores[str(want)] == min(scores.values()) < 1e-6
+        assert set(scores) == {str(q) for q in POWERS} and evals > 0
+        est = star_volume(body, n, body.cutoff, "is", 20, _gen(3), r_max=100.0, rtol=rtol,
+                          preconditioner=pre, power="auto")
+        assert est.details["power"] == want and est.n_evaluations > evals
+        assert abs(est.log_volume - body.log_volume) <= n * math.log1p(rtol)
+
+
+def test_learnt_power_intervals_cover_a_box_seen_through_wrong_scales():
+    # scales off by up to 20%: no power is exact, the weights are heavy-tailed for most;
+    # 40 seeds of 90% intervals: Binomial(40, 0.9) >= 31 with probability 0.99
+    n = 20
+    b = Box(log_spaced_axes(n, 1.0))
+    wrong = b.a * (1 + 0.2 * torch.rand(n, generator=_gen(4), dtype=F64))
+    pre = Preconditioner.diagonal(wrong.pow(-2))
+    ests = [star_volume(b, n, b.cutoff, "is", 50, _gen(s), r_max=10.0, rtol=1e-8,
+                        preconditioner=pre, power="auto", level=0.9) for s in range(40)]
+    assert sum(e.ci[0] <= b.log_volume <= e.ci[1] for e in ests) >= 31
+    assert min(e.details["power"] for e in ests) >= 8  # the box end of the family
+
+
+def test_power_errors():
+    pre = Preconditioner.diagonal(torch.ones(2, dtype=F64))
+    for bad in (0.5, math.nan):
+        with pytest.raises(ConfigError, match="power must be >= 1"):
+            pre.with_power(bad)
+    body = Ellipsoid(torch.ones(2, dtype=F64))
+    with pytest.raises(ConfigError, match="power must be a number >= 1, 'inf' or 'auto'"):
+        star_volume(body, 2, body.cutoff, "is", 4, preconditioner=pre, power="round")
+    from minefield.basin import VolumeConfig
+
+    for bad in ("round", "0.5", "nan"):
+        with pytest.raises(ConfigError, match="volume.power must be a number >= 1"):
+            VolumeConfig(estimator="is", preconditioner="axes", power=bad)
+    assert VolumeConfig(power="inf").proposal_power() == math.inf
+    assert VolumeConfig(power="auto").proposal_power() == "auto"

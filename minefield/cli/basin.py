@@ -92,6 +92,9 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
                                                        if c.value != "given"), "adam"]),
               default=None, help="Shape of is/mcmc/gaussian proposals (default: hessian for "
               "is, none otherwise); adam: the run's Adam second moments.")
+@click.option("--power", default="2", show_default=True, help="is/gaussian: shape of the "
+              "proposal body, an l_p ball of the preconditioner (2: its ellipsoid, inf: its "
+              "box, auto: learnt from pilot rays).")
 @click.option("--sigma", type=click.FloatRange(min=0, min_open=True),
               help="Gaussian-measure std (default r_max / sqrt(n)).")
 @click.option("--chains", type=click.IntRange(2), default=64, show_default=True,
@@ -122,7 +125,8 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
 @click.pass_context
 @friendly
 def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, method,
-          grid_points, estimator, preconditioner, sigma, chains, replicates, walk, mcmc_blocks,
+          grid_points, estimator, preconditioner, power, sigma, chains, replicates, walk,
+          mcmc_blocks,
           dir_kind, bias, seed, n_rollouts, precision, tag, device, memory_mb, force,
           directions_per_task,
           **ex_opts):
@@ -139,9 +143,9 @@ def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, met
                        r_max=r_max, n_directions=n_directions, rtol=rtol, method=method,
                        grid_points=grid_points, directions=DirectionSpec(dir_kind, bias, seed),
                        memory_mb=memory_mb, seed=seed, estimator=estimator,
-                       preconditioner="given" if pre == "adam" else pre, sigma=sigma,
-                       n_chains=chains, n_replicates=replicates, walk_length=walk,
-                       mcmc_blocks=mcmc_blocks, precision=precision)
+                       preconditioner="given" if pre == "adam" else pre, power=power,
+                       sigma=sigma, n_chains=chains, n_replicates=replicates,
+                       walk_length=walk, mcmc_blocks=mcmc_blocks, precision=precision)
     executor = executor_of(ex_opts)
     with warnings.catch_warnings():  # said below in one line per member instead
         warnings.simplefilter("ignore", BasinWarning)

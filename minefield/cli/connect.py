@@ -37,14 +37,17 @@ _FIGURES = Path("figures")
 @click.option("--batch-size", type=click.IntRange(1), help="Default: full batch.")
 @click.option("--l2", type=float, default=0.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the sampled t and the minibatches.")
+              help="Seed of the sampled t (with each pair's endpoints) and the minibatches.")
+@click.option("--isolate/--no-isolate", default=True, show_default=True,
+              help="Each curve on kernels shaped for one model: a pair's numbers do not "
+                   "depend on the other pairs. --no-isolate: one batched pass for all curves.")
 @tag_option
 @device_option
 @force_option
 @click.pass_context
 @friendly
 def connect_cmd(ctx, run_a, run_b, checkpoint_a, checkpoint_b, member_a, member_b, minima,
-                points, steps, optimizer, lr, batch_size, l2, seed, tag, device, force):
+                points, steps, optimizer, lr, batch_size, l2, seed, isolate, tag, device, force):
     """Loss barrier along the straight line and a trained Bezier curve between two minima.
 
     \b
@@ -55,7 +58,7 @@ def connect_cmd(ctx, run_a, run_b, checkpoint_a, checkpoint_b, member_a, member_
     tag = _tag(tag)
     cfg = ConnectConfig(n_points=points, train=CURVE_TRAIN.replace(
         steps=steps, optimizer=optimizer, lr=lr, batch_size=batch_size, l2=l2, seed=seed,
-        log_every=max(steps, 1), checkpoint_every=max(steps, 1)))
+        log_every=max(steps, 1), checkpoint_every=max(steps, 1)), isolate=isolate)
     a, b = open_run(ctx, run_a), open_run(ctx, run_b)
     res = connect_run(a, b, cfg, checkpoint_a=checkpoint_a, checkpoint_b=checkpoint_b,
                       member_a=member_a, member_b=member_b, minima=minima, tag=tag,

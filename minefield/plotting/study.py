@@ -1,4 +1,5 @@
-"""Study figures: each measure against the generalization gap, the scores, a trajectory."""
+"""Study figures: each measure against the generalization gap, the scores, a trajectory,
+and the models grouped by setting (replicates side by side)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 from ..study import REPLICATES, TRAJECTORY
 from .style import CMAP_ACC, axes, save_figure
 
-__all__ = ["plot_measure", "plot_scores", "plot_trajectory", "study_figures"]
+__all__ = ["plot_measure", "plot_scores", "plot_trajectory", "plot_groups", "group_label",
+           "study_figures"]
 
 _TARGET = {"gap": "generalization gap (train - test accuracy)",
            "loss_gap": "test loss - train loss"}
@@ -87,9 +89,50 @@ def plot_trajectory(result, columns: tuple[str, ...] = ("mean_radius", "lambda_m
     return fig
 
 
+#: Columns of :func:`plot_groups`, those a study has.
+GROUP_COLUMNS = ("test_acc", "gap", "mean_radius", "log10_volume", "lambda_max", "trace",
+                 "worst_l2", "asam", "average")
+#: Most settings :func:`study_figures` draws side by side in ``groups.png``.
+MAX_GROUPS = 16
+
+
+def group_label(row: dict, fields: list[str]) -> str:
+    """``"sam=asam, rho=0.5"``: a row's values of ``fields`` (dotted names, section dropped)."""
+    return ", ".join(f"{f.split('.', 1)[-1]}={row[f]}" for f in fields)
+
+
+def plot_groups(result, columns: tuple[str, ...] = GROUP_COLUMNS):
+    """One panel per column (those the study has), one position per setting (the
+    values of every varied field but the replicates, in the order of the table),
+    a dot per model (replicates) and a bar at their mean. Returns the figure."""
+    fields = [d for d in result.design if d not in REPLICATES]
+    rows = [r for r in result.rows if not r.get("diverged")]
+    labels = list(dict.fromkeys(group_label(r, fields) for r in rows))
+    cols = [c for c in columns if any(np.isfinite(float(r.get(c, np.nan))) for r in rows)]
+    n = max(len(cols), 1)
+    ncol = min(n, 3)
+    nrow = -(-n // ncol)
+    fig, axs = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.3 * nrow), squeeze=False)
+    pos = np.arange(len(labels))
+    for ax, c in zip(axs.flat, cols):
+        for k, lab in enumerate(labels):
+            ys = np.array([float(r[c]) for r in rows if group_label(r, fields) == lab])
+            ys = ys[np.isfinite(ys)]
+            ax.scatter(np.full(len(ys), k), ys, s=10, color="0.3", zorder=3)
+            if len(ys):
+                ax.hlines(ys.mean(), k - 0.3, k + 0.3, color="C3", lw=2)
+        ax.set_xticks(pos, labels, rotation=40, ha="right", fontsize=6)
+        ax.set_title(c)
+    for ax in list(axs.flat)[len(cols):]:
+        ax.set_visible(False)
+    return fig
+
+
 def study_figures(result, out_dir: str | Path) -> list[Path]:
-    """Every figure of a study: ``<measure>.png`` per measure, ``scores.png`` and, when the
-    study varies ``train.steps``, ``trajectory.png``; returns the written paths."""
+    """Every figure of a study: ``<measure>.png`` per measure, ``scores.png``; when the
+    study varies ``train.steps``, ``trajectory.png``, else when it has replicates
+    (seeds) of at most :data:`MAX_GROUPS` settings, ``groups.png``
+    (:func:`plot_groups`); returns the written paths."""
     out_dir = Path(out_dir)
     paths = []
     target = result.target
@@ -99,4 +142,13 @@ def study_figures(result, out_dir: str | Path) -> list[Path]:
     paths += save_figure(plot_scores(result).figure, out_dir / "scores", ("png",))
     if TRAJECTORY in result.design:
         paths += save_figure(plot_trajectory(result), out_dir / "trajectory", ("png",))
+    elif _grouped(result):
+        paths += save_figure(plot_groups(result), out_dir / "groups", ("png",))
     return paths
+
+
+def _grouped(result) -> bool:
+    fields = [d for d in result.design if d not in REPLICATES]
+    if not fields or len(fields) == len(result.design):
+        return False
+    return len({group_label(r, fields) for r in result.rows}) <= MAX_GROUPS
