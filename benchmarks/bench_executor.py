@@ -1,4 +1,4 @@
-"""Local vs Ray executor on a 16-task sweep, Ray's start-up cost, and per-task costs.
+"""Local vs Ray executor on a 16-task study, Ray's start-up cost, and per-task costs.
 
 Three sections, all in one run so the ratios are measured side by side:
 
@@ -6,13 +6,14 @@ Three sections, all in one run so the ratios are measured side by side:
    dashboard), the first round of tasks (workers start and import torch and
    minefield), and the dispatch cost of a warm task returning a ResNet-20-sized
    result (270k float32 weights) -- the fixed costs a Ray run pays.
-2. A 16-task sweep (8 poison factors x 2 seeds on the swiss roll, one model
-   per task, ``--steps`` training steps, ``--directions`` basin directions
-   each): the local executor (one task after another in this process, torch at
-   ``--threads``) against Ray with ``--workers`` workers of one CPU each; the
-   unsplit sweep (one stack of 16, today's default) as the single-process
-   reference. Median wall time over ``--repeats``; every Ray repeat is checked to
-   give the local executor's numbers bit for bit.
+2. A 16-task study (the grid of 8 poison factors x 2 seeds on the swiss roll,
+   isolated members, one model per task, ``--steps`` training steps,
+   ``--directions`` basin directions each): the local executor (one task after
+   another in this process) against Ray with ``--workers`` workers of one CPU
+   each; the unsplit study (one stack of 16: batched, the default, and isolated,
+   whose numbers every split must give) as single-process references. Median
+   wall time over ``--repeats``; every repeat of the isolated stack, the local
+   tasks and the Ray tasks is checked to give the same table bit for bit.
 3. Per-task costs of the SVHN paper-scale sweep's unit of work, a ResNet-20
    (269,722 weights) training step at batch 256 and a forward pass over 256
    images, on ``--device``: the inputs of docs/scale-out.md's projection.
@@ -69,22 +70,31 @@ def startup(workers: int) -> tuple[mf.RayExecutor, dict[str, float]]:
     return ex, {"ray_init_s": init, "first_tasks_s": first, "warm_task_1mb_s": per_task}
 
 
-def sweep(args, ex: mf.RayExecutor) -> dict[str, object]:
+WHERE = ("stack", "member")  # where a model was trained, not what was measured
+
+
+def study(args, ex: mf.RayExecutor) -> dict[str, object]:
     base = mf.ExperimentConfig(name="bench", data=mf.DataConfig("swissroll"),
                                train=mf.TrainConfig(steps=args.steps, log_every=args.steps),
                                device="cpu")
-    sc = mf.SweepConfig(betas=(0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.6), seeds=(0, 1),
-                        volume=mf.VolumeConfig(n_directions=args.directions))
+    iso = base.replace(train=base.train.replace(isolate=True))
+    cfg = mf.StudyConfig(grid={"poison.beta": [0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.6],
+                               "train.seed": [0, 1]},
+                         volume=mf.VolumeConfig(n_directions=args.directions))
     rows: dict[str, list] = {}
 
-    def run(name: str, **kw):
+    def run(name: str, b: mf.ExperimentConfig, **kw):
         with tempfile.TemporaryDirectory() as root:
-            res = mf.sweep_run(base, sc, root, progress=False, **kw)
-        rows.setdefault(name, []).append(json.dumps(res.rows, sort_keys=True))
+            res = mf.study_run(b, cfg, root, progress=False, **kw)
+        rows.setdefault(name, []).append(json.dumps(
+            [{k: v for k, v in r.items() if k not in WHERE} for r in res.rows],
+            sort_keys=True))
 
-    modes = {"one stack of 16 (today's default)": lambda: run("stack"),
-             "local executor, 16 tasks": lambda: run("local", models_per_task=1),
-             f"ray, {args.workers} workers, 16 tasks": lambda: run("ray", models_per_task=1,
+    modes = {"one batched stack of 16 (the default)": lambda: run("batched", base),
+             "one isolated stack of 16": lambda: run("isolated", iso),
+             "local executor, 16 tasks": lambda: run("local", iso, models_per_task=1),
+             f"ray, {args.workers} workers, 16 tasks": lambda: run("ray", iso,
+                                                                   models_per_task=1,
                                                                    executor=ex)}
     times: dict[str, list[float]] = {k: [] for k in modes}
     for _ in range(args.repeats):  # interleaved, so load changes hit every mode alike
@@ -92,9 +102,10 @@ def sweep(args, ex: mf.RayExecutor) -> dict[str, object]:
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
-    identical = all(r == rows["local"][0] for r in rows["ray"] + rows["local"])
+    ref = rows["isolated"][0]
+    identical = all(r == ref for k in ("isolated", "local", "ray") for r in rows[k])
     return {"median_s": {k: statistics.median(v) for k, v in times.items()}, "all_s": times,
-            "ray_equals_local": identical}
+            "split_equals_unsplit": identical}
 
 
 def resnet_costs(device: str, repeats: int) -> dict[str, float]:
@@ -148,16 +159,16 @@ def main() -> None:
     print(f"Ray start-up: ray.init {start['ray_init_s']:.1f} s, first {args.workers} tasks "
           f"(workers import torch) {start['first_tasks_s']:.1f} s, warm task with a 1 MB "
           f"result {start['warm_task_1mb_s'] * 1e3:.1f} ms")
-    sw = sweep(args, ex)
+    sw = study(args, ex)
     ex.close()
     med = sw["median_s"]
     local = med["local executor, 16 tasks"]
-    print(f"16-task sweep ({args.steps} steps, {args.directions} directions per model), "
+    print(f"16-task study ({args.steps} steps, {args.directions} directions per model), "
           "median wall time:")
     for k, v in med.items():
         print(f"  {k:<40} {v:8.1f} s   local / this = {local / v:.2f}x")
-    print(f"  Ray rows identical to the local executor's in every repeat: "
-          f"{sw['ray_equals_local']}")
+    print(f"  isolated stack, local tasks and Ray tasks give the same table (bit for bit) "
+          f"in every repeat: {sw['split_equals_unsplit']}")
     rc = resnet_costs(args.device, args.repeats)
     print(f"ResNet-20 ({rc['weights']:,} weights) on {args.device}: train step (batch 256) "
           f"{rc['train_step_256_s']:.3f} s, forward of 256 images {rc['forward_256_s']:.3f} s")

@@ -39,6 +39,7 @@ from .connectivity import (
     pair_seed,
 )
 from .cooling import cooling_volume
+from .cooling_blocks import block_replicates, cooling_block, merge_blocks
 from .curvature import (
     Eigen,
     SpectralDensity,
@@ -66,6 +67,7 @@ from .executor import (
     make_executor,
     run_tasks,
     task_seed,
+    torch_threads,
 )
 from .functional import stacked_forward
 from .hvp import CurvatureKind, CurvatureOperator, NonFiniteLoss, Objective, model_objective
@@ -74,7 +76,13 @@ from .lock import RunLocked
 from .loss import accuracy, complement_nll, nll, poisoned_nll
 from .measures import MEASURES, SharpnessConfig, measure_members
 from .models import MODELS, build_model, init_params
-from .netvolume import NetworkLines, basin_volume
+from .netvolume import (
+    CoolingBlocks,
+    NetworkLines,
+    basin_volume,
+    cooling_blocks,
+    merge_cooling_blocks,
+)
 from .optim import StackedOptimizer
 from .precondition import Preconditioner, floor_curvature
 from .ranking import cmi_score, granulated_tau, kendall_tau, score_measures
@@ -134,6 +142,8 @@ __all__ = [
     "VolumeConfig", "BasinResult", "basin_radii", "basin_members", "Rollouts", "rollouts",
     # volume estimators with measured error, and the bodies they are measured on
     "Estimator", "VolumeEstimate", "star_volume", "fit_power", "cooling_volume", "log_chi_cdf",
+    "cooling_block", "merge_blocks", "block_replicates", "CoolingBlocks", "cooling_blocks",
+    "merge_cooling_blocks",
     "Preconditioner", "floor_curvature", "NetworkLines", "basin_volume",
     "Ellipsoid", "Box", "LpBall", "QuadraticNet",
     # curvature and sharpness
@@ -163,7 +173,7 @@ __all__ = [
     "BasinRun",
     # running the tasks of a stage here or on a Ray cluster
     "Executor", "ExecutorKind", "make_executor", "LocalExecutor", "RayExecutor", "run_tasks",
-    "TaskStore", "task_seed", "TaskFailed",
+    "TaskStore", "task_seed", "TaskFailed", "torch_threads",
     # errors: a config that cannot be used, a missing or corrupt run, a run another writes
     "ConfigError", "RunError", "RunLocked",
 ]

@@ -54,7 +54,7 @@ from .data import Dataset
 from .data import train_xy as _xy
 from .directions import DirectionSpec, n_perturbed, random_directions
 from .engine import evaluate_points
-from .functional import Params, check_single, member, n_members, one
+from .functional import Params, alone, check_single, member, n_members, one
 from .options import CurvatureKind, CutoffKind, Estimator, Grid, Precision, RadiusMethod
 from .radii import check_radii, find_radii, radius_grid
 from .rollout import Rollouts, rollouts
@@ -82,8 +82,10 @@ class VolumeConfig(_Config):
     ``estimator`` (:mod:`minefield.volume`): ``naive`` (the paper's), ``is``,
     ``gaussian`` (mass under ``N(theta, sigma^2 I)``, default ``sigma = r_max / sqrt(n)``)
     or ``mcmc`` (``n_chains`` x ``n_replicates`` chains, ``walk_length`` hit-and-run
-    steps per phase); ``preconditioner`` (:mod:`minefield.netvolume`) shapes the
-    last three (``probes``: Hutchinson probes); ``power`` is the shape of the ``is`` /
+    steps per phase; ``mcmc_blocks``: independent blocks of replicates, each seeded by
+    its index, :mod:`minefield.cooling_blocks`: the unit of a task); ``preconditioner``
+    (:mod:`minefield.netvolume`) shapes the last three (``probes``: Hutchinson probes);
+    ``power`` is the shape of the ``is`` /
     ``gaussian`` proposal body (``"2"``: the preconditioner's ellipsoid; ``"inf"``: its
     box; ``"auto"``: learnt from pilot rays, :func:`minefield.volume.fit_power`).
     ``precision``: ``bf16`` / ``tf32`` run
@@ -115,8 +117,10 @@ class VolumeConfig(_Config):
     probes: int = 64
     power: str = "2"
     precision: Precision = Precision.FLOAT32
+    mcmc_blocks: int = 1
 
     _section: ClassVar[str] = "volume"
+    _omit_default: ClassVar[tuple[str, ...]] = ("mcmc_blocks",)
 
     def proposal_power(self) -> float | str:
         """``power`` as :func:`~minefield.volume.star_volume` takes it."""
@@ -129,6 +133,10 @@ class VolumeConfig(_Config):
         self.proposal_power()
         if self.sigma is not None and not (self.sigma > 0 and math.isfinite(self.sigma)):
             raise ConfigError(f"volume.sigma must be a positive number, got {self.sigma}")
+        if self.mcmc_blocks != 1 and (self.estimator is not Estimator.MCMC
+                                      or not 1 <= 2 * self.mcmc_blocks <= self.n_replicates):
+            raise ConfigError(f"volume.mcmc_blocks={self.mcmc_blocks} needs the mcmc estimator "
+                              f"and at least 2 of the {self.n_replicates} replicates per block")
         if self.n_chains < 2 or self.n_replicates < 2 or self.probes < 1:
             raise ConfigError("volume.n_chains and n_replicates must be >= 2 (an interval needs "
                               "independent draws) and probes >= 1")
@@ -387,8 +395,10 @@ def basin_members(model: nn.Module, params: Params | Sequence[Params],
                   data: Dataset | tuple[torch.Tensor, ...], cfg: VolumeConfig = VolumeConfig(),
                   buffers: Params | None = None, bn: str = "eval") -> list[BasinResult]:
     """:func:`basin_radii` of every member of a stack ``(M, ...)`` (or of a list of
-    single-member checkpoints), each with directions from the same seed."""
-    items = ([one(params, i) for i in range(n_members(params))]
+    single-member checkpoints), each with directions from the same seed. Each member
+    is copied into fresh storage (:func:`~minefield.functional.alone`), so its basin is
+    bit-for-bit the same in a stack of any size (kernels can round by alignment)."""
+    items = ([alone(params, i) for i in range(n_members(params))]
              if isinstance(params, dict) else list(params))
     bufs = ([one(buffers, i) for i in range(len(items))] if buffers
             else [None] * len(items))

@@ -14,7 +14,10 @@ order tasks run in). An executor maps ``fn`` over the specs:
     GPUs (fractions allowed: ``0.25`` packs four tasks on a GPU). ``address``:
     ``None`` starts a Ray instance on this machine (or joins ``RAY_ADDRESS``),
     ``"auto"`` joins the cluster this machine belongs to, ``"HOST:PORT"`` a
-    given one. Ray is an optional extra: ``pip install minefield[ray]``.
+    given one. Ray is an optional extra: ``pip install minefield[ray]``. An
+    instance started here runs its workers at niceness 0 (Ray's default, 15,
+    starves them on a shared machine); on a cluster, start the nodes with
+    ``RAY_worker_niceness=0 ray start ...`` for the same.
 
 :func:`run_tasks` is the driver's loop: results already in the
 :class:`TaskStore` are loaded, only the missing tasks are submitted, and each
@@ -26,8 +29,10 @@ stored. Worker nodes need minefield installed and, for file datasets, the
 data; they need no shared file system, since only the driver writes.
 
 Torch's CPU kernels can round differently with a different number of threads:
-a Ray task runs with ``max(1, int(cpus_per_task))`` threads, so numbers are
-bit-identical to the local executor when the driver uses as many.
+a Ray task runs with ``max(1, int(cpus_per_task))`` threads, so batched numbers
+are bit-identical to the local executor when the driver uses as many. Stages of
+isolated members (``train.isolate``) run single-threaded wherever they run,
+and then no split, executor or thread count changes a number.
 
 Example::
 
@@ -46,7 +51,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +63,10 @@ from .options import ConfigError, ExecutorKind, option
 from .runs import Run, RunError, load_tensors, save_tensors
 
 __all__ = ["Executor", "ExecutorKind", "LocalExecutor", "RayExecutor", "make_executor",
-           "TaskFailed", "TaskStore", "run_tasks", "task_seed", "RAY_MISSING"]
+           "TaskFailed", "TaskStore", "run_tasks", "task_seed", "torch_threads", "RAY_MISSING"]
 
+#: Ray's setting of its workers' niceness (default 15); an instance started here uses 0
+WORKER_NICENESS = "RAY_worker_niceness"
 RAY_MISSING = "the ray executor needs Ray, which is not installed: pip install minefield[ray]"
 
 OnResult = Callable[[int, Any], None]
@@ -72,6 +81,20 @@ def task_seed(*identity: Any) -> int:
     every process and on every machine (unlike ``hash``, which Python salts per process)."""
     digest = hashlib.sha256(repr(identity).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` intra-op torch threads (``None``: unchanged), then
+    restore the count. Tasks of isolated members run with 1, so their numbers do
+    not depend on the machine's cores or ``cpus_per_task``."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Executor:
@@ -146,6 +169,10 @@ class RayExecutor(Executor):
         import ray
 
         if not ray.is_initialized():
+            if self.address is None:  # Ray nices its workers to 15 by default: on a busy
+                # machine they then get a fraction of a core each (measured: 2 workers
+                # ran 8 tasks 2-2.6x slower than one plain process, at load 14)
+                os.environ.setdefault(WORKER_NICENESS, "0")
             # resources of a new instance; a running cluster already has its own
             ray.init(address=self.address, log_to_driver=False,
                      **(self.init if self.address is None else {}))

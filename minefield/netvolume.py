@@ -32,6 +32,8 @@ the Fisher diagonal: ``curvature=``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -44,10 +46,10 @@ from .engine import LOSSES, evaluate_points
 from .functional import Params, check_single, member
 from .options import CurvatureKind
 from .precondition import Preconditioner, floor_curvature
-from .volume import ray_radii
+from .volume import VolumeEstimate, ray_radii
 
 __all__ = ["NetworkLines", "CurvatureKind", "network_curvature", "adam_curvature",
-           "basin_volume"]
+           "basin_volume", "CoolingBlocks", "cooling_blocks", "merge_cooling_blocks"]
 
 MAX_DENSE = 6000
 
@@ -185,10 +187,24 @@ def basin_volume(model: nn.Module, params: Params, data, cfg, buffers: Params | 
 
     ``curvature``: a diagonal in parameter shapes for ``preconditioner='given'``.
     ``log10_volume`` is in the ``x`` units of the direction kind (module docstring).
+    ``mcmc`` with ``cfg.mcmc_blocks`` > 1 runs its blocks here, one after another
+    (:func:`cooling_blocks`), and merges them as a split run does.
     """
-    from .basin import BasinResult, CutoffKind, _xy
-    from .cooling import cooling_volume
     from .volume import Estimator, star_volume
+
+    if cfg.estimator is Estimator.MCMC:
+        run = cooling_blocks(model, params, data, cfg, buffers, bn, curvature)
+        return merge_cooling_blocks([run], cfg, bn)
+    lines, centre_loss, cut, g, pre = _setup(model, params, data, cfg, buffers, bn, curvature)
+    est = star_volume(lines, lines.n, cut, cfg.estimator, cfg.n_directions, g, cfg.r_max,
+                      cfg.rtol, pre, cfg.sigma, centre_loss, power=cfg.proposal_power())
+    return _result(est, lines.evaluations, lines.log_det_scale, centre_loss, cut, cfg, bn)
+
+
+def _setup(model, params, data, cfg, buffers, bn, curvature):
+    """The line-loss of ``params``, its centre loss, the cutoff, the generator (after the
+    preconditioner drew from it) and the preconditioner: what every estimator starts from."""
+    from .basin import CutoffKind, _xy
 
     x, y = _xy(data)
     centre = check_single(params, "the model (use basin_members for a stack)")
@@ -200,16 +216,68 @@ def basin_volume(model: nn.Module, params: Params, data, cfg, buffers: Params | 
     floor = 2 * max(cut - centre_loss, 1e-12) / cfg.r_max**2
     pre = network_curvature(lines, cfg.preconditioner, floor, g, cut, cfg.r_max, cfg.rtol,
                             cfg.probes, curvature)
-    if cfg.estimator is Estimator.MCMC:
-        est = cooling_volume(lines, lines.n, cut, cfg.n_chains, cfg.n_replicates, g,
-                             cfg.r_max, cfg.rtol, pre, cfg.walk_length)
-    else:
-        est = star_volume(lines, lines.n, cut, cfg.estimator, cfg.n_directions, g, cfg.r_max,
-                          cfg.rtol, pre, cfg.sigma, centre_loss,
-                          power=cfg.proposal_power())
-    est.n_evaluations = lines.evaluations
-    est.details["log_det_scale"] = lines.log_det_scale  # + this: log V in parameter units
+    return lines, centre_loss, cut, g, pre
+
+
+def _result(est, evaluations: int, log_det_scale: float, centre_loss: float, cut: float,
+            cfg, bn: str):
+    from .basin import BasinResult
+
+    est.n_evaluations = evaluations
+    est.details["log_det_scale"] = log_det_scale  # + this: log V in parameter units
     return BasinResult.from_estimate(est, centre_loss, cut, {**cfg.to_dict(), "bn": bn})
+
+
+@dataclass
+class CoolingBlocks:
+    """Some blocks of one model's ``mcmc`` estimate (:mod:`minefield.cooling_blocks`)
+    and what merging them needs; JSON through :meth:`to_dict` (a task's result)."""
+
+    parts: list[VolumeEstimate]  # in block order; n_evaluations: the block's own
+    centre_loss: float
+    cutoff: float
+    overhead: int  # evaluations before the chains: the centre, the preconditioner
+    log_det_scale: float
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "parts": [p.to_dict() for p in self.parts]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CoolingBlocks:
+        return cls(**{**d, "parts": [VolumeEstimate.from_dict(p) for p in d["parts"]]})
+
+
+def cooling_blocks(model: nn.Module, params: Params, data, cfg, buffers: Params | None = None,
+                   bn: str = "eval", curvature: Params | None = None,
+                   blocks: Sequence[int] | None = None) -> CoolingBlocks:
+    """Blocks ``blocks`` (default: all ``cfg.mcmc_blocks``) of the ``mcmc`` estimate of
+    one model, each :func:`~minefield.cooling_blocks.cooling_block` on the same
+    line-loss and preconditioner; a block's numbers depend on its index only."""
+    from .cooling_blocks import cooling_block
+
+    lines, centre_loss, cut, g, pre = _setup(model, params, data, cfg, buffers, bn, curvature)
+    overhead, parts = lines.evaluations, []
+    for j in range(cfg.mcmc_blocks) if blocks is None else blocks:
+        start = lines.evaluations
+        parts.append(cooling_block(lines, lines.n, cut, j, cfg.mcmc_blocks,
+                                   cfg.directions.seed, cfg.n_chains, cfg.n_replicates, g,
+                                   cfg.r_max, cfg.rtol, pre, cfg.walk_length))
+        parts[-1].n_evaluations = lines.evaluations - start
+    return CoolingBlocks(parts, centre_loss, cut, overhead, lines.log_det_scale)
+
+
+def merge_cooling_blocks(runs: Sequence[CoolingBlocks], cfg, bn: str = "eval"):
+    """One :class:`~minefield.basin.BasinResult` from the blocks of one model, given
+    in block order (one run or several tasks'): the same numbers either way."""
+    from .cooling_blocks import merge_blocks
+
+    parts = [p for r in runs for p in r.parts]
+    if len(parts) != cfg.mcmc_blocks:
+        raise ConfigError(f"{len(parts)} blocks of an estimate in {cfg.mcmc_blocks}")
+    est = merge_blocks(parts, cfg.rtol)
+    r0 = runs[0]
+    return _result(est, r0.overhead + sum(p.n_evaluations for p in parts), r0.log_det_scale,
+                   r0.centre_loss, r0.cutoff, cfg, bn)
 
 
 def adam_curvature(state: dict[str, torch.Tensor], keys: list[str], member: int) -> Params:

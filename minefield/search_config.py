@@ -20,7 +20,8 @@ __all__ = ["SearchConfig", "SEARCH_TRAIN", "AUTO_EXTRA_POISON"]
 #: full-batch steps, metrics every 100 (stopping is checked there).
 SEARCH_TRAIN = TrainConfig(optimizer=Optimizer.ADAM, lr=0.004, milestones=(20000, 22000),
                            steps=24000, log_every=100)
-_TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+# the search's own ``isolate`` decides how searches train (``train.isolate`` is not used)
+_TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig)) - {"isolate"}
 
 #: Fresh poison points drawn by default, for datasets that can draw them.
 AUTO_EXTRA_POISON = 400

@@ -179,6 +179,14 @@ def _step(opt: torch.optim.Optimizer, hyper: Hyper) -> None:
         opt.step(lr=hyper.lr)
 
 
+def _clean(batch: Batch) -> Batch | None:
+    """The batch without its poison rows (None if it has none): what a member with
+    beta = 0 sees when it trains alone (its stack then draws no poison)."""
+    if batch.y_poison is None:
+        return None
+    return Batch(batch.x[:batch.n_train], batch.y)
+
+
 def isolated(objective: Objective = poisoned_objective) -> Objective:
     """``objective`` computed one member at a time, each on kernels shaped for one model.
 
@@ -186,7 +194,10 @@ def isolated(objective: Objective = poisoned_objective) -> Objective:
     ``objective(model, theta_m, buffers_m, batch, hyper_m)`` on a stack of one,
     with ``theta_m`` copied into fresh storage: the same kernels, shapes and
     alignment in every stack, so the result does not depend on the other
-    members (see the module docstring). The members' parameters are split with
+    members (see the module docstring). A member with ``beta = 0`` gets the batch
+    without its poison rows, as when it trains alone (a stack draws poison only
+    if some member's beta is positive; zero-weighted rows would still change how
+    its matmuls round). The members' parameters are split with
     ``unbind``, whose backward stacks the gradients (O(M), not O(M^2)).
     Values equal the batched objective's up to rounding.
 
@@ -208,10 +219,12 @@ def isolated(objective: Objective = poisoned_objective) -> Objective:
                       hyper: Hyper) -> torch.Tensor:
         cols = {k: v.unbind(0) for k, v in params.items()}
         losses = []
+        clean = _clean(batch)
         for i in range(n_members(params)):
             theta = {k: c[i].clone().unsqueeze(0) for k, c in cols.items()}
-            losses.append(objective(model, theta, one(buffers, i) if buffers else {}, batch,
-                                    hyper.member(i)))
+            h = hyper.member(i)
+            b = clean if clean is not None and not bool(h.beta.ne(0).any()) else batch
+            losses.append(objective(model, theta, one(buffers, i) if buffers else {}, b, h))
         return torch.cat(losses)
 
     return one_at_a_time

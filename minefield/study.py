@@ -244,15 +244,37 @@ def _stack_name(cfg: ExperimentConfig, members: list[dict], steps: list[int],
     return f"{label}-{digest}"
 
 
-def plan_study(base: ExperimentConfig, study: StudyConfig) -> StudyPlan:
+def _split(groups, per: int | None):
+    """Each ``(config, members, steps)`` group as groups of at most ``per`` members."""
+    for shared, members, steps in groups:
+        if per is None or per >= len(members):
+            yield shared, members, steps
+            continue
+        if not shared.train.isolate:
+            raise ConfigError(f"models_per_task={per} splits a stack of {len(members)} "
+                              "models, which changes how their numbers round; isolate the "
+                              "members (train.isolate, --isolate) to split it")
+        for a in range(0, len(members), per):
+            yield shared, members[a:a + per], steps
+
+
+def plan_study(base: ExperimentConfig, study: StudyConfig,
+               models_per_task: int | None = None) -> StudyPlan:
     """Check every field and value of ``study`` against ``base`` and group the points
     into stacks. Nothing is trained or written.
 
+    ``models_per_task`` splits every stack into stacks (tasks) of at most that many
+    members, in order. A split stack trains other kernels, so it needs isolated
+    members (``train.isolate``): then every split gives the unsplit numbers.
+
     Raises:
         ConfigError: an unknown field, a value of the wrong type or out of range
-            (checked by building its config), a repeated point, or a trajectory whose
-            steps would need more than :data:`MAX_CHECKPOINTS` checkpoints.
+            (checked by building its config), a repeated point, a trajectory whose
+            steps would need more than :data:`MAX_CHECKPOINTS` checkpoints, or a
+            split of a stack whose members are not isolated.
     """
+    if models_per_task is not None and models_per_task < 1:
+        raise ConfigError(f"models_per_task must be >= 1, got {models_per_task}")
     known = _all_fields()
     fields = study.design()
     points = _points(study, known)
@@ -274,7 +296,7 @@ def plan_study(base: ExperimentConfig, study: StudyConfig) -> StudyPlan:
         if step not in steps:
             steps.append(step)
     stacks = []
-    for shared, members, steps in groups.values():
+    for shared, members, steps in _split(groups.values(), models_per_task):
         steps = sorted(steps)
         train = shared.train.replace(members=len(members), steps=steps[-1])
         if len(steps) > 1:

@@ -103,6 +103,9 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
               help="mcmc: independent replicates (the interval comes from them).")
 @click.option("--walk", type=click.IntRange(1), help="mcmc: hit-and-run steps per phase "
               "(default max(10, n)).")
+@click.option("--blocks", "mcmc_blocks", type=click.IntRange(1), default=1, show_default=True,
+              help="mcmc: independent blocks of replicates, each seeded by its index (one "
+                   "task each with --executor; the estimate pools their replicates).")
 @kind_option
 @bias_option
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -123,6 +126,7 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
 @friendly
 def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, method,
           grid_points, estimator, preconditioner, power, sigma, chains, replicates, walk,
+          mcmc_blocks,
           dir_kind, bias, seed, n_rollouts, precision, tag, device, memory_mb, force,
           directions_per_task,
           **ex_opts):
@@ -141,7 +145,7 @@ def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, met
                        memory_mb=memory_mb, seed=seed, estimator=estimator,
                        preconditioner="given" if pre == "adam" else pre, power=power,
                        sigma=sigma, n_chains=chains, n_replicates=replicates,
-                       walk_length=walk, precision=precision)
+                       walk_length=walk, mcmc_blocks=mcmc_blocks, precision=precision)
     executor = executor_of(ex_opts)
     with warnings.catch_warnings():  # said below in one line per member instead
         warnings.simplefilter("ignore", BasinWarning)

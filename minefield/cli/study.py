@@ -112,11 +112,14 @@ def _grid_file(path: Path) -> dict:
               show_default=True, help="What the measures are ranked against.")
 @click.option("--figures", type=click.Path(file_okay=False, path_type=Path),
               default=Path("figures"), show_default=True)
+@click.option("--models-per-task", type=click.IntRange(1), help="Split every stack into "
+              "tasks of at most this many models. Needs --isolate: then every split gives "
+              "the unsplit numbers.")
 @executor_options
 @click.pass_context
 @friendly
 def study(ctx, vary, grid_file, directions, cutoff, r_max, estimator, measures, target, figures,
-          **opts):
+          models_per_task, **opts):
     """Train a grid of configs (stacking what can be stacked), measure every model, and
     rank every measure against the generalization gap.
 
@@ -145,7 +148,8 @@ def study(ctx, vary, grid_file, directions, cutoff, r_max, estimator, measures, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BasinWarning)  # counted in the table: n_at_r_max
         res = study_run(base, cfg, root_of(ctx), force=opts["force"],
-                        progress=not opts["quiet"], executor=executor)
+                        progress=not opts["quiet"], executor=executor,
+                        models_per_task=models_per_task)
     _echo(res)
     for p in study_figures(res, figures / res.run.name):
         click.echo(f"wrote {p}")

@@ -51,7 +51,7 @@ def _figures(res, out_dir: Path) -> list[Path]:
               default=Path("figures"), show_default=True)
 @click.option("--models-per-task", type=click.IntRange(1), help="Split the models into "
               "tasks of this many, each trained as its own stack (default: one stack of "
-              "all). Part of the result's key: the split changes float rounding.")
+              "all). Needs --isolate: then every split gives the unsplit numbers.")
 @executor_options
 @click.pass_context
 @friendly
@@ -64,8 +64,9 @@ def sweep(ctx, betas, beta_range, seeds, directions, cutoff, rtol, measures, fig
       minefield sweep --name sweep --dataset swissroll --lr 0.005 --clip 8 \\
           --milestones 10000,17000 --steps 20000 --n-poison 4000 \\
           --poison-batch-size 200 --betas 0,0.001,0.003,0.01,0.03,0.1,0.3,0.6
-    The same on a Ray cluster, one model per task:
-      ... --models-per-task 1 --executor ray --address auto
+    The same on a Ray cluster, one model per task (isolated members: the
+    numbers of the unsplit `minefield sweep ... --isolate`, bit for bit):
+      ... --isolate --models-per-task 1 --executor ray --address auto
     """
     executor = executor_of(opts)
     if betas and beta_range:

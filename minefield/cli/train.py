@@ -62,6 +62,9 @@ _EXPERIMENT_OPTIONS = [
     click.option("--sam-m", type=click.IntRange(1),
                  help="m-SAM: one perturbation per part of this many training points."),
     click.option("--asam-eta", type=float, help="ASAM's eta in T = |w| + eta."),
+    click.option("--isolate/--no-isolate", default=None, help="Train every member on "
+                 "kernels shaped for one model, single-threaded: bit-for-bit the same numbers "
+                 "in any stack, split or executor (slower). Default: batched (--no-isolate)."),
     click.option("--log-every", type=click.IntRange(1)),
     click.option("--checkpoint-every", type=click.IntRange(1)),
     click.option("--seed", type=int),
@@ -76,7 +79,7 @@ _DATA_KEYS = {"dataset": "name", "data_dir": "data_dir", "data_seed": "seed",
 _TRAIN_KEYS = ("optimizer", "lr", "momentum", "gamma", "l2", "clip_norm", "batch_size",
                "poison_batch_size", "steps",
                "log_every", "checkpoint_every", "seed", "members", "sam", "rho", "sam_m",
-               "asam_eta")
+               "asam_eta", "isolate")
 
 
 def experiment_options(fn):

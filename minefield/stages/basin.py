@@ -37,7 +37,13 @@ from ..executor import Executor, TaskStore, run_tasks
 from ..functional import n_members, one
 from ..lock import locking
 from ..models import build_model
-from ..netvolume import adam_curvature, basin_volume
+from ..netvolume import (
+    CoolingBlocks,
+    adam_curvature,
+    basin_volume,
+    cooling_blocks,
+    merge_cooling_blocks,
+)
 from ..options import Estimator
 from ..runs import DEFAULT_ROOT, Run, RunError, load_tensors, reading
 from .train import load_run_model
@@ -92,11 +98,13 @@ def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
     along ``t`` in ``[-r_max/2, r_max/2]`` (101 points) for ``plot basin``.
 
     With an ``executor`` (:mod:`minefield.executor`) or ``directions_per_task``,
-    the work is split into tasks: one per member, and for the ``naive`` estimator
-    one per block of ``directions_per_task`` directions of a member. Finished
-    tasks are kept in ``basin/<tag>.tasks/`` and a rerun redoes only the missing
-    ones; the merged result is the same, number for number, as the unsplit one
-    (each radius depends on its own direction only), so the key ignores the split.
+    the work is split into tasks: one per member, for the ``naive`` estimator one
+    per block of ``directions_per_task`` directions of a member, for ``mcmc`` one
+    per block of chains (``cfg.mcmc_blocks``, :mod:`minefield.cooling_blocks`).
+    Finished tasks are kept in ``basin/<tag>.tasks/`` and a rerun redoes only the
+    missing ones; the merged result is the same, number for number, as the
+    unsplit one (a radius depends on its own direction only, a block of chains on
+    its index only), so the key ignores the split.
 
     Example (skipped by doctest: needs a run)::
 
@@ -154,13 +162,18 @@ def _basin_tasks(run: Run, tag: str, cfg: VolumeConfig, key: dict, checkpoint: s
     state = load_tensors(run.file("state.safetensors"))[0] if adam else None
     k = cfg.n_directions
     step = per_task or k
-    blocks = [(a, min(a + step, k)) for a in range(0, k, step)] if naive else [None]
+    chains = cfg.estimator is Estimator.MCMC and cfg.mcmc_blocks > 1
+    blocks = ([(a, min(a + step, k)) for a in range(0, k, step)] if naive else
+              list(range(cfg.mcmc_blocks)) if chains else [None])
     specs = {}
     for i in range(n_members(params)):
         for j, block in enumerate(blocks):
-            tid = f"m{i:04d}" + (f"-d{block[0]:07d}-{block[1]:07d}" if block else "")
+            tid = f"m{i:04d}" + (f"-d{block[0]:07d}-{block[1]:07d}" if naive else
+                                 f"-b{block:04d}" if chains else "")
             specs[tid] = {"experiment": exp, "params": one(params, i),
-                          "buffers": one(buffers or None, i), "volume": cfg, "block": block,
+                          "buffers": one(buffers or None, i), "volume": cfg,
+                          "block": block if naive else None,
+                          "mcmc_block": block if chains else None,
                           "rollouts": n_rollouts if j == 0 else 0, "device": str(device),
                           "curvature": adam_curvature(state, list(params), i) if adam
                           else None}
@@ -171,6 +184,10 @@ def _basin_tasks(run: Run, tag: str, cfg: VolumeConfig, key: dict, checkpoint: s
         parts = [out[t] for t in specs if t.startswith(f"m{i:04d}")]
         ros.append(Rollouts.from_dict(parts[0]["rollouts"]) if parts[0].get("rollouts")
                    else None)
+        if chains:  # the blocks of chains of one estimate, merged in block order
+            results.append(merge_cooling_blocks(
+                [CoolingBlocks.from_dict(p["blocks"]) for p in parts], cfg))
+            continue
         if not naive:
             results.append(BasinResult.from_dict(parts[0]["result"]))
             continue
@@ -197,7 +214,11 @@ def basin_task(spec: dict) -> dict:
     bufs = {k: v.to(dev) for k, v in spec["buffers"].items()} if spec["buffers"] else None
     cfg: VolumeConfig = spec["volume"]
     out: dict = {}
-    if spec["block"] is not None:
+    if spec.get("mcmc_block") is not None:
+        run = cooling_blocks(model, params, data, cfg, bufs, curvature=spec["curvature"],
+                             blocks=[spec["mcmc_block"]])
+        out["blocks"], cut = run.to_dict(), run.cutoff
+    elif spec["block"] is not None:
         r, evals, centre_loss, cut, n, moved = direction_radii(model, params, data, cfg, bufs,
                                                                block=spec["block"])
         out.update(radii=r, evals=evals, centre_loss=centre_loss, cutoff=cut, n=n, moved=moved)

@@ -36,12 +36,17 @@ from math import nan
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from ..basin import BasinResult, basin_members
 from ..config import ExperimentConfig
+from ..data import Dataset
 from ..evaluate import evaluate_members
-from ..executor import Executor
+from ..executor import Executor, torch_threads
+from ..functional import Params, alone, n_members, one
 from ..lock import locking
-from ..measures import measure_members
+from ..measures import SharpnessConfig, measure_members
 from ..ranking import score_measures
 from ..runs import DEFAULT_ROOT, Run, RunError, reading
 from ..study import REPLICATES, StackSpec, StudyConfig, StudyPlan, plan_study
@@ -49,7 +54,8 @@ from ..train import TrainingDiverged
 from .train import match_model, train_run
 
 __all__ = ["FLATNESS", "MODELS_FILE", "STUDY_FILE", "StudyResult", "run_stack", "run_stacks",
-           "stack_task", "stack_rows", "study_run", "load_study", "measure_columns"]
+           "stack_task", "stack_rows", "study_run", "load_study", "measure_columns",
+           "measure_stack"]
 
 MODELS_FILE = "models.json"
 STUDY_FILE = "study.json"
@@ -91,6 +97,11 @@ def run_stack(spec: StackSpec | dict[str, Any], root: Path | str,
     as such (``"diverged"`` in models.json): its models are rows of NaN in the table.
     """
     spec = spec if isinstance(spec, StackSpec) else StackSpec.from_dict(spec)
+    with torch_threads(1 if spec.config.train.isolate else None):
+        return _run_stack(spec, root, progress, force)
+
+
+def _run_stack(spec: StackSpec, root: Path | str, progress: bool, force: bool) -> Path:
     key = _key(spec)
     path = Path(root) / spec.name / MODELS_FILE
     if path.exists() and not force:  # a finished task (diverged ones too) does nothing
@@ -119,15 +130,31 @@ def run_stack(spec: StackSpec | dict[str, Any], root: Path | str,
             continue
         ck = run.load_checkpoint(f"trajectory/step_{step:08d}.safetensors")
         params, buffers = match_model(res.model, ck)
-        metrics = evaluate_members(res.model, params, res.data, buffers)
-        basins = basin_members(res.model, params, res.data, spec.volume, buffers or None)
-        cols = ({} if spec.sharpness is None else
-                measure_members(res.model, params, res.data, spec.sharpness, buffers or None))
-        done[str(step)] = {"metrics": {k: v.tolist() for k, v in metrics.items()},
-                           "basins": [b.to_dict() for b in basins],
-                           "measures": {k: v.tolist() for k, v in cols.items()}}
+        done[str(step)] = measure_stack(res.model, params, res.data, spec.volume,
+                                        spec.sharpness, buffers or None,
+                                        spec.config.train.isolate)
         run.write_result(MODELS_FILE, key, {"complete": False, "steps": done})
     return run.write_result(MODELS_FILE, key, {"complete": True, "steps": done})
+
+
+def measure_stack(model: nn.Module, params: Params, data: Dataset, volume, sharpness:
+                  SharpnessConfig | None, buffers: Params | None, isolated: bool
+                  ) -> dict[str, Any]:
+    """Every member's metrics, basin and measures (JSON values), as stored per step in
+    ``models.json``. ``isolated``: member by member in fresh storage, so each number is
+    bit-for-bit the same in a stack of any size (see :func:`minefield.step.isolated`)."""
+    metrics = evaluate_members(model, params, data, buffers, isolated=isolated)
+    basins = basin_members(model, params, data, volume, buffers)
+    cols: dict[str, torch.Tensor] = {}
+    if sharpness is not None and isolated:
+        each = [measure_members(model, alone(params, i), data, sharpness, one(buffers, i))
+                for i in range(n_members(params))]
+        cols = {k: torch.cat([c[k] for c in each]) for k in each[0]}
+    elif sharpness is not None:
+        cols = measure_members(model, params, data, sharpness, buffers)
+    return {"metrics": {k: v.tolist() for k, v in metrics.items()},
+            "basins": [b.to_dict() for b in basins],
+            "measures": {k: v.tolist() for k, v in cols.items()}}
 
 
 def run_stacks(specs: list[StackSpec], root: Path, progress: bool = False) -> None:
@@ -191,14 +218,19 @@ def _point(row: dict[str, Any], design: list[str]) -> str:
 def study_run(base: ExperimentConfig, study: StudyConfig, root: Path | str = DEFAULT_ROOT,
               force: bool = False, progress: bool = True,
               run_all: Callable[[list[StackSpec], Path], Any] | None = None,
-              executor: Executor | None = None) -> StudyResult:
+              executor: Executor | None = None,
+              models_per_task: int | None = None) -> StudyResult:
     """Run the study into ``root/base.name``: every stack's task, then the table and
     the scores (see the module docstring). Re-running resumes; a different study under
     the same name refuses without ``force``.
 
     Stacks run one after another here, or as tasks of ``executor`` (e.g. Ray), or
     through ``run_all(specs, root)``; none of these changes a number (a stack is
-    trained and measured the same wherever it runs).
+    trained and measured the same wherever it runs). ``models_per_task`` splits
+    every stack into tasks of at most that many models; with isolated members
+    (``train.isolate``, required for a split) every number of the table is the
+    unsplit one, bit for bit (only the ``stack`` and ``member`` columns say where
+    a model was trained).
 
     ``base`` sets everything the study does not vary. Every field and value is
     checked (:func:`~minefield.study.plan_study`) before anything is written.
@@ -207,7 +239,7 @@ def study_run(base: ExperimentConfig, study: StudyConfig, root: Path | str = DEF
         ConfigError: an unknown field, an empty grid, a value of the wrong type.
         RunError: the name holds another study or run (without ``force``).
     """
-    plan = plan_study(base, study)
+    plan = plan_study(base, study, models_per_task)
     run = Run.create(base.name, {"kind": "study", "base": base.to_dict(),
                                  "study": study.to_dict()}, root, force)
     stacks_root = run.file("stacks")

@@ -24,15 +24,14 @@ from pathlib import Path
 
 import torch
 
-from ..basin import BasinResult, basin_members
+from ..basin import BasinResult
 from ..config import ConfigError, ExperimentConfig
-from ..executor import Executor, LocalExecutor, TaskStore, run_tasks
+from ..executor import Executor, LocalExecutor, TaskStore, run_tasks, torch_threads
 from ..lock import locking
-from ..measures import measure_members
 from ..runs import DEFAULT_ROOT, Run, reading
 from ..study import StackSpec, StudyConfig, plan_study
 from ..sweep import SweepConfig, SweepResult, spearman, sweep_rows
-from .study import MODELS_FILE, run_stack
+from .study import MODELS_FILE, measure_stack, run_stack
 from .train import train_run
 
 __all__ = ["SWEEP_FILE", "sweep_run", "load_sweep", "sweep_spec"]
@@ -70,9 +69,14 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
     are kept in ``tasks/`` and a rerun redoes only the missing ones. The run then
     holds the final weights of all models as one checkpoint (no trajectory).
     Every model's seed and batches come from its own (beta, seed), so the split
-    changes no logic; it changes float rounding (a stack's size sets how its
-    matmuls round), which is why ``models_per_task`` is part of the result's key:
-    local and Ray give identical numbers for the same split.
+    changes no logic; a stack's size would change float rounding, so a split
+    (``models_per_task`` below the number of models) needs isolated members
+    (``base.train.isolate``): then every split, on any executor, gives the numbers
+    of the unsplit ``sweep_run`` bit for bit. Without a split, Ray trains the one
+    stack as one task, like the local run (same numbers at the same thread count).
+
+    Raises:
+        ConfigError: a split of members that are not isolated, or ``models_per_task`` < 1.
     """
     if executor is not None or models_per_task is not None:
         return _sweep_tasks(base, sweep, root, force, save, executor or LocalExecutor(),
@@ -118,6 +122,10 @@ def _sweep_tasks(base: ExperimentConfig, sweep: SweepConfig, root: Path | str, f
     per = per_task or len(grid)
     if per < 1:
         raise ConfigError(f"models_per_task must be >= 1, got {per}")
+    if per < len(grid) and not base.train.isolate:
+        raise ConfigError(f"models_per_task={per} splits the sweep's stack of {len(grid)} "
+                          "models, which changes how their numbers round; isolate the "
+                          "members (train.isolate, --isolate) to split it")
     cfg = base.replace(train=base.train.replace(members=len(grid)))
     key = {**_sweep_key(sweep), "models_per_task": per}
     run = Run.create(cfg.name, cfg.to_dict(), root, force) if save else None
@@ -133,8 +141,9 @@ def _sweep_tasks(base: ExperimentConfig, sweep: SweepConfig, root: Path | str, f
     basins = [BasinResult.from_dict(b) for p in parts for b in p["basins"]]
     rows = sweep_rows(grid, metrics, basins)
     measures = sweep.sharpness.measures if sweep.sharpness is not None else ()
-    for i, row in enumerate(rows):
-        row.update({m: [v for p in parts for v in p["measures"][m]][i] for m in measures})
+    columns = {c: [v for p in parts for v in p["measures"][c]] for c in parts[0]["measures"]}
+    for i, row in enumerate(rows):  # every column of a measure (its residual, interval...)
+        row.update({c: float(v[i]) for c, v in columns.items()})
     keys = ("test_acc", "mean_radius", "log10_volume", "gap") + measures
     out = SweepResult(rows, spearman(rows, keys=keys), run, basins,
                       spearman(rows, "gap", ("mean_radius", "log10_volume") + measures))
@@ -162,15 +171,11 @@ def sweep_task(spec: dict) -> dict:
     and the final weights (``param.*``, ``buffer.*``, stacked over its models)."""
     base, grid, sweep = spec["base"], spec["grid"], spec["sweep"]
     cfg = base.replace(train=base.train.replace(members=len(grid)))
-    res = train_run(cfg, progress=False, betas=[b for b, _ in grid],
-                    seeds=[base.train.seed + s for _, s in grid], save=False)
-    basins = basin_members(res.model, res.params, res.data, sweep.volume, res.buffers)
-    cols = {}
-    if sweep.sharpness is not None:
-        cols = measure_members(res.model, res.params, res.data, sweep.sharpness,
-                               res.buffers or None)
-    out = {"metrics": res.metrics, "basins": [b.to_dict() for b in basins],
-           "measures": {k: [float(x) for x in v] for k, v in cols.items()}}
+    with torch_threads(1 if cfg.train.isolate else None):
+        res = train_run(cfg, progress=False, betas=[b for b, _ in grid],
+                        seeds=[base.train.seed + s for _, s in grid], save=False)
+        out = measure_stack(res.model, res.params, res.data, sweep.volume, sweep.sharpness,
+                            res.buffers or None, cfg.train.isolate)
     out.update({f"param.{k}": v.detach().cpu() for k, v in res.params.items()})
     out.update({f"buffer.{k}": v.detach().cpu() for k, v in (res.buffers or {}).items()})
     return out

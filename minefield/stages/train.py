@@ -156,8 +156,9 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
                   flip=cfg.poison.objective is PoisonObjective.FLIP, buffers=buffers,
                   start_step=start, opt_state=opt_state, on_log=on_log,
                   on_checkpoint=on_checkpoint, progress=progress, desc=cfg.name,
-                  lrs=lrs, l2s=l2s, rhos=rhos)
-    final = evaluate_members(model, res.params, data, res.buffers)
+                  lrs=lrs, l2s=l2s, rhos=rhos, isolated=cfg.train.isolate)
+    final = evaluate_members(model, res.params, data, res.buffers,
+                             isolated=cfg.train.isolate)
     metrics = {k: v.tolist() for k, v in final.items()}
     if run is not None:
         run.write_json("summary.json", {"step": res.step, "seeds": seeds,
