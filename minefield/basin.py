@@ -73,25 +73,21 @@ LN10 = math.log(10.0)
 class VolumeConfig(_Config):
     """Settings of one basin-radius / volume estimate (all recorded with the result).
 
-    ``n_directions`` random directions give ``2 * n_directions`` radii (d and -d).
-    ``rtol``: bisection stops when ``hi - lo <= 2 rtol lo``. ``grid_points``,
-    ``grid`` (``power``: ``t = r_max u^grid_power``, the paper's u^5; ``linear``)
-    configure the ``grid`` method. ``memory_mb`` bounds the engine's chunks
-    (``None``: the device's default, :func:`minefield.autotune.memory_budget_mb`);
-    ``seed`` drives the bootstrap (directions use ``directions.seed``).
+    ``n_directions`` random directions give ``2 * n_directions`` radii (d and -d). ``rtol``:
+    bisection stops when ``hi - lo <= 2 rtol lo``. ``grid_points``, ``grid`` (``power``:
+    ``t = r_max u^grid_power``, the paper's u^5; ``linear``) configure the ``grid`` method.
+    ``memory_mb`` bounds the engine's chunks (``None``: the device's default,
+    :func:`minefield.autotune.memory_budget_mb`); ``seed`` drives the bootstrap.
     ``estimator`` (:mod:`minefield.volume`): ``naive`` (the paper's), ``is``,
     ``gaussian`` (mass under ``N(theta, sigma^2 I)``, default ``sigma = r_max / sqrt(n)``)
     or ``mcmc`` (``n_chains`` x ``n_replicates`` chains, ``walk_length`` hit-and-run
     steps per phase; ``mcmc_blocks``: independent blocks of replicates, each seeded by
     its index, :mod:`minefield.cooling_blocks`: the unit of a task); ``preconditioner``
     (:mod:`minefield.netvolume`) shapes the last three (``probes``: Hutchinson probes);
-    ``power`` is the shape of the ``is`` /
-    ``gaussian`` proposal body (``"2"``: the preconditioner's ellipsoid; ``"inf"``: its
-    box; ``"auto"``: learnt from pilot rays, :func:`minefield.volume.fit_power`).
-    ``precision``: ``bf16`` / ``tf32`` run
-    the bisection in that arithmetic, then every radius is checked in the parameters'
-    own precision (:func:`check_radii`); if any moved beyond ``rtol`` all are redone.
-    """
+    ``power`` is the shape of the ``is`` / ``gaussian`` proposal body (``"2"``: the
+    preconditioner's ellipsoid; ``"inf"``: its box; ``"auto"``: :func:`~.volume.fit_power`).
+    ``precision``: ``bf16`` / ``tf32`` bisect in that arithmetic, then every radius is
+    checked in the parameters' own (:func:`check_radii`); if any moved, all are redone."""
 
     cutoff: float = 1.0
     cutoff_kind: CutoffKind = CutoffKind.ABS
@@ -395,9 +391,8 @@ def basin_members(model: nn.Module, params: Params | Sequence[Params],
                   data: Dataset | tuple[torch.Tensor, ...], cfg: VolumeConfig = VolumeConfig(),
                   buffers: Params | None = None, bn: str = "eval") -> list[BasinResult]:
     """:func:`basin_radii` of every member of a stack ``(M, ...)`` (or of a list of
-    single-member checkpoints), each with directions from the same seed. Each member
-    is copied into fresh storage (:func:`~minefield.functional.alone`), so its basin is
-    bit-for-bit the same in a stack of any size (kernels can round by alignment)."""
+    single-member checkpoints), each with directions from the same seed, on a fresh
+    copy (``alone``): the same bits in a stack of any size (kernels round by alignment)."""
     items = ([alone(params, i) for i in range(n_members(params))]
              if isinstance(params, dict) else list(params))
     bufs = ([one(buffers, i) for i in range(len(items))] if buffers
