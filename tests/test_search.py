@@ -352,9 +352,10 @@ def test_continuation_off_and_zero_steps_equal_the_plain_schedule():
 def test_continuation_replays_the_schedules_tail():
     from minefield.search import _segment
 
-    cfg = _cfg(milestones=(60, 100), continue_steps=50)
+    cfg = _cfg(milestones=(60, 100), continue_below=0.9, continue_steps=50)
     tc = cfg.train_config()
-    assert cfg.extra_steps == 50 and _cfg().extra_steps == 30  # default: steps // 4
+    assert cfg.extra_steps == 50 and _cfg(continue_below=0.9).extra_steps == 30  # steps // 4
+    assert _cfg().extra_steps == 0  # continuation is opt-in
     seg = _segment(tc, cfg, 120, 150)
     for s in range(120, 170):
         assert seg.lr_at(s) == pytest.approx(tc.lr_at(s - 50))
