@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from minefield.autotune import timed
 
 __all__ = ["plain_net", "point_loop", "train_steps", "median_time", "common_args", "setup"]
 
@@ -39,23 +39,10 @@ def setup(args) -> torch.device:
     return dev
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def median_time(fn, repeats: int, dev: torch.device | str = "cpu") -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs, after one warm-up."""
-    dev = torch.device(dev)
-    fn()
-    _sync(dev)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        _sync(dev)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` over ``repeats`` runs, after one warm-up (the
+    library's own timer, :func:`minefield.autotune.timed`)."""
+    return timed(fn, repeats, dev)
 
 
 def plain_net(model: nn.Module, params: dict[str, torch.Tensor],
