@@ -81,7 +81,7 @@ def _candidates(model: nn.Module, buffers: Params | None, path: EnginePath | str
     conv = x.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
     if path is EnginePath.AUTO and x.device.type == "cpu":  # a fixed rule: reproducible
         bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        return ["mlp" if mlp_ok else "loop_cl" if conv and bn else "vmap"]
+        return ["mlp" if mlp_ok else ("loop_cl" if bn else "loop") if conv else "vmap"]
     if mlp_ok:
         return ["mlp", "vmap"]
     return ["vmap", "loop", "loop_cl"] if conv else ["vmap", "loop"]

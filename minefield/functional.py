@@ -151,7 +151,7 @@ def single_forward(model: nn.Module, params: Params, x: torch.Tensor,
     BatchNorm in training mode updates ``buffers[k][0]`` in place, as the stacked
     path does. Same values as the ``vmap`` path up to rounding.
     """
-    p = {k: v[0] for k, v in params.items()}
+    p = {k: v.squeeze(0) for k, v in params.items()}  # a view whose backward is one too
     b = {k: v[0] for k, v in (buffers or {}).items()}
     return functional_call(model, (p, b), (x,)).unsqueeze(0)
 

@@ -296,6 +296,7 @@ class CurvatureOperator:
         self.n_matvecs = 0  # products per member applied so far (one per probe vector)
         self.mode = mode if self.kind is CurvatureKind.HESSIAN else "forward"
         self._mlp = None  # an exact R-operator when one applies: MLPHessian or GraphHessian
+        self._batched: bool | None = None  # False once a batched backward has failed
         if self.mode == "reverse" and _pearlmutter_applies(objective):
             self._mlp = MLPHessian(objective.model, objective.params, objective.chunks,
                                    objective.weight)
@@ -369,6 +370,21 @@ class CurvatureOperator:
                                      retain_graph=True)
         return torch.cat([h.reshape(self.m, -1) for h in hv], 1).detach()
 
+    def _batched_backward(self, v: torch.Tensor) -> torch.Tensor:
+        """``(M, c, n) -> (M, c, n)``: c products through the kept gradient graph in one
+        backward pass, the probes as a vmapped batch (``is_grads_batched``)."""
+        leaves, grads = self._reverse_graph()
+        c, vt, outs, o = v.shape[1], v.to(self.dtype).transpose(0, 1), [], 0
+        for leaf in leaves:  # (c, M, ...) slices of the probes, one per leaf
+            size = leaf[0].numel()
+            outs.append(vt[:, :, o:o + size].reshape(c, *leaf.shape))
+            o += size
+        with torch.enable_grad():
+            hv = torch.autograd.grad(grads, leaves, grad_outputs=outs, retain_graph=True,
+                                     is_grads_batched=True)
+        flat = torch.cat([h.reshape(c, self.m, -1) for h in hv], 2)
+        return flat.transpose(0, 1).detach()
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``(M, n) -> (M, n)``: member m's matrix times ``v[m]``."""
         if v.shape != (self.m, self.n):
@@ -379,15 +395,23 @@ class CurvatureOperator:
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
         """``(M, K, n) -> (M, K, n)``: K products per member, ``probe_chunk`` at a time
-        through ``vmap`` (forward mode) or one backward per probe (reverse mode)."""
+        through ``vmap`` (forward mode) or one batched backward through the kept graph
+        (reverse mode; one backward per probe where an op has no batching rule); the
+        exact R-operators take one product at a time."""
         if v.dim() != 3 or v.shape[0] != self.m or v.shape[2] != self.n:
             raise ConfigError(f"expected vectors of shape ({self.m}, K, {self.n}), got "
                               f"{tuple(v.shape)}")
         k = v.shape[1]
         self.n_matvecs += k
+        chunk = self.probe_chunk or k
+        if self.mode == "reverse" and self._mlp is None and self._batched is not False:
+            try:
+                return torch.cat([self._batched_backward(v[:, i:i + chunk])
+                                  for i in range(0, k, chunk)], 1)
+            except RuntimeError:  # an op without a batching rule: one backward per probe
+                self._batched = False
         if self.mode == "reverse":
             return torch.stack([self._product(v[:, i]) for i in range(k)], 1)
-        chunk = self.probe_chunk or k
         fn = vmap(self._product, in_dims=1, out_dims=1)
         return torch.cat([fn(v[:, i:i + chunk]) for i in range(0, k, chunk)], 1)
 

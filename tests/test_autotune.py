@@ -81,7 +81,7 @@ def test_auto_probe_is_cached_and_picks_a_candidate():
     torch.testing.assert_close(lo, evaluate_points_loop(model, c, d, ts, x, y)[0], **TOL)
 
 
-@pytest.mark.parametrize("args, rule", [((), "vmap"),
+@pytest.mark.parametrize("args, rule", [((), "loop"),
                                         (("resnet20", (2, 4, 4), (3, 8, 8), 10, 6, 2), "loop_cl")])
 def test_auto_on_cpu_is_a_fixed_rule_not_a_probe(args, rule):
     # "same seed, same numbers": a probe on a loaded CPU could flip the path (and the

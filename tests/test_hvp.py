@@ -192,3 +192,37 @@ def test_bad_inputs_raise_one_clear_error():
     with pytest.raises(ConfigError, match="only a model objective"):
         _, w = _quadratic()
         Objective.from_function(w, lambda q: q["w"].sum()).restrict(torch.arange(1))
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_batched_reverse_products_equal_one_backward_per_probe(fallback, monkeypatch):
+    """The kept-graph path (here a user's module with a sine, which the exact
+    R-operators do not take) pushes a chunk of probes through one batched backward; it
+    equals one backward per probe to float64 round-off, and so does its fallback."""
+    class Sine(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(2, 5), torch.nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.b(torch.sin(self.a(x)))
+
+    model = Sine().double()
+    _, _, x, y = _problem(classes=3)
+    p = {k: v.detach()[None].repeat(3, *[1] * v.dim()) + 0.1 * torch.randn(
+        3, *v.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        for i, (k, v) in enumerate(model.named_parameters())}
+    obj = model_objective(model, p, (x, y))
+    op = CurvatureOperator(obj, probe_chunk=2)
+    assert op._mlp is None
+    if fallback:
+        def fail(v):
+            raise RuntimeError("no batching rule")
+        monkeypatch.setattr(op, "_batched_backward", fail)
+    vv = torch.randn(3, 5, op.n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    mm = op.matmat(vv)
+    assert op._batched is (False if fallback else None)
+    for k in range(5):
+        torch.testing.assert_close(mm[:, k], op.matvec(vv[:, k]), rtol=1e-12, atol=1e-14)
+    forward = CurvatureOperator(obj, mode="forward").matmat(vv)
+    torch.testing.assert_close(mm, forward, rtol=1e-10, atol=1e-12)
