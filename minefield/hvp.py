@@ -47,8 +47,8 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 from .config import ConfigError
 from .data import Dataset
 from .engine import LOSSES, BNPolicy, evaluate_points
-from .functional import _mlp_forward, mlp_fast_path
 from .graph_hvp import GraphHessian, graph_plan
+from .kept_graph import KeptGraph
 from .options import option
 from .pearlmutter import MLPHessian, mlp_plan
 from .stacked import Params, flatten, member, n_members, one, unflatten
@@ -269,10 +269,11 @@ class CurvatureOperator:
     networks with running statistics (:func:`~minefield.graph_hvp.graph_plan`, such
     as ResNet-20) layer by layer (:class:`~minefield.graph_hvp.GraphHessian`); for
     any other model the gradient of the summed loss of all members is built once
-    with its graph kept (``create_graph``), and each product is one more backward
-    pass through it. ``mode="forward"`` (``jvp`` of ``grad`` under ``vmap``)
-    keeps no graph: less memory, slower. GGN and Fisher
-    always use forward mode. ``probe_chunk`` bounds how many probes :meth:`matmat`
+    with its graph kept (``create_graph``), and each product is one more backward pass
+    through it, a block of probes in one batched pass
+    (:class:`~minefield.kept_graph.KeptGraph`). ``mode="forward"`` (``jvp`` of ``grad``
+    under ``vmap``) keeps no graph: less memory, slower. GGN and Fisher always use
+    forward mode. ``probe_chunk`` bounds how many probes :meth:`matmat`
     pushes through one call. Checks once that every member's loss is finite.
 
     Raises:
@@ -296,7 +297,6 @@ class CurvatureOperator:
         self.n_matvecs = 0  # products per member applied so far (one per probe vector)
         self.mode = mode if self.kind is CurvatureKind.HESSIAN else "forward"
         self._mlp = None  # an exact R-operator when one applies: MLPHessian or GraphHessian
-        self._batched: bool | None = None  # False once a batched backward has failed
         if self.mode == "reverse" and _pearlmutter_applies(objective):
             self._mlp = MLPHessian(objective.model, objective.params, objective.chunks,
                                    objective.weight)
@@ -305,34 +305,11 @@ class CurvatureOperator:
             self._mlp = GraphHessian(objective.model, objective.params, objective.buffers,
                                      objective.chunks, objective.weight)
             _raise_if_not_finite(self._mlp.losses)
-        elif self.mode == "reverse":
-            self._graph = None
-            self._reverse_graph()  # checks the losses it computes on the way
+        elif self.mode == "reverse":  # checks the losses it computes on the way
+            self._kept = KeptGraph(objective)
         else:
             objective.check_finite()
         self._apply = vmap(self._member_product, in_dims=(0, objective._bdim, 0))
-
-    def _reverse_graph(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Leaves and their gradient with its graph: ``d(sum_m L_m)/dP`` is member m's
-        own gradient in slot m, so one backward through it is the stacked product."""
-        if self._graph is None:
-            obj = self.objective
-            leaves = {k: v.detach().clone().requires_grad_(True) for k, v in obj.params.items()}
-            with torch.enable_grad():
-                if obj.model is not None and not obj.buffers and mlp_fast_path(obj.model):
-                    # plain MLPs: the engine's batched matmuls, (M, N, C) logits at once
-                    losses = sum(obj.weight * obj.per_sample(
-                        _mlp_forward(obj.model, leaves, x), y).sum(-1) for x, y in obj.chunks)
-                elif self.m == 1:  # plain autograd: no vmap overhead on convolutions
-                    b = {k: (v[0] if obj._bdim == 0 else v) for k, v in obj.buffers.items()}
-                    losses = obj.member_loss(member(leaves, 0), b)[None]
-                else:
-                    losses = vmap(obj.member_loss, in_dims=(0, obj._bdim))(leaves, obj.buffers)
-                _raise_if_not_finite(losses.detach())
-                grads = torch.autograd.grad(losses.sum(), list(leaves.values()),
-                                            create_graph=True)
-            self._graph = (list(leaves.values()), list(grads))
-        return self._graph
 
     def _member_product(self, p: Params, b: Params, v: Params) -> Params:
         obj = self.objective
@@ -364,26 +341,7 @@ class CurvatureOperator:
             return flatten(self._apply(obj.params, obj.buffers, vd))
         if self._mlp is not None:
             return self._mlp.matvec_flat(v.to(self.dtype))
-        leaves, grads = self._reverse_graph()
-        with torch.enable_grad():
-            hv = torch.autograd.grad(grads, leaves, grad_outputs=list(vd.values()),
-                                     retain_graph=True)
-        return torch.cat([h.reshape(self.m, -1) for h in hv], 1).detach()
-
-    def _batched_backward(self, v: torch.Tensor) -> torch.Tensor:
-        """``(M, c, n) -> (M, c, n)``: c products through the kept gradient graph in one
-        backward pass, the probes as a vmapped batch (``is_grads_batched``)."""
-        leaves, grads = self._reverse_graph()
-        c, vt, outs, o = v.shape[1], v.to(self.dtype).transpose(0, 1), [], 0
-        for leaf in leaves:  # (c, M, ...) slices of the probes, one per leaf
-            size = leaf[0].numel()
-            outs.append(vt[:, :, o:o + size].reshape(c, *leaf.shape))
-            o += size
-        with torch.enable_grad():
-            hv = torch.autograd.grad(grads, leaves, grad_outputs=outs, retain_graph=True,
-                                     is_grads_batched=True)
-        flat = torch.cat([h.reshape(c, self.m, -1) for h in hv], 2)
-        return flat.transpose(0, 1).detach()
+        return self._kept.product(v.to(self.dtype))
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``(M, n) -> (M, n)``: member m's matrix times ``v[m]``."""
@@ -404,12 +362,8 @@ class CurvatureOperator:
         k = v.shape[1]
         self.n_matvecs += k
         chunk = self.probe_chunk or k
-        if self.mode == "reverse" and self._mlp is None and self._batched is not False:
-            try:
-                return torch.cat([self._batched_backward(v[:, i:i + chunk])
-                                  for i in range(0, k, chunk)], 1)
-            except RuntimeError:  # an op without a batching rule: one backward per probe
-                self._batched = False
+        if self.mode == "reverse" and self._mlp is None:
+            return self._kept.products(v.to(self.dtype), chunk)
         if self.mode == "reverse":
             return torch.stack([self._product(v[:, i]) for i in range(k)], 1)
         fn = vmap(self._product, in_dims=1, out_dims=1)

@@ -218,10 +218,10 @@ def test_batched_reverse_products_equal_one_backward_per_probe(fallback, monkeyp
     if fallback:
         def fail(v):
             raise RuntimeError("no batching rule")
-        monkeypatch.setattr(op, "_batched_backward", fail)
+        monkeypatch.setattr(op._kept, "batched_products", fail)
     vv = torch.randn(3, 5, op.n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     mm = op.matmat(vv)
-    assert op._batched is (False if fallback else None)
+    assert op._kept.batched is (False if fallback else None)
     for k in range(5):
         torch.testing.assert_close(mm[:, k], op.matvec(vv[:, k]), rtol=1e-12, atol=1e-14)
     forward = CurvatureOperator(obj, mode="forward").matmat(vv)
