@@ -5,7 +5,7 @@ choice of :mod:`minefield.autotune` on CUDA, its fixed rule on a CPU;
 ``memory_mb=None``: the device's budget)
 against the idiomatic loop of ``benchmarks/plain.py`` (the point written into one
 ``nn.Module`` in place, the data in big batches, ``torch.no_grad``), in one run,
-medians of ``--repeats``:
+medians of ``--repeats``, the compared functions timed in turn within each repeat:
 
 1. evaluation, loss at K perturbed points ``theta + t d``: the swiss-roll MLP (200
    inputs), the small CNN on digits, ResNet-20 on 32x32 images;
@@ -24,7 +24,15 @@ import argparse
 import time
 
 import torch
-from plain import common_args, median_time, plain_net, point_loop, setup, train_steps
+from plain import (
+    common_args,
+    median_time,
+    medians_in_turn,
+    plain_net,
+    point_loop,
+    setup,
+    train_steps,
+)
 
 from minefield import autotune
 from minefield.config import DataConfig, ModelConfig, TrainConfig
@@ -59,12 +67,13 @@ def evaluation(name, model, x, y, k, repeats, dev, extra_bf16=False):
     t0 = time.perf_counter()
     evaluate_points(model, c, d, ts, x, y, bufs)  # first call: includes the probe
     first = time.perf_counter() - t0
-    t_eng = median_time(lambda: evaluate_points(model, c, d, ts, x, y, bufs), repeats, dev)
     rule = path_candidates(model, bufs, "auto", x)  # one path: the CPU's fixed rule
     key = [kk for kk in autotune.PROBES if kk[0] == type(model).__qualname__]
     chosen = (rule[0], {}) if len(rule) == 1 else autotune.PROBES[key[-1]]
     net = plain_net(model, c, bufs)
-    t_loop = median_time(lambda: point_loop(net, c, d, ts, x, y), repeats, dev)
+    t = medians_in_turn({"engine": lambda: evaluate_points(model, c, d, ts, x, y, bufs),
+                         "loop": lambda: point_loop(net, c, d, ts, x, y)}, repeats, dev)
+    t_eng, t_loop = t["engine"], t["loop"]
     n = len(y)
     print(f"\n[{name}] {k} points x {n} inputs")
     print(f"  minefield (defaults: path {chosen[0]}) {k * n / t_eng:12.0f} input-evals/s "
@@ -111,9 +120,10 @@ def training(x, y, steps, stack_size, repeats, dev):
         return run
 
     net = plain_net(model, _centre(model, dev))
-    t_one = median_time(minefield_steps(1), repeats, dev)
-    t_plain = median_time(lambda: train_steps(net, x, y, steps, 0.01), repeats, dev)
-    t_stack = median_time(minefield_steps(stack_size), repeats, dev)
+    t = medians_in_turn({"one": minefield_steps(1),
+                         "plain": lambda: train_steps(net, x, y, steps, 0.01),
+                         "stack": minefield_steps(stack_size)}, repeats, dev)
+    t_one, t_plain, t_stack = t["one"], t["plain"], t["stack"]
     n = len(y) * steps
     print(f"\n[ResNet-20 training] SGD momentum 0.9, batch {len(y)}, {steps} steps")
     print(f"  minefield, one model          {n / t_one:10.0f} img/s")
@@ -132,7 +142,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=None,
                     help="ResNet-20 images (default 128 on cpu, 8192 on cuda)")
     ap.add_argument("--batch", type=int, default=None, help="training batch (32 cpu, 256 cuda)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (2 cpu, 50 cuda)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (4 cpu, 50 cuda)")
     ap.add_argument("--stack", type=int, default=8)
     ap.add_argument("--digit-points", type=int, default=1024)
     ap.add_argument("--skip-training", action="store_true")
@@ -158,7 +168,7 @@ def main() -> None:
                                        extra_bf16=cuda)
     if not args.skip_training:
         b = args.batch or (256 if cuda else 32)
-        one, st = training(x[:b], y[:b], args.steps or (50 if cuda else 2), args.stack,
+        one, st = training(x[:b], y[:b], args.steps or (50 if cuda else 4), args.stack,
                            args.repeats, dev)
         out["ResNet-20 train, one model"] = one
         out[f"ResNet-20 train, stack of {args.stack} vs one (throughput)"] = st

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,8 @@ from torch import nn
 
 from minefield.autotune import timed
 
-__all__ = ["plain_net", "point_loop", "train_steps", "median_time", "common_args", "setup"]
+__all__ = ["plain_net", "point_loop", "train_steps", "median_time", "medians_in_turn",
+           "common_args", "setup"]
 
 
 def common_args(ap: argparse.ArgumentParser, threads: int | None = 2) -> None:
@@ -43,6 +45,17 @@ def median_time(fn, repeats: int, dev: torch.device | str = "cpu") -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs, after one warm-up (the
     library's own timer, :func:`minefield.autotune.timed`)."""
     return timed(fn, repeats, dev)
+
+
+def medians_in_turn(fns: dict, repeats: int, dev: torch.device | str = "cpu") -> dict:
+    """``{name: median seconds}``, the functions timed in turn within each repeat (one
+    call each of :func:`median_time` per round), so a load that comes and goes on a
+    shared machine hits every compared function alike."""
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(median_time(fn, 1, dev))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def plain_net(model: nn.Module, params: dict[str, torch.Tensor],

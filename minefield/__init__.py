@@ -39,7 +39,7 @@ from .connectivity import (
     pair_seed,
 )
 from .cooling import cooling_volume
-from .cooling_blocks import block_replicates, cooling_block, merge_blocks
+from .cooling_blocks import CoolingCost, block_replicates, cooling_block, cooling_cost, merge_blocks
 from .curvature import (
     Eigen,
     SpectralDensity,
@@ -143,7 +143,7 @@ __all__ = [
     # volume estimators with measured error, and the bodies they are measured on
     "Estimator", "VolumeEstimate", "star_volume", "fit_power", "cooling_volume", "log_chi_cdf",
     "cooling_block", "merge_blocks", "block_replicates", "CoolingBlocks", "cooling_blocks",
-    "merge_cooling_blocks",
+    "merge_cooling_blocks", "cooling_cost", "CoolingCost",
     "Preconditioner", "floor_curvature", "NetworkLines", "basin_volume",
     "Ellipsoid", "Box", "LpBall", "QuadraticNet",
     # curvature and sharpness

@@ -15,9 +15,9 @@ constant tuned on one CPU:
   keeps the fastest; the choice is cached per (model shapes, input shape, device,
   dtype), so it is measured once per process. On a CPU ``auto`` is a fixed rule
   taken from ``benchmarks/bench_real.py``'s measurements (plain MLPs ``mlp``, conv
-  nets ``loop_cl`` with BatchNorm and ``loop`` without, other nets ``vmap``): a probe's choice can flip
-  with the machine's load, and paths agree only to rounding, so a probed CPU
-  default would break "same seed, same numbers";
+  nets ``loop_cl`` with BatchNorm and ``loop`` without, other nets ``vmap``): a
+  probe's choice can flip with the machine's load, and paths agree only to
+  rounding, so a probed CPU default would break "same seed, same numbers";
 - **channels_last** for conv nets on the ``loop`` path: probed as a candidate
   of its own (``loop_cl``).
 

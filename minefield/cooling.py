@@ -96,6 +96,8 @@ from .volume import LineLoss, VolumeEstimate, _warnings, log_chi_cdf, ray_radii
 __all__ = ["cooling_volume", "replicate_interval"]
 
 
+CHORD_BRACKET = 12  # bracket evaluations per side of a chord before bisection
+
 def _capped(line_loss: LineLoss, r_max: float) -> LineLoss:
     """The loss, but ``+inf`` at distance ``>= r_max`` from the centre: K within r_max."""
     def f(x0, v, t):
@@ -306,7 +308,7 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
             v, x = tw / length[:, None], apply(y)
             x2, v2 = torch.cat([x, x]), torch.cat([v, -v])
             s, e = find_radii(lambda ts, x2=x2, v2=v2: f(x2, v2, ts), 2 * k,
-                              cutoff, 2 * r_max, rtol, "bisect", bracket_points=12,
+                              cutoff, 2 * r_max, rtol, "bisect", bracket_points=CHORD_BRACKET,
                               centre_loss=-math.inf)
             evals += e
             s = s / (1 + rtol) / length.repeat(2)

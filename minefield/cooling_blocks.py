@@ -36,17 +36,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from scipy.stats import t as student_t
 
 from .config import ConfigError
-from .cooling import cooling_volume
+from .cooling import CHORD_BRACKET, cooling_volume
 from .executor import task_seed
 from .precondition import Preconditioner
 from .volume import LineLoss, VolumeEstimate
 
-__all__ = ["block_replicates", "cooling_block", "merge_blocks"]
+__all__ = ["block_replicates", "cooling_block", "merge_blocks", "CoolingCost", "cooling_cost"]
 
 SPREAD = 1.0  # replicate spread (nats) above which cooling_volume warns; pooled the same
 
@@ -126,3 +127,51 @@ def merge_blocks(parts: Sequence[VolumeEstimate], rtol: float) -> VolumeEstimate
                           sum(p.ess for p in parts), sum(p.n_samples for p in parts),
                           float("nan"), sum(p.n_at_r_max for p in parts),
                           sum(p.n_evaluations for p in parts), warns, details)
+
+
+@dataclass(frozen=True)
+class CoolingCost:
+    """Lower bounds on the work of one :func:`~minefield.cooling.cooling_volume` run."""
+
+    phases: int
+    evaluations: float  # loss evaluations (a float: it overflows int64 in large n)
+
+    def hours(self, evaluations_per_second: float) -> float:
+        """The bound in hours at a measured evaluation rate."""
+        return self.evaluations / evaluations_per_second / 3600
+
+
+def cooling_cost(n: int, n_chains: int = 64, n_replicates: int = 8,
+                 walk_length: int | None = None, max_step: float = 2.0) -> CoolingCost:
+    """How much Gaussian cooling costs at least in ``n`` dimensions, before running it:
+    what a block or a Ray task must budget, and whether to start at all.
+
+    The schedule starts at ``beta_0 = ((sqrt(n) + 4) / rho_min)^2`` and divides ``beta``
+    by at most ``max_step`` per phase until ``beta < 1 / rho_max^2``, then needs one more
+    phase to reach 0; as ``rho_max >= rho_min``,
+
+        phases >= ceil(2 ln(sqrt(n) + 4) / ln(max_step)) + 1.
+
+    Each phase moves every chain of the pilot (``max(2, R / 4)`` replicates) and of the
+    ``R`` replicates ``walk_length`` steps (default ``max(10, 2 n)``), and each step
+    brackets its chord on both sides with ``CHORD_BRACKET`` = 12 evaluations before
+    bisecting, so
+
+        evaluations >= phases (R + max(2, R / 4)) n_chains walk_length 2 CHORD_BRACKET.
+
+    Both are bounds: a basin whose radii spread needs more phases, and each chord
+    more evaluations (about ``log2(1 / rtol)`` bisection steps).
+
+    Example (the swiss-roll MLP: n = 3457 weights)::
+
+        >>> c = cooling_cost(3457)
+        >>> c.phases, f"{c.evaluations:.2e}"
+        (13, '1.38e+09')
+    """
+    if n < 1 or n_chains < 2 or n_replicates < 2 or max_step <= 1:
+        raise ConfigError(f"cooling_cost needs n >= 1, >= 2 chains and replicates and "
+                          f"max_step > 1; got n={n}, {n_chains}, {n_replicates}, {max_step}")
+    phases = math.ceil(2 * math.log(math.sqrt(n) + 4) / math.log(max_step)) + 1
+    steps = max(10, 2 * n) if walk_length is None else int(walk_length)
+    chains = (n_replicates + max(2, n_replicates // 4)) * n_chains
+    return CoolingCost(phases, float(phases) * chains * steps * 2 * CHORD_BRACKET)

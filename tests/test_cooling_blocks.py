@@ -16,7 +16,7 @@ from minefield import ModelConfig, VolumeConfig, basin_run, train_run
 from minefield.bodies import Box, Ellipsoid, log_spaced_axes
 from minefield.config import ConfigError
 from minefield.cooling import cooling_volume
-from minefield.cooling_blocks import block_replicates, cooling_block, merge_blocks
+from minefield.cooling_blocks import block_replicates, cooling_block, cooling_cost, merge_blocks
 from minefield.executor import LocalExecutor
 from minefield.precondition import Preconditioner
 
@@ -113,3 +113,22 @@ def test_basin_blocks_as_tasks_equal_the_unsplit_estimate(tiny, tmp_path):
     assert len(whole.members[0].diagnostics["replicates"]) == 4
     tasks = sorted(p.name for p in (tmp_path / "tiny/basin/tasks.tasks").glob("*.s*"))
     assert tasks == [f"m000{i}-b000{j}.safetensors" for i in range(2) for j in range(2)]
+
+
+@pytest.mark.parametrize("body, chains, reps, walk", [
+    (Ellipsoid(torch.ones(4, dtype=torch.float64)), 8, 4, None),
+    (Box(log_spaced_axes(6, 1.0)), 6, 3, 4)])
+def test_cost_bound_holds_on_real_runs(body, chains, reps, walk):
+    # the bound is what a run needs at least: phases and evaluations of actual runs
+    n = len(body.a)
+    est = cooling_volume(body, n, body.cutoff, chains, reps, _gen(5), 4.0, 1e-6,
+                         walk_length=walk)
+    bound = cooling_cost(n, chains, reps, walk)
+    assert est.details["phases"] >= bound.phases
+    assert est.n_evaluations >= bound.evaluations
+    assert bound.hours(bound.evaluations / 3600) == pytest.approx(1.0)
+
+
+def test_cost_rejects_bad_arguments():
+    with pytest.raises(ConfigError, match="cooling_cost needs"):
+        cooling_cost(10, max_step=1.0)

@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from minefield.cli import main
+from minefield.cooling_blocks import cooling_cost
 from minefield.runs import Run
 
 
@@ -47,6 +48,14 @@ def test_report_numbers_match_run_directories(tiny_repro):
         assert sw[which]["test_acc"] == summary["test_acc"][0]
         basin = run.read_json("basin/repro.json")["members"][0]
         assert sw[which]["basin"]["log10_volume"] == basin["log10_volume"]
+    # mcmc is not run at n = 3457: the report gives its cost bound at the measured rate
+    mc = sw["estimators"]["mcmc"]
+    bound = cooling_cost(sw["good"]["basin"]["n"])
+    assert mc["run"] is False and mc["phases_at_least"] == bound.phases
+    for which in ("good", "bad"):
+        assert mc["evaluations_per_s"][which] > 0
+        assert mc["hours_at_least"][which] == pytest.approx(
+            bound.hours(mc["evaluations_per_s"][which]))
     mf = rep["sections"]["minefield"]["data"]
     search = Run.open("repro-tiny-minefield", root).read_json("search/search.json")
     assert mf["search"] == search["stats"]

@@ -101,8 +101,8 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
               help="mcmc: chains per replicate.")
 @click.option("--replicates", type=click.IntRange(2), default=8, show_default=True,
               help="mcmc: independent replicates (the interval comes from them).")
-@click.option("--walk", type=click.IntRange(1), help="mcmc: hit-and-run steps per phase "
-              "(default max(10, n)).")
+@click.option("--walk", type=click.IntRange(1), help="mcmc: walk steps per phase (default "
+              "max(10, 2 n): two sweeps of the axes; mf.cooling_cost bounds the cost).")
 @click.option("--blocks", "mcmc_blocks", type=click.IntRange(1), default=1, show_default=True,
               help="mcmc: independent blocks of replicates, each seeded by its index (one "
                    "task each with --executor; the estimate pools their replicates).")

@@ -10,7 +10,9 @@ from typing import Any
 from ..basin import BasinResult, VolumeConfig
 from ..commands import basin_command
 from ..config import ExperimentConfig
+from ..cooling_blocks import cooling_cost
 from ..stages import TrainResult, basin_run, train_run
+from .projection import evaluation_rate
 
 __all__ = ["Scale", "SCALES", "Check", "Section", "Context", "pct", "brief"]
 
@@ -169,4 +171,26 @@ def estimator_rows(ctx: Context, runs: dict[str, TrainResult], vcfg: VolumeConfi
         data[f"{est}-{pre}"] = {k: brief(b) for k, b in got.items()}
         label = "mass under N(theta, sigma^2 I)" if est == "gaussian" else "log10 V"
         rows.append(row(f"{est} ({pre}): {label}", got))
+    rows.append(mcmc_row(runs, vcfg, n, data))
     return rows, data, commands
+
+
+def mcmc_row(runs: dict[str, TrainResult], vcfg: VolumeConfig, n: int, data: dict
+             ) -> tuple[str, str, str]:
+    """Why Gaussian cooling is not run here: its cost lower bound
+    (:func:`~minefield.cooling_blocks.cooling_cost`) at the evaluation rate measured on
+    each model (the bound's hours go into ``data["mcmc"]``)."""
+    cost = cooling_cost(n, vcfg.n_chains, vcfg.n_replicates, vcfg.walk_length)
+    rates = {}
+    for k, r in runs.items():
+        dev = next(iter(r.params.values())).device
+        rates[k] = evaluation_rate(r.model, r.params, r.buffers, r.data.x_train.to(dev),
+                                   r.data.y_train.to(dev))
+    hours = {k: cost.hours(v) for k, v in rates.items()}
+    data["mcmc"] = {"run": False, "phases_at_least": cost.phases,
+                    "evaluations_at_least": cost.evaluations, "evaluations_per_s": rates,
+                    "hours_at_least": hours}
+    return (f"mcmc (Gaussian cooling, {vcfg.n_chains} chains x {vcfg.n_replicates} "
+            f"replicates): not run; its cost at least, " + " / ".join(runs),
+            f">= {cost.phases} phases x {cost.evaluations:.2e} evaluations: " + " / ".join(
+                f">= {hours[k]:,.0f} h at {rates[k]:,.0f} evals/s" for k in runs), "-")

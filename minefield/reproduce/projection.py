@@ -33,7 +33,7 @@ from ..step import Batch, Hyper, train_step
 from ..train import make_optimizer
 
 __all__ = ["H200_TRAIN_IMG_S", "H200_EVAL_IMG_S", "EVALS_PER_RADIUS", "unit_costs",
-           "image_projection"]
+           "image_projection", "evaluation_rate"]
 
 H200_TRAIN_IMG_S = 22_700.0  # issue 14: nn.Module + torch.optim, ResNet-20, batch 256
 H200_EVAL_IMG_S = 185_000.0  # issue 14: one-point loop, float32, ResNet-20
@@ -90,3 +90,18 @@ def image_projection(device: str | torch.device, n_train: int, steps_natural: in
             f"{gpu / 3600:.1f} h (training {train_imgs / H200_TRAIN_IMG_S / 3600:.1f} h, "
             f"basins {eval_imgs / H200_EVAL_IMG_S / 3600:.1f} h)",
     }
+
+
+def evaluation_rate(model: torch.nn.Module, params, buffers, x: torch.Tensor, y: torch.Tensor,
+                    points: int = 64) -> float:
+    """Loss evaluations per second (each on all of ``x``) of member 0 of ``params`` at
+    random points around it, through the engine with its defaults: the unit cost of
+    the chords an ``mcmc`` estimate would bisect."""
+    dev = x.device
+    theta = {k: v[0].detach().cpu() for k, v in params.items()}
+    centre = {k: v[:1].detach() for k, v in params.items()}
+    bufs = {k: v[:1] for k, v in buffers.items()} or None
+    d = {k: v.to(dev) for k, v in random_directions(
+        theta, points, generator=torch.Generator().manual_seed(0)).items()}
+    ts = torch.full((points,), 0.1)
+    return points / timed(lambda: evaluate_points(model, centre, d, ts, x, y, bufs), 2, dev)
