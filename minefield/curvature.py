@@ -54,16 +54,22 @@ __all__ = ["Eigen", "TraceEstimate", "SpectralDensity", "lanczos", "top_eigenval
 
 def _rademacher(shape: tuple[int, ...], g: torch.Generator, op: CurvatureOperator
                 ) -> torch.Tensor:
-    z = torch.randint(0, 2, shape, generator=g).to(op.dtype) * 2 - 1
+    """Rademacher signs: ``random_(0, 2)`` in place in the operator's dtype draws the
+    same stream as ``randint(0, 2)`` without an int64 tensor to convert."""
+    z = torch.empty(shape, dtype=op.dtype).random_(0, 2, generator=g).mul_(2).sub_(1)
     return z.to(op.device)
 
 
 def _orth(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``w - Q Q^T w`` twice (classical Gram-Schmidt, "twice is enough");
-    ``w (B, n)``, ``q (B, j, n)`` orthonormal rows."""
+    ``w (B, n)``, ``q (B, j, n)`` orthonormal rows. Both products are batched
+    row-vector times matrix (``(B, 1, n) x (B, n, j)``, ``(B, 1, j) x (B, j, n)``):
+    MKL runs the matrix-times-column form ``(B, j, n) x (B, n, 1)`` of the first
+    10-18x slower (B = 32, n = 3614)."""
+    w = w.unsqueeze(1)
     for _ in range(2):
-        w = w - torch.einsum("bj,bjn->bn", torch.einsum("bjn,bn->bj", q, w), q)
-    return w
+        w = torch.baddbmm(w, torch.bmm(w, q.transpose(1, 2)), q, alpha=-1)
+    return w.squeeze(1)
 
 
 def lanczos(apply, v0: torch.Tensor, n_iter: int, generator: torch.Generator | None = None,
@@ -221,7 +227,7 @@ def hutchinson_trace(op: CurvatureOperator, rtol: float | None = 1e-2, n_probes:
     while vals.shape[1] < n_probes:
         z = _rademacher((op.m, min(batch, n_probes - vals.shape[1]), op.n), g, op)
         if q is not None:  # (I - QQ^T) z
-            z = z - torch.einsum("mkn,msn,msj->mkj", z, q, q)
+            z.baddbmm_(torch.bmm(z, q.transpose(1, 2)), q, alpha=-1)
         vals = torch.cat([vals, (op.matmat(z) * z).sum(2).double().cpu()], 1)
         if rtol is not None and vals.shape[1] >= min_probes:
             mean = exact + vals.mean(1)

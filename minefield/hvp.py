@@ -336,11 +336,11 @@ class CurvatureOperator:
     def _product(self, v: torch.Tensor) -> torch.Tensor:
         """``(M, n) -> (M, n)`` without checks or counting."""
         obj = self.objective
+        if self._mlp is not None:
+            return self._mlp.matvec_flat(v.to(self.dtype))
         vd = unflatten(v.to(self.dtype), obj.params)
         if self.mode == "forward":
             return flatten(self._apply(obj.params, obj.buffers, vd))
-        if self._mlp is not None:
-            return self._mlp.matvec_flat(v.to(self.dtype))
         return self._kept.product(v.to(self.dtype))
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:

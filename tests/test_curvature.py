@@ -10,6 +10,8 @@ import torch
 
 from minefield.config import ConfigError, ModelConfig
 from minefield.curvature import (
+    _orth,
+    _rademacher,
     dense_hessian,
     hessian_diagonal,
     hutchinson_diagonal,
@@ -42,6 +44,23 @@ def _mlp(m=3, n=40, dtype=torch.float64):
 
 
 SPECTRUM = torch.cat([torch.tensor([10.0, 6.0, 3.0]), torch.linspace(-0.5, 1.0, 57)])
+
+
+def test_rademacher_probes_keep_the_randint_stream():
+    """The in-place draw gives the signs ``randint(0, 2) * 2 - 1`` gave, seed for seed."""
+    op, _ = _spectrum_op(SPECTRUM)
+    z = _rademacher((2, 5, op.n), torch.Generator().manual_seed(4), op)
+    ref = torch.randint(0, 2, (2, 5, op.n), generator=torch.Generator().manual_seed(4)) * 2 - 1
+    assert z.dtype == torch.float64 and torch.equal(z, ref.double())
+
+
+def test_reorthogonalisation_removes_the_span_exactly():
+    """``_orth`` (batched row-vector products) against the dense projector ``I - Q^T Q``."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.linalg.qr(torch.randn(3, 30, 6, generator=g, dtype=torch.float64)).Q.transpose(1, 2)
+    w = torch.randn(3, 30, generator=g, dtype=torch.float64)
+    proj = torch.eye(30, dtype=torch.float64) - q.transpose(1, 2) @ q  # (3, 30, 30)
+    torch.testing.assert_close(_orth(w, q), (proj @ w[:, :, None])[:, :, 0], rtol=0, atol=1e-13)
 
 
 def test_lanczos_recovers_a_known_spectrum():

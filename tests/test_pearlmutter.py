@@ -37,7 +37,9 @@ def test_products_equal_the_dense_hessian(act, classes):
     y = torch.randint(0, classes, (25,), generator=g)
     v = torch.randn(3, flatten(p).shape[1], generator=g, dtype=torch.float64)
     chunks = [(x[:11], y[:11]), (x[11:], y[11:])]  # chunked data sums to the whole product
-    hv = flatten(MLPHessian(model, p, chunks, 1 / 25).matvec(unflatten(v, p)))
+    op = MLPHessian(model, p, chunks, 1 / 25)
+    assert op.flip == [False, True, False]  # the (4, 5) layer's weight product transposed
+    hv = flatten(op.matvec(unflatten(v, p)))
     for i in range(3):
         torch.testing.assert_close(hv[i], _dense(model, p, x, y, i) @ v[i], rtol=1e-10,
                                    atol=1e-12)
