@@ -194,6 +194,13 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
     return out_loss / n, out_acc / n
 
 
+def _layouts_needed(candidates: list[str]) -> set[bool]:
+    """The point layouts (``fast``: the MLP path's) the candidates run in, and the plain
+    one the probe keys on when there is more than one candidate (each layout copies
+    every direction, so none is built in vain)."""
+    return {p == "mlp" for p in candidates} | ({False} if len(candidates) > 1 else set())
+
+
 def _run(model: nn.Module, n_points: int, dtype: torch.dtype, makers: dict[bool, Callable],
          n_params: int, x: torch.Tensor, y: torch.Tensor, buffers: Params | None,
          memory_mb: float | None, bn: BNPolicy, loss: str, candidates: list[str],
@@ -267,7 +274,7 @@ def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: to
                     for k, v in base.items()}
         return make
 
-    makers = {f: maker(f) for f in {p == "mlp" for p in candidates} | {False}}
+    makers = {f: maker(f) for f in _layouts_needed(candidates)}
     n_params = sum(v[0].numel() for v in center.values())
     lo, ac = _run(model, t_flat.numel(), dtype, makers, n_params, x, y, buffers, memory_mb, bn,
                   loss, candidates, precision)
@@ -306,7 +313,7 @@ def evaluate_combinations(model: nn.Module, center: Params, basis: Params, coeff
                 -1, *c0.shape[1:]) for k, c0 in c.items()}
         return make
 
-    makers = {f: maker(f) for f in {p == "mlp" for p in candidates} | {False}}
+    makers = {f: maker(f) for f in _layouts_needed(candidates)}
     n_params = sum(t[0].numel() for t in center.values())
     return _run(model, coeffs.shape[0], dtype, makers, n_params, x, y, buffers, memory_mb, bn,
                 loss, candidates, precision)
