@@ -307,11 +307,24 @@ def train_xy(data: Dataset | tuple[torch.Tensor, torch.Tensor]
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Build the dataset named by ``cfg.name`` (see :data:`DATASETS`)."""
+    """Build the dataset named by ``cfg.name`` (see :data:`DATASETS`).
+
+    Raises:
+        DataError: an unknown name, or a size (``n_train``, ``n_test``, ``n_poison``)
+            the dataset cannot give: never fewer points than asked without a word
+            (the swiss roll's test split is as large as its train split; the spiral's
+            sizes are the paper's).
+    """
     try:
         builder = DATASETS[cfg.name]
     except KeyError:
         raise DataError(
             f"unknown dataset {cfg.name!r}; choose from {', '.join(sorted(DATASETS))}"
         ) from None
-    return builder(cfg)
+    data = builder(cfg)
+    for split in ("train", "test", "poison"):
+        want, got = getattr(cfg, f"n_{split}"), len(getattr(data, f"y_{split}"))
+        if want is not None and want != got:
+            raise DataError(f"{cfg.name}: n_{split} = {want} asked, but it gives {got} "
+                            f"{split} points with these settings")
+    return data

@@ -259,7 +259,7 @@ def test_connect_to_the_minima_of_a_search(cli, tmp_path):
 
 @pytest.mark.parametrize("bad,msg", [
     (["--widths", "7"], "different models (model.widths: [6] vs [7])"),
-    (["--dataset", "spiral"], "different "),
+    (["--dataset", "swissroll"], "different "),
 ])
 def test_runs_of_different_architectures_give_one_line_and_nothing_written(cli, tmp_path, bad,
                                                                           msg):

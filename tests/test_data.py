@@ -173,3 +173,12 @@ def test_fresh_swissroll_points_and_unsupported_datasets():
     assert x.shape == (7, 2) and y.shape == (7,)
     with pytest.raises(DataError, match="dataset 'digits' cannot draw fresh points"):
         fresh_points(DataConfig("digits"), 3)
+
+
+@pytest.mark.parametrize("cfg, match", [
+    (DataConfig("swissroll", n_test=500), "n_test = 500 asked, but it gives 200 test points"),
+    (DataConfig("spiral", n_train=50), "n_train = 50 asked, but it gives 132 train points")])
+def test_a_size_the_dataset_cannot_give_is_an_error_not_a_silent_cap(cfg, match):
+    with pytest.raises(DataError, match=match):
+        load_dataset(cfg)
+    assert len(load_dataset(DataConfig("swissroll", n_train=300, n_test=300)).y_test) == 300

@@ -48,7 +48,8 @@ _MODELS = {
 
 def _step_problem(kind: str, dtype: torch.dtype, m: int):
     name, mcfg = _MODELS[kind]
-    data = load_dataset(DataConfig(name, n_train=50, n_test=10, n_poison=30))
+    sizes = {} if name == "spiral" else {"n_train": 50, "n_test": 10, "n_poison": 30}
+    data = load_dataset(DataConfig(name, **sizes))  # the spiral's sizes are the paper's
     data = data.to("cpu", dtype)
     model = build_model(mcfg, data.input_shape, data.n_classes).to(dtype)
     p = {k: v.to(dtype) for k, v in init_stack(model, "glorot_uniform", range(m)).items()}
