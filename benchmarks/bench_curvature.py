@@ -42,6 +42,7 @@ import time
 import warnings
 
 import torch
+from plain import side_by_side
 
 from minefield.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from minefield.curvature import dense_hessian, hutchpp_trace, top_eigenvalues
@@ -68,24 +69,6 @@ def timed(fn, repeats: int):
         out = fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times), out
-
-
-def side_by_side(fns: dict, repeats: int) -> dict:
-    """``{name: (median wall seconds, median CPU seconds of this process)}``, the
-    functions called in turn within each repeat (after one untimed warm-up round),
-    so that a changing load on a shared machine hits all of them alike. CPU time
-    (``time.process_time``, all threads) leaves out the time spent waiting for a core."""
-    for fn in fns.values():
-        fn()
-    wall = {k: [] for k in fns}
-    cpu = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t, c = time.perf_counter(), time.process_time()
-            fn()
-            wall[k].append(time.perf_counter() - t)
-            cpu[k].append(time.process_time() - c)
-    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
 
 
 def ratio(t: dict, a: str, b: str) -> str:

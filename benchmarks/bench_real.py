@@ -27,10 +27,10 @@ import torch
 from plain import (
     common_args,
     median_time,
-    medians_in_turn,
     plain_net,
     point_loop,
     setup,
+    side_by_side,
     train_steps,
 )
 
@@ -71,9 +71,9 @@ def evaluation(name, model, x, y, k, repeats, dev, extra_bf16=False):
     key = [kk for kk in autotune.PROBES if kk[0] == type(model).__qualname__]
     chosen = (rule[0], {}) if len(rule) == 1 else autotune.PROBES[key[-1]]
     net = plain_net(model, c, bufs)
-    t = medians_in_turn({"engine": lambda: evaluate_points(model, c, d, ts, x, y, bufs),
-                         "loop": lambda: point_loop(net, c, d, ts, x, y)}, repeats, dev)
-    t_eng, t_loop = t["engine"], t["loop"]
+    t = side_by_side({"engine": lambda: evaluate_points(model, c, d, ts, x, y, bufs),
+                      "loop": lambda: point_loop(net, c, d, ts, x, y)}, repeats, dev)
+    t_eng, t_loop = t["engine"][0], t["loop"][0]
     n = len(y)
     print(f"\n[{name}] {k} points x {n} inputs")
     print(f"  minefield (defaults: path {chosen[0]}) {k * n / t_eng:12.0f} input-evals/s "
@@ -120,10 +120,10 @@ def training(x, y, steps, stack_size, repeats, dev):
         return run
 
     net = plain_net(model, _centre(model, dev))
-    t = medians_in_turn({"one": minefield_steps(1),
-                         "plain": lambda: train_steps(net, x, y, steps, 0.01),
-                         "stack": minefield_steps(stack_size)}, repeats, dev)
-    t_one, t_plain, t_stack = t["one"], t["plain"], t["stack"]
+    t = side_by_side({"one": minefield_steps(1),
+                      "plain": lambda: train_steps(net, x, y, steps, 0.01),
+                      "stack": minefield_steps(stack_size)}, repeats, dev)
+    t_one, t_plain, t_stack = t["one"][0], t["plain"][0], t["stack"][0]
     n = len(y) * steps
     print(f"\n[ResNet-20 training] SGD momentum 0.9, batch {len(y)}, {steps} steps")
     print(f"  minefield, one model          {n / t_one:10.0f} img/s")

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import copy
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch import nn
 
 from minefield.autotune import timed
 
-__all__ = ["plain_net", "point_loop", "train_steps", "median_time", "medians_in_turn",
+__all__ = ["plain_net", "point_loop", "train_steps", "median_time", "side_by_side",
            "common_args", "setup"]
 
 
@@ -47,15 +48,30 @@ def median_time(fn, repeats: int, dev: torch.device | str = "cpu") -> float:
     return timed(fn, repeats, dev)
 
 
-def medians_in_turn(fns: dict, repeats: int, dev: torch.device | str = "cpu") -> dict:
-    """``{name: median seconds}``, the functions timed in turn within each repeat (one
-    call each of :func:`median_time` per round), so a load that comes and goes on a
-    shared machine hits every compared function alike."""
-    times = {k: [] for k in fns}
+def side_by_side(fns: dict, repeats: int, dev: torch.device | str = "cpu") -> dict:
+    """``{name: (median wall seconds, median CPU seconds of this process)}``, the
+    functions called in turn within each repeat (after one untimed warm-up round), so
+    that a load that comes and goes on a shared machine hits all of them alike. CPU
+    time (``time.process_time``, all threads) leaves out the time spent waiting for a
+    core; a CUDA device is synchronised around each call."""
+    dev = torch.device(dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    for fn in fns.values():
+        fn()
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            times[k].append(median_time(fn, 1, dev))
-    return {k: statistics.median(v) for k, v in times.items()}
+            sync()
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            sync()
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
 
 
 def plain_net(model: nn.Module, params: dict[str, torch.Tensor],

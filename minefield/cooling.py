@@ -29,22 +29,20 @@ of ``K`` along ``u``; :func:`_log_h`, closed form through the chi CDF), so
    also gives the weight's ``rho(u)``). A step (Smith 1984) picks a direction ``w`` in
    ``y``: an axis of the rounded coordinates (``walk='coordinate'``, volesti's default
    CDHR: on a box rounded by its axes each step is an exact Gibbs update, where
-   hit-and-run needs ``~n^2`` steps to cross it), the axes taken in a fresh random order
-   per chain and sweep, so every axis moves once per ``n`` steps (a random axis per step
-   leaves ``exp(-L/n)`` of them where the last phase left them after ``L`` steps: 8% at
-   ``L = 2.5 n``; that lag, shared by every replicate, made the 20-d box's interval miss,
-   -0.17 [-0.33, -0.01] nats), or a uniform direction shaped by the chains' covariance
-   (``'hit_and_run'``); the chord of ``K`` through the chain comes from
-   the batched bisection of :func:`~minefield.basin.find_radii` on both sides (shrunk by
-   ``1 + rtol`` so it stays inside), then a draw of the 1-D Gaussian ``N(-y.w, 1/beta)``
-   truncated to the chord. All chains of all replicates move in one batched call per
-   step, and they start warm (from the previous phase).
+   hit-and-run needs ``~n^2`` steps to cross it), the axes in a fresh random order per
+   chain and sweep, so every axis moves once per ``n`` steps (a random axis per step
+   leaves ``exp(-L/n)`` of them where the last phase left them after ``L`` steps, a lag
+   every replicate shares: it made the 20-d box's interval miss, -0.17 [-0.33, -0.01]
+   nats), or a uniform direction shaped by the chains' covariance (``'hit_and_run'``);
+   the chord of ``K`` through the chain comes from the batched bisection of
+   :func:`~minefield.basin.find_radii` on both sides (shrunk by ``1 + rtol``), then a
+   draw of ``N(-y.w, 1/beta)`` truncated to the chord. All chains of all replicates
+   move in one batched call per step, starting warm (from the previous phase).
 4. *Mixing check*: the correlation across chains of ``log rho(u)`` before and after a
    phase's walk (``details['lag_correlation']``, the largest over phases); above
-   ``LAG`` = 0.2 the walk is shorter than the mixing time and a warning says the
-   estimate runs low (measured on 20-d boxes: 5 random-axis steps: 0.74 and -0.75 nats;
-   50 random-axis steps: 0.12-0.18 and -0.07 to -0.21 nats, under the threshold; one
-   sweep of 20 axes: 0.02-0.09 and -0.07 to +0.01 nats, intervals covering).
+   ``LAG`` = 0.2 a warning says the walk is shorter than the mixing time and the
+   estimate runs low (20-d boxes: 5 random-axis steps 0.74, -0.75 nats; 50 steps
+   0.12-0.18, -0.07 to -0.21 nats; one sweep 0.02-0.09, -0.07 to +0.01 nats, covering).
 
 Why Gaussian cooling and not nested balls ``K cap B(r_i)`` (Lovasz & Vempala): with
 balls, ``n log(R/r)`` phases; with Gaussians ``~ sqrt(n) log(R/r)``, and each phase's
@@ -57,18 +55,16 @@ replicate's chains are resampled when their ESS drops below half. Then every
 replicate's product of weighted ratio means is an unbiased estimate of ``Z(0)`` however
 slowly the chains mix, but with a short walk its distribution is so skewed that every
 replicate lands low and the replicates agree: slow mixing does *not* show as spread,
-hence the mixing check. In high dimension the walk is the cost: on a box rounded to
-a cube, about ``n log n`` coordinate steps per chain per phase, each a bisection of
-``O(n)``-cost losses; at n = 3457 that is hours on 2 cores.
+hence the mixing check. In high dimension the walk is the cost
+(:func:`~minefield.cooling_blocks.cooling_cost`: hours on 2 cores at n = 3457).
 
 *Uncertainty*: a pilot run of ``n_replicates / 4`` replicates chooses the schedule (the
 ``beta`` s); then ``n_replicates`` independent replicates of ``n_chains`` chains, each with
 its own start rays, follow it. Their log-volumes ``L_r`` are about normal (logs of
 products of many ratios), so the estimate of ``log E[Z]`` is Cox's ``mean(L) + s^2/2``
 with the interval ``+- t_{R-1} sqrt(s^2/R + s^4/(2(R-1)))`` (Land 1972,
-:func:`replicate_interval`), widened by ``n log(1 + rtol)``. Replicates cannot see a
-bias they share (chains that lag behind the cooling), hence the sweeps and the mixing
-check. Coverage is tested at n = 3 and n = 20 (``tests/test_cooling.py``).
+:func:`replicate_interval`), widened by ``n log(1 + rtol)``; they cannot see a bias they
+share (hence the sweeps and the mixing check). Coverage is tested at n = 3 and 20.
 
 Example (a 3-ball of radius 1: log V = log(4 pi / 3); exact on a ball, up to the bisection)::
 
@@ -95,8 +91,13 @@ from .volume import LineLoss, VolumeEstimate, _warnings, log_chi_cdf, ray_radii
 
 __all__ = ["cooling_volume", "replicate_interval"]
 
-
 CHORD_BRACKET = 12  # bracket evaluations per side of a chord before bisection
+
+
+def run_sizes(n: int, n_replicates: int, walk_length: int | None) -> tuple[int, int]:
+    """``(walk steps per phase: max(10, 2 n) unless given, pilot replicates: max(2, R/4))``."""
+    return max(10, 2 * n) if walk_length is None else int(walk_length), max(2, n_replicates // 4)
+
 
 def _capped(line_loss: LineLoss, r_max: float) -> LineLoss:
     """The loss, but ``+inf`` at distance ``>= r_max`` from the centre: K within r_max."""
@@ -261,7 +262,7 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
     if walk not in ("coordinate", "hit_and_run"):
         raise ConfigError(f"walk must be 'coordinate' or 'hit_and_run', got {walk!r}")
     coordinate = walk == "coordinate"
-    steps = max(10, 2 * n) if walk_length is None else int(walk_length)
+    steps, pilot = run_sizes(n, n_replicates, walk_length)
     m = n_replicates * n_chains
     evals, at_max = 0, []
 
@@ -372,7 +373,7 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
         return log_r, betas, min_ess, lag
 
     # 2. the schedule from a pilot run, then independent replicates that follow it
-    _, schedule, _, _ = smc(max(2, n_replicates // 4), None)
+    _, schedule, _, _ = smc(pilot, None)
     log_r, betas, min_ess, lag = smc(n_replicates, schedule)
     log_z = log_z + log_r
     log_vol = log_z + (p.log_abs_det_t() if p is not None else 0.0)  # (R,)

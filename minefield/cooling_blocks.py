@@ -42,7 +42,7 @@ import torch
 from scipy.stats import t as student_t
 
 from .config import ConfigError
-from .cooling import CHORD_BRACKET, cooling_volume
+from .cooling import CHORD_BRACKET, cooling_volume, run_sizes
 from .executor import task_seed
 from .precondition import Preconditioner
 from .volume import LineLoss, VolumeEstimate
@@ -172,6 +172,6 @@ def cooling_cost(n: int, n_chains: int = 64, n_replicates: int = 8,
         raise ConfigError(f"cooling_cost needs n >= 1, >= 2 chains and replicates and "
                           f"max_step > 1; got n={n}, {n_chains}, {n_replicates}, {max_step}")
     phases = math.ceil(2 * math.log(math.sqrt(n) + 4) / math.log(max_step)) + 1
-    steps = max(10, 2 * n) if walk_length is None else int(walk_length)
-    chains = (n_replicates + max(2, n_replicates // 4)) * n_chains
+    steps, pilot = run_sizes(n, n_replicates, walk_length)
+    chains = (n_replicates + pilot) * n_chains
     return CoolingCost(phases, float(phases) * chains * steps * 2 * CHORD_BRACKET)

@@ -305,8 +305,9 @@ class CurvatureOperator:
             self._mlp = GraphHessian(objective.model, objective.params, objective.buffers,
                                      objective.chunks, objective.weight)
             _raise_if_not_finite(self._mlp.losses)
-        elif self.mode == "reverse":  # checks the losses it computes on the way
+        elif self.mode == "reverse":
             self._kept = KeptGraph(objective)
+            _raise_if_not_finite(self._kept.losses)
         else:
             objective.check_finite()
         self._apply = vmap(self._member_product, in_dims=(0, objective._bdim, 0))

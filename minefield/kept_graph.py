@@ -45,13 +45,9 @@ __all__ = ["KeptGraph"]
 
 class KeptGraph:
     """The leaves and the gradient graph of ``objective``; products through it.
-
-    Raises:
-        NonFiniteLoss: the loss is NaN or infinite at some member.
-    """
+    ``losses`` holds the ``(M,)`` losses met on the way (the caller checks them)."""
 
     def __init__(self, objective: Objective):
-        from .hvp import _raise_if_not_finite
         obj = self.objective = objective
         self.m = obj.n_members
         leaves = {k: v.detach().clone().requires_grad_(True) for k, v in obj.params.items()}
@@ -65,8 +61,8 @@ class KeptGraph:
                 losses = obj.member_loss(member(leaves, 0), b)[None]
             else:
                 losses = vmap(obj.member_loss, in_dims=(0, obj._bdim))(leaves, obj.buffers)
-            _raise_if_not_finite(losses.detach())
             grads = torch.autograd.grad(losses.sum(), list(leaves.values()), create_graph=True)
+        self.losses = losses.detach()
         self.leaves, self.grads = list(leaves.values()), list(grads)
         self.batched: bool | None = None  # False once a batched backward has failed
 

@@ -189,6 +189,10 @@ def test_bad_inputs_raise_one_clear_error():
     bad["fc.bias"][1, 0] = float("nan")
     with pytest.raises(NonFiniteLoss, match=r"NaN or infinite at member\(s\) \[1\]"):
         CurvatureOperator(model_objective(model, bad, (x, y), bufs))
+    a, w = _quadratic()  # the kept-graph path checks its losses too
+    w["w"][0, 0] = float("nan")
+    with pytest.raises(NonFiniteLoss, match=r"NaN or infinite at member\(s\) \[0\]"):
+        CurvatureOperator(Objective.from_function(w, lambda q: q["w"] @ a @ q["w"] / 2))
     with pytest.raises(ConfigError, match="only a model objective"):
         _, w = _quadratic()
         Objective.from_function(w, lambda q: q["w"].sum()).restrict(torch.arange(1))

@@ -60,11 +60,7 @@ def unit_costs(device: str | torch.device = "auto", batch: int = 16, points: int
         model.eval()
 
     t_train = timed(step, 2, dev) / batch
-    centre = {k: v.detach() for k, v in leaves.items()}
-    d = {k: v.to(dev) for k, v in random_directions(theta, points, generator=g).items()}
-    ts = torch.full((points,), 0.1)
-    t_eval = timed(lambda: evaluate_points(model, centre, d, ts, x, y, bufs), 2, dev)
-    return t_train, t_eval / (points * batch)
+    return t_train, 1 / (evaluation_rate(model, leaves, bufs, x, y, points) * batch)
 
 
 def image_projection(device: str | torch.device, n_train: int, steps_natural: int,
