@@ -77,7 +77,7 @@ def ratio(t: dict, a: str, b: str) -> str:
 
 
 def ms(t: dict, k: str) -> str:
-    return f"{t[k][0] * 1e3:.1f} ms (CPU {t[k][1] * 1e3:.1f} ms)"
+    return f"{t[k][0] * 1e3:.1f} ms (CPU {t[k][1] * 1e3:.1f} ms, {t[k][2]:.0f} page faults)"
 
 
 def module_with(model, params, i=0, buffers=None):

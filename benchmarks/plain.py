@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import resource
 import statistics
 import time
 
@@ -49,29 +50,37 @@ def median_time(fn, repeats: int, dev: torch.device | str = "cpu") -> float:
 
 
 def side_by_side(fns: dict, repeats: int, dev: torch.device | str = "cpu") -> dict:
-    """``{name: (median wall seconds, median CPU seconds of this process)}``, the
-    functions called in turn within each repeat (after one untimed warm-up round), so
-    that a load that comes and goes on a shared machine hits all of them alike. CPU
-    time (``time.process_time``, all threads) leaves out the time spent waiting for a
-    core; a CUDA device is synchronised around each call."""
+    """``{name: (median wall seconds, median CPU seconds of this process, median minor
+    page faults)}``, the functions called in turn within each repeat (after one untimed
+    warm-up round), so that a load that comes and goes on a shared machine hits all of
+    them alike. CPU time (``time.process_time``, all threads) leaves out the time spent
+    waiting for a core; a CUDA device is synchronised around each call. Page faults
+    (``getrusage``): glibc hands tensors of more than its (adaptive) mmap threshold
+    back to the OS when they are freed, so a loop that allocates large activations
+    can spend more time faulting fresh pages in than computing."""
     dev = torch.device(dev)
 
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
     for fn in fns.values():
         fn()
-    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    wall, cpu, flt = ({k: [] for k in fns} for _ in range(3))
     for _ in range(repeats):
         for k, fn in fns.items():
             sync()
-            t, c = time.perf_counter(), time.process_time()
+            t, c, f = time.perf_counter(), time.process_time(), faults()
             fn()
             sync()
             wall[k].append(time.perf_counter() - t)
             cpu[k].append(time.process_time() - c)
-    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
+            flt[k].append(faults() - f)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k]),
+                statistics.median(flt[k])) for k in fns}
 
 
 def plain_net(model: nn.Module, params: dict[str, torch.Tensor],

@@ -72,8 +72,9 @@ def memory_budget_mb(device: torch.device | str, memory_mb: float | None = None)
 
 
 def cache_clamped(device: torch.device | str) -> bool:
-    """Whether MLP chunks are clamped to a CPU cache's size (only on CPUs: a GPU's
-    bandwidth does not fall off a cliff past a few MB)."""
+    """Whether the engine's chunks (MLP layers, the looped paths' input batches) are
+    clamped to a CPU cache's size (only on CPUs: a GPU's bandwidth does not fall off a
+    cliff past a few MB)."""
     return torch.device(device).type == "cpu"
 
 

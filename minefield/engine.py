@@ -53,6 +53,7 @@ from .functional import (
     check_single,
     member,
     mlp_fast_path,
+    mlp_workspace,
     n_members,
     one,
     stacked_forward,
@@ -69,6 +70,11 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"nll"
 #: one MLP layer's activations per chunk on a CPU: 1-4 MB ran the swiss-roll MLP (1024
 #: points, 200 inputs) 1.2-1.4x faster than 8 MB at 1 and 2 threads (idle, 2026-11-30)
 _CACHE_BYTES = 4 * 2**20
+#: the looped conv paths on a CPU: inputs per chunk such that the largest layer output
+#: of one point stays under this; ResNet-20 (64 KB per image) ran 1.5-1.7x faster on 32
+#: images per call than on 128, the digits CNN at 1.4 MB per call no slower than at
+#: 2.9 MB and steadier (idle 2-core CPU, 1 and 2 threads, 2026-11-30)
+_LOOP_CACHE_BYTES = 2 * 2**20
 
 
 def _candidates(model: nn.Module, buffers: Params | None, path: EnginePath | str,
@@ -87,14 +93,6 @@ def _candidates(model: nn.Module, buffers: Params | None, path: EnginePath | str
     if mlp_ok:
         return ["mlp", "vmap"]
     return ["vmap", "loop", "loop_cl"] if conv else ["vmap", "loop"]
-
-
-def _layout(params: Params, model: nn.Module, fast: bool) -> Params:
-    """Contiguous tensors; for the MLP path Linear weights become ``(..., in, out)``."""
-    if not fast:
-        return {k: v.contiguous() for k, v in params.items()}
-    return {k: (v.transpose(-1, -2).contiguous() if k.endswith("weight") else v.contiguous())
-            for k, v in params.items()}
 
 
 def _check_loss(loss: str) -> Callable:
@@ -146,7 +144,8 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
               path: str, precision: Precision = Precision.FLOAT32
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss (n_points,), acc (n_points,))``; ``make(sl)`` builds the points ``sl``
-    (in the :func:`_layout` of ``path``: ``mlp``, ``vmap``, ``loop`` or ``loop_cl``)."""
+    (stacked parameters) and ``path`` (``mlp``, ``vmap``, ``loop`` or ``loop_cl``) runs
+    them."""
     loss_fn = _check_loss(loss)
     dev = y.device
     out_loss = torch.zeros(n_points, dtype=torch.float64, device=dev)
@@ -163,6 +162,11 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
     budget = memory_budget_mb(dev, memory_mb) * 2**20
     pts = n if bn is BNPolicy.BATCH else max(1, min(n, int(budget // (per + 1))))
     looped = path in ("loop", "loop_cl")
+    if looped and bn is not BNPolicy.BATCH and cache_clamped(dev):
+        # one layer's output per input chunk cache-sized, the chunks equal
+        big = activation_elements(model, x[:1].to(mdt), largest=True) * size
+        pts = min(pts, max(1, _LOOP_CACHE_BYTES // big))
+        pts = -(-n // -(-n // pts))
     # a looped chunk keeps one point's activations alive; a vmapped one every point's
     act = per * pts * (0 if looped else 1)
     mem = max(1, min(n_points, int(budget // (act + 3 * n_params * size))))
@@ -170,6 +174,7 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
         # keep one layer's activations cache-sized: bandwidth, not FLOPs, limits on a CPU
         width = max(m.out_features for m in model if isinstance(m, nn.Linear))
         mem = max(1, min(mem, _CACHE_BYTES // (pts * width * size)))
+    work = mlp_workspace(model, mem, pts, x) if path == "mlp" else None
     was = model.training
     model.train(bn is BNPolicy.BATCH)
     try:
@@ -183,7 +188,7 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
                 for j in range(0, n, pts):
                     ps = slice(j, min(n, j + pts))
                     if path == "mlp":
-                        logits = _mlp_forward(model, p, x[ps], transposed=True)
+                        logits = _mlp_forward(model, p, x[ps], work=work)
                     elif looped:
                         logits = _looped_logits(model, p, x[ps], b, path == "loop_cl")
                     else:
@@ -196,20 +201,13 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
     return out_loss / n, out_acc / n
 
 
-def _layouts_needed(candidates: list[str]) -> set[bool]:
-    """The point layouts (``fast``: the MLP path's) the candidates run in, and the plain
-    one the probe keys on when there is more than one candidate (each layout copies
-    every direction, so none is built in vain)."""
-    return {p == "mlp" for p in candidates} | ({False} if len(candidates) > 1 else set())
-
-
-def _run(model: nn.Module, n_points: int, dtype: torch.dtype, makers: dict[bool, Callable],
+def _run(model: nn.Module, n_points: int, dtype: torch.dtype, make: Callable[[slice], Params],
          n_params: int, x: torch.Tensor, y: torch.Tensor, buffers: Params | None,
          memory_mb: float | None, bn: BNPolicy, loss: str, candidates: list[str],
          precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the path (probing the candidates on a few points, cached) and evaluate."""
     def evaluate(p: str, k: int = n_points, xs=x, ys=y):
-        return _evaluate(model, k, n_params, dtype, makers[p == "mlp"], xs, ys, buffers,
+        return _evaluate(model, k, n_params, dtype, make, xs, ys, buffers,
                          memory_mb, bn, loss, p, precision)
 
     # The probe: a chunk of points on a slice of the inputs per candidate. MLP points are
@@ -221,7 +219,7 @@ def _run(model: nn.Module, n_points: int, dtype: torch.dtype, makers: dict[bool,
     else:
         q, nx = min(n_points, 8 if cuda else 4), min(len(y), 512 if cuda else 32)
     if len(candidates) > 1 and q and nx:
-        key = probe_key(model, makers[False](slice(0, 1)), x[:nx], (bn.value, precision.value))
+        key = probe_key(model, make(slice(0, 1)), x[:nx], (bn.value, precision.value))
         path = choose_path(key, candidates, lambda p: lambda: evaluate(p, q, x[:nx], y[:nx]),
                            per=q, device=y.device, repeats=1)
     else:
@@ -263,22 +261,20 @@ def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: to
     k_idx = torch.arange(k_dirs, device=dev).repeat_interleave(
         1 if ts.dim() == 1 else ts.shape[1])
 
-    def maker(fast: bool) -> Callable[[slice], Params]:
-        c = _layout(center, model, fast)
-        d = _layout({k: v.to(dtype) for k, v in directions.items()}, model, fast)
-        s0 = (None if starts is None
-              else _layout({k: v.to(dtype) for k, v in starts.items()}, model, fast))
+    c = {k: v.contiguous() for k, v in center.items()}
+    d = {k: v.to(dtype).contiguous() for k, v in directions.items()}
+    s0 = None if starts is None else {k: v.to(dtype).contiguous() for k, v in starts.items()}
 
-        def make(sl: slice) -> Params:
-            t = t_flat[sl]
-            base = c if s0 is None else {k: c[k] + s0[k][k_idx[sl]] for k in c}
-            return {k: torch.addcmul(v, t.view(-1, *[1] * (v.dim() - 1)), d[k][k_idx[sl]])
-                    for k, v in base.items()}
-        return make
+    def make(sl: slice) -> Params:
+        t = t_flat[sl]
+        # one distance per direction: the chunk's directions are a view, not a copy
+        idx = sl if ts.dim() == 1 else k_idx[sl]
+        base = c if s0 is None else {k: c[k] + s0[k][idx] for k in c}
+        return {k: torch.addcmul(v, t.view(-1, *[1] * (v.dim() - 1)), d[k][idx])
+                for k, v in base.items()}
 
-    makers = {f: maker(f) for f in _layouts_needed(candidates)}
     n_params = sum(v[0].numel() for v in center.values())
-    lo, ac = _run(model, t_flat.numel(), dtype, makers, n_params, x, y, buffers, memory_mb, bn,
+    lo, ac = _run(model, t_flat.numel(), dtype, make, n_params, x, y, buffers, memory_mb, bn,
                   loss, candidates, precision)
     return lo.reshape(ts.shape), ac.reshape(ts.shape)
 
@@ -305,19 +301,16 @@ def evaluate_combinations(model: nn.Module, center: Params, basis: Params, coeff
     if coeffs.dim() != 2 or coeffs.shape[1] != n_basis:
         raise ValueError(f"coeffs must be (N, {n_basis}), got shape {tuple(coeffs.shape)}")
 
-    def maker(fast: bool) -> Callable[[slice], Params]:
-        c = _layout(center, model, fast)
-        v = _layout({k: b.to(dtype) for k, b in basis.items()}, model, fast)
+    c = {k: v.contiguous() for k, v in center.items()}
+    v = {k: b.to(dtype).contiguous() for k, b in basis.items()}
 
-        def make(sl: slice) -> Params:
-            a = coeffs[sl]
-            return {k: (c0.reshape(1, -1) + a @ v[k].reshape(n_basis, -1)).reshape(
-                -1, *c0.shape[1:]) for k, c0 in c.items()}
-        return make
+    def make(sl: slice) -> Params:
+        a = coeffs[sl]
+        return {k: (c0.reshape(1, -1) + a @ v[k].reshape(n_basis, -1)).reshape(
+            -1, *c0.shape[1:]) for k, c0 in c.items()}
 
-    makers = {f: maker(f) for f in _layouts_needed(candidates)}
     n_params = sum(t[0].numel() for t in center.values())
-    return _run(model, coeffs.shape[0], dtype, makers, n_params, x, y, buffers, memory_mb, bn,
+    return _run(model, coeffs.shape[0], dtype, make, n_params, x, y, buffers, memory_mb, bn,
                 loss, candidates, precision)
 
 

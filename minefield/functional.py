@@ -47,7 +47,7 @@ from .stacked import (  # noqa: F401 - the stack operations, re-exported from th
 __all__ = [
     "Stacked", "stack", "member", "one", "alone", "select", "check_single", "n_members", "flatten",
     "unflatten", "is_weight", "stacked_forward", "single_forward",
-    "buffers_like", "chunked_forward", "activation_elements", "mlp_fast_path",
+    "buffers_like", "chunked_forward", "activation_elements", "mlp_fast_path", "mlp_workspace",
 ]
 
 
@@ -82,25 +82,50 @@ def mlp_fast_path(model: nn.Module) -> bool:
     return seen_linear
 
 
+def mlp_workspace(model: nn.Sequential, members: int, inputs: int,
+                  like: torch.Tensor) -> list[torch.Tensor]:
+    """Two flat buffers, each able to hold one hidden layer's ``(members, inputs, width)``
+    activations: :func:`_mlp_forward` alternates between them (gradient-free use only)."""
+    width = max(m.out_features for m in model if isinstance(m, nn.Linear))
+    return [torch.empty(members * inputs * width, dtype=like.dtype, device=like.device)
+            for _ in range(2)]
+
+
 def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor,
-                 transposed: bool = False) -> torch.Tensor:
-    """Logits ``(M, N, C)`` of a stacked plain MLP, weights ``(M, out, in)`` (or
-    ``(M, in, out)`` with ``transposed=True``, the engine's layout).
+                 work: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Logits ``(M, N, C)`` of a stacked plain MLP, weights ``(M, out, in)``.
 
     ``h <- act(b + h W^T)`` as one ``baddbmm`` per layer with the bias fused and the
     activation in place: on a CPU the separate bias add and activation of the
     ``vmap`` path cost as much as the matmuls (they stream (M, N, width) tensors
     through memory twice more). Same values as the ``vmap`` path up to rounding.
+    ``work`` (:func:`mlp_workspace`, no autograd): the hidden layers are written into
+    these two reused buffers instead of fresh tensors; a fresh multi-MB tensor per
+    layer and chunk is first touched, page by page, by the bias copy, which cost the
+    swiss-roll MLP's widest layer several times its matmul on a CPU. The weights are
+    read through a transposed view: a transposed copy of every direction (the engine's
+    former layout) cost more than it saved (idle 2-core CPU, 2026-11-30).
     """
     h = x  # (N, ...) shared by every member, then (M, N, width)
     own = False  # activations act in place only on tensors made here, never on x
-    for name, mod in model.named_children():
+    last = max(i for i, m in enumerate(model) if isinstance(m, nn.Linear))
+    for i, (name, mod) in enumerate(model.named_children()):
         if isinstance(mod, nn.Linear):
             w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
             if h.dim() == 2:  # first layer: one input batch shared by every member
                 h = h.expand(w.shape[0], *h.shape)
-            wt = w if transposed else w.transpose(1, 2)  # (M, in, out)
-            h = torch.bmm(h, wt) if b is None else torch.baddbmm(b.unsqueeze(1), h, wt)
+            wt = w.transpose(1, 2)  # (M, in, out): a view, which MKL reads as it is
+            out = None
+            if work is not None and i != last:
+                n_out = h.shape[0] * h.shape[1] * wt.shape[2]
+                buf = work[1] if h.data_ptr() == work[0].data_ptr() else work[0]
+                out = buf[:n_out].view(h.shape[0], h.shape[1], wt.shape[2])
+            if b is None:
+                h = torch.bmm(h, wt, out=out) if out is not None else torch.bmm(h, wt)
+            elif out is not None:
+                h = torch.baddbmm(b.unsqueeze(1), h, wt, out=out)
+            else:
+                h = torch.baddbmm(b.unsqueeze(1), h, wt)
             own = True
         elif isinstance(mod, nn.Flatten):
             h = h.flatten(1)
@@ -156,23 +181,24 @@ def single_forward(model: nn.Module, params: Params, x: torch.Tensor,
     return functional_call(model, (p, b), (x,)).unsqueeze(0)
 
 
-_ACT_CACHE: dict[tuple, int] = {}
+_ACT_CACHE: dict[tuple, tuple[int, int]] = {}
 
 
-def activation_elements(model: nn.Module, sample: torch.Tensor) -> int:
-    """Elements of all intermediate outputs for one model and one input point.
+def activation_elements(model: nn.Module, sample: torch.Tensor, largest: bool = False) -> int:
+    """Elements of all intermediate outputs for one model and one input point (with
+    ``largest=True``: of the largest single output).
 
     Used to size chunks: a forward pass of ``M`` members on ``N`` points keeps
-    about ``M * N * activation_elements`` floats alive.
+    about ``M * N * activation_elements`` floats alive, and one layer's working set is
+    about ``N * activation_elements(largest=True)`` floats.
     """
     key = (id(model), tuple(sample.shape[1:]))
     if key not in _ACT_CACHE:
-        total = 0
+        sizes = []
 
         def hook(_m, _i, out):
-            nonlocal total
             if isinstance(out, torch.Tensor):
-                total += out[0].numel()
+                sizes.append(out[0].numel())
 
         leaves = [m for m in model.modules() if not list(m.children())]
         handles = [m.register_forward_hook(hook) for m in leaves]
@@ -186,8 +212,8 @@ def activation_elements(model: nn.Module, sample: torch.Tensor) -> int:
         finally:
             for h in handles:
                 h.remove()
-        _ACT_CACHE[key] = max(total, 1)
-    return _ACT_CACHE[key]
+        _ACT_CACHE[key] = (max(sum(sizes), 1), max(sizes, default=1))
+    return _ACT_CACHE[key][1 if largest else 0]
 
 
 def chunked_forward(model: nn.Module, params: Params, x: torch.Tensor,

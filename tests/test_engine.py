@@ -47,6 +47,47 @@ def test_both_paths_and_tiny_memory_chunks_agree(path):
     torch.testing.assert_close(ac, ac_ref, **TOL)
 
 
+@pytest.mark.parametrize("two_d", [False, True])
+def test_mlp_workspace_over_many_point_and_input_chunks_equals_loop(monkeypatch, two_d):
+    # the MLP path writes hidden layers into two reused buffers; chunks of 3 points on
+    # all 30 inputs (and a last, smaller chunk) must not leak values between chunks
+    import minefield.engine as eng
+    model, c, d, x, y = _setup(widths=(8, 6, 7), k=7, classes=3)
+    monkeypatch.setattr(eng, "_CACHE_BYTES", 3 * 30 * 8 * 8)
+    ts = (torch.rand(7, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+          if two_d else torch.linspace(-0.5, 0.7, 7, dtype=torch.float64))
+    lo, ac = evaluate_points(model, c, d, ts, x, y, path="mlp")
+    lo_ref, ac_ref = evaluate_points_loop(model, c, d, ts, x, y)
+    torch.testing.assert_close(lo, lo_ref, **TOL)
+    torch.testing.assert_close(ac, ac_ref, **TOL)
+
+
+def test_mlp_forward_with_workspace_equals_fresh_tensors():
+    from minefield.functional import _mlp_forward, mlp_workspace
+    model, c, d, x, _ = _setup(widths=(8, 6, 7), k=4)
+    p = {k: c[k] + d[k] for k in c}
+    work = mlp_workspace(model, 4, 30, x)
+    torch.testing.assert_close(_mlp_forward(model, p, x, work=work), _mlp_forward(model, p, x),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", ["loop", "loop_cl"])
+def test_looped_paths_in_cache_sized_input_chunks_equal_loop(monkeypatch, path):
+    # on a CPU the looped paths split the inputs so that one layer's output stays
+    # cache-sized: here 4 inputs per chunk (3 equal chunks of 12), K x T points
+    import minefield.engine as eng
+    from minefield.functional import activation_elements
+    model, c, d, x, y = _setup("cnn", (4, 4), (1, 6, 6), 3, n=12, k=3)
+    big = activation_elements(model, x[:1].float(), largest=True)
+    assert big == 4 * 6 * 6  # the first convolution's output
+    monkeypatch.setattr(eng, "_LOOP_CACHE_BYTES", 5 * big * 8)
+    ts = torch.tensor([[0.0, 0.3], [0.5, -0.2], [1.0, 0.1]], dtype=torch.float64)
+    lo, ac = evaluate_points(model, c, d, ts, x, y, path=path)
+    lo_ref, ac_ref = evaluate_points_loop(model, c, d, ts, x, y)
+    torch.testing.assert_close(lo, lo_ref, **TOL)
+    torch.testing.assert_close(ac, ac_ref, **TOL)
+
+
 def test_cnn_with_vmap_path_equals_loop():
     model, c, d, x, y = _setup("cnn", (4, 4), (1, 6, 6), 3, n=12, k=3)
     assert not mlp_fast_path(model)
