@@ -84,6 +84,7 @@ def evaluation(name, model, x, y, k, repeats, dev, extra_bf16=False):
             f"{p} {s * 1e3:.2f} ms" for p, s in chosen[1].items()))
     print(f"  plain loop                      {k * n / t_loop:12.0f} input-evals/s "
           f"({k / t_loop:9.1f} points/s)")
+    print(f"  page faults per call: minefield {t['engine'][2]:.0f}, plain loop {t['loop'][2]:.0f}")
     ratio = t_loop / t_eng
     print(f"  ratio minefield / loop: {ratio:.2f}x")
     if extra_bf16:
@@ -131,6 +132,8 @@ def training(x, y, steps, stack_size, repeats, dev):
     print(f"  minefield, stack of {stack_size:<3}        {stack_size * n / t_stack:10.0f} "
           f"img/s ({stack_size * t_one / t_stack:.2f}x one model)")
     print(f"  ratio one model minefield / plain: {t_plain / t_one:.2f}x")
+    print(f"  page faults per call: minefield one {t['one'][2]:.0f}, plain {t['plain'][2]:.0f}, "
+          f"stack {t['stack'][2]:.0f}")
     return t_plain / t_one, stack_size * t_one / t_stack
 
 
