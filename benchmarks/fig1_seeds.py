@@ -34,18 +34,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1", help="good-run training seeds, comma separated")
     ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
     ap.add_argument("--root", default=None, help="run directory root (default: temporary)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a SearchConfig field over the recipe's (e.g. continue_below=0.9); "
+                         "repeatable")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     seeds = [int(s) for s in a.seeds.split(",")]
+    overrides = {k: (None if v == "none" else float(v) if "." in v or "e" in v else int(v))
+                 for k, v in (kv.split("=", 1) for kv in a.set)}
     print(f"scale {a.scale}, device {a.device}, seeds {seeds}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, search settings {overrides or 'the recipe'}")
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.root or tmp) / "runs"
         for seed in seeds:
             ctx = Context(SCALES[a.scale], root, Path(tmp) / f"figures-{seed}", a.device,
-                          False, False, None, lambda _msg: None, seed=seed)
+                          False, False, None, lambda _msg: None, seed=seed,
+                          search=overrides)
             t0 = time.perf_counter()
             sec = exp_minefield(ctx)
             wall = time.perf_counter() - t0

@@ -63,6 +63,7 @@ _SEARCH = [("every", "--every"), ("start", "--start"), ("stop", "--stop"),
            ("poison_cap", "--poison-cap"), ("beta_step", "--beta-step"),
            ("beta_max", "--beta-max"), ("adapt_from", "--adapt-from"),
            ("continue_below", "--continue-below"), ("continue_steps", "--continue-steps"),
+           ("continue_beta_step", "--continue-beta-step"),
            *_train("seed"),
            ("max_batch", "--max-batch"), ("memory_mb", "--memory-mb")]
 _EMBED = [("perplexity", "--perplexity"), ("seed", "--seed"), ("n_iter", "--n-iter"),

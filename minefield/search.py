@@ -266,6 +266,8 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
     active = torch.arange(m)
     step, opt_state = 0, None
     horizon = cfg.steps + cfg.extra_steps
+    limit = torch.ones(m, dtype=torch.float64)  # poison accuracy a continuation may reach
+    best = torch.full((m,), -1.0, dtype=torch.float64)  # train accuracy of the kept state
     while len(active) and step < horizon:
         end = min(cfg.steps if step < cfg.steps else horizon, step + cfg.compact_every)
         seg = _segment(tc, cfg, step, end)
@@ -280,9 +282,17 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
                   poison_weight=weight, eval_data=data, progress=progress,
                   desc=f"search {step}-{end}", isolated=cfg.isolate)
         done = torch.tensor([s is not None for s in res.stopped_at])
+        write = done.clone()
         if end >= cfg.steps:
-            done |= _trained_enough(cfg, res.history, end, len(active))
-        for i in (done if end < cfg.steps else torch.ones_like(done)).nonzero().flatten().tolist():
+            if end == cfg.steps:  # the schedule's end: every member's poison limit
+                limit[active] = _poison_limits(cfg, res.history, end, len(active))
+            ok = _admissible(res.history, end, limit[active])
+            done |= _trained_enough(cfg, res.history, end, len(active)) | ~ok
+            # past the schedule a member keeps its best admissible state by train accuracy
+            acc = _train_acc(res.history, end, len(active))
+            write = ok & (acc >= best[active] - 1e-12)
+            best[active] = torch.where(write, acc, best[active])
+        for i in write.nonzero().flatten().tolist():
             for k in final:
                 final[k][active[i]] = res.params[k][i]
             stopped = res.stopped_at[i]
@@ -291,6 +301,9 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
         if "opt" not in captured or end >= horizon or not len(keep):
             break
         _adapt_betas(cfg, betas, active, keep, res.history, end)
+        if end >= cfg.steps:  # continuing members trade poison weight for train accuracy
+            idx = active[keep]
+            betas[idx] = (betas[idx] - cfg.continue_beta_step).clamp(min=0.0)
         cur = {k: v.detach().clone() for k, v in select(res.params, keep).items()}
         opt_state = _slice_opt_state(captured["opt"], keep.to(next(iter(cur.values())).device),
                                      len(active))
@@ -318,6 +331,28 @@ def _trained_enough(cfg: SearchConfig, history: list[dict[str, Any]], step: int,
     acc = {r["member"]: r["train_acc"] for r in history if r["step"] == step}
     # a member missing from the last log stopped earlier (target reached)
     return torch.tensor([acc.get(i, 1.0) >= cfg.continue_below - 1e-9 for i in range(m)])
+
+
+def _poison_limits(cfg: SearchConfig, history: list[dict[str, Any]], step: int,
+                   m: int) -> torch.Tensor:
+    """``(m,)``: the untraining-set accuracy each member may reach while it continues:
+    the larger of ``cfg.poison_cap`` and its own at the schedule's end (``step``)."""
+    acc = {r["member"]: r["poison_acc"] for r in history if r["step"] == step}
+    cap = 0.0 if cfg.poison_cap is None else cfg.poison_cap
+    return torch.tensor([max(cap, acc.get(i, 0.0)) for i in range(m)], dtype=torch.float64)
+
+
+def _train_acc(history: list[dict[str, Any]], step: int, m: int) -> torch.Tensor:
+    """``(m,)`` train accuracy at ``step`` (1 for a member that stopped at its target)."""
+    acc = {r["member"]: r["train_acc"] for r in history if r["step"] == step}
+    return torch.tensor([acc.get(i, 1.0) for i in range(m)], dtype=torch.float64)
+
+
+def _admissible(history: list[dict[str, Any]], step: int, limit: torch.Tensor) -> torch.Tensor:
+    """``(m,)`` bool: members whose untraining-set accuracy at ``step`` is within ``limit``
+    (a member missing from the log stopped earlier, at its target: admissible)."""
+    acc = {r["member"]: r["poison_acc"] for r in history if r["step"] == step}
+    return torch.tensor([acc.get(i, 0.0) <= float(limit[i]) + 1e-9 for i in range(len(limit))])
 
 
 def _adapt_betas(cfg: SearchConfig, betas: torch.Tensor, active: torch.Tensor,

@@ -35,7 +35,8 @@ class SearchConfig(_Config):
     on the paper's 200): Adam 4e-3, x0.1 at steps 20,000 and 22,000, up to 24,000
     full-batch steps, ``beta=0.43``, 400 fresh poison points carrying 11% of the
     poison term; a member stops once train accuracy >= 0.97 and poison accuracy
-    <= 0.05 (few do: most run every step).
+    <= 0.05 (few do: most run every step); members below 0.9 train accuracy at the
+    end continue (below).
 
     Adaptive poison factor: every ``compact_every`` steps from ``adapt_from``
     until the first milestone, a member whose true-label accuracy on the
@@ -60,11 +61,21 @@ class SearchConfig(_Config):
 
     Continuation: a member whose train accuracy is still below ``continue_below``
     when the schedule ends keeps training, up to ``continue_steps`` more steps
-    (``None``: a quarter of ``train.steps``) over which the learning rate replays the
-    schedule's last ``continue_steps`` steps; it stops at the first ``compact_every``
-    boundary where it reaches ``continue_below`` (``None``, the default: no
-    continuation; with 0.9, Fig. 1 at small scale gave one minimum at 32.1% true-label
-    poison accuracy, over PAPER.md's 30% bound, so it is opt-in).
+    (``None``: the steps after the first milestone, 4,000 for the defaults, or a
+    quarter of ``train.steps`` without milestones) over which the learning rate
+    replays the schedule's last ``continue_steps`` steps (so it never jumps back to
+    the first learning rate, which undid the poison of every member on the spiral),
+    and its poison factor drops by ``continue_beta_step`` at every ``compact_every``
+    check. It stops at the first
+    check where it reaches ``continue_below``, or where its untraining-set accuracy
+    rises above the larger of ``poison_cap`` and its own at the schedule's end (the
+    continuation must not undo the poison); of the checks within that limit (the
+    schedule's end included) it keeps the one with the best train accuracy, so a
+    continuation never lowers a member's train accuracy nor raises its untraining-set
+    accuracy past the limit. ``continue_below=None``: no continuation. On Fig. 1 at
+    small scale (CPU) the defaults raised the median train accuracy of the good runs
+    trained with seeds 1 and 2 from 86.4% and 86.0% to 89.4% and 90.5%, within PAPER.md
+    check 8's bounds; the reference seed 0 stays at 91.7% (``docs/search.md``).
     ``isolate`` (default) computes every member on kernels shaped for one model
     (:func:`minefield.step.isolated`), so a minimum is bit-for-bit the same
     whatever ``max_batch`` or ``memory_mb`` group it with; ``isolate=False`` runs
@@ -92,8 +103,9 @@ class SearchConfig(_Config):
     beta_max: float = 0.6
     adapt_from: int = 10000
     compact_every: int = 500
-    continue_below: float | None = None
+    continue_below: float | None = 0.9
     continue_steps: int | None = None
+    continue_beta_step: float = 0.03
     max_batch: int = 256
     memory_mb: float = 1024.0
     isolate: bool = True
@@ -146,7 +158,10 @@ class SearchConfig(_Config):
         """Most steps a member below ``continue_below`` trains past ``train.steps``."""
         if self.continue_below is None:
             return 0
-        return self.train.steps // 4 if self.continue_steps is None else self.continue_steps
+        if self.continue_steps is not None:
+            return self.continue_steps
+        ms = [m for m in self.train.milestones if m < self.train.steps]
+        return self.train.steps - ms[0] if ms else self.train.steps // 4
 
     @property
     def steps(self) -> int:

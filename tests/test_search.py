@@ -33,7 +33,8 @@ def _problem(m=3, dtype=torch.float64):
 
 def _cfg(**kw):
     base = dict(steps=120, lr=0.02, milestones=(), log_every=10, compact_every=30,
-                beta=0.25, target_train=1.0, target_poison_acc=0.9, adapt_from=0)
+                beta=0.25, target_train=1.0, target_poison_acc=0.9, adapt_from=0,
+                continue_below=None)  # continuation: its own tests
     return SearchConfig.make(**(base | kw))
 
 
@@ -334,9 +335,9 @@ def test_members_below_the_floor_keep_training_the_others_stop():
     assert (cont.steps <= 180).all()
     for k in p:  # members that met the floor are untouched
         assert cont.params[k][~below].equal(base.params[k][~below])
-    # a continued member stops at the first check where it meets the floor, or at 180
-    met = cont.metrics["train_acc"] >= floor - 1e-9
-    assert ((cont.steps[below] == 180) | met[below]).all()
+    # a continued member stops where it meets the floor, or keeps its best check by
+    # train accuracy (its state at the schedule's end included)
+    assert (cont.metrics["train_acc"][below] >= acc[below] - 1e-9).all()
 
 
 def test_continuation_off_and_zero_steps_equal_the_plain_schedule():
@@ -355,7 +356,9 @@ def test_continuation_replays_the_schedules_tail():
     cfg = _cfg(milestones=(60, 100), continue_below=0.9, continue_steps=50)
     tc = cfg.train_config()
     assert cfg.extra_steps == 50 and _cfg(continue_below=0.9).extra_steps == 30  # steps // 4
-    assert _cfg().extra_steps == 0  # continuation is opt-in
+    assert _cfg(milestones=(60, 100), continue_below=0.9).extra_steps == 60  # after the first
+    assert _cfg(continue_below=None).extra_steps == 0
+    assert SearchConfig().extra_steps == 4000 and SearchConfig().continue_below == 0.9
     seg = _segment(tc, cfg, 120, 150)
     for s in range(120, 170):
         assert seg.lr_at(s) == pytest.approx(tc.lr_at(s - 50))
@@ -372,3 +375,45 @@ def test_continued_batched_search_equals_one_at_a_time():
         for k in p:
             torch.testing.assert_close(alone.params[k][0], batched.params[k][i],
                                        rtol=1e-9, atol=1e-9)
+
+
+def test_a_continuation_that_undoes_the_poison_keeps_the_last_admissible_state(monkeypatch):
+    # past the schedule, a member whose untraining-set accuracy rises above its limit
+    # stops and keeps its state from the last check where it was within the limit
+    import minefield.search as search
+
+    model, p, data = _problem(4)
+    base = search_minima(model, p, data, _cfg(stopping=StopRule.FIXED, continue_below=None))
+    real = search._admissible
+
+    def first_fails_at_150(history, step, limit):
+        ok = real(history, step, limit)
+        if step == 150:
+            ok[0] = False  # the first member still training (member 1, the one below 1.0)
+        return ok
+
+    monkeypatch.setattr(search, "_admissible", first_fails_at_150)
+    cfg = _cfg(stopping=StopRule.FIXED, continue_below=1.0, continue_steps=60,
+               compact_every=30)
+    acc = base.metrics["train_acc"]
+    assert acc[1] < 1.0 and (acc[[0, 2, 3]] == 1.0).all()
+    cont = search_minima(model, p, data, cfg)
+    assert cont.steps.tolist() == [120] * 4  # member 1 rolled back to the schedule's end
+    for k in p:
+        assert cont.params[k].equal(base.params[k])
+    monkeypatch.setattr(search, "_admissible", real)
+    free = search_minima(model, p, data, cfg)
+    assert int(free.steps[1]) > 120  # without the veto it continues
+
+
+def test_continued_members_stay_within_their_poison_limit():
+    model, p, data = _problem(4)
+    cap = 0.0  # the limit is then each member's own accuracy at the schedule's end
+    base = search_minima(model, p, data, _cfg(stopping=StopRule.FIXED, continue_below=None,
+                                              poison_cap=cap))
+    cont = search_minima(model, p, data, _cfg(stopping=StopRule.FIXED, continue_below=1.0,
+                                              continue_steps=60, poison_cap=cap))
+    assert (cont.metrics["poison_acc"] <= base.metrics["poison_acc"] + 1e-9).all()
+    # a continued member keeps its best admissible state: never below its train accuracy
+    # at the schedule's end
+    assert (cont.metrics["train_acc"] >= base.metrics["train_acc"] - 1e-9).all()

@@ -113,6 +113,7 @@ class Context:
     data_dir: str | None
     log: Callable[[str], None]
     seed: int = 0  # training seed of the good runs (0: the reference runs)
+    search: dict[str, Any] = field(default_factory=dict)  # Fig. 1 search settings over the recipe's
 
     def name(self, what: str) -> str:
         return f"repro-{self.scale.name}-{what}" + (f"-seed{self.seed}" if self.seed else "")

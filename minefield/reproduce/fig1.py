@@ -26,7 +26,8 @@ def exp_minefield(ctx: Context) -> Section:
     # The reproduction keeps the batched pass its checks and reference figures were
     # made with (fixed stacks, so same seed, same numbers); `minefield search` defaults
     # to isolated members, independent of --max-batch (README: Searches and batching).
-    scfg = SearchConfig.make(every=s.mf_every, steps=s.mf_search_steps, isolate=False)
+    scfg = SearchConfig.make(**{"every": s.mf_every, "steps": s.mf_search_steps,
+                                "isolate": False, **ctx.search})
     sec = Section("minefield", "Figure 1: bad minima along the SGD trajectory (t-SNE)",
                   runs=[cfg.name])
     ctx.log(f"  good run: {s.mf_epochs} epochs, checkpoint every epoch")
