@@ -70,10 +70,12 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"nll"
 #: one MLP layer's activations per chunk on a CPU: 1-4 MB ran the swiss-roll MLP (1024
 #: points, 200 inputs) 1.2-1.4x faster than 8 MB at 1 and 2 threads (idle, 2026-11-30)
 _CACHE_BYTES = 4 * 2**20
-#: the looped conv paths on a CPU: inputs per chunk such that the largest layer output
-#: of one point stays under this; ResNet-20 (64 KB per image) ran 1.5-1.7x faster on 32
-#: images per call than on 128, the digits CNN at 1.4 MB per call no slower than at
-#: 2.9 MB and steadier (idle 2-core CPU, 1 and 2 threads, 2026-11-30)
+#: the looped conv paths on a CPU: a layer output of one point over more than twice
+#: this is split into equal input chunks of at most this. ResNet-20 on 128 images (8 MB
+#: per layer) ran 1.1-2.3x faster in chunks of 32 images (2 MB) than whole, and 4 MB
+#: chunks page-faulted as the whole did (glibc maps and unmaps blocks above its adaptive
+#: threshold); the digits CNN (2.9 MB) ran 0.8-1.0x as fast split into halves, so it stays
+#: whole (idle 2-core CPU, 2026-11-30)
 _LOOP_CACHE_BYTES = 2 * 2**20
 
 
@@ -165,8 +167,9 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
     if looped and bn is not BNPolicy.BATCH and cache_clamped(dev):
         # one layer's output per input chunk cache-sized, the chunks equal
         big = activation_elements(model, x[:1].to(mdt), largest=True) * size
-        pts = min(pts, max(1, _LOOP_CACHE_BYTES // big))
-        pts = -(-n // -(-n // pts))
+        if big * pts > 2 * _LOOP_CACHE_BYTES:
+            pts = min(pts, max(1, _LOOP_CACHE_BYTES // big))
+            pts = -(-n // -(-n // pts))
     # a looped chunk keeps one point's activations alive; a vmapped one every point's
     act = per * pts * (0 if looped else 1)
     mem = max(1, min(n_points, int(budget // (act + 3 * n_params * size))))
