@@ -268,6 +268,7 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
     horizon = cfg.steps + cfg.extra_steps
     limit = torch.ones(m, dtype=torch.float64)  # poison accuracy a continuation may reach
     best = torch.full((m,), -1.0, dtype=torch.float64)  # train accuracy of the kept state
+    kept_betas = betas.clone()  # the poison factor each kept state was trained with
     while len(active) and step < horizon:
         end = min(cfg.steps if step < cfg.steps else horizon, step + cfg.compact_every)
         seg = _segment(tc, cfg, step, end)
@@ -297,6 +298,7 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
                 final[k][active[i]] = res.params[k][i]
             stopped = res.stopped_at[i]
             steps[active[i]] = stopped if stopped is not None else end
+            kept_betas[active[i]] = betas[active[i]]
         keep = (~done).nonzero().flatten()
         if "opt" not in captured or end >= horizon or not len(keep):
             break
@@ -310,7 +312,7 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
         active, step = active[keep], end
     with torch.no_grad():
         metrics = evaluate_members(model, final, data, isolated=cfg.isolate)
-    return SearchResult(final, steps, metrics, betas)
+    return SearchResult(final, steps, metrics, kept_betas)
 
 
 def _segment(tc: TrainConfig, cfg: SearchConfig, step: int, end: int) -> TrainConfig:

@@ -401,6 +401,7 @@ def test_a_continuation_that_undoes_the_poison_keeps_the_last_admissible_state(m
     assert cont.steps.tolist() == [120] * 4  # member 1 rolled back to the schedule's end
     for k in p:
         assert cont.params[k].equal(base.params[k])
+    assert cont.betas.equal(base.betas)  # and reports the poison factor it was trained with
     monkeypatch.setattr(search, "_admissible", real)
     free = search_minima(model, p, data, cfg)
     assert int(free.steps[1]) > 120  # without the veto it continues

@@ -87,7 +87,8 @@ _D = SearchConfig()
               help="Searches below this train accuracy at the end keep training ('none': "
                    "never).")
 @click.option("--continue-steps", type=click.IntRange(0), default=None,
-              help="Most extra steps of a continued search [default: a quarter of --steps].")
+              help="Most extra steps of a continued search [default: the steps after the "
+                   "first milestone, or a quarter of --steps without one].")
 @click.option("--continue-beta-step", type=click.FloatRange(0), default=_D.continue_beta_step,
               show_default=True,
               help="How much a continued search lowers its poison factor at each check.")
