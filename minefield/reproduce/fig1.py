@@ -44,6 +44,7 @@ def exp_minefield(ctx: Context) -> Section:
     st, gm = summ.stats, good.metrics
     betas = [r["beta"] for r in summ.rows]
     raised = sum(b > scfg.beta + 1e-9 for b in betas)
+    lowered = sum(b < scfg.beta - 1e-9 for b in betas)
     sec.numbers += [
         ("good model (final iterate): train / test", f"{pct(gm['train_acc'][0])} / "
          f"{pct(gm['test_acc'][0])}", "100% / 98.5% [P]"),
@@ -57,6 +58,10 @@ def exp_minefield(ctx: Context) -> Section:
          "2-23% [R]"),
         ("bad minima: poison factor raised by the adaptive search",
          f"{raised} of {n} (start {scfg.beta:g}, max {max(betas):.3f})", "fixed [C]"),
+        ("bad minima: poison factor lowered by continuation (members below "
+         f"{scfg.continue_below:g} train accuracy)" if scfg.continue_below is not None else
+         "bad minima: continuation", f"{lowered} of {n} (min {min(betas):.3f})"
+         if scfg.continue_below is not None else "off", "none [C]"),
         ("t-SNE perplexity", f"{ecfg.perplexity:g}", "30 [P]"),
     ]
     sec.checks += [
