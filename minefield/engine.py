@@ -77,6 +77,10 @@ _CACHE_BYTES = 4 * 2**20
 #: threshold); the digits CNN (2.9 MB) ran 0.8-1.0x as fast split into halves, so it stays
 #: whole (idle 2-core CPU, 2026-11-30)
 _LOOP_CACHE_BYTES = 2 * 2**20
+#: points built (and their logits kept) at a time on the looped paths, which run one
+#: point per call anyway: 1024 at once ran the digits CNN 5-30% slower than 16-64 at a
+#: time in 5 of 6 side-by-side rounds (idle 2-core CPU, 2026-11-30), and memory stays small
+_LOOP_POINTS = 64
 
 
 def _candidates(model: nn.Module, buffers: Params | None, path: EnginePath | str,
@@ -173,6 +177,8 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
     # a looped chunk keeps one point's activations alive; a vmapped one every point's
     act = per * pts * (0 if looped else 1)
     mem = max(1, min(n_points, int(budget // (act + 3 * n_params * size))))
+    if looped:  # one point per call: a few built at a time are enough
+        mem = min(mem, _LOOP_POINTS)
     if path == "mlp" and cache_clamped(dev):
         # keep one layer's activations cache-sized: bandwidth, not FLOPs, limits on a CPU
         width = max(m.out_features for m in model if isinstance(m, nn.Linear))

@@ -81,12 +81,13 @@ def test_looped_paths_in_cache_sized_input_chunks_equal_loop(monkeypatch, path):
     big = activation_elements(model, x[:1].float(), largest=True)
     assert big == 4 * 6 * 6  # the first convolution's output
     monkeypatch.setattr(eng, "_LOOP_CACHE_BYTES", 5 * big * 8)  # 12 > 2 x 5: split
+    monkeypatch.setattr(eng, "_LOOP_POINTS", 4)  # 6 points: chunks of 4 and 2
     ts = torch.tensor([[0.0, 0.3], [0.5, -0.2], [1.0, 0.1]], dtype=torch.float64)
     sizes, real = [], eng._looped_logits
     monkeypatch.setattr(eng, "_looped_logits", lambda m, p, xs, *a: sizes.append(len(xs)) or
                         real(m, p, xs, *a))
     lo, ac = evaluate_points(model, c, d, ts, x, y, path=path)
-    assert sizes == [4, 4, 4]
+    assert sizes == [4, 4, 4] * 2  # 3 input chunks for each of 2 point chunks
     lo_ref, ac_ref = evaluate_points_loop(model, c, d, ts, x, y)
     torch.testing.assert_close(lo, lo_ref, **TOL)
     torch.testing.assert_close(ac, ac_ref, **TOL)
