@@ -164,13 +164,14 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
     x = x.to(dtype)
     size = torch.finfo(dtype).bits // 8
     mdt = next(model.parameters()).dtype  # activation_elements runs the module itself
-    per = activation_elements(model, x[:1].to(mdt)) * size  # bytes per (point, input)
+    sample = x[:1].to(mdt)
+    per = activation_elements(model, sample) * size  # bytes per (point, input)
     budget = memory_budget_mb(dev, memory_mb) * 2**20
     pts = n if bn is BNPolicy.BATCH else max(1, min(n, int(budget // (per + 1))))
     looped = path in ("loop", "loop_cl")
     if looped and bn is not BNPolicy.BATCH and cache_clamped(dev):
         # one layer's output per input chunk cache-sized, the chunks equal
-        big = activation_elements(model, x[:1].to(mdt), largest=True) * size
+        big = activation_elements(model, sample, largest=True) * size
         if big * pts > 2 * _LOOP_CACHE_BYTES:
             pts = min(pts, max(1, _LOOP_CACHE_BYTES // big))
             pts = -(-n // -(-n // pts))

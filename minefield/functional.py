@@ -120,12 +120,8 @@ def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor,
                 n_out = h.shape[0] * h.shape[1] * wt.shape[2]
                 buf = work[1] if h.data_ptr() == work[0].data_ptr() else work[0]
                 out = buf[:n_out].view(h.shape[0], h.shape[1], wt.shape[2])
-            if b is None:
-                h = torch.bmm(h, wt, out=out) if out is not None else torch.bmm(h, wt)
-            elif out is not None:
-                h = torch.baddbmm(b.unsqueeze(1), h, wt, out=out)
-            else:
-                h = torch.baddbmm(b.unsqueeze(1), h, wt)
+            h = (torch.bmm(h, wt, out=out) if b is None
+                 else torch.baddbmm(b.unsqueeze(1), h, wt, out=out))
             own = True
         elif isinstance(mod, nn.Flatten):
             h = h.flatten(1)

@@ -290,7 +290,7 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
             ok = _admissible(res.history, end, limit[active])
             done |= _trained_enough(cfg, res.history, end, len(active)) | ~ok
             # past the schedule a member keeps its best admissible state by train accuracy
-            acc = _train_acc(res.history, end, len(active))
+            acc = _logged(res.history, end, "train_acc", len(active), 1.0)
             write = ok & (acc >= best[active] - 1e-12)
             best[active] = torch.where(write, acc, best[active])
         for i in write.nonzero().flatten().tolist():
@@ -324,37 +324,35 @@ def _segment(tc: TrainConfig, cfg: SearchConfig, step: int, end: int) -> TrainCo
     return seg.replace(milestones=tuple(s + cfg.extra_steps for s in tc.milestones))
 
 
+def _logged(history: list[dict[str, Any]], step: int, key: str, m: int,
+            missing: float) -> torch.Tensor:
+    """``(m,)`` float64: each member's ``key`` logged at ``step``; ``missing`` for a member
+    absent from that log (it stopped earlier, at its target)."""
+    acc = {r["member"]: r[key] for r in history if r["step"] == step}
+    return torch.tensor([acc.get(i, missing) for i in range(m)], dtype=torch.float64)
+
+
 def _trained_enough(cfg: SearchConfig, history: list[dict[str, Any]], step: int,
                     m: int) -> torch.Tensor:
     """``(m,)`` bool: members that need no continuation at ``step`` (train accuracy at
     least ``cfg.continue_below``, or continuation off)."""
     if cfg.continue_below is None or step >= cfg.steps + cfg.extra_steps:
         return torch.ones(m, dtype=torch.bool)
-    acc = {r["member"]: r["train_acc"] for r in history if r["step"] == step}
-    # a member missing from the last log stopped earlier (target reached)
-    return torch.tensor([acc.get(i, 1.0) >= cfg.continue_below - 1e-9 for i in range(m)])
+    return _logged(history, step, "train_acc", m, 1.0) >= cfg.continue_below - 1e-9
 
 
 def _poison_limits(cfg: SearchConfig, history: list[dict[str, Any]], step: int,
                    m: int) -> torch.Tensor:
     """``(m,)``: the untraining-set accuracy each member may reach while it continues:
     the larger of ``cfg.poison_cap`` and its own at the schedule's end (``step``)."""
-    acc = {r["member"]: r["poison_acc"] for r in history if r["step"] == step}
     cap = 0.0 if cfg.poison_cap is None else cfg.poison_cap
-    return torch.tensor([max(cap, acc.get(i, 0.0)) for i in range(m)], dtype=torch.float64)
-
-
-def _train_acc(history: list[dict[str, Any]], step: int, m: int) -> torch.Tensor:
-    """``(m,)`` train accuracy at ``step`` (1 for a member that stopped at its target)."""
-    acc = {r["member"]: r["train_acc"] for r in history if r["step"] == step}
-    return torch.tensor([acc.get(i, 1.0) for i in range(m)], dtype=torch.float64)
+    return _logged(history, step, "poison_acc", m, 0.0).clamp(min=cap)
 
 
 def _admissible(history: list[dict[str, Any]], step: int, limit: torch.Tensor) -> torch.Tensor:
     """``(m,)`` bool: members whose untraining-set accuracy at ``step`` is within ``limit``
     (a member missing from the log stopped earlier, at its target: admissible)."""
-    acc = {r["member"]: r["poison_acc"] for r in history if r["step"] == step}
-    return torch.tensor([acc.get(i, 0.0) <= float(limit[i]) + 1e-9 for i in range(len(limit))])
+    return _logged(history, step, "poison_acc", len(limit), 0.0) <= limit + 1e-9
 
 
 def _adapt_betas(cfg: SearchConfig, betas: torch.Tensor, active: torch.Tensor,
@@ -366,7 +364,7 @@ def _adapt_betas(cfg: SearchConfig, betas: torch.Tensor, active: torch.Tensor,
     """
     if cfg.poison_cap is None or not cfg.adapt_from <= step < cfg.adapt_until:
         return
-    acc = {r["member"]: r["poison_acc"] for r in history if r["step"] == step}
+    acc = _logged(history, step, "poison_acc", len(active), 0.0)
     over = [i for i in keep.tolist() if acc[i] > cfg.poison_cap + 1e-9]
     if over:
         idx = active[over]

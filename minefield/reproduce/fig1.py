@@ -59,9 +59,8 @@ def exp_minefield(ctx: Context) -> Section:
         ("bad minima: poison factor raised by the adaptive search",
          f"{raised} of {n} (start {scfg.beta:g}, max {max(betas):.3f})", "fixed [C]"),
         ("bad minima: poison factor lowered by continuation (members below "
-         f"{scfg.continue_below:g} train accuracy)" if scfg.continue_below is not None else
-         "bad minima: continuation", f"{lowered} of {n} (min {min(betas):.3f})"
-         if scfg.continue_below is not None else "off", "none [C]"),
+         f"{scfg.continue_below} train accuracy)", f"{lowered} of {n} (min {min(betas):.3f})",
+         "none [C]"),
         ("t-SNE perplexity", f"{ecfg.perplexity:g}", "30 [P]"),
     ]
     sec.checks += [
