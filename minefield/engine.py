@@ -10,7 +10,10 @@ and runs in one forward pass:
   batched matmuls directly, ``h <- act(b + h W^T)`` via ``torch.baddbmm`` over
   the stacked weights ``(m, out, in)``;
 - any other module goes through :func:`~minefield.functional.stacked_forward`
-  (``functional_call`` under ``vmap``).
+  (``functional_call`` under ``vmap``, path ``vmap``), or, for conv nets, runs one
+  point at a time on all the data (paths ``loop`` / ``loop_cl``: plain convolutions
+  instead of grouped ones); a sequential conv net then shares its first
+  convolution's unfolded input between points (:mod:`minefield.seqconv`).
 
 Points and inputs are chunked so one pass keeps about ``memory_mb`` of
 activations and point weights alive. BatchNorm follows :class:`BNPolicy`:
@@ -60,6 +63,7 @@ from .functional import (
 )
 from .loss import nll, predict
 from .options import BNPolicy, EnginePath, Precision, option
+from .seqconv import seq_conv_logits, seq_conv_path
 
 __all__ = ["BNPolicy", "LOSSES", "evaluate_points", "evaluate_combinations",
            "evaluate_points_loop", "mlp_fast_path", "precision_error"]
@@ -131,7 +135,11 @@ def _arithmetic(precision: Precision, device: torch.device):
 def _looped_logits(model: nn.Module, p: Params, x: torch.Tensor, b: Params | None,
                    channels_last: bool) -> torch.Tensor:
     """``(m, N, C)``: each point of the stack ``p`` run alone on all of ``x``, as an
-    ordinary module call (one plain convolution per layer instead of a grouped one)."""
+    ordinary module call (one plain convolution per layer instead of a grouped one);
+    a sequential conv net with its first convolution shared (:mod:`minefield.seqconv`),
+    except under autocast (its products write into a float32 buffer)."""
+    if not b and seq_conv_path(model) and not torch.is_autocast_enabled(x.device.type):
+        return seq_conv_logits(model, p, x)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     out = []
