@@ -138,8 +138,9 @@ def search_command(run: str, cfg: SearchConfig) -> str:
     special = {"beta": "concat"} if cfg.beta is None else {}
     if cfg.train.milestones == ():
         special["train.milestones"] = ""
-    words = _options(cfg, SearchConfig(), _SEARCH, special, skip={"isolate"})
-    return _join(["minefield", "search", run, *words, *([] if cfg.isolate else ["--no-isolate"])])
+    words = _options(cfg, SearchConfig(), _SEARCH, special, skip={"isolate", "continue_poison"})
+    return _join(["minefield", "search", run, *words, *([] if cfg.isolate else ["--no-isolate"]),
+                  *([] if cfg.continue_poison else ["--no-continue-poison"])])
 
 
 def embed_command(run: str, cfg: EmbedConfig, all_checkpoints: bool = False) -> str:

@@ -267,7 +267,9 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
     step, opt_state = 0, None
     horizon = cfg.steps + cfg.extra_steps
     limit = torch.ones(m, dtype=torch.float64)  # poison accuracy a continuation may reach
-    best = torch.full((m,), -1.0, dtype=torch.float64)  # train accuracy of the kept state
+    floor = torch.zeros(m, dtype=torch.float64)  # train accuracy a continuation must keep
+    dirty = torch.zeros(m, dtype=torch.bool)  # continuing to lower its poison accuracy
+    best = torch.full((m,), -2.0, dtype=torch.float64)  # score of the kept state
     kept_betas = betas.clone()  # the poison factor each kept state was trained with
     while len(active) and step < horizon:
         end = min(cfg.steps if step < cfg.steps else horizon, step + cfg.compact_every)
@@ -285,14 +287,23 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
         done = torch.tensor([s is not None for s in res.stopped_at])
         write = done.clone()
         if end >= cfg.steps:
-            if end == cfg.steps:  # the schedule's end: every member's poison limit
-                limit[active] = _poison_limits(cfg, res.history, end, len(active))
-            ok = _admissible(res.history, end, limit[active])
-            done |= _trained_enough(cfg, res.history, end, len(active)) | ~ok
-            # past the schedule a member keeps its best admissible state by train accuracy
-            acc = _logged(res.history, end, "train_acc", len(active), 1.0)
-            write = ok & (acc >= best[active] - 1e-12)
-            best[active] = torch.where(write, acc, best[active])
+            n = len(active)
+            if end == cfg.steps:  # the schedule's end: what each continuation must keep
+                limit[active] = _poison_limits(cfg, res.history, end, n)
+                floor[active], dirty[active] = _continuation_modes(cfg, res.history, end, n)
+            d = dirty[active]
+            acc = _logged(res.history, end, "train_acc", n, 1.0)
+            poison = _logged(res.history, end, "poison_acc", n, 0.0)
+            # a member keeps its best admissible check: by train accuracy within its poison
+            # limit, or (dirty) by untraining-set accuracy above its train floor
+            ok = torch.where(d, acc >= floor[active] - 1e-9,
+                             _admissible(res.history, end, limit[active]))
+            met = torch.where(d, poison <= _cap(cfg) + 1e-9,
+                              _trained_enough(cfg, res.history, end, n))
+            done |= met | ~ok | (end >= horizon)
+            score = torch.where(d, -poison, acc)
+            write = ok & (score >= best[active] - 1e-12)
+            best[active] = torch.where(write, score, best[active])
         for i in write.nonzero().flatten().tolist():
             for k in final:
                 final[k][active[i]] = res.params[k][i]
@@ -303,9 +314,12 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
         if "opt" not in captured or end >= horizon or not len(keep):
             break
         _adapt_betas(cfg, betas, active, keep, res.history, end)
-        if end >= cfg.steps:  # continuing members trade poison weight for train accuracy
+        if end >= cfg.steps:  # continuing members trade train accuracy for poison weight
             idx = active[keep]
-            betas[idx] = (betas[idx] - cfg.continue_beta_step).clamp(min=0.0)
+            up = torch.minimum(betas[idx] + cfg.continue_beta_step,
+                               torch.clamp(betas[idx], min=cfg.beta_max))
+            down = (betas[idx] - cfg.continue_beta_step).clamp(min=0.0)
+            betas[idx] = torch.where(dirty[idx], up, down)
         cur = {k: v.detach().clone() for k, v in select(res.params, keep).items()}
         opt_state = _slice_opt_state(captured["opt"], keep.to(next(iter(cur.values())).device),
                                      len(active))
@@ -341,12 +355,28 @@ def _trained_enough(cfg: SearchConfig, history: list[dict[str, Any]], step: int,
     return _logged(history, step, "train_acc", m, 1.0) >= cfg.continue_below - 1e-9
 
 
+def _cap(cfg: SearchConfig) -> float:
+    return 0.0 if cfg.poison_cap is None else cfg.poison_cap
+
+
 def _poison_limits(cfg: SearchConfig, history: list[dict[str, Any]], step: int,
                    m: int) -> torch.Tensor:
     """``(m,)``: the untraining-set accuracy each member may reach while it continues:
     the larger of ``cfg.poison_cap`` and its own at the schedule's end (``step``)."""
-    cap = 0.0 if cfg.poison_cap is None else cfg.poison_cap
-    return _logged(history, step, "poison_acc", m, 0.0).clamp(min=cap)
+    return _logged(history, step, "poison_acc", m, 0.0).clamp(min=_cap(cfg))
+
+
+def _continuation_modes(cfg: SearchConfig, history: list[dict[str, Any]], step: int,
+                        m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(floor (m,), dirty (m,) bool)`` at the schedule's end (``step``): members whose
+    untraining-set accuracy is above ``cfg.poison_cap`` (``dirty``; only with continuation,
+    a cap and ``cfg.continue_poison``) continue with a rising poison factor and must keep
+    the train accuracy ``floor``, the smaller of their own and ``cfg.continue_below``."""
+    acc = _logged(history, step, "train_acc", m, 1.0)
+    if cfg.continue_below is None or cfg.poison_cap is None or not cfg.continue_poison:
+        return acc, torch.zeros(m, dtype=torch.bool)
+    dirty = _logged(history, step, "poison_acc", m, 0.0) > cfg.poison_cap + 1e-9
+    return acc.clamp(max=cfg.continue_below), dirty
 
 
 def _admissible(history: list[dict[str, Any]], step: int, limit: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,8 @@ def test_adaptive_poison_factor_options(tmp_path, tiny):
     # checks every 500 steps: 600 steps with the cap at 0 raise each beta once
     out = r.invoke(main, root + ["search", "good", "--steps", "600", "--milestones", "",
                                  "--every", "2", "--quiet", "--poison-cap", "0",
-                                 "--adapt-from", "0", "--beta-step", "0.1", "--beta", "0.2"])
+                                 "--adapt-from", "0", "--beta-step", "0.1", "--beta", "0.2",
+                                     "--no-continue-poison"])
     assert out.exit_code == 0, out.output
     saved = json.loads((tmp_path / "good" / "search" / "search.json").read_text())
     assert [row["beta"] for row in saved["rows"]] == pytest.approx([0.3, 0.3])

@@ -329,7 +329,7 @@ def test_members_below_the_floor_keep_training_the_others_stop():
     floor = float(acc.median())  # some members below, some at or above
     assert (acc < floor).any() and (acc >= floor).any()
     cont = search_minima(model, p, data, _cfg(stopping=StopRule.FIXED, continue_below=floor,
-                                              continue_steps=60))
+                                              continue_steps=60, continue_poison=False))
     below = acc < floor - 1e-9
     assert (cont.steps[~below] == 120).all() and (cont.steps[below] > 120).all()
     assert (cont.steps <= 180).all()
@@ -394,7 +394,7 @@ def test_a_continuation_that_undoes_the_poison_keeps_the_last_admissible_state(m
 
     monkeypatch.setattr(search, "_admissible", first_fails_at_150)
     cfg = _cfg(stopping=StopRule.FIXED, continue_below=1.0, continue_steps=60,
-               compact_every=30)
+               compact_every=30, continue_poison=False)
     acc = base.metrics["train_acc"]
     assert acc[1] < 1.0 and (acc[[0, 2, 3]] == 1.0).all()
     cont = search_minima(model, p, data, cfg)
@@ -418,3 +418,30 @@ def test_continued_members_stay_within_their_poison_limit():
     # a continued member keeps its best admissible state: never below its train accuracy
     # at the schedule's end
     assert (cont.metrics["train_acc"] >= base.metrics["train_acc"] - 1e-9).all()
+
+
+def test_members_above_the_poison_cap_continue_with_more_poison_and_keep_their_floor():
+    # a member whose untraining-set accuracy is above the cap at the schedule's end
+    # continues with a rising poison factor; it keeps its check with the lowest such
+    # accuracy among those at or above its train floor, min(own, continue_below)
+    model, p, data = _problem(4)
+    cap = 0.85  # the members end at 75-93% on this problem
+    base = search_minima(model, p, data, _cfg(stopping=StopRule.FIXED, continue_below=None,
+                                              poison_cap=cap))
+    pa, acc = base.metrics["poison_acc"], base.metrics["train_acc"]
+    dirty = pa > cap + 1e-9
+    assert dirty.any() and (~dirty).any()
+    cfg = _cfg(stopping=StopRule.FIXED, continue_below=0.0, continue_steps=90, poison_cap=cap,
+               beta_max=0.9, continue_beta_step=0.2)
+    cont = search_minima(model, p, data, cfg)
+    assert (cont.steps[~dirty] == 120).all() and (cont.steps[dirty] > 120).all()
+    for k in p:  # the others (train floor 0: trained enough) are untouched
+        assert cont.params[k][~dirty].equal(base.params[k][~dirty])
+    assert (cont.metrics["poison_acc"] <= pa + 1e-9).all()
+    assert (cont.metrics["poison_acc"][dirty] < pa[dirty] - 1e-9).any()  # it helped
+    assert (cont.betas[dirty] > base.betas[dirty]).any()
+    assert (cont.betas <= 0.9 + 1e-12).all()
+    strict = search_minima(model, p, data, cfg.replace(continue_below=1.0))
+    # with the floor at each member's own train accuracy, it is never lowered
+    assert (strict.metrics["train_acc"][dirty] >= acc[dirty] - 1e-9).all()
+    assert (strict.metrics["poison_acc"] <= pa.clamp(min=cap) + 1e-9).all()

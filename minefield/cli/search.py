@@ -91,7 +91,12 @@ _D = SearchConfig()
                    "first milestone, or a quarter of --steps without one].")
 @click.option("--continue-beta-step", type=click.FloatRange(0), default=_D.continue_beta_step,
               show_default=True,
-              help="How much a continued search lowers its poison factor at each check.")
+              help="How much a continued search lowers (below --continue-below) or raises "
+                   "(above --poison-cap) its poison factor at each check.")
+@click.option("--continue-poison/--no-continue-poison", default=_D.continue_poison,
+              show_default=True,
+              help="Searches above --poison-cap at the end keep training with a rising "
+                   "poison factor (a step of --continue-beta-step up to --beta-max).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-batch", type=click.IntRange(1), default=_D.max_batch, show_default=True,
               help="Searches trained together as one stacked model.")
@@ -108,8 +113,8 @@ _D = SearchConfig()
 def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, steps, optimizer,
            lr, milestones, gamma, clip_norm, batch_size, beta, objective, extra_poison,
            extra_share, stopping, target_train, target_poison, poison_cap, beta_step, beta_max,
-           adapt_from, continue_below, continue_steps, continue_beta_step, seed, max_batch,
-           memory_mb, isolate, device, force, quiet, **ex_opts):
+           adapt_from, continue_below, continue_steps, continue_beta_step, continue_poison, seed,
+           max_batch, memory_mb, isolate, device, force, quiet, **ex_opts):
     """Search bad minima from checkpoints of RUN (paper Fig. 1); resumes if interrupted.
 
     \b
@@ -127,7 +132,8 @@ def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, s
                        target_poison_acc=target_poison, poison_cap=poison_cap,
                        beta_step=beta_step, beta_max=beta_max, adapt_from=adapt_from,
                        continue_below=continue_below, continue_steps=continue_steps,
-                       continue_beta_step=continue_beta_step, seed=seed, max_batch=max_batch,
+                       continue_beta_step=continue_beta_step,
+                       continue_poison=continue_poison, seed=seed, max_batch=max_batch,
                        memory_mb=memory_mb, isolate=isolate)
     r = open_run(ctx, run)
 
