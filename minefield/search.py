@@ -82,7 +82,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import PoisonObjective, TrainConfig
+from .config import PoisonObjective
+from .continuation import (  # noqa: F401 - _segment is tested from here
+    _adapt_betas,
+    _admissible,
+    _cap,
+    _continuation_modes,
+    _logged,
+    _poison_limits,
+    _segment,
+    _trained_enough,
+)
 from .data import Dataset
 from .evaluate import evaluate_members
 from .functional import activation_elements, is_weight
@@ -327,78 +337,6 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
     with torch.no_grad():
         metrics = evaluate_members(model, final, data, isolated=cfg.isolate)
     return SearchResult(final, steps, metrics, kept_betas)
-
-
-def _segment(tc: TrainConfig, cfg: SearchConfig, step: int, end: int) -> TrainConfig:
-    """Training config of the segment ``[step, end)``; past ``cfg.steps`` (continuation)
-    the learning rate replays the schedule's last ``cfg.extra_steps`` steps."""
-    seg = tc.replace(steps=end, checkpoint_every=end)
-    if step < cfg.steps:
-        return seg
-    return seg.replace(milestones=tuple(s + cfg.extra_steps for s in tc.milestones))
-
-
-def _logged(history: list[dict[str, Any]], step: int, key: str, m: int,
-            missing: float) -> torch.Tensor:
-    """``(m,)`` float64: each member's ``key`` logged at ``step``; ``missing`` for a member
-    absent from that log (it stopped earlier, at its target)."""
-    acc = {r["member"]: r[key] for r in history if r["step"] == step}
-    return torch.tensor([acc.get(i, missing) for i in range(m)], dtype=torch.float64)
-
-
-def _trained_enough(cfg: SearchConfig, history: list[dict[str, Any]], step: int,
-                    m: int) -> torch.Tensor:
-    """``(m,)`` bool: members that need no continuation at ``step`` (train accuracy at
-    least ``cfg.continue_below``, or continuation off)."""
-    if cfg.continue_below is None or step >= cfg.steps + cfg.extra_steps:
-        return torch.ones(m, dtype=torch.bool)
-    return _logged(history, step, "train_acc", m, 1.0) >= cfg.continue_below - 1e-9
-
-
-def _cap(cfg: SearchConfig) -> float:
-    return 0.0 if cfg.poison_cap is None else cfg.poison_cap
-
-
-def _poison_limits(cfg: SearchConfig, history: list[dict[str, Any]], step: int,
-                   m: int) -> torch.Tensor:
-    """``(m,)``: the untraining-set accuracy each member may reach while it continues:
-    the larger of ``cfg.poison_cap`` and its own at the schedule's end (``step``)."""
-    return _logged(history, step, "poison_acc", m, 0.0).clamp(min=_cap(cfg))
-
-
-def _continuation_modes(cfg: SearchConfig, history: list[dict[str, Any]], step: int,
-                        m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(floor (m,), dirty (m,) bool)`` at the schedule's end (``step``): members whose
-    untraining-set accuracy is above ``cfg.poison_cap`` (``dirty``; only with continuation,
-    a cap and ``cfg.continue_poison``) continue with a rising poison factor and must keep
-    the train accuracy ``floor``, the smaller of their own and ``cfg.continue_below``."""
-    acc = _logged(history, step, "train_acc", m, 1.0)
-    if cfg.continue_below is None or cfg.poison_cap is None or not cfg.continue_poison:
-        return acc, torch.zeros(m, dtype=torch.bool)
-    dirty = _logged(history, step, "poison_acc", m, 0.0) > cfg.poison_cap + 1e-9
-    return acc.clamp(max=cfg.continue_below), dirty
-
-
-def _admissible(history: list[dict[str, Any]], step: int, limit: torch.Tensor) -> torch.Tensor:
-    """``(m,)`` bool: members whose untraining-set accuracy at ``step`` is within ``limit``
-    (a member missing from the log stopped earlier, at its target: admissible)."""
-    return _logged(history, step, "poison_acc", len(limit), 0.0) <= limit + 1e-9
-
-
-def _adapt_betas(cfg: SearchConfig, betas: torch.Tensor, active: torch.Tensor,
-                 keep: torch.Tensor, history: list[dict[str, Any]], step: int) -> None:
-    """Raise the poison factor of members still above ``cfg.poison_cap`` at ``step``.
-
-    Only the untraining set's accuracy is looked at (never the test set), only in
-    ``[cfg.adapt_from, cfg.adapt_until)``, and by ``cfg.beta_step`` up to ``cfg.beta_max``.
-    """
-    if cfg.poison_cap is None or not cfg.adapt_from <= step < cfg.adapt_until:
-        return
-    acc = _logged(history, step, "poison_acc", len(active), 0.0)
-    over = [i for i in keep.tolist() if acc[i] > cfg.poison_cap + 1e-9]
-    if over:
-        idx = active[over]
-        betas[idx] = torch.maximum(betas[idx], (betas[idx] + cfg.beta_step).clamp(max=cfg.beta_max))
 
 
 def batch_capacity(model: nn.Module, data: Dataset, cfg: SearchConfig) -> int:

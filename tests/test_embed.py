@@ -127,7 +127,8 @@ def test_map_round_trips_through_plain_tensors():
 def test_embed_run_adds_checkpoints_without_moving_the_map(tmp_path, tiny):
     run = train_run(tiny("good"), tmp_path, progress=False).run
     other = train_run(tiny("other", seed=1), tmp_path, progress=False).run
-    fast = SearchConfig.make(every=1, steps=30, log_every=10, milestones=())
+    fast = SearchConfig.make(every=1, steps=30, log_every=10, milestones=(),
+                             continue_below=None)  # minima at step 30
     search_run(run, fast, device="cpu")
     search_run(other, fast, device="cpu")
     with pytest.raises(RunError, match="has no embedding"):
