@@ -56,7 +56,8 @@ def exp_minefield(ctx: Context) -> Section:
          f"{pct(st['test_acc_median'])}", "< 53% [P]; 22-41% [D]"),
         ("bad minima: max true-label accuracy on the poison set", pct(st["poison_acc_max"]),
          "2-23% [R]"),
-        ("bad minima: poison factor raised by the adaptive search",
+        ("bad minima: poison factor raised by the adaptive search (or by continuation, "
+         f"members above the {scfg.poison_cap} cap)",
          f"{raised} of {n} (start {scfg.beta:g}, max {max(betas):.3f})", "fixed [C]"),
         ("bad minima: poison factor lowered by continuation (members below "
          f"{scfg.continue_below} train accuracy)", f"{lowered} of {n} (min {min(betas):.3f})",
