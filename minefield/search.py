@@ -324,7 +324,7 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
         if "opt" not in captured or end >= horizon or not len(keep):
             break
         _adapt_betas(cfg, betas, active, keep, res.history, end)
-        if end >= cfg.steps:  # continuing members trade train accuracy for poison weight
+        if end >= cfg.steps:  # poison factor down for train accuracy, up (dirty) against poison
             idx = active[keep]
             up = torch.minimum(betas[idx] + cfg.continue_beta_step,
                                torch.clamp(betas[idx], min=cfg.beta_max))
