@@ -310,7 +310,7 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
                              _admissible(res.history, end, limit[active]))
             met = torch.where(d, poison <= _cap(cfg) + 1e-9,
                               _trained_enough(cfg, res.history, end, n))
-            done |= met | ~ok | (end >= horizon)
+            done |= met | ~ok
             score = torch.where(d, -poison, acc)
             write = ok & (score >= best[active] - 1e-12)
             best[active] = torch.where(write, score, best[active])
@@ -326,8 +326,8 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
         _adapt_betas(cfg, betas, active, keep, res.history, end)
         if end >= cfg.steps:  # poison factor down for train accuracy, up (dirty) against poison
             idx = active[keep]
-            up = torch.minimum(betas[idx] + cfg.continue_beta_step,
-                               torch.clamp(betas[idx], min=cfg.beta_max))
+            up = torch.maximum(betas[idx],  # as the adaptive rule: up to beta_max
+                               (betas[idx] + cfg.continue_beta_step).clamp(max=cfg.beta_max))
             down = (betas[idx] - cfg.continue_beta_step).clamp(min=0.0)
             betas[idx] = torch.where(dirty[idx], up, down)
         cur = {k: v.detach().clone() for k, v in select(res.params, keep).items()}
