@@ -10,7 +10,9 @@ medians of ``--repeats``, the compared functions timed in turn within each repea
 1. evaluation, loss at K perturbed points ``theta + t d``: the swiss-roll MLP (200
    inputs), the small CNN on digits, ResNet-20 on 32x32 images;
 2. training ResNet-20 with SGD: one model (``train_step`` on a stack of one) vs
-   ``nn.Module`` + ``torch.optim``, and a stack of ``--stack`` models vs one.
+   ``nn.Module`` + ``torch.optim`` (NCHW, the idiomatic loop; and the same loop in
+   channels-last, the layout a one-model conv net trains in on a CPU), and a stack
+   of ``--stack`` models vs one.
 
 The probe's one-time cost (the first call of a shape) is printed separately.
 
@@ -121,14 +123,19 @@ def training(x, y, steps, stack_size, repeats, dev):
         return run
 
     net = plain_net(model, _centre(model, dev))
+    net_cl = plain_net(model, _centre(model, dev)).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
     t = side_by_side({"one": minefield_steps(1),
                       "plain": lambda: train_steps(net, x, y, steps, 0.01),
+                      "plain_cl": lambda: train_steps(net_cl, x_cl, y, steps, 0.01),
                       "stack": minefield_steps(stack_size)}, repeats, dev)
     t_one, t_plain, t_stack = t["one"][0], t["plain"][0], t["stack"][0]
     n = len(y) * steps
     print(f"\n[ResNet-20 training] SGD momentum 0.9, batch {len(y)}, {steps} steps")
     print(f"  minefield, one model          {n / t_one:10.0f} img/s")
     print(f"  nn.Module + torch.optim       {n / t_plain:10.0f} img/s")
+    print(f"  the same, channels-last       {n / t['plain_cl'][0]:10.0f} img/s "
+          f"(minefield / it: {t['plain_cl'][0] / t_one:.2f}x)")
     print(f"  minefield, stack of {stack_size:<3}        {stack_size * n / t_stack:10.0f} "
           f"img/s ({stack_size * t_one / t_stack:.2f}x one model)")
     print(f"  ratio one model minefield / plain: {t_plain / t_one:.2f}x")
@@ -145,7 +152,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=None,
                     help="ResNet-20 images (default 128 on cpu, 8192 on cuda)")
     ap.add_argument("--batch", type=int, default=None, help="training batch (32 cpu, 256 cuda)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (4 cpu, 50 cuda)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (10 cpu, 50 cuda)")
     ap.add_argument("--stack", type=int, default=8)
     ap.add_argument("--digit-points", type=int, default=1024)
     ap.add_argument("--skip-training", action="store_true")
@@ -171,7 +178,7 @@ def main() -> None:
                                        extra_bf16=cuda)
     if not args.skip_training:
         b = args.batch or (256 if cuda else 32)
-        one, st = training(x[:b], y[:b], args.steps or (50 if cuda else 4), args.stack,
+        one, st = training(x[:b], y[:b], args.steps or (50 if cuda else 10), args.stack,
                            args.repeats, dev)
         out["ResNet-20 train, one model"] = one
         out[f"ResNet-20 train, stack of {args.stack} vs one (throughput)"] = st

@@ -17,7 +17,13 @@ from minefield.engine import (
     evaluate_points_loop,
     precision_error,
 )
-from minefield.functional import buffers_like, single_forward, stack, stacked_forward
+from minefield.functional import (
+    buffers_like,
+    channels_last_input,
+    single_forward,
+    stack,
+    stacked_forward,
+)
 from minefield.models import build_model, init_params
 from minefield.train import fit
 
@@ -152,6 +158,27 @@ def test_single_forward_equals_vmap_with_batchnorm_updates():
     torch.testing.assert_close(got, ref, **TOL)
     for k in b1:
         torch.testing.assert_close(b1[k], b2[k], **TOL)
+
+
+def test_single_forward_takes_cpu_conv_images_channels_last():
+    """The layout rule of :func:`channels_last_input`, and the gradient through the
+    channels-last input equal to the vmap path's (NCHW) in float64."""
+    cnn, c, _, x, _ = _conv()  # no BatchNorm
+    resnet = _conv("resnet20", (2, 4, 4), (3, 8, 8), 10, n=6)[0]
+    mlp = build_model(ModelConfig(widths=(4,)), (2,), 2)
+    assert channels_last_input(cnn, x) and channels_last_input(resnet, x)
+    with torch.no_grad():  # evaluation: only a net with BatchNorm (the engine's rule)
+        assert channels_last_input(resnet, x) and not channels_last_input(cnn, x)
+    assert not channels_last_input(mlp, torch.zeros(3, 2))
+    assert not channels_last_input(cnn, x.flatten(1))
+    leaves = [{k: v.clone().requires_grad_() for k, v in c.items()} for _ in range(2)]
+    got = single_forward(cnn, leaves[0], x)
+    ref = stacked_forward(cnn, leaves[1], x, path="vmap")
+    torch.testing.assert_close(got, ref, **TOL)
+    got.pow(2).sum().backward()
+    ref.pow(2).sum().backward()
+    for k in c:
+        torch.testing.assert_close(leaves[0][k].grad, leaves[1][k].grad, **TOL)
 
 
 def _plain_training(model, theta, x, y, cfg, steps):
