@@ -100,6 +100,4 @@ def _adapt_betas(cfg: SearchConfig, betas: torch.Tensor, active: torch.Tensor,
     over = [i for i in keep.tolist() if acc[i] > cfg.poison_cap + 1e-9]
     if over:
         idx = active[over]
-        excess = (acc[over] - cfg.poison_cap).to(betas.dtype)
-        step = (cfg.beta_gain * excess).clamp(min=cfg.beta_step)
-        betas[idx] = torch.maximum(betas[idx], (betas[idx] + step).clamp(max=cfg.beta_max))
+        betas[idx] = torch.maximum(betas[idx], (betas[idx] + cfg.beta_step).clamp(max=cfg.beta_max))

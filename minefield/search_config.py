@@ -106,7 +106,6 @@ class SearchConfig(_Config):
     target_poison_acc: float = 0.05
     poison_cap: float | None = 0.22
     beta_step: float = 0.005
-    beta_gain: float = 0.0
     beta_max: float = 0.6
     adapt_from: int = 10000
     compact_every: int = 500
@@ -220,7 +219,7 @@ def _check_search(cfg: SearchConfig) -> None:
     from . import validate as v
 
     v.positive("search.memory_mb", cfg.memory_mb)
-    for k in ("jitter", "beta_step", "beta_gain"):
+    for k in ("jitter", "beta_step"):
         v.non_negative(f"search.{k}", getattr(cfg, k))
     for k in ("target_train", "target_poison_acc"):
         v.in_unit(f"search.{k}", getattr(cfg, k))

@@ -66,8 +66,8 @@ def test_train_command_round_trips(cfg, monkeypatch):
                  optimizer="rmsprop", lr=0.01, milestones=(), gamma=0.5, clip_norm=1.0,
                  batch_size=16, beta=None, objective="complement", extra_poison=7,
                  extra_share=0.2, stopping="fixed", target_train=0.9, target_poison_acc=0.1,
-                 poison_cap=None, beta_step=0.01, beta_gain=0.3, beta_max=0.5, adapt_from=10,
-                 seed=4, max_batch=8, memory_mb=64.0, isolate=False),
+                 poison_cap=None, beta_step=0.01, beta_max=0.5, adapt_from=10, seed=4,
+                 max_batch=8, memory_mb=64.0, isolate=False),
     SearchConfig.make(checkpoints=(4, 8), poison_cap=0.3),
 ])
 def test_search_command_round_trips(cfg, monkeypatch, tmp_path):

@@ -142,7 +142,6 @@ def test_seed_count_must_match():
     (dict(start=-1), "must be >= 0"),
     (dict(beta=1.0), r"search.beta must be in \[0, 1\)"),
     (dict(jitter=-0.1), "search.jitter must be >= 0"),
-    (dict(beta_gain=-0.1), "search.beta_gain must be a finite number >= 0"),
     (dict(repeats=2), "needs jitter > 0"),
     (dict(memory_mb=0.0), "search.memory_mb must be > 0"),
     (dict(extra_poison=10, extra_share=0.0), "need a share of the poison term"),
@@ -446,27 +445,3 @@ def test_members_above_the_poison_cap_continue_with_more_poison_and_keep_their_f
     # with the floor at each member's own train accuracy, it is never lowered
     assert (strict.metrics["train_acc"][dirty] >= acc[dirty] - 1e-9).all()
     assert (strict.metrics["poison_acc"] <= pa.clamp(min=cap) + 1e-9).all()
-
-
-def test_adaptive_factor_rises_in_proportion_to_the_excess():
-    """beta <- min(beta + max(beta_step, beta_gain * (acc - cap)), beta_max) above the cap;
-    members at or below the cap, or not kept, are left alone."""
-    from minefield.continuation import _adapt_betas
-
-    cfg = _cfg(poison_cap=0.2, beta_step=0.005, beta_gain=0.25, beta_max=0.6,
-               milestones=(100,))
-    accs = [0.1, 0.2, 0.21, 0.5, 0.9, 0.9]
-    history = [{"step": 30, "member": i, "poison_acc": a} for i, a in enumerate(accs)]
-    betas = torch.full((7,), 0.43, dtype=torch.float64)
-    active = torch.tensor([0, 1, 2, 3, 4, 5])  # stack row 6 is no longer active
-    _adapt_betas(cfg, betas, active, torch.tensor([0, 1, 2, 3, 4]), history, 30)
-    want = [0.43, 0.43, 0.435, 0.43 + 0.25 * 0.3, 0.6, 0.43, 0.43]
-    torch.testing.assert_close(betas, torch.tensor(want, dtype=torch.float64),
-                               rtol=0, atol=1e-12)
-    plain = torch.full((7,), 0.43, dtype=torch.float64)
-    _adapt_betas(_cfg(poison_cap=0.2, beta_step=0.005, milestones=(100,)), plain, active,
-                 torch.tensor([0, 1, 2, 3, 4]), history, 30)
-    torch.testing.assert_close(plain, torch.tensor([0.43, 0.43] + [0.435] * 3 + [0.43] * 2,
-                                                   dtype=torch.float64), rtol=0, atol=1e-12)
-    _adapt_betas(cfg, betas, active, torch.tensor([3]), history, 100)  # the first milestone
-    assert betas[3] == pytest.approx(0.505)

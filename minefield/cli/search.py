@@ -77,10 +77,7 @@ _D = SearchConfig()
                    "is above this, every 500 steps from --adapt-from to the first milestone "
                    "('none': one fixed poison factor).")
 @click.option("--beta-step", type=click.FloatRange(0), default=_D.beta_step, show_default=True,
-              help="How much --poison-cap raises the poison factor each time (at least).")
-@click.option("--beta-gain", type=click.FloatRange(0), default=_D.beta_gain, show_default=True,
-              help="--poison-cap raises the poison factor by this times the excess of the "
-                   "poison accuracy over the cap, when that is more than --beta-step.")
+              help="How much --poison-cap raises the poison factor each time.")
 @click.option("--beta-max", type=click.FloatRange(0, 1, max_open=True), default=_D.beta_max,
               show_default=True, help="The highest poison factor --poison-cap may raise to.")
 @click.option("--adapt-from", type=click.IntRange(0), default=_D.adapt_from, show_default=True,
@@ -115,9 +112,9 @@ _D = SearchConfig()
 @friendly
 def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, steps, optimizer,
            lr, milestones, gamma, clip_norm, batch_size, beta, objective, extra_poison,
-           extra_share, stopping, target_train, target_poison, poison_cap, beta_step, beta_gain,
-           beta_max, adapt_from, continue_below, continue_steps, continue_beta_step,
-           continue_poison, seed, max_batch, memory_mb, isolate, device, force, quiet, **ex_opts):
+           extra_share, stopping, target_train, target_poison, poison_cap, beta_step, beta_max,
+           adapt_from, continue_below, continue_steps, continue_beta_step, continue_poison, seed,
+           max_batch, memory_mb, isolate, device, force, quiet, **ex_opts):
     """Search bad minima from checkpoints of RUN (paper Fig. 1); resumes if interrupted.
 
     \b
@@ -133,8 +130,7 @@ def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, s
                        extra_poison=extra_poison, extra_share=extra_share,
                        stopping=StopRule(stopping), target_train=target_train,
                        target_poison_acc=target_poison, poison_cap=poison_cap,
-                       beta_step=beta_step, beta_gain=beta_gain, beta_max=beta_max,
-                       adapt_from=adapt_from,
+                       beta_step=beta_step, beta_max=beta_max, adapt_from=adapt_from,
                        continue_below=continue_below, continue_steps=continue_steps,
                        continue_beta_step=continue_beta_step,
                        continue_poison=continue_poison, seed=seed, max_batch=max_batch,
