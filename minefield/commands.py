@@ -63,8 +63,8 @@ _SEARCH = [("every", "--every"), ("start", "--start"), ("stop", "--stop"),
            ("poison_cap", "--poison-cap"), ("beta_step", "--beta-step"),
            ("beta_max", "--beta-max"), ("adapt_from", "--adapt-from"),
            ("continue_below", "--continue-below"), ("continue_steps", "--continue-steps"),
-           ("continue_beta_step", "--continue-beta-step"),
-           *_train("seed"),
+           ("continue_beta_step", "--continue-beta-step"), ("retries", "--retries"),
+           ("retry_jitter", "--retry-jitter"), *_train("seed"),
            ("max_batch", "--max-batch"), ("memory_mb", "--memory-mb")]
 _EMBED = [("perplexity", "--perplexity"), ("seed", "--seed"), ("n_iter", "--n-iter"),
           ("pca_dims", "--pca-dims")]

@@ -16,7 +16,11 @@ untraining-set accuracy, never the test set) and applies these rules
   (:func:`_poison_limits`, :func:`_admissible`); a member still above ``poison_cap``
   (``dirty``, :func:`_continuation_modes`) raises its ``beta`` instead and keeps its
   check with the lowest untraining-set accuracy among those with train accuracy at
-  least ``min(its own at the end, continue_below)``.
+  least ``min(its own at the end, continue_below)``;
+- **retries** after the last check (:func:`_failed`, :func:`_better`): a member still
+  above ``poison_cap`` is searched again from its start moved by ``retry_jitter``
+  (seeded by :func:`retry_seed`), and the attempt with the least untraining-set
+  accuracy above the cap, then the best train accuracy, is kept.
 
 All functions take and return ``(m,)`` tensors over the active members.
 """
@@ -101,3 +105,26 @@ def _adapt_betas(cfg: SearchConfig, betas: torch.Tensor, active: torch.Tensor,
     if over:
         idx = active[over]
         betas[idx] = torch.maximum(betas[idx], (betas[idx] + cfg.beta_step).clamp(max=cfg.beta_max))
+
+
+def retry_seed(seed: int, attempt: int) -> int:
+    """The seed of a search's ``attempt``-th retry (its own, whatever the stack)."""
+    return (seed * 1_000_033 + 7_919 * attempt) % (2**63 - 1)
+
+
+def _failed(cfg: SearchConfig, metrics: dict[str, torch.Tensor]) -> list[int]:
+    """Members whose untraining-set accuracy is still above ``cfg.poison_cap`` at the end
+    (none without a cap)."""
+    if cfg.poison_cap is None:
+        return []
+    return (metrics["poison_acc"] > cfg.poison_cap + 1e-9).nonzero().flatten().tolist()
+
+
+def _better(cfg: SearchConfig, old: dict[str, torch.Tensor],
+            new: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(m,)`` bool: attempts ``new`` better than ``old``: less untraining-set accuracy
+    above the cap, or as little and more train accuracy."""
+    over_old = (old["poison_acc"] - _cap(cfg)).clamp(min=0)
+    over_new = (new["poison_acc"] - _cap(cfg)).clamp(min=0)
+    tie = (over_new - over_old).abs() <= 1e-12
+    return (over_new < over_old - 1e-12) | (tie & (new["train_acc"] > old["train_acc"] + 1e-12))

@@ -86,12 +86,15 @@ from .config import PoisonObjective
 from .continuation import (  # noqa: F401 - _segment is tested from here
     _adapt_betas,
     _admissible,
+    _better,
     _cap,
     _continuation_modes,
+    _failed,
     _logged,
     _poison_limits,
     _segment,
     _trained_enough,
+    retry_seed,
 )
 from .data import Dataset
 from .evaluate import evaluate_members
@@ -176,12 +179,14 @@ def _jittered(starts: Params, seeds: Sequence[int], jitter: float) -> Params:
 @dataclass
 class SearchResult:
     """Bad minima of one batch: ``params (M, ...)``, steps trained ``(M,)``, metrics
-    ``(M,)`` and the poison factor each member ended with ``(M,)``."""
+    ``(M,)``, the poison factor each member ended with ``(M,)`` and the attempt kept
+    ``(M,)`` (0: the first; see ``SearchConfig.retries``)."""
 
     params: Params
     steps: torch.Tensor
     metrics: dict[str, torch.Tensor]
     betas: torch.Tensor
+    attempts: torch.Tensor
 
 
 def _stop_fn(cfg: SearchConfig) -> Callable[[dict[str, torch.Tensor]], torch.Tensor] | None:
@@ -245,8 +250,9 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
     the next multiple of ``cfg.compact_every``) once they meet the targets;
     ``steps[i]`` is the step at which member i stopped, or ``cfg.steps``.
     ``extra`` are fresh poison points (see :func:`poison_set`; ``search_run``
-    draws ``cfg.n_extra(dataset)`` of them). Stopping targets and the returned metrics are always
-    measured on ``data``'s own train / test / poison splits.
+    draws ``cfg.n_extra(dataset)`` of them). Members still above ``cfg.poison_cap`` at
+    the end are searched again (``cfg.retries``). Stopping targets and the returned
+    metrics are always measured on ``data``'s own train / test / poison splits.
 
     Example::
 
@@ -264,12 +270,35 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
     seeds = list(seeds) if seeds is not None else list(range(m))
     if len(seeds) != m:
         raise ValueError(f"{len(seeds)} seeds for {m} searches")
+    res = _search_stack(model, _jittered(starts, seeds, cfg.jitter), data, cfg, extra, progress)
+    for attempt in range(1, cfg.retries + 1):
+        failed = _failed(cfg, res.metrics)
+        if not failed:
+            break
+        again = _search_stack(model, _jittered(
+            select(starts, failed), [retry_seed(seeds[i], attempt) for i in failed],
+            max(cfg.jitter, cfg.retry_jitter)), data, cfg, extra, progress)
+        won = _better(cfg, {k: v[failed] for k, v in res.metrics.items()}, again.metrics)
+        for j in won.nonzero().flatten().tolist():
+            i = failed[j]
+            for field in ("params", "metrics"):
+                for k, v in getattr(res, field).items():
+                    v[i] = getattr(again, field)[k][j]
+            res.steps[i], res.betas[i], res.attempts[i] = again.steps[j], again.betas[j], attempt
+    return res
+
+
+def _search_stack(model: nn.Module, cur: Params, data: Dataset, cfg: SearchConfig,
+                  extra: tuple[torch.Tensor, torch.Tensor] | None, progress: bool
+                  ) -> SearchResult:
+    """One attempt of :func:`search_minima` for every member of ``cur`` (the starts, moved
+    already), in one stack."""
+    m = n_members(cur)
     beta = effective_beta(cfg.beta, data)
     flip = cfg.objective is PoisonObjective.FLIP
     tc = cfg.train_config()
     stop_fn = _stop_fn(cfg)
     train_data, weight = poison_set(data, cfg, extra)
-    cur = _jittered(starts, seeds, cfg.jitter)
     final = {k: v.detach().clone() for k, v in cur.items()}
     steps = torch.full((m,), cfg.steps, dtype=torch.long)
     betas = torch.full((m,), beta, dtype=torch.float64)
@@ -336,7 +365,7 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
         active, step = active[keep], end
     with torch.no_grad():
         metrics = evaluate_members(model, final, data, isolated=cfg.isolate)
-    return SearchResult(final, steps, metrics, kept_betas)
+    return SearchResult(final, steps, metrics, kept_betas, torch.zeros(m, dtype=torch.long))
 
 
 def batch_capacity(model: nn.Module, data: Dataset, cfg: SearchConfig) -> int:

@@ -34,7 +34,7 @@ def _problem(m=3, dtype=torch.float64):
 def _cfg(**kw):
     base = dict(steps=120, lr=0.02, milestones=(), log_every=10, compact_every=30,
                 beta=0.25, target_train=1.0, target_poison_acc=0.9, adapt_from=0,
-                continue_below=None)  # continuation: its own tests
+                continue_below=None, retries=0)  # continuation, retries: their own tests
     return SearchConfig.make(**(base | kw))
 
 
@@ -445,3 +445,50 @@ def test_members_above_the_poison_cap_continue_with_more_poison_and_keep_their_f
     # with the floor at each member's own train accuracy, it is never lowered
     assert (strict.metrics["train_acc"][dirty] >= acc[dirty] - 1e-9).all()
     assert (strict.metrics["poison_acc"] <= pa.clamp(min=cap) + 1e-9).all()
+
+
+def test_a_retry_is_the_search_alone_from_a_moved_start_and_the_better_attempt_is_kept():
+    """Oracle: each failed member's retry equals its search alone (a stack of one) from
+    ``start + retry_jitter * d`` with ``d`` drawn from :func:`retry_seed`; the kept
+    attempt has the least untraining-set accuracy above the cap, then the best train
+    accuracy; members within the cap are untouched."""
+    from minefield.continuation import retry_seed
+
+    model, p, data = _problem(6)
+    cfg = _cfg(stopping=StopRule.FIXED, poison_cap=0.8, beta_step=0.0, retry_jitter=0.3)
+    base = search_minima(model, p, data, cfg)
+    res = search_minima(model, p, data, dataclasses.replace(cfg, retries=1))
+    over = base.metrics["poison_acc"] > 0.8
+    assert over.any() and (~over).any()
+    assert (res.attempts[~over] == 0).all()
+    for k in p:
+        assert res.params[k][~over].equal(base.params[k][~over])
+    kept = 0
+    for i in over.nonzero().flatten().tolist():
+        alone = search_minima(model, stack([member(p, i)]), data,
+                              dataclasses.replace(cfg, jitter=0.3), [retry_seed(i, 1)])
+        a, b = float(base.metrics["poison_acc"][i]), float(alone.metrics["poison_acc"][0])
+        won = b < a or (b == a and alone.metrics["train_acc"][0] > base.metrics["train_acc"][i])
+        want = alone if won else base
+        j = 0 if won else i
+        kept += won
+        assert int(res.attempts[i]) == int(won)
+        assert int(res.steps[i]) == int(want.steps[j])
+        assert float(res.betas[i]) == float(want.betas[j])
+        for k in p:
+            torch.testing.assert_close(res.params[k][i], want.params[k][j], rtol=1e-9,
+                                       atol=1e-9)
+        for k in res.metrics:
+            assert float(res.metrics[k][i]) == pytest.approx(float(want.metrics[k][j]))
+    assert kept >= 1
+    two = search_minima(model, p, data, dataclasses.replace(cfg, retries=2))
+    assert (two.metrics["poison_acc"] <= res.metrics["poison_acc"] + 1e-12).all()
+    assert int(two.attempts.max()) <= 2
+
+
+def test_retries_need_a_moved_start():
+    with pytest.raises(ConfigError, match="retry_jitter > 0"):
+        _cfg(retries=1, retry_jitter=0.0, poison_cap=0.2)
+    with pytest.raises(ConfigError, match="search.retries must be an integer >= 0"):
+        _cfg(retries=-1)
+    assert _cfg(retries=1, retry_jitter=0.0, poison_cap=None).retries == 1  # nothing to retry

@@ -97,6 +97,12 @@ _D = SearchConfig()
               show_default=True,
               help="Searches above --poison-cap at the end keep training with a rising "
                    "poison factor (a step of --continue-beta-step up to --beta-max).")
+@click.option("--retries", type=click.IntRange(0), default=_D.retries, show_default=True,
+              help="Searches still above --poison-cap at the end are searched again, this "
+                   "many times at most, from their start moved by --retry-jitter.")
+@click.option("--retry-jitter", type=click.FloatRange(0), default=_D.retry_jitter,
+              show_default=True,
+              help="How far a retry's start moves (filter-normalised units).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-batch", type=click.IntRange(1), default=_D.max_batch, show_default=True,
               help="Searches trained together as one stacked model.")
@@ -113,8 +119,9 @@ _D = SearchConfig()
 def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, steps, optimizer,
            lr, milestones, gamma, clip_norm, batch_size, beta, objective, extra_poison,
            extra_share, stopping, target_train, target_poison, poison_cap, beta_step, beta_max,
-           adapt_from, continue_below, continue_steps, continue_beta_step, continue_poison, seed,
-           max_batch, memory_mb, isolate, device, force, quiet, **ex_opts):
+           adapt_from, continue_below, continue_steps, continue_beta_step, continue_poison,
+           retries, retry_jitter, seed, max_batch, memory_mb, isolate, device, force, quiet,
+           **ex_opts):
     """Search bad minima from checkpoints of RUN (paper Fig. 1); resumes if interrupted.
 
     \b
@@ -133,7 +140,8 @@ def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, s
                        beta_step=beta_step, beta_max=beta_max, adapt_from=adapt_from,
                        continue_below=continue_below, continue_steps=continue_steps,
                        continue_beta_step=continue_beta_step,
-                       continue_poison=continue_poison, seed=seed, max_batch=max_batch,
+                       continue_poison=continue_poison, retries=retries,
+                       retry_jitter=retry_jitter, seed=seed, max_batch=max_batch,
                        memory_mb=memory_mb, isolate=isolate)
     r = open_run(ctx, run)
 

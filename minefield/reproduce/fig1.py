@@ -45,6 +45,7 @@ def exp_minefield(ctx: Context) -> Section:
     betas = [r["beta"] for r in summ.rows]
     raised = sum(b > scfg.beta + 1e-9 for b in betas)
     lowered = sum(b < scfg.beta - 1e-9 for b in betas)
+    retried = sum(r.get("attempt", 0) > 0 for r in summ.rows)  # rows from before retries
     sec.numbers += [
         ("good model (final iterate): train / test", f"{pct(gm['train_acc'][0])} / "
          f"{pct(gm['test_acc'][0])}", "100% / 98.5% [P]"),
@@ -62,6 +63,8 @@ def exp_minefield(ctx: Context) -> Section:
         ("bad minima: poison factor lowered by continuation (members below "
          f"{scfg.continue_below} train accuracy)", f"{lowered} of {n} (min {min(betas):.3f})",
          "none [C]"),
+        (f"bad minima kept from a retry (searches above the {scfg.poison_cap} cap at the "
+         "end, searched again from a moved start)", f"{retried} of {n}", "none [C]"),
         ("t-SNE perplexity", f"{ecfg.perplexity:g}", "30 [P]"),
     ]
     sec.checks += [

@@ -106,6 +106,7 @@ def search_task(spec: dict[str, Any]) -> dict[str, Any]:
     d_final = distances(res.params, final, isolated=cfg.isolate)
     rows = [{"start_checkpoint": name, "start_step": s, "repeat": r, "seed": seeds[i],
              "steps": int(res.steps[i]), "beta": float(res.betas[i]),
+             "attempt": int(res.attempts[i]),
              **{k: float(v[i]) for k, v in res.metrics.items()},
              "dist_start_l2": float(d_start["l2"][i]),
              "dist_start_filter": float(d_start["filter"][i]),
