@@ -213,7 +213,7 @@ def test_search_run_writes_resumes_and_never_redoes(good_run):
     assert good_run.exists("search/search.csv") and good_run.exists("search/search.json")
     row = s.rows[0]
     assert {"start_step", "train_acc", "test_acc", "poison_acc", "dist_start_filter",
-            "dist_final_l2"} <= set(row)
+            "dist_final_l2", "attempt"} <= set(row)
     ck = good_run.load_checkpoint(minima[0])
     assert ck.meta["kind"] == "bad_minimum" and ck.meta["search"] == cfg.to_dict()
     with pytest.raises(RunError, match="holds results for other settings"):
