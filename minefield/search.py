@@ -279,12 +279,12 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
             select(starts, failed), [retry_seed(seeds[i], attempt) for i in failed],
             max(cfg.jitter, cfg.retry_jitter)), data, cfg, extra, progress)
         won = _better(cfg, {k: v[failed] for k, v in res.metrics.items()}, again.metrics)
-        for j in won.nonzero().flatten().tolist():
-            i = failed[j]
-            for field in ("params", "metrics"):
-                for k, v in getattr(res, field).items():
-                    v[i] = getattr(again, field)[k][j]
-            res.steps[i], res.betas[i], res.attempts[i] = again.steps[j], again.betas[j], attempt
+        idx = [i for i, w in zip(failed, won.tolist()) if w]  # members whose retry won
+        for mine, theirs in ((res.params, again.params), (res.metrics, again.metrics)):
+            for k, v in mine.items():
+                v[idx] = theirs[k][won.to(theirs[k].device)]
+        res.steps[idx], res.betas[idx] = again.steps[won.cpu()], again.betas[won.cpu()]
+        res.attempts[idx] = attempt
     return res
 
 
