@@ -176,6 +176,8 @@ def main():
     ap.add_argument("--memory-mb", type=float, default=None,
                     help="engine budget (default: the device's, see minefield.autotune)")
     ap.add_argument("--swiss-points", type=int, default=1024)
+    ap.add_argument("--wide-inputs", type=int, default=10_000,
+                    help="data size of the wide MLP case")
     ap.add_argument("--skip-volume", action="store_true")
     args = ap.parse_args()
     global DEVICE
@@ -184,7 +186,7 @@ def main():
     print(f"matmul peak (2048^2 torch.mm): {peak:.1f} GFLOP/s")
     s1, _ = bench_engine("swiss roll", [23, 16, 26, 32, 28, 31], 200, args.swiss_points, 128,
                          args.repeats, peak, args.memory_mb)
-    s2, f2 = bench_engine("wide", [512, 512, 512], 10_000, 32, 8, args.repeats, peak,
+    s2, f2 = bench_engine("wide", [512, 512, 512], args.wide_inputs, 32, 8, args.repeats, peak,
                           args.memory_mb)
     sv = None if args.skip_volume else bench_volume(args.directions, args.repeats,
                                                      args.memory_mb)

@@ -10,7 +10,7 @@ each seed, searches its checkpoints, and prints the checks and the wall time of 
     python benchmarks/fig1_seeds.py --scale tiny --device cpu --seeds 1 --threads 2
 
 Runs go to ``--root`` (default a temporary directory, removed afterwards); the figures
-to a temporary directory. Exit status 1 if a check fails.
+to a temporary directory. Exit status 3 if a check fails (1 is an error).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{c.measured}")
             print(f"seed {seed}: end to end {wall:.1f} s (search {sec.data['search_seconds']:.1f}"
                   f" s)")
-    return 0 if ok else 1
+    return 0 if ok else 3
 
 
 if __name__ == "__main__":
