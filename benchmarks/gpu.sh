@@ -37,6 +37,8 @@ else
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
   nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=csv || true
 fi
+"$PY" -c "import openTSNE" 2>/dev/null ||
+  echo "!! openTSNE is not importable: the Fig. 1 step will fail at its embedding (carry the wheel, see above)"
 declare -a NAMES=() RCS=() SECS=()
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name=$1 limit=$2; shift 2
