@@ -245,6 +245,26 @@ def _run(model: nn.Module, n_points: int, dtype: torch.dtype, make: Callable[[sl
     return evaluate(path)
 
 
+def _check_points(center: Params, directions: Params, x: torch.Tensor, y: torch.Tensor,
+                  what: str = "directions") -> int:
+    """The common count ``K`` of ``directions`` ``{name: (K, ...)}``, after checking they
+    cover exactly the centre's tensors with its shapes and that ``x`` and ``y`` pair up
+    (``torch.addcmul`` and slicing would otherwise broadcast or truncate silently)."""
+    check_single(center, "the centre")
+    if set(directions) != set(center):
+        raise ValueError(f"{what} must have one tensor per parameter of the centre; missing "
+                         f"{sorted(set(center) - set(directions))}, unknown "
+                         f"{sorted(set(directions) - set(center))}")
+    k = next(iter(directions.values())).shape[0]
+    for name, c in center.items():
+        if tuple(directions[name].shape) != (k, *c.shape[1:]):
+            raise ValueError(f"{what}[{name!r}] has shape {tuple(directions[name].shape)}, "
+                             f"expected {(k, *c.shape[1:])} ({k} rows, as the first tensor)")
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} inputs but y has {len(y)} labels")
+    return k
+
+
 def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: torch.Tensor,
                     x: torch.Tensor, y: torch.Tensor, buffers: Params | None = None,
                     memory_mb: float | None = None, loss: str = "nll",
@@ -267,8 +287,9 @@ def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: to
     bn = _policy(bn)
     precision = option(Precision, precision, "precision")
     dtype = center[next(iter(center))].dtype
-    check_single(center, "the centre")
-    k_dirs = next(iter(directions.values())).shape[0]
+    k_dirs = _check_points(center, directions, x, y)
+    if starts is not None and _check_points(center, starts, x, y, "starts") != k_dirs:
+        raise ValueError(f"starts must have one row per direction ({k_dirs})")
     ts = torch.as_tensor(ts)
     if ts.dim() not in (1, 2) or ts.shape[0] != k_dirs:
         raise ValueError(f"ts must be (K,) or (K, T) with K = {k_dirs} directions, "
@@ -312,8 +333,7 @@ def evaluate_combinations(model: nn.Module, center: Params, basis: Params, coeff
     bn = _policy(bn)
     precision = option(Precision, precision, "precision")
     dtype = center[next(iter(center))].dtype
-    check_single(center, "the centre")
-    n_basis = next(iter(basis.values())).shape[0]
+    n_basis = _check_points(center, basis, x, y, "basis")
     candidates = _candidates(model, buffers, path, x)
     coeffs = torch.as_tensor(coeffs).to(dtype=dtype, device=center[next(iter(center))].device)
     if coeffs.dim() != 2 or coeffs.shape[1] != n_basis:
@@ -358,7 +378,7 @@ def evaluate_points_loop(model: nn.Module, center: Params, directions: Params, t
     Same arguments and result as :func:`evaluate_points`, one forward pass per point.
     """
     loss_fn, bn = _check_loss(loss), _policy(bn)
-    check_single(center, "the centre")
+    _check_points(center, directions, x, y)
     ts = torch.as_tensor(ts)
     dtype = center[next(iter(center))].dtype
     net = copy.deepcopy(model).to(dtype=dtype, device=y.device).train(bn is BNPolicy.BATCH)

@@ -218,6 +218,8 @@ def model_objective(model: nn.Module, params: Params,
         raise ConfigError("the model is in training mode but bn='eval' uses running statistics: "
                           "call model.eval(), or pass bn='batch'")
     x, y = data.split("train") if isinstance(data, Dataset) else data
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} inputs but y has {len(y)} labels")
     dtype = next(iter(params.values())).dtype
     x = x.to(dtype)
     m = n_members(params)

@@ -158,6 +158,27 @@ def test_errors():
         evaluate_points(cnn, cc, dd, torch.zeros(1), xx, yy, path="mlp")
 
 
+@pytest.mark.parametrize("fn", [evaluate_points, evaluate_points_loop])
+def test_inconsistent_points_are_refused_not_broadcast(fn):
+    model, c, d, x, y = _setup()
+    ts = torch.zeros(5)
+    with pytest.raises(ValueError, match="x has 30 inputs but y has 25 labels"):
+        fn(model, c, d, ts, x, y[:25])
+    bias = next(k for k in d if k.endswith("bias"))
+    for bad in ({**d, bias: d[bias][:, :1]},          # would broadcast over the units
+                {**d, bias: torch.cat([d[bias], d[bias][:2]])}):  # would be cut to K rows
+        with pytest.raises(ValueError, match=f"directions\\['{bias}'\\] has shape"):
+            fn(model, c, bad, ts, x, y)
+    with pytest.raises(ValueError, match="missing \\['" + bias):
+        fn(model, c, {k: v for k, v in d.items() if k != bias}, ts, x, y)
+    with pytest.raises(ValueError, match="unknown \\['typo'\\]"):
+        fn(model, c, {**d, "typo": d[bias]}, ts, x, y)
+    with pytest.raises(ValueError, match="basis\\['"):
+        evaluate_combinations(model, c, {**d, bias: d[bias][:, :1]}, torch.zeros(3, 5), x, y)
+    with pytest.raises(ValueError, match="one row per direction"):
+        evaluate_points(model, c, d, ts, x, y, starts={k: v[:2] for k, v in d.items()})
+
+
 def test_empty_split_gives_nan():
     model, c, d, x, y = _setup()
     lo, ac = evaluate_points(model, c, d, torch.zeros(5), x[:0], y[:0])
