@@ -50,6 +50,18 @@ class Dataset:
     y_poison: torch.Tensor
     n_classes: int
 
+    def __post_init__(self):
+        for which in ("train", "test", "poison"):
+            x, y = self.split(which)
+            if len(x) != len(y):
+                raise ValueError(f"{self.name}: {which} split has {len(x)} inputs and "
+                                 f"{len(y)} labels")
+            if y.numel() and (y.is_floating_point() or int(y.min()) < 0
+                              or int(y.max()) >= max(2, self.n_classes)):
+                raise ValueError(f"{self.name}: {which} labels must be integers in [0, "
+                                 f"{max(2, self.n_classes)}), got {y.dtype} in "
+                                 f"[{y.min().item()}, {y.max().item()}]")
+
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])

@@ -84,6 +84,9 @@ def poisoned_nll(
     if poison_weight is None:
         bad = per.mean(-1)
     else:
+        if poison_weight.shape != per.shape[-1:]:
+            raise ValueError(f"poison_weight must have shape ({per.shape[-1]},), one weight "
+                             f"per poison point; got {tuple(poison_weight.shape)}")
         w = poison_weight.to(per.dtype)
         bad = (per * w).sum(-1) / w.sum()
     return (1 - beta) * clean + beta * bad

@@ -176,6 +176,8 @@ def fit(
     dev = next(iter(params.values())).device
     beta_vals = torch.as_tensor(betas, dtype=torch.float64).expand(m).tolist()  # for logs
     betas_t = torch.tensor(beta_vals, dtype=torch.float32, device=dev)
+    if not all(0.0 <= b < 1.0 for b in beta_vals):
+        raise ValueError(f"poison factors must be in [0, 1), got {beta_vals}")
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     buffers = {k: v.clone() for k, v in (buffers or buffers_like(model, m, dev)).items()}
     opt = make_optimizer(cfg, list(leaves.values()))
@@ -190,6 +192,8 @@ def fit(
     bs = cfg.batch_size or n_t
     bs_p = cfg.poison_batch_size or (n_p if bs >= n_t else math.ceil(n_p * bs / n_t))
     use_poison = n_p > 0 and bool((betas_t > 0).any())
+    if n_p == 0 and bool((betas_t > 0).any()):
+        raise ValueError("a poison factor > 0 needs a poison set; the data has none")
     lr0 = _per_member("lrs", lrs, cfg.lr, m, torch.float64, "cpu")
     l2 = _per_member("l2s", l2s, cfg.l2, m, torch.float32, dev)
     rho = _per_member("rhos", rhos, cfg.rho, m, torch.float64, dev)

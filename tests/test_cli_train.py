@@ -65,12 +65,17 @@ def test_config_file_and_override(cli, tmp_path):
     (["--widths", "8,x"], "expected integers"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "does not exist"),
     (["--dataset", "svhn"], "svhn needs --data-dir"),
+    (["--dataset", "swissroll", "--beta", "0.5", "--n-poison", "0"],
+     "a poison factor > 0 needs a poison set"),
+    (["--sam", "sam"], "sam with radius 0 is plain training"),
+    (["--sam", "asam", "--rho", "0"], "asam with radius 0 is plain training"),
 ])
-def test_bad_input_one_line_nonzero(cli, args, msg):
+def test_bad_input_one_line_nonzero(cli, args, msg, tmp_path):
     r = cli("train", "--name", "bad", "--steps", "1", "--quiet", *args)
     assert r.exit_code != 0
     assert msg in r.output
     assert "Traceback" not in r.output
+    assert not (tmp_path / "runs" / "bad").exists()  # refused before a run is made
 
 
 def test_bad_config_file_types(cli, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minefield.config import DataConfig
-from minefield.data import DataError, fresh_points, load_dataset
+from minefield.data import DataError, Dataset, fresh_points, load_dataset
 
 
 def test_swissroll_bit_identical_to_authors_generator():
@@ -182,3 +182,14 @@ def test_a_size_the_dataset_cannot_give_is_an_error_not_a_silent_cap(cfg, match)
     with pytest.raises(DataError, match=match):
         load_dataset(cfg)
     assert len(load_dataset(DataConfig("swissroll", n_train=300, n_test=300)).y_test) == 300
+
+
+def test_a_dataset_refuses_labels_outside_its_classes_and_unpaired_splits():
+    x, y = torch.zeros(3, 2), torch.tensor([0, 1, 0])
+    with pytest.raises(ValueError, match=r"test labels must be integers in \[0, 2\)"):
+        Dataset("d", x, y, x, torch.tensor([0, 2, 1]), x[:0], y[:0], 2)  # binary: 2 is no class
+    with pytest.raises(ValueError, match="poison split has 3 inputs and 2 labels"):
+        Dataset("d", x, y, x, y, x, y[:2], 2)
+    with pytest.raises(ValueError, match="train labels must be integers"):
+        Dataset("d", x, y.float(), x, y, x, y, 2)
+    assert Dataset("d", x, y, x, y, x[:0], y[:0], 2).to("cpu").n_classes == 2

@@ -84,6 +84,9 @@ def test_accuracy_and_predict():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="disagree"):
         nll(torch.zeros(3, 2), torch.zeros(4, dtype=torch.long))
+    zt, y = torch.zeros(3, 1), torch.tensor([0, 1, 0])
+    with pytest.raises(ValueError, match=r"poison_weight must have shape \(3,\)"):
+        poisoned_nll(zt, y, zt, y, 0.5, poison_weight=torch.ones(3, 1))  # would broadcast
 
 
 def test_poison_weight_is_a_weighted_mean():

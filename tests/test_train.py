@@ -45,6 +45,17 @@ def test_poisoning_hurts_test_accuracy():
     assert last[0]["test_acc"] > 0.9 and last[1]["test_acc"] < last[0]["test_acc"] - 0.3
 
 
+def test_poison_factors_are_checked():
+    model, params, data = _problem(m=3, dtype=torch.float32)
+    cfg = TrainConfig(lr=0.05, steps=2, log_every=2)
+    for bad in (1.5, torch.tensor([-0.5, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.2])):
+        with pytest.raises(ValueError, match="poison factors must be in \\[0, 1\\)"):
+            fit(model, params, data, cfg, bad)
+    clean = load_dataset(DataConfig("blobs", n_train=40, n_test=40, n_poison=0))
+    with pytest.raises(ValueError, match="needs a poison set"):
+        fit(model, params, clean, cfg, 0.5)
+
+
 def test_stop_fn_freezes_members():
     model, params, data = _problem(m=2, dtype=torch.float32)
     cfg = TrainConfig(lr=0.05, steps=200, log_every=10)

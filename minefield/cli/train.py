@@ -123,7 +123,13 @@ def config_from_options(opts: dict) -> ExperimentConfig:
         full["name"] = opts["name"]
     if given("device") or not opts.get("config_file"):
         full["device"] = opts["device"]
-    return ExperimentConfig.from_dict(full)
+    cfg = ExperimentConfig.from_dict(full)
+    if cfg.train.sam is not SamKind.NONE and cfg.train.rho == 0:  # the API allows it (a
+        # control member of a study); asked for by hand it is plain training, unnoticed
+        raise click.BadParameter(f"{cfg.train.sam.value} with radius 0 is plain training: give "
+                                 "a radius (Foret et al. use 0.05 for sam, Kwon et al. 0.5 for "
+                                 "asam)", param_hint="'--rho'")
+    return cfg
 
 
 @main.command()

@@ -91,6 +91,9 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
     if len(betas) != m:
         raise ValueError(f"{len(betas)} betas for {m} members")
     betas = [effective_beta(b, data) for b in betas]
+    if any(b > 0 for b in betas) and len(data.y_poison) == 0:
+        raise ValueError(f"a poison factor > 0 needs a poison set, and {cfg.data.name} has "
+                         "none here (n_poison = 0): it would train a clean model")
     l2s = [cfg.train.l2] * m if l2s is None else [float(v) for v in l2s]
     if len(l2s) != m:
         raise ValueError(f"{len(l2s)} l2 coefficients for {m} members")
