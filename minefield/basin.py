@@ -50,8 +50,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, _Config
-from .data import Dataset
-from .data import train_xy as _xy
+from .data import Dataset, train_xy
 from .directions import DirectionSpec, n_perturbed, random_directions
 from .engine import evaluate_points
 from .functional import Params, alone, check_single, member, n_members, one
@@ -62,9 +61,8 @@ from .volume import VolumeEstimate, honest_interval, parse_power, weights_estima
 
 __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "BasinWarning",
            "Rollouts", "find_radii", "check_radii", "radius_grid", "log_volume", "log10_volume",
-           "bootstrap_log10_volume",
-           "basin_radii", "basin_members", "rollouts", "volume_from_radii", "direction_radii",
-           "radii_result"]
+           "bootstrap_log10_volume", "basin_radii", "basin_members", "rollouts",
+           "volume_from_radii", "direction_radii", "radii_result"]
 
 LN10 = math.log(10.0)
 
@@ -136,8 +134,10 @@ class VolumeConfig(_Config):
         if self.n_chains < 2 or self.n_replicates < 2 or self.probes < 1:
             raise ConfigError("volume.n_chains and n_replicates must be >= 2 (an interval needs "
                               "independent draws) and probes >= 1")
-        if not (self.cutoff > 0 and math.isfinite(self.cutoff)):
-            raise ConfigError(f"volume.cutoff must be a positive number, got {self.cutoff}")
+        if not (self.cutoff > (1 if self.cutoff_kind is CutoffKind.RELATIVE else 0)
+                and math.isfinite(self.cutoff)):  # relative: times the centre's loss
+            raise ConfigError(f"volume.cutoff must be a positive number (> 1 if relative: at "
+                              f"most the centre's loss leaves no basin), got {self.cutoff}")
         if not (self.r_max > 0 and math.isfinite(self.r_max)):
             raise ConfigError(f"volume.r_max must be positive, got {self.r_max}")
         if not 0 < self.rtol < 1:
@@ -337,7 +337,7 @@ def direction_radii(model: nn.Module, params: Params, data: Dataset | tuple[torc
     a, b = block if block is not None else (0, cfg.n_directions)
     if not 0 <= a < b <= cfg.n_directions:
         raise ConfigError(f"direction block {(a, b)} is not inside [0, {cfg.n_directions})")
-    x, y = _xy(data)
+    x, y = train_xy(data)
     centre = check_single(params, "the model (use basin_members for a stack)")
     theta = member(centre, 0)
     spec = cfg.directions

@@ -155,7 +155,7 @@ MEASURES: dict[str, Callable[[Objective, SharpnessConfig], Columns]] = {
         restarts=c.restarts, seed=c.seed)),
     "average": lambda o, c: _est(average_sharpness(o, c.sigma, c.n_samples, seed=c.seed)),
     "m_sharpness": lambda o, c: _est(m_sharpness(
-        o, c.rho, min(c.m, len(o.data[1])), steps=c.steps, restarts=c.restarts, seed=c.seed)),
+        o, c.rho, c.m, steps=c.steps, restarts=c.restarts, seed=c.seed)),
     "pac_bayes_sigma": lambda o, c: {"": pac_bayes_sigma(o, c.bound, c.n_samples,
                                                          seed=c.seed)},
     "pac_bayes_sigma_mag": lambda o, c: {"": pac_bayes_sigma(

@@ -204,7 +204,8 @@ def basin_volume(model: nn.Module, params: Params, data, cfg, buffers: Params | 
 def _setup(model, params, data, cfg, buffers, bn, curvature):
     """The line-loss of ``params``, its centre loss, the cutoff, the generator (after the
     preconditioner drew from it) and the preconditioner: what every estimator starts from."""
-    from .basin import CutoffKind, _xy
+    from .basin import CutoffKind
+    from .data import train_xy as _xy
 
     x, y = _xy(data)
     centre = check_single(params, "the model (use basin_members for a stack)")
@@ -280,15 +281,32 @@ def merge_cooling_blocks(runs: Sequence[CoolingBlocks], cfg, bn: str = "eval"):
                    r0.centre_loss, r0.cutoff, cfg, bn)
 
 
-def adam_curvature(state: dict[str, torch.Tensor], keys: list[str], member: int) -> Params:
-    """Adam's second moments ``exp_avg_sq`` (an empirical Fisher diagonal) of one member,
-    per parameter, from a saved optimizer state (``opt.<i>.exp_avg_sq``: leaf ``i`` is
-    ``keys[i]``, stacked over members) -- a ``given`` curvature for :func:`basin_volume`."""
+def adam_curvature(state: dict[str, torch.Tensor], keys: list[str], member: int,
+                   batch_size: int = 1) -> Params:
+    """``B v``: Adam's second moments ``v = exp_avg_sq`` of one member times the training
+    batch size ``B``, per parameter, from a saved optimizer state (``opt.<i>.exp_avg_sq``:
+    leaf ``i`` is ``keys[i]``, stacked over members) -- a ``given`` curvature for
+    :func:`basin_volume`.
+
+    Near a minimum a minibatch gradient of the mean loss has second moment
+    ``E[g_j^2] ~ F_jj / B`` (the mean gradient ~ 0), so ``B v`` estimates the diagonal
+    of the empirical Fisher of the mean loss (the scaling of Khan et al. 2018, "Fast
+    and scalable Bayesian deep learning by weight-perturbation in Adam"). After
+    full-batch training ``v`` holds squared full gradients, not a Fisher estimate.
+
+    Example::
+
+        >>> v = {"opt.0.exp_avg_sq": torch.tensor([[1e-4, 4e-4]])}
+        >>> adam_curvature(v, ["w"], 0, batch_size=32)["w"]
+        tensor([0.0032, 0.0128])
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     out = {}
     for i, k in enumerate(keys):
         name = f"opt.{i}.exp_avg_sq"
         if name not in state:
             raise ConfigError(f"the optimizer state has no {name}: was the run trained "
                               f"with Adam?")
-        out[k] = state[name][member]
+        out[k] = batch_size * state[name][member]
     return out

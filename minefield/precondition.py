@@ -76,6 +76,18 @@ class Preconditioner:
         self.kind, self.n, self.logdet, self._p = kind, n, float(logdet), parts
         self.power = float(power)
 
+    @property
+    def isotropic(self) -> bool:
+        """``C = c I``: e.g. every entry clipped to the floor, so the curvature it came
+        from shaped nothing (a diagonal or dense ``C``; a low-rank one is never)."""
+        if self.kind == "diagonal":
+            d = self._p["d"]
+            return bool(d.max() == d.min())
+        if self.kind == "dense":
+            c = self._p["c"]
+            return bool(torch.equal(c, c[0, 0] * torch.eye(self.n, dtype=c.dtype)))
+        return False
+
     def with_power(self, power: float) -> Preconditioner:
         """The same ``T`` with the proposal body ``T B_power`` (module docstring)."""
         power = float(power)

@@ -125,7 +125,9 @@ def distances(params: Params, ref: Params, *, isolated: bool = False
 
     ``ref`` has M members or one (broadcast). Returns ``{"l2": (M,), "filter": (M,)}``
     in float64: ``l2 = ||theta - ref||`` over all parameters, ``filter =
-    sqrt(mean_f ||Delta_f||^2 / ||ref_f||^2)`` over the filters of weight tensors.
+    sqrt(mean_f ||Delta_f||^2 / ||ref_f||^2)`` over the filters of weight tensors, dead
+    filters of ``ref`` left out (``||ref_f||^2`` below 1e-12 of its layer's mean: their
+    relative change is undefined, and filter-normalised directions are zero there).
     ``isolated=True`` reduces one member at a time (bit-for-bit the same in any stack).
 
     Example::
@@ -145,9 +147,12 @@ def distances(params: Params, ref: Params, *, isolated: bool = False
         sq = sq + d.reshape(d.shape[0], -1).pow(2).sum(1)
         if is_weight(k, v.shape[1:]):
             num = _filter_rows(d).pow(2).sum(-1)
-            den = _filter_rows(ref[k].double()).pow(2).sum(-1).clamp_min(1e-300)
-            ratios.append((num / den).reshape(d.shape[0], -1))
-    filt = torch.cat(ratios, 1).mean(1).sqrt() if ratios else torch.full_like(sq, math.nan)
+            den = _filter_rows(ref[k].double()).pow(2).sum(-1)
+            alive = den > 1e-12 * den.mean(-1, keepdim=True)
+            ratios.append(torch.where(alive, num / den.clamp_min(1e-300), math.nan).reshape(
+                d.shape[0], -1))
+    filt = (torch.cat(ratios, 1).nanmean(1).sqrt() if ratios
+            else torch.full_like(sq, math.nan))
     return {"l2": sq.sqrt(), "filter": filt}
 
 

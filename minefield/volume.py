@@ -373,9 +373,13 @@ def star_volume(line_loss: LineLoss, n: int, cutoff: float,
     if est is Estimator.GAUSSIAN:
         value, hi = min(value, 0.0), min(hi, 0.0)  # a probability
         details["sigma"] = sigma
+    notes = _warnings(ess, n_at, len(r), r_max, kind == "bound")
     if preconditioner is not None:
         details["preconditioner"] = preconditioner.kind
         details["power"] = preconditioner.power
+        details["isotropic"] = preconditioner.isotropic
+        if preconditioner.isotropic and n > 1:
+            notes.append("the preconditioner is isotropic (at a curvature floor, every "
+                         "entry is clipped to it): its curvature shaped nothing")
     return VolumeEstimate(est.value, value + log_norm, (lo + log_norm, hi + log_norm), level,
-                          n, ess, len(r), share, n_at, evals,
-                          _warnings(ess, n_at, len(r), r_max, kind == "bound"), details)
+                          n, ess, len(r), share, n_at, evals, notes, details)

@@ -53,6 +53,7 @@ def test_basin_writes_json_reuses_and_refuses_other_settings(runs):
 @pytest.mark.parametrize("args,msg", [
     (["basin", "nope"], "no such run"),
     (["basin", "a", "--cutoff", "-1"], "cutoff must be a positive number"),
+    (["basin", "a", "--cutoff", "0.5", "--relative"], "> 1 if relative"),
     (["basin", "a", "--rtol", "2"], "rtol must be in"),
     (["basin", "a", "--tag", "../x"], "tag"),
     (["basin", "a", "--checkpoint", "missing.safetensors", "--tag", "t2"], "missing checkpoint"),
@@ -121,7 +122,13 @@ def test_basin_estimators_from_the_cli(runs):
     assert res.exit_code == 0, res.output  # the tiny runs train with Adam
     saved = json.loads((runs / "a" / "basin" / "adam.json").read_text())
     assert saved["key"]["curvature"] == "adam"
-    assert saved["members"][0]["diagnostics"]["preconditioner"] == "diagonal"
+    d = saved["members"][0]["diagnostics"]
+    assert d["preconditioner"] == "diagonal"
+    # full-batch Adam at a near-zero loss: its moments are far under the floor, and the
+    # proposal is isotropic; said, not hidden
+    assert d["isotropic"] and "the preconditioner is isotropic" in res.output
+    assert json.loads((runs / "a" / "basin" / "is.json").read_text())["members"][0][
+        "diagnostics"]["isotropic"] is False
 
 
 @pytest.mark.parametrize("args,message,code", [

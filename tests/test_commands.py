@@ -80,7 +80,7 @@ def test_search_command_round_trips(cfg, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("cfg", [
     VolumeConfig(),
-    VolumeConfig(cutoff=0.1, cutoff_kind="relative", r_max=2.0, n_directions=7, rtol=1e-4,
+    VolumeConfig(cutoff=1.1, cutoff_kind="relative", r_max=2.0, n_directions=7, rtol=1e-4,
                  method="grid", grid_points=50, directions=DirectionSpec("layer", "include", 3),
                  memory_mb=32.0, seed=3),
     VolumeConfig(estimator="is", preconditioner="axes", power="auto", rtol=1e-6),

@@ -98,6 +98,7 @@ def test_cli_writes_resumes_adds_and_refuses(runs):
     (["--measures", "flatness"], "unknown measure(s) flatness"),
     (["--rho", "-1"], "rho must be > 0, got -1.0"),
     (["--measures", "m_sharpness", "--m", "0"], "m must be >= 1"),
+    (["--measures", "m_sharpness", "--m", "100000"], "got 100000"),  # not clamped silently
     (["--tag", "../x"], "tag"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(runs, args, msg):

@@ -125,6 +125,9 @@ def test_filter_units_and_given_curvature():
         network_curvature(lines, "given", 1e-9, torch.Generator())
     with pytest.raises(ConfigError, match="lacks"):
         network_curvature(lines, "given", 1e-9, torch.Generator(), given={})
+    assert not pre.isotropic
+    tiny = {k: torch.full_like(v[0], 1e-12) for k, v in theta.items()}  # all under the floor
+    assert network_curvature(lines, "given", 1.0, torch.Generator(), given=tiny).isotropic
     zero = {k: torch.zeros_like(v) for k, v in theta.items()}
     with pytest.raises(ConfigError, match="use directions of kind 'gaussian'"):
         NetworkLines(model, zero, x, y, DirectionSpec("filter"))
@@ -134,6 +137,10 @@ def test_adam_curvature_reads_second_moments():
     state = {"opt.0.exp_avg_sq": torch.arange(6.0).reshape(2, 3)}
     got = adam_curvature(state, ["w"], 1)
     assert torch.equal(got["w"], torch.tensor([3.0, 4.0, 5.0]))
+    # times the batch size: E[g^2] of a minibatch mean is about F / B at a minimum
+    assert torch.equal(adam_curvature(state, ["w"], 1, 32)["w"], torch.tensor([96., 128, 160]))
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        adam_curvature(state, ["w"], 1, 0)
     with pytest.raises(ConfigError, match="trained with Adam"):
         adam_curvature({}, ["w"], 0)
 
@@ -181,3 +188,11 @@ def test_curvature_preconditioners_in_filter_units_match_the_dense_reference():
     sd = ((full.pow(2).sum(1) - full.diagonal().pow(2)) / probes).sqrt()[idx] * lines.scale**2
     err = (diag._p["d"] - want.diagonal().clamp(min=floor)).abs()
     assert bool((err <= 4 * sd).all())
+
+
+def test_isotropic_preconditioners_are_recognised():
+    f64 = dict(dtype=torch.float64)
+    assert Preconditioner.diagonal(torch.full((3,), 2.0, **f64)).isotropic
+    assert not Preconditioner.diagonal(torch.tensor([1.0, 2.0], **f64)).isotropic
+    assert Preconditioner.dense(3 * torch.eye(3, **f64)).isotropic
+    assert not Preconditioner.dense(torch.diag(torch.tensor([1.0, 2.0, 3.0], **f64))).isotropic

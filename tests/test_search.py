@@ -52,6 +52,19 @@ def test_filter_distance_of_filter_normalized_step_is_t():
     assert all(d[k].abs().max() == 0 for k in d if k.endswith("bias"))
 
 
+def test_filter_distance_leaves_out_dead_filters_of_the_reference():
+    _, p, _ = _problem(1)
+    one = member(p, 0)
+    one["0.weight"][2] = 1e-22  # a dead unit (||ref_f||^2 ~ 1e-44): its ratio is undefined
+    d = _filter_normalized_direction(one, torch.Generator().manual_seed(0))
+    moved = stack([{k: one[k] + 0.37 * d[k] for k in one}])
+    moved["0.weight"][0, 2] = 0.5  # the dead unit revived: no filter-normalised meaning
+    got = distances(moved, stack([one]))["filter"]
+    torch.testing.assert_close(got, torch.tensor([0.37], dtype=torch.float64))  # not ~1e21
+    dead = {k: torch.zeros_like(v) for k, v in stack([one]).items()}
+    assert distances(moved, dead)["filter"].isnan().all()  # nothing left to normalise by
+
+
 def test_jitter_moves_each_start_by_jitter_in_filter_units():
     _, p, _ = _problem(3)
     moved = _jittered(p, [1, 2, 3], 0.05)
