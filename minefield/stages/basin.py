@@ -130,11 +130,12 @@ def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
                                            "rollouts": [r.to_dict() if r else None
                                                         for r in ros]})
         return BasinRun(results, ros, path)
-    model, params, buffers, data, _ = load_run_model(run, checkpoint, resolve_device(device))
+    model, params, buffers, data, exp = load_run_model(run, checkpoint, resolve_device(device))
     if adam:
         state, _ = load_tensors(run.file("state.safetensors"))
+        b = exp.train.batch_size or len(data.y_train)
         results = [basin_volume(model, one(params, i), data, cfg, one(buffers or None, i),
-                                curvature=adam_curvature(state, list(params), i))
+                                curvature=adam_curvature(state, list(params), i, b))
                    for i in range(next(iter(params.values())).shape[0])]
     else:
         results = basin_members(model, params, data, cfg, buffers or None)
@@ -158,8 +159,9 @@ def _basin_tasks(run: Run, tag: str, cfg: VolumeConfig, key: dict, checkpoint: s
     if per_task is not None and (per_task < 1 or not naive):
         raise ConfigError("directions_per_task must be >= 1, and applies to the naive "
                           "estimator only (the others run one task per member)")
-    _, params, buffers, _, exp = load_run_model(run, checkpoint, "cpu")
+    _, params, buffers, data, exp = load_run_model(run, checkpoint, "cpu")
     state = load_tensors(run.file("state.safetensors"))[0] if adam else None
+    batch = exp.train.batch_size or len(data.y_train)
     k = cfg.n_directions
     step = per_task or k
     chains = cfg.estimator is Estimator.MCMC and cfg.mcmc_blocks > 1
@@ -175,7 +177,7 @@ def _basin_tasks(run: Run, tag: str, cfg: VolumeConfig, key: dict, checkpoint: s
                           "block": block if naive else None,
                           "mcmc_block": block if chains else None,
                           "rollouts": n_rollouts if j == 0 else 0, "device": str(device),
-                          "curvature": adam_curvature(state, list(params), i) if adam
+                          "curvature": adam_curvature(state, list(params), i, batch) if adam
                           else None}
     store = TaskStore(run, f"basin/{tag}.tasks", key, force)
     out = run_tasks(executor or LocalExecutor(), basin_task, specs, store)
