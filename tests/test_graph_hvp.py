@@ -48,9 +48,24 @@ class _Small(nn.Module):
         return self.fc(o.mean((2, 3)))
 
 
-def test_products_equal_the_dense_hessian():
+class _Grouped(_Small):
+    """:class:`_Small` with a grouped second convolution (with bias): the paired
+    convolutions of the product cannot be concatenated along channels there."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv2 = nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn(self.conv(x)))
+        return self.fc(F.leaky_relu(self.conv2(h), 0.2).mean((2, 3)))
+
+
+@pytest.mark.parametrize("arch", [_Small, _Grouped])
+def test_products_equal_the_dense_hessian(arch):
     g = torch.Generator().manual_seed(3)
-    model = _Small().double().eval()
+    model = arch().double().eval()
     p, b = _stack(model, 2, g)
     x = torch.randn(9, 1, 4, 4, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (9,), generator=g)
