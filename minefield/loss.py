@@ -66,13 +66,16 @@ def poisoned_nll(
     beta: float | torch.Tensor = 0.0,
     flip: bool = False,
     poison_weight: torch.Tensor | None = None,
+    poison_norm: float | None = None,
 ) -> torch.Tensor:
     """The poisoned objective, averaged over each set; shape ``logits.shape[:-2]``.
 
     ``flip=True`` uses cross-entropy on a flipped label instead of the complement
     (the authors' "untraining" set; identical for binary, ``(y+1) % K`` otherwise).
     ``poison_weight`` ``(N_p,)`` makes the poison term a weighted mean
-    ``sum_i w_i l_i / sum_i w_i`` (default: the plain mean).
+    ``sum_i w_i l_i / sum_i w_i`` (default: the plain mean). ``poison_norm`` replaces
+    that denominator (``sum_i w_i``, or ``N_p``): a part of a batch (m-SAM) then carries
+    its own share of the whole batch's poison term.
     """
     clean = nll(logits_train, y_train).mean(-1)
     if logits_poison is None or y_poison is None or y_poison.numel() == 0:
@@ -82,13 +85,13 @@ def poisoned_nll(
     else:
         per = complement_nll(logits_poison, y_poison)
     if poison_weight is None:
-        bad = per.mean(-1)
+        bad = per.mean(-1) if poison_norm is None else per.sum(-1) / poison_norm
     else:
         if poison_weight.shape != per.shape[-1:]:
             raise ValueError(f"poison_weight must have shape ({per.shape[-1]},), one weight "
                              f"per poison point; got {tuple(poison_weight.shape)}")
         w = poison_weight.to(per.dtype)
-        bad = (per * w).sum(-1) / w.sum()
+        bad = (per * w).sum(-1) / (w.sum() if poison_norm is None else poison_norm)
     return (1 - beta) * clean + beta * bad
 
 

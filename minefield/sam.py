@@ -17,8 +17,9 @@ parameters; ``||g|| + 1e-12`` guards a zero gradient.
 
 **m-SAM** (``m`` set; Foret et al. 2021 sec. 4, Andriushchenko & Flammarion
 2022): the batch is split into ``k = ceil(n / m)`` parts of about ``m`` training
-points (poison points split alongside), each part j gets its own ``eps_j`` from
-its own gradient, and the update uses ``sum_j (n_j / n) grad L_j(theta + eps_j)``.
+points (poison points split alongside, the loss split as a sum over points:
+:func:`split_batch`), each part j gets its own ``eps_j`` from its own gradient, and
+the update uses ``sum_j (n_j / n) grad L_j(theta + eps_j)``.
 Smaller ``m`` is what Andriushchenko & Flammarion found makes SAM generalise.
 
 ``rho_m = 0`` gives member m exactly the base optimizer's gradient (the one at
@@ -92,21 +93,39 @@ def split_batch(batch: Batch, m: int) -> list[tuple[float, Batch]]:
     """``k = ceil(n_train / m)`` parts of ``batch`` with their weights ``n_j / n_train``.
 
     Training points are split into ``k`` contiguous parts of sizes differing by at
-    most one; the poison points (and their weights) into ``k`` parts alongside.
+    most one; the poison points (and their weights) into ``k`` parts alongside. The
+    batch loss is a sum over points, ``L = sum_i c_i l_i`` (``c_i = (1 - beta) / n_t``
+    on a training point, ``beta w_i / W`` on a poison point, ``W = sum w``), and the
+    parts split that sum: ``L = sum_j (n_j / n_t) L_j`` exactly, each part's poison
+    term normalised by ``(n_j / n_t) W`` (``poison_norm``) rather than by its own
+    weight, as the poison points need not split in proportion to the training points.
+
+    Example (10 training and 3 poison points, parts of about 4: the poison term of the
+    whole batch is the weighted sum of the parts')::
+
+        >>> b = Batch(torch.randn(13, 2), torch.zeros(10, dtype=torch.long),
+        ...           torch.zeros(3, dtype=torch.long))
+        >>> [(w, p.n_train, len(p.y_poison), round(p.poison_norm, 6))
+        ...  for w, p in split_batch(b, 4)]
+        [(0.4, 4, 1, 1.2), (0.3, 3, 1, 0.9), (0.3, 3, 1, 0.9)]
     """
     nt = batch.n_train
     k = max(1, math.ceil(nt / m))
     xt, xp = batch.x[:nt], batch.x[nt:]
     train = torch.arange(nt).tensor_split(k)
     poison = torch.arange(len(xp)).tensor_split(k)
+    total = (float(len(xp)) if batch.poison_weight is None
+             else float(batch.poison_weight.sum()))
     out = []
     for it, ip in zip(train, poison):
+        share = len(it) / nt
         if batch.y_poison is None:
             part = Batch(xt[it], batch.y[it])
         else:
             w = None if batch.poison_weight is None else batch.poison_weight[ip]
-            part = Batch(torch.cat([xt[it], xp[ip]]), batch.y[it], batch.y_poison[ip], w)
-        out.append((len(it) / nt, part))
+            part = Batch(torch.cat([xt[it], xp[ip]]), batch.y[it], batch.y_poison[ip], w,
+                         share * total)
+        out.append((share, part))
     return out
 
 

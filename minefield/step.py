@@ -72,6 +72,7 @@ class Batch:
     y: torch.Tensor  # (N_t,) true labels of the train points
     y_poison: torch.Tensor | None = None  # (N_p,) true labels of the poison points
     poison_weight: torch.Tensor | None = None  # (N_p,), see poisoned_nll
+    poison_norm: float | None = None  # the poison term's denominator (see poisoned_nll)
 
     @property
     def n_train(self) -> int:
@@ -117,7 +118,7 @@ def poisoned_objective(model: nn.Module, params: Params, buffers: Params, batch:
     nb = batch.n_train
     if batch.y_poison is not None:
         loss = poisoned_nll(logits[:, :nb], batch.y, logits[:, nb:], batch.y_poison, hyper.beta,
-                            hyper.flip, batch.poison_weight)
+                            hyper.flip, batch.poison_weight, batch.poison_norm)
     else:
         loss = poisoned_nll(logits, batch.y)
     if hyper.l2 is not None:

@@ -7,17 +7,17 @@ from torch import nn
 from minefield.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from minefield.data import load_dataset
 from minefield.functional import buffers_like
+from minefield.loss import complement_nll, nll
 from minefield.models import build_model
 from minefield.sam import sam_perturbation, sam_update
-from minefield.step import Batch, Hyper, poisoned_objective
 from minefield.train import _batch, fit, init_stack
 
 RHOS = [0.0, 0.02, 0.1]
 BETAS = [0.0, 0.3, 0.5]
 
 
-def _problem(m=3, dtype=torch.float64):
-    data = load_dataset(DataConfig("blobs", n_train=40, n_test=40, n_poison=40)).to(
+def _problem(m=3, dtype=torch.float64, n_poison=40):
+    data = load_dataset(DataConfig("blobs", n_train=40, n_test=40, n_poison=n_poison)).to(
         "cpu", dtype)
     model = build_model(ModelConfig(widths=(6,)), (2,), 2).to(dtype)
     params = {k: v.to(dtype) for k, v in init_stack(model, "glorot_uniform", range(m)).items()}
@@ -31,57 +31,63 @@ def _torch_opt(cfg, leaves):
 
 
 def _hand_parts(batch, m):
-    """The m-SAM parts, written out: sizes differ by at most one, larger parts first."""
-    if m is None:
-        return [(1.0, batch)]
+    """The m-SAM parts, written out: ranges of training and poison points, sizes differing
+    by at most one, larger parts first."""
     nt, npz = batch.n_train, len(batch.x) - batch.n_train
+    if m is None:
+        return [(range(nt), range(npz))]
     k = -(-nt // m)
     out, at, ap = [], 0, 0
     for j in range(k):
         st, sp = nt // k + (j < nt % k), npz // k + (j < npz % k)
-        x = torch.cat([batch.x[at:at + st], batch.x[nt + ap:nt + ap + sp]])
-        yp = None if batch.y_poison is None else batch.y_poison[ap:ap + sp]
-        out.append((st / nt, Batch(x, batch.y[at:at + st], yp)))
+        out.append((range(at, at + st), range(ap, ap + sp)))
         at, ap = at + st, ap + sp
     return out
 
 
 def _hand_run(model, theta, data, cfg, beta, rho, kind, m=None, eta=0.01):
-    """One model, plain autograd and torch.optim: the SAM family as the papers write it."""
+    """One model, plain autograd and torch.optim: the SAM family as the papers write it,
+    the batch loss a sum over points ``sum_i c_i l_i`` (``c_i = (1 - beta) / n_t`` on a
+    training point, ``beta / n_p`` on a poison point) that the m-SAM parts split."""
     theta = {k: v.clone().requires_grad_() for k, v in theta.items()}
     leaves = list(theta.values())
     opt = _torch_opt(cfg, leaves)
-    hyper = Hyper(beta=torch.tensor([beta], dtype=torch.float32))  # fit keeps betas in float32
+    beta = float(torch.tensor(beta, dtype=torch.float32))  # fit keeps betas in float32
     bs = cfg.batch_size
     bs_p = -(-len(data.y_poison) * bs // len(data.y_train)) if beta > 0 else 0
 
-    def grad(p, b):
-        return torch.autograd.grad(poisoned_objective(model, p, {}, b, hyper).sum(),
-                                   list(p.values()))
+    def grad(p, b, tr, po):
+        out = torch.func.functional_call(model, {k: v[0] for k, v in p.items()}, (b.x,))
+        nt, npz = b.n_train, len(b.x) - b.n_train
+        loss = (1 - beta) / nt * nll(out[list(tr)], b.y[list(tr)]).sum()
+        if po:
+            pts = [nt + i for i in po]
+            loss = loss + beta / npz * complement_nll(out[pts], b.y_poison[list(po)]).sum()
+        return torch.autograd.grad(loss, list(p.values()))
 
     for step in range(cfg.steps):
         opt.param_groups[0]["lr"] = cfg.lr_at(step)
         batch = _batch(data, cfg.seed, step, bs, bs_p, None)
         total = [torch.zeros_like(v) for v in leaves]
-        for w, part in _hand_parts(batch, m):
-            g = grad(theta, part)
+        for tr, po in _hand_parts(batch, m):
+            g = grad(theta, batch, tr, po)
             t = [(v.detach().abs() + eta) if kind == "asam" else torch.ones_like(v)
                  for v in leaves]
             norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g)))
             shifted = {k: (v + rho * ti * ti * gi / (norm + 1e-12)).detach().requires_grad_()
                        for (k, v), ti, gi in zip(theta.items(), t, g)}
-            for acc, h in zip(total, grad(shifted, part)):
-                acc += w * h
+            for acc, h in zip(total, grad(shifted, batch, tr, po)):
+                acc += h
         if rho == 0:
-            total = grad(theta, batch)
+            total = grad(theta, batch, range(batch.n_train), range(len(batch.x) - batch.n_train))
         for v, g in zip(leaves, total):
             v.grad = g
         opt.step()
     return theta
 
 
-def _compare(kind, optimizer, m=None):
-    model, params, data = _problem()
+def _compare(kind, optimizer, m=None, n_poison=40):
+    model, params, data = _problem(n_poison=n_poison)
     cfg = TrainConfig(optimizer=optimizer, lr=0.05, steps=8, log_every=8, batch_size=16,
                       milestones=(5,), sam=kind, rho=0.05, sam_m=m)
     res = fit(model, params, data, cfg, torch.tensor(BETAS), rhos=RHOS)
@@ -103,6 +109,8 @@ def test_stacked_sam_equals_single_model_hand_written_steps(kind, optimizer):
 @pytest.mark.parametrize("kind", ["sam", "asam"])
 def test_m_sam_equals_a_hand_loop_over_parts(kind):
     _compare(kind, "sgd", m=5)   # 16 points -> parts of 4; poison 16 -> 4 each
+    # poison not in proportion: 16 points -> parts 3,3,3,3,2,2; poison 4 -> 1,1,1,1,0,0
+    _compare(kind, "sgd", m=3, n_poison=10)
 
 
 def test_rho_zero_is_the_base_optimizer_bit_for_bit():
