@@ -246,14 +246,10 @@ class GraphHessian:
             w = self.params[f"{node.target}.weight"][i]
             if step.kind == "conv":
                 args = (mod.stride, mod.padding, mod.dilation, False, [0, 0], mod.groups)
-                if rx is None:
-                    return _conv(x, vw, vb, args)
-                if mod.groups > 1:
-                    return _conv(x, vw, vb, args).add_(_conv(rx, w, None, args))
-                # one convolution of [x | Rx] with [V | W] (channels concatenated): the
-                # same arithmetic as two, in one larger, better-threaded oneDNN call
-                xr = torch.cat([x, rx], 1, out=_buffer(extra, step.name, 0, x, 1))
-                return _conv(xr, torch.cat([vw, w], 1), vb, args)
+                out = _conv(x, vw, vb, args)
+                if rx is not None:
+                    out += _conv(rx, w, None, args)
+                return out
             out = F.linear(x, vw, vb)
             return out if rx is None else out.addmm_(rx, w.T) if out.dim() == 2 else \
                 out + F.linear(rx, w)
@@ -295,18 +291,12 @@ class GraphHessian:
                 # dgrad and wgrad in separate calls: one call for both is several times
                 # slower on oneDNN when two such calls follow each other
                 args = (None, mod.stride, mod.padding, mod.dilation, False, [0, 0], mod.groups)
-                if rx is None:
-                    hv[wn] += _conv_back(rdy, x, w, args, weight=True)
-                else:  # wgrad(R{delta}, x) + wgrad(delta, Rx): one call on both batches
-                    hv[wn] += _conv_back(
-                        torch.cat([rdy, dy], 0, out=_buffer(extra, step.name, 1, rdy, 0)),
-                        torch.cat([x, rx], 0, out=_buffer(extra, step.name, 2, x, 0)), w, args,
-                        weight=True)
-                if need_in and mod.groups > 1:
-                    gi = _dgrad(rdy, w, mod, x).add_(_dgrad(dy, vw, mod, x))
-                elif need_in:  # dgrad(R{delta}, W) + dgrad(delta, V): channels concatenated
-                    gi = _dgrad(torch.cat([rdy, dy], 1, out=_buffer(extra, step.name, 3, rdy, 1)),
-                                torch.cat([w, vw], 0), mod, x)
+                hv[wn] += _conv_back(rdy, x, w, args, weight=True)
+                if rx is not None:
+                    hv[wn] += _conv_back(dy, rx, vw, args, weight=True)
+                if need_in:
+                    gi = _dgrad(rdy, w, mod, x)
+                    gi += _dgrad(dy, vw, mod, x)
                 if bname in hv:
                     hv[bname] += rdy.sum((0, 2, 3))
             else:
@@ -359,21 +349,13 @@ class GraphHessian:
         return self._live_set.__contains__(name)
 
 
-def _buffer(extra: dict, name: str, slot: int, like: torch.Tensor,
-            double: int | None = None) -> torch.Tensor:
-    """A work buffer shaped (and strided) as ``like``, or as two of ``like`` concatenated
-    along dimension ``double``, allocated on the first product and reused by every later
-    one: fresh large tensors cost page faults on each call."""
+def _buffer(extra: dict, name: str, slot: int, like: torch.Tensor) -> torch.Tensor:
+    """A work buffer shaped (and strided) as ``like``, allocated on the first product and
+    reused by every later one: fresh large tensors cost page faults on each call."""
     key = (name, slot)
-    shape = list(like.shape)
-    if double is not None:
-        shape[double] *= 2
     buf = extra.get(key)
-    if buf is None or list(buf.shape) != shape:
-        cl = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last)
-        buf = extra[key] = torch.empty(shape, dtype=like.dtype, device=like.device,
-                                       memory_format=torch.channels_last if cl
-                                       else torch.contiguous_format)
+    if buf is None or buf.shape != like.shape:
+        buf = extra[key] = torch.empty_like(like)
     return buf
 
 
