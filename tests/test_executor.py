@@ -268,8 +268,15 @@ def test_sweep_with_one_model_per_task_equals_models_trained_alone(tiny, tmp_pat
         assert b.log10_volume == row["log10_volume"] and b.mean_radius == row["mean_radius"]
         _, params, _, _, _ = load_run_model(res.run)
         assert all(torch.equal(params[k][row["member"]], v[0]) for k, v in alone.params.items())
+    # the split changes no number, so another split, or none, reuses the result
+    assert sweep_run(base, sc, tmp_path, progress=False, models_per_task=2).rows == res.rows
+    assert sweep_run(base, sc, tmp_path, progress=False).rows == res.rows
+    files = {p: p.read_bytes() for p in res.run.path.rglob("*") if p.is_file()}
     with pytest.raises(RunError, match="holds results for other settings"):
-        sweep_run(base, sc, tmp_path, progress=False, models_per_task=2)
+        sweep_run(base, SweepConfig(betas=(0.0, 0.5), seeds=(0, 1),
+                                    volume=VolumeConfig(n_directions=4)), tmp_path,
+                  progress=False)
+    assert {p: p.read_bytes() for p in res.run.path.rglob("*") if p.is_file()} == files
 
 
 # --- Ray ----------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ Example (skipped by doctest: minutes)::
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 from pathlib import Path
 
@@ -87,10 +88,13 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
                                        run=None)
     grid = [(b, s) for b in sweep.betas for s in sweep.seeds]
     spec = sweep_spec(base, sweep)
+    key = _sweep_key(sweep)
+    if (Path(root) / base.name / SWEEP_FILE).exists() and _resume(  # before any training
+            Run.open(Path(root) / base.name), key, force):
+        return load_sweep(Run.open(Path(root) / base.name))
     run_stack(spec, root, progress=progress, force=force)
     run = Run.open(Path(root) / base.name)
-    key = _sweep_key(sweep)
-    if run.resume(SWEEP_FILE, key, force):
+    if _resume(run, key, force):
         return load_sweep(run)
     saved = run.read_json(MODELS_FILE)
     with reading(run.file(MODELS_FILE)):
@@ -109,10 +113,24 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
 
 
 def _sweep_key(sweep: SweepConfig) -> dict:
+    """What a sweep's numbers depend on: not how it was split or executed (a split needs
+    isolated members, which give the unsplit numbers bit for bit)."""
     key = {"sweep": sweep.to_dict()}
     if sweep.sharpness is None:  # sweeps saved before the field existed stay valid
         del key["sweep"]["sharpness"]
     return key
+
+
+def _resume(run: Run, key: dict, force: bool) -> bool:
+    """:meth:`Run.resume` of ``sweep.json``; a result saved with its split in the key
+    (``models_per_task``, before the split left the key) counts as the same."""
+    if run.exists(SWEEP_FILE) and not force:
+        with reading(run.file(SWEEP_FILE)):
+            old = dict(run.read_json(SWEEP_FILE).get("key") or {})
+        old.pop("models_per_task", None)
+        if old == json.loads(json.dumps(key)):
+            return True
+    return run.resume(SWEEP_FILE, key, force)
 
 
 def _sweep_tasks(base: ExperimentConfig, sweep: SweepConfig, root: Path | str, force: bool,
@@ -127,15 +145,15 @@ def _sweep_tasks(base: ExperimentConfig, sweep: SweepConfig, root: Path | str, f
                           "models, which changes how their numbers round; isolate the "
                           "members (train.isolate, --isolate) to split it")
     cfg = base.replace(train=base.train.replace(members=len(grid)))
-    key = {**_sweep_key(sweep), "models_per_task": per}
+    key = _sweep_key(sweep)
     run = Run.create(cfg.name, cfg.to_dict(), root, force) if save else None
-    if run is not None and run.resume(SWEEP_FILE, key, force):
+    if run is not None and _resume(run, key, force):
         return load_sweep(run)
     specs = {f"models{a:05d}-{min(a + per, len(grid)) - 1:05d}":
              {"base": base, "grid": grid[a:a + per], "sweep": sweep}
              for a in range(0, len(grid), per)}
-    store = TaskStore(run, "tasks", {**key, "experiment": cfg.to_dict()}, force) if run \
-        else None
+    store = TaskStore(run, "tasks", {**key, "models_per_task": per,
+                                     "experiment": cfg.to_dict()}, force) if run else None
     parts = list(run_tasks(executor, sweep_task, specs, store).values())
     metrics = {k: [v for p in parts for v in p["metrics"][k]] for k in parts[0]["metrics"]}
     basins = [BasinResult.from_dict(b) for p in parts for b in p["basins"]]
