@@ -27,6 +27,11 @@ def _normalise(x_uint8: np.ndarray, name: str) -> np.ndarray:
     return (x_uint8.astype(np.float32) / 255.0 - mean) / std
 
 
+def _given(n: int | None, default: int) -> int:
+    """A size the user asked for (0 included), else the default."""
+    return default if n is None else n
+
+
 def _need_dir(cfg: DataConfig, name: str, hint: str) -> Path:
     if not cfg.data_dir:
         raise DataError(f"{name} needs --data-dir pointing at {hint}")
@@ -36,25 +41,47 @@ def _need_dir(cfg: DataConfig, name: str, hint: str) -> Path:
     return root
 
 
+def _regular(path: Path, what: str) -> None:
+    if not path.is_file() or path.stat().st_size > 2**31:  # not a FIFO, a device, a folder
+        raise DataError(f"{path} is not {what} (not a regular file under 2 GiB)")
+
+
+def _checked(x, y, path: Path, what: str, shape: tuple[int, ...], labels: range
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` if ``x`` is a uint8 array of ``shape`` (``-1``: the image count) and ``y``
+    one integer label in ``labels`` per image; else one DataError line (a cast would
+    wrap, truncate or reshape bad contents into plausible images)."""
+    x, y = np.asarray(x), np.asarray(y)
+    n = x.shape[shape.index(-1)] if x.ndim == len(shape) else -1
+    ok_x = x.dtype == np.uint8 and x.ndim == len(shape) and all(
+        a == b for a, b in zip(x.shape, shape) if b != -1)
+    ok_y = y.dtype.kind in "iub" or (y.dtype.kind == "f" and np.array_equal(y, np.round(y)))
+    y = y.reshape(-1)
+    if not (ok_x and ok_y and len(y) == n and (not n or (
+            labels.start <= y.min() and y.max() < labels.stop))):
+        raise DataError(f"{path} is not {what}: images {x.dtype} {tuple(x.shape)} (want uint8 "
+                        f"{tuple('N' if b == -1 else b for b in shape)}), labels {y.dtype} x "
+                        f"{len(y)} (want one integer in {labels.start}..{labels.stop - 1} "
+                        "per image)")
+    return x, y.astype(np.int64)
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     # CIFAR-10's python batches are pickles of plain dicts of numpy arrays. Only
     # builtins and numpy array reconstruction are allowed: no code from the file runs.
     try:
-        if path.stat().st_size > 2**30 or not path.is_file():
-            raise DataError(f"{path} is not a CIFAR-10 batch (not a regular file under 1 GiB)")
+        _regular(path, "a CIFAR-10 batch")
         with open(path, "rb") as f:
             d = _SafeUnpickler(f, encoding="bytes").load()
-        x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        y = np.asarray(d[b"labels"], dtype=np.int64).reshape(-1)
+        x, y = _checked(d[b"data"], d[b"labels"], path, "a CIFAR-10 python batch",
+                        (-1, 3072), range(10))
+        x = x.reshape(-1, 3, 32, 32)
     except DataError:
         raise
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, IndexError,
             AttributeError, UnicodeDecodeError, OverflowError) as e:
         why = "it is empty" if isinstance(e, EOFError) else f"{type(e).__name__}: {e}"
         raise DataError(f"{path} is not a CIFAR-10 python batch ({why[:120]})") from None
-    if len(x) != len(y) or (len(y) and not (0 <= y.min() and y.max() < 10)):
-        raise DataError(f"{path} is not a CIFAR-10 python batch ({len(x)} images, "
-                        f"{len(y)} labels, labels must be 0..9)")
     return x, y
 
 
@@ -91,9 +118,9 @@ def cifar10(cfg: DataConfig) -> Dataset:
     rng = np.random.RandomState(_seed(cfg, 0))
     perm = rng.permutation(len(x))
     n_p = min(10000 if cfg.n_poison is None else cfg.n_poison, len(x) // 2)
-    n_tr = cfg.n_train or len(x) - n_p
+    n_tr = _given(cfg.n_train, len(x) - n_p)
     p_idx, tr_idx = perm[:n_p], perm[n_p:n_p + n_tr]
-    n_te = cfg.n_test or len(xt)
+    n_te = _given(cfg.n_test, len(xt))
     return _make("cifar10", _normalise(x[tr_idx], "cifar10"), y[tr_idx],
                  _normalise(xt[:n_te], "cifar10"), yt[:n_te],
                  _normalise(x[p_idx], "cifar10"), y[p_idx], 10)
@@ -102,13 +129,15 @@ def cifar10(cfg: DataConfig) -> Dataset:
 def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     from scipy.io import loadmat
 
+    _regular(path, "an SVHN .mat file")
     try:
         d = loadmat(path)
-        x = np.transpose(d["X"], (3, 2, 0, 1))  # (32, 32, 3, N) -> (N, 3, 32, 32)
-        y = d["y"].ravel().astype(np.int64) % 10  # SVHN stores digit 0 as label 10
+        x, y = d["X"], d["y"]
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
         raise DataError(f"svhn: cannot read {path}: {e}") from None
-    return x, y
+    x, y = _checked(x, y, path, "an SVHN cropped-digit file", (32, 32, 3, -1), range(1, 11))
+    # (32, 32, 3, N) -> (N, 3, 32, 32); SVHN stores digit 0 as label 10
+    return np.transpose(x, (3, 2, 0, 1)), y % 10
 
 
 def svhn(cfg: DataConfig) -> Dataset:
@@ -126,14 +155,14 @@ def svhn(cfg: DataConfig) -> Dataset:
     rng = np.random.RandomState(_seed(cfg, 0))
     if (root / "extra_32x32.mat").exists():  # the paper's poison source
         xp, yp = _read_svhn_mat(root / "extra_32x32.mat")
-        pp = rng.permutation(len(xp))[: cfg.n_poison or 50000]
+        pp = rng.permutation(len(xp))[: _given(cfg.n_poison, 50000)]
         xp, yp = xp[pp], yp[pp]
-        tr = np.arange(len(x))[: cfg.n_train or len(x)]
+        tr = np.arange(len(x))[: _given(cfg.n_train, len(x))]
     else:  # hold out part of train instead
         perm = rng.permutation(len(x))
-        n_p = cfg.n_poison or len(x) // 5
+        n_p = _given(cfg.n_poison, len(x) // 5)
         xp, yp = x[perm[:n_p]], y[perm[:n_p]]
-        tr = perm[n_p:][: cfg.n_train or len(x)]
-    n_te = cfg.n_test or len(xt)
+        tr = perm[n_p:][: _given(cfg.n_train, len(x))]
+    n_te = _given(cfg.n_test, len(xt))
     return _make("svhn", _normalise(x[tr], "svhn"), y[tr], _normalise(xt[:n_te], "svhn"),
                  yt[:n_te], _normalise(xp, "svhn"), yp, 10)

@@ -1,4 +1,5 @@
 import math
+import os
 import pickle
 
 import numpy as np
@@ -143,6 +144,66 @@ def test_svhn_missing_and_corrupt(tmp_path):
         load_dataset(DataConfig("svhn", data_dir=str(tmp_path)))
     with pytest.raises(DataError, match="does not exist"):
         load_dataset(DataConfig("svhn", data_dir=str(tmp_path / "nope")))
+
+
+def _bad_cifar(tmp_path, data, labels):
+    root = tmp_path / "cifar-10-batches-py"
+    if not root.exists():
+        _write_cifar(root)
+    with open(root / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": data, b"labels": labels}, f)
+    return DataConfig("cifar10", data_dir=str(tmp_path), n_poison=30)
+
+
+@pytest.mark.parametrize("data,labels", [
+    (np.random.rand(20, 3072), list(range(10)) * 2),                # floats in [0, 1]
+    (np.full((20, 3072), 300, dtype=np.int64), list(range(10)) * 2),  # would wrap
+    (np.zeros((20, 3072), dtype=">u2"), list(range(10)) * 2),      # big-endian 16-bit
+    (np.zeros((40, 1536), dtype=np.uint8), list(range(10)) * 2),   # 20 scrambled images
+    (np.zeros((20, 3072), dtype=np.uint8), [3.7] * 20),            # truncated labels
+    (np.zeros((20, 3072), dtype=np.uint8), list(range(10))),       # labels missing
+    (np.zeros((20, 3072), dtype=np.uint8), [10] * 20),             # no such class
+])
+def test_cifar_batch_with_bad_contents_is_refused_not_cast(tmp_path, data, labels):
+    with pytest.raises(DataError, match="data_batch_3 is not a CIFAR-10 python batch"):
+        load_dataset(_bad_cifar(tmp_path, data, labels))
+
+
+def _svhn(tmp_path, x_train=None, y_train=None, n=20):
+    from scipy.io import savemat
+
+    rng = np.random.RandomState(0)
+    x = rng.randint(0, 256, (32, 32, 3, n), dtype=np.uint8) if x_train is None else x_train
+    y = rng.randint(1, 11, (n, 1)) if y_train is None else y_train
+    savemat(tmp_path / "train_32x32.mat", {"X": x, "y": y})
+    savemat(tmp_path / "test_32x32.mat", {"X": rng.randint(0, 256, (32, 32, 3, 10), np.uint8),
+                                          "y": rng.randint(1, 11, (10, 1))})
+    return DataConfig("svhn", data_dir=str(tmp_path), n_poison=4)
+
+
+@pytest.mark.parametrize("x,y", [
+    (None, np.ones((7, 1))),                                     # 7 labels for 20 images
+    (None, np.ones((40, 1))),
+    (None, np.zeros((20, 1))),                                   # SVHN labels are 1..10
+    (None, np.full((20, 1), 42)),
+    (None, np.full((20, 1), 2.5)),
+    (np.zeros((28, 28, 3, 20), np.uint8), None),                 # not 32x32
+    (np.zeros((32, 32, 1, 20), np.uint8), None),                 # one channel
+    (np.random.rand(32, 32, 3, 20), None),                       # floats in [0, 1]
+    (np.full((32, 32, 3, 20), 1000, np.int16), None),
+])
+def test_svhn_with_bad_contents_is_refused_not_cast(tmp_path, x, y):
+    with pytest.raises(DataError, match="train_32x32.mat is not an SVHN cropped-digit file"):
+        load_dataset(_svhn(tmp_path, x, y))
+
+
+def test_svhn_sizes_of_zero_are_sizes_and_a_fifo_is_refused(tmp_path):
+    cfg = _svhn(tmp_path)
+    assert len(load_dataset(cfg.replace(n_poison=0)).y_poison) == 0
+    (tmp_path / "test_32x32.mat").unlink()
+    os.mkfifo(tmp_path / "test_32x32.mat")  # reading it would block for ever
+    with pytest.raises(DataError, match="not a regular file"):
+        load_dataset(cfg)
 
 
 def _on_spiral(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
