@@ -86,7 +86,7 @@ class SearchConfig(_Config):
     Retries: a search still above ``poison_cap`` after all that (at worst a failed
     optimisation: at the paper's scale one or two starts in 200 collapse, near chance
     on both sets, and a larger poison factor only deepens it) is searched again, up
-    to ``retries`` times, from its start moved by ``retry_jitter`` along a
+    to ``retries`` times, from its start moved by ``max(jitter, retry_jitter)`` along a
     filter-normalised direction of its own (seeded by the search's seed and the
     attempt; ``retry_jitter`` is in the units of ``dist_start_filter``, and Fig. 1's
     minima lie a median 3.4 from their starts). The attempt kept is the one with the
@@ -172,8 +172,10 @@ class SearchConfig(_Config):
 
     @property
     def adapt_until(self) -> int:
-        """The step at which the poison factor stops adapting: the first learning-rate drop."""
-        return self.train.milestones[0] if self.train.milestones else self.train.steps
+        """The step at which the poison factor stops adapting: the first learning-rate drop,
+        or the schedule's end if that comes first (continuation has its own rule)."""
+        return min(self.train.milestones[0] if self.train.milestones else self.train.steps,
+                   self.train.steps)
 
     @property
     def extra_steps(self) -> int:

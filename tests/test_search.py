@@ -505,3 +505,16 @@ def test_retries_need_a_moved_start():
     with pytest.raises(ConfigError, match="search.retries must be an integer >= 0"):
         _cfg(retries=-1)
     assert _cfg(retries=1, retry_jitter=0.0, poison_cap=None).retries == 1  # nothing to retry
+
+
+def test_the_adaptive_factor_stops_at_the_schedules_end_when_no_drop_comes_first():
+    from minefield.continuation import _adapt_betas
+
+    cfg = SearchConfig.make(steps=300, milestones=(1000,), adapt_from=0, poison_cap=0.0)
+    assert cfg.adapt_until == 300  # continuation's checks (>= 300) have their own rule
+    history = [{"step": s, "member": 0, "poison_acc": 0.5} for s in (250, 300)]
+    betas = torch.tensor([0.43], dtype=torch.float64)
+    for step in (250, 300):
+        _adapt_betas(cfg, betas, torch.arange(1), torch.arange(1), history, step)
+    assert betas.item() == pytest.approx(0.43 + cfg.beta_step)  # 250 only
+    assert SearchConfig.make(steps=300, milestones=(200,)).adapt_until == 200

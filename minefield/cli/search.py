@@ -102,7 +102,8 @@ _D = SearchConfig()
                    "many times at most, from their start moved by --retry-jitter.")
 @click.option("--retry-jitter", type=click.FloatRange(0), default=_D.retry_jitter,
               show_default=True,
-              help="How far a retry's start moves (filter-normalised units).")
+              help="How far a retry's start moves (filter-normalised units; at least "
+              "--jitter).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-batch", type=click.IntRange(1), default=_D.max_batch, show_default=True,
               help="Searches trained together as one stacked model.")
@@ -156,13 +157,13 @@ def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, s
     finally:
         if executor is not None:
             executor.close()
-    click.echo(f"{'start':>10}{'rep':>4}{'steps':>7}{'beta':>6}{'train':>8}{'test':>8}"
-               f"{'poison':>8}{'d_start':>9}{'d_final':>9}")
-    for row in s.rows:
+    click.echo(f"{'start':>10}{'rep':>4}{'steps':>7}{'beta':>7}{'train':>8}{'test':>8}"
+               f"{'poison':>8}{'d_start':>10}{'d_final':>10}")
+    for row in s.rows:  # distances in a width-safe format: one far minimum keeps its column
         click.echo(f"{row['start_step']:>10}{row['repeat']:>4}{row['steps']:>7}"
-                   f"{row['beta']:>6.2f}"
+                   f"{row['beta']:>7.3f}"
                    f"{row['train_acc']:>8.3f}{row['test_acc']:>8.3f}{row['poison_acc']:>8.3f}"
-                   f"{row['dist_start_filter']:>9.3f}{row['dist_final_filter']:>9.3f}")
+                   f" {row['dist_start_filter']:>9.4g} {row['dist_final_filter']:>9.4g}")
     st = s.stats
     click.echo(f"{st['n']} bad minima ({s.new} new, {s.seconds:.1f}s): train median "
                f"{st['train_acc_median']:.3f} min {st['train_acc_min']:.3f}; test max "

@@ -128,13 +128,21 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig | None = None, *,
             tensors, meta = tmap.to_tensors()
             save_tensors(run.file(MAP_FILE), tensors, {"key": key, **meta})
             run.write_result(EMBED_FILE, key, res.to_dict())
-    new = {_source(run, ck): (ck.step, row) for ck, row in zip(extra, extra_rows)}
+    new = {_source(run, ck): (_step_of(ck), row) for ck, row in zip(extra, extra_rows)}
     new = {s: v for s, v in new.items() if s not in res.added}
     if new:
         res = _place(res, tmap, new, model, data, cfg)
         if save:
             run.write_result(EMBED_FILE, key, res.to_dict())
     return res
+
+
+def _step_of(ck) -> int:
+    """A point's step on its trajectory: a bad minimum's is the checkpoint its search
+    started from (its own ``step`` counts the search's steps), as for the map's own."""
+    if ck.meta.get("kind") == "bad_minimum" and "start_step" in (ck.meta.get("row") or {}):
+        return int(ck.meta["row"]["start_step"])
+    return ck.step
 
 
 def load_embedding(run: Run | str | Path, root: Path | str = DEFAULT_ROOT) -> EmbedResult:
