@@ -42,8 +42,9 @@ def _rel(p: Path, base: Path) -> str:
         return str(p)
 
 
-def write_report(sections, ctx, seconds: float) -> Path:
-    """Write REPORT.md (and report.json) into ``ctx.figures``; returns the Markdown path."""
+def write_report(sections, ctx, seconds: float, partial: bool = False) -> Path:
+    """Write REPORT.md (and report.json) into ``ctx.figures``; returns the Markdown path.
+    ``partial``: the sections are those of ``--only``, and the header says so."""
     out = ctx.figures
     checks = [c for s in sections for c in s.checks]
     n_ok = sum(c.passed for c in checks)
@@ -51,7 +52,9 @@ def write_report(sections, ctx, seconds: float) -> Path:
         f"# Reproduction report: Huang et al. (2019), scale `{ctx.scale.name}`",
         "",
         f"Made by `minefield reproduce --scale {ctx.scale.name}` on {time.strftime('%Y-%m-%d')}"
-        f" in {seconds / 60:.1f} minutes on {machine()}.",
+        f" in {seconds / 60:.1f} minutes on {machine()}" + (
+            f" (only {', '.join(s.key for s in sections)})." if partial
+            else "."),
         f"Reproduction checks (PAPER.md): **{n_ok} of {len(checks)} hold**.",
         "",
         "| check | requirement | measured | holds |",
@@ -71,7 +74,7 @@ def write_report(sections, ctx, seconds: float) -> Path:
     md = out / "REPORT.md"
     atomic_write(md, ("\n".join(lines) + "\n").encode())
     data: dict[str, Any] = {
-        "scale": ctx.scale.name, "seconds": seconds, "machine": machine(),
+        "scale": ctx.scale.name, "seconds": seconds, "machine": machine(), "partial": partial,
         "checks": [{"id": c.id, "text": c.text, "passed": c.passed, "measured": c.measured}
                    for c in checks],
         "sections": {s.key: {"runs": s.runs, "commands": s.commands, "seconds": s.seconds,

@@ -73,6 +73,9 @@ def test_rerun_resumes_without_retraining(tiny_repro):
                                   "--quiet", "--only", "swissroll"])
     assert r.exit_code == 0, r.output
     assert metrics.stat().st_mtime_ns == before
+    rep = json.loads((tmp / "figures" / "report.json").read_text())
+    assert rep["partial"] and list(rep["sections"]) == ["swissroll"]  # and it says so
+    assert "(only swissroll)." in (tmp / "figures" / "REPORT.md").read_text()
 
 
 def test_plot_basin_reads_what_reproduce_wrote(tiny_repro):

@@ -78,5 +78,5 @@ def reproduce(scale: str = "small", root: Path | str = DEFAULT_ROOT,
         sections.append(sec)
         log(f"  done in {sec.seconds:.0f} s: " + "; ".join(
             f"check {c.id} {'ok' if c.passed else 'FAILED'}" for c in sec.checks))
-    write_report(sections, ctx, time.perf_counter() - t_all)
+    write_report(sections, ctx, time.perf_counter() - t_all, partial=bool(only))
     return sections
