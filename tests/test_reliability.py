@@ -130,7 +130,7 @@ def _cases() -> list[Case]:
                      ("text", r"not a CIFAR-10 python batch"),
                      ("nokey", r"not a CIFAR-10 python batch \(KeyError"),
                      ("list", r"not a CIFAR-10 python batch"),
-                     ("labels", r"labels must be 0\.\.9"),
+                     ("labels", r"want one integer in 0\.\.9 per image"),
                      ("code", r"refusing to load builtins\.print")]:
         out.append(Case(f"cifar-{key}", ("train", "--name", "c", "--dataset", "cifar10",
                                          "--data-dir", f"{{files}}/cifar-{key}", "-q"),
