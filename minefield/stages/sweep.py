@@ -89,9 +89,10 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
     grid = [(b, s) for b in sweep.betas for s in sweep.seeds]
     spec = sweep_spec(base, sweep)
     key = _sweep_key(sweep)
-    if (Path(root) / base.name / SWEEP_FILE).exists() and _resume(  # before any training
-            Run.open(Path(root) / base.name), key, force):
-        return load_sweep(Run.open(Path(root) / base.name))
+    if (Path(root) / base.name / SWEEP_FILE).exists():  # decided before any training
+        run = Run.open(Path(root) / base.name).lock()
+        if _resume(run, key, force):
+            return load_sweep(run)
     run_stack(spec, root, progress=progress, force=force)
     run = Run.open(Path(root) / base.name)
     if _resume(run, key, force):
