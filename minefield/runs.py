@@ -326,6 +326,20 @@ class Run:
         d = self.file("trajectory")
         return sorted(d.glob("step_*.safetensors")) if d.is_dir() else []
 
+    def fingerprint(self, rel: str | Path) -> str:
+        """``"<run>/<rel>:<sha256 of its tensors, 16 hex>"``: names a checkpoint of this run
+        in another run's result key, so that retraining this run (same file name, other
+        weights) makes that result stale instead of silently reused."""
+        import hashlib
+
+        path = Path(rel) if Path(rel).is_absolute() else self.file(str(rel))
+        ck = self.load_checkpoint(path)
+        h = hashlib.sha256()
+        for k, v in sorted({**ck.params, **{f"buffer.{b}": t for b, t in ck.buffers.items()}}
+                           .items()):
+            h.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
+        return f"{self.name}/{path.relative_to(self.path)}:{h.hexdigest()[:16]}"
+
 
 _LOCK_FILE = ".lock"
 

@@ -143,3 +143,17 @@ def test_basin_estimator_errors_are_one_line_and_write_nothing(runs, args, messa
     assert res.exit_code == code and message in res.output
     assert "Traceback" not in res.output
     assert not (runs / "a" / "basin" / "bad.json").exists()
+
+
+def test_a_line_to_a_retrained_run_is_not_reused(tmp_path):
+    from tests.conftest import tiny_config
+
+    train_run(tiny_config("a"), tmp_path, progress=False)
+    train_run(tiny_config("b", seed=1), tmp_path, progress=False)
+    line = ["landscape", "a", "--other", "b", "--points", "3"]
+    assert _invoke(tmp_path, *line).exit_code == 0
+    assert "reusing" in _invoke(tmp_path, *line).output
+    train_run(tiny_config("b", seed=2), tmp_path, progress=False, force=True)  # same file name
+    res = _invoke(tmp_path, *line)
+    assert res.exit_code != 0 and "holds results for other settings" in res.output
+    assert _invoke(tmp_path, *line, "--force").exit_code == 0

@@ -234,6 +234,17 @@ def test_connect_command_writes_reuses_and_plots(cli, tmp_path, monkeypatch):
     assert (tmp_path / "figures" / "connect_g_default.png").stat().st_size > 10_000
 
 
+def test_a_retrained_endpoint_is_not_reused(cli, tmp_path):
+    assert cli("train", "--name", "a", *TINY).exit_code == 0
+    assert cli("train", "--name", "b", "--seed", "1", *TINY).exit_code == 0
+    args = ["connect", "a", "b", "--steps", "5", "--points", "3"]
+    assert cli(*args).exit_code == 0 and "reusing" in cli(*args).output
+    # b trained again, other weights under the same checkpoint name: a stale result
+    assert cli("train", "--name", "b", "--seed", "2", "--force", *TINY).exit_code == 0
+    r = cli(*args)
+    assert r.exit_code != 0 and "holds results for other settings" in r.output
+
+
 def test_connect_to_the_minima_of_a_search(cli, tmp_path):
     assert cli("train", "--name", "g", *TINY).exit_code == 0
     r = cli("connect", "g", "g", "--minima")

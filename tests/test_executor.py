@@ -277,6 +277,10 @@ def test_sweep_with_one_model_per_task_equals_models_trained_alone(tiny, tmp_pat
                                     volume=VolumeConfig(n_directions=4)), tmp_path,
                   progress=False)
     assert {p: p.read_bytes() for p in res.run.path.rglob("*") if p.is_file()} == files
+    other = base.replace(train=base.train.replace(lr=base.train.lr * 2))  # other models
+    with pytest.raises(RunError, match="different config"):
+        sweep_run(other, sc, tmp_path, progress=False)
+    assert {p: p.read_bytes() for p in res.run.path.rglob("*") if p.is_file()} == files
 
 
 # --- Ray ----------------------------------------------------------------------------------------

@@ -123,7 +123,8 @@ def connect_run(run_a: Run | str | Path, run_b: Run | str | Path,
     b = stack([{k: v[0] for k, v in p.items()} for p in bs])
     pairs = [{"a": [run_a.name, checkpoint_a, member_a],
               "b": [run_b.name, ck, 0 if minima else member_b]} for ck in ends_b]
-    key = {"connect": cfg.to_dict(), "pairs": pairs}
+    key = {"connect": cfg.to_dict(), "pairs": pairs,  # b's ends by content (see fingerprint)
+           "b_ends": [run_b.fingerprint(ck) for ck in ends_b]}
     rel, ctl = f"connect/{tag}.json", f"connect/{tag}.safetensors"
     run_a.lock()
     if run_a.resume(rel, key, force):

@@ -97,7 +97,8 @@ def load_landscape(run: Run | str | Path, tag: str = "default", root: Path | str
     tensors, meta = load_tensors(path)
     values = {k[7:]: v for k, v in tensors.items() if k.startswith("values.")}
     with reading(path):
-        cfg = LandscapeConfig.from_dict(meta["key"])
+        cfg = LandscapeConfig.from_dict({k: v for k, v in meta["key"].items()
+                                         if k != "other_end"})
         if "ts" in tensors:
             return Slice(tensors["ts"], values, meta["key"]), cfg
         return Surface(tensors["xs"], tensors["ys"], values, tensors["done"].bool(),
@@ -135,6 +136,11 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
     run = run if isinstance(run, Run) else Run.open(run, root)
     path = _path(run, tag)
     key = cfg.to_dict()
+    if cfg.dim == 1 and cfg.other:  # the other end by content: a retrained run is another
+        other = Run.open_named(cfg.other, run.path.parent)
+        if not other.trajectory():
+            raise RunError(f"run {other.path} has no trajectory checkpoints (was it trained?)")
+        key["other_end"] = other.fingerprint(other.trajectory()[-1])
     partial = None
     run.lock()
     if run.resume(str(path.relative_to(run.path)), key, force):

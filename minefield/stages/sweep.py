@@ -91,7 +91,10 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
     key = _sweep_key(sweep)
     if (Path(root) / base.name / SWEEP_FILE).exists():  # decided before any training
         run = Run.open(Path(root) / base.name).lock()
-        if _resume(run, key, force):
+        # the same models (else run_stack refuses, or with force retrains them), then the
+        # same measurements (else refused here)
+        if run.config == json.loads(json.dumps(spec.config.to_dict())) and _resume(
+                run, key, force):
             return load_sweep(run)
     run_stack(spec, root, progress=progress, force=force)
     run = Run.open(Path(root) / base.name)
