@@ -62,6 +62,8 @@ def test_basin_writes_json_reuses_and_refuses_other_settings(runs):
     (["landscape", "a", "--other", "b", "--dim", "2"], "use it with --dim 1"),
     (["landscape", "a", "--splits", "val", "--tag", "bad"], "unknown split 'val'"),
     (["plot", "landscape", "a", "--tag", "never"], "no landscape"),
+    (["plot", "boundary", "a", "b", "--checkpoint", "trajectory/step_00000020.safetensors"],
+     "give one run with it"),
 ])
 def test_errors_are_one_line(runs, args, msg):
     res = _invoke(runs, *args)

@@ -117,3 +117,22 @@ def test_errors():
     with pytest.raises(ValueError, match="single member"):
         slice_1d(model, {k: torch.cat([a[k], b[k]]) for k in a}, line_direction(a, b),
                  torch.zeros(2), data)
+
+
+def test_a_slice_plots_every_split_of_a_kind_or_the_one_asked_for():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from minefield.landscape import Slice
+    from minefield.plotting.landscape import plot_slice
+
+    ts = torch.linspace(0, 1, 3)
+    vals = {f"{s}_{k}": torch.rand(3) + 0.1 for s in ("train", "test") for k in ("loss", "acc")}
+    res = Slice(ts, vals, {})
+    assert [ln.get_label() for ln in plot_slice(res, metric="loss").get_lines()] == [
+        "train", "test"]
+    only = plot_slice(res, metric="test_loss").get_lines()
+    assert [ln.get_label() for ln in only] == ["test"]
+    assert only[0].get_ydata().tolist() == vals["test_loss"].tolist()
+    with pytest.raises(ValueError, match="no 'val_loss' values"):
+        plot_slice(res, metric="val_loss")

@@ -282,8 +282,9 @@ def _summary(res: Slice | Surface) -> None:
 @tag_option
 @click.option("--kind", "plot_kind", type=click.Choice(["contour", "contourf", "surface3d"]),
               default="contour", show_default=True, help="For 2-D surfaces.")
-@click.option("--metric", default="train_loss", show_default=True,
-              help="2-D: which values (train_loss, test_acc, ...); 1-D: loss or acc.")
+@click.option("--metric", help="2-D: which values (train_loss, test_acc, ...; default "
+              "train_loss); 1-D: loss or acc of every split (default loss), or one split's "
+              "(test_loss, ...).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Output path without extension (default: figures/landscape_<run>_<tag>).")
 @click.pass_context
@@ -296,10 +297,10 @@ def plot_landscape_cmd(ctx, run, tag, plot_kind, metric, out):
     r = open_run(ctx, run)
     res, cfg = load_landscape(r, _tag(tag))
     if isinstance(res, Slice):
-        m = metric.split("_")[-1]
-        ax = plot_slice(res, metric=m, ends=(r.name, cfg.other) if cfg.other else None)
+        ax = plot_slice(res, metric=metric or "loss",
+                        ends=(r.name, cfg.other) if cfg.other else None)
     else:
-        ax = plot_surface(res, kind=plot_kind, metric=metric)
+        ax = plot_surface(res, kind=plot_kind, metric=metric or "train_loss")
     out = out or _FIGURES / f"landscape_{r.name}_{tag}"
     for p in save_figure(ax.figure, out):
         click.echo(f"wrote {p}")

@@ -224,6 +224,9 @@ def _run_line(p: Path) -> str:
 @friendly
 def plot_boundary_cmd(ctx, runs, out, checkpoint):
     """Decision boundary with train/test points and errors marked (paper Fig. 3)."""
+    if checkpoint and len(runs) > 1:
+        raise click.BadParameter("a checkpoint file names one run's; give one run with it",
+                                 param_hint="'--checkpoint'")
     import matplotlib.pyplot as plt
 
     fig, axs = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4.2), squeeze=False)

@@ -15,7 +15,8 @@ SURFACE_KINDS = ("contour", "contourf", "surface3d")
 
 def plot_slice(result: Slice, ax=None, metric: str = "loss", log: bool | None = None,
                ends: tuple[str, str] | None = None):
-    """Metric along a 1-D slice, one curve per split (train solid, test dashed).
+    """Metric along a 1-D slice: ``loss`` or ``acc`` one curve per split (train solid,
+    test dashed), or one split's values (``test_loss``).
 
     ``ends`` labels t = 0 and t = 1 (e.g. the good and the bad model of a line).
     Loss uses a log axis unless ``log=False``.
@@ -23,14 +24,16 @@ def plot_slice(result: Slice, ax=None, metric: str = "loss", log: bool | None = 
     ax = axes(ax)
     ts = result.ts.numpy()
     styles = {"train": ("-", GOOD), "test": ("--", BAD), "poison": (":", "#2ca02c")}
-    keys = [k for k in result.values if k.endswith(f"_{metric}")]
+    kind = metric.rsplit("_", 1)[-1]
+    keys = ([metric] if metric in result.values else
+            [k for k in result.values if k.endswith(f"_{metric}")])
     if not keys:
         raise ValueError(f"no {metric!r} values in this slice; have {sorted(result.values)}")
     for k in keys:
-        split = k[: -len(metric) - 1]
+        split = k[: -len(kind) - 1]
         ls, color = styles.get(split, ("-", "k"))
         ax.plot(ts, result.values[k].numpy(), ls=ls, color=color, label=split)
-    if (log if log is not None else metric == "loss"):
+    if (log if log is not None else kind == "loss"):
         ax.set_yscale("log")
     if ends:
         for t, name in zip((0.0, 1.0), ends):
