@@ -93,12 +93,12 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
         run = Run.open(Path(root) / base.name).lock()
         # the same models (else run_stack refuses, or with force retrains them), then the
         # same measurements (else refused here)
-        if run.config == json.loads(json.dumps(spec.config.to_dict())) and _resume(
-                run, key, force):
+        if run.config == json.loads(json.dumps(spec.config.to_dict())) and run.resume(
+                SWEEP_FILE, key, force):
             return load_sweep(run)
     run_stack(spec, root, progress=progress, force=force)
     run = Run.open(Path(root) / base.name)
-    if _resume(run, key, force):
+    if run.resume(SWEEP_FILE, key, force):
         return load_sweep(run)
     saved = run.read_json(MODELS_FILE)
     with reading(run.file(MODELS_FILE)):
@@ -125,17 +125,6 @@ def _sweep_key(sweep: SweepConfig) -> dict:
     return key
 
 
-def _resume(run: Run, key: dict, force: bool) -> bool:
-    """:meth:`Run.resume` of ``sweep.json``; a result saved with its split in the key
-    (``models_per_task``, before the split left the key) counts as the same."""
-    if run.exists(SWEEP_FILE) and not force:
-        with reading(run.file(SWEEP_FILE)):
-            old = dict(run.read_json(SWEEP_FILE).get("key") or {})
-        old.pop("models_per_task", None)
-        if old == json.loads(json.dumps(key)):
-            return True
-    return run.resume(SWEEP_FILE, key, force)
-
 
 def _sweep_tasks(base: ExperimentConfig, sweep: SweepConfig, root: Path | str, force: bool,
                  save: bool, executor: Executor, per_task: int | None) -> SweepResult:
@@ -151,7 +140,7 @@ def _sweep_tasks(base: ExperimentConfig, sweep: SweepConfig, root: Path | str, f
     cfg = base.replace(train=base.train.replace(members=len(grid)))
     key = _sweep_key(sweep)
     run = Run.create(cfg.name, cfg.to_dict(), root, force) if save else None
-    if run is not None and _resume(run, key, force):
+    if run is not None and run.resume(SWEEP_FILE, key, force):
         return load_sweep(run)
     specs = {f"models{a:05d}-{min(a + per, len(grid)) - 1:05d}":
              {"base": base, "grid": grid[a:a + per], "sweep": sweep}
