@@ -131,7 +131,22 @@ def read_json(path: Path) -> Any:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write tensors plus JSON metadata as one safetensors file, atomically."""
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, st_save(flat, metadata={"minefield": json.dumps(meta), "format": FORMAT}))
+    raw = st_save(flat, metadata={"minefield": json.dumps(meta), "format": FORMAT})
+    atomic_write(path, _canonical(raw))
+
+
+def _canonical(raw: bytes) -> bytes:
+    """``raw`` with its metadata keys in sorted order: safetensors writes them in a hash
+    map's random order, so the same tensors and metadata gave different bytes (and
+    checksums) from one save to the next. The header is padded with spaces to a
+    multiple of 8 bytes, as the format allows; the tensor offsets are relative to the
+    data, which is unchanged."""
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
 
 
 def load_tensors(path: Path, device: str | torch.device = "cpu"

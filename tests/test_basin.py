@@ -239,3 +239,13 @@ def test_rollouts_follow_the_basin_directions():
     ref = evaluate_points_loop(model, c, d, torch.linspace(-1, 1, 5).expand(3, -1), x, y)[0]
     torch.testing.assert_close(ro.loss, ref, rtol=1e-10, atol=1e-12)
     assert flatten(c).shape[1] > 0
+
+
+def test_adam_preconditioner_scales_by_the_batch_actually_drawn():
+    # a batch larger than the training set is the full set (train._batch_indices)
+    from types import SimpleNamespace
+
+    from minefield.stages.basin import _adam_batch
+    data = SimpleNamespace(y_train=torch.zeros(40))
+    exp = lambda bs: SimpleNamespace(train=SimpleNamespace(batch_size=bs))  # noqa: E731
+    assert [_adam_batch(exp(bs), data) for bs in (None, 8, 40, 256)] == [40, 8, 40, 40]

@@ -470,6 +470,25 @@ def test_runs_lists_an_unreadable_run_and_the_others(base, tmp_path):
     assert any(ln.startswith("good") and "blobs" in ln for ln in lines)
 
 
+def test_runs_names_studies_sweeps_and_mixed_stacks(base, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(base / "good", root / "good")
+    good = json.loads((root / "good" / "config.json").read_text())
+    (root / "st").mkdir()
+    (root / "st" / "config.json").write_text(json.dumps({"kind": "study", "base": good}))
+    shutil.copytree(root / "good", root / "sw")
+    (root / "sw" / "sweep.json").write_text("{}")
+    shutil.copytree(root / "good", root / "mx")
+    summary = json.loads((root / "mx" / "summary.json").read_text())
+    (root / "mx" / "summary.json").write_text(json.dumps({**summary, "betas": [0.0, 0.5]}))
+    res = CliRunner().invoke(main, ["--root", str(root), "runs"])
+    assert res.exit_code == 0, res.output
+    rows = {ln.split()[0]: ln.split() for ln in res.output.splitlines()[1:]}
+    assert rows["st"][1:4] == ["blobs", good["model"]["name"], "study"]
+    assert rows["sw"][3] == "sweep" and rows["mx"][3] == "mixed"
+    assert rows["good"][3] != "mixed"
+
+
 def test_train_steps_0_saves_the_initialisation_and_resumes(tmp_path):
     args = ["--root", str(tmp_path), "train", "--name", "z", "--dataset", "blobs",
             "--widths", "4", "--steps", "0", "--device", "cpu", "-q"]

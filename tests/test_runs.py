@@ -107,3 +107,19 @@ def test_resume_refuses_results_without_a_key(tmp_path):
     run.write_json("basin/old.json", {"radii": [1.0]})  # the layout before keys
     with pytest.raises(RunError, match="is corrupt or not what minefield wrote"):
         run.resume("basin/old.json", {"a": 1})
+
+
+def test_the_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
+    # safetensors writes its metadata keys in a random hash-map order; 16 saves of one
+    # checkpoint must still be one file, which safetensors itself reads back
+    from safetensors.torch import load_file
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.float64)}
+    files = set()
+    for i in range(16):
+        save_tensors(tmp_path / f"c{i}.safetensors", tensors, {"step": 3, "betas": [0.5]})
+        files.add((tmp_path / f"c{i}.safetensors").read_bytes())
+    assert len(files) == 1
+    got, meta = load_tensors(tmp_path / "c0.safetensors")
+    assert meta == {"step": 3, "betas": [0.5]}
+    for k, v in load_file(tmp_path / "c0.safetensors").items():
+        assert torch.equal(v, tensors[k]) and torch.equal(got[k], tensors[k])

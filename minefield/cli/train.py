@@ -202,8 +202,15 @@ def _run_line(p: Path) -> str:
     s = r.read_json("summary.json") if r.exists("summary.json") else {}
     if not isinstance(cfg, dict) or not isinstance(s, dict):
         raise RunError("config.json or summary.json is not a JSON object")
-    beta = (cfg.get("poison") or {}).get("beta")
-    beta_s = "concat" if beta is None else f"{beta:g}"
+    if cfg.get("kind") == "study":  # a study's own folder: its stacks are runs under it
+        cfg, beta_s = cfg.get("base") or {}, "study"
+    elif r.exists("sweep.json"):
+        beta_s = "sweep"
+    elif isinstance(s.get("betas"), list) and len(set(s["betas"])) > 1:
+        beta_s = "mixed"  # a stack trained with one poison factor per member
+    else:
+        beta = (cfg.get("poison") or {}).get("beta")
+        beta_s = "concat" if beta is None else f"{beta:g}"
 
     def first(k):
         v = s.get(k)

@@ -133,7 +133,7 @@ def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
     model, params, buffers, data, exp = load_run_model(run, checkpoint, resolve_device(device))
     if adam:
         state, _ = load_tensors(run.file("state.safetensors"))
-        b = exp.train.batch_size or len(data.y_train)
+        b = _adam_batch(exp, data)
         results = [basin_volume(model, one(params, i), data, cfg, one(buffers or None, i),
                                 curvature=adam_curvature(state, list(params), i, b))
                    for i in range(next(iter(params.values())).shape[0])]
@@ -146,6 +146,13 @@ def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
     path = run.write_result(rel, key, {"members": [r.to_dict() for r in results],
                                        "rollouts": [r.to_dict() if r else None for r in ros]})
     return BasinRun(results, ros, path)
+
+
+def _adam_batch(exp, data) -> int:
+    """The batch size ``B`` that scales Adam's second moments in :func:`adam_curvature`:
+    the training points per step (all of them when the batch is larger or unset)."""
+    n = len(data.y_train)
+    return min(exp.train.batch_size or n, n)
 
 
 def _basin_tasks(run: Run, tag: str, cfg: VolumeConfig, key: dict, checkpoint: str | None,
@@ -161,7 +168,7 @@ def _basin_tasks(run: Run, tag: str, cfg: VolumeConfig, key: dict, checkpoint: s
                           "estimator only (the others run one task per member)")
     _, params, buffers, data, exp = load_run_model(run, checkpoint, "cpu")
     state = load_tensors(run.file("state.safetensors"))[0] if adam else None
-    batch = exp.train.batch_size or len(data.y_train)
+    batch = _adam_batch(exp, data)
     k = cfg.n_directions
     step = per_task or k
     chains = cfg.estimator is Estimator.MCMC and cfg.mcmc_blocks > 1
