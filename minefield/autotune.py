@@ -80,10 +80,13 @@ def cache_clamped(device: torch.device | str) -> bool:
 
 def probe_key(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
               extra: tuple = ()) -> tuple:
-    """What a probe's answer depends on: the model's class and parameter shapes, the
-    input's shape, the device and dtype (and anything in ``extra``, e.g. the BN policy)."""
+    """What a probe's answer depends on: the model's structure (every submodule's
+    class: two ``nn.Sequential`` with the same shapes but other activations may not
+    share a path) and parameter shapes, the input's shape, the device and dtype (and
+    anything in ``extra``, e.g. the BN policy)."""
     shapes = tuple((k, tuple(v.shape[1:])) for k, v in params.items())
-    return (type(model).__qualname__, shapes, tuple(x.shape[1:]), len(x), str(x.device),
+    structure = tuple((name, type(mod).__qualname__) for name, mod in model.named_modules())
+    return (structure, shapes, tuple(x.shape[1:]), len(x), str(x.device),
             next(iter(params.values())).dtype, *extra)
 
 
@@ -118,7 +121,7 @@ def choose_path(key: tuple, candidates: Sequence[str],
     """
     if len(candidates) == 1:
         return candidates[0]
-    if key not in PROBES:
+    if key not in PROBES or PROBES[key][0] not in candidates:
         cost = {c: timed(run(c), repeats, device) / per for c in candidates}
         PROBES[key] = (pick(cost), cost)
     return PROBES[key][0]

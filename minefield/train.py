@@ -174,8 +174,12 @@ def fit(
     """
     m = n_members(params)
     dev = next(iter(params.values())).device
-    beta_vals = torch.as_tensor(betas, dtype=torch.float64).expand(m).tolist()  # for logs
-    betas_t = torch.tensor(beta_vals, dtype=torch.float32, device=dev)
+    beta_in = torch.as_tensor(betas, dtype=torch.float64).flatten()
+    if beta_in.numel() not in (1, m):
+        raise ValueError(f"{beta_in.numel()} poison factors for {m} members")
+    beta_vals = beta_in.expand(m).tolist()  # for logs
+    dtype = next(iter(params.values())).dtype  # beta and L2 in the parameters' precision
+    betas_t = torch.tensor(beta_vals, dtype=dtype, device=dev)
     if not all(0.0 <= b < 1.0 for b in beta_vals):
         raise ValueError(f"poison factors must be in [0, 1), got {beta_vals}")
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
@@ -195,7 +199,7 @@ def fit(
     if n_p == 0 and bool((betas_t > 0).any()):
         raise ValueError("a poison factor > 0 needs a poison set; the data has none")
     lr0 = _per_member("lrs", lrs, cfg.lr, m, torch.float64, "cpu")
-    l2 = _per_member("l2s", l2s, cfg.l2, m, torch.float32, dev)
+    l2 = _per_member("l2s", l2s, cfg.l2, m, dtype, dev)
     rho = _per_member("rhos", rhos, cfg.rho, m, torch.float64, dev)
     if bool((lr0 <= 0).any()) or bool((l2 < 0).any()) or bool((rho < 0).any()):
         raise ValueError("per-member lrs must be > 0, l2s and rhos >= 0")

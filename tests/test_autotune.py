@@ -79,7 +79,7 @@ def test_auto_probe_is_cached_and_picks_a_candidate():
     n_before = len(autotune.PROBES)
     lo, _ = evaluate_points(model, c, d, ts, x, y, path="probe")
     assert len(autotune.PROBES) == n_before + 1
-    key = [k for k in autotune.PROBES if k[0] == type(model).__qualname__][-1]
+    key = [k for k in autotune.PROBES if k[0][0] == ("", type(model).__qualname__)][-1]
     chosen, cost = autotune.PROBES[key]
     assert chosen in ("vmap", "loop", "loop_cl") and set(cost) == {"vmap", "loop", "loop_cl"}
     evaluate_points(model, c, d, ts, x, y, path="probe")
@@ -264,3 +264,23 @@ def test_bf16_basin_radii_are_checked_in_float32():
     assert "precision_moved" not in ref.diagnostics
     # whether or not bf16 moved a radius, every returned radius is valid in float32
     torch.testing.assert_close(low.radii, ref.radii, rtol=2.5e-2, atol=0)
+
+
+def test_a_probe_is_not_reused_by_a_model_of_other_layers_with_the_same_shapes():
+    # a tanh MLP's cached "mlp" path once served a Sigmoid MLP of the same shapes, whose
+    # fast path does not exist: the Sigmoid was skipped
+    from torch import nn
+    a = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    b = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    c = {k: v.detach().unsqueeze(0).clone() for k, v in a.named_parameters()}
+    d = {k: torch.randn(3, *v.shape[1:], generator=g, dtype=v.dtype) for k, v in c.items()}
+    x = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=g)
+    ts = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    evaluate_points(a, c, d, ts, x, y, path="probe")
+    lo, _ = evaluate_points(b, c, d, ts, x, y, path="probe")
+    torch.testing.assert_close(lo, evaluate_points_loop(b, c, d, ts, x, y)[0], **TOL)
+    assert autotune.choose_path(("k",), ["a", "b"], lambda p: lambda: None) in ("a", "b")
+    autotune.PROBES[("k",)] = ("gone", {})  # a cached path the caller cannot use
+    assert autotune.choose_path(("k",), ["a", "b"], lambda p: lambda: None) in ("a", "b")

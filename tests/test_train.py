@@ -115,3 +115,42 @@ def test_members_and_concat_beta(tmp_path, tiny):
     res = train_run(cfg, tmp_path, progress=False)
     assert len(res.metrics["train_acc"]) == 2
     assert res.run.read_json("summary.json")["betas"] == [0.5, 0.5]  # 40 / (40 + 40)
+
+
+def test_float64_training_keeps_beta_and_l2_in_float64():
+    # beta = 0.1 and l2 = 1e-3 are not float32 numbers: one full-batch SGD step against
+    # a hand-written float64 step (one logit: binary cross-entropy; the complement of a
+    # label is the other label) must agree to rounding, not to float32's 1e-8
+    import torch.nn.functional as F
+    model, params, data = _problem(m=1)
+    beta, l2, lr = 0.1, 1e-3, 0.5
+    got = fit(model, params, data, TrainConfig(optimizer="sgd", lr=lr, steps=1, log_every=1,
+                                               l2=l2), beta).params
+    net = model.double()
+    p = {k: v[0].clone().requires_grad_(True) for k, v in params.items()}
+    out = lambda x: torch.func.functional_call(net, p, (x,))  # noqa: E731
+    bce = lambda x, y: F.binary_cross_entropy_with_logits(out(x)[:, 0], y.double())  # noqa
+    loss = ((1 - beta) * bce(data.x_train, data.y_train)
+            + beta * bce(data.x_poison, 1 - data.y_poison)
+            + l2 * sum(w.pow(2).sum() for w in p.values() if w.dim() >= 2))
+    grads = torch.autograd.grad(loss, list(p.values()))
+    for (k, w), g in zip(p.items(), grads):
+        torch.testing.assert_close(got[k][0], w.detach() - lr * g, rtol=0, atol=1e-14)
+
+
+def test_fit_refuses_a_poison_factor_per_member_of_the_wrong_count():
+    model, params, data = _problem(m=2)
+    with pytest.raises(ValueError, match="3 poison factors for 2 members"):
+        fit(model, params, data, TrainConfig(steps=1, log_every=1), [0.1, 0.2, 0.3])
+
+
+def test_resume_refuses_a_run_trained_with_other_betas_or_seeds(tmp_path, tiny):
+    from minefield.runs import RunError
+    cfg = tiny()
+    cfg = cfg.replace(train=cfg.train.replace(members=2))
+    train_run(cfg, tmp_path, progress=False, betas=[0.0, 0.0], seeds=[0, 1])
+    for betas, seeds in (([0.5, 0.0], [0, 1]), ([0.0, 0.0], [7, 8])):
+        with pytest.raises(RunError, match="other per-member betas or seeds"):
+            train_run(cfg, tmp_path, progress=False, betas=betas, seeds=seeds)
+    again = train_run(cfg, tmp_path, progress=False, betas=[0.0, 0.0], seeds=[0, 1])
+    assert again.run.read_json("summary.json")["seeds"] == [0, 1]

@@ -116,6 +116,9 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
             if {k: meta.get(k) for k in ("lrs", "l2s", "rhos")} != {
                     k: per_member.get(k) for k in ("lrs", "l2s", "rhos")}:
                 raise ValueError("it was trained with other per-member lrs, l2s or rhos")
+            if (meta.get("betas") != list(map(float, betas))
+                    or meta.get("seeds") != list(map(int, seeds))):
+                raise ValueError("it was trained with other per-member betas or seeds")
             # safetensors sorts its keys: restore the model's order (the optimizer's too)
             params = {k: _same_shape(tensors[f"param.{k}"], v) for k, v in params.items()}
             buffers = {k: tensors[f"buffer.{k}"] for k, _ in model.named_buffers()} or None
