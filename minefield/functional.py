@@ -67,17 +67,26 @@ _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.LeakyReLU, nn.Identity)
 
 def mlp_fast_path(model: nn.Module) -> bool:
     """True when ``model`` is a plain MLP (``nn.Sequential`` of ``Linear``, elementwise
-    activations and a leading ``Flatten``) that batched matmuls can run directly."""
-    if not isinstance(model, nn.Sequential):
+    activations and a leading ``Flatten``) that batched matmuls can run directly.
+
+    Exact classes only: a subclass (an ``nn.ReLU`` whose ``forward`` is SiLU, a masked
+    ``Linear``, a ``Sequential`` with its own ``forward``) may compute otherwise, and
+    a ``Linear`` whose weight is tied to another layer's (absent from
+    ``named_parameters``) or parametrised has no parameter of its own name."""
+    if type(model) is not nn.Sequential:
         return False
+    names = dict(model.named_parameters())
     seen_linear = False
-    for mod in model:
-        if isinstance(mod, nn.Linear):
-            seen_linear = True
-        elif isinstance(mod, nn.Flatten):
-            if seen_linear:
+    for name, mod in model.named_children():
+        if type(mod) is nn.Linear:
+            if f"{name}.weight" not in names or (
+                    mod.bias is not None and f"{name}.bias" not in names):
                 return False
-        elif not isinstance(mod, _ELEMENTWISE):
+            seen_linear = True
+        elif type(mod) is nn.Flatten:
+            if seen_linear or (mod.start_dim, mod.end_dim) != (1, -1):
+                return False
+        elif type(mod) not in _ELEMENTWISE:
             return False
     return seen_linear
 

@@ -46,6 +46,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .functional import mlp_fast_path
 from .loss import nll
 from .stacked import Params
 
@@ -58,17 +59,17 @@ def mlp_plan(model: nn.Module) -> list[tuple[str, nn.Module | None]] | None:
     """``[(linear name, activation after it or None), ...]`` for an ``nn.Sequential`` of
     an optional leading ``Flatten``, ``Linear`` layers and at most one ReLU / leaky
     ReLU / Tanh (or ``Identity``) after each; ``None`` for anything else."""
-    if not isinstance(model, nn.Sequential):
+    if type(model) is not nn.Sequential or not mlp_fast_path(model):  # exact classes only
         return None
     plan: list[tuple[str, nn.Module | None]] = []
     for name, mod in model.named_children():
-        if isinstance(mod, nn.Linear):
+        if type(mod) is nn.Linear:
             plan.append((name, None))
-        elif isinstance(mod, nn.Flatten) and not plan:
+        elif type(mod) is nn.Flatten and not plan:
             continue
-        elif isinstance(mod, nn.Identity) and plan:
+        elif type(mod) is nn.Identity and plan:
             continue
-        elif isinstance(mod, _ACTS) and plan and plan[-1][1] is None:
+        elif type(mod) in _ACTS and plan and plan[-1][1] is None:
             plan[-1] = (plan[-1][0], mod)
         else:
             return None
@@ -80,11 +81,11 @@ def mlp_plan(model: nn.Module) -> list[tuple[str, nn.Module | None]] | None:
 def _derivatives(act: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                              torch.Tensor | None]:
     """``(phi(a), phi'(a), phi''(a) or None where it is zero a.e.)``."""
-    if isinstance(act, nn.Tanh):
+    if type(act) is nn.Tanh:
         h = a.tanh()
         d1 = 1 - h * h
         return h, d1, -2 * h * d1
-    if isinstance(act, nn.LeakyReLU):
+    if type(act) is nn.LeakyReLU:
         slope = act.negative_slope
         d1 = (a > 0).to(a.dtype).mul_(1 - slope).add_(slope)
         return a * d1, d1, None

@@ -63,7 +63,7 @@ def seq_conv_path(model: nn.Module) -> bool:
     ``Conv2d`` / ``Linear`` layers or modules with neither parameters nor buffers
     (activations, pooling, ``Flatten``, ``Dropout``): :func:`seq_conv_logits` can run
     it."""
-    if not isinstance(model, nn.Sequential) or not len(model) or not _plain_conv(model[0]):
+    if type(model) is not nn.Sequential or not len(model) or not _plain_conv(model[0]):
         return False
     for mod in list(model)[1:]:
         if type(mod) in (nn.Conv2d, nn.Linear):  # subclasses may compute otherwise

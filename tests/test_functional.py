@@ -77,3 +77,49 @@ def test_unknown_forward_path():
     model, params, x, _ = _stacked_mlp()
     with pytest.raises(ValueError, match="unknown forward path"):
         stacked_forward(model, params, x, path="mlp")
+
+
+class _SiLU(nn.ReLU):  # a subclass that computes something else
+    def forward(self, x):
+        return nn.functional.silu(x)
+
+
+class _Masked(nn.Linear):
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.register_buffer("mask", (torch.arange(self.weight.numel()) % 2).view_as(
+            self.weight).to(self.weight.dtype))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight * self.mask, self.bias)
+
+
+class _Tempered(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) / 4
+
+
+def _tied():
+    m = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 5),
+                      nn.ReLU(), nn.Linear(5, 2))
+    m[4].weight = m[2].weight
+    return m
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Linear(3, 5), _SiLU(), nn.Linear(5, 2)),
+    lambda: nn.Sequential(nn.Linear(3, 5), nn.ReLU(), _Masked(5, 2)),
+    lambda: _Tempered(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)),
+    _tied], ids=["silu-subclass", "masked-linear", "sequential-subclass", "tied"])
+def test_subclassed_or_tied_layers_run_their_own_forward(make):
+    # the fast paths (batched matmuls, the R-operator) know only the exact torch classes;
+    # anything else must take the general path and give the module's own outputs
+    from minefield.pearlmutter import mlp_plan
+    torch.manual_seed(0)
+    model = make().double()
+    assert not mlp_fast_path(model) and mlp_plan(model) is None
+    p = {k: v.detach().unsqueeze(0).clone() for k, v in model.named_parameters()}
+    x = torch.randn(7, 3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(stacked_forward(model, p, x)[0], model(x),
+                                   rtol=0, atol=1e-14)
