@@ -60,7 +60,7 @@ from torch import nn
 from .functional import Params, is_weight, n_members, one, stacked_forward
 from .loss import poisoned_nll
 
-__all__ = ["Batch", "Hyper", "Objective", "LossFn", "Update", "poisoned_objective",
+__all__ = ["Batch", "Hyper", "Objective", "LossFn", "Update", "poisoned_objective", "clean_apart",
            "plain_update", "train_step", "clip_per_member", "set_grads", "isolated"]
 
 
@@ -95,6 +95,13 @@ class Hyper:
     isolated: bool = False  # clipping norms reduced member by member (see isolated)
     lr: torch.Tensor | None = None  # learning rate per member at this step
     rho: torch.Tensor | None = None  # SAM radius per member
+
+    def select(self, idx: torch.Tensor) -> Hyper:
+        """The members ``idx`` (a 1-D index tensor), in that order."""
+        def cut(t):
+            return None if t is None else t.index_select(0, idx.to(t.device))
+        return Hyper(cut(self.beta), cut(self.l2), self.clip_norm, self.flip,
+                     self.isolated, cut(self.lr), cut(self.rho))
 
     def member(self, i: int) -> Hyper:
         """Member ``i``'s hyper-parameters, as ``(1,)`` tensors."""
@@ -186,6 +193,38 @@ def _clean(batch: Batch) -> Batch | None:
     if batch.y_poison is None:
         return None
     return Batch(batch.x[:batch.n_train], batch.y)
+
+
+def clean_apart(objective: Objective = poisoned_objective) -> Objective:
+    """``objective`` with the members whose ``beta = 0`` run on the batch without its
+    poison rows, the others on the whole batch: two batched calls, one per group.
+
+    A stack draws poison rows when any member's beta is positive. They carry no loss
+    for a ``beta = 0`` member, but in a training-mode BatchNorm they would still enter
+    its batch statistics (and running averages), so a clean member would train on
+    another objective than when it trains alone (which draws no poison). With this
+    wrapper every member's objective is the one it has alone; :func:`isolated` does
+    the same one member at a time. Running statistics are updated in place.
+    """
+
+    def grouped(model: nn.Module, params: Params, buffers: Params, batch: Batch,
+                hyper: Hyper) -> torch.Tensor:
+        clean = _clean(batch)
+        zero = hyper.beta.eq(0)
+        if clean is None or not bool(zero.any()) or bool(zero.all()):
+            return objective(model, params, buffers, batch, hyper)
+        losses, order = [], []
+        for mask, b in ((zero, clean), (~zero, batch)):
+            idx = mask.nonzero()[:, 0]
+            bufs = {k: v.index_select(0, idx) for k, v in buffers.items()}
+            losses.append(objective(model, {k: v.index_select(0, idx) for k, v in
+                                            params.items()}, bufs, b, hyper.select(idx)))
+            for k, v in bufs.items():  # the group's updated running statistics, back
+                buffers[k].index_copy_(0, idx, v)
+            order.append(idx)
+        return torch.cat(losses)[torch.argsort(torch.cat(order))]
+
+    return grouped
 
 
 def isolated(objective: Objective = poisoned_objective) -> Objective:

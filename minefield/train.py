@@ -33,7 +33,16 @@ from .functional import Params, buffers_like, n_members, stack
 from .models import init_params
 from .optim import StackedOptimizer
 from .sam import sam_update
-from .step import Batch, Hyper, Objective, Update, plain_update, poisoned_objective, train_step
+from .step import (
+    Batch,
+    Hyper,
+    Objective,
+    Update,
+    clean_apart,
+    plain_update,
+    poisoned_objective,
+    train_step,
+)
 from .step import isolated as isolate  # fit's flag of the same name switches it on
 
 __all__ = ["fit", "FitResult", "TrainingDiverged", "init_stack", "effective_beta",
@@ -209,14 +218,16 @@ def fit(
             raise ValueError("per-member rhos > 0 need train.sam = sam or asam")
     hyper = Hyper(betas_t, l2 if bool((l2 > 0).any()) else None, cfg.clip_norm, flip,
                   isolated, rho=rho)
+    has_bn = any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in model.modules())
     if isolated:
         objective = isolate(objective)
+    elif has_bn and use_poison:  # BN statistics of a clean member without poison rows
+        objective = clean_apart(objective)
     frozen: dict[str, torch.Tensor] = {}
     done = torch.zeros(m, dtype=torch.bool, device=dev)
     stopped_at: list[int | None] = [None] * m
     history: list[dict[str, Any]] = []
     last_ckpt: int | None = start_step if start_step > 0 else None
-    has_bn = any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in model.modules())
     step_objective = CompiledObjective(objective, compile_mode, dev, cfg.steps - start_step,
                                        backend=compile_backend)
 

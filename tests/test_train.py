@@ -154,3 +154,27 @@ def test_resume_refuses_a_run_trained_with_other_betas_or_seeds(tmp_path, tiny):
             train_run(cfg, tmp_path, progress=False, betas=betas, seeds=seeds)
     again = train_run(cfg, tmp_path, progress=False, betas=[0.0, 0.0], seeds=[0, 1])
     assert again.run.read_json("summary.json")["seeds"] == [0, 1]
+
+
+@pytest.mark.parametrize("sam", ["none", "sam"])
+def test_a_clean_batchnorm_member_trains_as_alone_beside_poisoned_ones(sam):
+    # a stack draws poison rows for its beta > 0 members; they must not enter a beta = 0
+    # member's BatchNorm statistics (float64: equal to rounding, running stats included)
+    from torch import nn
+    _, _, data = _problem(m=1)
+    model = nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.ReLU(),
+                          nn.Linear(6, 1)).double()
+    params = init_stack(model, "glorot_uniform", [0, 1, 2])
+    params = {k: v.double() for k, v in params.items()}
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, steps=8, log_every=8, batch_size=16,
+                      sam=sam, rho=0.05 if sam == "sam" else 0.0)
+    betas = [0.0, 0.5, 0.0]
+    together = fit(model, params, data, cfg, betas)
+    for i, b in enumerate(betas):
+        alone = fit(model, stack([member(params, i)]), data, cfg, b)
+        for k in params:
+            torch.testing.assert_close(together.params[k][i], alone.params[k][0],
+                                       rtol=1e-10, atol=1e-12)
+        for k in alone.buffers:
+            torch.testing.assert_close(together.buffers[k][i], alone.buffers[k][0],
+                                       rtol=1e-10, atol=1e-12)
