@@ -33,8 +33,9 @@ def radius_grid(r_max: float, points: int, kind: Grid | str = Grid.POWER, power:
 
 
 def _first_crossing(loss: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """Index of the first column with ``loss >= cutoff`` per row; ``T`` when none."""
-    above = loss >= cutoff
+    """Index of the first column with ``loss >= cutoff`` per row; ``T`` when none. A NaN
+    loss (overflowed logits) counts as above: it is not inside the basin."""
+    above = ~(loss < cutoff)
     idx = torch.where(above, torch.arange(loss.shape[1]), loss.shape[1])
     return idx.min(1).values
 
@@ -56,7 +57,8 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
     is at most ``rtol``.
     ``grid``: the first crossing on :func:`radius_grid`, linearly interpolated.
     Radii are 0 where the centre is already at or above the cutoff and ``r_max``
-    where no crossing is found.
+    where no crossing is found. A NaN loss counts as above the cutoff (float32 logits
+    overflow far out), at the centre too.
     Both methods see only crossings that cover one of their grid points: a
     bump above the cutoff narrower than a bracket interval is missed.
     """
@@ -64,7 +66,7 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
     grid = option(Grid, grid, "grid")
     if centre_loss is None:
         centre_loss = float(loss_fn(torch.zeros(k, dtype=torch.float64))[0])
-    if centre_loss >= cutoff:
+    if not float(centre_loss) < cutoff:  # a NaN centre (a diverged model) has no basin
         return torch.zeros(k, dtype=torch.float64), 1
     if method is RadiusMethod.GRID:
         ts = radius_grid(r_max, grid_points, grid, grid_power)[1:]  # t = 0 is the centre
@@ -94,7 +96,7 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
         if not bool(active.any()):
             break
         mid = (lo + hi) / 2
-        above = loss_fn(mid).double().cpu() >= cutoff
+        above = ~(loss_fn(mid).double().cpu() < cutoff)  # NaN: outside
         evals += int(active.sum())  # the evaluations the radii needed (the batch is k wide)
         hi, lo = torch.where(active & above, mid, hi), torch.where(active & ~above, mid, lo)
     r = torch.where(hit, (lo + hi) / 2, torch.full_like(hi, r_max))
@@ -116,6 +118,6 @@ def check_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], r: torch.Tensor
     lo = torch.where(hit, r * (1 - rtol), r)
     hi = torch.where(hit, (r * (1 + rtol)).clamp(max=r_max), r)
     loss = loss_fn(torch.stack([lo, hi], 1)).double().cpu()  # (k, 2)
-    ok_hit = (loss[:, 0] < cutoff) & (loss[:, 1] >= cutoff)
+    ok_hit = (loss[:, 0] < cutoff) & ~(loss[:, 1] < cutoff)
     ok_max = loss[:, 1] < cutoff
     return torch.where(hit, ok_hit, torch.where(r > 0, ok_max, torch.ones_like(ok_hit)))

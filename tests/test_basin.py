@@ -249,3 +249,21 @@ def test_adam_preconditioner_scales_by_the_batch_actually_drawn():
     data = SimpleNamespace(y_train=torch.zeros(40))
     exp = lambda bs: SimpleNamespace(train=SimpleNamespace(batch_size=bs))  # noqa: E731
     assert [_adam_batch(exp(bs), data) for bs in (None, 8, 40, 256)] == [40, 8, 40, 40]
+
+
+@pytest.mark.parametrize("method", ["bisect", "grid"])
+def test_a_nan_loss_is_outside_the_basin(method):
+    # float32 logits overflow far from the centre: NaN there must end the basin, not
+    # report every radius at r_max (the loss crosses the cutoff at 0.3 here)
+    from minefield.radii import check_radii, find_radii
+    def loss(t):
+        return torch.where(t < 0.3, t * 0 + 0.1, torch.where(t < 2, t * 0 + 5, t * torch.nan))
+    r, _ = find_radii(loss, 4, 1.0, r_max=1e3, rtol=1e-6, method=method)
+    assert bool(((r > 0.25) & (r < 0.35)).all()), r  # the grid interpolates between points
+    nan_past = lambda t: torch.where(t < 0.3, t * 0 + 0.1, t * torch.nan)  # noqa: E731
+    r, _ = find_radii(nan_past, 4, 1.0, r_max=1e3, rtol=1e-6, method="bisect")
+    torch.testing.assert_close(r, torch.full((4,), 0.3, dtype=torch.float64), rtol=1e-5, atol=0)
+    assert bool(check_radii(nan_past, r, 1.0, 1e-5, 1e3).all())
+    assert not bool(check_radii(nan_past, torch.full((4,), 1e3), 1.0, 1e-5, 1e3).any())
+    r, _ = find_radii(lambda t: t * torch.nan, 3, 1.0)
+    assert torch.equal(r, torch.zeros(3, dtype=torch.float64))
