@@ -57,7 +57,14 @@ from torch import nn
 
 from .config import ConfigError, Optimizer, TrainConfig, _Config
 from .data import Dataset
-from .functional import Params, activation_elements, buffers_like, n_members, stacked_forward
+from .functional import (
+    Params,
+    activation_elements,
+    bn_mode,
+    buffers_like,
+    n_members,
+    stacked_forward,
+)
 from .loss import nll, predict
 from .stacked import alone, one
 from .step import Batch, Hyper, plain_update, poisoned_objective, train_step
@@ -198,8 +205,9 @@ def fit_curves(model: nn.Module, a: Params, b: Params, data: Dataset,
     buffers = buffers_like(model, p, dev) if _has_bn(model) else {}
     objective = curve_objective(a, b, t, isolate)
     n_t = len(data.y_train)
-    was, threads = model.training, torch.get_num_threads()
-    model.train(_has_bn(model))
+    threads = torch.get_num_threads()
+    mode = bn_mode(model, True)  # BatchNorm on batch statistics, dropout off
+    mode.__enter__()
     if isolate:  # one model's small kernels gain nothing from threads (as fit does)
         torch.set_num_threads(1)
     try:
@@ -210,7 +218,7 @@ def fit_curves(model: nn.Module, a: Params, b: Params, data: Dataset,
             batch = _batch(data, cfg.seed, step, cfg.batch_size or n_t, 0, None)
             train_step(model, c, buffers, opt, batch, hyper, objective, plain_update)
     finally:
-        model.train(was)
+        mode.__exit__(None, None, None)
         torch.set_num_threads(threads)
     return {k: v.detach() for k, v in c.items()}
 
@@ -229,12 +237,11 @@ def _point_stats(model: nn.Module, points: Params, x: torch.Tensor) -> Params:
     try:
         for mod in mods:
             mod.momentum = 1.0  # running <- the batch's own mean and unbiased variance
-        model.train()
-        stacked_forward(model, points, x, bufs)
+        with bn_mode(model, True):
+            stacked_forward(model, points, x, bufs)
     finally:
         for mod, mom in zip(mods, saved):
             mod.momentum = mom
-        model.eval()
     return bufs
 
 
@@ -267,9 +274,7 @@ def evaluate_curves(model: nn.Module, a: Params, c: Params, b: Params, ts: torch
     chunk = max(1, int(memory_mb * 2**20 // max(1, per * n_pts)))
     loss = torch.empty(p * k, dtype=torch.float64, device=y.device)
     acc = torch.empty(p * k, dtype=torch.float64, device=y.device)
-    was = model.training
-    model.eval()
-    try:
+    with bn_mode(model, False):
         for i in range(0, p, max(1, chunk // k)):
             sl = slice(i, min(p, i + max(1, chunk // k)))
             pts = bezier({n: v[sl] for n, v in a.items()}, {n: v[sl] for n, v in c.items()},
@@ -279,8 +284,6 @@ def evaluate_curves(model: nn.Module, a: Params, c: Params, b: Params, ts: torch
             rows = slice(sl.start * k, sl.stop * k)
             loss[rows] = nll(logits, y).double().mean(-1)
             acc[rows] = (predict(logits) == y).double().mean(-1)
-    finally:
-        model.train(was)
     return loss.reshape(p, k), acc.reshape(p, k)
 
 

@@ -53,6 +53,8 @@ from .functional import (
     Params,
     _mlp_forward,
     activation_elements,
+    bn_mode,
+    buffers_like,
     check_single,
     member,
     mlp_fast_path,
@@ -193,9 +195,9 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
         width = max(m.out_features for m in model if isinstance(m, nn.Linear))
         mem = max(1, min(mem, _CACHE_BYTES // (pts * width * size)))
     work = mlp_workspace(model, mem, pts, x) if path == "mlp" else None
-    was = model.training
-    model.train(bn is BNPolicy.BATCH)
-    try:
+    if bn is BNPolicy.BATCH and not buffers:  # batch statistics must not update the module's
+        buffers = buffers_like(model, 1, dev) or None
+    with bn_mode(model, bn is BNPolicy.BATCH):
         with _arithmetic(precision, dev):
             for i in range(0, n_points, mem):
                 sl = slice(i, min(n_points, i + mem))
@@ -214,8 +216,6 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
                     logits = logits.to(dtype)
                     out_loss[sl] += loss_fn(logits, y[ps]).sum(-1).double()
                     out_acc[sl] += (predict(logits) == y[ps]).sum(-1).double()
-    finally:
-        model.train(was)
     return out_loss / n, out_acc / n
 
 

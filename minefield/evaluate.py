@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .data import Dataset
-from .functional import Params, alone, chunked_forward, flatten, n_members, one
+from .functional import Params, alone, bn_mode, chunked_forward, flatten, n_members, one
 from .loss import nll, predict
 
 __all__ = ["SPLITS", "evaluate_members", "evaluate_split", "resolve_device"]
@@ -52,15 +52,11 @@ def evaluate_split(model: nn.Module, params: Params, x: torch.Tensor, y: torch.T
     if len(y) == 0:
         nan = torch.full((m,), float("nan"), dtype=torch.float64, device=dev)
         return nan, nan.clone()
-    was = model.training
-    model.eval()
-    try:
+    with bn_mode(model, False):  # every submodule's own mode restored after
         for ms, ps, logits in chunked_forward(model, params, x, buffers, memory_mb):
             yy = y[ps]
             loss[ms] += nll(logits, yy).sum(-1).double()
             correct[ms] += (predict(logits) == yy).sum(-1).double()
-    finally:
-        model.train(was)
     return loss / len(y), correct / len(y)
 
 

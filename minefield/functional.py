@@ -26,6 +26,9 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
@@ -45,6 +48,7 @@ from .stacked import (  # noqa: F401 - the stack operations, re-exported from th
 )
 
 __all__ = [
+    "bn_mode", "stochastic_modules",
     "Stacked", "stack", "member", "one", "alone", "select", "check_single", "n_members", "flatten",
     "unflatten", "is_weight", "stacked_forward", "single_forward", "channels_last_input",
     "buffers_like", "chunked_forward", "activation_elements", "mlp_fast_path", "mlp_workspace",
@@ -60,6 +64,38 @@ def buffers_like(model: nn.Module, m: int, device=None) -> Params:
     """The module's buffers (BatchNorm running stats) repeated for M members."""
     return {k: b.detach().to(device).unsqueeze(0).repeat(m, *([1] * b.dim())).clone()
             for k, b in model.named_buffers()}
+
+
+def stochastic_modules(model: nn.Module) -> list[str]:
+    """Names of the submodules that draw random numbers in training mode (dropout of
+    any kind with ``p > 0``)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+
+
+@contextmanager
+def bn_mode(model: nn.Module, batch: bool) -> Iterator[nn.Module]:
+    """``model`` in evaluation mode except its BatchNorm layers, which use batch
+    statistics when ``batch`` (``model.train(batch)`` would also switch dropout on);
+    every submodule's own mode is restored on exit.
+
+    >>> m = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout(0.5))
+    >>> with bn_mode(m, True):
+    ...     [x.training for x in m]
+    [False, True, False]
+    >>> [x.training for x in m]
+    [True, True, True]
+    """
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.training = batch
+        yield model
+    finally:
+        for m, was in saved:
+            m.training = was
 
 
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.LeakyReLU, nn.Identity)
@@ -230,12 +266,9 @@ def activation_elements(model: nn.Module, sample: torch.Tensor, largest: bool = 
         leaves = [m for m in model.modules() if not list(m.children())]
         handles = [m.register_forward_hook(hook) for m in leaves]
         try:
-            with torch.no_grad():
-                was = model.training
-                model.eval()
+            with torch.no_grad(), bn_mode(model, False):
                 mdt = next(model.parameters()).dtype  # the sample may be float64
                 model(sample[:1].detach().cpu().to(mdt))
-                model.train(was)
         finally:
             for h in handles:
                 h.remove()

@@ -47,6 +47,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 from .config import ConfigError
 from .data import Dataset
 from .engine import LOSSES, BNPolicy, evaluate_points
+from .functional import bn_mode
 from .graph_hvp import GraphHessian, graph_plan
 from .kept_graph import KeptGraph
 from .options import option
@@ -239,12 +240,8 @@ def model_objective(model: nn.Module, params: Params,
     train = bn is BNPolicy.BATCH and has_bn
 
     def forward(p: Params, b: Params, xx: torch.Tensor) -> torch.Tensor:
-        was = model.training
-        model.train(train)
-        try:
+        with bn_mode(model, train):  # dropout stays off either way
             return functional_call(model, (p, b), (xx,))
-        finally:
-            model.train(was)
 
     return Objective(params, forward, loss_fn, chunks, 1.0 / max(1, len(y)), bufs, model,
                      (x, y), bn, loss)

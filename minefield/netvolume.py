@@ -43,7 +43,7 @@ from .config import ConfigError
 from .curvature import dense_hessian, hessian_diagonal
 from .directions import DirectionKind, DirectionSpec, _perturbed
 from .engine import LOSSES, evaluate_points
-from .functional import Params, check_single, member
+from .functional import Params, bn_mode, buffers_like, check_single, member
 from .options import CurvatureKind
 from .precondition import Preconditioner, floor_curvature
 from .volume import VolumeEstimate, ray_radii
@@ -111,13 +111,12 @@ class NetworkLines:
         """The (differentiable) train loss at ``theta + S flat``, ``flat`` ``(n,)``."""
         d = self.to_params(flat[None])
         params = {k: v + d[k][0] for k, v in member(self.centre, 0).items()}
-        bufs = member(self.buffers or {}, 0)
-        was = self.model.training
-        self.model.train(self.bn == "batch")
-        try:
+        batch = self.bn == "batch"
+        # batch statistics update whatever buffers they are given: never the module's
+        bufs = member(self.buffers or (buffers_like(self.model, 1, self.x.device) if batch
+                                       else {}), 0)
+        with bn_mode(self.model, batch):
             logits = functional_call(self.model, {**params, **bufs}, (self.x.to(flat.dtype),))
-        finally:
-            self.model.train(was)
         return LOSSES["nll"](logits, self.y).mean()
 
 

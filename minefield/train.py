@@ -26,10 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .compiled import CompiledObjective, sync
-from .config import Optimizer, TrainConfig
+from .config import ConfigError, Optimizer, TrainConfig
 from .data import Dataset
 from .evaluate import evaluate_members
-from .functional import Params, buffers_like, n_members, stack
+from .functional import Params, bn_mode, buffers_like, n_members, stack, stochastic_modules
 from .models import init_params
 from .optim import StackedOptimizer
 from .sam import sam_update
@@ -183,6 +183,10 @@ def fit(
     """
     m = n_members(params)
     dev = next(iter(params.values())).device
+    if stochastic_modules(model):
+        raise ConfigError(f"{', '.join(stochastic_modules(model))}: dropout (p > 0) is not "
+                          "supported in training (each member of a stack would need its own "
+                          "seeded masks); set p = 0")
     beta_in = torch.as_tensor(betas, dtype=torch.float64).flatten()
     if beta_in.numel() not in (1, m):
         raise ValueError(f"{beta_in.numel()} poison factors for {m} members")
@@ -263,9 +267,10 @@ def fit(
                    for k, v in cur.items()}
         return cur
 
-    # BatchNorm uses batch statistics while training; evaluation switches to eval mode
-    # and back (see evaluate_split).
-    model.train(has_bn)
+    # BatchNorm uses batch statistics while training (dropout is refused above);
+    # evaluation switches to eval mode and back (see evaluate_split).
+    mode = bn_mode(model, True)
+    mode.__enter__()
     bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, disable=not progress,
                leave=False, mininterval=0.5)
     step = start_step
@@ -301,6 +306,7 @@ def fit(
                 last_ckpt = step
     finally:
         bar.close()
-        model.eval()
+        mode.__exit__(None, None, None)
+        model.eval()  # as before: a trained model is handed back for evaluation
         torch.set_num_threads(threads)
     return FitResult(_current(), buffers, step, history, stopped_at, step_objective.report)

@@ -178,3 +178,53 @@ def test_a_clean_batchnorm_member_trains_as_alone_beside_poisoned_ones(sam):
         for k in alone.buffers:
             torch.testing.assert_close(together.buffers[k][i], alone.buffers[k][0],
                                        rtol=1e-10, atol=1e-12)
+
+
+def test_batchnorm_training_matches_a_plain_loop_with_logging_between_steps():
+    # evaluation at every log step switches BatchNorm to running statistics and back;
+    # the steps must still use batch statistics (against a hand-written float64 loop)
+    import torch.nn.functional as F
+    from torch import nn
+    _, _, data = _problem(m=1)
+    model = nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.ReLU(),
+                          nn.Linear(6, 1)).double()
+    params = {k: v.double() for k, v in init_stack(model, "glorot_uniform", [0]).items()}
+    got = fit(model, params, data, TrainConfig(optimizer="sgd", lr=0.1, steps=3, log_every=1))
+    ref = nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 1)).double()
+    ref.load_state_dict({k: v[0] for k, v in params.items()}, strict=False)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)  # TrainConfig's default
+    ref.train()
+    for _ in range(3):
+        opt.zero_grad()
+        F.binary_cross_entropy_with_logits(ref(data.x_train)[:, 0],
+                                           data.y_train.double()).backward()
+        opt.step()
+    for k, v in ref.named_parameters():
+        torch.testing.assert_close(got.params[k][0], v.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.buffers["1.running_mean"][0], ref[1].running_mean)
+
+
+def test_fit_refuses_dropout_and_evaluation_never_switches_it_on():
+    from torch import nn
+
+    from minefield.config import ConfigError
+    from minefield.engine import evaluate_points
+    _, _, data = _problem(m=1)
+    model = nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.Dropout(0.5),
+                          nn.Linear(6, 1)).double()
+    params = {k: v.double() for k, v in init_stack(model, "glorot_uniform", [0]).items()}
+    with pytest.raises(ConfigError, match="2: dropout .* not supported in training"):
+        fit(model, params, data, TrainConfig(steps=1, log_every=1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    d = {k: torch.randn(2, *v.shape[1:], dtype=v.dtype) for k, v in params.items()}
+    ts = torch.tensor([0.0, 0.1], dtype=torch.float64)
+    runs = [evaluate_points(model, params, d, ts, data.x_train, data.y_train, bn="batch")[0]
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])  # no dropout masks
+    plain = nn.Sequential(*[m for m in model if not isinstance(m, nn.Dropout)])
+    pp = {k.replace("3.", "2."): v for k, v in params.items()}
+    dd = {k.replace("3.", "2."): v for k, v in d.items()}
+    torch.testing.assert_close(runs[0], evaluate_points(plain, pp, dd, ts, data.x_train,
+                                                        data.y_train, bn="batch")[0])
+    for k, v in model.state_dict().items():  # the module's running statistics untouched
+        assert torch.equal(v, before[k]), k
