@@ -91,3 +91,18 @@ def test_adaptive_poison_factor_options(tmp_path, tiny):
     saved = json.loads((tmp_path / "good" / "search" / "search.json").read_text())
     assert saved["search"]["poison_cap"] is None
     assert {row["beta"] for row in saved["rows"]} == {SearchConfig().beta}
+
+
+def test_search_refuses_a_batchnorm_model_and_writes_nothing(tmp_path, tiny):
+    from minefield.config import DataConfig, ModelConfig
+    cfg = tiny("bn").replace(data=DataConfig("digits", n_train=32, n_test=16, n_poison=16),
+                             model=ModelConfig("resnet20", widths=(2, 2, 2)))
+    cfg = cfg.replace(train=cfg.train.replace(steps=2, log_every=2, checkpoint_every=2))
+    train_run(cfg, tmp_path, progress=False)
+    out = CliRunner().invoke(main, ["--root", str(tmp_path), "search", "bn", *FAST])
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert out.output.strip().splitlines() == [
+        "Error: run bn's model has BatchNorm: the search does not carry running statistics "
+        "from its starts to its minima yet, so their accuracies (and stopping rules) would "
+        "be wrong; search a model without BatchNorm"]
+    assert not (tmp_path / "bn" / "search").exists()

@@ -136,3 +136,17 @@ def test_a_slice_plots_every_split_of_a_kind_or_the_one_asked_for():
     assert only[0].get_ydata().tolist() == vals["test_loss"].tolist()
     with pytest.raises(ValueError, match="no 'val_loss' values"):
         plot_slice(res, metric="val_loss")
+
+
+def test_cli_line_between_batchnorm_runs_is_refused(tmp_path):
+    # the engine would use the first run's running statistics at every t, t = 1 included
+    for name, seed in (("a", 0), ("b", 1)):
+        cfg = tiny_config(name, seed=seed, steps=2, log_every=2, checkpoint_every=2)
+        train_run(cfg.replace(data=DataConfig("digits", n_train=32, n_test=16, n_poison=0),
+                              model=ModelConfig("resnet20", widths=(2, 2, 2))),
+                  tmp_path, progress=False)
+    r = CliRunner().invoke(main, ["--root", str(tmp_path), "landscape", "a", "--other", "b",
+                                  "--dim", "1", "--points", "3", "--device", "cpu"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "has BatchNorm" in r.output and "minefield connect" in r.output
+    assert not list((tmp_path / "a").glob("landscape/*"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ExperimentConfig
+from ..config import ConfigError, ExperimentConfig
 from ..data import load_dataset
 from ..directions import random_directions
 from ..evaluate import resolve_device
@@ -161,6 +161,11 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
     ts, spec = cfg.grid(), cfg.directions
     if cfg.dim == 1:
         if cfg.other:
+            if buffers:
+                raise ConfigError(f"run {run.name}'s model has BatchNorm: a line to another "
+                                  "run would use this run's running statistics at every "
+                                  "point, the other end included; use `minefield connect`, "
+                                  "which recomputes them at each point")
             _, p2, _, _, _ = load_run_model(Run.open_named(cfg.other, run.path.parent), None,
                                             dev)
             if cfg.member >= n_members(p2):

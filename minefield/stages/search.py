@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..data import fresh_points, load_dataset
 from ..evaluate import resolve_device
 from ..executor import Executor, LocalExecutor
@@ -161,6 +162,11 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
     dev = resolve_device(device)
     run.lock()
     model, final_params, _, data, run_cfg = load_run_model(run, traj[-1], dev)
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError(f"run {run.name}'s model has BatchNorm: the search does not carry "
+                          "running statistics from its starts to its minima yet, so their "
+                          "accuracies (and stopping rules) would be wrong; search a model "
+                          "without BatchNorm")
     n_extra = cfg.n_extra(run_cfg.data.name)
     extra = fresh_points(run_cfg.data, n_extra, cfg.seed) if n_extra else None
     if cfg.member >= n_members(final_params):
