@@ -55,6 +55,7 @@ from .functional import (
     activation_elements,
     bn_mode,
     buffers_like,
+    check_buffers,
     check_single,
     member,
     mlp_fast_path,
@@ -160,10 +161,8 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
               path: str, precision: Precision = Precision.FLOAT32
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss (n_points,), acc (n_points,))``; ``make(sl)`` builds the points ``sl``
-    (stacked parameters) and ``path`` (``mlp``, ``vmap``, ``loop`` or ``loop_cl``) runs
-    them."""
-    loss_fn = _check_loss(loss)
-    dev = y.device
+    (stacked parameters), ``path`` (``mlp``, ``vmap``, ``loop``, ``loop_cl``) runs them."""
+    loss_fn, dev = _check_loss(loss), y.device
     out_loss = torch.zeros(n_points, dtype=torch.float64, device=dev)
     out_acc = torch.zeros(n_points, dtype=torch.float64, device=dev)
     n = len(y)
@@ -288,6 +287,7 @@ def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: to
     precision = option(Precision, precision, "precision")
     dtype = center[next(iter(center))].dtype
     k_dirs = _check_points(center, directions, x, y)
+    check_buffers(model, buffers, 1, bn is BNPolicy.BATCH)
     if starts is not None and _check_points(center, starts, x, y, "starts") != k_dirs:
         raise ValueError(f"starts must have one row per direction ({k_dirs})")
     ts = torch.as_tensor(ts)
@@ -379,6 +379,7 @@ def evaluate_points_loop(model: nn.Module, center: Params, directions: Params, t
     """
     loss_fn, bn = _check_loss(loss), _policy(bn)
     _check_points(center, directions, x, y)
+    check_buffers(model, buffers, 1, bn is BNPolicy.BATCH)
     ts = torch.as_tensor(ts)
     dtype = center[next(iter(center))].dtype
     net = copy.deepcopy(model).to(dtype=dtype, device=y.device).train(bn is BNPolicy.BATCH)

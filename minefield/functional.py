@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from .config import ConfigError
 from .stacked import (  # noqa: F401 - the stack operations, re-exported from their home
     Params,
     Stacked,
@@ -48,7 +49,7 @@ from .stacked import (  # noqa: F401 - the stack operations, re-exported from th
 )
 
 __all__ = [
-    "bn_mode", "stochastic_modules",
+    "bn_mode", "stochastic_modules", "check_buffers",
     "Stacked", "stack", "member", "one", "alone", "select", "check_single", "n_members", "flatten",
     "unflatten", "is_weight", "stacked_forward", "single_forward", "channels_last_input",
     "buffers_like", "chunked_forward", "activation_elements", "mlp_fast_path", "mlp_workspace",
@@ -71,6 +72,34 @@ def stochastic_modules(model: nn.Module) -> list[str]:
     any kind with ``p > 0``)."""
     return [name for name, m in model.named_modules()
             if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+
+
+def check_buffers(model: nn.Module, buffers: Params | None, members: int,
+                  batch: bool = False) -> None:
+    """Raise ``ConfigError`` unless ``buffers`` are the model's (every name, ``members``
+    rows each), or absent where that is safe: without buffers the module's own are
+    used, which for a BatchNorm layer never updated (``num_batches_tracked == 0``: a
+    fresh module, while the trained statistics sit in ``FitResult.buffers``) would
+    evaluate every point with mean 0 and variance 1. ``batch``: batch statistics
+    are used, so the running ones are not needed."""
+    names = [k for k, _ in model.named_buffers()]
+    if buffers:
+        missing, extra = sorted(set(names) - set(buffers)), sorted(set(buffers) - set(names))
+        if missing or extra:
+            raise ConfigError(f"buffers do not match the model's: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}")
+        bad = [k for k, v in buffers.items() if v.dim() == 0 or v.shape[0] != members]
+        if bad:
+            raise ConfigError(f"buffers must have {members} row(s), one per model; "
+                              f"{bad[0]} has shape {tuple(buffers[bad[0]].shape)}")
+    elif not batch:
+        fresh = [n for n, m in model.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                 and m.num_batches_tracked is not None and int(m.num_batches_tracked) == 0]
+        if fresh:
+            raise ConfigError(f"BatchNorm layer {fresh[0]!r} has never-updated running "
+                              "statistics and no buffers were given: pass the trained ones "
+                              "(FitResult.buffers, load_run_model's) or bn='batch'")
 
 
 @contextmanager

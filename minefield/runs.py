@@ -312,8 +312,10 @@ class Run:
         return p
 
     def load_checkpoint(self, rel_or_path: str | Path, device="cpu") -> Checkpoint:
-        p = Path(rel_or_path)
-        p = p if p.is_absolute() or p.exists() else self.file(str(rel_or_path))
+        p = Path(rel_or_path)  # the run's own file first, whatever the working directory
+        if (not p.is_absolute() and (self.path / p).exists()) or not (
+                p.is_absolute() or p.exists()):
+            p = self.file(str(rel_or_path))
         tensors, meta = load_tensors(p, device)
         params = {k[6:]: v for k, v in tensors.items() if k.startswith("param.")}
         buffers = {k[7:]: v for k, v in tensors.items() if k.startswith("buffer.")}

@@ -29,7 +29,15 @@ from .compiled import CompiledObjective, sync
 from .config import ConfigError, Optimizer, TrainConfig
 from .data import Dataset
 from .evaluate import evaluate_members
-from .functional import Params, bn_mode, buffers_like, n_members, stack, stochastic_modules
+from .functional import (
+    Params,
+    bn_mode,
+    buffers_like,
+    n_members,
+    stack,
+    stacked_forward,
+    stochastic_modules,
+)
 from .models import init_params
 from .optim import StackedOptimizer
 from .sam import sam_update
@@ -127,6 +135,28 @@ def _diverged(step: int, last_good: int | None) -> TrainingDiverged:
     return TrainingDiverged(f"loss became NaN/inf at step {step}; last good checkpoint: {where}")
 
 
+def _check_outputs(model: nn.Module, params: Params, data: Dataset) -> None:
+    """``params`` must be the model's parameters (a missing one would silently stay the
+    module's own, untrained), in the data's dtype, and the model's outputs must fit
+    the labels: one logit for two classes, else one per class (a single logit with
+    labels up to 9 trains a meaningless loss silently)."""
+    names = {k for k, _ in model.named_parameters()}
+    if set(params) != names:
+        raise ConfigError(f"params do not match the model's parameters: missing "
+                          f"{sorted(names - set(params))[:3]}, unexpected "
+                          f"{sorted(set(params) - names)[:3]}")
+    dtype = next(iter(params.values())).dtype
+    if data.x_train.dtype != dtype:
+        raise ConfigError(f"the data are {data.x_train.dtype} and the parameters {dtype}: "
+                          "convert one (Dataset.to(device, dtype))")
+    with torch.no_grad(), bn_mode(model, False):
+        c = stacked_forward(model, {k: v[:1].detach() for k, v in params.items()},
+                            data.x_train[:1]).shape[-1]
+    if (c == 1 and data.n_classes > 2) or 1 < c < data.n_classes:
+        raise ConfigError(f"the model has {c} output(s) for {data.n_classes} classes: give it "
+                          "one logit for two classes, or one per class")
+
+
 def fit(
     model: nn.Module,
     params: Params,
@@ -183,6 +213,7 @@ def fit(
     """
     m = n_members(params)
     dev = next(iter(params.values())).device
+    _check_outputs(model, params, data)
     if stochastic_modules(model):
         raise ConfigError(f"{', '.join(stochastic_modules(model))}: dropout (p > 0) is not "
                           "supported in training (each member of a stack would need its own "

@@ -183,3 +183,28 @@ def test_empty_split_gives_nan():
     model, c, d, x, y = _setup()
     lo, ac = evaluate_points(model, c, d, torch.zeros(5), x[:0], y[:0])
     assert torch.isnan(lo).all() and torch.isnan(ac).all()
+
+
+def test_batchnorm_buffers_must_be_given_whole_and_for_one_model():
+    from torch import nn
+
+    from minefield.engine import evaluate_points_loop
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    model = model.double().eval()
+    c = {k: v.detach().unsqueeze(0).clone() for k, v in model.named_parameters()}
+    d = {k: torch.ones(1, *v.shape[1:], dtype=v.dtype) for k, v in c.items()}
+    x, y, ts = torch.randn(8, 2, dtype=torch.float64), torch.arange(8) % 2, torch.zeros(1)
+    for fn in (evaluate_points, evaluate_points_loop):
+        # a fresh module's statistics (mean 0, variance 1) while the trained ones are elsewhere
+        with pytest.raises(ConfigError, match="'1' has never-updated running statistics"):
+            fn(model, c, d, ts, x, y)
+        fn(model, c, d, ts, x, y, bn="batch")  # batch statistics: nothing missing
+        bufs = buffers_like(model, 3)
+        with pytest.raises(ConfigError, match=r"1 row\(s\), one per model; 1.running_mean"):
+            fn(model, c, d, ts, x, y, bufs)
+        with pytest.raises(ConfigError, match=r"missing \['1.running_var'\]"):
+            fn(model, c, d, ts, x, y, {k: v[:1] for k, v in bufs.items() if "var" not in k})
+        fn(model, c, d, ts, x, y, {k: v[:1] for k, v in bufs.items()})
+    model.train()(x)  # statistics the module itself learnt are its own to use
+    model.eval()
+    evaluate_points(model, c, d, ts, x, y)

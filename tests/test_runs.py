@@ -123,3 +123,16 @@ def test_the_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
     assert meta == {"step": 3, "betas": [0.5]}
     for k, v in load_file(tmp_path / "c0.safetensors").items():
         assert torch.equal(v, tensors[k]) and torch.equal(got[k], tensors[k])
+
+
+def test_a_relative_checkpoint_is_the_runs_own_whatever_the_working_directory(
+        tmp_path, monkeypatch):
+    runs = []
+    for name, value in (("c1", 1.0), ("c2", 2.0)):
+        r = Run.create(name, {"name": name}, tmp_path)
+        r.save_checkpoint("trajectory/step_00000005.safetensors",
+                          {"w": torch.full((1, 2), value)}, {}, {"step": 5})
+        runs.append(r)
+    monkeypatch.chdir(tmp_path / "c1")  # where c1's file has the same relative name
+    ck = runs[1].load_checkpoint("trajectory/step_00000005.safetensors")
+    assert torch.equal(ck.params["w"], torch.full((1, 2), 2.0))

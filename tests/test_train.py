@@ -228,3 +228,23 @@ def test_fit_refuses_dropout_and_evaluation_never_switches_it_on():
                                                         data.y_train, bn="batch")[0])
     for k, v in model.state_dict().items():  # the module's running statistics untouched
         assert torch.equal(v, before[k]), k
+
+
+def test_fit_refuses_params_data_and_outputs_that_do_not_fit():
+    from torch import nn
+
+    from minefield.config import ConfigError
+    model, params, data = _problem(m=1)
+    with pytest.raises(ConfigError, match=r"missing \['2.bias'\]"):
+        fit(model, {k: v for k, v in params.items() if k != "2.bias"}, data,
+            TrainConfig(steps=1))
+    with pytest.raises(ConfigError, match="the data are torch.float64 and the parameters "
+                                          "torch.float32"):
+        fit(model, {k: v.float() for k, v in params.items()}, data, TrainConfig(steps=1))
+    digits = load_dataset(DataConfig("digits", n_train=20, n_test=10, n_poison=0))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 1))
+    with pytest.raises(ConfigError, match=r"1 output\(s\) for 10 classes"):
+        fit(net, init_stack(net, "torch", [0]), digits, TrainConfig(steps=1))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    with pytest.raises(ConfigError, match=r"3 output\(s\) for 10 classes"):
+        fit(net, init_stack(net, "torch", [0]), digits, TrainConfig(steps=1))
