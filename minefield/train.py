@@ -135,7 +135,7 @@ def _diverged(step: int, last_good: int | None) -> TrainingDiverged:
     return TrainingDiverged(f"loss became NaN/inf at step {step}; last good checkpoint: {where}")
 
 
-def _check_outputs(model: nn.Module, params: Params, data: Dataset) -> None:
+def _check_outputs(model: nn.Module, params: Params, data: Dataset, buffers: Params) -> None:
     """``params`` must be the model's parameters (a missing one would silently stay the
     module's own, untrained), in the data's dtype, and the model's outputs must fit
     the labels: one logit for two classes, else one per class (a single logit with
@@ -151,7 +151,8 @@ def _check_outputs(model: nn.Module, params: Params, data: Dataset) -> None:
                           "convert one (Dataset.to(device, dtype))")
     with torch.no_grad(), bn_mode(model, False):
         c = stacked_forward(model, {k: v[:1].detach() for k, v in params.items()},
-                            data.x_train[:1]).shape[-1]
+                            data.x_train[:1], {k: v[:1] for k, v in buffers.items()}
+                            ).shape[-1]
     if (c == 1 and data.n_classes > 2) or 1 < c < data.n_classes:
         raise ConfigError(f"the model has {c} output(s) for {data.n_classes} classes: give it "
                           "one logit for two classes, or one per class")
@@ -213,7 +214,6 @@ def fit(
     """
     m = n_members(params)
     dev = next(iter(params.values())).device
-    _check_outputs(model, params, data)
     if stochastic_modules(model):
         raise ConfigError(f"{', '.join(stochastic_modules(model))}: dropout (p > 0) is not "
                           "supported in training (each member of a stack would need its own "
@@ -228,6 +228,7 @@ def fit(
         raise ValueError(f"poison factors must be in [0, 1), got {beta_vals}")
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     buffers = {k: v.clone() for k, v in (buffers or buffers_like(model, m, dev)).items()}
+    _check_outputs(model, params, data, buffers)
     opt = make_optimizer(cfg, list(leaves.values()))
     if opt_state is not None:
         opt.load_state_dict(opt_state)
