@@ -344,8 +344,15 @@ def connect(model: nn.Module, a: Params, b: Params, data: Dataset,
     pair's numbers are the same, bit for bit, in any stack of pairs.
     """
     a, b = _broadcast(a, b)
+    names = {k: v.shape for k, v in model.named_parameters()}
+    if set(a) != set(names) or any(a[k].shape[1:] != names[k] for k in a):
+        raise ValueError("the endpoints are not the model's parameters (names or shapes)")
     if control is None:
         control = fit_curves(model, a, b, data, cfg.train, cfg.isolate)
+    elif set(control) != set(a) or any(control[k].shape != a[k].shape
+                                       or control[k].dtype != a[k].dtype for k in a):
+        raise ValueError("control points must have the endpoints' names, shapes "
+                         f"(P = {n_members(a)} pairs) and dtype")
     ts = cfg.ts()
     mid = {k: (a[k] + b[k]) / 2 for k in a}
     return ConnectResult(ts, _path(model, a, mid, b, data, ts, cfg.memory_mb, cfg.isolate),

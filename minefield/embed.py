@@ -206,7 +206,8 @@ class EmbedResult:
     point placed later into the fitted map, :meth:`TSNEMap.transform`). For a
     trajectory point ``step`` is its training step; for a bad minimum, the step of
     the checkpoint it started from. ``added`` names the checkpoint file of each
-    added point, in order.
+    added point, in order, and ``added_sha`` the sha256 of its tensors (16 hex): a file
+    rewritten with other weights is a new point, not the old one.
     """
 
     coords: torch.Tensor
@@ -218,6 +219,7 @@ class EmbedResult:
     config: EmbedConfig
     run: str = ""
     added: list[str] = field(default_factory=list)
+    added_sha: list[str] = field(default_factory=list)
 
     def mask(self, kind: str) -> torch.Tensor:
         return torch.tensor([k == kind for k in self.kind], dtype=torch.bool)
@@ -226,7 +228,8 @@ class EmbedResult:
         return {"run": self.run, "config": self.config.to_dict(),
                 "coords": self.coords.tolist(), "kind": self.kind, "step": self.step,
                 "train_acc": self.train_acc.tolist(), "test_acc": self.test_acc.tolist(),
-                "poison_acc": self.poison_acc.tolist(), "added": self.added}
+                "poison_acc": self.poison_acc.tolist(), "added": self.added,
+                "added_sha": self.added_sha}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EmbedResult:
@@ -235,10 +238,12 @@ class EmbedResult:
                    list(d["step"]), t(d["train_acc"], dtype=torch.float64),
                    t(d["test_acc"], dtype=torch.float64), t(d["poison_acc"], dtype=torch.float64),
                    EmbedConfig.from_dict(d["config"]), d.get("run", ""),
-                   list(d.get("added", [])))
+                   list(d.get("added", [])),
+                   [*d.get("added_sha", []), *[""] * (len(d.get("added", []))
+                                                      - len(d.get("added_sha", [])))])
 
     def extend(self, coords: torch.Tensor, steps: list[int], metrics: dict[str, torch.Tensor],
-               sources: list[str]) -> EmbedResult:
+               sources: list[str], shas: list[str] | None = None) -> EmbedResult:
         """A new result with points of kind ``"added"`` appended; the old rows unchanged."""
         cat = torch.cat
         return EmbedResult(cat([self.coords, coords.double()]), self.kind + ["added"] * len(steps),
@@ -246,4 +251,5 @@ class EmbedResult:
                            cat([self.train_acc, metrics["train_acc"].double()]),
                            cat([self.test_acc, metrics["test_acc"].double()]),
                            cat([self.poison_acc, metrics["poison_acc"].double()]),
-                           self.config, self.run, self.added + list(sources))
+                           self.config, self.run, self.added + list(sources),
+                           self.added_sha + list(shas or [""] * len(sources)))

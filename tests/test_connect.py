@@ -269,7 +269,7 @@ def test_connect_to_the_minima_of_a_search(cli, tmp_path):
 
 
 @pytest.mark.parametrize("bad,msg", [
-    (["--widths", "7"], "different models (model.widths: [6] vs [7])"),
+    (["--widths", "7"], "a different model (model.widths: [6] vs [7])"),
     (["--dataset", "swissroll"], "different "),
 ])
 def test_runs_of_different_architectures_give_one_line_and_nothing_written(cli, tmp_path, bad,
@@ -303,3 +303,46 @@ def test_bad_endpoints_raise(cli, tmp_path):
         other = build_model(ModelConfig(widths=(4,)), (2,), 2)
         connect(model, _stacks(model, [0]), _stacks(other, [0]), _data())
     assert _files(root) == before
+
+
+def test_a_good_and_a_poisoned_run_of_the_same_points_connect(cli, tmp_path):
+    # the poison set is not part of what connect compares (Fig. 3's good/bad pair)
+    assert cli("train", "--name", "g", *TINY).exit_code == 0
+    bad = list(TINY)
+    bad[bad.index("--n-poison") + 1] = "60"
+    assert cli("train", "--name", "b", "--beta", "0.5", *bad).exit_code == 0
+    r = cli("connect", "g", "b", "--steps", "5", "--points", "3")
+    assert r.exit_code == 0, r.output
+
+
+def test_an_interrupted_batchnorm_connect_resumes_from_its_control_points(cli, tmp_path):
+    args = ["--dataset", "digits", "--n-train", "32", "--n-test", "16", "--model",
+            "resnet20", "--widths", "2,2,2", "--members", "2", "--steps", "2", "--log-every",
+            "2", "--checkpoint-every", "2", "--device", "cpu", "--quiet"]
+    assert cli("train", "--name", "r", *args).exit_code == 0
+    conn = ["connect", "r", "r", "--member-b", "1", "--steps", "3", "--points", "3"]
+    assert cli(*conn).exit_code == 0
+    d = tmp_path / "runs" / "r" / "connect"
+    first = json.loads((d / "default.json").read_text())
+    (d / "default.json").unlink()  # killed after the curve was saved, before the result
+    r = cli(*conn)
+    assert r.exit_code == 0, r.output
+    assert json.loads((d / "default.json").read_text())["curve"] == first["curve"]
+
+
+def test_connect_refuses_control_points_that_do_not_fit_the_endpoints():
+    from minefield.connectivity import connect
+    data = load_dataset(DataConfig("blobs", n_train=20, n_test=20, n_poison=0))
+    model = build_model(ModelConfig(widths=(8,)), (2,), 2)
+    p = init_stack(model, "glorot_uniform", [0, 1])
+    a, b = {k: v[:1] for k, v in p.items()}, {k: v[1:] for k, v in p.items()}
+    cfg = ConnectConfig(n_points=3)
+    for bad in ({k: v[..., :1] for k, v in a.items()},            # per-model shape
+                {k: v.expand(3, *v.shape[1:]) for k, v in a.items()},  # 3 for 1 pair
+                {k: v for k, v in a.items() if k != "2.bias"},     # a name missing
+                {k: v.double() for k, v in a.items()}):            # another dtype
+        with pytest.raises(ValueError, match="control points must have the endpoints'"):
+            connect(model, a, b, data, cfg, bad)
+    with pytest.raises(ValueError, match="not the model's parameters"):
+        connect(model, {k: v[..., :1] for k, v in a.items()},
+                {k: v[..., :1] for k, v in b.items()}, data, cfg)

@@ -161,6 +161,13 @@ def test_embed_run_adds_checkpoints_without_moving_the_map(tmp_path, tiny):
     latest = embed_run(run, cfg, device="cpu", add=[late])
     assert torch.equal(latest.coords[:10], more.coords)
     assert latest.added[-1] == "search/minima/start_00000060_r09.safetensors"
+    # the same file rewritten with other weights is a new point, not the old one reused
+    late.write_bytes(theirs[1].read_bytes())
+    rewritten = embed_run(run, cfg, device="cpu", add=[late])
+    assert len(rewritten.added) == len(latest.added) + 1
+    assert rewritten.added[-2:] == [latest.added[-1]] * 2
+    assert rewritten.added_sha[-1] != rewritten.added_sha[-2]
+    assert load_embedding(run).added_sha == rewritten.added_sha
     late.unlink()
     ax = plot_minefield(more)
     assert "4 points added to the fitted map" in ax.get_title()

@@ -150,3 +150,21 @@ def test_cli_line_between_batchnorm_runs_is_refused(tmp_path):
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
     assert "has BatchNorm" in r.output and "minefield connect" in r.output
     assert not list((tmp_path / "a").glob("landscape/*"))
+
+
+def test_a_checkpoint_centre_is_the_runs_own_file_keyed_by_its_content(tmp_path):
+    from minefield.landscape import LandscapeConfig
+    from minefield.runs import RunError
+    from minefield.stages import landscape_run
+    train_run(tiny_config("a"), tmp_path, progress=False)
+    other = train_run(tiny_config("o", seed=1), tmp_path, progress=False)
+    outside = str(other.run.path / "trajectory" / "step_00000060.safetensors")
+    for bad in (outside, "../o/trajectory/step_00000060.safetensors", "trajectory/nope"):
+        with pytest.raises(RunError, match="inside run a"):
+            landscape_run("a", LandscapeConfig(dim=1, points=3, checkpoint=bad), root=tmp_path)
+    cfg = LandscapeConfig(dim=1, points=3, checkpoint="trajectory/step_00000040.safetensors")
+    first = landscape_run("a", cfg, root=tmp_path, device="cpu")
+    assert first.config["centre"].startswith("a/trajectory/step_00000040.safetensors:")
+    train_run(tiny_config("a", seed=3), tmp_path, progress=False, force=True)
+    again = landscape_run("a", cfg, root=tmp_path, device="cpu")  # recomputed, not reused
+    assert again.config["centre"] != first.config["centre"]

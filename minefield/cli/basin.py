@@ -215,7 +215,7 @@ def plot_basin_cmd(ctx, runs, tag, member, out):
 @main.command()
 @click.argument("run")
 @click.option("--other", help="Second run: the slice is the line from RUN (t=0) to it (t=1).")
-@click.option("--checkpoint", help="Checkpoint file of RUN (default: the last).")
+@click.option("--checkpoint", help="Checkpoint file of RUN, relative to it (default: the last).")
 @click.option("--dim", type=click.Choice(["1", "2"]), default="1", show_default=True)
 @click.option("--points", type=click.IntRange(2), default=51, show_default=True,
               help="Points per axis.")

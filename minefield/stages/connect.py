@@ -26,7 +26,7 @@ from ..lock import locking
 from ..runs import DEFAULT_ROOT, Run, RunError, reading
 from .basin import check_tag, read_tagged
 from .search import SEARCH_DIR
-from .train import load_run_model, match_model
+from .train import load_run_model
 
 __all__ = ["ConnectRun", "connect_run", "load_connect", "check_endpoints"]
 
@@ -40,16 +40,28 @@ class ConnectRun:
 
 
 def check_endpoints(run_a: Run, run_b: Run) -> None:
-    """ConfigError unless the runs share model and data (the same parameter space)."""
+    """ConfigError unless the runs share model and data (the same parameter space, the
+    same training and test points). The poison set is not compared: connect never
+    uses it, so a good run and a poisoned run of the same data connect (Fig. 3's pair);
+    :func:`connect_run` then checks that their training and test tensors are equal."""
     ca, cb = (ExperimentConfig.from_dict(r.config) for r in (run_a, run_b))
     for what in ("model", "data"):
         da, db = getattr(ca, what).to_dict(), getattr(cb, what).to_dict()
-        diff = [k for k in da if da[k] != db[k]]
+        diff = [k for k in da if da[k] != db[k] and (what, k) != ("data", "n_poison")]
         if diff:
             k = diff[0]
-            raise ConfigError(f"runs {run_a.name} and {run_b.name} have different {what}s "
+            raise ConfigError(f"runs {run_a.name} and {run_b.name} have a different {what} "
                               f"({what}.{k}: {da[k]} vs {db[k]}); connect needs one "
                               "architecture and dataset")
+
+
+def _same_points(da, db, names: str) -> None:
+    for s in ("train", "test"):
+        xa, ya = da.split(s)
+        xb, yb = db.split(s)
+        if xa.shape != xb.shape or not (torch.equal(xa, xb) and torch.equal(ya, yb)):
+            raise ConfigError(f"runs {names} have different {s} points; connect needs one "
+                              "dataset")
 
 
 def _checkpoint(run: Run, rel: str | None) -> str:
@@ -118,7 +130,8 @@ def connect_run(run_a: Run | str | Path, run_b: Run | str | Path,
     a = _member(pa, member_a, run_a)
     bs = []
     for ck in ends_b:
-        _, pb, _, _, _ = load_run_model(run_b, _abs(run_b, ck), dev)
+        _, pb, _, data_b, _ = load_run_model(run_b, _abs(run_b, ck), dev)
+        _same_points(data, data_b, f"{run_a.name} and {run_b.name}")
         bs.append(_member(pb, 0 if minima else member_b, run_b))
     b = stack([{k: v[0] for k, v in p.items()} for p in bs])
     pairs = [{"a": [run_a.name, checkpoint_a, member_a],
@@ -133,8 +146,11 @@ def connect_run(run_a: Run | str | Path, run_b: Run | str | Path,
     if run_a.exists(ctl) and not force:
         with reading(run_a.file(ctl)):
             saved = run_a.load_checkpoint(run_a.file(ctl), dev)
-        if saved.meta.get("key") == json.loads(json.dumps(key)):
-            control, _ = match_model(model, saved)
+        names = dict(model.named_parameters())  # the control points: parameters only
+        if saved.meta.get("key") == json.loads(json.dumps(key)) and all(
+                k in saved.params and saved.params[k].shape[1:] == v.shape
+                for k, v in names.items()):
+            control = {k: saved.params[k] for k in names}
     res = connect(model, a, b, data, cfg, control)
     if control is None:
         run_a.save_checkpoint(ctl, res.control, {}, {"key": key})

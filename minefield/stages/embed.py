@@ -8,6 +8,7 @@ can be placed into the same map (``add=``) instead of re-embedding everything.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -128,8 +129,12 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig | None = None, *,
             tensors, meta = tmap.to_tensors()
             save_tensors(run.file(MAP_FILE), tensors, {"key": key, **meta})
             run.write_result(EMBED_FILE, key, res.to_dict())
-    new = {_source(run, ck): (_step_of(ck), row) for ck, row in zip(extra, extra_rows)}
-    new = {s: v for s, v in new.items() if s not in res.added}
+    new = {}
+    for ck, row in zip(extra, extra_rows):  # a file placed before is skipped only if its
+        src, sha = _source(run, ck), _sha(row)  # weights are the same ("": older results)
+        prior = {h for a, h in zip(res.added, res.added_sha) if a == src}
+        if not prior & {sha, ""}:
+            new[src] = (_step_of(ck), row, sha)
     if new:
         res = _place(res, tmap, new, model, data, cfg)
         if save:
@@ -186,6 +191,14 @@ def _resolve(run: Run, p: str | Path) -> Path:
     return p if p.is_absolute() or p.exists() else run.file(str(p))
 
 
+def _sha(row: dict[str, torch.Tensor]) -> str:
+    """sha256 (16 hex) of one model's tensors, in name order."""
+    h = hashlib.sha256()
+    for k, v in sorted(row.items()):
+        h.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _source(run: Run, ck: Checkpoint) -> str:
     """How an added file is named in the result: relative to the run when inside it."""
     path = ck.path.resolve()
@@ -216,10 +229,11 @@ def _member_of(ck: Checkpoint, names: dict[str, torch.Size], member: int
 
 def _place(res: EmbedResult, tmap: TSNEMap, new: dict[str, tuple[int, dict]], model, data,
            cfg: EmbedConfig) -> EmbedResult:
-    """``res`` with the models ``new`` (source -> (step, params)) placed into ``tmap``."""
-    params = stack([row for _, row in new.values()])
+    """``res`` with the models ``new`` (source -> (step, params, sha)) placed into ``tmap``."""
+    params = stack([row for _, row, _ in new.values()])
     with torch.no_grad():
         metrics = evaluate_members(model, params, data)
     coords = tmap.transform(weight_matrix(params, cfg.kernels_only))
-    return res.extend(coords, [step for step, _ in new.values()],
-                      {k: v.cpu() for k, v in metrics.items()}, list(new))
+    return res.extend(coords, [step for step, _, _ in new.values()],
+                      {k: v.cpu() for k, v in metrics.items()}, list(new),
+                      [sha for _, _, sha in new.values()])

@@ -98,7 +98,7 @@ def load_landscape(run: Run | str | Path, tag: str = "default", root: Path | str
     values = {k[7:]: v for k, v in tensors.items() if k.startswith("values.")}
     with reading(path):
         cfg = LandscapeConfig.from_dict({k: v for k, v in meta["key"].items()
-                                         if k != "other_end"})
+                                         if k not in ("other_end", "centre")})
         if "ts" in tensors:
             return Slice(tensors["ts"], values, meta["key"]), cfg
         return Surface(tensors["xs"], tensors["ys"], values, tensors["done"].bool(),
@@ -136,6 +136,13 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
     run = run if isinstance(run, Run) else Run.open(run, root)
     path = _path(run, tag)
     key = cfg.to_dict()
+    if cfg.checkpoint is not None:  # the run's own file, keyed by content like the other end
+        ck = Path(cfg.checkpoint)
+        if ck.is_absolute() or ".." in ck.parts or not run.file(cfg.checkpoint).is_file():
+            raise RunError(f"no checkpoint {cfg.checkpoint!r} inside run {run.name} (give a "
+                           "path relative to the run, e.g. "
+                           "trajectory/step_00001000.safetensors)")
+        key["centre"] = run.fingerprint(cfg.checkpoint)
     if cfg.dim == 1 and cfg.other:  # the other end by content: a retrained run is another
         other = Run.open_named(cfg.other, run.path.parent)
         if not other.trajectory():
