@@ -138,3 +138,26 @@ def test_sweep_adds_measure_columns_and_gap_correlations(tmp_path):
     loaded = load_sweep(res.run)
     assert loaded.spearman_gap == res.spearman_gap
     assert "lambda_max" in (tmp_path / "sw" / "sweep.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("change", [
+    {"data": {"n_train": 50}}, {"model": {"widths": (12, 12)}}, {"train": {"momentum": 0.5}}])
+def test_a_sweep_with_other_models_refuses_rather_than_returning_the_old_one(tmp_path, change):
+    """Same betas, seeds, steps and measures, other data / architecture / optimiser: the
+    old table is not theirs (models.json's key is only how models are measured)."""
+    from minefield.runs import RunError
+
+    cfg = tiny_config("sw").replace(data=tiny_config().data.replace(n_poison=40))
+    sc = SweepConfig(betas=(0.0, 0.3), seeds=(0,),
+                     volume=SweepConfig().volume.replace(n_directions=2, n_bootstrap=10),
+                     sharpness=SharpnessConfig(measures=("worst_l2",), **FAST))
+    sweep_run(cfg, sc, tmp_path, progress=False)
+    files = {p: p.read_bytes() for p in (tmp_path / "sw").rglob("*") if p.is_file()}
+    other = cfg.replace(**{s: getattr(cfg, s).replace(**v) for s, v in change.items()})
+    with pytest.raises(RunError, match="exists with a different config; use --force"):
+        sweep_run(other, sc, tmp_path, progress=False)
+    assert {p: p.read_bytes() for p in (tmp_path / "sw").rglob("*") if p.is_file()} == files
+    forced = sweep_run(other, sc, tmp_path, progress=False, force=True)
+    assert json.loads((tmp_path / "sw" / "config.json").read_text())["data"]["n_train"] == (
+        other.data.n_train)
+    assert len(forced.rows) == 2

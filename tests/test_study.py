@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -153,6 +154,22 @@ def test_a_checkpoint_of_a_long_run_is_the_short_run(tmp_path):
     assert long_rows[0]["step"] == 20 and long_rows[1]["step"] == 40
     for k in ("train_loss", "test_acc", "weight_norm", "mean_radius", "log10_volume"):
         assert long_rows[0][k] == short_row[k]
+
+
+def test_a_stack_of_other_models_under_the_same_name_is_not_reused(tmp_path):
+    """models.json keys how models are measured; what they are is the run's config.json:
+    a stack spec with other data under the same name refuses, it does not return the
+    old file."""
+    (spec,) = plan_study(tiny_config("s", steps=20), study(grid={"train.seed": [0]})).stacks
+    run_stack(spec, tmp_path)
+    (other,) = plan_study(tiny_config("s", steps=20).replace(
+        data=tiny_config().data.replace(n_train=30)), study(grid={"train.seed": [0]})).stacks
+    other = dataclasses.replace(other, name=spec.name,
+                                config=other.config.replace(name=spec.config.name))
+    with pytest.raises(RunError, match="not finished for this study"):
+        stack_rows(other, tmp_path, [])
+    with pytest.raises(RunError, match="exists with a different config"):
+        run_stack(other, tmp_path)
 
 
 def test_study_writes_a_tidy_table_and_scores_and_resumes(tmp_path):
