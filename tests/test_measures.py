@@ -161,3 +161,31 @@ def test_a_sweep_with_other_models_refuses_rather_than_returning_the_old_one(tmp
     assert json.loads((tmp_path / "sw" / "config.json").read_text())["data"]["n_train"] == (
         other.data.n_train)
     assert len(forced.rows) == 2
+
+
+def test_cli_values_of_a_moved_last_checkpoint_are_stale_not_reused(tmp_path):
+    """"The last checkpoint" moves when a run trains further: values of the old one are
+    refused (one file never holds two checkpoints' columns), --force measures the new."""
+    from minefield.runs import Run
+
+    train_run(tiny_config("a"), tmp_path, progress=False)
+    r = Run.open("a", tmp_path)
+    last = r.trajectory()[-1]
+    hidden = tmp_path / "last.safetensors"
+    last.rename(hidden)  # the run as it was before its last checkpoint was written
+    args = ["sharpness", "a", "--steps", "2", "--restarts", "1"]
+    assert _invoke(tmp_path, *args, "--measures", "worst_l2").exit_code == 0
+    path = tmp_path / "a" / "sharpness" / "default.json"
+    before = path.read_text()
+    hidden.rename(last)  # trained further
+    for measures in ("worst_l2", "worst_l2,asam"):
+        res = _invoke(tmp_path, *args, "--measures", measures)
+        assert res.exit_code == 1 and "holds values of a/trajectory/step_00000040" in res.output
+        assert "step_00000060" in res.output and "--force" in res.output
+        assert path.read_text() == before
+    res = _invoke(tmp_path, *args, "--measures", "worst_l2", "--force")
+    assert res.exit_code == 0, res.output
+    model, p, _, data, _ = load_run_model(r, last)
+    direct = measure_members(model, p, data, SharpnessConfig(measures=("worst_l2",), steps=2,
+                                                             restarts=1))
+    assert json.loads(path.read_text())["columns"]["worst_l2"] == direct["worst_l2"].tolist()

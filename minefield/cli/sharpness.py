@@ -4,6 +4,9 @@ Results live in the run as ``sharpness/<tag>.json``: the settings, and one list
 per column (one value per member). Each measure is saved as soon as it is done,
 so an interrupted command resumes where it stopped, and a later call with more
 ``--measures`` adds columns; other settings under the same tag need ``--force``.
+The settings hold the measured checkpoint by name and content
+(:meth:`~minefield.runs.Run.fingerprint`): "the last checkpoint" moves when the
+run trains further, and values of the old one are then refused, never reused.
 """
 
 from __future__ import annotations
@@ -12,12 +15,34 @@ import click
 
 from ..evaluate import resolve_device
 from ..measures import MEASURES, SharpnessConfig, measure_members
-from ..runs import RunError, reading
+from ..runs import Run, RunError, reading
 from ..stages import load_run_model
 from ._common import device_option, force_option, friendly, main, open_run
 from .basin import _tag, tag_option
 
 _DEFAULT = SharpnessConfig()
+
+
+def _checkpoint(r: Run, checkpoint: str | None) -> str:
+    """The checkpoint measured: ``checkpoint``, or the run's last one now."""
+    if checkpoint is not None:
+        return checkpoint
+    traj = r.trajectory()
+    if not traj:
+        raise RunError(f"run {r.path} has no trajectory checkpoints (was it trained?)")
+    return str(traj[-1])
+
+
+def _check_settings(path, old: dict | None, new: dict) -> None:
+    """Refuse stored values made with other settings or of another checkpoint (one
+    file never mixes two)."""
+    if old == new:
+        return
+    if isinstance(old, dict) and old.get("config") == new["config"]:
+        was = old.get("checkpoint") or "the run's last checkpoint when they were measured"
+        raise RunError(f"{path} holds values of {was}, not of {new['checkpoint']} (was the "
+                       "run trained further or retrained?); use --force or another --tag")
+    raise RunError(f"{path} holds results for other settings; use --force or another --tag")
 
 
 def _measures(text: str) -> tuple[str, ...]:
@@ -72,14 +97,14 @@ def sharpness(ctx, run, measures, checkpoint, rho, rho_linf, rho_adaptive, sigma
                           trace_rtol=trace_rtol, bn=bn, dtype=dtype, seed=seed)
     r = open_run(ctx, run)
     rel = f"sharpness/{tag}.json"
-    settings = {"config": cfg.without_measures(), "checkpoint": checkpoint}
+    checkpoint = _checkpoint(r, checkpoint)
+    # the checkpoint by name and content: "the last" moves when the run trains further
+    settings = {"config": cfg.without_measures(), "checkpoint": r.fingerprint(checkpoint)}
     done: dict[str, list[float]] = {}
     if r.exists(rel) and not force:
         old = r.read_json(rel)
         with reading(r.file(rel)):
-            if old.get("settings") != settings:
-                raise RunError(f"{r.file(rel)} holds results for other settings; use --force "
-                               f"or another --tag")
+            _check_settings(r.file(rel), old.get("settings"), settings)
             done = {k: [float(x) for x in v] for k, v in old["columns"].items()}
     todo = [name for name in cfg.measures if name not in done]
     if todo:
