@@ -58,10 +58,15 @@ class Norm(str, enum.Enum):
 @dataclass
 class SharpnessEstimate:
     """A measure per member: ``value`` ``(M,)`` and its standard error (NaN when the
-    value is a maximum found by search rather than a mean)."""
+    value is a maximum found by search rather than a mean). A search also gives
+    ``spread`` ``(M,)``: the best minus the worst of the per-restart maxima, 0 when
+    every restart reached the same value; a large spread says that restarts end at
+    different local maxima, so more of them may find a higher one (``None``: not a
+    search)."""
 
     value: torch.Tensor
     stderr: torch.Tensor
+    spread: torch.Tensor | None = None
 
 
 def _positive(name: str, v: float) -> None:
@@ -81,7 +86,7 @@ def _project(delta: torch.Tensor, rho: float, norm: Norm) -> torch.Tensor:
 
 
 def worst_case_sharpness(obj: Objective, rho: float, norm: Norm | str = "l2",
-                         adaptive: bool = False, steps: int = 10, restarts: int = 1,
+                         adaptive: bool = False, steps: int = 10, restarts: int = 8,
                          step_size: float = 1.0, eta: float = 0.01, seed: int = 0
                          ) -> SharpnessEstimate:
     """``max_{||delta||_p <= rho} L(w + T delta) - L(w)`` per member, by projected ascent.
@@ -89,7 +94,12 @@ def worst_case_sharpness(obj: Objective, rho: float, norm: Norm | str = "l2",
     ``steps`` gradient steps of length ``step_size * rho`` (L2: along the normalised
     gradient; L-inf: its sign) from ``restarts`` random starts on the sphere (L2)
     or in the box (L-inf), every member and restart as one stack. ``adaptive``
-    uses ASAM's ``T = |w| + eta``.
+    uses ASAM's ``T = |w| + eta``. The value is the best loss seen, a lower bound of
+    the maximum; ``spread`` (see :class:`SharpnessEstimate`) shows how far apart the
+    restarts ended. Ascent stops at local maxima (sign ascent in the box at corners):
+    on a 33-parameter swiss-roll MLP, 2 restarts found 0.027 nats in the L-inf box of
+    ``rho = 0.01`` and 0.27 in ASAM's ball of 0.05, where 8 (and 64) found 0.083 and
+    0.78; hence 8 restarts by default (members x restarts are one stack).
 
     Raises:
         ConfigError: rho <= 0, steps < 1, restarts < 1, or an unknown norm.
@@ -124,8 +134,10 @@ def worst_case_sharpness(obj: Objective, rho: float, norm: Norm | str = "l2",
                 else gd / gd.norm(dim=1, keepdim=True).clamp(min=1e-30))
         delta = _project(delta + step_size * rho * step, rho, norm)
     m = obj.n_members
-    value = best.view(m, restarts).amax(1) - base.cpu()
-    return SharpnessEstimate(value, torch.full((m,), math.nan, dtype=torch.float64))
+    per_restart = best.view(m, restarts)  # (M, R) each restart's maximum
+    value = per_restart.amax(1) - base.cpu()
+    return SharpnessEstimate(value, torch.full((m,), math.nan, dtype=torch.float64),
+                             per_restart.amax(1) - per_restart.amin(1))
 
 
 def _probes(obj: Objective, n_samples: int, seed: int, adaptive: bool, eta: float, i: int):

@@ -68,7 +68,9 @@ def _measures(text: str) -> tuple[str, ...]:
 @click.option("--bound", type=float, default=_DEFAULT.bound, show_default=True,
               help="Loss increase that defines the PAC-Bayes sigma'.")
 @click.option("--steps", type=int, default=_DEFAULT.steps, show_default=True)
-@click.option("--restarts", type=int, default=_DEFAULT.restarts, show_default=True)
+@click.option("--restarts", type=int, default=_DEFAULT.restarts, show_default=True,
+              help="Random starts of the worst cases (worst_l2, worst_linf, asam, "
+                   "m_sharpness).")
 @click.option("--samples", type=int, default=_DEFAULT.n_samples, show_default=True,
               help="Antithetic noise pairs (average, PAC-Bayes).")
 @click.option("--trace-rtol", type=float, default=_DEFAULT.trace_rtol, show_default=True)
