@@ -139,8 +139,11 @@ def top_eigenvalues(op: CurvatureOperator, k: int = 1, tol: float = 1e-4,
     ``<= tol * max|theta|`` or after ``max_iter`` (default ``min(n, 300)``) products.
 
     Raises:
-        ConfigError: ``k < 1`` or ``k`` larger than the number of parameters.
+        ConfigError: ``k < 1`` or ``k`` larger than the number of parameters, or
+            ``tol`` not a finite number > 0 (``tol <= 0`` would never stop early).
     """
+    if not (tol > 0 and math.isfinite(tol)):
+        raise ConfigError(f"tol must be a finite number > 0, got {tol}")
     if not 1 <= k <= op.n:
         raise ConfigError(f"k={k} eigenvalues asked for, but the model has {op.n} parameters "
                           f"(need 1 <= k <= {op.n})")

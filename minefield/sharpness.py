@@ -71,7 +71,12 @@ class SharpnessEstimate:
 
 def _positive(name: str, v: float) -> None:
     if not (v > 0 and math.isfinite(v)):
-        raise ConfigError(f"{name} must be a positive number, got {v}")
+        raise ConfigError(f"{name} must be a finite number > 0, got {v}")
+
+
+def _check_eta(eta: float) -> None:
+    if not (eta >= 0 and math.isfinite(eta)):
+        raise ConfigError(f"eta must be a finite number >= 0, got {eta}")
 
 
 def _scale(w: torch.Tensor, adaptive: bool, eta: float) -> torch.Tensor:
@@ -102,10 +107,12 @@ def worst_case_sharpness(obj: Objective, rho: float, norm: Norm | str = "l2",
     0.78; hence 8 restarts by default (members x restarts are one stack).
 
     Raises:
-        ConfigError: rho <= 0, steps < 1, restarts < 1, or an unknown norm.
+        ConfigError: rho <= 0 or not finite, steps < 1, restarts < 1, eta < 0 or not
+            finite, or an unknown norm.
     """
     _positive("rho", rho)
     _positive("step_size", step_size)
+    _check_eta(eta)
     if steps < 1 or restarts < 1:
         raise ConfigError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
     try:
@@ -160,9 +167,10 @@ def average_sharpness(obj: Objective, sigma: float, n_samples: int = 64,
     error over ``n_samples`` antithetic pairs (``2 n_samples`` engine evaluations).
 
     Raises:
-        ConfigError: sigma <= 0 or n_samples < 2.
+        ConfigError: sigma <= 0 or not finite, eta < 0 or not finite, or n_samples < 2.
     """
     _positive("sigma", sigma)
+    _check_eta(eta)
     if n_samples < 2:
         raise ConfigError(f"n_samples must be >= 2, got {n_samples}")
     base = obj.check_finite().double().cpu()
@@ -208,10 +216,13 @@ def pac_bayes_sigma(obj: Objective, bound: float = 0.1, n_samples: int = 32,
     Returns ``hi`` when even ``hi`` stays under the bound, ``lo`` when ``lo`` does not.
 
     Raises:
-        ConfigError: bound <= 0, ``not 0 < lo < hi`` or rtol <= 0.
+        ConfigError: bound <= 0, ``not 0 < lo < hi`` (finite), rtol <= 0, eta < 0 (or any
+            of them not finite).
     """
     _positive("bound", bound)
     _positive("rtol", rtol)
+    _check_eta(eta)
+    _positive("hi", hi)
     if not 0 < lo < hi:
         raise ConfigError(f"need 0 < lo < hi, got lo={lo}, hi={hi}")
     base = obj.check_finite().double().cpu()

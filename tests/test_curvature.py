@@ -195,6 +195,9 @@ def test_bad_inputs_raise_one_clear_error():
         top_eigenvalues(op, which="middle")
     with pytest.raises(ConfigError, match="cannot give k=5"):
         top_eigenvalues(op, k=5, max_iter=3)
+    for tol in (0.0, -1e-4, math.nan, math.inf):  # tol <= 0 would never stop early
+        with pytest.raises(ConfigError, match="tol must be a finite number > 0"):
+            top_eigenvalues(op, tol=tol)
     with pytest.raises(ConfigError, match="rtol must be > 0"):
         hutchinson_trace(op, rtol=-1.0)
     with pytest.raises(ConfigError, match="n_probes >= 2"):

@@ -55,15 +55,30 @@ def test_every_measure_gives_one_value_per_member(runs):
 def test_config_errors():
     with pytest.raises(ConfigError, match="unknown measure\\(s\\) flatness"):
         SharpnessConfig(measures=("flatness",))
-    with pytest.raises(ConfigError, match="rho must be > 0, got -0.5"):
+    with pytest.raises(ConfigError, match="rho must be a finite number > 0, got -0.5"):
         SharpnessConfig(rho=-0.5)
+    for k in ("rho", "rho_linf", "rho_adaptive", "sigma", "bound", "trace_rtol", "eig_tol"):
+        for bad in (math.inf, math.nan, 0.0):
+            with pytest.raises(ConfigError, match=f"^{k} must be a finite number > 0"):
+                SharpnessConfig(**{k: bad})
+    for bad in (math.nan, math.inf, -1.0):
+        with pytest.raises(ConfigError, match="eta must be a finite number >= 0"):
+            SharpnessConfig(eta=bad)
+    # one name, or names in one string, are measures, not letters
+    assert SharpnessConfig(measures="lambda_max").measures == ("lambda_max",)
+    assert SharpnessConfig(measures="lambda_max, trace").measures == ("lambda_max", "trace")
+    assert SharpnessConfig(measures=["asam"]).measures == ("asam",)
+    with pytest.raises(ConfigError, match="measures must be a list of measure names, got 5"):
+        SharpnessConfig(measures=5)
+    with pytest.raises(ConfigError, match="unknown measure\\(s\\) 5"):
+        SharpnessConfig(measures=(5,))
     with pytest.raises(ConfigError, match="steps must be >= 1"):
         SharpnessConfig(steps=0)
     with pytest.raises(ConfigError, match="no measures"):
         SharpnessConfig(measures=())
     with pytest.raises(ConfigError, match="n_samples and max_probes"):
         SharpnessConfig(n_samples=1)
-    with pytest.raises(ConfigError, match="eta must be >= 0"):
+    with pytest.raises(ConfigError, match="eta must be a finite number >= 0"):
         SharpnessConfig(eta=-1.0)
     with pytest.raises(ConfigError, match="bn must be"):
         SharpnessConfig(bn="frozen")
@@ -96,9 +111,15 @@ def test_cli_writes_resumes_adds_and_refuses(runs):
 
 @pytest.mark.parametrize("args,msg", [
     (["--measures", "flatness"], "unknown measure(s) flatness"),
-    (["--rho", "-1"], "rho must be > 0, got -1.0"),
+    (["--rho", "-1"], "rho must be a finite number > 0, got -1.0"),
+    (["--rho-linf", "inf"], "rho_linf must be a finite number > 0, got inf"),
+    (["--sigma", "inf"], "sigma must be a finite number > 0, got inf"),
+    (["--bound", "inf"], "bound must be a finite number > 0, got inf"),
     (["--measures", "m_sharpness", "--m", "0"], "m must be >= 1"),
     (["--measures", "m_sharpness", "--m", "100000"], "got 100000"),  # not clamped silently
+    # checked before the first measure is computed and saved
+    (["--measures", "lambda_max,m_sharpness", "--m", "41"],
+     "m_sharpness: m must be in [1, 40] (the number of training points), got 41"),
     (["--tag", "../x"], "tag"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(runs, args, msg):
@@ -189,3 +210,30 @@ def test_cli_values_of_a_moved_last_checkpoint_are_stale_not_reused(tmp_path):
     direct = measure_members(model, p, data, SharpnessConfig(measures=("worst_l2",), steps=2,
                                                              restarts=1))
     assert json.loads(path.read_text())["columns"]["worst_l2"] == direct["worst_l2"].tolist()
+
+
+def test_data_that_do_not_fit_the_model_is_one_config_error():
+    from minefield import ModelConfig, build_model
+    from minefield.train import init_stack
+
+    model = build_model(ModelConfig(widths=(4,)), (2,), 3)
+    p = {k: v.double() for k, v in init_stack(model, "glorot_uniform", [0]).items()}
+    cfg = SharpnessConfig(measures=("lambda_max",))
+    x, y = torch.randn(10, 2), torch.randint(0, 3, (10,))
+    assert measure_members(model, p, (x, y), cfg)["lambda_max"].shape == (1,)
+    with pytest.raises(ConfigError, match=r"the data do not fit the model: inputs of shape \(5,\)"):
+        measure_members(model, p, (torch.randn(10, 5), y), cfg)
+    with pytest.raises(ConfigError, match=r"labels must be in \[0, 3\) for the model's 3 output"):
+        measure_members(model, p, (x, y + 1), cfg)
+    with pytest.raises(ConfigError, match=r"labels must be in \[0, 3\)"):
+        measure_members(model, p, (x, y - 1), cfg)
+
+
+def test_a_sweep_refuses_m_larger_than_the_training_set_before_training(tmp_path):
+    cfg = tiny_config("sm").replace(data=tiny_config().data.replace(n_train=10, n_poison=40))
+    sc = SweepConfig(betas=(0.0,), seeds=(0,), sharpness=SharpnessConfig(
+        measures=("m_sharpness",), **FAST))
+    for kw in ({}, {"models_per_task": 1}):
+        with pytest.raises(ConfigError, match=r"m must be in \[1, 10\].*got 20"):
+            sweep_run(cfg, sc, tmp_path, progress=False, **kw)
+        assert not (tmp_path / "sm").exists()

@@ -192,13 +192,13 @@ def test_pac_bayes_sigma_of_a_quadratic():
 
 def test_bad_inputs_raise_one_clear_error():
     obj, _ = _quad(EV)
-    with pytest.raises(ConfigError, match="rho must be a positive number, got -0.1"):
+    with pytest.raises(ConfigError, match="rho must be a finite number > 0, got -0.1"):
         worst_case_sharpness(obj, -0.1)
     with pytest.raises(ConfigError, match="steps and restarts must be >= 1"):
         worst_case_sharpness(obj, 0.1, steps=0)
     with pytest.raises(ConfigError, match="norm: 'l1' is not one of"):
         worst_case_sharpness(obj, 0.1, norm="l1")
-    with pytest.raises(ConfigError, match="sigma must be a positive number"):
+    with pytest.raises(ConfigError, match="sigma must be a finite number > 0"):
         average_sharpness(obj, 0.0)
     with pytest.raises(ConfigError, match="n_samples must be >= 2"):
         average_sharpness(obj, 0.1, n_samples=1)
@@ -206,8 +206,22 @@ def test_bad_inputs_raise_one_clear_error():
         m_sharpness(obj, 0.1, m=2)
     with pytest.raises(ConfigError, match="need 0 < lo < hi"):
         pac_bayes_sigma(obj, lo=1.0, hi=0.5)
-    with pytest.raises(ConfigError, match="bound must be a positive number"):
+    with pytest.raises(ConfigError, match="bound must be a finite number > 0"):
         pac_bayes_sigma(obj, bound=-1)
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ConfigError, match="eta must be a finite number >= 0"):
+            worst_case_sharpness(obj, 0.1, adaptive=True, eta=bad)
+        with pytest.raises(ConfigError, match="eta must be a finite number >= 0"):
+            average_sharpness(obj, 0.1, adaptive=True, eta=bad)
+        with pytest.raises(ConfigError, match="eta must be a finite number >= 0"):
+            pac_bayes_sigma(obj, adaptive=True, eta=bad)
+    for bad in (math.inf, math.nan):
+        with pytest.raises(ConfigError, match="rho must be a finite number > 0"):
+            worst_case_sharpness(obj, bad)
+        with pytest.raises(ConfigError, match="sigma must be a finite number > 0"):
+            average_sharpness(obj, bad)
+    with pytest.raises(ConfigError, match="hi must be a finite number > 0"):
+        pac_bayes_sigma(obj, hi=math.inf)
     model, p, data = _mlp(m=1, n=10)
     with pytest.raises(ConfigError, match=r"m must be in \[1, 10\]"):
         m_sharpness(model_objective(model, p, data), 0.1, m=11)

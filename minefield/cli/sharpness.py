@@ -14,9 +14,10 @@ from __future__ import annotations
 import click
 
 from ..evaluate import resolve_device
-from ..measures import MEASURES, SharpnessConfig, measure_members
+from ..measures import MEASURES, SharpnessConfig, check_measurable, measure_members
 from ..runs import Run, RunError, reading
 from ..stages import load_run_model
+from ..stages.train import run_config
 from ._common import device_option, force_option, friendly, main, open_run
 from .basin import _tag, tag_option
 
@@ -99,6 +100,7 @@ def sharpness(ctx, run, measures, checkpoint, rho, rho_linf, rho_adaptive, sigma
                           trace_rtol=trace_rtol, bn=bn, dtype=dtype, seed=seed)
     r = open_run(ctx, run)
     rel = f"sharpness/{tag}.json"
+    run_config(r)  # a study's folder is refused here, pointing at its stacks
     checkpoint = _checkpoint(r, checkpoint)
     # the checkpoint by name and content: "the last" moves when the run trains further
     settings = {"config": cfg.without_measures(), "checkpoint": r.fingerprint(checkpoint)}
@@ -112,6 +114,7 @@ def sharpness(ctx, run, measures, checkpoint, rho, rho_linf, rho_adaptive, sigma
     if todo:
         r.lock()  # one writer per run: refused here, before any work
     model, params, buffers, data, _ = load_run_model(r, checkpoint, resolve_device(device))
+    check_measurable(cfg, len(data.y_train))
     if todo:
         click.echo(f"measuring {', '.join(todo)} on {r.name} "
                    f"({next(iter(params.values())).shape[0]} member(s))")
