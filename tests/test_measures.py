@@ -97,6 +97,7 @@ def test_cli_writes_resumes_adds_and_refuses(runs):
     assert len(saved["columns"]["lambda_max"]) == 2
     again = _invoke(runs, *args, "--measures", "lambda_max,worst_l2")
     assert again.exit_code == 0 and "reusing" in again.output
+    assert "worst_l2_spread" in saved["columns"] and "spread over restarts" in again.output
     more = _invoke(runs, *args, "--measures", "lambda_max,average")
     assert more.exit_code == 0 and "measuring average on a" in more.output
     assert set(json.loads(path.read_text())["columns"]) >= {"lambda_max", "worst_l2", "average"}

@@ -130,4 +130,7 @@ def sharpness(ctx, run, measures, checkpoint, rho, rho_linf, rho_adaptive, sigma
     else:
         click.echo(f"wrote {r.file(rel)}")
     for name in cfg.measures:
-        click.echo(f"{name:>20}  " + "  ".join(f"{v:.4g}" for v in cols[name].tolist()))
+        spread = cols.get(f"{name}_spread")  # worst cases: how far apart the restarts ended
+        click.echo(f"{name:>20}  " + "  ".join(f"{v:.4g}" for v in cols[name].tolist())
+                   + ("" if spread is None else "   (spread over restarts: "
+                      + "  ".join(f"{v:.2g}" for v in spread.tolist()) + ")"))
