@@ -196,19 +196,16 @@ def _check_fits(model: nn.Module, params: Params, buffers: Params | None,
     """One clear error for data that do not fit the model (input shape, labels)."""
     from torch.func import functional_call
 
-    first = {k: v[0] for k, v in params.items()}
+    first = {k: v[0] for k, v in params.items()}  # member 0 is enough for shapes
     w0 = next(iter(first.values()))
-    dtype = w0.dtype
-    bufs = {k: (v.to(w0.device, dtype) if v.is_floating_point() else v.to(w0.device))
-            for k, v in (
-        {k: v[0] for k, v in buffers.items()} if buffers else dict(model.named_buffers())
-    ).items()}
+    own = {k: v[0] for k, v in buffers.items()} if buffers else dict(model.named_buffers())
+    bufs = {k: v.to(w0.device, w0.dtype if v.is_floating_point() else v.dtype)
+            for k, v in own.items()}
     was = model.training
     model.eval()  # one input through BatchNorm: its running statistics
     try:
         with torch.no_grad():
-            out = functional_call(model, {**first, **bufs},
-                                  (x[:1].to(dtype),))
+            out = functional_call(model, {**first, **bufs}, (x[:1].to(w0),))
     except RuntimeError as e:
         raise ConfigError(f"the data do not fit the model: inputs of shape "
                           f"{tuple(x.shape[1:])} ({str(e).splitlines()[0][:120]})") from None
