@@ -138,9 +138,20 @@ def top_eigenvalues(op: CurvatureOperator, k: int = 1, tol: float = 1e-4,
     of every member's matrix by Lanczos, stopped when every residual bound is
     ``<= tol * max|theta|`` or after ``max_iter`` (default ``min(n, 300)``) products.
 
+    Repeated eigenvalues: one Krylov space sees each eigenspace once, so for spectrum
+    ``{5, 5, 5, 3, 2.5, ...}`` a single pass gives ``[5, 3, 2.5]`` with tiny
+    residuals (each is an eigenvalue; the copies are missing). With ``k > 1`` and a
+    converged pass, further passes on ``P H P`` (``P`` projects out the Ritz vectors
+    found) add the copies until none enters the top ``k``, and the residuals are then
+    ``||H v - theta v||`` of the returned vectors; ``n_iter`` counts every pass.
+    A pass stopped by ``max_iter`` is returned as it is (multiplicities unchecked).
+
     Raises:
-        ConfigError: ``k < 1`` or ``k`` larger than the number of parameters.
+        ConfigError: ``k < 1`` or ``k`` larger than the number of parameters, or
+            ``tol`` not a finite number > 0 (``tol <= 0`` would never stop early).
     """
+    if not (tol > 0 and math.isfinite(tol)):
+        raise ConfigError(f"tol must be a finite number > 0, got {tol}")
     if not 1 <= k <= op.n:
         raise ConfigError(f"k={k} eigenvalues asked for, but the model has {op.n} parameters "
                           f"(need 1 <= k <= {op.n})")
@@ -150,7 +161,6 @@ def top_eigenvalues(op: CurvatureOperator, k: int = 1, tol: float = 1e-4,
     if max_iter < k:
         raise ConfigError(f"max_iter={max_iter} Lanczos steps cannot give k={k} eigenvalues")
     g = torch.Generator().manual_seed(int(seed))
-    v0 = torch.randn(op.m, op.n, generator=g).to(dtype=op.dtype, device=op.device)
     sign = 1.0 if which == "largest" else -1.0
 
     def top(alpha, beta):
@@ -158,19 +168,49 @@ def top_eigenvalues(op: CurvatureOperator, k: int = 1, tol: float = 1e-4,
         idx = (theta * sign).argsort(1, descending=True)[:, :k]
         return theta.gather(1, idx), (beta[:, -1:] * s[:, -1, :]).abs().gather(1, idx), s, idx
 
-    def done(alpha, beta):
-        if alpha.shape[1] < k:
-            return False
-        th, res, _, _ = top(alpha, beta)
-        return bool((res <= tol * th.abs().amax(1, keepdim=True).clamp(min=1e-30)).all())
+    def converged(th, res, scale=None):  # residuals <= tol * max|theta| (of the top k)
+        scale = th.abs().amax(1, keepdim=True) if scale is None else scale
+        return bool((res <= tol * scale.clamp(min=1e-30)).all())
 
-    alpha, beta, q, n_done = lanczos(op.matvec, v0, max_iter, g, done)
-    theta, res, s, idx = top(alpha, beta)
-    vec = None
-    if vectors:
+    def run(apply, basis, n_iter, first=k, scale=None):  # a pass orthogonal to ``basis``
+        v0 = torch.randn(op.m, op.n, generator=g).to(dtype=op.dtype, device=op.device)
+        v0 = v0 if basis is None else _orth(v0, basis)  # until its top ``first`` converge
+        alpha, beta, q, n = lanczos(apply, v0, n_iter, g, lambda a, b: a.shape[1] >= first
+                                    and converged(*(t[:, :first] for t in top(a, b)[:2]),
+                                                  scale))
+        theta, res, s, idx = top(alpha, beta)
         sk = s.gather(2, idx[:, None, :].expand(-1, s.shape[1], -1))  # (M, j, k)
-        vec = torch.einsum("mjk,mjn->mkn", sk.to(q), q)
-    return Eigen(theta, res, vec, n_done)
+        return theta, res, torch.einsum("mjk,mjn->mkn", sk.to(q), q), n
+
+    theta, res, vec, n_done = run(op.matvec, None, max_iter)
+    if k > 1 and converged(theta, res):
+        # A Krylov space holds one vector of each eigenspace: a repeated eigenvalue shows
+        # once. Each further pass runs on P H P, P projecting out every vector found so
+        # far, converges its top value and keeps it while it enters the top k: one more
+        # copy per pass. (The top Ritz value is <= the top eigenvalue, so one above the
+        # k-th found surely enters; one below is trusted as the first pass's values are.)
+        vals, vecs = theta, vec
+        for _ in range(k - 1):
+            basis = torch.linalg.qr(vecs.transpose(1, 2)).Q.transpose(1, 2)  # (M, j, n)
+            n_iter = min(max_iter, op.n - basis.shape[1])
+            if n_iter < 1:
+                break
+            kth = (vals * sign).topk(k, dim=1).values[:, -1]
+            scale = theta.abs().amax(1, keepdim=True)  # the first pass's rule, the same tol
+            th, r, v, n = run(lambda x, b=basis: _orth(op.matvec(_orth(x, b)), b), basis,
+                              n_iter, 1, scale)
+            n_done += n
+            vals, vecs = torch.cat([vals, th[:, :1]], 1), torch.cat([vecs, v[:, :1].to(vecs)], 1)
+            enters = th[:, 0] * sign > kth + tol * scale[:, 0]
+            if not converged(th[:, :1], r[:, :1], scale) or not bool(enters.any()):
+                break
+        idx = (vals * sign).argsort(1, descending=True)[:, :k]
+        theta = vals.gather(1, idx)
+        vec = vecs.gather(1, idx[..., None].expand(-1, -1, vecs.shape[2]))
+        # residuals of H itself, ||H v - theta v|| (v unit): an eigenvalue lies within
+        hv = torch.stack([op.matvec(vec[:, i]) for i in range(k)], 1)
+        res = (hv - theta[..., None].to(hv) * vec).norm(dim=2).double()
+    return Eigen(theta, res, vec if vectors else None, n_done)
 
 
 @dataclass

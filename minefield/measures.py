@@ -3,7 +3,9 @@
 One table for the ``minefield sharpness`` command and for the optional columns
 of poison sweeps: :func:`measure_members` returns ``{column: (M,) values}``, the
 main column of each measure named as in :data:`MEASURES`, plus its uncertainty
-columns (``<name>_stderr``, ``<name>_ci_low``/``_ci_high``, ``<name>_residual``).
+columns (``<name>_stderr``, ``<name>_ci_low``/``_ci_high``, ``<name>_residual``, and for
+the worst cases ``<name>_spread``: best minus worst per-restart maximum, see
+:class:`~minefield.sharpness.SharpnessEstimate`).
 
 =========================  ==============================================================
 measure                    what (all on the mean training NLL; see the modules for maths)
@@ -37,6 +39,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,12 +48,12 @@ from torch import nn
 
 from .config import ConfigError, _Config
 from .curvature import hutchpp_trace, top_eigenvalues
-from .data import Dataset
+from .data import Dataset, train_xy
 from .functional import Params
 from .hvp import CurvatureOperator, Objective, model_objective
 from .sharpness import average_sharpness, m_sharpness, pac_bayes_sigma, worst_case_sharpness
 
-__all__ = ["MEASURES", "SharpnessConfig", "measure_members"]
+__all__ = ["MEASURES", "SharpnessConfig", "check_measurable", "measure_members"]
 
 Columns = dict[str, torch.Tensor]
 
@@ -61,9 +64,11 @@ class SharpnessConfig(_Config):
     fractions of ``|w| + eta`` for ``asam`` and ``pac_bayes_sigma_mag``).
 
     ``steps``/``restarts``: projected-ascent steps and random starts of the worst
-    cases; ``n_samples``: antithetic Gaussian pairs of ``average`` and the PAC-Bayes
-    bisection; ``trace_rtol``/``trace_rank``/``max_probes``: the Hutch++ stopping
-    rule; ``eig_tol``: Lanczos residual tolerance relative to lambda_max;
+    cases (8 by default: fewer miss the maximum on small MLPs, see
+    :func:`~minefield.sharpness.worst_case_sharpness`); ``n_samples``: antithetic
+    Gaussian pairs of ``average`` and the PAC-Bayes bisection;
+    ``trace_rtol``/``trace_rank``/``max_probes``: the Hutch++ stopping rule;
+    ``eig_tol``: Lanczos residual tolerance relative to lambda_max;
     ``bn``: BatchNorm policy; ``dtype``: float64 (exact, small nets) or float32.
     """
 
@@ -75,7 +80,7 @@ class SharpnessConfig(_Config):
     rho_adaptive: float = 0.05
     eta: float = 0.01
     steps: int = 10
-    restarts: int = 2
+    restarts: int = 8
     sigma: float = 0.002
     n_samples: int = 64
     m: int = 20
@@ -89,7 +94,17 @@ class SharpnessConfig(_Config):
     seed: int = 0
 
     def _validate(self):
-        unknown = [m for m in self.measures if m not in MEASURES]
+        if isinstance(self.measures, str):  # "lambda_max" or "lambda_max,trace"
+            object.__setattr__(self, "measures",
+                               tuple(t for t in self.measures.replace(",", " ").split()))
+        elif not isinstance(self.measures, tuple):
+            try:
+                object.__setattr__(self, "measures", tuple(self.measures))
+            except TypeError:
+                raise ConfigError("measures must be a list of measure names, got "
+                                  f"{self.measures!r}") from None
+        unknown = [m if isinstance(m, str) else repr(m) for m in self.measures
+                   if not isinstance(m, str) or m not in MEASURES]
         if unknown:
             raise ConfigError(f"unknown measure(s) {', '.join(unknown)}; choose from "
                               f"{', '.join(MEASURES)}")
@@ -98,15 +113,15 @@ class SharpnessConfig(_Config):
         for k in ("rho", "rho_linf", "rho_adaptive", "sigma", "bound", "trace_rtol",
                   "eig_tol"):
             v = getattr(self, k)
-            if not v > 0:
-                raise ConfigError(f"{k} must be > 0, got {v}")
+            if not (v > 0 and math.isfinite(v)):
+                raise ConfigError(f"{k} must be a finite number > 0, got {v}")
         for k in ("steps", "restarts", "m", "trace_rank"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.n_samples < 2 or self.max_probes < 2:
             raise ConfigError("n_samples and max_probes must be >= 2")
-        if self.eta < 0:
-            raise ConfigError(f"eta must be >= 0, got {self.eta}")
+        if not (self.eta >= 0 and math.isfinite(self.eta)):
+            raise ConfigError(f"eta must be a finite number >= 0, got {self.eta}")
         if self.bn not in ("eval", "batch"):
             raise ConfigError(f"bn must be 'eval' or 'batch', got {self.bn!r}")
         if self.dtype not in ("float32", "float64"):
@@ -137,7 +152,8 @@ def _trace(kind: str) -> Callable[[Objective, SharpnessConfig], Columns]:
 
 
 def _est(e) -> Columns:
-    return {"": e.value, "_stderr": e.stderr}
+    spread = {} if e.spread is None else {"_spread": e.spread}
+    return {"": e.value, "_stderr": e.stderr, **spread}
 
 
 MEASURES: dict[str, Callable[[Objective, SharpnessConfig], Columns]] = {
@@ -163,6 +179,44 @@ MEASURES: dict[str, Callable[[Objective, SharpnessConfig], Columns]] = {
 }
 
 
+def check_measurable(cfg: SharpnessConfig, n_train: int) -> None:
+    """Refuse, before anything is computed, measures that ``n_train`` training points
+    cannot give: ``m_sharpness`` needs ``m <= n_train``.
+
+    Raises:
+        ConfigError: ``cfg.m`` larger than the training set with ``m_sharpness`` asked.
+    """
+    if "m_sharpness" in cfg.measures and cfg.m > n_train:
+        raise ConfigError(f"m_sharpness: m must be in [1, {n_train}] (the number of training "
+                          f"points), got {cfg.m}")
+
+
+def _check_fits(model: nn.Module, params: Params, buffers: Params | None,
+                x: torch.Tensor, y: torch.Tensor) -> None:
+    """One clear error for data that do not fit the model (input shape, labels)."""
+    from torch.func import functional_call
+
+    first = {k: v[0] for k, v in params.items()}  # member 0 is enough for shapes
+    w0 = next(iter(first.values()))
+    own = {k: v[0] for k, v in buffers.items()} if buffers else dict(model.named_buffers())
+    bufs = {k: v.to(w0.device, w0.dtype if v.is_floating_point() else v.dtype)
+            for k, v in own.items()}
+    was = model.training
+    model.eval()  # one input through BatchNorm: its running statistics
+    try:
+        with torch.no_grad():
+            out = functional_call(model, {**first, **bufs}, (x[:1].to(w0),))
+    except RuntimeError as e:
+        raise ConfigError(f"the data do not fit the model: inputs of shape "
+                          f"{tuple(x.shape[1:])} ({str(e).splitlines()[0][:120]})") from None
+    finally:
+        model.train(was)
+    k = max(out.shape[-1], 2)  # one output: a binary logit, labels 0 and 1
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= k):
+        raise ConfigError(f"labels must be in [0, {k}) for the model's {out.shape[-1]} "
+                          f"output(s), got {int(y.min())}..{int(y.max())}")
+
+
 def measure_members(model: nn.Module, params: Params,
                     data: Dataset | tuple[torch.Tensor, torch.Tensor],
                     cfg: SharpnessConfig = SharpnessConfig(), buffers: Params | None = None,
@@ -174,11 +228,17 @@ def measure_members(model: nn.Module, params: Params,
 
     Raises:
         NonFiniteLoss: some member's loss is NaN or infinite (checked first).
-        ConfigError: e.g. a BatchNorm model in training mode under ``bn="eval"``.
+        ConfigError: e.g. a BatchNorm model in training mode under ``bn="eval"``, data
+            that do not fit the model (input shape, labels outside its outputs), or
+            ``m`` larger than the training set (:func:`check_measurable`): all before
+            any measure is computed.
     """
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     p = {k: v.to(dtype) for k, v in params.items()}
+    x, y = train_xy(data)
+    check_measurable(cfg, len(y))
     obj = model_objective(model, p, data, buffers, cfg.bn)
+    _check_fits(model, p, buffers, x, y)
     obj.check_finite()
     out: Columns = {k: torch.tensor(v, dtype=torch.float64) for k, v in (done or {}).items()}
     for name in cfg.measures:

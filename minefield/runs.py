@@ -334,13 +334,17 @@ class Run:
         weights) makes that result stale instead of silently reused."""
         import hashlib
 
-        path = Path(rel) if Path(rel).is_absolute() else self.file(str(rel))
-        ck = self.load_checkpoint(path)
+        ck = self.load_checkpoint(rel)  # found as load_checkpoint finds it
+        path = Path(ck.path)
         h = hashlib.sha256()
         for k, v in sorted({**ck.params, **{f"buffer.{b}": t for b, t in ck.buffers.items()}}
                            .items()):
             h.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
-        return f"{self.name}/{path.relative_to(self.path)}:{h.hexdigest()[:16]}"
+        if path.resolve().is_relative_to(self.path.resolve()):
+            where = f"{self.name}/{path.resolve().relative_to(self.path.resolve())}"
+        else:  # a checkpoint file outside the run (``--checkpoint /x.safetensors``)
+            where = str(path.resolve())
+        return f"{where}:{h.hexdigest()[:16]}"
 
 
 _LOCK_FILE = ".lock"

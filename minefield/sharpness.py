@@ -58,15 +58,25 @@ class Norm(str, enum.Enum):
 @dataclass
 class SharpnessEstimate:
     """A measure per member: ``value`` ``(M,)`` and its standard error (NaN when the
-    value is a maximum found by search rather than a mean)."""
+    value is a maximum found by search rather than a mean). A search also gives
+    ``spread`` ``(M,)``: the best minus the worst of the per-restart maxima, 0 when
+    every restart reached the same value; a large spread says that restarts end at
+    different local maxima, so more of them may find a higher one (``None``: not a
+    search)."""
 
     value: torch.Tensor
     stderr: torch.Tensor
+    spread: torch.Tensor | None = None
 
 
 def _positive(name: str, v: float) -> None:
     if not (v > 0 and math.isfinite(v)):
-        raise ConfigError(f"{name} must be a positive number, got {v}")
+        raise ConfigError(f"{name} must be a finite number > 0, got {v}")
+
+
+def _check_eta(eta: float) -> None:
+    if not (eta >= 0 and math.isfinite(eta)):
+        raise ConfigError(f"eta must be a finite number >= 0, got {eta}")
 
 
 def _scale(w: torch.Tensor, adaptive: bool, eta: float) -> torch.Tensor:
@@ -81,7 +91,7 @@ def _project(delta: torch.Tensor, rho: float, norm: Norm) -> torch.Tensor:
 
 
 def worst_case_sharpness(obj: Objective, rho: float, norm: Norm | str = "l2",
-                         adaptive: bool = False, steps: int = 10, restarts: int = 1,
+                         adaptive: bool = False, steps: int = 10, restarts: int = 8,
                          step_size: float = 1.0, eta: float = 0.01, seed: int = 0
                          ) -> SharpnessEstimate:
     """``max_{||delta||_p <= rho} L(w + T delta) - L(w)`` per member, by projected ascent.
@@ -89,13 +99,20 @@ def worst_case_sharpness(obj: Objective, rho: float, norm: Norm | str = "l2",
     ``steps`` gradient steps of length ``step_size * rho`` (L2: along the normalised
     gradient; L-inf: its sign) from ``restarts`` random starts on the sphere (L2)
     or in the box (L-inf), every member and restart as one stack. ``adaptive``
-    uses ASAM's ``T = |w| + eta``.
+    uses ASAM's ``T = |w| + eta``. The value is the best loss seen, a lower bound of
+    the maximum; ``spread`` (see :class:`SharpnessEstimate`) shows how far apart the
+    restarts ended. Ascent stops at local maxima (sign ascent in the box at corners):
+    on a 33-parameter swiss-roll MLP, 2 restarts found 0.027 nats in the L-inf box of
+    ``rho = 0.01`` and 0.27 in ASAM's ball of 0.05, where 8 (and 64) found 0.083 and
+    0.78; hence 8 restarts by default (members x restarts are one stack).
 
     Raises:
-        ConfigError: rho <= 0, steps < 1, restarts < 1, or an unknown norm.
+        ConfigError: rho <= 0 or not finite, steps < 1, restarts < 1, eta < 0 or not
+            finite, or an unknown norm.
     """
     _positive("rho", rho)
     _positive("step_size", step_size)
+    _check_eta(eta)
     if steps < 1 or restarts < 1:
         raise ConfigError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
     try:
@@ -124,8 +141,10 @@ def worst_case_sharpness(obj: Objective, rho: float, norm: Norm | str = "l2",
                 else gd / gd.norm(dim=1, keepdim=True).clamp(min=1e-30))
         delta = _project(delta + step_size * rho * step, rho, norm)
     m = obj.n_members
-    value = best.view(m, restarts).amax(1) - base.cpu()
-    return SharpnessEstimate(value, torch.full((m,), math.nan, dtype=torch.float64))
+    per_restart = best.view(m, restarts)  # (M, R) each restart's maximum
+    value = per_restart.amax(1) - base.cpu()
+    return SharpnessEstimate(value, torch.full((m,), math.nan, dtype=torch.float64),
+                             per_restart.amax(1) - per_restart.amin(1))
 
 
 def _probes(obj: Objective, n_samples: int, seed: int, adaptive: bool, eta: float, i: int):
@@ -148,9 +167,10 @@ def average_sharpness(obj: Objective, sigma: float, n_samples: int = 64,
     error over ``n_samples`` antithetic pairs (``2 n_samples`` engine evaluations).
 
     Raises:
-        ConfigError: sigma <= 0 or n_samples < 2.
+        ConfigError: sigma <= 0 or not finite, eta < 0 or not finite, or n_samples < 2.
     """
     _positive("sigma", sigma)
+    _check_eta(eta)
     if n_samples < 2:
         raise ConfigError(f"n_samples must be >= 2, got {n_samples}")
     base = obj.check_finite().double().cpu()
@@ -196,10 +216,13 @@ def pac_bayes_sigma(obj: Objective, bound: float = 0.1, n_samples: int = 32,
     Returns ``hi`` when even ``hi`` stays under the bound, ``lo`` when ``lo`` does not.
 
     Raises:
-        ConfigError: bound <= 0, ``not 0 < lo < hi`` or rtol <= 0.
+        ConfigError: bound <= 0, ``not 0 < lo < hi`` (finite), rtol <= 0, eta < 0 (or any
+            of them not finite).
     """
     _positive("bound", bound)
     _positive("rtol", rtol)
+    _check_eta(eta)
+    _positive("hi", hi)
     if not 0 < lo < hi:
         raise ConfigError(f"need 0 < lo < hi, got lo={lo}, hi={hi}")
     base = obj.check_finite().double().cpu()

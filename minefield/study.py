@@ -46,10 +46,10 @@ from typing import Any, ClassVar
 
 from .basin import VolumeConfig
 from .config import ConfigError, ExperimentConfig, _coerce, _Config
-from .measures import SharpnessConfig
+from .measures import SharpnessConfig, check_measurable
 
 __all__ = ["STACKABLE", "TRAJECTORY", "REPLICATES", "StudyConfig", "StackSpec", "StudyPlan",
-           "plan_study", "field_value", "with_field", "MAX_CHECKPOINTS"]
+           "plan_study", "field_value", "with_field", "MAX_CHECKPOINTS", "check_sharpness"]
 
 #: Fields that may differ between the members of one stack, and the keyword of
 #: :func:`minefield.stages.train_run` that takes their per-member values. Adding a
@@ -258,6 +258,19 @@ def _split(groups, per: int | None):
             yield shared, members[a:a + per], steps
 
 
+def check_sharpness(cfg: ExperimentConfig, sharpness: SharpnessConfig | None) -> None:
+    """Refuse, before any training, measures ``cfg``'s training set cannot give
+    (:func:`~minefield.measures.check_measurable`: ``m_sharpness`` needs ``m <= N``)."""
+    if sharpness is None or "m_sharpness" not in sharpness.measures:
+        return
+    n = cfg.data.n_train
+    if n is None:  # the dataset's own size
+        from .data import load_dataset
+
+        n = len(load_dataset(cfg.data).y_train)
+    check_measurable(sharpness, n)
+
+
 def plan_study(base: ExperimentConfig, study: StudyConfig,
                models_per_task: int | None = None) -> StudyPlan:
     """Check every field and value of ``study`` against ``base`` and group the points
@@ -270,8 +283,9 @@ def plan_study(base: ExperimentConfig, study: StudyConfig,
     Raises:
         ConfigError: an unknown field, a value of the wrong type or out of range
             (checked by building its config), a repeated point, a trajectory whose
-            steps would need more than :data:`MAX_CHECKPOINTS` checkpoints, or a
-            split of a stack whose members are not isolated.
+            steps would need more than :data:`MAX_CHECKPOINTS` checkpoints, a
+            split of a stack whose members are not isolated, or measures a stack's
+            training set cannot give (:func:`check_sharpness`).
     """
     if models_per_task is not None and models_per_task < 1:
         raise ConfigError(f"models_per_task must be >= 1, got {models_per_task}")
@@ -307,6 +321,7 @@ def plan_study(base: ExperimentConfig, study: StudyConfig,
                                   f"{MAX_CHECKPOINTS}); use steps with a larger common divisor")
             train = train.replace(checkpoint_every=every)
         cfg = shared.replace(train=train)
+        check_sharpness(cfg, study.sharpness)
         name = _stack_name(cfg, members, steps, fields)
         stacks.append(StackSpec(name, cfg.replace(name=name), tuple(members), tuple(steps),
                                 study.volume, study.sharpness))

@@ -77,6 +77,27 @@ def test_lanczos_recovers_a_known_spectrum():
     torch.testing.assert_close(low.values, torch.full((2, 1), -0.5, dtype=torch.float64))
 
 
+def test_repeated_eigenvalues_are_found_as_often_as_they_occur():
+    """One Krylov space sees each eigenspace once ({5, 5, 5, 3, 2.5}: k=3 gave [5, 3, 2.5]
+    with tiny residuals); the deflated passes find every copy, checked against
+    ``eigvalsh`` of the dense matrix."""
+    ev = torch.cat([torch.tensor([5.0, 5.0, 5.0, 3.0, 2.5]), torch.linspace(-0.5, 1.0, 35)])
+    op, a = _spectrum_op(ev, m=2, seed=1)
+    dense = torch.linalg.eigvalsh(a).flip(0)
+    for k in (2, 3, 5):
+        e = top_eigenvalues(op, k=k, tol=1e-10, vectors=True)
+        torch.testing.assert_close(e.values, dense[:k].expand(2, k), rtol=1e-8, atol=1e-8)
+        hv = op.matmat(e.vectors)
+        err = (hv - e.values[..., None] * e.vectors).norm(dim=2)
+        torch.testing.assert_close(err, e.residuals, rtol=1e-6, atol=1e-12)
+        assert (e.residuals <= 1e-8).all()
+        gram = e.vectors @ e.vectors.transpose(1, 2)
+        torch.testing.assert_close(gram, torch.eye(k, dtype=torch.float64).expand(2, k, k),
+                                   atol=1e-8, rtol=0)
+    low = top_eigenvalues(op, k=2, which="smallest", tol=1e-10)
+    torch.testing.assert_close(low.values, dense.flip(0)[:2].expand(2, 2), rtol=1e-8, atol=1e-8)
+
+
 def test_lanczos_interval_covers_the_truth_when_stopped_early():
     op, _ = _spectrum_op(SPECTRUM)
     e = top_eigenvalues(op, k=2, max_iter=8, tol=1e-12)
@@ -195,6 +216,9 @@ def test_bad_inputs_raise_one_clear_error():
         top_eigenvalues(op, which="middle")
     with pytest.raises(ConfigError, match="cannot give k=5"):
         top_eigenvalues(op, k=5, max_iter=3)
+    for tol in (0.0, -1e-4, math.nan, math.inf):  # tol <= 0 would never stop early
+        with pytest.raises(ConfigError, match="tol must be a finite number > 0"):
+            top_eigenvalues(op, tol=tol)
     with pytest.raises(ConfigError, match="rtol must be > 0"):
         hutchinson_trace(op, rtol=-1.0)
     with pytest.raises(ConfigError, match="n_probes >= 2"):

@@ -55,15 +55,30 @@ def test_every_measure_gives_one_value_per_member(runs):
 def test_config_errors():
     with pytest.raises(ConfigError, match="unknown measure\\(s\\) flatness"):
         SharpnessConfig(measures=("flatness",))
-    with pytest.raises(ConfigError, match="rho must be > 0, got -0.5"):
+    with pytest.raises(ConfigError, match="rho must be a finite number > 0, got -0.5"):
         SharpnessConfig(rho=-0.5)
+    for k in ("rho", "rho_linf", "rho_adaptive", "sigma", "bound", "trace_rtol", "eig_tol"):
+        for bad in (math.inf, math.nan, 0.0):
+            with pytest.raises(ConfigError, match=f"^{k} must be a finite number > 0"):
+                SharpnessConfig(**{k: bad})
+    for bad in (math.nan, math.inf, -1.0):
+        with pytest.raises(ConfigError, match="eta must be a finite number >= 0"):
+            SharpnessConfig(eta=bad)
+    # one name, or names in one string, are measures, not letters
+    assert SharpnessConfig(measures="lambda_max").measures == ("lambda_max",)
+    assert SharpnessConfig(measures="lambda_max, trace").measures == ("lambda_max", "trace")
+    assert SharpnessConfig(measures=["asam"]).measures == ("asam",)
+    with pytest.raises(ConfigError, match="measures must be a list of measure names, got 5"):
+        SharpnessConfig(measures=5)
+    with pytest.raises(ConfigError, match="unknown measure\\(s\\) 5"):
+        SharpnessConfig(measures=(5,))
     with pytest.raises(ConfigError, match="steps must be >= 1"):
         SharpnessConfig(steps=0)
     with pytest.raises(ConfigError, match="no measures"):
         SharpnessConfig(measures=())
     with pytest.raises(ConfigError, match="n_samples and max_probes"):
         SharpnessConfig(n_samples=1)
-    with pytest.raises(ConfigError, match="eta must be >= 0"):
+    with pytest.raises(ConfigError, match="eta must be a finite number >= 0"):
         SharpnessConfig(eta=-1.0)
     with pytest.raises(ConfigError, match="bn must be"):
         SharpnessConfig(bn="frozen")
@@ -82,6 +97,7 @@ def test_cli_writes_resumes_adds_and_refuses(runs):
     assert len(saved["columns"]["lambda_max"]) == 2
     again = _invoke(runs, *args, "--measures", "lambda_max,worst_l2")
     assert again.exit_code == 0 and "reusing" in again.output
+    assert "worst_l2_spread" in saved["columns"] and "spread over restarts" in again.output
     more = _invoke(runs, *args, "--measures", "lambda_max,average")
     assert more.exit_code == 0 and "measuring average on a" in more.output
     assert set(json.loads(path.read_text())["columns"]) >= {"lambda_max", "worst_l2", "average"}
@@ -96,9 +112,15 @@ def test_cli_writes_resumes_adds_and_refuses(runs):
 
 @pytest.mark.parametrize("args,msg", [
     (["--measures", "flatness"], "unknown measure(s) flatness"),
-    (["--rho", "-1"], "rho must be > 0, got -1.0"),
+    (["--rho", "-1"], "rho must be a finite number > 0, got -1.0"),
+    (["--rho-linf", "inf"], "rho_linf must be a finite number > 0, got inf"),
+    (["--sigma", "inf"], "sigma must be a finite number > 0, got inf"),
+    (["--bound", "inf"], "bound must be a finite number > 0, got inf"),
     (["--measures", "m_sharpness", "--m", "0"], "m must be >= 1"),
     (["--measures", "m_sharpness", "--m", "100000"], "got 100000"),  # not clamped silently
+    # checked before the first measure is computed and saved
+    (["--measures", "lambda_max,m_sharpness", "--m", "41"],
+     "m_sharpness: m must be in [1, 40] (the number of training points), got 41"),
     (["--tag", "../x"], "tag"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(runs, args, msg):
@@ -138,3 +160,81 @@ def test_sweep_adds_measure_columns_and_gap_correlations(tmp_path):
     loaded = load_sweep(res.run)
     assert loaded.spearman_gap == res.spearman_gap
     assert "lambda_max" in (tmp_path / "sw" / "sweep.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("change", [
+    {"data": {"n_train": 50}}, {"model": {"widths": (12, 12)}}, {"train": {"momentum": 0.5}}])
+def test_a_sweep_with_other_models_refuses_rather_than_returning_the_old_one(tmp_path, change):
+    """Same betas, seeds, steps and measures, other data / architecture / optimiser: the
+    old table is not theirs (models.json's key is only how models are measured)."""
+    from minefield.runs import RunError
+
+    cfg = tiny_config("sw").replace(data=tiny_config().data.replace(n_poison=40))
+    sc = SweepConfig(betas=(0.0, 0.3), seeds=(0,),
+                     volume=SweepConfig().volume.replace(n_directions=2, n_bootstrap=10),
+                     sharpness=SharpnessConfig(measures=("worst_l2",), **FAST))
+    sweep_run(cfg, sc, tmp_path, progress=False)
+    files = {p: p.read_bytes() for p in (tmp_path / "sw").rglob("*") if p.is_file()}
+    other = cfg.replace(**{s: getattr(cfg, s).replace(**v) for s, v in change.items()})
+    with pytest.raises(RunError, match="exists with a different config; use --force"):
+        sweep_run(other, sc, tmp_path, progress=False)
+    assert {p: p.read_bytes() for p in (tmp_path / "sw").rglob("*") if p.is_file()} == files
+    forced = sweep_run(other, sc, tmp_path, progress=False, force=True)
+    assert json.loads((tmp_path / "sw" / "config.json").read_text())["data"]["n_train"] == (
+        other.data.n_train)
+    assert len(forced.rows) == 2
+
+
+def test_cli_values_of_a_moved_last_checkpoint_are_stale_not_reused(tmp_path):
+    """"The last checkpoint" moves when a run trains further: values of the old one are
+    refused (one file never holds two checkpoints' columns), --force measures the new."""
+    from minefield.runs import Run
+
+    train_run(tiny_config("a"), tmp_path, progress=False)
+    r = Run.open("a", tmp_path)
+    last = r.trajectory()[-1]
+    hidden = tmp_path / "last.safetensors"
+    last.rename(hidden)  # the run as it was before its last checkpoint was written
+    args = ["sharpness", "a", "--steps", "2", "--restarts", "1"]
+    assert _invoke(tmp_path, *args, "--measures", "worst_l2").exit_code == 0
+    path = tmp_path / "a" / "sharpness" / "default.json"
+    before = path.read_text()
+    hidden.rename(last)  # trained further
+    for measures in ("worst_l2", "worst_l2,asam"):
+        res = _invoke(tmp_path, *args, "--measures", measures)
+        assert res.exit_code == 1 and "holds values of a/trajectory/step_00000040" in res.output
+        assert "step_00000060" in res.output and "--force" in res.output
+        assert path.read_text() == before
+    res = _invoke(tmp_path, *args, "--measures", "worst_l2", "--force")
+    assert res.exit_code == 0, res.output
+    model, p, _, data, _ = load_run_model(r, last)
+    direct = measure_members(model, p, data, SharpnessConfig(measures=("worst_l2",), steps=2,
+                                                             restarts=1))
+    assert json.loads(path.read_text())["columns"]["worst_l2"] == direct["worst_l2"].tolist()
+
+
+def test_data_that_do_not_fit_the_model_is_one_config_error():
+    from minefield import ModelConfig, build_model
+    from minefield.train import init_stack
+
+    model = build_model(ModelConfig(widths=(4,)), (2,), 3)
+    p = {k: v.double() for k, v in init_stack(model, "glorot_uniform", [0]).items()}
+    cfg = SharpnessConfig(measures=("lambda_max",))
+    x, y = torch.randn(10, 2), torch.randint(0, 3, (10,))
+    assert measure_members(model, p, (x, y), cfg)["lambda_max"].shape == (1,)
+    with pytest.raises(ConfigError, match=r"the data do not fit the model: inputs of shape \(5,\)"):
+        measure_members(model, p, (torch.randn(10, 5), y), cfg)
+    with pytest.raises(ConfigError, match=r"labels must be in \[0, 3\) for the model's 3 output"):
+        measure_members(model, p, (x, y + 1), cfg)
+    with pytest.raises(ConfigError, match=r"labels must be in \[0, 3\)"):
+        measure_members(model, p, (x, y - 1), cfg)
+
+
+def test_a_sweep_refuses_m_larger_than_the_training_set_before_training(tmp_path):
+    cfg = tiny_config("sm").replace(data=tiny_config().data.replace(n_train=10, n_poison=40))
+    sc = SweepConfig(betas=(0.0,), seeds=(0,), sharpness=SharpnessConfig(
+        measures=("m_sharpness",), **FAST))
+    for kw in ({}, {"models_per_task": 1}):
+        with pytest.raises(ConfigError, match=r"m must be in \[1, 10\].*got 20"):
+            sweep_run(cfg, sc, tmp_path, progress=False, **kw)
+        assert not (tmp_path / "sm").exists()

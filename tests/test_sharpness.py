@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from minefield.config import ConfigError, ModelConfig
 from minefield.curvature import dense_hessian
 from minefield.hvp import NonFiniteLoss, Objective, model_objective
 from minefield.loss import nll
+from minefield.measures import MEASURES, SharpnessConfig
 from minefield.models import build_model
 from minefield.sharpness import (
     average_sharpness,
@@ -61,6 +63,36 @@ def test_worst_case_linf_of_a_diagonal_quadratic_is_the_corner():
     obj = Objective.from_function(w, lambda p: (ev * p["w"] ** 2).sum() / 2)
     s = worst_case_sharpness(obj, 0.05, norm="linf", steps=3)
     torch.testing.assert_close(s.value, (0.05 ** 2 * ev.sum() / 2).reshape(1), rtol=1e-12, atol=0)
+
+
+def test_worst_linf_default_finds_the_brute_force_corner_where_2_restarts_fail():
+    """A convex loss peaks at a corner of the box, so enumerating all 2^10 corners is the
+    oracle. Sign ascent stops at corners that are only local maxima: 2 restarts miss the
+    maximum here; the measure's default (8 L-inf restarts) finds it at every seed, and its
+    spread column shows the restarts ending apart."""
+    n, rho = 10, 0.1
+    u = torch.randn(3, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = u.T @ torch.diag(torch.tensor([1.0, 0.9, 0.8], dtype=torch.float64)) @ u
+    obj = Objective.from_function({"w": torch.zeros(1, n, dtype=torch.float64)},
+                                  lambda p: p["w"] @ a @ p["w"] / 2)
+    corners = rho * torch.tensor(list(itertools.product([-1.0, 1.0], repeat=n)),
+                                 dtype=torch.float64)
+    best = float(((corners @ a) * corners).sum(1).max() / 2)
+    two = [float(worst_case_sharpness(obj, rho, "linf", restarts=2, seed=s).value)
+           for s in range(10)]
+    assert sum(v < 0.99 * best for v in two) >= 2  # 2 restarts miss it at some seeds
+    spreads = []
+    for seed in range(10):
+        cols = MEASURES["worst_linf"](obj, SharpnessConfig(rho_linf=rho, seed=seed))
+        assert float(cols[""]) == pytest.approx(best, rel=1e-12), seed
+        assert math.isnan(float(cols["_stderr"]))
+        spreads.append(float(cols["_spread"]))
+    assert max(spreads) > 0.1 * best and min(spreads) >= 0
+    # one maximum (a diagonal quadratic peaks at every corner alike): no spread
+    d = torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64))
+    flat = Objective.from_function({"w": torch.zeros(1, 2, dtype=torch.float64)},
+                                   lambda p: p["w"] @ d @ p["w"] / 2)
+    assert float(worst_case_sharpness(flat, rho, "linf", restarts=8).spread) == 0.0
 
 
 def test_adaptive_ball_scales_with_the_weights():
@@ -160,13 +192,13 @@ def test_pac_bayes_sigma_of_a_quadratic():
 
 def test_bad_inputs_raise_one_clear_error():
     obj, _ = _quad(EV)
-    with pytest.raises(ConfigError, match="rho must be a positive number, got -0.1"):
+    with pytest.raises(ConfigError, match="rho must be a finite number > 0, got -0.1"):
         worst_case_sharpness(obj, -0.1)
     with pytest.raises(ConfigError, match="steps and restarts must be >= 1"):
         worst_case_sharpness(obj, 0.1, steps=0)
     with pytest.raises(ConfigError, match="norm: 'l1' is not one of"):
         worst_case_sharpness(obj, 0.1, norm="l1")
-    with pytest.raises(ConfigError, match="sigma must be a positive number"):
+    with pytest.raises(ConfigError, match="sigma must be a finite number > 0"):
         average_sharpness(obj, 0.0)
     with pytest.raises(ConfigError, match="n_samples must be >= 2"):
         average_sharpness(obj, 0.1, n_samples=1)
@@ -174,8 +206,22 @@ def test_bad_inputs_raise_one_clear_error():
         m_sharpness(obj, 0.1, m=2)
     with pytest.raises(ConfigError, match="need 0 < lo < hi"):
         pac_bayes_sigma(obj, lo=1.0, hi=0.5)
-    with pytest.raises(ConfigError, match="bound must be a positive number"):
+    with pytest.raises(ConfigError, match="bound must be a finite number > 0"):
         pac_bayes_sigma(obj, bound=-1)
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ConfigError, match="eta must be a finite number >= 0"):
+            worst_case_sharpness(obj, 0.1, adaptive=True, eta=bad)
+        with pytest.raises(ConfigError, match="eta must be a finite number >= 0"):
+            average_sharpness(obj, 0.1, adaptive=True, eta=bad)
+        with pytest.raises(ConfigError, match="eta must be a finite number >= 0"):
+            pac_bayes_sigma(obj, adaptive=True, eta=bad)
+    for bad in (math.inf, math.nan):
+        with pytest.raises(ConfigError, match="rho must be a finite number > 0"):
+            worst_case_sharpness(obj, bad)
+        with pytest.raises(ConfigError, match="sigma must be a finite number > 0"):
+            average_sharpness(obj, bad)
+    with pytest.raises(ConfigError, match="hi must be a finite number > 0"):
+        pac_bayes_sigma(obj, hi=math.inf)
     model, p, data = _mlp(m=1, n=10)
     with pytest.raises(ConfigError, match=r"m must be in \[1, 10\]"):
         m_sharpness(model_objective(model, p, data), 0.1, m=11)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -153,6 +154,22 @@ def test_a_checkpoint_of_a_long_run_is_the_short_run(tmp_path):
     assert long_rows[0]["step"] == 20 and long_rows[1]["step"] == 40
     for k in ("train_loss", "test_acc", "weight_norm", "mean_radius", "log10_volume"):
         assert long_rows[0][k] == short_row[k]
+
+
+def test_a_stack_of_other_models_under_the_same_name_is_not_reused(tmp_path):
+    """models.json keys how models are measured; what they are is the run's config.json:
+    a stack spec with other data under the same name refuses, it does not return the
+    old file."""
+    (spec,) = plan_study(tiny_config("s", steps=20), study(grid={"train.seed": [0]})).stacks
+    run_stack(spec, tmp_path)
+    (other,) = plan_study(tiny_config("s", steps=20).replace(
+        data=tiny_config().data.replace(n_train=30)), study(grid={"train.seed": [0]})).stacks
+    other = dataclasses.replace(other, name=spec.name,
+                                config=other.config.replace(name=spec.config.name))
+    with pytest.raises(RunError, match="not finished for this study"):
+        stack_rows(other, tmp_path, [])
+    with pytest.raises(RunError, match="exists with a different config"):
+        run_stack(other, tmp_path)
 
 
 def test_study_writes_a_tidy_table_and_scores_and_resumes(tmp_path):
@@ -324,3 +341,27 @@ def test_groups_figure_puts_each_model_at_its_setting():
     dots = [c.get_offsets() for c in ax.collections if isinstance(c, PathCollection)]
     xs = sorted((float(x), round(float(y), 12)) for d in dots for x, y in d)
     assert xs == [(0.0, 0.9), (0.0, 0.91), (0.0, 0.92), (1.0, 0.95), (1.0, 0.96), (1.0, 0.97)]
+
+
+def test_a_study_refuses_m_larger_than_a_stacks_training_set_at_plan_time(tmp_path):
+    sharp = SharpnessConfig(measures=("lambda_max", "m_sharpness"), m=30)
+    base = tiny_config("mm")
+    plan_study(base, study(grid={"train.seed": [0]}, sharpness=sharp))  # 40 points: fine
+    grid = {"train.seed": [0], "data.n_train": [40, 20]}
+    with pytest.raises(ConfigError, match=r"m must be in \[1, 20\].*got 30"):
+        study_run(base, study(grid=grid, sharpness=sharp), tmp_path, progress=False)
+    assert not (tmp_path / "mm").exists()
+
+
+def test_sharpness_of_a_study_points_at_its_stacks(tmp_path):
+    study_run(tiny_config("sd", steps=10), study(grid={"train.seed": [0]}), tmp_path,
+              progress=False)
+    stack = next((tmp_path / "sd" / "stacks").iterdir()).name
+    for cmd in (["sharpness", "sd", "--measures", "lambda_max"], ["basin", "sd"]):
+        res = CliRunner().invoke(main, ["--root", str(tmp_path), *cmd])
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert (f"sd is a study, not a trained run: its models are the runs of its stacks in "
+                f"{tmp_path / 'sd' / 'stacks'} ({stack}); name one with --root") in res.output
+    res = CliRunner().invoke(main, ["--root", str(tmp_path / "sd" / "stacks"), "sharpness",
+                                    stack, "--measures", "lambda_max"])
+    assert res.exit_code == 0, res.output

@@ -4,6 +4,9 @@ Results live in the run as ``sharpness/<tag>.json``: the settings, and one list
 per column (one value per member). Each measure is saved as soon as it is done,
 so an interrupted command resumes where it stopped, and a later call with more
 ``--measures`` adds columns; other settings under the same tag need ``--force``.
+The settings hold the measured checkpoint by name and content
+(:meth:`~minefield.runs.Run.fingerprint`): "the last checkpoint" moves when the
+run trains further, and values of the old one are then refused, never reused.
 """
 
 from __future__ import annotations
@@ -11,13 +14,36 @@ from __future__ import annotations
 import click
 
 from ..evaluate import resolve_device
-from ..measures import MEASURES, SharpnessConfig, measure_members
-from ..runs import RunError, reading
+from ..measures import MEASURES, SharpnessConfig, check_measurable, measure_members
+from ..runs import Run, RunError, reading
 from ..stages import load_run_model
+from ..stages.train import run_config
 from ._common import device_option, force_option, friendly, main, open_run
 from .basin import _tag, tag_option
 
 _DEFAULT = SharpnessConfig()
+
+
+def _checkpoint(r: Run, checkpoint: str | None) -> str:
+    """The checkpoint measured: ``checkpoint``, or the run's last one now."""
+    if checkpoint is not None:
+        return checkpoint
+    traj = r.trajectory()
+    if not traj:
+        raise RunError(f"run {r.path} has no trajectory checkpoints (was it trained?)")
+    return str(traj[-1])
+
+
+def _check_settings(path, old: dict | None, new: dict) -> None:
+    """Refuse stored values made with other settings or of another checkpoint (one
+    file never mixes two)."""
+    if old == new:
+        return
+    if isinstance(old, dict) and old.get("config") == new["config"]:
+        was = old.get("checkpoint") or "the run's last checkpoint when they were measured"
+        raise RunError(f"{path} holds values of {was}, not of {new['checkpoint']} (was the "
+                       "run trained further or retrained?); use --force or another --tag")
+    raise RunError(f"{path} holds results for other settings; use --force or another --tag")
 
 
 def _measures(text: str) -> tuple[str, ...]:
@@ -43,7 +69,9 @@ def _measures(text: str) -> tuple[str, ...]:
 @click.option("--bound", type=float, default=_DEFAULT.bound, show_default=True,
               help="Loss increase that defines the PAC-Bayes sigma'.")
 @click.option("--steps", type=int, default=_DEFAULT.steps, show_default=True)
-@click.option("--restarts", type=int, default=_DEFAULT.restarts, show_default=True)
+@click.option("--restarts", type=int, default=_DEFAULT.restarts, show_default=True,
+              help="Random starts of the worst cases (worst_l2, worst_linf, asam, "
+                   "m_sharpness).")
 @click.option("--samples", type=int, default=_DEFAULT.n_samples, show_default=True,
               help="Antithetic noise pairs (average, PAC-Bayes).")
 @click.option("--trace-rtol", type=float, default=_DEFAULT.trace_rtol, show_default=True)
@@ -72,19 +100,21 @@ def sharpness(ctx, run, measures, checkpoint, rho, rho_linf, rho_adaptive, sigma
                           trace_rtol=trace_rtol, bn=bn, dtype=dtype, seed=seed)
     r = open_run(ctx, run)
     rel = f"sharpness/{tag}.json"
-    settings = {"config": cfg.without_measures(), "checkpoint": checkpoint}
+    run_config(r)  # a study's folder is refused here, pointing at its stacks
+    checkpoint = _checkpoint(r, checkpoint)
+    # the checkpoint by name and content: "the last" moves when the run trains further
+    settings = {"config": cfg.without_measures(), "checkpoint": r.fingerprint(checkpoint)}
     done: dict[str, list[float]] = {}
     if r.exists(rel) and not force:
         old = r.read_json(rel)
         with reading(r.file(rel)):
-            if old.get("settings") != settings:
-                raise RunError(f"{r.file(rel)} holds results for other settings; use --force "
-                               f"or another --tag")
+            _check_settings(r.file(rel), old.get("settings"), settings)
             done = {k: [float(x) for x in v] for k, v in old["columns"].items()}
     todo = [name for name in cfg.measures if name not in done]
     if todo:
         r.lock()  # one writer per run: refused here, before any work
     model, params, buffers, data, _ = load_run_model(r, checkpoint, resolve_device(device))
+    check_measurable(cfg, len(data.y_train))
     if todo:
         click.echo(f"measuring {', '.join(todo)} on {r.name} "
                    f"({next(iter(params.values())).shape[0]} member(s))")
@@ -100,4 +130,7 @@ def sharpness(ctx, run, measures, checkpoint, rho, rho_linf, rho_adaptive, sigma
     else:
         click.echo(f"wrote {r.file(rel)}")
     for name in cfg.measures:
-        click.echo(f"{name:>20}  " + "  ".join(f"{v:.4g}" for v in cols[name].tolist()))
+        spread = cols.get(f"{name}_spread")  # worst cases: how far apart the restarts ended
+        click.echo(f"{name:>20}  " + "  ".join(f"{v:.4g}" for v in cols[name].tolist())
+                   + ("" if spread is None else "   (spread over restarts: "
+                      + "  ".join(f"{v:.2g}" for v in spread.tolist()) + ")"))

@@ -78,6 +78,9 @@ class StudyResult:
 
 
 def _key(spec: StackSpec) -> dict[str, Any]:
+    """The key of a stack's ``models.json``: how its models are measured. What they are
+    (data, architecture, optimiser) is the run's own key, its ``config.json``
+    (:func:`_same_models`); a stack's numbers need both to match."""
     return {"volume": spec.volume.to_dict(), "steps": list(spec.steps),
             "members": [dict(m) for m in spec.members],
             "sharpness": None if spec.sharpness is None else spec.sharpness.to_dict()}
@@ -108,8 +111,10 @@ def _run_stack(spec: StackSpec, root: Path | str, progress: bool, force: bool) -
         run = Run.open(path.parent)
         with reading(path):
             saved = run.read_json(MODELS_FILE)
-            if saved["complete"] and saved["key"] == json.loads(json.dumps(key)):
+            if (saved["complete"] and saved["key"] == json.loads(json.dumps(key))
+                    and _same_models(run, spec)):
                 return path
+        # else train_run resumes the run, or refuses another config without force
     try:
         res = train_run(spec.config, root, force=force, progress=progress,
                         **spec.train_kwargs())
@@ -135,6 +140,11 @@ def _run_stack(spec: StackSpec, root: Path | str, progress: bool, force: bool) -
                                         spec.config.train.isolate)
         run.write_result(MODELS_FILE, key, {"complete": False, "steps": done})
     return run.write_result(MODELS_FILE, key, {"complete": True, "steps": done})
+
+
+def _same_models(run: Run, spec: StackSpec) -> bool:
+    """Whether ``run`` was trained with the stack's config (data, model, optimiser)."""
+    return run.config == json.loads(json.dumps(spec.config.to_dict()))
 
 
 def measure_stack(model: nn.Module, params: Params, data: Dataset, volume, sharpness:
@@ -182,7 +192,8 @@ def stack_rows(spec: StackSpec, root: Path | str, design: list[str]) -> list[dic
     saved = run.read_json(MODELS_FILE)
     rows = []
     with reading(run.file(MODELS_FILE)):
-        if not saved["complete"] or saved["key"] != json.loads(json.dumps(_key(spec))):
+        if (not saved["complete"] or saved["key"] != json.loads(json.dumps(_key(spec)))
+                or not _same_models(run, spec)):
             raise RunError(f"{run.file(MODELS_FILE)} is not finished for this study")
         for step in spec.steps:
             if saved.get("diverged"):

@@ -30,7 +30,7 @@ from ..config import ConfigError, ExperimentConfig
 from ..executor import Executor, LocalExecutor, TaskStore, run_tasks, torch_threads
 from ..lock import locking
 from ..runs import DEFAULT_ROOT, Run, reading
-from ..study import StackSpec, StudyConfig, plan_study
+from ..study import StackSpec, StudyConfig, check_sharpness, plan_study
 from ..sweep import SweepConfig, SweepResult, spearman, sweep_rows
 from .study import MODELS_FILE, measure_stack, run_stack
 from .train import train_run
@@ -77,8 +77,10 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
     stack as one task, like the local run (same numbers at the same thread count).
 
     Raises:
-        ConfigError: a split of members that are not isolated, or ``models_per_task`` < 1.
+        ConfigError: a split of members that are not isolated, ``models_per_task`` < 1, or
+            measures the training set cannot give (``m`` of ``m_sharpness`` > N).
     """
+    check_sharpness(base, sweep.sharpness)  # before anything is trained or written
     if executor is not None or models_per_task is not None:
         return _sweep_tasks(base, sweep, root, force, save, executor or LocalExecutor(),
                             models_per_task)

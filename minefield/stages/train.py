@@ -28,7 +28,8 @@ from ..runs import DEFAULT_ROOT, Checkpoint, Run, RunError, load_tensors, save_t
 from ..train import FitResult, effective_beta, fit, init_stack, make_optimizer
 from ..validate import check_training_memory
 
-__all__ = ["TrainResult", "train_run", "load_run_model", "match_model", "member_seeds"]
+__all__ = ["TrainResult", "train_run", "load_run_model", "match_model", "member_seeds",
+           "run_config"]
 
 
 @dataclass
@@ -204,9 +205,26 @@ def _check_memory(cfg: ExperimentConfig, data: Dataset) -> None:
                           bs + min(bs_p, n_p), data.x_train.element_size())
 
 
+def run_config(run: Run) -> ExperimentConfig:
+    """The :class:`~minefield.config.ExperimentConfig` of a trained run.
+
+    Raises:
+        RunError: ``run`` is a study's folder, whose models are the runs of its
+            stacks (``runs/<study>/stacks/<stack>``, usable with ``--root``).
+    """
+    cfg = run.config
+    if isinstance(cfg, dict) and cfg.get("kind") == "study":
+        stacks = run.file("stacks")
+        names = sorted(p.name for p in stacks.iterdir() if p.is_dir()) if stacks.is_dir() else []
+        some = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
+        raise RunError(f"{run.name} is a study, not a trained run: its models are the runs of "
+                       f"its stacks in {stacks}{some}; name one with --root {stacks}")
+    return ExperimentConfig.from_dict(cfg)
+
+
 def load_run_model(run: Run, checkpoint: str | Path | None = None, device="cpu"):
     """``(model, params, buffers, data, cfg)`` of a run at its last (or a given) checkpoint."""
-    cfg = ExperimentConfig.from_dict(run.config)
+    cfg = run_config(run)
     data = load_dataset(cfg.data)
     model = build_model(cfg.model, data.input_shape, data.n_classes)
     traj = run.trajectory()
