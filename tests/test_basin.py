@@ -267,3 +267,19 @@ def test_a_nan_loss_is_outside_the_basin(method):
     assert not bool(check_radii(nan_past, torch.full((4,), 1e3), 1.0, 1e-5, 1e3).any())
     r, _ = find_radii(lambda t: t * torch.nan, 3, 1.0)
     assert torch.equal(r, torch.zeros(3, dtype=torch.float64))
+
+
+def test_a_basin_of_the_last_checkpoint_is_keyed_by_its_content(tmp_path):
+    # "the last checkpoint" moves when an interrupted run resumes: the stored basin of
+    # the old last one must not be returned for the new one
+    from minefield.basin import VolumeConfig
+    from minefield.runs import RunError
+    from minefield.stages import basin_run, train_run
+    from tests.conftest import tiny_config
+    run = train_run(tiny_config("a"), tmp_path, progress=False).run
+    cfg = VolumeConfig(n_directions=2, cutoff=0.5)
+    first = basin_run(run, cfg, n_rollouts=0, device="cpu")
+    assert basin_run(run, cfg, n_rollouts=0, device="cpu").path == first.path  # reused
+    run.trajectory()[-1].unlink()  # now the last checkpoint is another one
+    with pytest.raises(RunError, match="other settings"):
+        basin_run(run, cfg, n_rollouts=0, device="cpu")

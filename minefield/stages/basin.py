@@ -115,6 +115,9 @@ def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
     run = run if isinstance(run, Run) else Run.open(run, root)
     rel = f"basin/{tag}.json"
     key = {"volume": cfg.to_dict(), "checkpoint": checkpoint, "rollouts": n_rollouts}
+    traj = run.trajectory()
+    if checkpoint is not None or traj:  # by content: "the last" moves when training resumes
+        key["centre"] = run.fingerprint(checkpoint or traj[-1])
     if adam:
         key["curvature"] = "adam"
         if not run.exists("state.safetensors"):
