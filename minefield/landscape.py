@@ -163,6 +163,8 @@ def axis(lo: float, hi: float, points: int, anchors: Sequence[float] = (0.0,)
         raise ValueError(f"an axis needs lo < hi and points >= 2, got [{lo}, {hi}], {points}")
     ts = torch.linspace(lo, hi, points, dtype=torch.float64)
     inside = [a for a in anchors if lo <= a <= hi]
+    for a in inside:  # a grid value within rounding of an anchor (linspace's -5.6e-17) is it
+        ts = torch.where((ts - a).abs() <= 1e-9 * (hi - lo), torch.tensor(float(a)).double(), ts)
     return torch.unique(torch.cat([ts, torch.tensor(inside, dtype=torch.float64)]))
 
 

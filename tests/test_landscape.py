@@ -168,3 +168,13 @@ def test_a_checkpoint_centre_is_the_runs_own_file_keyed_by_its_content(tmp_path)
     train_run(tiny_config("a", seed=3), tmp_path, progress=False, force=True)
     again = landscape_run("a", cfg, root=tmp_path, device="cpu")  # recomputed, not reused
     assert again.config["centre"] != first.config["centre"]
+
+
+@pytest.mark.parametrize("lo,hi,anchors", [(-1, 1, (0.0,)), (-0.5, 1.5, (0.0, 1.0)),
+                                           (-2, 2, (0.0,))])
+def test_axis_has_no_near_duplicate_of_an_anchor(lo, hi, anchors):
+    # linspace lands 5.6e-17 off 0.0: the README's --points 41 grid was 42 x 42
+    for points in (5, 21, 41, 51, 101):
+        t = axis(lo, hi, points, anchors)
+        assert bool((t.diff() > 1e-6 * (hi - lo)).all())
+        assert all(bool((t == a).any()) for a in anchors)

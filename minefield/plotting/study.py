@@ -53,7 +53,8 @@ def plot_measure(result, measure: str, target: str = "gap", ax=None):
 
 
 def plot_scores(result, ax=None):
-    """Kendall tau and granulated tau of every measure against the gap, as bars."""
+    """Kendall tau and granulated tau of every measure against the study's target (the
+    generalization gap by default), as bars."""
     ax = axes(ax, figsize=(6.0, 0.35 * len(result.scores) + 1.2))
     names = [s["measure"] for s in result.scores]
     pos = np.arange(len(names))
@@ -64,7 +65,8 @@ def plot_scores(result, ax=None):
     ax.axvline(0, color="k", lw=0.5)
     ax.set_xlim(-1, 1)
     ax.invert_yaxis()
-    ax.set_xlabel("rank correlation with the generalization gap")
+    target = getattr(result, "target", "gap")
+    ax.set_xlabel(f"rank correlation with the {_TARGET.get(target, target)}")
     ax.legend(fontsize=7)
     return ax
 
