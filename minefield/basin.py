@@ -51,11 +51,19 @@ from torch import nn
 
 from .config import ConfigError, _Config
 from .data import Dataset, train_xy
-from .directions import DirectionSpec, n_perturbed, random_directions
+from .directions import DirectionSpec, check_units, n_perturbed, random_directions
 from .engine import evaluate_points
 from .functional import Params, alone, check_single, member, n_members, one
 from .naive import LN10, bootstrap_log10_volume, log10_volume, log_volume
-from .options import CurvatureKind, CutoffKind, Estimator, Grid, Precision, RadiusMethod
+from .options import (
+    BiasPolicy,
+    CurvatureKind,
+    CutoffKind,
+    Estimator,
+    Grid,
+    Precision,
+    RadiusMethod,
+)
 from .radii import check_radii, find_radii, radius_grid
 from .rollout import Rollouts, rollouts
 from .volume import VolumeEstimate, _warnings, honest_interval, parse_power, weights_estimate
@@ -124,6 +132,15 @@ class VolumeConfig(_Config):
         if self.estimator is Estimator.IS and self.preconditioner is CurvatureKind.NONE:
             raise ConfigError("volume.estimator 'is' needs a preconditioner (hessian, "
                               "hutchinson, axes or given)")
+        if self.estimator is not Estimator.NAIVE and self.directions.bias is BiasPolicy.ZERO:
+            raise ConfigError(f"directions.bias 'zero' counts coordinates that no direction "
+                              f"moves, a convention of the naive estimator; "
+                              f"{self.estimator.value} integrates over the coordinates it "
+                              f"moves: use bias 'exclude' (the same directions) or 'include'")
+        if self.estimator is Estimator.NAIVE and self.preconditioner is not CurvatureKind.NONE:
+            raise ConfigError(f"volume.preconditioner '{self.preconditioner.value}' shapes the "
+                              f"is, gaussian and mcmc estimators; naive (the paper's) draws "
+                              f"uniform directions: choose one of those estimators or none")
         self.proposal_power()
         if self.sigma is not None and not (self.sigma > 0 and math.isfinite(self.sigma)):
             raise ConfigError(f"volume.sigma must be a positive number, got {self.sigma}")
@@ -131,6 +148,9 @@ class VolumeConfig(_Config):
                                       or not 1 <= 2 * self.mcmc_blocks <= self.n_replicates):
             raise ConfigError(f"volume.mcmc_blocks={self.mcmc_blocks} needs the mcmc estimator "
                               f"and at least 2 of the {self.n_replicates} replicates per block")
+        if self.walk_length is not None and not self.walk_length >= 1:
+            raise ConfigError(f"volume.walk_length must be >= 1 (None: max(10, 2 n)), got "
+                              f"{self.walk_length}")
         if self.n_chains < 2 or self.n_replicates < 2 or self.probes < 1:
             raise ConfigError("volume.n_chains and n_replicates must be >= 2 (an interval needs "
                               "independent draws) and probes >= 1")
@@ -303,6 +323,7 @@ def direction_radii(model: nn.Module, params: Params, data: Dataset | tuple[torc
     centre = check_single(params, "the model (use basin_members for a stack)")
     theta = member(centre, 0)
     spec = cfg.directions
+    check_units(theta, spec.kind, spec.bias)  # a zero filter: every radius from the rest
     d = random_directions(theta, b, spec.kind, spec.bias, spec.generator())
     d = {k: torch.cat([v[a:], -v[a:]]) for k, v in d.items()}  # (2K, ...): d and -d
     k = 2 * (b - a)
@@ -341,12 +362,17 @@ def radii_result(radii: torch.Tensor, n: int, centre_loss: float, cutoff: float,
                             cfg.n_bootstrap, cfg.seed, cfg.r_max)
     if cfg.precision is not Precision.FLOAT32:
         res.diagnostics["precision_moved"] = moved  # radii redone in full precision if > 0
+    _warn_r_max(res, cfg.r_max, len(r))
+    return res
+
+
+def _warn_r_max(res: BasinResult, r_max: float, total: int | None = None) -> None:
+    """A :class:`BasinWarning` when radii of ``res`` (of any estimator) reached ``r_max``."""
     if res.n_at_r_max:
         warnings.warn(BasinWarning(
-            f"{res.n_at_r_max} of {len(r)} radii reached r_max={cfg.r_max:g} without crossing "
-            f"the cutoff {cut:.4g}: log10 V is a lower bound set by r_max; raise r_max"),
-            stacklevel=3)
-    return res
+            f"{res.n_at_r_max}{f' of {total}' if total else ''} radii reached r_max="
+            f"{r_max:g} without crossing the cutoff {res.cutoff:.4g}: log10 V is a lower "
+            f"bound set by r_max; raise r_max"), stacklevel=4)
 
 
 def basin_members(model: nn.Module, params: Params | Sequence[Params],

@@ -209,8 +209,9 @@ def fit_power(line_loss: LineLoss, n: int, cutoff: float, preconditioner: Precon
     return preconditioner.with_power(best), scores, evals
 
 
-def _check(n: int, cutoff: float, k: int, r_max: float, rtol: float,
-           level: float = 0.95) -> None:
+def _check(n: int, cutoff: float, k: int, r_max: float, rtol: float, level: float = 0.95,
+           line_loss: LineLoss | None = None) -> None:
+    """Bad numbers, and an ``n`` other than the line-loss's own (bodies, NetworkLines)."""
     try:
         operator.index(n), operator.index(k)
     except TypeError:
@@ -220,13 +221,18 @@ def _check(n: int, cutoff: float, k: int, r_max: float, rtol: float,
     if k < 2:
         raise ConfigError(f"{k} direction pair(s) give no interval: use at least 2")
     if not (math.isfinite(cutoff) and math.isfinite(r_max) and r_max > 0 and 0 < rtol < 1):
-        raise ConfigError(f"need a finite cutoff, r_max > 0 and 0 < rtol < 1; got "
+        raise ConfigError(f"need a finite cutoff, a finite r_max > 0 and 0 < rtol < 1; got "
                           f"cutoff={cutoff}, r_max={r_max}, rtol={rtol}")
     _check_level(level)
+    own = getattr(line_loss, "n", None)
+    if own is not None and own != n:
+        raise ConfigError(f"n = {n}, but the line-loss has {own} coordinates")
 
 
 def _warnings(ess: float, n_at_max: int, n_rays: int, r_max: float,
-              bound: bool = False) -> list[str]:
+              bound: bool = False, rays: int | None = None) -> list[str]:
+    """Warnings on ``ess`` of ``n_rays`` draws, and on ``n_at_max`` of ``rays`` (default
+    ``n_rays``) rays at ``r_max``."""
     out = []
     if bound:
         out.append(f"ESS {ess:.1f} of {n_rays} draws (a normal interval needs >= "
@@ -241,8 +247,8 @@ def _warnings(ess: float, n_at_max: int, n_rays: int, r_max: float,
         out.append(f"ESS {ess:.1f} of {n_rays} draws: heavy-tailed weights, the interval "
                    f"may be too narrow")
     if n_at_max:
-        out.append(f"{n_at_max} of {n_rays} rays reached r_max = {r_max:g}: this is the volume "
-                   f"of the basin within r_max")
+        out.append(f"{n_at_max} of {rays or n_rays} rays reached r_max = {r_max:g}: this is "
+                   f"the volume of the basin within r_max")
     return out
 
 
@@ -276,7 +282,7 @@ def star_volume(line_loss: LineLoss, n: int, cutoff: float,
     if est is Estimator.MCMC:
         raise ConfigError("star_volume does naive, is and gaussian; mcmc is "
                           "minefield.cooling.cooling_volume")
-    _check(n, cutoff, n_directions, r_max, rtol, level)
+    _check(n, cutoff, n_directions, r_max, rtol, level, line_loss)
     if est is Estimator.IS and preconditioner is None:
         raise ConfigError("estimator 'is' needs a preconditioner")
     if est is Estimator.NAIVE:

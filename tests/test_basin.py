@@ -173,6 +173,12 @@ def test_volume_errors():
     (dict(grid="log"), "volume.grid: 'log' is not one of power, linear"),
     (dict(cutoff_kind="ratio"), "volume.cutoff_kind: 'ratio' is not one of abs, relative"),
     (dict(n_bootstrap=-1), "volume.n_bootstrap must be >= 0"),
+    (dict(estimator="mcmc", walk_length=0), "volume.walk_length must be >= 1"),
+    (dict(estimator="mcmc", walk_length=-3), "volume.walk_length must be >= 1"),
+    # a preconditioner shapes is / gaussian / mcmc; naive would drop it (or, with adam,
+    # run the Adam-shaped x-unit estimator and call it naive)
+    (dict(preconditioner="hessian"), "volume.preconditioner 'hessian' .* naive .* uniform"),
+    (dict(preconditioner="given"), "volume.preconditioner 'given' .* naive .* uniform"),
 ])
 def test_volume_config_validation(kw, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -242,6 +248,42 @@ def test_radii_at_r_max_are_counted_and_warned():
     old = clipped.to_dict()
     del old["n_at_r_max"]  # files written before the count existed
     assert BasinResult.from_dict(old).n_at_r_max == clipped.n_at_r_max
+
+
+def test_zero_filters_are_refused_not_counted_at_r_max():
+    # a filter-normalised direction is 0 on a filter that is exactly 0: the naive path
+    # put every radius of a QuadraticNet at r_max ("raise r_max", which cannot help)
+    from minefield.bodies import QuadraticNet
+
+    net = QuadraticNet(torch.eye(3, dtype=torch.float64))
+    params = {k: v.detach()[None].clone() for k, v in net.named_parameters()}
+    with pytest.raises(ConfigError, match=r"filter units are zero in weight \(weights exactly 0"
+                                          r" .*kind 'gaussian'$"):
+        basin_radii(net, params, net.data(), VolumeConfig(cutoff=net.cutoff))
+    model, c, x, y = _net()
+    c = {k: torch.zeros_like(v) if k.endswith("bias") else v for k, v in c.items()}
+    cfg = VolumeConfig(cutoff=1.5, cutoff_kind="relative", n_directions=2,
+                       directions=DirectionSpec("filter", "include"))
+    with pytest.raises(ConfigError, match=r"zero in 0.bias, 2.bias, 4.bias \(biases exactly 0"
+                                          r".* or bias 'exclude'"):
+        basin_radii(model, c, (x, y), cfg)
+    res = basin_radii(model, c, (x, y), cfg.replace(  # the weights alone are fine
+        directions=DirectionSpec("filter", "exclude"), n_bootstrap=0, r_max=50.0))
+    assert res.n == 2 * 6 + 6 * 5 + 5 and res.n_at_r_max == 0
+
+
+def test_bias_zero_is_a_naive_convention_only():
+    # 'zero' counts the biases in n but never moves them; is / gaussian / mcmc left them
+    # out of n (naive n = 3614 vs is n = 3457 on the swiss-roll net)
+    from minefield.netvolume import NetworkLines
+
+    spec = DirectionSpec("filter", "zero")
+    for est, pre in (("is", "hessian"), ("gaussian", "none"), ("mcmc", "none")):
+        with pytest.raises(ConfigError, match=f"bias 'zero' .* naive estimator; {est} "):
+            VolumeConfig(estimator=est, preconditioner=pre, directions=spec)
+    model, c, x, y = _net()
+    with pytest.raises(ConfigError, match="bias 'zero' is a convention of the naive"):
+        NetworkLines(model, c, x, y, spec)
 
 
 def test_members_grid_and_bisect_agree():

@@ -299,6 +299,22 @@ def test_estimator_errors():
         log_chi_cdf(torch.ones(1), 0)
 
 
+@pytest.mark.parametrize("call,msg", [
+    (lambda b: star_volume(b, 3, 0.5, "naive", 10, level=1.5), "level must be a probability"),
+    (lambda b: star_volume(b, 3, 0.5, "naive", 10, level=1.0), "level must be a probability"),
+    (lambda b: weights_estimate(torch.zeros(4, dtype=F64), level=0.0), "level must be"),
+    (lambda b: star_volume(b, 3.0, 0.5, "naive", 10), "must be integers, got 3.0, 10"),
+    (lambda b: star_volume(b, 3, 0.5, "naive", 10.5), "must be integers, got 3, 10.5"),
+    (lambda b: star_volume(b, 4, 0.5, "naive", 10), "n = 4, but the line-loss has 3"),
+    (lambda b: star_volume(b, 3, 0.5, "naive", 10, r_max=math.inf), "a finite r_max"),
+    (lambda b: Preconditioner.dense(torch.zeros(0, 0, dtype=F64)), r"n >= 1, got \(0, 0\)"),
+    (lambda b: Preconditioner.diagonal(torch.zeros(0, dtype=F64)), r"n >= 1, got \(0,\)"),
+])
+def test_bad_api_input_is_one_config_error(call, msg):
+    with pytest.raises(ConfigError, match=msg):
+        call(Ellipsoid(torch.ones(3, dtype=F64)))
+
+
 def test_ball_volume_and_gaussian_mass_helpers():
     assert log_ball_volume(3, 2.0) == pytest.approx(math.log(4 / 3 * math.pi * 8))
     with pytest.raises(ValueError, match="only for a ball"):
