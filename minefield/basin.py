@@ -129,6 +129,12 @@ class VolumeConfig(_Config):
         return parse_power(self.power, "volume.power")
 
     def _validate(self):
+        counts = ("n_directions", "grid_points", "bracket_points", "n_bootstrap", "seed",
+                  "n_chains", "n_replicates", "probes", "mcmc_blocks", "walk_length")
+        for name in counts:
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ConfigError(f"volume.{name} must be an integer, got {v!r}")
         if self.estimator is Estimator.IS and self.preconditioner is CurvatureKind.NONE:
             raise ConfigError("volume.estimator 'is' needs a preconditioner (hessian, "
                               "hutchinson, axes or given)")
