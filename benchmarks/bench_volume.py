@@ -25,7 +25,7 @@ the Gaussian mass has a closed form (ball, box) and ``mcmc`` (Gaussian cooling,
 coordinate walk of one sweep of the ``n`` axes per phase) on a box of ``--mcmc-n``
 dimensions: at n = 3457 a sweep is ``n`` coordinate steps per chain per phase, each a
 bisection of O(n) losses, over ~100 phases (hours on 2 cores), beside ``is`` on the
-same small box. Intervals of heavy-tailed weights (ESS below 10% of the draws) are the
+same small box. Intervals of heavy-tailed weights (ESS below half the draws, or 20) are the
 honest bound of :func:`minefield.volume.honest_interval`: a Markov lower bound up to
 the volume within ``r_max``.
 

@@ -119,7 +119,15 @@ from .stages.study import StudyResult, load_study, run_stack, run_stacks, study_
 from .study import STACKABLE, StackSpec, StudyConfig, plan_study
 from .sweep import SweepConfig, SweepResult, log_spaced_betas
 from .train import fit
-from .volume import Estimator, VolumeEstimate, fit_power, log_chi_cdf, star_volume
+from .volume import (
+    Estimator,
+    VolumeEstimate,
+    fit_power,
+    honest_interval,
+    log_chi_cdf,
+    star_volume,
+    weights_estimate,
+)
 
 __version__ = "0.1.0"
 
@@ -142,6 +150,7 @@ __all__ = [
     "VolumeConfig", "BasinResult", "basin_radii", "basin_members", "Rollouts", "rollouts",
     # volume estimators with measured error, and the bodies they are measured on
     "Estimator", "VolumeEstimate", "star_volume", "fit_power", "cooling_volume", "log_chi_cdf",
+    "weights_estimate", "honest_interval",
     "cooling_block", "merge_blocks", "block_replicates", "CoolingBlocks", "cooling_blocks",
     "merge_cooling_blocks", "cooling_cost", "CoolingCost",
     "Preconditioner", "floor_curvature", "NetworkLines", "basin_volume",

@@ -51,20 +51,28 @@ from torch import nn
 
 from .config import ConfigError, _Config
 from .data import Dataset, train_xy
-from .directions import DirectionSpec, n_perturbed, random_directions
+from .directions import DirectionSpec, check_units, n_perturbed, random_directions
 from .engine import evaluate_points
 from .functional import Params, alone, check_single, member, n_members, one
-from .options import CurvatureKind, CutoffKind, Estimator, Grid, Precision, RadiusMethod
+from .naive import LN10, bootstrap_log10_volume, log10_volume, log_volume
+from .options import (
+    BiasPolicy,
+    CurvatureKind,
+    CutoffKind,
+    Estimator,
+    Grid,
+    Precision,
+    RadiusMethod,
+)
 from .radii import check_radii, find_radii, radius_grid
 from .rollout import Rollouts, rollouts
-from .volume import VolumeEstimate, honest_interval, parse_power, weights_estimate
+from .volume import VolumeEstimate, _warnings, honest_interval, parse_power, weights_estimate
 
 __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "BasinWarning",
            "Rollouts", "find_radii", "check_radii", "radius_grid", "log_volume", "log10_volume",
            "bootstrap_log10_volume", "basin_radii", "basin_members", "rollouts",
            "volume_from_radii", "direction_radii", "radii_result"]
 
-LN10 = math.log(10.0)
 
 
 @dataclass(frozen=True)
@@ -121,9 +129,24 @@ class VolumeConfig(_Config):
         return parse_power(self.power, "volume.power")
 
     def _validate(self):
+        counts = ("n_directions", "grid_points", "bracket_points", "n_bootstrap", "seed",
+                  "n_chains", "n_replicates", "probes", "mcmc_blocks", "walk_length")
+        for name in counts:
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ConfigError(f"volume.{name} must be an integer, got {v!r}")
         if self.estimator is Estimator.IS and self.preconditioner is CurvatureKind.NONE:
             raise ConfigError("volume.estimator 'is' needs a preconditioner (hessian, "
                               "hutchinson, axes or given)")
+        if self.estimator is not Estimator.NAIVE and self.directions.bias is BiasPolicy.ZERO:
+            raise ConfigError(f"directions.bias 'zero' counts coordinates that no direction "
+                              f"moves, a convention of the naive estimator; "
+                              f"{self.estimator.value} integrates over the coordinates it "
+                              f"moves: use bias 'exclude' (the same directions) or 'include'")
+        if self.estimator is Estimator.NAIVE and self.preconditioner is not CurvatureKind.NONE:
+            raise ConfigError(f"volume.preconditioner '{self.preconditioner.value}' shapes the "
+                              f"is, gaussian and mcmc estimators; naive (the paper's) draws "
+                              f"uniform directions: choose one of those estimators or none")
         self.proposal_power()
         if self.sigma is not None and not (self.sigma > 0 and math.isfinite(self.sigma)):
             raise ConfigError(f"volume.sigma must be a positive number, got {self.sigma}")
@@ -131,6 +154,9 @@ class VolumeConfig(_Config):
                                       or not 1 <= 2 * self.mcmc_blocks <= self.n_replicates):
             raise ConfigError(f"volume.mcmc_blocks={self.mcmc_blocks} needs the mcmc estimator "
                               f"and at least 2 of the {self.n_replicates} replicates per block")
+        if self.walk_length is not None and not self.walk_length >= 1:
+            raise ConfigError(f"volume.walk_length must be >= 1 (None: max(10, 2 n)), got "
+                              f"{self.walk_length}")
         if self.n_chains < 2 or self.n_replicates < 2 or self.probes < 1:
             raise ConfigError("volume.n_chains and n_replicates must be >= 2 (an interval needs "
                               "independent draws) and probes >= 1")
@@ -155,46 +181,6 @@ class VolumeConfig(_Config):
 
 
 # --- volume ---------------------------------------------------------------------------------
-
-
-def log_volume(radii: torch.Tensor, n: int) -> torch.Tensor:
-    """Natural log of the Monte-Carlo star-body volume ``omega_n mean(r_i^n)``.
-
-    ``log V = (n/2) log pi - lgamma(n/2 + 1) + logsumexp(n log r_i) - log N``,
-    in float64; ``r_i = 0`` contributes ``exp(-inf) = 0``; all zero gives ``-inf``.
-    Leading dims of ``radii`` (e.g. bootstrap replicates) are kept.
-    """
-    r = radii.double()
-    if n < 1:
-        raise ValueError(f"dimension n must be >= 1, got {n}")
-    if bool((r < 0).any()) or bool(torch.isnan(r).any()):
-        raise ValueError("radii must be >= 0 and not NaN")
-    log_omega = 0.5 * n * math.log(math.pi) - math.lgamma(0.5 * n + 1)
-    return log_omega + torch.logsumexp(n * torch.log(r), -1) - math.log(r.shape[-1])
-
-
-def log10_volume(radii: torch.Tensor, n: int) -> float:
-    """``log10 V`` (see :func:`log_volume`)."""
-    return float(log_volume(radii, n)) / LN10
-
-
-def bootstrap_log10_volume(radii: torch.Tensor, n: int, n_boot: int = 1000, seed: int = 0,
-                           level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``log10 V``: resample the radii with replacement."""
-    if n_boot == 0:
-        return float("nan"), float("nan")
-    g = torch.Generator().manual_seed(int(seed))
-    idx = torch.randint(len(radii), (n_boot, len(radii)), generator=g)
-    vals = log_volume(radii.double()[idx], n) / LN10
-    finite = vals[torch.isfinite(vals)]
-    if len(finite) < n_boot:  # some replicates drew only zero radii: -inf is a valid quantile
-        vals = vals.sort().values
-        lo_i = int(math.floor((1 - level) / 2 * (n_boot - 1)))
-        hi_i = int(math.ceil((1 + level) / 2 * (n_boot - 1)))
-        return float(vals[lo_i]), float(vals[hi_i])
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    lo, hi = torch.quantile(vals, q).tolist()
-    return lo, hi
 
 
 # --- results --------------------------------------------------------------------------------
@@ -267,11 +253,15 @@ def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: f
                       n_evaluations: int = 0, config: dict[str, Any] | None = None,
                       n_boot: int = 1000, seed: int = 0, r_max: float = math.inf
                       ) -> BasinResult:
-    """A :class:`BasinResult` from radii: log10 V, n mean(log10 r), mean r, bootstrap CI
-    (widened by ``n log10(1 + rtol)`` of ``config``'s bisection), how many radii reached
-    ``r_max`` (the argument, else ``config``'s) and the diagnostics of
-    :mod:`minefield.volume` (ESS, largest share, normal interval)."""
+    """A :class:`BasinResult` from radii ``+d_1..+d_K, -d_1..-d_K`` (``K >= 1`` pairs):
+    log10 V, n mean(log10 r), mean r, how many radii reached ``r_max`` (the argument,
+    else ``config``'s), the diagnostics of :mod:`minefield.volume` (ESS, largest share)
+    and an interval widened by ``n log10(1 + rtol)`` of ``config``'s bisection: the
+    bootstrap over pairs (:func:`bootstrap_log10_volume`) when the weights ``r^n`` pass
+    :func:`~minefield.volume.honest_interval`'s test, else its bound."""
     r = radii.double().cpu()
+    if len(r) < 2 or len(r) % 2:
+        raise ConfigError(f"{len(r)} radii are not pairs along +d_1..+d_K, -d_1..-d_K")
     cfg = dict(config or {})
     bisect = cfg.get("method", "bisect") == "bisect"
     slack = n * math.log1p(cfg.get("rtol", 0.0)) / LN10 if bisect else 0.0
@@ -279,22 +269,20 @@ def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: f
     limit = r_max if math.isfinite(r_max) else cfg.get("r_max", math.inf)
     at_max = int((r >= limit).sum())
     diag: dict[str, Any] = {"n_samples": len(r), "n_at_r_max": at_max, "warnings": []}
-    if len(r) >= 4 and len(r) % 2 == 0:
-        _, (dlo, dhi), diag["ess"], diag["max_share"] = weights_estimate(
-            n * r.log(), True, 0.95, slack * LN10)
-        log_omega = 0.5 * n * math.log(math.pi) - math.lgamma(0.5 * n + 1)
+    log_omega = 0.5 * n * math.log(math.pi) - math.lgamma(0.5 * n + 1)
+    # one pair (2 radii) has no spread to read: its ESS and share, but no normal interval
+    _, (dlo, dhi), diag["ess"], diag["max_share"] = weights_estimate(
+        n * r.log(), len(r) >= 4, 0.95, slack * LN10)
+    if len(r) >= 4:
         diag["ci_log10_normal"] = [(dlo + log_omega) / LN10, (dhi + log_omega) / LN10]
-        # heavy-tailed r^n: the bootstrap interval is not to be trusted either
-        log_upper = log_omega + n * math.log(limit) if math.isfinite(limit) else math.inf
-        (blo, bhi), diag["interval"] = honest_interval(
-            log10_volume(r, n) * LN10, ((lo - slack) * LN10, (hi + slack) * LN10),
-            diag["ess"], len(r), 0.95, log_upper, slack * LN10)
-        lo, hi = blo / LN10 + slack, bhi / LN10 - slack
-        if diag["interval"] == "bound":
-            diag["warnings"].append(f"ESS {diag['ess']:.1f} of {len(r)} radii: heavy-tailed "
-                                    f"r^n, so log V is in effect a lower bound; its interval "
-                                    f"runs from a Markov lower bound to the volume within "
-                                    f"r_max")
+    # heavy-tailed r^n (or too few pairs): the bootstrap interval is not to be trusted either
+    log_upper = log_omega + n * math.log(limit) if math.isfinite(limit) else math.inf
+    (blo, bhi), diag["interval"] = honest_interval(
+        log10_volume(r, n) * LN10, ((lo - slack) * LN10, (hi + slack) * LN10),
+        diag["ess"], len(r), 0.95, log_upper, slack * LN10)
+    lo, hi = blo / LN10 + slack, bhi / LN10 - slack
+    if diag["interval"] == "bound":
+        diag["warnings"].append(_warnings(diag["ess"], 0, len(r), limit, True)[0])
     if not bisect:
         diag["warnings"].append("grid radii: their interpolation error is not in the interval")
     return BasinResult(r, n, float(centre_loss), float(cutoff), log10_volume(r, n),
@@ -341,6 +329,7 @@ def direction_radii(model: nn.Module, params: Params, data: Dataset | tuple[torc
     centre = check_single(params, "the model (use basin_members for a stack)")
     theta = member(centre, 0)
     spec = cfg.directions
+    check_units(theta, spec.kind, spec.bias)  # a zero filter: every radius from the rest
     d = random_directions(theta, b, spec.kind, spec.bias, spec.generator())
     d = {k: torch.cat([v[a:], -v[a:]]) for k, v in d.items()}  # (2K, ...): d and -d
     k = 2 * (b - a)
@@ -379,12 +368,17 @@ def radii_result(radii: torch.Tensor, n: int, centre_loss: float, cutoff: float,
                             cfg.n_bootstrap, cfg.seed, cfg.r_max)
     if cfg.precision is not Precision.FLOAT32:
         res.diagnostics["precision_moved"] = moved  # radii redone in full precision if > 0
+    _warn_r_max(res, cfg.r_max, len(r))
+    return res
+
+
+def _warn_r_max(res: BasinResult, r_max: float, total: int | None = None) -> None:
+    """A :class:`BasinWarning` when radii of ``res`` (of any estimator) reached ``r_max``."""
     if res.n_at_r_max:
         warnings.warn(BasinWarning(
-            f"{res.n_at_r_max} of {len(r)} radii reached r_max={cfg.r_max:g} without crossing "
-            f"the cutoff {cut:.4g}: log10 V is a lower bound set by r_max; raise r_max"),
-            stacklevel=3)
-    return res
+            f"{res.n_at_r_max}{f' of {total}' if total else ''} radii reached r_max="
+            f"{r_max:g} without crossing the cutoff {res.cutoff:.4g}: log10 V is a lower "
+            f"bound set by r_max; raise r_max"), stacklevel=4)
 
 
 def basin_members(model: nn.Module, params: Params | Sequence[Params],

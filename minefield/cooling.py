@@ -59,9 +59,9 @@ hence the mixing check. In high dimension the walk is the cost
 (:func:`~minefield.cooling_blocks.cooling_cost`: hours on 2 cores at n = 3457).
 
 *Uncertainty*: a pilot run of ``n_replicates / 4`` replicates chooses the schedule (the
-``beta`` s); then ``n_replicates`` independent replicates of ``n_chains`` chains, each with
-its own start rays, follow it. Their log-volumes ``L_r`` are about normal (logs of
-products of many ratios), so the estimate of ``log E[Z]`` is Cox's ``mean(L) + s^2/2``
+``beta`` s); ``n_replicates`` independent replicates of ``n_chains`` chains, each with
+its own start rays, follow it. Their log-volumes ``L_r`` are about normal (logs of products
+of many ratios), so the estimate of ``log E[Z]`` is Cox's ``mean(L) + s^2/2``
 with the interval ``+- t_{R-1} sqrt(s^2/R + s^4/(2(R-1)))`` (Land 1972,
 :func:`replicate_interval`), widened by ``n log(1 + rtol)``; they cannot see a bias they
 share (hence the sweeps and the mixing check). Coverage is tested at n = 3 and 20.
@@ -87,7 +87,7 @@ from .basin import find_radii
 from .bodies import log_ball_volume
 from .config import ConfigError
 from .precondition import Preconditioner
-from .volume import LineLoss, VolumeEstimate, _warnings, log_chi_cdf, ray_radii
+from .volume import LineLoss, VolumeEstimate, _check, _warnings, log_chi_cdf, ray_radii
 
 __all__ = ["cooling_volume", "replicate_interval"]
 
@@ -96,6 +96,8 @@ CHORD_BRACKET = 12  # bracket evaluations per side of a chord before bisection
 
 def run_sizes(n: int, n_replicates: int, walk_length: int | None) -> tuple[int, int]:
     """``(walk steps per phase: max(10, 2 n) unless given, pilot replicates: max(2, R/4))``."""
+    if walk_length is not None and not walk_length >= 1:
+        raise ConfigError(f"walk_length must be >= 1 (None: max(10, 2 n)), got {walk_length}")
     return max(10, 2 * n) if walk_length is None else int(walk_length), max(2, n_replicates // 4)
 
 
@@ -229,8 +231,7 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
                    preconditioner: Preconditioner | None = None,
                    walk_length: int | None = None, ratio_var: float = 0.5,
                    n_rays: int = 16, level: float = 0.95, max_phases: int = 100000,
-                   max_step: float = 2.0, walk: str = "coordinate"
-                   ) -> VolumeEstimate:
+                   max_step: float = 2.0, walk: str = "coordinate") -> VolumeEstimate:
     """log vol of ``{L < cutoff}`` within ``r_max`` by Gaussian cooling (module docstring).
 
     Args:
@@ -250,11 +251,10 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
     Raises:
         ConfigError: fewer than 2 replicates or chains, bad numbers, a start outside K.
     """
-    if n_replicates < 2 or n_chains < 2 or n_rays < 2:
-        raise ConfigError(f"mcmc needs >= 2 replicates, chains and rays for an interval; got "
-                          f"{n_replicates}, {n_chains}, {n_rays}")
-    if not (ratio_var > 0 and 0 < rtol < 1 and r_max > 0 and math.isfinite(cutoff)):
-        raise ConfigError("mcmc needs ratio_var > 0, 0 < rtol < 1, r_max > 0, a finite cutoff")
+    if n_replicates < 2 or n_chains < 2 or n_rays < 2 or not ratio_var > 0:
+        raise ConfigError(f"mcmc needs >= 2 replicates, chains, rays and ratio_var > 0; got "
+                          f"{n_replicates}, {n_chains}, {n_rays}, {ratio_var}")
+    _check(n, cutoff, n_rays, r_max, rtol, level, line_loss)  # r_max finite: a ball to start
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     p = preconditioner.check(n) if preconditioner is not None else None
     apply = p.apply if p is not None else (lambda z: z.double())
@@ -379,7 +379,7 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
     log_vol = log_z + (p.log_abs_det_t() if p is not None else 0.0)  # (R,)
     est, half = replicate_interval(log_vol, level)
     slack = n * math.log1p(rtol)
-    warns = _warnings(min_ess, 0, m, r_max)
+    warns = _warnings(min_ess, at_max[0], m, r_max, rays=2 * n_replicates * n_rays)
     if n_chains < 32:
         warns.append(f"{n_chains} chains per replicate: intervals were measured to cover "
                      f"at their rate with 64; with few chains they run narrow and low")

@@ -21,9 +21,16 @@ follow :class:`BiasPolicy`:
   weights only (3457 for the swiss-roll net): the basin is a star-shaped body
   in the space the directions actually span.
 - ``zero``: direction 0 as for ``exclude``, but they still count as coordinates
-  (``n_perturbed`` = all parameters), for comparison with tools that do so.
+  (``n_perturbed`` = all parameters), for comparison with tools that do so. This
+  is a convention of the paper's ``naive`` estimator only: its ``omega_n E[r^n]``
+  then uses an ``n`` larger than the space its directions span. The estimators of
+  :mod:`minefield.volume` integrate over the coordinates they move, where a
+  coordinate that never moves has no extent, so they refuse it (``VolumeConfig``).
 - ``include``: perturbed too; under ``filter`` each entry is a "filter of size
   1" (``d_j = sign(g_j) |theta_j|``), under ``layer`` scaled to the tensor norm.
+
+A ``filter`` (or ``layer``) whose parameters are all exactly 0 gets direction 0
+too, yet would count in ``n``: :func:`check_units` refuses it for volumes.
 
 Directions are drawn one after another from the generator, so the first ``n``
 of ``random_directions(..., 2 * n)`` equal ``random_directions(..., n)``, and the
@@ -45,12 +52,12 @@ from typing import ClassVar
 
 import torch
 
-from .config import _Config
+from .config import ConfigError, _Config
 from .functional import Params, flatten, is_weight, unflatten
 from .options import BiasPolicy, DirectionKind, option
 
 __all__ = ["DirectionKind", "BiasPolicy", "DirectionSpec", "random_directions", "n_perturbed",
-           "orthogonalize"]
+           "check_units", "orthogonalize"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,34 @@ def n_perturbed(params: Params, kind: DirectionKind | str = "filter",
     bias = option(BiasPolicy, bias, "direction bias")
     return sum(v.numel() for v in params.values()
                if bias is not BiasPolicy.EXCLUDE or is_weight("", v.shape))
+
+
+def check_units(params: Params, kind: DirectionKind | str = "filter",
+                bias: BiasPolicy | str = "exclude") -> None:
+    """:class:`ConfigError` when a ``filter`` / ``layer`` direction of the single model
+    ``params`` cannot move a perturbed coordinate: its filter (its tensor for ``layer``;
+    the entry itself for a 1-D tensor under ``filter``) is exactly 0, so every direction
+    is 0 there while ``n`` counts it, and every radius would be set by the rest alone
+    (a ``QuadraticNet`` at its minimum: all at ``r_max``)."""
+    kind = option(DirectionKind, kind, "direction kind")
+    bias = option(BiasPolicy, bias, "direction bias")
+    if kind is DirectionKind.GAUSSIAN:
+        return
+    zero = []
+    for k, v in params.items():
+        if not _perturbed(v.shape, bias) or v.numel() == 0:
+            continue
+        t = (v.reshape(1, -1) if kind is DirectionKind.LAYER else
+             v.reshape(v.shape[0], -1) if v.dim() >= 2 else v.reshape(-1, 1))  # (filters, .)
+        if bool((t.detach().abs().amax(dim=1) == 0).any()):
+            zero.append(k)
+    if zero:
+        weights = [is_weight("", params[k].shape) for k in zero]
+        what = "weights" if all(weights) else "parameters" if any(weights) else "biases"
+        raise ConfigError(f"{kind.value} units are zero in {', '.join(zero)} ({what} exactly "
+                          f"0 there: a {kind.value}-normalised direction never moves them): "
+                          f"use directions of kind 'gaussian'"
+                          + ("" if all(weights) else " or bias 'exclude'"))
 
 
 def random_directions(params: Params, n: int, kind: DirectionKind | str = "filter",

@@ -4,8 +4,9 @@
 ``f(x0, v, t) = L(theta + S (x0 + t v))`` of :mod:`minefield.volume`, evaluated
 by the batched :func:`~minefield.engine.evaluate_points` (``L``: the mean train
 NLL). ``x`` lives in the ``n`` perturbed coordinates of
-:func:`~minefield.directions.n_perturbed` (``bias='exclude'``: weights only), and
-``S = diag(s)`` sets their unit, following the direction kind:
+:func:`~minefield.directions.n_perturbed` (``bias='exclude'``: weights only; ``'zero'``,
+which counts coordinates it never moves, is refused), and ``S = diag(s)`` sets their
+unit, following the direction kind (a filter that is exactly 0 has no unit: refused):
 
 - ``gaussian``: ``s = 1``, plain Euclidean parameter space (volumes in parameter units);
 - ``filter``: ``s_j = |theta_f| sqrt(n / size_f)`` for the filter ``f`` (output unit)
@@ -41,7 +42,7 @@ from torch.func import functional_call
 
 from .config import ConfigError
 from .curvature import dense_hessian, hessian_diagonal
-from .directions import DirectionKind, DirectionSpec, _perturbed
+from .directions import BiasPolicy, DirectionKind, DirectionSpec, _perturbed, check_units
 from .engine import LOSSES, evaluate_points
 from .functional import Params, bn_mode, buffers_like, check_single, member
 from .options import CurvatureKind
@@ -63,6 +64,10 @@ class NetworkLines:
         self.model, self.centre, self.x, self.y = model, centre, x, y
         self.buffers, self.memory_mb, self.bn = buffers, memory_mb, bn
         theta = member(centre, 0)
+        if spec.bias is BiasPolicy.ZERO:  # coordinates never moved have no extent
+            raise ConfigError("directions.bias 'zero' is a convention of the naive estimator "
+                              "(n counts coordinates it never moves): use 'exclude'")
+        check_units(theta, spec.kind, spec.bias)
         self.keys = [k for k, v in theta.items() if _perturbed(v.shape, spec.bias)]
         scales = []
         for k in self.keys:
@@ -80,9 +85,9 @@ class NetworkLines:
         self.n = len(self.scale)
         if spec.kind is not DirectionKind.GAUSSIAN:  # a unit x moves each filter by ~|theta_f|
             self.scale = self.scale * math.sqrt(self.n)
-        if self.n == 0 or not bool((self.scale > 0).all()):
-            raise ConfigError(f"{spec.kind.value} units are zero for some filters (weights "
-                              f"that are exactly 0): use directions of kind 'gaussian'")
+        if self.n == 0:
+            raise ConfigError("the model has no perturbed coordinates (bias 'exclude' and "
+                              "no weights?)")
         self.shapes = {k: theta[k].shape for k in self.keys}
         self.log_det_scale = float(self.scale.log().sum())
         self.evaluations = 0
@@ -221,11 +226,13 @@ def _setup(model, params, data, cfg, buffers, bn, curvature):
 
 def _result(est, evaluations: int, log_det_scale: float, centre_loss: float, cut: float,
             cfg, bn: str):
-    from .basin import BasinResult
+    from .basin import BasinResult, _warn_r_max
 
     est.n_evaluations = evaluations
     est.details["log_det_scale"] = log_det_scale  # + this: log V in parameter units
-    return BasinResult.from_estimate(est, centre_loss, cut, {**cfg.to_dict(), "bn": bn})
+    res = BasinResult.from_estimate(est, centre_loss, cut, {**cfg.to_dict(), "bn": bn})
+    _warn_r_max(res, cfg.r_max, len(res.radii) or None)  # mcmc: of its start rays
+    return res
 
 
 @dataclass

@@ -98,8 +98,9 @@ class Preconditioner:
     @classmethod
     def dense(cls, c: torch.Tensor) -> Preconditioner:
         c = _finite(c, "dense preconditioner")
-        if c.dim() != 2 or c.shape[0] != c.shape[1]:
-            raise ConfigError(f"dense preconditioner must be square (n, n), got {tuple(c.shape)}")
+        if c.dim() != 2 or c.shape[0] != c.shape[1] or c.shape[0] == 0:
+            raise ConfigError(f"dense preconditioner must be square (n, n) with n >= 1, got "
+                              f"{tuple(c.shape)}")
         if not torch.allclose(c, c.T, rtol=1e-8, atol=1e-12 * float(c.abs().max())):
             raise ConfigError("dense preconditioner must be symmetric")
         chol, info = torch.linalg.cholesky_ex(c)
@@ -111,8 +112,8 @@ class Preconditioner:
     @classmethod
     def diagonal(cls, d: torch.Tensor) -> Preconditioner:
         d = _finite(d, "diagonal preconditioner")
-        if d.dim() != 1:
-            raise ConfigError(f"diagonal preconditioner must be a vector (n,), got "
+        if d.dim() != 1 or len(d) == 0:
+            raise ConfigError(f"diagonal preconditioner must be a vector (n,), n >= 1, got "
                               f"{tuple(d.shape)}")
         if not bool((d > 0).all()):
             raise ConfigError("diagonal preconditioner is not positive definite (entries "

@@ -51,15 +51,16 @@ Example (an ellipsoid, exact with the matched preconditioner)::
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from statistics import NormalDist
 from typing import Any
 
 import torch
 
 from .bodies import log_ball_volume
 from .config import ConfigError
+from .intervals import FEW, HEAVY, MIN_ESS, _check_level, honest_interval, weights_estimate
 from .options import Estimator, option
 from .precondition import Preconditioner
 
@@ -69,10 +70,7 @@ __all__ = ["Estimator", "parse_estimator", "parse_power", "LineLoss", "VolumeEst
 
 LN10 = math.log(10.0)
 LineLoss = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor]
-FEW = 10.0  # an ESS below this many draws is "a handful"
-HEAVY = 0.1  # an ESS below this share of the draws: heavy-tailed weights (honest_interval)
-
-
+THIN = 0.1  # mcmc: a phase ESS below this share of the chains is warned about
 
 
 def parse_power(text: str | float, what: str = "power") -> float | str:
@@ -161,71 +159,6 @@ def _log_gammainc_series(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return a * z.log() - z - torch.lgamma(a + 1) + log_s
 
 
-def _z(level: float) -> float:
-    return NormalDist().inv_cdf(0.5 + level / 2)
-
-
-def weights_estimate(log_w: torch.Tensor, pairs: bool = True, level: float = 0.95,
-                     slack: float = 0.0) -> tuple[float, tuple[float, float], float, float]:
-    """``log mean(w)``, its interval, the ESS and the largest weight's share, from log-weights.
-
-    The interval is the normal one for the mean of the (pair-averaged when
-    ``pairs``: the first half of ``log_w`` are the ``u``, the second the ``-u``)
-    weights, ``mean +- z se``, mapped to logs (lower end ``-inf`` when ``z se >=
-    mean``) and widened by ``slack`` (the bisection's worst case) on each side.
-    Raises :class:`ConfigError` with fewer than two independent draws.
-    """
-    lw = log_w.double()
-    w_all = torch.exp(lw - lw.max())
-    ess = float(w_all.sum() ** 2 / w_all.pow(2).sum())
-    share = float(w_all.max() / w_all.sum())
-    draws = torch.logaddexp(*lw.reshape(2, -1)) - math.log(2) if pairs else lw
-    if len(draws) < 2:
-        raise ConfigError(f"{len(draws)} independent draw(s) give no interval: use at least "
-                          f"2 directions (chains, replicates)")
-    top = float(draws.max())
-    if not math.isfinite(top):  # every weight is zero: the basin is empty along every draw
-        return -math.inf, (-math.inf, -math.inf + slack), 0.0, float("nan")
-    w = torch.exp(draws - top)
-    mean = float(w.mean())
-    cv = float(w.std() / math.sqrt(len(w))) / mean * _z(level)
-    est = top + math.log(mean)
-    lo = est + math.log1p(-cv) if cv < 1 else -math.inf
-    return est, (lo - slack, est + math.log1p(cv) + slack), ess, share
-
-
-def honest_interval(est: float, normal: tuple[float, float], ess: float, n_draws: int,
-                    level: float, log_upper: float, slack: float = 0.0
-                    ) -> tuple[tuple[float, float], str]:
-    """The interval to report for a mean of nonnegative weights, and which kind it is.
-
-    With light-tailed weights (ESS at least ``HEAVY`` of the draws) the normal interval
-    ``normal``. With heavy-tailed weights the normal interval is not to be trusted (on an
-    anisotropic ellipsoid at n = 3457 the paper's estimate sat 1700 orders of magnitude
-    below the truth inside a narrow interval: the terms that decide the mean were never
-    drawn), so the interval becomes one that holds whatever the tail:
-
-    - lower end ``est + log(1 - level)``: by Markov's inequality a nonnegative mean
-      ``W`` of unbiased weights exceeds ``E[W] / (1 - level)`` with probability at most
-      ``1 - level``, so ``E[W] >= (1 - level) W`` at the stated level;
-    - upper end ``log_upper``, a bound known before sampling (the volume of the ball of
-      radius ``r_max``, a probability of 1).
-
-    Both ends are widened by ``slack`` (the bisection's worst case, already in ``normal``).
-    Returns ``((lo, hi), "normal" | "bound")``.
-
-    >>> honest_interval(0.0, (-0.1, 0.1), 50.0, 100, 0.95, 9.0)
-    ((-0.1, 0.1), 'normal')
-    >>> (lo, hi), kind = honest_interval(0.0, (-0.1, 0.1), 2.0, 100, 0.95, 9.0)
-    >>> round(lo, 3), hi, kind    # log(0.05) = -2.996
-    (-2.996, 9.0, 'bound')
-    """
-    if ess >= HEAVY * n_draws:
-        return normal, "normal"
-    return (min(normal[0], est + math.log1p(-level) - slack),
-            max(normal[1], log_upper + slack)), "bound"
-
-
 def ray_radii(line_loss: LineLoss, u: torch.Tensor, cutoff: float, r_max: float,
               rtol: float, centre_loss: float | None = None, bracket_points: int = 12,
               bracket_ratio: float = 4.0) -> tuple[torch.Tensor, int]:
@@ -276,32 +209,46 @@ def fit_power(line_loss: LineLoss, n: int, cutoff: float, preconditioner: Precon
     return preconditioner.with_power(best), scores, evals
 
 
-def _check(n: int, cutoff: float, k: int, r_max: float, rtol: float) -> None:
+def _check(n: int, cutoff: float, k: int, r_max: float, rtol: float, level: float = 0.95,
+           line_loss: LineLoss | None = None) -> None:
+    """Bad numbers, and an ``n`` other than the line-loss's own (bodies, NetworkLines)."""
+    try:
+        operator.index(n), operator.index(k)
+    except TypeError:
+        raise ConfigError(f"n and n_directions must be integers, got {n!r}, {k!r}") from None
     if n < 1:
         raise ConfigError(f"dimension n must be >= 1, got {n}")
     if k < 2:
         raise ConfigError(f"{k} direction pair(s) give no interval: use at least 2")
     if not (math.isfinite(cutoff) and math.isfinite(r_max) and r_max > 0 and 0 < rtol < 1):
-        raise ConfigError(f"need a finite cutoff, r_max > 0 and 0 < rtol < 1; got "
+        raise ConfigError(f"need a finite cutoff, a finite r_max > 0 and 0 < rtol < 1; got "
                           f"cutoff={cutoff}, r_max={r_max}, rtol={rtol}")
+    _check_level(level)
+    own = getattr(line_loss, "n", None)
+    if own is not None and own != n:
+        raise ConfigError(f"n = {n}, but the line-loss has {own} coordinates")
 
 
 def _warnings(ess: float, n_at_max: int, n_rays: int, r_max: float,
-              bound: bool = False) -> list[str]:
+              bound: bool = False, rays: int | None = None) -> list[str]:
+    """Warnings on ``ess`` of ``n_rays`` draws, and on ``n_at_max`` of ``rays`` (default
+    ``n_rays``) rays at ``r_max``."""
     out = []
     if bound:
-        out.append(f"ESS {ess:.1f} of {n_rays} draws: heavy-tailed weights, so the estimate is "
-                   f"in effect a lower bound; the interval runs from a Markov lower bound to "
-                   f"the volume within r_max (a better proposal or more draws narrow it)")
+        out.append(f"ESS {ess:.1f} of {n_rays} draws (a normal interval needs >= "
+                   f"{max(HEAVY * n_rays, MIN_ESS):g}): heavy-tailed weights or too few draws, "
+                   f"so the estimate is in effect a lower bound; the interval runs from a "
+                   f"Markov lower bound to the volume within r_max (a better proposal or more "
+                   f"draws narrow it)")
     elif ess < FEW:
         out.append(f"ESS {ess:.1f} of {n_rays} draws: a handful of draws decide the "
                    f"estimate and its interval is not trustworthy")
-    elif ess < HEAVY * n_rays:
+    elif ess < THIN * n_rays:  # mcmc, whose interval comes from its replicates
         out.append(f"ESS {ess:.1f} of {n_rays} draws: heavy-tailed weights, the interval "
                    f"may be too narrow")
     if n_at_max:
-        out.append(f"{n_at_max} of {n_rays} rays reached r_max = {r_max:g}: this is the volume "
-                   f"of the basin within r_max")
+        out.append(f"{n_at_max} of {rays or n_rays} rays reached r_max = {r_max:g}: this is "
+                   f"the volume of the basin within r_max")
     return out
 
 
@@ -335,7 +282,7 @@ def star_volume(line_loss: LineLoss, n: int, cutoff: float,
     if est is Estimator.MCMC:
         raise ConfigError("star_volume does naive, is and gaussian; mcmc is "
                           "minefield.cooling.cooling_volume")
-    _check(n, cutoff, n_directions, r_max, rtol)
+    _check(n, cutoff, n_directions, r_max, rtol, level, line_loss)
     if est is Estimator.IS and preconditioner is None:
         raise ConfigError("estimator 'is' needs a preconditioner")
     if est is Estimator.NAIVE:

@@ -139,12 +139,26 @@ def test_basin_estimators_from_the_cli(runs):
     (["--estimator", "mcmc", "--replicates", "1"], "Invalid value for '--replicates'", 2),
     (["--estimator", "is", "--preconditioner", "axes", "--power", "round"],
      "volume.power must be a number >= 1", 1),
+    # naive ignored hessian, and with adam ran the Adam-shaped estimator labelled naive
+    (["--preconditioner", "adam"], "--preconditioner adam shapes the is, gaussian and mcmc", 1),
+    (["--preconditioner", "hessian"], "naive (the default) draws uniform directions", 1),
+    (["--estimator", "is", "--bias", "zero"], "bias 'zero' counts coordinates that no", 1),
 ])
 def test_basin_estimator_errors_are_one_line_and_write_nothing(runs, args, message, code):
     res = _invoke(runs, "basin", "a", *args, "--kind", "gaussian", "--tag", "bad")
     assert res.exit_code == code and message in res.output
     assert "Traceback" not in res.output
     assert not (runs / "a" / "basin" / "bad.json").exists()
+
+
+def test_adam_preconditioner_needs_the_given_kind(runs):
+    from minefield.basin import VolumeConfig
+    from minefield.config import ConfigError
+    from minefield.stages import basin_run
+
+    with pytest.raises(ConfigError, match="adam=True is a 'given' preconditioner: .* 'none'"):
+        basin_run("a", VolumeConfig(), tag="adam-naive", root=runs, adam=True)
+    assert not (runs / "a" / "basin" / "adam-naive.json").exists()
 
 
 def test_a_line_to_a_retrained_run_is_not_reused(tmp_path):

@@ -158,3 +158,21 @@ def test_cooling_errors():
     with pytest.raises(ConfigError, match="n = 3 coordinates"):
         cooling_volume(body, 2, body.cutoff, preconditioner=Preconditioner.diagonal(
             torch.ones(3, dtype=F64)))
+    with pytest.raises(ConfigError, match="n = 3, but the line-loss has 2 coordinates"):
+        cooling_volume(body, 3, body.cutoff, 4, 2)
+    with pytest.raises(ConfigError, match="level must be a probability"):
+        cooling_volume(body, 2, body.cutoff, 4, 2, level=2.0)
+    for bad in (0, -3):
+        with pytest.raises(ConfigError, match="walk_length must be >= 1"):
+            cooling_volume(body, 2, body.cutoff, 4, 2, walk_length=bad)
+    with pytest.raises(ConfigError, match="a finite r_max"):  # was "could not start the chains"
+        cooling_volume(body, 2, body.cutoff, 4, 2, r_max=math.inf)
+
+
+def test_cooling_warns_of_rays_at_r_max():
+    # the 2-ball of radius 1 within r_max = 0.5: the start rays all stop at r_max
+    body = Ellipsoid(torch.ones(2, dtype=F64))
+    est = cooling_volume(body, 2, body.cutoff, 8, 2, _gen(0), 0.5, 1e-4, walk_length=2,
+                         n_rays=4)
+    assert est.n_at_r_max == 16
+    assert any("16 of 16 rays reached r_max = 0.5" in w for w in est.warnings)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from minefield.basin import BasinResult, VolumeConfig, basin_radii
+from minefield.basin import BasinResult, BasinWarning, VolumeConfig, basin_radii
 from minefield.bodies import QuadraticNet, log_spaced_axes, random_rotation
 from minefield.config import ConfigError, ModelConfig
 from minefield.curvature import dense_hessian
@@ -131,6 +131,18 @@ def test_filter_units_and_given_curvature():
     zero = {k: torch.zeros_like(v) for k, v in theta.items()}
     with pytest.raises(ConfigError, match="use directions of kind 'gaussian'"):
         NetworkLines(model, zero, x, y, DirectionSpec("filter"))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(estimator="is", preconditioner="hessian"),
+                                dict(estimator="gaussian"),
+                                dict(estimator="mcmc", n_chains=4, n_replicates=2,
+                                     walk_length=2)])
+def test_every_estimator_warns_when_radii_reach_r_max(kw):
+    # semi-axes 0.1 .. 1 within r_max = 0.05: every ray stops at r_max (only naive warned)
+    net, params, _ = _quadratic_net(3)
+    with pytest.warns(BasinWarning, match="radii reached r_max=0.05 .* raise r_max"):
+        res = basin_radii(net, params, net.data(), _cfg(r_max=0.05, n_directions=4, **kw))
+    assert res.n_at_r_max == (64 if kw.get("estimator") == "mcmc" else 8)
 
 
 def test_adam_curvature_reads_second_moments():

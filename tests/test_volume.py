@@ -177,6 +177,45 @@ def test_naive_basin_result_interval_is_a_bound_when_heavy_tailed():
     assert hi == pytest.approx((log_ball_volume(n, 10.0) + n * math.log1p(1e-8)) / math.log(10))
 
 
+@pytest.mark.parametrize("n,decades,pairs", [(10, 1.0, 50), (5, 1.0, 50), (20, 0.5, 100),
+                                             (40, 0.1, 50)])
+def test_intervals_labelled_normal_cover_at_their_rate(n, decades, pairs):
+    # when ESS >= 10% of the draws made an interval "normal", these covered in 0 of 13,
+    # 13 of 24 and 11 of 18 seeds (5/56, 63/120, 48/85 over 200); now the first three
+    # are bounds (ESS < half the draws) and the light-tailed last one stays normal
+    b = Ellipsoid(log_spaced_axes(n, decades))
+    ests = [star_volume(b, n, b.cutoff, "naive", pairs, _gen(s), r_max=100.0, rtol=1e-9)
+            for s in range(40)]
+    normal = [e for e in ests if e.details["interval"] == "normal"]
+    assert sum(e.ci[0] <= b.log_volume <= e.ci[1] for e in normal) >= 0.9 * len(normal)
+    assert sum(e.ci[0] <= b.log_volume <= e.ci[1] for e in ests) >= 37  # of 40, at 95%
+    assert (len(normal) == 40) == (decades < 0.5)
+
+
+def test_a_handful_of_draws_never_gets_a_normal_interval():
+    # 4 pairs: every ESS <= 8 < MIN_ESS (the CLI printed "ESS 1.0 of 8" as normal)
+    b = Ellipsoid(log_spaced_axes(3, 0.1))
+    est = star_volume(b, 3, b.cutoff, "naive", 4, _gen(0), r_max=10.0, rtol=1e-9)
+    assert est.details["interval"] == "bound" and est.ci[1] > log_ball_volume(3, 10.0)
+    assert any("a normal interval needs >= 20" in w for w in est.warnings)
+
+
+def test_weights_interval_is_student_t_on_symmetric_draws_and_hall_on_skewed():
+    from scipy.stats import t as student_t
+
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=F64)  # skewness 0: Student t
+    est, (lo, hi), _, _ = weights_estimate(w.log(), pairs=False, level=0.9)
+    want = student_t.interval(0.9, 4, loc=3.0, scale=float(w.std()) / math.sqrt(5))
+    assert (math.exp(lo), math.exp(hi)) == pytest.approx(want, rel=1e-12)
+    # right-skewed draws (exponential): the t interval undercovers, Hall's covers
+    g, hits = _gen(0), 0
+    for _ in range(1000):
+        draws = -torch.log(torch.rand(20, generator=g, dtype=F64))
+        hits += weights_estimate(draws.log(), pairs=False)[1][0] <= 0.0 <= \
+            weights_estimate(draws.log(), pairs=False)[1][1]
+    assert hits >= 920  # 89.5% for mean +- 1.96 se on 4,000 such samples, 93.2% here
+
+
 def test_gaussian_mass_of_a_ball_is_exact_and_of_a_box_covered():
     n, sigma = 30, 0.2
     ball = Ellipsoid(torch.full((n,), 1.1, dtype=F64))
@@ -258,6 +297,22 @@ def test_estimator_errors():
         weights_estimate(torch.zeros(1, dtype=F64), pairs=False)
     with pytest.raises(ConfigError, match="dimension"):
         log_chi_cdf(torch.ones(1), 0)
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda b: star_volume(b, 3, 0.5, "naive", 10, level=1.5), "level must be a probability"),
+    (lambda b: star_volume(b, 3, 0.5, "naive", 10, level=1.0), "level must be a probability"),
+    (lambda b: weights_estimate(torch.zeros(4, dtype=F64), level=0.0), "level must be"),
+    (lambda b: star_volume(b, 3.0, 0.5, "naive", 10), "must be integers, got 3.0, 10"),
+    (lambda b: star_volume(b, 3, 0.5, "naive", 10.5), "must be integers, got 3, 10.5"),
+    (lambda b: star_volume(b, 4, 0.5, "naive", 10), "n = 4, but the line-loss has 3"),
+    (lambda b: star_volume(b, 3, 0.5, "naive", 10, r_max=math.inf), "a finite r_max"),
+    (lambda b: Preconditioner.dense(torch.zeros(0, 0, dtype=F64)), r"n >= 1, got \(0, 0\)"),
+    (lambda b: Preconditioner.diagonal(torch.zeros(0, dtype=F64)), r"n >= 1, got \(0,\)"),
+])
+def test_bad_api_input_is_one_config_error(call, msg):
+    with pytest.raises(ConfigError, match=msg):
+        call(Ellipsoid(torch.ones(3, dtype=F64)))
 
 
 def test_ball_volume_and_gaussian_mass_helpers():

@@ -44,7 +44,7 @@ kind_option = click.option("--kind", "dir_kind",
 bias_option = click.option("--bias", type=click.Choice([b.value for b in BiasPolicy]),
                            default="exclude", show_default=True,
                            help="Biases/BN: exclude (not moved, not counted in n: the "
-                                "paper's n), zero (not moved, counted), include.")
+                                "paper's n), zero (not moved, counted; naive only), include.")
 memory_option = click.option("--memory-mb", type=click.FloatRange(min=0, min_open=True),
                              default=None, help="Engine chunk budget (default: 256 on a "
                              "CPU, half the free memory on CUDA).")
@@ -138,6 +138,10 @@ def basin(ctx, run, checkpoint, n_directions, cutoff, relative, r_max, rtol, met
       minefield basin good --estimator is --preconditioner hessian --kind gaussian
     """
     _tag(tag)
+    if estimator == "naive" and preconditioner not in (None, "none"):
+        raise ConfigError(f"--preconditioner {preconditioner} shapes the is, gaussian and mcmc "
+                          f"estimators; naive (the default) draws uniform directions: add "
+                          f"--estimator is (or gaussian, mcmc)")
     pre = preconditioner or ("hessian" if estimator == "is" else "none")
     cfg = VolumeConfig(cutoff=cutoff, cutoff_kind="relative" if relative else "abs",
                        r_max=r_max, n_directions=n_directions, rtol=rtol, method=method,

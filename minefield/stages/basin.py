@@ -44,7 +44,7 @@ from ..netvolume import (
     cooling_blocks,
     merge_cooling_blocks,
 )
-from ..options import Estimator
+from ..options import CurvatureKind, Estimator
 from ..runs import DEFAULT_ROOT, Run, RunError, load_tensors, reading
 from .train import load_run_model
 
@@ -119,6 +119,10 @@ def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
     if checkpoint is not None or traj:  # by content: "the last" moves when training resumes
         key["centre"] = run.fingerprint(checkpoint or traj[-1])
     if adam:
+        if cfg.preconditioner is not CurvatureKind.GIVEN:
+            raise ConfigError(f"adam=True is a 'given' preconditioner: the volume config has "
+                              f"preconditioner '{cfg.preconditioner.value}' (estimator "
+                              f"'{cfg.estimator.value}')")
         key["curvature"] = "adam"
         if not run.exists("state.safetensors"):
             raise RunError(f"{run.path} has no optimizer state (state.safetensors) for the "

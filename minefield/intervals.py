@@ -1,0 +1,122 @@
+"""Confidence intervals for a mean of nonnegative weights, and when to trust one.
+
+Every estimator of :mod:`minefield.volume` is a mean of nonnegative weights
+``w`` (``r^n``, ``r^n / p(u)``, a chi CDF), drawn in pairs ``u, -u``: each pair's
+mean is one independent draw. :func:`weights_estimate` gives the mean in logs
+with a skewness-corrected interval, the ESS ``(sum w)^2 / sum w^2`` and the
+largest weight's share; :func:`honest_interval` keeps that interval only when
+the weights look light-tailed, and otherwise reports one that holds whatever the
+tail (a Markov lower bound up to a bound known before sampling).
+
+    >>> lw = torch.log(torch.tensor([1.0, 3.0, 1.0, 3.0], dtype=torch.float64))
+    >>> est, ci, ess, share = weights_estimate(lw)   # pairs (1, 1) and (3, 3)
+    >>> round(math.exp(est), 6), round(ess, 3), share
+    (2.0, 3.2, 0.375)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from scipy.stats import t as student_t
+
+from .config import ConfigError
+
+__all__ = ["weights_estimate", "honest_interval", "FEW", "HEAVY", "MIN_ESS"]
+
+FEW = 10.0  # an ESS below this many draws is "a handful"
+HEAVY = 0.5  # an ESS below this share of the draws: heavy-tailed weights (honest_interval)
+MIN_ESS = 20.0  # and below this many draws: too few to trust a normal interval
+
+
+def _check_level(level: float) -> None:
+    if not 0 < level < 1:
+        raise ConfigError(f"level must be a probability in (0, 1), got {level}")
+
+
+def weights_estimate(log_w: torch.Tensor, pairs: bool = True, level: float = 0.95,
+                     slack: float = 0.0) -> tuple[float, tuple[float, float], float, float]:
+    """``log mean(w)``, its interval, the ESS and the largest weight's share, from log-weights.
+
+    The interval is for the mean of the (pair-averaged when ``pairs``: the first half
+    of ``log_w`` are the ``u``, the second the ``-u``) weights: Hall's skewness-corrected
+    t interval ("On the removal of skewness by transformation", JRSS B 54, 1992),
+    ``mean - s g^-1(+-q / sqrt(N))`` with ``g^-1(x) = (3 / gamma) ((1 + gamma (x - gamma
+    / (6 N)))^(1/3) - 1)``, ``gamma`` the sample skewness, ``s`` the standard deviation
+    and ``q`` the Student t quantile with ``N - 1`` degrees of freedom. Weights are
+    right-skewed, and the plain ``mean +- z se`` misses mostly below the truth: on 4,000
+    samples of 20 exponential draws it covered 89.5% at 95%, this 93.2%. The interval is
+    mapped to logs (lower end ``-inf`` when not positive) and widened by ``slack`` (the
+    bisection's worst case) on each side.
+
+    Raises:
+        ConfigError: fewer than two independent draws, or ``level`` not in (0, 1).
+    """
+    _check_level(level)
+    lw = log_w.double()
+    w_all = torch.exp(lw - lw.max())
+    ess = float(w_all.sum() ** 2 / w_all.pow(2).sum())
+    share = float(w_all.max() / w_all.sum())
+    draws = torch.logaddexp(*lw.reshape(2, -1)) - math.log(2) if pairs else lw
+    if len(draws) < 2:
+        raise ConfigError(f"{len(draws)} independent draw(s) give no interval: use at least "
+                          f"2 directions (chains, replicates)")
+    top = float(draws.max())
+    if not math.isfinite(top):  # every weight is zero: the basin is empty along every draw
+        return -math.inf, (-math.inf, -math.inf + slack), 0.0, float("nan")
+    w = torch.exp(draws - top)
+    n_w, mean = len(w), float(w.mean())
+    sd = float(w.std())  # unbiased: gamma = 0 gives the Student t interval
+    m2 = float((w - mean).pow(2).mean())
+    gamma = float((w - mean).pow(3).mean()) / m2**1.5 if m2 > 0 else 0.0
+    q = float(student_t.ppf(0.5 + level / 2, n_w - 1)) / math.sqrt(n_w)
+
+    def g_inv(x: float) -> float:  # the inverse of Hall's cubic transformation
+        if abs(gamma) < 1e-12:
+            return x
+        v = 1 + gamma * (x - gamma / (6 * n_w))
+        return 3 / gamma * (math.copysign(abs(v) ** (1 / 3), v) - 1)
+
+    lo_rel, hi_rel = 1 - sd / mean * g_inv(q), 1 - sd / mean * g_inv(-q)
+    est = top + math.log(mean)
+    lo = est + math.log(lo_rel) if lo_rel > 0 else -math.inf
+    return est, (lo - slack, est + math.log(hi_rel) + slack), ess, share
+
+
+def honest_interval(est: float, normal: tuple[float, float], ess: float, n_draws: int,
+                    level: float, log_upper: float, slack: float = 0.0
+                    ) -> tuple[tuple[float, float], str]:
+    """The interval to report for a mean of nonnegative weights, and which kind it is.
+
+    ``normal`` (labelled so) only when the weights look light-tailed: ESS at least
+    ``HEAVY`` (half) of the ``n_draws`` and at least ``MIN_ESS`` (20). ESS / N ``= 1 /
+    (1 + cv^2)`` of the sample, so this asks for a sample coefficient of variation of
+    at most 1. At the old threshold (ESS >= 10% of the draws) ``naive``'s "normal" 95%
+    intervals covered 5 of 56 times on a 10-d ellipsoid spanning a decade, and an ESS
+    of 1 of 8 draws passed. A sample cannot show a tail it never drew, so with skewed
+    weights a normal interval still runs somewhat narrow (README, "Basin volume you can
+    defend"). Otherwise (at n = 3457 the paper's estimate of an ellipsoid sat 1700 orders
+    of magnitude below the truth inside a narrow normal interval) the interval is one
+    that holds whatever the tail:
+
+    - lower end ``est + log(1 - level)``: by Markov's inequality a nonnegative mean
+      ``W`` of unbiased weights exceeds ``E[W] / (1 - level)`` with probability at most
+      ``1 - level``, so ``E[W] >= (1 - level) W`` at the stated level;
+    - upper end ``log_upper``, a bound known before sampling (the volume of the ball of
+      radius ``r_max``, a probability of 1).
+
+    Both ends are widened by ``slack`` (the bisection's worst case, already in ``normal``).
+    Returns ``((lo, hi), "normal" | "bound")``.
+
+    >>> honest_interval(0.0, (-0.1, 0.1), 60.0, 100, 0.95, 9.0)
+    ((-0.1, 0.1), 'normal')
+    >>> (lo, hi), kind = honest_interval(0.0, (-0.1, 0.1), 40.0, 100, 0.95, 9.0)
+    >>> round(lo, 3), hi, kind    # log(0.05) = -2.996
+    (-2.996, 9.0, 'bound')
+    """
+    _check_level(level)
+    if ess >= HEAVY * n_draws and ess >= MIN_ESS:
+        return normal, "normal"
+    return (min(normal[0], est + math.log1p(-level) - slack),
+            max(normal[1], log_upper + slack)), "bound"
