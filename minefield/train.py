@@ -135,7 +135,7 @@ def _diverged(step: int, last_good: int | None) -> TrainingDiverged:
     return TrainingDiverged(f"loss became NaN/inf at step {step}; last good checkpoint: {where}")
 
 
-def _check_outputs(model: nn.Module, params: Params, data: Dataset, buffers: Params) -> None:
+def _check_inputs(model: nn.Module, params: Params, data: Dataset, buffers: Params) -> None:
     """``params`` must be the model's parameters (a missing one would silently stay the
     module's own, untrained), in the data's dtype, and the model's outputs must fit
     the labels: one logit for two classes, else one per class (a single logit with
@@ -146,7 +146,7 @@ def _check_outputs(model: nn.Module, params: Params, data: Dataset, buffers: Par
                           f"{sorted(names - set(params))[:3]}, unexpected "
                           f"{sorted(set(params) - names)[:3]}")
     dtype = next(iter(params.values())).dtype
-    if data.x_train.dtype != dtype:
+    if data.x_train.is_floating_point() and data.x_train.dtype != dtype:
         raise ConfigError(f"the data are {data.x_train.dtype} and the parameters {dtype}: "
                           "convert one (Dataset.to(device, dtype))")
     with torch.no_grad(), bn_mode(model, False):
@@ -228,7 +228,7 @@ def fit(
         raise ValueError(f"poison factors must be in [0, 1), got {beta_vals}")
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     buffers = {k: v.clone() for k, v in (buffers or buffers_like(model, m, dev)).items()}
-    _check_outputs(model, params, data, buffers)
+    _check_inputs(model, params, data, buffers)
     opt = make_optimizer(cfg, list(leaves.values()))
     if opt_state is not None:
         opt.load_state_dict(opt_state)
