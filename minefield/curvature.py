@@ -185,10 +185,11 @@ def top_eigenvalues(op: CurvatureOperator, k: int = 1, tol: float = 1e-4,
     theta, res, vec, n_done = run(op.matvec, None, max_iter)
     if k > 1 and converged(theta, res):
         # A Krylov space holds one vector of each eigenspace: a repeated eigenvalue shows
-        # once. Each further pass runs on P H P, P projecting out every vector found so
-        # far, converges its top value and keeps it while it enters the top k: one more
-        # copy per pass. (The top Ritz value is <= the top eigenvalue, so one above the
-        # k-th found surely enters; one below is trusted as the first pass's values are.)
+        # once. Each further pass runs on P H P - shift (I - P), P projecting out every
+        # vector found so far, converges its top value and keeps it while it enters the
+        # top k: one more copy per pass. (The top Ritz value is <= the top eigenvalue, so
+        # one above the k-th found surely enters; one below is trusted as the first
+        # pass's values are.)
         vals, vecs = theta, vec
         for _ in range(k - 1):
             basis = torch.linalg.qr(vecs.transpose(1, 2)).Q.transpose(1, 2)  # (M, j, n)
@@ -197,8 +198,16 @@ def top_eigenvalues(op: CurvatureOperator, k: int = 1, tol: float = 1e-4,
                 break
             kth = (vals * sign).topk(k, dim=1).values[:, -1]
             scale = theta.abs().amax(1, keepdim=True)  # the first pass's rule, the same tol
-            th, r, v, n = run(lambda x, b=basis: _orth(op.matvec(_orth(x, b)), b), basis,
-                              n_iter, 1, scale)
+            # P H P would be 0 on the found span: 0 is the extreme value searched for when
+            # fewer than k eigenvalues lie beyond it, and rounding would find it. Sent to
+            # -shift (beyond the other end of the spectrum) the span is never found.
+            shift = sign * (2 * float(scale.max()) + 1.0)
+
+            def deflated(x, b=basis, shift=shift):
+                px = _orth(x, b)
+                return _orth(op.matvec(px), b) - shift * (x - px)
+
+            th, r, v, n = run(deflated, basis, n_iter, 1, scale)
             n_done += n
             vals, vecs = torch.cat([vals, th[:, :1]], 1), torch.cat([vecs, v[:, :1].to(vecs)], 1)
             enters = th[:, 0] * sign > kth + tol * scale[:, 0]

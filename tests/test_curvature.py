@@ -98,6 +98,23 @@ def test_repeated_eigenvalues_are_found_as_often_as_they_occur():
     torch.testing.assert_close(low.values, dense.flip(0)[:2].expand(2, 2), rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("ev,k,which", [
+    ([1.0, 1.5, 2.0], 3, "smallest"),     # positive definite: fewer than k below 0
+    ([-1.0, -2.0, -3.0], 3, "largest"),   # negative definite: fewer than k above 0
+    ([2.0, -2.0], 2, "largest"),
+    ([5.0, 5.0, 5.0, 3.0], 3, "largest")])
+def test_deflated_passes_never_find_the_projected_out_span(ev, k, which):
+    # P H P is 0 on the vectors already found; where 0 is the end searched for, the
+    # deflated passes returned [~0, ~0, 1] for the spectrum {1, 1.5, 2, 3..9}, smallest
+    rest = torch.linspace(3, 9, 40 - len(ev)) * (1 if min(ev) > 0 or max(ev) > 3 else -1)
+    rest = torch.linspace(-1, 1, 40 - len(ev)) if ev == [2.0, -2.0] else rest
+    op, a = _spectrum_op(torch.cat([torch.tensor(ev), rest]), m=2, seed=3)
+    dense = torch.linalg.eigvalsh(a)
+    want = (dense.flip(0) if which == "largest" else dense)[:k]
+    got = top_eigenvalues(op, k=k, which=which, tol=1e-10)
+    torch.testing.assert_close(got.values, want.expand(2, k), rtol=1e-8, atol=1e-8)
+
+
 def test_lanczos_interval_covers_the_truth_when_stopped_early():
     op, _ = _spectrum_op(SPECTRUM)
     e = top_eigenvalues(op, k=2, max_iter=8, tol=1e-12)
