@@ -328,10 +328,12 @@ class Run:
         d = self.file("trajectory")
         return sorted(d.glob("step_*.safetensors")) if d.is_dir() else []
 
-    def fingerprint(self, rel: str | Path) -> str:
+    def fingerprint(self, rel: str | Path, named: bool = True) -> str:
         """``"<run>/<rel>:<sha256 of its tensors, 16 hex>"``: names a checkpoint of this run
         in another run's result key, so that retraining this run (same file name, other
-        weights) makes that result stale instead of silently reused."""
+        weights) makes that result stale instead of silently reused. ``named=False``
+        leaves out the run's name (``"<rel>:<sha>"``): the key of a result about the run's
+        own checkpoint, which stays valid when the run's folder is copied or renamed."""
         import hashlib
 
         ck = self.load_checkpoint(rel)  # found as load_checkpoint finds it
@@ -341,7 +343,8 @@ class Run:
                            .items()):
             h.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
         if path.resolve().is_relative_to(self.path.resolve()):
-            where = f"{self.name}/{path.resolve().relative_to(self.path.resolve())}"
+            inside = path.resolve().relative_to(self.path.resolve())
+            where = f"{self.name}/{inside}" if named else str(inside)
         else:  # a checkpoint file outside the run (``--checkpoint /x.safetensors``)
             where = str(path.resolve())
         return f"{where}:{h.hexdigest()[:16]}"

@@ -202,7 +202,7 @@ def test_cli_values_of_a_moved_last_checkpoint_are_stale_not_reused(tmp_path):
     hidden.rename(last)  # trained further
     for measures in ("worst_l2", "worst_l2,asam"):
         res = _invoke(tmp_path, *args, "--measures", measures)
-        assert res.exit_code == 1 and "holds values of a/trajectory/step_00000040" in res.output
+        assert res.exit_code == 1 and "holds values of trajectory/step_00000040" in res.output
         assert "step_00000060" in res.output and "--force" in res.output
         assert path.read_text() == before
     res = _invoke(tmp_path, *args, "--measures", "worst_l2", "--force")

@@ -136,3 +136,28 @@ def test_a_relative_checkpoint_is_the_runs_own_whatever_the_working_directory(
     monkeypatch.chdir(tmp_path / "c1")  # where c1's file has the same relative name
     ck = runs[1].load_checkpoint("trajectory/step_00000005.safetensors")
     assert torch.equal(ck.params["w"], torch.full((1, 2), 2.0))
+
+
+def test_a_renamed_run_reuses_its_own_results(tmp_path):
+    # results about a run's own checkpoint are keyed by its path in the run and its
+    # weights, not by the folder's name: a copied or renamed run keeps them
+    from click.testing import CliRunner
+
+    from minefield.cli import main
+    from minefield.stages import train_run
+    from tests.conftest import tiny_config
+    train_run(tiny_config("a"), tmp_path, progress=False)
+    cmds = [["basin", "{}", "--directions", "2", "--rollouts", "0"],
+            ["landscape", "{}", "--dim", "1", "--points", "3"],
+            ["sharpness", "{}", "--measures", "worst_l2", "--steps", "2", "--restarts", "1"]]
+    run = lambda name, c: CliRunner().invoke(  # noqa: E731
+        main, ["--root", str(tmp_path), *[a.format(name) for a in c], "--device", "cpu"]
+        if c[0] != "sharpness" else ["--root", str(tmp_path), *[a.format(name) for a in c]])
+    for c in cmds:
+        assert run("a", c).exit_code == 0
+    (tmp_path / "a").rename(tmp_path / "b")
+    (tmp_path / "b" / ".lock").unlink(missing_ok=True)  # this test process's, left behind
+    for c in cmds:
+        res = run("b", c)
+        assert res.exit_code == 0, res.output
+        assert "reusing" in res.output or c[0] == "sharpness", res.output

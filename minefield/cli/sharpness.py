@@ -103,7 +103,8 @@ def sharpness(ctx, run, measures, checkpoint, rho, rho_linf, rho_adaptive, sigma
     run_config(r)  # a study's folder is refused here, pointing at its stacks
     checkpoint = _checkpoint(r, checkpoint)
     # the checkpoint by name and content: "the last" moves when the run trains further
-    settings = {"config": cfg.without_measures(), "checkpoint": r.fingerprint(checkpoint)}
+    settings = {"config": cfg.without_measures(),
+                "checkpoint": r.fingerprint(checkpoint, named=False)}  # valid if renamed
     done: dict[str, list[float]] = {}
     if r.exists(rel) and not force:
         old = r.read_json(rel)

@@ -117,7 +117,7 @@ def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
     key = {"volume": cfg.to_dict(), "checkpoint": checkpoint, "rollouts": n_rollouts}
     traj = run.trajectory()
     if checkpoint is not None or traj:  # by content: "the last" moves when training resumes
-        key["centre"] = run.fingerprint(checkpoint or traj[-1])
+        key["centre"] = run.fingerprint(checkpoint or traj[-1], named=False)
     if adam:
         if cfg.preconditioner is not CurvatureKind.GIVEN:
             raise ConfigError(f"adam=True is a 'given' preconditioner: the volume config has "

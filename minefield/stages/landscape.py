@@ -143,7 +143,8 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
                            "path relative to the run, e.g. "
                            "trajectory/step_00001000.safetensors)")
     if cfg.checkpoint is not None or run.trajectory():  # by content: "the last checkpoint"
-        key["centre"] = run.fingerprint(cfg.checkpoint or run.trajectory()[-1])  # moves on
+        key["centre"] = run.fingerprint(cfg.checkpoint or run.trajectory()[-1],
+                                        named=False)  # moves on
     if cfg.dim == 1 and cfg.other:  # the other end by content: a retrained run is another
         other = Run.open_named(cfg.other, run.path.parent)
         if not other.trajectory():
