@@ -20,7 +20,16 @@ import torch
 from torch import nn
 
 from .data import Dataset
-from .functional import Params, alone, bn_mode, chunked_forward, flatten, n_members, one
+from .functional import (
+    Params,
+    alone,
+    bn_mode,
+    check_buffers,
+    chunked_forward,
+    flatten,
+    n_members,
+    one,
+)
 from .loss import nll, predict
 
 __all__ = ["SPLITS", "evaluate_members", "evaluate_split", "resolve_device"]
@@ -71,6 +80,7 @@ def evaluate_members(model: nn.Module, params: Params, data: Dataset,
         rows = [evaluate_members(model, alone(params, i), data, one(buffers, i), splits)
                 for i in range(n_members(params))]
         return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+    check_buffers(model, buffers, n_members(params))
     out: dict[str, torch.Tensor] = {}
     for s in splits:
         x, y = data.split(s)

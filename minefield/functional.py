@@ -297,7 +297,8 @@ def activation_elements(model: nn.Module, sample: torch.Tensor, largest: bool = 
         try:
             with torch.no_grad(), bn_mode(model, False):
                 mdt = next(model.parameters()).dtype  # the sample may be float64
-                model(sample[:1].detach().cpu().to(mdt))
+                s = sample[:1].detach().cpu()
+                model(s.to(mdt) if s.is_floating_point() else s)
         finally:
             for h in handles:
                 h.remove()

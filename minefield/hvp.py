@@ -47,7 +47,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 from .config import ConfigError
 from .data import Dataset
 from .engine import LOSSES, BNPolicy, evaluate_points
-from .functional import bn_mode
+from .functional import bn_mode, check_buffers
 from .graph_hvp import GraphHessian, graph_plan
 from .kept_graph import KeptGraph
 from .options import option
@@ -206,7 +206,9 @@ def model_objective(model: nn.Module, params: Params,
 
     Raises:
         ConfigError: an unknown loss or BN policy, a BatchNorm model left in
-            training mode under ``bn="eval"``, or ``batch_size`` with ``bn="batch"``.
+            training mode under ``bn="eval"``, ``batch_size`` with ``bn="batch"``, or
+            no ``buffers`` under ``bn="eval"`` for a BatchNorm never updated (see
+            :func:`~minefield.functional.check_buffers`).
     """
     try:
         bn = option(BNPolicy, bn, "BatchNorm policy")
@@ -224,6 +226,8 @@ def model_objective(model: nn.Module, params: Params,
     dtype = next(iter(params.values())).dtype
     x = x.to(dtype)
     m = n_members(params)
+    if has_bn:  # never a fresh module's statistics in place of the trained ones
+        check_buffers(model, buffers, m, bn is BNPolicy.BATCH)
     if bn is BNPolicy.BATCH and has_bn:
         if batch_size is not None and batch_size < len(y):
             raise ConfigError("bn='batch' normalises with the statistics of all inputs at once: "

@@ -55,6 +55,9 @@ def weights_estimate(log_w: torch.Tensor, pairs: bool = True, level: float = 0.9
     """
     _check_level(level)
     lw = log_w.double()
+    if pairs and len(lw) % 2:
+        raise ConfigError(f"{len(lw)} weights cannot be pairs (u, -u): give an even number, "
+                          "or pairs=False")
     w_all = torch.exp(lw - lw.max())
     ess = float(w_all.sum() ** 2 / w_all.pow(2).sum())
     share = float(w_all.max() / w_all.sum())

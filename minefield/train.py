@@ -260,6 +260,7 @@ def fit(
     elif has_bn and use_poison:  # BN statistics of a clean member without poison rows
         objective = clean_apart(objective)
     frozen: dict[str, torch.Tensor] = {}
+    frozen_buf: dict[str, torch.Tensor] = {}
     done = torch.zeros(m, dtype=torch.bool, device=dev)
     stopped_at: list[int | None] = [None] * m
     history: list[dict[str, Any]] = []
@@ -270,8 +271,8 @@ def fit(
     def log(step: int) -> bool:
         nonlocal done, last_ckpt
         with torch.no_grad():
-            vals = evaluate_members(model, _current(), eval_data or data, buffers,
-                                    isolated=isolated)
+            vals = evaluate_members(model, _current(), eval_data or data,
+                                    _kept(buffers, frozen_buf), isolated=isolated)
         if not (torch.isfinite(vals["train_loss"]).all()
                 and torch.isfinite(vals["weight_norm"]).all()):
             raise _diverged(step, last_ckpt)
@@ -285,19 +286,23 @@ def fit(
             newly = stop_fn(vals).to(dev) & ~done
             for i in newly.nonzero().flatten().tolist():
                 stopped_at[i] = step
-            if newly.any():
-                for k, v in leaves.items():
-                    f = frozen.setdefault(k, v.detach().clone())
-                    f[newly] = v.detach()[newly]
+            if newly.any():  # parameters and running statistics, kept from this step
+                for store, live in ((frozen, leaves), (frozen_buf, buffers)):
+                    for k, v in live.items():
+                        f = store.setdefault(k, v.detach().clone())
+                        f[newly] = v.detach()[newly]
             done = done | newly
         return bool(done.all())
 
-    def _current() -> Params:
-        cur = {k: v.detach() for k, v in leaves.items()}
-        if frozen and done.any():
-            cur = {k: torch.where(done.view(-1, *[1] * (v.dim() - 1)), frozen[k], v)
+    def _kept(live: Params, store: Params) -> Params:
+        cur = {k: v.detach() for k, v in live.items()}
+        if store and done.any():
+            cur = {k: torch.where(done.view(-1, *[1] * (v.dim() - 1)), store[k], v)
                    for k, v in cur.items()}
         return cur
+
+    def _current() -> Params:
+        return _kept(leaves, frozen)
 
     # BatchNorm uses batch statistics while training (dropout is refused above);
     # evaluation switches to eval mode and back (see evaluate_split).
@@ -311,10 +316,10 @@ def fit(
         torch.set_num_threads(1)  # start-up cost (much more so on a busy machine)
     try:
         if step % cfg.log_every == 0 and log(step):
-            return FitResult(_current(), buffers, step, history, stopped_at,
+            return FitResult(_current(), _kept(buffers, frozen_buf), step, history, stopped_at,
                              step_objective.report)
         if on_checkpoint and step % cfg.checkpoint_every == 0 and start_step == 0:
-            on_checkpoint(step, _current(), buffers, opt)
+            on_checkpoint(step, _current(), _kept(buffers, frozen_buf), opt)
             last_ckpt = step
         while step < cfg.steps:
             for g in opt.param_groups:
@@ -334,11 +339,12 @@ def fit(
                 with torch.no_grad():
                     if not all(torch.isfinite(v).all() for v in leaves.values()):
                         raise _diverged(step, last_ckpt)
-                on_checkpoint(step, _current(), buffers, opt)
+                on_checkpoint(step, _current(), _kept(buffers, frozen_buf), opt)
                 last_ckpt = step
     finally:
         bar.close()
         mode.__exit__(None, None, None)
         model.eval()  # as before: a trained model is handed back for evaluation
         torch.set_num_threads(threads)
-    return FitResult(_current(), buffers, step, history, stopped_at, step_objective.report)
+    return FitResult(_current(), _kept(buffers, frozen_buf), step, history, stopped_at,
+                     step_objective.report)

@@ -208,3 +208,27 @@ def test_batchnorm_buffers_must_be_given_whole_and_for_one_model():
     model.train()(x)  # statistics the module itself learnt are its own to use
     model.eval()
     evaluate_points(model, c, d, ts, x, y)
+
+
+def test_curvature_and_metrics_refuse_a_fresh_batchnorm_without_buffers():
+    # the same trap as evaluate_points': mean 0 and variance 1 in place of the trained
+    # statistics gave lambda_max 0.545 instead of 0.676, silently
+    from torch import nn
+
+    from minefield.evaluate import evaluate_members
+    from minefield.hvp import model_objective
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    model = model.double().eval()
+    p = {k: v.detach().unsqueeze(0).clone() for k, v in model.named_parameters()}
+    x, y = torch.randn(8, 2, dtype=torch.float64), torch.arange(8) % 2
+    with pytest.raises(ConfigError, match="never-updated running statistics"):
+        model_objective(model, p, (x, y))
+    model_objective(model, p, (x, y), bn="batch")
+    model_objective(model, p, (x, y), buffers_like(model, 1))
+
+    class D:  # the one split evaluate_members is asked for
+        def split(self, s):
+            return x, y
+    with pytest.raises(ConfigError, match="never-updated running statistics"):
+        evaluate_members(model, p, D(), splits=("train",))
+    evaluate_members(model, p, D(), buffers_like(model, 1), splits=("train",))

@@ -248,3 +248,33 @@ def test_fit_refuses_params_data_and_outputs_that_do_not_fit():
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
     with pytest.raises(ConfigError, match=r"3 output\(s\) for 10 classes"):
         fit(net, init_stack(net, "torch", [0]), digits, TrainConfig(steps=1))
+
+
+def test_a_stopped_batchnorm_member_keeps_its_running_statistics():
+    # stop_fn froze a member's parameters but its statistics kept training
+    from torch import nn
+    _, _, data = _problem(m=1)
+    model = nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.ReLU(),
+                          nn.Linear(6, 1)).double()
+    params = {k: v.double() for k, v in init_stack(model, "glorot_uniform", [0, 1]).items()}
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, steps=30, log_every=10)
+    stop = fit(model, params, data, cfg, stop_fn=lambda v: torch.tensor([True, False]))
+    alone = fit(model, params, data, cfg.replace(steps=0))  # the state at step 0
+    assert stop.stopped_at == [0, None]
+    for k, v in alone.buffers.items():
+        assert torch.equal(stop.buffers[k][0], v[0]), k
+    assert int(stop.buffers["1.num_batches_tracked"][1]) == 30
+
+
+def test_a_model_of_integer_inputs_trains():
+    # token ids stay integers: the size probe cast them to the parameters' dtype
+    from torch import nn
+
+    from minefield.data import Dataset
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 10, (40, 5), generator=g)
+    y = x.sum(1) % 2
+    data = Dataset("tokens", x, y, x[:10], y[:10], x[:0], y[:0], 2)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(20, 2))
+    res = fit(model, init_stack(model, "torch", [0]), data, TrainConfig(steps=20, log_every=10))
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]

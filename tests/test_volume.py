@@ -411,3 +411,10 @@ def test_power_errors():
             VolumeConfig(estimator="is", preconditioner="axes", power=bad)
     assert VolumeConfig(power="inf").proposal_power() == math.inf
     assert VolumeConfig(power="auto").proposal_power() == "auto"
+
+
+def test_paired_weights_must_come_in_pairs():
+    from minefield.intervals import weights_estimate
+    with pytest.raises(ConfigError, match="3 weights cannot be pairs"):
+        weights_estimate(torch.zeros(3, dtype=torch.float64))
+    assert weights_estimate(torch.zeros(3, dtype=torch.float64), pairs=False)[0] == 0.0
