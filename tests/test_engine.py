@@ -232,3 +232,17 @@ def test_curvature_and_metrics_refuse_a_fresh_batchnorm_without_buffers():
     with pytest.raises(ConfigError, match="never-updated running statistics"):
         evaluate_members(model, p, D(), splits=("train",))
     evaluate_members(model, p, D(), buffers_like(model, 1), splits=("train",))
+
+
+def test_batch_statistics_of_float64_points_on_a_float32_module():
+    # the stand-in buffers of bn="batch" take the points' dtype (a raw dtype error before)
+    from torch import nn
+
+    from minefield.engine import evaluate_points_loop
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    c = {k: v.detach().unsqueeze(0).double().clone() for k, v in model.named_parameters()}
+    d = {k: torch.ones(2, *v.shape[1:], dtype=v.dtype) for k, v in c.items()}
+    x, y = torch.randn(8, 2, dtype=torch.float64), torch.arange(8) % 2
+    ts = torch.tensor([0.0, 0.1], dtype=torch.float64)
+    torch.testing.assert_close(evaluate_points(model, c, d, ts, x, y, bn="batch")[0],
+                               evaluate_points_loop(model, c, d, ts, x, y, bn="batch")[0])
