@@ -37,6 +37,10 @@ def test_search_embed_plot_from_the_command_line(tmp_path, tiny):
     assert "placed 1 new points into the map (1 added in all" in add.output
     again = json.loads((tmp_path / "good" / "embed" / "embed.json").read_text())
     assert again["coords"][:-1] == saved["coords"] and again["kind"][-1] == "added"
+    assert "; wrote " in add.output
+    same = r.invoke(main, root + ["embed", "good", "--add", "trajectory/step_00000020.safetensors",
+                                  "--device", "cpu"])  # already placed: nothing is written
+    assert same.exit_code == 0 and "; reused " in same.output and "placed 0 new" in same.output
     bad = r.invoke(main, root + ["embed", "good", "--add", "nope.safetensors"])
     assert bad.exit_code == 1 and len(bad.output.strip().splitlines()) == 1
     assert "missing checkpoint" in bad.output

@@ -199,9 +199,12 @@ def embed(ctx, run, perplexity, seed, n_iter, pca_dims, all_params, all_checkpoi
         cfg = checkpoints = None  # add to the map that is there, whatever its settings
     r = open_run(ctx, run)
     before = len(load_embedding(r).added) if add and r.exists(EMBED_FILE) else 0
+    out = r.file("embed", "embed.json")
+    stamp = out.stat().st_mtime_ns if out.exists() else None
     res = embed_run(r, cfg, device=device, checkpoints=checkpoints, add=add, force=force)
+    wrote = "wrote" if stamp is None or out.stat().st_mtime_ns != stamp else "reused"
     click.echo(f"embedded {int(res.mask('trajectory').sum())} checkpoints and "
-               f"{int(res.mask('bad').sum())} bad minima; wrote {r.file('embed', 'embed.json')}")
+               f"{int(res.mask('bad').sum())} bad minima; {wrote} {out}")
     if add:
         click.echo(f"placed {len(res.added) - before} new points into the map "
                    f"({len(res.added)} added in all; the map's points did not move)")
