@@ -11,6 +11,7 @@ too large or corrupt.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import stat
@@ -126,6 +127,14 @@ def read_json(path: Path) -> Any:
         return json.loads(read_limited(path, MAX_JSON_BYTES, "file"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunError(f"corrupt JSON in {path}: {e}") from None
+
+
+def tensors_sha(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 (16 hex) of named tensors, in name order: a checkpoint's identity by content."""
+    h = hashlib.sha256()
+    for k, v in sorted(tensors.items()):
+        h.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

@@ -44,6 +44,7 @@ from .files import (  # noqa: F401 - re-exported: the run layer's file functions
     read_limited,
     reading,
     save_tensors,
+    tensors_sha,
     write_json,
 )
 
@@ -328,26 +329,38 @@ class Run:
         d = self.file("trajectory")
         return sorted(d.glob("step_*.safetensors")) if d.is_dir() else []
 
+    def checkpoint(self, rel: str | None, inside: bool = True) -> str:
+        """The checkpoint a command measures: ``rel``, or the run's last trajectory
+        checkpoint now (relative to the run). ``inside``: ``rel`` must be a file inside the
+        run (no absolute paths, no ``..``), as results about another run's file would
+        not notice when that run is retrained."""
+        if rel is None:
+            traj = self.trajectory()
+            if not traj:
+                raise RunError(f"run {self.path} has no trajectory checkpoints (was it "
+                               "trained?)")
+            return str(traj[-1].relative_to(self.path))
+        p = Path(rel)
+        if inside and (p.is_absolute() or ".." in p.parts or not self.file(rel).is_file()):
+            raise RunError(f"no checkpoint {rel!r} inside run {self.name} (give a path "
+                           "relative to the run, e.g. trajectory/step_00001000.safetensors)")
+        return rel
+
     def fingerprint(self, rel: str | Path, named: bool = True) -> str:
         """``"<run>/<rel>:<sha256 of its tensors, 16 hex>"``: names a checkpoint of this run
         in another run's result key, so that retraining this run (same file name, other
         weights) makes that result stale instead of silently reused. ``named=False``
         leaves out the run's name (``"<rel>:<sha>"``): the key of a result about the run's
         own checkpoint, which stays valid when the run's folder is copied or renamed."""
-        import hashlib
-
         ck = self.load_checkpoint(rel)  # found as load_checkpoint finds it
         path = Path(ck.path)
-        h = hashlib.sha256()
-        for k, v in sorted({**ck.params, **{f"buffer.{b}": t for b, t in ck.buffers.items()}}
-                           .items()):
-            h.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
+        sha = tensors_sha({**ck.params, **{f"buffer.{b}": t for b, t in ck.buffers.items()}})
         if path.resolve().is_relative_to(self.path.resolve()):
             inside = path.resolve().relative_to(self.path.resolve())
             where = f"{self.name}/{inside}" if named else str(inside)
         else:  # a checkpoint file outside the run (``--checkpoint /x.safetensors``)
             where = str(path.resolve())
-        return f"{where}:{h.hexdigest()[:16]}"
+        return f"{where}:{sha}"
 
 
 _LOCK_FILE = ".lock"

@@ -15,23 +15,13 @@ import click
 
 from ..evaluate import resolve_device
 from ..measures import MEASURES, SharpnessConfig, check_measurable, measure_members
-from ..runs import Run, RunError, reading
+from ..runs import RunError, reading
 from ..stages import load_run_model
 from ..stages.train import run_config
 from ._common import device_option, force_option, friendly, main, open_run
 from .basin import _tag, tag_option
 
 _DEFAULT = SharpnessConfig()
-
-
-def _checkpoint(r: Run, checkpoint: str | None) -> str:
-    """The checkpoint measured: ``checkpoint``, or the run's last one now."""
-    if checkpoint is not None:
-        return checkpoint
-    traj = r.trajectory()
-    if not traj:
-        raise RunError(f"run {r.path} has no trajectory checkpoints (was it trained?)")
-    return str(traj[-1])
 
 
 def _check_settings(path, old: dict | None, new: dict) -> None:
@@ -101,7 +91,7 @@ def sharpness(ctx, run, measures, checkpoint, rho, rho_linf, rho_adaptive, sigma
     r = open_run(ctx, run)
     rel = f"sharpness/{tag}.json"
     run_config(r)  # a study's folder is refused here, pointing at its stacks
-    checkpoint = _checkpoint(r, checkpoint)
+    checkpoint = r.checkpoint(checkpoint, inside=False)  # or the last one now
     # the checkpoint by name and content: "the last" moves when the run trains further
     settings = {"config": cfg.without_measures(),
                 "checkpoint": r.fingerprint(checkpoint, named=False)}  # valid if renamed

@@ -115,9 +115,8 @@ def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
     run = run if isinstance(run, Run) else Run.open(run, root)
     rel = f"basin/{tag}.json"
     key = {"volume": cfg.to_dict(), "checkpoint": checkpoint, "rollouts": n_rollouts}
-    traj = run.trajectory()
-    if checkpoint is not None or traj:  # by content: "the last" moves when training resumes
-        key["centre"] = run.fingerprint(checkpoint or traj[-1], named=False)
+    # the centre by content, "the last checkpoint" too: it moves when training resumes
+    key["centre"] = run.fingerprint(run.checkpoint(checkpoint, inside=False), named=False)
     if adam:
         if cfg.preconditioner is not CurvatureKind.GIVEN:
             raise ConfigError(f"adam=True is a 'given' preconditioner: the volume config has "

@@ -64,21 +64,6 @@ def _same_points(da, db, names: str) -> None:
                               "dataset")
 
 
-def _checkpoint(run: Run, rel: str | None) -> str:
-    """``rel`` as a checkpoint file inside ``run`` (no absolute paths, no ``..``); ``None``:
-    the last trajectory checkpoint, named, so a run trained further is not mistaken for it."""
-    if rel is None:
-        traj = run.trajectory()
-        if not traj:
-            raise RunError(f"run {run.path} has no trajectory checkpoints (was it trained?)")
-        return str(traj[-1].relative_to(run.path))
-    p = Path(rel)
-    if p.is_absolute() or ".." in p.parts or not run.file(rel).is_file():
-        raise RunError(f"no checkpoint {rel!r} inside run {run.name} (give a path relative "
-                       "to the run, e.g. trajectory/step_00001000.safetensors)")
-    return rel
-
-
 def _abs(run: Run, rel: str) -> Path:
     return run.file(rel)
 
@@ -123,15 +108,16 @@ def connect_run(run_a: Run | str | Path, run_b: Run | str | Path,
     run_a = run_a if isinstance(run_a, Run) else Run.open(run_a, root)
     run_b = run_b if isinstance(run_b, Run) else Run.open(run_b, root)
     check_endpoints(run_a, run_b)
-    checkpoint_a = _checkpoint(run_a, checkpoint_a)
-    ends_b = _minima(run_b) if minima else [_checkpoint(run_b, checkpoint_b)]
+    checkpoint_a = run_a.checkpoint(checkpoint_a)
+    ends_b = _minima(run_b) if minima else [run_b.checkpoint(checkpoint_b)]
     dev = resolve_device(device)
     model, pa, _, data, _ = load_run_model(run_a, _abs(run_a, checkpoint_a), dev)
     a = _member(pa, member_a, run_a)
     bs = []
-    for ck in ends_b:
+    for i, ck in enumerate(ends_b):
         _, pb, _, data_b, _ = load_run_model(run_b, _abs(run_b, ck), dev)
-        _same_points(data, data_b, f"{run_a.name} and {run_b.name}")
+        if i == 0:  # one run b, one dataset
+            _same_points(data, data_b, f"{run_a.name} and {run_b.name}")
         bs.append(_member(pb, 0 if minima else member_b, run_b))
     b = stack([{k: v[0] for k, v in p.items()} for p in bs])
     pairs = [{"a": [run_a.name, checkpoint_a, member_a],

@@ -8,7 +8,6 @@ can be placed into the same map (``add=``) instead of re-embedding everything.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +18,16 @@ from ..evaluate import evaluate_members, resolve_device
 from ..functional import stack
 from ..lock import locking
 from ..options import EmbedCheckpoints, option
-from ..runs import DEFAULT_ROOT, Checkpoint, Run, RunError, load_tensors, reading, save_tensors
+from ..runs import (
+    DEFAULT_ROOT,
+    Checkpoint,
+    Run,
+    RunError,
+    load_tensors,
+    reading,
+    save_tensors,
+    tensors_sha,
+)
 from .train import load_run_model
 
 __all__ = ["EMBED_FILE", "MAP_FILE", "embed_run", "load_embedding", "load_map"]
@@ -131,7 +139,7 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig | None = None, *,
             run.write_result(EMBED_FILE, key, res.to_dict())
     new = {}
     for ck, row in zip(extra, extra_rows):  # a file placed before is skipped only if its
-        src, sha = _source(run, ck), _sha(row)  # weights are the same ("": older results)
+        src, sha = _source(run, ck), tensors_sha(row)  # weights are the same ("": older results)
         prior = {h for a, h in zip(res.added, res.added_sha) if a == src}
         if not prior & {sha, ""}:
             new[src] = (_step_of(ck), row, sha)
@@ -189,14 +197,6 @@ def _resolve(run: Run, p: str | Path) -> Path:
     """An added file: a path as given, else relative to the run directory."""
     p = Path(p)
     return p if p.is_absolute() or p.exists() else run.file(str(p))
-
-
-def _sha(row: dict[str, torch.Tensor]) -> str:
-    """sha256 (16 hex) of one model's tensors, in name order."""
-    h = hashlib.sha256()
-    for k, v in sorted(row.items()):
-        h.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _source(run: Run, ck: Checkpoint) -> str:

@@ -136,15 +136,8 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
     run = run if isinstance(run, Run) else Run.open(run, root)
     path = _path(run, tag)
     key = cfg.to_dict()
-    if cfg.checkpoint is not None:  # the run's own file, keyed by content like the other end
-        ck = Path(cfg.checkpoint)
-        if ck.is_absolute() or ".." in ck.parts or not run.file(cfg.checkpoint).is_file():
-            raise RunError(f"no checkpoint {cfg.checkpoint!r} inside run {run.name} (give a "
-                           "path relative to the run, e.g. "
-                           "trajectory/step_00001000.safetensors)")
-    if cfg.checkpoint is not None or run.trajectory():  # by content: "the last checkpoint"
-        key["centre"] = run.fingerprint(cfg.checkpoint or run.trajectory()[-1],
-                                        named=False)  # moves on
+    # the centre by content, "the last checkpoint" too: it moves when training resumes
+    key["centre"] = run.fingerprint(run.checkpoint(cfg.checkpoint), named=False)
     if cfg.dim == 1 and cfg.other:  # the other end by content: a retrained run is another
         other = Run.open_named(cfg.other, run.path.parent)
         if not other.trajectory():
