@@ -46,7 +46,7 @@ from ..netvolume import (
 )
 from ..options import CurvatureKind, Estimator
 from ..runs import DEFAULT_ROOT, Run, RunError, load_tensors, reading
-from .train import load_run_model
+from .train import load_run_model, run_config
 
 __all__ = ["BasinRun", "basin_run", "load_basin", "check_tag"]
 
@@ -115,6 +115,7 @@ def basin_run(run: Run | str | Path, cfg: VolumeConfig = VolumeConfig(), *,
     run = run if isinstance(run, Run) else Run.open(run, root)
     rel = f"basin/{tag}.json"
     key = {"volume": cfg.to_dict(), "checkpoint": checkpoint, "rollouts": n_rollouts}
+    run_config(run)  # a study's folder is refused here, pointing at its stacks
     # the centre by content, "the last checkpoint" too: it moves when training resumes
     key["centre"] = run.fingerprint(run.checkpoint(checkpoint, inside=False), named=False)
     if adam:

@@ -33,7 +33,7 @@ from ..lock import locking
 from ..models import build_model
 from ..runs import DEFAULT_ROOT, Run, RunError, load_tensors, reading, save_tensors
 from .basin import check_tag
-from .train import load_run_model
+from .train import load_run_model, run_config
 
 __all__ = ["landscape_run", "load_landscape"]
 
@@ -136,6 +136,7 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
     run = run if isinstance(run, Run) else Run.open(run, root)
     path = _path(run, tag)
     key = cfg.to_dict()
+    run_config(run)  # a study's folder is refused here, pointing at its stacks
     # the centre by content, "the last checkpoint" too: it moves when training resumes
     key["centre"] = run.fingerprint(run.checkpoint(cfg.checkpoint), named=False)
     if cfg.dim == 1 and cfg.other:  # the other end by content: a retrained run is another
