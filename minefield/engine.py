@@ -97,6 +97,8 @@ def _candidates(model: nn.Module, buffers: Params | None, path: EnginePath | str
     mlp_ok = mlp_fast_path(model) and not buffers
     if path is EnginePath.MLP and not mlp_ok:
         raise ValueError("path 'mlp' needs a plain nn.Sequential MLP without buffers")
+    if path is EnginePath.LOOP_CL and x.dim() != 4:
+        raise ValueError("path 'loop_cl' needs images (N, C, H, W); use 'loop'")
     if path not in (EnginePath.AUTO, EnginePath.PROBE):
         return [path.value]
     conv = x.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
@@ -112,10 +114,6 @@ def _check_loss(loss: str) -> Callable:
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(sorted(LOSSES))}")
     return LOSSES[loss]
-
-
-def _policy(bn: BNPolicy | str) -> BNPolicy:
-    return option(BNPolicy, bn, "BatchNorm policy")
 
 
 @contextlib.contextmanager
@@ -284,7 +282,7 @@ def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: to
     parameters' dtype), or the opt-in ``bf16`` / ``tf32`` (see :func:`precision_error`).
     ``starts`` ``(K, ...)``: lines from ``theta + s_k`` instead (hit-and-run chords).
     """
-    bn = _policy(bn)
+    bn = option(BNPolicy, bn, "BatchNorm policy")
     precision = option(Precision, precision, "precision")
     dtype = center[next(iter(center))].dtype
     k_dirs = _check_points(center, directions, x, y)
@@ -331,7 +329,7 @@ def evaluate_combinations(model: nn.Module, center: Params, basis: Params, coeff
     ``(N_points, B)``. Returns ``(loss (N_points,), acc (N_points,))`` in float64.
     ``path``, ``memory_mb`` and ``precision`` as in :func:`evaluate_points`.
     """
-    bn = _policy(bn)
+    bn = option(BNPolicy, bn, "BatchNorm policy")
     precision = option(Precision, precision, "precision")
     dtype = center[next(iter(center))].dtype
     n_basis = _check_points(center, basis, x, y, "basis")
@@ -378,7 +376,7 @@ def evaluate_points_loop(model: nn.Module, center: Params, directions: Params, t
 
     Same arguments and result as :func:`evaluate_points`, one forward pass per point.
     """
-    loss_fn, bn = _check_loss(loss), _policy(bn)
+    loss_fn, bn = _check_loss(loss), option(BNPolicy, bn, "BatchNorm policy")
     _check_points(center, directions, x, y)
     check_buffers(model, buffers, 1, bn is BNPolicy.BATCH)
     ts = torch.as_tensor(ts)

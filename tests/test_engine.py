@@ -156,6 +156,8 @@ def test_errors():
     cnn, cc, dd, xx, yy = _setup("cnn", (4, 4), (1, 6, 6), 3, n=4, k=1)
     with pytest.raises(ValueError, match="path 'mlp' needs"):
         evaluate_points(cnn, cc, dd, torch.zeros(1), xx, yy, path="mlp")
+    with pytest.raises(ValueError, match="path 'loop_cl' needs images"):
+        evaluate_points(model, c, d, torch.zeros(5), x, y, path="loop_cl")
 
 
 @pytest.mark.parametrize("fn", [evaluate_points, evaluate_points_loop])
