@@ -359,7 +359,7 @@ def spectral_density(op: CurvatureOperator, n_iter: int = 80, n_probes: int = 10
 # --- (model, params, data) entry points ------------------------------------------------------
 
 
-def dense_hessian(model, params: Params, data: Dataset | tuple[torch.Tensor, torch.Tensor],
+def dense_hessian(model, params: Params, data: Dataset | tuple[torch.Tensor, torch.Tensor], *,
                   buffers: Params | None = None, bn: str = "eval", kind: str = "hessian",
                   probe_chunk: int = 64) -> torch.Tensor:
     """The dense ``(M, n, n)`` Hessian (or GGN / Fisher) of the mean training loss of every
@@ -382,8 +382,8 @@ def dense_hessian(model, params: Params, data: Dataset | tuple[torch.Tensor, tor
 
 
 def hessian_diagonal(model, params: Params, data: Dataset | tuple[torch.Tensor, torch.Tensor],
-                     n_probes: int | None = None, seed: int = 0, buffers: Params | None = None,
-                     bn: str = "eval", kind: str = "hessian") -> torch.Tensor:
+                     *, buffers: Params | None = None, bn: str = "eval", kind: str = "hessian",
+                     n_probes: int | None = None, seed: int = 0) -> torch.Tensor:
     """``(M, n)`` diagonal of the Hessian (or GGN / Fisher) of every member: exact from
     ``n`` products with unit vectors when ``n_probes`` is None, else Hutchinson's
     estimate from ``n_probes`` Rademacher probes (see :func:`hutchinson_diagonal`)."""
