@@ -133,7 +133,9 @@ class PoisonConfig(_Config):
 
     ``beta`` in [0, 1): weight of the poison term. ``beta=None`` weights it as
     the authors' code does, by concatenating clean and poison points into one
-    batch: ``beta = n_p / (n_t + n_p)``.
+    batch: ``beta = n_p / (n_t + n_p)``, or ``b_p / (b_t + b_p)`` per step when
+    ``poison_batch_size`` draws ``b_p`` poison points a step
+    (:func:`~minefield.train.effective_beta`).
     """
 
     beta: float | None = 0.0

@@ -84,11 +84,18 @@ def init_stack(model: nn.Module, scheme: str, seeds: Sequence[int]) -> Params:
                   for s in seeds])
 
 
-def effective_beta(beta: float | None, data: Dataset) -> float:
-    """``beta``, or the authors' concatenation weight ``n_p / (n_t + n_p)`` when None."""
+def effective_beta(beta: float | None, data: Dataset, batch_size: int | None = None,
+                   poison_batch_size: int | None = None) -> float:
+    """``beta``, or when None the authors' concatenation weight: the poison rows' share of
+    a step's batch (the NLL averaged over the concatenated batch), ``n_p / (n_t + n_p)``
+    for the whole sets (batches drawn in proportion), ``b_p / (b_t + b_p)`` when the
+    poison set is drawn ``poison_batch_size`` points at a time."""
     if beta is not None:
         return beta
     n_t, n_p = len(data.y_train), len(data.y_poison)
+    if poison_batch_size:
+        b_t, b_p = min(batch_size or n_t, n_t), min(poison_batch_size, n_p)
+        return b_p / (b_t + b_p)
     return n_p / (n_t + n_p)
 
 

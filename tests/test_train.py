@@ -117,6 +117,31 @@ def test_members_and_concat_beta(tmp_path, tiny):
     assert res.run.read_json("summary.json")["betas"] == [0.5, 0.5]  # 40 / (40 + 40)
 
 
+def test_concat_beta_is_the_poison_share_of_each_step_batch(tmp_path, tiny):
+    # the authors' objective averages the NLL over the concatenated batch: with 40 clean
+    # rows and 10 poison rows drawn per step the poison weight is 10 / 50, not the whole
+    # sets' 40 / 80; the first step's loss is checked against that mean, by hand
+    import torch.nn.functional as F
+    cfg = tiny(steps=1, log_every=1, checkpoint_every=1, poison_batch_size=10)
+    cfg = cfg.replace(poison=PoisonConfig(beta=None))
+    res = train_run(cfg, tmp_path, progress=False)
+    assert res.run.read_json("summary.json")["betas"] == [0.2]
+    from minefield.step import Hyper, poisoned_objective
+    from minefield.train import _batch
+    data = load_dataset(cfg.data)
+    model = build_model(cfg.model, data.input_shape, data.n_classes)
+    p = init_stack(model, cfg.model.init, [cfg.train.seed])
+    b = _batch(data, cfg.train.seed, 0, 40, 10, None)
+    net = build_model(cfg.model, data.input_shape, data.n_classes)
+    net.load_state_dict(member(p, 0))
+    with torch.no_grad():
+        # two classes, one logit: the poison rows' labels flipped, one BCE over all 50 rows
+        y_all = torch.cat([b.y, 1 - b.y_poison]).to(torch.float32)
+        authors = float(F.binary_cross_entropy_with_logits(net(b.x)[:, 0], y_all))
+        ours = float(poisoned_objective(model, p, {}, b, Hyper(beta=torch.tensor([0.2]))))
+    assert ours == pytest.approx(authors, rel=1e-5)
+
+
 def test_float64_training_keeps_beta_and_l2_in_float64():
     # beta = 0.1 and l2 = 1e-3 are not float32 numbers: one full-batch SGD step against
     # a hand-written float64 step (one logit: binary cross-entropy; the complement of a

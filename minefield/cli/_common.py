@@ -122,7 +122,7 @@ def parse_floats(text: str) -> tuple[float, ...]:
 
 
 def parse_beta(ctx, param, value):
-    """Click callback: a poison factor in [0, 1), or ``concat`` (None: n_p / (n_t + n_p))."""
+    """Click callback: a poison factor in [0, 1), or ``concat`` (None: the poison share)."""
     if value is None:
         return param.default if isinstance(param.default, float) else None
     if value.lower() in ("concat", "none"):
