@@ -69,6 +69,9 @@ def test_config_file_and_override(cli, tmp_path):
      "a poison factor > 0 needs a poison set"),
     (["--sam", "sam"], "sam with radius 0 is plain training"),
     (["--sam", "asam", "--rho", "0"], "asam with radius 0 is plain training"),
+    (["--optimizer", "adam", "--momentum", "0.5"], "momentum is a setting of sgd"),
+    (["--optimizer", "rmsprop", "--momentum", "0"], "rmsprop would ignore it"),
+    (["--gamma", "0.5"], "give --milestones too"),
 ])
 def test_bad_input_one_line_nonzero(cli, args, msg, tmp_path):
     r = cli("train", "--name", "bad", "--steps", "1", "--quiet", *args)

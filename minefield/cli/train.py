@@ -124,6 +124,12 @@ def config_from_options(opts: dict) -> ExperimentConfig:
     if given("device") or not opts.get("config_file"):
         full["device"] = opts["device"]
     cfg = ExperimentConfig.from_dict(full)
+    if opts.get("momentum") is not None and cfg.train.optimizer is not Optimizer.SGD:
+        raise click.BadParameter(f"momentum is a setting of sgd; {cfg.train.optimizer.value} "
+                                 "would ignore it", param_hint="'--momentum'")
+    if opts.get("gamma") is not None and not cfg.train.milestones:
+        raise click.BadParameter("gamma scales the lr at the milestones: give --milestones too",
+                                 param_hint="'--gamma'")
     if cfg.train.sam is not SamKind.NONE and cfg.train.rho == 0:  # the API allows it (a
         # control member of a study); asked for by hand it is plain training, unnoticed
         raise click.BadParameter(f"{cfg.train.sam.value} with radius 0 is plain training: give "
