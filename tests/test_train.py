@@ -303,3 +303,9 @@ def test_a_model_of_integer_inputs_trains():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(20, 2))
     res = fit(model, init_stack(model, "torch", [0]), data, TrainConfig(steps=20, log_every=10))
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+
+
+def test_train_run_logs_and_trains_the_given_beta_not_its_float32_rounding(tmp_path, tiny):
+    cfg = tiny(steps=2, log_every=1).replace(poison=PoisonConfig(beta=0.7))
+    res = train_run(cfg, tmp_path, progress=False)
+    assert {r["beta"] for r in res.run.metrics()} == {0.7}  # float32 logged 0.699999988

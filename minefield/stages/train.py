@@ -160,7 +160,7 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         p, b = match_model(model, run.load_checkpoint(run.trajectory()[-1], dev))
         res = FitResult(p, b, start, [], [None] * m)
     else:
-        res = fit(model, params, data, cfg.train, torch.tensor(betas),
+        res = fit(model, params, data, cfg.train, torch.tensor(betas, dtype=torch.float64),
                   flip=cfg.poison.objective is PoisonObjective.FLIP, buffers=buffers,
                   start_step=start, opt_state=opt_state, on_log=on_log,
                   on_checkpoint=on_checkpoint, progress=progress, desc=cfg.name,
