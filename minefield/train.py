@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -53,7 +53,7 @@ from .step import (
 )
 from .step import isolated as isolate  # fit's flag of the same name switches it on
 
-__all__ = ["fit", "FitResult", "TrainingDiverged", "init_stack", "effective_beta",
+__all__ = ["fit", "FitResult", "TrainingDiverged", "init_stack", "effective_beta", "fitted",
            "make_optimizer"]
 
 
@@ -84,19 +84,31 @@ def init_stack(model: nn.Module, scheme: str, seeds: Sequence[int]) -> Params:
                   for s in seeds])
 
 
-def effective_beta(beta: float | None, data: Dataset, batch_size: int | None = None,
-                   poison_batch_size: int | None = None) -> float:
+def effective_beta(beta: float | None, data: Dataset, cfg: TrainConfig | None = None
+                   ) -> float:
     """``beta``, or when None the authors' concatenation weight: the poison rows' share of
     a step's batch (the NLL averaged over the concatenated batch), ``n_p / (n_t + n_p)``
-    for the whole sets (batches drawn in proportion), ``b_p / (b_t + b_p)`` when the
-    poison set is drawn ``poison_batch_size`` points at a time."""
+    for the whole sets (batches drawn in proportion; ``n_t``: the points ``cfg`` fits),
+    ``b_p / (b_t + b_p)`` when ``cfg.poison_batch_size`` draws ``b_p`` poison points a
+    step."""
     if beta is not None:
         return beta
-    n_t, n_p = len(data.y_train), len(data.y_poison)
-    if poison_batch_size:
-        b_t, b_p = min(batch_size or n_t, n_t), min(poison_batch_size, n_p)
+    n_t, n_p = len(fitted(data, cfg).y_train), len(data.y_poison)
+    if cfg is not None and cfg.poison_batch_size:
+        b_t, b_p = min(cfg.batch_size or n_t, n_t), min(cfg.poison_batch_size, n_p)
         return b_p / (b_t + b_p)
     return n_p / (n_t + n_p)
+
+
+def fitted(data: Dataset, cfg: TrainConfig | None) -> Dataset:
+    """``data`` with only the training points ``cfg`` fits (``cfg.fit_first``)."""
+    if cfg is None or cfg.fit_first is None:
+        return data
+    if cfg.fit_first > len(data.y_train):
+        raise ConfigError(f"train.fit_first = {cfg.fit_first}, but {data.name} has only "
+                          f"{len(data.y_train)} training points")
+    k = cfg.fit_first
+    return replace(data, x_train=data.x_train[:k], y_train=data.y_train[:k])
 
 
 def _batch_indices(n: int, bs: int, seed: int, step: int, device) -> torch.Tensor | None:
@@ -202,7 +214,8 @@ def fit(
     ``poison_weight`` ``(N_p,)`` weights the poison points (see
     :func:`~minefield.loss.poisoned_nll`). Logged metrics (and so ``stop_fn``) are
     measured on ``eval_data`` (default ``data``), e.g. the paper's splits when
-    ``data`` holds extra training points.
+    ``data`` holds extra training points; ``cfg.fit_first`` steps on the first
+    training points only (see :class:`~minefield.config.TrainConfig`).
     ``lrs``, ``l2s``, ``rhos`` ``(M,)`` give each member its own learning rate
     (scaled by the schedule's ``gamma**k``), L2 coefficient and SAM radius
     (default: ``cfg.lr``, ``cfg.l2``, ``cfg.rho`` for every member); equal values
@@ -220,6 +233,8 @@ def fit(
     Returns the final (or frozen) parameters and the logged history.
     """
     m = n_members(params)
+    if cfg.fit_first is not None:  # steps on the first k points, metrics on all of them
+        eval_data, data = eval_data or data, fitted(data, cfg)
     dev = next(iter(params.values())).device
     if stochastic_modules(model):
         raise ConfigError(f"{', '.join(stochastic_modules(model))}: dropout (p > 0) is not "

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from minefield.config import DataConfig, ModelConfig, PoisonConfig, TrainConfig
+from minefield.config import ConfigError, DataConfig, ModelConfig, PoisonConfig, TrainConfig
 from minefield.data import load_dataset
 from minefield.functional import member, stack
 from minefield.models import build_model
@@ -309,3 +309,28 @@ def test_train_run_logs_and_trains_the_given_beta_not_its_float32_rounding(tmp_p
     cfg = tiny(steps=2, log_every=1).replace(poison=PoisonConfig(beta=0.7))
     res = train_run(cfg, tmp_path, progress=False)
     assert {r["beta"] for r in res.run.metrics()} == {0.7}  # float32 logged 0.699999988
+
+
+def test_fit_first_steps_on_the_first_points_and_measures_all(tmp_path, tiny):
+    # Keras' validation_split: the optimizer sees the first k training points only, so
+    # training with fit_first = k equals training on a data set cut to those k points,
+    # while the logged train accuracy is over every training point
+    from dataclasses import replace
+    model, params, data = _problem(m=1)
+    cfg = TrainConfig(optimizer="rmsprop", lr=0.01, steps=7, log_every=7, batch_size=8)
+    cut = replace(data, x_train=data.x_train[:30], y_train=data.y_train[:30])
+    ref = fit(model, params, cut, cfg)
+    got = fit(model, params, data, cfg.replace(fit_first=30))
+    for k in ref.params:
+        assert torch.equal(ref.params[k], got.params[k])
+    net = build_model(ModelConfig(widths=(8, 8)), (2,), 2).double()
+    net.load_state_dict(member(got.params, 0))
+    with torch.no_grad():
+        acc = float(((net(data.x_train)[:, 0] > 0).long() == data.y_train).double().mean())
+    assert got.history[-1]["train_acc"] == pytest.approx(acc)
+    with pytest.raises(ConfigError, match="fit_first = 41, but blobs has only 40"):
+        fit(model, params, data, cfg.replace(fit_first=41))
+    # concat beta counts the fitted points: 40 poison against 30 fitted
+    res = train_run(tiny().replace(poison=PoisonConfig(beta=None)).replace(
+        train=tiny().train.replace(fit_first=30)), tmp_path, progress=False)
+    assert res.run.read_json("summary.json")["betas"] == [40 / 70]

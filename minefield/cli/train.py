@@ -55,6 +55,8 @@ _EXPERIMENT_OPTIONS = [
     click.option("--batch-size", type=click.IntRange(1), help="Default: full batch."),
     click.option("--poison-batch-size", type=click.IntRange(1),
                  help="Poison points drawn per step (default: in proportion to the batch)."),
+    click.option("--fit-first", type=click.IntRange(1), help="Fit only the first K training "
+                 "points (Keras' validation_split); metrics on all of them."),
     click.option("--steps", type=click.IntRange(0)),
     click.option("--sam", type=click.Choice(choices(SamKind)),
                  help="Sharpness-aware training: sam (Foret et al.) or asam (Kwon et al.)."),
@@ -77,7 +79,7 @@ _EXPERIMENT_OPTIONS = [
 _DATA_KEYS = {"dataset": "name", "data_dir": "data_dir", "data_seed": "seed",
               "n_train": "n_train", "n_test": "n_test", "n_poison": "n_poison"}
 _TRAIN_KEYS = ("optimizer", "lr", "momentum", "gamma", "l2", "clip_norm", "batch_size",
-               "poison_batch_size", "steps",
+               "poison_batch_size", "fit_first", "steps",
                "log_every", "checkpoint_every", "seed", "members", "sam", "rho", "sam_m",
                "asam_eta", "isolate")
 

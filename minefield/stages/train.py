@@ -91,8 +91,7 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         betas = [cfg.poison.beta] * m
     if len(betas) != m:
         raise ValueError(f"{len(betas)} betas for {m} members")
-    betas = [effective_beta(b, data, cfg.train.batch_size, cfg.train.poison_batch_size)
-             for b in betas]
+    betas = [effective_beta(b, data, cfg.train) for b in betas]
     if any(b > 0 for b in betas) and len(data.y_poison) == 0:
         raise ValueError(f"a poison factor > 0 needs a poison set, and {cfg.data.name} has "
                          "none here (n_poison = 0): it would train a clean model")
