@@ -41,8 +41,15 @@ def exp_sweep(ctx: Context) -> Section:
                             f"{pct(np.mean([r['test_acc'] for r in rows]))} / "
                             f"{np.mean([r['mean_radius'] for r in rows]):.4f} / "
                             f"{np.mean([r['log10_volume'] for r in rows]):.0f}", "-"))
-    sec.checks.append(Check("6", "test accuracy and mean radius both fall as poisoning rises "
-                            "(Spearman rho <= -0.7 each)", rho_t <= -0.7 and rho_r <= -0.7,
+    # PAPER.md's levels {0, .008, .08, .8} are the authors' distrfrac: with 200 fresh
+    # points appended per epoch (share doubled twice by the schedule) they are poison
+    # factors of about 0, .005-.03, .07-.24 and .44-.5, which this grid spans
+    levels = ", ".join(f"{b:g}" for b in s.sweep_betas)
+    sec.checks.append(Check("6", f"test accuracy and mean radius both fall as poisoning rises "
+                            f"(Spearman rho <= -0.7 each) over poison factors {levels} x "
+                            f"{len(s.sweep_seeds)} seed(s), spanning PAPER.md's distrfrac "
+                            ".008 / .08 / .8 (factors ~.005-.03 / .07-.24 / .44-.5)",
+                            rho_t <= -0.7 and rho_r <= -0.7,
                             f"rho(test acc) {rho_t:.2f}, rho(mean radius) {rho_r:.2f}"))
     model, params, buffers, data, _ = load_run_model(res.run)
     sec.figures += sweep_figures(res, model, params, data, buffers, ctx.figures / res.run.name)
