@@ -35,6 +35,11 @@ def machine() -> str:
             f"{torch.__version__} with {torch.get_num_threads()} threads, {dev}")
 
 
+def _cell(x: object) -> str:
+    """A Markdown table cell: ``|`` escaped (``|error|`` would split the row)."""
+    return str(x).replace("|", "\\|")
+
+
 def _rel(p: Path, base: Path) -> str:
     try:
         return os.path.relpath(p, base)
@@ -60,14 +65,14 @@ def write_report(sections, ctx, seconds: float, partial: bool = False) -> Path:
         "| check | requirement | measured | holds |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {c.id} | {c.text} | {c.measured} | {'yes' if c.passed else '**no**'} |"
-              for c in sorted(checks, key=_order)]
+    lines += [f"| {_cell(c.id)} | {_cell(c.text)} | {_cell(c.measured)} | "
+              f"{'yes' if c.passed else '**no**'} |" for c in sorted(checks, key=_order)]
     for s in sections:
         lines += ["", f"## {s.title}", "", f"Runs: {', '.join(f'`{r}`' for r in s.runs) or '-'}"
                   f"; {s.seconds:.0f} s.", "", "```", *s.commands, "```", ""]
         if s.numbers:
             lines += ["| quantity | minefield | paper |", "|---|---|---|"]
-            lines += [f"| {a} | {b} | {c} |" for a, b, c in s.numbers]
+            lines += [f"| {_cell(a)} | {_cell(b)} | {_cell(c)} |" for a, b, c in s.numbers]
         for f in s.figures:
             if f.suffix == ".png":
                 lines += ["", f"![{f.stem}]({_rel(f, out)})"]
