@@ -30,6 +30,7 @@ reproduce: install
 lint: install
 	$(BIN)/ruff check minefield tests benchmarks
 
+# the three core benchmarks; README "Performance" names the others, run by hand
 bench: install
 	$(BIN)/python benchmarks/bench_engine.py --threads $(THREADS)
 	$(BIN)/python benchmarks/bench_search.py --threads $(THREADS)

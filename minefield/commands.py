@@ -51,7 +51,8 @@ _TRAIN = [("name", "--name"), ("data.name", "--dataset"), ("data.data_dir", "--d
           ("data.seed", "--data-seed"), ("data.n_train", "--n-train"),
           ("data.n_test", "--n-test"), ("data.n_poison", "--n-poison"),
           ("model.name", "--model"), ("model.widths", "--widths"), ("model.init", "--init"),
-          ("model.activation", "--activation"), ("poison.beta", "--beta"),
+          ("model.activation", "--activation"), ("model.outputs", "--outputs"),
+          ("poison.beta", "--beta"),
           ("poison.objective", "--objective"), *_train(*_TRAIN_FLAGS), ("device", "--device")]
 _SWEEP_SKIP = {"poison.beta", "train.members"}  # set per member by the sweep
 _SEARCH = [("every", "--every"), ("start", "--start"), ("stop", "--stop"),

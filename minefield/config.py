@@ -113,18 +113,30 @@ class ModelConfig(_Config):
     ``widths`` are the hidden widths of an MLP (input and output sizes come from
     the data), or the stage widths of a CNN/ResNet. ``init`` is one of
     ``glorot_normal``, ``glorot_uniform``, ``he_normal``, ``torch``.
+
+    ``outputs``: logits of the last layer. ``None`` takes them from the data: one
+    sigmoid logit (binary cross-entropy) for two classes, one per class otherwise.
+    ``outputs=2`` on a two-class problem is a softmax over two logits with
+    cross-entropy, as PAPER.md's Fig. 8 net (2→100×9→2): it can express the same
+    decision functions (only ``z_1 - z_0`` matters), but it has more weights and
+    trains differently (see :func:`minefield.models.n_outputs`).
     """
 
     name: str = "mlp"
     widths: tuple[int, ...] = (23, 16, 26, 32, 28, 31)
     init: Init = Init.GLOROT_UNIFORM
     activation: Activation = Activation.RELU
+    outputs: int | None = None
     _section: ClassVar[str] = "model"
+    _omit_default: ClassVar[tuple[str, ...]] = ("outputs",)
 
     def _validate(self):
         bad = [w for w in self.widths if not isinstance(w, int) or isinstance(w, bool) or w < 1]
         if bad:
             raise ConfigError(f"model.widths must be integers >= 1, got {tuple(self.widths)}")
+        if self.outputs is not None and self.outputs < 1:
+            raise ConfigError(f"model.outputs must be >= 1 (or None: from the data), got "
+                              f"{self.outputs}")
 
 
 @dataclass(frozen=True)

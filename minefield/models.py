@@ -160,9 +160,26 @@ MODELS: dict[str, Callable[[ModelConfig, tuple[int, ...], int], nn.Module]] = {
 }
 
 
-def n_outputs(n_classes: int) -> int:
-    """One logit for binary problems (sigmoid), else one per class."""
-    return 1 if n_classes == 2 else n_classes
+def n_outputs(n_classes: int, outputs: int | None = None) -> int:
+    """Logits of a model for ``n_classes`` classes: by default one for binary problems
+    (sigmoid), else one per class. ``outputs`` (``ModelConfig.outputs``) asks for a
+    number: one per class, or for two classes also 1 (the loss reads a single column
+    as a sigmoid logit and several as a softmax, :mod:`minefield.loss`).
+
+    >>> n_outputs(2), n_outputs(2, outputs=2), n_outputs(10)
+    (1, 2, 10)
+    >>> n_outputs(10, outputs=2)
+    Traceback (most recent call last):
+        ...
+    minefield.models.ModelError: model.outputs=2 does not fit 10 classes: give 10 (one per class)
+    """
+    if outputs is None:
+        return 1 if n_classes == 2 else n_classes
+    if outputs != n_classes and not (n_classes == 2 and outputs == 1):
+        raise ModelError(f"model.outputs={outputs} does not fit {n_classes} classes: give "
+                         f"{'1 (sigmoid) or 2 (softmax)' if n_classes == 2 else n_classes}"
+                         f"{'' if n_classes == 2 else ' (one per class)'}")
+    return outputs
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
@@ -178,7 +195,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_classes: int) 
     # Built on the meta device so that construction draws nothing from the global
     # RNG; weights come from init_params, so the module's own are zeros.
     with torch.device("meta"):
-        model = builder(cfg, tuple(input_shape), n_outputs(n_classes))
+        model = builder(cfg, tuple(input_shape), n_outputs(n_classes, cfg.outputs))
     model = model.to_empty(device="cpu")
     with torch.no_grad():
         for p in model.parameters():

@@ -124,7 +124,8 @@ def model_size(model_cfg: Any, input_shape: tuple[int, ...], n_classes: int
             total += out[0].numel()
 
     with torch.device("meta"):
-        model = MODELS[model_cfg.name](model_cfg, tuple(input_shape), n_outputs(n_classes))
+        model = MODELS[model_cfg.name](model_cfg, tuple(input_shape),
+                                       n_outputs(n_classes, model_cfg.outputs))
         n_params = sum(p.numel() for p in model.parameters())
         leaves = [m for m in model.modules() if not list(m.children())]
         handles = [m.register_forward_hook(hook) for m in leaves]

@@ -1,4 +1,6 @@
 import json
+import shlex
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -110,3 +112,48 @@ def test_search_refuses_a_batchnorm_model_and_writes_nothing(tmp_path, tiny):
         "from its starts to its minima yet, so their accuracies (and stopping rules) would "
         "be wrong; search a model without BatchNorm"]
     assert not (tmp_path / "bn" / "search").exists()
+
+
+def _readme_paper_search() -> list[str]:
+    """The README's "paper's own search" command, as arguments after ``minefield``."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text[text.index("# the paper's own search instead"):].split("\nminefield ", 1)[1]
+    lines = [block.split("\n", 1)[0]]
+    for line in block.split("\n")[1:]:
+        if not lines[-1].endswith("\\"):
+            break
+        lines.append(line)
+    return shlex.split(" ".join(ln.rstrip("\\") for ln in lines))
+
+
+def test_the_readme_paper_search_turns_every_addition_of_ours_off(monkeypatch):
+    # regression: the README's "paper's exact search" left continuation on (--continue-below
+    # defaults to 0.9): 3 of 5 searches ran 375 steps, not 300, ending at beta 0.474, not 0.504
+    import minefield.cli.search as cli
+
+    got = {}
+
+    def fake_search(run, cfg, **_):
+        got["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "open_run", lambda ctx, name: name)
+    monkeypatch.setattr(cli, "search_run", fake_search)
+    args = _readme_paper_search()
+    assert args[:2] == ["search", "mf"]
+    CliRunner().invoke(main, args)
+    cfg = got["cfg"]
+    assert cfg.train.optimizer.value == "rmsprop" and cfg.train.lr == 0.001
+    assert cfg.train.milestones == () and cfg.train.steps == 40000 and cfg.train.l2 == 0
+    assert cfg.train.batch_size is None  # full batch on train ∪ untraining set
+    assert cfg.beta is None and cfg.n_extra("spiral") == 0  # concat, untraining set only
+    assert cfg.stopping.value == "fixed" and cfg.poison_cap is None  # one beta, no stopping
+    assert cfg.extra_steps == 0 and cfg.continue_below is None  # no continuation
+    assert not cfg.continue_poison and cfg.retries == 0
+    # the Known-gaps sentence names the same switches
+    gaps = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    gaps = " ".join(gaps[gaps.index("## Known gaps"):].split())
+    flags = [a for a in args if a.startswith("--") and a not in (
+        "--every", "--optimizer", "--lr", "--milestones", "--steps", "--beta", "--force")]
+    sentence = gaps[gaps.index("`--extra-poison 0"):].split("`", 2)[1]
+    assert sorted(a for a in sentence.split() if a.startswith("--")) == sorted(flags)

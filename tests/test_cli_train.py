@@ -58,6 +58,18 @@ def test_config_file_and_override(cli, tmp_path):
     assert cfg["train"]["lr"] == 0.02 and cfg["model"]["widths"] == [4]
 
 
+def test_two_outputs_train_a_binary_problem_with_softmax_cross_entropy(cli, tmp_path):
+    r = cli("train", "--name", "two", *TINY, "--outputs", "2")
+    assert r.exit_code == 0, r.output
+    assert "two[0]  train acc 1.000" in r.output
+    cfg = json.loads((tmp_path / "runs" / "two" / "config.json").read_text())
+    assert cfg["model"]["outputs"] == 2
+    plain = cli("train", "--name", "one", *TINY)
+    assert plain.exit_code == 0
+    assert "outputs" not in json.loads((tmp_path / "runs" / "one" / "config.json").read_text())[
+        "model"]
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--dataset", "nope"], "Invalid value for '--dataset'"),
     (["--beta", "1.0"], "beta must be in [0, 1)"),
@@ -72,6 +84,7 @@ def test_config_file_and_override(cli, tmp_path):
     (["--optimizer", "adam", "--momentum", "0.5"], "momentum is a setting of sgd"),
     (["--optimizer", "rmsprop", "--momentum", "0"], "rmsprop would ignore it"),
     (["--gamma", "0.5"], "give --milestones too"),
+    (["--dataset", "blobs", "--outputs", "3"], "model.outputs=3 does not fit 2 classes"),
 ])
 def test_bad_input_one_line_nonzero(cli, args, msg, tmp_path):
     r = cli("train", "--name", "bad", "--steps", "1", "--quiet", *args)

@@ -34,6 +34,8 @@ EXPERIMENTS = [
         device="cpu"),
     ExperimentConfig(name="cnn", model=ModelConfig("cnn", widths=(16, 32)),
                      poison=PoisonConfig(beta=0.25)),
+    ExperimentConfig(name="circles", data=DataConfig("circles"),
+                     model=ModelConfig(widths=(100,) * 9, init="torch", outputs=2)),
     ExperimentConfig(name="fig1", data=DataConfig("spiral"),
                      train=TrainConfig(optimizer="rmsprop", batch_size=32, fit_first=118)),
 ]

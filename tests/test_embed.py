@@ -5,7 +5,7 @@ import torch
 from minefield.config import ConfigError, ModelConfig
 from minefield.embed import EmbedConfig, TSNEMap, embed_points, fit_map, weight_matrix
 from minefield.plotting.minefield import outlier_mask, plot_minefield
-from minefield.runs import RunError
+from minefield.runs import Run, RunError
 from minefield.search import SearchConfig
 from minefield.stages import embed_run, load_embedding, load_map, search_run, train_run
 
@@ -174,7 +174,7 @@ def test_embed_run_adds_checkpoints_without_moving_the_map(tmp_path, tiny):
     assert "added to the map" in [t.get_text() for t in ax.get_legend().get_texts()]
 
 
-def test_embed_run_add_errors_change_nothing(tmp_path, tiny):
+def test_embed_run_add_errors_change_nothing(tmp_path, tiny, monkeypatch):
     run = train_run(tiny("good"), tmp_path, progress=False).run
     wide = train_run(tiny("wide").replace(model=ModelConfig(widths=(9, 8))), tmp_path,
                      progress=False).run
@@ -184,6 +184,14 @@ def test_embed_run_add_errors_change_nothing(tmp_path, tiny):
     with pytest.raises(RunError, match="missing checkpoint"):
         embed_run(run, cfg, device="cpu", add=["trajectory/nope.safetensors"])
     assert not (run.path / "embed").exists()  # refused before the map was made
+    # regression: a missing relative file under a relative root was named with the run
+    # directory twice ('rt/good/rt/good/...'), neither the path given nor where it looked
+    monkeypatch.chdir(tmp_path.parent)
+    rel = Run.open("good", tmp_path.name)
+    with pytest.raises(RunError) as err:
+        embed_run(rel, cfg, device="cpu", add=["runs/mf2/nope.safetensors"])
+    assert str(err.value) == (f"missing checkpoint: runs/mf2/nope.safetensors (not in the "
+                              f"working directory, nor in {tmp_path.name}/good)")
     embed_run(run, cfg, device="cpu")
     emb = run.path / "embed"
     files = {p.name: p.read_bytes() for p in emb.iterdir()}

@@ -1,3 +1,6 @@
+import shlex
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -62,6 +65,22 @@ def test_cli_line_reads_each_model_at_its_end(tmp_path):
                                       torch.zeros(1), *data.split("train"))[0]
         got = tensors["values.train_loss"][ts == t]
         torch.testing.assert_close(got, direct.to(got.dtype), rtol=1e-5, atol=1e-6)
+
+
+def test_the_readme_landscape_lines_run_top_to_bottom(tmp_path):
+    # regression: the README's '--dim 2' and '--other bad --dim 1' lines both wrote tag
+    # 'default', so the second stopped with "holds results for other settings" (exit 1)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [shlex.split(ln, comments=True)[1:] for ln in readme.splitlines()
+             if ln.startswith(("minefield landscape good", "minefield plot landscape good"))]
+    assert len(lines) >= 3 and any("--other" in a for a in lines)
+    for name, seed in (("good", 0), ("bad", 1)):
+        train_run(tiny_config(name, seed=seed), tmp_path, progress=False)
+    for args in lines:
+        if args[0] == "plot":
+            args = args + ["--out", str(tmp_path / "fig" / "_".join(args[2:]))]
+        r = CliRunner().invoke(main, ["--root", str(tmp_path), *args])
+        assert r.exit_code == 0, (args, r.output)
 
 
 def test_surface_matches_loop_and_resumes_after_interruption():

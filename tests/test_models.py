@@ -76,6 +76,25 @@ def test_unknown_model_and_init_and_activation():
         ModelConfig(activation="gelu")
 
 
+def test_two_outputs_for_two_classes_is_papers_fig8_head():
+    # PAPER.md's Fig. 8 net is 2->100x9->2 (softmax CE); the registry used to give every
+    # binary problem one sigmoid logit, whatever was asked
+    cfg = ModelConfig(widths=(100,) * 9, init="torch", outputs=2)
+    model = build_model(cfg, (2,), 2)
+    assert count(model) == 2 * 100 + 100 + 8 * (100 * 100 + 100) + 100 * 2 + 2
+    assert count(model) - count(build_model(cfg.replace(outputs=None), (2,), 2)) == 101
+    assert build_model(cfg.replace(outputs=1), (2,), 2)(torch.zeros(3, 2)).shape == (3, 1)
+    assert build_model(ModelConfig(widths=(4,), outputs=10), (2,), 10)(
+        torch.zeros(3, 2)).shape == (3, 10)
+    with pytest.raises(ModelError, match="model.outputs=3 does not fit 2 classes: give 1"):
+        build_model(ModelConfig(widths=(4,), outputs=3), (2,), 2)
+    with pytest.raises(ConfigError, match="model.outputs must be >= 1"):
+        ModelConfig(outputs=0)
+    # configs saved before the field existed (run keys) equal today's default
+    assert "outputs" not in ModelConfig().to_dict()
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
 def test_image_model_on_vector_data():
     for name in ("cnn", "resnet20", "resnet18"):
         with pytest.raises(ModelError, match="needs image input"):

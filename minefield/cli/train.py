@@ -45,6 +45,9 @@ _EXPERIMENT_OPTIONS = [
     click.option("--widths", help="Hidden widths, e.g. 23,16,26,32,28,31."),
     click.option("--init", type=click.Choice(choices(Init))),
     click.option("--activation", type=click.Choice(choices(Activation))),
+    click.option("--outputs", type=click.IntRange(1), help="Logits of the last layer "
+                 "(default: 1 for two classes, sigmoid + BCE; else one per class). 2 on a "
+                 "two-class problem: softmax + cross-entropy."),
     click.option("--optimizer", type=click.Choice(choices(Optimizer))),
     click.option("--lr", type=float),
     click.option("--momentum", type=float),
@@ -109,7 +112,7 @@ def config_from_options(opts: dict) -> ExperimentConfig:
         if not mdl["widths"]:
             raise click.BadParameter("expected integers like '23,16,26', got ''",
                                      param_hint="'--widths'")
-    for k in ("init", "activation"):
+    for k in ("init", "activation", "outputs"):
         if opts.get(k):
             mdl[k] = opts[k]
     tr = cfg.train.to_dict() | {k: opts[k] for k in _TRAIN_KEYS if opts.get(k) is not None}

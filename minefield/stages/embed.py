@@ -194,9 +194,18 @@ def _stored(run: Run) -> dict | None:
 
 
 def _resolve(run: Run, p: str | Path) -> Path:
-    """An added file: a path as given, else relative to the run directory."""
+    """An added file: a path as given (absolute, or relative to the working directory),
+    else relative to the run directory. A file in neither place is named as given, with
+    both places looked in (:meth:`Run.load_checkpoint` would prefix the run directory a
+    second time: ``rt/mf/rt/mf/...``)."""
     p = Path(p)
-    return p if p.is_absolute() or p.exists() else run.file(str(p))
+    if p.is_absolute() or p.exists():
+        return p
+    inside = run.file(str(p))
+    if not inside.exists():
+        raise RunError(f"missing checkpoint: {p} (not in the working directory, nor in "
+                       f"{run.path})")
+    return inside
 
 
 def _source(run: Run, ck: Checkpoint) -> str:
