@@ -94,7 +94,7 @@ def sweep_rows(grid: list[tuple[float, int]], metrics: dict[str, list[float]],
                                         "test_loss")}
         rows.append({"member": i, "beta": beta, "seed": seed, **m,
                      "gap": m["train_acc"] - m["test_acc"], "mean_radius": b.mean_radius,
-                     "median_radius": float(b.radii.median()),
+                     "median_radius": b.median_radius,
                      "log10_volume": b.log10_volume, "n_mean_log10_r": b.n_mean_log10_r,
                      "log10_volume_ci_low": b.ci_log10_volume[0],
                      "log10_volume_ci_high": b.ci_log10_volume[1], "centre_loss": b.centre_loss,

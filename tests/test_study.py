@@ -196,6 +196,27 @@ def test_study_writes_a_tidy_table_and_scores_and_resumes(tmp_path):
         study_run(base, study(grid={"train.lr": [0.02]}), tmp_path, progress=False)
 
 
+def test_median_radius_is_the_median_of_the_stored_radii(tmp_path):
+    """2K radii are an even count: the median is the mean of the two middle ones (torch's
+    ``median()`` is the lower one); the study's and the sweep's tables agree."""
+    import statistics
+
+    from minefield.basin import BasinResult
+    from minefield.sweep import sweep_rows
+
+    (spec,) = plan_study(tiny_config("md", steps=20), study(grid={"train.seed": [0, 1]})).stacks
+    path = run_stack(spec, tmp_path)
+    at = json.loads(path.read_text())["steps"]["20"]
+    rows = stack_rows(spec, tmp_path, [])
+    basins = [BasinResult.from_dict(b) for b in at["basins"]]
+    swept = sweep_rows([(0.0, 0), (0.0, 1)], at["metrics"], basins)
+    for row, sw, b in zip(rows, swept, at["basins"]):
+        assert len(b["radii"]) == 6
+        assert row["median_radius"] == sw["median_radius"] == statistics.median(b["radii"])
+    assert BasinResult.from_dict({**at["basins"][0], "radii": [1.0, 4.0, 2.0, 3.0]}
+                                 ).median_radius == 2.5
+
+
 def test_a_partial_task_resumes_from_its_last_measured_step(tmp_path):
     (spec,) = plan_study(tiny_config("s"), study(grid={"train.steps": [20, 40, 60]})).stacks
     path = run_stack(spec, tmp_path)

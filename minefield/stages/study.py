@@ -210,8 +210,7 @@ def stack_rows(spec: StackSpec, root: Path | str, design: list[str]) -> list[dic
                              "gap": m["train_acc"] - m["test_acc"],
                              "loss_gap": m["test_loss"] - m["train_loss"],
                              "mean_radius": b.mean_radius,
-                             "median_radius": (float(b.radii.median()) if len(b.radii)
-                                               else float("nan")),
+                             "median_radius": b.median_radius,
                              "log10_volume": b.log10_volume,
                              "n_mean_log10_r": b.n_mean_log10_r,
                              "log10_volume_ci_low": b.ci_log10_volume[0],
