@@ -330,6 +330,18 @@ def test_cli_runs_a_study_with_a_grid_file_and_redraws_it(tmp_path):
     assert Run.open(root / "c").config["kind"] == "study"
 
 
+def test_cli_study_with_a_diverged_stack_reports_it_and_draws_the_figures(tmp_path):
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"train.lr": 0.05, "train.batch_size": 16},
+                                {"train.lr": 1e12, "train.batch_size": 32}]))
+    fig = tmp_path / "fig"
+    res = _cli(tmp_path / "runs", "--grid", str(grid), "--optimizer", "sgd", "--figures",
+               str(fig))
+    assert res.exit_code == 0, res.output
+    assert "1 model(s) diverged" in res.output and "Kendall tau" in res.output
+    assert (fig / "c" / "scores.png").exists()
+
+
 def test_cli_trajectory_study_draws_the_trajectory(tmp_path):
     res = _cli(tmp_path / "runs", "--vary", "train.steps=0:10:5", "--figures",
                str(tmp_path / "fig"), "--measures", "lambda_max")
