@@ -246,6 +246,29 @@ def test_a_diverged_stack_is_a_row_of_nan_not_the_end_of_the_study(tmp_path):
     assert models.stat().st_mtime_ns == stamp  # not retrained on resume
 
 
+def test_a_diverging_member_leaves_the_other_members_of_its_stack_as_they_are_alone(tmp_path):
+    """lr is stackable: a study over lr that meets a diverging lr keeps the healthy
+    models' numbers (those of their own stack, bit for bit when isolated); the diverged
+    member is NaN from the step it diverged, its earlier checkpoints measured as usual."""
+    base = tiny_config("dm", steps=40, optimizer="sgd", log_every=1, checkpoint_every=5,
+                       isolate=True, batch_size=16)
+    cfg = study(grid={"train.lr": [0.05, 1e6], "train.seed": [0, 1], "train.steps": [1, 40]})
+    res = study_run(base, cfg, tmp_path, progress=False)
+    alone = study_run(base.replace(name="dm1"), study(grid={
+        "train.lr": [0.05], "train.seed": [0, 1], "train.steps": [1, 40]}), tmp_path,
+        progress=False)
+    assert len({r["stack"] for r in res.rows}) == 1  # all 8 models in one stack
+    healthy = [r for r in res.rows if r["train.lr"] == 0.05]
+    skip = ("stack", "member")
+    assert [{k: v for k, v in r.items() if k not in skip} for r in healthy] == [
+        {k: v for k, v in r.items() if k not in skip} for r in alone.rows]
+    bad = {r["step"]: r for r in res.rows if r["train.lr"] == 1e6 and r["train.seed"] == 0}
+    assert not bad[1]["diverged"] and math.isfinite(bad[1]["train_loss"])
+    assert bad[40]["diverged"] and math.isnan(bad[40]["gap"])
+    # scored: 4 healthy rows + the 2 at step 1, before they diverged (volumes: -inf at lr 1e6)
+    assert {s["measure"]: s["n"] for s in res.scores}["weight_norm"] == 6
+
+
 def test_the_executor_is_one_pluggable_loop(tmp_path):
     seen = []
 
