@@ -105,6 +105,8 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
         return load_sweep(run)
     saved = run.read_json(MODELS_FILE)
     with reading(run.file(MODELS_FILE)):
+        if saved.get("diverged"):  # every model: the message the split sweep gives too
+            raise TrainingDiverged(saved["diverged"])
         _all_finite(saved.get("diverged_at"), grid)
         at = saved["steps"][str(spec.config.train.steps)]
         basins = [BasinResult.from_dict(b) for b in at["basins"]]
