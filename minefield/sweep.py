@@ -54,6 +54,10 @@ class SweepConfig(_Config):
         bad = [b for b in self.betas if not 0.0 <= b < 1.0]
         if bad:
             raise ConfigError(f"poison factors must be in [0, 1), got {bad}")
+        for what, values in (("beta", self.betas), ("seed", self.seeds)):
+            twice = [v for i, v in enumerate(values) if v in values[:i]]
+            if twice:  # the same model twice would count twice in the correlations
+                raise ConfigError(f"sweep: {what} {twice[0]:g} is given twice")
 
 
 @dataclass
