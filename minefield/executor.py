@@ -115,18 +115,40 @@ class Executor:
         """Release what the executor started (a Ray instance it started itself)."""
 
 
+def _failure(i: int, e: BaseException) -> str:
+    """One line naming a failed task and its error's last line."""
+    return (f"task {i}: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}")
+
+
+def _failed(failed: list[str], n: int) -> TaskFailed:
+    return TaskFailed(f"{len(failed)} of {n} tasks failed ({failed[0]}); "
+                      "run the same command again to redo only those")
+
+
 class LocalExecutor(Executor):
-    """One task after another in this process (today's behaviour; no Ray import)."""
+    """One task after another in this process (no Ray import). A task that raises does
+    not stop the others: they still run and are delivered, then :class:`TaskFailed`
+    (chained to the first error) says which failed."""
 
     def __repr__(self) -> str:
         return "LocalExecutor()"
 
     def map(self, fn, specs, on_result=None):
-        out = []
+        out: list[Any] = [None] * len(specs)
+        failed: list[str] = []
+        first: Exception | None = None
         for i, spec in enumerate(specs):
-            out.append(fn(spec))
+            try:
+                out[i] = fn(spec)
+            except Exception as e:  # noqa: BLE001 - the others still run, as on Ray
+                failed.append(_failure(i, e))
+                first = first or e
+                continue
             if on_result:
-                on_result(i, out[-1])
+                on_result(i, out[i])
+        if failed:
+            raise _failed(failed, len(specs)) from first
         return out
 
 
@@ -194,14 +216,12 @@ class RayExecutor(Executor):
             try:
                 out[index[ref]] = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - keep collecting the others' results
-                failed.append(f"task {index[ref]}: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[-1][:200] if str(e) else ''}")
+                failed.append(_failure(index[ref], e))
                 continue
             if on_result:
                 on_result(index[ref], out[index[ref]])
         if failed:
-            raise TaskFailed(f"{len(failed)} of {len(refs)} tasks failed ({failed[0]}); "
-                             "run the same command again to redo only those")
+            raise _failed(failed, len(refs))
         return out
 
     def close(self) -> None:

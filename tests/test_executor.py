@@ -155,6 +155,21 @@ def test_local_map_keeps_order_and_reports_each_result(tmp_path):
     assert heard == [(0, 1), (1, 4), (2, 9), (3, 16)]
 
 
+def _fails_at_zero(x):
+    if x == 0:
+        raise ValueError("task 0 fails")
+    return {"x": x}
+
+
+def test_local_map_runs_the_other_tasks_then_raises_task_failed():
+    """Executor.map's contract, as Ray keeps it: a failed task loses no other result."""
+    heard = []
+    with pytest.raises(TaskFailed, match=r"^1 of 3 tasks failed \(task 0: ValueError: "
+                                         r"task 0 fails\); run the same") as e:
+        LocalExecutor().map(_fails_at_zero, [0, 1, 2], lambda i, r: heard.append(i))
+    assert heard == [1, 2] and isinstance(e.value.__cause__, ValueError)
+
+
 def test_store_round_trip_and_wrong_file(tmp_path):
     store = _store(tmp_path)
     store.save("a", {"y": [1.5, float("nan")], "n": 3, "t": torch.arange(3.0)})
