@@ -29,3 +29,21 @@ def test_lr_study_in_the_readme_runs_and_prints_its_table(tmp_path, monkeypatch,
     assert [float(r.split()[0]) for r in printed[1:]] == [
         float(r.split()[0]) for r in shown.strip().splitlines()[1:]]
     assert len(list((tmp_path / "runs").glob("lr-*"))) == 8
+
+
+def test_the_default_run_all_the_readme_names_is_the_local_loop(tmp_path):
+    """README, Studies -> Executors: the named default takes ``(specs, root)``, as
+    ``study_run(..., run_all=)`` calls it, and gives the default's table."""
+    import torch
+
+    import minefield as mf
+
+    name = re.search(r"the default, `(\w+)`", README.read_text()).group(1)
+    torch.set_num_threads(1)
+    base = mf.ExperimentConfig(name="ra", train=mf.TrainConfig(steps=5),
+                               model=mf.ModelConfig(widths=(4,)))
+    cfg = mf.StudyConfig(grid={"train.seed": [0]}, volume=mf.VolumeConfig(n_directions=2))
+    plain = mf.study_run(base, cfg, tmp_path, progress=False)
+    named = mf.study_run(base.replace(name="ra2"), cfg, tmp_path, progress=False,
+                         run_all=getattr(mf, name))
+    assert [r["test_acc"] for r in named.rows] == [r["test_acc"] for r in plain.rows]
