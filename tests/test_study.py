@@ -303,6 +303,12 @@ def _cli(root, *args):
     (("--vary", "train.steps=10:0:5"), "needs step >= 1 and b >= a"),
     (("--vary", "train.steps=0:x:5"), "expected integers a:b:step"),
     (("--vary", "train.lr=0.1", "--vary", "train.lr=0.2"), "train.lr is varied twice"),
+    # what only the data or the model can check: still before anything is written
+    (("--vary", "data.name=blobs,nosuch"), "unknown dataset 'nosuch'"),
+    (("--vary", "model.name=mlp,nosuch"), "unknown model 'nosuch'"),
+    (("--vary", "model.name=mlp,resnet20"), "resnet20"),
+    (("--vary", "data.n_train=40,0"), "n_train"),
+    (("--beta", "0.3", "--vary", "data.n_poison=40,0"), "needs a poison set"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, match):
     root = tmp_path / "runs"

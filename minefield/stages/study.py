@@ -51,7 +51,7 @@ from ..ranking import score_measures
 from ..runs import DEFAULT_ROOT, Run, RunError, reading
 from ..study import REPLICATES, StackSpec, StudyConfig, StudyPlan, plan_study
 from ..train import TrainingDiverged
-from .train import load_run_model, match_model, train_run
+from .train import check_buildable, load_run_model, match_model, train_run
 
 __all__ = ["FLATNESS", "MODELS_FILE", "STUDY_FILE", "StudyResult", "run_stack", "run_stacks",
            "stack_task", "stack_rows", "study_run", "load_study", "measure_columns",
@@ -252,13 +252,18 @@ def study_run(base: ExperimentConfig, study: StudyConfig, root: Path | str = DEF
     a model was trained).
 
     ``base`` sets everything the study does not vary. Every field and value is
-    checked (:func:`~minefield.study.plan_study`) before anything is written.
+    checked (:func:`~minefield.study.plan_study`), and every stack's data and model
+    are built (:func:`~minefield.stages.train.check_buildable`), before anything is
+    written.
 
     Raises:
         ConfigError: an unknown field, an empty grid, a value of the wrong type.
         RunError: the name holds another study or run (without ``force``).
+        DataError, ModelError, ValueError: a stack's data or model cannot be built.
     """
     plan = plan_study(base, study, models_per_task)
+    for spec in plan.stacks:  # what only the data or the model can check, before writing
+        check_buildable(spec.config, spec.train_kwargs().get("betas"))
     run = Run.create(base.name, {"kind": "study", "base": base.to_dict(),
                                  "study": study.to_dict()}, root, force)
     stacks_root = run.file("stacks")

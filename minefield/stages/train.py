@@ -25,11 +25,11 @@ from ..functional import Params
 from ..lock import locking
 from ..models import build_model
 from ..runs import DEFAULT_ROOT, Checkpoint, Run, RunError, load_tensors, save_tensors
-from ..train import FitResult, effective_beta, fit, init_stack, make_optimizer
+from ..train import FitResult, effective_beta, fit, fitted, init_stack, make_optimizer
 from ..validate import check_training_memory
 
 __all__ = ["TrainResult", "train_run", "load_run_model", "match_model", "member_seeds",
-           "run_config"]
+           "run_config", "check_buildable"]
 
 
 @dataclass
@@ -87,19 +87,9 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
     diverges, :class:`~minefield.train.TrainingDiverged` is raised.
     """
     dev = resolve_device(cfg.device)
-    data = load_dataset(cfg.data)
-    _check_memory(cfg, data)
-    model = build_model(cfg.model, data.input_shape, data.n_classes)
+    data, model, betas = _build(cfg, betas)
     data = data.to(dev)
     m = cfg.train.members
-    if betas is None:
-        betas = [cfg.poison.beta] * m
-    if len(betas) != m:
-        raise ValueError(f"{len(betas)} betas for {m} members")
-    betas = [effective_beta(b, data, cfg.train) for b in betas]
-    if any(b > 0 for b in betas) and len(data.y_poison) == 0:
-        raise ValueError(f"a poison factor > 0 needs a poison set, and {cfg.data.name} has "
-                         "none here (n_poison = 0): it would train a clean model")
     l2s = [cfg.train.l2] * m if l2s is None else [float(v) for v in l2s]
     if len(l2s) != m:
         raise ValueError(f"{len(l2s)} l2 coefficients for {m} members")
@@ -193,6 +183,34 @@ def _diverged_at(rows: list[dict], upto: int, m: int) -> list[int | None]:
         if r.get("diverged") and r["step"] <= upto and 0 <= i < m and out[i] is None:
             out[i] = int(r["step"])
     return out
+
+
+def _build(cfg: ExperimentConfig, betas: Sequence[float | None] | None
+           ) -> tuple[Dataset, nn.Module, list[float]]:
+    """The data (on the CPU), the model and every member's poison factor of ``cfg``, or
+    the one-line error for what they cannot be (DataError, ModelError, ValueError)."""
+    data = load_dataset(cfg.data)
+    _check_memory(cfg, data)
+    model = build_model(cfg.model, data.input_shape, data.n_classes)
+    m = cfg.train.members
+    if betas is None:
+        betas = [cfg.poison.beta] * m
+    if len(betas) != m:
+        raise ValueError(f"{len(betas)} betas for {m} members")
+    betas = [effective_beta(b, data, cfg.train) for b in betas]
+    if any(b > 0 for b in betas) and len(data.y_poison) == 0:
+        raise ValueError(f"a poison factor > 0 needs a poison set, and {cfg.data.name} has "
+                         "none here (n_poison = 0): it would train a clean model")
+    fitted(data, cfg.train)  # train.fit_first within the training set
+    return data, model, betas
+
+
+def check_buildable(cfg: ExperimentConfig, betas: Sequence[float | None] | None = None
+                    ) -> None:
+    """Refuse, before anything is written, a config :func:`train_run` would refuse only
+    after loading its data: an unknown dataset or model, sizes the data cannot give, a
+    model that does not take its inputs, a stack too big, poison without poison points."""
+    _build(cfg, betas)
 
 
 def _same_shape(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
