@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,6 +111,9 @@ class Executor:
                 retries); every other result was still delivered to ``on_result``.
         """
         raise NotImplementedError
+
+    def check(self) -> None:
+        """Refuse (ConfigError), before anything is written, tasks that could never run."""
 
     def close(self) -> None:
         """Release what the executor started (a Ray instance it started itself)."""
@@ -201,8 +205,26 @@ class RayExecutor(Executor):
             self._started = True
         return ray
 
+    def check(self) -> None:
+        """Start or join Ray and refuse task resources that no node has (tasks that would
+        wait forever, silently): ConfigError for an instance of this machine, a warning
+        when joining a cluster (which may add nodes)."""
+        ray = self._ray()
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if any(r.get("CPU", 0) >= self.cpus and r.get("GPU", 0) >= self.gpus for r in nodes):
+            return
+        cpu = max((r.get("CPU", 0) for r in nodes), default=0)
+        gpu = max((r.get("GPU", 0) for r in nodes), default=0)
+        msg = (f"no Ray node has the {self.cpus:g} CPUs and {self.gpus:g} GPUs a task asks for "
+               f"(--cpus-per-task, --gpus-per-task; the largest node has {cpu:g} CPUs and "
+               f"{gpu:g} GPUs): no task could be scheduled")
+        if self.address is None and not os.environ.get("RAY_ADDRESS"):
+            raise ConfigError(msg)
+        warnings.warn(f"{msg} until the cluster adds such a node", stacklevel=2)
+
     def map(self, fn, specs, on_result=None):
         ray = self._ray()
+        self.check()
         remote = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus,
                             max_retries=self.max_retries)(_with_threads)
         threads = max(1, int(self.cpus))

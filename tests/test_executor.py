@@ -446,6 +446,26 @@ def test_ray_executor_errors(ray_ex):
         RayExecutor(max_retries=-1)
 
 
+def test_ray_tasks_no_node_can_run_are_one_line_not_a_silent_wait(ray_ex, tmp_path):
+    """The instance here has 2 CPUs and no GPU: 4 CPUs or 0.25 GPU a task waited forever."""
+    from click.testing import CliRunner
+
+    from minefield.cli import main
+
+    for kw, what in (({"cpus_per_task": 4}, "4 CPUs and 0 GPUs"),
+                     ({"gpus_per_task": 0.25}, "1 CPUs and 0.25 GPUs")):
+        with pytest.raises(ConfigError, match=f"no Ray node has the {what} a task asks for"):
+            RayExecutor(**kw).map(abs, [-1])
+    root = tmp_path / "runs"
+    res = CliRunner().invoke(main, [
+        "--root", str(root), "study", "--name", "g", "--dataset", "blobs", "--widths", "4",
+        "--steps", "5", "--vary", "train.seed=0,1", "--directions", "2", "-q", "--executor",
+        "ray", "--gpus-per-task", "0.25", "--figures", str(tmp_path / "fig")])
+    assert res.exit_code == 1 and "Error: no Ray node has" in res.output, res.output
+    assert "Traceback" not in res.output and not root.exists()
+    assert ray_ex.map(abs, [-1, 2]) == [1, 2]  # a task that fits still runs
+
+
 # --- without Ray ----------------------------------------------------------------------------------
 
 

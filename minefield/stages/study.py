@@ -264,6 +264,8 @@ def study_run(base: ExperimentConfig, study: StudyConfig, root: Path | str = DEF
     plan = plan_study(base, study, models_per_task)
     for spec in plan.stacks:  # what only the data or the model can check, before writing
         check_buildable(spec.config, spec.train_kwargs().get("betas"))
+    if executor is not None:
+        executor.check()
     run = Run.create(base.name, {"kind": "study", "base": base.to_dict(),
                                  "study": study.to_dict()}, root, force)
     stacks_root = run.file("stacks")

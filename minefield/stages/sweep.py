@@ -155,6 +155,7 @@ def _sweep_tasks(base: ExperimentConfig, sweep: SweepConfig, root: Path | str, f
                           "members (train.isolate, --isolate) to split it")
     cfg = base.replace(train=base.train.replace(members=len(grid)))
     key = _sweep_key(sweep)
+    executor.check()  # before the run is written
     run = Run.create(cfg.name, cfg.to_dict(), root, force) if save else None
     if run is not None and run.resume(SWEEP_FILE, key, force):
         return load_sweep(run)
