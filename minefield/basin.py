@@ -224,6 +224,11 @@ class BasinResult:
                 "n_at_r_max": self.n_at_r_max, "estimator": self.estimator,
                 "diagnostics": self.diagnostics}
 
+    @property
+    def median_radius(self) -> float:
+        """The median of the 2K radii: the mean of the two middle ones (NaN for none)."""
+        return float(self.radii.double().quantile(0.5)) if len(self.radii) else math.nan
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BasinResult:
         radii = torch.tensor(d["radii"], dtype=torch.float64)

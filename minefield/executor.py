@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,22 +112,47 @@ class Executor:
         """
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Refuse (ConfigError), before anything is written, tasks that could never run."""
+
     def close(self) -> None:
         """Release what the executor started (a Ray instance it started itself)."""
 
 
+def _failure(i: int, e: BaseException) -> str:
+    """One line naming a failed task and its error's last line."""
+    return (f"task {i}: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}")
+
+
+def _failed(failed: list[str], n: int) -> TaskFailed:
+    return TaskFailed(f"{len(failed)} of {n} tasks failed ({failed[0]}); "
+                      "run the same command again to redo only those")
+
+
 class LocalExecutor(Executor):
-    """One task after another in this process (today's behaviour; no Ray import)."""
+    """One task after another in this process (no Ray import). A task that raises does
+    not stop the others: they still run and are delivered, then :class:`TaskFailed`
+    (chained to the first error) says which failed."""
 
     def __repr__(self) -> str:
         return "LocalExecutor()"
 
     def map(self, fn, specs, on_result=None):
-        out = []
+        out: list[Any] = [None] * len(specs)
+        failed: list[str] = []
+        first: Exception | None = None
         for i, spec in enumerate(specs):
-            out.append(fn(spec))
+            try:
+                out[i] = fn(spec)
+            except Exception as e:  # noqa: BLE001 - the others still run, as on Ray
+                failed.append(_failure(i, e))
+                first = first or e
+                continue
             if on_result:
-                on_result(i, out[-1])
+                on_result(i, out[i])
+        if failed:
+            raise _failed(failed, len(specs)) from first
         return out
 
 
@@ -179,8 +205,26 @@ class RayExecutor(Executor):
             self._started = True
         return ray
 
+    def check(self) -> None:
+        """Start or join Ray and refuse task resources that no node has (tasks that would
+        wait forever, silently): ConfigError for an instance of this machine, a warning
+        when joining a cluster (which may add nodes)."""
+        ray = self._ray()
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if any(r.get("CPU", 0) >= self.cpus and r.get("GPU", 0) >= self.gpus for r in nodes):
+            return
+        cpu = max((r.get("CPU", 0) for r in nodes), default=0)
+        gpu = max((r.get("GPU", 0) for r in nodes), default=0)
+        msg = (f"no Ray node has the {self.cpus:g} CPUs and {self.gpus:g} GPUs a task asks for "
+               f"(--cpus-per-task, --gpus-per-task; the largest node has {cpu:g} CPUs and "
+               f"{gpu:g} GPUs): no task could be scheduled")
+        if self.address is None and not os.environ.get("RAY_ADDRESS"):
+            raise ConfigError(msg)
+        warnings.warn(f"{msg} until the cluster adds such a node", stacklevel=2)
+
     def map(self, fn, specs, on_result=None):
         ray = self._ray()
+        self.check()
         remote = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus,
                             max_retries=self.max_retries)(_with_threads)
         threads = max(1, int(self.cpus))
@@ -194,14 +238,12 @@ class RayExecutor(Executor):
             try:
                 out[index[ref]] = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - keep collecting the others' results
-                failed.append(f"task {index[ref]}: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[-1][:200] if str(e) else ''}")
+                failed.append(_failure(index[ref], e))
                 continue
             if on_result:
                 on_result(index[ref], out[index[ref]])
         if failed:
-            raise TaskFailed(f"{len(failed)} of {len(refs)} tasks failed ({failed[0]}); "
-                             "run the same command again to redo only those")
+            raise _failed(failed, len(refs))
         return out
 
     def close(self) -> None:

@@ -102,7 +102,7 @@ from .functional import activation_elements, is_weight
 from .options import StopRule
 from .search_config import AUTO_EXTRA_POISON, SEARCH_TRAIN, SearchConfig
 from .stacked import Params, alone, member, n_members, select, stack
-from .train import effective_beta, fit
+from .train import TrainingDiverged, effective_beta, fit
 
 __all__ = ["StopRule", "SearchConfig", "SEARCH_TRAIN", "SearchResult", "search_minima",
            "poison_set", "distances", "search_seed", "batch_capacity", "AUTO_EXTRA_POISON"]
@@ -328,6 +328,9 @@ def _search_stack(model: nn.Module, cur: Params, data: Dataset, cfg: SearchConfi
                   opt_state=opt_state, stop_fn=stop_fn, on_checkpoint=keep_state,
                   poison_weight=weight, eval_data=data, progress=progress,
                   desc=f"search {step}-{end}", isolated=cfg.isolate)
+        if any(d is not None for d in res.diverged_at):  # a search needs every member
+            d = min(d for d in res.diverged_at if d is not None)
+            raise TrainingDiverged(f"loss became NaN/inf at step {d} (a searched model)")
         done = torch.tensor([s is not None for s in res.stopped_at])
         write = done.clone()
         if end >= cfg.steps:

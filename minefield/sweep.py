@@ -54,6 +54,10 @@ class SweepConfig(_Config):
         bad = [b for b in self.betas if not 0.0 <= b < 1.0]
         if bad:
             raise ConfigError(f"poison factors must be in [0, 1), got {bad}")
+        for what, values in (("beta", self.betas), ("seed", self.seeds)):
+            twice = [v for i, v in enumerate(values) if v in values[:i]]
+            if twice:  # the same model twice would count twice in the correlations
+                raise ConfigError(f"sweep: {what} {twice[0]:g} is given twice")
 
 
 @dataclass
@@ -94,7 +98,7 @@ def sweep_rows(grid: list[tuple[float, int]], metrics: dict[str, list[float]],
                                         "test_loss")}
         rows.append({"member": i, "beta": beta, "seed": seed, **m,
                      "gap": m["train_acc"] - m["test_acc"], "mean_radius": b.mean_radius,
-                     "median_radius": float(b.radii.median()),
+                     "median_radius": b.median_radius,
                      "log10_volume": b.log10_volume, "n_mean_log10_r": b.n_mean_log10_r,
                      "log10_volume_ci_low": b.ci_log10_volume[0],
                      "log10_volume_ci_high": b.ci_log10_volume[1], "centre_loss": b.centre_loss,

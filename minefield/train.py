@@ -7,7 +7,8 @@ members' losses, so each member gets exactly its own gradient; the optimizers
 stacked tensors equals M independent ones; gradient clipping uses each member's
 own global norm. A stack of one is ordinary training.
 
-Minibatches are a pure function of ``(seed, step)``, and the optimizer state is
+Minibatches are a pure function of ``(seed, step)`` (:mod:`minefield.batches`), and
+the optimizer state is
 checkpointed, so an interrupted run resumes to bit-identical results on CPU.
 
 :func:`minefield.stages.train_run` is the whole ``minefield train`` command as
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .batches import minibatch as _batch  # its old name here (connectivity, tests)
 from .compiled import CompiledObjective, sync
 from .config import ConfigError, Optimizer, TrainConfig
 from .data import Dataset
@@ -42,7 +44,6 @@ from .models import init_params
 from .optim import StackedOptimizer
 from .sam import sam_update
 from .step import (
-    Batch,
     Hyper,
     Objective,
     Update,
@@ -58,7 +59,7 @@ __all__ = ["fit", "FitResult", "TrainingDiverged", "init_stack", "effective_beta
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss of every member became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -69,6 +70,7 @@ class FitResult:
     history: list[dict[str, Any]]
     stopped_at: list[int | None]
     compiled: dict[str, Any] = field(default_factory=dict)  # CompiledObjective.report
+    diverged_at: list[int | None] = field(default_factory=list)  # [] or one per member
 
 
 def make_optimizer(cfg: TrainConfig, leaves: list[torch.Tensor]) -> StackedOptimizer:
@@ -111,31 +113,6 @@ def fitted(data: Dataset, cfg: TrainConfig | None) -> Dataset:
     return replace(data, x_train=data.x_train[:k], y_train=data.y_train[:k])
 
 
-def _batch_indices(n: int, bs: int, seed: int, step: int, device) -> torch.Tensor | None:
-    if bs >= n:
-        return None
-    per_epoch = math.ceil(n / bs)
-    epoch, k = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)[k * bs:(k + 1) * bs].to(device)
-
-
-def _batch(data: Dataset, seed: int, step: int, bs: int, bs_p: int,
-           poison_weight: torch.Tensor | None) -> Batch:
-    """Step ``step``'s minibatch: a pure function of ``(seed, step)``; ``bs_p=0``: no poison."""
-    dev = data.y_train.device
-    it = _batch_indices(len(data.y_train), bs, seed, step, dev)
-    xb = data.x_train if it is None else data.x_train[it]
-    yb = data.y_train if it is None else data.y_train[it]
-    if not bs_p:
-        return Batch(xb, yb)
-    ip = _batch_indices(len(data.y_poison), bs_p, seed + 1, step, dev)
-    xp = data.x_poison if ip is None else data.x_poison[ip]
-    yp = data.y_poison if ip is None else data.y_poison[ip]
-    wp = None if poison_weight is None else (poison_weight if ip is None else poison_weight[ip])
-    return Batch(torch.cat([xb, xp]), yb, yp, wp)
-
-
 def _per_member(what: str, values, default: float, m: int, dtype: torch.dtype,
                 device) -> torch.Tensor:
     """``values`` (or ``default`` for all) as an ``(M,)`` tensor; ValueError on a wrong length."""
@@ -151,7 +128,9 @@ def _per_member(what: str, values, default: float, m: int, dtype: torch.dtype,
 
 def _diverged(step: int, last_good: int | None) -> TrainingDiverged:
     where = f"step {last_good}" if last_good is not None else "none yet"
-    return TrainingDiverged(f"loss became NaN/inf at step {step}; last good checkpoint: {where}")
+    e = TrainingDiverged(f"loss became NaN/inf at step {step}; last good checkpoint: {where}")
+    e.step = step  # the first step that is not finite
+    return e
 
 
 def _check_inputs(model: nn.Module, params: Params, data: Dataset, buffers: Params) -> None:
@@ -201,6 +180,7 @@ def fit(
     lrs: torch.Tensor | Sequence[float] | None = None,
     l2s: torch.Tensor | Sequence[float] | None = None,
     rhos: torch.Tensor | Sequence[float] | None = None,
+    diverged_at: Sequence[int | None] | None = None,
     compile_mode: str = "auto",
     compile_backend: str = "inductor",
 ) -> FitResult:
@@ -211,6 +191,12 @@ def fit(
     ``stop_fn(metrics) -> (M,) bool`` (checked at every log step) freezes members
     that reached their goal: their parameters are kept from that step on and
     ``stopped_at[m]`` records it; training ends when all members have stopped.
+    A member whose loss (or weights) becomes NaN/inf diverged: it is frozen at its
+    last finite parameters (those of the log step before), ``diverged_at[m]``
+    records the step and its logged rows are NaN with ``"diverged": True``; the
+    others train on as they would alone. When every member has diverged (a single
+    model: at once) :class:`TrainingDiverged` is raised. ``diverged_at`` (input)
+    names members that diverged before ``start_step`` (a resumed run).
     ``poison_weight`` ``(N_p,)`` weights the poison points (see
     :func:`~minefield.loss.poisoned_nll`). Logged metrics (and so ``stop_fn``) are
     measured on ``eval_data`` (default ``data``), e.g. the paper's splits when
@@ -285,22 +271,51 @@ def fit(
     frozen_buf: dict[str, torch.Tensor] = {}
     done = torch.zeros(m, dtype=torch.bool, device=dev)
     stopped_at: list[int | None] = [None] * m
+    div_at = list(diverged_at) if diverged_at is not None else [None] * m
+    if len(div_at) != m:
+        raise ValueError(f"{len(div_at)} diverged_at for {m} members")
+    div = torch.tensor([d is not None for d in div_at], dtype=torch.bool, device=dev)
+    # the last finite state of every member (a diverging one is frozen there); one model
+    # has no other to train on, so it keeps none and raises at once
+    good = ({k: v.detach().clone() for k, v in (*leaves.items(), *buffers.items())}
+            if m > 1 else {})
     history: list[dict[str, Any]] = []
     last_ckpt: int | None = start_step if start_step > 0 else None
     step_objective = CompiledObjective(objective, compile_mode, dev, cfg.steps - start_step,
                                        backend=compile_backend)
 
+    def freeze(newly: torch.Tensor, params: Params, bufs: Params) -> None:
+        """Keep members ``newly``'s parameters and running statistics from now on."""
+        nonlocal done
+        for store, src in ((frozen, params), (frozen_buf, bufs)):
+            for k, v in src.items():
+                f = store.setdefault(k, v.detach().clone())
+                f[newly] = v.detach()[newly]
+        done = done | newly
+
+    def diverge(bad: torch.Tensor, step: int) -> None:
+        """Members ``bad`` became NaN/inf at ``step``: frozen at their last finite state."""
+        if bool((div | bad).all()):
+            raise _diverged(step, last_ckpt)
+        for i in bad.nonzero().flatten().tolist():
+            div_at[i] = step
+        div[bad] = True
+        freeze(bad, {k: good[k] for k in leaves}, {k: good[k] for k in buffers})
+
     def log(step: int) -> bool:
-        nonlocal done, last_ckpt
         with torch.no_grad():
             vals = evaluate_members(model, _current(), eval_data or data,
                                     _kept(buffers, frozen_buf), isolated=isolated)
-        if not (torch.isfinite(vals["train_loss"]).all()
-                and torch.isfinite(vals["weight_norm"]).all()):
-            raise _diverged(step, last_ckpt)
+            bad = ~(torch.isfinite(vals["train_loss"]) & torch.isfinite(vals["weight_norm"]))
+            if bool((bad.to(dev) & ~done).any()):
+                diverge(bad.to(dev) & ~done, step)
+            for k, v in good.items():  # every member still training is finite here
+                v.copy_(leaves[k] if k in leaves else buffers[k])
         lr = (lr0 * cfg.lr_factor(step)).tolist()
+        nan = div.tolist()
         rows = [{"step": step, "member": i, "lr": lr[i], "beta": beta_vals[i],
-                 **{k: float(v[i]) for k, v in vals.items()}} for i in range(m)]
+                 **{k: math.nan if nan[i] else float(v[i]) for k, v in vals.items()},
+                 **({"diverged": True} if nan[i] else {})} for i in range(m)]
         history.extend(rows)
         if on_log:
             on_log(step, rows)
@@ -309,12 +324,13 @@ def fit(
             for i in newly.nonzero().flatten().tolist():
                 stopped_at[i] = step
             if newly.any():  # parameters and running statistics, kept from this step
-                for store, live in ((frozen, leaves), (frozen_buf, buffers)):
-                    for k, v in live.items():
-                        f = store.setdefault(k, v.detach().clone())
-                        f[newly] = v.detach()[newly]
-            done = done | newly
+                freeze(newly, leaves, buffers)
         return bool(done.all())
+
+    def finite() -> torch.Tensor:
+        """``(M,)``: whether each member's live parameters are all finite."""
+        return torch.stack([torch.isfinite(v.detach().flatten(1)).all(1)
+                            for v in leaves.values()]).all(0)
 
     def _kept(live: Params, store: Params) -> Params:
         cur = {k: v.detach() for k, v in live.items()}
@@ -332,6 +348,8 @@ def fit(
     mode.__enter__()
     bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, disable=not progress,
                leave=False, mininterval=0.5)
+    if div.any():  # diverged before a resume: frozen at the parameters handed in
+        freeze(div.clone(), leaves, buffers)
     step = start_step
     threads = torch.get_num_threads()
     if isolated:  # one member's small kernels gain nothing from threads, and lose to their
@@ -339,7 +357,7 @@ def fit(
     try:
         if step % cfg.log_every == 0 and log(step):
             return FitResult(_current(), _kept(buffers, frozen_buf), step, history, stopped_at,
-                             step_objective.report)
+                             step_objective.report, div_at)
         if on_checkpoint and step % cfg.checkpoint_every == 0 and start_step == 0:
             on_checkpoint(step, _current(), _kept(buffers, frozen_buf), opt)
             last_ckpt = step
@@ -358,9 +376,9 @@ def fit(
                 if log(step):
                     break
             if on_checkpoint and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                with torch.no_grad():
-                    if not all(torch.isfinite(v).all() for v in leaves.values()):
-                        raise _diverged(step, last_ckpt)
+                with torch.no_grad():  # between log steps: the log finds who diverged
+                    if bool((~finite() & ~done).any()) and log(step):
+                        break
                 on_checkpoint(step, _current(), _kept(buffers, frozen_buf), opt)
                 last_ckpt = step
     finally:
@@ -369,4 +387,4 @@ def fit(
         model.eval()  # as before: a trained model is handed back for evaluation
         torch.set_num_threads(threads)
     return FitResult(_current(), _kept(buffers, frozen_buf), step, history, stopped_at,
-                     step_objective.report)
+                     step_objective.report, div_at)

@@ -155,6 +155,21 @@ def test_local_map_keeps_order_and_reports_each_result(tmp_path):
     assert heard == [(0, 1), (1, 4), (2, 9), (3, 16)]
 
 
+def _fails_at_zero(x):
+    if x == 0:
+        raise ValueError("task 0 fails")
+    return {"x": x}
+
+
+def test_local_map_runs_the_other_tasks_then_raises_task_failed():
+    """Executor.map's contract, as Ray keeps it: a failed task loses no other result."""
+    heard = []
+    with pytest.raises(TaskFailed, match=r"^1 of 3 tasks failed \(task 0: ValueError: "
+                                         r"task 0 fails\); run the same") as e:
+        LocalExecutor().map(_fails_at_zero, [0, 1, 2], lambda i, r: heard.append(i))
+    assert heard == [1, 2] and isinstance(e.value.__cause__, ValueError)
+
+
 def test_store_round_trip_and_wrong_file(tmp_path):
     store = _store(tmp_path)
     store.save("a", {"y": [1.5, float("nan")], "n": 3, "t": torch.arange(3.0)})
@@ -429,6 +444,26 @@ def test_ray_executor_errors(ray_ex):
         RayExecutor(gpus_per_task=-0.5)
     with pytest.raises(ConfigError, match="max_retries must be >= 0"):
         RayExecutor(max_retries=-1)
+
+
+def test_ray_tasks_no_node_can_run_are_one_line_not_a_silent_wait(ray_ex, tmp_path):
+    """The instance here has 2 CPUs and no GPU: 4 CPUs or 0.25 GPU a task waited forever."""
+    from click.testing import CliRunner
+
+    from minefield.cli import main
+
+    for kw, what in (({"cpus_per_task": 4}, "4 CPUs and 0 GPUs"),
+                     ({"gpus_per_task": 0.25}, "1 CPUs and 0.25 GPUs")):
+        with pytest.raises(ConfigError, match=f"no Ray node has the {what} a task asks for"):
+            RayExecutor(**kw).map(abs, [-1])
+    root = tmp_path / "runs"
+    res = CliRunner().invoke(main, [
+        "--root", str(root), "study", "--name", "g", "--dataset", "blobs", "--widths", "4",
+        "--steps", "5", "--vary", "train.seed=0,1", "--directions", "2", "-q", "--executor",
+        "ray", "--gpus-per-task", "0.25", "--figures", str(tmp_path / "fig")])
+    assert res.exit_code == 1 and "Error: no Ray node has" in res.output, res.output
+    assert "Traceback" not in res.output and not root.exists()
+    assert ray_ex.map(abs, [-1, 2]) == [1, 2]  # a task that fits still runs
 
 
 # --- without Ray ----------------------------------------------------------------------------------

@@ -43,3 +43,21 @@ def test_make_bench_runs_the_benchmarks_the_readme_says_and_names_the_others():
     assert set(re.findall(r"`(\w+\.py)`", said)) == ran and len(ran) == 3
     scripts = {p.name for p in (README.parent / "benchmarks").glob("*.py")} - {"plain.py"}
     assert set(re.findall(r"`(\w+\.py)`", others)) == scripts - ran
+
+
+def test_the_default_run_all_the_readme_names_is_the_local_loop(tmp_path):
+    """README, Studies -> Executors: the named default takes ``(specs, root)``, as
+    ``study_run(..., run_all=)`` calls it, and gives the default's table."""
+    import torch
+
+    import minefield as mf
+
+    name = re.search(r"the default, `(\w+)`", README.read_text()).group(1)
+    torch.set_num_threads(1)
+    base = mf.ExperimentConfig(name="ra", train=mf.TrainConfig(steps=5),
+                               model=mf.ModelConfig(widths=(4,)))
+    cfg = mf.StudyConfig(grid={"train.seed": [0]}, volume=mf.VolumeConfig(n_directions=2))
+    plain = mf.study_run(base, cfg, tmp_path, progress=False)
+    named = mf.study_run(base.replace(name="ra2"), cfg, tmp_path, progress=False,
+                         run_all=getattr(mf, name))
+    assert [r["test_acc"] for r in named.rows] == [r["test_acc"] for r in plain.rows]

@@ -123,3 +123,36 @@ def test_cli_refuses_a_split_without_isolate_in_one_line(tmp_path):
         "Error: models_per_task=2 splits a stack of 3 models, which changes how their numbers "
         "round; isolate the members (train.isolate, --isolate) to split it"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_diverging_sweep_says_so_in_one_line_split_or_not(tiny, tmp_path):
+    """Not 'models.json is corrupt ... use --force' (which --force repeated)."""
+    from minefield.executor import TaskFailed
+    from minefield.train import TrainingDiverged
+
+    base = isolated(tiny, "dv", optimizer="sgd", lr=1e12)
+    sc = SweepConfig(betas=(0.0, 0.3), seeds=(0,), volume=VolumeConfig(n_directions=2))
+    for force in (False, True):
+        with pytest.raises(TrainingDiverged, match=r"^loss became NaN/inf at step \d+; last"):
+            sweep_run(base, sc, tmp_path, force=force, progress=False)
+    with pytest.raises((TrainingDiverged, TaskFailed), match="loss became NaN/inf at step"):
+        sweep_run(base.replace(name="dv1"), sc, tmp_path, progress=False, models_per_task=1)
+
+
+@pytest.mark.parametrize("betas, seeds, match", [((0.0, 0.1, 0.1), (0,), "beta 0.1 is given twice"),
+                                                 ((0.0,), (1, 2, 1), "seed 1 is given twice")])
+def test_a_sweep_refuses_a_model_given_twice_split_or_not(tmp_path, betas, seeds, match):
+    """A split sweep trained the model twice and counted it twice in the correlations."""
+    from click.testing import CliRunner
+
+    from minefield.cli import main
+
+    with pytest.raises(ConfigError, match=f"^sweep: {match}$"):
+        SweepConfig(betas=betas, seeds=seeds)
+    res = CliRunner().invoke(main, [
+        "--root", str(tmp_path / "runs"), "sweep", "--name", "d", "--dataset", "blobs",
+        "--widths", "4", "--steps", "5", "--betas", ",".join(map(str, betas)), "--seeds",
+        ",".join(map(str, seeds)), "--n-poison", "20", "--isolate", "--models-per-task", "1",
+        "--directions", "2", "-q", "--figures", str(tmp_path / "fig")])
+    assert res.exit_code != 0 and f"Error: sweep: {match}" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "runs").exists()

@@ -196,6 +196,27 @@ def test_study_writes_a_tidy_table_and_scores_and_resumes(tmp_path):
         study_run(base, study(grid={"train.lr": [0.02]}), tmp_path, progress=False)
 
 
+def test_median_radius_is_the_median_of_the_stored_radii(tmp_path):
+    """2K radii are an even count: the median is the mean of the two middle ones (torch's
+    ``median()`` is the lower one); the study's and the sweep's tables agree."""
+    import statistics
+
+    from minefield.basin import BasinResult
+    from minefield.sweep import sweep_rows
+
+    (spec,) = plan_study(tiny_config("md", steps=20), study(grid={"train.seed": [0, 1]})).stacks
+    path = run_stack(spec, tmp_path)
+    at = json.loads(path.read_text())["steps"]["20"]
+    rows = stack_rows(spec, tmp_path, [])
+    basins = [BasinResult.from_dict(b) for b in at["basins"]]
+    swept = sweep_rows([(0.0, 0), (0.0, 1)], at["metrics"], basins)
+    for row, sw, b in zip(rows, swept, at["basins"]):
+        assert len(b["radii"]) == 6
+        assert row["median_radius"] == sw["median_radius"] == statistics.median(b["radii"])
+    assert BasinResult.from_dict({**at["basins"][0], "radii": [1.0, 4.0, 2.0, 3.0]}
+                                 ).median_radius == 2.5
+
+
 def test_a_partial_task_resumes_from_its_last_measured_step(tmp_path):
     (spec,) = plan_study(tiny_config("s"), study(grid={"train.steps": [20, 40, 60]})).stacks
     path = run_stack(spec, tmp_path)
@@ -223,6 +244,29 @@ def test_a_diverged_stack_is_a_row_of_nan_not_the_end_of_the_study(tmp_path):
     stamp = models.stat().st_mtime_ns
     study_run(base, study(points=points), tmp_path, progress=False)
     assert models.stat().st_mtime_ns == stamp  # not retrained on resume
+
+
+def test_a_diverging_member_leaves_the_other_members_of_its_stack_as_they_are_alone(tmp_path):
+    """lr is stackable: a study over lr that meets a diverging lr keeps the healthy
+    models' numbers (those of their own stack, bit for bit when isolated); the diverged
+    member is NaN from the step it diverged, its earlier checkpoints measured as usual."""
+    base = tiny_config("dm", steps=40, optimizer="sgd", log_every=1, checkpoint_every=5,
+                       isolate=True, batch_size=16)
+    cfg = study(grid={"train.lr": [0.05, 1e6], "train.seed": [0, 1], "train.steps": [1, 40]})
+    res = study_run(base, cfg, tmp_path, progress=False)
+    alone = study_run(base.replace(name="dm1"), study(grid={
+        "train.lr": [0.05], "train.seed": [0, 1], "train.steps": [1, 40]}), tmp_path,
+        progress=False)
+    assert len({r["stack"] for r in res.rows}) == 1  # all 8 models in one stack
+    healthy = [r for r in res.rows if r["train.lr"] == 0.05]
+    skip = ("stack", "member")
+    assert [{k: v for k, v in r.items() if k not in skip} for r in healthy] == [
+        {k: v for k, v in r.items() if k not in skip} for r in alone.rows]
+    bad = {r["step"]: r for r in res.rows if r["train.lr"] == 1e6 and r["train.seed"] == 0}
+    assert not bad[1]["diverged"] and math.isfinite(bad[1]["train_loss"])
+    assert bad[40]["diverged"] and math.isnan(bad[40]["gap"])
+    # scored: 4 healthy rows + the 2 at step 1, before they diverged (volumes: -inf at lr 1e6)
+    assert {s["measure"]: s["n"] for s in res.scores}["weight_norm"] == 6
 
 
 def test_the_executor_is_one_pluggable_loop(tmp_path):
@@ -259,6 +303,12 @@ def _cli(root, *args):
     (("--vary", "train.steps=10:0:5"), "needs step >= 1 and b >= a"),
     (("--vary", "train.steps=0:x:5"), "expected integers a:b:step"),
     (("--vary", "train.lr=0.1", "--vary", "train.lr=0.2"), "train.lr is varied twice"),
+    # what only the data or the model can check: still before anything is written
+    (("--vary", "data.name=blobs,nosuch"), "unknown dataset 'nosuch'"),
+    (("--vary", "model.name=mlp,nosuch"), "unknown model 'nosuch'"),
+    (("--vary", "model.name=mlp,resnet20"), "resnet20"),
+    (("--vary", "data.n_train=40,0"), "n_train"),
+    (("--beta", "0.3", "--vary", "data.n_poison=40,0"), "needs a poison set"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, match):
     root = tmp_path / "runs"
@@ -307,6 +357,18 @@ def test_cli_runs_a_study_with_a_grid_file_and_redraws_it(tmp_path):
                                       str(tmp_path / "f2")])
     assert again.exit_code == 0 and (tmp_path / "f2" / "c" / "mean_radius.png").exists()
     assert Run.open(root / "c").config["kind"] == "study"
+
+
+def test_cli_study_with_a_diverged_stack_reports_it_and_draws_the_figures(tmp_path):
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"train.lr": 0.05, "train.batch_size": 16},
+                                {"train.lr": 1e12, "train.batch_size": 32}]))
+    fig = tmp_path / "fig"
+    res = _cli(tmp_path / "runs", "--grid", str(grid), "--optimizer", "sgd", "--figures",
+               str(fig))
+    assert res.exit_code == 0, res.output
+    assert "1 model(s) diverged" in res.output and "Kendall tau" in res.output
+    assert (fig / "c" / "scores.png").exists()
 
 
 def test_cli_trajectory_study_draws_the_trajectory(tmp_path):

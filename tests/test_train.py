@@ -109,6 +109,79 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, tiny):
     assert all(torch.isfinite(v).all() for v in last.params.values())
 
 
+@pytest.mark.parametrize("isolated", [True, False])
+def test_a_diverging_member_is_frozen_and_the_others_train_as_alone(isolated):
+    """lr 1e6 diverges, lr 0.05 does not: the healthy members end exactly where they end
+    alone (bit for bit when isolated), the diverged one at its last finite log step."""
+    model, params, data = _problem(m=4, dtype=torch.float32)
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, steps=30, log_every=1, batch_size=16)
+    lrs = [0.05, 1e6, 0.05, 0.02]
+    res = fit(model, params, data, cfg, 0.0, lrs=lrs, isolated=isolated)
+    d = res.diverged_at[1]
+    assert d is not None and d > 1 and res.diverged_at[::2] == [None, None]
+    assert res.diverged_at[3] is None and res.step == 30
+    for i in (0, 2, 3):
+        alone = fit(model, stack([member(params, i)]), data, cfg.replace(lr=lrs[i]), 0.0,
+                    isolated=isolated)
+        mine = [{k: v for k, v in r.items() if k != "member"} for r in res.history
+                if r["member"] == i]
+        if isolated:
+            assert mine == [{k: v for k, v in r.items() if k != "member"}
+                            for r in alone.history]
+        for k in params:
+            if isolated:
+                assert torch.equal(res.params[k][i], alone.params[k][0])
+            else:
+                torch.testing.assert_close(res.params[k][i], alone.params[k][0])
+    # frozen at the log step before: the same member trained alone for d - 1 steps
+    before = fit(model, stack([member(params, 1)]), data, cfg.replace(lr=1e6, steps=d - 1),
+                 0.0, isolated=isolated)
+    for k in params:
+        assert torch.equal(res.params[k][1], before.params[k][0])
+    bad = [r for r in res.history if r["member"] == 1 and r["step"] >= d]
+    assert bad and all(r["diverged"] and r["train_loss"] != r["train_loss"] for r in bad)
+    # every member diverging (a single model: at once) still raises, as before
+    with pytest.raises(TrainingDiverged, match="loss became NaN/inf at step"):
+        fit(model, stack([member(params, 1)]), data, cfg.replace(lr=1e6), 0.0)
+    with pytest.raises(TrainingDiverged, match="loss became NaN/inf at step"):
+        fit(model, stack([member(params, 1)] * 2), data, cfg.replace(lr=1e6), 0.0)
+
+
+def test_a_run_with_a_diverged_member_records_it_and_resumes_bit_identically(
+        tmp_path, tiny, monkeypatch):
+    import math
+
+    import minefield.stages.train as tr
+
+    cfg = tiny(optimizer="sgd", batch_size=16, log_every=1, checkpoint_every=10, steps=30)
+    cfg = cfg.replace(train=cfg.train.replace(members=2))
+    full = train_run(cfg, tmp_path / "a", progress=False, lrs=[0.05, 1e6])
+    d = full.diverged_at[1]
+    assert full.diverged_at[0] is None and d is not None and d < 10
+    assert math.isnan(full.metrics["test_acc"][1]) and full.metrics["test_acc"][0] > 0.5
+    assert full.run.read_json("summary.json")["diverged_at"] == [None, d]
+    real = tr.save_tensors
+
+    def killed_after_step_20(path, tensors, meta):
+        real(path, tensors, meta)
+        if meta.get("step") == 20:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "save_tensors", killed_after_step_20)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "b", progress=False, lrs=[0.05, 1e6])
+    monkeypatch.setattr(tr, "save_tensors", real)
+    resumed = train_run(cfg, tmp_path / "b", progress=False, lrs=[0.05, 1e6])
+    assert resumed.diverged_at == full.diverged_at
+    for k in full.params:
+        assert torch.equal(full.params[k], resumed.params[k])
+    nan_free = [{k: (None if v != v else v) for k, v in r.items()} for r in full.run.metrics()]
+    assert nan_free == [{k: (None if v != v else v) for k, v in r.items()}
+                        for r in resumed.run.metrics()]
+    again = train_run(cfg, tmp_path / "b", progress=False, lrs=[0.05, 1e6])  # finished
+    assert again.diverged_at == full.diverged_at
+
+
 def test_members_and_concat_beta(tmp_path, tiny):
     cfg = tiny().replace(poison=PoisonConfig(beta=None))
     cfg = cfg.replace(train=cfg.train.replace(members=2))

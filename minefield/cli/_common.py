@@ -179,11 +179,13 @@ def executor_of(opts: dict) -> Executor | None:
     """The executor the options ask for (popping them from ``opts``); None for ``local``.
 
     Built before anything is written: without Ray, ``--executor ray`` is one line
-    saying ``pip install minefield[ray]``.
+    saying ``pip install minefield[ray]``, and so are task resources no node has.
     """
     kind = opts.pop("executor")
     address, cpus, gpus = opts.pop("address"), opts.pop("cpus_per_task"), opts.pop(
         "gpus_per_task")
     if kind == "local":
         return None
-    return make_executor(kind, address, cpus, gpus)
+    executor = make_executor(kind, address, cpus, gpus)
+    executor.check()  # resources no node has: one line, not a silent wait
+    return executor

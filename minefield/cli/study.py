@@ -156,9 +156,13 @@ def study(ctx, vary, grid_file, directions, cutoff, r_max, estimator, measures, 
 
 
 def _echo(res) -> None:
-    at_max = sum(r["n_at_r_max"] > 0 for r in res.rows)
+    diverged = sum(bool(r["diverged"]) for r in res.rows)  # rows of NaN, no basin
+    at_max = sum(not r["diverged"] and r["n_at_r_max"] > 0 for r in res.rows)
     click.echo(f"{len(res.rows)} models in {len({r['stack'] for r in res.rows})} stacks; "
                f"table: {res.run.file('study.csv')}")
+    if diverged:
+        click.echo(f"{diverged} model(s) diverged (loss NaN/inf): rows of NaN, left out of "
+                   "the scores")
     if at_max:
         click.echo(f"{at_max} model(s) have radii at r_max: their volume is a lower bound")
     click.echo(f"{'measure':<22}{'n':>4}{'Kendall tau':>13}{'granulated':>12}{'CMI':>8}")

@@ -161,6 +161,10 @@ def train(ctx, **opts):
     cfg = config_from_options(opts)
     res = train_run(cfg, root_of(ctx), force=opts["force"], progress=not opts["quiet"])
     _print_summary(res.run.name, res.metrics)
+    for i, d in enumerate(res.diverged_at or []):
+        if d is not None:
+            click.echo(f"{res.run.name}[{i}] diverged (loss NaN/inf) at step {d}; the others "
+                       "trained on")
 
 
 def _print_summary(name: str, m: dict[str, list[float]]) -> None:

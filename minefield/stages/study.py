@@ -42,7 +42,7 @@ from torch import nn
 from ..basin import BasinResult, basin_members
 from ..config import ExperimentConfig
 from ..data import Dataset
-from ..evaluate import evaluate_members
+from ..evaluate import evaluate_members, resolve_device
 from ..executor import Executor, torch_threads
 from ..functional import Params, alone, n_members, one
 from ..lock import locking
@@ -51,7 +51,7 @@ from ..ranking import score_measures
 from ..runs import DEFAULT_ROOT, Run, RunError, reading
 from ..study import REPLICATES, StackSpec, StudyConfig, StudyPlan, plan_study
 from ..train import TrainingDiverged
-from .train import match_model, train_run
+from .train import check_buildable, load_run_model, match_model, train_run
 
 __all__ = ["FLATNESS", "MODELS_FILE", "STUDY_FILE", "StudyResult", "run_stack", "run_stacks",
            "stack_task", "stack_rows", "study_run", "load_study", "measure_columns",
@@ -96,8 +96,11 @@ def run_stack(spec: StackSpec | dict[str, Any], root: Path | str,
     Per step and member: ``evaluate_members`` (loss and accuracy on every split,
     weight norm), :func:`~minefield.basin.basin_members` with ``spec.volume`` and,
     when ``spec.sharpness`` is set, :func:`~minefield.measures.measure_members`.
-    ``force`` retrains the run from scratch. A stack whose loss diverges is recorded
-    as such (``"diverged"`` in models.json): its models are rows of NaN in the table.
+    ``force`` retrains the run from scratch. A member whose loss diverges is frozen
+    while the others train on (:func:`~minefield.train.fit`); ``"diverged_at"`` in
+    models.json records its step, from which on its rows in the table are NaN (the
+    steps before are measured as usual); so too when all of them diverge
+    (``"diverged"`` holds the message).
     """
     spec = spec if isinstance(spec, StackSpec) else StackSpec.from_dict(spec)
     with torch_threads(1 if spec.config.train.isolate else None):
@@ -118,11 +121,12 @@ def _run_stack(spec: StackSpec, root: Path | str, progress: bool, force: bool) -
     try:
         res = train_run(spec.config, root, force=force, progress=progress,
                         **spec.train_kwargs())
-    except TrainingDiverged as e:  # a study over lr meets some: their rows are NaN
-        run = Run.open(Path(root) / spec.name)
-        return run.write_result(MODELS_FILE, key, {"complete": True, "diverged": str(e),
-                                                   "steps": {}})
-    run = res.run
+        run, model, data, at = res.run, res.model, res.data, res.diverged_at
+        div = {"diverged_at": at} if any(d is not None for d in at) else {}
+    except TrainingDiverged as e:  # every member: the checkpoints before are still good
+        run, model, data = Run.open(Path(root) / spec.name), None, None
+        at = [getattr(e, "step", 0)] * len(spec.members)
+        div = {"diverged": str(e), "diverged_at": at}
     done: dict[str, Any] = {}
     if run.resume(MODELS_FILE, key):
         saved = run.read_json(MODELS_FILE)
@@ -131,15 +135,18 @@ def _run_stack(spec: StackSpec, root: Path | str, progress: bool, force: bool) -
                 return run.file(MODELS_FILE)
             done = dict(saved["steps"])
     for step in spec.steps:
-        if str(step) in done:
+        if str(step) in done or all(d is not None and step >= d for d in at):
             continue
+        if model is None:
+            model, _, _, data, _ = load_run_model(run, device=resolve_device(
+                spec.config.device))
         ck = run.load_checkpoint(f"trajectory/step_{step:08d}.safetensors")
-        params, buffers = match_model(res.model, ck)
-        done[str(step)] = measure_stack(res.model, params, res.data, spec.volume,
+        params, buffers = match_model(model, ck)
+        done[str(step)] = measure_stack(model, params, data, spec.volume,
                                         spec.sharpness, buffers or None,
                                         spec.config.train.isolate)
-        run.write_result(MODELS_FILE, key, {"complete": False, "steps": done})
-    return run.write_result(MODELS_FILE, key, {"complete": True, "steps": done})
+        run.write_result(MODELS_FILE, key, {"complete": False, "steps": done, **div})
+    return run.write_result(MODELS_FILE, key, {"complete": True, "steps": done, **div})
 
 
 def _same_models(run: Run, spec: StackSpec) -> bool:
@@ -195,14 +202,16 @@ def stack_rows(spec: StackSpec, root: Path | str, design: list[str]) -> list[dic
         if (not saved["complete"] or saved["key"] != json.loads(json.dumps(_key(spec)))
                 or not _same_models(run, spec)):
             raise RunError(f"{run.file(MODELS_FILE)} is not finished for this study")
+        n = len(spec.members)
+        div = saved.get("diverged_at") or ([0] * n if saved.get("diverged") else [None] * n)
         for step in spec.steps:
-            if saved.get("diverged"):
-                rows += [{**spec.design(i, step, design), "stack": spec.name, "member": i,
-                          "step": step, "diverged": True, **dict.fromkeys(_NAN_COLUMNS, nan)}
-                         for i in range(len(spec.members))]
-                continue
-            at = saved["steps"][str(step)]
-            for i in range(len(spec.members)):
+            for i in range(n):
+                if div[i] is not None and step >= div[i]:  # NaN/inf from this step on
+                    rows.append({**spec.design(i, step, design), "stack": spec.name,
+                                 "member": i, "step": step, "diverged": True,
+                                 **dict.fromkeys(_NAN_COLUMNS, nan)})
+                    continue
+                at = saved["steps"][str(step)]
                 m = {k: v[i] for k, v in at["metrics"].items()}
                 b = BasinResult.from_dict(at["basins"][i])
                 rows.append({**spec.design(i, step, design), "stack": spec.name, "member": i,
@@ -210,8 +219,7 @@ def stack_rows(spec: StackSpec, root: Path | str, design: list[str]) -> list[dic
                              "gap": m["train_acc"] - m["test_acc"],
                              "loss_gap": m["test_loss"] - m["train_loss"],
                              "mean_radius": b.mean_radius,
-                             "median_radius": (float(b.radii.median()) if len(b.radii)
-                                               else float("nan")),
+                             "median_radius": b.median_radius,
                              "log10_volume": b.log10_volume,
                              "n_mean_log10_r": b.n_mean_log10_r,
                              "log10_volume_ci_low": b.ci_log10_volume[0],
@@ -244,13 +252,20 @@ def study_run(base: ExperimentConfig, study: StudyConfig, root: Path | str = DEF
     a model was trained).
 
     ``base`` sets everything the study does not vary. Every field and value is
-    checked (:func:`~minefield.study.plan_study`) before anything is written.
+    checked (:func:`~minefield.study.plan_study`), and every stack's data and model
+    are built (:func:`~minefield.stages.train.check_buildable`), before anything is
+    written.
 
     Raises:
         ConfigError: an unknown field, an empty grid, a value of the wrong type.
         RunError: the name holds another study or run (without ``force``).
+        DataError, ModelError, ValueError: a stack's data or model cannot be built.
     """
     plan = plan_study(base, study, models_per_task)
+    for spec in plan.stacks:  # what only the data or the model can check, before writing
+        check_buildable(spec.config, spec.train_kwargs().get("betas"))
+    if executor is not None:
+        executor.check()
     run = Run.create(base.name, {"kind": "study", "base": base.to_dict(),
                                  "study": study.to_dict()}, root, force)
     stacks_root = run.file("stacks")

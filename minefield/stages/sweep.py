@@ -32,6 +32,7 @@ from ..lock import locking
 from ..runs import DEFAULT_ROOT, Run, reading
 from ..study import StackSpec, StudyConfig, check_sharpness, plan_study
 from ..sweep import SweepConfig, SweepResult, spearman, sweep_rows
+from ..train import TrainingDiverged
 from .study import MODELS_FILE, measure_stack, run_stack
 from .train import train_run
 
@@ -104,6 +105,9 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
         return load_sweep(run)
     saved = run.read_json(MODELS_FILE)
     with reading(run.file(MODELS_FILE)):
+        if saved.get("diverged"):  # every model: the message the split sweep gives too
+            raise TrainingDiverged(saved["diverged"])
+        _all_finite(saved.get("diverged_at"), grid)
         at = saved["steps"][str(spec.config.train.steps)]
         basins = [BasinResult.from_dict(b) for b in at["basins"]]
         rows = sweep_rows(grid, at["metrics"], basins)
@@ -116,6 +120,16 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
     run.write_csv("sweep.csv", rows)
     run.write_result(SWEEP_FILE, key, {**out.to_dict(), "basins": [b.to_dict() for b in basins]})
     return out
+
+
+def _all_finite(diverged_at: list[int | None] | None, grid: list[tuple[float, int]]) -> None:
+    """A sweep correlates all of its models: one whose loss diverged (frozen by
+    :func:`~minefield.train.fit`, the others trained on) ends it, in one line."""
+    bad = [i for i, d in enumerate(diverged_at or []) if d is not None]
+    if bad:
+        (b, s), d = grid[bad[0]], diverged_at[bad[0]]
+        raise TrainingDiverged(f"the loss of {len(bad)} of {len(grid)} models became NaN/inf "
+                               f"(the first: beta {b:g}, seed {s}, at step {d})")
 
 
 def _sweep_key(sweep: SweepConfig) -> dict:
@@ -141,6 +155,7 @@ def _sweep_tasks(base: ExperimentConfig, sweep: SweepConfig, root: Path | str, f
                           "members (train.isolate, --isolate) to split it")
     cfg = base.replace(train=base.train.replace(members=len(grid)))
     key = _sweep_key(sweep)
+    executor.check()  # before the run is written
     run = Run.create(cfg.name, cfg.to_dict(), root, force) if save else None
     if run is not None and run.resume(SWEEP_FILE, key, force):
         return load_sweep(run)
@@ -187,6 +202,7 @@ def sweep_task(spec: dict) -> dict:
     with torch_threads(1 if cfg.train.isolate else None):
         res = train_run(cfg, progress=False, betas=[b for b, _ in grid],
                         seeds=[base.train.seed + s for _, s in grid], save=False)
+        _all_finite(res.diverged_at, grid)
         out = measure_stack(res.model, res.params, res.data, sweep.volume, sweep.sharpness,
                             res.buffers or None, cfg.train.isolate)
     out.update({f"param.{k}": v.detach().cpu() for k, v in res.params.items()})

@@ -25,11 +25,11 @@ from ..functional import Params
 from ..lock import locking
 from ..models import build_model
 from ..runs import DEFAULT_ROOT, Checkpoint, Run, RunError, load_tensors, save_tensors
-from ..train import FitResult, effective_beta, fit, init_stack, make_optimizer
+from ..train import FitResult, effective_beta, fit, fitted, init_stack, make_optimizer
 from ..validate import check_training_memory
 
 __all__ = ["TrainResult", "train_run", "load_run_model", "match_model", "member_seeds",
-           "run_config"]
+           "run_config", "check_buildable"]
 
 
 @dataclass
@@ -40,6 +40,7 @@ class TrainResult:
     metrics: dict[str, list[float]]
     model: nn.Module
     data: Dataset
+    diverged_at: list[int | None] | None = None  # per member: the step its loss became NaN
 
 
 def _opt_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -80,21 +81,15 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
     coefficient and SAM radius (default: the config's, for all; see
     :func:`~minefield.train.fit`); they are recorded in the checkpoints' metadata
     and ``summary.json``. With ``save=False`` nothing is written.
+    A member whose loss diverges is frozen and the others train on
+    (:func:`~minefield.train.fit`): ``diverged_at`` says where, its metrics are NaN
+    (``metrics.jsonl`` rows ``"diverged": true``, ``summary.json``); when every member
+    diverges, :class:`~minefield.train.TrainingDiverged` is raised.
     """
     dev = resolve_device(cfg.device)
-    data = load_dataset(cfg.data)
-    _check_memory(cfg, data)
-    model = build_model(cfg.model, data.input_shape, data.n_classes)
+    data, model, betas = _build(cfg, betas)
     data = data.to(dev)
     m = cfg.train.members
-    if betas is None:
-        betas = [cfg.poison.beta] * m
-    if len(betas) != m:
-        raise ValueError(f"{len(betas)} betas for {m} members")
-    betas = [effective_beta(b, data, cfg.train) for b in betas]
-    if any(b > 0 for b in betas) and len(data.y_poison) == 0:
-        raise ValueError(f"a poison factor > 0 needs a poison set, and {cfg.data.name} has "
-                         "none here (n_poison = 0): it would train a clean model")
     l2s = [cfg.train.l2] * m if l2s is None else [float(v) for v in l2s]
     if len(l2s) != m:
         raise ValueError(f"{len(l2s)} l2 coefficients for {m} members")
@@ -155,23 +150,67 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         state.update(ot)
         save_tensors(run.file("state.safetensors"), state, {**base_meta, "step": step, **om})
 
+    # members that diverged up to the step resumed from (logged before its checkpoint)
+    div = _diverged_at(run.metrics() if run is not None and start > 0 else [], start, m)
     if start >= cfg.train.steps and run is not None and run.trajectory():
         p, b = match_model(model, run.load_checkpoint(run.trajectory()[-1], dev))
-        res = FitResult(p, b, start, [], [None] * m)
+        res = FitResult(p, b, start, [], [None] * m, diverged_at=div)
     else:
         res = fit(model, params, data, cfg.train, torch.tensor(betas, dtype=torch.float64),
                   flip=cfg.poison.objective is PoisonObjective.FLIP, buffers=buffers,
                   start_step=start, opt_state=opt_state, on_log=on_log,
                   on_checkpoint=on_checkpoint, progress=progress, desc=cfg.name,
-                  lrs=lrs, l2s=l2s, rhos=rhos, isolated=cfg.train.isolate)
+                  lrs=lrs, l2s=l2s, rhos=rhos, isolated=cfg.train.isolate, diverged_at=div)
     final = evaluate_members(model, res.params, data, res.buffers,
                              isolated=cfg.train.isolate)
-    metrics = {k: v.tolist() for k, v in final.items()}
+    metrics = {k: [math.nan if d is not None else x for x, d in zip(v.tolist(),
+                                                                     res.diverged_at)]
+               for k, v in final.items()}
+    some = any(d is not None for d in res.diverged_at)
     if run is not None:
         run.write_json("summary.json", {"step": res.step, "seeds": seeds,
                                         "betas": list(map(float, betas)), **per_member,
-                                        **metrics})
-    return TrainResult(run, res.params, res.buffers, metrics, model, data)
+                                        **metrics,
+                                        **({"diverged_at": res.diverged_at} if some else {})})
+    return TrainResult(run, res.params, res.buffers, metrics, model, data, res.diverged_at)
+
+
+def _diverged_at(rows: list[dict], upto: int, m: int) -> list[int | None]:
+    """Per member, the first logged step ``<= upto`` whose row says it diverged."""
+    out: list[int | None] = [None] * m
+    for r in rows:
+        i = r.get("member", 0)
+        if r.get("diverged") and r["step"] <= upto and 0 <= i < m and out[i] is None:
+            out[i] = int(r["step"])
+    return out
+
+
+def _build(cfg: ExperimentConfig, betas: Sequence[float | None] | None
+           ) -> tuple[Dataset, nn.Module, list[float]]:
+    """The data (on the CPU), the model and every member's poison factor of ``cfg``, or
+    the one-line error for what they cannot be (DataError, ModelError, ValueError)."""
+    data = load_dataset(cfg.data)
+    _check_memory(cfg, data)
+    model = build_model(cfg.model, data.input_shape, data.n_classes)
+    m = cfg.train.members
+    if betas is None:
+        betas = [cfg.poison.beta] * m
+    if len(betas) != m:
+        raise ValueError(f"{len(betas)} betas for {m} members")
+    betas = [effective_beta(b, data, cfg.train) for b in betas]
+    if any(b > 0 for b in betas) and len(data.y_poison) == 0:
+        raise ValueError(f"a poison factor > 0 needs a poison set, and {cfg.data.name} has "
+                         "none here (n_poison = 0): it would train a clean model")
+    fitted(data, cfg.train)  # train.fit_first within the training set
+    return data, model, betas
+
+
+def check_buildable(cfg: ExperimentConfig, betas: Sequence[float | None] | None = None
+                    ) -> None:
+    """Refuse, before anything is written, a config :func:`train_run` would refuse only
+    after loading its data: an unknown dataset or model, sizes the data cannot give, a
+    model that does not take its inputs, a stack too big, poison without poison points."""
+    _build(cfg, betas)
 
 
 def _same_shape(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
