@@ -184,6 +184,10 @@ def _cases() -> list[Case]:
             code=1)
     bad_opt(("sweep", "--name", "s", "--dataset", "blobs", "-q"), "--betas", ["2", "nan"],
             r"poison factors must be in \[0, 1\)", code=1)
+    bad_opt(("sweep", "--name", "s", "--dataset", "blobs", "-q"), "--betas", ["", ","],
+            r"a sweep needs at least one beta and one seed", code=1)  # was: the 8 defaults
+    bad_opt(("sweep", "--name", "s", "--dataset", "blobs", "-q"), "--beta-range", ["", "1,2"],
+            r"--beta-range needs lo,hi,n")
     # hostile files given as checkpoints
     for cmd in (("evaluate", "good"), ("basin", "good", "--directions", "2"),
                 ("landscape", "good", "--points", "3")):
