@@ -28,7 +28,7 @@ from ..runs import (
     save_tensors,
     tensors_sha,
 )
-from .train import load_run_model
+from .train import load_run_model, run_config
 
 __all__ = ["EMBED_FILE", "MAP_FILE", "embed_run", "load_embedding", "load_map"]
 
@@ -81,6 +81,7 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig | None = None, *,
         ('added', '/home/me/runs/mf2/search/minima/start_00000040_r00.safetensors')
     """
     run = run if isinstance(run, Run) else Run.open(run, root)
+    run_config(run)  # a study's folder is refused here, pointing at its stacks
     stored = _stored(run)
     if cfg is None:
         cfg = EmbedConfig.from_dict(stored["config"]) if stored else EmbedConfig()
