@@ -97,6 +97,8 @@ class ConnectConfig(_Config):
         if isinstance(self.n_points, bool) or not isinstance(self.n_points, int) \
                 or self.n_points < 2:
             raise ConfigError(f"connect.n_points must be an integer >= 2, got {self.n_points}")
+        if self.n_points > 10_000:  # a plot's resolution; 1e8 points took 23 GB to refuse
+            raise ConfigError(f"connect.n_points (--points): at most 10000, got {self.n_points}")
         if not self.memory_mb > 0:
             raise ConfigError(f"connect.memory_mb must be > 0, got {self.memory_mb}")
 
@@ -274,17 +276,22 @@ def evaluate_curves(model: nn.Module, a: Params, c: Params, b: Params, ts: torch
     chunk = max(1, int(memory_mb * 2**20 // max(1, per * n_pts)))
     loss = torch.empty(p * k, dtype=torch.float64, device=y.device)
     acc = torch.empty(p * k, dtype=torch.float64, device=y.device)
+    loss, acc = loss.view(p, k), acc.view(p, k)
+    per_t = min(k, chunk)  # values of t per forward: all of them unless one curve's overflow
     with bn_mode(model, False):
         for i in range(0, p, max(1, chunk // k)):
             sl = slice(i, min(p, i + max(1, chunk // k)))
-            pts = bezier({n: v[sl] for n, v in a.items()}, {n: v[sl] for n, v in c.items()},
-                         {n: v[sl] for n, v in b.items()}, ts)
-            bufs = _point_stats(model, pts, x_stats.to(dtype)) if bn else None
-            logits = stacked_forward(model, pts, x, bufs)
-            rows = slice(sl.start * k, sl.stop * k)
-            loss[rows] = nll(logits, y).double().mean(-1)
-            acc[rows] = (predict(logits) == y).double().mean(-1)
-    return loss.reshape(p, k), acc.reshape(p, k)
+            for j in range(0, k, per_t):
+                cols = slice(j, min(k, j + per_t))
+                pts = bezier({n: v[sl] for n, v in a.items()},
+                             {n: v[sl] for n, v in c.items()},
+                             {n: v[sl] for n, v in b.items()}, ts[cols])
+                bufs = _point_stats(model, pts, x_stats.to(dtype)) if bn else None
+                logits = stacked_forward(model, pts, x, bufs)
+                n_t = cols.stop - cols.start
+                loss[sl, cols] = nll(logits, y).double().mean(-1).view(-1, n_t)
+                acc[sl, cols] = (predict(logits) == y).double().mean(-1).view(-1, n_t)
+    return loss, acc
 
 
 def barriers(ts: torch.Tensor, loss: torch.Tensor, acc: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -24,6 +24,9 @@ from .options import Grid, RadiusMethod, option
 
 __all__ = ["find_radii", "radius_grid", "check_radii"]
 
+# halvings from the largest float64 to 0 (2098), plus room: find_radii always ends sooner
+_MAX_STEPS = 2200
+
 
 def radius_grid(r_max: float, points: int, kind: Grid | str = Grid.POWER, power: float = 5.0
                 ) -> torch.Tensor:
@@ -52,9 +55,10 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
     i) and returns the loss in the same shape. ``bisect``: loss on the bracket
     grid ``r_max * bracket_ratio^-j`` (j = bracket_points-1 .. 0; default
     1, 1/4, ..., 1/1024, one batched call), then bisection of the
-    first bracket where it reaches ``cutoff`` until ``hi - lo <= 2 rtol lo``;
-    the answer is the midpoint, so (the radius being >= lo) its relative error
-    is at most ``rtol``.
+    first bracket where it reaches ``cutoff`` until ``hi - lo <= 2 rtol lo`` (or
+    the ends are adjacent floats); the answer is the midpoint, so (the radius being
+    >= lo) its relative error is at most ``rtol``. A crossing below the lowest
+    bracket point is found by halving from it, so any finite ``r_max`` converges.
     ``grid``: the first crossing on :func:`radius_grid`, linearly interpolated.
     Radii are 0 where the centre is already at or above the cutoff and ``r_max``
     where no crossing is found. A NaN loss counts as above the cutoff (float32 logits
@@ -89,16 +93,20 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
     hi = ts[jc].clone()
     lo = torch.where(jc > 0, ts[(jc - 1).clamp(min=0)], torch.zeros_like(hi))
     evals = k * bracket_points + 1
-    for _ in range(200):
+    for _ in range(_MAX_STEPS):
         # a converged direction stops moving: its radius depends on its own losses only,
-        # not on which directions share the batch (so blocks of directions agree)
-        active = hit & ((hi - lo) > 2 * rtol * lo)
+        # not on which directions share the batch (so blocks of directions agree). Halving
+        # down from a bracket that starts at 0 takes log2(hi / r) steps (330 for r_max =
+        # 1e100), so there is no small cap; a midpoint equal to an end is float resolution.
+        mid = (lo + hi) / 2
+        active = hit & ((hi - lo) > 2 * rtol * lo) & (mid > lo) & (mid < hi)
         if not bool(active.any()):
             break
-        mid = (lo + hi) / 2
         above = ~(loss_fn(mid).double().cpu() < cutoff)  # NaN: outside
         evals += int(active.sum())  # the evaluations the radii needed (the batch is k wide)
         hi, lo = torch.where(active & above, mid, hi), torch.where(active & ~above, mid, lo)
+    else:  # unreachable in float64 (each step halves hi or hi - lo): never return it silently
+        raise RuntimeError(f"find_radii: bisection did not converge in {_MAX_STEPS} steps")
     r = torch.where(hit, (lo + hi) / 2, torch.full_like(hi, r_max))
     return r, evals
 

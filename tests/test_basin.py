@@ -344,6 +344,25 @@ def test_a_nan_loss_is_outside_the_basin(method):
     assert torch.equal(r, torch.zeros(3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("r_max", [1.0, 1e40, 1e70, 1e100])
+def test_bisection_converges_for_any_finite_r_max(r_max):
+    # regression: with every bracket point above the cutoff, halving from r_max / 4^5 hit a
+    # 200-step cap and returned 3.04e36 (r_max 1e100) as a radius of the bowl L = t^2
+    from minefield.radii import check_radii
+    bowl = lambda t: t.double() ** 2  # noqa: E731  # radius at cutoff c: sqrt(c)
+    r, _ = find_radii(bowl, 3, 0.5, r_max=r_max, rtol=1e-3)
+    torch.testing.assert_close(r, torch.full((3,), math.sqrt(0.5), dtype=torch.float64),
+                               rtol=1e-3, atol=0)
+    assert bool(check_radii(bowl, r, 0.5, 1e-3, r_max).all())
+
+
+def test_bisection_that_does_not_converge_raises(monkeypatch):
+    import minefield.radii
+    monkeypatch.setattr(minefield.radii, "_MAX_STEPS", 5)
+    with pytest.raises(RuntimeError, match="did not converge in 5 steps"):
+        find_radii(lambda t: t.double() ** 2, 3, 0.5, r_max=1e100)
+
+
 def test_a_basin_of_the_last_checkpoint_is_keyed_by_its_content(tmp_path):
     # "the last checkpoint" moves when an interrupted run resumes: the stored basin of
     # the old last one must not be returned for the new one

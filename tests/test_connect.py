@@ -86,6 +86,28 @@ def test_batched_curve_points_equal_the_one_point_loop():
     assert torch.equal(acc, want_a)
 
 
+def test_many_points_of_one_curve_are_evaluated_in_chunks(monkeypatch):
+    # regression: the chunk split curves only, so one curve's T points went through one
+    # forward however large T was (and memory_mb) were
+    import minefield.connectivity as conn
+
+    data = _data()
+    model = build_model(ModelConfig(widths=(6, 4)), (2,), 2).double()
+    a, b, c = _stacks(model, [0, 1]), _stacks(model, [2, 3]), _stacks(model, [4, 5])
+    ts = torch.linspace(0, 1, 50, dtype=torch.float64)
+    seen, real = [], conn.stacked_forward
+    monkeypatch.setattr(conn, "stacked_forward",
+                        lambda m, p, x, bufs=None: seen.append(len(next(iter(p.values()))))
+                        or real(m, p, x, bufs))
+    per = conn.activation_elements(model, data.x_test[:1]) * 8 * len(data.x_test)
+    loss, acc = evaluate_curves(model, a, c, b, ts, data.x_test, data.y_test,
+                                memory_mb=7.5 * per / 2**20)  # room for 7 points at a time
+    assert max(seen) == 7 and sum(seen) == 2 * 50
+    want_l, want_a = _loop(model, a, c, b, ts, data.x_test, data.y_test)
+    torch.testing.assert_close(loss, want_l, rtol=1e-12, atol=1e-14)
+    assert torch.equal(acc, want_a)
+
+
 def test_batchnorm_statistics_are_recomputed_at_every_point():
     data = _data()
     torch.manual_seed(0)
@@ -298,6 +320,10 @@ def test_bad_endpoints_raise(cli, tmp_path):
             connect_run("a", "a", checkpoint_b=ck, root=root)
     with pytest.raises(ConfigError, match="connect.n_points must be an integer >= 2"):
         ConnectConfig(n_points=1)
+    # regression: --points 100000000 grew to 23 GB and was killed by the kernel
+    r = cli("connect", "a", "a", "--points", "100000000", "--steps", "1")
+    assert r.exit_code == 1 and r.output.count("Error:") == 1 and "Traceback" not in r.output
+    assert "connect.n_points (--points): at most 10000, got 100000000" in r.output
     with pytest.raises(ValueError, match="not of one architecture"):
         model = build_model(ModelConfig(widths=(5,)), (2,), 2)
         other = build_model(ModelConfig(widths=(4,)), (2,), 2)

@@ -222,3 +222,45 @@ def test_added_file_must_hold_the_maps_member(tmp_path):
     assert torch.equal(_member_of(single, names, 5)["w"], ck.params["w"][0])
     with pytest.raises(RunError, match="x.safetensors has 2 members; the map shows member 2"):
         _member_of(ck, names, 2)
+
+
+def test_a_map_of_a_trajectory_that_grew_or_changed_is_not_reused(tmp_path, tiny, monkeypatch):
+    # regression: a map made while training was interrupted (2 checkpoints) was reused
+    # ("embedded 2 checkpoints ...; reused") after training resumed to 3
+    import minefield.stages.train as tr
+
+    real = tr.save_tensors
+
+    def killed_after_step_40(path, tensors, meta):
+        real(path, tensors, meta)
+        if meta.get("step") == 40:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "save_tensors", killed_after_step_40)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(tiny("good"), tmp_path, progress=False)
+    monkeypatch.setattr(tr, "save_tensors", real)
+    run = Run.open("good", tmp_path)
+    search_run(run, SearchConfig.make(every=1, steps=30, log_every=10, milestones=()),
+               device="cpu")
+    cfg = EmbedConfig(perplexity=2, n_iter=50)
+    def shown(res):
+        return [s for s, k in zip(res.step, res.kind) if k == "trajectory"]
+
+    # "all": steps 0, 20, 40; "searched": the starts 20, 40 (and the last, 40)
+    before = {"all": [0, 20, 40], "searched": [20, 40]}
+    for checkpoints in ("all", "searched"):
+        res = embed_run(run, cfg, device="cpu", checkpoints=checkpoints, force=True)
+        assert shown(res) == before[checkpoints]
+        assert embed_run(run, cfg, device="cpu", checkpoints=checkpoints).step == res.step
+    train_run(tiny("good"), tmp_path, progress=False)  # resumes to step 60
+    for checkpoints in ("all", "searched"):
+        with pytest.raises(RunError, match="holds results for other settings"):
+            embed_run(run, cfg, device="cpu", checkpoints=checkpoints)
+        res = embed_run(run, cfg, device="cpu", checkpoints=checkpoints, force=True)
+        assert shown(res) == [*before[checkpoints], 60]
+    # the same files, the last one with other weights (retrained in place): stale too
+    last = run.trajectory()[-1]
+    last.write_bytes(run.trajectory()[0].read_bytes())
+    with pytest.raises(RunError, match="holds results for other settings"):
+        embed_run(run, cfg, device="cpu", checkpoints="searched")

@@ -184,6 +184,10 @@ def _cases() -> list[Case]:
             code=1)
     bad_opt(("sweep", "--name", "s", "--dataset", "blobs", "-q"), "--betas", ["2", "nan"],
             r"poison factors must be in \[0, 1\)", code=1)
+    bad_opt(("sweep", "--name", "s", "--dataset", "blobs", "-q"), "--betas", ["", ","],
+            r"a sweep needs at least one beta and one seed", code=1)  # was: the 8 defaults
+    bad_opt(("sweep", "--name", "s", "--dataset", "blobs", "-q"), "--beta-range", ["", "1,2"],
+            r"--beta-range needs lo,hi,n")
     # hostile files given as checkpoints
     for cmd in (("evaluate", "good"), ("basin", "good", "--directions", "2"),
                 ("landscape", "good", "--points", "3")):
@@ -444,6 +448,32 @@ def test_model_size_is_refused_before_allocation():
         check_training_memory(ModelConfig(widths=(8,)), (2,), 2, 1, 10, limit=10)
     assert check_training_memory(ModelConfig(widths=(8,)), (2,), 2, 2, 10) == \
         2 * (6 * 33 + 3 * 17 * 10) * 4
+
+
+@pytest.mark.parametrize("err,size", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                  "allocate memory: you tried to allocate 36800000000 bytes. Error code 12"),
+     " (tried to allocate 36.8 GB)"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has ..."),
+     " (tried to allocate 20.00 GiB)"),
+    (MemoryError(), "")])
+def test_a_failed_allocation_is_the_out_of_memory_line(err, size):
+    # regression: basin --directions 100000000 (and --rollouts, sharpness --samples,
+    # connect --points) said "unexpected error RuntimeError: ... (this is a bug; ...)"
+    import click
+
+    from minefield.cli._common import friendly
+
+    def boom():
+        raise err
+
+    with pytest.raises(click.ClickException) as got:
+        friendly(boom)()
+    assert got.value.message == (f"out of memory{size}; use smaller models, fewer members, "
+                                 "directions, rollouts, samples or points, or a smaller "
+                                 "--memory-mb")
+    with pytest.raises(click.ClickException, match=r"unexpected error RuntimeError: shape"):
+        friendly(lambda: (_ for _ in ()).throw(RuntimeError("shape mismatch")))()
 
 
 def test_oversize_and_special_files_are_not_read(tmp_path):

@@ -419,8 +419,14 @@ def test_sharpness_of_a_study_points_at_its_stacks(tmp_path):
     study_run(tiny_config("sd", steps=10), study(grid={"train.seed": [0]}), tmp_path,
               progress=False)
     stack = next((tmp_path / "sd" / "stacks").iterdir()).name
-    for cmd in (["sharpness", "sd", "--measures", "lambda_max"], ["basin", "sd"]):
+    # regression: landscape and connect said "unknown key(s) base, kind, study", embed and
+    # search "has no trajectory checkpoints; train it first"
+    for cmd in (["sharpness", "sd", "--measures", "lambda_max"], ["basin", "sd"],
+                ["landscape", "sd", "--points", "3"], ["connect", "sd", "sd"],
+                ["embed", "sd"], ["search", "sd"]):
+        before = sorted(p for p in tmp_path.rglob("*") if p.name != ".lock")
         res = CliRunner().invoke(main, ["--root", str(tmp_path), *cmd])
+        assert sorted(p for p in tmp_path.rglob("*") if p.name != ".lock") == before, cmd
         assert res.exit_code == 1 and "Traceback" not in res.output, res.output
         assert (f"sd is a study, not a trained run: its models are the runs of its stacks in "
                 f"{tmp_path / 'sd' / 'stacks'} ({stack}); name one with --root") in res.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from pathlib import Path
 
 import click
@@ -45,20 +46,40 @@ def friendly(fn):
                 raise
             raise click.ClickException(_os_error(e)) from None
         except MemoryError:
-            raise click.ClickException("out of memory; use smaller models, fewer members "
-                                       "or a smaller --memory-mb") from None
+            raise click.ClickException(out_of_memory()) from None
         except KeyboardInterrupt:
             raise click.ClickException(
                 "interrupted; run the same command again to resume") from None
         except Exception as e:  # a bug: still one line, the traceback on request
             if os.environ.get("MINEFIELD_DEBUG"):
                 raise
+            if isinstance(e, RuntimeError) and _ALLOC_FAILED.search(str(e)):
+                raise click.ClickException(out_of_memory(str(e))) from None
             first = str(e).splitlines()[0][:200] if str(e) else ""
             raise click.ClickException(
                 f"unexpected error {type(e).__name__}: {first} (this is a bug; "
                 "MINEFIELD_DEBUG=1 shows the traceback)") from None
 
     return wrapper
+
+
+# how torch's allocators fail: a RuntimeError (torch.OutOfMemoryError on CUDA), not a
+# MemoryError: "DefaultCPUAllocator: can't allocate memory: you tried to allocate 36800000000
+# bytes", "CUDA out of memory. Tried to allocate 20.00 GiB"
+_ALLOC_FAILED = re.compile(r"can't allocate memory|out of memory|DefaultCPUAllocator", re.I)
+_ALLOC_BYTES = re.compile(r"tried to allocate (\d+) bytes", re.I)
+_ALLOC_SIZE = re.compile(r"tried to allocate ([\d.]+ [KMGT]i?B)", re.I)
+
+
+def out_of_memory(detail: str = "") -> str:
+    """The one line for a failed allocation, with its size when the allocator said it."""
+    size = ""
+    if m := _ALLOC_BYTES.search(detail):
+        size = f" (tried to allocate {int(m.group(1)) / 1e9:.1f} GB)"
+    elif m := _ALLOC_SIZE.search(detail):
+        size = f" (tried to allocate {m.group(1)})"
+    return (f"out of memory{size}; use smaller models, fewer members, directions, rollouts, "
+            "samples or points, or a smaller --memory-mb")
 
 
 def _os_error(e: OSError) -> str:

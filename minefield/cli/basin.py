@@ -16,12 +16,13 @@ import click
 import torch
 
 from ..basin import BasinWarning, VolumeConfig
-from ..config import ConfigError, ExperimentConfig
+from ..config import ConfigError
 from ..directions import BiasPolicy, DirectionKind, DirectionSpec
 from ..landscape import LandscapeConfig, Slice, Surface
 from ..options import CurvatureKind, Estimator, Precision
 from ..stages import basin_run, landscape_run, load_basin, load_landscape
 from ..stages.basin import check_tag
+from ..stages.train import run_config
 from ._common import (
     device_option,
     executor_of,
@@ -259,7 +260,7 @@ def landscape(ctx, run, other, checkpoint, dim, points, span, splits, member, bl
             raise click.BadParameter(str(e)) from None
         raise
     r = open_run(ctx, run)
-    members = ExperimentConfig.from_dict(r.config).train.members
+    members = run_config(r).train.members  # a study's folder is refused, naming its stacks
     if member >= members:
         raise click.BadParameter(f"{run} has no member {member}", param_hint="'--member'")
     executor = executor_of(ex_opts)

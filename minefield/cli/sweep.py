@@ -69,13 +69,17 @@ def sweep(ctx, betas, beta_range, seeds, directions, cutoff, rtol, measures, fig
       ... --isolate --models-per-task 1 --executor ray --address auto
     """
     executor = executor_of(opts)
-    if betas and beta_range:
+    if betas is not None and beta_range is not None:
         raise click.UsageError("give --betas or --beta-range, not both")
-    if beta_range:
-        lo, hi, n = parse_floats(beta_range)
+    if beta_range is not None:
+        vals = parse_floats(beta_range)
+        if len(vals) != 3:
+            raise click.UsageError(f"--beta-range needs lo,hi,n, got {beta_range!r}")
+        lo, hi, n = vals
         factors = log_spaced_betas(lo, hi, int(n))
     else:
-        factors = parse_floats(betas) if betas else SweepConfig().betas
+        # an empty --betas (an unset shell variable) is refused, not the default sweep
+        factors = parse_floats(betas) if betas is not None else SweepConfig().betas
     cfg = config_from_options({**opts, "members": None})
     vol = VolumeConfig(cutoff=cutoff, rtol=rtol, n_directions=directions,
                        directions=DirectionSpec(seed=0))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, ExperimentConfig
+from ..config import ConfigError
 from ..connectivity import ConnectConfig, ConnectResult, connect
 from ..evaluate import resolve_device
 from ..functional import Params, n_members, stack
@@ -26,7 +26,7 @@ from ..lock import locking
 from ..runs import DEFAULT_ROOT, Run, RunError, reading
 from .basin import check_tag, read_tagged
 from .search import SEARCH_DIR
-from .train import load_run_model
+from .train import load_run_model, run_config
 
 __all__ = ["ConnectRun", "connect_run", "load_connect", "check_endpoints"]
 
@@ -44,7 +44,7 @@ def check_endpoints(run_a: Run, run_b: Run) -> None:
     same training and test points). The poison set is not compared: connect never
     uses it, so a good run and a poisoned run of the same data connect (Fig. 3's pair);
     :func:`connect_run` then checks that their training and test tensors are equal."""
-    ca, cb = (ExperimentConfig.from_dict(r.config) for r in (run_a, run_b))
+    ca, cb = (run_config(r) for r in (run_a, run_b))  # a study's folder is refused here
     for what in ("model", "data"):
         da, db = getattr(ca, what).to_dict(), getattr(cb, what).to_dict()
         diff = [k for k in da if da[k] != db[k] and (what, k) != ("data", "n_poison")]

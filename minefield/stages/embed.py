@@ -28,7 +28,7 @@ from ..runs import (
     save_tensors,
     tensors_sha,
 )
-from .train import load_run_model
+from .train import load_run_model, run_config
 
 __all__ = ["EMBED_FILE", "MAP_FILE", "embed_run", "load_embedding", "load_map"]
 
@@ -48,8 +48,11 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig | None = None, *,
     started from (the paper: every 10th epoch) plus the final iterate;
     ``"all"`` embeds the whole trajectory. Accuracies are recomputed from the
     weights. With ``save`` the result goes to ``runs/<name>/embed/embed.json``
-    and the fitted map to ``embed/map.safetensors``, keyed by ``cfg`` and
-    ``checkpoints``: the same key reuses them, another refuses without ``force``.
+    and the fitted map to ``embed/map.safetensors``, keyed by ``cfg``,
+    ``checkpoints``, the search and its minima, and the trajectory files embedded
+    (their names, and a hash of the last one's weights): the same key reuses them,
+    another refuses without ``force``, so a map made before an interrupted run
+    resumed training (or was retrained) is not passed off as the new trajectory's.
     ``cfg=None`` / ``checkpoints=None`` mean the saved map's settings, or the
     defaults (``EmbedConfig()``, ``"searched"``) when there is none.
 
@@ -81,6 +84,7 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig | None = None, *,
         ('added', '/home/me/runs/mf2/search/minima/start_00000040_r00.safetensors')
     """
     run = run if isinstance(run, Run) else Run.open(run, root)
+    run_config(run)  # a study's folder is refused here, pointing at its stacks
     stored = _stored(run)
     if cfg is None:
         cfg = EmbedConfig.from_dict(stored["config"]) if stored else EmbedConfig()
@@ -93,17 +97,27 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig | None = None, *,
     minima = sorted(run.file("search", "minima").glob("*.safetensors"))
     if not minima:
         raise RunError(f"run {run.name} has no bad minima; run `minefield search` first")
-    # the map depends on the search that made the minima, and on which minima there are
+    dev = resolve_device(device)
+    bad_cks = [run.load_checkpoint(p, dev) for p in minima]
+    with reading(run.file("search", "minima")):
+        starts = [(ck.meta["row"]["start_checkpoint"], int(ck.meta["row"]["start_step"]))
+                  for ck in bad_cks]
+    if checkpoints is EmbedCheckpoints.SEARCHED:
+        wanted = {name for name, _ in starts} | {traj[-1].name}
+        traj = [p for p in traj if p.name in wanted]
+    # the map depends on the search that made the minima, on which minima there are, and
+    # on the trajectory it shows: its files, and the last one's weights (training resumed
+    # or redone in place moves "the final iterate")
     key = {"embed": cfg.to_dict(), "checkpoints": checkpoints.value,
            "search": run.read_json("search/config.json") if run.exists("search/config.json")
-           else None, "minima": [p.name for p in minima]}
+           else None, "minima": [p.name for p in minima],
+           "trajectory": [p.name for p in traj],
+           "final": run.fingerprint(traj[-1], named=False)}
     if (add and stored and not force and cfg == EmbedConfig.from_dict(stored["config"])
             and stored["key"]["checkpoints"] == checkpoints.value):
         key = stored["key"]  # add to the map there, even if the run has minima it lacks
-    dev = resolve_device(device)
     model, _, _, data, _ = load_run_model(run, traj[-1], dev)
     names = {n: v.shape for n, v in model.named_parameters()}
-    bad_cks = [run.load_checkpoint(p, dev) for p in minima]
     member = int(bad_cks[0].meta.get("search", {}).get("member", 0))
     extra = [run.load_checkpoint(_resolve(run, p), dev) for p in add]
     _check_models(run, extra, names)
@@ -115,12 +129,6 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig | None = None, *,
             res = load_embedding(run)
             tmap = load_map(run) if add else None
     if res is None:
-        with reading(run.file("search", "minima")):
-            starts = [(ck.meta["row"]["start_checkpoint"], int(ck.meta["row"]["start_step"]))
-                      for ck in bad_cks]
-        if checkpoints is EmbedCheckpoints.SEARCHED:
-            wanted = {name for name, _ in starts} | {traj[-1].name}
-            traj = [p for p in traj if p.name in wanted]
         good_cks = [run.load_checkpoint(p, dev) for p in traj]
         _check_models(run, good_cks + bad_cks, names)
         good = stack([{n: ck.params[n][member] for n in names} for ck in good_cks])

@@ -37,7 +37,7 @@ from ..search import (
     search_minima,
     search_seed,
 )
-from .train import load_run_model
+from .train import load_run_model, run_config
 
 __all__ = ["SEARCH_DIR", "SearchSummary", "search_run", "select_checkpoints"]
 
@@ -156,6 +156,7 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
     """
     t0 = time.perf_counter()
     run = run if isinstance(run, Run) else Run.open(run, root)
+    run_config(run)  # a study's folder is refused here, pointing at its stacks
     traj = run.trajectory()
     if not traj:
         raise RunError(f"run {run.name} has no trajectory checkpoints; train it first")
