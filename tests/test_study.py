@@ -433,3 +433,13 @@ def test_sharpness_of_a_study_points_at_its_stacks(tmp_path):
     res = CliRunner().invoke(main, ["--root", str(tmp_path / "sd" / "stacks"), "sharpness",
                                     stack, "--measures", "lambda_max"])
     assert res.exit_code == 0, res.output
+
+
+def test_cli_options_the_grid_makes_meaningful_are_not_refused(tmp_path):
+    # `train` refuses --momentum without sgd and --gamma without milestones (ignored);
+    # in a study the grid may supply the optimizer or the milestones
+    grid = tmp_path / "grid.json"
+    grid.write_text('{"train.milestones": [[5], [8]]}')
+    res = _cli(tmp_path / "runs", "--grid", str(grid), "--gamma", "0.5", "--momentum", "0.5",
+               "--vary", "train.optimizer=sgd,adam", "--figures", str(tmp_path / "fig"))
+    assert res.exit_code == 0, res.output

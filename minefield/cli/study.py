@@ -139,7 +139,7 @@ def study(ctx, vary, grid_file, directions, cutoff, r_max, estimator, measures, 
     spec["grid"] = grid
     executor = executor_of(opts)
     opts = {**opts, "members": None}
-    base = config_from_options(opts)
+    base = config_from_options(opts, ignored_ok=True)  # the grid may set optimizer, milestones
     vol = VolumeConfig(cutoff=cutoff, r_max=r_max, n_directions=directions,
                        directions=DirectionSpec(seed=0), estimator=estimator)
     sharp = (SharpnessConfig(measures=tuple(MEASURES) if measures.strip() == "all" else

@@ -94,8 +94,10 @@ def experiment_options(fn):
     return fn
 
 
-def config_from_options(opts: dict) -> ExperimentConfig:
-    """An ExperimentConfig from ``--config`` (if any) overridden by the given options."""
+def config_from_options(opts: dict, ignored_ok: bool = False) -> ExperimentConfig:
+    """An ExperimentConfig from ``--config`` (if any) overridden by the given options;
+    options the config would ignore (``--momentum`` without sgd, ``--gamma`` without
+    milestones) are refused unless ``ignored_ok`` (a study's grid may supply them)."""
     cfg = load_config(opts["config_file"]) if opts.get("config_file") else ExperimentConfig()
     src = click.get_current_context().get_parameter_source
 
@@ -129,10 +131,11 @@ def config_from_options(opts: dict) -> ExperimentConfig:
     if given("device") or not opts.get("config_file"):
         full["device"] = opts["device"]
     cfg = ExperimentConfig.from_dict(full)
-    if opts.get("momentum") is not None and cfg.train.optimizer is not Optimizer.SGD:
+    sgd = cfg.train.optimizer is Optimizer.SGD
+    if not ignored_ok and opts.get("momentum") is not None and not sgd:
         raise click.BadParameter(f"momentum is a setting of sgd; {cfg.train.optimizer.value} "
                                  "would ignore it", param_hint="'--momentum'")
-    if opts.get("gamma") is not None and not cfg.train.milestones:
+    if not ignored_ok and opts.get("gamma") is not None and not cfg.train.milestones:
         raise click.BadParameter("gamma scales the lr at the milestones: give --milestones too",
                                  param_hint="'--gamma'")
     if cfg.train.sam is not SamKind.NONE and cfg.train.rho == 0:  # the API allows it (a
