@@ -192,7 +192,8 @@ def fit(
     that reached their goal: their parameters are kept from that step on and
     ``stopped_at[m]`` records it; training ends when all members have stopped.
     A member whose loss (or weights) becomes NaN/inf diverged: it is frozen at its
-    last finite parameters (those of the log step before), ``diverged_at[m]``
+    last finite parameters (those of the last log step or checkpoint
+    before, so a resumed run freezes it where the uninterrupted one does), ``diverged_at[m]``
     records the step and its logged rows are NaN with ``"diverged": True``; the
     others train on as they would alone. When every member has diverged (a single
     model: at once) :class:`TrainingDiverged` is raised. ``diverged_at`` (input)
@@ -296,7 +297,9 @@ def fit(
     def diverge(bad: torch.Tensor, step: int) -> None:
         """Members ``bad`` became NaN/inf at ``step``: frozen at their last finite state."""
         if bool((div | bad).all()):
-            raise _diverged(step, last_ckpt)
+            e = _diverged(step, last_ckpt)
+            e.diverged_at = [step if d is None else d for d in div_at]  # per member
+            raise e
         for i in bad.nonzero().flatten().tolist():
             div_at[i] = step
         div[bad] = True
@@ -376,9 +379,12 @@ def fit(
                 if log(step):
                     break
             if on_checkpoint and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                with torch.no_grad():  # between log steps: the log finds who diverged
-                    if bool((~finite() & ~done).any()) and log(step):
-                        break
+                with torch.no_grad():  # the finite state saved here is the one resumed from
+                    bad = ~finite() & ~done
+                    if bool(bad.any()):
+                        diverge(bad, step)
+                    for k, v in good.items():
+                        v.copy_(leaves[k] if k in leaves else buffers[k])
                 on_checkpoint(step, _current(), _kept(buffers, frozen_buf), opt)
                 last_ckpt = step
     finally:

@@ -293,6 +293,7 @@ def test_connect_to_the_minima_of_a_search(cli, tmp_path):
 @pytest.mark.parametrize("bad,msg", [
     (["--widths", "7"], "a different model (model.widths: [6] vs [7])"),
     (["--dataset", "swissroll"], "different "),
+    (["--outputs", "2"], "a different model (model.outputs: the default vs 2)"),
 ])
 def test_runs_of_different_architectures_give_one_line_and_nothing_written(cli, tmp_path, bad,
                                                                           msg):
@@ -302,6 +303,8 @@ def test_runs_of_different_architectures_give_one_line_and_nothing_written(cli, 
     r = cli("connect", "a", "b")
     assert r.exit_code == 1 and msg in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    r = cli("connect", "b", "a")  # a field only b's config.json holds came first: KeyError
+    assert r.exit_code == 1 and "different" in r.output and "bug" not in r.output, r.output
     assert _files(tmp_path / "runs") == before
 
 

@@ -443,3 +443,14 @@ def test_cli_options_the_grid_makes_meaningful_are_not_refused(tmp_path):
     res = _cli(tmp_path / "runs", "--grid", str(grid), "--gamma", "0.5", "--momentum", "0.5",
                "--vary", "train.optimizer=sgd,adam", "--figures", str(tmp_path / "fig"))
     assert res.exit_code == 0, res.output
+
+
+def test_cli_study_over_steps_with_a_diverged_model_draws_its_figures(tmp_path):
+    # diverged rows carry every measured column (NaN): the trajectory plot read
+    # 'mean_radius' from them and the study ended in a KeyError after its tables
+    fig = tmp_path / "fig"
+    res = _cli(tmp_path / "runs", "--optimizer", "sgd", "--batch-size", "16", "--log-every",
+               "1", "--vary", "train.steps=2,4,6,12", "--vary", "train.lr=0.05,6e4",
+               "--figures", str(fig))
+    assert res.exit_code == 0, res.output
+    assert "diverged" in res.output and any(fig.rglob("trajectory.png"))

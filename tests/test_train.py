@@ -407,3 +407,50 @@ def test_fit_first_steps_on_the_first_points_and_measures_all(tmp_path, tiny):
     res = train_run(tiny().replace(poison=PoisonConfig(beta=None)).replace(
         train=tiny().train.replace(fit_first=30)), tmp_path, progress=False)
     assert res.run.read_json("summary.json")["betas"] == [40 / 70]
+
+
+def test_a_diverged_member_resumes_where_the_uninterrupted_run_froze_it(tmp_path, tiny,
+                                                                       monkeypatch):
+    # checkpoints (every 3 steps) between log steps (every 10): the last finite state a
+    # diverging member is frozen at must be the one a resume starts from
+    import minefield.stages.train as tr
+    cfg = tiny(optimizer="sgd", batch_size=16, log_every=10, checkpoint_every=3, steps=40)
+    cfg = cfg.replace(train=cfg.train.replace(members=2))
+    full = train_run(cfg, tmp_path / "a", progress=False, lrs=[0.05, 1e6])
+    real = tr.save_tensors
+
+    def killed(path, tensors, meta):
+        real(path, tensors, meta)
+        if meta.get("step") == 3 and "state" in str(path):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "save_tensors", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "b", progress=False, lrs=[0.05, 1e6])
+    monkeypatch.setattr(tr, "save_tensors", real)
+    res = train_run(cfg, tmp_path / "b", progress=False, lrs=[0.05, 1e6])
+    assert full.diverged_at[1] is not None and full.diverged_at[0] is None
+    for k in full.params:
+        assert torch.equal(full.params[k], res.params[k])
+
+
+def test_a_member_diverging_between_log_steps_does_not_move_the_others_stop():
+    # the divergence found at a checkpoint must not add an off-schedule log (and stop_fn
+    # call) for the healthy members: member 0 stops exactly as it does alone
+    model, params, data = _problem(m=2, dtype=torch.float32)
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, steps=40, log_every=10, checkpoint_every=3,
+                      batch_size=16)
+
+    def stop(v):
+        return v["train_acc"] >= 0.9
+
+    both = fit(model, params, data, cfg, lrs=[0.5, 1e6], stop_fn=stop,
+               on_checkpoint=lambda *a: None, isolated=True)
+    alone = fit(model, stack([member(params, 0)]), data, cfg.replace(lr=0.5), stop_fn=stop,
+                on_checkpoint=lambda *a: None, isolated=True)
+    assert both.diverged_at[1] is not None
+    assert both.stopped_at[0] == alone.stopped_at[0]
+    assert [r["step"] for r in both.history if r["member"] == 0] == [
+        r["step"] for r in alone.history]
+    for k in params:
+        assert torch.equal(both.params[k][0], alone.params[k][0])

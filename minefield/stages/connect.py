@@ -47,11 +47,14 @@ def check_endpoints(run_a: Run, run_b: Run) -> None:
     ca, cb = (run_config(r) for r in (run_a, run_b))  # a study's folder is refused here
     for what in ("model", "data"):
         da, db = getattr(ca, what).to_dict(), getattr(cb, what).to_dict()
-        diff = [k for k in da if da[k] != db[k] and (what, k) != ("data", "n_poison")]
+        # fields left out of config.json at their default are missing from one side only
+        diff = [k for k in {**da, **db} if da.get(k) != db.get(k)
+                and (what, k) != ("data", "n_poison")]
         if diff:
             k = diff[0]
+            va, vb = (d.get(k, "the default") for d in (da, db))
             raise ConfigError(f"runs {run_a.name} and {run_b.name} have a different {what} "
-                              f"({what}.{k}: {da[k]} vs {db[k]}); connect needs one "
+                              f"({what}.{k}: {va} vs {vb}); connect needs one "
                               "architecture and dataset")
 
 

@@ -125,7 +125,7 @@ def _run_stack(spec: StackSpec, root: Path | str, progress: bool, force: bool) -
         div = {"diverged_at": at} if any(d is not None for d in at) else {}
     except TrainingDiverged as e:  # every member: the checkpoints before are still good
         run, model, data = Run.open(Path(root) / spec.name), None, None
-        at = [getattr(e, "step", 0)] * len(spec.members)
+        at = getattr(e, "diverged_at", None) or [getattr(e, "step", 0)] * len(spec.members)
         div = {"diverged": str(e), "diverged_at": at}
     done: dict[str, Any] = {}
     if run.resume(MODELS_FILE, key):
@@ -203,13 +203,16 @@ def stack_rows(spec: StackSpec, root: Path | str, design: list[str]) -> list[dic
                 or not _same_models(run, spec)):
             raise RunError(f"{run.file(MODELS_FILE)} is not finished for this study")
         n = len(spec.members)
+        # a diverged row has every column a measured row has, as NaN (tables, plots)
+        nan_columns = (*_NAN_COLUMNS, *measure_columns(spec), "log10_volume_ci_low",
+                       "log10_volume_ci_high", "centre_loss", "n_at_r_max")
         div = saved.get("diverged_at") or ([0] * n if saved.get("diverged") else [None] * n)
         for step in spec.steps:
             for i in range(n):
                 if div[i] is not None and step >= div[i]:  # NaN/inf from this step on
                     rows.append({**spec.design(i, step, design), "stack": spec.name,
                                  "member": i, "step": step, "diverged": True,
-                                 **dict.fromkeys(_NAN_COLUMNS, nan)})
+                                 **dict.fromkeys(nan_columns, nan)})
                     continue
                 at = saved["steps"][str(step)]
                 m = {k: v[i] for k, v in at["metrics"].items()}
