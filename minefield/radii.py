@@ -98,7 +98,8 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
         # not on which directions share the batch (so blocks of directions agree). Halving
         # down from a bracket that starts at 0 takes log2(hi / r) steps (330 for r_max =
         # 1e100), so there is no small cap; a midpoint equal to an end is float resolution.
-        mid = (lo + hi) / 2
+        # (lo + hi) / 2 bit for bit (halving a normal float is exact), without overflow
+        mid = lo / 2 + hi / 2
         active = hit & ((hi - lo) > 2 * rtol * lo) & (mid > lo) & (mid < hi)
         if not bool(active.any()):
             break
@@ -107,7 +108,7 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
         hi, lo = torch.where(active & above, mid, hi), torch.where(active & ~above, mid, lo)
     else:  # unreachable in float64 (each step halves hi or hi - lo): never return it silently
         raise RuntimeError(f"find_radii: bisection did not converge in {_MAX_STEPS} steps")
-    r = torch.where(hit, (lo + hi) / 2, torch.full_like(hi, r_max))
+    r = torch.where(hit, lo / 2 + hi / 2, torch.full_like(hi, r_max))
     return r, evals
 
 

@@ -356,6 +356,13 @@ def test_bisection_converges_for_any_finite_r_max(r_max):
     assert bool(check_radii(bowl, r, 0.5, 1e-3, r_max).all())
 
 
+def test_bisection_near_the_largest_float_does_not_overflow():
+    # (lo + hi) / 2 overflowed to inf for a crossing within a factor 4 of float64's max
+    r, _ = find_radii(lambda t: (t.double() / 1e308) ** 2, 2, 2.0, r_max=1.7e308)
+    torch.testing.assert_close(r, torch.full((2,), math.sqrt(2.0) * 1e308,
+                                             dtype=torch.float64), rtol=1e-3, atol=0)
+
+
 def test_bisection_that_does_not_converge_raises(monkeypatch):
     import minefield.radii
     monkeypatch.setattr(minefield.radii, "_MAX_STEPS", 5)
