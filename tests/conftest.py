@@ -29,3 +29,19 @@ def tiny():
 def _threads():
     torch.set_num_threads(2)
     yield
+
+
+def interrupt_training(monkeypatch, step: int, state_only: bool = False):
+    """Make ``train_run`` raise KeyboardInterrupt right after it saved step ``step`` (its
+    state file only, with ``state_only``), as a kill would; returns the undo."""
+    import minefield.stages.train as tr
+
+    real = tr.save_tensors
+
+    def killed(path, tensors, meta):
+        real(path, tensors, meta)
+        if meta.get("step") == step and (not state_only or "state" in str(path)):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "save_tensors", killed)
+    return lambda: monkeypatch.setattr(tr, "save_tensors", real)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import interrupt_training
 
 from minefield.config import ConfigError, ModelConfig
 from minefield.embed import EmbedConfig, TSNEMap, embed_points, fit_map, weight_matrix
@@ -227,19 +228,10 @@ def test_added_file_must_hold_the_maps_member(tmp_path):
 def test_a_map_of_a_trajectory_that_grew_or_changed_is_not_reused(tmp_path, tiny, monkeypatch):
     # regression: a map made while training was interrupted (2 checkpoints) was reused
     # ("embedded 2 checkpoints ...; reused") after training resumed to 3
-    import minefield.stages.train as tr
-
-    real = tr.save_tensors
-
-    def killed_after_step_40(path, tensors, meta):
-        real(path, tensors, meta)
-        if meta.get("step") == 40:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(tr, "save_tensors", killed_after_step_40)
+    undo = interrupt_training(monkeypatch, 40)
     with pytest.raises(KeyboardInterrupt):
         train_run(tiny("good"), tmp_path, progress=False)
-    monkeypatch.setattr(tr, "save_tensors", real)
+    undo()
     run = Run.open("good", tmp_path)
     search_run(run, SearchConfig.make(every=1, steps=30, log_every=10, milestones=()),
                device="cpu")

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import interrupt_training
 
 from minefield.config import ConfigError, DataConfig, ModelConfig, PoisonConfig, TrainConfig
 from minefield.data import load_dataset
@@ -70,19 +71,10 @@ def test_resume_is_bit_identical(tmp_path, tiny, monkeypatch):
     cfg = tiny(batch_size=16)
     full = train_run(cfg, tmp_path / "a", progress=False)
 
-    import minefield.stages.train as tr
-
-    real = tr.save_tensors
-
-    def killed_after_step_20(path, tensors, meta):
-        real(path, tensors, meta)
-        if meta.get("step") == 20:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(tr, "save_tensors", killed_after_step_20)
+    undo = interrupt_training(monkeypatch, 20)
     with pytest.raises(KeyboardInterrupt):
         train_run(cfg, tmp_path / "b", progress=False)
-    monkeypatch.setattr(tr, "save_tensors", real)
+    undo()
     resumed = train_run(cfg, tmp_path / "b", progress=False)
     for k in full.params:
         assert torch.equal(full.params[k], resumed.params[k])
@@ -151,8 +143,6 @@ def test_a_run_with_a_diverged_member_records_it_and_resumes_bit_identically(
         tmp_path, tiny, monkeypatch):
     import math
 
-    import minefield.stages.train as tr
-
     cfg = tiny(optimizer="sgd", batch_size=16, log_every=1, checkpoint_every=10, steps=30)
     cfg = cfg.replace(train=cfg.train.replace(members=2))
     full = train_run(cfg, tmp_path / "a", progress=False, lrs=[0.05, 1e6])
@@ -160,17 +150,10 @@ def test_a_run_with_a_diverged_member_records_it_and_resumes_bit_identically(
     assert full.diverged_at[0] is None and d is not None and d < 10
     assert math.isnan(full.metrics["test_acc"][1]) and full.metrics["test_acc"][0] > 0.5
     assert full.run.read_json("summary.json")["diverged_at"] == [None, d]
-    real = tr.save_tensors
-
-    def killed_after_step_20(path, tensors, meta):
-        real(path, tensors, meta)
-        if meta.get("step") == 20:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(tr, "save_tensors", killed_after_step_20)
+    undo = interrupt_training(monkeypatch, 20)
     with pytest.raises(KeyboardInterrupt):
         train_run(cfg, tmp_path / "b", progress=False, lrs=[0.05, 1e6])
-    monkeypatch.setattr(tr, "save_tensors", real)
+    undo()
     resumed = train_run(cfg, tmp_path / "b", progress=False, lrs=[0.05, 1e6])
     assert resumed.diverged_at == full.diverged_at
     for k in full.params:
@@ -413,21 +396,13 @@ def test_a_diverged_member_resumes_where_the_uninterrupted_run_froze_it(tmp_path
                                                                        monkeypatch):
     # checkpoints (every 3 steps) between log steps (every 10): the last finite state a
     # diverging member is frozen at must be the one a resume starts from
-    import minefield.stages.train as tr
     cfg = tiny(optimizer="sgd", batch_size=16, log_every=10, checkpoint_every=3, steps=40)
     cfg = cfg.replace(train=cfg.train.replace(members=2))
     full = train_run(cfg, tmp_path / "a", progress=False, lrs=[0.05, 1e6])
-    real = tr.save_tensors
-
-    def killed(path, tensors, meta):
-        real(path, tensors, meta)
-        if meta.get("step") == 3 and "state" in str(path):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(tr, "save_tensors", killed)
+    undo = interrupt_training(monkeypatch, 3, state_only=True)
     with pytest.raises(KeyboardInterrupt):
         train_run(cfg, tmp_path / "b", progress=False, lrs=[0.05, 1e6])
-    monkeypatch.setattr(tr, "save_tensors", real)
+    undo()
     res = train_run(cfg, tmp_path / "b", progress=False, lrs=[0.05, 1e6])
     assert full.diverged_at[1] is not None and full.diverged_at[0] is None
     for k in full.params:
