@@ -429,3 +429,14 @@ def test_a_member_diverging_between_log_steps_does_not_move_the_others_stop():
         r["step"] for r in alone.history]
     for k in params:
         assert torch.equal(both.params[k][0], alone.params[k][0])
+
+
+def test_when_every_member_diverges_each_keeps_its_own_step():
+    # a study measures a member's checkpoints up to its own divergence: the error of an
+    # all-diverged stack names each member's step, not the last one for all
+    model, params, data = _problem(m=2, dtype=torch.float32)
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, steps=40, log_every=1, batch_size=16)
+    with pytest.raises(TrainingDiverged) as e:
+        fit(model, params, data, cfg, lrs=[1e7, 1.5e5])
+    first, second = e.value.diverged_at  # [2, 3] here
+    assert first < second == e.value.step
