@@ -294,26 +294,28 @@ def fit(
                 f[newly] = v.detach()[newly]
         done = done | newly
 
-    def diverge(bad: torch.Tensor, step: int) -> None:
-        """Members ``bad`` became NaN/inf at ``step``: frozen at their last finite state."""
-        if bool((div | bad).all()):
-            e = _diverged(step, last_ckpt)
-            e.diverged_at = [step if d is None else d for d in div_at]  # per member
-            raise e
-        for i in bad.nonzero().flatten().tolist():
-            div_at[i] = step
-        div[bad] = True
-        freeze(bad, {k: good[k] for k in leaves}, {k: good[k] for k in buffers})
+    def settle(bad: torch.Tensor, step: int) -> None:
+        """Members ``bad`` (still training) became NaN/inf at ``step``: frozen at their
+        last finite state; then every member's state now is the last finite one."""
+        bad = bad.to(dev) & ~done
+        if bool(bad.any()):
+            if bool((div | bad).all()):
+                e = _diverged(step, last_ckpt)
+                e.diverged_at = [step if d is None else d for d in div_at]  # per member
+                raise e
+            for i in bad.nonzero().flatten().tolist():
+                div_at[i] = step
+            div[bad] = True
+            freeze(bad, {k: good[k] for k in leaves}, {k: good[k] for k in buffers})
+        for k, v in good.items():
+            v.copy_(leaves[k] if k in leaves else buffers[k])
 
     def log(step: int) -> bool:
         with torch.no_grad():
             vals = evaluate_members(model, _current(), eval_data or data,
                                     _kept(buffers, frozen_buf), isolated=isolated)
-            bad = ~(torch.isfinite(vals["train_loss"]) & torch.isfinite(vals["weight_norm"]))
-            if bool((bad.to(dev) & ~done).any()):
-                diverge(bad.to(dev) & ~done, step)
-            for k, v in good.items():  # every member still training is finite here
-                v.copy_(leaves[k] if k in leaves else buffers[k])
+            settle(~(torch.isfinite(vals["train_loss"]) & torch.isfinite(vals["weight_norm"])),
+                   step)
         lr = (lr0 * cfg.lr_factor(step)).tolist()
         nan = div.tolist()
         rows = [{"step": step, "member": i, "lr": lr[i], "beta": beta_vals[i],
@@ -380,11 +382,7 @@ def fit(
                     break
             if on_checkpoint and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 with torch.no_grad():  # the finite state saved here is the one resumed from
-                    bad = ~finite() & ~done
-                    if bool(bad.any()):
-                        diverge(bad, step)
-                    for k, v in good.items():
-                        v.copy_(leaves[k] if k in leaves else buffers[k])
+                    settle(~finite(), step)
                 on_checkpoint(step, _current(), _kept(buffers, frozen_buf), opt)
                 last_ckpt = step
     finally:

@@ -265,8 +265,9 @@ def study_run(base: ExperimentConfig, study: StudyConfig, root: Path | str = DEF
         DataError, ModelError, ValueError: a stack's data or model cannot be built.
     """
     plan = plan_study(base, study, models_per_task)
+    loaded: dict = {}  # each data set read once, not once per stack
     for spec in plan.stacks:  # what only the data or the model can check, before writing
-        check_buildable(spec.config, spec.train_kwargs().get("betas"))
+        check_buildable(spec.config, spec.train_kwargs().get("betas"), loaded)
     if executor is not None:
         executor.check()
     run = Run.create(base.name, {"kind": "study", "base": base.to_dict(),

@@ -185,11 +185,15 @@ def _diverged_at(rows: list[dict], upto: int, m: int) -> list[int | None]:
     return out
 
 
-def _build(cfg: ExperimentConfig, betas: Sequence[float | None] | None
-           ) -> tuple[Dataset, nn.Module, list[float]]:
+def _build(cfg: ExperimentConfig, betas: Sequence[float | None] | None,
+           loaded: dict | None = None) -> tuple[Dataset, nn.Module, list[float]]:
     """The data (on the CPU), the model and every member's poison factor of ``cfg``, or
-    the one-line error for what they cannot be (DataError, ModelError, ValueError)."""
-    data = load_dataset(cfg.data)
+    the one-line error for what they cannot be (DataError, ModelError, ValueError).
+    ``loaded``: data sets already read, by their config (read once for many configs)."""
+    loaded = {} if loaded is None else loaded
+    if cfg.data not in loaded:
+        loaded[cfg.data] = load_dataset(cfg.data)
+    data = loaded[cfg.data]
     _check_memory(cfg, data)
     model = build_model(cfg.model, data.input_shape, data.n_classes)
     m = cfg.train.members
@@ -205,12 +209,13 @@ def _build(cfg: ExperimentConfig, betas: Sequence[float | None] | None
     return data, model, betas
 
 
-def check_buildable(cfg: ExperimentConfig, betas: Sequence[float | None] | None = None
-                    ) -> None:
+def check_buildable(cfg: ExperimentConfig, betas: Sequence[float | None] | None = None,
+                    loaded: dict | None = None) -> None:
     """Refuse, before anything is written, a config :func:`train_run` would refuse only
     after loading its data: an unknown dataset or model, sizes the data cannot give, a
-    model that does not take its inputs, a stack too big, poison without poison points."""
-    _build(cfg, betas)
+    model that does not take its inputs, a stack too big, poison without poison points.
+    ``loaded`` (a dict, filled here) reads each data set once over many calls."""
+    _build(cfg, betas, loaded)
 
 
 def _same_shape(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
