@@ -282,7 +282,7 @@ def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: to
     parameters' dtype), or the opt-in ``bf16`` / ``tf32`` (see :func:`precision_error`).
     ``starts`` ``(K, ...)``: lines from ``theta + s_k`` instead (hit-and-run chords).
     """
-    bn = option(BNPolicy, bn, "BatchNorm policy")
+    bn = BNPolicy.of(bn)
     precision = option(Precision, precision, "precision")
     dtype = center[next(iter(center))].dtype
     k_dirs = _check_points(center, directions, x, y)
@@ -329,7 +329,7 @@ def evaluate_combinations(model: nn.Module, center: Params, basis: Params, coeff
     ``(N_points, B)``. Returns ``(loss (N_points,), acc (N_points,))`` in float64.
     ``path``, ``memory_mb`` and ``precision`` as in :func:`evaluate_points`.
     """
-    bn = option(BNPolicy, bn, "BatchNorm policy")
+    bn = BNPolicy.of(bn)
     precision = option(Precision, precision, "precision")
     dtype = center[next(iter(center))].dtype
     n_basis = _check_points(center, basis, x, y, "basis")
@@ -376,7 +376,7 @@ def evaluate_points_loop(model: nn.Module, center: Params, directions: Params, t
 
     Same arguments and result as :func:`evaluate_points`, one forward pass per point.
     """
-    loss_fn, bn = _check_loss(loss), option(BNPolicy, bn, "BatchNorm policy")
+    loss_fn, bn = _check_loss(loss), BNPolicy.of(bn)
     _check_points(center, directions, x, y)
     check_buffers(model, buffers, 1, bn is BNPolicy.BATCH)
     ts = torch.as_tensor(ts)

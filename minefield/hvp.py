@@ -211,7 +211,7 @@ def model_objective(model: nn.Module, params: Params,
             :func:`~minefield.functional.check_buffers`).
     """
     try:
-        bn = option(BNPolicy, bn, "BatchNorm policy")
+        bn = BNPolicy.of(bn)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if loss not in LOSSES:

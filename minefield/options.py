@@ -116,6 +116,11 @@ class BNPolicy(str, enum.Enum):
     EVAL = "eval"
     BATCH = "batch"
 
+    @classmethod
+    def of(cls, value: Any) -> BNPolicy:
+        """``value`` as a policy, or a :class:`ConfigError` naming the allowed ones."""
+        return option(cls, value, "BatchNorm policy")
+
 
 class EnginePath(str, enum.Enum):
     """How the engine batches points (:mod:`minefield.engine`). ``probe``: the fastest
