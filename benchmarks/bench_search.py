@@ -36,6 +36,9 @@ def main() -> None:
     common_args(ap)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--members", type=int, default=32)
+    ap.add_argument("--sample", type=int, default=None,
+                    help="time 'isolated' and 'one at a time' on this many members and scale "
+                         "to --members (their cost is linear in the members; default all)")
     args = ap.parse_args()
     dev = setup(args)
     data = load_dataset(DataConfig("spiral")).to(dev)
@@ -51,11 +54,15 @@ def main() -> None:
     def batched():
         search_minima(model, starts, data, cfg, seeds, extra=extra)
 
+    few = min(args.sample or args.members, args.members)
+    scale = {"batched": 1.0, "isolated": args.members / few, "one at a time": args.members / few}
+
     def isolated():
-        search_minima(model, starts, data, cfg.replace(isolate=True), seeds, extra=extra)
+        search_minima(model, {k: v[:few] for k, v in starts.items()}, data,
+                      cfg.replace(isolate=True), seeds[:few], extra=extra)
 
     def one_by_one():
-        for i in range(args.members):
+        for i in range(few):
             search_minima(model, stack([member(starts, i)]), data, cfg, [seeds[i]],
                           extra=extra)
 
@@ -67,10 +74,11 @@ def main() -> None:
             fn()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t)
+            times[name].append((time.perf_counter() - t) * scale[name])
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.members} searches x {args.steps} steps on {dev}, {args.threads} threads, "
-          f"median of {args.repeats}:")
+          f"median of {args.repeats}" + (f" (isolated and one at a time timed on {few}, scaled)"
+                                    if few < args.members else "") + ":")
     for k, v in med.items():
         print(f"  {k:<14} {v:8.2f} s   ({v / (args.members * args.steps) * 1e3:.3f} ms "
               "per member-step)")

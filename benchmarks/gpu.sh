@@ -2,8 +2,8 @@
 # Every GPU check of the project in one call on a machine with CUDA (README "Performance"):
 # the GPU tests (CUDA against the CPU, the compiled step, bf16 radii) and the benchmarks
 # with --device cuda, each step under its own timeout; a summary at the end.
-# Budget: under 8 minutes on one H200 (caps: tests 110 s, bench_real 120 s, bench_engine
-# 50 s, bench_search 50 s, Fig. 1 at paper scale for two good-run seeds 170 s).
+# Budget: under 7 minutes on one H200 (caps: tests 75 s, bench_real 95 s, bench_engine
+# 40 s, bench_search 40 s, Fig. 1 at paper scale for two good-run seeds 150 s).
 # Usage, from the repository root:  bash benchmarks/gpu.sh
 # `bash benchmarks/gpu.sh --smoke` runs every step on the CPU at toy sizes (about a minute):
 # it proves the commands and their flags before the one GPU call (tests/test_gpu_script.py).
@@ -25,7 +25,7 @@ if [ "${1:-}" = "--smoke" ]; then  # every command and flag, on the CPU, at toy 
   REAL=(--threads 1 --repeats 1 --points 2 --images 8 --batch 4 --steps 1 --stack 2
         --digit-points 4)
   ENGINE=(--threads 1 --repeats 1 --swiss-points 8 --wide-inputs 64)
-  SEARCH=(--threads 1 --repeats 1 --members 2 --steps 3)
+  SEARCH=(--threads 1 --repeats 1 --members 2 --steps 3 --sample 1)
   FIG1=(--scale tiny --device cpu --seeds 0 --threads 1)
 elif [ -n "${1:-}" ]; then
   echo "usage: bash benchmarks/gpu.sh [--smoke]" >&2; exit 2
@@ -33,7 +33,7 @@ else
   DEV=cuda
   REAL=(--repeats 3)
   ENGINE=(--repeats 3 --swiss-points 131072)
-  SEARCH=(--repeats 2 --members 200 --steps 300)
+  SEARCH=(--repeats 2 --members 200 --steps 300 --sample 8)
   FIG1=(--scale paper --device cuda --seeds 0,1)
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
   nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=csv || true
@@ -51,14 +51,14 @@ step() {  # step NAME TIMEOUT_S COMMAND...
   [ "$rc" -eq 124 ] && echo "!! $name timed out after ${limit}s"
   return 0
 }
-step "GPU tests" 110 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gpu.py
-step "bench_real (MLP, CNN, ResNet-20 eval+train, bf16)" 120 \
+step "GPU tests" 75 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gpu.py
+step "bench_real (MLP, CNN, ResNet-20 eval+train, bf16)" 95 \
   "$PY" benchmarks/bench_real.py --device "$DEV" "${REAL[@]}"
-step "bench_engine (MLP paths, wide MLP)" 50 \
+step "bench_engine (MLP paths, wide MLP)" 40 \
   "$PY" benchmarks/bench_engine.py --device "$DEV" --skip-volume "${ENGINE[@]}"
-step "bench_search (stacked search step)" 50 \
+step "bench_search (stacked search step)" 40 \
   "$PY" benchmarks/bench_search.py --device "$DEV" "${SEARCH[@]}"
-step "Fig. 1 end to end per good-run seed (checks 7, 8, 8+)" 170 \
+step "Fig. 1 end to end per good-run seed (checks 7, 8, 8+)" 150 \
   "$PY" benchmarks/fig1_seeds.py "${FIG1[@]}"
 echo; echo "== summary"
 rc=0

@@ -38,10 +38,13 @@ MIN_STEPS = 500  # "auto" compiles only fits at least this long
 
 def compiled_objective(objective: Objective, backend: str = "inductor",
                        mode: str | None = "reduce-overhead") -> Objective:
-    """``objective`` under ``torch.compile`` (static shapes; a new shape recompiles)."""
+    """``objective`` under ``torch.compile`` with automatic dynamic shapes: the first
+    stack size compiles static, a second one compiles generic code that every later size
+    reuses (a search compacts its stack as members finish: static shapes recompiled at
+    every compaction, until dynamo's recompile limit sent the rest eager)."""
     if backend != "inductor":
         mode = None  # modes are inductor's
-    return torch.compile(objective, backend=backend, mode=mode, dynamic=False)
+    return torch.compile(objective, backend=backend, mode=mode, dynamic=None)
 
 
 class CompiledObjective:

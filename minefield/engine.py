@@ -118,13 +118,15 @@ def _check_loss(loss: str) -> Callable:
 
 @contextlib.contextmanager
 def _arithmetic(precision: Precision, device: torch.device):
-    """``bf16``: autocast; ``tf32``: TF32 matmuls/convolutions on CUDA (restored after)."""
+    """``bf16``: autocast; on CUDA ``tf32`` turns TF32 matmuls and convolutions on and
+    ``float32`` off (cuDNN's default is TF32 convolutions: 3e-4 off float32), restored after."""
     if precision is Precision.BF16:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             yield
-    elif precision is Precision.TF32 and device.type == "cuda":
+    elif device.type == "cuda":
         old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        tf32 = precision is Precision.TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         try:
             yield
         finally:

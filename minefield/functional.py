@@ -296,9 +296,9 @@ def activation_elements(model: nn.Module, sample: torch.Tensor, largest: bool = 
         handles = [m.register_forward_hook(hook) for m in leaves]
         try:
             with torch.no_grad(), bn_mode(model, False):
-                mdt = next(model.parameters()).dtype  # the sample may be float64
-                s = sample[:1].detach().cpu()
-                model(s.to(mdt) if s.is_floating_point() else s)
+                w = next(model.parameters())  # the module's own device and dtype
+                s = sample[:1].detach().to(w.device)
+                model(s.to(w.dtype) if s.is_floating_point() else s)
         finally:
             for h in handles:
                 h.remove()

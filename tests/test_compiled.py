@@ -63,3 +63,27 @@ def test_decision_keeps_the_faster_after_the_probe():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
         CompiledObjective(poisoned_objective, "fast", torch.device("cpu"), 10)
+
+
+def test_a_shrinking_stack_compiles_twice_not_once_per_size():
+    # the search compacts its stack as members finish: with static shapes each new size
+    # was a recompile (8 of them, then dynamo's limit and eager); automatic dynamic
+    # shapes compile the second size generically and reuse it for every later one (but
+    # a stack of one: dynamo specialises size-1 dimensions)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    data, model, p = _problem()
+    p = {k: torch.cat([v, v]) for k, v in p.items()}  # six members
+    cfg = TrainConfig(steps=2, log_every=2, lr=0.01)
+    for m in (6, 5, 3, 2):
+        q = {k: v[:m] for k, v in p.items()}
+        comp = fit(model, q, data, cfg, torch.full((m,), 0.3, dtype=torch.float64),
+                   compile_mode="on",
+                   compile_backend="aot_eager")
+        eager = fit(model, q, data, cfg, torch.full((m,), 0.3, dtype=torch.float64),
+                    compile_mode="off")
+        for k in q:
+            torch.testing.assert_close(comp.params[k], eager.params[k], rtol=1e-12, atol=1e-12)
+    assert counters["stats"]["unique_graphs"] == 2
