@@ -46,8 +46,10 @@ def main() -> None:
                         data.input_shape, data.n_classes)
     starts = {k: v.to(dev) for k, v in init_stack(model, "glorot_normal",
                                                     range(args.members)).items()}
+    # exactly --steps steps for every member: no continuation past them, no retries
     cfg = SearchConfig.make(steps=args.steps, stopping=StopRule.FIXED, log_every=args.steps,
-                            compact_every=args.steps, milestones=(), isolate=False)
+                            compact_every=args.steps, milestones=(), isolate=False,
+                            continue_below=None, retries=0)
     seeds = list(range(args.members))
     extra = tuple(t.to(dev) for t in fresh_points(DataConfig("spiral"), AUTO_EXTRA_POISON))
 

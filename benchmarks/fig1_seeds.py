@@ -49,10 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.root or tmp) / "runs"
         for seed in seeds:
-            ctx = Context(SCALES[a.scale], root, Path(tmp) / f"figures-{seed}", a.device,
-                          False, False, None, lambda _msg: None, seed=seed,
-                          search=overrides)
             t0 = time.perf_counter()
+
+            def log(msg: str, seed: int = seed, t0: float = t0) -> None:  # phase times
+                print(f"seed {seed}: [{time.perf_counter() - t0:7.1f} s] {msg.strip()}")
+
+            ctx = Context(SCALES[a.scale], root, Path(tmp) / f"figures-{seed}", a.device,
+                          False, False, None, log, seed=seed, search=overrides)
             sec = exp_minefield(ctx)
             wall = time.perf_counter() - t0
             for c in sec.checks:

@@ -39,10 +39,12 @@ def exp_minefield(ctx: Context) -> Section:
     summ = search_run(good.run, scfg, root=ctx.root, device=ctx.device, force=ctx.force,
                       progress=ctx.progress)
     n = summ.stats["n"]
+    ctx.log(f"  embedding {n} minima and the trajectory (t-SNE)")
     ecfg = EmbedConfig(perplexity=min(30.0, max(2.0, (n + 1) / 3.5)))
     emb = embed_run(good.run, ecfg, root=ctx.root, device=ctx.device, force=ctx.force)
     sec.commands = [train_command(cfg), search_command(cfg.name, scfg),
                     embed_command(cfg.name, ecfg), f"minefield plot minefield {cfg.name}"]
+    ctx.log("  drawing Fig. 1")
     sec.figures += minefield_figure(emb, ctx.figures / "fig1_minefield")
     st, gm = summ.stats, good.metrics
     betas = [r["beta"] for r in summ.rows]
