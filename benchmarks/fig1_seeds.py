@@ -23,8 +23,51 @@ from pathlib import Path
 
 import torch
 
+import minefield.search
+import minefield.stages.train
 from minefield.reproduce.common import SCALES, Context
 from minefield.reproduce.fig1 import exp_minefield
+
+FITS: list[tuple[str, int, int, float, dict]] = []  # who, members, steps, seconds, compiled
+
+
+def _timed_fit(who: str, fit):
+    """``fit`` that records each call's stack size, steps, wall time and compile report:
+    where a seed's time goes on a device (the good run, the search's segments, their
+    compile decisions)."""
+    def wrapper(model, params, data, cfg, betas=None, **kw):
+        t = time.perf_counter()
+        res = fit(model, params, data, cfg, betas, **kw)
+        if params and next(iter(params.values())).is_cuda:
+            torch.cuda.synchronize()
+        m = next(iter(params.values())).shape[0]
+        FITS.append((who, m, cfg.steps - kw.get("start_step", 0), time.perf_counter() - t,
+                     res.compiled))
+        return res
+    return wrapper
+
+
+minefield.search.fit = _timed_fit("search", minefield.search.fit)
+minefield.stages.train.fit = _timed_fit("good run", minefield.stages.train.fit)
+
+
+def _fit_summary(seed: int) -> None:
+    for who in ("good run", "search"):
+        rows = [f for f in FITS if f[0] == who]
+        if not rows:
+            continue
+        comp = [f[4] for f in rows if f[4].get("decision") in ("compiled", "eager")]
+        line = (f"seed {seed}: {who}: {len(rows)} fit calls, {sum(f[2] for f in rows)} "
+                f"stack-steps (stacks of {max(f[1] for f in rows)} down to "
+                f"{min(f[1] for f in rows)}), {sum(f[3] for f in rows):.1f} s")
+        if comp:
+            ms = sorted(c["eager_ms"] for c in comp)[len(comp) // 2]
+            mc = sorted(c["compiled_ms"] for c in comp)[len(comp) // 2]
+            line += (f"; compiled in {sum(c['decision'] == 'compiled' for c in comp)} of "
+                     f"{len(comp)} probed calls, compile {sum(c['compile_s'] for c in comp):.1f}"
+                     f" s in all, median step {ms:.2f} ms eager vs {mc:.2f} ms compiled")
+        print(line)
+    FITS.clear()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{c.measured}")
             print(f"seed {seed}: end to end {wall:.1f} s (search {sec.data['search_seconds']:.1f}"
                   f" s)")
+            _fit_summary(seed)
     return 0 if ok else 3
 
 
