@@ -248,3 +248,25 @@ def test_batch_statistics_of_float64_points_on_a_float32_module():
     ts = torch.tensor([0.0, 0.1], dtype=torch.float64)
     torch.testing.assert_close(evaluate_points(model, c, d, ts, x, y, bn="batch")[0],
                                evaluate_points_loop(model, c, d, ts, x, y, bn="batch")[0])
+
+
+@pytest.mark.parametrize("precision,tf32", [("float32", False), ("tf32", True)])
+def test_cuda_float32_evaluation_turns_tf32_off_and_restores_the_flags(precision, tf32):
+    # cuDNN convolves float32 in TF32 by default: the first H200 run found the engine's
+    # float32 ResNet-20 losses 3-4e-4 off the CPU's. The flags need no GPU to be set.
+    from minefield.engine import _arithmetic
+    from minefield.options import Precision
+
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = [f.allow_tf32 for f in flags]
+    try:
+        for f in flags:
+            f.allow_tf32 = not tf32  # the opposite of what the mode must set
+        with _arithmetic(Precision(precision), torch.device("cuda")):
+            assert [f.allow_tf32 for f in flags] == [tf32, tf32]
+        assert [f.allow_tf32 for f in flags] == [not tf32, not tf32]
+        with _arithmetic(Precision(precision), torch.device("cpu")):  # a CPU: untouched
+            assert [f.allow_tf32 for f in flags] == [not tf32, not tf32]
+    finally:
+        for f, b in zip(flags, before):
+            f.allow_tf32 = b
