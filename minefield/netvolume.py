@@ -163,11 +163,12 @@ def network_curvature(lines: NetworkLines, kind: CurvatureKind | str, floor: flo
         idx = _coordinates(lines)
         s = lines.scale
         if kind is CurvatureKind.HESSIAN:
-            h = dense_hessian(lines.model, centre, data, buffers=bufs, bn=lines.bn)[0][idx][:, idx]
+            h = dense_hessian(lines.model, centre, data, buffers=bufs, bn=lines.bn)[0]
+            h = h[idx][:, idx].cpu()  # the scale s and the preconditioner are CPU maths
             return Preconditioner.dense(floor_curvature(s[:, None] * h * s[None, :], floor))
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         d = hessian_diagonal(lines.model, centre, data, buffers=bufs, bn=lines.bn,
-                             n_probes=probes, seed=seed)[0][idx]
+                             n_probes=probes, seed=seed)[0][idx].cpu()
         return Preconditioner.diagonal(floor_curvature(s**2 * d, floor))
     finally:
         lines.model.to(model_dtype)

@@ -152,3 +152,32 @@ def test_curvature_and_sharpness_on_cuda_match_cpu():
     gpu = measure_members(model, {k: v.cuda() for k, v in params.items()}, data.to("cuda"), cfg)
     for k in ("lambda_max", "worst_l2", "average", "pac_bayes_sigma"):
         torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-6, atol=1e-9)
+
+
+def _quadratic_net():
+    from minefield.bodies import QuadraticNet, log_spaced_axes, random_rotation
+
+    a = log_spaced_axes(6, 1.0)
+    rot = random_rotation(6, torch.Generator().manual_seed(0))
+    net = QuadraticNet((rot * a.pow(-2)) @ rot.T)
+    return net, {k: v.detach()[None].clone() for k, v in net.named_parameters()}
+
+
+def _network_volume_on_both(**kw):
+    from minefield.bodies import QuadraticNet
+    from minefield.directions import DirectionSpec
+
+    net, params = _quadratic_net()
+    x, y = QuadraticNet.data()
+    cfg = VolumeConfig(cutoff=QuadraticNet.cutoff, r_max=50.0, rtol=1e-6, n_directions=20,
+                       directions=DirectionSpec("gaussian"), **kw)
+    cpu = basin_radii(net, params, (x, y), cfg)
+    gpu = basin_radii(net, {k: v.cuda() for k, v in params.items()}, (x.cuda(), y.cuda()), cfg)
+    return cpu, gpu
+
+
+@pytest.mark.parametrize("pre", ["hessian", "hutchinson"])
+def test_curvature_preconditioners_on_cuda_match_cpu(pre):
+    # the Hessian (diagonal) came back on CUDA and met the CPU coordinate scale
+    cpu, gpu = _network_volume_on_both(estimator="is", preconditioner=pre)
+    assert gpu.log10_volume == pytest.approx(cpu.log10_volume, abs=1e-4)
