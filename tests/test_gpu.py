@@ -181,3 +181,10 @@ def test_curvature_preconditioners_on_cuda_match_cpu(pre):
     # the Hessian (diagonal) came back on CUDA and met the CPU coordinate scale
     cpu, gpu = _network_volume_on_both(estimator="is", preconditioner=pre)
     assert gpu.log10_volume == pytest.approx(cpu.log10_volume, abs=1e-4)
+
+
+def test_mcmc_on_a_network_on_cuda():
+    # the line-loss came back on CUDA into mcmc's CPU chain maths (torch.where in _capped)
+    cpu, gpu = _network_volume_on_both(estimator="mcmc", preconditioner="hessian",
+                                       n_chains=8, n_replicates=2, walk_length=2)
+    assert abs(gpu.log10_volume - cpu.log10_volume) < 0.5  # chains may round apart
