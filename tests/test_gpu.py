@@ -188,3 +188,16 @@ def test_mcmc_on_a_network_on_cuda():
     cpu, gpu = _network_volume_on_both(estimator="mcmc", preconditioner="hessian",
                                        n_chains=8, n_replicates=2, walk_length=2)
     assert abs(gpu.log10_volume - cpu.log10_volume) < 0.5  # chains may round apart
+
+
+def test_batch_statistics_sharpness_on_cuda_matches_cpu():
+    # bn="batch": the module's own (CPU) buffers went with CUDA parameters into the engine
+    from minefield.hvp import model_objective
+
+    model, c, d, x, y = _resnet(n=32)
+    ts = torch.full((len(next(iter(d.values()))),), 0.05)
+    cpu = model_objective(model, c, (x, y), bn="batch").perturbed_losses(0, d, ts)
+    obj = model_objective(model, {k: v.cuda() for k, v in c.items()}, (x.cuda(), y.cuda()),
+                          bn="batch")
+    gpu = obj.perturbed_losses(0, {k: v.cuda() for k, v in d.items()}, ts)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
