@@ -201,3 +201,22 @@ def test_batch_statistics_sharpness_on_cuda_matches_cpu():
                           bn="batch")
     gpu = obj.perturbed_losses(0, {k: v.cuda() for k, v in d.items()}, ts)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
+
+
+def test_repeated_top_eigenvalues_on_cuda_match_cpu():
+    # the deflated passes gathered CUDA Ritz vectors with a CPU index
+    from minefield.curvature import top_eigenvalues
+    from minefield.hvp import CurvatureOperator, Objective
+
+    ev = torch.cat([torch.tensor([5.0, 5.0, 3.0]), torch.linspace(-0.5, 1.0, 27)]).double()
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(ev) @ q.T
+    out = {}
+    for dev in ("cpu", "cuda"):
+        w = {"w": torch.zeros(2, 30, dtype=torch.float64, device=dev)}
+        ad = a.to(dev)
+        fn = Objective.from_function(w, lambda p, ad=ad: p["w"] @ ad @ p["w"] / 2)
+        out[dev] = top_eigenvalues(CurvatureOperator(fn), k=3, tol=1e-10, vectors=True)
+    torch.testing.assert_close(out["cuda"].values, out["cpu"].values, rtol=1e-8, atol=1e-8)
+    assert out["cuda"].vectors.device.type == "cuda" and out["cuda"].residuals.device.type == "cpu"
