@@ -220,3 +220,11 @@ def test_repeated_top_eigenvalues_on_cuda_match_cpu():
         out[dev] = top_eigenvalues(CurvatureOperator(fn), k=3, tol=1e-10, vectors=True)
     torch.testing.assert_close(out["cuda"].values, out["cpu"].values, rtol=1e-8, atol=1e-8)
     assert out["cuda"].vectors.device.type == "cuda" and out["cuda"].residuals.device.type == "cpu"
+
+
+def test_bootstrap_of_cuda_radii_is_the_cpu_one():
+    # torch.quantile refused the CPU levels for CUDA replicates
+    from minefield.naive import bootstrap_log10_volume
+
+    r = torch.rand(40, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    assert bootstrap_log10_volume(r.cuda(), 10) == bootstrap_log10_volume(r, 10)
