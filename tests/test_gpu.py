@@ -228,3 +228,21 @@ def test_bootstrap_of_cuda_radii_is_the_cpu_one():
 
     r = torch.rand(40, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
     assert bootstrap_log10_volume(r.cuda(), 10) == bootstrap_log10_volume(r, 10)
+
+
+def test_results_computed_on_cuda_come_back_on_the_cpu_and_plot():
+    # Rollouts and Slice kept CUDA tensors, which their plots' .numpy() refused
+    from minefield.landscape import slice_1d
+    from minefield.plotting.basin import plot_rollouts
+    from minefield.plotting.landscape import plot_slice
+    from minefield.rollout import rollouts
+
+    data, model, params = _setup()
+    cu = {k: v.cuda() for k, v in one(params, 0).items()}
+    ro = rollouts(model, cu, data.to("cuda"), 4, torch.linspace(-0.5, 0.5, 11))
+    d = random_directions(member(cu, 0), 1, generator=torch.Generator().manual_seed(0))
+    sl = slice_1d(model, cu, d, torch.linspace(-1, 1, 11).cuda(), data.to("cuda"))
+    assert {ro.loss.device.type, sl.ts.device.type, sl.values["train_loss"].device.type} == {
+        "cpu"}
+    plot_rollouts(ro)
+    plot_slice(sl)
