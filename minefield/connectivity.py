@@ -334,6 +334,7 @@ def _path(model, a, c, b, data, ts, memory_mb, isolate) -> dict[str, torch.Tenso
     out = {}
     for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
         loss, acc = evaluate_curves(model, a, c, b, ts, x, y, data.x_train, memory_mb, isolate)
+        loss, acc = loss.cpu(), acc.cpu()  # a result on the CPU (plots, JSON), any device
         out[f"{split}_loss"], out[f"{split}_acc"] = loss, acc
         out.update({f"{split}_{k}": v for k, v in barriers(ts, loss, acc).items()})
     return out

@@ -215,10 +215,10 @@ def top_eigenvalues(op: CurvatureOperator, k: int = 1, tol: float = 1e-4,
                 break
         idx = (vals * sign).argsort(1, descending=True)[:, :k]
         theta = vals.gather(1, idx)
-        vec = vecs.gather(1, idx[..., None].expand(-1, -1, vecs.shape[2]))
+        vec = vecs.gather(1, idx.to(vecs.device)[..., None].expand(-1, -1, vecs.shape[2]))
         # residuals of H itself, ||H v - theta v|| (v unit): an eigenvalue lies within
         hv = torch.stack([op.matvec(vec[:, i]) for i in range(k)], 1)
-        res = (hv - theta[..., None].to(hv) * vec).norm(dim=2).double()
+        res = (hv - theta[..., None].to(hv) * vec).norm(dim=2).double().cpu()  # as theta
     return Eigen(theta, res, vec if vectors else None, n_done)
 
 

@@ -152,16 +152,19 @@ class Objective:
         matmuls, chunked); other objectives through ``vmap``.
         """
         centre = one(self.params, i)
+        dev = next(iter(centre.values())).device
         if self.model is not None:
             if self._bdim == 0:
                 bufs = one(self.buffers, i)
-            else:  # batch statistics: the engine still wants (unused) stats to update
-                bufs = {k: (v.to(self.dtype) if v.is_floating_point() else v)[None].clone()
-                        for k, v in self.model.named_buffers()} or None
+            else:  # batch statistics: the engine still wants (unused) stats to update, on
+                # the parameters' device (the module, and so its own buffers, may be elsewhere)
+                own = {k: v.to(dev, self.dtype if v.is_floating_point() else v.dtype)
+                       for k, v in self.model.named_buffers()}
+                bufs = {k: v[None].clone() for k, v in own.items()} or None
             x, y = self.data
             return evaluate_points(self.model, centre, directions, ts, x, y, bufs,
                                    loss=self.loss, bn=self.bn)[0]
-        pts = {k: v + ts.to(v.dtype).view(-1, *[1] * (v.dim() - 1)) * directions[k]
+        pts = {k: v + ts.to(dev, v.dtype).view(-1, *[1] * (v.dim() - 1)) * directions[k]
                for k, v in centre.items()}
         b = member(self.buffers, i) if self._bdim == 0 else self.buffers
         with torch.no_grad():
@@ -235,8 +238,9 @@ def model_objective(model: nn.Module, params: Params,
         bufs: Params = {k: None for k, _ in model.named_buffers()}
     elif buffers:
         bufs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in buffers.items()}
-    else:
-        bufs = {k: (v.to(dtype) if v.is_floating_point() else v).unsqueeze(0).expand(
+    else:  # the module's own, moved to the parameters' device (the module may be elsewhere)
+        dev = next(iter(params.values())).device
+        bufs = {k: v.to(dev, dtype if v.is_floating_point() else v.dtype).unsqueeze(0).expand(
             m, *v.shape).clone() for k, v in model.named_buffers()}
     step = batch_size or max(1, len(y))
     chunks = [(x[i:i + step], y[i:i + step]) for i in range(0, len(y), step)]

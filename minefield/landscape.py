@@ -107,8 +107,8 @@ def _splits(data: Dataset, splits: Sequence[str]) -> dict[str, tuple[torch.Tenso
 
 
 def _check_grid(ts, what: str) -> torch.Tensor:
-    """``ts`` as float64, or a ValueError unless it is 1-D, non-empty and finite."""
-    ts = torch.as_tensor(ts, dtype=torch.float64)
+    """``ts`` as float64 on the CPU, or a ValueError unless it is 1-D, non-empty and finite."""
+    ts = torch.as_tensor(ts, dtype=torch.float64).cpu()
     if ts.dim() != 1 or len(ts) == 0 or not bool(torch.isfinite(ts).all()):
         raise ValueError(f"{what} must be finite coordinates (1-D, at least one)")
     return ts
@@ -191,7 +191,7 @@ def slice_1d(model: nn.Module, center: Params, direction: Params, ts: torch.Tens
     values = {}
     for s, (x, y) in _splits(data, splits).items():
         lo, ac = evaluate_points(model, center, direction, ts[None], x, y, buffers, memory_mb)
-        values[f"{s}_loss"], values[f"{s}_acc"] = lo[0], ac[0]
+        values[f"{s}_loss"], values[f"{s}_acc"] = lo[0].cpu(), ac[0].cpu()  # as a Surface's
     return Slice(ts, values, dict(config or {}))
 
 

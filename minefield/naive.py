@@ -67,7 +67,7 @@ def bootstrap_log10_volume(radii: torch.Tensor, n: int, n_boot: int = 1000, seed
         raise ConfigError(f"{len(radii)} radii are not pairs along d and -d (pairs=False "
                           f"for independent radii)")
     g = torch.Generator().manual_seed(int(seed))
-    r = radii.double()
+    r = radii.double().cpu()  # resampled by a CPU generator: the same numbers on any device
     k = len(r) // 2 if pairs else len(r)
     idx = torch.randint(k, (n_boot, k), generator=g)  # (n_boot, k) draws
     if pairs:

@@ -94,7 +94,7 @@ class NetworkLines:
 
     def to_params(self, flat: torch.Tensor) -> Params:
         """``S flat`` ``(K, n)`` as parameter tensors ``(K, ...)`` (0 where not perturbed)."""
-        v = flat.double() * self.scale
+        v = flat.double() * self.scale.to(flat.device)
         out, i = {}, 0
         for k, c in self.centre.items():
             if k in self.shapes:
@@ -107,10 +107,13 @@ class NetworkLines:
 
     def __call__(self, x0: torch.Tensor | None, v: torch.Tensor, t: torch.Tensor
                  ) -> torch.Tensor:
+        """The loss at ``theta + S (x0 + t v)``, on the CPU: the estimators' maths (rays,
+        chains, weights) lives there, whatever device the network runs on."""
         self.evaluations += t.numel()
         starts = None if x0 is None else self.to_params(x0)
         return evaluate_points(self.model, self.centre, self.to_params(v), t, self.x, self.y,
-                               self.buffers, self.memory_mb, bn=self.bn, starts=starts)[0]
+                               self.buffers, self.memory_mb, bn=self.bn,
+                               starts=starts)[0].cpu()
 
     def loss_at(self, flat: torch.Tensor) -> torch.Tensor:
         """The (differentiable) train loss at ``theta + S flat``, ``flat`` ``(n,)``."""
@@ -163,11 +166,12 @@ def network_curvature(lines: NetworkLines, kind: CurvatureKind | str, floor: flo
         idx = _coordinates(lines)
         s = lines.scale
         if kind is CurvatureKind.HESSIAN:
-            h = dense_hessian(lines.model, centre, data, buffers=bufs, bn=lines.bn)[0][idx][:, idx]
+            h = dense_hessian(lines.model, centre, data, buffers=bufs, bn=lines.bn)[0]
+            h = h[idx][:, idx].cpu()  # the scale s and the preconditioner are CPU maths
             return Preconditioner.dense(floor_curvature(s[:, None] * h * s[None, :], floor))
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         d = hessian_diagonal(lines.model, centre, data, buffers=bufs, bn=lines.bn,
-                             n_probes=probes, seed=seed)[0][idx]
+                             n_probes=probes, seed=seed)[0][idx].cpu()
         return Preconditioner.diagonal(floor_curvature(s**2 * d, floor))
     finally:
         lines.model.to(model_dtype)

@@ -54,5 +54,6 @@ def rollouts(model: nn.Module, params: Params, data: Dataset | tuple[torch.Tenso
                           spec.generator())
     loss, acc = evaluate_points(model, centre, d, ts.expand(n_directions, -1), x, y, buffers,
                                 memory_mb)
-    return Rollouts(ts, loss, acc, cutoff, {"n_directions": n_directions,
+    # a result on the CPU (plots, JSON), as BasinResult's radii, whatever device ran it
+    return Rollouts(ts.cpu(), loss.cpu(), acc.cpu(), cutoff, {"n_directions": n_directions,
                                             "directions": spec.to_dict()})

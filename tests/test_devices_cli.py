@@ -35,6 +35,9 @@ def test_every_command_runs_on_the_device(tmp_path, device):
     _ok(tmp_path, "train", "--name", "bad", "--beta", "0.5", *mlp)
     assert "train" in _ok(tmp_path, "evaluate", "good", "--device", device)
     _ok(tmp_path, "basin", "good", "--directions", "3", "--cutoff", "0.5", "--device", device)
+    # a curvature preconditioner: the Hessian comes from the device, the estimator is CPU maths
+    _ok(tmp_path, "basin", "good", "--directions", "3", "--cutoff", "0.5", "--estimator", "is",
+        "--preconditioner", "hessian", "--tag", "is", "--device", device)
     out = _ok(tmp_path, "sharpness", "good", "--measures", "lambda_max,trace,worst_l2,average",
               "--steps", "2", "--device", device)
     assert "lambda_max" in out
@@ -55,6 +58,8 @@ def test_every_command_runs_on_the_device(tmp_path, device):
            "--checkpoint-every", "2", *dev)
     _ok(tmp_path, "train", "--name", "rn", *cnn)
     _ok(tmp_path, "basin", "rn", "--directions", "2", "--cutoff", "1", "--device", device)
+    _ok(tmp_path, "sharpness", "rn", "--measures", "average", "--samples", "2", "--bn", "batch",
+        "--device", device)
     for run in ("good", "bad", "rn"):
         cfg = json.loads((tmp_path / run / "config.json").read_text())
         assert cfg["name"] == run

@@ -152,3 +152,97 @@ def test_curvature_and_sharpness_on_cuda_match_cpu():
     gpu = measure_members(model, {k: v.cuda() for k, v in params.items()}, data.to("cuda"), cfg)
     for k in ("lambda_max", "worst_l2", "average", "pac_bayes_sigma"):
         torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-6, atol=1e-9)
+
+
+def _quadratic_net():
+    from minefield.bodies import QuadraticNet, log_spaced_axes, random_rotation
+
+    a = log_spaced_axes(6, 1.0)
+    rot = random_rotation(6, torch.Generator().manual_seed(0))
+    net = QuadraticNet((rot * a.pow(-2)) @ rot.T)
+    return net, {k: v.detach()[None].clone() for k, v in net.named_parameters()}
+
+
+def _network_volume_on_both(**kw):
+    from minefield.bodies import QuadraticNet
+    from minefield.directions import DirectionSpec
+
+    net, params = _quadratic_net()
+    x, y = QuadraticNet.data()
+    cfg = VolumeConfig(cutoff=QuadraticNet.cutoff, r_max=50.0, rtol=1e-6, n_directions=20,
+                       directions=DirectionSpec("gaussian"), **kw)
+    cpu = basin_radii(net, params, (x, y), cfg)
+    gpu = basin_radii(net, {k: v.cuda() for k, v in params.items()}, (x.cuda(), y.cuda()), cfg)
+    return cpu, gpu
+
+
+@pytest.mark.parametrize("pre", ["hessian", "hutchinson"])
+def test_curvature_preconditioners_on_cuda_match_cpu(pre):
+    # the Hessian (diagonal) came back on CUDA and met the CPU coordinate scale
+    cpu, gpu = _network_volume_on_both(estimator="is", preconditioner=pre)
+    assert gpu.log10_volume == pytest.approx(cpu.log10_volume, abs=1e-4)
+
+
+def test_mcmc_on_a_network_on_cuda():
+    # the line-loss came back on CUDA into mcmc's CPU chain maths (torch.where in _capped)
+    cpu, gpu = _network_volume_on_both(estimator="mcmc", preconditioner="hessian",
+                                       n_chains=8, n_replicates=2, walk_length=2)
+    assert abs(gpu.log10_volume - cpu.log10_volume) < 0.5  # chains may round apart
+
+
+def test_batch_statistics_sharpness_on_cuda_matches_cpu():
+    # bn="batch": the module's own (CPU) buffers went with CUDA parameters into the engine
+    from minefield.hvp import model_objective
+
+    model, c, d, x, y = _resnet(n=32)
+    ts = torch.full((len(next(iter(d.values()))),), 0.05)
+    cpu = model_objective(model, c, (x, y), bn="batch").perturbed_losses(0, d, ts)
+    obj = model_objective(model, {k: v.cuda() for k, v in c.items()}, (x.cuda(), y.cuda()),
+                          bn="batch")
+    gpu = obj.perturbed_losses(0, {k: v.cuda() for k, v in d.items()}, ts)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
+
+
+def test_repeated_top_eigenvalues_on_cuda_match_cpu():
+    # the deflated passes gathered CUDA Ritz vectors with a CPU index
+    from minefield.curvature import top_eigenvalues
+    from minefield.hvp import CurvatureOperator, Objective
+
+    ev = torch.cat([torch.tensor([5.0, 5.0, 3.0]), torch.linspace(-0.5, 1.0, 27)]).double()
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(ev) @ q.T
+    out = {}
+    for dev in ("cpu", "cuda"):
+        w = {"w": torch.zeros(2, 30, dtype=torch.float64, device=dev)}
+        ad = a.to(dev)
+        fn = Objective.from_function(w, lambda p, ad=ad: p["w"] @ ad @ p["w"] / 2)
+        out[dev] = top_eigenvalues(CurvatureOperator(fn), k=3, tol=1e-10, vectors=True)
+    torch.testing.assert_close(out["cuda"].values, out["cpu"].values, rtol=1e-8, atol=1e-8)
+    assert out["cuda"].vectors.device.type == "cuda" and out["cuda"].residuals.device.type == "cpu"
+
+
+def test_bootstrap_of_cuda_radii_is_the_cpu_one():
+    # torch.quantile refused the CPU levels for CUDA replicates
+    from minefield.naive import bootstrap_log10_volume
+
+    r = torch.rand(40, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    assert bootstrap_log10_volume(r.cuda(), 10) == bootstrap_log10_volume(r, 10)
+
+
+def test_results_computed_on_cuda_come_back_on_the_cpu_and_plot():
+    # Rollouts and Slice kept CUDA tensors, which their plots' .numpy() refused
+    from minefield.landscape import slice_1d
+    from minefield.plotting.basin import plot_rollouts
+    from minefield.plotting.landscape import plot_slice
+    from minefield.rollout import rollouts
+
+    data, model, params = _setup()
+    cu = {k: v.cuda() for k, v in one(params, 0).items()}
+    ro = rollouts(model, cu, data.to("cuda"), 4, torch.linspace(-0.5, 0.5, 11))
+    d = random_directions(member(cu, 0), 1, generator=torch.Generator().manual_seed(0))
+    sl = slice_1d(model, cu, d, torch.linspace(-1, 1, 11).cuda(), data.to("cuda"))
+    assert {ro.loss.device.type, sl.ts.device.type, sl.values["train_loss"].device.type} == {
+        "cpu"}
+    plot_rollouts(ro)
+    plot_slice(sl)

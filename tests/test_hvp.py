@@ -232,3 +232,19 @@ def test_batched_reverse_products_equal_one_backward_per_probe(fallback, monkeyp
         torch.testing.assert_close(mm[:, k], op.matvec(vv[:, k]), rtol=1e-12, atol=1e-14)
     forward = CurvatureOperator(obj, mode="forward").matmat(vv)
     torch.testing.assert_close(mm, forward, rtol=1e-10, atol=1e-12)
+
+
+def test_objectives_build_their_tensors_on_the_parameters_device():
+    # "meta" stands in for CUDA: any CPU tensor meeting one raises, as on a GPU
+    a, w = _quadratic(4, m=1)
+    meta = {"w": w["w"].to("meta")}
+    obj = Objective.from_function(meta, lambda p: p["w"] @ a.to(p["w"]) @ p["w"] / 2)
+    d = {"w": torch.ones(3, 4, dtype=torch.float64, device="meta")}
+    out = obj.perturbed_losses(0, d, torch.full((3,), 0.1, dtype=torch.float64))  # CPU ts
+    assert out.shape == (3,) and out.device.type == "meta"
+    model, p, x, y, _ = _resnet()  # the module (and its running statistics) on the CPU
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            mod.num_batches_tracked.fill_(1)  # trained statistics: taken from the module
+    obj = model_objective(model.eval(), {k: v.to("meta") for k, v in p.items()}, (x, y))
+    assert {v.device.type for v in obj.buffers.values()} == {"meta"}

@@ -140,7 +140,9 @@ def _run_stack(spec: StackSpec, root: Path | str, progress: bool, force: bool) -
         if model is None:
             model, _, _, data, _ = load_run_model(run, device=resolve_device(
                 spec.config.device))
-        ck = run.load_checkpoint(f"trajectory/step_{step:08d}.safetensors")
+        # on the data's device: a checkpoint left on the CPU meets CUDA data in every forward
+        ck = run.load_checkpoint(f"trajectory/step_{step:08d}.safetensors",
+                                 data.x_train.device)
         params, buffers = match_model(model, ck)
         done[str(step)] = measure_stack(model, params, data, spec.volume,
                                         spec.sharpness, buffers or None,
