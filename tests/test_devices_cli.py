@@ -27,7 +27,8 @@ def _ok(root, *args):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
-def test_every_command_runs_on_the_device(tmp_path, device):
+def test_every_command_runs_on_the_device(tmp_path, monkeypatch, device):
+    monkeypatch.chdir(tmp_path)  # sweep and study draw into ./figures by default
     dev = ("--device", device, "-q")
     mlp = ("--dataset", "swissroll", "--n-poison", "40", "--widths", "8,8", "--steps", "40",
            "--log-every", "10", "--checkpoint-every", "10", *dev)
