@@ -57,30 +57,40 @@ def main() -> None:
         search_minima(model, starts, data, cfg, seeds, extra=extra)
 
     few = min(args.sample or args.members, args.members)
-    scale = {"batched": 1.0, "isolated": args.members / few, "one at a time": args.members / few}
+    two = min(2 * few, args.members)  # isolated: a second size, to separate fixed costs
 
-    def isolated():
-        search_minima(model, {k: v[:few] for k, v in starts.items()}, data,
-                      cfg.replace(isolate=True), seeds[:few], extra=extra)
+    def isolated(n):
+        search_minima(model, {k: v[:n] for k, v in starts.items()}, data,
+                      cfg.replace(isolate=True), seeds[:n], extra=extra)
 
-    def one_by_one():
+    def one_by_one():  # M separate calls: each one's fixed cost is part of the loop's
         for i in range(few):
             search_minima(model, stack([member(starts, i)]), data, cfg, [seeds[i]],
                           extra=extra)
 
-    runs = {"batched": batched, "isolated": isolated, "one at a time": one_by_one}
+    runs = {"batched": batched, "isolated": lambda: isolated(few), "one at a time": one_by_one}
+    if two > few:
+        runs[f"isolated {two}"] = lambda: isolated(two)
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(args.repeats):
+    for r in range(args.repeats + 1):  # round 0 warms up (allocator, kernels), untimed
         for name, fn in runs.items():
             t = time.perf_counter()
             fn()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t) * scale[name])
+            if r:
+                times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
+    if few < args.members:  # scaled to --members: one at a time in proportion; isolated
+        # linearly through its two sizes (its fixed cost counted once, as in one call)
+        med["one at a time"] *= args.members / few
+        per = max(0.0, med.pop(f"isolated {two}", med["isolated"]) - med["isolated"]) / (
+            two - few) if two > few else med["isolated"] / few
+        med["isolated"] += per * (args.members - few)
     print(f"{args.members} searches x {args.steps} steps on {dev}, {args.threads} threads, "
-          f"median of {args.repeats}" + (f" (isolated and one at a time timed on {few}, scaled)"
-                                    if few < args.members else "") + ":")
+          f"median of {args.repeats}" + (
+              f" (one at a time timed on {few} and scaled; isolated timed on {few} and {two}"
+              " and extrapolated linearly)" if few < args.members else "") + ":")
     for k, v in med.items():
         print(f"  {k:<14} {v:8.2f} s   ({v / (args.members * args.steps) * 1e3:.3f} ms "
               "per member-step)")

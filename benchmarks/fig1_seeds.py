@@ -35,7 +35,7 @@ def _timed_fit(who: str, fit):
     """``fit`` that records each call's stack size, steps, wall time and compile report:
     where a seed's time goes on a device (the good run, the search's segments, their
     compile decisions)."""
-    def wrapper(model, params, data, cfg, betas=None, **kw):
+    def wrapper(model, params, data, cfg, betas=0.0, **kw):
         t = time.perf_counter()
         res = fit(model, params, data, cfg, betas, **kw)
         if params and next(iter(params.values())).is_cuda:
@@ -57,8 +57,8 @@ def _fit_summary(seed: int) -> None:
         if not rows:
             continue
         comp = [f[4] for f in rows if f[4].get("decision") in ("compiled", "eager")]
-        line = (f"seed {seed}: {who}: {len(rows)} fit calls, {sum(f[2] for f in rows)} "
-                f"stack-steps (stacks of {max(f[1] for f in rows)} down to "
+        line = (f"seed {seed}: {who}: {len(rows)} fit calls, at most {sum(f[2] for f in rows)} "
+                f"stack-steps (a fit may stop early; stacks of {max(f[1] for f in rows)} down to "
                 f"{min(f[1] for f in rows)}), {sum(f[3] for f in rows):.1f} s")
         if comp:
             ms = sorted(c["eager_ms"] for c in comp)[len(comp) // 2]

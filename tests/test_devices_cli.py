@@ -35,10 +35,11 @@ def test_every_command_runs_on_the_device(tmp_path, monkeypatch, device):
     _ok(tmp_path, "train", "--name", "good", *mlp)
     _ok(tmp_path, "train", "--name", "bad", "--beta", "0.5", *mlp)
     assert "train" in _ok(tmp_path, "evaluate", "good", "--device", device)
-    _ok(tmp_path, "basin", "good", "--directions", "3", "--cutoff", "0.5", "--device", device)
+    _ok(tmp_path, "basin", "good", "--directions", "3", "--cutoff", "0.5", "--rollouts", "2",
+        "--device", device)
     # a curvature preconditioner: the Hessian comes from the device, the estimator is CPU maths
     _ok(tmp_path, "basin", "good", "--directions", "3", "--cutoff", "0.5", "--estimator", "is",
-        "--preconditioner", "hessian", "--tag", "is", "--device", device)
+        "--preconditioner", "hessian", "--tag", "is", "--rollouts", "2", "--device", device)
     out = _ok(tmp_path, "sharpness", "good", "--measures", "lambda_max,trace,worst_l2,average",
               "--steps", "2", "--device", device)
     assert "lambda_max" in out
@@ -58,7 +59,8 @@ def test_every_command_runs_on_the_device(tmp_path, monkeypatch, device):
            "--n-poison", "0", "--steps", "4", "--batch-size", "32", "--log-every", "2",
            "--checkpoint-every", "2", *dev)
     _ok(tmp_path, "train", "--name", "rn", *cnn)
-    _ok(tmp_path, "basin", "rn", "--directions", "2", "--cutoff", "1", "--device", device)
+    _ok(tmp_path, "basin", "rn", "--directions", "2", "--cutoff", "1", "--rollouts", "2",
+        "--device", device)
     _ok(tmp_path, "sharpness", "rn", "--measures", "average", "--samples", "2", "--bn", "batch",
         "--device", device)
     for run in ("good", "bad", "rn"):
