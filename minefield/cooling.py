@@ -104,7 +104,7 @@ def run_sizes(n: int, n_replicates: int, walk_length: int | None) -> tuple[int, 
 def _capped(line_loss: LineLoss, r_max: float) -> LineLoss:
     """The loss, but ``+inf`` at distance ``>= r_max`` from the centre: K within r_max."""
     def f(x0, v, t):
-        out = line_loss(x0, v, t).double()
+        out = line_loss(x0, v, t).double().cpu()  # a line loss may answer from a GPU
         tt = t.double() if t.dim() == 2 else t.double()[:, None]
         p = tt[..., None] * v[:, None, :] + (0 if x0 is None else x0[:, None, :])
         far = p.norm(dim=-1).reshape(t.shape) >= r_max

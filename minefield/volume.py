@@ -69,6 +69,9 @@ __all__ = ["Estimator", "parse_estimator", "parse_power", "LineLoss", "VolumeEst
            "honest_interval", "ray_radii", "LN10"]
 
 LN10 = math.log(10.0)
+#: ``line_loss(x0, v, t)``: the loss at ``x0 + t v`` (``x0`` None: the centre), CPU
+#: float64 tensors in; the losses may come back on any device (the estimators read them
+#: on the CPU)
 LineLoss = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor]
 THIN = 0.1  # mcmc: a phase ESS below this share of the chains is warned about
 
