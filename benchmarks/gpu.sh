@@ -53,7 +53,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
   [ "$rc" -eq 124 ] && echo "!! $name timed out after ${limit}s"
   return 0
 }
-step "GPU tests" 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gpu.py \
+step "GPU tests" 150 "$PY" -m pytest -q -s -p no:cacheprovider -m gpu -rs tests/test_gpu.py \
   tests/test_devices_cli.py
 step "bench_real (MLP, CNN, ResNet-20 eval+train, bf16)" 95 \
   "$PY" benchmarks/bench_real.py --device "$DEV" "${REAL[@]}"
