@@ -33,7 +33,7 @@ import statistics
 import time
 
 import torch
-from plain import common_args, plain_net, point_loop
+from plain import common_args, plain_net, point_loop, tiled_directions
 from plain import setup as setup_device
 
 from minefield.basin import find_radii
@@ -73,10 +73,7 @@ def setup(widths, n_inputs, k, seed=0):
     model = build_model(ModelConfig(widths=tuple(widths)), (2,), 2)
     th = init_params(model, "glorot_uniform", torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(seed + 1)
-    # past 4096 the directions repeat (speed is measured; each point keeps its own t):
-    # drawing 131k fresh ones on the CPU takes longer than the benchmark
-    d = random_directions(th, min(k, 4096), "filter", "zero", g)
-    d = {n: v.repeat(-(-k // len(v)), *[1] * (v.dim() - 1))[:k] for n, v in d.items()}
+    d = tiled_directions(th, k, g)
     ts = torch.rand(k, generator=g) * 0.3
     if n_inputs == 200:
         data = load_dataset(DataConfig("swissroll"))

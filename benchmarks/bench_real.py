@@ -33,13 +33,13 @@ from plain import (
     point_loop,
     setup,
     side_by_side,
+    tiled_directions,
     train_steps,
 )
 
 from minefield import autotune
 from minefield.config import DataConfig, ModelConfig, TrainConfig
 from minefield.data import load_dataset
-from minefield.directions import random_directions
 from minefield.engine import _candidates as path_candidates  # the paths "auto" weighs
 from minefield.engine import evaluate_points, precision_error
 from minefield.functional import buffers_like, stack
@@ -53,14 +53,9 @@ def _centre(model, dev, seed=0):
     return {k: v.to(dev) for k, v in stack([th]).items()}
 
 
-def _directions(centre, k, dev, seed=1, base=4096):
-    """``k`` filter-normalised directions; past ``base`` the first ``base`` repeat (speed
-    is measured here, and every point keeps its own ``t``): 131k fresh ones would take
-    longer to draw on the CPU than the benchmark itself."""
-    d = random_directions({n: v[0].cpu() for n, v in centre.items()}, min(k, base), "filter",
-                          "zero", torch.Generator().manual_seed(seed))
-    return {n: v.to(dev).repeat(-(-k // len(v)), *[1] * (v.dim() - 1))[:k]
-            for n, v in d.items()}
+def _directions(centre, k, dev, seed=1):
+    return tiled_directions({n: v[0].cpu() for n, v in centre.items()}, k,
+                            torch.Generator().manual_seed(seed), dev)
 
 
 def evaluation(name, model, x, y, k, repeats, dev, extra_bf16=False, k_loop=2048):

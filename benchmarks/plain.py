@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minefield.autotune import timed
+from minefield.directions import random_directions
 
 __all__ = ["plain_net", "point_loop", "train_steps", "median_time", "side_by_side",
            "common_args", "setup"]
@@ -81,6 +82,17 @@ def side_by_side(fns: dict, repeats: int, dev: torch.device | str = "cpu") -> di
             flt[k].append(faults() - f)
     return {k: (statistics.median(wall[k]), statistics.median(cpu[k]),
                 statistics.median(flt[k])) for k in fns}
+
+
+def tiled_directions(theta: dict[str, torch.Tensor], k: int, g: torch.Generator,
+                     device: torch.device | str = "cpu", base: int = 4096
+                     ) -> dict[str, torch.Tensor]:
+    """``k`` filter-normalised directions at ``theta`` (one model), on ``device``; past
+    ``base`` the first ``base`` repeat (speed is measured, and every point keeps its own
+    ``t``): 131k fresh ones take longer to draw on the CPU than the benchmark itself."""
+    d = random_directions(theta, min(k, base), "filter", "zero", g)
+    return {n: v.to(device).repeat(-(-k // len(v)), *[1] * (v.dim() - 1))[:k]
+            for n, v in d.items()}
 
 
 def plain_net(model: nn.Module, params: dict[str, torch.Tensor],

@@ -55,6 +55,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .batches import minibatch
 from .config import ConfigError, Optimizer, TrainConfig, _Config
 from .data import Dataset
 from .functional import (
@@ -68,7 +69,7 @@ from .functional import (
 from .loss import nll, predict
 from .stacked import alone, one
 from .step import Batch, Hyper, plain_update, poisoned_objective, train_step
-from .train import _batch, make_optimizer
+from .train import make_optimizer
 
 __all__ = ["ConnectConfig", "CURVE_TRAIN", "ConnectResult", "bezier", "curve_objective",
            "pair_seed", "fit_curves", "evaluate_curves", "barriers", "connect"]
@@ -217,7 +218,7 @@ def fit_curves(model: nn.Module, a: Params, b: Params, data: Dataset,
             for g in opt.param_groups:
                 g["lr"] = cfg.lr_at(step)
             t.copy_(torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens]))
-            batch = _batch(data, cfg.seed, step, cfg.batch_size or n_t, 0, None)
+            batch = minibatch(data, cfg.seed, step, cfg.batch_size or n_t, 0, None)
             train_step(model, c, buffers, opt, batch, hyper, objective, plain_update)
     finally:
         mode.__exit__(None, None, None)

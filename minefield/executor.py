@@ -186,6 +186,7 @@ class RayExecutor(Executor):
             raise ConfigError(f"max_retries must be >= 0, got {max_retries}")
         self.address, self.cpus, self.gpus = address, float(cpus_per_task), float(gpus_per_task)
         self.max_retries, self.init, self._started = max_retries, init, False
+        self._warned = False  # the CLI, a stage and map() each check: warn once
 
     def __repr__(self) -> str:
         return (f"RayExecutor(address={self.address!r}, cpus_per_task={self.cpus:g}, "
@@ -220,7 +221,9 @@ class RayExecutor(Executor):
                f"{gpu:g} GPUs): no task could be scheduled")
         if self.address is None and not os.environ.get("RAY_ADDRESS"):
             raise ConfigError(msg)
-        warnings.warn(f"{msg} until the cluster adds such a node", stacklevel=2)
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"{msg} until the cluster adds such a node", stacklevel=2)
 
     def map(self, fn, specs, on_result=None):
         ray = self._ray()

@@ -154,13 +154,9 @@ class Objective:
         centre = one(self.params, i)
         dev = next(iter(centre.values())).device
         if self.model is not None:
-            if self._bdim == 0:
-                bufs = one(self.buffers, i)
-            else:  # batch statistics: the engine still wants (unused) stats to update, on
-                # the parameters' device (the module, and so its own buffers, may be elsewhere)
-                own = {k: v.to(dev, self.dtype if v.is_floating_point() else v.dtype)
-                       for k, v in self.model.named_buffers()}
-                bufs = {k: v[None].clone() for k, v in own.items()} or None
+            # batch statistics: the engine makes the (unused) stats it updates itself, on
+            # the data's device
+            bufs = one(self.buffers, i) if self._bdim == 0 else None
             x, y = self.data
             return evaluate_points(self.model, centre, directions, ts, x, y, bufs,
                                    loss=self.loss, bn=self.bn)[0]

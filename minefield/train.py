@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batches import minibatch as _batch  # its old name here (connectivity, tests)
+from .batches import minibatch
 from .compiled import CompiledObjective, sync
 from .config import ConfigError, Optimizer, TrainConfig
 from .data import Dataset
@@ -370,7 +370,7 @@ def fit(
             for g in opt.param_groups:
                 g["lr"] = cfg.lr_at(step)
             hyper.lr = lr0 * cfg.lr_factor(step)
-            batch = _batch(data, cfg.seed, step, bs, bs_p if use_poison else 0, poison_weight)
+            batch = minibatch(data, cfg.seed, step, bs, bs_p if use_poison else 0, poison_weight)
             t0 = sync(dev) if step_objective.timing else 0.0
             train_step(model, leaves, buffers, opt, batch, hyper, step_objective, update)
             if step_objective.timing:

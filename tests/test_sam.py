@@ -4,13 +4,14 @@ import pytest
 import torch
 from torch import nn
 
+from minefield.batches import minibatch
 from minefield.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from minefield.data import load_dataset
 from minefield.functional import buffers_like
 from minefield.loss import complement_nll, nll
 from minefield.models import build_model
 from minefield.sam import sam_perturbation, sam_update
-from minefield.train import _batch, fit, init_stack
+from minefield.train import fit, init_stack
 
 RHOS = [0.0, 0.02, 0.1]
 BETAS = [0.0, 0.3, 0.5]
@@ -67,7 +68,7 @@ def _hand_run(model, theta, data, cfg, beta, rho, kind, m=None, eta=0.01):
 
     for step in range(cfg.steps):
         opt.param_groups[0]["lr"] = cfg.lr_at(step)
-        batch = _batch(data, cfg.seed, step, bs, bs_p, None)
+        batch = minibatch(data, cfg.seed, step, bs, bs_p, None)
         total = [torch.zeros_like(v) for v in leaves]
         for tr, po in _hand_parts(batch, m):
             g = grad(theta, batch, tr, po)

@@ -182,12 +182,12 @@ def test_concat_beta_is_the_poison_share_of_each_step_batch(tmp_path, tiny):
     cfg = cfg.replace(poison=PoisonConfig(beta=None))
     res = train_run(cfg, tmp_path, progress=False)
     assert res.run.read_json("summary.json")["betas"] == [0.2]
+    from minefield.batches import minibatch
     from minefield.step import Hyper, poisoned_objective
-    from minefield.train import _batch
     data = load_dataset(cfg.data)
     model = build_model(cfg.model, data.input_shape, data.n_classes)
     p = init_stack(model, cfg.model.init, [cfg.train.seed])
-    b = _batch(data, cfg.train.seed, 0, 40, 10, None)
+    b = minibatch(data, cfg.train.seed, 0, 40, 10, None)
     net = build_model(cfg.model, data.input_shape, data.n_classes)
     net.load_state_dict(member(p, 0))
     with torch.no_grad():

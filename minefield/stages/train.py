@@ -104,7 +104,7 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
     params = {k: v.to(dev) for k, v in init_stack(model, cfg.model.init, seeds).items()}
     cfg_dict = cfg.to_dict()
     run = Run.create(cfg.name, cfg_dict, root, force) if save else None
-    start, opt_state, buffers, old_rows = 0, None, None, []
+    start, opt_state, buffers, logged, old_rows = 0, None, None, [], []
     if run is not None and run.exists("state.safetensors"):
         tensors, meta = load_tensors(run.file("state.safetensors"), dev)
         try:
@@ -120,7 +120,8 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
             buffers = {k: tensors[f"buffer.{k}"] for k, _ in model.named_buffers()} or None
             opt_state = _opt_from_tensors(tensors, meta)
             _check_opt_state(opt_state, cfg.train, list(params.values()), start)
-            old_rows = [r for r in run.metrics() if r["step"] < start]
+            logged = run.metrics()  # read once: the rows kept, and who diverged
+            old_rows = [r for r in logged if r["step"] < start]
             if start > 0 and not run.exists(f"trajectory/step_{start:08d}.safetensors"):
                 raise ValueError(f"the trajectory checkpoint of step {start} is missing")
         except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -151,7 +152,7 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         save_tensors(run.file("state.safetensors"), state, {**base_meta, "step": step, **om})
 
     # members that diverged up to the step resumed from (logged before its checkpoint)
-    div = _diverged_at(run.metrics() if run is not None and start > 0 else [], start, m)
+    div = _diverged_at(logged if start > 0 else [], start, m)
     if start >= cfg.train.steps and run is not None and run.trajectory():
         p, b = match_model(model, run.load_checkpoint(run.trajectory()[-1], dev))
         res = FitResult(p, b, start, [], [None] * m, diverged_at=div)
