@@ -195,8 +195,7 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
         mem = max(1, min(mem, _CACHE_BYTES // (pts * width * size)))
     work = mlp_workspace(model, mem, pts, x) if path == "mlp" else None
     if bn is BNPolicy.BATCH and not buffers:  # batch statistics must not update the module's
-        buffers = {k: v.to(dtype) if v.is_floating_point() else v
-                   for k, v in buffers_like(model, 1, dev).items()} or None
+        buffers = buffers_like(model, 1, dev, dtype) or None
     with bn_mode(model, bn is BNPolicy.BATCH):
         with _arithmetic(precision, dev):
             for i in range(0, n_points, mem):

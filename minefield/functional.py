@@ -61,10 +61,12 @@ def is_weight(name: str, per_model_shape: torch.Size | tuple[int, ...]) -> bool:
     return len(per_model_shape) >= 2
 
 
-def buffers_like(model: nn.Module, m: int, device=None) -> Params:
-    """The module's buffers (BatchNorm running stats) repeated for M members."""
-    return {k: b.detach().to(device).unsqueeze(0).repeat(m, *([1] * b.dim())).clone()
-            for k, b in model.named_buffers()}
+def buffers_like(model: nn.Module, m: int, device=None, dtype: torch.dtype | None = None
+                 ) -> Params:
+    """The module's buffers (BatchNorm running stats) repeated for M members, on
+    ``device``; floating ones in ``dtype`` if given (counters keep theirs)."""
+    return {k: b.detach().to(device, dtype if dtype and b.is_floating_point() else b.dtype)
+            .unsqueeze(0).repeat(m, *([1] * b.dim())) for k, b in model.named_buffers()}
 
 
 def stochastic_modules(model: nn.Module) -> list[str]:

@@ -47,7 +47,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 from .config import ConfigError
 from .data import Dataset
 from .engine import LOSSES, BNPolicy, evaluate_points
-from .functional import bn_mode, check_buffers
+from .functional import bn_mode, buffers_like, check_buffers
 from .graph_hvp import GraphHessian, graph_plan
 from .kept_graph import KeptGraph
 from .options import option
@@ -234,10 +234,8 @@ def model_objective(model: nn.Module, params: Params,
         bufs: Params = {k: None for k, _ in model.named_buffers()}
     elif buffers:
         bufs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in buffers.items()}
-    else:  # the module's own, moved to the parameters' device (the module may be elsewhere)
-        dev = next(iter(params.values())).device
-        bufs = {k: v.to(dev, dtype if v.is_floating_point() else v.dtype).unsqueeze(0).expand(
-            m, *v.shape).clone() for k, v in model.named_buffers()}
+    else:  # the module's own, on the parameters' device (the module may be elsewhere)
+        bufs = buffers_like(model, m, next(iter(params.values())).device, dtype)
     step = batch_size or max(1, len(y))
     chunks = [(x[i:i + step], y[i:i + step]) for i in range(0, len(y), step)]
     loss_fn = LOSSES[loss]
