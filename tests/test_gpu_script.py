@@ -30,13 +30,21 @@ def test_gpu_script_runs_every_step_on_the_cpu(tmp_path):
     summary = out[out.rindex("== summary"):]
     steps = re.findall(r"^  (\S.*?)\s{2,}(ok|FAILED \(rc \d+\)|CHECKS FAILED|TIMED OUT)\s+\d+s$",
                        summary, re.M)
-    assert len(steps) == 5, summary
+    assert len(steps) == 6, summary
     for name, status in steps:
         # at toy size Fig. 1's science checks may miss; the step must still run to its end
         allowed = ("ok", "CHECKS FAILED") if name.startswith("Fig. 1") else ("ok",)
         assert status in allowed, f"{name}: {status}\n{out[-4000:]}"
-    assert "seed 0: end to end" in out
+    assert "seed 0: end to end" in out and "seed 1: end to end" in out
     assert "Traceback" not in out
+
+
+def test_gpu_script_caps_add_up_to_under_eight_minutes():
+    # issue 14: the whole GPU check in under 8 minutes (the device tool allows 10 a call)
+    caps = [int(c) for c in re.findall(r'^\s*step "[^"]*" (\d+)',
+                                       (ROOT / "benchmarks/gpu.sh").read_text(), re.M)]
+    fig1 = 2  # the Fig. 1 step runs once per seed in its loop
+    assert len(caps) == 5 and sum(caps) + (fig1 - 1) * caps[-1] < 8 * 60 - 20, caps
 
 
 def test_gpu_script_rejects_unknown_arguments():
