@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -132,6 +133,17 @@ def bn_mode(model: nn.Module, batch: bool) -> Iterator[nn.Module]:
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.LeakyReLU, nn.Identity)
 
 
+_FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _layout(model: nn.Sequential) -> tuple:
+    """What :func:`mlp_fast_path` depends on, cheap to read: each child's name, class and
+    identity and its weight's and bias's identity (a replaced, removed or tied parameter
+    changes one of them)."""
+    return tuple((name, type(mod), id(mod), id(getattr(mod, "weight", None)),
+                  id(getattr(mod, "bias", None))) for name, mod in model._modules.items())
+
+
 def mlp_fast_path(model: nn.Module) -> bool:
     """True when ``model`` is a plain MLP (``nn.Sequential`` of ``Linear``, elementwise
     activations and a leading ``Flatten``) that batched matmuls can run directly.
@@ -142,6 +154,15 @@ def mlp_fast_path(model: nn.Module) -> bool:
     ``named_parameters``) or parametrised has no parameter of its own name."""
     if type(model) is not nn.Sequential:
         return False
+    layout = _layout(model)  # the answer is cached per model (a training step asks each time)
+    hit = _FAST.get(model)
+    if hit is not None and hit[0] == layout:
+        return hit[1]
+    _FAST[model] = (layout, _plain_mlp(model))
+    return _FAST[model][1]
+
+
+def _plain_mlp(model: nn.Sequential) -> bool:
     names = dict(model.named_parameters())
     seen_linear = False
     for name, mod in model.named_children():

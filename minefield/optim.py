@@ -146,8 +146,9 @@ class StackedOptimizer(torch.optim.Optimizer):
         torch._foreach_lerp_(m1, grads, 1 - beta1)
         torch._foreach_mul_(m2, beta2)
         torch._foreach_addcmul_(m2, grads, grads, 1 - beta2)
-        bc1 = [1 - beta1 ** s.item() for s in steps]
-        bc2_sqrt = [(1 - beta2 ** s.item()) ** 0.5 for s in steps]
+        counts = torch.stack(steps).tolist()  # one read, not one .item() per tensor
+        bc1 = [1 - beta1 ** s for s in counts]
+        bc2_sqrt = [(1 - beta2 ** s) ** 0.5 for s in counts]
         denom = torch._foreach_sqrt(m2)
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, group["eps"])

@@ -52,7 +52,7 @@ import torch
 
 from .functional import Params
 from .options import SamKind, option
-from .step import Batch, Hyper, LossFn, Update, _step, plain_update, set_grads
+from .step import Batch, Hyper, LossFn, Update, _step, clear_grads, plain_update, set_grads
 
 __all__ = ["SamKind", "sam_update", "sam_perturbation", "split_batch"]
 
@@ -189,7 +189,7 @@ def sam_update(kind: SamKind | str = "sam", m: int | None = None, eta: float = 0
                     acc.add_(h, alpha=w)
         on = rho > 0
         final = [torch.where(on.view(-1, *[1] * (a.dim() - 1)), a, b) for a, b in zip(new, g)]
-        opt.zero_grad(set_to_none=True)
+        clear_grads(opt)
         set_grads(leaves, final, hyper.clip_norm, hyper.isolated)
         _step(opt, hyper)
         return loss.detach()

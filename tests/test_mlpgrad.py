@@ -1,0 +1,121 @@
+"""The stacked MLP as one autograd node (minefield.mlpgrad) against autograd itself.
+
+The oracle is the same training run with the node switched off (autograd through
+``stacked_forward``): the node claims autograd's kernels and layouts, so the runs
+must agree bit for bit (``torch.equal``), not just to a tolerance.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import minefield.step
+from minefield import DataConfig, ModelConfig, TrainConfig, build_model, load_dataset
+from minefield.functional import stacked_forward
+from minefield.mlpgrad import mlp_logits
+from minefield.train import fit, init_stack
+
+
+def _autograd_only(model, params, x):
+    return stacked_forward(model, params, x)
+
+
+def _data(dtype):
+    return load_dataset(DataConfig("blobs", n_train=40, n_test=20, n_poison=20)).to(
+        "cpu", dtype)
+
+
+CASES = {  # name: (activation, TrainConfig fields, fit keywords)
+    "adam-relu-clip-l2": ("relu", dict(optimizer="adam", lr=0.01, clip_norm=0.5, l2=1e-3,
+                                       batch_size=16), dict(flip=True)),
+    "sgd-tanh": ("tanh", dict(optimizer="sgd", lr=0.05, momentum=0.9, milestones=(4,)), {}),
+    "rmsprop-leaky-isolated": ("leaky_relu", dict(optimizer="rmsprop", lr=0.003),
+                               dict(isolated=True)),
+    "sam": ("relu", dict(optimizer="sgd", lr=0.05, sam="sam", rho=0.05), {}),
+    "asam-per-member-lr": ("relu", dict(optimizer="adam", lr=0.01, sam="asam", rho=0.1),
+                           dict(lrs=[0.01, 0.02, 0.005])),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_training_through_the_node_is_autograd_bit_for_bit(case, dtype, monkeypatch):
+    act, fields, kw = CASES[case]
+    data = _data(dtype)
+    model = build_model(ModelConfig(widths=(8, 8), activation=act), data.input_shape,
+                        data.n_classes).to(dtype)
+    p = {k: v.to(dtype) for k, v in init_stack(model, "glorot_uniform", [0, 1, 2]).items()}
+    cfg = TrainConfig(steps=8, log_every=4, **fields)
+    betas = torch.tensor([0.0, 0.3, 0.5])
+    node = fit(model, p, data, cfg, betas, **kw)
+    monkeypatch.setattr(minefield.step, "mlp_logits", _autograd_only)
+    ref = fit(model, p, data, cfg, betas, **kw)
+    for k in p:
+        assert torch.equal(node.params[k], ref.params[k]), k
+    assert [r["train_loss"] for r in node.history] == [r["train_loss"] for r in ref.history]
+
+
+def test_gradients_match_autograd_without_bias_and_with_flatten():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5, bias=False), nn.ReLU(),
+                          nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3, bias=False)).double()
+    p = {k: v.detach().unsqueeze(0).repeat(2, *[1] * v.dim()).requires_grad_()
+         for k, v in model.named_parameters()}
+    x = torch.randn(7, 2, 3, dtype=torch.float64)
+    w = torch.randn(2, 7, 3, dtype=torch.float64)
+    got = torch.autograd.grad((mlp_logits(model, p, x) * w).sum(), list(p.values()))
+    want = torch.autograd.grad((stacked_forward(model, p, x) * w).sum(), list(p.values()))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_a_second_derivative_raises_instead_of_being_wrong():
+    model = build_model(ModelConfig(widths=(4,), activation="tanh"), (2,), 2).double()
+    p = {k: v.double().requires_grad_() for k, v in init_stack(model, "torch", [0]).items()}
+    loss = mlp_logits(model, p, torch.randn(5, 2, dtype=torch.float64)).pow(2).sum()
+    with pytest.raises(RuntimeError, match="has no second derivative"):
+        torch.autograd.grad(loss, list(p.values()), create_graph=True)
+
+
+def test_an_activation_after_an_activation_takes_autograd():
+    # tanh(tanh(.)) in place would overwrite the result the first tanh's backward needs
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Tanh(), nn.Linear(3, 2)).double()
+    p = {k: v.detach().unsqueeze(0).requires_grad_() for k, v in model.named_parameters()}
+    out = mlp_logits(model, p, torch.randn(4, 2, dtype=torch.float64))
+    assert out.grad_fn.name() != "StackedMLPBackward"
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_dispatches_fewer_operations(monkeypatch):
+    # what a launch-bound GPU step pays for (issue 14's search step): the dispatched
+    # aten operations of 10 steps of the search's optimizer on a 5-layer MLP
+    data = _data(torch.float32)
+    model = build_model(ModelConfig(widths=(25, 25, 25, 25)), data.input_shape,
+                        data.n_classes)
+    p = init_stack(model, "glorot_normal", [0, 1])
+    cfg = TrainConfig(optimizer="adam", lr=0.004, steps=10, log_every=100,
+                      checkpoint_every=100)
+
+    def count():
+        with _Count() as c:
+            fit(model, p, data, cfg, torch.tensor([0.5, 0.5]), flip=True)
+        return sum(c.ops.values())
+
+    node = count()
+    monkeypatch.setattr(minefield.step, "mlp_logits", _autograd_only)
+    ref = count()
+    layers = 5
+    assert node <= ref - 10 * 2 * layers, (node, ref)  # at least 2 fewer per layer and step
