@@ -263,3 +263,20 @@ def test_results_computed_on_cuda_come_back_on_the_cpu_and_plot():
         "cpu"}
     plot_rollouts(ro)
     plot_slice(sl)
+
+
+def test_training_node_on_cuda_is_autograd_bit_for_bit(monkeypatch):
+    # minefield.mlpgrad claims autograd's kernels and layouts: on CUDA too
+    import minefield.step
+    from minefield.functional import stacked_forward
+
+    data, model, params = _setup()
+    data, model = data.to("cuda"), model.cuda()
+    p = {k: v.cuda() for k, v in params.items()}
+    cfg = TrainConfig(optimizer="adam", lr=0.004, steps=20, log_every=10, clip_norm=8.0)
+    node = fit(model, p, data, cfg, torch.tensor([0.0, 0.5]), flip=True)
+    monkeypatch.setattr(minefield.step, "mlp_logits",
+                        lambda m, q, x: stacked_forward(m, q, x))
+    ref = fit(model, p, data, cfg, torch.tensor([0.0, 0.5]), flip=True)
+    for k in p:
+        assert torch.equal(node.params[k], ref.params[k]), k
