@@ -38,13 +38,16 @@ MIN_STEPS = 500  # "auto" compiles only fits at least this long
 
 def compiled_objective(objective: Objective, backend: str = "inductor",
                        mode: str | None = "reduce-overhead") -> Objective:
-    """``objective`` under ``torch.compile`` with automatic dynamic shapes: the first
-    stack size compiles static, a second one compiles generic code that every later size
-    reuses (a search compacts its stack as members finish: static shapes recompiled at
-    every compaction, until dynamo's recompile limit sent the rest eager)."""
+    """``objective`` under ``torch.compile`` with dynamic shapes from the first call: one
+    graph for every stack size and batch size (but size 1, which dynamo specialises). A
+    search compacts its stack as members finish (static shapes recompiled at every
+    compaction, until dynamo's recompile limit sent the rest eager), and an epoch may end
+    in a smaller batch; automatic dynamic shapes compiled each static first, then once
+    more generic: Fig. 1 at small scale on the CPU compiled 4 graphs in 46 s that way,
+    2 in 33 s this way, with the same minima."""
     if backend != "inductor":
         mode = None  # modes are inductor's
-    return torch.compile(objective, backend=backend, mode=mode, dynamic=None)
+    return torch.compile(objective, backend=backend, mode=mode, dynamic=True)
 
 
 class CompiledObjective:
