@@ -56,10 +56,15 @@ def _fit_summary(seed: int) -> None:
         rows = [f for f in FITS if f[0] == who]
         if not rows:
             continue
-        comp = [f[4] for f in rows if f[4].get("decision") in ("compiled", "eager")]
+        comp = [f[4] for f in rows if "compiled_ms" in f[4]]  # probed both ways
+        skipped = [f[4] for f in rows if "saving_bound_s" in f[4]]  # could not pay
         line = (f"seed {seed}: {who}: {len(rows)} fit calls, at most {sum(f[2] for f in rows)} "
                 f"stack-steps (a fit may stop early; stacks of {max(f[1] for f in rows)} down to "
                 f"{min(f[1] for f in rows)}), {sum(f[3] for f in rows):.1f} s")
+        if skipped:
+            line += (f"; {len(skipped)} calls not compiled (eager {skipped[0]['eager_ms']:.2f} ms"
+                     f" a step saves at most {skipped[0]['saving_bound_s']:.1f} s < "
+                     f"{skipped[0]['compile_s_assumed']:.0f} s of compilation)")
         if comp:
             ms = sorted(c["eager_ms"] for c in comp)[len(comp) // 2]
             mc = sorted(c["compiled_ms"] for c in comp)[len(comp) // 2]

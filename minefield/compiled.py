@@ -11,7 +11,11 @@ call: a fit of fewer than ``MIN_STEPS`` steps never compiles (a compile costs
 seconds to a minute, more than such a fit can win back); otherwise the first
 ``probe`` steps run eagerly and are timed, the next ``probe`` run compiled (the
 first of them pays the compile, measured as its excess over the others), and
-the faster of the two runs the rest. The timings are kept in ``.report``. The optimizer update
+the faster of the two runs the rest. Before the first compilation of an objective in a
+process, the eager probe bounds what compiling could save (all of the eager time of the
+``horizon`` steps left: the fit's own, or more when the caller will train the same
+objective on, as the search's segments do); below :data:`COMPILE_S` the fit stays eager.
+The timings are kept in ``.report``. The optimizer update
 stays eager (``foreach`` kernels). Modes: ``off`` (the default on a CPU, where
 the step is compute-bound), ``on`` (always compiled, e.g. for tests with a
 debugging ``backend``) and ``auto`` (measured; off on a CPU).
@@ -30,10 +34,16 @@ import torch
 
 from .step import Objective
 
-__all__ = ["COMPILE_MODES", "MIN_STEPS", "CompiledObjective", "compiled_objective", "sync"]
+__all__ = ["COMPILE_MODES", "MIN_STEPS", "COMPILE_S", "CompiledObjective", "compiled_objective",
+           "sync"]
 
 COMPILE_MODES = ("off", "on", "auto")
 MIN_STEPS = 500  # "auto" compiles only fits at least this long
+# What "auto" assumes a first compilation costs: one graph of a small MLP's objective
+# took about 16 s on a 2-core CPU (inductor; Fig. 1 small scale, 2026-12-01); Triton's on
+# a GPU is of that order. Measured per process once paid (``report["compile_s"]``).
+COMPILE_S = 15.0
+_PAID: set = set()  # (objective code, device type) compiled in this process
 
 
 def compiled_objective(objective: Objective, backend: str = "inductor",
@@ -57,7 +67,7 @@ class CompiledObjective:
     """
 
     def __init__(self, objective: Objective, mode: str, device: torch.device, steps: int,
-                 probe: int = 5, backend: str = "inductor"):
+                 probe: int = 5, backend: str = "inductor", horizon: int | None = None):
         if mode not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {mode!r}; choose from "
                              f"{', '.join(COMPILE_MODES)}")
@@ -69,6 +79,8 @@ class CompiledObjective:
         self.times: dict[str, list[float]] = {"eager": [], "compiled": []}
         self.report: dict[str, Any] = {"mode": mode, "decision": mode}
         self.device = torch.device(device)
+        self.horizon = steps if horizon is None else max(steps, horizon)
+        self.key = (getattr(objective, "__code__", objective), self.device.type)
 
     @property
     def timing(self) -> bool:
@@ -84,9 +96,26 @@ class CompiledObjective:
         which = "compiled" if self.use_compiled else "eager"
         self.times[which].append(seconds)
         if which == "eager" and len(self.times["eager"]) >= self.probe:
+            if self._cannot_pay():
+                return
             self.use_compiled = True
         elif which == "compiled" and len(self.times["compiled"]) >= self.probe:
+            _PAID.add(self.key)
             self._decide()
+
+    def _cannot_pay(self) -> bool:
+        """Before a first compilation in this process: even a compiled step costing
+        nothing saves at most the eager time of the steps left; below :data:`COMPILE_S`
+        the compilation cannot pay, and the fit stays eager (reported)."""
+        if self.key in _PAID:
+            return False
+        eager = sorted(self.times["eager"])[len(self.times["eager"]) // 2]
+        bound = eager * (self.horizon - self.probe)
+        if bound >= COMPILE_S:
+            return False
+        self.report.update(decision="eager", eager_ms=1e3 * eager, saving_bound_s=bound,
+                           compile_s_assumed=COMPILE_S)
+        return True
 
     def _decide(self) -> None:
         eager = sorted(self.times["eager"])[len(self.times["eager"]) // 2]

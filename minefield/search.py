@@ -327,7 +327,8 @@ def _search_stack(model: nn.Module, cur: Params, data: Dataset, cfg: SearchConfi
         res = fit(model, cur, train_data, seg, betas[active], flip=flip, start_step=step,
                   opt_state=opt_state, stop_fn=stop_fn, on_checkpoint=keep_state,
                   poison_weight=weight, eval_data=data, progress=progress,
-                  desc=f"search {step}-{end}", isolated=cfg.isolate)
+                  desc=f"search {step}-{end}", isolated=cfg.isolate,
+                  compile_horizon=horizon - step)
         if any(d is not None for d in res.diverged_at):  # a search needs every member
             d = min(d for d in res.diverged_at if d is not None)
             raise TrainingDiverged(f"loss became NaN/inf at step {d} (a searched model)")

@@ -183,6 +183,7 @@ def fit(
     diverged_at: Sequence[int | None] | None = None,
     compile_mode: str = "auto",
     compile_backend: str = "inductor",
+    compile_horizon: int | None = None,
 ) -> FitResult:
     """Train the stack ``params`` ``(M, ...)`` on the poisoned objective for ``cfg.steps``.
 
@@ -216,7 +217,9 @@ def fit(
     member's trajectory is bit-for-bit the same in a stack of any size; it runs
     on one intra-op thread (restored on return).
     ``compile_mode`` (``auto``/``on``/``off``): the objective under ``torch.compile``
-    when it pays, on CUDA only by default (:mod:`minefield.compiled`).
+    when it pays, on CUDA only by default (:mod:`minefield.compiled`);
+    ``compile_horizon``: the steps the caller will train this objective in all (default
+    this fit's), what a first compilation's saving is bounded by.
     Returns the final (or frozen) parameters and the logged history.
     """
     m = n_members(params)
@@ -283,7 +286,7 @@ def fit(
     history: list[dict[str, Any]] = []
     last_ckpt: int | None = start_step if start_step > 0 else None
     step_objective = CompiledObjective(objective, compile_mode, dev, cfg.steps - start_step,
-                                       backend=compile_backend)
+                                       backend=compile_backend, horizon=compile_horizon)
 
     def freeze(newly: torch.Tensor, params: Params, bufs: Params) -> None:
         """Keep members ``newly``'s parameters and running statistics from now on."""

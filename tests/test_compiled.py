@@ -88,3 +88,33 @@ def test_a_shrinking_stack_compiles_once_not_once_per_size():
         for k in q:
             torch.testing.assert_close(comp.params[k], eager.params[k], rtol=1e-12, atol=1e-12)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_first_compilation_that_cannot_pay_is_not_started(monkeypatch):
+    # the good run of Fig. 1: 8000 steps of one model at ~1 ms eager save at most 8 s,
+    # less than a first compilation costs; the search's segments run the same objective
+    # for their whole schedule (the horizon), so they compile
+    import minefield.compiled as compiled
+
+    monkeypatch.setattr(compiled, "_PAID", set())
+
+    def probed(steps, horizon=None):
+        obj = CompiledObjective(poisoned_objective, "on", torch.device("cpu"), steps,
+                                probe=3, backend="aot_eager", horizon=horizon)
+        obj.mode = obj.report["decision"] = "auto"  # as on CUDA
+        obj.use_compiled = False
+        for t in (1e-3, 1e-3, 1e-3):
+            obj.record(t)
+        return obj
+
+    good_run = probed(8000)
+    assert not good_run.use_compiled and not good_run.timing
+    assert good_run.report["decision"] == "eager"
+    assert good_run.report["saving_bound_s"] == pytest.approx(1e-3 * 7997)
+    segment = probed(500, horizon=24000)  # a search segment with its schedule ahead
+    assert segment.use_compiled and segment.timing
+    for t in (20.0, 5e-4, 5e-4):
+        segment.record(t)
+    assert segment.report["decision"] == "compiled"
+    again = probed(500)  # compiled once in this process: a later fit probes it at no risk
+    assert again.use_compiled and again.timing

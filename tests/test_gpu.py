@@ -152,7 +152,7 @@ def test_auto_compile_decides_and_reports_on_cuda():
     data, model, params = _setup()
     cfg = TrainConfig(steps=600, log_every=600, lr=0.01)
     res = fit(model, {k: v.cuda() for k, v in params.items()}, data.to("cuda"), cfg,
-              torch.tensor([0.0, 0.5]))
+              torch.tensor([0.0, 0.5]), compile_horizon=100_000)  # a long run ahead: probe
     rep = res.compiled
     assert rep["decision"] in ("compiled", "eager"), rep
     assert rep["compile_s"] >= 0 and rep["eager_ms"] > 0 and rep["compiled_ms"] > 0
