@@ -47,17 +47,18 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from .config import ConfigError, _Config
-from .functional import Params, flatten, is_weight, unflatten
+from .functional import Params, alone, flatten, is_weight, n_members, unflatten
 from .options import BiasPolicy, DirectionKind, option
 
 __all__ = ["DirectionKind", "BiasPolicy", "DirectionSpec", "random_directions", "n_perturbed",
-           "check_units", "orthogonalize"]
+           "check_units", "orthogonalize", "distances"]
 
 
 @dataclass(frozen=True)
@@ -176,3 +177,45 @@ def orthogonalize(directions: Params) -> Params:
     out = torch.stack(basis) * norms[:, None]
     dtype = next(iter(directions.values())).dtype
     return unflatten(out.to(dtype), directions)
+
+
+def _filter_rows(v: torch.Tensor) -> torch.Tensor:
+    # (M, out, ...) -> (M, out, fan_in): one row per filter / output unit
+    return v.reshape(v.shape[0], v.shape[1], -1)
+
+
+def distances(params: Params, ref: Params, *, isolated: bool = False
+              ) -> dict[str, torch.Tensor]:
+    """Plain and filter-normalised distances of each member of ``params`` to ``ref``.
+
+    ``ref`` has M members or one (broadcast). Returns ``{"l2": (M,), "filter": (M,)}``
+    in float64: ``l2 = ||theta - ref||`` over all parameters, ``filter =
+    sqrt(mean_f ||Delta_f||^2 / ||ref_f||^2)`` over the filters of weight tensors, dead
+    filters of ``ref`` left out (``||ref_f||^2`` below 1e-12 of its layer's mean: their
+    relative change is undefined, and filter-normalised directions are zero there).
+    ``isolated=True`` reduces one member at a time (bit-for-bit the same in any stack).
+
+    Example::
+
+        >>> ref = {"w": torch.ones(1, 2, 3), "b": torch.zeros(1, 2)}
+        >>> distances({"w": 3 * torch.ones(1, 2, 3), "b": torch.ones(1, 2)}, ref)["filter"]
+        tensor([2.], dtype=torch.float64)
+    """
+    if isolated:
+        rows = [distances(alone(params, i), alone(ref, i if n_members(ref) > 1 else 0))
+                for i in range(n_members(params))]
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+    sq = 0.0
+    ratios = []
+    for k, v in params.items():
+        d = (v.double() - ref[k].double())
+        sq = sq + d.reshape(d.shape[0], -1).pow(2).sum(1)
+        if is_weight(k, v.shape[1:]):
+            num = _filter_rows(d).pow(2).sum(-1)
+            den = _filter_rows(ref[k].double()).pow(2).sum(-1)
+            alive = den > 1e-12 * den.mean(-1, keepdim=True)
+            ratios.append(torch.where(alive, num / den.clamp_min(1e-300), math.nan).reshape(
+                d.shape[0], -1))
+    filt = (torch.cat(ratios, 1).nanmean(1).sqrt() if ratios
+            else torch.full_like(sq, math.nan))
+    return {"l2": sq.sqrt(), "filter": filt}

@@ -74,9 +74,8 @@ directory and owns the files.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -97,11 +96,12 @@ from .continuation import (  # noqa: F401 - _segment is tested from here
     retry_seed,
 )
 from .data import Dataset
+from .directions import distances
 from .evaluate import evaluate_members
 from .functional import activation_elements, is_weight
 from .options import StopRule
 from .search_config import AUTO_EXTRA_POISON, SEARCH_TRAIN, SearchConfig
-from .stacked import Params, alone, member, n_members, select, stack
+from .stacked import Params, member, n_members, select, stack
 from .train import TrainingDiverged, effective_beta, fit
 
 __all__ = ["StopRule", "SearchConfig", "SEARCH_TRAIN", "SearchResult", "search_minima",
@@ -112,48 +112,6 @@ __all__ = ["StopRule", "SearchConfig", "SEARCH_TRAIN", "SearchResult", "search_m
 def search_seed(seed: int, step: int, repeat: int) -> int:
     """The seed of the search from checkpoint ``step``, repeat ``repeat`` (batch-independent)."""
     return ((seed * 1_000_003 + step) * 1_009 + repeat) % (2**63 - 1)
-
-
-def _filter_rows(v: torch.Tensor) -> torch.Tensor:
-    # (M, out, ...) -> (M, out, fan_in): one row per filter / output unit
-    return v.reshape(v.shape[0], v.shape[1], -1)
-
-
-def distances(params: Params, ref: Params, *, isolated: bool = False
-              ) -> dict[str, torch.Tensor]:
-    """Plain and filter-normalised distances of each member of ``params`` to ``ref``.
-
-    ``ref`` has M members or one (broadcast). Returns ``{"l2": (M,), "filter": (M,)}``
-    in float64: ``l2 = ||theta - ref||`` over all parameters, ``filter =
-    sqrt(mean_f ||Delta_f||^2 / ||ref_f||^2)`` over the filters of weight tensors, dead
-    filters of ``ref`` left out (``||ref_f||^2`` below 1e-12 of its layer's mean: their
-    relative change is undefined, and filter-normalised directions are zero there).
-    ``isolated=True`` reduces one member at a time (bit-for-bit the same in any stack).
-
-    Example::
-
-        >>> ref = {"w": torch.ones(1, 2, 3), "b": torch.zeros(1, 2)}
-        >>> distances({"w": 3 * torch.ones(1, 2, 3), "b": torch.ones(1, 2)}, ref)["filter"]
-        tensor([2.], dtype=torch.float64)
-    """
-    if isolated:
-        rows = [distances(alone(params, i), alone(ref, i if n_members(ref) > 1 else 0))
-                for i in range(n_members(params))]
-        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
-    sq = 0.0
-    ratios = []
-    for k, v in params.items():
-        d = (v.double() - ref[k].double())
-        sq = sq + d.reshape(d.shape[0], -1).pow(2).sum(1)
-        if is_weight(k, v.shape[1:]):
-            num = _filter_rows(d).pow(2).sum(-1)
-            den = _filter_rows(ref[k].double()).pow(2).sum(-1)
-            alive = den > 1e-12 * den.mean(-1, keepdim=True)
-            ratios.append(torch.where(alive, num / den.clamp_min(1e-300), math.nan).reshape(
-                d.shape[0], -1))
-    filt = (torch.cat(ratios, 1).nanmean(1).sqrt() if ratios
-            else torch.full_like(sq, math.nan))
-    return {"l2": sq.sqrt(), "filter": filt}
 
 
 def _filter_normalized_direction(params: Params, g: torch.Generator) -> Params:
@@ -192,6 +150,14 @@ class SearchResult:
     metrics: dict[str, torch.Tensor]
     betas: torch.Tensor
     attempts: torch.Tensor
+
+    def part(self, idx: slice | Sequence[int]) -> SearchResult:
+        """The members ``idx``, in that order."""
+        cut = idx if isinstance(idx, slice) else torch.as_tensor(list(idx), dtype=torch.long)
+        return SearchResult(select(self.params, cut), self.steps[cut],
+                            {k: v[cut.to(v.device) if torch.is_tensor(cut) else cut]
+                             for k, v in self.metrics.items()},
+                            self.betas[cut], self.attempts[cut])
 
 
 def _stop_fn(cfg: SearchConfig) -> Callable[[dict[str, torch.Tensor]], torch.Tensor] | None:
@@ -244,7 +210,7 @@ def poison_set(data: Dataset, cfg: SearchConfig,
 def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchConfig,
                   seeds: Sequence[int] | None = None, *,
                   extra: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  progress: bool = False) -> SearchResult:
+                  progress: bool = False, speculate: bool | None = None) -> SearchResult:
     """Train every member of ``starts`` ``(M, ...)`` to a bad minimum, all in one stack.
 
     The objective is ``poisoned_nll(train, poison, beta)`` with ``beta =
@@ -256,7 +222,9 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
     ``steps[i]`` is the step at which member i stopped, or ``cfg.steps``.
     ``extra`` are fresh poison points (see :func:`poison_set`; ``search_run``
     draws ``cfg.n_extra(dataset)`` of them). Members still above ``cfg.poison_cap`` at
-    the end are searched again (``cfg.retries``). Stopping targets and the returned
+    the end are searched again (``cfg.retries``); ``speculate`` trains every first retry
+    alongside its search instead (see :func:`_speculates`; default: on CUDA for batched
+    searches). Stopping targets and the returned
     metrics are always measured on ``data``'s own train / test / poison splits.
 
     Example::
@@ -275,14 +243,24 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
     seeds = list(seeds) if seeds is not None else list(range(m))
     if len(seeds) != m:
         raise ValueError(f"{len(seeds)} seeds for {m} searches")
-    res = _search_stack(model, _jittered(starts, seeds, cfg.jitter), data, cfg, extra, progress)
+
+    def retry_starts(idx: Sequence[int], attempt: int) -> Params:
+        return _jittered(select(starts, list(idx)), [retry_seed(seeds[i], attempt) for i in idx],
+                         max(cfg.jitter, cfg.retry_jitter))
+
+    first, spare = _jittered(starts, seeds, cfg.jitter), None
+    if _speculates(speculate, cfg, model, data, extra, first):
+        both = _search_stack(model, {k: torch.cat([v, retry_starts(range(m), 1)[k]])
+                                     for k, v in first.items()}, data, cfg, extra, progress)
+        res, spare = both.part(slice(0, m)), both.part(slice(m, 2 * m))
+    else:
+        res = _search_stack(model, first, data, cfg, extra, progress)
     for attempt in range(1, cfg.retries + 1):
         failed = _failed(cfg, res.metrics)
         if not failed:
             break
-        again = _search_stack(model, _jittered(
-            select(starts, failed), [retry_seed(seeds[i], attempt) for i in failed],
-            max(cfg.jitter, cfg.retry_jitter)), data, cfg, extra, progress)
+        again = (spare.part(failed) if attempt == 1 and spare is not None else
+                 _search_stack(model, retry_starts(failed, attempt), data, cfg, extra, progress))
         won = _better(cfg, {k: v[failed] for k, v in res.metrics.items()}, again.metrics)
         idx = [i for i, w in zip(failed, won.tolist()) if w]  # members whose retry won
         for mine, theirs in ((res.params, again.params), (res.metrics, again.metrics)):
@@ -291,6 +269,26 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
         res.steps[idx], res.betas[idx] = again.steps[won.cpu()], again.betas[won.cpu()]
         res.attempts[idx] = attempt
     return res
+
+
+def _speculates(speculate: bool | None, cfg: SearchConfig, model: nn.Module, data: Dataset,
+                extra: tuple[torch.Tensor, torch.Tensor] | None, first: Params) -> bool:
+    """Whether the first retry of every search trains alongside it (``speculate``; None:
+    on CUDA, for batched searches with retries, when twice the stack fits the memory
+    budget). A retry starts only after its search has failed at the end of the schedule,
+    so retries double the searches' sequential steps; on a GPU a small stack twice as
+    large costs about as much per step, and the spare attempts of searches that did not
+    fail are dropped. Each search's result is the one it gets without speculation
+    (bit for bit with ``cfg.isolate``)."""
+    if speculate is not None:
+        return speculate and cfg.retries > 0 and cfg.poison_cap is not None
+    if cfg.isolate or not cfg.retries or cfg.poison_cap is None:
+        return False
+    if next(iter(first.values())).device.type != "cuda":
+        return False
+    twice = 2 * n_members(first)  # the memory budget decides, not max_batch's chunking
+    return batch_capacity(model, poison_set(data, cfg, extra)[0],
+                          replace(cfg, max_batch=twice)) >= twice
 
 
 def _search_stack(model: nn.Module, cur: Params, data: Dataset, cfg: SearchConfig,

@@ -280,3 +280,15 @@ def test_training_node_on_cuda_is_autograd_bit_for_bit(monkeypatch):
     ref = fit(model, p, data, cfg, torch.tensor([0.0, 0.5]), flip=True)
     for k in p:
         assert torch.equal(node.params[k], ref.params[k]), k
+
+
+def test_speculative_retries_on_cuda_by_default_for_batched_searches():
+    from minefield.search import SearchConfig, _speculates, search_minima
+
+    data, model, params = _setup()
+    cfg = SearchConfig.make(steps=60, lr=0.02, milestones=(), log_every=10, compact_every=30,
+                            isolate=False, poison_cap=0.5, retries=1, continue_below=None)
+    p = {k: v.cuda() for k, v in params.items()}
+    assert _speculates(None, cfg, model.cuda(), data.to("cuda"), None, p)
+    res = search_minima(model, p, data.to("cuda"), cfg)
+    assert res.metrics["train_acc"].shape == (2,) and int(res.attempts.max()) <= 1

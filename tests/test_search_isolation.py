@@ -271,3 +271,30 @@ def test_an_isolated_fit_runs_on_one_thread_and_restores_the_count():
         assert seen == [1, 1, 1, 1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# --- speculative retries -----------------------------------------------------------------------
+
+def test_speculative_retries_give_each_search_its_sequential_result_bit_for_bit():
+    """Training every first retry alongside its search (on CUDA by default) must not
+    change any search's result: isolated members do not depend on their stack, and the
+    spare attempts of searches that did not fail are dropped."""
+    data = load_dataset(DataConfig("blobs", n_train=40, n_test=40, n_poison=40)).to(
+        "cpu", torch.float64)
+    model = build_model(ModelConfig(widths=(8, 8)), data.input_shape, data.n_classes).double()
+    p = {k: v.double() for k, v in init_stack(model, "glorot_uniform", range(6)).items()}
+    cfg = SearchConfig.make(steps=120, lr=0.02, milestones=(), log_every=10, compact_every=30,
+                            beta=0.25, target_train=1.0, target_poison_acc=0.9,
+                            adapt_from=0, continue_below=None, stopping=StopRule.FIXED,
+                            poison_cap=0.8, beta_step=0.0, retry_jitter=0.3, retries=2)
+    seq = search_minima(model, p, data, cfg, speculate=False)
+    spec = search_minima(model, p, data, cfg, speculate=True)
+    assert (seq.attempts > 0).any() and (seq.attempts == 0).any()
+    for k in p:
+        assert torch.equal(spec.params[k], seq.params[k]), k
+    for k in seq.metrics:
+        assert torch.equal(spec.metrics[k], seq.metrics[k]), k
+    for name in ("steps", "betas", "attempts"):
+        assert torch.equal(getattr(spec, name), getattr(seq, name)), name
+    auto = search_minima(model, p, data, cfg)  # on the CPU: no speculation
+    assert torch.equal(auto.params["0.weight"], seq.params["0.weight"])
