@@ -54,6 +54,7 @@ from .data import Dataset, train_xy
 from .directions import DirectionSpec, check_units, n_perturbed, random_directions
 from .engine import evaluate_points
 from .functional import Params, alone, check_single, member, n_members, one
+from .intervals import pair_ess
 from .naive import LN10, bootstrap_log10_volume, log10_volume, log_volume
 from .options import (
     BiasPolicy,
@@ -180,9 +181,6 @@ class VolumeConfig(_Config):
             raise ConfigError(f"volume.memory_mb must be a positive number, got {self.memory_mb}")
 
 
-# --- volume ---------------------------------------------------------------------------------
-
-
 # --- results --------------------------------------------------------------------------------
 
 
@@ -278,16 +276,18 @@ def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: f
     # one pair (2 radii) has no spread to read: its ESS and share, but no normal interval
     _, (dlo, dhi), diag["ess"], diag["max_share"] = weights_estimate(
         n * r.log(), len(r) >= 4, 0.95, slack * LN10)
+    diag["ess_pairs"] = pair_ess(n * r.log())  # the draws: a pair's two radii are one
     if len(r) >= 4:
         diag["ci_log10_normal"] = [(dlo + log_omega) / LN10, (dhi + log_omega) / LN10]
     # heavy-tailed r^n (or too few pairs): the bootstrap interval is not to be trusted either
     log_upper = log_omega + n * math.log(limit) if math.isfinite(limit) else math.inf
     (blo, bhi), diag["interval"] = honest_interval(
         log10_volume(r, n) * LN10, ((lo - slack) * LN10, (hi + slack) * LN10),
-        diag["ess"], len(r), 0.95, log_upper, slack * LN10)
+        diag["ess"], len(r), 0.95, log_upper, slack * LN10, diag["ess_pairs"])
     lo, hi = blo / LN10 + slack, bhi / LN10 - slack
     if diag["interval"] == "bound":
-        diag["warnings"].append(_warnings(diag["ess"], 0, len(r), limit, True)[0])
+        diag["warnings"].append(_warnings(diag["ess"], 0, len(r), limit, True,
+                                          draws_ess=diag["ess_pairs"])[0])
     if not bisect:
         diag["warnings"].append("grid radii: their interpolation error is not in the interval")
     return BasinResult(r, n, float(centre_loss), float(cutoff), log10_volume(r, n),

@@ -60,7 +60,15 @@ import torch
 
 from .bodies import log_ball_volume
 from .config import ConfigError
-from .intervals import FEW, HEAVY, MIN_ESS, _check_level, honest_interval, weights_estimate
+from .intervals import (
+    FEW,
+    HEAVY,
+    MIN_ESS,
+    _check_level,
+    honest_interval,
+    pair_ess,
+    weights_estimate,
+)
 from .options import Estimator, option
 from .precondition import Preconditioner
 
@@ -233,13 +241,17 @@ def _check(n: int, cutoff: float, k: int, r_max: float, rtol: float, level: floa
 
 
 def _warnings(ess: float, n_at_max: int, n_rays: int, r_max: float,
-              bound: bool = False, rays: int | None = None) -> list[str]:
-    """Warnings on ``ess`` of ``n_rays`` draws, and on ``n_at_max`` of ``rays`` (default
-    ``n_rays``) rays at ``r_max``."""
+              bound: bool = False, rays: int | None = None,
+              draws_ess: float | None = None) -> list[str]:
+    """Warnings on ``ess`` of ``n_rays`` draws (``draws_ess``: of their pairs), and on
+    ``n_at_max`` of ``rays`` (default ``n_rays``) rays at ``r_max``."""
     out = []
     if bound:
-        out.append(f"ESS {ess:.1f} of {n_rays} draws (a normal interval needs >= "
-                   f"{max(HEAVY * n_rays, MIN_ESS):g}): heavy-tailed weights or too few draws, "
+        pairs = "" if draws_ess is None else f", {draws_ess:.1f} of their {n_rays // 2} pairs"
+        need = (f"{max(HEAVY * n_rays, MIN_ESS):g}" if draws_ess is None else
+                f"{HEAVY * n_rays:g} of them and >= {MIN_ESS:g} of the pairs")
+        out.append(f"ESS {ess:.1f} of {n_rays} draws{pairs} (a normal interval needs >= "
+                   f"{need}): heavy-tailed weights or too few draws, "
                    f"so the estimate is in effect a lower bound; the interval runs from a "
                    f"Markov lower bound to the volume within r_max (a better proposal or more "
                    f"draws narrow it)")
@@ -316,14 +328,15 @@ def star_volume(line_loss: LineLoss, n: int, cutoff: float,
     value, normal, ess, share = weights_estimate(log_w, True, level, slack)
     # known before sampling: the volume within r_max (a ball), a Gaussian mass of 1
     upper = 0.0 if est is Estimator.GAUSSIAN else n * math.log(r_max)
-    (lo, hi), kind = honest_interval(value, normal, ess, len(r), level, upper, slack)
+    ess_pairs = pair_ess(log_w)  # the draws: the two rays of a pair are one
+    (lo, hi), kind = honest_interval(value, normal, ess, len(r), level, upper, slack, ess_pairs)
     n_at = int((r >= r_max).sum())
-    details |= {"radii": r.tolist(), "interval": kind,
+    details |= {"radii": r.tolist(), "interval": kind, "ess_pairs": ess_pairs,
                 "ci_normal": [normal[0] + log_norm, normal[1] + log_norm]}
     if est is Estimator.GAUSSIAN:
         value, hi = min(value, 0.0), min(hi, 0.0)  # a probability
         details["sigma"] = sigma
-    notes = _warnings(ess, n_at, len(r), r_max, kind == "bound")
+    notes = _warnings(ess, n_at, len(r), r_max, kind == "bound", draws_ess=ess_pairs)
     if preconditioner is not None:
         details["preconditioner"] = preconditioner.kind
         details["power"] = preconditioner.power
