@@ -171,9 +171,10 @@ class VolumeConfig(_Config):
             raise ConfigError(f"volume.rtol must be in (0, 1), got {self.rtol}")
         if self.n_directions < 1:
             raise ConfigError(f"volume.n_directions must be >= 1, got {self.n_directions}")
-        if self.grid_points < 2 or self.bracket_points < 1 or self.bracket_ratio <= 1:
-            raise ConfigError("volume.grid_points must be >= 2, bracket_points >= 1 and "
-                             "bracket_ratio > 1")
+        if not (self.grid_points >= 2 and self.bracket_points >= 1 and self.bracket_ratio > 1
+                and 0 < self.grid_power < math.inf):  # NaN too: no scan of [0, r_max]
+            raise ConfigError("volume.grid_points must be >= 2, bracket_points >= 1, "
+                              "bracket_ratio > 1 and grid_power a positive number")
         if self.n_bootstrap < 0:
             raise ConfigError(f"volume.n_bootstrap must be >= 0, got {self.n_bootstrap}")
         if self.memory_mb is not None and not (self.memory_mb > 0

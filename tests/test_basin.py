@@ -164,12 +164,21 @@ def test_volume_errors():
         log_volume(torch.tensor([-1.0]), 3)
     with pytest.raises(ConfigError, match="method: 'newton' is not one of bisect, grid"):
         find_radii(lambda t: t, 2, 1.0, method="newton")
+    for kw in (dict(grid_power=0.0), dict(grid_power=math.nan), dict(bracket_ratio=math.nan)):
+        with pytest.raises(ConfigError, match="bracket_ratio > 1 and a positive grid_power"):
+            find_radii(lambda t: t, 2, 1.0, method="grid", **kw)
 
 
 @pytest.mark.parametrize("kw,msg", [
     (dict(cutoff=0.0), "volume.cutoff must be"), (dict(r_max=-1.0), "volume.r_max must be"),
     (dict(rtol=1.0), "rtol must be"), (dict(n_directions=0), "n_directions"),
     (dict(grid_points=1), "grid_points"),
+    # t = r_max u^p with p <= 0 scans no [0, r_max]: at p = -1 a 3-d ellipsoid's log10 V
+    # came out -8.66 (truth -0.16), at p = 0 -2.52; NaN gave a raw "radii ... not NaN"
+    (dict(grid_power=-1.0), "grid_power a positive number"),
+    (dict(grid_power=0.0), "grid_power a positive number"),
+    (dict(grid_power=math.nan), "grid_power a positive number"),
+    (dict(bracket_ratio=math.nan), "bracket_ratio > 1"),
     (dict(grid="log"), "volume.grid: 'log' is not one of power, linear"),
     (dict(cutoff_kind="ratio"), "volume.cutoff_kind: 'ratio' is not one of abs, relative"),
     (dict(n_bootstrap=-1), "volume.n_bootstrap must be >= 0"),
