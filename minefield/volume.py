@@ -246,7 +246,10 @@ def _warnings(ess: float, n_at_max: int, n_rays: int, r_max: float,
     """Warnings on ``ess`` of ``n_rays`` draws (``draws_ess``: of their pairs), and on
     ``n_at_max`` of ``rays`` (default ``n_rays``) rays at ``r_max``."""
     out = []
-    if bound:
+    if bound and ess == 0:  # every weight 0: every radius is (radii stop at r_max)
+        out.append("every radius is 0: the centre's loss is at or above the cutoff, so "
+                   "there is no basin (log V = -inf); raise the cutoff")
+    elif bound:
         pairs = "" if draws_ess is None else f", {draws_ess:.1f} of their {n_rays // 2} pairs"
         need = (f"{max(HEAVY * n_rays, MIN_ESS):g}" if draws_ess is None else
                 f"{HEAVY * n_rays:g} of them and >= {MIN_ESS:g} of the pairs")
@@ -341,7 +344,7 @@ def star_volume(line_loss: LineLoss, n: int, cutoff: float,
         details["preconditioner"] = preconditioner.kind
         details["power"] = preconditioner.power
         details["isotropic"] = preconditioner.isotropic
-        if preconditioner.isotropic and n > 1:
+        if preconditioner.isotropic and n > 1 and ess > 0:
             notes.append("the preconditioner is isotropic (at a curvature floor, every "
                          "entry is clipped to it): its curvature shaped nothing")
     return VolumeEstimate(est.value, value + log_norm, (lo + log_norm, hi + log_norm), level,
