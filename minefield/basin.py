@@ -75,7 +75,6 @@ __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "BasinWa
            "volume_from_radii", "direction_radii", "radii_result"]
 
 
-
 @dataclass(frozen=True)
 class VolumeConfig(_Config):
     """Settings of one basin-radius / volume estimate (all recorded with the result).
@@ -84,7 +83,8 @@ class VolumeConfig(_Config):
     bisection stops when ``hi - lo <= 2 rtol lo``. ``grid_points``, ``grid`` (``power``:
     ``t = r_max u^grid_power``, the paper's u^5; ``linear``) configure the ``grid`` method.
     ``memory_mb`` bounds the engine's chunks (``None``: the device's default,
-    :func:`minefield.autotune.memory_budget_mb`); ``seed`` drives the bootstrap.
+    :func:`minefield.autotune.memory_budget_mb`); ``seed`` drives the bootstrap (``n_bootstrap
+    = 0``: none, a NaN interval unless the weights are heavy-tailed, then the bound).
     ``estimator`` (:mod:`minefield.volume`): ``naive`` (the paper's), ``is``,
     ``gaussian`` (mass under ``N(theta, sigma^2 I)``, default ``sigma = r_max / sqrt(n)``)
     or ``mcmc`` (``n_chains`` x ``n_replicates`` chains, ``walk_length`` hit-and-run

@@ -137,8 +137,9 @@ def honest_interval(est: float, normal: tuple[float, float], ess: float, n_draws
     _check_level(level)
     if ess >= HEAVY * n_draws and (ess if draws_ess is None else draws_ess) >= MIN_ESS:
         return normal, "normal"
-    return (min(normal[0], est + math.log1p(-level) - slack),
-            max(normal[1], log_upper + slack)), "bound"
+    # a NaN normal end (no bootstrap: n_bootstrap = 0) leaves the bound: min(x, nan) is x
+    return (min(est + math.log1p(-level) - slack, normal[0]),
+            max(log_upper + slack, normal[1])), "bound"
 
 
 def replicate_interval(log_vol: torch.Tensor, level: float = 0.95) -> tuple[float, float]:

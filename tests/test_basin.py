@@ -17,6 +17,7 @@ from minefield.basin import (
     log_volume,
     radius_grid,
     rollouts,
+    volume_from_radii,
 )
 from minefield.config import ConfigError, ModelConfig
 from minefield.directions import DirectionSpec, random_directions
@@ -393,3 +394,16 @@ def test_a_basin_of_the_last_checkpoint_is_keyed_by_its_content(tmp_path):
     run.trajectory()[-1].unlink()  # now the last checkpoint is another one
     with pytest.raises(RunError, match="other settings"):
         basin_run(run, cfg, n_rollouts=0, device="cpu")
+
+
+def test_no_bootstrap_still_gives_the_honest_bound():
+    # n_bootstrap = 0 skips the bootstrap; heavy-tailed radii (one pair far out) get the
+    # bound, which needs none: it was (nan, nan)
+    r = torch.tensor([1.0, 0.2, 0.2, 0.2, 1.0, 0.2, 0.2, 0.2], dtype=torch.float64)
+    res = volume_from_radii(r, 10, 0.0, 1.0, config={"rtol": 1e-3}, n_boot=0, r_max=2.0)
+    lo, hi = res.ci_log10_volume
+    assert res.diagnostics["interval"] == "bound"
+    slack = 10 * math.log10(1 + 1e-3)
+    assert lo == pytest.approx(res.log10_volume + math.log10(0.05) - slack, abs=1e-12)
+    log_ball = 5 * math.log10(math.pi) - math.log10(120) + 10 * math.log10(2.0)
+    assert hi == pytest.approx(log_ball + slack, abs=1e-12)
