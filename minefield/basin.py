@@ -56,18 +56,17 @@ from .engine import evaluate_points
 from .functional import Params, alone, check_single, member, n_members, one
 from .intervals import pair_ess
 from .naive import LN10, bootstrap_log10_volume, log10_volume, log_volume
-from .options import (
-    BiasPolicy,
-    CurvatureKind,
-    CutoffKind,
-    Estimator,
-    Grid,
-    Precision,
-    RadiusMethod,
-)
+from .options import BiasPolicy, CurvatureKind, CutoffKind, Estimator, Grid, Precision, RadiusMethod
 from .radii import check_radii, find_radii, radius_grid
 from .rollout import Rollouts, rollouts
-from .volume import VolumeEstimate, _warnings, honest_interval, parse_power, weights_estimate
+from .volume import (
+    VolumeEstimate,
+    _warnings,
+    check_shape_options,
+    honest_interval,
+    parse_power,
+    weights_estimate,
+)
 
 __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "BasinWarning",
            "Rollouts", "find_radii", "check_radii", "radius_grid", "log_volume", "log10_volume",
@@ -148,16 +147,12 @@ class VolumeConfig(_Config):
             raise ConfigError(f"volume.preconditioner '{self.preconditioner.value}' shapes the "
                               f"is, gaussian and mcmc estimators; naive (the paper's) draws "
                               f"uniform directions: choose one of those estimators or none")
-        self.proposal_power()
-        if self.sigma is not None and not (self.sigma > 0 and math.isfinite(self.sigma)):
-            raise ConfigError(f"volume.sigma must be a positive number, got {self.sigma}")
+        check_shape_options(self.estimator, self.preconditioner, self.power, self.sigma,
+                            self.walk_length)  # bad numbers, and options another one ignores
         if self.mcmc_blocks != 1 and (self.estimator is not Estimator.MCMC
                                       or not 1 <= 2 * self.mcmc_blocks <= self.n_replicates):
             raise ConfigError(f"volume.mcmc_blocks={self.mcmc_blocks} needs the mcmc estimator "
                               f"and at least 2 of the {self.n_replicates} replicates per block")
-        if self.walk_length is not None and not self.walk_length >= 1:
-            raise ConfigError(f"volume.walk_length must be >= 1 (None: max(10, 2 n)), got "
-                              f"{self.walk_length}")
         if self.n_chains < 2 or self.n_replicates < 2 or self.probes < 1:
             raise ConfigError("volume.n_chains and n_replicates must be >= 2 (an interval needs "
                               "independent draws) and probes >= 1")

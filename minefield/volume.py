@@ -69,7 +69,7 @@ from .intervals import (
     pair_ess,
     weights_estimate,
 )
-from .options import Estimator, option
+from .options import CurvatureKind, Estimator, option
 from .precondition import Preconditioner
 
 __all__ = ["Estimator", "parse_estimator", "parse_power", "LineLoss", "VolumeEstimate",
@@ -95,6 +95,30 @@ def parse_power(text: str | float, what: str = "power") -> float | str:
     if not value >= 1:
         raise ConfigError(f"{what} must be a number >= 1, 'inf' or 'auto', got {text!r}")
     return value
+
+
+def check_shape_options(estimator: Estimator, preconditioner: CurvatureKind, power: str,
+                        sigma: float | None, walk_length: int | None) -> None:
+    """:class:`ConfigError` for a bad ``power`` / ``sigma`` / ``walk_length`` (of
+    :class:`~minefield.basin.VolumeConfig`), or one the estimator would ignore: a proposal
+    power shapes ``is`` and ``gaussian`` with a preconditioner, ``sigma`` is
+    ``gaussian``'s, ``walk_length`` ``mcmc``'s (they used to change the result's key only)."""
+    shaped = estimator in (Estimator.IS, Estimator.GAUSSIAN) and \
+        preconditioner is not CurvatureKind.NONE
+    if parse_power(power, "volume.power") != 2.0 and not shaped:
+        raise ConfigError(f"volume.power {power!r} shapes the proposal of is or gaussian with "
+                          f"a preconditioner; {estimator.value} with preconditioner "
+                          f"'{preconditioner.value}' draws no such proposal")
+    if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
+        raise ConfigError(f"volume.sigma must be a positive number, got {sigma}")
+    if sigma is not None and estimator is not Estimator.GAUSSIAN:
+        raise ConfigError(f"volume.sigma is the gaussian estimator's; {estimator.value} has none")
+    if walk_length is not None and not walk_length >= 1:
+        raise ConfigError(f"volume.walk_length must be >= 1 (None: max(10, 2 n)), got "
+                          f"{walk_length}")
+    if walk_length is not None and estimator is not Estimator.MCMC:
+        raise ConfigError(f"volume.walk_length is the mcmc estimator's; {estimator.value} "
+                          f"takes no walk")
 
 
 def parse_estimator(value: Estimator | str) -> Estimator:

@@ -188,6 +188,14 @@ def test_volume_errors():
     (dict(estimator="mcmc", walk_length=2.5), "volume.walk_length must be an integer"),
     (dict(estimator="mcmc", walk_length=0), "volume.walk_length must be >= 1"),
     (dict(estimator="mcmc", walk_length=-3), "volume.walk_length must be >= 1"),
+    # options the estimator ignores changed the result's key only (a silent no-op)
+    (dict(power="inf"), "volume.power 'inf' shapes .* naive with preconditioner 'none'"),
+    (dict(estimator="gaussian", power="auto"), "volume.power 'auto' shapes .* gaussian"),
+    (dict(estimator="mcmc", preconditioner="axes", power="4"), "volume.power '4' shapes"),
+    (dict(sigma=0.1), "volume.sigma is the gaussian estimator's; naive has none"),
+    (dict(estimator="is", preconditioner="axes", sigma=0.1), "volume.sigma is the gaussian"),
+    (dict(walk_length=5), "volume.walk_length is the mcmc estimator's; naive takes no walk"),
+    (dict(estimator="gaussian", walk_length=5), "volume.walk_length is the mcmc"),
     # a preconditioner shapes is / gaussian / mcmc; naive would drop it (or, with adam,
     # run the Adam-shaped x-unit estimator and call it naive)
     (dict(preconditioner="hessian"), "volume.preconditioner 'hessian' .* naive .* uniform"),

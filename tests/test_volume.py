@@ -410,8 +410,9 @@ def test_power_errors():
     for bad in ("round", "0.5", "nan"):
         with pytest.raises(ConfigError, match="volume.power must be a number >= 1"):
             VolumeConfig(estimator="is", preconditioner="axes", power=bad)
-    assert VolumeConfig(power="inf").proposal_power() == math.inf
-    assert VolumeConfig(power="auto").proposal_power() == "auto"
+    shaped = dict(estimator="is", preconditioner="axes")
+    assert VolumeConfig(power="inf", **shaped).proposal_power() == math.inf
+    assert VolumeConfig(power="auto", **shaped).proposal_power() == "auto"
 
 
 def test_paired_weights_must_come_in_pairs():
