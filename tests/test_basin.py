@@ -415,3 +415,15 @@ def test_no_bootstrap_still_gives_the_honest_bound():
     assert lo == pytest.approx(res.log10_volume + math.log10(0.05) - slack, abs=1e-12)
     log_ball = 5 * math.log10(math.pi) - math.log10(120) + 10 * math.log10(2.0)
     assert hi == pytest.approx(log_ball + slack, abs=1e-12)
+
+
+def test_rollouts_refuse_zero_filters_as_the_radii_do():
+    # QuadraticNet at its minimum: every filter direction is 0, the curves were flat
+    from minefield.bodies import QuadraticNet
+
+    net = QuadraticNet(torch.eye(3, dtype=torch.float64))
+    params = {k: v.detach()[None] for k, v in net.named_parameters()}
+    with pytest.raises(ConfigError, match="filter units are zero in weight"):
+        rollouts(net, params, QuadraticNet.data(), 2, spec=DirectionSpec("filter"))
+    ro = rollouts(net, params, QuadraticNet.data(), 2, spec=DirectionSpec("gaussian"))
+    assert float(ro.loss.max() - ro.loss.min()) > 0
