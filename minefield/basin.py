@@ -54,25 +54,24 @@ from .data import Dataset, train_xy
 from .directions import DirectionSpec, check_units, n_perturbed, random_directions
 from .engine import evaluate_points
 from .functional import Params, alone, check_single, member, n_members, one
+from .intervals import pair_ess
 from .naive import LN10, bootstrap_log10_volume, log10_volume, log_volume
-from .options import (
-    BiasPolicy,
-    CurvatureKind,
-    CutoffKind,
-    Estimator,
-    Grid,
-    Precision,
-    RadiusMethod,
-)
+from .options import BiasPolicy, CurvatureKind, CutoffKind, Estimator, Grid, Precision, RadiusMethod
 from .radii import check_radii, find_radii, radius_grid
 from .rollout import Rollouts, rollouts
-from .volume import VolumeEstimate, _warnings, honest_interval, parse_power, weights_estimate
+from .volume import (
+    VolumeEstimate,
+    _warnings,
+    check_shape_options,
+    honest_interval,
+    parse_power,
+    weights_estimate,
+)
 
 __all__ = ["CutoffKind", "RadiusMethod", "VolumeConfig", "BasinResult", "BasinWarning",
            "Rollouts", "find_radii", "check_radii", "radius_grid", "log_volume", "log10_volume",
            "bootstrap_log10_volume", "basin_radii", "basin_members", "rollouts",
            "volume_from_radii", "direction_radii", "radii_result"]
-
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,8 @@ class VolumeConfig(_Config):
     bisection stops when ``hi - lo <= 2 rtol lo``. ``grid_points``, ``grid`` (``power``:
     ``t = r_max u^grid_power``, the paper's u^5; ``linear``) configure the ``grid`` method.
     ``memory_mb`` bounds the engine's chunks (``None``: the device's default,
-    :func:`minefield.autotune.memory_budget_mb`); ``seed`` drives the bootstrap.
+    :func:`minefield.autotune.memory_budget_mb`); ``seed`` drives the bootstrap (``n_bootstrap
+    = 0``: none, a NaN interval unless the weights are heavy-tailed, then the bound).
     ``estimator`` (:mod:`minefield.volume`): ``naive`` (the paper's), ``is``,
     ``gaussian`` (mass under ``N(theta, sigma^2 I)``, default ``sigma = r_max / sqrt(n)``)
     or ``mcmc`` (``n_chains`` x ``n_replicates`` chains, ``walk_length`` hit-and-run
@@ -147,16 +147,12 @@ class VolumeConfig(_Config):
             raise ConfigError(f"volume.preconditioner '{self.preconditioner.value}' shapes the "
                               f"is, gaussian and mcmc estimators; naive (the paper's) draws "
                               f"uniform directions: choose one of those estimators or none")
-        self.proposal_power()
-        if self.sigma is not None and not (self.sigma > 0 and math.isfinite(self.sigma)):
-            raise ConfigError(f"volume.sigma must be a positive number, got {self.sigma}")
+        check_shape_options(self.estimator, self.preconditioner, self.power, self.sigma,
+                            self.walk_length)  # bad numbers, and options another one ignores
         if self.mcmc_blocks != 1 and (self.estimator is not Estimator.MCMC
                                       or not 1 <= 2 * self.mcmc_blocks <= self.n_replicates):
             raise ConfigError(f"volume.mcmc_blocks={self.mcmc_blocks} needs the mcmc estimator "
                               f"and at least 2 of the {self.n_replicates} replicates per block")
-        if self.walk_length is not None and not self.walk_length >= 1:
-            raise ConfigError(f"volume.walk_length must be >= 1 (None: max(10, 2 n)), got "
-                              f"{self.walk_length}")
         if self.n_chains < 2 or self.n_replicates < 2 or self.probes < 1:
             raise ConfigError("volume.n_chains and n_replicates must be >= 2 (an interval needs "
                               "independent draws) and probes >= 1")
@@ -170,17 +166,15 @@ class VolumeConfig(_Config):
             raise ConfigError(f"volume.rtol must be in (0, 1), got {self.rtol}")
         if self.n_directions < 1:
             raise ConfigError(f"volume.n_directions must be >= 1, got {self.n_directions}")
-        if self.grid_points < 2 or self.bracket_points < 1 or self.bracket_ratio <= 1:
-            raise ConfigError("volume.grid_points must be >= 2, bracket_points >= 1 and "
-                             "bracket_ratio > 1")
+        if not (self.grid_points >= 2 and self.bracket_points >= 1 and self.bracket_ratio > 1
+                and 0 < self.grid_power < math.inf):  # NaN too: no scan of [0, r_max]
+            raise ConfigError("volume.grid_points must be >= 2, bracket_points >= 1, "
+                              "bracket_ratio > 1 and grid_power a positive number")
         if self.n_bootstrap < 0:
             raise ConfigError(f"volume.n_bootstrap must be >= 0, got {self.n_bootstrap}")
         if self.memory_mb is not None and not (self.memory_mb > 0
                                                and math.isfinite(self.memory_mb)):
             raise ConfigError(f"volume.memory_mb must be a positive number, got {self.memory_mb}")
-
-
-# --- volume ---------------------------------------------------------------------------------
 
 
 # --- results --------------------------------------------------------------------------------
@@ -278,16 +272,18 @@ def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: f
     # one pair (2 radii) has no spread to read: its ESS and share, but no normal interval
     _, (dlo, dhi), diag["ess"], diag["max_share"] = weights_estimate(
         n * r.log(), len(r) >= 4, 0.95, slack * LN10)
+    diag["ess_pairs"] = pair_ess(n * r.log())  # the draws: a pair's two radii are one
     if len(r) >= 4:
         diag["ci_log10_normal"] = [(dlo + log_omega) / LN10, (dhi + log_omega) / LN10]
     # heavy-tailed r^n (or too few pairs): the bootstrap interval is not to be trusted either
     log_upper = log_omega + n * math.log(limit) if math.isfinite(limit) else math.inf
     (blo, bhi), diag["interval"] = honest_interval(
         log10_volume(r, n) * LN10, ((lo - slack) * LN10, (hi + slack) * LN10),
-        diag["ess"], len(r), 0.95, log_upper, slack * LN10)
+        diag["ess"], len(r), 0.95, log_upper, slack * LN10, diag["ess_pairs"])
     lo, hi = blo / LN10 + slack, bhi / LN10 - slack
     if diag["interval"] == "bound":
-        diag["warnings"].append(_warnings(diag["ess"], 0, len(r), limit, True)[0])
+        diag["warnings"].append(_warnings(diag["ess"], 0, len(r), limit, True,
+                                          draws_ess=diag["ess_pairs"])[0])
     if not bisect:
         diag["warnings"].append("grid radii: their interpolation error is not in the interval")
     return BasinResult(r, n, float(centre_loss), float(cutoff), log10_volume(r, n),

@@ -81,15 +81,15 @@ from __future__ import annotations
 import math
 
 import torch
-from scipy.stats import t as student_t
 
 from .basin import find_radii
 from .bodies import log_ball_volume
 from .config import ConfigError
+from .intervals import replicate_estimate, replicate_interval
 from .precondition import Preconditioner
 from .volume import LineLoss, VolumeEstimate, _check, _warnings, log_chi_cdf, ray_radii
 
-__all__ = ["cooling_volume", "replicate_interval"]
+__all__ = ["cooling_volume", "replicate_interval", "replicate_estimate"]
 
 CHORD_BRACKET = 12  # bracket evaluations per side of a chord before bisection
 
@@ -207,18 +207,6 @@ def _lag_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     den = (a.pow(2).sum(1) * b.pow(2).sum(1)).sqrt()
     ok = den > 1e-12 * (1 + a.abs().amax(1) * b.abs().amax(1))
     return float(((a * b).sum(1)[ok] / den[ok]).mean()) if bool(ok.any()) else 0.0
-
-
-def replicate_interval(log_vol: torch.Tensor, level: float = 0.95) -> tuple[float, float]:
-    """``log E[Z]`` and the half-width of its interval from independent replicates'
-    log-estimates ``log_vol`` ``(R,)``: each replicate's ``Z`` is unbiased and about
-    lognormal, so Cox's ``mean + s^2/2 +- t_{R-1} sqrt(s^2/R + s^4/(2(R-1)))`` (Land 1972).
-    """
-    r = len(log_vol)
-    var = float(log_vol.var())
-    half = float(student_t.ppf(0.5 + level / 2, r - 1)) * math.sqrt(
-        var / r + var**2 / (2 * (r - 1)))
-    return float(log_vol.mean()) + var / 2, half
 
 
 LAG = 0.2  # lag correlation above which the chains are called unmixed (measured on boxes)
@@ -377,9 +365,9 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
     log_r, betas, min_ess, lag = smc(n_replicates, schedule)
     log_z = log_z + log_r
     log_vol = log_z + (p.log_abs_det_t() if p is not None else 0.0)  # (R,)
-    est, half = replicate_interval(log_vol, level)
-    slack = n * math.log1p(rtol)
-    warns = _warnings(min_ess, at_max[0], m, r_max, rays=2 * n_replicates * n_rays)
+    ball = log_ball_volume(n, r_max)  # the volume within r_max: no estimate exceeds it
+    est, ci, capped = replicate_estimate(log_vol, level, n * math.log1p(rtol), ball)
+    warns = _warnings(min_ess, at_max[0], m, r_max, rays=2 * n_replicates * n_rays) + capped
     if n_chains < 32:
         warns.append(f"{n_chains} chains per replicate: intervals were measured to cover "
                      f"at their rate with 64; with few chains they run narrow and low")
@@ -392,9 +380,9 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
         warns.append(f"replicates spread {float(log_vol.std()):.2f} nats: the chains have "
                      f"not mixed, the estimate runs low and its interval is not trustworthy; "
                      f"use more chains and a longer walk")
-    return VolumeEstimate("mcmc", est, (est - half - slack, est + half + slack), level, n,
-                          min_ess, m, float("nan"), at_max[0], evals, warns,
+    return VolumeEstimate("mcmc", est, ci, level, n, min_ess, m, float("nan"), at_max[0],
+                          evals, warns,
                           {"phases": len(betas) - 1, "betas": betas, "sigma0": sigma0,
                            "replicates": log_vol.tolist(), "walk_length": steps, "walk": walk,
                            "lag_correlation": lag,
-                           "log_ball_ratio": est - log_ball_volume(n, r_max)})
+                           "log_ball_ratio": est - ball})

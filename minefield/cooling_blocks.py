@@ -39,11 +39,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from scipy.stats import t as student_t
 
 from .config import ConfigError
 from .cooling import CHORD_BRACKET, cooling_volume, run_sizes
 from .executor import task_seed
+from .intervals import replicate_estimate
 from .precondition import Preconditioner
 from .volume import LineLoss, VolumeEstimate
 
@@ -105,17 +105,14 @@ def merge_blocks(parts: Sequence[VolumeEstimate], rtol: float) -> VolumeEstimate
     p0, n = parts[0], parts[0].n
     log_vol = torch.tensor([v for p in parts for v in p.details["replicates"]],
                            dtype=torch.float64)
-    r, var = len(log_vol), float(log_vol.var())
-    est = float(log_vol.mean()) + var / 2
-    half = float(student_t.ppf(0.5 + p0.level / 2, r - 1)) * math.sqrt(
-        var / r + var**2 / (2 * (r - 1)))
-    slack = n * math.log1p(rtol)
-    warns = list(dict.fromkeys(w for p in parts for w in p.warnings))
+    log_ball = p0.log_volume - p0.details["log_ball_ratio"]  # the volume within r_max
+    est, ci, capped = replicate_estimate(log_vol, p0.level, n * math.log1p(rtol), log_ball)
+    warns = list(dict.fromkeys(w for p in parts for w in p.warnings
+                               if not w.startswith("Cox's estimate"))) + capped
     if float(log_vol.std()) > SPREAD and not any("replicates spread" in w for w in warns):
         warns.append(f"replicates spread {float(log_vol.std()):.2f} nats over the blocks: the "
                      f"chains have not mixed, the estimate runs low and its interval is not "
                      f"trustworthy; use more chains and a longer walk")
-    log_ball = p0.log_volume - p0.details["log_ball_ratio"]
     details = {"blocks": len(parts), "replicates": log_vol.tolist(),
                "phases": [p.details["phases"] for p in parts],
                "betas": [p.details["betas"] for p in parts],
@@ -123,7 +120,7 @@ def merge_blocks(parts: Sequence[VolumeEstimate], rtol: float) -> VolumeEstimate
                "walk_length": p0.details["walk_length"], "walk": p0.details["walk"],
                "lag_correlation": max(p.details["lag_correlation"] for p in parts),
                "log_ball_ratio": est - log_ball}
-    return VolumeEstimate("mcmc", est, (est - half - slack, est + half + slack), p0.level, n,
+    return VolumeEstimate("mcmc", est, ci, p0.level, n,
                           sum(p.ess for p in parts), sum(p.n_samples for p in parts),
                           float("nan"), sum(p.n_at_r_max for p in parts),
                           sum(p.n_evaluations for p in parts), warns, details)

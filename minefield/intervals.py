@@ -23,7 +23,8 @@ from scipy.stats import t as student_t
 
 from .config import ConfigError
 
-__all__ = ["weights_estimate", "honest_interval", "FEW", "HEAVY", "MIN_ESS"]
+__all__ = ["weights_estimate", "honest_interval", "pair_ess", "replicate_interval",
+           "replicate_estimate", "FEW", "HEAVY", "MIN_ESS"]
 
 FEW = 10.0  # an ESS below this many draws is "a handful"
 HEAVY = 0.5  # an ESS below this share of the draws: heavy-tailed weights (honest_interval)
@@ -87,13 +88,28 @@ def weights_estimate(log_w: torch.Tensor, pairs: bool = True, level: float = 0.9
     return est, (lo - slack, est + math.log(hi_rel) + slack), ess, share
 
 
+def pair_ess(log_w: torch.Tensor) -> float:
+    """The ESS ``(sum w)^2 / sum w^2`` of the pair means of ``log_w`` (the first half the
+    ``u``, the second the ``-u``): of the independent draws, where the ESS of all the
+    weights counts a pair (equal radii on a symmetric body) twice."""
+    draws = torch.logaddexp(*log_w.double().reshape(2, -1))
+    if not math.isfinite(float(draws.max())):
+        return 0.0
+    w = torch.exp(draws - draws.max())
+    return float(w.sum() ** 2 / w.pow(2).sum())
+
+
 def honest_interval(est: float, normal: tuple[float, float], ess: float, n_draws: int,
-                    level: float, log_upper: float, slack: float = 0.0
-                    ) -> tuple[tuple[float, float], str]:
+                    level: float, log_upper: float, slack: float = 0.0,
+                    draws_ess: float | None = None) -> tuple[tuple[float, float], str]:
     """The interval to report for a mean of nonnegative weights, and which kind it is.
 
     ``normal`` (labelled so) only when the weights look light-tailed: ESS at least
-    ``HEAVY`` (half) of the ``n_draws`` and at least ``MIN_ESS`` (20). ESS / N ``= 1 /
+    ``HEAVY`` (half) of the ``n_draws`` and at least ``MIN_ESS`` (20) independent draws'
+    worth: ``draws_ess`` when given (weights in pairs ``u, -u``: :func:`pair_ess`; the
+    ESS of all ``2K`` weights counted each pair twice, so 10 directions passed, and at
+    20 pairs on a 5-d ellipsoid the intervals labelled normal covered 77% at 95%, the
+    paper's bootstrap 66%), else ``ess``. ESS / N ``= 1 /
     (1 + cv^2)`` of the sample, so this asks for a sample coefficient of variation of
     at most 1. At the old threshold (ESS >= 10% of the draws) ``naive``'s "normal" 95%
     intervals covered 5 of 56 times on a 10-d ellipsoid spanning a decade, and an ESS
@@ -119,7 +135,34 @@ def honest_interval(est: float, normal: tuple[float, float], ess: float, n_draws
     (-2.996, 9.0, 'bound')
     """
     _check_level(level)
-    if ess >= HEAVY * n_draws and ess >= MIN_ESS:
+    if ess >= HEAVY * n_draws and (ess if draws_ess is None else draws_ess) >= MIN_ESS:
         return normal, "normal"
-    return (min(normal[0], est + math.log1p(-level) - slack),
-            max(normal[1], log_upper + slack)), "bound"
+    # a NaN normal end (no bootstrap: n_bootstrap = 0) leaves the bound: min(x, nan) is x
+    return (min(est + math.log1p(-level) - slack, normal[0]),
+            max(log_upper + slack, normal[1])), "bound"
+
+
+def replicate_interval(log_vol: torch.Tensor, level: float = 0.95) -> tuple[float, float]:
+    """``log E[Z]`` and the half-width of its interval from independent replicates'
+    log-estimates ``log_vol`` ``(R,)``: each replicate's ``Z`` is unbiased and about
+    lognormal, so Cox's ``mean + s^2/2 +- t_{R-1} sqrt(s^2/R + s^4/(2(R-1)))`` (Land 1972).
+    """
+    r = len(log_vol)
+    var = float(log_vol.var())
+    half = float(student_t.ppf(0.5 + level / 2, r - 1)) * math.sqrt(
+        var / r + var**2 / (2 * (r - 1)))
+    return float(log_vol.mean()) + var / 2, half
+
+
+def replicate_estimate(log_vol: torch.Tensor, level: float, slack: float, log_upper: float
+                       ) -> tuple[float, tuple[float, float], list[str]]:
+    """:func:`replicate_interval`'s estimate and interval (widened by ``slack``), neither
+    above ``log_upper``, the volume within ``r_max`` known before sampling: with spread
+    replicates Cox's ``s^2/2`` has no bound (2 replicates 6.5 nats apart put a 10-d box
+    of log V -4.6 at +4.8, above its r_max ball's 0.9). Also a warning when it was cut."""
+    est, half = replicate_interval(log_vol, level)
+    warns = [] if est <= log_upper else [
+        f"Cox's estimate {est:.4g} nats exceeds the volume within r_max ({log_upper:.4g}), "
+        f"which nothing in it can: the replicates disagree; reported at that bound"]
+    top = min(est, log_upper)
+    return top, (min(est - half, top) - slack, min(est + half, log_upper) + slack), warns

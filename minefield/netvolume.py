@@ -224,6 +224,11 @@ def _setup(model, params, data, cfg, buffers, bn, curvature):
     cut = cfg.cutoff * (centre_loss if cfg.cutoff_kind is CutoffKind.RELATIVE else 1.0)
     g = cfg.directions.generator()
     floor = 2 * max(cut - centre_loss, 1e-12) / cfg.r_max**2
+    if not centre_loss < cut:  # no basin, every radius 0: no curvature to shape (the axes'
+        # 1 / (r+ r-) is infinite), and log V = -inf whatever the proposal
+        none = cfg.preconditioner is CurvatureKind.NONE
+        return lines, centre_loss, cut, g, None if none else Preconditioner.diagonal(
+            torch.full((lines.n,), floor, dtype=torch.float64))
     pre = network_curvature(lines, cfg.preconditioner, floor, g, cut, cfg.r_max, cfg.rtol,
                             cfg.probes, curvature)
     return lines, centre_loss, cut, g, pre

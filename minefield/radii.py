@@ -16,10 +16,12 @@ Example (the quadratic bowl ``L(t) = a t^2 / 2``: ``r = sqrt(2c/a)``)::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
+from .config import ConfigError
 from .options import Grid, RadiusMethod, option
 
 __all__ = ["find_radii", "radius_grid", "check_radii"]
@@ -68,6 +70,9 @@ def find_radii(loss_fn: Callable[[torch.Tensor], torch.Tensor], k: int, cutoff: 
     """
     method = option(RadiusMethod, method, "method")
     grid = option(Grid, grid, "grid")
+    if not (bracket_ratio > 1 and 0 < grid_power < math.inf):  # NaN too
+        raise ConfigError(f"find_radii needs bracket_ratio > 1 and a positive grid_power "
+                          f"(t = r_max u^p scans [0, r_max]), got {bracket_ratio}, {grid_power}")
     if centre_loss is None:
         centre_loss = float(loss_fn(torch.zeros(k, dtype=torch.float64))[0])
     if not float(centre_loss) < cutoff:  # a NaN centre (a diverged model) has no basin

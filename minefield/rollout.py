@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .data import Dataset, train_xy
-from .directions import DirectionSpec, random_directions
+from .directions import DirectionSpec, check_units, random_directions
 from .engine import evaluate_points
 from .stacked import Params, check_single, member
 
@@ -46,10 +46,13 @@ def rollouts(model: nn.Module, params: Params, data: Dataset | tuple[torch.Tenso
              spec: DirectionSpec = DirectionSpec(), buffers: Params | None = None,
              memory_mb: float | None = None, cutoff: float = float("nan")) -> Rollouts:
     """Loss along the first ``n_directions`` directions of ``spec`` (the same ones
-    :func:`basin_radii` uses), at signed distances ``ts`` (default linspace(-0.5, 0.5, 101))."""
+    :func:`basin_radii` uses), at signed distances ``ts`` (default linspace(-0.5, 0.5, 101)).
+    Refused, as there, where a ``filter`` / ``layer`` unit is exactly 0
+    (:func:`~minefield.directions.check_units`): no direction would move it."""
     x, y = train_xy(data)
     centre = check_single(params, "the model (use basin_members for a stack)")
     ts = torch.linspace(-0.5, 0.5, 101, dtype=torch.float64) if ts is None else ts.double()
+    check_units(member(centre, 0), spec.kind, spec.bias)  # a zero filter: a flat, false curve
     d = random_directions(member(centre, 0), n_directions, spec.kind, spec.bias,
                           spec.generator())
     loss, acc = evaluate_points(model, centre, d, ts.expand(n_directions, -1), x, y, buffers,

@@ -60,8 +60,16 @@ import torch
 
 from .bodies import log_ball_volume
 from .config import ConfigError
-from .intervals import FEW, HEAVY, MIN_ESS, _check_level, honest_interval, weights_estimate
-from .options import Estimator, option
+from .intervals import (
+    FEW,
+    HEAVY,
+    MIN_ESS,
+    _check_level,
+    honest_interval,
+    pair_ess,
+    weights_estimate,
+)
+from .options import CurvatureKind, Estimator, option
 from .precondition import Preconditioner
 
 __all__ = ["Estimator", "parse_estimator", "parse_power", "LineLoss", "VolumeEstimate",
@@ -87,6 +95,30 @@ def parse_power(text: str | float, what: str = "power") -> float | str:
     if not value >= 1:
         raise ConfigError(f"{what} must be a number >= 1, 'inf' or 'auto', got {text!r}")
     return value
+
+
+def check_shape_options(estimator: Estimator, preconditioner: CurvatureKind, power: str,
+                        sigma: float | None, walk_length: int | None) -> None:
+    """:class:`ConfigError` for a bad ``power`` / ``sigma`` / ``walk_length`` (of
+    :class:`~minefield.basin.VolumeConfig`), or one the estimator would ignore: a proposal
+    power shapes ``is`` and ``gaussian`` with a preconditioner, ``sigma`` is
+    ``gaussian``'s, ``walk_length`` ``mcmc``'s (they used to change the result's key only)."""
+    shaped = estimator in (Estimator.IS, Estimator.GAUSSIAN) and \
+        preconditioner is not CurvatureKind.NONE
+    if parse_power(power, "volume.power") != 2.0 and not shaped:
+        raise ConfigError(f"volume.power {power!r} shapes the proposal of is or gaussian with "
+                          f"a preconditioner; {estimator.value} with preconditioner "
+                          f"'{preconditioner.value}' draws no such proposal")
+    if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
+        raise ConfigError(f"volume.sigma must be a positive number, got {sigma}")
+    if sigma is not None and estimator is not Estimator.GAUSSIAN:
+        raise ConfigError(f"volume.sigma is the gaussian estimator's; {estimator.value} has none")
+    if walk_length is not None and not walk_length >= 1:
+        raise ConfigError(f"volume.walk_length must be >= 1 (None: max(10, 2 n)), got "
+                          f"{walk_length}")
+    if walk_length is not None and estimator is not Estimator.MCMC:
+        raise ConfigError(f"volume.walk_length is the mcmc estimator's; {estimator.value} "
+                          f"takes no walk")
 
 
 def parse_estimator(value: Estimator | str) -> Estimator:
@@ -233,13 +265,20 @@ def _check(n: int, cutoff: float, k: int, r_max: float, rtol: float, level: floa
 
 
 def _warnings(ess: float, n_at_max: int, n_rays: int, r_max: float,
-              bound: bool = False, rays: int | None = None) -> list[str]:
-    """Warnings on ``ess`` of ``n_rays`` draws, and on ``n_at_max`` of ``rays`` (default
-    ``n_rays``) rays at ``r_max``."""
+              bound: bool = False, rays: int | None = None,
+              draws_ess: float | None = None) -> list[str]:
+    """Warnings on ``ess`` of ``n_rays`` draws (``draws_ess``: of their pairs), and on
+    ``n_at_max`` of ``rays`` (default ``n_rays``) rays at ``r_max``."""
     out = []
-    if bound:
-        out.append(f"ESS {ess:.1f} of {n_rays} draws (a normal interval needs >= "
-                   f"{max(HEAVY * n_rays, MIN_ESS):g}): heavy-tailed weights or too few draws, "
+    if bound and ess == 0:  # every weight 0: every radius is (radii stop at r_max)
+        out.append("every radius is 0: the centre's loss is at or above the cutoff, so "
+                   "there is no basin (log V = -inf); raise the cutoff")
+    elif bound:
+        pairs = "" if draws_ess is None else f", {draws_ess:.1f} of their {n_rays // 2} pairs"
+        need = (f"{max(HEAVY * n_rays, MIN_ESS):g}" if draws_ess is None else
+                f"{HEAVY * n_rays:g} of them and >= {MIN_ESS:g} of the pairs")
+        out.append(f"ESS {ess:.1f} of {n_rays} draws{pairs} (a normal interval needs >= "
+                   f"{need}): heavy-tailed weights or too few draws, "
                    f"so the estimate is in effect a lower bound; the interval runs from a "
                    f"Markov lower bound to the volume within r_max (a better proposal or more "
                    f"draws narrow it)")
@@ -316,19 +355,20 @@ def star_volume(line_loss: LineLoss, n: int, cutoff: float,
     value, normal, ess, share = weights_estimate(log_w, True, level, slack)
     # known before sampling: the volume within r_max (a ball), a Gaussian mass of 1
     upper = 0.0 if est is Estimator.GAUSSIAN else n * math.log(r_max)
-    (lo, hi), kind = honest_interval(value, normal, ess, len(r), level, upper, slack)
+    ess_pairs = pair_ess(log_w)  # the draws: the two rays of a pair are one
+    (lo, hi), kind = honest_interval(value, normal, ess, len(r), level, upper, slack, ess_pairs)
     n_at = int((r >= r_max).sum())
-    details |= {"radii": r.tolist(), "interval": kind,
+    details |= {"radii": r.tolist(), "interval": kind, "ess_pairs": ess_pairs,
                 "ci_normal": [normal[0] + log_norm, normal[1] + log_norm]}
     if est is Estimator.GAUSSIAN:
         value, hi = min(value, 0.0), min(hi, 0.0)  # a probability
         details["sigma"] = sigma
-    notes = _warnings(ess, n_at, len(r), r_max, kind == "bound")
+    notes = _warnings(ess, n_at, len(r), r_max, kind == "bound", draws_ess=ess_pairs)
     if preconditioner is not None:
         details["preconditioner"] = preconditioner.kind
         details["power"] = preconditioner.power
         details["isotropic"] = preconditioner.isotropic
-        if preconditioner.isotropic and n > 1:
+        if preconditioner.isotropic and n > 1 and ess > 0:
             notes.append("the preconditioner is isotropic (at a curvature floor, every "
                          "entry is clipped to it): its curvature shaped nothing")
     return VolumeEstimate(est.value, value + log_norm, (lo + log_norm, hi + log_norm), level,

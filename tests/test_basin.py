@@ -17,6 +17,7 @@ from minefield.basin import (
     log_volume,
     radius_grid,
     rollouts,
+    volume_from_radii,
 )
 from minefield.config import ConfigError, ModelConfig
 from minefield.directions import DirectionSpec, random_directions
@@ -164,12 +165,21 @@ def test_volume_errors():
         log_volume(torch.tensor([-1.0]), 3)
     with pytest.raises(ConfigError, match="method: 'newton' is not one of bisect, grid"):
         find_radii(lambda t: t, 2, 1.0, method="newton")
+    for kw in (dict(grid_power=0.0), dict(grid_power=math.nan), dict(bracket_ratio=math.nan)):
+        with pytest.raises(ConfigError, match="bracket_ratio > 1 and a positive grid_power"):
+            find_radii(lambda t: t, 2, 1.0, method="grid", **kw)
 
 
 @pytest.mark.parametrize("kw,msg", [
     (dict(cutoff=0.0), "volume.cutoff must be"), (dict(r_max=-1.0), "volume.r_max must be"),
     (dict(rtol=1.0), "rtol must be"), (dict(n_directions=0), "n_directions"),
     (dict(grid_points=1), "grid_points"),
+    # t = r_max u^p with p <= 0 scans no [0, r_max]: at p = -1 a 3-d ellipsoid's log10 V
+    # came out -8.66 (truth -0.16), at p = 0 -2.52; NaN gave a raw "radii ... not NaN"
+    (dict(grid_power=-1.0), "grid_power a positive number"),
+    (dict(grid_power=0.0), "grid_power a positive number"),
+    (dict(grid_power=math.nan), "grid_power a positive number"),
+    (dict(bracket_ratio=math.nan), "bracket_ratio > 1"),
     (dict(grid="log"), "volume.grid: 'log' is not one of power, linear"),
     (dict(cutoff_kind="ratio"), "volume.cutoff_kind: 'ratio' is not one of abs, relative"),
     (dict(n_bootstrap=-1), "volume.n_bootstrap must be >= 0"),
@@ -178,6 +188,14 @@ def test_volume_errors():
     (dict(estimator="mcmc", walk_length=2.5), "volume.walk_length must be an integer"),
     (dict(estimator="mcmc", walk_length=0), "volume.walk_length must be >= 1"),
     (dict(estimator="mcmc", walk_length=-3), "volume.walk_length must be >= 1"),
+    # options the estimator ignores changed the result's key only (a silent no-op)
+    (dict(power="inf"), "volume.power 'inf' shapes .* naive with preconditioner 'none'"),
+    (dict(estimator="gaussian", power="auto"), "volume.power 'auto' shapes .* gaussian"),
+    (dict(estimator="mcmc", preconditioner="axes", power="4"), "volume.power '4' shapes"),
+    (dict(sigma=0.1), "volume.sigma is the gaussian estimator's; naive has none"),
+    (dict(estimator="is", preconditioner="axes", sigma=0.1), "volume.sigma is the gaussian"),
+    (dict(walk_length=5), "volume.walk_length is the mcmc estimator's; naive takes no walk"),
+    (dict(estimator="gaussian", walk_length=5), "volume.walk_length is the mcmc"),
     # a preconditioner shapes is / gaussian / mcmc; naive would drop it (or, with adam,
     # run the Adam-shaped x-unit estimator and call it naive)
     (dict(preconditioner="hessian"), "volume.preconditioner 'hessian' .* naive .* uniform"),
@@ -384,3 +402,28 @@ def test_a_basin_of_the_last_checkpoint_is_keyed_by_its_content(tmp_path):
     run.trajectory()[-1].unlink()  # now the last checkpoint is another one
     with pytest.raises(RunError, match="other settings"):
         basin_run(run, cfg, n_rollouts=0, device="cpu")
+
+
+def test_no_bootstrap_still_gives_the_honest_bound():
+    # n_bootstrap = 0 skips the bootstrap; heavy-tailed radii (one pair far out) get the
+    # bound, which needs none: it was (nan, nan)
+    r = torch.tensor([1.0, 0.2, 0.2, 0.2, 1.0, 0.2, 0.2, 0.2], dtype=torch.float64)
+    res = volume_from_radii(r, 10, 0.0, 1.0, config={"rtol": 1e-3}, n_boot=0, r_max=2.0)
+    lo, hi = res.ci_log10_volume
+    assert res.diagnostics["interval"] == "bound"
+    slack = 10 * math.log10(1 + 1e-3)
+    assert lo == pytest.approx(res.log10_volume + math.log10(0.05) - slack, abs=1e-12)
+    log_ball = 5 * math.log10(math.pi) - math.log10(120) + 10 * math.log10(2.0)
+    assert hi == pytest.approx(log_ball + slack, abs=1e-12)
+
+
+def test_rollouts_refuse_zero_filters_as_the_radii_do():
+    # QuadraticNet at its minimum: every filter direction is 0, the curves were flat
+    from minefield.bodies import QuadraticNet
+
+    net = QuadraticNet(torch.eye(3, dtype=torch.float64))
+    params = {k: v.detach()[None] for k, v in net.named_parameters()}
+    with pytest.raises(ConfigError, match="filter units are zero in weight"):
+        rollouts(net, params, QuadraticNet.data(), 2, spec=DirectionSpec("filter"))
+    ro = rollouts(net, params, QuadraticNet.data(), 2, spec=DirectionSpec("gaussian"))
+    assert float(ro.loss.max() - ro.loss.min()) > 0

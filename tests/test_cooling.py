@@ -176,3 +176,18 @@ def test_cooling_warns_of_rays_at_r_max():
                          n_rays=4)
     assert est.n_at_r_max == 16
     assert any("16 of 16 rays reached r_max = 0.5" in w for w in est.warnings)
+
+
+def test_cox_estimate_never_exceeds_the_volume_within_r_max():
+    # 2 replicates of 4 chains, 6.5 nats apart: Cox's mean + s^2/2 put this 10-d box
+    # (log V -4.58) at +4.79 nats with an interval up to +202, above the r_max ball's
+    # 0.94 that holds everything within r_max; the estimate stops at that bound
+    n = 10
+    body = Box(torch.logspace(-1, 0, n, dtype=F64))
+    ball = math.log(math.pi**5 / math.factorial(5))  # the unit 10-ball
+    e = cooling_volume(body, n, body.cutoff, n_chains=4, n_replicates=2, r_max=1.0,
+                       walk_length=1, generator=_gen(0))
+    assert e.log_volume == pytest.approx(ball, abs=1e-12)
+    assert e.ci[1] <= ball + n * math.log1p(1e-6) + 1e-12 and e.ci[0] < body.log_volume
+    assert any("exceeds the volume within r_max" in w for w in e.warnings)
+    assert e.details["log_ball_ratio"] == pytest.approx(0.0, abs=1e-12)

@@ -19,6 +19,7 @@ from minefield.cooling import cooling_volume
 from minefield.cooling_blocks import block_replicates, cooling_block, cooling_cost, merge_blocks
 from minefield.executor import LocalExecutor
 from minefield.precondition import Preconditioner
+from minefield.volume import VolumeEstimate
 
 pytestmark = pytest.mark.filterwarnings("ignore::minefield.basin.BasinWarning")
 F64 = torch.float64
@@ -132,3 +133,18 @@ def test_cost_bound_holds_on_real_runs(body, chains, reps, walk):
 def test_cost_rejects_bad_arguments():
     with pytest.raises(ConfigError, match="cooling_cost needs"):
         cooling_cost(10, max_step=1.0)
+
+
+def test_merged_blocks_never_exceed_the_volume_within_r_max():
+    # two blocks whose replicates disagree by 8 nats: Cox's estimate of the pool (mean
+    # -6 + s^2/2 = +4.7) lay above the r_max ball (log V 0.5 here); now it stops there
+    def part(reps):
+        return VolumeEstimate("mcmc", -6.0, (-7.0, -5.0), 0.95, 3, 10.0, 8, float("nan"), 0,
+                              100, [], {"replicates": reps, "phases": 1, "betas": [1.0, 0.0],
+                                        "sigma0": 0.1, "walk_length": 10,
+                                        "walk": "coordinate", "lag_correlation": 0.0,
+                                        "log_ball_ratio": -6.5})
+    est = merge_blocks([part([-10.0, -10.0]), part([-2.0, -2.0])], rtol=1e-6)
+    assert est.log_volume == pytest.approx(0.5) and est.ci[1] == pytest.approx(0.5 + 3e-6)
+    assert est.ci[0] < -6.0 and est.details["log_ball_ratio"] == pytest.approx(0.0)
+    assert any("exceeds the volume within r_max" in w for w in est.warnings)
