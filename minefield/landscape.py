@@ -45,7 +45,7 @@ from .functional import Params, check_single, n_members
 from .options import Split, choices
 
 __all__ = ["LandscapeConfig", "Slice", "Surface", "axis", "line_direction", "slice_1d",
-           "plane_directions", "surface", "METRICS"]
+           "plane_directions", "surface", "check_finite", "METRICS"]
 
 METRICS = ("loss", "acc")
 
@@ -104,6 +104,13 @@ def _splits(data: Dataset, splits: Sequence[str]) -> dict[str, tuple[torch.Tenso
             raise ValueError(f"unknown split {s!r}; use train, test or poison")
         out[s] = data.split(s)
     return out
+
+
+def check_finite(params: Params, what: str) -> None:
+    """ValueError when ``params`` hold a NaN or infinite value: every loss around them
+    would be NaN, a landscape of nothing."""
+    if not all(bool(v.isfinite().all()) for v in params.values()):
+        raise ValueError(f"{what} has NaN or infinite weights: its landscape is undefined")
 
 
 def _check_grid(ts, what: str) -> torch.Tensor:
@@ -187,6 +194,8 @@ def slice_1d(model: nn.Module, center: Params, direction: Params, ts: torch.Tens
     """
     check_single(center, "the centre")
     check_single(direction, "the direction")
+    check_finite(center, "the centre")
+    check_finite(direction, "the direction")
     ts = _check_grid(ts, "ts")
     values = {}
     for s, (x, y) in _splits(data, splits).items():
@@ -214,6 +223,8 @@ def surface(model: nn.Module, center: Params, directions: Params, xs: torch.Tens
     its finished rows are kept, not recomputed.
     """
     check_single(center, "the centre")
+    check_finite(center, "the centre")
+    check_finite(directions, "a direction")
     if n_members(directions) != 2:
         raise ValueError(f"a plane needs 2 directions, got {n_members(directions)}")
     if block_rows < 1:

@@ -24,6 +24,7 @@ from ..landscape import (
     LandscapeConfig,
     Slice,
     Surface,
+    check_finite,
     line_direction,
     plane_directions,
     slice_1d,
@@ -160,6 +161,7 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
     if cfg.member >= n_members(params):
         raise ValueError(f"run {run.name} has no member {cfg.member}")
     centre = one(params, cfg.member)
+    check_finite(centre, f"member {cfg.member} of run {run.name}")  # before any task
     bufs = one(buffers or None, cfg.member)
     ts, spec = cfg.grid(), cfg.directions
     if cfg.dim == 1:
@@ -173,6 +175,7 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
                                             dev)
             if cfg.member >= n_members(p2):
                 raise ValueError(f"run {cfg.other} has no member {cfg.member}")
+            check_finite(one(p2, cfg.member), f"member {cfg.member} of run {cfg.other}")
             d = line_direction(centre, one(p2, cfg.member))
         else:
             d = random_directions(member(centre, 0), 1, spec.kind, spec.bias, spec.generator())
