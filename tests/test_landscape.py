@@ -224,3 +224,23 @@ def test_a_model_with_a_nan_weight_gives_one_line_not_a_nan_landscape(tmp_path):
         assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
         assert "member 0 of run bad has NaN or infinite weights" in r.output
     assert not list(tmp_path.glob("*/landscape/*"))
+
+
+def test_an_empty_split_is_refused_not_drawn_as_nan(tmp_path):
+    """Regression: --splits poison on a run without poison points wrote (and plotted) a
+    landscape whose every value was NaN, with exit status 0."""
+    model, a, b, data = _setup()  # n_poison=0
+    with pytest.raises(ValueError, match="the data have no poison points"):
+        slice_1d(model, a, line_direction(a, b), torch.tensor([0.0, 1.0]), data,
+                 splits=("train", "poison"))
+    with pytest.raises(ValueError, match="the data have no poison points"):
+        surface(model, a, plane_directions(member(a, 0)), torch.zeros(2), torch.zeros(2), data,
+                splits=("poison",))
+    cfg = tiny_config("np")
+    train_run(cfg.replace(data=cfg.data.replace(n_poison=0)), tmp_path, progress=False)
+    for dim in ("1", "2"):
+        r = CliRunner().invoke(main, ["--root", str(tmp_path), "landscape", "np", "--dim", dim,
+                                      "--points", "3", "--splits", "poison", "--device", "cpu"])
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+        assert "no poison points" in r.output
+    assert not list(tmp_path.glob("np/landscape/*"))

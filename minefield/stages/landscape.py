@@ -25,6 +25,7 @@ from ..landscape import (
     Slice,
     Surface,
     check_finite,
+    check_splits,
     line_direction,
     plane_directions,
     slice_1d,
@@ -162,6 +163,7 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
         raise ValueError(f"run {run.name} has no member {cfg.member}")
     centre = one(params, cfg.member)
     check_finite(centre, f"member {cfg.member} of run {run.name}")  # before any task
+    check_splits(data, cfg.splits)
     bufs = one(buffers or None, cfg.member)
     ts, spec = cfg.grid(), cfg.directions
     if cfg.dim == 1:
