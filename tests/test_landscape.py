@@ -244,3 +244,17 @@ def test_an_empty_split_is_refused_not_drawn_as_nan(tmp_path):
         assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
         assert "no poison points" in r.output
     assert not list(tmp_path.glob("np/landscape/*"))
+
+
+def test_a_line_to_a_run_of_another_architecture_is_refused(tmp_path):
+    """Regression: `landscape a --other b` with b a tanh net of a's shapes (a: ReLU) put b's
+    weights into a's ReLU net, so 'the loss at t = 1' was 0.0357 where b's own is 0.0089."""
+    train_run(tiny_config("a"), tmp_path, progress=False)
+    cfg = tiny_config("b", seed=1)
+    train_run(cfg.replace(model=cfg.model.replace(activation="leaky_relu")), tmp_path,
+              progress=False)
+    r = CliRunner().invoke(main, ["--root", str(tmp_path), "landscape", "a", "--other", "b",
+                                  "--points", "3", "--device", "cpu"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "different model (model.activation" in r.output and "landscape --other" in r.output
+    assert not list(tmp_path.glob("a/landscape/*"))

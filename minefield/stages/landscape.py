@@ -35,6 +35,7 @@ from ..lock import locking
 from ..models import build_model
 from ..runs import DEFAULT_ROOT, Run, RunError, load_tensors, reading, save_tensors
 from .basin import check_tag
+from .connect import check_endpoints
 from .train import load_run_model, run_config
 
 __all__ = ["landscape_run", "load_landscape"]
@@ -143,6 +144,7 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
     key["centre"] = run.fingerprint(run.checkpoint(cfg.checkpoint), named=False)
     if cfg.dim == 1 and cfg.other:  # the other end by content: a retrained run is another
         other = Run.open_named(cfg.other, run.path.parent)
+        check_endpoints(run, other, "landscape --other")  # t = 1 must be model b itself
         if not other.trajectory():
             raise RunError(f"run {other.path} has no trajectory checkpoints (was it trained?)")
         key["other_end"] = other.fingerprint(other.trajectory()[-1])
