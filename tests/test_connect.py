@@ -308,6 +308,16 @@ def test_runs_of_different_architectures_give_one_line_and_nothing_written(cli, 
     assert _files(tmp_path / "runs") == before
 
 
+def test_runs_of_one_architecture_and_two_init_schemes_connect(cli, tmp_path):
+    # regression: 'a different model (model.init: glorot_uniform vs he_normal)' refused them
+    assert cli("train", "--name", "a", *TINY).exit_code == 0
+    assert cli("train", "--name", "b", *TINY, "--init", "he_normal").exit_code == 0
+    r = cli("connect", "a", "b", "--points", "3", "--steps", "2")
+    assert r.exit_code == 0 and "wrote" in r.output, r.output
+    r = cli("landscape", "a", "--other", "b", "--points", "3", "--device", "cpu")
+    assert r.exit_code == 0 and "wrote" in r.output, r.output
+
+
 def test_bad_endpoints_raise(cli, tmp_path):
     from minefield.stages.connect import connect_run
 

@@ -43,6 +43,7 @@ def check_endpoints(run_a: Run, run_b: Run, what: str = "connect") -> None:
     """ConfigError unless the runs share model and data (the same parameter space, the
     same training and test points). The poison set is not compared: connect never
     uses it, so a good run and a poisoned run of the same data connect (Fig. 3's pair);
+    nor is the initialisation scheme, no part of the trained model;
     :func:`connect_run` then checks that their training and test tensors are equal.
     ``what`` names the command in the message (``landscape --other`` checks too: run b's
     weights in run a's architecture, e.g. its activation, would not be model b)."""
@@ -51,7 +52,7 @@ def check_endpoints(run_a: Run, run_b: Run, what: str = "connect") -> None:
         da, db = getattr(ca, part).to_dict(), getattr(cb, part).to_dict()
         # fields left out of config.json at their default are missing from one side only
         diff = [k for k in {**da, **db} if da.get(k) != db.get(k)
-                and (part, k) != ("data", "n_poison")]
+                and (part, k) not in (("data", "n_poison"), ("model", "init"))]
         if diff:
             k = diff[0]
             va, vb = (d.get(k, "the default") for d in (da, db))
