@@ -10,7 +10,8 @@ For the loss ``L`` of each member of a stack (an :class:`~minefield.hvp.Objectiv
   bound of the true maximum. For a quadratic ``L = w^T A w / 2`` at its
   minimum the L2 value is ``rho^2 lambda_max / 2``.
 - **adaptive** (ASAM, Kwon et al. 2021): the same with ``T = diag(|w| + eta)``, so
-  the ball scales with each weight and the measure is invariant to ReLU rescaling.
+  the ball scales with each weight and the measure is invariant to ReLU rescaling
+  at ``eta = 0`` (nearly so for small ``eta``: ``eta`` does not rescale).
 - **average case** (expected sharpness, Neyshabur et al. 2017):
   ``E_{z ~ N(0, I)} L(w + sigma T z) - L(w)``; antithetic pairs ``+-z`` cancel the
   first-order term; evaluated by the batched engine; ``~ sigma^2 tr(T H T) / 2``.
