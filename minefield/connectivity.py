@@ -69,7 +69,7 @@ from .functional import (
 from .loss import nll, predict
 from .stacked import alone, one
 from .step import Batch, Hyper, plain_update, poisoned_objective, train_step
-from .train import make_optimizer
+from .train import TrainingDiverged, make_optimizer
 
 __all__ = ["ConnectConfig", "CURVE_TRAIN", "ConnectResult", "bezier", "curve_objective",
            "pair_seed", "fit_curves", "evaluate_curves", "barriers", "connect"]
@@ -194,6 +194,9 @@ def fit_curves(model: nn.Module, a: Params, b: Params, data: Dataset,
     ``isolate`` (each curve's loss, gradient norm and clipping computed on its own,
     on one intra-op thread, restored on return) its control point is bit-for-bit
     the one it gets trained alone. BatchNorm layers use batch statistics.
+
+    Raises:
+        TrainingDiverged: a curve's loss became NaN or infinite (its values would be NaN).
     """
     p = n_members(a)
     dev = next(iter(a.values())).device
@@ -213,16 +216,24 @@ def fit_curves(model: nn.Module, a: Params, b: Params, data: Dataset,
     mode.__enter__()
     if isolate:  # one model's small kernels gain nothing from threads (as fit does)
         torch.set_num_threads(1)
+    ok = torch.ones(p, dtype=torch.bool, device=dev)  # checked once at the end: no syncs
     try:
         for step in range(cfg.steps):
             for g in opt.param_groups:
                 g["lr"] = cfg.lr_at(step)
             t.copy_(torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens]))
             batch = minibatch(data, cfg.seed, step, cfg.batch_size or n_t, 0, None)
-            train_step(model, c, buffers, opt, batch, hyper, objective, plain_update)
+            ok &= train_step(model, c, buffers, opt, batch, hyper, objective,
+                             plain_update).isfinite()
     finally:
         mode.__exit__(None, None, None)
         torch.set_num_threads(threads)
+    for v in c.values():
+        ok &= v.detach().reshape(p, -1).isfinite().all(1)
+    if not bool(ok.all()):
+        raise TrainingDiverged(f"the curve of pair(s) {(~ok).nonzero().flatten().tolist()} "
+                               f"diverged (loss NaN or infinite) in {cfg.steps} steps at lr "
+                               f"{cfg.lr:g}: use a smaller --lr")
     return {k: v.detach() for k, v in c.items()}
 
 
@@ -351,8 +362,17 @@ def connect(model: nn.Module, a: Params, b: Params, data: Dataset,
     (skips :func:`fit_curves`). Returns losses and accuracies on the train and
     test splits along both paths, and their barriers. With ``cfg.isolate`` a
     pair's numbers are the same, bit for bit, in any stack of pairs.
+
+    Raises:
+        ValueError: endpoints of two architectures, or with NaN or infinite weights.
+        TrainingDiverged: a curve's training diverged (:func:`fit_curves`).
     """
     a, b = _broadcast(a, b)
+    for side, ends in (("a", a), ("b", b)):  # a NaN weight makes every value along it NaN
+        bad = (~torch.stack([v.reshape(len(v), -1).isfinite().all(1) for v in ends.values()])
+               .all(0)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"endpoint {side} of pair(s) {bad} has NaN or infinite weights")
     names = {k: v.shape for k, v in model.named_parameters()}
     if set(a) != set(names) or any(a[k].shape[1:] != names[k] for k in a):
         raise ValueError("the endpoints are not the model's parameters (names or shapes)")

@@ -45,7 +45,7 @@ from .functional import Params, check_single, n_members
 from .options import Split, choices
 
 __all__ = ["LandscapeConfig", "Slice", "Surface", "axis", "line_direction", "slice_1d",
-           "plane_directions", "surface", "METRICS"]
+           "plane_directions", "surface", "check_finite", "check_splits", "METRICS"]
 
 METRICS = ("loss", "acc")
 
@@ -95,7 +95,9 @@ class LandscapeConfig(_Config):
         return axis(lo, hi, self.points, (0.0, 1.0) if self.other else (0.0,))
 
 
-def _splits(data: Dataset, splits: Sequence[str]) -> dict[str, tuple[torch.Tensor, ...]]:
+def check_splits(data: Dataset, splits: Sequence[str]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """``{split: (x, y)}`` of ``splits``; ValueError for an unknown or an empty split (a
+    run without poison points has no poison landscape, only NaN)."""
     out = {}
     if not splits:
         raise ValueError("no split given; use train, test and/or poison")
@@ -103,7 +105,16 @@ def _splits(data: Dataset, splits: Sequence[str]) -> dict[str, tuple[torch.Tenso
         if s not in ("train", "test", "poison"):
             raise ValueError(f"unknown split {s!r}; use train, test or poison")
         out[s] = data.split(s)
+        if len(out[s][1]) == 0:
+            raise ValueError(f"the data have no {s} points: leave {s} out of the splits")
     return out
+
+
+def check_finite(params: Params, what: str) -> None:
+    """ValueError when ``params`` hold a NaN or infinite value: every loss around them
+    would be NaN, a landscape of nothing."""
+    if not all(bool(v.isfinite().all()) for v in params.values()):
+        raise ValueError(f"{what} has NaN or infinite weights: its landscape is undefined")
 
 
 def _check_grid(ts, what: str) -> torch.Tensor:
@@ -187,9 +198,11 @@ def slice_1d(model: nn.Module, center: Params, direction: Params, ts: torch.Tens
     """
     check_single(center, "the centre")
     check_single(direction, "the direction")
+    check_finite(center, "the centre")
+    check_finite(direction, "the direction")
     ts = _check_grid(ts, "ts")
     values = {}
-    for s, (x, y) in _splits(data, splits).items():
+    for s, (x, y) in check_splits(data, splits).items():
         lo, ac = evaluate_points(model, center, direction, ts[None], x, y, buffers, memory_mb)
         values[f"{s}_loss"], values[f"{s}_acc"] = lo[0].cpu(), ac[0].cpu()  # as a Surface's
     return Slice(ts, values, dict(config or {}))
@@ -214,12 +227,14 @@ def surface(model: nn.Module, center: Params, directions: Params, xs: torch.Tens
     its finished rows are kept, not recomputed.
     """
     check_single(center, "the centre")
+    check_finite(center, "the centre")
+    check_finite(directions, "a direction")
     if n_members(directions) != 2:
         raise ValueError(f"a plane needs 2 directions, got {n_members(directions)}")
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
     xs, ys = _check_grid(xs, "xs"), _check_grid(ys, "ys")
-    sets = _splits(data, splits)
+    sets = check_splits(data, splits)
     keys = [f"{s}_{m}" for s in sets for m in METRICS]
     if partial is not None:
         same = (partial.xs.shape == xs.shape and partial.ys.shape == ys.shape

@@ -8,7 +8,8 @@ there. Per member m, with ``g = grad L_m(theta_m)``:
 - ``asam`` (Kwon et al. 2021, adaptive): ``eps = rho_m T^2 g / ||T g||`` with
   ``T = |theta| + eta`` elementwise over all parameters (the ``T`` of
   :mod:`minefield.sharpness`; Kwon et al.'s code leaves biases unscaled), so the
-  radius is relative to each weight's size and invariant to rescaling layers;
+  radius is relative to each weight's size and, up to ``eta``, invariant to
+  rescaling layers;
 
 then the base optimizer (SGD, Adam or RMSprop, :mod:`minefield.optim`) steps
 from ``theta`` with ``grad L_m(theta + eps)``, clipped per member when

@@ -10,7 +10,8 @@ For the loss ``L`` of each member of a stack (an :class:`~minefield.hvp.Objectiv
   bound of the true maximum. For a quadratic ``L = w^T A w / 2`` at its
   minimum the L2 value is ``rho^2 lambda_max / 2``.
 - **adaptive** (ASAM, Kwon et al. 2021): the same with ``T = diag(|w| + eta)``, so
-  the ball scales with each weight and the measure is invariant to ReLU rescaling.
+  the ball scales with each weight and the measure is invariant to ReLU rescaling
+  at ``eta = 0`` (nearly so for small ``eta``: ``eta`` does not rescale).
 - **average case** (expected sharpness, Neyshabur et al. 2017):
   ``E_{z ~ N(0, I)} L(w + sigma T z) - L(w)``; antithetic pairs ``+-z`` cancel the
   first-order term; evaluated by the batched engine; ``~ sigma^2 tr(T H T) / 2``.
@@ -48,6 +49,9 @@ from .stacked import flatten, one, unflatten
 
 __all__ = ["Norm", "SharpnessEstimate", "worst_case_sharpness", "average_sharpness",
            "m_sharpness", "pac_bayes_sigma"]
+
+#: How many times :func:`pac_bayes_sigma` may double ``hi`` (halve ``lo``) to bracket sigma'.
+WIDEN = 64
 
 
 class Norm(str, enum.Enum):
@@ -209,11 +213,13 @@ def m_sharpness(obj: Objective, rho: float, m: int, n_subsets: int | None = None
 def pac_bayes_sigma(obj: Objective, bound: float = 0.1, n_samples: int = 32,
                     adaptive: bool = False, eta: float = 0.01, lo: float = 1e-5,
                     hi: float = 1.0, rtol: float = 1e-2, seed: int = 0) -> torch.Tensor:
-    """Jiang et al.'s ``sigma'`` per member ``(M,)``: the largest ``sigma`` in
-    ``[lo, hi]`` with a mean loss increase ``<= bound`` over ``n_samples``
-    antithetic Gaussian pairs (the same pairs at every sigma, so the estimate
-    is a smooth function of sigma), bisected in ``log sigma`` until ``hi/lo <= 1 + rtol``.
-    Returns ``hi`` when even ``hi`` stays under the bound, ``lo`` when ``lo`` does not.
+    """Jiang et al.'s ``sigma'`` per member ``(M,)``: the largest ``sigma`` with a mean
+    loss increase ``<= bound`` over ``n_samples`` antithetic Gaussian pairs (the same
+    pairs at every sigma, so the estimate is a smooth function of sigma), bisected in
+    ``log sigma`` until ``hi/lo <= 1 + rtol``. ``[lo, hi]`` is the first bracket: when
+    even ``hi`` stays under the bound it is doubled (``lo`` halved when ``lo`` does not),
+    at most :data:`WIDEN` times, so a flat member is not reported at ``hi``; ``inf``
+    (``0``) if the bound is never crossed.
 
     Raises:
         ConfigError: bound <= 0, ``not 0 < lo < hi`` (finite), rtol <= 0, eta < 0 (or any
@@ -230,16 +236,24 @@ def pac_bayes_sigma(obj: Objective, bound: float = 0.1, n_samples: int = 32,
     for i in range(obj.n_members):
         d = _probes(obj, n_samples, seed, adaptive, eta, i)
 
-        def dev(s: float, i=i, d=d) -> float:
-            ts = torch.full((2 * n_samples,), s, dtype=torch.float64)
-            return float(obj.perturbed_losses(i, d, ts).double().cpu().mean() - base[i])
+        seen: dict[float, float] = {}
+
+        def dev(s: float, i=i, d=d, seen=seen) -> float:
+            if s not in seen:
+                ts = torch.full((2 * n_samples,), s, dtype=torch.float64)
+                seen[s] = float(obj.perturbed_losses(i, d, ts).double().cpu().mean() - base[i])
+            return seen[s]
 
         a, b = lo, hi
-        if dev(b) <= bound:
-            out.append(b)
-            continue
-        if dev(a) > bound:
-            out.append(a)
+        for _ in range(WIDEN):  # widen until [a, b] brackets sigma': dev(a) <= bound < dev(b)
+            if dev(b) <= bound:
+                a, b = b, 2 * b
+            elif dev(a) > bound:
+                a, b = a / 2, a
+            else:
+                break
+        if dev(b) <= bound or dev(a) > bound:  # never crossed: flat (or a jump at w) for good
+            out.append(math.inf if dev(b) <= bound else 0.0)
             continue
         while b / a > 1 + rtol:
             mid = math.sqrt(a * b)

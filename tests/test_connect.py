@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from minefield.cli import main
-from minefield.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from minefield.config import ConfigError, DataConfig, ModelConfig, Optimizer, TrainConfig
 from minefield.connectivity import (
     CURVE_TRAIN,
     ConnectConfig,
@@ -24,7 +24,7 @@ from minefield.connectivity import (
 from minefield.data import load_dataset
 from minefield.loss import nll, predict
 from minefield.models import build_model
-from minefield.train import fit, init_stack
+from minefield.train import TrainingDiverged, fit, init_stack
 
 
 def _stacks(model, seeds, dtype=torch.float64):
@@ -308,6 +308,16 @@ def test_runs_of_different_architectures_give_one_line_and_nothing_written(cli, 
     assert _files(tmp_path / "runs") == before
 
 
+def test_runs_of_one_architecture_and_two_init_schemes_connect(cli, tmp_path):
+    # regression: 'a different model (model.init: glorot_uniform vs he_normal)' refused them
+    assert cli("train", "--name", "a", *TINY).exit_code == 0
+    assert cli("train", "--name", "b", *TINY, "--init", "he_normal").exit_code == 0
+    r = cli("connect", "a", "b", "--points", "3", "--steps", "2")
+    assert r.exit_code == 0 and "wrote" in r.output, r.output
+    r = cli("landscape", "a", "--other", "b", "--points", "3", "--device", "cpu")
+    assert r.exit_code == 0 and "wrote" in r.output, r.output
+
+
 def test_bad_endpoints_raise(cli, tmp_path):
     from minefield.stages.connect import connect_run
 
@@ -332,6 +342,20 @@ def test_bad_endpoints_raise(cli, tmp_path):
         other = build_model(ModelConfig(widths=(4,)), (2,), 2)
         connect(model, _stacks(model, [0]), _stacks(other, [0]), _data())
     assert _files(root) == before
+
+
+def test_a_diverged_curve_or_a_nan_endpoint_raises_instead_of_giving_nan_results():
+    """Regression: a curve whose training diverged (too large --lr), or an endpoint with a
+    NaN weight, gave NaN losses and barriers, written and printed with exit status 0."""
+    data = load_dataset(DataConfig("spiral")).to("cpu", torch.float64)
+    model = build_model(ModelConfig(widths=(5,)), data.input_shape, data.n_classes).double()
+    a, b = _stacks(model, [0, 1]), _stacks(model, [2, 3])
+    train = CURVE_TRAIN.replace(optimizer=Optimizer.SGD, lr=1e100, steps=5)
+    with pytest.raises(TrainingDiverged, match=r"curve of pair\(s\) \[0, 1\] diverged"):
+        connect(model, a, b, data, ConnectConfig(n_points=3, train=train))
+    b["0.weight"][1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"endpoint b of pair\(s\) \[1\] has NaN or inf"):
+        connect(model, a, b, data, ConnectConfig(n_points=3, train=CURVE_TRAIN.replace(steps=1)))
 
 
 def test_a_good_and_a_poisoned_run_of_the_same_points_connect(cli, tmp_path):

@@ -256,3 +256,24 @@ def test_a_map_of_a_trajectory_that_grew_or_changed_is_not_reused(tmp_path, tiny
     last.write_bytes(run.trajectory()[0].read_bytes())
     with pytest.raises(RunError, match="holds results for other settings"):
         embed_run(run, cfg, device="cpu", checkpoints="searched")
+
+
+def test_an_added_checkpoint_of_another_activation_is_refused(tmp_path, tiny):
+    """Regression: a tanh run's checkpoint (the map's run: ReLU, the same shapes) was placed
+    with accuracies of its weights in the ReLU net (on the spiral: train 0.51 recorded for
+    a model whose own is 0.83). A different init scheme is the same model: accepted."""
+    run = train_run(tiny("good"), tmp_path, progress=False).run
+    cfg = tiny("tanh", seed=1)
+    tanh = train_run(cfg.replace(model=cfg.model.replace(activation="tanh")), tmp_path,
+                     progress=False).run
+    cfg = tiny("he", seed=2)
+    he = train_run(cfg.replace(model=cfg.model.replace(init="he_normal")), tmp_path,
+                   progress=False).run
+    search_run(run, SearchConfig.make(every=1, steps=30, log_every=10, milestones=()),
+               device="cpu")
+    emb = EmbedConfig(perplexity=2, n_iter=50)
+    with pytest.raises(RunError, match="is of another model than run good's"):
+        embed_run(run, emb, device="cpu", add=[tanh.trajectory()[-1]])
+    assert not (run.path / "embed").exists()
+    res = embed_run(run, emb, device="cpu", add=[he.trajectory()[-1]])
+    assert res.kind[-1] == "added"

@@ -197,3 +197,64 @@ def test_axis_has_no_near_duplicate_of_an_anchor(lo, hi, anchors):
         t = axis(lo, hi, points, anchors)
         assert bool((t.diff() > 1e-6 * (hi - lo)).all())
         assert all(bool((t == a).any()) for a in anchors)
+
+
+def test_a_model_with_a_nan_weight_gives_one_line_not_a_nan_landscape(tmp_path):
+    """Regression: a centre (or the other end) with a NaN weight was drawn: a landscape of
+    NaN losses and constant accuracies, written with exit status 0."""
+    model, a, b, data = _setup()
+    a["0.weight"][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="the centre has NaN or infinite weights"):
+        slice_1d(model, a, line_direction(b, b), torch.tensor([0.0, 1.0]), data)
+    with pytest.raises(ValueError, match="the direction has NaN or infinite weights"):
+        slice_1d(model, b, line_direction(b, a), torch.tensor([0.0, 1.0]), data)
+    with pytest.raises(ValueError, match="the centre has NaN or infinite weights"):
+        surface(model, a, plane_directions(member(b, 0)), torch.zeros(2), torch.zeros(2), data)
+    for name, seed in (("good", 0), ("bad", 1)):
+        train_run(tiny_config(name, seed=seed), tmp_path, progress=False)
+    run = Run.open("bad", tmp_path)
+    last = run.trajectory()[-1]
+    ck = run.load_checkpoint(last)
+    ck.params["0.weight"][0, 0, 0] = float("nan")
+    tensors, meta = load_tensors(last)
+    run.save_checkpoint(str(last.relative_to(run.path)), ck.params, ck.buffers, meta)
+    for args in (["bad"], ["bad", "--dim", "2"], ["good", "--other", "bad"]):
+        r = CliRunner().invoke(main, ["--root", str(tmp_path), "landscape", *args,
+                                      "--points", "3", "--device", "cpu"])
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+        assert "member 0 of run bad has NaN or infinite weights" in r.output
+    assert not list(tmp_path.glob("*/landscape/*"))
+
+
+def test_an_empty_split_is_refused_not_drawn_as_nan(tmp_path):
+    """Regression: --splits poison on a run without poison points wrote (and plotted) a
+    landscape whose every value was NaN, with exit status 0."""
+    model, a, b, data = _setup()  # n_poison=0
+    with pytest.raises(ValueError, match="the data have no poison points"):
+        slice_1d(model, a, line_direction(a, b), torch.tensor([0.0, 1.0]), data,
+                 splits=("train", "poison"))
+    with pytest.raises(ValueError, match="the data have no poison points"):
+        surface(model, a, plane_directions(member(a, 0)), torch.zeros(2), torch.zeros(2), data,
+                splits=("poison",))
+    cfg = tiny_config("np")
+    train_run(cfg.replace(data=cfg.data.replace(n_poison=0)), tmp_path, progress=False)
+    for dim in ("1", "2"):
+        r = CliRunner().invoke(main, ["--root", str(tmp_path), "landscape", "np", "--dim", dim,
+                                      "--points", "3", "--splits", "poison", "--device", "cpu"])
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+        assert "no poison points" in r.output
+    assert not list(tmp_path.glob("np/landscape/*"))
+
+
+def test_a_line_to_a_run_of_another_architecture_is_refused(tmp_path):
+    """Regression: `landscape a --other b` with b a tanh net of a's shapes (a: ReLU) put b's
+    weights into a's ReLU net, so 'the loss at t = 1' was 0.0357 where b's own is 0.0089."""
+    train_run(tiny_config("a"), tmp_path, progress=False)
+    cfg = tiny_config("b", seed=1)
+    train_run(cfg.replace(model=cfg.model.replace(activation="leaky_relu")), tmp_path,
+              progress=False)
+    r = CliRunner().invoke(main, ["--root", str(tmp_path), "landscape", "a", "--other", "b",
+                                  "--points", "3", "--device", "cpu"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "different model (model.activation" in r.output and "landscape --other" in r.output
+    assert not list(tmp_path.glob("a/landscape/*"))

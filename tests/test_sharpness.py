@@ -186,8 +186,23 @@ def test_pac_bayes_sigma_of_a_quadratic():
                                                  dtype=torch.float64), rtol=1e-4, atol=0)
     many = pac_bayes_sigma(obj, bound=bound, n_samples=2000, rtol=1e-4)
     assert abs(float(many) / math.sqrt(2 * bound / float(a.trace())) - 1) < 0.03
-    assert float(pac_bayes_sigma(obj, bound=1e6, hi=0.5)) == 0.5  # never reaches the bound
-    assert float(pac_bayes_sigma(obj, bound=1e-12, lo=0.1)) == 0.1  # already above at lo
+
+
+
+def test_pac_bayes_sigma_outside_the_first_bracket_is_found_not_clipped():
+    """sigma' beyond [lo, hi] widens the bracket: it used to come back as hi (or lo), so a
+    flat model showed sigma' = 1.0 (the measure's hi) whatever its flatness."""
+    obj, a = _quad(EV, m=1)
+    k = 64
+    z = torch.randn(k, len(EV), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mean_q = float(torch.einsum("kn,nj,kj->k", z, a, z).mean())
+    for bound, kw in ((1e6, {"hi": 0.5}), (1e-12, {"lo": 0.1}), (0.01, {"lo": 0.5, "hi": 0.6})):
+        want = math.sqrt(2 * bound / mean_q)  # deviation = sigma^2 mean(z^T A z) / 2
+        got = float(pac_bayes_sigma(obj, bound=bound, n_samples=k, rtol=1e-4, **kw))
+        assert abs(got / want - 1) < 2e-4, (bound, kw, got, want)
+    flat = Objective.from_function({"w": torch.zeros(1, 3, dtype=torch.float64)},
+                                   lambda p: 0 * p["w"].sum())
+    assert float(pac_bayes_sigma(flat)) == math.inf  # no noise level crosses the bound
 
 
 def test_bad_inputs_raise_one_clear_error():

@@ -39,22 +39,25 @@ class ConnectRun:
     reused: bool = False
 
 
-def check_endpoints(run_a: Run, run_b: Run) -> None:
+def check_endpoints(run_a: Run, run_b: Run, what: str = "connect") -> None:
     """ConfigError unless the runs share model and data (the same parameter space, the
     same training and test points). The poison set is not compared: connect never
     uses it, so a good run and a poisoned run of the same data connect (Fig. 3's pair);
-    :func:`connect_run` then checks that their training and test tensors are equal."""
+    nor is the initialisation scheme, no part of the trained model;
+    :func:`connect_run` then checks that their training and test tensors are equal.
+    ``what`` names the command in the message (``landscape --other`` checks too: run b's
+    weights in run a's architecture, e.g. its activation, would not be model b)."""
     ca, cb = (run_config(r) for r in (run_a, run_b))  # a study's folder is refused here
-    for what in ("model", "data"):
-        da, db = getattr(ca, what).to_dict(), getattr(cb, what).to_dict()
+    for part in ("model", "data"):
+        da, db = getattr(ca, part).to_dict(), getattr(cb, part).to_dict()
         # fields left out of config.json at their default are missing from one side only
         diff = [k for k in {**da, **db} if da.get(k) != db.get(k)
-                and (what, k) != ("data", "n_poison")]
+                and (part, k) not in (("data", "n_poison"), ("model", "init"))]
         if diff:
             k = diff[0]
             va, vb = (d.get(k, "the default") for d in (da, db))
-            raise ConfigError(f"runs {run_a.name} and {run_b.name} have a different {what} "
-                              f"({what}.{k}: {va} vs {vb}); connect needs one "
+            raise ConfigError(f"runs {run_a.name} and {run_b.name} have a different {part} "
+                              f"({part}.{k}: {va} vs {vb}); {what} needs one "
                               "architecture and dataset")
 
 

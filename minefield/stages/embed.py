@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import ModelConfig
 from ..embed import EmbedConfig, EmbedResult, TSNEMap, fit_map, weight_matrix
 from ..evaluate import evaluate_members, resolve_device
 from ..functional import stack
@@ -226,12 +227,20 @@ def _source(run: Run, ck: Checkpoint) -> str:
 
 
 def _check_models(run: Run, cks: list[Checkpoint], names: dict[str, torch.Size]) -> None:
-    """Every checkpoint holds the run model's parameters, (M, *shape) each."""
+    """Every checkpoint holds the run model's parameters, (M, *shape) each, and one that
+    names its model config (a trajectory checkpoint) names the run's: the same shapes
+    with another activation are another model, whose accuracies the run's would misstate."""
+    own = run_config(run).model
     for ck in cks:
         if any(n not in ck.params or ck.params[n].shape[1:] != shape
                for n, shape in names.items()):
             raise RunError(f"checkpoint {ck.path.name} does not match the model of run "
                            f"{run.name}")
+        model = (ck.meta.get("config") or {}).get("model")
+        if isinstance(model, dict) and ModelConfig.from_dict(model).replace(
+                init=own.init) != own:  # the initialisation scheme is no part of the model
+            raise RunError(f"checkpoint {ck.path.name} is of another model than run "
+                           f"{run.name}'s ({model} vs {own.to_dict()})")
 
 
 def _member_of(ck: Checkpoint, names: dict[str, torch.Size], member: int

@@ -24,6 +24,8 @@ from ..landscape import (
     LandscapeConfig,
     Slice,
     Surface,
+    check_finite,
+    check_splits,
     line_direction,
     plane_directions,
     slice_1d,
@@ -33,6 +35,7 @@ from ..lock import locking
 from ..models import build_model
 from ..runs import DEFAULT_ROOT, Run, RunError, load_tensors, reading, save_tensors
 from .basin import check_tag
+from .connect import check_endpoints
 from .train import load_run_model, run_config
 
 __all__ = ["landscape_run", "load_landscape"]
@@ -141,6 +144,7 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
     key["centre"] = run.fingerprint(run.checkpoint(cfg.checkpoint), named=False)
     if cfg.dim == 1 and cfg.other:  # the other end by content: a retrained run is another
         other = Run.open_named(cfg.other, run.path.parent)
+        check_endpoints(run, other, "landscape --other")  # t = 1 must be model b itself
         if not other.trajectory():
             raise RunError(f"run {other.path} has no trajectory checkpoints (was it trained?)")
         key["other_end"] = other.fingerprint(other.trajectory()[-1])
@@ -160,6 +164,8 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
     if cfg.member >= n_members(params):
         raise ValueError(f"run {run.name} has no member {cfg.member}")
     centre = one(params, cfg.member)
+    check_finite(centre, f"member {cfg.member} of run {run.name}")  # before any task
+    check_splits(data, cfg.splits)
     bufs = one(buffers or None, cfg.member)
     ts, spec = cfg.grid(), cfg.directions
     if cfg.dim == 1:
@@ -173,6 +179,7 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
                                             dev)
             if cfg.member >= n_members(p2):
                 raise ValueError(f"run {cfg.other} has no member {cfg.member}")
+            check_finite(one(p2, cfg.member), f"member {cfg.member} of run {cfg.other}")
             d = line_direction(centre, one(p2, cfg.member))
         else:
             d = random_directions(member(centre, 0), 1, spec.kind, spec.bias, spec.generator())
