@@ -60,7 +60,6 @@ from .options import BiasPolicy, CurvatureKind, CutoffKind, Estimator, Grid, Pre
 from .radii import check_radii, find_radii, radius_grid
 from .rollout import Rollouts, rollouts
 from .volume import (
-    VolumeEstimate,
     _warnings,
     check_shape_options,
     honest_interval,
@@ -220,8 +219,11 @@ class BasinResult:
 
     @property
     def median_radius(self) -> float:
-        """The median of the 2K radii: the mean of the two middle ones (NaN for none)."""
-        return float(self.radii.double().quantile(0.5)) if len(self.radii) else math.nan
+        """The median of the 2K radii (NaN for none, and for rays drawn from a
+        preconditioner's proposal: :func:`minefield.netvolume.estimate_result`)."""
+        if not len(self.radii) or self.diagnostics.get("rays") == "proposal":
+            return math.nan
+        return float(self.radii.double().quantile(0.5))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BasinResult:
@@ -233,19 +235,6 @@ class BasinResult:
                    float(d["log10_volume"]), float(d["n_mean_log10_r"]), float(d["mean_radius"]),
                    tuple(d["ci_log10_volume"]), int(d["n_evaluations"]), d["config"],
                    int(at_max), d.get("estimator", "naive"), d.get("diagnostics", {}))
-
-    @classmethod
-    def from_estimate(cls, est: VolumeEstimate, centre_loss: float, cutoff: float,
-                      config: dict[str, Any]) -> BasinResult:
-        """A result of any estimator (radii: those of its rays, empty for mcmc)."""
-        r = torch.tensor(est.details.get("radii", []), dtype=torch.float64)
-        nm = float(est.n * torch.log10(r).mean()) if len(r) else math.nan
-        diag = {"ess": est.ess, "n_samples": est.n_samples, "max_share": est.max_share,
-                "n_at_r_max": est.n_at_r_max, "warnings": est.warnings,
-                **{k: v for k, v in est.details.items() if k != "radii"}}
-        return cls(r, est.n, float(centre_loss), float(cutoff), est.log10_volume, nm,
-                   float(r.mean()) if len(r) else math.nan, est.ci_log10, est.n_evaluations,
-                   dict(config), int(est.n_at_r_max), est.estimator, diag)
 
 
 def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: float,

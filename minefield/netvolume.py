@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -49,8 +50,12 @@ from .options import CurvatureKind
 from .precondition import Preconditioner, floor_curvature
 from .volume import VolumeEstimate, ray_radii
 
+if TYPE_CHECKING:
+    from .basin import BasinResult
+
 __all__ = ["NetworkLines", "CurvatureKind", "network_curvature", "adam_curvature",
-           "basin_volume", "CoolingBlocks", "cooling_blocks", "merge_cooling_blocks"]
+           "basin_volume", "CoolingBlocks", "cooling_blocks", "merge_cooling_blocks",
+           "estimate_result"]
 
 MAX_DENSE = 6000
 
@@ -234,13 +239,42 @@ def _setup(model, params, data, cfg, buffers, bn, curvature):
     return lines, centre_loss, cut, g, pre
 
 
+def estimate_result(est: VolumeEstimate, centre_loss: float, cutoff: float,
+                    config: dict) -> BasinResult:
+    """A :class:`~minefield.basin.BasinResult` of any estimator (radii: those of its rays,
+    empty for mcmc). ``is`` and ``gaussian`` with a preconditioner draw their rays from its
+    proposal, which favours the long axes: on a 20-d ellipsoid spanning a decade the mean
+    radius along the Hessian's rays is 0.47, over uniform directions 0.22, and reweighting
+    the rays to uniform directions left an ESS of 2-40 of 4,000-40,000 rays. There the
+    mean, median and ``n mean log10 r`` are NaN, ``diagnostics["rays"]`` is
+    ``"proposal"`` and a warning says why; the volume is unaffected."""
+    from .basin import BasinResult
+
+    r = torch.tensor(est.details.get("radii", []), dtype=torch.float64)
+    shaped = config.get("preconditioner", "none") not in ("none", None)
+    uniform = bool(len(r)) and not (shaped and est.estimator in ("is", "gaussian")
+                                    and bool((r > 0).any()))  # all 0: no basin, any rays
+    warns = list(est.warnings) + ([] if uniform or not len(r) else [
+        "mean and median radius not reported: these rays follow the preconditioner's "
+        "proposal, not uniform directions (the naive estimator gives them)"])
+    diag = {"ess": est.ess, "n_samples": est.n_samples, "max_share": est.max_share,
+            "n_at_r_max": est.n_at_r_max, "warnings": warns,
+            **({"rays": "proposal"} if len(r) and not uniform else {}),
+            **{k: v for k, v in est.details.items() if k != "radii"}}
+    return BasinResult(r, est.n, float(centre_loss), float(cutoff), est.log10_volume,
+                       float(est.n * torch.log10(r).mean()) if uniform else math.nan,
+                       float(r.mean()) if uniform else math.nan, est.ci_log10,
+                       est.n_evaluations, dict(config), int(est.n_at_r_max), est.estimator,
+                       diag)
+
+
 def _result(est, evaluations: int, log_det_scale: float, centre_loss: float, cut: float,
             cfg, bn: str):
-    from .basin import BasinResult, _warn_r_max
+    from .basin import _warn_r_max
 
     est.n_evaluations = evaluations
     est.details["log_det_scale"] = log_det_scale  # + this: log V in parameter units
-    res = BasinResult.from_estimate(est, centre_loss, cut, {**cfg.to_dict(), "bn": bn})
+    res = estimate_result(est, centre_loss, cut, {**cfg.to_dict(), "bn": bn})
     _warn_r_max(res, cfg.r_max, len(res.radii) or None)  # mcmc: of its start rays
     return res
 

@@ -224,3 +224,26 @@ def test_a_cutoff_below_the_centre_is_an_empty_basin_said_so(estimator, pre):
     assert res.diagnostics["warnings"] == ["every radius is 0: the centre's loss is at or "
                                            "above the cutoff, so there is no basin (log V = "
                                            "-inf); raise the cutoff"]
+
+
+def test_radius_statistics_of_proposal_rays_are_not_reported_as_uniform_ones():
+    # hunt 5, finding 8: is with the Hessian read a mean radius of 0.47 on a 20-d
+    # ellipsoid whose mean over uniform directions is 0.22 (naive: 0.22)
+    n = 20
+    a = log_spaced_axes(n, 1.0)
+    net = QuadraticNet(torch.diag(a.pow(-2)))
+    params = {k: v.detach()[None].clone() for k, v in net.named_parameters()}
+    g = torch.randn(20000, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    truth = float((1 / ((g / g.norm(dim=1, keepdim=True)) / a).norm(dim=1)).mean())
+    got = {}
+    for est, pre in [("naive", "none"), ("is", "hessian"), ("gaussian", "hessian")]:
+        got[est] = basin_radii(net, params, QuadraticNet.data(), VolumeConfig(
+            cutoff=QuadraticNet.cutoff, r_max=5.0, n_directions=500, rtol=1e-6, estimator=est,
+            preconditioner=pre, directions=DirectionSpec("gaussian")))
+    assert got["naive"].mean_radius == pytest.approx(truth, rel=0.05)
+    for est in ("is", "gaussian"):
+        r = got[est]
+        assert math.isnan(r.mean_radius) and math.isnan(r.median_radius)
+        assert math.isnan(r.n_mean_log10_r) and r.diagnostics["rays"] == "proposal"
+        assert any("proposal" in w for w in r.diagnostics["warnings"])
+        assert math.isfinite(r.log10_volume)
