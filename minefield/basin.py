@@ -244,9 +244,13 @@ def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: f
     """A :class:`BasinResult` from radii ``+d_1..+d_K, -d_1..-d_K`` (``K >= 1`` pairs):
     log10 V, n mean(log10 r), mean r, how many radii reached ``r_max`` (the argument,
     else ``config``'s), the diagnostics of :mod:`minefield.volume` (ESS, largest share)
-    and an interval widened by ``n log10(1 + rtol)`` of ``config``'s bisection: the
-    bootstrap over pairs (:func:`bootstrap_log10_volume`) when the weights ``r^n`` pass
-    :func:`~minefield.volume.honest_interval`'s test, else its bound."""
+    and an interval widened by ``n log10(1 + rtol)`` of ``config``'s bisection: Hall's
+    skewness-corrected interval of the pair-averaged ``r^n``
+    (:func:`~minefield.intervals.weights_estimate`) when the weights pass
+    :func:`~minefield.volume.honest_interval`'s test, else its bound. The percentile
+    bootstrap over pairs (:func:`bootstrap_log10_volume`, reported until 2026-12-01) is
+    ``diagnostics["ci_log10_bootstrap"]``: among the intervals labelled normal it covered
+    163 of 180 (10-d ellipsoid) and 87 of 98 (100-d) at 95%, Hall's 166 and 91."""
     r = radii.double().cpu()
     if len(r) < 2 or len(r) % 2:
         raise ConfigError(f"{len(r)} radii are not pairs along +d_1..+d_K, -d_1..-d_K")
@@ -262,13 +266,16 @@ def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: f
     _, (dlo, dhi), diag["ess"], diag["max_share"] = weights_estimate(
         n * r.log(), len(r) >= 4, 0.95, slack * LN10)
     diag["ess_pairs"] = pair_ess(n * r.log())  # the draws: a pair's two radii are one
+    diag["ci_log10_bootstrap"] = [lo - slack, hi + slack]
+    normal = ((lo - slack) * LN10, (hi + slack) * LN10)  # one pair: no spread for Hall's
     if len(r) >= 4:
         diag["ci_log10_normal"] = [(dlo + log_omega) / LN10, (dhi + log_omega) / LN10]
-    # heavy-tailed r^n (or too few pairs): the bootstrap interval is not to be trusted either
+        normal = (dlo + log_omega, dhi + log_omega)
+    # heavy-tailed r^n (or too few pairs): no interval from the sample is to be trusted
     log_upper = log_omega + n * math.log(limit) if math.isfinite(limit) else math.inf
     (blo, bhi), diag["interval"] = honest_interval(
-        log10_volume(r, n) * LN10, ((lo - slack) * LN10, (hi + slack) * LN10),
-        diag["ess"], len(r), 0.95, log_upper, slack * LN10, diag["ess_pairs"])
+        log10_volume(r, n) * LN10, normal, diag["ess"], len(r), 0.95, log_upper,
+        slack * LN10, diag["ess_pairs"])
     lo, hi = blo / LN10 + slack, bhi / LN10 - slack
     if diag["interval"] == "bound":
         diag["warnings"].append(_warnings(diag["ess"], 0, len(r), limit, True,

@@ -84,9 +84,10 @@ def exp_swissroll(ctx: Context) -> Section:
          f"{bb.mean_radius:.4f} ({ratio:.0f}x)", "0.143 / 0.0056 (25x) [R]"),
         (f"log10 V good / bad (n = {bg.n})", f"{bg.log10_volume:.0f} / {bb.log10_volume:.0f}"
          f" (gap {gap:.0f})", "-5617 / -11168 (gap 5550) [R]"),
-        ("log10 V 95% bootstrap CI good; bad", f"[{bg.ci_log10_volume[0]:.0f}, "
-         f"{bg.ci_log10_volume[1]:.0f}]; [{bb.ci_log10_volume[0]:.0f}, "
-         f"{bb.ci_log10_volume[1]:.0f}]", "-"),
+        ("log10 V 95% interval good; bad (its kind: normal, or the heavy-tail bound)",
+         f"[{bg.ci_log10_volume[0]:.0f}, {bg.ci_log10_volume[1]:.0f}] "
+         f"({bg.diagnostics.get('interval', '?')}); [{bb.ci_log10_volume[0]:.0f}, "
+         f"{bb.ci_log10_volume[1]:.0f}] ({bb.diagnostics.get('interval', '?')})", "-"),
         ("n mean(log10 r) good / bad", f"{bg.n_mean_log10_r:.0f} / {bb.n_mean_log10_r:.0f}",
          "gap 4800 [R]"),
         ("radii that reached r_max good / bad", f"{bg.n_at_r_max} / {bb.n_at_r_max}", "-"),
