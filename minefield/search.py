@@ -248,12 +248,15 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
         return _jittered(select(starts, list(idx)), [retry_seed(seeds[i], attempt) for i in idx],
                          max(cfg.jitter, cfg.retry_jitter))
 
-    first, spare = _jittered(starts, seeds, cfg.jitter), None
+    first, spare, res = _jittered(starts, seeds, cfg.jitter), None, None
     if _speculates(speculate, cfg, model, data, extra, first):
-        both = _search_stack(model, {k: torch.cat([v, retry_starts(range(m), 1)[k]])
-                                     for k, v in first.items()}, data, cfg, extra, progress)
-        res, spare = both.part(slice(0, m)), both.part(slice(m, 2 * m))
-    else:
+        try:
+            both = _search_stack(model, {k: torch.cat([v, retry_starts(range(m), 1)[k]])
+                                         for k, v in first.items()}, data, cfg, extra, progress)
+            res, spare = both.part(slice(0, m)), both.part(slice(m, 2 * m))
+        except TrainingDiverged:  # maybe a spare that would never have run: sequentially
+            pass
+    if res is None:
         res = _search_stack(model, first, data, cfg, extra, progress)
     for attempt in range(1, cfg.retries + 1):
         failed = _failed(cfg, res.metrics)
@@ -279,7 +282,8 @@ def _speculates(speculate: bool | None, cfg: SearchConfig, model: nn.Module, dat
     so retries double the searches' sequential steps; on a GPU a small stack twice as
     large costs about as much per step, and the spare attempts of searches that did not
     fail are dropped. Each search's result is the one it gets without speculation
-    (bit for bit with ``cfg.isolate``)."""
+    (bit for bit with ``cfg.isolate``); a divergence in the doubled stack, perhaps of a
+    spare that would never have run, reruns the searches without it."""
     if speculate is not None:
         return speculate and cfg.retries > 0 and cfg.poison_cap is not None
     if cfg.isolate or not cfg.retries or cfg.poison_cap is None:

@@ -298,3 +298,20 @@ def test_speculative_retries_give_each_search_its_sequential_result_bit_for_bit(
         assert torch.equal(getattr(spec, name), getattr(seq, name)), name
     auto = search_minima(model, p, data, cfg)  # on the CPU: no speculation
     assert torch.equal(auto.params["0.weight"], seq.params["0.weight"])
+
+
+def test_a_diverging_spare_attempt_does_not_sink_searches_that_never_retry():
+    """A spare attempt trains only by speculation: when it diverges, the searches get
+    what they get sequentially (here: none failed, so no retry ever runs), not an error."""
+    data = load_dataset(DataConfig("blobs", n_train=40, n_test=40, n_poison=40)).to(
+        "cpu", torch.float64)
+    model = build_model(ModelConfig(widths=(8,)), data.input_shape, data.n_classes).double()
+    p = {k: v.double() for k, v in init_stack(model, "glorot_uniform", range(3)).items()}
+    cfg = SearchConfig.make(steps=20, lr=0.02, milestones=(), log_every=10, compact_every=10,
+                            beta=0.25, stopping=StopRule.FIXED, poison_cap=1.0,
+                            retry_jitter=1e200, retries=1, isolate=False)
+    seq = search_minima(model, p, data, cfg, speculate=False)
+    spec = search_minima(model, p, data, cfg, speculate=True)
+    assert (seq.attempts == 0).all()
+    for k in p:
+        assert torch.equal(spec.params[k], seq.params[k]), k
