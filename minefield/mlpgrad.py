@@ -45,7 +45,7 @@ import weakref
 import torch
 from torch import nn
 
-from .functional import _mlp_forward
+from .functional import _layout, _mlp_forward
 from .stacked import Params
 
 __all__ = ["StackedMLP", "mlp_logits"]
@@ -60,9 +60,9 @@ def _layers(model: nn.Sequential, params: Params) -> tuple | None:
     when an activation follows another (the second would overwrite the first's
     result in place, which its backward reads: autograd refuses that, so this node
     does not take it either)."""
-    names = tuple(params)
+    key = (tuple(params), _layout(model))  # a swapped or added child is planned again
     hit = _PLANS.get(model)
-    if hit is not None and hit[0] == names:
+    if hit is not None and hit[0] == key:
         return hit[1]
     plan: list[tuple[str, object]] = []
     for name, mod in model.named_children():
@@ -77,7 +77,7 @@ def _layers(model: nn.Sequential, params: Params) -> tuple | None:
                 break
             plan.append(("act", mod))
     out = tuple(plan) if plan is not None else None
-    _PLANS[model] = (names, out)
+    _PLANS[model] = (key, out)
     return out
 
 

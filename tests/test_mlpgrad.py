@@ -119,3 +119,15 @@ def test_a_training_step_dispatches_fewer_operations(monkeypatch):
     ref = count()
     layers = 5
     assert node <= ref - 10 * 2 * layers, (node, ref)  # at least 2 fewer per layer and step
+
+
+def test_a_mutated_model_is_planned_again():
+    # the plan is cached per model: swapping an activation keeps the parameter names
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    p = {k: v.detach().unsqueeze(0).requires_grad_() for k, v in model.named_parameters()}
+    x = torch.randn(4, 2, dtype=torch.float64)
+    mlp_logits(model, p, x)
+    model[1] = nn.Tanh()
+    assert torch.equal(mlp_logits(model, p, x), stacked_forward(model, p, x))
+    model.append(nn.Tanh())
+    assert torch.equal(mlp_logits(model, p, x), stacked_forward(model, p, x))
