@@ -162,8 +162,9 @@ class StackedMLP(torch.autograd.Function):
 def mlp_logits(model: nn.Sequential, params: Params, x: torch.Tensor) -> torch.Tensor:
     """Logits ``(M, N, C)`` of a stacked plain MLP
     (:func:`~minefield.functional.mlp_fast_path`) through :class:`StackedMLP`: the values
-    of :func:`~minefield.functional.stacked_forward`, one autograd node."""
-    plan = _layers(model, params)
+    of :func:`~minefield.functional.stacked_forward`, one autograd node (autograd's graph
+    instead where the node has no gradient to give: inputs that require one)."""
+    plan = _layers(model, params) if not x.requires_grad else None
     if plan is None:
         return _mlp_forward(model, params, x)
     tensors = []

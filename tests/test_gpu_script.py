@@ -41,10 +41,13 @@ def test_gpu_script_runs_every_step_on_the_cpu(tmp_path):
 
 def test_gpu_script_caps_add_up_to_under_eight_minutes():
     # issue 14: the whole GPU check in under 8 minutes (the device tool allows 10 a call)
-    caps = [int(c) for c in re.findall(r'^\s*step "[^"]*" (\d+)',
-                                       (ROOT / "benchmarks/gpu.sh").read_text(), re.M)]
+    script = (ROOT / "benchmarks/gpu.sh").read_text()
+    caps = [int(c) for c in re.findall(r'^\s*step "[^"]*" (\d+)', script, re.M)]
+    grace = int(re.search(r"timeout --kill-after=(\d+)", script).group(1))
     fig1 = 2  # the Fig. 1 step runs once per seed in its loop
-    assert len(caps) == 5 and sum(caps) + (fig1 - 1) * caps[-1] < 8 * 60 - 20, caps
+    steps = len(caps) + fig1 - 1
+    worst = sum(caps) + (fig1 - 1) * caps[-1] + steps * grace  # every step killed late
+    assert len(caps) == 5 and worst < 8 * 60 - 5, (caps, grace, worst)
 
 
 def test_gpu_script_rejects_unknown_arguments():

@@ -131,3 +131,15 @@ def test_a_mutated_model_is_planned_again():
     assert torch.equal(mlp_logits(model, p, x), stacked_forward(model, p, x))
     model.append(nn.Tanh())
     assert torch.equal(mlp_logits(model, p, x), stacked_forward(model, p, x))
+
+
+def test_inputs_that_require_a_gradient_get_it_from_autograd():
+    # the node gives no gradient for x: an input gradient (saliency, adversarial
+    # examples) must not come back silently empty
+    model = build_model(ModelConfig(widths=(4,)), (2,), 2).double()
+    p = {k: v.double() for k, v in init_stack(model, "torch", [0, 1]).items()}
+    x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(mlp_logits(model, p, x).sum(), [x])
+    x2 = x.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(stacked_forward(model, p, x2).sum(), [x2])
+    assert torch.equal(gx, want) and bool(gx.abs().sum() > 0)
