@@ -19,8 +19,7 @@ members together: each iteration is one batched product for the whole stack.
   in PyHessian): nodes ``theta_j`` and weights ``w_j = s_{1j}^2`` of each probe's
   Lanczos matrix, so that ``sum_j w_j theta_j^p = z^T H^p z / |z|^2`` exactly for
   ``p <= 2 m - 1``, and ``E`` of it is ``tr(H^p) / n``.
-- **Dense** Hessian and diagonal from (model, params, data), for small nets and
-  preconditioners.
+- **Dense** Hessian and diagonal from (model, params, data), for small nets.
 
 Units: eigenvalues and traces are in loss per squared parameter unit (nats for
 the NLL). Example::
@@ -157,7 +156,7 @@ def top_eigenvalues(op: CurvatureOperator, k: int = 1, tol: float = 1e-4,
                           f"(need 1 <= k <= {op.n})")
     if which not in ("largest", "smallest"):
         raise ConfigError(f"which must be 'largest' or 'smallest', got {which!r}")
-    max_iter = min(op.n, max_iter or 300)
+    max_iter = min(op.n, 300 if max_iter is None else max_iter)  # 0 was read as None
     if max_iter < k:
         raise ConfigError(f"max_iter={max_iter} Lanczos steps cannot give k={k} eigenvalues")
     g = torch.Generator().manual_seed(int(seed))
@@ -258,8 +257,8 @@ def hutchinson_trace(op: CurvatureOperator, rtol: float | None = 1e-2, n_probes:
     Raises:
         ConfigError: a non-positive rtol, ``level`` outside (0, 1) or fewer than 2 probes.
     """
-    if rtol is not None and rtol <= 0:
-        raise ConfigError(f"rtol must be > 0, got {rtol}")
+    if rtol is not None and not rtol > 0:  # NaN too: it never stopped early
+        raise ConfigError(f"rtol must be > 0 (None: all n_probes), got {rtol}")
     if not 0 < level < 1 or n_probes < 2 or batch < 1:
         raise ConfigError("need 0 < level < 1, n_probes >= 2 and batch >= 1")
     if not 0 <= deflate < op.n:
@@ -331,7 +330,9 @@ class SpectralDensity:
         return (self.weights * self.nodes ** p).sum(2).mean(1)
 
     def density(self, grid: torch.Tensor, sigma: float) -> torch.Tensor:
-        """``(M, G)`` density on ``grid``: each node a Gaussian of width ``sigma``."""
+        """``(M, G)`` density on ``grid``: each node a Gaussian of width ``sigma`` (> 0)."""
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise ConfigError(f"sigma must be a finite number > 0, got {sigma}")
         kern = torch.exp(-(grid.double()[None, None, None] - self.nodes[..., None]) ** 2
                          / (2 * sigma ** 2)) / math.sqrt(2 * math.pi * sigma ** 2)
         return (self.weights[..., None] * kern).sum(2).mean(1)

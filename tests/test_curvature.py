@@ -247,3 +247,19 @@ def test_bad_inputs_raise_one_clear_error():
     with pytest.raises(ConfigError, match="n_iter and n_probes"):
         spectral_density(op, n_iter=0)
     assert math.isfinite(float(top_eigenvalues(op).values[0, 0]))
+
+
+def test_degenerate_settings_are_refused_not_read_as_others():
+    # hunt 6: max_iter=0 meant the default 300, rtol=nan spent every probe, and a
+    # density of width sigma <= 0 was NaN
+    a = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=torch.float64))
+    w = {"w": torch.zeros(1, 4, dtype=torch.float64)}
+    op = CurvatureOperator(Objective.from_function(w, lambda p: p["w"] @ a @ p["w"] / 2))
+    with pytest.raises(ConfigError, match="max_iter=0"):
+        top_eigenvalues(op, k=1, max_iter=0)
+    with pytest.raises(ConfigError, match="rtol must be > 0"):
+        hutchinson_trace(op, rtol=float("nan"))
+    dens = spectral_density(op, n_iter=4, n_probes=2)
+    for sigma in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="sigma must be"):
+            dens.density(torch.linspace(0, 4, 5), sigma)
