@@ -43,7 +43,7 @@ MIN_STEPS = 500  # "auto" compiles only fits at least this long
 # took about 16 s on a 2-core CPU (inductor; Fig. 1 small scale, 2026-12-01); Triton's on
 # a GPU is of that order. Measured per process once paid (``report["compile_s"]``).
 COMPILE_S = 15.0
-_PAID: set = set()  # (objective code, device type) compiled in this process
+_PAID: set = set()  # (objective code, device type, module id) compiled in this process
 
 
 def compiled_objective(objective: Objective, backend: str = "inductor",
@@ -67,7 +67,8 @@ class CompiledObjective:
     """
 
     def __init__(self, objective: Objective, mode: str, device: torch.device, steps: int,
-                 probe: int = 5, backend: str = "inductor", horizon: int | None = None):
+                 probe: int = 5, backend: str = "inductor", horizon: int | None = None,
+                 scope: object = None):
         if mode not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {mode!r}; choose from "
                              f"{', '.join(COMPILE_MODES)}")
@@ -80,7 +81,9 @@ class CompiledObjective:
         self.report: dict[str, Any] = {"mode": mode, "decision": mode}
         self.device = torch.device(device)
         self.horizon = steps if horizon is None else max(steps, horizon)
-        self.key = (getattr(objective, "__code__", objective), self.device.type)
+        # what a compiled graph is specialised to: the objective's code, the device and the
+        # module it is called with (``scope``; dynamo guards a module argument by identity)
+        self.key = (getattr(objective, "__code__", id(objective)), self.device.type, id(scope))
 
     @property
     def timing(self) -> bool:

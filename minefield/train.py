@@ -286,7 +286,8 @@ def fit(
     history: list[dict[str, Any]] = []
     last_ckpt: int | None = start_step if start_step > 0 else None
     step_objective = CompiledObjective(objective, compile_mode, dev, cfg.steps - start_step,
-                                       backend=compile_backend, horizon=compile_horizon)
+                                       backend=compile_backend, horizon=compile_horizon,
+                                       scope=model)
 
     def freeze(newly: torch.Tensor, params: Params, bufs: Params) -> None:
         """Keep members ``newly``'s parameters and running statistics from now on."""

@@ -98,9 +98,9 @@ def test_a_first_compilation_that_cannot_pay_is_not_started(monkeypatch):
 
     monkeypatch.setattr(compiled, "_PAID", set())
 
-    def probed(steps, horizon=None):
+    def probed(steps, horizon=None, scope=None):
         obj = CompiledObjective(poisoned_objective, "on", torch.device("cpu"), steps,
-                                probe=3, backend="aot_eager", horizon=horizon)
+                                probe=3, backend="aot_eager", horizon=horizon, scope=scope)
         obj.mode = obj.report["decision"] = "auto"  # as on CUDA
         obj.use_compiled = False
         for t in (1e-3, 1e-3, 1e-3):
@@ -118,3 +118,5 @@ def test_a_first_compilation_that_cannot_pay_is_not_started(monkeypatch):
     assert segment.report["decision"] == "compiled"
     again = probed(500)  # compiled once in this process: a later fit probes it at no risk
     assert again.use_compiled and again.timing
+    other = probed(500, scope=object())  # another module: dynamo compiles anew, so it must pay
+    assert not other.use_compiled and other.report["decision"] == "eager"
