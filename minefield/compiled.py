@@ -112,7 +112,7 @@ class CompiledObjective:
         the compilation cannot pay, and the fit stays eager (reported)."""
         if self.key in _PAID:
             return False
-        eager = sorted(self.times["eager"])[len(self.times["eager"]) // 2]
+        eager = _median(self.times["eager"])
         bound = eager * (self.horizon - self.probe)
         if bound >= COMPILE_S:
             return False
@@ -121,15 +121,19 @@ class CompiledObjective:
         return True
 
     def _decide(self) -> None:
-        eager = sorted(self.times["eager"])[len(self.times["eager"]) // 2]
-        rest = self.times["compiled"][1:]
-        comp = sorted(rest)[len(rest) // 2]
+        eager = _median(self.times["eager"])
+        comp = _median(self.times["compiled"][1:])
         compile_s = self.times["compiled"][0] - comp  # already paid: only the step times decide
         left = max(0, self.steps - 2 * self.probe)
         keep = comp < eager
         self.use_compiled = keep
         self.report.update(decision="compiled" if keep else "eager", eager_ms=1e3 * eager,
                            compiled_ms=1e3 * comp, compile_s=compile_s, steps_left=left)
+
+
+def _median(times: list[float]) -> float:
+    """The upper median (an actual step's time)."""
+    return sorted(times)[len(times) // 2]
 
 
 def sync(device: torch.device) -> float:

@@ -189,7 +189,8 @@ def mlp_workspace(model: nn.Sequential, members: int, inputs: int,
 
 
 def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor,
-                 work: list[torch.Tensor] | None = None) -> torch.Tensor:
+                 work: list[torch.Tensor] | None = None,
+                 record: list | None = None) -> torch.Tensor:
     """Logits ``(M, N, C)`` of a stacked plain MLP, weights ``(M, out, in)``.
 
     ``h <- act(b + h W^T)`` as one ``baddbmm`` per layer with the bias fused and the
@@ -202,6 +203,9 @@ def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor,
     swiss-roll MLP's widest layer several times its matmul on a CPU. The weights are
     read through a transposed view: a transposed copy of every direction (the engine's
     former layout) cost more than it saved (idle 2-core CPU, 2026-11-30).
+    ``record`` (a list) receives what a backward pass reads, in order:
+    ``(name, input, weight)`` per ``Linear`` and ``(module, result)`` per activation
+    applied in place (:mod:`minefield.mlpgrad`).
     """
     h = x  # (N, ...) shared by every member, then (M, N, width)
     own = False  # activations act in place only on tensors made here, never on x
@@ -217,6 +221,8 @@ def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor,
                 n_out = h.shape[0] * h.shape[1] * wt.shape[2]
                 buf = work[1] if h.data_ptr() == work[0].data_ptr() else work[0]
                 out = buf[:n_out].view(h.shape[0], h.shape[1], wt.shape[2])
+            if record is not None:
+                record.append((name, h, w))
             h = (torch.bmm(h, wt, out=out) if b is None
                  else torch.baddbmm(b.unsqueeze(1), h, wt, out=out))
             own = True
@@ -228,6 +234,10 @@ def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor,
             h = torch.nn.functional.leaky_relu(h, mod.negative_slope, inplace=own)
         elif isinstance(mod, nn.Tanh):
             h = h.tanh_() if own else h.tanh()
+        else:
+            continue
+        if record is not None and own and not isinstance(mod, (nn.Linear, nn.Flatten)):
+            record.append((mod, h))
     return h
 
 

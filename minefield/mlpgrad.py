@@ -15,7 +15,8 @@ node: its backward is, per layer (``h_out = act(b + h W^T)``, weights ``(M, out,
     dL/dW  = (h^T g)^T                    (M, out, in), one bmm
     dL/dh  = g W                          (M, N, in), one bmm (not for the first layer)
 
-These are the kernels, operands and layouts autograd runs for the same forward, so
+The forward is ``_mlp_forward`` itself, recording what this backward reads. These are
+the kernels, operands and layouts autograd runs for the same forward, so
 the gradients are **bit-for-bit** autograd's (``tests/test_mlpgrad.py`` checks
 ``torch.equal`` in float32 and float64, with the search's and the sweep's training
 options), in three fewer dispatched operations per layer (about 10% of the search's
@@ -51,34 +52,21 @@ from .stacked import Params
 __all__ = ["StackedMLP", "mlp_logits"]
 
 
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ACTS = (nn.ReLU, nn.LeakyReLU, nn.Tanh)
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _layers(model: nn.Sequential, params: Params) -> tuple | None:
-    """``(("linear", (weight name, bias name or None)) | ("act", module) | ("flatten",
-    None), ...)`` in order: the plan :class:`StackedMLP` runs, cached per model; None
-    when an activation follows another (the second would overwrite the first's
-    result in place, which its backward reads: autograd refuses that, so this node
-    does not take it either)."""
-    key = (tuple(params), _layout(model))  # a swapped or added child is planned again
-    hit = _PLANS.get(model)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    plan: list[tuple[str, object]] = []
-    for name, mod in model.named_children():
-        if isinstance(mod, nn.Linear):
-            bias = f"{name}.bias" if f"{name}.bias" in params else None
-            plan.append(("linear", (f"{name}.weight", bias)))
-        elif isinstance(mod, nn.Flatten):
-            plan.append(("flatten", None))
-        elif isinstance(mod, (nn.ReLU, nn.LeakyReLU, nn.Tanh)):
-            if plan and plan[-1][0] == "act":
-                plan = None
-                break
-            plan.append(("act", mod))
-    out = tuple(plan) if plan is not None else None
-    _PLANS[model] = (key, out)
-    return out
+def _in_place_safe(model: nn.Sequential) -> bool:
+    """False when an activation follows another: the second would overwrite in place
+    the result the first's backward reads (autograd refuses that, so this node does not
+    take it either). Cached per model layout (a swapped or added child is checked
+    again)."""
+    layout = _layout(model)
+    hit = _CHECKED.get(model)
+    if hit is None or hit[0] != layout:
+        kinds = [isinstance(m, _ACTS) for m in model.children() if type(m) is not nn.Identity]
+        hit = _CHECKED[model] = (layout, not any(a and b for a, b in zip(kinds, kinds[1:])))
+    return hit[1]
 
 
 def _act_backward(mod: nn.Module, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -92,39 +80,17 @@ def _act_backward(mod: nn.Module, g: torch.Tensor, out: torch.Tensor) -> torch.T
 
 class StackedMLP(torch.autograd.Function):
     """``logits = mlp(x; W_1, b_1, ...)`` for ``(M, ...)`` stacked weights, ``x`` ``(N, ...)``
-    shared by the members (no gradient); ``apply(plan, x, *tensors)`` with the weights
-    and biases in plan order. See the module docstring for the backward."""
+    shared by the members (no gradient); ``apply(model, names, x, *tensors)`` with the
+    parameters ``dict(zip(names, tensors))``. The forward is
+    :func:`~minefield.functional._mlp_forward` itself, which records the layer inputs and
+    activation results the backward (module docstring) reads."""
 
     @staticmethod
-    def forward(ctx, plan, x, *tensors):
-        h, own, k = x, False, 0
-        saved: list[torch.Tensor] = []  # per linear: its input, its weight (M, out, in)
-        outs: list[torch.Tensor | None] = []  # per activation: its (in-place) result
-        for kind, what in plan:
-            if kind == "linear":
-                w = tensors[k]
-                b = tensors[k + 1] if what[1] is not None else None
-                k += 1 + (b is not None)
-                if h.dim() == 2:  # the first layer: one input batch shared by every member
-                    h = h.expand(w.shape[0], *h.shape)
-                saved += [h, w]
-                wt = w.transpose(1, 2)
-                h = torch.bmm(h, wt) if b is None else torch.baddbmm(b.unsqueeze(1), h, wt)
-                own = True
-            elif kind == "flatten":
-                h = h.flatten(1)
-            else:
-                mod = what
-                if isinstance(mod, nn.ReLU):
-                    h = h.relu_() if own else h.relu()
-                elif isinstance(mod, nn.LeakyReLU):
-                    h = torch.nn.functional.leaky_relu(h, mod.negative_slope, inplace=own)
-                else:
-                    h = h.tanh_() if own else h.tanh()
-                outs.append(h if own else None)
-        ctx.plan = plan
-        ctx.save_for_backward(*saved, *[o for o in outs if o is not None])
-        ctx.has_out = [o is not None for o in outs]
+    def forward(ctx, model, names, x, *tensors):
+        record: list = []
+        h = _mlp_forward(model, dict(zip(names, tensors)), x, record=record)
+        ctx.keys, ctx.names = [r[0] for r in record], names  # a Linear's name or a module
+        ctx.save_for_backward(*[t for r in record for t in r[1:]])
         return h
 
     @staticmethod
@@ -133,30 +99,20 @@ class StackedMLP(torch.autograd.Function):
             raise RuntimeError("minefield.mlpgrad.StackedMLP has no second derivative (the "
                                "training objective's MLP node): differentiate "
                                "minefield.functional.stacked_forward instead")
-        stored = ctx.saved_tensors
-        n_lin = sum(kind == "linear" for kind, _ in ctx.plan)
-        lin = list(stored[:2 * n_lin])
-        outs_iter = iter(stored[2 * n_lin:])
-        outs = [next(outs_iter) if has else None for has in ctx.has_out]
-        grads: list[torch.Tensor | None] = []
-        li, ai = n_lin, len(outs)
-        for kind, what in reversed(ctx.plan):
-            if kind == "act":
-                ai -= 1
-                if g is None:
-                    continue
-                if outs[ai] is None:  # an activation of the shared input: no gradient left
-                    g = None
-                    continue
-                g = _act_backward(what, g, outs[ai])
-            elif kind == "linear":
-                li -= 1
-                h, w = lin[2 * li], lin[2 * li + 1]
-                gw = torch.bmm(h.transpose(1, 2), g).transpose(1, 2)
-                gb = g.sum(1) if what[1] is not None else None
-                grads = [gw] + ([gb] if gb is not None else []) + grads
-                g = torch.bmm(g, w) if li > 0 else None
-        return (None, None, *grads)
+        saved, grads = iter(ctx.saved_tensors), {}
+        entries = [(key, next(saved), next(saved)) if isinstance(key, str) else
+                   (key, next(saved)) for key in ctx.keys]
+        for i in range(len(entries) - 1, -1, -1):  # entry 0: the first Linear, on x
+            if not isinstance(entries[i][0], str):
+                g = _act_backward(entries[i][0], g, entries[i][1])
+                continue
+            name, h, w = entries[i]
+            grads[f"{name}.weight"] = torch.bmm(h.transpose(1, 2), g).transpose(1, 2)
+            if f"{name}.bias" in ctx.names:
+                grads[f"{name}.bias"] = g.sum(1)
+            if i:
+                g = torch.bmm(g, w)
+        return (None, None, None, *[grads.get(n) for n in ctx.names])
 
 
 def mlp_logits(model: nn.Sequential, params: Params, x: torch.Tensor) -> torch.Tensor:
@@ -164,13 +120,6 @@ def mlp_logits(model: nn.Sequential, params: Params, x: torch.Tensor) -> torch.T
     (:func:`~minefield.functional.mlp_fast_path`) through :class:`StackedMLP`: the values
     of :func:`~minefield.functional.stacked_forward`, one autograd node (autograd's graph
     instead where the node has no gradient to give: inputs that require one)."""
-    plan = _layers(model, params) if not x.requires_grad else None
-    if plan is None:
+    if x.requires_grad or not _in_place_safe(model):
         return _mlp_forward(model, params, x)
-    tensors = []
-    for kind, what in plan:
-        if kind == "linear":
-            tensors.append(params[what[0]])
-            if what[1] is not None:
-                tensors.append(params[what[1]])
-    return StackedMLP.apply(plan, x, *tensors)
+    return StackedMLP.apply(model, tuple(params), x, *params.values())
