@@ -91,8 +91,9 @@ class VolumeConfig(_Config):
     (:mod:`minefield.netvolume`) shapes the last three (``probes``: Hutchinson probes);
     ``power`` is the shape of the ``is`` / ``gaussian`` proposal body (``"2"``: the
     preconditioner's ellipsoid; ``"inf"``: its box; ``"auto"``: :func:`~.volume.fit_power`).
-    ``precision``: ``bf16`` / ``tf32`` bisect in that arithmetic, then every radius is
-    checked in the parameters' own (:func:`check_radii`); if any moved, all are redone."""
+    ``precision`` (``naive`` only): ``bf16`` / ``tf32`` bisect in that arithmetic, then every
+    radius is checked in the parameters' own (:func:`check_radii`); if any moved, all are
+    redone."""
 
     cutoff: float = 1.0
     cutoff_kind: CutoffKind = CutoffKind.ABS
@@ -148,6 +149,10 @@ class VolumeConfig(_Config):
                               f"uniform directions: choose one of those estimators or none")
         check_shape_options(self.estimator, self.preconditioner, self.power, self.sigma,
                             self.walk_length)  # bad numbers, and options another one ignores
+        if self.precision is not Precision.FLOAT32 and self.estimator is not Estimator.NAIVE:
+            raise ConfigError(f"volume.precision '{self.precision.value}' is the naive "
+                              f"estimator's (bisection, then a float32 check of each radius); "
+                              f"{self.estimator.value} evaluates in the parameters' dtype")
         if self.mcmc_blocks != 1 and (self.estimator is not Estimator.MCMC
                                       or not 1 <= 2 * self.mcmc_blocks <= self.n_replicates):
             raise ConfigError(f"volume.mcmc_blocks={self.mcmc_blocks} needs the mcmc estimator "

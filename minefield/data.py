@@ -322,10 +322,10 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """Build the dataset named by ``cfg.name`` (see :data:`DATASETS`).
 
     Raises:
-        DataError: an unknown name, or a size (``n_train``, ``n_test``, ``n_poison``)
-            the dataset cannot give: never fewer points than asked without a word
-            (the swiss roll's test split is as large as its train split; the spiral's
-            sizes are the paper's).
+        DataError: an unknown name, an empty training set, or a size (``n_train``,
+            ``n_test``, ``n_poison``) the dataset cannot give: never fewer points than
+            asked without a word (the swiss roll's test split is as large as its train
+            split; the spiral's sizes are the paper's).
     """
     try:
         builder = DATASETS[cfg.name]
@@ -339,4 +339,6 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         if want is not None and want != got:
             raise DataError(f"{cfg.name}: n_{split} = {want} asked, but it gives {got} "
                             f"{split} points with these settings")
+    if not len(data.y_train):  # nothing to train on: the mean loss would be NaN at step 0
+        raise DataError(f"{cfg.name}: the training set is empty (n_train must be >= 1)")
     return data

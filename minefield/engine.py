@@ -53,6 +53,7 @@ from .functional import (
     Params,
     _mlp_forward,
     activation_elements,
+    batch_statistics,
     bn_mode,
     buffers_like,
     check_buffers,
@@ -176,9 +177,11 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
     sample = x[:1].to(mdt)
     per = activation_elements(model, sample) * size  # bytes per (point, input)
     budget = memory_budget_mb(dev, memory_mb) * 2**20
-    pts = n if bn is BNPolicy.BATCH else max(1, min(n, int(budget // (per + 1))))
+    # batch statistics (asked for, or a BatchNorm without running ones) see all inputs
+    whole = bn is BNPolicy.BATCH or batch_statistics(model)
+    pts = n if whole else max(1, min(n, int(budget // (per + 1))))
     looped = path in ("loop", "loop_cl")
-    if looped and bn is not BNPolicy.BATCH and cache_clamped(dev):
+    if looped and not whole and cache_clamped(dev):
         # one layer's output per input chunk cache-sized, the chunks equal
         big = activation_elements(model, sample, largest=True) * size
         if big * pts > 2 * _LOOP_CACHE_BYTES:
@@ -223,6 +226,9 @@ def _run(model: nn.Module, n_points: int, dtype: torch.dtype, make: Callable[[sl
          memory_mb: float | None, bn: BNPolicy, loss: str, candidates: list[str],
          precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the path (probing the candidates on a few points, cached) and evaluate."""
+    if buffers:  # running statistics in the points' dtype (a float32 run's, float64 points)
+        buffers = {k: v.to(dtype) if v.is_floating_point() else v for k, v in buffers.items()}
+
     def evaluate(p: str, k: int = n_points, xs=x, ys=y):
         return _evaluate(model, k, n_params, dtype, make, xs, ys, buffers,
                          memory_mb, bn, loss, p, precision)
@@ -334,6 +340,7 @@ def evaluate_combinations(model: nn.Module, center: Params, basis: Params, coeff
     precision = option(Precision, precision, "precision")
     dtype = center[next(iter(center))].dtype
     n_basis = _check_points(center, basis, x, y, "basis")
+    check_buffers(model, buffers, 1, bn is BNPolicy.BATCH)
     candidates = _candidates(model, buffers, path, x)
     coeffs = torch.as_tensor(coeffs).to(dtype=dtype, device=center[next(iter(center))].device)
     if coeffs.dim() != 2 or coeffs.shape[1] != n_basis:
@@ -382,18 +389,20 @@ def evaluate_points_loop(model: nn.Module, center: Params, directions: Params, t
     check_buffers(model, buffers, 1, bn is BNPolicy.BATCH)
     ts = torch.as_tensor(ts)
     dtype = center[next(iter(center))].dtype
-    net = copy.deepcopy(model).to(dtype=dtype, device=y.device).train(bn is BNPolicy.BATCH)
+    net = copy.deepcopy(model).to(dtype=dtype, device=y.device)
     x = x.to(dtype)
     tt = ts.reshape(ts.shape[0], -1)
     out_loss = torch.zeros(tt.shape, dtype=torch.float64)
     out_acc = torch.zeros(tt.shape, dtype=torch.float64)
     fixed = member(buffers or {}, 0)
-    for k in range(tt.shape[0]):
-        for j in range(tt.shape[1]):
-            t = float(tt[k, j])
-            state = {name: center[name][0] + t * directions[name][k].to(dtype) for name in center}
-            net.load_state_dict(state | fixed, strict=False)
-            logits = net(x)
-            out_loss[k, j] = float(loss_fn(logits, y).double().mean())
-            out_acc[k, j] = float((predict(logits) == y).double().mean())
+    with bn_mode(net, bn is BNPolicy.BATCH):  # net.train() would switch dropout on
+        for k in range(tt.shape[0]):
+            for j in range(tt.shape[1]):
+                t = float(tt[k, j])
+                state = {name: center[name][0] + t * directions[name][k].to(dtype)
+                         for name in center}
+                net.load_state_dict(state | fixed, strict=False)
+                logits = net(x)
+                out_loss[k, j] = float(loss_fn(logits, y).double().mean())
+                out_acc[k, j] = float((predict(logits) == y).double().mean())
     return out_loss.reshape(ts.shape), out_acc.reshape(ts.shape)

@@ -105,6 +105,21 @@ def check_buffers(model: nn.Module, buffers: Params | None, members: int,
                               "(FitResult.buffers, load_run_model's) or bn='batch'")
 
 
+def batch_statistics(model: nn.Module) -> bool:
+    """True when a BatchNorm layer keeps no running statistics
+    (``track_running_stats=False``): it normalises with its batch even in evaluation
+    mode, so its outputs depend on which inputs share a forward pass, and inputs must
+    not be split into chunks.
+
+    >>> batch_statistics(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+    False
+    >>> batch_statistics(nn.Sequential(nn.BatchNorm1d(2, track_running_stats=False)))
+    True
+    """
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+               for m in model.modules())
+
+
 @contextmanager
 def bn_mode(model: nn.Module, batch: bool) -> Iterator[nn.Module]:
     """``model`` in evaluation mode except its BatchNorm layers, which use batch
@@ -306,7 +321,7 @@ def channels_last_input(model: nn.Module, x: torch.Tensor) -> bool:
                                           for m in mods)
 
 
-_ACT_CACHE: dict[tuple, tuple[int, int]] = {}
+_ACT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def activation_elements(model: nn.Module, sample: torch.Tensor, largest: bool = False) -> int:
@@ -317,8 +332,11 @@ def activation_elements(model: nn.Module, sample: torch.Tensor, largest: bool = 
     about ``M * N * activation_elements`` floats alive, and one layer's working set is
     about ``N * activation_elements(largest=True)`` floats.
     """
-    key = (id(model), tuple(sample.shape[1:]))
-    if key not in _ACT_CACHE:
+    # keyed on the module itself (weakly) and its parameter shapes: an id() is reused once
+    # the module is freed, and a layer resized in place changes the sizes
+    cache = _ACT_CACHE.setdefault(model, {})
+    key = (tuple(sample.shape[1:]), tuple(p.shape for p in model.parameters()))
+    if key not in cache:
         sizes = []
 
         def hook(_m, _i, out):
@@ -335,8 +353,8 @@ def activation_elements(model: nn.Module, sample: torch.Tensor, largest: bool = 
         finally:
             for h in handles:
                 h.remove()
-        _ACT_CACHE[key] = (max(sum(sizes), 1), max(sizes, default=1))
-    return _ACT_CACHE[key][1 if largest else 0]
+        cache[key] = (max(sum(sizes), 1), max(sizes, default=1))
+    return cache[key][1 if largest else 0]
 
 
 def chunked_forward(model: nn.Module, params: Params, x: torch.Tensor,
@@ -351,6 +369,8 @@ def chunked_forward(model: nn.Module, params: Params, x: torch.Tensor,
     per = activation_elements(model, x) * x.element_size()
     budget = memory_mb * 2**20
     pts = point_chunk or max(1, min(n, int(budget // per)))
+    if batch_statistics(model):  # each chunk would be normalised on its own
+        pts = n
     mem = max(1, min(m, int(budget // (per * pts))))
     for i in range(0, m, mem):
         sl = slice(i, min(m, i + mem))

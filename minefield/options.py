@@ -126,11 +126,12 @@ class EnginePath(str, enum.Enum):
     """How the engine batches points (:mod:`minefield.engine`). ``probe``: the fastest
     of the paths below by a cached timing probe (:mod:`minefield.autotune`); ``auto``:
     the probe on CUDA, and on a CPU a fixed rule measured by ``benchmarks/bench_real.py``
-    (plain MLPs ``mlp``; conv nets with BatchNorm ``loop_cl``; others ``vmap``), so that
-    the same seed gives the same numbers whatever the machine's load (paths agree only
-    to rounding); or force one: ``mlp`` (batched matmuls, plain MLPs), ``vmap`` (every
-    point of a chunk in one call), ``loop`` (one point at a time on the whole data
-    batch), ``loop_cl`` (``loop`` with channels_last images)."""
+    (plain MLPs ``mlp``; conv nets ``loop_cl`` with BatchNorm and ``loop`` without;
+    others ``vmap``), so that the same seed gives the same numbers whatever the
+    machine's load (paths agree only to rounding); or force one: ``mlp`` (batched
+    matmuls, plain MLPs), ``vmap`` (every point of a chunk in one call), ``loop`` (one
+    point at a time on the whole data batch), ``loop_cl`` (``loop`` with channels_last
+    images)."""
 
     AUTO = "auto"
     PROBE = "probe"

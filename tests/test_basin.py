@@ -196,6 +196,8 @@ def test_volume_errors():
     (dict(estimator="is", preconditioner="axes", sigma=0.1), "volume.sigma is the gaussian"),
     (dict(walk_length=5), "volume.walk_length is the mcmc estimator's; naive takes no walk"),
     (dict(estimator="gaussian", walk_length=5), "volume.walk_length is the mcmc"),
+    (dict(estimator="gaussian", precision="bf16"), "volume.precision 'bf16' is the naive"),
+    (dict(estimator="mcmc", precision="tf32"), "volume.precision 'tf32' is the naive"),
     # a preconditioner shapes is / gaussian / mcmc; naive would drop it (or, with adam,
     # run the Adam-shaped x-unit estimator and call it naive)
     (dict(preconditioner="hessian"), "volume.preconditioner 'hessian' .* naive .* uniform"),

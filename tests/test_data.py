@@ -200,6 +200,8 @@ def test_svhn_with_bad_contents_is_refused_not_cast(tmp_path, x, y):
 def test_svhn_sizes_of_zero_are_sizes_and_a_fifo_is_refused(tmp_path):
     cfg = _svhn(tmp_path)
     assert len(load_dataset(cfg.replace(n_poison=0)).y_poison) == 0
+    with pytest.raises(DataError, match="svhn: the training set is empty"):  # NaN at step 0
+        load_dataset(cfg.replace(n_train=0))
     (tmp_path / "test_32x32.mat").unlink()
     os.mkfifo(tmp_path / "test_32x32.mat")  # reading it would block for ever
     with pytest.raises(DataError, match="not a regular file"):

@@ -270,3 +270,61 @@ def test_cuda_float32_evaluation_turns_tf32_off_and_restores_the_flags(precision
     finally:
         for f, b in zip(flags, before):
             f.allow_tf32 = b
+
+
+def _bn_net(track=True):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(
+        3, track_running_stats=track), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(12, 2)).double()
+
+
+def _bn_points(net, k=2):
+    g = torch.Generator().manual_seed(1)
+    c = stack([{n: p.detach() for n, p in net.named_parameters()}])
+    d = random_directions(member(c, 0), k, "filter", "include", g)
+    x = torch.randn(37, 1, 4, 4, generator=g, dtype=torch.float64)
+    return c, d, torch.full((k,), 0.1, dtype=torch.float64), x, torch.randint(0, 2, (37,),
+                                                                              generator=g)
+
+
+def test_combinations_check_the_buffers_as_points_do():
+    net = _bn_net()  # running statistics never updated: a fresh module's mean 0, var 1
+    c, d, _, x, y = _bn_points(net)
+    coeffs = torch.zeros(1, 2, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="never-updated running statistics"):
+        evaluate_combinations(net, c, d, coeffs, x, y)
+    three = buffers_like(net, 3, dtype=torch.float64)  # a stack's buffers: 3 rows, not 1
+    with pytest.raises(ConfigError, match="1 row"):
+        evaluate_combinations(net, c, d, coeffs, x, y, three)
+
+
+@pytest.mark.parametrize("path", ["vmap", "loop", "loop_cl"])
+def test_batchnorm_without_running_stats_is_not_split_into_chunks(path):
+    # such a layer normalises with its batch even in eval mode: chunks would change the loss
+    net = _bn_net(track=False).eval()
+    c, d, ts, x, y = _bn_points(net)
+    with torch.no_grad():
+        ref = []
+        for k in range(2):
+            for name, p in net.named_parameters():
+                p.copy_(c[name][0] + ts[k] * d[name][k])
+            ref.append(float(torch.nn.functional.cross_entropy(net(x), y)))
+    lo, _ = evaluate_points(net, c, d, ts, x, y, memory_mb=1e-4, path=path)
+    torch.testing.assert_close(lo, torch.tensor(ref, dtype=torch.float64), **TOL)
+
+
+def test_float32_buffers_serve_float64_points_and_the_loop_keeps_dropout_off():
+    net = torch.nn.Sequential(*_bn_net()[:4], torch.nn.Dropout(0.5), _bn_net()[4])
+    net.train()(torch.randn(8, 1, 4, 4, dtype=torch.float64))  # running stats updated once
+    bufs32 = {n: b.detach().float()[None] if b.is_floating_point() else b.detach()[None]
+              for n, b in net.named_buffers()}
+    c, d, ts, x, y = _bn_points(net)
+    for bn in ("eval", "batch"):
+        lo, _ = evaluate_points(net, c, d, ts, x, y, bufs32, bn=bn)  # was a dtype error
+        ref, _ = evaluate_points_loop(net, c, d, ts, x, y, stack([dict(net.named_buffers())]),
+                                      bn=bn)
+        again, _ = evaluate_points_loop(net, c, d, ts, x, y, bn=bn)  # dropout stays off
+        assert lo.dtype == torch.float64
+        torch.testing.assert_close(lo, ref, rtol=1e-6, atol=1e-7)  # float32 statistics
+        torch.testing.assert_close(again, ref, **TOL)

@@ -123,3 +123,26 @@ def test_subclassed_or_tied_layers_run_their_own_forward(make):
     with torch.no_grad():
         torch.testing.assert_close(stacked_forward(model, p, x)[0], model(x),
                                    rtol=0, atol=1e-14)
+
+
+def test_activation_sizes_follow_the_module_not_its_id():
+    from minefield.functional import activation_elements
+
+    net = nn.Sequential(nn.Linear(8, 1))
+    x = torch.randn(3, 8)
+    assert activation_elements(net, x) == 1
+    net[0] = nn.Linear(8, 4096)  # resized in place: the same object, other sizes
+    net.append(nn.ReLU())
+    assert activation_elements(net, x) == 2 * 4096
+    # cached weakly per module: a freed module's entry goes with it (an id() is reused)
+    from minefield.functional import _ACT_CACHE
+
+    other = nn.Sequential(nn.Linear(8, 2))
+    activation_elements(other, x)
+    assert other in _ACT_CACHE
+    n = len(_ACT_CACHE)
+    del other
+    import gc
+
+    gc.collect()
+    assert len(_ACT_CACHE) == n - 1

@@ -3,6 +3,7 @@ ResNet-20 recipe, end to end at the tiny scale on generated files in both format
 
 import json
 import pickle
+import shlex
 
 import numpy as np
 import pytest
@@ -88,3 +89,8 @@ def test_reproduce_images_end_to_end_on_generated_files(tmp_path, fmt):
     assert any("PROJECTED wall time on one H200" in k for k in sec["data"]["projection"])
     text = (tmp_path / "fig" / "REPORT.md").read_text()
     assert "paper scale: PROJECTED wall time on one H200" in text and "minefield sweep" in text
+    # the printed basin command redoes what ran (2 rollouts at tiny scale, not the default 20)
+    cmd = next(c for c in sec["commands"] if c.startswith(f"minefield basin {names[1]}"))
+    r = CliRunner().invoke(main, ["--threads", "1", "--root", str(tmp_path / "runs"),
+                                  *shlex.split(cmd)[1:], "--device", "cpu"])
+    assert r.exit_code == 0 and "other settings" not in r.output, (cmd, r.output)

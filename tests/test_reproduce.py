@@ -118,3 +118,16 @@ def test_printed_commands_reproduce_the_results(tiny_repro, tmp_path):
 def test_unknown_scale_is_one_line():
     r = CliRunner().invoke(main, ["reproduce", "--scale", "huge"])
     assert r.exit_code == 2 and "Invalid value for '--scale'" in r.output
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_a_bad_data_dir_is_refused_before_anything_trains(tmp_path, folder):
+    data = tmp_path / "data"
+    if folder == "empty":
+        data.mkdir()
+    r = CliRunner().invoke(main, ["--root", str(tmp_path / "runs"), "reproduce", "--scale",
+                                  "tiny", "--only", "swissroll", "--only", "images",
+                                  "--data-dir", str(data), "--figures", str(tmp_path / "f")])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert ("does not exist" if folder == "missing" else "holds neither SVHN") in r.output
+    assert not (tmp_path / "runs").exists()  # the swiss-roll experiment never started

@@ -115,7 +115,7 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
 @click.option("--precision", type=click.Choice([p.value for p in Precision]),
               default="float32", show_default=True,
               help="Bisect in bf16/tf32, then check every radius in float32 (redone if "
-                   "any moved beyond --rtol).")
+                   "any moved beyond --rtol); the naive estimator's.")
 @tag_option
 @device_option
 @memory_option

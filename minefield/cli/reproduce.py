@@ -16,7 +16,7 @@ from ._common import device_option, force_option, friendly, main, quiet_option, 
 @click.option("--only", multiple=True, type=click.Choice(list(EXPERIMENTS)),
               help="Run only these experiments (repeatable); the report in --figures then "
               "holds only them (give another --figures to keep a full report).")
-@click.option("--data-dir", type=click.Path(file_okay=False),
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False),
               help="CIFAR-10 or SVHN on disk, for the real-image experiment.")
 @click.option("--figures", type=click.Path(file_okay=False, path_type=Path),
               default=Path("figures"), show_default=True)

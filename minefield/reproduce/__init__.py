@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..config import DataConfig
+from ..data import load_dataset
 from ..lock import locking
 from ..runs import DEFAULT_ROOT
 from .circles import exp_circles
@@ -28,7 +30,7 @@ from .common import SCALES, Check, Context, Scale, Section
 from .fig1 import exp_minefield
 from .images import exp_digits
 from .oracle import exp_volume_oracle
-from .paper_images import exp_images
+from .paper_images import exp_images, image_dataset
 from .sweep import exp_sweep
 from .swissroll import exp_swissroll
 
@@ -62,6 +64,8 @@ def reproduce(scale: str = "small", root: Path | str = DEFAULT_ROOT,
     unknown = [k for k in keys if k not in EXPERIMENTS]
     if unknown:
         raise ValueError(f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}")
+    if data_dir and "images" in keys:  # a bad folder is refused now, not after the rest
+        load_dataset(DataConfig(image_dataset(Path(data_dir)), data_dir=str(data_dir)))
     ctx = Context(SCALES[scale], Path(root), Path(figures), device, force, progress,
                   data_dir, log)
     ctx.figures.mkdir(parents=True, exist_ok=True)

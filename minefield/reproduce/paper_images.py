@@ -60,7 +60,8 @@ def paper_recipe(n_train: int, epochs: float, fracdirty: float = 0.0,
     return cfg, n_p / batch
 
 
-def _dataset(root: Path) -> str:
+def image_dataset(root: Path) -> str:
+    """``svhn`` or ``cifar10``: which of the two the folder holds in its standard format."""
     if (root / "train_32x32.mat").exists():
         return "svhn"
     if (root / "cifar-10-batches-py").exists() or (root / "data_batch_1").exists():
@@ -73,7 +74,7 @@ def exp_images(ctx: Context) -> Section | None:
     if not ctx.data_dir:
         return None
     root = Path(ctx.data_dir)
-    name, s = _dataset(root), ctx.scale
+    name, s = image_dataset(root), ctx.scale
     data_cfg = DataConfig(name, data_dir=str(root))
     n_train = len(load_dataset(data_cfg).y_train)
     model = ModelConfig("resnet20", widths=s.image_widths, init="he_normal")
@@ -92,8 +93,8 @@ def exp_images(ctx: Context) -> Section | None:
     n_ro = min(ROLLOUTS, s.image_directions)  # loss curves kept for ``plot basin``
     bg, bb = ctx.basin(good, vcfg, n_rollouts=n_ro), ctx.basin(bad, vcfg, n_rollouts=n_ro)
     sec.commands = [train_command(good_cfg), train_command(bad_cfg),
-                    basin_command(good_cfg.name, vcfg, "repro"),
-                    basin_command(bad_cfg.name, vcfg, "repro")]
+                    basin_command(good_cfg.name, vcfg, "repro", n_ro),
+                    basin_command(bad_cfg.name, vcfg, "repro", n_ro)]
     for label, r, b in (("natural", good, bg), ("poisoned", bad, bb)):
         m = r.metrics
         sec.numbers.append((f"{label}: train / test acc, mean radius, log10 V (n = {b.n}), "
