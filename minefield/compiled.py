@@ -22,7 +22,12 @@ debugging ``backend``) and ``auto`` (measured; off on a CPU).
 
 Compiled and eager steps compute the same function; they agree to rounding
 (tests/test_compiled.py on the CPU with ``backend="aot_eager"``, tests/test_gpu.py
-with inductor on CUDA).
+with inductor on CUDA). Rounding is all, but the poisoned search amplifies it to O(1):
+under ``auto`` which kernels a fit runs depends on measured times and on what the
+process compiled before (and the probe's compiled steps are part of the trajectory
+either way), so on CUDA a rerun or a resumed search agrees with the uninterrupted one
+only to that amplified rounding, not bit for bit. On a CPU ``auto`` is off and
+resumes are bit-identical; ``fit(..., compile_mode="off")`` gives the same on CUDA.
 """
 
 from __future__ import annotations
