@@ -236,7 +236,7 @@ def _check_search(cfg: SearchConfig) -> None:
     from . import validate as v
 
     v.positive("search.memory_mb", cfg.memory_mb)
-    for k in ("jitter", "beta_step", "retry_jitter"):
+    for k in ("jitter", "beta_step", "continue_beta_step", "retry_jitter"):
         v.non_negative(f"search.{k}", getattr(cfg, k))
     for k in ("target_train", "target_poison_acc"):
         v.in_unit(f"search.{k}", getattr(cfg, k))

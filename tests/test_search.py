@@ -166,6 +166,8 @@ def test_seed_count_must_match():
     (dict(adapt_from=-1), "search.beta_step and search.adapt_from must be >= 0"),
     (dict(continue_below=1.5), r"search.continue_below must be in \[0, 1\]"),
     (dict(continue_steps=-1), "search.continue_steps >= 0"),
+    # a negative step would raise beta past 1 during continuation, deep inside fit
+    (dict(continue_beta_step=-0.5), "search.continue_beta_step must be a finite number >= 0"),
 ])
 def test_config_errors(kw, msg):
     with pytest.raises(ConfigError, match=msg):
