@@ -174,6 +174,19 @@ def test_config_errors(kw, msg):
         SearchConfig.make(**kw)
 
 
+@pytest.mark.parametrize("kw, share", [
+    (dict(fit_first=10), 40 / (10 + 40)),  # the 10 points fitted, not all 40
+    (dict(batch_size=8, poison_batch_size=24), 24 / (8 + 24)),  # a step's batch
+    ({}, 40 / (40 + 40)),
+])
+def test_concat_beta_is_the_poison_share_of_a_step_batch(kw, share):
+    model, p, data = _problem(1)
+    cfg = _cfg(beta=None, steps=2, log_every=1, compact_every=2, poison_cap=None,
+               extra_poison=0, **kw)
+    res = search_minima(model, p, data, cfg)
+    assert res.betas.tolist() == [pytest.approx(share, abs=1e-15)]
+
+
 def test_config_round_trips():
     cfg = _cfg(checkpoints=(0, 20), beta=0.3)
     assert SearchConfig.from_dict(cfg.to_dict()) == cfg
