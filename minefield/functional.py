@@ -238,10 +238,11 @@ def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor,
     former layout) cost more than it saved (idle 2-core CPU, 2026-11-30).
     ``record`` (a list) receives what a backward pass reads, in order:
     ``(name, input, weight)`` per ``Linear`` and ``(module, result)`` per activation
-    applied in place (:mod:`minefield.mlpgrad`).
+    after the first ``Linear`` (:mod:`minefield.mlpgrad`).
     """
     h = x  # (N, ...) shared by every member, then (M, N, width)
-    own = False  # activations act in place only on tensors made here, never on x
+    own = False  # in place only on a Linear's fresh output: never on x, nor on another
+    # activation's result (which that activation's backward reads)
     last = max(i for i, m in enumerate(model) if isinstance(m, nn.Linear))
     for i, (name, mod) in enumerate(model.named_children()):
         if isinstance(mod, nn.Linear):
@@ -258,7 +259,6 @@ def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor,
                 record.append((name, h, w))
             h = (torch.bmm(h, wt, out=out) if b is None
                  else torch.baddbmm(b.unsqueeze(1), h, wt, out=out))
-            own = True
         elif isinstance(mod, nn.Flatten):
             h = h.flatten(1)
         elif isinstance(mod, nn.ReLU):
@@ -269,8 +269,9 @@ def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor,
             h = h.tanh_() if own else h.tanh()
         else:
             continue
-        if record is not None and own and not isinstance(mod, (nn.Linear, nn.Flatten)):
+        if record and not isinstance(mod, (nn.Linear, nn.Flatten)):  # after a Linear
             record.append((mod, h))
+        own = isinstance(mod, nn.Linear)
     return h
 
 

@@ -81,12 +81,37 @@ def test_a_second_derivative_raises_instead_of_being_wrong():
         torch.autograd.grad(loss, list(p.values()), create_graph=True)
 
 
-def test_an_activation_after_an_activation_takes_autograd():
-    # tanh(tanh(.)) in place would overwrite the result the first tanh's backward needs
-    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Tanh(), nn.Linear(3, 2)).double()
-    p = {k: v.detach().unsqueeze(0).requires_grad_() for k, v in model.named_parameters()}
-    out = mlp_logits(model, p, torch.randn(4, 2, dtype=torch.float64))
-    assert out.grad_fn.name() != "StackedMLPBackward"
+def test_activations_in_a_row_train_through_the_node():
+    # in place, tanh's result would be overwritten by the relu after it, whose backward
+    # reads its own: only a Linear's fresh output is taken in place (out of place: relu,
+    # leaky relu and tanh; the oracles: autograd through the same forward, and vmap)
+    model = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(),
+                          nn.Identity(), nn.LeakyReLU(0.1), nn.Tanh(), nn.Linear(4, 3)).double()
+    p = {k: v.detach().unsqueeze(0).repeat(2, *[1] * v.dim()).requires_grad_()
+         for k, v in model.named_parameters()}
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(2, 6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = mlp_logits(model, p, x)
+    assert out.grad_fn.name() == "StackedMLPBackward"
+    got = torch.autograd.grad((out * w).sum(), list(p.values()))
+    want = torch.autograd.grad((stacked_forward(model, p, x) * w).sum(), list(p.values()))
+    vmap = torch.autograd.grad((stacked_forward(model, p, x, path="vmap") * w).sum(),
+                               list(p.values()))
+    for a, b, c in zip(got, want, vmap):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
+def test_a_fit_with_activations_in_a_row_is_autograd_bit_for_bit(monkeypatch):
+    data = _data(torch.float64)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.ReLU(), nn.Linear(8, 1)).double()
+    p = {k: v.double() for k, v in init_stack(model, "torch", [0, 1]).items()}
+    cfg = TrainConfig(steps=3, log_every=1)
+    node = fit(model, p, data, cfg)
+    monkeypatch.setattr(minefield.step, "mlp_logits", _autograd_only)
+    ref = fit(model, p, data, cfg)
+    for k in p:
+        assert torch.equal(node.params[k], ref.params[k]), k
 
 
 class _Count(TorchDispatchMode):
