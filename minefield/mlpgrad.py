@@ -21,8 +21,12 @@ the gradients are **bit-for-bit** autograd's (``tests/test_mlpgrad.py`` checks
 ``torch.equal`` in float32 and float64, with the search's and the sweep's training
 options), in three fewer dispatched operations per layer (about 10% of the search's
 training step; the stacked Adam's one read of its step counters saves another 10%;
-counted in that test). Eager only: under ``torch.compile`` the objective keeps
-autograd's graph, which the compiler fuses anyway. A second derivative through it
+counted in that test). Eager autograd only: under ``torch.compile`` the objective
+keeps autograd's graph, which the compiler fuses anyway, and :func:`mlp_logits` hands
+over to autograd's graph of the same forward wherever the node has no rule: under
+``torch.func`` transforms (``grad``, ``vjp``, ``jvp``, ``jacrev``, ``vmap``, ...: the
+node has no ``setup_context`` nor batching or forward-mode rule) and under
+``torch.autocast`` (its backward would not cast). A second derivative through it
 (``create_graph=True``) raises instead of silently treating the activations as
 constants; the curvature code never comes here (only
 :func:`minefield.step.poisoned_objective`, the training objective, uses it).
@@ -102,7 +106,9 @@ def mlp_logits(model: nn.Sequential, params: Params, x: torch.Tensor) -> torch.T
     """Logits ``(M, N, C)`` of a stacked plain MLP
     (:func:`~minefield.functional.mlp_fast_path`) through :class:`StackedMLP`: the values
     of :func:`~minefield.functional.stacked_forward`, one autograd node (autograd's graph
-    instead where the node has no gradient to give: inputs that require one)."""
-    if x.requires_grad:
+    instead where the node has no gradient to give, for inputs that require one, or no
+    rule: under ``torch.func`` transforms and autocast)."""
+    if (x.requires_grad or torch._C._are_functorch_transforms_active()
+            or torch.is_autocast_enabled(x.device.type)):
         return _mlp_forward(model, params, x)
     return StackedMLP.apply(model, tuple(params), x, *params.values())
