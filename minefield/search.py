@@ -323,7 +323,7 @@ def _search_stack(model: nn.Module, cur: Params, data: Dataset, cfg: SearchConfi
         seg = _segment(tc, cfg, step, end)
         captured: dict[str, Any] = {}
 
-        def keep_state(s, _p, _b, opt, end=end, captured=captured):
+        def keep_state(s, _p, _b, opt, _div, end=end, captured=captured):
             if s == end:
                 captured["opt"] = opt.state_dict()
 
