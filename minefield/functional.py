@@ -151,12 +151,21 @@ _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.LeakyReLU, nn.Identity)
 _FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _hooked(mod: nn.Module | None = None) -> bool:
+    """Whether ``mod`` has forward or pre-forward hooks (``None``: global ones, for all)."""
+    if mod is None:
+        g = nn.modules.module
+        return bool(g._global_forward_hooks or g._global_forward_pre_hooks)
+    return bool(mod._forward_hooks or mod._forward_pre_hooks)
+
+
 def _layout(model: nn.Sequential) -> tuple:
     """What :func:`mlp_fast_path` depends on, cheap to read: each child's name, class and
     identity and its weight's and bias's identity (a replaced, removed or tied parameter
-    changes one of them)."""
-    return tuple((name, type(mod), id(mod), id(getattr(mod, "weight", None)),
-                  id(getattr(mod, "bias", None))) for name, mod in model._modules.items())
+    changes one of them), and whether hooks are set (a hook added later is seen)."""
+    return (_hooked(model), _hooked(), *(
+        (name, type(mod), id(mod), id(getattr(mod, "weight", None)),
+         id(getattr(mod, "bias", None)), _hooked(mod)) for name, mod in model._modules.items()))
 
 
 def mlp_fast_path(model: nn.Module) -> bool:
@@ -166,7 +175,15 @@ def mlp_fast_path(model: nn.Module) -> bool:
     Exact classes only: a subclass (an ``nn.ReLU`` whose ``forward`` is SiLU, a masked
     ``Linear``, a ``Sequential`` with its own ``forward``) may compute otherwise, and
     a ``Linear`` whose weight is tied to another layer's (absent from
-    ``named_parameters``) or parametrised has no parameter of its own name."""
+    ``named_parameters``) or parametrised has no parameter of its own name. No forward
+    or pre-forward hook may be set (the model's, a layer's or a global one): the matmuls
+    would skip it, where the ``vmap`` path runs it as calling the module does.
+
+    >>> m = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    >>> handle = m[1].register_forward_hook(lambda mod, inp, out: out * 0.5)
+    >>> mlp_fast_path(m), handle.remove(), mlp_fast_path(m)
+    (False, None, True)
+    """
     if type(model) is not nn.Sequential:
         return False
     layout = _layout(model)  # the answer is cached per model (a training step asks each time)
@@ -191,7 +208,8 @@ def _plain_mlp(model: nn.Sequential) -> bool:
                 return False
         elif type(mod) not in _ELEMENTWISE:
             return False
-    return seen_linear
+    # a hook would be skipped: the model, a layer or every module may have one
+    return seen_linear and not (_hooked() or any(_hooked(m) for m in model.modules()))
 
 
 def mlp_workspace(model: nn.Sequential, members: int, inputs: int,
@@ -220,10 +238,11 @@ def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor,
     former layout) cost more than it saved (idle 2-core CPU, 2026-11-30).
     ``record`` (a list) receives what a backward pass reads, in order:
     ``(name, input, weight)`` per ``Linear`` and ``(module, result)`` per activation
-    applied in place (:mod:`minefield.mlpgrad`).
+    after the first ``Linear`` (:mod:`minefield.mlpgrad`).
     """
     h = x  # (N, ...) shared by every member, then (M, N, width)
-    own = False  # activations act in place only on tensors made here, never on x
+    own = False  # in place only on a Linear's fresh output: never on x, nor on another
+    # activation's result (which that activation's backward reads)
     last = max(i for i, m in enumerate(model) if isinstance(m, nn.Linear))
     for i, (name, mod) in enumerate(model.named_children()):
         if isinstance(mod, nn.Linear):
@@ -240,7 +259,6 @@ def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor,
                 record.append((name, h, w))
             h = (torch.bmm(h, wt, out=out) if b is None
                  else torch.baddbmm(b.unsqueeze(1), h, wt, out=out))
-            own = True
         elif isinstance(mod, nn.Flatten):
             h = h.flatten(1)
         elif isinstance(mod, nn.ReLU):
@@ -251,8 +269,9 @@ def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor,
             h = h.tanh_() if own else h.tanh()
         else:
             continue
-        if record is not None and own and not isinstance(mod, (nn.Linear, nn.Flatten)):
+        if record and not isinstance(mod, (nn.Linear, nn.Flatten)):  # after a Linear
             record.append((mod, h))
+        own = isinstance(mod, nn.Linear)
     return h
 
 

@@ -21,8 +21,12 @@ the gradients are **bit-for-bit** autograd's (``tests/test_mlpgrad.py`` checks
 ``torch.equal`` in float32 and float64, with the search's and the sweep's training
 options), in three fewer dispatched operations per layer (about 10% of the search's
 training step; the stacked Adam's one read of its step counters saves another 10%;
-counted in that test). Eager only: under ``torch.compile`` the objective keeps
-autograd's graph, which the compiler fuses anyway. A second derivative through it
+counted in that test). Eager autograd only: under ``torch.compile`` the objective
+keeps autograd's graph, which the compiler fuses anyway, and :func:`mlp_logits` hands
+over to autograd's graph of the same forward wherever the node has no rule: under
+``torch.func`` transforms (``grad``, ``vjp``, ``jvp``, ``jacrev``, ``vmap``, ...: the
+node has no ``setup_context`` nor batching or forward-mode rule) and under
+``torch.autocast`` (its backward would not cast). A second derivative through it
 (``create_graph=True``) raises instead of silently treating the activations as
 constants; the curvature code never comes here (only
 :func:`minefield.step.poisoned_objective`, the training objective, uses it).
@@ -41,36 +45,19 @@ Example::
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
-from .functional import _layout, _mlp_forward
+from .functional import _mlp_forward
 from .stacked import Params
 
 __all__ = ["StackedMLP", "mlp_logits"]
 
 
-_ACTS = (nn.ReLU, nn.LeakyReLU, nn.Tanh)
-_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _in_place_safe(model: nn.Sequential) -> bool:
-    """False when an activation follows another: the second would overwrite in place
-    the result the first's backward reads (autograd refuses that, so this node does not
-    take it either). Cached per model layout (a swapped or added child is checked
-    again)."""
-    layout = _layout(model)
-    hit = _CHECKED.get(model)
-    if hit is None or hit[0] != layout:
-        kinds = [isinstance(m, _ACTS) for m in model.children() if type(m) is not nn.Identity]
-        hit = _CHECKED[model] = (layout, not any(a and b for a, b in zip(kinds, kinds[1:])))
-    return hit[1]
-
-
 def _act_backward(mod: nn.Module, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """What autograd runs for the in-place activation whose result is ``out``."""
+    """What autograd runs for the activation whose result is ``out``: for one out of
+    place (after another activation) autograd's leaky-ReLU backward reads the input, whose
+    sign the result shares (slope >= 0), so the branch and the gradient are the same."""
     if isinstance(mod, nn.ReLU):
         return torch.ops.aten.threshold_backward(g, out, 0)
     if isinstance(mod, nn.LeakyReLU):
@@ -119,7 +106,9 @@ def mlp_logits(model: nn.Sequential, params: Params, x: torch.Tensor) -> torch.T
     """Logits ``(M, N, C)`` of a stacked plain MLP
     (:func:`~minefield.functional.mlp_fast_path`) through :class:`StackedMLP`: the values
     of :func:`~minefield.functional.stacked_forward`, one autograd node (autograd's graph
-    instead where the node has no gradient to give: inputs that require one)."""
-    if x.requires_grad or not _in_place_safe(model):
+    instead where the node has no gradient to give, for inputs that require one, or no
+    rule: under ``torch.func`` transforms and autocast)."""
+    if (x.requires_grad or torch._C._are_functorch_transforms_active()
+            or torch.is_autocast_enabled(x.device.type)):
         return _mlp_forward(model, params, x)
     return StackedMLP.apply(model, tuple(params), x, *params.values())

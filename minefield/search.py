@@ -214,7 +214,8 @@ def search_minima(model: nn.Module, starts: Params, data: Dataset, cfg: SearchCo
     """Train every member of ``starts`` ``(M, ...)`` to a bad minimum, all in one stack.
 
     The objective is ``poisoned_nll(train, poison, beta)`` with ``beta =
-    cfg.beta`` (``None``: ``n_p / (n_t + n_p)``) at the start, raised per member
+    cfg.beta`` (``None``: ``n_p / (n_t + n_p)`` with ``n_t`` the points ``cfg.train``
+    fits, ``b_p / (b_t + b_p)`` with its ``poison_batch_size``) at the start, raised per member
     by ``cfg.poison_cap`` (see :class:`SearchConfig`). Member ``i`` starts at
     ``starts[i] + cfg.jitter * d_i`` with ``d_i`` drawn from ``seeds[i]``. With
     ``cfg.stopping == "target"`` members stop (and are dropped from the stack at
@@ -301,7 +302,7 @@ def _search_stack(model: nn.Module, cur: Params, data: Dataset, cfg: SearchConfi
     """One attempt of :func:`search_minima` for every member of ``cur`` (the starts, moved
     already), in one stack."""
     m = n_members(cur)
-    beta = effective_beta(cfg.beta, data)
+    beta = effective_beta(cfg.beta, data, cfg.train)  # concat: the batch train.* draws
     flip = cfg.objective is PoisonObjective.FLIP
     tc = cfg.train_config()
     stop_fn = _stop_fn(cfg)
@@ -322,7 +323,7 @@ def _search_stack(model: nn.Module, cur: Params, data: Dataset, cfg: SearchConfi
         seg = _segment(tc, cfg, step, end)
         captured: dict[str, Any] = {}
 
-        def keep_state(s, _p, _b, opt, end=end, captured=captured):
+        def keep_state(s, _p, _b, opt, _div, end=end, captured=captured):
             if s == end:
                 captured["opt"] = opt.state_dict()
 

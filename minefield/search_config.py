@@ -54,7 +54,8 @@ class SearchConfig(_Config):
     ``train.seed`` seeds the minibatches, the fresh points and every search;
     ``checkpoint_every`` and ``members`` are not used), with the poisoned objective
     ``beta``/``objective``
-    (``beta=None``: the authors' concatenated untraining set) and the fresh
+    (``beta=None``: the authors' concatenated untraining set, weighted by its share of
+    a step's batch as ``train`` draws it, :func:`~minefield.train.effective_beta`) and the fresh
     poison points (``extra_poison``: how many, ``None`` for the default;
     ``extra_share``: their share of the poison term). ``max_batch``
     members train together, fewer if ``memory_mb`` would be exceeded.
@@ -236,7 +237,7 @@ def _check_search(cfg: SearchConfig) -> None:
     from . import validate as v
 
     v.positive("search.memory_mb", cfg.memory_mb)
-    for k in ("jitter", "beta_step", "retry_jitter"):
+    for k in ("jitter", "beta_step", "continue_beta_step", "retry_jitter"):
         v.non_negative(f"search.{k}", getattr(cfg, k))
     for k in ("target_train", "target_poison_acc"):
         v.in_unit(f"search.{k}", getattr(cfg, k))

@@ -126,6 +126,7 @@ def poisoned_objective(model: nn.Module, params: Params, buffers: Params, batch:
     A plain MLP's logits are one autograd node with a written-out backward when a
     gradient is recorded (:mod:`minefield.mlpgrad`: autograd's gradients bit for bit, in
     fewer dispatched operations); under ``torch.compile``, which fuses the graph anyway,
+    and under ``torch.func`` transforms and autocast, which the node has no rules for,
     autograd's."""
     if (not buffers and torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and mlp_fast_path(model)):

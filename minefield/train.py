@@ -168,7 +168,8 @@ def fit(
     start_step: int = 0,
     opt_state: dict | None = None,
     on_log: Callable[[int, list[dict[str, Any]]], None] | None = None,
-    on_checkpoint: Callable[[int, Params, Params, torch.optim.Optimizer], None] | None = None,
+    on_checkpoint: Callable[[int, Params, Params, torch.optim.Optimizer, list], None]
+                   | None = None,
     stop_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
     poison_weight: torch.Tensor | None = None,
     eval_data: Dataset | None = None,
@@ -198,7 +199,8 @@ def fit(
     records the step and its logged rows are NaN with ``"diverged": True``; the
     others train on as they would alone. When every member has diverged (a single
     model: at once) :class:`TrainingDiverged` is raised. ``diverged_at`` (input)
-    names members that diverged before ``start_step`` (a resumed run).
+    names members that diverged before ``start_step`` (a resumed run); ``on_checkpoint(step,
+    params, buffers, opt, diverged_at)`` gets them so far, those no log row names yet too.
     ``poison_weight`` ``(N_p,)`` weights the poison points (see
     :func:`~minefield.loss.poisoned_nll`). Logged metrics (and so ``stop_fn``) are
     measured on ``eval_data`` (default ``data``), e.g. the paper's splits when
@@ -368,7 +370,7 @@ def fit(
             return FitResult(_current(), _kept(buffers, frozen_buf), step, history, stopped_at,
                              step_objective.report, div_at)
         if on_checkpoint and step % cfg.checkpoint_every == 0 and start_step == 0:
-            on_checkpoint(step, _current(), _kept(buffers, frozen_buf), opt)
+            on_checkpoint(step, _current(), _kept(buffers, frozen_buf), opt, list(div_at))
             last_ckpt = step
         while step < cfg.steps:
             for g in opt.param_groups:
@@ -387,7 +389,7 @@ def fit(
             if on_checkpoint and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 with torch.no_grad():  # the finite state saved here is the one resumed from
                     settle(~finite(), step)
-                on_checkpoint(step, _current(), _kept(buffers, frozen_buf), opt)
+                on_checkpoint(step, _current(), _kept(buffers, frozen_buf), opt, list(div_at))
                 last_ckpt = step
     finally:
         bar.close()

@@ -146,3 +146,33 @@ def test_activation_sizes_follow_the_module_not_its_id():
 
     gc.collect()
     assert len(_ACT_CACHE) == n - 1
+
+
+
+@pytest.mark.parametrize("where", ["layer", "layer-pre", "model-pre", "global"])
+def test_a_model_with_hooks_runs_them_as_the_module_does(where):
+    # the oracle is the module itself, whose __call__ runs the hooks; the first call
+    # caches "plain", so a hook added afterwards must be noticed, and one removed too
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+    p = {k: v.detach().unsqueeze(0).repeat(2, *[1] * v.dim())
+         for k, v in model.named_parameters()}
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert mlp_fast_path(model)
+    plain = stacked_forward(model, p, x)
+    register = {
+        "layer": lambda: model[1].register_forward_hook(lambda m, i, o: o * 0.5),
+        "layer-pre": lambda: model[2].register_forward_pre_hook(lambda m, i: (i[0] - 1,)),
+        "model-pre": lambda: model.register_forward_pre_hook(lambda m, i: (i[0] * 2,)),
+        "global": lambda: nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: o + 1 if m is model[0] else None),
+    }[where]
+    handle = register()
+    try:
+        assert not mlp_fast_path(model)
+        want, got = model(x).detach(), stacked_forward(model, p, x)
+        assert (want - plain[0]).abs().max() > 0.1  # the hook changes the function
+        for i in range(2):
+            torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-12)
+    finally:
+        handle.remove()
+    assert mlp_fast_path(model)

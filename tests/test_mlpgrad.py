@@ -8,6 +8,7 @@ must agree bit for bit (``torch.equal``), not just to a tolerance.
 from __future__ import annotations
 
 import collections
+import contextlib
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import minefield.step
 from minefield import DataConfig, ModelConfig, TrainConfig, build_model, load_dataset
 from minefield.functional import stacked_forward
 from minefield.mlpgrad import mlp_logits
+from minefield.step import Batch, Hyper, poisoned_objective
 from minefield.train import fit, init_stack
 
 
@@ -81,12 +83,87 @@ def test_a_second_derivative_raises_instead_of_being_wrong():
         torch.autograd.grad(loss, list(p.values()), create_graph=True)
 
 
-def test_an_activation_after_an_activation_takes_autograd():
-    # tanh(tanh(.)) in place would overwrite the result the first tanh's backward needs
-    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Tanh(), nn.Linear(3, 2)).double()
-    p = {k: v.detach().unsqueeze(0).requires_grad_() for k, v in model.named_parameters()}
-    out = mlp_logits(model, p, torch.randn(4, 2, dtype=torch.float64))
-    assert out.grad_fn.name() != "StackedMLPBackward"
+def test_activations_in_a_row_train_through_the_node():
+    # in place, tanh's result would be overwritten by the relu after it, whose backward
+    # reads its own: only a Linear's fresh output is taken in place (out of place: relu,
+    # leaky relu and tanh; the oracles: autograd through the same forward, and vmap)
+    model = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(),
+                          nn.Identity(), nn.LeakyReLU(0.1), nn.Tanh(), nn.Linear(4, 3)).double()
+    p = {k: v.detach().unsqueeze(0).repeat(2, *[1] * v.dim()).requires_grad_()
+         for k, v in model.named_parameters()}
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(2, 6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = mlp_logits(model, p, x)
+    assert out.grad_fn.name() == "StackedMLPBackward"
+    got = torch.autograd.grad((out * w).sum(), list(p.values()))
+    want = torch.autograd.grad((stacked_forward(model, p, x) * w).sum(), list(p.values()))
+    vmap = torch.autograd.grad((stacked_forward(model, p, x, path="vmap") * w).sum(),
+                               list(p.values()))
+    for a, b, c in zip(got, want, vmap):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
+def test_a_fit_with_activations_in_a_row_is_autograd_bit_for_bit(monkeypatch):
+    data = _data(torch.float64)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.ReLU(), nn.Linear(8, 1)).double()
+    p = {k: v.double() for k, v in init_stack(model, "torch", [0, 1]).items()}
+    cfg = TrainConfig(steps=3, log_every=1)
+    node = fit(model, p, data, cfg)
+    monkeypatch.setattr(minefield.step, "mlp_logits", _autograd_only)
+    ref = fit(model, p, data, cfg)
+    for k in p:
+        assert torch.equal(node.params[k], ref.params[k]), k
+
+
+def _objective_parts():
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 1)).double()
+    g = torch.Generator().manual_seed(0)
+    p = {k: torch.randn(2, *v.shape, dtype=torch.float64, generator=g)
+         for k, v in model.named_parameters()}
+    batch = Batch(torch.randn(6, 3, dtype=torch.float64, generator=g),
+                  torch.randint(0, 2, (6,), generator=g))
+    return model, p, batch, Hyper(beta=torch.tensor([0.0, 0.3], dtype=torch.float64))
+
+
+def _autograd_gradient(model, p, batch, hyper, forward=contextlib.nullcontext):
+    leaves = {k: v.clone().requires_grad_() for k, v in p.items()}
+    with forward():
+        loss = poisoned_objective(model, leaves, {}, batch, hyper).sum()  # through the node
+    return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+def test_torch_func_transforms_take_autograd_graph():
+    # the node has no setup_context, vmap or jvp rule: under torch.func the objective
+    # must still differentiate, to the node's own gradient (the oracle)
+    model, p, batch, hyper = _objective_parts()
+    want = _autograd_gradient(model, p, batch, hyper)
+
+    def obj(pp):
+        return poisoned_objective(model, pp, {}, batch, hyper).sum()
+
+    got = torch.func.grad(obj)(p)
+    for k in p:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-12)
+    tangent = {k: torch.ones_like(v) for k, v in p.items()}
+    _, dir_deriv = torch.func.jvp(obj, (p,), (tangent,))
+    torch.testing.assert_close(dir_deriv, sum(want[k].sum() for k in p), rtol=1e-12, atol=0)
+
+
+def test_a_backward_under_autocast_takes_autograd_graph():
+    # the usual pattern: forward under autocast, backward after it. The node's backward
+    # would not cast (bmm of float32 and bfloat16); autograd's graph does, to bfloat16's
+    # precision of the float32 gradient
+    model, p, batch, hyper = _objective_parts()
+    model = model.float()
+    p = {k: v.float() for k, v in p.items()}
+    batch = Batch(batch.x.float(), batch.y)
+    want = _autograd_gradient(model, p, batch, hyper)
+    got = _autograd_gradient(model, p, batch, hyper,
+                             lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    for k in p:
+        assert got[k].dtype == torch.float32
+        torch.testing.assert_close(got[k], want[k], rtol=0.05, atol=0.05)
 
 
 class _Count(TorchDispatchMode):

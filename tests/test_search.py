@@ -166,10 +166,25 @@ def test_seed_count_must_match():
     (dict(adapt_from=-1), "search.beta_step and search.adapt_from must be >= 0"),
     (dict(continue_below=1.5), r"search.continue_below must be in \[0, 1\]"),
     (dict(continue_steps=-1), "search.continue_steps >= 0"),
+    # a negative step would raise beta past 1 during continuation, deep inside fit
+    (dict(continue_beta_step=-0.5), "search.continue_beta_step must be a finite number >= 0"),
 ])
 def test_config_errors(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         SearchConfig.make(**kw)
+
+
+@pytest.mark.parametrize("kw, share", [
+    (dict(fit_first=10), 40 / (10 + 40)),  # the 10 points fitted, not all 40
+    (dict(batch_size=8, poison_batch_size=24), 24 / (8 + 24)),  # a step's batch
+    ({}, 40 / (40 + 40)),
+])
+def test_concat_beta_is_the_poison_share_of_a_step_batch(kw, share):
+    model, p, data = _problem(1)
+    cfg = _cfg(beta=None, steps=2, log_every=1, compact_every=2, poison_cap=None,
+               extra_poison=0, **kw)
+    res = search_minima(model, p, data, cfg)
+    assert res.betas.tolist() == [pytest.approx(share, abs=1e-15)]
 
 
 def test_config_round_trips():

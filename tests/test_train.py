@@ -392,21 +392,43 @@ def test_fit_first_steps_on_the_first_points_and_measures_all(tmp_path, tiny):
     assert res.run.read_json("summary.json")["betas"] == [40 / 70]
 
 
+@pytest.mark.parametrize("train", [
+    dict(),  # momentum: the frozen member's NaN weights come back after a resume
+    # stateless SGD whose lr drops to ~0 at the checkpoint: a resume that does not know
+    # the member diverged trains it on with finite weights
+    dict(momentum=0.0, milestones=(3,), gamma=1e-36),
+])
 def test_a_diverged_member_resumes_where_the_uninterrupted_run_froze_it(tmp_path, tiny,
-                                                                       monkeypatch):
-    # checkpoints (every 3 steps) between log steps (every 10): the last finite state a
-    # diverging member is frozen at must be the one a resume starts from
-    cfg = tiny(optimizer="sgd", batch_size=16, log_every=10, checkpoint_every=3, steps=40)
+                                                                       monkeypatch, train):
+    # checkpoints (every 3 steps) between log steps (every 10): the member diverges by
+    # step 3, found by the checkpoint before any row says so; a resume from that
+    # checkpoint, and a rerun of the finished run, must give the uninterrupted run's
+    # diverged_at, metrics and parameters
+    import json
+    import math
+
+    def same(a, b):  # NaN compares equal to NaN
+        return json.loads(json.dumps(a), parse_constant=str) == json.loads(
+            json.dumps(b), parse_constant=str)
+
+    cfg = tiny(optimizer="sgd", batch_size=16, log_every=10, checkpoint_every=3, steps=40,
+               **train)
     cfg = cfg.replace(train=cfg.train.replace(members=2))
-    full = train_run(cfg, tmp_path / "a", progress=False, lrs=[0.05, 1e6])
+    lrs = [0.05, 1e36]
+    full = train_run(cfg, tmp_path / "a", progress=False, lrs=lrs)
+    assert full.diverged_at == [None, 3] and math.isnan(full.metrics["train_acc"][1])
     undo = interrupt_training(monkeypatch, 3, state_only=True)
     with pytest.raises(KeyboardInterrupt):
-        train_run(cfg, tmp_path / "b", progress=False, lrs=[0.05, 1e6])
+        train_run(cfg, tmp_path / "b", progress=False, lrs=lrs)
     undo()
-    res = train_run(cfg, tmp_path / "b", progress=False, lrs=[0.05, 1e6])
-    assert full.diverged_at[1] is not None and full.diverged_at[0] is None
-    for k in full.params:
-        assert torch.equal(full.params[k], res.params[k])
+    res = train_run(cfg, tmp_path / "b", progress=False, lrs=lrs)
+    again = train_run(cfg, tmp_path / "b", progress=False, lrs=lrs)  # finished: rerun
+    for r in (res, again):
+        assert r.diverged_at == full.diverged_at
+        assert same(r.run.read_json("summary.json"), full.run.read_json("summary.json"))
+        assert same(r.run.metrics(), full.run.metrics())
+        for k in full.params:
+            assert torch.equal(full.params[k], r.params[k])
 
 
 def test_a_member_diverging_between_log_steps_does_not_move_the_others_stop():

@@ -104,7 +104,7 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
     params = {k: v.to(dev) for k, v in init_stack(model, cfg.model.init, seeds).items()}
     cfg_dict = cfg.to_dict()
     run = Run.create(cfg.name, cfg_dict, root, force) if save else None
-    start, opt_state, buffers, logged, old_rows = 0, None, None, [], []
+    start, opt_state, buffers, logged, old_rows, resumed_div = 0, None, None, [], [], None
     if run is not None and run.exists("state.safetensors"):
         tensors, meta = load_tensors(run.file("state.safetensors"), dev)
         try:
@@ -119,6 +119,7 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
             params = {k: _same_shape(tensors[f"param.{k}"], v) for k, v in params.items()}
             buffers = {k: tensors[f"buffer.{k}"] for k, _ in model.named_buffers()} or None
             opt_state = _opt_from_tensors(tensors, meta)
+            resumed_div = _div_list(meta.get("diverged_at"), m)
             _check_opt_state(opt_state, cfg.train, list(params.values()), start)
             logged = run.metrics()  # read once: the rows kept, and who diverged
             old_rows = [r for r in logged if r["step"] < start]
@@ -139,20 +140,23 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
         rows = [r for r in rows if r["step"] != step] + new_rows
         run.write_metrics(rows)
 
-    def on_checkpoint(step, p, b, opt):
+    def on_checkpoint(step, p, b, opt, diverged_at):
         if run is None:
             return
         last = {k: v for k, v in rows[-1].items()} if rows and rows[-1]["step"] == step else {}
-        meta = {**base_meta, "step": step, "metrics": last}
-        run.save_checkpoint(f"trajectory/step_{step:08d}.safetensors", p, b, meta)
+        # who diverged so far: a member frozen here between log steps has no row saying so
+        meta = {**base_meta, "step": step, "diverged_at": diverged_at}
+        run.save_checkpoint(f"trajectory/step_{step:08d}.safetensors", p, b,
+                            {**meta, "metrics": last})
         ot, om = _opt_to_tensors(opt)
         state = {f"param.{k}": v for k, v in p.items()}
         state.update({f"buffer.{k}": v for k, v in b.items()})
         state.update(ot)
-        save_tensors(run.file("state.safetensors"), state, {**base_meta, "step": step, **om})
+        save_tensors(run.file("state.safetensors"), state, {**meta, **om})
 
-    # members that diverged up to the step resumed from (logged before its checkpoint)
-    div = _diverged_at(logged if start > 0 else [], start, m)
+    # members that diverged up to the step resumed from: as its checkpoint recorded them
+    # (or, for a checkpoint written before it did, as the rows logged up to it say)
+    div = resumed_div or _diverged_at(logged if start > 0 else [], start, m)
     if start >= cfg.train.steps and run is not None and run.trajectory():
         p, b = match_model(model, run.load_checkpoint(run.trajectory()[-1], dev))
         res = FitResult(p, b, start, [], [None] * m, diverged_at=div)
@@ -174,6 +178,15 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
                                         **metrics,
                                         **({"diverged_at": res.diverged_at} if some else {})})
     return TrainResult(run, res.params, res.buffers, metrics, model, data, res.diverged_at)
+
+
+def _div_list(saved, m: int) -> list[int | None] | None:
+    """A checkpoint's ``diverged_at`` (``None``: not recorded); ValueError if malformed."""
+    if saved is None:
+        return None
+    if not isinstance(saved, list) or len(saved) != m:
+        raise ValueError(f"diverged_at {str(saved)[:40]} is not one entry per member")
+    return [None if d is None else int(d) for d in saved]
 
 
 def _diverged_at(rows: list[dict], upto: int, m: int) -> list[int | None]:
