@@ -18,6 +18,8 @@ constant tuned on one CPU:
   nets ``loop_cl`` with BatchNorm and ``loop`` without, other nets ``vmap``): a
   probe's choice can flip with the machine's load, and paths agree only to
   rounding, so a probed CPU default would break "same seed, same numbers";
+- **arithmetic** (:func:`arithmetic`): float32 (TF32 off on CUDA), or the opt-in bf16
+  / tf32;
 - **channels_last** for conv nets on the ``loop`` path: probed as a candidate
   of its own (``loop_cl``).
 
@@ -35,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -42,8 +45,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .options import Precision
+
 __all__ = ["CPU_BUDGET_MB", "CUDA_FREE_SHARE", "MARGIN", "memory_budget_mb", "cache_clamped",
-           "choose_path", "pick", "probe_key", "PROBES", "timed"]
+           "choose_path", "pick", "probe_key", "PROBES", "timed", "arithmetic"]
 
 #: the engine's chunk budget on a CPU, in MB
 CPU_BUDGET_MB = 256.0
@@ -140,3 +145,23 @@ def pick(cost: dict[str, float]) -> str:
         if cost[c] * MARGIN < cost[best]:
             best = c
     return best
+
+
+@contextlib.contextmanager
+def arithmetic(precision: Precision, device: torch.device):
+    """The engine's arithmetic for ``precision``: ``bf16`` is autocast; on CUDA ``tf32``
+    turns TF32 matmuls and convolutions on and ``float32`` off (cuDNN's default is TF32
+    convolutions: 3e-4 off float32), the flags restored after."""
+    if precision is Precision.BF16:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    elif device.type == "cuda":
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        tf32 = precision is Precision.TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    else:
+        yield

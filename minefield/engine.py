@@ -40,7 +40,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Callable
 
@@ -48,7 +47,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .autotune import cache_clamped, choose_path, memory_budget_mb, probe_key
+from .autotune import arithmetic, cache_clamped, choose_path, memory_budget_mb, probe_key
 from .functional import (
     Params,
     _mlp_forward,
@@ -117,25 +116,6 @@ def _check_loss(loss: str) -> Callable:
     return LOSSES[loss]
 
 
-@contextlib.contextmanager
-def _arithmetic(precision: Precision, device: torch.device):
-    """``bf16``: autocast; on CUDA ``tf32`` turns TF32 matmuls and convolutions on and
-    ``float32`` off (cuDNN's default is TF32 convolutions: 3e-4 off float32), restored after."""
-    if precision is Precision.BF16:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            yield
-    elif device.type == "cuda":
-        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        tf32 = precision is Precision.TF32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-    else:
-        yield
-
-
 def _looped_logits(model: nn.Module, p: Params, x: torch.Tensor, b: Params | None,
                    channels_last: bool) -> torch.Tensor:
     """``(m, N, C)``: each point of the stack ``p`` run alone on all of ``x``, as an
@@ -200,7 +180,7 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
     if bn is BNPolicy.BATCH and not buffers:  # batch statistics must not update the module's
         buffers = buffers_like(model, 1, dev, dtype) or None
     with bn_mode(model, bn is BNPolicy.BATCH):
-        with _arithmetic(precision, dev):
+        with arithmetic(precision, dev):
             for i in range(0, n_points, mem):
                 sl = slice(i, min(n_points, i + mem))
                 p = make(sl)

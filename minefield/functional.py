@@ -241,8 +241,7 @@ def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor,
     after the first ``Linear`` (:mod:`minefield.mlpgrad`).
     """
     h = x  # (N, ...) shared by every member, then (M, N, width)
-    own = False  # in place only on a Linear's fresh output: never on x, nor on another
-    # activation's result (which that activation's backward reads)
+    own = False  # in place only on a Linear's fresh output (not x, not an activation's)
     last = max(i for i, m in enumerate(model) if isinstance(m, nn.Linear))
     for i, (name, mod) in enumerate(model.named_children()):
         if isinstance(mod, nn.Linear):
@@ -264,7 +263,8 @@ def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor,
         elif isinstance(mod, nn.ReLU):
             h = h.relu_() if own else h.relu()
         elif isinstance(mod, nn.LeakyReLU):
-            h = torch.nn.functional.leaky_relu(h, mod.negative_slope, inplace=own)
+            h = torch.nn.functional.leaky_relu(  # in place: its backward reads the result
+                h, mod.negative_slope, inplace=own and mod.negative_slope >= 0)
         elif isinstance(mod, nn.Tanh):
             h = h.tanh_() if own else h.tanh()
         else:

@@ -107,8 +107,10 @@ def mlp_logits(model: nn.Sequential, params: Params, x: torch.Tensor) -> torch.T
     (:func:`~minefield.functional.mlp_fast_path`) through :class:`StackedMLP`: the values
     of :func:`~minefield.functional.stacked_forward`, one autograd node (autograd's graph
     instead where the node has no gradient to give, for inputs that require one, or no
-    rule: under ``torch.func`` transforms and autocast)."""
+    rule: under ``torch.func`` transforms and autocast; and a leaky ReLU of negative
+    slope, whose input the result does not give back by its sign)."""
     if (x.requires_grad or torch._C._are_functorch_transforms_active()
-            or torch.is_autocast_enabled(x.device.type)):
+            or torch.is_autocast_enabled(x.device.type)
+            or any(type(m) is nn.LeakyReLU and m.negative_slope < 0 for m in model)):
         return _mlp_forward(model, params, x)
     return StackedMLP.apply(model, tuple(params), x, *params.values())

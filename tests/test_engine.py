@@ -254,7 +254,7 @@ def test_batch_statistics_of_float64_points_on_a_float32_module():
 def test_cuda_float32_evaluation_turns_tf32_off_and_restores_the_flags(precision, tf32):
     # cuDNN convolves float32 in TF32 by default: the first H200 run found the engine's
     # float32 ResNet-20 losses 3-4e-4 off the CPU's. The flags need no GPU to be set.
-    from minefield.engine import _arithmetic
+    from minefield.autotune import arithmetic
     from minefield.options import Precision
 
     flags = torch.backends.cuda.matmul, torch.backends.cudnn
@@ -262,10 +262,10 @@ def test_cuda_float32_evaluation_turns_tf32_off_and_restores_the_flags(precision
     try:
         for f in flags:
             f.allow_tf32 = not tf32  # the opposite of what the mode must set
-        with _arithmetic(Precision(precision), torch.device("cuda")):
+        with arithmetic(Precision(precision), torch.device("cuda")):
             assert [f.allow_tf32 for f in flags] == [tf32, tf32]
         assert [f.allow_tf32 for f in flags] == [not tf32, not tf32]
-        with _arithmetic(Precision(precision), torch.device("cpu")):  # a CPU: untouched
+        with arithmetic(Precision(precision), torch.device("cpu")):  # a CPU: untouched
             assert [f.allow_tf32 for f in flags] == [not tf32, not tf32]
     finally:
         for f, b in zip(flags, before):

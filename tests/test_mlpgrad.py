@@ -116,6 +116,21 @@ def test_a_fit_with_activations_in_a_row_is_autograd_bit_for_bit(monkeypatch):
         assert torch.equal(node.params[k], ref.params[k]), k
 
 
+def test_a_leaky_relu_of_negative_slope_trains_as_the_vmap_path_does():
+    # its result does not give back its input's sign: autograd's backward of it in place
+    # raised; now it acts out of place and autograd's graph differentiates it
+    model = nn.Sequential(nn.Linear(2, 6), nn.LeakyReLU(-0.5), nn.Linear(6, 3)).double()
+    p = {k: v.double() for k, v in init_stack(model, "torch", [0, 1]).items()}
+    x = torch.randn(7, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    leaves = {k: v.clone().requires_grad_() for k, v in p.items()}
+    got = torch.autograd.grad(mlp_logits(model, leaves, x).square().sum(), list(leaves.values()))
+    want = torch.autograd.grad(stacked_forward(model, leaves, x, path="vmap").square().sum(),
+                               list(leaves.values()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    fit(model, p, _data(torch.float64), TrainConfig(steps=3, log_every=1))  # raised
+
+
 def _objective_parts():
     model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 1)).double()
     g = torch.Generator().manual_seed(0)
