@@ -61,6 +61,7 @@ from .radii import check_radii, find_radii, radius_grid
 from .rollout import Rollouts, rollouts
 from .volume import (
     _warnings,
+    check_owned_options,
     check_shape_options,
     honest_interval,
     parse_power,
@@ -149,10 +150,7 @@ class VolumeConfig(_Config):
                               f"uniform directions: choose one of those estimators or none")
         check_shape_options(self.estimator, self.preconditioner, self.power, self.sigma,
                             self.walk_length)  # bad numbers, and options another one ignores
-        if self.precision is not Precision.FLOAT32 and self.estimator is not Estimator.NAIVE:
-            raise ConfigError(f"volume.precision '{self.precision.value}' is the naive "
-                              f"estimator's (bisection, then a float32 check of each radius); "
-                              f"{self.estimator.value} evaluates in the parameters' dtype")
+        check_owned_options(self)  # naive's radius search and precision, mcmc's chains
         if self.mcmc_blocks != 1 and (self.estimator is not Estimator.MCMC
                                       or not 1 <= 2 * self.mcmc_blocks <= self.n_replicates):
             raise ConfigError(f"volume.mcmc_blocks={self.mcmc_blocks} needs the mcmc estimator "

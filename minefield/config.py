@@ -275,6 +275,9 @@ def _check_train(cfg: TrainConfig) -> None:
     v.non_negative("train.asam_eta", cfg.asam_eta)
     if cfg.sam_m is not None and cfg.sam_m < 1:
         raise ConfigError(f"train.sam_m must be >= 1, got {cfg.sam_m}")
+    if cfg.asam_eta != 0.01 and cfg.sam is not SamKind.ASAM:  # it would be a no-op
+        raise ConfigError(f"train.asam_eta is ASAM's (train.sam = asam), got sam = "
+                          f"{cfg.sam.value}, asam_eta = {cfg.asam_eta}")
     if cfg.sam is SamKind.NONE and (cfg.rho > 0 or cfg.sam_m is not None):
         raise ConfigError("train.rho and train.sam_m need train.sam = sam or asam "
                           f"(got sam = none, rho = {cfg.rho}, sam_m = {cfg.sam_m})")

@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import socket
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -200,6 +201,7 @@ class RayExecutor(Executor):
                 # machine they then get a fraction of a core each (measured: 2 workers
                 # ran 8 tasks 2-2.6x slower than one plain process, at load 14)
                 os.environ.setdefault(WORKER_NICENESS, "0")
+            _check_reachable(self.address)  # Ray would retry an address for ever
             # resources of a new instance; a running cluster already has its own
             ray.init(address=self.address, log_to_driver=False,
                      **(self.init if self.address is None else {}))
@@ -255,6 +257,22 @@ class RayExecutor(Executor):
 
             ray.shutdown()
             self._started = False
+
+
+def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """:class:`ConfigError` unless something answers at a ``host:port`` (or
+    ``ray://host:port``) address: ``ray.init`` retries an address where no cluster
+    listens for ever, warning every 40 s, and ignores SIGTERM meanwhile."""
+    if not address or address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return  # not host:port: Ray parses (and refuses) it itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"no Ray cluster answers at {address} ({e}); start one there "
+                          "('ray start --head') or give another --address") from None
 
 
 def make_executor(kind: ExecutorKind | str = "local", address: str | None = None,

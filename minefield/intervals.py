@@ -137,12 +137,8 @@ def honest_interval(est: float, normal: tuple[float, float], ess: float, n_draws
     _check_level(level)
     if ess >= HEAVY * n_draws and (ess if draws_ess is None else draws_ess) >= MIN_ESS:
         return normal, "normal"
-    # a normal end that is NaN (no bootstrap: n_bootstrap = 0) or -inf (Hall's lower end
-    # of a mean whose interval reaches 0) says nothing: the Markov bound stands alone
-    lo = est + math.log1p(-level) - slack
-    if math.isfinite(normal[0]):
-        lo = min(lo, normal[0])
-    return (lo, max(log_upper + slack, normal[1])), "bound"
+    # the normal interval's ends say nothing here (they may even pass the ball's volume)
+    return (est + math.log1p(-level) - slack, log_upper + slack), "bound"
 
 
 def replicate_interval(log_vol: torch.Tensor, level: float = 0.95) -> tuple[float, float]:

@@ -260,7 +260,9 @@ def estimate_result(est: VolumeEstimate, centre_loss: float, cutoff: float,
     diag = {"ess": est.ess, "n_samples": est.n_samples, "max_share": est.max_share,
             "n_at_r_max": est.n_at_r_max, "warnings": warns,
             **({"rays": "proposal"} if len(r) and not uniform else {}),
-            **{k: v for k, v in est.details.items() if k != "radii"}}
+            **{k: v for k, v in est.details.items() if k not in ("radii", "ci_normal")}}
+    if "ci_normal" in est.details:  # natural log in the estimate; log10 like the rest here
+        diag["ci_log10_normal"] = [v / math.log(10) for v in est.details["ci_normal"]]
     return BasinResult(r, est.n, float(centre_loss), float(cutoff), est.log10_volume,
                        float(est.n * torch.log10(r).mean()) if uniform else math.nan,
                        float(r.mean()) if uniform else math.nan, est.ci_log10,
@@ -273,7 +275,7 @@ def _result(est, evaluations: int, log_det_scale: float, centre_loss: float, cut
     from .basin import _warn_r_max
 
     est.n_evaluations = evaluations
-    est.details["log_det_scale"] = log_det_scale  # + this: log V in parameter units
+    est.details["log_det_scale"] = log_det_scale  # natural log: + ln V in parameter units
     res = estimate_result(est, centre_loss, cut, {**cfg.to_dict(), "bn": bn})
     _warn_r_max(res, cfg.r_max, len(res.radii) or None)  # mcmc: of its start rays
     return res

@@ -50,6 +50,7 @@ Example (an ellipsoid, exact with the matched preconditioner)::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections.abc import Callable
@@ -119,6 +120,24 @@ def check_shape_options(estimator: Estimator, preconditioner: CurvatureKind, pow
     if walk_length is not None and estimator is not Estimator.MCMC:
         raise ConfigError(f"volume.walk_length is the mcmc estimator's; {estimator.value} "
                           f"takes no walk")
+
+
+#: options only one estimator reads; another refuses a value other than the default,
+#: which would only change the result's key (``--method grid`` under ``is``, say)
+OWNED_OPTIONS = {"method": "naive", "grid_points": "naive", "grid": "naive",
+                 "grid_power": "naive", "bracket_points": "naive", "bracket_ratio": "naive",
+                 "precision": "naive", "n_chains": "mcmc", "n_replicates": "mcmc"}
+
+
+def check_owned_options(cfg) -> None:
+    """:class:`ConfigError` when ``cfg`` (a :class:`~minefield.basin.VolumeConfig`) sets
+    an option of :data:`OWNED_OPTIONS` that its estimator does not read."""
+    default = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for name, owner in OWNED_OPTIONS.items():
+        value = getattr(cfg, name)
+        if cfg.estimator.value != owner and value != default[name]:
+            raise ConfigError(f"volume.{name} {getattr(value, 'value', value)!r} is the "
+                              f"{owner} estimator's option; {cfg.estimator.value} ignores it")
 
 
 def parse_estimator(value: Estimator | str) -> Estimator:

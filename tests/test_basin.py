@@ -198,6 +198,11 @@ def test_volume_errors():
     (dict(estimator="gaussian", walk_length=5), "volume.walk_length is the mcmc"),
     (dict(estimator="gaussian", precision="bf16"), "volume.precision 'bf16' is the naive"),
     (dict(estimator="mcmc", precision="tf32"), "volume.precision 'tf32' is the naive"),
+    (dict(estimator="mcmc", method="grid"), "volume.method 'grid' is the naive estimator's"),
+    (dict(estimator="is", preconditioner="axes", grid_points=50), "volume.grid_points 50"),
+    (dict(estimator="gaussian", bracket_ratio=2.0), "volume.bracket_ratio 2.0 is the naive"),
+    (dict(n_chains=16), "volume.n_chains 16 is the mcmc estimator's option; naive ignores"),
+    (dict(estimator="gaussian", n_replicates=4), "volume.n_replicates 4 is the mcmc"),
     # a preconditioner shapes is / gaussian / mcmc; naive would drop it (or, with adam,
     # run the Adam-shaped x-unit estimator and call it naive)
     (dict(preconditioner="hessian"), "volume.preconditioner 'hessian' .* naive .* uniform"),

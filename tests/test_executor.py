@@ -502,3 +502,22 @@ def test_local_tests_pass_without_ray(tmp_path):
                        capture_output=True, text=True, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-2000:]
     assert "failed" not in p.stdout and " passed" in p.stdout
+
+
+def test_a_ray_address_where_nothing_listens_is_one_line_not_a_hang():
+    # ray.init retried such an address for ever (and ignored SIGTERM); now a TCP check first
+    import socket
+
+    from minefield.executor import _check_reachable
+    from minefield.options import ConfigError
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConfigError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
+        _check_reachable(f"127.0.0.1:{port}", timeout=2.0)
+    with socket.socket() as s:  # something listening passes
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        _check_reachable(f"ray://127.0.0.1:{s.getsockname()[1]}")
+    _check_reachable(None), _check_reachable("auto")  # a new instance, or Ray's discovery

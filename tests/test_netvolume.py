@@ -68,8 +68,8 @@ def test_other_estimators_land_near_the_ellipsoid(estimator, pre):
     net, params, truth = _quadratic_net()
     res = basin_radii(net, params, QuadraticNet.data(),
                       _cfg(estimator=estimator, preconditioner=pre, n_directions=400,
-                           n_chains=32, n_replicates=4, rtol=1e-4,
-                           walk_length=6 if estimator == "mcmc" else None))
+                           rtol=1e-4, **(dict(n_chains=32, n_replicates=4, walk_length=6)
+                                         if estimator == "mcmc" else {})))
     assert abs(res.log10_volume - truth) < 0.5  # 6 dims, 1 decade of semi-axes: ~1.4 log10
     if estimator == "naive":  # its normal interval sits around its estimate
         lo, hi = res.diagnostics["ci_log10_normal"]
@@ -86,6 +86,9 @@ def test_gaussian_measure_of_a_round_network_basin():
                                                              sigma=sigma, n_directions=10))
     want = net.body().gaussian_log_mass(sigma) / LN10
     assert res.log10_volume == pytest.approx(want, abs=1e-7)
+    # every volume in the result is log10: the normal interval too (it was stored in nats)
+    lo, hi = res.diagnostics["ci_log10_normal"]
+    assert "ci_normal" not in res.diagnostics and lo <= res.log10_volume <= hi
 
 
 def test_engine_lines_from_starts_match_the_loop():

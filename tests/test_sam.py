@@ -178,6 +178,8 @@ def test_bad_input_raises():
         TrainConfig(sam="sam", rho=-0.1)
     with pytest.raises(ConfigError, match="train.asam_eta"):
         TrainConfig(sam="asam", asam_eta=float("nan"))
+    with pytest.raises(ConfigError, match="train.asam_eta is ASAM's .* sam = sam"):
+        TrainConfig(sam="sam", rho=0.1, asam_eta=0.5)  # was accepted and had no effect
     with pytest.raises(ConfigError, match="train.sam: 'big' is not one of"):
         TrainConfig(sam="big")
 

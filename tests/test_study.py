@@ -319,8 +319,10 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, match):
     assert not root.exists() and not (tmp_path / "fig").exists()
 
 
-@pytest.mark.parametrize("text, match", [("{not json", "is not valid JSON"),
-                                         ("3", "must hold an object")])
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "is not valid JSON"), ("3", "must hold an object"),
+    # a misspelt "points" beside "grid" was read as a grid field named "grid"
+    ('{"point": [{"lr": 0.1}], "grid": {"seed": [0, 1]}}', "unknown key(s) ['point']")])
 def test_cli_bad_grid_file_is_one_line(tmp_path, text, match):
     grid = tmp_path / "grid.json"
     grid.write_text(text)
@@ -429,7 +431,8 @@ def test_sharpness_of_a_study_points_at_its_stacks(tmp_path):
         assert sorted(p for p in tmp_path.rglob("*") if p.name != ".lock") == before, cmd
         assert res.exit_code == 1 and "Traceback" not in res.output, res.output
         assert (f"sd is a study, not a trained run: its models are the runs of its stacks in "
-                f"{tmp_path / 'sd' / 'stacks'} ({stack}); name one with --root") in res.output
+                f"{tmp_path / 'sd' / 'stacks'} ({stack}); name one as in 'minefield --root "
+                f"{tmp_path / 'sd' / 'stacks'} COMMAND STACK'") in res.output.replace("\n", "")
     res = CliRunner().invoke(main, ["--root", str(tmp_path / "sd" / "stacks"), "sharpness",
                                     stack, "--measures", "lambda_max"])
     assert res.exit_code == 0, res.output

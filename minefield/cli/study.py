@@ -83,6 +83,10 @@ def _grid_file(path: Path) -> dict:
         raise ConfigError(f"grid file {path} is not valid JSON: {e}") from None
     if isinstance(d, list):
         return {"points": tuple(d)}
+    if isinstance(d, dict) and {"grid", "points"} & set(d) and set(d) - {"grid", "points"}:
+        raise ConfigError(f"grid file {path}: unknown key(s) "
+                          f"{sorted(set(d) - {'grid', 'points'})} beside 'grid' / 'points' "
+                          "(a file with either holds only those two)")
     if isinstance(d, dict) and set(d) <= {"grid", "points"} and d:
         return {k: tuple(v) if k == "points" and isinstance(v, list) else v
                 for k, v in d.items()}

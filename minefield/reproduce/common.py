@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,5 +194,11 @@ def mcmc_row(runs: dict[str, TrainResult], vcfg: VolumeConfig, n: int, data: dic
                     "hours_at_least": hours}
     return (f"mcmc (Gaussian cooling, {vcfg.n_chains} chains x {vcfg.n_replicates} "
             f"replicates): not run; its cost at least, " + " / ".join(runs),
-            f">= {cost.phases} phases x {cost.evaluations:.2e} evaluations: " + " / ".join(
-                f">= {hours[k]:,.0f} h at {rates[k]:,.0f} evals/s" for k in runs), "-")
+            f">= {cost.phases} phases x {_down(cost.evaluations)} evaluations: " + " / ".join(
+                f">= {math.floor(hours[k]):,} h at {rates[k]:,.0f} evals/s" for k in runs), "-")
+
+
+def _down(x: float) -> str:
+    """A lower bound in three significant digits, rounded down: ``1.38e+09``."""
+    e = math.floor(math.log10(x)) - 2 if x > 0 else 0
+    return f"{math.floor(x / 10**e) * 10**e:.2e}"

@@ -276,7 +276,8 @@ def run_config(run: Run) -> ExperimentConfig:
         names = sorted(p.name for p in stacks.iterdir() if p.is_dir()) if stacks.is_dir() else []
         some = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
         raise RunError(f"{run.name} is a study, not a trained run: its models are the runs of "
-                       f"its stacks in {stacks}{some}; name one with --root {stacks}")
+                       f"its stacks in {stacks}{some}; name one as in 'minefield --root {stacks} "
+                       f"COMMAND STACK'")
     return ExperimentConfig.from_dict(cfg)
 
 
