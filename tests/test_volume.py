@@ -453,3 +453,14 @@ def test_a_normal_interval_needs_twenty_directions_not_twenty_radii():
     assert res.diagnostics["interval"] == "bound"
     assert "of their 15 pairs (a normal interval needs >= 15 of them and >= 20 of the pairs)" \
         in res.diagnostics["warnings"][0]
+
+
+def test_the_heavy_tail_bound_is_markov_to_the_ball_whatever_the_normal_interval():
+    import math
+
+    from minefield.intervals import honest_interval
+
+    # a normal interval reaching past the ball (the largest volume within r_max) and below
+    # the Markov bound: the bound is [Markov, ball] (its upper end took the normal one's)
+    (lo, hi), kind = honest_interval(-10.0, (-30.0, 5.0), 1.0, 100, 0.95, 2.0, slack=0.5)
+    assert kind == "bound" and hi == 2.5 and lo == -10.0 + math.log(0.05) - 0.5
