@@ -3,6 +3,7 @@ the good-to-bad curve, and the connect stage and command."""
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -399,3 +400,31 @@ def test_connect_refuses_control_points_that_do_not_fit_the_endpoints():
     with pytest.raises(ValueError, match="not the model's parameters"):
         connect(model, {k: v[..., :1] for k, v in a.items()},
                 {k: v[..., :1] for k, v in b.items()}, data, cfg)
+
+
+def test_a_rewritten_checkpoint_a_is_not_reused(cli, tmp_path):
+    # only b's ends were keyed by content: a's file rewritten with other weights (a search
+    # redone with --force) gave back the curve of the old ones
+    assert cli("train", "--name", "a", *TINY).exit_code == 0
+    assert cli("train", "--name", "b", "--seed", "1", *TINY).exit_code == 0
+    runs = tmp_path / "runs"
+    ck = sorted((runs / "a" / "trajectory").glob("*.safetensors"))[-1]
+    args = ["connect", "a", "b", "--checkpoint-a", f"trajectory/{ck.name}", "--steps", "5",
+            "--points", "3"]
+    assert cli(*args).exit_code == 0 and "reusing" in cli(*args).output
+    shutil.copy(runs / "b" / "trajectory" / ck.name, ck)  # same name, other weights
+    r = cli(*args)
+    assert r.exit_code != 0 and "holds results for other settings" in r.output
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_every_command(cli, tmp_path):
+    # tanh weights loaded into the relu run's net: numbers of neither model, saved as a's
+    assert cli("train", "--name", "a", *TINY).exit_code == 0
+    assert cli("train", "--name", "c", "--activation", "tanh", *TINY).exit_code == 0
+    other = str(sorted((tmp_path / "runs" / "c" / "trajectory").glob("*.safetensors"))[-1])
+    before = _files(tmp_path / "runs")
+    for cmd in (["evaluate", "a"], ["basin", "a", "--directions", "2"],
+                ["sharpness", "a", "--measures", "lambda_max"]):
+        r = cli(*cmd, "--checkpoint", other)
+        assert r.exit_code == 1 and "is of another model than run a's" in r.output, r.output
+    assert _files(tmp_path / "runs") == before

@@ -128,7 +128,8 @@ def connect_run(run_a: Run | str | Path, run_b: Run | str | Path,
     b = stack([{k: v[0] for k, v in p.items()} for p in bs])
     pairs = [{"a": [run_a.name, checkpoint_a, member_a],
               "b": [run_b.name, ck, 0 if minima else member_b]} for ck in ends_b]
-    key = {"connect": cfg.to_dict(), "pairs": pairs,  # b's ends by content (see fingerprint)
+    key = {"connect": cfg.to_dict(), "pairs": pairs,  # both ends by content (fingerprint)
+           "a_end": run_a.fingerprint(checkpoint_a, named=False),
            "b_ends": [run_b.fingerprint(ck) for ck in ends_b]}
     rel, ctl = f"connect/{tag}.json", f"connect/{tag}.safetensors"
     run_a.lock()

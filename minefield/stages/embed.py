@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
 from ..embed import EmbedConfig, EmbedResult, TSNEMap, fit_map, weight_matrix
 from ..evaluate import evaluate_members, resolve_device
 from ..functional import stack
@@ -29,7 +28,7 @@ from ..runs import (
     save_tensors,
     tensors_sha,
 )
-from .train import load_run_model, run_config
+from .train import check_model_config, load_run_model, run_config
 
 __all__ = ["EMBED_FILE", "MAP_FILE", "embed_run", "load_embedding", "load_map"]
 
@@ -236,11 +235,7 @@ def _check_models(run: Run, cks: list[Checkpoint], names: dict[str, torch.Size])
                for n, shape in names.items()):
             raise RunError(f"checkpoint {ck.path.name} does not match the model of run "
                            f"{run.name}")
-        model = (ck.meta.get("config") or {}).get("model")
-        if isinstance(model, dict) and ModelConfig.from_dict(model).replace(
-                init=own.init) != own:  # the initialisation scheme is no part of the model
-            raise RunError(f"checkpoint {ck.path.name} is of another model than run "
-                           f"{run.name}'s ({model} vs {own.to_dict()})")
+        check_model_config(run.name, own, ck)
 
 
 def _member_of(ck: Checkpoint, names: dict[str, torch.Size], member: int

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import ExperimentConfig, Optimizer, PoisonObjective, TrainConfig
+from ..config import ExperimentConfig, ModelConfig, Optimizer, PoisonObjective, TrainConfig
 from ..data import Dataset, load_dataset
 from ..evaluate import evaluate_members, resolve_device
 from ..functional import Params
@@ -292,8 +292,19 @@ def load_run_model(run: Run, checkpoint: str | Path | None = None, device="cpu")
             raise RunError(f"run {run.path} has no trajectory checkpoints (was it trained?)")
         checkpoint = traj[-1]
     ck = run.load_checkpoint(checkpoint, device)
+    check_model_config(run.name, cfg.model, ck)
     params, buffers = match_model(model, ck)
     return model, params, buffers, data.to(device), cfg
+
+
+def check_model_config(name: str, own: ModelConfig, ck: Checkpoint) -> None:
+    """RunError when ``ck`` names its model config (a trajectory checkpoint) and it is not
+    run ``name``'s: the same shapes with another activation are another model, whose
+    numbers the run's would misstate (the initialisation scheme is no part of a model)."""
+    model = (ck.meta.get("config") or {}).get("model")
+    if isinstance(model, dict) and ModelConfig.from_dict(model).replace(init=own.init) != own:
+        raise RunError(f"checkpoint {Path(ck.path).name} is of another model than run "
+                       f"{name}'s ({model} vs {own.to_dict()})")
 
 
 def match_model(model: nn.Module, ck: Checkpoint) -> tuple[Params, Params]:
