@@ -244,6 +244,11 @@ def test_search_run_writes_resumes_and_never_redoes(good_run):
             "dist_final_l2", "attempt"} <= set(row)
     ck = good_run.load_checkpoint(minima[0])
     assert ck.meta["kind"] == "bad_minimum" and ck.meta["search"] == cfg.to_dict()
+    # it names its model, so embed --add and --checkpoint refuse it in another model's run
+    from minefield.config import ExperimentConfig
+
+    assert ck.meta["config"]["model"] == ExperimentConfig.from_dict(
+        good_run.config).model.to_dict()
     with pytest.raises(RunError, match="holds results for other settings"):
         search_run(good_run, _cfg(every=1, start=1, lr=0.5), device="cpu")
     redo = search_run(good_run, _cfg(every=2, start=1), device="cpu", force=True)

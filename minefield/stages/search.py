@@ -213,7 +213,9 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
                 run.save_checkpoint(path, minimum, {}, {"kind": "bad_minimum",
                                                         "step": row["steps"], "row": row,
                                                         "search": cfg.to_dict(),
-                                                        "run": run.name})
+                                                        "run": run.name,  # its model: embed
+                                                        "config": {"model": run_cfg.model
+                                                                   .to_dict()}})
         finished[0] += len(out["rows"])
         if on_batch:
             on_batch(finished[0], len(work))
