@@ -65,6 +65,7 @@ from .volume import (
     check_shape_options,
     honest_interval,
     parse_power,
+    power_text,
     weights_estimate,
 )
 
@@ -150,6 +151,8 @@ class VolumeConfig(_Config):
                               f"uniform directions: choose one of those estimators or none")
         check_shape_options(self.estimator, self.preconditioner, self.power, self.sigma,
                             self.walk_length)  # bad numbers, and options another one ignores
+        # one spelling per power ("2.0", "2" -> "2"; "INF" -> "inf"): one result key each
+        object.__setattr__(self, "power", power_text(self.proposal_power()))
         check_owned_options(self)  # naive's radius search and precision, mcmc's chains
         if self.mcmc_blocks != 1 and (self.estimator is not Estimator.MCMC
                                       or not 1 <= 2 * self.mcmc_blocks <= self.n_replicates):

@@ -73,9 +73,9 @@ from .intervals import (
 from .options import CurvatureKind, Estimator, option
 from .precondition import Preconditioner
 
-__all__ = ["Estimator", "parse_estimator", "parse_power", "LineLoss", "VolumeEstimate",
-           "log_chi_cdf", "star_volume", "fit_power", "POWERS", "weights_estimate",
-           "honest_interval", "ray_radii", "LN10"]
+__all__ = ["Estimator", "parse_estimator", "parse_power", "power_text", "LineLoss",
+           "VolumeEstimate", "log_chi_cdf", "star_volume", "fit_power", "POWERS",
+           "weights_estimate", "honest_interval", "ray_radii", "LN10"]
 
 LN10 = math.log(10.0)
 #: ``line_loss(x0, v, t)``: the loss at ``x0 + t v`` (``x0`` None: the centre), CPU
@@ -98,14 +98,22 @@ def parse_power(text: str | float, what: str = "power") -> float | str:
     return value
 
 
+def power_text(power: float | str) -> str:
+    """One spelling (one result key) per parsed power: ``"2.0"`` and ``"2"`` give ``"2"``.
+
+    >>> [power_text(parse_power(t)) for t in ("2.0", "INF", "auto", "2.5")]
+    ['2', 'inf', 'auto', '2.5']"""
+    text = str(power) if power in ("auto", math.inf) else repr(float(power))
+    return text.removesuffix(".0")
+
+
 def check_shape_options(estimator: Estimator, preconditioner: CurvatureKind, power: str,
                         sigma: float | None, walk_length: int | None) -> None:
     """:class:`ConfigError` for a bad ``power`` / ``sigma`` / ``walk_length`` (of
     :class:`~minefield.basin.VolumeConfig`), or one the estimator would ignore: a proposal
     power shapes ``is`` and ``gaussian`` with a preconditioner, ``sigma`` is
     ``gaussian``'s, ``walk_length`` ``mcmc``'s (they used to change the result's key only)."""
-    shaped = estimator in (Estimator.IS, Estimator.GAUSSIAN) and \
-        preconditioner is not CurvatureKind.NONE
+    shaped = estimator.value in ("is", "gaussian") and preconditioner is not CurvatureKind.NONE
     if parse_power(power, "volume.power") != 2.0 and not shaped:
         raise ConfigError(f"volume.power {power!r} shapes the proposal of is or gaussian with "
                           f"a preconditioner; {estimator.value} with preconditioner "
@@ -115,11 +123,9 @@ def check_shape_options(estimator: Estimator, preconditioner: CurvatureKind, pow
     if sigma is not None and estimator is not Estimator.GAUSSIAN:
         raise ConfigError(f"volume.sigma is the gaussian estimator's; {estimator.value} has none")
     if walk_length is not None and not walk_length >= 1:
-        raise ConfigError(f"volume.walk_length must be >= 1 (None: max(10, 2 n)), got "
-                          f"{walk_length}")
+        raise ConfigError(f"volume.walk_length must be >= 1 (None: max(10, 2n)), got {walk_length}")
     if walk_length is not None and estimator is not Estimator.MCMC:
-        raise ConfigError(f"volume.walk_length is the mcmc estimator's; {estimator.value} "
-                          f"takes no walk")
+        raise ConfigError(f"volume.walk_length is mcmc's; {estimator.value} takes no walk")
 
 
 #: options only one estimator reads; another refuses a value other than the default,

@@ -194,8 +194,8 @@ def test_volume_errors():
     (dict(estimator="mcmc", preconditioner="axes", power="4"), "volume.power '4' shapes"),
     (dict(sigma=0.1), "volume.sigma is the gaussian estimator's; naive has none"),
     (dict(estimator="is", preconditioner="axes", sigma=0.1), "volume.sigma is the gaussian"),
-    (dict(walk_length=5), "volume.walk_length is the mcmc estimator's; naive takes no walk"),
-    (dict(estimator="gaussian", walk_length=5), "volume.walk_length is the mcmc"),
+    (dict(walk_length=5), "volume.walk_length is mcmc's; naive takes no walk"),
+    (dict(estimator="gaussian", walk_length=5), "volume.walk_length is mcmc.s"),
     (dict(estimator="gaussian", precision="bf16"), "volume.precision 'bf16' is the naive"),
     (dict(estimator="mcmc", precision="tf32"), "volume.precision 'tf32' is the naive"),
     (dict(estimator="mcmc", method="grid"), "volume.method 'grid' is the naive estimator's"),
@@ -211,6 +211,17 @@ def test_volume_errors():
 def test_volume_config_validation(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         VolumeConfig(**kw)
+
+
+def test_volume_power_has_one_spelling():
+    """--power 2.0 and 2 (INF and inf) are one proposal: one config, one result key (two
+    spellings used to store and compute the same estimate twice)."""
+    base = dict(estimator="is", preconditioner="axes")
+    for a, b in (("2.0", "2"), ("INF", "inf"), ("4.00", 4.0), ("Infinity", "inf")):
+        assert VolumeConfig(**base, power=a) == VolumeConfig(**base, power=b)
+        assert VolumeConfig(**base, power=a).to_dict() == VolumeConfig(**base, power=b).to_dict()
+    assert VolumeConfig(**base, power="2.5").power == "2.5"
+    assert VolumeConfig().power == "2"  # the default's key is unchanged
 
 
 def test_radius_grid_is_the_papers_u5():
