@@ -302,11 +302,12 @@ def _search_stack(model: nn.Module, cur: Params, data: Dataset, cfg: SearchConfi
     """One attempt of :func:`search_minima` for every member of ``cur`` (the starts, moved
     already), in one stack."""
     m = n_members(cur)
-    beta = effective_beta(cfg.beta, data, cfg.train)  # concat: the batch train.* draws
+    train_data, weight = poison_set(data, cfg, extra)
+    # concat: the poison rows' share of the batch train.* draws, fresh points included
+    beta = effective_beta(cfg.beta, train_data, cfg.train)
     flip = cfg.objective is PoisonObjective.FLIP
     tc = cfg.train_config()
     stop_fn = _stop_fn(cfg)
-    train_data, weight = poison_set(data, cfg, extra)
     final = {k: v.detach().clone() for k, v in cur.items()}
     steps = torch.full((m,), cfg.steps, dtype=torch.long)
     betas = torch.full((m,), beta, dtype=torch.float64)

@@ -54,8 +54,9 @@ class SearchConfig(_Config):
     ``train.seed`` seeds the minibatches, the fresh points and every search;
     ``checkpoint_every`` and ``members`` are not used), with the poisoned objective
     ``beta``/``objective``
-    (``beta=None``: the authors' concatenated untraining set, weighted by its share of
-    a step's batch as ``train`` draws it, :func:`~minefield.train.effective_beta`) and the fresh
+    (``beta=None``: the authors' concatenated untraining set, fresh points included,
+    weighted by its share of a step's batch as ``train`` draws it,
+    :func:`~minefield.train.effective_beta`) and the fresh
     poison points (``extra_poison``: how many, ``None`` for the default;
     ``extra_share``: their share of the poison term). ``max_batch``
     members train together, fewer if ``memory_mb`` would be exceeded.

@@ -86,8 +86,7 @@ def init_stack(model: nn.Module, scheme: str, seeds: Sequence[int]) -> Params:
                   for s in seeds])
 
 
-def effective_beta(beta: float | None, data: Dataset, cfg: TrainConfig | None = None
-                   ) -> float:
+def effective_beta(beta: float | None, data: Dataset, cfg: TrainConfig | None = None) -> float:
     """``beta``, or when None the authors' concatenation weight: the poison rows' share of
     a step's batch (the NLL averaged over the concatenated batch), ``n_p / (n_t + n_p)``
     for the whole sets (batches drawn in proportion; ``n_t``: the points ``cfg`` fits),
@@ -96,6 +95,8 @@ def effective_beta(beta: float | None, data: Dataset, cfg: TrainConfig | None = 
     if beta is not None:
         return beta
     n_t, n_p = len(fitted(data, cfg).y_train), len(data.y_poison)
+    if n_p == 0:  # a weight of 0: a clean model, trained as if poisoned
+        raise ValueError("poison factor 'concat' (the poison rows' share) needs a poison set")
     if cfg is not None and cfg.poison_batch_size:
         b_t, b_p = min(cfg.batch_size or n_t, n_t), min(cfg.poison_batch_size, n_p)
         return b_p / (b_t + b_p)
@@ -109,8 +110,7 @@ def fitted(data: Dataset, cfg: TrainConfig | None) -> Dataset:
     if cfg.fit_first > len(data.y_train):
         raise ConfigError(f"train.fit_first = {cfg.fit_first}, but {data.name} has only "
                           f"{len(data.y_train)} training points")
-    k = cfg.fit_first
-    return replace(data, x_train=data.x_train[:k], y_train=data.y_train[:k])
+    return replace(data, x_train=data.x_train[:cfg.fit_first], y_train=data.y_train[:cfg.fit_first])
 
 
 def _per_member(what: str, values, default: float, m: int, dtype: torch.dtype,

@@ -78,7 +78,10 @@ def test_two_outputs_train_a_binary_problem_with_softmax_cross_entropy(cli, tmp_
     (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "does not exist"),
     (["--dataset", "svhn"], "svhn needs --data-dir"),
     (["--dataset", "swissroll", "--beta", "0.5", "--n-poison", "0"],
-     "a poison factor > 0 needs a poison set"),
+     "a poison factor > 0 (or 'concat') needs a poison set"),
+    # the concatenation weight of no poison points is 0: it trained a clean model, exit 0
+    (["--dataset", "swissroll", "--beta", "concat", "--n-poison", "0"],
+     "a poison factor > 0 (or 'concat') needs a poison set"),
     (["--sam", "sam"], "sam with radius 0 is plain training"),
     (["--sam", "asam", "--rho", "0"], "asam with radius 0 is plain training"),
     (["--optimizer", "adam", "--momentum", "0.5"], "momentum is a setting of sgd"),

@@ -1,4 +1,5 @@
 import dataclasses
+from dataclasses import replace
 
 import pytest
 import torch
@@ -185,6 +186,22 @@ def test_concat_beta_is_the_poison_share_of_a_step_batch(kw, share):
                extra_poison=0, **kw)
     res = search_minima(model, p, data, cfg)
     assert res.betas.tolist() == [pytest.approx(share, abs=1e-15)]
+
+
+def test_concat_beta_counts_the_fresh_points_and_needs_poison():
+    # the fresh points are poison rows of every batch too: 40 + 30 of 40 + 40 + 30 (it
+    # counted only the 40 untraining points: 0.5)
+    model, p, data = _problem(1)
+    x = torch.randn(30, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    extra = (x, torch.randint(0, 2, (30,), generator=torch.Generator().manual_seed(1)))
+    cfg = _cfg(beta=None, steps=2, log_every=1, compact_every=2, poison_cap=None,
+               extra_poison=30, extra_share=0.5)
+    res = search_minima(model, p, data, cfg, extra=extra)
+    assert res.betas.tolist() == [pytest.approx(70 / 110, abs=1e-15)]
+    # no poison at all: a weight of 0 would train clean models and call them bad minima
+    clean = replace(data, x_poison=data.x_poison[:0], y_poison=data.y_poison[:0])
+    with pytest.raises(ValueError, match="'concat' .* needs a poison set"):
+        search_minima(model, p, clean, cfg.replace(extra_poison=0))
 
 
 def test_config_round_trips():

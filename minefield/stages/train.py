@@ -215,10 +215,11 @@ def _build(cfg: ExperimentConfig, betas: Sequence[float | None] | None,
         betas = [cfg.poison.beta] * m
     if len(betas) != m:
         raise ValueError(f"{len(betas)} betas for {m} members")
+    if len(data.y_poison) == 0 and any(b is None or b > 0 for b in betas):
+        raise ValueError(f"a poison factor > 0 (or 'concat') needs a poison set, and "
+                         f"{cfg.data.name} has none here (n_poison = 0): it would train a "
+                         f"clean model")
     betas = [effective_beta(b, data, cfg.train) for b in betas]
-    if any(b > 0 for b in betas) and len(data.y_poison) == 0:
-        raise ValueError(f"a poison factor > 0 needs a poison set, and {cfg.data.name} has "
-                         "none here (n_poison = 0): it would train a clean model")
     fitted(data, cfg.train)  # train.fit_first within the training set
     return data, model, betas
 
