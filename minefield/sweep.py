@@ -54,6 +54,9 @@ class SweepConfig(_Config):
         bad = [b for b in self.betas if not 0.0 <= b < 1.0]
         if bad:
             raise ConfigError(f"poison factors must be in [0, 1), got {bad}")
+        for s in self.seeds:
+            if not 0 <= s < 2**32:
+                raise ConfigError(f"sweep: seed {s} is outside 0 to {2**32 - 1}")
         for what, values in (("beta", self.betas), ("seed", self.seeds)):
             twice = [v for i, v in enumerate(values) if v in values[:i]]
             if twice:  # the same model twice would count twice in the correlations

@@ -87,6 +87,9 @@ def test_two_outputs_train_a_binary_problem_with_softmax_cross_entropy(cli, tmp_
     (["--optimizer", "adam", "--momentum", "0.5"], "momentum is a setting of sgd"),
     (["--optimizer", "rmsprop", "--momentum", "0"], "rmsprop would ignore it"),
     (["--gamma", "0.5"], "give --milestones too"),
+    # it overflowed deep in torch: "Overflow when unpacking long long"
+    (["--seed", "99999999999999999999"], "is not in the range 0<=x<=4294967295"),
+    (["--data-seed", "-1"], "is not in the range 0<=x<=4294967295"),
     (["--dataset", "blobs", "--outputs", "3"], "model.outputs=3 does not fit 2 classes"),
 ])
 def test_bad_input_one_line_nonzero(cli, args, msg, tmp_path):

@@ -139,8 +139,12 @@ def test_a_diverging_sweep_says_so_in_one_line_split_or_not(tiny, tmp_path):
         sweep_run(base.replace(name="dv1"), sc, tmp_path, progress=False, models_per_task=1)
 
 
-@pytest.mark.parametrize("betas, seeds, match", [((0.0, 0.1, 0.1), (0,), "beta 0.1 is given twice"),
-                                                 ((0.0,), (1, 2, 1), "seed 1 is given twice")])
+@pytest.mark.parametrize("betas, seeds, match", [
+    ((0.0, 0.1, 0.1), (0,), "beta 0.1 is given twice"),
+    ((0.0,), (1, 2, 1), "seed 1 is given twice"),
+    # it overflowed deep in torch ("Overflow when unpacking long long")
+    ((0.0,), (0, 2**70), "seed 1180591620717411303424 is outside 0 to 4294967295"),
+])
 def test_a_sweep_refuses_a_model_given_twice_split_or_not(tmp_path, betas, seeds, match):
     """A split sweep trained the model twice and counted it twice in the correlations."""
     from click.testing import CliRunner

@@ -19,6 +19,10 @@ from ..options import ExecutorKind, choices
 from ..runs import DEFAULT_ROOT, Run, RunError
 from ..train import TrainingDiverged
 
+#: a seed option's range, the data seeds' and numpy's (a larger one overflowed deep in
+#: torch: "Overflow when unpacking long long")
+SEED = click.IntRange(0, 2**32 - 1)
+
 # Errors a user can act on: printed as one line, exit status 1.
 USER_ERRORS = (ConfigError, DataError, ModelError, RunError, TrainingDiverged, ValueError,
                FileNotFoundError, TaskFailed)

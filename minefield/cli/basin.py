@@ -24,6 +24,7 @@ from ..stages import basin_run, landscape_run, load_basin, load_landscape
 from ..stages.basin import check_tag
 from ..stages.train import run_config
 from ._common import (
+    SEED,
     device_option,
     executor_of,
     executor_options,
@@ -109,7 +110,7 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
                    "task each with --executor; the estimate pools their replicates).")
 @kind_option
 @bias_option
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--rollouts", "n_rollouts", type=click.IntRange(0), default=20, show_default=True,
               help="Directions whose loss curve is stored for 'plot basin'.")
 @click.option("--precision", type=click.Choice([p.value for p in Precision]),
@@ -232,7 +233,7 @@ def plot_basin_cmd(ctx, runs, tag, member, out):
               help="2-D rows per saved block (resume granularity).")
 @kind_option
 @bias_option
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @tag_option
 @device_option
 @memory_option

@@ -12,7 +12,7 @@ from ..options import choices
 from ..plotting import save_figure
 from ..plotting.connect import plot_connect
 from ..stages.connect import connect_run, load_connect
-from ._common import device_option, force_option, friendly, main, open_run, plot, root_of
+from ._common import SEED, device_option, force_option, friendly, main, open_run, plot, root_of
 from .basin import _tag, tag_option
 
 _FIGURES = Path("figures")
@@ -36,7 +36,7 @@ _FIGURES = Path("figures")
 @click.option("--lr", type=float, default=CURVE_TRAIN.lr, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), help="Default: full batch.")
 @click.option("--l2", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the sampled t (with each pair's endpoints) and the minibatches.")
 @click.option("--isolate/--no-isolate", default=True, show_default=True,
               help="Each curve on kernels shaped for one model: a pair's numbers do not "

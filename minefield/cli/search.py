@@ -15,6 +15,7 @@ from ..search import SearchConfig, StopRule
 from ..stages import embed_run, load_embedding, search_run
 from ..stages.embed import EMBED_FILE
 from ._common import (
+    SEED,
     device_option,
     executor_of,
     executor_options,
@@ -104,7 +105,7 @@ _D = SearchConfig()
               show_default=True,
               help="How far a retry's start moves (filter-normalised units; at least "
               "--jitter).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--max-batch", type=click.IntRange(1), default=_D.max_batch, show_default=True,
               help="Searches trained together as one stacked model.")
 @click.option("--memory-mb", type=float, default=_D.memory_mb, show_default=True)
@@ -174,7 +175,7 @@ def search(ctx, run, every, start, stop, checkpoints, member, repeats, jitter, s
 @main.command()
 @click.argument("run")
 @click.option("--perplexity", type=float, default=30.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--n-iter", type=click.IntRange(1), default=EmbedConfig.n_iter, show_default=True)
 @click.option("--pca-dims", type=click.IntRange(2), default=50, show_default=True)
 @click.option("--all-params", is_flag=True, help="Embed biases too (default: kernels only).")

@@ -18,7 +18,7 @@ from ..measures import MEASURES, SharpnessConfig, check_measurable, measure_memb
 from ..runs import RunError, reading
 from ..stages import load_run_model
 from ..stages.train import run_config
-from ._common import device_option, force_option, friendly, main, open_run
+from ._common import SEED, device_option, force_option, friendly, main, open_run
 from .basin import _tag, tag_option
 
 _DEFAULT = SharpnessConfig()
@@ -68,7 +68,7 @@ def _measures(text: str) -> tuple[str, ...]:
 @click.option("--bn", type=click.Choice(["eval", "batch"]), default="eval", show_default=True)
 @click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64",
               show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @tag_option
 @device_option
 @force_option

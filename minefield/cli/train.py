@@ -15,6 +15,7 @@ from ..plotting import plot_boundary, save_figure
 from ..runs import Run, RunError
 from ..stages import load_run_model, train_run
 from ._common import (
+    SEED,
     device_option,
     force_option,
     friendly,
@@ -36,7 +37,7 @@ _EXPERIMENT_OPTIONS = [
     click.option("--name", help="Run name (folder under runs/)."),
     click.option("--dataset", type=click.Choice(sorted(DATASETS))),
     click.option("--data-dir", type=click.Path(file_okay=False), help="For cifar10 / svhn."),
-    click.option("--data-seed", type=int),
+    click.option("--data-seed", type=SEED),
     click.option("--n-train", type=click.IntRange(0), help="Training points (default: the "
                  "dataset's own)."),
     click.option("--n-test", type=click.IntRange(0), help="Test points (default: the dataset's)."),
@@ -72,7 +73,7 @@ _EXPERIMENT_OPTIONS = [
                  "in any stack, split or executor (slower). Default: batched (--no-isolate)."),
     click.option("--log-every", type=click.IntRange(1)),
     click.option("--checkpoint-every", type=click.IntRange(1)),
-    click.option("--seed", type=int),
+    click.option("--seed", type=SEED),
     click.option("--objective", type=click.Choice(choices(PoisonObjective))),
     device_option,
     force_option,
