@@ -231,6 +231,14 @@ class EmbedResult:
                 "poison_acc": self.poison_acc.tolist(), "added": self.added,
                 "added_sha": self.added_sha}
 
+    def __post_init__(self):
+        n = len(self.coords)  # a file edited by hand: one ValueError, not an IndexError later
+        sizes = [len(v) for v in (self.kind, self.step, self.train_acc, self.test_acc,
+                                  self.poison_acc)] + [self.kind.count("added")]
+        if self.coords.shape != (n, 2) or sizes[:-1] != [n] * 5 or sizes[-1] != len(self.added):
+            raise ValueError(f"lengths disagree: {n} coordinates, labels {sizes[:-1]}, "
+                             f"{len(self.added)} files of {sizes[-1]} added points")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EmbedResult:
         t = torch.tensor

@@ -255,6 +255,17 @@ def test_connect_command_writes_reuses_and_plots(cli, tmp_path, monkeypatch):
     r = cli("plot", "connect", "g")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "figures" / "connect_g_default.png").stat().st_size > 10_000
+    # a hand-edited result: one "corrupt" line ("this is a bug" or matplotlib's text before)
+    path = tmp_path / "runs" / "g" / "connect" / "default.json"
+    for edit in (lambda d: d.update(curve={}), lambda d: d.update(ts=d["ts"][:2]),
+                 lambda d: d["line"].update(test_acc=d["line"]["test_acc"][:0])):
+        edited = dict(saved)
+        edited["line"], edited["curve"] = dict(saved["line"]), dict(saved["curve"])
+        edit(edited)
+        path.write_text(json.dumps(edited))
+        for r in (cli(*args), cli("plot", "connect", "g")):
+            assert r.exit_code == 1 and "default.json is corrupt" in r.output, r.output
+            assert "this is a bug" not in r.output and "Traceback" not in r.output
 
 
 def test_a_retrained_endpoint_is_not_reused(cli, tmp_path):

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +87,13 @@ def test_embed_run_save_load_and_plot(tmp_path, tiny):
     assert "final iterate: train" in ax.get_title() and "3 bad minima" in ax.get_title()
     with pytest.raises(ConfigError, match="checkpoints: 'some' is not one of searched, all"):
         embed_run(run, cfg, device="cpu", checkpoints="some")
+    # a hand-edited embed.json: one "corrupt" line, not an IndexError in the plot
+    path = run.file("embed/embed.json")
+    saved = json.loads(path.read_text())
+    for key, cut in (("coords", 3), ("test_acc", 5), ("kind", 5)):
+        path.write_text(json.dumps({**saved, key: saved[key][:cut]}))
+        with pytest.raises(RunError, match="embed.json is corrupt .* lengths disagree"):
+            load_embedding(run)
 
 
 def test_map_places_new_points_beside_their_nearest_old_neighbours():

@@ -158,4 +158,22 @@ def load_connect(run: Run | str | Path, tag: str = "default", root: Path | str =
     with reading(run.file(rel)):
         res = ConnectResult.from_dict(saved)
         pairs = list(saved["pairs"])
+        _check_shapes(res, len(pairs))
     return ConnectRun(res, pairs, run.file(rel), reused)
+
+
+_PER_T = ("loss", "acc")  # (P, T) per split; the barriers (P,)
+_BARRIERS = ("max_loss", "loss_barrier", "t_barrier", "acc_barrier")
+
+
+def _check_shapes(res: ConnectResult, p: int) -> None:
+    """ValueError (a corrupt file, in :func:`~minefield.files.reading`) unless the line and
+    the curve each hold every value: ``(P, T)`` along the path, ``(P,)`` per barrier."""
+    t = len(res.ts)
+    for part in (res.line, res.curve):
+        for split in ("train", "test"):
+            for k in (*_PER_T, *_BARRIERS):
+                v = part[f"{split}_{k}"]
+                if tuple(v.shape) != ((p, t) if k in _PER_T else (p,)):
+                    raise ValueError(f"{split}_{k} has shape {tuple(v.shape)} for {p} pairs "
+                                     f"and {t} values of t")
