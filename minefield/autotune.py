@@ -90,7 +90,8 @@ def probe_key(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor
     share a path) and parameter shapes, the input's shape, the device and dtype (and
     anything in ``extra``, e.g. the BN policy)."""
     shapes = tuple((k, tuple(v.shape[1:])) for k, v in params.items())
-    structure = tuple((name, type(mod).__qualname__) for name, mod in model.named_modules())
+    structure = tuple((name, type(mod).__qualname__)  # a reused module at each place
+                      for name, mod in model.named_modules(remove_duplicate=False))
     return (structure, shapes, tuple(x.shape[1:]), len(x), str(x.device),
             next(iter(params.values())).dtype, *extra)
 

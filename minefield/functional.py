@@ -197,7 +197,7 @@ def mlp_fast_path(model: nn.Module) -> bool:
 def _plain_mlp(model: nn.Sequential) -> bool:
     names = dict(model.named_parameters())
     seen_linear = False
-    for name, mod in model.named_children():
+    for name, mod in model._modules.items():  # a reused module at each place (children(): once)
         if type(mod) is nn.Linear:
             if f"{name}.weight" not in names or (
                     mod.bias is not None and f"{name}.bias" not in names):
@@ -243,7 +243,7 @@ def _mlp_forward(model: nn.Sequential, params: Params, x: torch.Tensor,
     h = x  # (N, ...) shared by every member, then (M, N, width)
     own = False  # in place only on a Linear's fresh output (not x, not an activation's)
     last = max(i for i, m in enumerate(model) if isinstance(m, nn.Linear))
-    for i, (name, mod) in enumerate(model.named_children()):
+    for i, (name, mod) in enumerate(model._modules.items()):  # repeats included
         if isinstance(mod, nn.Linear):
             w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
             if h.dim() == 2:  # first layer: one input batch shared by every member

@@ -62,7 +62,7 @@ def mlp_plan(model: nn.Module) -> list[tuple[str, nn.Module | None]] | None:
     if type(model) is not nn.Sequential or not mlp_fast_path(model):  # exact classes only
         return None
     plan: list[tuple[str, nn.Module | None]] = []
-    for name, mod in model.named_children():
+    for name, mod in model._modules.items():  # a reused activation at each place
         if type(mod) is nn.Linear:
             plan.append((name, None))
         elif type(mod) is nn.Flatten and not plan:

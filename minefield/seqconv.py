@@ -62,15 +62,27 @@ def seq_conv_path(model: nn.Module) -> bool:
     ``Conv2d`` (one group, numeric zero padding) and whose other children are
     ``Conv2d`` / ``Linear`` layers or modules with neither parameters nor buffers
     (activations, pooling, ``Flatten``, ``Dropout``): :func:`seq_conv_logits` can run
-    it."""
+    it. A parameter-free module may sit at several places (``act = nn.ReLU()`` reused);
+    a layer may not, nor share its weight or bias with another."""
     if type(model) is not nn.Sequential or not len(model) or not _plain_conv(model[0]):
         return False
-    for mod in list(model)[1:]:
+    names = dict(model.named_parameters())
+    for name, mod in model._modules.items():  # a reused module at each place it sits
         if type(mod) in (nn.Conv2d, nn.Linear):  # subclasses may compute otherwise
-            continue
-        if list(mod.parameters()) or list(mod.buffers()):
+            if not _owns(name, mod, names):
+                return False
+        elif list(mod.parameters()) or list(mod.buffers()):
             return False
     return True
+
+
+def _owns(name: str, mod: nn.Module, names: dict[str, nn.Parameter]) -> bool:
+    """Whether ``mod``'s weight and bias are the model's parameters ``name.weight`` and
+    ``name.bias``: a layer reused at a second place, or one whose weight is tied to another
+    layer's (``named_parameters`` lists a shared parameter once, under its first owner) or
+    computed by a hook (``weight_norm``), has none under its name to stack."""
+    return all(getattr(mod, k) is None or names.get(f"{name}.{k}") is getattr(mod, k)
+               for k in ("weight", "bias"))
 
 
 def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -108,12 +120,12 @@ def seq_conv_logits(model: nn.Sequential, params: Params, x: torch.Tensor) -> to
 
     ``model``: accepted by :func:`seq_conv_path`. Call under ``torch.no_grad()``.
     """
-    first_name, first = next(iter(model.named_children()))
+    first_name, first = next(iter(model._modules.items()))
     u, ho, wo = _unfolded(first, x)
     w0, b0 = params[f"{first_name}.weight"], params.get(f"{first_name}.bias")
     c_out = w0.shape[1]
     work = u.new_empty(u.shape[0], c_out)  # the first layer's output, reused by every member
-    rest = list(model.named_children())[1:]
+    rest = list(model._modules.items())[1:]  # a reused module at each place (children(): once)
     out = []
     for i in range(n_members(params)):
         wt = w0[i].reshape(c_out, -1).t()
