@@ -6,8 +6,9 @@ statistics, an activation (ReLU, leaky ReLU, Tanh), a parameter-free *linear* ma
 (sums of two tensors, average pooling, zero padding, means, flattening, views) or
 the output; anything else (max pooling, sigmoid, adding a constant, circular
 padding, data-dependent control flow) gives ``None``, and the caller falls back
-to autograd. A step is ``live`` when it depends on parameters: only live inputs
-need back-propagated errors.
+to autograd. So does a layer whose parameters are not its own under its name (tied
+to another layer's, or parametrised). A step is ``live`` when it depends on
+parameters: only live inputs need back-propagated errors.
 
 Example::
 
@@ -26,6 +27,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 __all__ = ["graph_plan"]
 
@@ -59,8 +61,12 @@ def graph_plan(model: nn.Module) -> list[_Step] | None:
         return None
     steps: list[_Step] = []
     live: set[str] = set()
+    names = dict(model.named_parameters()) | dict(model.named_buffers())
     for node in gm.graph.nodes:
         step = _classify(gm, node)
+        if step is not None and step.module is not None and not _owns(node.target,
+                                                                      step.module, names):
+            return None
         if step is None:
             return None
         step.live = step.kind in ("conv", "linear", "bn") or any(a in live for a in step.inputs)
@@ -112,6 +118,18 @@ def _classify(gm: fx.GraphModule, node: fx.Node) -> _Step | None:
             return None
         return _Step(node, "map")
     return None
+
+
+def _owns(target: str, mod: nn.Module, names: dict[str, torch.Tensor]) -> bool:
+    """Whether the tensors the R-operator reads under ``target`` (weight, bias, running
+    statistics) are ``mod``'s own, listed by the model under that name. A parameter tied
+    to another layer's is listed once, under its first owner, and a parametrised weight
+    (``weight_norm``, ``parametrize``) is computed from tensors of other names: the
+    R-operator would run such a layer without it, so the caller takes autograd instead."""
+    if parametrize.is_parametrized(mod):
+        return False
+    return all(getattr(mod, k, None) is None or names.get(f"{target}.{k}") is getattr(mod, k)
+               for k in ("weight", "bias", "running_mean", "running_var"))
 
 
 def _act_name(mod: nn.Module) -> str:

@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
 
 from minefield.config import ModelConfig
 from minefield.functional import flatten, unflatten
 from minefield.graph_hvp import GraphHessian, graph_plan
-from minefield.hvp import CurvatureOperator, model_objective
+from minefield.hvp import CurvatureOperator, dense_matrix, model_objective
 from minefield.loss import nll
 from minefield.models import build_model
 
@@ -147,6 +149,67 @@ class _AddsConstant(nn.Module):
     _Untraceable(), _AddsConstant()])
 def test_plan_refuses_what_its_rules_do_not_cover(model):
     assert graph_plan(model) is None
+
+
+class _Tied(nn.Module):
+    """Two layers sharing a bias or a weight: ``named_parameters`` lists the shared
+    tensor once, under ``a``."""
+
+    def __init__(self, tie: str):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+        setattr(self.b, tie, getattr(self.a, tie))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+class _WeightNorm(nn.Module):
+    """``w = g v / |v|`` per output row, in plain operations (``torch._weight_norm``,
+    behind ``parametrizations.weight_norm``, has a wrong second derivative on the CPU
+    in torch 2.13: its autograd Hessian is not even symmetric)."""
+
+    def forward(self, g, v):
+        return g * v / v.norm(dim=1, keepdim=True)
+
+    def right_inverse(self, w):
+        return w.norm(dim=1, keepdim=True), w
+
+
+def _weight_normed() -> nn.Module:
+    layer = nn.Linear(3, 4)
+    parametrize.register_parametrization(layer, "weight", _WeightNorm(), unsafe=True)
+    return nn.Sequential(layer, nn.Tanh(), nn.Linear(4, 3))
+
+
+def test_torch_weight_norm_is_not_planned():  # its weight had no name: a raw TypeError
+    assert graph_plan(nn.Sequential(weight_norm(nn.Linear(3, 4)), nn.Linear(4, 3))) is None
+
+
+@pytest.mark.parametrize("make", [lambda: _Tied("bias"), lambda: _Tied("weight"),
+                                  _weight_normed],
+                         ids=["tied-bias", "tied-weight", "parametrised"])
+def test_tied_or_parametrised_layers_take_autograd_and_match_the_dense_hessian(make):
+    # the R-operator reads '<layer>.weight' / '.bias': a tied bias was dropped (lambda_max
+    # 0.87 for 1.61), a tied or parametrised weight was None (a raw TypeError)
+    g = torch.Generator().manual_seed(4)
+    model = make().double()
+    assert graph_plan(model) is None
+    p, _ = _stack(model, 2, g)
+    with torch.no_grad():
+        p = {k: v + (1.5 if k.endswith("bias") else 0.0) for k, v in p.items()}
+    x = torch.randn(11, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (11,), generator=g)
+    got = dense_matrix(CurvatureOperator(model_objective(model, p, (x, y))))
+    for i in range(2):
+        one = {k: t[i:i + 1] for k, t in p.items()}
+
+        def f(flat, one=one):
+            return _loss(model, {k: t[0] for k, t in unflatten(flat[None], one).items()}, {},
+                         x, y)
+
+        want = torch.autograd.functional.hessian(f, flatten(one)[0])
+        torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-12)
 
 
 def test_a_model_outside_the_plan_raises():
