@@ -301,8 +301,8 @@ def hutchinson_diagonal(op: CurvatureOperator, n_probes: int = 100, seed: int = 
                         batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """``(diag (M, n), stderr (M, n))``: the mean of ``z * H z`` over Rademacher probes
     (Bekas, Kokiopoulou & Saad 2007), and its standard error."""
-    if n_probes < 2:
-        raise ConfigError(f"n_probes must be >= 2, got {n_probes}")
+    if n_probes < 2 or batch < 1:  # batch 0: no probe at all, < 0: a raw torch error
+        raise ConfigError(f"n_probes must be >= 2 and batch >= 1, got {n_probes} and {batch}")
     g = torch.Generator().manual_seed(int(seed))
     s1 = torch.zeros(op.m, op.n, dtype=torch.float64, device=op.device)
     s2 = torch.zeros_like(s1)

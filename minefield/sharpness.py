@@ -195,13 +195,16 @@ def m_sharpness(obj: Objective, rho: float, m: int, n_subsets: int | None = None
     :func:`worst_case_sharpness`. The standard error is over subsets.
 
     Raises:
-        ConfigError: m < 1 or larger than the data, or an objective without data.
+        ConfigError: m < 1 or larger than the data, n_subsets < 1, or an objective
+            without data.
     """
     if obj.data is None:
         raise ConfigError("m-sharpness needs a model objective with data")
     n = len(obj.data[1])
     if not 1 <= m <= n:
         raise ConfigError(f"m must be in [1, {n}] (the number of training points), got {m}")
+    if n_subsets is not None and n_subsets < 1:  # no subset: nothing to average
+        raise ConfigError(f"n_subsets must be >= 1 (None: all of them), got {n_subsets}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
     count = n // m if n_subsets is None else min(n // m, n_subsets)
     vals = torch.stack([worst_case_sharpness(obj.restrict(perm[j * m:(j + 1) * m]), rho,

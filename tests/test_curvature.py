@@ -244,6 +244,9 @@ def test_bad_inputs_raise_one_clear_error():
         hutchinson_trace(op, deflate=60)
     with pytest.raises(ConfigError, match="n_probes must be >= 2"):
         hutchinson_diagonal(op, n_probes=1)
+    for bad in (0, -1):  # no probe per block (torch.cat of nothing), or a negative size
+        with pytest.raises(ConfigError, match=f"batch >= 1, got 100 and {bad}"):
+            hutchinson_diagonal(op, batch=bad)
     with pytest.raises(ConfigError, match="n_iter and n_probes"):
         spectral_density(op, n_iter=0)
     assert math.isfinite(float(top_eigenvalues(op).values[0, 0]))

@@ -240,6 +240,9 @@ def test_bad_inputs_raise_one_clear_error():
     model, p, data = _mlp(m=1, n=10)
     with pytest.raises(ConfigError, match=r"m must be in \[1, 10\]"):
         m_sharpness(model_objective(model, p, data), 0.1, m=11)
+    for bad in (0, -1):  # no subset: torch.stack of nothing, a raw RuntimeError
+        with pytest.raises(ConfigError, match=f"n_subsets must be >= 1 .*, got {bad}"):
+            m_sharpness(model_objective(model, p, data), 0.1, m=2, n_subsets=bad)
     p["0.bias"][0, 0] = float("inf")
     with pytest.raises(NonFiniteLoss, match="NaN or infinite"):
         average_sharpness(model_objective(model, p, data), 0.1)
