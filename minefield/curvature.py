@@ -2,7 +2,10 @@
 
 Every estimator takes a :class:`~minefield.hvp.CurvatureOperator` (the Hessian,
 Gauss-Newton or empirical Fisher of each member of a stack) and runs all M
-members together: each iteration is one batched product for the whole stack.
+members together: each iteration is one batched product for the whole stack. Random
+starts and probes are drawn for the whole stack at once (one ``(M, ..., n)`` block) and
+a trace stops when every member meets ``rtol``, so a member's estimate depends on its
+stack mates, within its interval or residual (a stack of one gives the member's own).
 
 - **Top eigenvalues** by Lanczos with full reorthogonalisation (Golub & Van Loan
   §10.1; the method of hessian-eigenthings, rather than PyHessian's power
@@ -265,8 +268,7 @@ def hutchinson_trace(op: CurvatureOperator, rtol: float | None = 1e-2, n_probes:
         raise ConfigError(f"deflate={deflate} must be in [0, {op.n})")
     g = torch.Generator().manual_seed(int(seed))
     exact = torch.zeros(op.m, dtype=torch.float64)
-    q = None
-    start = op.n_matvecs
+    q, start = None, op.n_matvecs
     if deflate:
         s = _rademacher((op.m, deflate, op.n), g, op)
         q = torch.linalg.qr(op.matmat(s).transpose(1, 2)).Q.transpose(1, 2)  # (M, s, n)
@@ -282,8 +284,7 @@ def hutchinson_trace(op: CurvatureOperator, rtol: float | None = 1e-2, n_probes:
             _, _, half = _interval(mean, vals.var(1), vals.shape[1], level)
             if bool((half <= rtol * mean.abs()).all()):
                 break
-    k = vals.shape[1]
-    mean = exact + vals.mean(1)
+    k, mean = vals.shape[1], exact + vals.mean(1)
     se, ci, _ = _interval(mean, vals.var(1), k, level)
     return TraceEstimate(mean, se, ci, level, k, op.n_matvecs - start)
 
@@ -305,8 +306,7 @@ def hutchinson_diagonal(op: CurvatureOperator, n_probes: int = 100, seed: int = 
         raise ConfigError(f"n_probes must be >= 2 and batch >= 1, got {n_probes} and {batch}")
     g = torch.Generator().manual_seed(int(seed))
     s1 = torch.zeros(op.m, op.n, dtype=torch.float64, device=op.device)
-    s2 = torch.zeros_like(s1)
-    done = 0
+    s2, done = torch.zeros_like(s1), 0
     while done < n_probes:
         z = _rademacher((op.m, min(batch, n_probes - done), op.n), g, op)
         d = (z * op.matmat(z)).double()

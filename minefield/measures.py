@@ -226,6 +226,16 @@ def measure_members(model: nn.Module, params: Params,
     ``{column: (M,) float64}``. Columns already in ``done`` are reused, not recomputed;
     ``on_measure(name, columns)`` is called after each new measure (to save progress).
 
+    The curvature columns depend on the stack: Lanczos starts (``lambda_max``) and
+    Hutch++ probes (the traces) are drawn as one block for all M members, and a trace
+    stops when every member meets ``cfg.trace_rtol``, so the same member alone or in
+    another stack gets another estimate within its interval (``trace`` 3.305 in a
+    stack of 3, 3.331 alone; ``lambda_max`` within its residual). Measure each member
+    as a stack of one (:func:`~minefield.stacked.alone`, as an isolated sweep or study
+    does) for numbers of its own. The sharpness columns (``worst_*``, ``asam``,
+    ``average``, ``m_sharpness``, ``pac_bayes_*``) start every member from the same
+    draws, so they do not depend on the stack (bit for bit: a stack of 3 and alone).
+
     Raises:
         NonFiniteLoss: some member's loss is NaN or infinite (checked first).
         ConfigError: e.g. a BatchNorm model in training mode under ``bn="eval"``, data
