@@ -139,6 +139,24 @@ def test_a_diverging_sweep_says_so_in_one_line_split_or_not(tiny, tmp_path):
         sweep_run(base.replace(name="dv1"), sc, tmp_path, progress=False, models_per_task=1)
 
 
+@pytest.mark.parametrize("split", [(), ("--isolate", "--models-per-task", "1")])
+def test_a_sweep_refuses_a_member_seed_past_2_to_the_32(tmp_path, split):
+    """--seed 4294967295 --seeds 0,1 gave member seed 2**32: seed 0's model again."""
+    from click.testing import CliRunner
+
+    from minefield.cli import main
+
+    res = CliRunner().invoke(main, [
+        "--root", str(tmp_path / "runs"), "sweep", "--name", "d", "--dataset", "blobs",
+        "--widths", "4", "--steps", "5", "--betas", "0", "--seed", "4294967295", "--seeds",
+        "0,1", "--directions", "2", "-q", "--figures", str(tmp_path / "fig"), *split])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip().splitlines()[-1] == (
+        "Error: sweep: seed 4294967295 + 1 = 4294967296 is outside [0, 2**32); "
+        "lower --seed or --seeds")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "fig").exists()
+
+
 @pytest.mark.parametrize("betas, seeds, match", [
     ((0.0, 0.1, 0.1), (0,), "beta 0.1 is given twice"),
     ((0.0,), (1, 2, 1), "seed 1 is given twice"),

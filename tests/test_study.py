@@ -298,6 +298,11 @@ def _cli(root, *args):
     (("--vary", "train.lrr=0.1,0.2"), "unknown field 'train.lrr'"),
     ((), "the grid is empty"),
     (("--vary", "train.lr=fast,0.1"), "train.lr: expected a number, got 'fast'"),
+    # 2**32 and -1 trained the models of seeds 0 and 2**32-1 again (counted twice in every
+    # score); 2**64 overflowed in torch
+    (("--vary", "train.seed=0,4294967296"), "train.seed must be in [0, 2**32), got 4294967296"),
+    (("--vary", "train.seed=-1,0"), "train.seed must be in [0, 2**32), got -1"),
+    (("--vary", "train.seed=18446744073709551616"), "train.seed must be in [0, 2**32)"),
     (("--vary", "model.widths=3"), "model.widths: expected a list"),
     (("--vary", "train.lr"), "expected FIELD=V1,V2"),
     (("--vary", "train.steps=10:0:5"), "needs step >= 1 and b >= a"),
