@@ -54,6 +54,33 @@ def test_plan_stacks_members_that_differ_only_in_stackable_fields():
     assert sorted(spec.train_kwargs()["rhos"]) == [0.0, 0.0, 0.05, 0.05]
 
 
+def test_plan_sets_a_points_fields_together_in_any_order():
+    """Set one at a time, a point's fields met the base's values half way: the README's
+    SAM grid on a SAM base (sam = none beside the base's rho 0.05) and asam_eta before
+    sam were refused, naming combinations no point asked for."""
+    base = tiny_config("s", optimizer="sgd", sam="sam", rho=0.05)
+    grid = json.loads(open("docs/studies/sam.json").read())
+    plan = plan_study(base, study(points=tuple(grid["points"]), grid=grid["grid"]))
+    assert len(plan.points) == 25 and [len(s.members) for s in plan.stacks] == [5, 10, 10]
+    none, sam, asam = (s.config.train for s in plan.stacks)
+    assert (none.sam.value, none.rho, sam.sam.value, sam.rho) == ("none", 0.0, "sam", 0.05)
+    assert asam.sam.value == "asam" and sorted({m["train.rho"] for m in plan.stacks[2].members}
+                                               ) == [0.5, 1.0]
+    for pts in ([{"train.sam": "none", "train.rho": 0.0}],
+                [{"train.rho": 0.0, "train.sam": "none"}]):
+        (spec,) = plan_study(base, study(points=tuple(pts))).stacks
+        assert (spec.config.train.sam.value, spec.config.train.rho) == ("none", 0.0)
+    plain = tiny_config("s", optimizer="sgd")
+    a, b = (plan_study(plain, study(grid=g)).stacks[0].config.train for g in (
+        {"train.sam": ["asam"], "train.asam_eta": [0.05]},
+        {"train.asam_eta": [0.05], "train.sam": ["asam"]}))
+    assert a == b and (a.sam.value, a.asam_eta) == ("asam", 0.05)
+    # a point that is really invalid is still refused, naming the point
+    with pytest.raises(ConfigError, match=r'^study: the point \{"train.sam": "none"\} is not a '
+                       r"valid config: train.rho and train.sam_m need train.sam = sam or asam"):
+        plan_study(base, study(grid={"train.sam": ["none"]}))
+
+
 def test_plan_puts_steps_on_one_trajectory_with_a_checkpoint_at_each():
     plan = plan_study(tiny_config("s"), study(grid={"train.steps": [0, 20, 50],
                                                     "train.batch_size": [8, 16]}))
