@@ -391,6 +391,23 @@ def test_cli_runs_a_study_with_a_grid_file_and_redraws_it(tmp_path):
                                       str(tmp_path / "f2")])
     assert again.exit_code == 0 and (tmp_path / "f2" / "c" / "mean_radius.png").exists()
     assert Run.open(root / "c").config["kind"] == "study"
+    # a hand-edited study.json: one "corrupt" line ("unexpected error KeyError: 'gap' (this
+    # is a bug ...)" before, or an empty <measure>.png for a measure with no column)
+    path = root / "c" / "study.json"
+    saved = json.loads(path.read_text())
+    for edit, why in ((lambda d: d["rows"][0].pop("gap"), "row 0 has no gap"),
+                      (lambda d: d["rows"][1].pop("train.lr"), "row 1 has no train.lr"),
+                      (lambda d: d["measures"].append("nosuch"), "row 0 has no nosuch"),
+                      (lambda d: d["rows"][2].update(lambda_max="x"), "row 2: lambda_max is"),
+                      (lambda d: d["scores"][0].pop("kendall_tau"), "a score has only")):
+        edited = json.loads(json.dumps(saved))
+        edit(edited)
+        path.write_text(json.dumps(edited))
+        r = CliRunner().invoke(main, ["--root", str(root), "plot", "study", "c", "--figures",
+                                      str(tmp_path / "f3")])
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert r.output.strip().startswith(f"Error: {path} is corrupt") and why in r.output
+        assert "this is a bug" not in r.output and not (tmp_path / "f3").exists()
 
 
 def test_cli_study_with_a_diverged_stack_reports_it_and_draws_the_figures(tmp_path):
