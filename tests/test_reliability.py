@@ -188,6 +188,11 @@ def _cases() -> list[Case]:
             r"a sweep needs at least one beta and one seed", code=1)  # was: the 8 defaults
     bad_opt(("sweep", "--name", "s", "--dataset", "blobs", "-q"), "--beta-range", ["", "1,2"],
             r"--beta-range needs lo,hi,n")
+    # n = 2.7 trained 2 factors; nan leaked "cannot convert float NaN to integer"
+    bad_opt(("sweep", "--name", "s", "--dataset", "blobs", "-q"), "--beta-range",
+            ["0.001,0.1,2.7", "0.001,0.1,nan", "0.001,0.1,0", "0.001,0.1,inf"],
+            r"Invalid value for '--beta-range': n \(the number of factors\) must be an "
+            r"integer >= 1, got (2\.7|nan|0|inf)$")
     # hostile files given as checkpoints
     for cmd in (("evaluate", "good"), ("basin", "good", "--directions", "2"),
                 ("landscape", "good", "--points", "3")):
