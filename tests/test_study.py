@@ -456,6 +456,42 @@ def test_groups_figure_puts_each_model_at_its_setting():
     assert xs == [(0.0, 0.9), (0.0, 0.91), (0.0, 0.92), (1.0, 0.95), (1.0, 0.96), (1.0, 0.97)]
 
 
+def test_study_figures_say_how_many_models_have_log10_volume_minus_inf():
+    """Models with a basin of radius 0 (log10 V = -inf) were silently missing from the
+    volume figures (an empty axes when all were), and groups.png averaged the others."""
+    from types import SimpleNamespace
+
+    from matplotlib.collections import LineCollection
+
+    from minefield.plotting.study import plot_groups, plot_measure
+
+    inf = float("-inf")
+    rows = [{"train.lr": lr, "train.seed": s, "gap": 0.1 * s + lr, "test_acc": 0.8,
+             "log10_volume": v, "diverged": False}
+            for lr, vs in ((0.1, (inf, -3.0, -5.0)), (0.2, (-2.0, -4.0, -6.0)))
+            for s, v in enumerate(vs)]
+    res = SimpleNamespace(rows=rows, design=["train.lr", "train.seed"], scores=[])
+    texts = [t.get_text() for t in plot_measure(res, "log10_volume").texts]
+    assert texts == ["1 of 6 models not drawn: log10_volume = -inf (a volume of 0)"]
+    every = SimpleNamespace(**{**vars(res), "rows": [{**r, "log10_volume": inf} for r in rows]})
+    texts = [t.get_text() for t in plot_measure(every, "log10_volume").texts]
+    assert texts == ["all 6 models have log10_volume = -inf (a volume of 0): nothing to draw"]
+    assert len(plot_measure(res, "test_acc").texts) == 0
+    from minefield.plotting.sweep import plot_sweep_geometry  # the sweep's volume too
+
+    sweep = SimpleNamespace(rows=[{**r, "beta": r["train.lr"]} for r in rows], spearman={})
+    assert [t.get_text() for t in plot_sweep_geometry(sweep, "gap", "log10_volume").texts] == [
+        "1 of 6 models not drawn: log10_volume = -inf (a volume of 0)"]
+    for r, n_inf in ((res, [1, 0]), (every, [3, 3])):
+        (ax,) = [a for a in plot_groups(r).axes if a.get_title() == "log10_volume"]
+        assert [t.get_text() for t in ax.texts] == [f"{k} at\n-inf" for k in n_inf if k]
+        # a bar only where every replicate is finite: lr 0.2's mean -4, never lr 0.1's -4
+        bars = [seg for c in ax.collections if isinstance(c, LineCollection)
+                for seg in c.get_segments()]
+        assert [(float(b[0][0]), float(b[0][1])) for b in bars] == (
+            [(0.7, -4.0)] if n_inf[1] == 0 else [])
+
+
 def test_a_study_refuses_m_larger_than_a_stacks_training_set_at_plan_time(tmp_path):
     sharp = SharpnessConfig(measures=("lambda_max", "m_sharpness"), m=30)
     base = tiny_config("mm")
