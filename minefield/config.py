@@ -225,6 +225,8 @@ class TrainConfig(_Config):
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
         if list(self.milestones) != sorted(self.milestones):
             raise ConfigError(f"train.milestones must be increasing, got {self.milestones}")
+        if not 0 <= self.seed < 2**32:  # torch keeps the low 32 bits: 2**32 would be seed 0
+            raise ConfigError(f"train.seed must be in [0, 2**32), got {self.seed}")
         _check_train(self)
 
     def lr_factor(self, step: int) -> float:

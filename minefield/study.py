@@ -244,6 +244,36 @@ def _stack_name(cfg: ExperimentConfig, members: list[dict], steps: list[int],
     return f"{label}-{digest}"
 
 
+def _apply(base: ExperimentConfig, point: dict[str, Any]) -> ExperimentConfig:
+    """``base`` with all of ``point``'s fields set at once, so the point is checked as the
+    config it is (``{"train.sam": "none", "train.rho": 0.0}`` on a SAM base is valid in
+    any order; set one at a time, ``sam = none`` beside the base's ``rho`` was refused)."""
+    changes: dict[str, dict[str, Any]] = {}
+    for f, v in point.items():
+        section, name = f.split(".", 1)
+        changes.setdefault(section, {})[name] = v
+    try:
+        return base.replace(**{s: getattr(base, s).replace(**c) for s, c in changes.items()})
+    except ConfigError as e:
+        raise ConfigError(f"study: the point {json.dumps(_jsonable_point(point))} is not a "
+                          f"valid config: {e}") from None
+
+
+def _shared(cfg: ExperimentConfig, base: ExperimentConfig) -> ExperimentConfig:
+    """The stack's run config from one member's ``cfg``: every :data:`STACKABLE` field at
+    ``base``'s value (members get their own; ``train.seed`` is the stack's minibatch
+    order) and ``base``'s steps. A base value the stack's own settings refuse (a base
+    ``rho`` > 0 in a stack of ``sam = none``, whose members all have ``rho`` = 0) is
+    left at the member's value."""
+    shared = cfg
+    for f in (*STACKABLE, TRAJECTORY):
+        try:
+            shared = with_field(shared, f, field_value(base, f))
+        except ConfigError:
+            pass
+    return shared
+
+
 def _split(groups, per: int | None):
     """Each ``(config, members, steps)`` group as groups of at most ``per`` members."""
     for shared, members, steps in groups:
@@ -294,17 +324,17 @@ def plan_study(base: ExperimentConfig, study: StudyConfig,
     points = _points(study, known)
     groups: dict[str, tuple[ExperimentConfig, list[dict], list[int]]] = {}
     for p in points:
-        cfg = base
-        for f, v in p.items():
-            cfg = with_field(cfg, f, v)  # runs every range check of the field's config
+        cfg = _apply(base, p)
         member = {f: _jsonable(field_value(cfg, f)) for f in STACKABLE}
         step = cfg.train.steps
-        shared = cfg
-        for f in STACKABLE:
-            shared = with_field(shared, f, field_value(base, f))
-        shared = with_field(shared, TRAJECTORY, base.train.steps)
-        cfg0, members, steps = groups.setdefault(json.dumps(shared.to_dict(), sort_keys=True),
-                                                 (shared, [], []))
+        d = cfg.to_dict()
+        for f in (*STACKABLE, TRAJECTORY):  # a stack: the same config but for these
+            section, name = f.split(".", 1)
+            del d[section][name]
+        key = json.dumps(d, sort_keys=True)
+        if key not in groups:
+            groups[key] = (_shared(cfg, base), [], [])
+        _, members, steps = groups[key]
         if member not in members:
             members.append(member)
         if step not in steps:

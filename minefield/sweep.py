@@ -31,11 +31,32 @@ __all__ = ["SweepConfig", "SweepResult", "log_spaced_betas", "sweep_rows", "spea
 
 
 def log_spaced_betas(lo: float, hi: float, n: int, zero: bool = True) -> tuple[float, ...]:
-    """``n`` factors log-spaced in ``[lo, hi]``, with 0 (clean) first when ``zero``."""
-    if not 0 < lo < hi < 1 or n < 1:
-        raise ConfigError(f"need 0 < lo < hi < 1 and n >= 1, got lo={lo}, hi={hi}, n={n}")
-    vals = np.geomspace(lo, hi, n).round(6).tolist()
-    return tuple(([0.0] if zero else []) + vals)
+    """``n`` factors log-spaced in ``[lo, hi]``, with 0 (clean) first when ``zero``.
+
+    ``lo`` and ``hi`` are kept as given; the factors between are rounded to 6
+    significant digits (more where 6 would make two equal), so none leaves ``[lo, hi]``:
+    rounding to 6 *decimals* made 1e-7 a 0 and 0.9999999 a 1.0.
+
+    Example::
+
+        >>> log_spaced_betas(0.001, 0.6, 3)
+        (0.0, 0.001, 0.0244949, 0.6)
+        >>> log_spaced_betas(1e-7, 1e-5, 3)
+        (0.0, 1e-07, 1e-06, 1e-05)
+        >>> log_spaced_betas(0.9999991, 0.9999999, 3, zero=False)
+        (0.9999991, 0.9999995, 0.9999999)
+    """
+    if (not 0 < lo < hi < 1 or isinstance(n, bool) or not isinstance(n, int | np.integer)
+            or n < 1):
+        raise ConfigError(f"need 0 < lo < hi < 1 and an integer n >= 1, got lo={lo}, hi={hi}, "
+                          f"n={n}")
+    raw = np.geomspace(lo, hi, n).tolist()
+    for digits in range(6, 18):  # 17 significant digits hold any float exactly
+        vals = [lo, *(float(f"{v:.{digits}g}") for v in raw[1:-1]), hi][:n]
+        if all(a < b for a, b in zip(vals, vals[1:])):
+            return tuple(([0.0] if zero else []) + vals)
+    raise ConfigError(f"{n} factors in [{lo}, {hi}] are not distinct floats; give fewer "
+                      "or a wider range")
 
 
 @dataclass(frozen=True)

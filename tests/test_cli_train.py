@@ -90,6 +90,9 @@ def test_two_outputs_train_a_binary_problem_with_softmax_cross_entropy(cli, tmp_
     # it overflowed deep in torch: "Overflow when unpacking long long"
     (["--seed", "99999999999999999999"], "is not in the range 0<=x<=4294967295"),
     (["--data-seed", "-1"], "is not in the range 0<=x<=4294967295"),
+    # member 1's seed 2**32 was seed 0's model again
+    (["--seed", "4294967295", "--members", "2"],
+     "train.seed 4294967295 + member 1 = 4294967296 is outside [0, 2**32); lower train.seed"),
     (["--dataset", "blobs", "--outputs", "3"], "model.outputs=3 does not fit 2 classes"),
 ])
 def test_bad_input_one_line_nonzero(cli, args, msg, tmp_path):

@@ -48,6 +48,9 @@ def test_lr_schedule():
     ({"train": {"lr": -1}}, r"lr must be > 0"),
     ({"train": {"milestones": [5, 2]}}, r"milestones must be increasing"),
     ({"data": {"n_train": -3}}, r"n_train must be >= 0"),
+    # torch keeps a seed's low 32 bits: 2**32 trained seed 0's model (exit 0)
+    ({"train": {"seed": 2**32}}, r"^train.seed must be in \[0, 2\*\*32\), got 4294967296$"),
+    ({"train": {"seed": -1}}, r"^train.seed must be in \[0, 2\*\*32\), got -1$"),
     ({"train": 3}, r"expected an object"),
 ])
 def test_bad_configs_give_one_clear_error(d, msg):

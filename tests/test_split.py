@@ -139,6 +139,68 @@ def test_a_diverging_sweep_says_so_in_one_line_split_or_not(tiny, tmp_path):
         sweep_run(base.replace(name="dv1"), sc, tmp_path, progress=False, models_per_task=1)
 
 
+@pytest.mark.parametrize("lo, hi, n, want", [
+    # 6 decimals made 1e-7 a 0 ("beta 0 is given twice"), 0.9999999 a 1.0 (refused),
+    # 1.1e-6 and 1.2e-6 one 1e-6 ("given twice") and 1.6e-6 a 2e-6 (silently)
+    (1e-7, 0.1, 3, (0.0, 1e-7, 1e-4, 0.1)),
+    (0.9999991, 0.9999999, 2, (0.0, 0.9999991, 0.9999999)),
+    (1.1e-6, 1.2e-6, 2, (0.0, 1.1e-6, 1.2e-6)),
+    (1.6e-6, 0.1, 2, (0.0, 1.6e-6, 0.1)),
+    (0.001, 0.6, 3, (0.0, 0.001, 0.0244949, 0.6)),  # 6 significant digits between
+    (0.1000001, 0.1000002, 3, (0.0, 0.1000001, 0.10000015, 0.1000002)),  # more where needed
+])
+def test_log_spaced_betas_keep_the_given_range_and_stay_distinct(lo, hi, n, want):
+    from minefield.sweep import log_spaced_betas
+
+    got = log_spaced_betas(lo, hi, n)
+    assert got == want and SweepConfig(betas=got).betas == want
+
+
+def test_a_beta_range_sweeps_and_prints_the_factors_asked_for(tmp_path):
+    """0.9999999 was rounded to 1.0 and refused ("got [1.0]"); the table printed 1."""
+    from click.testing import CliRunner
+
+    from minefield.cli import main
+
+    res = CliRunner().invoke(main, [
+        "--root", str(tmp_path / "runs"), "sweep", "--name", "r", "--dataset", "blobs",
+        "--n-train", "20", "--n-test", "20", "--n-poison", "20", "--widths", "4", "--steps",
+        "2", "--beta-range", "0.9999991,0.9999999,2", "--seeds", "0", "--directions", "2",
+        "-q", "--figures", str(tmp_path / "fig")])
+    assert res.exit_code == 0, res.output
+    assert [line.split()[0] for line in res.output.splitlines()[1:4]] == [
+        "0.0", "0.9999991", "0.9999999"]
+
+
+def test_log_spaced_betas_refuse_what_they_cannot_give():
+    from minefield.sweep import log_spaced_betas
+
+    for n in (2.7, float("nan"), 0, True):
+        with pytest.raises(ConfigError, match=r"^need 0 < lo < hi < 1 and an integer n >= 1"):
+            log_spaced_betas(0.001, 0.1, n)
+    with pytest.raises(ConfigError, match=r"^3 factors in \[0.1, 0.10000000000000002\] are "
+                                          r"not distinct floats"):
+        log_spaced_betas(0.1, 0.10000000000000002, 3)
+
+
+@pytest.mark.parametrize("split", [(), ("--isolate", "--models-per-task", "1")])
+def test_a_sweep_refuses_a_member_seed_past_2_to_the_32(tmp_path, split):
+    """--seed 4294967295 --seeds 0,1 gave member seed 2**32: seed 0's model again."""
+    from click.testing import CliRunner
+
+    from minefield.cli import main
+
+    res = CliRunner().invoke(main, [
+        "--root", str(tmp_path / "runs"), "sweep", "--name", "d", "--dataset", "blobs",
+        "--widths", "4", "--steps", "5", "--betas", "0", "--seed", "4294967295", "--seeds",
+        "0,1", "--directions", "2", "-q", "--figures", str(tmp_path / "fig"), *split])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip().splitlines()[-1] == (
+        "Error: sweep: seed 4294967295 + 1 = 4294967296 is outside [0, 2**32); "
+        "lower --seed or --seeds")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "fig").exists()
+
+
 @pytest.mark.parametrize("betas, seeds, match", [
     ((0.0, 0.1, 0.1), (0,), "beta 0.1 is given twice"),
     ((0.0,), (1, 2, 1), "seed 1 is given twice"),

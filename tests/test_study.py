@@ -54,6 +54,33 @@ def test_plan_stacks_members_that_differ_only_in_stackable_fields():
     assert sorted(spec.train_kwargs()["rhos"]) == [0.0, 0.0, 0.05, 0.05]
 
 
+def test_plan_sets_a_points_fields_together_in_any_order():
+    """Set one at a time, a point's fields met the base's values half way: the README's
+    SAM grid on a SAM base (sam = none beside the base's rho 0.05) and asam_eta before
+    sam were refused, naming combinations no point asked for."""
+    base = tiny_config("s", optimizer="sgd", sam="sam", rho=0.05)
+    grid = json.loads(open("docs/studies/sam.json").read())
+    plan = plan_study(base, study(points=tuple(grid["points"]), grid=grid["grid"]))
+    assert len(plan.points) == 25 and [len(s.members) for s in plan.stacks] == [5, 10, 10]
+    none, sam, asam = (s.config.train for s in plan.stacks)
+    assert (none.sam.value, none.rho, sam.sam.value, sam.rho) == ("none", 0.0, "sam", 0.05)
+    assert asam.sam.value == "asam" and sorted({m["train.rho"] for m in plan.stacks[2].members}
+                                               ) == [0.5, 1.0]
+    for pts in ([{"train.sam": "none", "train.rho": 0.0}],
+                [{"train.rho": 0.0, "train.sam": "none"}]):
+        (spec,) = plan_study(base, study(points=tuple(pts))).stacks
+        assert (spec.config.train.sam.value, spec.config.train.rho) == ("none", 0.0)
+    plain = tiny_config("s", optimizer="sgd")
+    a, b = (plan_study(plain, study(grid=g)).stacks[0].config.train for g in (
+        {"train.sam": ["asam"], "train.asam_eta": [0.05]},
+        {"train.asam_eta": [0.05], "train.sam": ["asam"]}))
+    assert a == b and (a.sam.value, a.asam_eta) == ("asam", 0.05)
+    # a point that is really invalid is still refused, naming the point
+    with pytest.raises(ConfigError, match=r'^study: the point \{"train.sam": "none"\} is not a '
+                       r"valid config: train.rho and train.sam_m need train.sam = sam or asam"):
+        plan_study(base, study(grid={"train.sam": ["none"]}))
+
+
 def test_plan_puts_steps_on_one_trajectory_with_a_checkpoint_at_each():
     plan = plan_study(tiny_config("s"), study(grid={"train.steps": [0, 20, 50],
                                                     "train.batch_size": [8, 16]}))
@@ -298,6 +325,11 @@ def _cli(root, *args):
     (("--vary", "train.lrr=0.1,0.2"), "unknown field 'train.lrr'"),
     ((), "the grid is empty"),
     (("--vary", "train.lr=fast,0.1"), "train.lr: expected a number, got 'fast'"),
+    # 2**32 and -1 trained the models of seeds 0 and 2**32-1 again (counted twice in every
+    # score); 2**64 overflowed in torch
+    (("--vary", "train.seed=0,4294967296"), "train.seed must be in [0, 2**32), got 4294967296"),
+    (("--vary", "train.seed=-1,0"), "train.seed must be in [0, 2**32), got -1"),
+    (("--vary", "train.seed=18446744073709551616"), "train.seed must be in [0, 2**32)"),
     (("--vary", "model.widths=3"), "model.widths: expected a list"),
     (("--vary", "train.lr"), "expected FIELD=V1,V2"),
     (("--vary", "train.steps=10:0:5"), "needs step >= 1 and b >= a"),
@@ -359,6 +391,23 @@ def test_cli_runs_a_study_with_a_grid_file_and_redraws_it(tmp_path):
                                       str(tmp_path / "f2")])
     assert again.exit_code == 0 and (tmp_path / "f2" / "c" / "mean_radius.png").exists()
     assert Run.open(root / "c").config["kind"] == "study"
+    # a hand-edited study.json: one "corrupt" line ("unexpected error KeyError: 'gap' (this
+    # is a bug ...)" before, or an empty <measure>.png for a measure with no column)
+    path = root / "c" / "study.json"
+    saved = json.loads(path.read_text())
+    for edit, why in ((lambda d: d["rows"][0].pop("gap"), "row 0 has no gap"),
+                      (lambda d: d["rows"][1].pop("train.lr"), "row 1 has no train.lr"),
+                      (lambda d: d["measures"].append("nosuch"), "row 0 has no nosuch"),
+                      (lambda d: d["rows"][2].update(lambda_max="x"), "row 2: lambda_max is"),
+                      (lambda d: d["scores"][0].pop("kendall_tau"), "a score has only")):
+        edited = json.loads(json.dumps(saved))
+        edit(edited)
+        path.write_text(json.dumps(edited))
+        r = CliRunner().invoke(main, ["--root", str(root), "plot", "study", "c", "--figures",
+                                      str(tmp_path / "f3")])
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert r.output.strip().startswith(f"Error: {path} is corrupt") and why in r.output
+        assert "this is a bug" not in r.output and not (tmp_path / "f3").exists()
 
 
 def test_cli_study_with_a_diverged_stack_reports_it_and_draws_the_figures(tmp_path):
@@ -405,6 +454,42 @@ def test_groups_figure_puts_each_model_at_its_setting():
     dots = [c.get_offsets() for c in ax.collections if isinstance(c, PathCollection)]
     xs = sorted((float(x), round(float(y), 12)) for d in dots for x, y in d)
     assert xs == [(0.0, 0.9), (0.0, 0.91), (0.0, 0.92), (1.0, 0.95), (1.0, 0.96), (1.0, 0.97)]
+
+
+def test_study_figures_say_how_many_models_have_log10_volume_minus_inf():
+    """Models with a basin of radius 0 (log10 V = -inf) were silently missing from the
+    volume figures (an empty axes when all were), and groups.png averaged the others."""
+    from types import SimpleNamespace
+
+    from matplotlib.collections import LineCollection
+
+    from minefield.plotting.study import plot_groups, plot_measure
+
+    inf = float("-inf")
+    rows = [{"train.lr": lr, "train.seed": s, "gap": 0.1 * s + lr, "test_acc": 0.8,
+             "log10_volume": v, "diverged": False}
+            for lr, vs in ((0.1, (inf, -3.0, -5.0)), (0.2, (-2.0, -4.0, -6.0)))
+            for s, v in enumerate(vs)]
+    res = SimpleNamespace(rows=rows, design=["train.lr", "train.seed"], scores=[])
+    texts = [t.get_text() for t in plot_measure(res, "log10_volume").texts]
+    assert texts == ["1 of 6 models not drawn: log10_volume = -inf (a volume of 0)"]
+    every = SimpleNamespace(**{**vars(res), "rows": [{**r, "log10_volume": inf} for r in rows]})
+    texts = [t.get_text() for t in plot_measure(every, "log10_volume").texts]
+    assert texts == ["all 6 models have log10_volume = -inf (a volume of 0): nothing to draw"]
+    assert len(plot_measure(res, "test_acc").texts) == 0
+    from minefield.plotting.sweep import plot_sweep_geometry  # the sweep's volume too
+
+    sweep = SimpleNamespace(rows=[{**r, "beta": r["train.lr"]} for r in rows], spearman={})
+    assert [t.get_text() for t in plot_sweep_geometry(sweep, "gap", "log10_volume").texts] == [
+        "1 of 6 models not drawn: log10_volume = -inf (a volume of 0)"]
+    for r, n_inf in ((res, [1, 0]), (every, [3, 3])):
+        (ax,) = [a for a in plot_groups(r).axes if a.get_title() == "log10_volume"]
+        assert [t.get_text() for t in ax.texts] == [f"{k} at\n-inf" for k in n_inf if k]
+        # a bar only where every replicate is finite: lr 0.2's mean -4, never lr 0.1's -4
+        bars = [seg for c in ax.collections if isinstance(c, LineCollection)
+                for seg in c.get_segments()]
+        assert [(float(b[0][0]), float(b[0][1])) for b in bars] == (
+            [(0.7, -4.0)] if n_inf[1] == 0 else [])
 
 
 def test_a_study_refuses_m_larger_than_a_stacks_training_set_at_plan_time(tmp_path):

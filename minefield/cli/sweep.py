@@ -76,6 +76,10 @@ def sweep(ctx, betas, beta_range, seeds, directions, cutoff, rtol, measures, fig
         if len(vals) != 3:
             raise click.UsageError(f"--beta-range needs lo,hi,n, got {beta_range!r}")
         lo, hi, n = vals
+        if not (n >= 1 and n.is_integer()):  # NaN too; int(2.7) silently trained 2
+            raise click.BadParameter(f"n (the number of factors) must be an integer >= 1, "
+                                     f"got {beta_range.replace(',', ' ').split()[2]}",
+                                     param_hint="'--beta-range'")
         factors = log_spaced_betas(lo, hi, int(n))
     else:
         # an empty --betas (an unset shell variable) is refused, not the default sweep
@@ -94,7 +98,7 @@ def sweep(ctx, betas, beta_range, seeds, directions, cutoff, rtol, measures, fig
             executor.close()
     click.echo(f"{'beta':>7}{'seed':>6}{'train':>8}{'test':>8}{'mean r':>10}{'log10 V':>12}")
     for r in res.rows:
-        click.echo(f"{r['beta']:>7g}{r['seed']:>6}{r['train_acc']:>8.3f}{r['test_acc']:>8.3f}"
+        click.echo(f"{r['beta']!r:>7}{r['seed']:>6}{r['train_acc']:>8.3f}{r['test_acc']:>8.3f}"
                    f"{r['mean_radius']:>10.4f}{r['log10_volume']:>12.1f}")
     click.echo("Spearman rho with beta: " + ", ".join(f"{k} {v:.2f}"
                                                       for k, v in res.spearman.items()))

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ..study import REPLICATES, TRAJECTORY
-from .style import CMAP_ACC, axes, save_figure
+from .style import CMAP_ACC, axes, note_minus_inf, save_figure
 
 __all__ = ["plot_measure", "plot_scores", "plot_trajectory", "plot_groups", "group_label",
            "study_figures"]
@@ -26,7 +26,8 @@ def _colour_field(design: list[str]) -> str | None:
 
 def plot_measure(result, measure: str, target: str = "gap", ax=None):
     """``measure`` (y) against the gap (x), one dot per model, coloured by the study's
-    first varied field; the title holds its Kendall tau and granulated tau."""
+    first varied field; the title holds its Kendall tau and granulated tau. Models at
+    -inf (log10 V of a basin of radius 0) are counted in a note (:func:`note_minus_inf`)."""
     ax = axes(ax)
     rows = result.rows
     x = np.array([r[target] for r in rows], dtype=float)
@@ -47,6 +48,7 @@ def plot_measure(result, measure: str, target: str = "gap", ax=None):
     if score is not None:
         title += f"  (tau {score['kendall_tau']:+.2f}, Psi {score['granulated_tau']:+.2f})"
     ax.set_title(title)
+    note_minus_inf(ax, x, y, measure)
     ax.set_xlabel(_TARGET.get(target, target))
     ax.set_ylabel(measure)
     return ax
@@ -106,11 +108,14 @@ def group_label(row: dict, fields: list[str]) -> str:
 def plot_groups(result, columns: tuple[str, ...] = GROUP_COLUMNS):
     """One panel per column (those the study has), one position per setting (the
     values of every varied field but the replicates, in the order of the table),
-    a dot per model (replicates) and a bar at their mean. Returns the figure."""
+    a dot per model (replicates) and a bar at their mean. A model at -inf (log10 V of
+    a basin of radius 0) is counted at the foot of its setting ("2 at -inf") and its
+    setting gets no bar: its mean is -inf, not the mean of the others. Returns the
+    figure."""
     fields = [d for d in result.design if d not in REPLICATES]
     rows = [r for r in result.rows if not r.get("diverged")]
     labels = list(dict.fromkeys(group_label(r, fields) for r in rows))
-    cols = [c for c in columns if any(np.isfinite(float(r.get(c, np.nan))) for r in rows)]
+    cols = [c for c in columns if any(not np.isnan(float(r.get(c, np.nan))) for r in rows)]
     n = max(len(cols), 1)
     ncol = min(n, 3)
     nrow = -(-n // ncol)
@@ -118,12 +123,18 @@ def plot_groups(result, columns: tuple[str, ...] = GROUP_COLUMNS):
     pos = np.arange(len(labels))
     for ax, c in zip(axs.flat, cols):
         for k, lab in enumerate(labels):
-            ys = np.array([float(r[c]) for r in rows if group_label(r, fields) == lab])
+            ys = np.array([float(r.get(c, np.nan)) for r in rows
+                           if group_label(r, fields) == lab])
+            low = int(np.isneginf(ys).sum())
             ys = ys[np.isfinite(ys)]
             ax.scatter(np.full(len(ys), k), ys, s=10, color="0.3", zorder=3)
-            if len(ys):
+            if low:
+                ax.text(k, 0.02, f"{low} at\n-inf", transform=ax.get_xaxis_transform(),
+                        ha="center", va="bottom", fontsize=6, color="C3")
+            elif len(ys):
                 ax.hlines(ys.mean(), k - 0.3, k + 0.3, color="C3", lw=2)
         ax.set_xticks(pos, labels, rotation=40, ha="right", fontsize=6)
+        ax.set_xlim(-0.5, len(labels) - 0.5)  # also when nothing finite is drawn
         ax.set_title(c)
     for ax in list(axs.flat)[len(cols):]:
         ax.set_visible(False)

@@ -6,13 +6,14 @@ import io
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..runs import atomic_write  # noqa: E402
 
-__all__ = ["STYLE", "axes", "save_figure", "GOOD", "BAD", "CMAP_STEP", "CMAP_ACC"]
+__all__ = ["STYLE", "axes", "save_figure", "note_minus_inf", "GOOD", "BAD", "CMAP_STEP", "CMAP_ACC"]
 
 GOOD = "#d62728"  # SGD iterates / good models (the paper draws them red)
 BAD = "#1f77b4"  # bad minima / poisoned models (blue)
@@ -52,3 +53,25 @@ def save_figure(fig, path: str | Path, formats: tuple[str, ...] = ("png", "pdf")
         out.append(target)
     plt.close(fig)
     return out
+
+
+def note_minus_inf(ax, x, y, name: str) -> str:
+    """Say on ``ax`` how many dots ``(x, y)`` are not drawn because ``y`` is -inf, and
+    return that note (``""`` when none is): ``"3 of 12 models not drawn: log10_volume =
+    -inf (a volume of 0)"``, centred when nothing is drawn at all.
+
+    A basin of radius 0 (the centre's loss above the cutoff) has log10 V = -inf: a
+    real value, not a missing one, but no axis can show it, and a figure must not
+    drop it silently (or be an empty axes with no word why)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    k = int(np.isneginf(y).sum())
+    if not k:
+        return ""
+    if k == int((~np.isnan(y)).sum()):
+        note = f"all {k} models have {name} = -inf (a volume of 0): nothing to draw"
+    else:
+        note = f"{k} of {len(y)} models not drawn: {name} = -inf (a volume of 0)"
+    empty = not (np.isfinite(x) & np.isfinite(y)).any()
+    ax.text(0.5, 0.5 if empty else 0.02, note, transform=ax.transAxes, ha="center",
+            va="center" if empty else "bottom", fontsize=7, color="C3")
+    return note

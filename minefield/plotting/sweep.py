@@ -10,7 +10,7 @@ import numpy as np
 
 from ..functional import one
 from .boundary import plot_boundary
-from .style import BAD, GOOD, axes, save_figure
+from .style import BAD, GOOD, axes, note_minus_inf, save_figure
 
 __all__ = ["plot_sweep_accuracy", "plot_sweep_geometry", "boundary_grid_figure",
            "sweep_figures"]
@@ -68,6 +68,7 @@ def plot_sweep_geometry(result, x: str = "gap", y: str = "mean_radius", ax=None)
     if y == "mean_radius" and (ys > 0).all():
         ax.set_yscale("log")
     ax.set_ylabel(_LABEL.get(y, y))
+    note_minus_inf(ax, xs, ys, y)
     rho = result.spearman.get(y)
     ax.set_title(f"{_LABEL.get(y, y)} vs {x}"
                  + (f" (Spearman rho with beta: {rho:.2f})" if rho is not None else ""))

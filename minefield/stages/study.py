@@ -76,6 +76,25 @@ class StudyResult:
     measures: list[str]
     target: str = "gap"
 
+    def __post_init__(self):
+        """A hand-edited ``study.json`` is one ValueError (a corrupt file in
+        :func:`load_study`), not a KeyError in a figure or an empty ``<measure>.png``:
+        every row has every design field, the target, the accuracies and every measure,
+        as numbers (NaN allowed); every score names a measure and its taus."""
+        need = [*self.design, "stack", "member", self.target, "train_acc", "test_acc",
+                *self.measures]
+        for i, row in enumerate(self.rows):
+            gone = [k for k in need if k not in row]
+            if gone:
+                raise ValueError(f"row {i} has no {', '.join(map(str, gone))}")
+            bad = [k for k in (self.target, "train_acc", "test_acc", *self.measures)
+                   if not isinstance(row[k], int | float) or isinstance(row[k], bool)]
+            if bad:
+                raise ValueError(f"row {i}: {bad[0]} is {row[bad[0]]!r}, not a number")
+        for s in self.scores:
+            if not {"measure", "kendall_tau", "granulated_tau"} <= set(s):
+                raise ValueError(f"a score has only {', '.join(map(str, s))}")
+
 
 def _key(spec: StackSpec) -> dict[str, Any]:
     """The key of a stack's ``models.json``: how its models are measured. What they are

@@ -43,12 +43,22 @@ SWEEP_FILE = "sweep.json"
 
 def sweep_spec(base: ExperimentConfig, sweep: SweepConfig) -> StackSpec:
     """The sweep's one stack, named ``base.name``: members in (beta, seed) order, member
-    seeds ``base.train.seed + s``."""
+    seeds ``base.train.seed + s`` (:func:`_member_seeds`)."""
     study = StudyConfig(grid={"poison.beta": list(sweep.betas),
-                              "train.seed": [base.train.seed + s for s in sweep.seeds]},
+                              "train.seed": _member_seeds(base, sweep)},
                         volume=sweep.volume, sharpness=sweep.sharpness)
     (spec,) = plan_study(base, study).stacks
     return dataclasses.replace(spec, name=base.name, config=spec.config.replace(name=base.name))
+
+
+def _member_seeds(base: ExperimentConfig, sweep: SweepConfig) -> list[int]:
+    """Each sweep seed ``s`` as the init seed ``base.train.seed + s``, refused outside
+    [0, 2**32): torch keeps the low 32 bits, so 2**32 would be seed 0's model again."""
+    seeds = [base.train.seed + s for s in sweep.seeds]
+    if max(seeds) >= 2**32:
+        raise ConfigError(f"sweep: seed {base.train.seed} + {max(sweep.seeds)} = {max(seeds)} "
+                          "is outside [0, 2**32); lower --seed or --seeds")
+    return seeds
 
 
 @locking
@@ -82,6 +92,7 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
             measures the training set cannot give (``m`` of ``m_sharpness`` > N).
     """
     check_sharpness(base, sweep.sharpness)  # before anything is trained or written
+    _member_seeds(base, sweep)
     if executor is not None or models_per_task is not None:
         return _sweep_tasks(base, sweep, root, force, save, executor or LocalExecutor(),
                             models_per_task)
@@ -178,7 +189,7 @@ def _sweep_tasks(base: ExperimentConfig, sweep: SweepConfig, root: Path | str, f
     if run is not None:
         tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]
                    if k.startswith(("param.", "buffer."))}
-        seeds = [base.train.seed + s for _, s in grid]
+        seeds = [base.train.seed + s for _, s in grid]  # checked by _member_seeds
         meta = {"config": cfg.to_dict(), "seeds": seeds, "betas": [b for b, _ in grid],
                 "members": len(grid), "step": cfg.train.steps, "metrics": {}}
         run.save_checkpoint(f"trajectory/step_{cfg.train.steps:08d}.safetensors",

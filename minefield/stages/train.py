@@ -18,7 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import ExperimentConfig, ModelConfig, Optimizer, PoisonObjective, TrainConfig
+from ..config import (
+    ConfigError,
+    ExperimentConfig,
+    ModelConfig,
+    Optimizer,
+    PoisonObjective,
+    TrainConfig,
+)
 from ..data import Dataset, load_dataset
 from ..evaluate import evaluate_members, resolve_device
 from ..functional import Params
@@ -62,7 +69,13 @@ def _opt_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def member_seeds(cfg: ExperimentConfig) -> list[int]:
-    return [cfg.train.seed + i for i in range(cfg.train.members)]
+    """Member i's init seed ``train.seed + i``; each must stay below 2**32 (torch keeps the
+    low 32 bits, so 2**32 would be seed 0's model again)."""
+    seeds = [cfg.train.seed + i for i in range(cfg.train.members)]
+    if seeds[-1] >= 2**32:
+        raise ConfigError(f"train.seed {cfg.train.seed} + member {cfg.train.members - 1} = "
+                          f"{seeds[-1]} is outside [0, 2**32); lower train.seed")
+    return seeds
 
 
 @locking
