@@ -378,17 +378,17 @@ def star_volume(line_loss: LineLoss, n: int, cutoff: float,
         log_norm = log_ball_volume(n)
     slack = n * math.log1p(rtol)
     value, normal, ess, share = weights_estimate(log_w, True, level, slack)
-    # known before sampling: the volume within r_max (a ball), a Gaussian mass of 1
-    upper = 0.0 if est is Estimator.GAUSSIAN else n * math.log(r_max)
+    upper = 0.0 if est is Estimator.GAUSSIAN else n * math.log(r_max)  # the r_max ball; mass 1
     ess_pairs = pair_ess(log_w)  # the draws: the two rays of a pair are one
     (lo, hi), kind = honest_interval(value, normal, ess, len(r), level, upper, slack, ess_pairs)
     n_at = int((r >= r_max).sum())
     details |= {"radii": r.tolist(), "interval": kind, "ess_pairs": ess_pairs,
                 "ci_normal": [normal[0] + log_norm, normal[1] + log_norm]}
-    if est is Estimator.GAUSSIAN:
-        value, hi = min(value, 0.0), min(hi, 0.0)  # a probability
-        details["sigma"] = sigma
-    notes = _warnings(ess, n_at, len(r), r_max, kind == "bound", draws_ess=ess_pairs)
+    over, top = value > upper, upper + slack * (est is not Estimator.GAUSSIAN)  # IS overshoots
+    value, lo, hi = min(value, upper), min(lo, upper), min(hi, top)  # (lo > hi was seen)
+    details |= {"sigma": sigma} if est is Estimator.GAUSSIAN else {}
+    notes = _warnings(ess, n_at, len(r), r_max, kind == "bound", draws_ess=ess_pairs) + [
+        "the estimate exceeded the most it can be (the r_max ball; a mass of 1): capped"] * over
     if preconditioner is not None:
         details["preconditioner"] = preconditioner.kind
         details["power"] = preconditioner.power

@@ -464,3 +464,28 @@ def test_the_heavy_tail_bound_is_markov_to_the_ball_whatever_the_normal_interval
     # the Markov bound: the bound is [Markov, ball] (its upper end took the normal one's)
     (lo, hi), kind = honest_interval(-10.0, (-30.0, 5.0), 1.0, 100, 0.95, 2.0, slack=0.5)
     assert kind == "bound" and hi == 2.5 and lo == -10.0 + math.log(0.05) - 0.5
+def test_no_estimate_or_interval_end_above_what_is_known_before_sampling():
+    """``is`` weights could put the estimate above the r_max ball (14 of 300 seeds) and
+    the bound interval came out inverted (seed 179: ci (3.478, 1.432)); ``gaussian`` with
+    a preconditioner clipped the estimate and upper end to a mass of 1, not the lower
+    (12 of 300 inverted). Every end is now capped, and the cap is said."""
+    from minefield.bodies import Ellipsoid, log_ball_volume
+    from minefield.precondition import Preconditioner
+    from minefield.volume import star_volume
+
+    n, ball = 3, log_ball_volume(3, 1.0)
+    body = Ellipsoid(torch.full((n,), 10.0, dtype=torch.float64))  # fills the r_max ball
+    pre = Preconditioner.diagonal(torch.tensor([1.0, 1.0, 1e4], dtype=torch.float64))
+    capped = 0
+    for s in range(180):
+        e = star_volume(body, n, body.cutoff, "is", 4, torch.Generator().manual_seed(s),
+                        r_max=1.0, rtol=1e-9, preconditioner=pre)
+        assert e.ci[0] <= e.log_volume <= e.ci[1] <= ball + 1e-8 and e.log_volume <= ball
+        capped += any("capped" in w for w in e.warnings)
+    assert capped > 0
+    unit = Ellipsoid(torch.ones(5, dtype=torch.float64))
+    pre = Preconditioner.diagonal(torch.linspace(0.8, 1.25, 5, dtype=torch.float64))
+    for s in range(60):
+        e = star_volume(unit, 5, unit.cutoff, "gaussian", 30, torch.Generator().manual_seed(s),
+                        r_max=2.0, rtol=1e-9, sigma=0.1, preconditioner=pre)
+        assert e.ci[0] <= e.log_volume <= e.ci[1] <= 0.0
