@@ -64,7 +64,7 @@ def graph_plan(model: nn.Module) -> list[_Step] | None:
     names = dict(model.named_parameters()) | dict(model.named_buffers())
     for node in gm.graph.nodes:
         step = _classify(gm, node)
-        if step is not None and step.module is not None and not _owns(node.target,
+        if step is not None and step.module is not None and not owns(node.target,
                                                                       step.module, names):
             return None
         if step is None:
@@ -120,7 +120,7 @@ def _classify(gm: fx.GraphModule, node: fx.Node) -> _Step | None:
     return None
 
 
-def _owns(target: str, mod: nn.Module, names: dict[str, torch.Tensor]) -> bool:
+def owns(target: str, mod: nn.Module, names: dict[str, torch.Tensor]) -> bool:
     """Whether the tensors the R-operator reads under ``target`` (weight, bias, running
     statistics) are ``mod``'s own, listed by the model under that name. A parameter tied
     to another layer's is listed once, under its first owner, and a parametrised weight

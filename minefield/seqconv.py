@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .graph_trace import owns
 from .stacked import Params, n_members
 
 __all__ = ["seq_conv_path", "seq_conv_logits"]
@@ -69,20 +70,11 @@ def seq_conv_path(model: nn.Module) -> bool:
     names = dict(model.named_parameters())
     for name, mod in model._modules.items():  # a reused module at each place it sits
         if type(mod) in (nn.Conv2d, nn.Linear):  # subclasses may compute otherwise
-            if not _owns(name, mod, names):
+            if not owns(name, mod, names):
                 return False
         elif list(mod.parameters()) or list(mod.buffers()):
             return False
     return True
-
-
-def _owns(name: str, mod: nn.Module, names: dict[str, nn.Parameter]) -> bool:
-    """Whether ``mod``'s weight and bias are the model's parameters ``name.weight`` and
-    ``name.bias``: a layer reused at a second place, or one whose weight is tied to another
-    layer's (``named_parameters`` lists a shared parameter once, under its first owner) or
-    computed by a hook (``weight_norm``), has none under its name to stack."""
-    return all(getattr(mod, k) is None or names.get(f"{name}.{k}") is getattr(mod, k)
-               for k in ("weight", "bias"))
 
 
 def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
