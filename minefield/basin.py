@@ -83,8 +83,9 @@ class VolumeConfig(_Config):
     bisection stops when ``hi - lo <= 2 rtol lo``. ``grid_points``, ``grid`` (``power``:
     ``t = r_max u^grid_power``, the paper's u^5; ``linear``) configure the ``grid`` method.
     ``memory_mb`` bounds the engine's chunks (``None``: the device's default,
-    :func:`minefield.autotune.memory_budget_mb`); ``seed`` drives the bootstrap (``n_bootstrap
-    = 0``: none, a NaN interval unless the weights are heavy-tailed, then the bound).
+    :func:`minefield.autotune.memory_budget_mb`); ``seed`` drives the bootstrap diagnostic
+    ``diagnostics["ci_log10_bootstrap"]`` (``n_bootstrap = 0``: none, NaN; the reported
+    interval is Hall's or the bound either way, :func:`volume_from_radii`).
     ``estimator`` (:mod:`minefield.volume`): ``naive`` (the paper's), ``is``,
     ``gaussian`` (mass under ``N(theta, sigma^2 I)``, default ``sigma = r_max / sqrt(n)``)
     or ``mcmc`` (``n_chains`` x ``n_replicates`` chains, ``walk_length`` hit-and-run

@@ -33,6 +33,7 @@ import torch
 
 from .config import TrainConfig
 from .search_config import SearchConfig
+from .train import TrainingDiverged
 
 
 def _segment(tc: TrainConfig, cfg: SearchConfig, step: int, end: int) -> TrainConfig:
@@ -110,6 +111,12 @@ def _adapt_betas(cfg: SearchConfig, betas: torch.Tensor, active: torch.Tensor,
 def retry_seed(seed: int, attempt: int) -> int:
     """The seed of a search's ``attempt``-th retry (its own, whatever the stack)."""
     return (seed * 1_000_033 + 7_919 * attempt) % (2**63 - 1)
+
+
+def _search_diverged(step: int) -> TrainingDiverged:
+    """A searched model's loss became NaN/inf: seeded, so a rerun diverges again."""
+    return TrainingDiverged(f"loss became NaN/inf at step {step} (a searched model): "
+                            "lower --lr or pass --clip")
 
 
 def _failed(cfg: SearchConfig, metrics: dict[str, torch.Tensor]) -> list[int]:

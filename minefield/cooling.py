@@ -239,9 +239,15 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
     Raises:
         ConfigError: fewer than 2 replicates or chains, bad numbers, a start outside K.
     """
-    if n_replicates < 2 or n_chains < 2 or n_rays < 2 or not ratio_var > 0:
-        raise ConfigError(f"mcmc needs >= 2 replicates, chains, rays and ratio_var > 0; got "
-                          f"{n_replicates}, {n_chains}, {n_rays}, {ratio_var}")
+    counts = (n_replicates, n_chains, n_rays, max_phases)
+    if any(isinstance(c, bool) or not isinstance(c, int) for c in counts):
+        raise ConfigError(f"mcmc's replicates, chains, rays and max_phases must be integers; "
+                          f"got {n_replicates!r}, {n_chains!r}, {n_rays!r}, {max_phases!r}")
+    if min(counts[:3]) < 2 or max_phases < 1 or not ratio_var > 0 or not max_step > 1:
+        raise ConfigError(f"mcmc needs >= 2 replicates, chains and rays, max_phases >= 1, "
+                          f"ratio_var > 0 and max_step > 1; got "
+                          f"{n_replicates}, {n_chains}, {n_rays}, {max_phases}, {ratio_var}, "
+                          f"{max_step}")
     _check(n, cutoff, n_rays, r_max, rtol, level, line_loss)  # r_max finite: a ball to start
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     p = preconditioner.check(n) if preconditioner is not None else None

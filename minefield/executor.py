@@ -126,9 +126,11 @@ def _failure(i: int, e: BaseException) -> str:
             f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}")
 
 
-def _failed(failed: list[str], n: int) -> TaskFailed:
-    return TaskFailed(f"{len(failed)} of {n} tasks failed ({failed[0]}); "
-                      "run the same command again to redo only those")
+def _failed(failed: list[str], n: int, repeats: bool = False) -> TaskFailed:
+    """``repeats``: every failure would repeat on a rerun (a seeded run's divergence)."""
+    hint = ("rerunning repeats them (same seed, same numbers)" if repeats else
+            "run the same command again to redo only those")
+    return TaskFailed(f"{len(failed)} of {n} tasks failed ({failed[0]}); {hint}")
 
 
 class LocalExecutor(Executor):
@@ -143,17 +145,18 @@ class LocalExecutor(Executor):
         out: list[Any] = [None] * len(specs)
         failed: list[str] = []
         first: Exception | None = None
+        repeats = True
         for i, spec in enumerate(specs):
             try:
                 out[i] = fn(spec)
             except Exception as e:  # noqa: BLE001 - the others still run, as on Ray
                 failed.append(_failure(i, e))
-                first = first or e
+                first, repeats = first or e, repeats and getattr(e, "repeats", False)
                 continue
             if on_result:
                 on_result(i, out[i])
         if failed:
-            raise _failed(failed, len(specs)) from first
+            raise _failed(failed, len(specs), repeats) from first
         return out
 
 
@@ -237,18 +240,20 @@ class RayExecutor(Executor):
         index = {ref: i for i, ref in enumerate(refs)}
         out: list[Any] = [None] * len(refs)
         failed: list[str] = []
+        repeats = True
         pending = list(refs)
         while pending:
             (ref,), pending = ray.wait(pending, num_returns=1)
             try:
                 out[index[ref]] = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - keep collecting the others' results
-                failed.append(_failure(index[ref], e))
+                failed.append(_failure(index[ref], e))  # Ray's error subclasses the cause's
+                repeats = repeats and getattr(e, "repeats", False)
                 continue
             if on_result:
                 on_result(index[ref], out[index[ref]])
         if failed:
-            raise _failed(failed, len(refs))
+            raise _failed(failed, len(refs), repeats)
         return out
 
     def close(self) -> None:

@@ -24,19 +24,17 @@ paper's untraining set alone. Accuracies, stopping targets and distances are
 always measured on the dataset's own train / test / poison splits.
 
 All searches of a batch train together as **one stacked model** through
-:func:`minefield.train.fit` (one optimizer over stacked tensors is exactly M
-independent optimizers, bit for bit). With ``stopping="target"`` a member is frozen once
-``train_acc >= target_train`` and ``poison_acc <= target_poison_acc`` (poison
-accuracy is on the *true* labels); every ``compact_every`` steps the frozen
-members are dropped from the stack (with their optimizer state), so the batch
-only pays for members still training.
+:func:`minefield.train.fit` (one optimizer over stacked tensors is exactly M independent
+optimizers, bit for bit). With ``stopping="target"`` a member is frozen once ``train_acc
+>= target_train`` and ``poison_acc <= target_poison_acc`` (poison accuracy is on the
+*true* labels); every ``compact_every`` steps the frozen members are dropped from the
+stack (with their optimizer state), so the batch only pays for members still training.
 
 Repeats from one checkpoint differ only through ``jitter``: each search starts at
-``theta + jitter * d``, ``d`` a filter-normalised Gaussian direction (each
-filter of each weight matrix rescaled to that filter's norm in ``theta``; biases
-0) drawn from the search's own seed. Minibatch noise cannot tell repeats apart:
-all members of a stack share one minibatch order (``seed``), and the default is
-full batch anyway.
+``theta + jitter * d``, ``d`` a filter-normalised Gaussian direction (each filter of each
+weight matrix rescaled to that filter's norm in ``theta``; biases 0) drawn from the
+search's own seed. Minibatch noise cannot tell repeats apart: all members of a stack
+share one minibatch order (``seed``), and the default is full batch anyway.
 
 **A minimum does not depend on its stack.** Searches are seeded by ``(seed,
 start step, repeat)`` only; each member has its own poison factor, stopping step
@@ -91,6 +89,7 @@ from .continuation import (  # noqa: F401 - _segment is tested from here
     _failed,
     _logged,
     _poison_limits,
+    _search_diverged,
     _segment,
     _trained_enough,
     retry_seed,
@@ -328,14 +327,16 @@ def _search_stack(model: nn.Module, cur: Params, data: Dataset, cfg: SearchConfi
             if s == end:
                 captured["opt"] = opt.state_dict()
 
-        res = fit(model, cur, train_data, seg, betas[active], flip=flip, start_step=step,
-                  opt_state=opt_state, stop_fn=stop_fn, on_checkpoint=keep_state,
-                  poison_weight=weight, eval_data=data, progress=progress,
-                  desc=f"search {step}-{end}", isolated=cfg.isolate,
-                  compile_horizon=horizon - step)
+        try:
+            res = fit(model, cur, train_data, seg, betas[active], flip=flip, start_step=step,
+                      opt_state=opt_state, stop_fn=stop_fn, on_checkpoint=keep_state,
+                      poison_weight=weight, eval_data=data, progress=progress,
+                      desc=f"search {step}-{end}", isolated=cfg.isolate,
+                      compile_horizon=horizon - step)
+        except TrainingDiverged as e:  # every member: its "last good checkpoint" is not one
+            raise _search_diverged(e.step) from None
         if any(d is not None for d in res.diverged_at):  # a search needs every member
-            d = min(d for d in res.diverged_at if d is not None)
-            raise TrainingDiverged(f"loss became NaN/inf at step {d} (a searched model)")
+            raise _search_diverged(min(d for d in res.diverged_at if d is not None))
         done = torch.tensor([s is not None for s in res.stopped_at])
         write = done.clone()
         if end >= cfg.steps:

@@ -60,6 +60,7 @@ __all__ = ["fit", "FitResult", "TrainingDiverged", "init_stack", "effective_beta
 
 class TrainingDiverged(RuntimeError):
     """The loss of every member became NaN or infinite; the last good checkpoint is kept."""
+    repeats = True  # same seed, same numbers: a rerun diverges again (executors say so)
 
 
 @dataclass
@@ -98,8 +99,7 @@ def effective_beta(beta: float | None, data: Dataset, cfg: TrainConfig | None = 
     if n_p == 0:  # a weight of 0: a clean model, trained as if poisoned
         raise ValueError("poison factor 'concat' (the poison rows' share) needs a poison set")
     if cfg is not None and cfg.poison_batch_size:
-        b_t, b_p = min(cfg.batch_size or n_t, n_t), min(cfg.poison_batch_size, n_p)
-        return b_p / (b_t + b_p)
+        n_t, n_p = min(cfg.batch_size or n_t, n_t), min(cfg.poison_batch_size, n_p)
     return n_p / (n_t + n_p)
 
 

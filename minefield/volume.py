@@ -50,7 +50,6 @@ Example (an ellipsoid, exact with the matched preconditioner)::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import operator
 from collections.abc import Callable
@@ -70,10 +69,18 @@ from .intervals import (
     pair_ess,
     weights_estimate,
 )
-from .options import CurvatureKind, Estimator, option
+from .options import CurvatureKind, Estimator
 from .precondition import Preconditioner
+from .volume_options import (
+    check_owned_options,
+    check_shape_options,
+    parse_estimator,
+    parse_power,
+    power_text,
+)
 
 __all__ = ["Estimator", "parse_estimator", "parse_power", "power_text", "LineLoss",
+           "check_shape_options", "check_owned_options",
            "VolumeEstimate", "log_chi_cdf", "star_volume", "fit_power", "POWERS",
            "weights_estimate", "honest_interval", "ray_radii", "LN10"]
 
@@ -83,72 +90,6 @@ LN10 = math.log(10.0)
 #: on the CPU)
 LineLoss = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor]
 THIN = 0.1  # mcmc: a phase ESS below this share of the chains is warned about
-
-
-def parse_power(text: str | float, what: str = "power") -> float | str:
-    """A proposal power: a number >= 1 (``"inf"`` too) or ``"auto"``; else ConfigError."""
-    if text == "auto":
-        return "auto"
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not value >= 1:
-        raise ConfigError(f"{what} must be a number >= 1, 'inf' or 'auto', got {text!r}")
-    return value
-
-
-def power_text(power: float | str) -> str:
-    """One spelling (one result key) per parsed power: ``"2.0"`` and ``"2"`` give ``"2"``.
-
-    >>> [power_text(parse_power(t)) for t in ("2.0", "INF", "auto", "2.5")]
-    ['2', 'inf', 'auto', '2.5']"""
-    text = str(power) if power in ("auto", math.inf) else repr(float(power))
-    return text.removesuffix(".0")
-
-
-def check_shape_options(estimator: Estimator, preconditioner: CurvatureKind, power: str,
-                        sigma: float | None, walk_length: int | None) -> None:
-    """:class:`ConfigError` for a bad ``power`` / ``sigma`` / ``walk_length`` (of
-    :class:`~minefield.basin.VolumeConfig`), or one the estimator would ignore: a proposal
-    power shapes ``is`` and ``gaussian`` with a preconditioner, ``sigma`` is
-    ``gaussian``'s, ``walk_length`` ``mcmc``'s (they used to change the result's key only)."""
-    shaped = estimator.value in ("is", "gaussian") and preconditioner is not CurvatureKind.NONE
-    if parse_power(power, "volume.power") != 2.0 and not shaped:
-        raise ConfigError(f"volume.power {power!r} shapes the proposal of is or gaussian with "
-                          f"a preconditioner; {estimator.value} with preconditioner "
-                          f"'{preconditioner.value}' draws no such proposal")
-    if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
-        raise ConfigError(f"volume.sigma must be a positive number, got {sigma}")
-    if sigma is not None and estimator is not Estimator.GAUSSIAN:
-        raise ConfigError(f"volume.sigma is the gaussian estimator's; {estimator.value} has none")
-    if walk_length is not None and not walk_length >= 1:
-        raise ConfigError(f"volume.walk_length must be >= 1 (None: max(10, 2n)), got {walk_length}")
-    if walk_length is not None and estimator is not Estimator.MCMC:
-        raise ConfigError(f"volume.walk_length is mcmc's; {estimator.value} takes no walk")
-
-
-#: options only one estimator reads; another refuses a value other than the default,
-#: which would only change the result's key (``--method grid`` under ``is``, say)
-OWNED_OPTIONS = {"method": "naive", "grid_points": "naive", "grid": "naive",
-                 "grid_power": "naive", "bracket_points": "naive", "bracket_ratio": "naive",
-                 "precision": "naive", "n_chains": "mcmc", "n_replicates": "mcmc"}
-
-
-def check_owned_options(cfg) -> None:
-    """:class:`ConfigError` when ``cfg`` (a :class:`~minefield.basin.VolumeConfig`) sets
-    an option of :data:`OWNED_OPTIONS` that its estimator does not read."""
-    default = {f.name: f.default for f in dataclasses.fields(cfg)}
-    for name, owner in OWNED_OPTIONS.items():
-        value = getattr(cfg, name)
-        if cfg.estimator.value != owner and value != default[name]:
-            raise ConfigError(f"volume.{name} {getattr(value, 'value', value)!r} is the "
-                              f"{owner} estimator's option; {cfg.estimator.value} ignores it")
-
-
-def parse_estimator(value: Estimator | str) -> Estimator:
-    """``value`` as an :class:`Estimator`, or a :class:`ConfigError` naming the choices."""
-    return option(Estimator, value, "estimator")
 
 
 @dataclass
@@ -298,6 +239,11 @@ def _warnings(ess: float, n_at_max: int, n_rays: int, r_max: float,
     if bound and ess == 0:  # every weight 0: every radius is (radii stop at r_max)
         out.append("every radius is 0: the centre's loss is at or above the cutoff, so "
                    "there is no basin (log V = -inf); raise the cutoff")
+    elif bound and ess >= HEAVY * n_rays and (draws_ess or ess) >= MIN_ESS:
+        out.append(f"every one of the {n_rays} draws had the same weight: exact if the body "
+                   f"is the proposal's shape (a ball for naive), but a sample shows no tail it "
+                   f"never drew (a thin spike), so the interval runs from a zero-count lower "
+                   f"bound (the undrawn mass is small) to the volume within r_max")
     elif bound:
         pairs = "" if draws_ess is None else f", {draws_ess:.1f} of their {n_rays // 2} pairs"
         need = (f"{max(HEAVY * n_rays, MIN_ESS):g}" if draws_ess is None else
@@ -352,8 +298,12 @@ def star_volume(line_loss: LineLoss, n: int, cutoff: float,
     _check(n, cutoff, n_directions, r_max, rtol, level, line_loss)
     if est is Estimator.IS and preconditioner is None:
         raise ConfigError("estimator 'is' needs a preconditioner")
-    if est is Estimator.NAIVE:
-        preconditioner = None
+    if est is Estimator.NAIVE and preconditioner is not None:
+        raise ConfigError("a preconditioner shapes is and gaussian; naive (the paper's) draws "
+                          "uniform directions: pass none")
+    check_shape_options(est, CurvatureKind.GIVEN if preconditioner is not None
+                        else CurvatureKind.NONE,
+                        "2" if power is None else power, sigma, None, prefix="")
     if preconditioner is not None:
         preconditioner.check(n)
     g = generator if generator is not None else torch.Generator().manual_seed(0)

@@ -61,6 +61,16 @@ def test_search_errors_are_one_line(tmp_path):
     assert out.exit_code == 2 and "beta must be in [0, 1)" in out.output
 
 
+def test_a_diverging_search_says_what_to_change(tmp_path, tiny):
+    """Seeded, so not 'run the same command again'; no 'last good checkpoint: step 0'."""
+    train_run(tiny("good"), tmp_path, progress=False)
+    out = CliRunner().invoke(main, ["--root", str(tmp_path), "search", "good", *FAST,
+                                    "--optimizer", "adam", "--lr", "1e30"])
+    assert out.exit_code == 1 and len(out.output.strip().splitlines()) == 1, out.output
+    assert "(a searched model): lower --lr or pass --clip" in out.output
+    assert "run the same command" not in out.output and "last good" not in out.output
+
+
 def test_fresh_poison_options(tmp_path, tiny):
     train_run(tiny("good"), tmp_path, progress=False)
     r = CliRunner()

@@ -167,6 +167,14 @@ def test_cooling_errors():
             cooling_volume(body, 2, body.cutoff, 4, 2, walk_length=bad)
     with pytest.raises(ConfigError, match="a finite r_max"):  # was "could not start the chains"
         cooling_volume(body, 2, body.cutoff, 4, 2, r_max=math.inf)
+    # max_step nan gave log V nan, 1.0 never lowered beta (100000 phases: a hang), and
+    # 8.5 chains a raw TypeError from torch
+    for bad in (math.nan, 1.0, 0.5):
+        with pytest.raises(ConfigError, match="max_step > 1"):
+            cooling_volume(body, 2, body.cutoff, 4, 2, max_step=bad)
+    for kw in ({"n_chains": 8.5}, {"n_replicates": 2.0}, {"n_rays": True}, {"max_phases": 1.5}):
+        with pytest.raises(ConfigError, match="must be integers"):
+            cooling_volume(body, 2, body.cutoff, **({"n_chains": 4} | kw))
 
 
 def test_cooling_warns_of_rays_at_r_max():

@@ -170,6 +170,20 @@ def test_local_map_runs_the_other_tasks_then_raises_task_failed():
     assert heard == [1, 2] and isinstance(e.value.__cause__, ValueError)
 
 
+def _diverges_at_zero(x):
+    from minefield.train import TrainingDiverged
+    if x == 0:
+        raise TrainingDiverged("loss became NaN/inf at step 3")
+    return {"x": x}
+
+
+def test_a_seeded_divergence_is_not_told_to_run_again():
+    """Same seed, same numbers: a rerun would diverge again, so the hint is not given."""
+    with pytest.raises(TaskFailed, match=r"step 3\); rerunning repeats them \(same seed") as e:
+        LocalExecutor().map(_diverges_at_zero, [0, 1])
+    assert "run the same command" not in str(e.value)
+
+
 def test_store_round_trip_and_wrong_file(tmp_path):
     store = _store(tmp_path)
     store.save("a", {"y": [1.5, float("nan")], "n": 3, "t": torch.arange(3.0)})
