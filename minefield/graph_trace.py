@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from .functional import _hooked
+
 __all__ = ["graph_plan"]
 
 _ACT_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Tanh)
@@ -54,7 +56,9 @@ class _Step:
 
 def graph_plan(model: nn.Module) -> list[_Step] | None:
     """The steps of ``model``'s traced forward, or ``None`` when ``torch.fx`` cannot trace
-    it or it holds an operation outside the R-operator's rules above."""
+    it, it holds an operation outside the R-operator's rules above, or a hook is set."""
+    if hooked(model):  # fx traces the forward without its hooks
+        return None
     try:
         gm = fx.symbolic_trace(model)
     except Exception:  # any untraceable forward: the caller falls back to autograd
@@ -118,6 +122,13 @@ def _classify(gm: fx.GraphModule, node: fx.Node) -> _Step | None:
             return None
         return _Step(node, "map")
     return None
+
+
+def hooked(model: nn.Module) -> bool:
+    """Whether calling ``model`` runs a forward or pre-forward hook (its own, a submodule's
+    or a global one): a path that computes the layers itself would skip it, so it is not
+    taken (as :func:`~minefield.functional.mlp_fast_path` is not)."""
+    return _hooked() or any(_hooked(m) for m in model.modules())
 
 
 def owns(target: str, mod: nn.Module, names: dict[str, torch.Tensor]) -> bool:

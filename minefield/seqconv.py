@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .graph_trace import owns
+from .graph_trace import hooked, owns
 from .stacked import Params, n_members
 
 __all__ = ["seq_conv_path", "seq_conv_logits"]
@@ -64,8 +64,11 @@ def seq_conv_path(model: nn.Module) -> bool:
     ``Conv2d`` / ``Linear`` layers or modules with neither parameters nor buffers
     (activations, pooling, ``Flatten``, ``Dropout``): :func:`seq_conv_logits` can run
     it. A parameter-free module may sit at several places (``act = nn.ReLU()`` reused);
-    a layer may not, nor share its weight or bias with another."""
+    a layer may not, nor share its weight or bias with another. No hook may be set: it
+    would be skipped."""
     if type(model) is not nn.Sequential or not len(model) or not _plain_conv(model[0]):
+        return False
+    if hooked(model):
         return False
     names = dict(model.named_parameters())
     for name, mod in model._modules.items():  # a reused module at each place it sits
