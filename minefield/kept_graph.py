@@ -61,17 +61,30 @@ class KeptGraph:
                 losses = obj.member_loss(member(leaves, 0), b)[None]
             else:
                 losses = vmap(obj.member_loss, in_dims=(0, obj._bdim))(leaves, obj.buffers)
-            grads = torch.autograd.grad(losses.sum(), list(leaves.values()), create_graph=True)
+            # a parameter the forward never uses (an auxiliary head): gradient 0, no graph
+            grads = torch.autograd.grad(losses.sum(), list(leaves.values()), create_graph=True,
+                                        allow_unused=True, materialize_grads=True)
         self.losses = losses.detach()
-        self.leaves, self.grads = list(leaves.values()), list(grads)
+        self.leaves = list(leaves.values())
+        self.live = [i for i, g in enumerate(grads) if g.requires_grad]  # with a graph
+        self.grads = [grads[i] for i in self.live]
         self.batched: bool | None = None  # False once a batched backward has failed
+
+    def _grad(self, outs: list[torch.Tensor], c: int | None) -> list[torch.Tensor]:
+        """The backward of the kept gradients against ``outs`` (``c`` of them batched, or
+        one); 0 for a leaf no kept gradient depends on."""
+        if not self.grads:  # the gradient is constant: a zero Hessian
+            return [torch.zeros(*(() if c is None else (c,)), *leaf.shape, dtype=leaf.dtype,
+                                device=leaf.device) for leaf in self.leaves]
+        with torch.enable_grad():
+            return torch.autograd.grad(self.grads, self.leaves, grad_outputs=outs,
+                                       retain_graph=True, is_grads_batched=c is not None,
+                                       allow_unused=True, materialize_grads=True)
 
     def product(self, v: torch.Tensor) -> torch.Tensor:
         """``(M, n) -> (M, n)``: one backward pass."""
-        vd = unflatten(v, self.objective.params)
-        with torch.enable_grad():
-            hv = torch.autograd.grad(self.grads, self.leaves, grad_outputs=list(vd.values()),
-                                     retain_graph=True)
+        vd = list(unflatten(v, self.objective.params).values())
+        hv = self._grad([vd[i] for i in self.live], None)
         return torch.cat([h.reshape(self.m, -1) for h in hv], 1).detach()
 
     def batched_products(self, v: torch.Tensor) -> torch.Tensor:
@@ -85,9 +98,7 @@ class KeptGraph:
             size = leaf[0].numel()
             outs.append(vt[:, :, o:o + size].reshape(c, *leaf.shape))
             o += size
-        with torch.enable_grad():
-            hv = torch.autograd.grad(self.grads, self.leaves, grad_outputs=outs,
-                                     retain_graph=True, is_grads_batched=True)
+        hv = self._grad([outs[i] for i in self.live], c)
         return torch.cat([h.reshape(c, self.m, -1) for h in hv], 2).transpose(0, 1).detach()
 
     def products(self, v: torch.Tensor, chunk: int | None = None) -> torch.Tensor:

@@ -248,3 +248,38 @@ def test_objectives_build_their_tensors_on_the_parameters_device():
             mod.num_batches_tracked.fill_(1)  # trained statistics: taken from the module
     obj = model_objective(model.eval(), {k: v.to("meta") for k, v in p.items()}, (x, y))
     assert {v.device.type for v in obj.buffers.values()} == {"meta"}
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_a_parameter_the_forward_never_uses_has_zero_curvature(m):
+    """An auxiliary head the forward skips: the kept-graph path raised torch's raw
+    'appears to not have been used in the graph'; its rows and columns are 0."""
+    class Aux(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = torch.nn.Linear(2, 4), torch.nn.Linear(4, 3)
+            self.aux_head = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(torch.sigmoid(self.body(x)))
+
+    model = Aux().double()
+    _, _, x, y = _problem(classes=3)
+    g = torch.Generator().manual_seed(2)
+    p = {k: v.detach()[None] + 0.1 * torch.randn(m, *v.shape, generator=g, dtype=v.dtype)
+         for k, v in model.named_parameters()}
+    op = CurvatureOperator(model_objective(model, p, (x, y)))
+    got = dense_matrix(op)
+    vv = torch.randn(m, 3, op.n, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(op.matmat(vv), torch.einsum("mij,mkj->mki", got, vv))
+    for i in range(m):
+        one = {k: t[i:i + 1] for k, t in p.items()}
+
+        def f(flat, one=one):
+            q = {k: t[0] for k, t in unflatten(flat[None], one).items()}
+            return nll(functional_call(model, q, (x,)), y).mean()
+
+        want = torch.autograd.functional.hessian(f, flatten(one)[0])
+        torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-12)
+    aux = slice(op.n - 10, op.n)  # aux_head's 8 weights and 2 biases come last
+    assert not got[:, aux].any() and not got[:, :, aux].any()
