@@ -177,8 +177,9 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
         width = max(m.out_features for m in model if isinstance(m, nn.Linear))
         mem = max(1, min(mem, _CACHE_BYTES // (pts * width * size)))
     work = mlp_workspace(model, mem, pts, x) if path == "mlp" else None
-    if bn is BNPolicy.BATCH and not buffers:  # batch statistics must not update the module's
-        buffers = buffers_like(model, 1, dev, dtype) or None
+    stale = any(b.is_floating_point() and b.dtype != dtype for b in model.buffers())
+    if not buffers and (bn is BNPolicy.BATCH or stale):  # batch statistics must not update
+        buffers = buffers_like(model, 1, dev, dtype) or None  # the module's; its dtype here
     with bn_mode(model, bn is BNPolicy.BATCH):
         with arithmetic(precision, dev):
             for i in range(0, n_points, mem):

@@ -328,3 +328,31 @@ def test_float32_buffers_serve_float64_points_and_the_loop_keeps_dropout_off():
         assert lo.dtype == torch.float64
         torch.testing.assert_close(lo, ref, rtol=1e-6, atol=1e-7)  # float32 statistics
         torch.testing.assert_close(again, ref, **TOL)
+
+
+def test_float64_points_on_a_float32_batchnorm_module_use_its_running_statistics():
+    """The curvature path cast the running statistics to the points' dtype, the engine
+    did not: a raw 'expected scalar type Double but found Float'."""
+    import copy
+
+    import torch.nn.functional as F
+    from torch import nn
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 2, 6, 6, generator=g), torch.randint(0, 3, (10,), generator=g)
+    net = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(72, 3))
+    with torch.no_grad():
+        net(x)  # running statistics from a batch (train mode)
+    net.eval()
+    centre = {k: v.detach().double()[None] for k, v in net.named_parameters()}
+    d = random_directions({k: v[0] for k, v in centre.items()}, 3, generator=g)
+    ts = torch.tensor([0.0, 0.3, 0.7], dtype=torch.float64)
+    loss, _ = evaluate_points(net, centre, d, ts, x, y)
+    ref = copy.deepcopy(net).double()
+    with torch.no_grad():
+        for k in range(3):
+            for name, p in ref.named_parameters():
+                p.copy_(centre[name][0] + ts[k] * d[name][k])
+            want = F.cross_entropy(ref(x.double()), y).item()
+            assert abs(loss[k].item() - want) <= 1e-12 * max(1.0, abs(want))
+    assert next(net.buffers()).dtype == torch.float32  # the module is left as it was
