@@ -64,7 +64,7 @@ from .functional import (
     one,
     stacked_forward,
 )
-from .loss import nll, predict
+from .loss import check_labels, nll, predict
 from .options import BNPolicy, EnginePath, Precision, option
 from .seqconv import seq_conv_logits, seq_conv_path
 
@@ -143,7 +143,7 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss (n_points,), acc (n_points,))``; ``make(sl)`` builds the points ``sl``
     (stacked parameters), ``path`` (``mlp``, ``vmap``, ``loop``, ``loop_cl``) runs them."""
-    loss_fn, dev = _check_loss(loss), y.device
+    loss_fn, dev, y = _check_loss(loss), y.device, check_labels(y)  # int64
     out_loss = torch.zeros(n_points, dtype=torch.float64, device=dev)
     out_acc = torch.zeros(n_points, dtype=torch.float64, device=dev)
     n = len(y)
@@ -197,6 +197,8 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
                     else:
                         logits = stacked_forward(model, p, x[ps], b, path="vmap")
                     logits = logits.to(dtype)
+                    if i == 0 and j == 0:  # below the logits' count (2 for one logit)
+                        check_labels(y, logits.shape[-1])
                     out_loss[sl] += loss_fn(logits, y[ps]).sum(-1).double()
                     out_acc[sl] += (predict(logits) == y[ps]).sum(-1).double()
     return out_loss / n, out_acc / n

@@ -50,6 +50,7 @@ from .engine import LOSSES, BNPolicy, evaluate_points
 from .functional import bn_mode, buffers_like, check_buffers
 from .graph_hvp import GraphHessian, graph_plan
 from .kept_graph import KeptGraph
+from .loss import check_labels
 from .options import option
 from .pearlmutter import MLPHessian, mlp_plan
 from .stacked import Params, flatten, member, n_members, one, unflatten
@@ -223,7 +224,7 @@ def model_objective(model: nn.Module, params: Params,
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} inputs but y has {len(y)} labels")
     dtype = next(iter(params.values())).dtype
-    x = x.to(dtype)
+    x, y = x.to(dtype), check_labels(y)  # int64 (the R-operators index with it)
     m = n_members(params)
     if has_bn:  # never a fresh module's statistics in place of the trained ones
         check_buffers(model, buffers, m, bn is BNPolicy.BATCH)
@@ -245,6 +246,13 @@ def model_objective(model: nn.Module, params: Params,
         with bn_mode(model, train):  # dropout stays off either way
             return functional_call(model, (p, b), (xx,))
 
+    if len(y) and not train:  # one input tells the logits' count (batch statistics: all)
+        try:
+            with torch.no_grad():
+                width = forward(member(params, 0), member(bufs, 0), x[:1]).shape[-1]
+        except RuntimeError:  # data that do not fit: the caller's checks or the first
+            width = None  # product say so
+        check_labels(y, width)
     return Objective(params, forward, loss_fn, chunks, 1.0 / max(1, len(y)), bufs, model,
                      (x, y), bn, loss)
 

@@ -72,14 +72,14 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         _regular(path, "a CIFAR-10 batch")
         with open(path, "rb") as f:
-            d = _SafeUnpickler(f, encoding="bytes").load()
+            d = _SafeUnpickler(f, path.stat().st_size).load()
         x, y = _checked(d[b"data"], d[b"labels"], path, "a CIFAR-10 python batch",
                         (-1, 3072), range(10))
         x = x.reshape(-1, 3, 32, 32)
     except DataError:
         raise
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, IndexError,
-            AttributeError, UnicodeDecodeError, OverflowError) as e:
+            AttributeError, UnicodeDecodeError, OverflowError, LookupError) as e:
         why = "it is empty" if isinstance(e, EOFError) else f"{type(e).__name__}: {e}"
         raise DataError(f"{path} is not a CIFAR-10 python batch ({why[:120]})") from None
     return x, y
@@ -91,10 +91,23 @@ class _SafeUnpickler(pickle.Unpickler):
                 ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
                 ("_codecs", "encode")}
 
+    def __init__(self, f, size: int):
+        super().__init__(f, encoding="bytes")
+        self.size = size  # the file's bytes: no array it holds is larger
+
     def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise DataError(f"refusing to load {module}.{name} from a CIFAR batch file")
+        if (module, name) not in self._ALLOWED:
+            raise DataError(f"refusing to load {module}.{name} from a CIFAR batch file")
+        found = super().find_class(module, name)
+        if name != "_reconstruct":
+            return found
+
+        def bounded(cls, shape, dtype):  # numpy's own pickles pass shape (0,), then the data
+            if np.prod(shape, dtype=np.float64) * np.dtype(dtype).itemsize > self.size:
+                raise ValueError(f"an array of shape {tuple(shape)} cannot come from "
+                                 f"{self.size} bytes")
+            return found(cls, shape, dtype)
+        return bounded
 
 
 def cifar10(cfg: DataConfig) -> Dataset:

@@ -28,13 +28,39 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["nll", "complement_nll", "poisoned_nll", "accuracy", "predict"]
+from .options import ConfigError
+
+__all__ = ["nll", "complement_nll", "poisoned_nll", "accuracy", "predict", "check_labels"]
 
 
 def _check(logits: torch.Tensor, y: torch.Tensor) -> None:
     if logits.dim() < 2 or logits.shape[-2] != y.shape[-1]:
         raise ValueError(f"logits (..., N, C) and labels (N,) disagree: "
                          f"{tuple(logits.shape)} vs {tuple(y.shape)}")
+
+
+def check_labels(y: torch.Tensor, n_outputs: int | None = None) -> torch.Tensor:
+    """``y`` as int64 class indices, or a one-line ``ConfigError``: integers in ``[0, C)``
+    for a model of ``C = n_outputs`` logits (``C = 2`` for one logit, whose labels are a
+    sigmoid's 0 and 1: ``softplus((1 - 2y) z)`` with any other ``y`` is the NLL of no
+    distribution). ``n_outputs=None`` checks the type only.
+
+    >>> check_labels(torch.tensor([0, 1], dtype=torch.uint8)).dtype
+    torch.int64
+    >>> check_labels(torch.tensor([-1, 1]), 1)
+    Traceback (most recent call last):
+    ...
+    minefield.options.ConfigError: labels must be in [0, 2) for the model's 1 output(s), got -1..1
+    """
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise ConfigError(f"labels must be integer class indices, got {y.dtype}")
+    y = y.long()
+    if len(y) and n_outputs is not None:
+        lo, hi, k = int(y.min()), int(y.max()), max(n_outputs, 2)
+        if lo < 0 or hi >= k:
+            raise ConfigError(f"labels must be in [0, {k}) for the model's {n_outputs} "
+                              f"output(s), got {lo}..{hi}")
+    return y
 
 
 def nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -51,31 +51,43 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["kendall_tau", "granulated_tau", "cmi_score", "score_measures"]
+__all__ = ["kendall_tau", "granulated_tau", "cmi_score", "score_measures", "GAP_DECIMALS"]
 
 
-def _finite_pairs(gap: Sequence[float], measure: Sequence[float]) -> tuple[np.ndarray, ...]:
+#: decimals a gap is rounded to: a difference of two accuracies (counts / n) comes out
+#: as up to 8 floats for one count difference (362 of 401 levels on 200 points), and
+#: rounding noise would count as order (three models of gap 2/200: tau -0.667, not 0)
+GAP_DECIMALS = 12
+
+
+def _known_pairs(gap: Sequence[float], measure: Sequence[float]) -> tuple[np.ndarray, ...]:
     g, mu = np.asarray(gap, dtype=float), np.asarray(measure, dtype=float)
     if g.shape != mu.shape or g.ndim != 1:
         raise ValueError(f"gap and measure must be 1-d of one length, got {g.shape} and "
                          f"{mu.shape}")
-    ok = np.isfinite(g) & np.isfinite(mu)
+    ok = ~np.isnan(g) & ~np.isnan(mu)
     return g[ok], mu[ok]
+
+
+def _signs(v: np.ndarray) -> np.ndarray:
+    """``sign(v_i - v_j)`` by comparison: -inf against -inf is a tie, not NaN."""
+    return (v[:, None] > v[None, :]).astype(int) - (v[:, None] < v[None, :])
 
 
 def kendall_tau(gap: Sequence[float], measure: Sequence[float]) -> float:
     """Jiang et al.'s Kendall tau between ``gap`` and ``measure`` (tau-a; pairs with a
-    NaN or infinite value are left out; NaN when fewer than two models remain).
+    NaN value are left out; NaN when fewer than two models remain). An infinite value
+    is a value: a log-volume of -inf (radius 0) is the smallest, tied only with another
+    -inf (dropping it turned tau -0.5 into +1.0 on four models).
 
     Raises:
         ValueError: the two sequences differ in length.
     """
-    g, mu = _finite_pairs(gap, measure)
+    g, mu = _known_pairs(gap, measure)
     n = len(g)
     if n < 2:
         return float("nan")
-    s = np.sign(g[:, None] - g[None, :]) * np.sign(mu[:, None] - mu[None, :])  # (n, n)
-    return float(s.sum() / (n * (n - 1)))
+    return float((_signs(g) * _signs(mu)).sum() / (n * (n - 1)))
 
 
 def _key(value: Any) -> str:
@@ -144,7 +156,7 @@ def cmi_score(gap: Sequence[float], measure: Sequence[float],
     if len(design) != len(gap) or len(measure) != len(gap):
         raise ValueError(f"{len(design)} design rows, {len(gap)} gaps, {len(measure)} measures")
     g, mu = np.asarray(gap, dtype=float), np.asarray(measure, dtype=float)
-    if len(hparams) < 3 or not (np.isfinite(g).all() and np.isfinite(mu).all()):
+    if len(hparams) < 3 or np.isnan(g).any() or np.isnan(mu).any():
         return float("nan")
     keys = [tuple(_key(d.get(h)) for h in hparams) for d in design]
     n_cells = math.prod(len({k[j] for k in keys}) for j in range(len(hparams)))
@@ -175,16 +187,17 @@ def score_measures(rows: Sequence[Mapping[str, Any]], measures: Sequence[str],
     the granulated tau but are not axes of it, and are hyper-parameters of the CMI.
     Measures in ``flatness`` (larger = flatter, expected to fall as the gap grows)
     are negated for the CMI only; the taus keep every measure's own sign.
-    ``n`` counts the models with a finite value of both columns.
+    ``n`` counts the models with a value (not NaN) in both columns. The target is
+    rounded to :data:`GAP_DECIMALS` decimals (accuracy differences tie exactly).
     """
-    gap = [float(r[target]) for r in rows]
+    gap = [round(float(r[target]), GAP_DECIMALS) for r in rows]
     des = [{k: r[k] for k in design} for r in rows]
     axes = [d for d in design if d not in replicates]
     out = []
     for m in measures:
         mu = [float(r[m]) if r.get(m) is not None else float("nan") for r in rows]
         psi, per_axis = granulated_tau(gap, mu, des, axes)
-        out.append({"measure": m, "n": int(np.isfinite(np.array(mu) + np.array(gap)).sum()),
+        out.append({"measure": m, "n": int((~np.isnan(np.array(mu) + np.array(gap))).sum()),
                     "kendall_tau": kendall_tau(gap, mu), "granulated_tau": psi,
                     **{f"psi_{a}": v for a, v in per_axis.items()},
                     "cmi": cmi_score(gap, [-v for v in mu] if m in flatness else mu, des,

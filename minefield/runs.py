@@ -371,10 +371,16 @@ def _bookkeeping(name: str) -> bool:
     return name == _LOCK_FILE or bool(_TMP.match(name))
 
 
-def _clean_tmp(path: Path) -> None:
-    """Remove ``.*.tmp`` files left by writes that were killed before ``os.replace``."""
-    if not path.is_dir():
+def _clean_tmp(path: Path, top: bool = True) -> None:
+    """Remove ``.*.tmp`` files left by writes that were killed before ``os.replace``:
+    in ``path`` and its folders, but not in a folder that is a run of its own (a study's
+    stacks: its config or lock there), whose lock another process may hold while it
+    writes."""
+    if not path.is_dir() or (not top and ((path / "config.json").exists()
+                                          or (path / _LOCK_FILE).exists())):
         return
-    for p in path.rglob(".*.tmp"):
-        if p.is_file() and _TMP.match(p.name):
+    for p in path.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            _clean_tmp(p, False)
+        elif p.is_file() and _TMP.match(p.name):
             p.unlink(missing_ok=True)

@@ -123,6 +123,22 @@ def test_cifar_batch_refuses_code(tmp_path):
         load_dataset(DataConfig("cifar10", data_dir=str(tmp_path)))
 
 
+@pytest.mark.parametrize("payload, why", [
+    (b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x07\x00\x00\x00nocodec\x86R.",
+     "LookupError: unknown encoding"),  # a codec call the allow-list lets through
+    (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+     b"\x8a\x06\x00\x00\x00\x00\x00\x01\x85C\x01b\x87R.",
+     r"an array of shape \(1099511627776,\) cannot come from 68 bytes"),  # 1 TiB asked
+])
+def test_a_corrupt_cifar_batch_names_the_file(tmp_path, payload, why):
+    """Not 'unexpected error LookupError (this is a bug)' nor 'out of memory'."""
+    root = tmp_path / "cifar-10-batches-py"
+    _write_cifar(root)
+    (root / "data_batch_2").write_bytes(payload)
+    with pytest.raises(DataError, match=f"data_batch_2 is not a CIFAR-10 python batch .*{why}"):
+        load_dataset(DataConfig("cifar10", data_dir=str(tmp_path)))
+
+
 def test_svhn_from_mat(tmp_path):
     from scipy.io import savemat
 

@@ -356,3 +356,44 @@ def test_float64_points_on_a_float32_batchnorm_module_use_its_running_statistics
             want = F.cross_entropy(ref(x.double()), y).item()
             assert abs(loss[k].item() - want) <= 1e-12 * max(1.0, abs(want))
     assert next(net.buffers()).dtype == torch.float32  # the module is left as it was
+
+
+@pytest.mark.parametrize("y, message", [
+    (torch.randint(0, 10, (30,)), r"\[0, 2\) for the model's 1 output\(s\), got 0..9"),
+    (torch.randint(0, 2, (30,)) * 2 - 1, r"\[0, 2\) for the model's 1 output\(s\), got -1..1"),
+    (torch.randint(0, 2, (30,)).float(), "integer class indices, got torch.float32"),
+])
+def test_labels_a_one_logit_model_cannot_have_are_refused(y, message):
+    """softplus((1 - 2y) z) with y outside {0, 1} is the NLL of no distribution: radii,
+    eigenvalues and accuracy of it came out silently (accuracy 0.02)."""
+    from torch import nn
+
+    from minefield.hvp import model_objective
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    x = torch.randn(30, 4, generator=torch.Generator().manual_seed(0))
+    p = {k: v.detach()[None] for k, v in net.named_parameters()}
+    d = random_directions({k: v[0] for k, v in p.items()}, 1)
+    with pytest.raises(ValueError, match=message):
+        evaluate_points(net, p, d, torch.zeros(1), x, y)
+    with pytest.raises(ValueError, match=message):
+        model_objective(net, p, (x, y))
+
+
+def test_narrow_integer_labels_equal_int64_ones():
+    """uint8 (SVHN's own type) and int32 labels: gather had raised a raw error."""
+    from torch import nn
+
+    from minefield.hvp import CurvatureOperator, dense_matrix, model_objective
+    g = torch.Generator().manual_seed(1)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(20, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (20,),
+                                                                               generator=g)
+    p = {k: v.detach()[None] for k, v in net.named_parameters()}
+    d = random_directions({k: v[0] for k, v in p.items()}, 2, generator=g)
+    ts = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    want = evaluate_points(net, p, d, ts, x, y)[0]
+    h = dense_matrix(CurvatureOperator(model_objective(net, p, (x, y))))
+    for dt in (torch.uint8, torch.int32):
+        assert torch.equal(evaluate_points(net, p, d, ts, x, y.to(dt))[0], want)
+        assert torch.equal(dense_matrix(CurvatureOperator(model_objective(net, p, (x, y.to(dt))))),
+                           h)

@@ -41,6 +41,30 @@ def test_kendall_tau_leaves_out_nan_and_needs_two_models():
         kendall_tau([1, 2], [1, 2, 3])
 
 
+def test_infinite_values_are_values_and_tie_with_each_other():
+    # log10 V = -inf (radius 0) is the smallest volume: dropping it turned -0.5 into +1.0
+    gap, vol = [0.1, 0.2, 0.8, 0.9], [-200.0, -100.0, -math.inf, -math.inf]
+    assert kendall_tau(gap, vol) == -0.5  # tau-a: 4 discordant, 1 concordant, 1 tied of 6
+    g = np.random.default_rng(0).random(12)
+    mu = np.where(g > 0.6, -np.inf, -100 * g)  # scipy ranks -inf as the smallest value
+    n, c = 12, kendall_tau(g, mu) * 12 * 11 / 2  # concordant minus discordant pairs
+    ties = sum((mu == v).sum() * ((mu == v).sum() - 1) / 2 for v in set(mu.tolist()))
+    want = kendalltau(g, mu).statistic * math.sqrt(n * (n - 1) / 2 * (n * (n - 1) / 2 - ties))
+    assert c == pytest.approx(want, abs=1e-9)
+    row = score_measures([{"gap": a, "v": b, "lr": i} for i, (a, b) in enumerate(zip(gap, vol))],
+                         ["v"], ["lr"])[0]
+    assert row["n"] == 4 and row["kendall_tau"] == -0.5
+
+
+def test_equal_gaps_from_accuracy_differences_tie():
+    # 2/200 as a difference of two accuracies: three floats; tau counted their order
+    train, test = [150 / 200, 163 / 200, 150 / 200], [148 / 200, 161 / 200, 148 / 200]
+    assert len({a - b for a, b in zip(train, test)}) > 1  # the rounding noise is real
+    rows = [{"gap": a - b, "m": m, "lr": i} for i, (a, b, m) in
+            enumerate(zip(train, test, [1.0, 2.0, 0.0]))]  # unrounded: tau -0.667
+    assert score_measures(rows, ["m"], ["lr"])[0]["kendall_tau"] == 0.0
+
+
 def _grid_3x2():
     # lr in {1, 2, 3} x bs in {8, 64}
     design = [{"lr": lr, "bs": bs} for bs in (8, 64) for lr in (1, 2, 3)]

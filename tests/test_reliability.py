@@ -659,6 +659,26 @@ def test_leftover_temporary_files_are_removed_when_a_run_is_written(base, tmp_pa
     assert not any(p.exists() for p in left)
 
 
+def test_locking_a_study_leaves_its_stacks_temporary_files_to_their_own_lock(tmp_path):
+    """A stack is a run of its own, which another process may be writing under its own
+    lock: taking the study's lock deleted that write's temporary file."""
+    study, stack = tmp_path / "S", tmp_path / "S" / "stacks" / "X"
+    stack.mkdir(parents=True)
+    (study / "config.json").write_text('{"kind": "study"}')
+    (stack / "config.json").write_text("{}")
+    mine, theirs = study / ".study.json.ab.tmp", stack / ".models.json.cd.tmp"
+    for p in (mine, theirs):
+        p.write_text("half")
+    try:
+        Run(study).lock()
+        assert not mine.exists() and theirs.exists()
+        Run(stack).lock()  # the stack's own lock: its leftovers go
+        assert not theirs.exists()
+    finally:
+        release(study)
+        release(stack)
+
+
 # --- the counts -----------------------------------------------------------------------------
 
 
