@@ -49,7 +49,7 @@ from .data import Dataset
 from .engine import LOSSES, BNPolicy, evaluate_points
 from .functional import bn_mode, buffers_like, check_buffers
 from .graph_hvp import GraphHessian, graph_plan
-from .kept_graph import KeptGraph
+from .kept_graph import KeptGraph, check_second_derivatives
 from .loss import check_labels
 from .options import option
 from .pearlmutter import MLPHessian, mlp_plan
@@ -305,6 +305,8 @@ class CurvatureOperator:
         self.device = next(iter(objective.params.values())).device
         self.n_matvecs = 0  # products per member applied so far (one per probe vector)
         self.mode = mode if self.kind is CurvatureKind.HESSIAN else "forward"
+        if self.kind is CurvatureKind.HESSIAN and objective.model is not None:
+            check_second_derivatives(objective.model)
         self._mlp = None  # an exact R-operator when one applies: MLPHessian or GraphHessian
         if self.mode == "reverse" and _pearlmutter_applies(objective):
             self._mlp = MLPHessian(objective.model, objective.params, objective.chunks,

@@ -40,7 +40,28 @@ from .stacked import member, unflatten
 if TYPE_CHECKING:
     from .hvp import Objective
 
-__all__ = ["KeptGraph"]
+__all__ = ["KeptGraph", "check_second_derivatives"]
+
+
+def check_second_derivatives(model: torch.nn.Module) -> None:
+    """Refuse (``ConfigError``) a model holding an op whose second derivative torch gets
+    wrong, before any Hessian of it is reported: ``torch._weight_norm`` (behind both
+    ``torch.nn.utils.weight_norm`` and ``parametrizations.weight_norm``), whose double
+    backward is not symmetric (a 4-unit tanh MLP: 20% off central differences in
+    float64; symmetrising hid it). Gauss-Newton and Fisher need first derivatives only."""
+    from torch.nn.utils import parametrizations
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    from .options import ConfigError
+    for name, mod in model.named_modules():
+        pars = getattr(mod, "parametrizations", {})
+        if (any(isinstance(h, WeightNorm) for h in mod._forward_pre_hooks.values())
+                or any(isinstance(f, parametrizations._WeightNorm)
+                       for plist in pars.values() for f in plist)):
+            raise ConfigError(f"layer {name!r} uses torch's weight_norm, whose second "
+                              "derivative torch computes wrongly: its Hessian would be wrong; "
+                              "write the norm in plain operations (g * v / v.norm(dim=1, "
+                              "keepdim=True)) or use kind='ggn' / 'fisher'")
 
 
 class KeptGraph:
