@@ -65,7 +65,7 @@ from .functional import (
     stacked_forward,
 )
 from .loss import check_labels, nll, predict
-from .options import BNPolicy, EnginePath, Precision, option
+from .options import BNPolicy, ConfigError, EnginePath, Precision, option
 from .seqconv import seq_conv_logits, seq_conv_path
 
 __all__ = ["BNPolicy", "LOSSES", "evaluate_points", "evaluate_combinations",
@@ -152,6 +152,7 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
     if n_points == 0:
         return out_loss, out_acc
     x = x.to(dtype)
+    version = x._version  # an in-place change of x (or of a view of it) bumps it
     size = torch.finfo(dtype).bits // 8
     mdt = next(model.parameters()).dtype  # activation_elements runs the module itself
     sample = x[:1].to(mdt)
@@ -199,6 +200,10 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
                     logits = logits.to(dtype)
                     if i == 0 and j == 0:  # below the logits' count (2 for one logit)
                         check_labels(y, logits.shape[-1])
+                    if x._version != version:  # every later point would see other inputs
+                        raise ConfigError("the model's forward changes its input in place "
+                                          "(e.g. x.sub_(mean)), so x has changed: compute "
+                                          "out of place (x = x - mean)")
                     out_loss[sl] += loss_fn(logits, y[ps]).sum(-1).double()
                     out_acc[sl] += (predict(logits) == y[ps]).sum(-1).double()
     return out_loss / n, out_acc / n

@@ -397,3 +397,25 @@ def test_narrow_integer_labels_equal_int64_ones():
         assert torch.equal(evaluate_points(net, p, d, ts, x, y.to(dt))[0], want)
         assert torch.equal(dense_matrix(CurvatureOperator(model_objective(net, p, (x, y.to(dt))))),
                            h)
+
+
+def test_a_forward_that_changes_its_input_in_place_is_refused():
+    """x.sub_(mean) in forward: three calls at the centre gave 1.6295, 2.1135, 2.6557
+    (true 1.6319), each seeing the inputs the last one left."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+            self.register_buffer("mean", torch.full((6,), 2.0))
+
+        def forward(self, x):
+            return self.fc(x.sub_(self.mean))
+
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    net = Net().eval()
+    centre = {k: v.detach()[None] for k, v in net.named_parameters()}
+    d = random_directions({k: v[0] for k, v in centre.items()}, 2)
+    with pytest.raises(ConfigError, match="changes its input in place"):
+        evaluate_points(net, centre, d, torch.zeros(2), x, y)

@@ -141,11 +141,14 @@ def test_activation_sizes_follow_the_module_not_its_id():
     activation_elements(other, x)
     assert other in _ACT_CACHE
     n = len(_ACT_CACHE)
-    del other
     import gc
+    import weakref
 
+    ref = weakref.ref(other)
+    del other
     gc.collect()
-    assert len(_ACT_CACHE) == n - 1
+    assert ref() is None  # freed: its entry went with it (others freed may go too)
+    assert len(_ACT_CACHE) <= n - 1
 
 
 

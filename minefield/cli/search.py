@@ -54,7 +54,8 @@ _D = SearchConfig()
               help="Steps at which lr *= gamma ('' for none).")
 @click.option("--gamma", type=float, default=_D.train.gamma, show_default=True)
 @click.option("--clip", "clip_norm", type=float, default=None)
-@click.option("--batch-size", type=click.IntRange(1), default=None, help="Default: full batch.")
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Default (or above the training set's size): full batch.")
 @click.option("--beta", callback=parse_beta, default=str(_D.beta), show_default=True,
               help="Poison factor in [0, 1), or 'concat' (n_p / (n_t + n_p), the paper).")
 @click.option("--objective", type=click.Choice([o.value for o in PoisonObjective]),

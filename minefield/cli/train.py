@@ -56,9 +56,11 @@ _EXPERIMENT_OPTIONS = [
     click.option("--gamma", type=float),
     click.option("--l2", type=float, help="Coefficient of sum(W^2) over weights."),
     click.option("--clip", "clip_norm", type=float, help="Global gradient-norm clip per model."),
-    click.option("--batch-size", type=click.IntRange(1), help="Default: full batch."),
+    click.option("--batch-size", type=click.IntRange(1),
+                 help="Default (or above the training set's size): full batch."),
     click.option("--poison-batch-size", type=click.IntRange(1),
-                 help="Poison points drawn per step (default: in proportion to the batch)."),
+                 help="Poison points drawn per step (default: in proportion to the batch; "
+                 "at most the poison set)."),
     click.option("--fit-first", type=click.IntRange(1), help="Fit only the first K training "
                  "points (Keras' validation_split); metrics on all of them."),
     click.option("--steps", type=click.IntRange(0)),
@@ -66,7 +68,8 @@ _EXPERIMENT_OPTIONS = [
                  help="Sharpness-aware training: sam (Foret et al.) or asam (Kwon et al.)."),
     click.option("--rho", type=float, help="SAM radius (asam: relative to |w| + eta)."),
     click.option("--sam-m", type=click.IntRange(1),
-                 help="m-SAM: one perturbation per part of this many training points."),
+                 help="m-SAM: one perturbation per part of this many training points (at "
+                 "least the batch: plain SAM)."),
     click.option("--asam-eta", type=float, help="ASAM's eta in T = |w| + eta."),
     click.option("--isolate/--no-isolate", default=None, help="Train every member on "
                  "kernels shaped for one model, single-threaded: bit-for-bit the same numbers "
