@@ -94,3 +94,39 @@ def test_reproduce_images_end_to_end_on_generated_files(tmp_path, fmt):
     r = CliRunner().invoke(main, ["--threads", "1", "--root", str(tmp_path / "runs"),
                                   *shlex.split(cmd)[1:], "--device", "cpu"])
     assert r.exit_code == 0 and "other settings" not in r.output, (cmd, r.output)
+
+
+def test_a_run_refuses_data_files_other_than_those_it_was_trained_on(tmp_path):
+    """Only --data-dir was recorded: after the CIFAR files under it were replaced,
+    `evaluate` reported the model on images it never saw (train loss 4.08), silently."""
+    from minefield.config import DataConfig, ModelConfig, TrainConfig
+    from minefield.runs import RunError
+    from minefield.stages import train_run
+    from minefield.stages.train import load_run_model
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _cifar(data, np.random.RandomState(0))
+    cfg = ExperimentConfig(name="c", data=DataConfig("cifar10", data_dir=str(data), n_poison=10),
+                           model=ModelConfig(widths=(4,)), train=TrainConfig(steps=4),
+                           device="cpu")
+    root = tmp_path / "runs"
+    train_run(cfg, root, progress=False)
+    recorded = json.loads((root / "c" / "data.json").read_text())
+    assert len(recorded["digest"]) == 32 and recorded["data_dir"] == str(data)
+    load_run_model(Run.open_named("c", root))  # the same files: fine
+    import shutil
+    shutil.rmtree(data / "cifar-10-batches-py")
+    _cifar(data, np.random.RandomState(1))  # other images at the same path
+    def files():  # everything but the lock, which each writer takes
+        return sorted((p.name, p.stat().st_mtime_ns) for p in (root / "c").rglob("*")
+                      if p.name != ".lock")
+
+    before = files()
+    with pytest.raises(RunError, match=r"files under .* are not those run c was trained on"):
+        load_run_model(Run.open_named("c", root))
+    with pytest.raises(RunError, match="are not those run c was trained on"):
+        train_run(cfg, root, progress=False)  # resuming it, too
+    out = CliRunner().invoke(main, ["--root", str(root), "evaluate", "c"])
+    assert out.exit_code == 1 and "are not those run c was trained on" in out.output
+    assert files() == before

@@ -78,6 +78,9 @@ def member_seeds(cfg: ExperimentConfig) -> list[int]:
     return seeds
 
 
+DATA_FILE = "data.json"  # the digest of the data files a run was trained on
+
+
 @locking
 def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: bool = False,
               progress: bool = True, betas: Sequence[float] | None = None,
@@ -101,6 +104,7 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
     """
     dev = resolve_device(cfg.device)
     data, model, betas = _build(cfg, betas)
+    files = _files_digest(cfg, data)
     data = data.to(dev)
     m = cfg.train.members
     l2s = [cfg.train.l2] * m if l2s is None else [float(v) for v in l2s]
@@ -117,6 +121,8 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
     params = {k: v.to(dev) for k, v in init_stack(model, cfg.model.init, seeds).items()}
     cfg_dict = cfg.to_dict()
     run = Run.create(cfg.name, cfg_dict, root, force) if save else None
+    if run is not None:
+        check_data_files(run, cfg, files, record=True)
     start, opt_state, buffers, logged, old_rows, resumed_div = 0, None, None, [], [], None
     if run is not None and run.exists("state.safetensors"):
         tensors, meta = load_tensors(run.file("state.safetensors"), dev)
@@ -295,10 +301,35 @@ def run_config(run: Run) -> ExperimentConfig:
     return ExperimentConfig.from_dict(cfg)
 
 
+def _files_digest(cfg: ExperimentConfig, data: Dataset) -> str | None:
+    """The digest of data read from the user's files (``--data-dir``); None for data
+    built in (made from the config alone)."""
+    return None if cfg.data.data_dir is None else data.digest()
+
+
+def check_data_files(run: Run, cfg: ExperimentConfig, digest: str | None,
+                     record: bool = False) -> None:
+    """RunError when the files under ``--data-dir`` are not those ``run`` was trained on
+    (``data.json``, the loaded tensors' digest; a replaced file had given another run's
+    numbers under this one's name); ``record`` writes it where the run has none."""
+    if digest is None:
+        return
+    if run.exists(DATA_FILE):
+        was = run.read_json(DATA_FILE).get("digest")
+        if was != digest:
+            raise RunError(f"the files under {cfg.data.data_dir} are not those run {run.name} "
+                           f"was trained on (data digest {digest[:12]}, recorded "
+                           f"{str(was)[:12]}): give it those, or train a new run")
+    elif record:
+        run.write_json(DATA_FILE, {"digest": digest, "data_dir": cfg.data.data_dir})
+
+
 def load_run_model(run: Run, checkpoint: str | Path | None = None, device="cpu"):
-    """``(model, params, buffers, data, cfg)`` of a run at its last (or a given) checkpoint."""
+    """``(model, params, buffers, data, cfg)`` of a run at its last (or a given) checkpoint;
+    RunError when its data files changed since it was trained (:func:`check_data_files`)."""
     cfg = run_config(run)
     data = load_dataset(cfg.data)
+    check_data_files(run, cfg, _files_digest(cfg, data))
     model = build_model(cfg.model, data.input_shape, data.n_classes)
     traj = run.trajectory()
     if checkpoint is None:
