@@ -221,8 +221,8 @@ def model_objective(model: nn.Module, params: Params,
         raise ConfigError("the model is in training mode but bn='eval' uses running statistics: "
                           "call model.eval(), or pass bn='batch'")
     x, y = data.split("train") if isinstance(data, Dataset) else data
-    if len(x) != len(y):
-        raise ValueError(f"x has {len(x)} inputs but y has {len(y)} labels")
+    if len(x) != len(y) or not len(y):
+        raise ConfigError(f"x has {len(x)} inputs and y {len(y)} labels: need as many, >= 1")
     dtype = next(iter(params.values())).dtype
     x, y = x.to(dtype), check_labels(y)  # int64 (the R-operators index with it)
     m = n_members(params)

@@ -40,6 +40,7 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -110,6 +111,15 @@ class SharpnessConfig(_Config):
                               f"{', '.join(MEASURES)}")
         if not self.measures:
             raise ConfigError("no measures asked for")
+        for k in ("steps", "restarts", "m", "trace_rank", "n_samples", "max_probes", "seed"):
+            v = getattr(self, k)  # 2.5 had failed deep inside torch
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or not 0 <= v < 2**63:
+                raise ConfigError(f"{k} must be an integer in [0, 2**63), got {v!r}")
+        for k in ("rho", "rho_linf", "rho_adaptive", "sigma", "bound", "trace_rtol",
+                  "eig_tol", "eta"):
+            if not isinstance(getattr(self, k), numbers.Real) or isinstance(getattr(self, k),
+                                                                             bool):
+                raise ConfigError(f"{k} must be a number, got {getattr(self, k)!r}")
         for k in ("rho", "rho_linf", "rho_adaptive", "sigma", "bound", "trace_rtol",
                   "eig_tol"):
             v = getattr(self, k)

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import enum
+import numbers
 from typing import Any
 
 __all__ = ["ConfigError", "option", "choices", "Optimizer", "PoisonObjective", "StopRule",
@@ -29,6 +30,21 @@ __all__ = ["ConfigError", "option", "choices", "Optimizer", "PoisonObjective", "
 class ConfigError(ValueError):
     """A config that cannot be used: wrong key, wrong type, out-of-range value or an
     option outside its set (re-exported by :mod:`minefield.config`)."""
+
+
+def integers(**values: Any) -> None:
+    """ConfigError unless every value is an integer (not a bool): ``k=2.5`` had failed
+    deep inside torch. Ranges are each caller's to check.
+
+    >>> integers(k=2, n_iter=80)
+    >>> integers(k=2.5)
+    Traceback (most recent call last):
+    ...
+    minefield.options.ConfigError: k must be an integer, got 2.5
+    """
+    for name, v in values.items():
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool):  # numpy's too
+            raise ConfigError(f"{name} must be an integer, got {v!r}")
 
 
 def choices(cls: type[enum.Enum]) -> list[str]:

@@ -103,9 +103,11 @@ def worst_case_sharpness(obj: Objective, rho: float, norm: Norm | str = "l2",
     ``steps`` gradient steps of length ``step_size * rho`` (L2: along the normalised
     gradient; L-inf: its sign) from ``restarts`` random starts on the sphere (L2)
     or in the box (L-inf), every member and restart as one stack. ``adaptive``
-    uses ASAM's ``T = |w| + eta``. The value is the best loss seen, a lower bound of
-    the maximum; ``spread`` (see :class:`SharpnessEstimate`) shows how far apart the
-    restarts ended. Ascent stops at local maxima (sign ascent in the box at corners):
+    uses ASAM's ``T = |w| + eta``. The value is the best loss seen (``w`` itself
+    included: never below 0, which ascent started off a local maximum had reported as
+    -0.043), a lower bound of the maximum; ``spread`` (see :class:`SharpnessEstimate`)
+    shows how far apart the restarts ended. Ascent stops at local maxima (sign ascent in
+    the box at corners):
     on a 33-parameter swiss-roll MLP, 2 restarts found 0.027 nats in the L-inf box of
     ``rho = 0.01`` and 0.27 in ASAM's ball of 0.05, where 8 (and 64) found 0.083 and
     0.78; hence 8 restarts by default (members x restarts are one stack).
@@ -146,7 +148,7 @@ def worst_case_sharpness(obj: Objective, rho: float, norm: Norm | str = "l2",
         delta = _project(delta + step_size * rho * step, rho, norm)
     m = obj.n_members
     per_restart = best.view(m, restarts)  # (M, R) each restart's maximum
-    value = per_restart.amax(1) - base.cpu()
+    value = (per_restart.amax(1) - base.cpu()).clamp(min=0)  # delta = 0 is in the ball
     return SharpnessEstimate(value, torch.full((m,), math.nan, dtype=torch.float64),
                              per_restart.amax(1) - per_restart.amin(1))
 
@@ -209,7 +211,9 @@ def m_sharpness(obj: Objective, rho: float, m: int, n_subsets: int | None = None
     count = n // m if n_subsets is None else min(n // m, n_subsets)
     vals = torch.stack([worst_case_sharpness(obj.restrict(perm[j * m:(j + 1) * m]), rho,
                                              seed=seed, **worst).value for j in range(count)])
-    se = vals.std(0) / math.sqrt(count) if count > 1 else torch.full_like(vals[0], math.nan)
+    # one column at a time: a strided reduction over the stack rounds by its width
+    se = (torch.stack([vals[:, i].contiguous().std() for i in range(vals.shape[1])])
+          / math.sqrt(count) if count > 1 else torch.full_like(vals[0], math.nan))
     return SharpnessEstimate(vals.mean(0), se)
 
 
@@ -226,7 +230,7 @@ def pac_bayes_sigma(obj: Objective, bound: float = 0.1, n_samples: int = 32,
 
     Raises:
         ConfigError: bound <= 0, ``not 0 < lo < hi`` (finite), rtol <= 0, eta < 0 (or any
-            of them not finite).
+            of them not finite), n_samples < 1, or a NaN loss at a perturbation.
     """
     _positive("bound", bound)
     _positive("rtol", rtol)
@@ -234,6 +238,8 @@ def pac_bayes_sigma(obj: Objective, bound: float = 0.1, n_samples: int = 32,
     _positive("hi", hi)
     if not 0 < lo < hi:
         raise ConfigError(f"need 0 < lo < hi, got lo={lo}, hi={hi}")
+    if n_samples < 1:  # a mean of none is NaN, which read as "above the bound": sigma' = lo
+        raise ConfigError(f"n_samples must be >= 1, got {n_samples}")
     base = obj.check_finite().double().cpu()
     out = []
     for i in range(obj.n_members):
@@ -245,6 +251,9 @@ def pac_bayes_sigma(obj: Objective, bound: float = 0.1, n_samples: int = 32,
             if s not in seen:
                 ts = torch.full((2 * n_samples,), s, dtype=torch.float64)
                 seen[s] = float(obj.perturbed_losses(i, d, ts).double().cpu().mean() - base[i])
+                if math.isnan(seen[s]):
+                    raise ConfigError(f"member {i}'s loss is NaN at sigma = {s:g}: no sigma' "
+                                      f"can be read off it")
             return seen[s]
 
         a, b = lo, hi

@@ -266,3 +266,44 @@ def test_degenerate_settings_are_refused_not_read_as_others():
     for sigma in (0.0, -1.0, float("nan")):
         with pytest.raises(ConfigError, match="sigma must be"):
             dens.density(torch.linspace(0, 4, 5), sigma)
+
+
+def _stacked_op(mats, dtype=torch.float64):
+    """One quadratic ``w^T A_m w / 2`` per member, the matrices as per-member buffers."""
+    a = torch.stack(mats).to(dtype)
+    n = a.shape[1]
+    obj = Objective({"w": torch.zeros(len(mats), n, dtype=dtype)},
+                    lambda p, b, x: (p["w"], b["A"]),
+                    lambda z, y: (z[0] @ z[1] @ z[0] / 2).reshape(1),
+                    [(torch.zeros(1), torch.zeros(1))], buffers={"A": a})
+    return CurvatureOperator(obj)
+
+
+def _rotated(ev, seed):
+    n = len(ev)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed),
+                                       dtype=torch.float64))
+    return (q * torch.as_tensor(ev, dtype=torch.float64)) @ q.T
+
+
+def test_float32_lanczos_keeps_couplings_small_beside_a_large_eigenvalue():
+    # an exhausted Krylov space was judged against the largest |eigenvalue| seen: in
+    # float32 beside -1e4, couplings below 1.2 were cut (lambda_max 0.748 for 1, +- 0)
+    ev = torch.cat([torch.tensor([-1e4]), torch.linspace(0, 1, 59)])
+    for dtype in (torch.float64, torch.float32):
+        e = top_eigenvalues(_stacked_op([_rotated(ev, 0)], dtype), k=1)
+        assert abs(e.values.item() - 1.0) <= max(e.residuals.item(), 1e-4) + 1e-4, dtype
+
+
+def test_each_member_finds_its_repeated_eigenvalues_whatever_its_stack_mates():
+    # one shift for the stack (2 max|theta| + 1) cost a member beside a 10x sharper one
+    # 125x its tolerance; one unconverged mate skipped every member's extra passes
+    base = [5.0, 5.0, 5.0, 3.0, 2.5] + torch.linspace(0, 2, 35).tolist()
+    small = _rotated([v * 1e-2 for v in base], 0)
+    for mates in ([], [_rotated([v * 10 for v in base], 1)],
+                  [_rotated(torch.linspace(0, 1, 40).pow(0.2).tolist(), 2)]):
+        for dtype in (torch.float64, torch.float32):
+            e = top_eigenvalues(_stacked_op([small, *mates], dtype), k=4, max_iter=30)
+            want = torch.tensor([5.0, 5.0, 5.0, 3.0], dtype=torch.float64) * 1e-2
+            assert ((e.values[0] - want).abs() <= e.residuals[0] + 1e-12).all(), (mates, dtype)
+            assert (e.residuals[0] <= 1e-4 * 5e-2 * 1.01).all(), (e.residuals, dtype)

@@ -175,8 +175,10 @@ def test_bad_inputs_raise_one_clear_error():
         model_objective(model, p, (x, y), bn="frozen")
     with pytest.raises(ConfigError, match="unknown loss"):
         model_objective(model, p, (x, y), loss="mse")
-    with pytest.raises(ValueError, match=f"x has {len(x)} inputs but y has {len(y) - 1}"):
+    with pytest.raises(ValueError, match=f"x has {len(x)} inputs and y {len(y) - 1} labels"):
         model_objective(model, p, (x, y[1:]), bufs)  # would silently drop an input
+    with pytest.raises(ConfigError, match="x has 0 inputs and y 0 labels: need as many, >= 1"):
+        model_objective(model, p, (x[:0], y[:0]), bufs)  # a raw vmap error
     obj = model_objective(model, p, (x, y), bufs)
     with pytest.raises(ConfigError, match="curvature kind: .* is not one of"):
         CurvatureOperator(obj, "laplace")

@@ -223,6 +223,12 @@ def test_bad_inputs_raise_one_clear_error():
         pac_bayes_sigma(obj, lo=1.0, hi=0.5)
     with pytest.raises(ConfigError, match="bound must be a finite number > 0"):
         pac_bayes_sigma(obj, bound=-1)
+    with pytest.raises(ConfigError, match="n_samples must be >= 1, got 0"):  # had read 1e-5
+        pac_bayes_sigma(obj, n_samples=0)
+    for field, bad, msg in (("steps", 2.5, "an integer"), ("seed", 2**70, "an integer"),
+                            ("rho", "0.1", "a number"), ("m", True, "an integer")):
+        with pytest.raises(ConfigError, match=f"{field} must be {msg}"):
+            SharpnessConfig(**{field: bad})
     for bad in (-1.0, math.nan, math.inf):
         with pytest.raises(ConfigError, match="eta must be a finite number >= 0"):
             worst_case_sharpness(obj, 0.1, adaptive=True, eta=bad)
@@ -272,3 +278,15 @@ def test_batchnorm_policies_through_the_engine_match_a_plain_loop():
             incs = torch.tensor([(loss(w[0] + sig * z[j]) + loss(w[0] - sig * z[j])) / 2 - base
                                  for j in range(k)], dtype=torch.float64)
             torch.testing.assert_close(got.value[i], incs.mean(), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("norm, adaptive", [("l2", False), ("linf", False), ("l2", True)])
+def test_worst_case_sharpness_is_never_below_zero(norm, adaptive):
+    """delta = 0 is in the ball: at a local maximum (L = w^T A w / 2, A < 0, at w = 0)
+    ascent from random starts had reported -4.3e-2 (L-inf), -2.0e-3 (L2)."""
+    obj, _ = _quad([-v for v in EV], m=1)
+    if adaptive:  # ASAM scales by |w| + eta: a centre away from 0, the maximum still there
+        obj, _ = _quad([-v for v in EV], m=1, centre=torch.full((len(EV),), 0.5,
+                                                               dtype=torch.float64))
+    r = worst_case_sharpness(obj, 0.1, norm=norm, adaptive=adaptive)
+    assert r.value.item() == 0.0
