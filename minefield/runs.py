@@ -237,16 +237,20 @@ class Run:
 
         ``rel`` is a ``.json`` or ``.safetensors`` file, or a folder (any other
         name). Nothing there: False. The same key: True (reuse it, or resume a
-        partial result). A different key: :class:`RunError`, unless ``force``,
-        which deletes the old result and returns False. A folder gets its key
+        partial result). A different key: :class:`RunError`, unless ``force``, which
+        returns False: a file stays until the new result replaces it (atomically: a
+        redo refused or interrupted had left no result at all), a folder of task
+        results is deleted (its files would be reused). A folder gets its key
         written here (``rel/config.json``); a file stores it when written
         (:meth:`write_result`, or ``key`` in safetensors metadata).
         """
         path = self.file(rel)
         folder = path.suffix not in (".json", ".safetensors")
         if path.exists():
+            if force and not folder:
+                return False
             if force:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                shutil.rmtree(path)
             else:
                 with reading(path):  # a file without its key is not what minefield wrote
                     old = _stored_key(path, folder)

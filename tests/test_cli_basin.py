@@ -173,3 +173,22 @@ def test_a_line_to_a_retrained_run_is_not_reused(tmp_path):
     res = _invoke(tmp_path, *line)
     assert res.exit_code != 0 and "holds results for other settings" in res.output
     assert _invoke(tmp_path, *line, "--force").exit_code == 0
+
+
+def test_a_refused_force_redo_keeps_the_old_result(tmp_path):
+    """--force deleted the stored result first: a redo refused afterwards (or killed)
+    left the run with no result at all."""
+    from tests.conftest import tiny_config
+
+    train_run(tiny_config("f"), tmp_path, progress=False)
+    assert _invoke(tmp_path, "basin", "f", "--directions", "3", "--tag", "x").exit_code == 0
+    assert _invoke(tmp_path, "landscape", "f", "--points", "3", "--tag", "t").exit_code == 0
+    files = [tmp_path / "f" / "basin" / "x.json", tmp_path / "f" / "landscape" / "t.safetensors"]
+    before = [p.read_bytes() for p in files]
+    bad = _invoke(tmp_path, "basin", "f", "--tag", "x", "--force", "--estimator", "is",
+                  "--directions-per-task", "2", "--directions", "3")
+    assert bad.exit_code == 1 and "naive estimator only" in bad.output
+    bad = _invoke(tmp_path, "landscape", "f", "--points", "3", "--tag", "t", "--force",
+                  "--splits", "nope")
+    assert bad.exit_code != 0
+    assert [p.read_bytes() for p in files] == before

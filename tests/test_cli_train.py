@@ -132,3 +132,46 @@ def test_plot_boundary_rejects_images(cli, tmp_path):
                "--log-every", "1", "--checkpoint-every", "1", "--quiet").exit_code == 0
     r = cli("plot", "boundary", "dg", "--out", str(tmp_path / "x"))
     assert r.exit_code == 1 and "need 2-D inputs" in r.output
+
+
+def test_measuring_a_diverged_member_says_so(tmp_path):
+    """summary.json says NaN, but evaluate / basin / sharpness measured its frozen weights
+    as if they were a trained model, without a word."""
+    from click.testing import CliRunner
+
+    from minefield.cli import main
+    from minefield.stages import train_run
+    from tests.conftest import tiny_config
+
+    res = train_run(tiny_config("dv", members=2, optimizer="adam"), tmp_path, progress=False,
+                    lrs=[0.05, 1e30])
+    assert res.diverged_at[0] is None and res.diverged_at[1] is not None
+    out = CliRunner().invoke(main, ["--root", str(tmp_path), "evaluate", "dv"])
+    assert out.exit_code == 0, out.output
+    assert f"Warning: run dv: member(s) 1 (step {res.diverged_at[1]}) diverged" in out.output
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.double(), "0.weight: torch.float64, the model's is torch.float32"),
+    (lambda t: t * float("nan"), "holds NaN or infinite weights")])
+def test_a_checkpoint_not_of_the_model_is_refused_in_one_line(tmp_path, change, message):
+    """float64 tensors had given 'unexpected error ... (this is a bug)', NaN ones an
+    accuracy of 51.5% and a rewritten summary.json."""
+    from click.testing import CliRunner
+
+    from minefield.cli import main
+    from minefield.runs import load_tensors, save_tensors
+    from minefield.stages import train_run
+    from tests.conftest import tiny_config
+
+    train_run(tiny_config("c"), tmp_path, progress=False)
+    last = sorted((tmp_path / "c" / "trajectory").glob("*.safetensors"))[-1]
+    tensors, meta = load_tensors(last)
+    save_tensors(last, {k: change(v) if k.startswith("param.") else v
+                        for k, v in tensors.items()}, meta)
+    summary = (tmp_path / "c" / "summary.json").read_bytes()
+    for args in (["evaluate", "c"], ["train", "--config", str(tmp_path / "c" / "config.json")]):
+        out = CliRunner().invoke(main, ["--root", str(tmp_path), *args])
+        assert out.exit_code == 1 and message in out.output, out.output
+        assert len(out.output.strip().splitlines()) == 1
+    assert (tmp_path / "c" / "summary.json").read_bytes() == summary

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import click
@@ -97,6 +98,11 @@ def _os_error(e: OSError) -> str:
     return f"{why}{where}"
 
 
+def _one_line(message, category, *_args, **_kw) -> str:
+    """A warning as the command line shows it: one line, no source file or code."""
+    return f"Warning: {message}\n"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--threads", type=click.IntRange(1), default=None, envvar="MINEFIELD_THREADS",
               help="CPU threads for torch (default: torch's choice). Env: MINEFIELD_THREADS.")
@@ -107,6 +113,7 @@ def main(ctx: click.Context, threads: int | None, root: Path) -> None:
     """minefield: poisoned minima, basin volume and loss landscapes (Huang et al. 2019)."""
     if threads:
         torch.set_num_threads(threads)
+    warnings.formatwarning = _one_line
     ctx.ensure_object(dict)
     ctx.obj["root"] = root
 

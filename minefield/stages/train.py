@@ -11,6 +11,7 @@ rebuilds any checkpoint of a run.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,6 +340,11 @@ def load_run_model(run: Run, checkpoint: str | Path | None = None, device="cpu")
     ck = run.load_checkpoint(checkpoint, device)
     check_model_config(run.name, cfg.model, ck)
     params, buffers = match_model(model, ck)
+    div = [f"{i} (step {d})" for i, d in enumerate(ck.meta.get("diverged_at") or [])
+           if d is not None]
+    if div:  # summary.json says NaN: measuring them must say what they are
+        warnings.warn(f"run {run.name}: member(s) {', '.join(div)} diverged; their numbers "
+                      "are those of the last finite weights, frozen before", stacklevel=2)
     return model, params, buffers, data.to(device), cfg
 
 
@@ -353,7 +359,8 @@ def check_model_config(name: str, own: ModelConfig, ck: Checkpoint) -> None:
 
 
 def match_model(model: nn.Module, ck: Checkpoint) -> tuple[Params, Params]:
-    """A checkpoint's stacked params and buffers in the model's order, or a RunError."""
+    """A checkpoint's stacked params and buffers in the model's order, or a RunError (a
+    missing tensor, another shape or dtype, NaN or infinite weights)."""
     out: list[Params] = [{}, {}]
     for i, (named, saved) in enumerate([(model.named_parameters(), ck.params),
                                         (model.named_buffers(), ck.buffers)]):
@@ -361,5 +368,10 @@ def match_model(model: nn.Module, ck: Checkpoint) -> tuple[Params, Params]:
             if k not in saved or tuple(saved[k].shape[1:]) != tuple(v.shape):
                 raise RunError(f"checkpoint {ck.path} does not match the model "
                                f"({k}: expected shape {tuple(v.shape)})")
+            if saved[k].dtype != v.dtype:  # minefield writes the model's own
+                raise RunError(f"checkpoint {ck.path} does not match the model ({k}: "
+                               f"{saved[k].dtype}, the model's is {v.dtype})")
             out[i][k] = saved[k]
+    if not all(bool(torch.isfinite(v).all()) for v in out[0].values()):  # a diverged
+        raise RunError(f"checkpoint {ck.path} holds NaN or infinite weights")  # one is not
     return out[0], out[1]
