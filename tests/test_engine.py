@@ -359,9 +359,9 @@ def test_float64_points_on_a_float32_batchnorm_module_use_its_running_statistics
 
 
 @pytest.mark.parametrize("y, message", [
-    (torch.randint(0, 10, (30,)), r"\[0, 2\) for the model's 1 output\(s\), got 0..9"),
-    (torch.randint(0, 2, (30,)) * 2 - 1, r"\[0, 2\) for the model's 1 output\(s\), got -1..1"),
-    (torch.randint(0, 2, (30,)).float(), "integer class indices, got torch.float32"),
+    (torch.arange(30) % 10, r"\[0, 2\) for the model's 1 output\(s\), got 0..9"),
+    (torch.arange(30) % 2 * 2 - 1, r"\[0, 2\) for the model's 1 output\(s\), got -1..1"),
+    ((torch.arange(30) % 2).float(), "integer class indices, got torch.float32"),
 ])
 def test_labels_a_one_logit_model_cannot_have_are_refused(y, message):
     """softplus((1 - 2y) z) with y outside {0, 1} is the NLL of no distribution: radii,
