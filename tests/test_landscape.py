@@ -222,7 +222,7 @@ def test_a_model_with_a_nan_weight_gives_one_line_not_a_nan_landscape(tmp_path):
         r = CliRunner().invoke(main, ["--root", str(tmp_path), "landscape", *args,
                                       "--points", "3", "--device", "cpu"])
         assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
-        assert "member 0 of run bad has NaN or infinite weights" in r.output
+        assert "holds NaN or infinite weights at member(s) [0]" in r.output
     assert not list(tmp_path.glob("*/landscape/*"))
 
 

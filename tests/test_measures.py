@@ -141,9 +141,15 @@ def test_cli_nan_model_is_one_line(runs, tmp_path):
     r.save_checkpoint(str(path), params, ck.buffers, ck.meta)
     res = _invoke(runs, "sharpness", "a", "--checkpoint", str(path), "--tag", "nan",
                   "--measures", "lambda_max")
-    assert res.exit_code == 1 and "NaN or infinite at member(s) [1]" in res.output
+    assert res.exit_code == 1 and "NaN or infinite weights at member(s) [1]" in res.output
     assert not (runs / "a" / "sharpness" / "nan.json").exists()
-    model, p, b, data, _ = load_run_model(r, path)
+    from minefield.runs import RunError
+
+    with pytest.raises(RunError, match="holds NaN or infinite weights at member"):
+        load_run_model(r, path)
+    model, p, b, data, _ = load_run_model(r)  # in Python: the measures refuse them too
+    p = {k: v.clone() for k, v in p.items()}
+    p["0.bias"][1, 0] = math.nan
     with pytest.raises(NonFiniteLoss):
         measure_members(model, p, data, SharpnessConfig(measures=("trace",)))
 

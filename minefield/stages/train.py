@@ -372,6 +372,8 @@ def match_model(model: nn.Module, ck: Checkpoint) -> tuple[Params, Params]:
                 raise RunError(f"checkpoint {ck.path} does not match the model ({k}: "
                                f"{saved[k].dtype}, the model's is {v.dtype})")
             out[i][k] = saved[k]
-    if not all(bool(torch.isfinite(v).all()) for v in out[0].values()):  # a diverged
-        raise RunError(f"checkpoint {ck.path} holds NaN or infinite weights")  # one is not
+    bad = sorted({i for v in out[0].values()  # a diverged member's are finite (frozen)
+                  for i in (~torch.isfinite(v.flatten(1))).any(1).nonzero().flatten().tolist()})
+    if bad:
+        raise RunError(f"checkpoint {ck.path} holds NaN or infinite weights at member(s) {bad}")
     return out[0], out[1]
