@@ -159,7 +159,8 @@ def top_eigenvalues(op: CurvatureOperator, k: int = 1, tol: float = 1e-4,
         return theta, res, torch.einsum("mjk,mjn->mkn", sk.to(q), q), n
 
     theta, res, vec, n_done = run(op.matvec, None, max_iter)
-    active = done(theta, res) & (k > 1)  # members whose first pass converged, on their own
+    converged = done(theta, res)  # each member's first pass, on its own
+    active = converged & (k > 1)
     if bool(active.any()):
         # A Krylov space holds one vector of each eigenspace: a repeated eigenvalue shows
         # once. Each further pass runs on P H P - shift (I - P), P projecting out every
@@ -167,7 +168,7 @@ def top_eigenvalues(op: CurvatureOperator, k: int = 1, tol: float = 1e-4,
         # top k: one more copy per pass. (The top Ritz value is <= the top eigenvalue, so
         # one above the k-th found surely enters; one below is trusted as the first
         # pass's values are.) Each member goes on while its own copies enter.
-        first, vals, vecs = (theta, res, vec), theta, vec
+        once, vals, vecs = (theta, res, vec), theta, vec  # the first pass
         scale = theta.abs().amax(1, keepdim=True)  # the first pass's rule, the same tol
         # P H P would be 0 on the found span: 0 is the extreme value searched for when
         # fewer than k eigenvalues lie beyond it, and rounding would find it. Sent to
@@ -199,8 +200,8 @@ def top_eigenvalues(op: CurvatureOperator, k: int = 1, tol: float = 1e-4,
         # residuals of H itself, ||H v - theta v|| (v unit): an eigenvalue lies within
         hv = torch.stack([op.matvec(vec[:, i]) for i in range(k)], 1)
         res = (hv - theta[..., None].to(hv) * vec).norm(dim=2).double().cpu()  # as theta
-        was = ~done(first[0], first[1])  # unconverged first passes are returned as they are
-        theta, res = torch.where(was[:, None], first[0], theta), torch.where(
-            was[:, None], first[1], res)
-        vec = torch.where(was.to(vec.device)[:, None, None], first[2], vec)
+        was = ~converged  # unconverged first passes are returned as they are
+        theta, res = torch.where(was[:, None], once[0], theta), torch.where(
+            was[:, None], once[1], res)
+        vec = torch.where(was.to(vec.device)[:, None, None], once[2], vec)
     return Eigen(theta, res, vec if vectors else None, n_done)

@@ -208,8 +208,8 @@ def _plain_mlp(model: nn.Sequential) -> bool:
                 return False
         elif type(mod) not in _ELEMENTWISE:
             return False
-    # a hook would be skipped: the model, a layer or every module may have one
-    return seen_linear and not (_hooked() or any(_hooked(m) for m in model.modules()))
+    from .graph_trace import hooked  # a hook would be skipped (the model's, a layer's, global)
+    return seen_linear and not hooked(model)
 
 
 def mlp_workspace(model: nn.Sequential, members: int, inputs: int,
