@@ -265,6 +265,7 @@ def _check_train(cfg: TrainConfig) -> None:
 
     v.positive("train.lr", cfg.lr)
     v.positive("train.gamma", cfg.gamma)
+    v.float32_schedule(cfg.lr, cfg.gamma, len(cfg.milestones))
     v.finite("train.momentum", cfg.momentum)
     v.in_unit("train.momentum", cfg.momentum, closed=False)
     v.non_negative("train.l2", cfg.l2)

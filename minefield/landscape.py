@@ -73,6 +73,8 @@ class LandscapeConfig(_Config):
     def _validate(self):
         if self.dim not in (1, 2):
             raise ConfigError(f"landscape.dim must be 1 or 2, got {self.dim}")
+        if self.other is not None and not self.other.strip():
+            raise ConfigError("--other needs a run name, got an empty string")
         if self.other and self.dim == 2:
             raise ConfigError("landscape.other draws a line: use it with --dim 1")
         if self.points < 2 or self.member < 0:

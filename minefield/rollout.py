@@ -36,9 +36,13 @@ class Rollouts:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Rollouts:
-        t = torch.tensor
-        return cls(t(d["ts"], dtype=torch.float64), t(d["loss"], dtype=torch.float64),
-                   t(d["acc"], dtype=torch.float64), float(d["cutoff"]), d.get("config", {}))
+        t = torch.tensor  # ragged lists raise ValueError here
+        ts, loss, acc = (t(d[k], dtype=torch.float64) for k in ("ts", "loss", "acc"))
+        if ts.dim() != 1 or loss.dim() != 2 or loss.shape[1] != len(ts) or acc.shape != loss.shape:
+            raise ValueError(f"rollouts of shapes ts {tuple(ts.shape)}, loss "
+                             f"{tuple(loss.shape)}, acc {tuple(acc.shape)}: expected (T,), "
+                             "(K, T), (K, T)")
+        return cls(ts, loss, acc, float(d["cutoff"]), d.get("config", {}))
 
 
 def rollouts(model: nn.Module, params: Params, data: Dataset | tuple[torch.Tensor, ...],

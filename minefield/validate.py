@@ -21,8 +21,8 @@ from typing import Any
 from .config import ConfigError
 
 __all__ = ["finite", "positive", "non_negative", "at_least", "in_unit", "increasing_steps",
-           "memory_limit_bytes", "check_memory", "model_size", "check_training_memory",
-           "MAX_PARAMS"]
+           "float32_schedule", "memory_limit_bytes", "check_memory", "model_size",
+           "check_training_memory", "MAX_PARAMS", "FLOAT32_MAX"]
 
 #: Largest model accepted (parameters per member): 4 GB of float32 weights.
 MAX_PARAMS = 10**9
@@ -69,6 +69,23 @@ def increasing_steps(where: str, steps: Any) -> None:
         raise ConfigError(f"{where} must be step counts >= 0, got {tuple(steps)}")
     if list(steps) != sorted(steps):
         raise ConfigError(f"{where} must be increasing, got {tuple(steps)}")
+
+
+#: ``torch.finfo(torch.float32).max``
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def float32_schedule(lr: float, gamma: float, n_milestones: int) -> None:
+    """Every rate ``lr * gamma**k`` of the schedule (k = 0..n_milestones) fits a float32:
+    a larger one overflows the optimiser's float32 tensors (a raw RuntimeError)."""
+    for k in range(n_milestones + 1):
+        try:
+            rate = lr * gamma ** k
+        except OverflowError:
+            rate = math.inf
+        if rate > FLOAT32_MAX:
+            raise ConfigError(f"train.lr x train.gamma^{k} = {rate:.3g} after {k} "
+                              f"milestone(s): rates above {FLOAT32_MAX:.3g} overflow float32")
 
 
 def memory_limit_bytes() -> int:

@@ -192,3 +192,20 @@ def test_a_refused_force_redo_keeps_the_old_result(tmp_path):
                   "--splits", "nope")
     assert bad.exit_code != 0
     assert [p.read_bytes() for p in files] == before
+
+
+def test_plot_basin_names_a_file_whose_rollouts_are_ragged(runs):
+    """Regression: rollouts of mismatched lengths gave matplotlib's one line without the
+    file's name; now the file is named and left as it was."""
+    assert _invoke(runs, "basin", "a", "--directions", "3", "--cutoff", "2", "--relative",
+                   "--rollouts", "2", "--device", "cpu", "--tag", "ragged").exit_code == 0
+    path = runs / "a" / "basin" / "ragged.json"
+    saved = json.loads(path.read_text())
+    saved["rollouts"][0]["ts"] = saved["rollouts"][0]["ts"][:-1]
+    path.write_text(json.dumps(saved))
+    before = path.read_bytes()
+    r = _invoke(runs, "plot", "basin", "a", "--tag", "ragged", "--out",
+                str(runs / "fig" / "ragged"))
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "ragged.json is corrupt" in r.output and "expected (T,), (K, T)" in r.output
+    assert path.read_bytes() == before and not (runs / "fig" / "ragged.png").exists()

@@ -52,6 +52,10 @@ def test_lr_schedule():
     ({"train": {"seed": 2**32}}, r"^train.seed must be in \[0, 2\*\*32\), got 4294967296$"),
     ({"train": {"seed": -1}}, r"^train.seed must be in \[0, 2\*\*32\), got -1$"),
     ({"train": 3}, r"expected an object"),
+    # a rate float32 cannot hold was "unexpected error ... (this is a bug)"
+    ({"train": {"lr": 1e300}}, r"^train.lr x train.gamma\^0 = 1e\+300 after 0 milestone"),
+    ({"train": {"lr": 1e-10, "gamma": 1e300, "milestones": [5, 9]}},
+     r"train.gamma\^1 = 1e\+290.*overflow float32"),
 ])
 def test_bad_configs_give_one_clear_error(d, msg):
     with pytest.raises(ConfigError, match=msg):

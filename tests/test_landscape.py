@@ -258,3 +258,19 @@ def test_a_line_to_a_run_of_another_architecture_is_refused(tmp_path):
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
     assert "different model (model.activation" in r.output and "landscape --other" in r.output
     assert not list(tmp_path.glob("a/landscape/*"))
+
+
+def test_an_empty_or_zero_length_line_is_refused(tmp_path):
+    """Regression: `--other ''` drew random directions as if no --other were given, and
+    `landscape a --other a` wrote a line of length 0 without a word."""
+    train_run(tiny_config("a"), tmp_path, progress=False)
+    base = ["--root", str(tmp_path), "landscape", "a", "--points", "3", "--device", "cpu"]
+    r = CliRunner().invoke(main, [*base, "--other", ""])
+    assert r.exit_code == 2 and "--other needs a run name" in r.output, r.output
+    r = CliRunner().invoke(main, [*base, "--other", "a"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "holds the same weights as the centre" in r.output
+    assert not list(tmp_path.glob("a/landscape/*"))
+    first = sorted((tmp_path / "a").glob("trajectory/step_*.safetensors"))[0].name
+    r = CliRunner().invoke(main, [*base, "--other", "a", "--checkpoint", f"trajectory/{first}"])
+    assert r.exit_code == 0, r.output  # an earlier checkpoint of the same run: a real line

@@ -148,6 +148,9 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
         if not other.trajectory():
             raise RunError(f"run {other.path} has no trajectory checkpoints (was it trained?)")
         key["other_end"] = other.fingerprint(other.trajectory()[-1])
+        if key["other_end"].rsplit(":", 1)[1] == key["centre"].rsplit(":", 1)[1]:
+            raise ConfigError(f"--other {cfg.other} holds the same weights as the centre: "
+                              "the line between them has length 0")
     partial = None
     run.lock()
     if run.resume(str(path.relative_to(run.path)), key, force):
