@@ -147,16 +147,19 @@ def hutchinson_diagonal(op: CurvatureOperator, n_probes: int = 100, seed: int = 
     if n_probes < 2 or batch < 1:  # batch 0: no probe at all, < 0: a raw torch error
         raise ConfigError(f"n_probes must be >= 2 and batch >= 1, got {n_probes} and {batch}")
     g = torch.Generator().manual_seed(int(seed))
-    s1 = torch.zeros(op.m, op.n, dtype=torch.float64, device=op.device)
-    s2, done = torch.zeros_like(s1), 0
+    # squared deviations summed batch by batch, merged as Chan, Golub & LeVeque (1979):
+    # sum d^2 - N mean^2 cancelled to a standard error of 0 where sd << |mean|
+    mean = torch.zeros(op.m, op.n, dtype=torch.float64, device=op.device)
+    m2, done = torch.zeros_like(mean), 0
     while done < n_probes:
         z = _rademacher((op.m, min(batch, n_probes - done), op.n), g, op)
         d = (z * op.matmat(z)).double()
-        s1 += d.sum(1)
-        s2 += d.pow(2).sum(1)
-        done += z.shape[1]
-    mean = s1 / done
-    var = (s2 - done * mean ** 2).clamp(min=0) / (done - 1)
+        b, mb = d.shape[1], d.mean(1)
+        delta, total = mb - mean, done + b
+        m2 += (d - mb[:, None]).pow(2).sum(1) + delta.pow(2) * (done * b / total)
+        mean += delta * (b / total)
+        done = total
+    var = m2 / (done - 1)
     return mean.to(op.dtype), (var / done).sqrt().to(op.dtype)
 
 

@@ -98,7 +98,9 @@ def _ritz(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.
 @dataclass
 class Eigen:
     """Top-k Ritz values ``(M, k)`` (descending), their residual bounds ``(M, k)``
-    (an eigenvalue lies within ``+- residual``), optional Ritz vectors ``(M, k, n)``."""
+    (*an* eigenvalue lies within ``+- residual``; the top one is ``>=`` the top value but
+    may lie above ``value + residual`` when the Krylov space has not resolved it from a
+    close second), optional Ritz vectors ``(M, k, n)``."""
 
     values: torch.Tensor
     residuals: torch.Tensor

@@ -5,7 +5,11 @@ of poison sweeps: :func:`measure_members` returns ``{column: (M,) values}``, the
 main column of each measure named as in :data:`MEASURES`, plus its uncertainty
 columns (``<name>_stderr``, ``<name>_ci_low``/``_ci_high``, ``<name>_residual``, and for
 the worst cases ``<name>_spread``: best minus worst per-restart maximum, see
-:class:`~minefield.sharpness.SharpnessEstimate`).
+:class:`~minefield.sharpness.SharpnessEstimate`). A Lanczos ``_residual`` is not an
+interval for the top eigenvalue: *some* eigenvalue lies within it of the value, and the
+top one is never below the value, but a top eigenvalue the Krylov space has not resolved
+yet can lie above value + residual (spectrum {1, 0.999, ...}, tol 1e-4: in 10 of 200
+seeds, by up to 23 residuals).
 
 =========================  ==============================================================
 measure                    what (all on the mean training NLL; see the modules for maths)
@@ -240,7 +244,7 @@ def measure_members(model: nn.Module, params: Params,
     Hutch++ probes (the traces) are drawn as one block for all M members, and a trace
     stops when every member meets ``cfg.trace_rtol``, so the same member alone or in
     another stack gets another estimate within its interval (``trace`` 3.305 in a
-    stack of 3, 3.331 alone; ``lambda_max`` within its residual). Measure each member
+    stack of 3, 3.331 alone; ``lambda_max`` near it, see the module docstring). Measure each member
     as a stack of one (:func:`~minefield.stacked.alone`, as an isolated sweep or study
     does) for numbers of its own. The sharpness columns (``worst_*``, ``asam``,
     ``average``, ``m_sharpness``, ``pac_bayes_*``) start every member from the same
