@@ -367,7 +367,9 @@ class CurvatureOperator:
         """``(M, K, n) -> (M, K, n)``: K products per member, ``probe_chunk`` at a time
         through ``vmap`` (forward mode) or one batched backward through the kept graph
         (reverse mode; one backward per probe where an op has no batching rule); the
-        exact R-operators take one product at a time."""
+        MLP R-operator takes up to ``probe_chunk`` probes as one batch axis where that pays
+        (:attr:`~minefield.pearlmutter.MLPHessian.probes_per_pass`), the layer-by-layer
+        one (conv nets) one product at a time."""
         if v.dim() != 3 or v.shape[0] != self.m or v.shape[2] != self.n:
             raise ConfigError(f"expected vectors of shape ({self.m}, K, {self.n}), got "
                               f"{tuple(v.shape)}")
@@ -376,6 +378,11 @@ class CurvatureOperator:
         chunk = self.probe_chunk or k
         if self.mode == "reverse" and self._mlp is None:
             return self._kept.products(v.to(self.dtype), chunk)
+        per = min(chunk, getattr(self._mlp, "probes_per_pass", 0))
+        if per >= 2:  # the MLP R-operator, the probes a batch axis of its matmuls
+            v = v.to(self.dtype)
+            return torch.cat([self._mlp.matmat_flat(v[:, i:i + per])
+                              for i in range(0, k, per)], 1)
         if self.mode == "reverse":
             return torch.stack([self._product(v[:, i]) for i in range(k)], 1)
         fn = vmap(self._product, in_dims=1, out_dims=1)

@@ -45,6 +45,35 @@ def test_products_equal_the_dense_hessian(act, classes):
                                    atol=1e-12)
 
 
+@pytest.mark.parametrize("act,out,bias", [("tanh", 3, True), ("relu", 1, True),
+                                          ("leaky_relu", 2, False), ("tanh", 1, False)])
+def test_probes_as_a_batch_axis_equal_one_product_at_a_time(act, out, bias):
+    """``matmat_flat`` (K probes in one pass) against K ``matvec_flat`` calls and the dense
+    float64 Hessian, chunked data, one-logit (sigmoid) and softmax outputs, no biases."""
+    acts = {"tanh": nn.Tanh(), "relu": nn.ReLU(), "leaky_relu": nn.LeakyReLU(0.1)}
+    torch.manual_seed(0)  # the layers' initial weights; the stack below is seeded
+    model = nn.Sequential(nn.Linear(3, 5, bias=bias), acts[act], nn.Linear(5, 4, bias=bias),
+                          acts[act], nn.Linear(4, out, bias=bias)).double()
+    p = {k: v.double() for k, v in init_stack(model, "glorot_uniform", [0, 1]).items()}
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(23, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, max(out, 2), (23,), generator=g)
+    op = MLPHessian(model, p, [(x[:9], y[:9]), (x[9:], y[9:])], 1 / 23)
+    v = torch.randn(2, op.n, 5, generator=g, dtype=torch.float64).transpose(1, 2)  # (M, K, n)
+    hv = op.matmat_flat(v)
+    loop = torch.stack([op.matvec_flat(v[:, j].contiguous()) for j in range(5)], 1)
+    torch.testing.assert_close(hv, loop, rtol=1e-12, atol=1e-14)
+    for i in range(2):
+        torch.testing.assert_close(hv[i], v[i] @ _dense(model, p, x, y, i), rtol=1e-10,
+                                   atol=1e-12)
+    ops = [CurvatureOperator(model_objective(model, p, (x, y)), probe_chunk=c) for c in (2, 64)]
+    assert all(isinstance(o._mlp, MLPHessian) for o in ops)
+    torch.testing.assert_close(ops[0].matmat(v), ops[1].matmat(v), rtol=1e-12, atol=1e-14)
+    assert ops[0].n_matvecs == 5 and ops[1]._mlp.probes_per_pass == 12288 // (2 * 23)
+    ops[1]._mlp.probes_per_pass = 1  # a wide working set: one product at a time
+    torch.testing.assert_close(ops[1].matmat(v), hv, rtol=1e-10, atol=1e-12)
+
+
 def test_operator_uses_it_and_agrees_with_forward_mode():
     model = build_model(ModelConfig(widths=(6, 5), activation="tanh"), (2,), 2).double()
     p = {k: v.double() for k, v in init_stack(model, "glorot_uniform", [3, 4]).items()}
