@@ -251,10 +251,12 @@ def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: f
     """A :class:`BasinResult` from radii ``+d_1..+d_K, -d_1..-d_K`` (``K >= 1`` pairs):
     log10 V, n mean(log10 r), mean r, how many radii reached ``r_max`` (the argument,
     else ``config``'s), the diagnostics of :mod:`minefield.volume` (ESS, largest share)
-    and an interval widened by ``n log10(1 + rtol)`` of ``config``'s bisection: Hall's
-    skewness-corrected interval of the pair-averaged ``r^n``
-    (:func:`~minefield.intervals.weights_estimate`) when the weights pass
-    :func:`~minefield.volume.honest_interval`'s test, else its bound. The percentile
+    and an interval widened by ``n log10(1 + rtol)`` of ``config``'s bisection: the
+    bound of :func:`~minefield.volume.honest_interval` whatever the sample (uniform
+    directions, ``sample_ok=False`` there; since 2026-12-02). Hall's skewness-corrected
+    interval of the pair-averaged ``r^n`` (:func:`~minefield.intervals.weights_estimate`),
+    reported where the weights passed that test until then, is
+    ``diagnostics["ci_log10_normal"]``. The percentile
     bootstrap over pairs (:func:`bootstrap_log10_volume`, reported until 2026-12-01) is
     ``diagnostics["ci_log10_bootstrap"]``: among the intervals labelled normal it covered
     163 of 180 (10-d ellipsoid) and 87 of 98 (100-d) at 95%, Hall's 166 and 91."""
@@ -280,13 +282,13 @@ def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: f
         normal = (dlo + log_omega, dhi + log_omega)
     # heavy-tailed r^n (or too few pairs): no interval from the sample is to be trusted
     log_upper = log_omega + n * math.log(limit) if math.isfinite(limit) else math.inf
-    (blo, bhi), diag["interval"] = honest_interval(
-        log10_volume(r, n) * LN10, normal, diag["ess"], len(r), 0.95, log_upper,
-        slack * LN10, diag["ess_pairs"])
+    args = (log10_volume(r, n) * LN10, normal, diag["ess"], len(r), 0.95, log_upper,
+            slack * LN10, diag["ess_pairs"])
+    (blo, bhi), diag["interval"] = honest_interval(*args, sample_ok=False)  # uniform rays
     lo, hi = blo / LN10 + slack, bhi / LN10 - slack
-    if diag["interval"] == "bound":
-        diag["warnings"].append(_warnings(diag["ess"], 0, len(r), limit, True,
-                                          draws_ess=diag["ess_pairs"])[0])
+    diag["warnings"].append(_warnings(diag["ess"], 0, len(r), limit, True,
+                                      draws_ess=diag["ess_pairs"],
+                                      uniform=honest_interval(*args)[1] == "normal")[0])
     if not bisect:
         diag["warnings"].append("grid radii: their interpolation error is not in the interval")
     return BasinResult(r, n, float(centre_loss), float(cutoff), log10_volume(r, n),

@@ -102,7 +102,8 @@ def pair_ess(log_w: torch.Tensor) -> float:
 
 def honest_interval(est: float, normal: tuple[float, float], ess: float, n_draws: int,
                     level: float, log_upper: float, slack: float = 0.0,
-                    draws_ess: float | None = None) -> tuple[tuple[float, float], str]:
+                    draws_ess: float | None = None, sample_ok: bool = True
+                    ) -> tuple[tuple[float, float], str]:
     """The interval to report for a mean of nonnegative weights, and which kind it is.
 
     ``normal`` (labelled so) only when the weights look light-tailed: ESS at least
@@ -137,6 +138,11 @@ def honest_interval(est: float, normal: tuple[float, float], ess: float, n_draws
     mass ``q`` with ``(1 - q)^k >= 1 - level`` at the stated level, and weights are
     nonnegative, so ``E[W] >= (1 - q) c``: ``est + log(1 - level) / k`` (-0.06 nats at
     50 pairs, 95%). The upper end stays the bound: one undrawn direction may hold it.
+    ``sample_ok=False`` gives the bound whatever the sample looks like: for uniform
+    directions (``naive``), whose weights ``r^n`` put most of an elongated body's volume
+    in a cap of directions few draws hit, the samples that pass the test above are the
+    ones that missed the cap (a 10-d ellipsoid with one semi-axis 3, the rest 1, 50
+    pairs, 300 seeds: 81 labelled normal, 29 of them covered at 95%).
     Returns ``((lo, hi), "normal" | "bound")``.
 
     >>> honest_interval(0.0, (-0.1, 0.1), 60.0, 100, 0.95, 9.0)
@@ -150,7 +156,7 @@ def honest_interval(est: float, normal: tuple[float, float], ess: float, n_draws
     """
     _check_level(level)
     spread = normal[1] - normal[0] - 2 * slack > SPREAD
-    if spread and ess >= HEAVY * n_draws and (
+    if sample_ok and spread and ess >= HEAVY * n_draws and (
             ess if draws_ess is None else draws_ess) >= MIN_ESS:
         return normal, "normal"
     # the normal interval's ends say nothing here (they may even pass the ball's volume)

@@ -232,11 +232,17 @@ def _check(n: int, cutoff: float, k: int, r_max: float, rtol: float, level: floa
 
 def _warnings(ess: float, n_at_max: int, n_rays: int, r_max: float,
               bound: bool = False, rays: int | None = None,
-              draws_ess: float | None = None) -> list[str]:
+              draws_ess: float | None = None, uniform: bool = False) -> list[str]:
     """Warnings on ``ess`` of ``n_rays`` draws (``draws_ess``: of their pairs), and on
-    ``n_at_max`` of ``rays`` (default ``n_rays``) rays at ``r_max``."""
+    ``n_at_max`` of ``rays`` (default ``n_rays``) rays at ``r_max``; ``uniform``: a naive
+    sample that looked light-tailed was given the bound (:func:`honest_interval`)."""
     out = []
-    if bound and ess == 0:  # every weight 0: every radius is (radii stop at r_max)
+    if uniform:
+        out.append(f"ESS {ess:.1f} of {n_rays} draws looks light-tailed, but uniform "
+                   f"directions miss the thin cap that holds most of an elongated basin's "
+                   f"volume, so the interval is the bound: a Markov lower bound to the volume "
+                   f"within r_max (the sample's normal interval is in the diagnostics)")
+    elif bound and ess == 0:  # every weight 0: every radius is (radii stop at r_max)
         out.append("every radius is 0: the centre's loss is at or above the cutoff, so "
                    "there is no basin (log V = -inf); raise the cutoff")
     elif bound and ess >= HEAVY * n_rays and (draws_ess or ess) >= MIN_ESS:
@@ -330,14 +336,17 @@ def star_volume(line_loss: LineLoss, n: int, cutoff: float,
     value, normal, ess, share = weights_estimate(log_w, True, level, slack)
     upper = 0.0 if est is Estimator.GAUSSIAN else n * math.log(r_max)  # the r_max ball; mass 1
     ess_pairs = pair_ess(log_w)  # the draws: the two rays of a pair are one
-    (lo, hi), kind = honest_interval(value, normal, ess, len(r), level, upper, slack, ess_pairs)
+    args = (value, normal, ess, len(r), level, upper, slack, ess_pairs)
+    (lo, hi), kind = honest_interval(*args, sample_ok=est is not Estimator.NAIVE)
+    uniform = kind == "bound" and honest_interval(*args)[1] == "normal"
     n_at = int((r >= r_max).sum())
     details |= {"radii": r.tolist(), "interval": kind, "ess_pairs": ess_pairs,
                 "ci_normal": [normal[0] + log_norm, normal[1] + log_norm]}
     over, top = value > upper, upper + slack * (est is not Estimator.GAUSSIAN)  # IS overshoots
     value, lo, hi = min(value, upper), min(lo, upper), min(hi, top)  # (lo > hi was seen)
     details |= {"sigma": sigma} if est is Estimator.GAUSSIAN else {}
-    notes = _warnings(ess, n_at, len(r), r_max, kind == "bound", draws_ess=ess_pairs) + [
+    notes = _warnings(ess, n_at, len(r), r_max, kind == "bound", draws_ess=ess_pairs,
+                      uniform=uniform) + [
         "the estimate exceeded the most it can be (the r_max ball; a mass of 1): capped"] * over
     if preconditioner is not None:
         details["preconditioner"] = preconditioner.kind
