@@ -167,3 +167,21 @@ def test_the_readme_paper_search_turns_every_addition_of_ours_off(monkeypatch):
         "--every", "--optimizer", "--lr", "--milestones", "--steps", "--beta", "--force")]
     sentence = gaps[gaps.index("`--extra-poison 0"):].split("`", 2)[1]
     assert sorted(a for a in sentence.split() if a.startswith("--")) == sorted(flags)
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_a_forced_search_checks_its_starts_before_it_clears_the_old_one(tmp_path, tiny):
+    """A corrupt start checkpoint had been found after --force deleted every minimum."""
+    train_run(tiny("good"), tmp_path, progress=False)
+    r = CliRunner()
+    root = ["--root", str(tmp_path)]
+    assert r.invoke(main, root + ["search", "good", *FAST]).exit_code == 0
+    before = _tree(tmp_path / "good" / "search")
+    (tmp_path / "good" / "trajectory" / "step_00000020.safetensors").write_bytes(b"x" * 50)
+    out = r.invoke(main, root + ["search", "good", *FAST, "--lr", "0.1", "--force"])
+    assert out.exit_code == 1 and len(out.output.strip().splitlines()) == 1, out.output
+    assert "corrupt checkpoint" in out.output and "step_00000020" in out.output
+    assert _tree(tmp_path / "good" / "search") == before

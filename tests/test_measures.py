@@ -244,3 +244,32 @@ def test_a_sweep_refuses_m_larger_than_the_training_set_before_training(tmp_path
         with pytest.raises(ConfigError, match=r"m must be in \[1, 10\].*got 20"):
             sweep_run(cfg, sc, tmp_path, progress=False, **kw)
         assert not (tmp_path / "sm").exists()
+
+
+def test_a_forced_sweep_keeps_its_table_until_the_new_one_replaces_it(tmp_path, monkeypatch):
+    """--force of other measurements had cleared the whole run (sweep.json, models.json,
+    the trained weights) before retraining: a killed redo left no table at all. With the
+    same models it measures them again and replaces the files only when written."""
+    import minefield.stages.study as st
+
+    cfg = tiny_config("sw").replace(data=tiny_config().data.replace(n_poison=40))
+    vol = SweepConfig().volume.replace(n_directions=2, n_bootstrap=10)
+    sweep_run(cfg, SweepConfig(betas=(0.0, 0.3), seeds=(0,), volume=vol), tmp_path,
+              progress=False)
+    files = {p: p.read_bytes() for p in (tmp_path / "sw").rglob("*") if p.is_file()}
+    other = SweepConfig(betas=(0.0, 0.3), seeds=(0,), volume=vol.replace(n_directions=3))
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    real = st.measure_stack
+    monkeypatch.setattr(st, "measure_stack", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sweep_run(cfg, other, tmp_path, progress=False, force=True)
+    assert {p: p.read_bytes() for p in (tmp_path / "sw").rglob("*") if p.is_file()} == files
+    monkeypatch.setattr(st, "measure_stack", real)
+    forced = sweep_run(cfg, other, tmp_path, progress=False, force=True)
+    fresh = sweep_run(cfg.replace(name="fresh"), other, tmp_path, progress=False)
+    assert forced.rows == fresh.rows
+    traj = sorted((tmp_path / "sw" / "trajectory").iterdir())
+    assert traj and all(files[p] == p.read_bytes() for p in traj)  # not retrained

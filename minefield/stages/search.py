@@ -175,6 +175,10 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
                          f"{n_members(final_params)}")
     final = one(final_params, cfg.member)
     chosen = select_checkpoints(traj, cfg)
+    # every start is read and checked, and the stacks sized, before anything is written:
+    # a corrupt or mismatched start must not cost a --force redo the minima already there
+    loaded = {p: _load_start(run, p, model, cfg.member, "cpu") for p in chosen}
+    cap = batch_capacity(model, poison_set(data, cfg, extra)[0], cfg)
     key = cfg.to_dict()
     if cfg.isolate:  # grouping cannot change isolated minima: resume with any --max-batch
         del key["max_batch"], key["memory_mb"]
@@ -190,7 +194,6 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
         return f"{SEARCH_DIR}/minima/start_{step:08d}_r{rep:02d}.safetensors"
 
     todo = [w for w in work if not run.exists(rel(w[1], w[2]))]
-    cap = batch_capacity(model, poison_set(data, cfg, extra)[0], cfg)
     # Isolated members (cfg.isolate, the default) do not depend on their stack, so
     # only the missing minima are trained, in stacks of any size. Batched ones round
     # differently in different stacks, and this chaotic objective amplifies it: their
@@ -201,8 +204,7 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
     todo_chunks = [c for c in chunks if not all(run.exists(rel(s, r)) for _, s, r in c)]
     specs = [{"experiment": run_cfg, "search": cfg, "device": str(device), "extra": extra,
               "final": {k: v.cpu() for k, v in final.items()}, "progress": progress,
-              "starts": stack([_load_start(run, p, model, cfg.member, "cpu")
-                               for p, _, _ in chunk]),
+              "starts": stack([loaded[p] for p, _, _ in chunk]),
               "work": [(p.name, s, r) for p, s, r in chunk]} for chunk in todo_chunks]
     finished = [len(work) - sum(len(c) for c in todo_chunks)]
 

@@ -107,7 +107,7 @@ def _key(spec: StackSpec) -> dict[str, Any]:
 
 @locking
 def run_stack(spec: StackSpec | dict[str, Any], root: Path | str,
-              progress: bool = False, force: bool = False) -> Path:
+              progress: bool = False, force: bool = False, remeasure: bool = False) -> Path:
     """The task of one stack: train ``spec.config`` into ``root/spec.name`` (or resume
     it), then measure every member at every step of ``spec.steps``; returns the path of
     its ``models.json``. Pure in its inputs: the same spec gives the same file.
@@ -115,21 +115,24 @@ def run_stack(spec: StackSpec | dict[str, Any], root: Path | str,
     Per step and member: ``evaluate_members`` (loss and accuracy on every split,
     weight norm), :func:`~minefield.basin.basin_members` with ``spec.volume`` and,
     when ``spec.sharpness`` is set, :func:`~minefield.measures.measure_members`.
-    ``force`` retrains the run from scratch. A member whose loss diverges is frozen
-    while the others train on (:func:`~minefield.train.fit`); ``"diverged_at"`` in
-    models.json records its step, from which on its rows in the table are NaN (the
-    steps before are measured as usual); so too when all of them diverge
+    ``force`` retrains the run from scratch; ``remeasure`` keeps (or resumes) the trained
+    run and measures it again, replacing ``models.json`` only when it is written. A
+    member whose loss diverges is frozen while the others train on
+    (:func:`~minefield.train.fit`); ``"diverged_at"`` in models.json records its step,
+    from which on its rows in the table are NaN (the steps before are measured as
+    usual); so too when all of them diverge
     (``"diverged"`` holds the message).
     """
     spec = spec if isinstance(spec, StackSpec) else StackSpec.from_dict(spec)
     with torch_threads(1 if spec.config.train.isolate else None):
-        return _run_stack(spec, root, progress, force)
+        return _run_stack(spec, root, progress, force, remeasure)
 
 
-def _run_stack(spec: StackSpec, root: Path | str, progress: bool, force: bool) -> Path:
+def _run_stack(spec: StackSpec, root: Path | str, progress: bool, force: bool,
+               remeasure: bool = False) -> Path:
     key = _key(spec)
     path = Path(root) / spec.name / MODELS_FILE
-    if path.exists() and not force:  # a finished task (diverged ones too) does nothing
+    if path.exists() and not (force or remeasure):  # a finished task does nothing
         run = Run.open(path.parent)
         with reading(path):
             saved = run.read_json(MODELS_FILE)
@@ -147,7 +150,7 @@ def _run_stack(spec: StackSpec, root: Path | str, progress: bool, force: bool) -
         at = getattr(e, "diverged_at", None) or [getattr(e, "step", 0)] * len(spec.members)
         div = {"diverged": str(e), "diverged_at": at}
     done: dict[str, Any] = {}
-    if run.resume(MODELS_FILE, key):
+    if run.resume(MODELS_FILE, key, remeasure):
         saved = run.read_json(MODELS_FILE)
         with reading(run.file(MODELS_FILE)):
             if saved["complete"]:

@@ -103,14 +103,18 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
     grid = [(b, s) for b in sweep.betas for s in sweep.seeds]
     spec = sweep_spec(base, sweep)
     key = _sweep_key(sweep)
+    same = False  # the same models: --force measures them again, keeping what is there
     if (Path(root) / base.name / SWEEP_FILE).exists():  # decided before any training
         run = Run.open(Path(root) / base.name).lock()
         # the same models (else run_stack refuses, or with force retrains them), then the
         # same measurements (else refused here)
-        if run.config == json.loads(json.dumps(spec.config.to_dict())) and run.resume(
-                SWEEP_FILE, key, force):
+        same = run.config == json.loads(json.dumps(spec.config.to_dict()))
+        if same and run.resume(SWEEP_FILE, key, force):
             return load_sweep(run)
-    run_stack(spec, root, progress=progress, force=force)
+    # force with the same models replaces models.json and sweep.json only when they are
+    # written (a killed or refused redo leaves the old ones); other models are retrained
+    run_stack(spec, root, progress=progress, force=force and not same,
+              remeasure=force and same)
     run = Run.open(Path(root) / base.name)
     if run.resume(SWEEP_FILE, key, force):
         return load_sweep(run)
