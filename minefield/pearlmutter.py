@@ -50,7 +50,10 @@ from .functional import mlp_fast_path
 from .loss import nll
 from .stacked import Params
 
-__all__ = ["mlp_plan", "MLPHessian"]
+__all__ = ["mlp_plan", "MLPHessian", "GPU_PROBE_BYTES"]
+
+#: Tangent memory one batched pass of probes may take on a GPU (bytes).
+GPU_PROBE_BYTES = 2**30
 
 _ACTS = (nn.ReLU, nn.LeakyReLU, nn.Tanh)
 
@@ -160,13 +163,19 @@ class MLPHessian:
         with torch.no_grad():
             self.caches = [self._cache(plan, params, x.to(dtype).flatten(1), y)
                            for x, y in chunks]
-        #: probes :meth:`matmat_flat` takes per pass: ``12288 / (M x the longest chunk)``.
-        #: Batched probes save per-call overhead but widen the working set; on the
-        #: swiss-roll MLP (1 thread, AMD EPYC, 32 products) they took 0.39x the time of
-        #: one product at a time for M = 1, N = 200 (K = 32), 0.6x for M = 4 (K = 16),
-        #: 0.78x for N = 2000 (K = 8), but 1.2-1.8x for M = 32 or N = 20000: below 2 the
-        #: products go one at a time.
-        self.probes_per_pass = 12288 // (self.m * max(len(y) for _, y in chunks))
+        #: probes :meth:`matmat_flat` takes per pass. On the CPU ``12288 / (M x the
+        #: longest chunk)``: batched probes save per-call overhead but widen the working
+        #: set; on the swiss-roll MLP (1 thread, AMD EPYC, 32 products) they took 0.39x
+        #: the time of one product at a time for M = 1, N = 200 (K = 32), 0.6x for M = 4
+        #: (K = 16), 0.78x for N = 2000 (K = 8), but 1.2-1.8x for M = 32 or N = 20000:
+        #: below 2 the products go one at a time. On a GPU, where each product is
+        #: launch-bound, as many as ``GPU_PROBE_BYTES`` of tangents hold (not measured).
+        rows = self.m * max(len(y) for _, y in chunks)
+        if self.w[0].device.type == "cpu":
+            self.probes_per_pass = 12288 // rows
+        else:  # R{a}, R{h} per layer and the back-propagated R{delta}: ~3 per width
+            width = sum(w.shape[1] for w in self.w) * 3 * self.w[0].element_size()
+            self.probes_per_pass = int(GPU_PROBE_BYTES // (rows * width))
 
     def _cache(self, plan, params, x, y):
         xt = x.T.contiguous()  # (in, N): the first layer's input, shared by every member

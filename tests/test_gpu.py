@@ -171,6 +171,24 @@ def test_curvature_and_sharpness_on_cuda_match_cpu():
         torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-6, atol=1e-9)
 
 
+def test_batched_probes_on_cuda_match_cpu_float64():
+    """The MLP R-operator's probes as a batch axis (``matmat_flat``; on CUDA as many as
+    ``GPU_PROBE_BYTES`` hold) against the CPU, float64, 1e-10."""
+    from minefield.hvp import CurvatureOperator, model_objective
+
+    data, model, params = _setup()
+    x, y = data.split("train")
+    p64 = {k: v.double() for k, v in params.items()}
+    cpu = CurvatureOperator(model_objective(model, p64, (x, y)))
+    gpu = CurvatureOperator(model_objective(model, {k: v.cuda() for k, v in p64.items()},
+                                            (x.cuda(), y.cuda())))
+    assert gpu._mlp.probes_per_pass >= 2
+    v = torch.randn(cpu.m, 9, cpu.n, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    torch.testing.assert_close(gpu.matmat(v.cuda()).cpu(), cpu.matmat(v), rtol=1e-10,
+                               atol=1e-12)
+
+
 def _quadratic_net():
     from minefield.bodies import QuadraticNet, log_spaced_axes, random_rotation
 
