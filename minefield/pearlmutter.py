@@ -50,9 +50,12 @@ from .functional import mlp_fast_path
 from .loss import nll
 from .stacked import Params
 
-__all__ = ["mlp_plan", "MLPHessian", "GPU_PROBE_BYTES"]
+__all__ = ["mlp_plan", "MLPHessian", "CPU_PROBE_ELEMENTS", "GPU_PROBE_BYTES"]
 
-#: Tangent memory one batched pass of probes may take on a GPU (bytes).
+#: Working set (elements) one batched pass of probes may take on the CPU: ~ the L2/L3
+#: caches a product runs in, measured (see ``MLPHessian.probes_per_pass``).
+CPU_PROBE_ELEMENTS = 2**21
+#: Working set (bytes) one batched pass of probes may take on a GPU.
 GPU_PROBE_BYTES = 2**30
 
 _ACTS = (nn.ReLU, nn.LeakyReLU, nn.Tanh)
@@ -163,19 +166,25 @@ class MLPHessian:
         with torch.no_grad():
             self.caches = [self._cache(plan, params, x.to(dtype).flatten(1), y)
                            for x, y in chunks]
-        #: probes :meth:`matmat_flat` takes per pass. On the CPU ``12288 / (M x the
-        #: longest chunk)``: batched probes save per-call overhead but widen the working
-        #: set; on the swiss-roll MLP (1 thread, AMD EPYC, 32 products) they took 0.39x
-        #: the time of one product at a time for M = 1, N = 200 (K = 32), 0.6x for M = 4
-        #: (K = 16), 0.78x for N = 2000 (K = 8), but 1.2-1.8x for M = 32 or N = 20000:
-        #: below 2 the products go one at a time. On a GPU, where each product is
-        #: launch-bound, as many as ``GPU_PROBE_BYTES`` of tangents hold (not measured).
-        rows = self.m * max(len(y) for _, y in chunks)
+        # A probe's working set in a pass: R{a}, R{h}, R{delta} of every layer (3 out x N
+        # per member) and the copy of each weight the batched products make (out x in).
+        n_max = max(len(y) for _, y in chunks)
+        per_probe = self.m * sum(3 * w.shape[1] * n_max + w.shape[1] * w.shape[2]
+                                 for w in self.w)
+        #: probes :meth:`matmat_flat` takes per pass. On the CPU as many as
+        #: ``CPU_PROBE_ELEMENTS`` of working set hold, if that is at least 8, else 1 (one
+        #: product at a time): batched probes save per-call overhead but widen the
+        #: working set. On the swiss-roll MLP (widths 32, 32, 16; 1 thread, AMD EPYC, 32
+        #: products) they took 0.39x the time of one at a time for M = 1, N = 200
+        #: (K = 32), 0.6x for M = 4 (K = 16), 0.78x for N = 2000 (K = 8), but 1.2-1.8x
+        #: for M = 32 or N = 20000; on wide layers (9 x 100 at N = 2000, 2 x 512 at
+        #: N = 200) 1.2-1.6x at K = 32. On a GPU, where each product is launch-bound,
+        #: as many as ``GPU_PROBE_BYTES`` hold (not measured).
         if self.w[0].device.type == "cpu":
-            self.probes_per_pass = 12288 // rows
-        else:  # R{a}, R{h} per layer and the back-propagated R{delta}: ~3 per width
-            width = sum(w.shape[1] for w in self.w) * 3 * self.w[0].element_size()
-            self.probes_per_pass = int(GPU_PROBE_BYTES // (rows * width))
+            k = CPU_PROBE_ELEMENTS // per_probe
+            self.probes_per_pass = k if k >= 8 else 1
+        else:
+            self.probes_per_pass = int(GPU_PROBE_BYTES // (per_probe * dtype.itemsize))
 
     def _cache(self, plan, params, x, y):
         xt = x.T.contiguous()  # (in, N): the first layer's input, shared by every member

@@ -120,6 +120,38 @@ def test_missing_and_corrupt_run(cli, tmp_path):
     assert r.exit_code == 1 and "corrupt checkpoint" in r.output
 
 
+def test_evaluate_measures_only_the_runs_own_model_checkpoints(cli, tmp_path):
+    # regression: another run's checkpoint (../b/...), the optimizer state and connect's
+    # control points were all evaluated and printed as "a[0]"
+    assert cli("train", "--name", "a", *TINY).exit_code == 0
+    assert cli("train", "--name", "b", *TINY, "--seed", "3").exit_code == 0
+    runs = tmp_path / "runs"
+    own = cli("evaluate", "a", "--checkpoint", "trajectory/step_00000020.safetensors")
+    assert own.exit_code == 0 and own.output.startswith("a[0]  train acc")
+    other = runs / "b" / "trajectory" / "step_00000020.safetensors"
+    for outside in ("../b/trajectory/step_00000020.safetensors", str(other)):
+        r = cli("evaluate", "a", "--checkpoint", outside)
+        assert r.exit_code == 1 and "a[0]" not in r.output
+        assert f"no checkpoint {outside!r} inside run a" in r.output
+        assert len(r.output.strip().splitlines()) == 1
+    from minefield.runs import Run
+
+    run = Run(runs / "a")
+    ck = run.load_checkpoint("trajectory/step_00000040.safetensors")
+    run.save_checkpoint("connect/default.safetensors", ck.params, {}, {"key": {}})
+    run.save_checkpoint("search/minima/start_00000020_r00.safetensors", ck.params, {},
+                        {"kind": "bad_minimum", "step": 5,
+                         "config": {"model": ck.meta["config"]["model"]}})
+    for other_kind in ("state.safetensors", "connect/default.safetensors"):
+        r = cli("evaluate", "a", "--checkpoint", other_kind)
+        assert r.exit_code == 1 and "a[0]" not in r.output
+        assert r.output.strip() == (f"Error: {other_kind} in run a is not a model checkpoint "
+                                    "(give a trajectory checkpoint or a search minimum, e.g. "
+                                    "trajectory/step_00001000.safetensors)")
+    r = cli("evaluate", "a", "--checkpoint", "search/minima/start_00000020_r00.safetensors")
+    assert r.exit_code == 0 and r.output.startswith("a[0]  train acc")
+
+
 def test_nan_loss_stops_with_message(cli, tmp_path):
     r = cli("train", "--name", "nan", *TINY, "--lr", "1e30", "--optimizer", "sgd",
             "--log-every", "1", "--checkpoint-every", "1")

@@ -362,7 +362,7 @@ def test_a_diverged_curve_or_a_nan_endpoint_raises_instead_of_giving_nan_results
     data = load_dataset(DataConfig("spiral")).to("cpu", torch.float64)
     model = build_model(ModelConfig(widths=(5,)), data.input_shape, data.n_classes).double()
     a, b = _stacks(model, [0, 1]), _stacks(model, [2, 3])
-    train = CURVE_TRAIN.replace(optimizer=Optimizer.SGD, lr=1e100, steps=5)
+    train = CURVE_TRAIN.replace(optimizer=Optimizer.SGD, lr=1e30, steps=20)
     with pytest.raises(TrainingDiverged, match=r"curve of pair\(s\) \[0, 1\] diverged"):
         connect(model, a, b, data, ConnectConfig(n_points=3, train=train))
     b["0.weight"][1, 0, 0] = float("nan")
@@ -434,8 +434,10 @@ def test_a_checkpoint_of_another_model_is_refused_by_every_command(cli, tmp_path
     assert cli("train", "--name", "c", "--activation", "tanh", *TINY).exit_code == 0
     other = str(sorted((tmp_path / "runs" / "c" / "trajectory").glob("*.safetensors"))[-1])
     before = _files(tmp_path / "runs")
-    for cmd in (["evaluate", "a"], ["basin", "a", "--directions", "2"],
+    for cmd in (["basin", "a", "--directions", "2"],
                 ["sharpness", "a", "--measures", "lambda_max"]):
         r = cli(*cmd, "--checkpoint", other)
         assert r.exit_code == 1 and "is of another model than run a's" in r.output, r.output
+    r = cli("evaluate", "a", "--checkpoint", other)  # measures only the run's own files
+    assert r.exit_code == 1 and f"no checkpoint {other!r} inside run a" in r.output, r.output
     assert _files(tmp_path / "runs") == before

@@ -286,3 +286,54 @@ def test_an_added_checkpoint_of_another_activation_is_refused(tmp_path, tiny):
     assert not (run.path / "embed").exists()
     res = embed_run(run, emb, device="cpu", add=[he.trajectory()[-1]])
     assert res.kind[-1] == "added"
+
+
+@pytest.mark.parametrize("killed_after", ["map", "embed.json"])
+def test_a_redo_killed_between_its_two_files_leaves_a_map_to_add_to(tmp_path, tiny,
+                                                                     monkeypatch, killed_after):
+    # regression: `embed --force` wrote the new map over the old one before embed.json, so
+    # a kill in between left the old embed.json with a map load_map refused ("does not
+    # belong"), and `embed --add` failed until redone
+    import minefield.stages.embed as emb_mod
+
+    run = train_run(tiny("good"), tmp_path, progress=False).run
+    search_run(run, SearchConfig.make(every=1, steps=30, log_every=10, milestones=()),
+               device="cpu")
+    cfg, other = EmbedConfig(perplexity=2, n_iter=50), EmbedConfig(perplexity=3, n_iter=50)
+    old = embed_run(run, cfg, device="cpu")
+    emb = run.path / "embed"
+    before = {p.name: p.read_bytes() for p in emb.iterdir()}
+    with monkeypatch.context() as m:
+        if killed_after == "map":  # the new map written, embed.json not yet
+            real = Run.write_result
+
+            def killed(self, rel, key, body):
+                if rel == "embed/embed.json":
+                    raise KeyboardInterrupt
+                return real(self, rel, key, body)
+
+            m.setattr(Run, "write_result", killed)
+        else:  # embed.json written, the new map not yet renamed into place
+            settle, calls = emb_mod._settle_map, []
+
+            def killed(run):
+                calls.append(run)
+                if len(calls) == 2:  # the first is before anything is written
+                    raise KeyboardInterrupt
+                settle(run)
+
+            m.setattr(emb_mod, "_settle_map", killed)
+        with pytest.raises(KeyboardInterrupt):
+            embed_run(run, other, device="cpu", force=True)
+    shown = old if killed_after == "map" else load_embedding(run)
+    assert shown.config == (cfg if killed_after == "map" else other)
+    if killed_after == "map":
+        assert {p.name: p.read_bytes() for p in emb.iterdir() if p.name in before} == before
+    assert torch.equal(load_map(run).coords, shown.coords)  # the map embed.json names
+    added = embed_run(run, device="cpu", add=["trajectory/step_00000020.safetensors"])
+    assert torch.equal(added.coords[:len(shown.coords)], shown.coords)
+    assert added.kind[-1] == "added" and added.config == shown.config
+    assert sorted(p.name for p in emb.iterdir()) == ["embed.json", "map.safetensors"]
+    assert torch.equal(load_map(run).coords, shown.coords)
+    redone = embed_run(run, other, device="cpu", force=True)  # redoing after it works too
+    assert redone.config == other and torch.equal(load_map(run).coords, redone.coords)

@@ -12,7 +12,7 @@ from ..evaluate import evaluate_members, resolve_device
 from ..models import MODELS
 from ..options import Activation, Init, SamKind, choices
 from ..plotting import plot_boundary, save_figure
-from ..runs import Run, RunError
+from ..runs import Run, RunError, load_tensors
 from ..stages import load_run_model, train_run
 from ._common import (
     SEED,
@@ -183,16 +183,35 @@ def _print_summary(name: str, m: dict[str, list[float]]) -> None:
 
 @main.command()
 @click.argument("run")
-@click.option("--checkpoint", help="A trajectory checkpoint file (default: the last).")
+@click.option("--checkpoint", help="A checkpoint of RUN, relative to it: a trajectory "
+              "checkpoint or a search minimum (default: the last trajectory checkpoint).")
 @device_option
 @click.pass_context
 @friendly
 def evaluate(ctx, run, checkpoint, device):
     """Loss and accuracy of a run's model on train, test and poison sets."""
     r = open_run(ctx, run)
-    model, params, buffers, data, _ = load_run_model(r, checkpoint, resolve_device(device))
+    model, params, buffers, data, _ = load_run_model(r, _model_checkpoint(r, checkpoint),
+                                                     resolve_device(device))
     vals = evaluate_members(model, params, data, buffers)
     _print_summary(r.name, {k: v.tolist() for k, v in vals.items()})
+
+
+def _model_checkpoint(r: Run, rel: str | None) -> Path:
+    """The file ``evaluate`` measures: inside the run, as ``connect`` and ``landscape``
+    resolve theirs (its numbers are printed as the run's), and a model's weights: only
+    parameters and buffers, naming its model (a trajectory checkpoint, a search minimum),
+    not the optimizer state or ``connect``'s control points, which are no model."""
+    p = r.file(r.checkpoint(rel))
+    tensors, meta = load_tensors(p)
+    cfg = meta.get("config")
+    named = isinstance(cfg, dict) and isinstance(cfg.get("model"), dict)
+    if not (named or meta.get("kind") == "bad_minimum") or not tensors or any(
+            not k.startswith(("param.", "buffer.")) for k in tensors):
+        raise RunError(f"{rel} in run {r.name} is not a model checkpoint (give a trajectory "
+                       "checkpoint or a search minimum, e.g. "
+                       "trajectory/step_00001000.safetensors)")
+    return p
 
 
 @main.command("runs")

@@ -41,13 +41,19 @@ def axes(ax=None, figsize=(4.5, 4.0)):
     return ax
 
 
+# No creation date in the files, so the same figure gives the same bytes on every run
+# (PNG stores none; PDF would store the time of writing, or $SOURCE_DATE_EPOCH).
+_METADATA = {"pdf": {"CreationDate": None}}
+
+
 def save_figure(fig, path: str | Path, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
-    """Write ``fig`` as ``path.<fmt>`` for each format, atomically; closes the figure."""
+    """Write ``fig`` as ``path.<fmt>`` for each format, atomically; closes the figure.
+    The same figure gives byte-identical files whenever it is written."""
     path = Path(path)
     out = []
     for fmt in formats:
         buf = io.BytesIO()
-        fig.savefig(buf, format=fmt, bbox_inches="tight")
+        fig.savefig(buf, format=fmt, bbox_inches="tight", metadata=_METADATA.get(fmt))
         target = path.with_suffix(f".{fmt}")
         atomic_write(target, buf.getvalue())
         out.append(target)

@@ -4,10 +4,15 @@ Saved as ``runs/<name>/embed/embed.json`` (the points, keyed by the embed
 config) and ``runs/<name>/embed/map.safetensors`` (the fitted map,
 :class:`~minefield.embed.TSNEMap`, as plain tensors), so that later checkpoints
 can be placed into the same map (``add=``) instead of re-embedding everything.
+A new map is written as ``embed/map.next.safetensors`` and renamed to
+``map.safetensors`` only after embed.json: killed at any point, embed.json and the map
+that bears its key are both there (a pending map is renamed or dropped when the run
+is next embedded, and :func:`load_map` reads it meanwhile).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +39,7 @@ __all__ = ["EMBED_FILE", "MAP_FILE", "embed_run", "load_embedding", "load_map"]
 
 EMBED_FILE = "embed/embed.json"
 MAP_FILE = "embed/map.safetensors"
+_MAP_NEXT = "embed/map.next.safetensors"  # a new map, until embed.json bears its key
 
 
 @locking
@@ -125,6 +131,7 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig | None = None, *,
     res = tmap = None
     if save:
         run.lock()
+        _settle_map(run)
         if run.resume(EMBED_FILE, key, force):
             res = load_embedding(run)
             tmap = load_map(run) if add else None
@@ -141,10 +148,11 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig | None = None, *,
                           [ck.step for ck in good_cks] + [step for _, step in starts],
                           metrics["train_acc"].cpu(), metrics["test_acc"].cpu(),
                           metrics["poison_acc"].cpu(), cfg, run.name)
-        if save:  # the map first: embed.json is what makes the pair count as done
-            tensors, meta = tmap.to_tensors()
-            save_tensors(run.file(MAP_FILE), tensors, {"key": key, **meta})
+        if save:  # the old map stays until embed.json is replaced: a kill in between
+            tensors, meta = tmap.to_tensors()  # leaves the old pair, or the new one
+            save_tensors(run.file(_MAP_NEXT), tensors, {"key": key, **meta})
             run.write_result(EMBED_FILE, key, res.to_dict())
+            _settle_map(run)
     new = {}
     for ck, row in zip(extra, extra_rows):  # a file placed before is skipped only if its
         src, sha = _source(run, ck), tensors_sha(row)  # weights are the same ("": older results)
@@ -180,16 +188,40 @@ def load_map(run: Run | str | Path, root: Path | str = DEFAULT_ROOT) -> TSNEMap:
     run = run if isinstance(run, Run) else Run.open(run, root)
     if not run.exists(EMBED_FILE):
         raise RunError(f"run {run.name} has no embedding; run `minefield embed` first")
-    path = run.file(MAP_FILE)
-    if not path.exists():
+    path, pending = run.file(MAP_FILE), run.file(_MAP_NEXT)
+    if not path.exists() and not pending.exists():
         raise RunError(f"run {run.name} has an embedding but no fitted map (made before maps "
                        "were kept); redo it with --force to add points to it")
-    tensors, meta = load_tensors(path)
-    with reading(path):
-        if meta["key"] != run.read_json(EMBED_FILE)["key"]:
-            raise RunError(f"{path} does not belong to {run.file(EMBED_FILE)}; redo the "
-                           "embedding with --force")
-        return TSNEMap.from_tensors(tensors, meta)
+    with reading(run.file(EMBED_FILE)):
+        want = run.read_json(EMBED_FILE)["key"]
+    for p in (pending, path):  # a redo killed before its rename: its map is the pending one
+        if p.exists():
+            tensors, meta = load_tensors(p)
+            with reading(p):
+                if meta["key"] == want:
+                    return TSNEMap.from_tensors(tensors, meta)
+    raise RunError(f"{path} does not belong to {run.file(EMBED_FILE)}; redo the "
+                   "embedding with --force")
+
+
+def _settle_map(run: Run) -> None:
+    """Finish or undo a map write (under the run's lock): a pending map that bears
+    embed.json's key replaces the old one; one that does not (killed before embed.json
+    was written) is dropped, leaving the old pair as it was."""
+    pending = run.file(_MAP_NEXT)
+    if not pending.exists():
+        return
+    try:
+        meta = load_tensors(pending)[1]
+        with reading(run.file(EMBED_FILE)):
+            done = run.exists(EMBED_FILE) and meta.get("key") == run.read_json(
+                EMBED_FILE)["key"]
+    except RunError:
+        done = False
+    if done:
+        os.replace(pending, run.file(MAP_FILE))
+    else:
+        pending.unlink()
 
 
 def _stored(run: Run) -> dict | None:
