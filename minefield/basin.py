@@ -64,6 +64,7 @@ from .volume import (
     check_owned_options,
     check_shape_options,
     honest_interval,
+    light_tailed,
     parse_power,
     power_text,
     weights_estimate,
@@ -255,11 +256,10 @@ def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: f
     bound of :func:`~minefield.volume.honest_interval` whatever the sample (uniform
     directions, ``sample_ok=False`` there; since 2026-12-02). Hall's skewness-corrected
     interval of the pair-averaged ``r^n`` (:func:`~minefield.intervals.weights_estimate`),
-    reported where the weights passed that test until then, is
-    ``diagnostics["ci_log10_normal"]``. The percentile
-    bootstrap over pairs (:func:`bootstrap_log10_volume`, reported until 2026-12-01) is
-    ``diagnostics["ci_log10_bootstrap"]``: among the intervals labelled normal it covered
-    163 of 180 (10-d ellipsoid) and 87 of 98 (100-d) at 95%, Hall's 166 and 91."""
+    reported where it passed that test until then, is ``diagnostics["ci_log10_normal"]``.
+    The pairs' percentile bootstrap (:func:`bootstrap_log10_volume`, reported until
+    2026-12-01) is ``diagnostics["ci_log10_bootstrap"]``: among the intervals labelled
+    normal it covered 163 of 180 (10-d ellipsoid) and 87 of 98 (100-d) at 95%, Hall's 166 and 91."""
     r = radii.double().cpu()
     if len(r) < 2 or len(r) % 2:
         raise ConfigError(f"{len(r)} radii are not pairs along +d_1..+d_K, -d_1..-d_K")
@@ -282,13 +282,13 @@ def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: f
         normal = (dlo + log_omega, dhi + log_omega)
     # heavy-tailed r^n (or too few pairs): no interval from the sample is to be trusted
     log_upper = log_omega + n * math.log(limit) if math.isfinite(limit) else math.inf
-    args = (log10_volume(r, n) * LN10, normal, diag["ess"], len(r), 0.95, log_upper,
-            slack * LN10, diag["ess_pairs"])
-    (blo, bhi), diag["interval"] = honest_interval(*args, sample_ok=False)  # uniform rays
+    (blo, bhi), diag["interval"] = honest_interval(  # uniform rays: the bound (sample_ok)
+        log10_volume(r, n) * LN10, normal, diag["ess"], len(r), 0.95, log_upper,
+        slack * LN10, diag["ess_pairs"], sample_ok=False)
     lo, hi = blo / LN10 + slack, bhi / LN10 - slack
-    diag["warnings"].append(_warnings(diag["ess"], 0, len(r), limit, True,
-                                      draws_ess=diag["ess_pairs"],
-                                      uniform=honest_interval(*args)[1] == "normal")[0])
+    diag["warnings"].append(_warnings(diag["ess"], 0, len(r), limit, True, draws_ess=diag[
+        "ess_pairs"], uniform=light_tailed(normal, diag["ess"], len(r), slack * LN10,
+                                           diag["ess_pairs"]))[0])
     if not bisect:
         diag["warnings"].append("grid radii: their interpolation error is not in the interval")
     return BasinResult(r, n, float(centre_loss), float(cutoff), log10_volume(r, n),

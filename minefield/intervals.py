@@ -23,7 +23,7 @@ from scipy.stats import t as student_t
 
 from .config import ConfigError
 
-__all__ = ["weights_estimate", "honest_interval", "pair_ess", "replicate_interval",
+__all__ = ["weights_estimate", "honest_interval", "light_tailed", "pair_ess", "replicate_interval",
            "replicate_estimate", "FEW", "HEAVY", "MIN_ESS", "SPREAD"]
 
 FEW = 10.0  # an ESS below this many draws is "a handful"
@@ -156,13 +156,22 @@ def honest_interval(est: float, normal: tuple[float, float], ess: float, n_draws
     """
     _check_level(level)
     spread = normal[1] - normal[0] - 2 * slack > SPREAD
-    if sample_ok and spread and ess >= HEAVY * n_draws and (
-            ess if draws_ess is None else draws_ess) >= MIN_ESS:
+    if sample_ok and light_tailed(normal, ess, n_draws, slack, draws_ess):
         return normal, "normal"
     # the normal interval's ends say nothing here (they may even pass the ball's volume)
     k = n_draws // 2 if draws_ess is not None else n_draws  # independent draws
     lower = math.log1p(-level) / (k if not spread and ess > 0 else 1)  # no spread; Markov
     return (est + lower - slack, log_upper + slack), "bound"
+
+
+def light_tailed(normal: tuple[float, float], ess: float, n_draws: int, slack: float = 0.0,
+                 draws_ess: float | None = None) -> bool:
+    """Whether the sample passes :func:`honest_interval`'s test for a normal interval:
+    some spread beyond ``slack``, an ESS of at least ``HEAVY`` of the draws and at least
+    ``MIN_ESS`` independent draws' worth (``draws_ess`` when given)."""
+    spread = normal[1] - normal[0] - 2 * slack > SPREAD
+    return spread and ess >= HEAVY * n_draws and (
+        ess if draws_ess is None else draws_ess) >= MIN_ESS
 
 
 def replicate_interval(log_vol: torch.Tensor, level: float = 0.95) -> tuple[float, float]:

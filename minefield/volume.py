@@ -66,6 +66,7 @@ from .intervals import (
     MIN_ESS,
     _check_level,
     honest_interval,
+    light_tailed,
     pair_ess,
     weights_estimate,
 )
@@ -336,9 +337,9 @@ def star_volume(line_loss: LineLoss, n: int, cutoff: float,
     value, normal, ess, share = weights_estimate(log_w, True, level, slack)
     upper = 0.0 if est is Estimator.GAUSSIAN else n * math.log(r_max)  # the r_max ball; mass 1
     ess_pairs = pair_ess(log_w)  # the draws: the two rays of a pair are one
-    args = (value, normal, ess, len(r), level, upper, slack, ess_pairs)
-    (lo, hi), kind = honest_interval(*args, sample_ok=est is not Estimator.NAIVE)
-    uniform = kind == "bound" and honest_interval(*args)[1] == "normal"
+    (lo, hi), kind = honest_interval(value, normal, ess, len(r), level, upper, slack,
+                                     ess_pairs, sample_ok=est is not Estimator.NAIVE)
+    uniform = kind == "bound" and light_tailed(normal, ess, len(r), slack, ess_pairs)
     n_at = int((r >= r_max).sum())
     details |= {"radii": r.tolist(), "interval": kind, "ess_pairs": ess_pairs,
                 "ci_normal": [normal[0] + log_norm, normal[1] + log_norm]}
