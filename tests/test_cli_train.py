@@ -150,6 +150,16 @@ def test_evaluate_measures_only_the_runs_own_model_checkpoints(cli, tmp_path):
                                     "trajectory/step_00001000.safetensors)")
     r = cli("evaluate", "a", "--checkpoint", "search/minima/start_00000020_r00.safetensors")
     assert r.exit_code == 0 and r.output.startswith("a[0]  train acc")
+    # plot boundary titles its figure with the run's name: the same rule
+    fig = tmp_path / "figures" / "bd"
+    for bad in ("../b/trajectory/step_00000020.safetensors", str(other),
+                "state.safetensors", "connect/default.safetensors"):
+        r = cli("plot", "boundary", "a", "--checkpoint", bad, "--out", str(fig))
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+        assert not fig.with_suffix(".png").exists()
+    r = cli("plot", "boundary", "a", "--checkpoint",
+            "search/minima/start_00000020_r00.safetensors", "--out", str(fig))
+    assert r.exit_code == 0 and fig.with_suffix(".png").exists()
 
 
 def test_nan_loss_stops_with_message(cli, tmp_path):

@@ -267,7 +267,8 @@ def _run_line(p: Path) -> str:
 @click.argument("runs", nargs=-1, required=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Output path without extension (default: figures/boundary_<runs>).")
-@click.option("--checkpoint", help="Checkpoint file (single run only).")
+@click.option("--checkpoint", help="A checkpoint of the run, relative to it: a trajectory "
+              "checkpoint or a search minimum (single run only; default: the last).")
 @click.pass_context
 @friendly
 def plot_boundary_cmd(ctx, runs, out, checkpoint):
@@ -280,7 +281,8 @@ def plot_boundary_cmd(ctx, runs, out, checkpoint):
     fig, axs = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4.2), squeeze=False)
     for ax, name in zip(axs[0], runs):
         r = open_run(ctx, name)
-        model, params, buffers, data, cfg = load_run_model(r, checkpoint)
+        ck = _model_checkpoint(r, checkpoint) if checkpoint else None
+        model, params, buffers, data, cfg = load_run_model(r, ck)
         vals = evaluate_members(model, params, data, buffers)
         plot_boundary(model, params, data, buffers, ax=ax,
                       title=f"{r.name}: train {vals['train_acc'][0]:.1%}, "
