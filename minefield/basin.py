@@ -287,7 +287,7 @@ def volume_from_radii(radii: torch.Tensor, n: int, centre_loss: float, cutoff: f
         slack * LN10, diag["ess_pairs"], sample_ok=False)
     lo, hi = blo / LN10 + slack, bhi / LN10 - slack
     diag["warnings"].append(_warnings(diag["ess"], 0, len(r), limit, True, draws_ess=diag[
-        "ess_pairs"], uniform=light_tailed(normal, diag["ess"], len(r), slack * LN10,
+        "ess_pairs"], looked=light_tailed(normal, diag["ess"], len(r), slack * LN10,
                                            diag["ess_pairs"]))[0])
     if not bisect:
         diag["warnings"].append("grid radii: their interpolation error is not in the interval")

@@ -224,23 +224,30 @@ def _long_axis_gaussian_log_mass(sigma: float) -> float:
     return math.log(p)
 
 
-@pytest.mark.parametrize("shape", ["gaussian", "is isotropic"])
-def test_other_uniform_rays_that_missed_a_long_axis_get_the_bound(shape):
+@pytest.mark.parametrize("shape", ["gaussian", "is isotropic", "is rotated"])
+def test_rays_that_missed_a_long_axis_get_the_bound(shape):
     """Regression: the Gaussian mass (``gaussian`` without a preconditioner) and ``is``
-    with an isotropic one draw uniform directions too, and on the one-long-axis body the
-    samples that missed its cap looked light-tailed: the gaussian's normal intervals covered
-    53 of 84 (200 seeds, sigma 1) at 95%. Uniform rays now get the bound, as naive."""
-    b = Ellipsoid(torch.tensor([1.0] * 9 + [3.0]))
-    if shape == "gaussian":
-        truth, kw = _long_axis_gaussian_log_mass(1.0), {"sigma": 1.0}
-        est = "gaussian"
+    with an isotropic preconditioner draw uniform directions too, and ``is`` with the
+    Hessian's diagonal, when the long axis is rotated off the coordinate axes, a near-uniform
+    proposal: on the one-long-axis body the samples that missed its cap looked light-tailed
+    and their normal intervals undercovered (13 of 21, 9 of 18 and 21 of 49 over 200
+    seeds at 95%). Every star_volume interval is now the bound, as naive's."""
+    if shape == "is rotated":
+        b = Ellipsoid(torch.tensor([1.0] * 9 + [3.0]), random_rotation(10, _gen(99)))
     else:
-        truth, est = b.log_volume, "is"
-        kw = {"preconditioner": Preconditioner.diagonal(torch.full((10,), 2.0, dtype=F64))}
+        b = Ellipsoid(torch.tensor([1.0] * 9 + [3.0]))
+    truth, est, kw = b.log_volume, "is", {}
+    if shape == "gaussian":
+        truth, est, kw = _long_axis_gaussian_log_mass(1.0), "gaussian", {"sigma": 1.0}
+    elif shape == "is isotropic":
+        kw["preconditioner"] = Preconditioner.diagonal(torch.full((10,), 2.0, dtype=F64))
+    else:
+        kw["preconditioner"] = Preconditioner.diagonal(torch.diagonal(b.curvature()).clone())
+    seeds = range(40) if shape != "is rotated" else range(120)
     ests = [star_volume(b, 10, b.cutoff, est, 50, _gen(s), r_max=10.0, rtol=1e-9, **kw)
-            for s in range(40)]
+            for s in seeds]
     assert all(e.details["interval"] == "bound" for e in ests)
-    assert sum(e.ci[0] <= truth <= e.ci[1] for e in ests) >= 37  # of 40, at 95%
+    assert sum(e.ci[0] <= truth <= e.ci[1] for e in ests) >= 0.925 * len(ests)  # at 95%
     looked = [e for e in ests if "looks light-tailed" in " ".join(e.warnings)]
     normal_hits = sum(e.details["ci_normal"][0] <= truth <= e.details["ci_normal"][1]
                       for e in looked)
@@ -248,6 +255,8 @@ def test_other_uniform_rays_that_missed_a_long_axis_get_the_bound(shape):
     if shape == "gaussian":
         assert all(e.ci[1] == 0.0 for e in ests)  # a mass is at most 1
         assert "to the Gaussian mass, to 1" in " ".join(looked[0].warnings)
+    if shape == "is rotated":
+        assert "proposal does not cover" in " ".join(looked[0].warnings)
 
 
 def test_long_axis_gaussian_mass_oracle():
