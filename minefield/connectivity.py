@@ -26,8 +26,8 @@ Models with BatchNorm get statistics recomputed at every point of the curve
 running statistics (their exact mean and unbiased variance on the training
 inputs), then evaluation in eval mode with them.
 
-The **barrier** of a path (Frankle et al. 2020) is its largest excess over the
-straight interpolation of the endpoint values:
+The **barrier** of a path (Entezari et al. 2022; Frankle et al. 2020 subtract the endpoints'
+mean) is its largest excess over the straight interpolation of the endpoint values:
 ``max_t L(theta(t)) - ((1 - t) L(a) + t L(b))`` for the loss (nats) and
 ``max_t ((1 - t) A(a) + t A(b)) - A(theta(t))`` for accuracy (fraction);
 :func:`barriers` also reports the maximum loss along the path.
@@ -49,6 +49,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -199,14 +200,14 @@ def fit_curves(model: nn.Module, a: Params, b: Params, data: Dataset,
         TrainingDiverged: a curve's loss became NaN or infinite (its values would be NaN).
     """
     p = n_members(a)
-    dev = next(iter(a.values())).device
+    dev, dtype = next(iter(a.values())).device, next(iter(a.values())).dtype
     c = {k: ((a[k] + b[k]) / 2).detach().clone().requires_grad_(True) for k in a}
     opt = make_optimizer(cfg, list(c.values()))
     t = torch.zeros(p, dtype=torch.float64, device=dev)
     gens = [torch.Generator().manual_seed(pair_seed(one(a, i), one(b, i), cfg.seed))
             for i in range(p)]
-    hyper = Hyper(beta=torch.zeros(p, device=dev),
-                  l2=torch.full((p,), cfg.l2, device=dev) if cfg.l2 > 0 else None,
+    hyper = Hyper(beta=torch.zeros(p, dtype=dtype, device=dev),  # in the parameters' precision
+                  l2=torch.full((p,), cfg.l2, dtype=dtype, device=dev) if cfg.l2 > 0 else None,
                   clip_norm=cfg.clip_norm, isolated=isolate)
     buffers = buffers_like(model, p, dev) if _has_bn(model) else {}
     objective = curve_objective(a, b, t, isolate)
@@ -237,16 +238,12 @@ def fit_curves(model: nn.Module, a: Params, b: Params, data: Dataset,
     return {k: v.detach() for k, v in c.items()}
 
 
-def _bn_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
 @torch.no_grad()
 def _point_stats(model: nn.Module, points: Params, x: torch.Tensor) -> Params:
     """Fresh BatchNorm statistics of every point: one train-mode pass over ``x``."""
     m = n_members(points)
     bufs = buffers_like(model, m, x.device)
-    mods = _bn_modules(model)
+    mods = [mo for mo in model.modules() if isinstance(mo, nn.modules.batchnorm._BatchNorm)]
     saved = [mod.momentum for mod in mods]
     try:
         for mod in mods:
@@ -353,15 +350,16 @@ def _path(model, a, c, b, data, ts, memory_mb, isolate) -> dict[str, torch.Tenso
 
 
 def connect(model: nn.Module, a: Params, b: Params, data: Dataset,
-            cfg: ConnectConfig = ConnectConfig(), control: Params | None = None
-            ) -> ConnectResult:
+            cfg: ConnectConfig = ConnectConfig(), control: Params | None = None,
+            on_control: Callable[[Params], None] | None = None) -> ConnectResult:
     """Connect ``a[p]`` to ``b[p]`` for every pair p by the line and a trained Bezier curve.
 
     ``a``, ``b``: stacks ``(P, ...)`` of one architecture (a stack of one is
     broadcast to the other's P). ``control``: control points already trained
-    (skips :func:`fit_curves`). Returns losses and accuracies on the train and
-    test splits along both paths, and their barriers. With ``cfg.isolate`` a
-    pair's numbers are the same, bit for bit, in any stack of pairs.
+    (skips :func:`fit_curves`); ``on_control(c)`` gets the ones trained here before the
+    evaluation (the stage saves them: a killed command resumes there). Returns losses
+    and accuracies on the train and test splits along both paths, and their barriers.
+    With ``cfg.isolate`` a pair's numbers are the same, bit for bit, in any stack of pairs.
 
     Raises:
         ValueError: endpoints of two architectures, or with NaN or infinite weights.
@@ -378,6 +376,8 @@ def connect(model: nn.Module, a: Params, b: Params, data: Dataset,
         raise ValueError("the endpoints are not the model's parameters (names or shapes)")
     if control is None:
         control = fit_curves(model, a, b, data, cfg.train, cfg.isolate)
+        if on_control is not None:
+            on_control(control)
     elif set(control) != set(a) or any(control[k].shape != a[k].shape
                                        or control[k].dtype != a[k].dtype for k in a):
         raise ValueError("control points must have the endpoints' names, shapes "

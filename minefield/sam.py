@@ -138,14 +138,15 @@ def _ascent_descent(loss_fn: LossFn, batch: Batch, leaves: list[torch.Tensor],
         grads = torch.autograd.grad(loss_fn(batch, track=False).sum(), leaves)
     with torch.no_grad():
         eps = sam_perturbation(leaves, grads, rho, kind, eta)
+        theta = [v.detach().clone() for v in leaves]  # restored exactly: (w + e) - e != w
         for v, e in zip(leaves, eps):
             v.add_(e)
     try:
         return list(torch.autograd.grad(loss_fn(batch, track=False).sum(), leaves))
     finally:
         with torch.no_grad():
-            for v, e in zip(leaves, eps):
-                v.sub_(e)
+            for v, w in zip(leaves, theta):
+                v.copy_(w)
 
 
 def sam_update(kind: SamKind | str = "sam", m: int | None = None, eta: float = 0.01) -> Update:
@@ -161,15 +162,15 @@ def sam_update(kind: SamKind | str = "sam", m: int | None = None, eta: float = 0
     ``theta`` on the whole batch.
 
     Raises:
-        ConfigError: an unknown ``kind``, ``m < 1`` or ``eta < 0``.
+        ConfigError: an unknown ``kind``, ``m < 1``, ``eta < 0`` or not finite.
     """
     from .options import ConfigError
 
     kind = option(SamKind, kind, "sam")
     if m is not None and m < 1:
         raise ConfigError(f"sam_m must be >= 1, got {m}")
-    if not eta >= 0:
-        raise ConfigError(f"asam_eta must be >= 0, got {eta}")
+    if not (eta >= 0 and math.isfinite(eta)):  # eta = inf: T = inf, every eps NaN
+        raise ConfigError(f"asam_eta must be >= 0 and finite, got {eta}")
     if kind is SamKind.NONE:
         return plain_update
 

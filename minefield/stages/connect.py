@@ -144,9 +144,9 @@ def connect_run(run_a: Run | str | Path, run_b: Run | str | Path,
                 k in saved.params and saved.params[k].shape[1:] == v.shape
                 for k, v in names.items()):
             control = {k: saved.params[k] for k in names}
-    res = connect(model, a, b, data, cfg, control)
-    if control is None:
-        run_a.save_checkpoint(ctl, res.control, {}, {"key": key})
+    # trained control points are saved before the evaluation: a killed command resumes there
+    res = connect(model, a, b, data, cfg, control,
+                  on_control=lambda c: run_a.save_checkpoint(ctl, c, {}, {"key": key}))
     path = run_a.write_result(rel, key, {**res.to_dict(), "pairs": pairs})
     return ConnectRun(res, pairs, path)
 
