@@ -3,28 +3,25 @@
 Between two minima ``a`` and ``b`` of one architecture:
 
 - the **line** ``theta(t) = (1 - t) a + t b``;
-- a quadratic **Bezier curve** (Garipov et al. 2018, "Loss Surfaces, Mode
-  Connectivity, and Fast Ensembling of DNNs")
-  ``theta(t) = (1 - t)^2 a + 2 t (1 - t) c + t^2 b`` whose control point ``c``
-  is trained to minimise ``E_{t ~ U[0, 1]} L(theta(t))`` (one ``t`` per curve
-  and step), starting from the midpoint ``c = (a + b) / 2``, where the curve is
-  the line. Endpoints are exact: ``theta(0) = a``, ``theta(1) = b`` bit for bit.
+- a quadratic **Bezier curve** (Garipov et al. 2018, "Loss Surfaces, Mode Connectivity,
+  and Fast Ensembling of DNNs") ``theta(t) = (1 - t)^2 a + 2 t (1 - t) c + t^2 b`` whose
+  control point ``c`` is trained to minimise ``E_{t ~ U[0, 1]} L(theta(t))`` (one ``t``
+  per curve and step), starting from the midpoint ``c = (a + b) / 2``, where the curve
+  is the line. Endpoints are exact: ``theta(0) = a``, ``theta(1) = b`` bit for bit.
 
-Many pairs are one stack: the control points of P curves are trained together
-(P members, :func:`minefield.step.train_step` with :func:`curve_objective`), and
-the points of the curves are evaluated by stacked forwards (:func:`evaluate_curves`:
-all T points of a curve in one forward; with ``isolate=False`` all ``P x T``
-points per chunk of memory). A curve does not depend on its stack: its ``t``
-samples come from its own generator, seeded by the training seed and the pair's
-endpoint values (:func:`pair_seed`), and with ``isolate`` (the default) each
-curve is trained and evaluated on kernels shaped for one model (as
-:func:`minefield.step.isolated`), so a pair trained in a stack of P gives the
-same numbers, bit for bit, as the pair trained alone (tested).
+Many pairs are one stack: the control points of P curves are trained together (P members,
+:func:`minefield.step.train_step` with :func:`curve_objective`), and the points of the
+curves are evaluated by stacked forwards (:func:`evaluate_curves`: all T points of a curve
+in one forward; with ``isolate=False`` all ``P x T`` points per chunk of memory). A curve
+does not depend on its stack: its ``t`` samples come from its own generator, seeded by the
+training seed and the pair's endpoint values (:func:`pair_seed`), and with ``isolate`` (the
+default) each curve is trained and evaluated on kernels shaped for one model (as
+:func:`minefield.step.isolated`), so a pair trained in a stack of P gives the same
+numbers, bit for bit, as the pair trained alone (tested).
 
-Models with BatchNorm get statistics recomputed at every point of the curve
-(Garipov et al.): one train-mode pass over the training inputs with fresh
-running statistics (their exact mean and unbiased variance on the training
-inputs), then evaluation in eval mode with them.
+Models with BatchNorm get statistics recomputed at every point of the curve (Garipov et
+al.): one train-mode pass over the training inputs with fresh running statistics (their
+exact mean and unbiased variance on the training inputs), then evaluation in eval mode.
 
 The **barrier** of a path (Entezari et al. 2022; Frankle et al. 2020 subtract the endpoints'
 mean) is its largest excess over the straight interpolation of the endpoint values:
@@ -83,11 +80,12 @@ CURVE_TRAIN = TrainConfig(optimizer=Optimizer.ADAM, lr=0.01, steps=1000, log_eve
 @dataclass(frozen=True)
 class ConnectConfig(_Config):
     """How two minima are connected: ``n_points`` values of ``t`` in [0, 1] (both ends
-    included) to evaluate, and ``train``, the training of the control points
-    (its ``seed``, with each pair's endpoints, draws the ``t`` of each step; alone,
-    the minibatches). ``isolate``: each curve on kernels shaped for one model, so
-    its numbers do not depend on the other curves of the stack (``False``: one
-    batched pass for all curves, faster on many cores, equal up to rounding)."""
+    included) to evaluate, and ``train``, the training of the control points (its
+    ``seed``, with each pair's endpoints, draws the ``t`` of each step; alone, the
+    minibatches; no SAM, ``fit_first`` or poison). ``isolate``: each curve on kernels
+    shaped for one model, so its numbers do not depend on the other curves of the stack
+    (``False``: one batched pass for all curves, faster on many cores, equal up to
+    rounding)."""
 
     n_points: int = 41
     train: TrainConfig = field(default_factory=lambda: CURVE_TRAIN)
@@ -103,6 +101,11 @@ class ConnectConfig(_Config):
             raise ConfigError(f"connect.n_points (--points): at most 10000, got {self.n_points}")
         if not self.memory_mb > 0:
             raise ConfigError(f"connect.memory_mb must be > 0, got {self.memory_mb}")
+        t = self.train  # a curve trains on the plain loss of all training points
+        off = [k for k in ("fit_first", "poison_batch_size") if getattr(t, k) is not None]
+        off += ["sam"] * (t.sam != "none")  # (rho and sam_m need sam: TrainConfig)
+        if off:
+            raise ConfigError(f"connect.train: {', '.join(off)} do not apply to curve training")
 
     def ts(self) -> torch.Tensor:
         return torch.linspace(0, 1, self.n_points, dtype=torch.float64)
@@ -200,21 +203,20 @@ def fit_curves(model: nn.Module, a: Params, b: Params, data: Dataset,
         TrainingDiverged: a curve's loss became NaN or infinite (its values would be NaN).
     """
     p = n_members(a)
-    dev, dtype = next(iter(a.values())).device, next(iter(a.values())).dtype
+    w = next(iter(a.values()))
+    dev, kw = w.device, {"dtype": w.dtype, "device": w.device}  # the parameters' precision
     c = {k: ((a[k] + b[k]) / 2).detach().clone().requires_grad_(True) for k in a}
     opt = make_optimizer(cfg, list(c.values()))
     t = torch.zeros(p, dtype=torch.float64, device=dev)
     gens = [torch.Generator().manual_seed(pair_seed(one(a, i), one(b, i), cfg.seed))
             for i in range(p)]
-    hyper = Hyper(beta=torch.zeros(p, dtype=dtype, device=dev),  # in the parameters' precision
-                  l2=torch.full((p,), cfg.l2, dtype=dtype, device=dev) if cfg.l2 > 0 else None,
-                  clip_norm=cfg.clip_norm, isolated=isolate)
+    hyper = Hyper(beta=torch.zeros(p, **kw), l2=torch.full((p,), cfg.l2, **kw)
+                  if cfg.l2 > 0 else None, clip_norm=cfg.clip_norm, isolated=isolate)
     buffers = buffers_like(model, p, dev) if _has_bn(model) else {}
     objective = curve_objective(a, b, t, isolate)
     n_t = len(data.y_train)
-    threads = torch.get_num_threads()
-    mode = bn_mode(model, True)  # BatchNorm on batch statistics, dropout off
-    mode.__enter__()
+    threads, mode = torch.get_num_threads(), bn_mode(model, True)  # BN on batch statistics
+    mode.__enter__()  # (dropout off)
     if isolate:  # one model's small kernels gain nothing from threads (as fit does)
         torch.set_num_threads(1)
     ok = torch.ones(p, dtype=torch.bool, device=dev)  # checked once at the end: no syncs
@@ -241,8 +243,7 @@ def fit_curves(model: nn.Module, a: Params, b: Params, data: Dataset,
 @torch.no_grad()
 def _point_stats(model: nn.Module, points: Params, x: torch.Tensor) -> Params:
     """Fresh BatchNorm statistics of every point: one train-mode pass over ``x``."""
-    m = n_members(points)
-    bufs = buffers_like(model, m, x.device)
+    bufs = buffers_like(model, n_members(points), x.device)
     mods = [mo for mo in model.modules() if isinstance(mo, nn.modules.batchnorm._BatchNorm)]
     saved = [mod.momentum for mod in mods]
     try:
@@ -266,9 +267,8 @@ def evaluate_curves(model: nn.Module, a: Params, c: Params, b: Params, ts: torch
     ``ts`` ``(T,)``. Points go through one stacked forward per chunk of about
     ``memory_mb`` of activations. With BatchNorm, each point's statistics are
     recomputed on ``x_stats`` (the training inputs; required then).
-    ``isolate``: one curve at a time, in fresh storage (its numbers are then the
-    same in any stack).
-    """
+    ``isolate``: one curve at a time, in fresh storage (its numbers are then the same in
+    any stack)."""
     p, k = n_members(a), len(ts)
     if isolate:
         rows = [evaluate_curves(model, alone(a, i), alone(c, i), alone(b, i), ts, x, y,

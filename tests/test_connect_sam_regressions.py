@@ -109,3 +109,15 @@ def test_asam_eta_must_be_finite():
         sam_update("asam", eta=float("inf"))
     with pytest.raises(ConfigError, match="asam_eta must be >= 0 and finite"):
         sam_update("asam", eta=float("nan"))
+
+
+@pytest.mark.parametrize("field,values", [("sam", {"sam": "sam", "rho": 0.1}),
+                                          ("sam", {"sam": "asam", "rho": 0.5, "sam_m": 8}),
+                                          ("fit_first", {"fit_first": 10}),
+                                          ("poison_batch_size", {"poison_batch_size": 4})])
+def test_curve_training_refuses_settings_it_would_ignore(field, values):
+    """ConnectConfig.train took SAM, fit_first and poison_batch_size, and fit_curves
+    trained the plain loss on every training point without saying so."""
+    with pytest.raises(ConfigError, match=f"connect.train: .*{field}.* do not apply"):
+        ConnectConfig(train=CURVE_TRAIN.replace(**values))
+    ConnectConfig(train=CURVE_TRAIN.replace(lr=0.02))  # what it uses is accepted
