@@ -115,6 +115,9 @@ class SharpnessConfig(_Config):
                               f"{', '.join(MEASURES)}")
         if not self.measures:
             raise ConfigError("no measures asked for")
+        twice = [m for i, m in enumerate(self.measures) if m in self.measures[:i]]
+        if twice:  # scored (and drawn) twice in a study
+            raise ConfigError(f"measure {twice[0]} is given twice")
         for k in ("steps", "restarts", "m", "trace_rank", "n_samples", "max_probes", "seed"):
             v = getattr(self, k)  # 2.5 had failed deep inside torch
             if not isinstance(v, numbers.Integral) or isinstance(v, bool) or not 0 <= v < 2**63:

@@ -23,7 +23,8 @@ looks only at the *signs* of differences between pairs of models.
   S = {h1, h2}, the pairs are split into cells by ``(h1_i, h1_j, h2_i, h2_j)``;
   the score of S is ``mean_cells I(V_mu; V_g) / mean_cells H(V_g)`` (bits), and
   the measure's score the minimum over S. It needs a complete grid of at least
-  three hyper-parameters (conditioning on two leaves a third free); sets S that
+  three hyper-parameters with two or more values each (conditioning on two leaves a
+  third free; a field with one value is no hyper-parameter); sets S that
   fix the gap's sign in every cell (``mean H = 0``) say nothing and are skipped.
   Pairs (i, i) count too, so the score depends on the measure's orientation:
   it expects a measure that *grows* with the gap (a complexity), and
@@ -146,7 +147,9 @@ def cmi_score(gap: Sequence[float], measure: Sequence[float],
               design: Sequence[Mapping[str, Any]], hparams: Sequence[str]) -> float:
     """The PGDL conditional-mutual-information score (see the module docstring).
 
-    NaN when the grid does not allow it: fewer than three ``hparams``, a NaN in
+    ``hparams`` that take one value in ``design`` are left out (they condition on
+    nothing). NaN when the grid does not allow it: fewer than three ``hparams`` with two
+    or more values, a NaN in
     ``gap`` or ``measure``, a grid that is not complete with each combination once,
     or every conditioning set fixing the gap's sign.
 
@@ -156,16 +159,20 @@ def cmi_score(gap: Sequence[float], measure: Sequence[float],
     if len(design) != len(gap) or len(measure) != len(gap):
         raise ValueError(f"{len(design)} design rows, {len(gap)} gaps, {len(measure)} measures")
     g, mu = np.asarray(gap, dtype=float), np.asarray(measure, dtype=float)
-    if len(hparams) < 3 or np.isnan(g).any() or np.isnan(mu).any():
+    if np.isnan(g).any() or np.isnan(mu).any():
         return float("nan")
     keys = [tuple(_key(d.get(h)) for h in hparams) for d in design]
-    n_cells = math.prod(len({k[j] for k in keys}) for j in range(len(hparams)))
-    if len(set(keys)) != len(keys) or len(keys) != n_cells:
+    # a field with one value conditions on nothing: it is no hyper-parameter of the grid
+    # (counted, it made two varied fields a score, and lowered that of three)
+    varied = [j for j in range(len(hparams)) if len({k[j] for k in keys}) > 1]
+    keys = [tuple(k[j] for j in varied) for k in keys]
+    n_cells = math.prod(len({k[j] for k in keys}) for j in range(len(varied)))
+    if len(varied) < 3 or len(set(keys)) != len(keys) or len(keys) != n_cells:
         return float("nan")
     vg = (g[:, None] > g[None, :]).astype(int)  # (n, n): V_g of the ordered pair (i, j)
     vm = (mu[:, None] > mu[None, :]).astype(int)
     best = float("nan")
-    for a, b in itertools.combinations(range(len(hparams)), 2):
+    for a, b in itertools.combinations(range(len(varied)), 2):
         cells: dict[tuple, np.ndarray] = defaultdict(lambda: np.zeros((2, 2)))
         for i, j in itertools.product(range(len(g)), repeat=2):
             cells[(keys[i][a], keys[j][a], keys[i][b], keys[j][b])][vg[i, j], vm[i, j]] += 1
@@ -197,7 +204,7 @@ def score_measures(rows: Sequence[Mapping[str, Any]], measures: Sequence[str],
     for m in measures:
         mu = [float(r[m]) if r.get(m) is not None else float("nan") for r in rows]
         psi, per_axis = granulated_tau(gap, mu, des, axes)
-        out.append({"measure": m, "n": int((~np.isnan(np.array(mu) + np.array(gap))).sum()),
+        out.append({"measure": m, "n": int((~np.isnan(mu) & ~np.isnan(gap)).sum()),
                     "kendall_tau": kendall_tau(gap, mu), "granulated_tau": psi,
                     **{f"psi_{a}": v for a, v in per_axis.items()},
                     "cmi": cmi_score(gap, [-v for v in mu] if m in flatness else mu, des,

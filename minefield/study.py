@@ -346,7 +346,9 @@ def plan_study(base: ExperimentConfig, study: StudyConfig,
         if len(steps) > 1:
             every = math.gcd(*steps)
             if steps[-1] // every > MAX_CHECKPOINTS:
-                raise ConfigError(f"study: the steps {steps} need a checkpoint every {every} "
+                shown = steps if len(steps) <= 6 else [*steps[:3], "...", *steps[-2:]]
+                raise ConfigError(f"study: the {len(steps)} steps [{', '.join(map(str, shown))}]"
+                                  f" need a checkpoint every {every} "
                                   f"steps ({steps[-1] // every} checkpoints, more than "
                                   f"{MAX_CHECKPOINTS}); use steps with a larger common divisor")
             train = train.replace(checkpoint_every=every)

@@ -273,3 +273,24 @@ def test_a_forced_sweep_keeps_its_table_until_the_new_one_replaces_it(tmp_path, 
     assert forced.rows == fresh.rows
     traj = sorted((tmp_path / "sw" / "trajectory").iterdir())
     assert traj and all(files[p] == p.read_bytes() for p in traj)  # not retrained
+
+
+def test_a_measure_named_twice_is_refused():
+    """``--measures lambda_max,lambda_max`` scored lambda_max twice in a study (two rows of
+    scores.csv, its figure written twice); every list of values refuses a repeat."""
+    with pytest.raises(ConfigError, match="lambda_max is given twice"):
+        SharpnessConfig(measures=("lambda_max", "trace", "lambda_max"))
+
+
+def test_a_forced_sweep_over_other_betas_retrains(tmp_path):
+    """Other betas (or seeds) of the same count keep config.json as it is: --force had
+    taken them for the same models, kept the trained run and refused to resume it
+    ('trained with other per-member betas or seeds ... or use --force')."""
+    cfg = tiny_config("sw", steps=10).replace(data=tiny_config().data.replace(n_poison=40))
+    vol = SweepConfig().volume.replace(n_directions=2, n_bootstrap=10)
+    sweep_run(cfg, SweepConfig(betas=(0.0, 0.3), seeds=(0,), volume=vol), tmp_path,
+              progress=False)
+    other = SweepConfig(betas=(0.0, 0.2), seeds=(0,), volume=vol)
+    forced = sweep_run(cfg, other, tmp_path, progress=False, force=True)
+    fresh = sweep_run(cfg.replace(name="fresh"), other, tmp_path, progress=False)
+    assert [r["beta"] for r in forced.rows] == [0.0, 0.2] and forced.rows == fresh.rows

@@ -150,3 +150,33 @@ def test_score_measures_one_row_per_measure_and_flatness_negated_for_cmi():
     assert out[1]["granulated_tau"] == pytest.approx(-out[0]["granulated_tau"])
     assert out[0]["cmi"] == out[1]["cmi"] == pytest.approx(0.363300, abs=1e-6)
     assert out[0]["n"] == 8
+
+
+def test_cmi_score_leaves_out_a_hyper_parameter_with_one_value():
+    """A design field with one value (``--vary train.seed=0`` beside lr and batch size)
+    conditions on nothing: it had counted as the third hyper-parameter (0.63 where two
+    varied fields are NaN) and, beside three varied ones, lowered the score (0.442 for
+    0.543) through the sets that paired it with one real hyper-parameter."""
+    rng = np.random.default_rng(0)
+    two = [{"lr": a, "bs": b} for a in range(3) for b in range(3)]
+    g = rng.random(9)
+    mu = g + 0.3 * rng.random(9)
+    assert math.isnan(cmi_score(g, mu, two, ("lr", "bs")))
+    assert math.isnan(cmi_score(g, mu, [{**d, "seed": 0} for d in two], ("lr", "bs", "seed")))
+    three = [{"lr": a, "bs": b, "w": c} for a in range(3) for b in range(2) for c in range(2)]
+    g = rng.random(12)
+    mu = g + 0.5 * rng.random(12)
+    want = cmi_score(g, mu, three, ("lr", "bs", "w"))
+    assert math.isfinite(want)
+    got = cmi_score(g, mu, [{**d, "seed": 0} for d in three], ("lr", "bs", "w", "seed"))
+    assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_n_counts_the_models_the_scores_use():
+    """An infinite target beside an infinite measure (loss_gap inf, log10 V -inf) is a
+    model the taus use; n had summed the two columns and counted inf - inf = NaN out."""
+    inf = math.inf
+    rows = [{"loss_gap": inf, "v": -inf, "lr": 0}, {"loss_gap": 1.0, "v": -1.0, "lr": 1},
+            {"loss_gap": 2.0, "v": -2.0, "lr": 2}]
+    (row,) = score_measures(rows, ["v"], ["lr"], target="loss_gap")
+    assert row["kendall_tau"] == -1.0 and row["n"] == 3

@@ -542,3 +542,10 @@ def test_cli_study_over_steps_with_a_diverged_model_draws_its_figures(tmp_path):
                "--figures", str(fig))
     assert res.exit_code == 0, res.output
     assert "diverged" in res.output and any(fig.rglob("trajectory.png"))
+
+
+def test_too_many_checkpoints_is_one_short_line():
+    """The refusal had listed every step: 0:20000:1 made a 120 kB 'one line'."""
+    with pytest.raises(ConfigError, match="20000 checkpoints") as e:
+        plan_study(tiny_config("s"), study(grid={"train.steps": list(range(20001))}))
+    assert len(str(e.value)) < 300

@@ -108,7 +108,7 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
         run = Run.open(Path(root) / base.name).lock()
         # the same models (else run_stack refuses, or with force retrains them), then the
         # same measurements (else refused here)
-        same = run.config == json.loads(json.dumps(spec.config.to_dict()))
+        same = _same_models(run, spec)
         if same and run.resume(SWEEP_FILE, key, force):
             return load_sweep(run)
     # force with the same models replaces models.json and sweep.json only when they are
@@ -135,6 +135,19 @@ def sweep_run(base: ExperimentConfig, sweep: SweepConfig = SweepConfig(),
     run.write_csv("sweep.csv", rows)
     run.write_result(SWEEP_FILE, key, {**out.to_dict(), "basins": [b.to_dict() for b in basins]})
     return out
+
+
+def _same_models(run: Run, spec: StackSpec) -> bool:
+    """Whether ``run`` holds ``spec``'s trained models: its config (data, architecture,
+    optimiser) and every member's beta and seed, which config.json does not hold (other
+    betas of the same count had passed for the same models: --force then kept the run and
+    refused to resume it)."""
+    if (run.config != json.loads(json.dumps(spec.config.to_dict()))
+            or not run.exists(MODELS_FILE)):
+        return False
+    with reading(run.file(MODELS_FILE)):
+        members = run.read_json(MODELS_FILE)["key"]["members"]
+    return members == json.loads(json.dumps([dict(m) for m in spec.members]))
 
 
 def _all_finite(diverged_at: list[int | None] | None, grid: list[tuple[float, int]]) -> None:
