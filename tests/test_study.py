@@ -549,3 +549,16 @@ def test_too_many_checkpoints_is_one_short_line():
     with pytest.raises(ConfigError, match="20000 checkpoints") as e:
         plan_study(tiny_config("s"), study(grid={"train.steps": list(range(20001))}))
     assert len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize("text,want", [
+    ("train.lr=0.01,0.1", ("train.lr", [0.01, 0.1])),
+    ("model.widths=[16,16],[8]", ("model.widths", [[16, 16], [8]])),
+    ('data.path="a,b",blobs', ("data.path", ["a,b", "blobs"])),  # a comma in a JSON string
+    ('data.path="q\\",x",z', ("data.path", ['q",x', "z"])),  # an escaped quote inside it
+    ("train.steps=0:4:2", ("train.steps", [0, 2, 4])),
+])
+def test_vary_splits_values_at_top_level_commas_only(text, want):
+    from minefield.cli.study import parse_vary
+
+    assert parse_vary(text) == want

@@ -32,9 +32,15 @@ from .train import config_from_options, experiment_options
 
 
 def _split_top(text: str) -> list[str]:
-    """``"1,[2,3],4"`` -> ``["1", "[2,3]", "4"]``: commas inside brackets stay."""
-    out, depth, cur = [], 0, ""
+    """``"1,[2,3],4"`` -> ``["1", "[2,3]", "4"]``: commas inside brackets and inside JSON
+    strings (``"a,b"``, with ``\\"`` escapes) stay."""
+    out, depth, cur, quoted, escaped = [], 0, "", False, False
     for c in text:
+        if quoted:
+            quoted, escaped = escaped or c != '"', c == "\\" and not escaped
+            cur += c
+            continue
+        quoted = c == '"'
         depth += c in "[{"
         depth -= c in "]}"
         if c == "," and depth == 0:
