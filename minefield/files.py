@@ -97,24 +97,24 @@ def atomic_write(path: Path, data: bytes) -> None:
     path = Path(path)
     new_dirs = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except BaseException:
-        for d in new_dirs:  # a failed write leaves no empty folders behind
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        raise
-    try:
-        # mkstemp makes 0600 files; results are meant to be shared as the umask says
-        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
+            # mkstemp makes 0600 files; results are meant to be shared as the umask says
+            os.fchmod(fd, 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        # a failed write leaves no empty folders behind (a full disk at fsync had left
+        # ``search/`` without its config.json: 'missing file' on every rerun)
+        for d in new_dirs:
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
 
 

@@ -35,6 +35,7 @@ import fcntl
 import functools
 import json
 import os
+import stat
 import sys
 import threading
 import time
@@ -107,6 +108,24 @@ def _command() -> str:
     return " ".join(argv)[:500]
 
 
+def _open_lock(path: Path):
+    """The run's lock file, opened without following a symbolic link: ``.lock`` in a
+    copied or unpacked run pointing at another file had that file truncated and
+    overwritten by every writer (a dangling link created its target)."""
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError:
+        if (path / LOCK_FILE).is_symlink():
+            raise RunError(f"run {path.name}: its lock file {path / LOCK_FILE} is a symbolic "
+                           "link; remove it") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunError(f"run {path.name}: its lock file {path / LOCK_FILE} is not a regular "
+                       "file; remove it")
+    return os.fdopen(fd, "r+")
+
+
 def acquire(path: Path | str) -> None:
     """Take the write lock of run directory ``path`` (created if missing), or raise.
 
@@ -120,7 +139,7 @@ def acquire(path: Path | str) -> None:
             _held[key][1] += 1
         else:
             path.mkdir(parents=True, exist_ok=True)
-            f = open(path / LOCK_FILE, "a+")  # noqa: SIM115 - held until released
+            f = _open_lock(path)
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -246,6 +246,8 @@ class Run:
         """
         path = self.file(rel)
         folder = path.suffix not in (".json", ".safetensors")
+        if folder and path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()  # left empty by a write killed before its key was in place
         if path.exists():
             if force and not folder:
                 return False

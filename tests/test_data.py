@@ -272,3 +272,27 @@ def test_a_dataset_refuses_labels_outside_its_classes_and_unpaired_splits():
     with pytest.raises(ValueError, match="train labels must be integers"):
         Dataset("d", x, y.float(), x, y, x, y, 2)
     assert Dataset("d", x, y, x, y, x[:0], y[:0], 2).to("cpu").n_classes == 2
+
+
+@pytest.mark.parametrize("key", [b"data", b"labels"])
+def test_a_cifar_batch_of_shared_nested_lists_is_refused_before_it_is_built(tmp_path, key):
+    """The pickle memo shares items: 3 KB of nested lists are 8 million numbers (64 MB as
+    an array, 8 GB at 1000 per level); refused without building them."""
+    import tracemalloc
+
+    root = tmp_path / "cifar-10-batches-py"
+    _write_cifar(root)
+    v = 1
+    for _ in range(3):
+        v = [v] * 200
+    d = {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], key: v}
+    (root / "data_batch_1").write_bytes(pickle.dumps(d, protocol=2))
+    assert (root / "data_batch_1").stat().st_size < 5000
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="data_batch_1 is not a CIFAR-10 python batch"):
+            load_dataset(DataConfig("cifar10", data_dir=str(tmp_path)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20

@@ -130,3 +130,91 @@ def test_a_run_refuses_data_files_other_than_those_it_was_trained_on(tmp_path):
     out = CliRunner().invoke(main, ["--root", str(root), "evaluate", "c"])
     assert out.exit_code == 1 and "are not those run c was trained on" in out.output
     assert files() == before
+
+
+def test_a_split_sweep_records_its_data_files_and_refuses_them_changed(tmp_path):
+    """A sweep split into tasks wrote no data.json: killed after one task and rerun on
+    changed files, it merged a model trained on the old images with one trained on the
+    new, silently, and later commands on it were never checked."""
+    import shutil
+
+    from minefield import SweepConfig, VolumeConfig, sweep_run
+    from minefield.config import DataConfig, ModelConfig, TrainConfig
+    from minefield.runs import RunError
+    from minefield.stages.train import load_run_model
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _cifar(data, np.random.RandomState(0))
+    cfg = ExperimentConfig(name="sw", data=DataConfig("cifar10", data_dir=str(data),
+                                                      n_poison=10),
+                           model=ModelConfig(widths=(4,)),
+                           train=TrainConfig(steps=4, isolate=True), device="cpu")
+    sc = SweepConfig(betas=(0.0,), seeds=(0, 1), volume=VolumeConfig(n_directions=2))
+    root = tmp_path / "runs"
+    sweep_run(cfg, sc, root, progress=False, models_per_task=1)
+    assert (root / "sw" / "data.json").exists()
+    # killed after its first task: one task result kept, no sweep.json
+    sorted((root / "sw" / "tasks").glob("*.safetensors"))[-1].unlink()
+    (root / "sw" / "sweep.json").unlink()
+    shutil.rmtree(data / "cifar-10-batches-py")
+    _cifar(data, np.random.RandomState(1))  # other images at the same path
+    with pytest.raises(RunError, match="are not those run sw was trained on"):
+        sweep_run(cfg, sc, root, progress=False, models_per_task=1)
+    assert not (root / "sw" / "sweep.json").exists()
+    with pytest.raises(RunError, match="are not those run sw was trained on"):
+        load_run_model(Run.open_named("sw", root))
+
+
+def test_tasks_refuse_data_files_changed_after_the_command_checked_them(tmp_path):
+    """Each task (basin blocks, landscape rows, search stacks) reads the data again,
+    where it runs: files replaced after the first task (or another Ray node's copy)
+    gave the remaining blocks other images, merged into one result silently."""
+    import shutil
+
+    from minefield import VolumeConfig, basin_run
+    from minefield.config import DataConfig, ModelConfig, TrainConfig
+    from minefield.executor import LocalExecutor, TaskFailed
+    from minefield.stages import train_run
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _cifar(data, np.random.RandomState(0))
+    cfg = ExperimentConfig(name="c", data=DataConfig("cifar10", data_dir=str(data), n_poison=10),
+                           model=ModelConfig(widths=(4,)), train=TrainConfig(steps=4),
+                           device="cpu")
+    root = tmp_path / "runs"
+    train_run(cfg, root, progress=False)
+
+    class Swapping(LocalExecutor):  # the files change once the first task is done
+        def map(self, fn, specs, on_result=None):
+            def swap_after(i, out):
+                if i == 0:
+                    shutil.rmtree(data / "cifar-10-batches-py")
+                    _cifar(data, np.random.RandomState(1))
+                if on_result:
+                    on_result(i, out)
+            return super().map(fn, specs, swap_after)
+
+    with pytest.raises(TaskFailed, match="changed while the command ran"):
+        basin_run(Run.open_named("c", root), VolumeConfig(n_directions=3), root=root,
+                  n_rollouts=0, executor=Swapping(), directions_per_task=1)
+    assert not (root / "c" / "basin" / "default.json").exists()
+
+
+def test_a_hand_edited_data_record_is_one_line(tmp_path):
+    """data.json holding a list: 'unexpected error AttributeError ... (this is a bug)'."""
+    from minefield.config import DataConfig, ModelConfig, TrainConfig
+    from minefield.stages import train_run
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _cifar(data, np.random.RandomState(0))
+    cfg = ExperimentConfig(name="c", data=DataConfig("cifar10", data_dir=str(data), n_poison=10),
+                           model=ModelConfig(widths=(4,)), train=TrainConfig(steps=2),
+                           device="cpu")
+    root = tmp_path / "runs"
+    train_run(cfg, root, progress=False)
+    (root / "c" / "data.json").write_text("[]\n")
+    out = CliRunner().invoke(main, ["--root", str(root), "evaluate", "c"])
+    assert out.exit_code == 1 and "data.json is corrupt" in out.output, out.output

@@ -164,3 +164,48 @@ def test_a_renamed_run_reuses_its_own_results(tmp_path):
         res = run("b", c)
         assert res.exit_code == 0, res.output
         assert "reusing" in res.output or c[0] == "sharpness", res.output
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_a_lock_file_that_is_a_link_is_refused_not_written_through(tmp_path, dangling):
+    # a copied or unpacked run whose .lock points elsewhere: writing the run had
+    # truncated (on release) or created that file
+    from minefield import lock
+
+    other = tmp_path / "precious.txt"
+    if not dangling:
+        other.write_text("the user's file\n")
+    Run.create("a", {"x": 1}, tmp_path / "runs")
+    lock.release(tmp_path / "runs" / "a")
+    (tmp_path / "runs" / "a" / ".lock").unlink()
+    (tmp_path / "runs" / "a" / ".lock").symlink_to(other)
+    with pytest.raises(RunError, match="lock file .* is a symbolic link"):
+        Run.create("a", {"x": 1}, tmp_path / "runs")
+    assert not lock.is_held(tmp_path / "runs" / "a")
+    assert other.exists() != dangling
+    if not dangling:
+        assert other.read_text() == "the user's file\n"
+
+
+def test_a_folder_result_whose_key_write_failed_is_not_missing_on_the_rerun(tmp_path,
+                                                                            monkeypatch):
+    # "no space left ... run the same command again" was followed, after freeing space,
+    # by "missing file: .../search/config.json" (the empty folder stayed behind)
+    import errno
+
+    from minefield import files
+
+    run = Run.create("a", {"x": 1}, tmp_path)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        run.resume("search", {"k": 1})
+    monkeypatch.undo()
+    assert not run.exists("search")
+    assert run.resume("search", {"k": 1}) is False  # nothing there: start it
+    assert run.resume("search", {"k": 1}) is True
+    (run.path / "basin" / "t.tasks").mkdir(parents=True)  # a kill at the same point
+    assert run.resume("basin/t.tasks", {"k": 2}) is False

@@ -31,7 +31,6 @@ from ..basin import (
     rollouts,
 )
 from ..config import ConfigError, ExperimentConfig
-from ..data import load_dataset
 from ..evaluate import resolve_device
 from ..executor import Executor, TaskStore, run_tasks
 from ..functional import n_members, one
@@ -46,7 +45,7 @@ from ..netvolume import (
 )
 from ..options import CurvatureKind, Estimator
 from ..runs import DEFAULT_ROOT, Run, RunError, load_tensors, reading
-from .train import load_run_model, run_config
+from .train import load_run_model, recorded_digest, run_config, task_data
 
 __all__ = ["BasinRun", "basin_run", "load_basin", "check_tag"]
 
@@ -188,6 +187,7 @@ def _basin_tasks(run: Run, tag: str, cfg: VolumeConfig, key: dict, checkpoint: s
                                  f"-b{block:04d}" if chains else "")
             specs[tid] = {"experiment": exp, "params": one(params, i),
                           "buffers": one(buffers or None, i), "volume": cfg,
+                          "data_digest": recorded_digest(run, exp),
                           "block": block if naive else None,
                           "mcmc_block": block if chains else None,
                           "rollouts": n_rollouts if j == 0 else 0, "device": str(device),
@@ -223,7 +223,7 @@ def basin_task(spec: dict) -> dict:
     one member (the others), plus its rollouts when asked for."""
     dev = resolve_device(spec["device"])
     exp: ExperimentConfig = spec["experiment"]
-    data = load_dataset(exp.data)
+    data = task_data(exp, spec.get("data_digest"))
     model = build_model(exp.model, data.input_shape, data.n_classes)
     data = data.to(dev)
     params = {k: v.to(dev) for k, v in spec["params"].items()}

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, ExperimentConfig
-from ..data import load_dataset
 from ..directions import random_directions
 from ..evaluate import resolve_device
 from ..executor import Executor
@@ -36,7 +35,7 @@ from ..models import build_model
 from ..runs import DEFAULT_ROOT, Run, RunError, load_tensors, reading, save_tensors
 from .basin import check_tag
 from .connect import check_endpoints
-from .train import load_run_model, run_config
+from .train import load_run_model, recorded_digest, run_config, task_data
 
 __all__ = ["landscape_run", "load_landscape"]
 
@@ -63,7 +62,7 @@ def _surface_tasks(executor: Executor, run: Run, cfg: LandscapeConfig, centre, b
                                                                dirs.items()},
               "buffers": {k: v.cpu() for k, v in bufs.items()} if bufs else None,
               "xs": ts[rows], "ys": ts, "splits": cfg.splits, "memory_mb": memory_mb,
-              "device": device} for rows in blocks]
+              "device": device, "data_digest": recorded_digest(run, exp)} for rows in blocks]
 
     def keep(i: int, values: dict[str, torch.Tensor]) -> None:
         for k, v in values.items():
@@ -79,7 +78,7 @@ def surface_task(spec: dict) -> dict[str, torch.Tensor]:
     """Rows ``spec["xs"]`` of a surface (pure: nothing read from or written to a run)."""
     dev = resolve_device(spec["device"])
     exp = spec["experiment"]
-    data = load_dataset(exp.data)
+    data = task_data(exp, spec.get("data_digest"))
     model = build_model(exp.model, data.input_shape, data.n_classes)
     data = data.to(dev)
     to = {k: v.to(dev) for k, v in spec["centre"].items()}

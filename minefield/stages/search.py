@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..data import fresh_points, load_dataset
+from ..data import fresh_points
 from ..evaluate import resolve_device
 from ..executor import Executor, LocalExecutor
 from ..functional import Params, n_members, one, stack
@@ -37,7 +37,7 @@ from ..search import (
     search_minima,
     search_seed,
 )
-from .train import load_run_model, run_config
+from .train import load_run_model, recorded_digest, run_config, task_data
 
 __all__ = ["SEARCH_DIR", "SearchSummary", "search_run", "select_checkpoints"]
 
@@ -95,7 +95,7 @@ def search_task(spec: dict[str, Any]) -> dict[str, Any]:
     the minima ``(1, ...)`` of the starts ``spec["work"]``, seeds from their identity."""
     dev = resolve_device(spec["device"])
     exp, cfg = spec["experiment"], spec["search"]
-    data = load_dataset(exp.data)
+    data = task_data(exp, spec.get("data_digest"))
     model = build_model(exp.model, data.input_shape, data.n_classes)
     data = data.to(dev)
     starts = {k: v.to(dev) for k, v in spec["starts"].items()}
@@ -203,6 +203,7 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
     chunks = [listed[b:b + cap] for b in range(0, len(listed), cap)]
     todo_chunks = [c for c in chunks if not all(run.exists(rel(s, r)) for _, s, r in c)]
     specs = [{"experiment": run_cfg, "search": cfg, "device": str(device), "extra": extra,
+              "data_digest": recorded_digest(run, run_cfg),
               "final": {k: v.cpu() for k, v in final.items()}, "progress": progress,
               "starts": stack([loaded[p] for p, _, _ in chunk]),
               "work": [(p.name, s, r) for p, s, r in chunk]} for chunk in todo_chunks]

@@ -27,6 +27,7 @@ import torch
 
 from ..basin import BasinResult
 from ..config import ConfigError, ExperimentConfig
+from ..data import load_dataset
 from ..executor import Executor, LocalExecutor, TaskStore, run_tasks, torch_threads
 from ..lock import locking
 from ..runs import DEFAULT_ROOT, Run, reading
@@ -34,7 +35,7 @@ from ..study import StackSpec, StudyConfig, check_sharpness, plan_study
 from ..sweep import SweepConfig, SweepResult, spearman, sweep_rows
 from ..train import TrainingDiverged
 from .study import MODELS_FILE, measure_stack, run_stack
-from .train import train_run
+from .train import check_data_files, files_digest, train_run
 
 __all__ = ["SWEEP_FILE", "sweep_run", "load_sweep", "sweep_spec"]
 
@@ -142,9 +143,10 @@ def _same_models(run: Run, spec: StackSpec) -> bool:
     optimiser) and every member's beta and seed, which config.json does not hold (other
     betas of the same count had passed for the same models: --force then kept the run and
     refused to resume it)."""
-    if (run.config != json.loads(json.dumps(spec.config.to_dict()))
-            or not run.exists(MODELS_FILE)):
+    if run.config != json.loads(json.dumps(spec.config.to_dict())):
         return False
+    if not run.exists(MODELS_FILE):  # a split sweep: its tasks' models (sweep.json's key)
+        return True
     with reading(run.file(MODELS_FILE)):
         members = run.read_json(MODELS_FILE)["key"]["members"]
     return members == json.loads(json.dumps([dict(m) for m in spec.members]))
@@ -187,6 +189,10 @@ def _sweep_tasks(base: ExperimentConfig, sweep: SweepConfig, root: Path | str, f
     run = Run.create(cfg.name, cfg.to_dict(), root, force) if save else None
     if run is not None and run.resume(SWEEP_FILE, key, force):
         return load_sweep(run)
+    if run is not None and cfg.data.data_dir is not None:
+        # the files its tasks read, recorded as train_run does: tasks kept from before
+        # the files changed were merged with new ones, and later commands not checked
+        check_data_files(run, cfg, files_digest(cfg, load_dataset(cfg.data)), record=True)
     specs = {f"models{a:05d}-{min(a + per, len(grid)) - 1:05d}":
              {"base": base, "grid": grid[a:a + per], "sweep": sweep}
              for a in range(0, len(grid), per)}

@@ -27,12 +27,12 @@ from ..config import (
     PoisonObjective,
     TrainConfig,
 )
-from ..data import Dataset, load_dataset
+from ..data import DataError, Dataset, load_dataset
 from ..evaluate import evaluate_members, resolve_device
 from ..functional import Params
 from ..lock import locking
 from ..models import build_model
-from ..runs import DEFAULT_ROOT, Checkpoint, Run, RunError, load_tensors, save_tensors
+from ..runs import DEFAULT_ROOT, Checkpoint, Run, RunError, load_tensors, reading, save_tensors
 from ..train import FitResult, effective_beta, fit, fitted, init_stack, make_optimizer
 from ..validate import check_training_memory
 
@@ -105,7 +105,7 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
     """
     dev = resolve_device(cfg.device)
     data, model, betas = _build(cfg, betas)
-    files = _files_digest(cfg, data)
+    files = files_digest(cfg, data)
     data = data.to(dev)
     m = cfg.train.members
     l2s = [cfg.train.l2] * m if l2s is None else [float(v) for v in l2s]
@@ -302,7 +302,7 @@ def run_config(run: Run) -> ExperimentConfig:
     return ExperimentConfig.from_dict(cfg)
 
 
-def _files_digest(cfg: ExperimentConfig, data: Dataset) -> str | None:
+def files_digest(cfg: ExperimentConfig, data: Dataset) -> str | None:
     """The digest of data read from the user's files (``--data-dir``); None for data
     built in (made from the config alone)."""
     return None if cfg.data.data_dir is None else data.digest()
@@ -316,7 +316,7 @@ def check_data_files(run: Run, cfg: ExperimentConfig, digest: str | None,
     if digest is None:
         return
     if run.exists(DATA_FILE):
-        was = run.read_json(DATA_FILE).get("digest")
+        was = recorded_digest(run, cfg)
         if was != digest:
             raise RunError(f"the files under {cfg.data.data_dir} are not those run {run.name} "
                            f"was trained on (data digest {digest[:12]}, recorded "
@@ -325,12 +325,32 @@ def check_data_files(run: Run, cfg: ExperimentConfig, digest: str | None,
         run.write_json(DATA_FILE, {"digest": digest, "data_dir": cfg.data.data_dir})
 
 
+def recorded_digest(run: Run, cfg: ExperimentConfig) -> str | None:
+    """The data digest ``run`` recorded (``data.json``); None for data built in or a run
+    from before digests."""
+    if cfg.data.data_dir is None or not run.exists(DATA_FILE):
+        return None
+    d = run.read_json(DATA_FILE)
+    with reading(run.file(DATA_FILE)):  # hand-edited (a list, say): one line
+        return d.get("digest")
+
+
+def task_data(exp: ExperimentConfig, digest: str | None) -> Dataset:
+    """A task's data, read where it runs: DataError when those files are not the ones
+    the command checked (``digest``): replaced while it ran, or another node's copy."""
+    data = load_dataset(exp.data)
+    if digest is not None and files_digest(exp, data) != digest:
+        raise DataError(f"the files under {exp.data.data_dir} changed while the command "
+                        "ran, or this machine's copy differs from the run's data")
+    return data
+
+
 def load_run_model(run: Run, checkpoint: str | Path | None = None, device="cpu"):
     """``(model, params, buffers, data, cfg)`` of a run at its last (or a given) checkpoint;
     RunError when its data files changed since it was trained (:func:`check_data_files`)."""
     cfg = run_config(run)
     data = load_dataset(cfg.data)
-    check_data_files(run, cfg, _files_digest(cfg, data))
+    check_data_files(run, cfg, files_digest(cfg, data))
     model = build_model(cfg.model, data.input_shape, data.n_classes)
     traj = run.trajectory()
     if checkpoint is None:
