@@ -73,8 +73,9 @@ class TSNEMap:
     openTSNE's ``TSNE.fit`` returns a ``TSNEEmbedding`` whose ``transform`` places
     new points into the existing map: each new point is initialised at the median
     of its ``k = 25`` nearest reference points' positions, then optimised against
-    the fixed reference embedding alone (perplexity 5, 250 iterations,
-    openTSNE's defaults for adding points; Poličar et al. 2019). That object
+    the fixed reference embedding alone (perplexity 5, 250 iterations, openTSNE's
+    defaults for adding points; Poličar et al. 2019; the perplexity lowered to
+    ``(N - 1) / 3`` for a map of N < 16 points, as the fit's). That object
     holds a kNN index and is not safely serialisable, so this class keeps what
     rebuilds it: the PCA (``mean``, ``components``), the reduced points t-SNE saw
     (``reference``), their map coordinates and the perplexity and seed. It is
@@ -120,7 +121,8 @@ class TSNEMap:
 
         The map's own points do not move (openTSNE optimises only the new points;
         its in-place centring of the reference is undone here). Each new point is
-        placed independently of the other new points.
+        placed independently of the other new points. Perplexity 5, openTSNE's, or
+        ``(N - 1) / 3`` for a map of N < 16 points (as :func:`fit_map` lowers its own).
         """
         from openTSNE import TSNEEmbedding
         from openTSNE.affinity import PerplexityBasedNN
@@ -133,7 +135,10 @@ class TSNEMap:
                             n_jobs=1)
         # transform centres the reference in place: shift the new points back by as much
         shift = (emb.max(0) + emb.min(0)) / 2
-        new = np.asarray(emb.transform(z), dtype=np.float64) + shift
+        # openTSNE's perplexity 5 (15 neighbours), lowered as the fit's is for a small map:
+        # with fewer than 16 points every neighbour would weigh alike
+        perplexity = min(5.0, (len(ref) - 1) / 3)
+        new = np.asarray(emb.transform(z, perplexity=perplexity), dtype=np.float64) + shift
         return torch.from_numpy(new)
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -337,3 +337,15 @@ def test_a_redo_killed_between_its_two_files_leaves_a_map_to_add_to(tmp_path, ti
     assert torch.equal(load_map(run).coords, shown.coords)
     redone = embed_run(run, other, device="cpu", force=True)  # redoing after it works too
     assert redone.config == other and torch.equal(load_map(run).coords, redone.coords)
+
+
+def test_a_small_maps_own_points_added_again_land_on_themselves():
+    # regression: transform used openTSNE's perplexity 5 (15 neighbours) whatever the map's
+    # size, while the fit lowered its perplexity to (N - 1) / 3: in a map of under 16
+    # points every neighbour weighed alike, and a copy of an old point was placed near
+    # the map's middle (4.2 units from itself, beside another point, in a map of 5)
+    for n in (5, 6, 9):
+        x = torch.randn(n, 30, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+        tmap = fit_map(x, EmbedConfig(perplexity=30, n_iter=250, pca_dims=10))
+        z = tmap.transform(x)
+        assert torch.equal(torch.cdist(z, tmap.coords).argmin(1), torch.arange(n)), n

@@ -10,11 +10,19 @@ from minefield.config import DataConfig, ModelConfig
 from minefield.data import load_dataset
 from minefield.directions import DirectionSpec
 from minefield.engine import evaluate_points_loop
-from minefield.landscape import axis, line_direction, plane_directions, slice_1d, surface
+from minefield.evaluate import evaluate_members
+from minefield.landscape import (
+    LandscapeConfig,
+    axis,
+    line_direction,
+    plane_directions,
+    slice_1d,
+    surface,
+)
 from minefield.models import build_model, init_params
-from minefield.runs import Run, load_tensors
+from minefield.runs import Run, load_tensors, save_tensors
 from minefield.stacked import flatten, member, one, stack
-from minefield.stages import load_run_model, train_run
+from minefield.stages import landscape_run, load_run_model, train_run
 from tests.conftest import tiny_config
 
 
@@ -274,3 +282,43 @@ def test_an_empty_or_zero_length_line_is_refused(tmp_path):
     first = sorted((tmp_path / "a").glob("trajectory/step_*.safetensors"))[0].name
     r = CliRunner().invoke(main, [*base, "--other", "a", "--checkpoint", f"trajectory/{first}"])
     assert r.exit_code == 0, r.output  # an earlier checkpoint of the same run: a real line
+
+
+def test_a_line_measures_model_b_itself_at_t_1(tmp_path):
+    # regression: the line was a + t (b - a); in float32 a + 1 * (b - a) is not b (both
+    # the difference and the sum round), so t = 1 measured a model 1 ulp off b. Here a
+    # train point sits exactly on b's decision boundary (logit 0: class 0), and the
+    # rounded bias put it on the other side: the line's train accuracy at t = 1 was not b's.
+    runs = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        cfg = tiny_config(name, seed=seed, steps=20)
+        runs[name] = train_run(cfg.replace(model=cfg.model.replace(widths=())), tmp_path,
+                               progress=False).run
+    model, p, _, data, _ = load_run_model(runs["b"])
+    x0 = float(data.x_train[0, 0])
+    wb, bb = torch.tensor([[[1.0, 0.0]]]), torch.tensor([[-x0]])  # logit of point 0: 0
+    ba = next(c for c in torch.linspace(-3, 3, 601).tolist()  # a bias whose line rounds up
+              if float(torch.tensor([c]) + (bb[0] - torch.tensor([c]))) > float(bb))
+    for name, bias in (("a", torch.tensor([[ba]])), ("b", bb)):
+        path = runs[name].trajectory()[-1]
+        tensors, meta = load_tensors(path)
+        save_tensors(path, {**tensors, "param.0.weight": wb, "param.0.bias": bias}, meta)
+    _, pb, _, _, _ = load_run_model(runs["b"])
+    own = evaluate_members(model, pb, data)
+    s = landscape_run(runs["a"], LandscapeConfig(other="b", points=5), root=tmp_path,
+                      device="cpu")
+    for k in ("train_acc", "test_acc"):
+        assert s.values[k][s.ts == 1].item() == own[k][0].item(), k
+
+
+def test_a_surface_made_by_tasks_carries_the_same_config(tmp_path):
+    # regression: with an executor the returned surface's config was the LandscapeConfig
+    # alone, without the centre's fingerprint that the serial path (and the file) holds
+    from minefield.executor import make_executor
+
+    run = train_run(tiny_config("a"), tmp_path, progress=False).run
+    cfg = LandscapeConfig(dim=2, points=3)
+    serial = landscape_run(run, cfg, tag="serial", device="cpu")
+    tasks = landscape_run(run, cfg, tag="tasks", device="cpu", executor=make_executor("local"))
+    assert tasks.config == serial.config and "centre" in tasks.config
+    assert all(torch.equal(tasks.values[k], serial.values[k]) for k in serial.values)

@@ -25,7 +25,7 @@ from ..landscape import (
     Surface,
     check_finite,
     check_splits,
-    line_direction,
+    line_1d,
     plane_directions,
     slice_1d,
     surface,
@@ -46,14 +46,15 @@ def _path(run: Run, tag: str) -> Path:
 
 def _surface_tasks(executor: Executor, run: Run, cfg: LandscapeConfig, centre, bufs,
                    memory_mb: float, block_rows: int, partial: Surface | None,
-                   save: Callable[[Surface], None], device: str) -> Surface:
-    """A surface whose blocks of rows are tasks of ``executor``, merged as they arrive."""
+                   save: Callable[[Surface], None], device: str, key: dict) -> Surface:
+    """A surface whose blocks of rows are tasks of ``executor``, merged as they arrive;
+    its ``config`` is the result's key, as without an executor."""
     ts = cfg.grid()
     dirs = plane_directions(member(centre, 0), cfg.directions)
     keys = [f"{s}_{m}" for s in cfg.splits for m in ("loss", "acc")]
     nan = torch.full((len(ts), len(ts)), float("nan"), dtype=torch.float64)
     res = partial or Surface(ts, ts, {k: nan.clone() for k in keys},
-                             torch.zeros(len(ts), dtype=torch.bool), cfg.to_dict())
+                             torch.zeros(len(ts), dtype=torch.bool), dict(key))
     todo = (~res.done).nonzero().flatten().tolist()
     blocks = [torch.tensor(todo[b:b + block_rows]) for b in range(0, len(todo), block_rows)]
     exp = ExperimentConfig.from_dict(run.config)
@@ -182,10 +183,11 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
             if cfg.member >= n_members(p2):
                 raise ValueError(f"run {cfg.other} has no member {cfg.member}")
             check_finite(one(p2, cfg.member), f"member {cfg.member} of run {cfg.other}")
-            d = line_direction(centre, one(p2, cfg.member))
+            res = line_1d(model, centre, one(p2, cfg.member), ts, data, cfg.splits, bufs,
+                          memory_mb, key)  # t = 1 is model b bit for bit
         else:
             d = random_directions(member(centre, 0), 1, spec.kind, spec.bias, spec.generator())
-        res = slice_1d(model, centre, d, ts, data, cfg.splits, bufs, memory_mb, key)
+            res = slice_1d(model, centre, d, ts, data, cfg.splits, bufs, memory_mb, key)
     elif executor is None:
         res = surface(model, centre, plane_directions(member(centre, 0), spec), ts, ts, data,
                       cfg.splits, bufs, memory_mb, partial=partial,
@@ -193,6 +195,6 @@ def landscape_run(run: Run | str | Path, cfg: LandscapeConfig = LandscapeConfig(
                       config=key)
     else:
         res = _surface_tasks(executor, run, cfg, centre, bufs, memory_mb, block_rows, partial,
-                             lambda s: _save(path, s, key), str(device))
+                             lambda s: _save(path, s, key), str(device), key)
     _save(path, res, key)
     return res
