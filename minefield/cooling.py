@@ -24,9 +24,10 @@ of ``K`` along ``u``; :func:`_log_h`, closed form through the chi CDF), so
    (the adaptive cooling of volesti's ``CoolingGaussian``), but no smaller than
    ``beta / max_step`` until ``beta < 1 / rho_max^2`` (the chains must follow the
    cooling: a sample variance cannot see the directions the chains never reached).
-3. *Chains*: ``walk_length`` steps per phase, then one exact Gibbs step of the radius
-   ``|y|`` given the direction (a chi variable truncated to ``[0, rho(u)]``, whose ray
-   also gives the weight's ``rho(u)``). A step (Smith 1984) picks a direction ``w`` in
+3. *Chains*: ``walk_length`` steps per phase, the weights from ``rho(u)``, then one exact
+   Gibbs step of ``|y|`` given the direction *at the new beta* (a truncated chi; at the old
+   one the direction-only weights left ``|y|`` unweighted: a rotated 5-d ellipsoid came
+   out 0.11 nats low, 23 of 40 intervals covering). A step (Smith 1984) picks ``w`` in
    ``y``: an axis of the rounded coordinates (``walk='coordinate'``, volesti's default
    CDHR: on a box rounded by its axes each step is an exact Gibbs update, where
    hit-and-run needs ``~n^2`` steps to cross it), the axes in a fresh random order per
@@ -310,11 +311,10 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
             y = y + _truncnorm(-(y * w).sum(1), sd, -s[k:], s[:k], g)[:, None] * w
         return y
 
-    def radial(y: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact Gibbs step of ``|y|`` given the direction, and the radii ``rho(u)``."""
-        rho, inside = radii(y)
+    def radial(y: torch.Tensor, inside: torch.Tensor, beta: float) -> torch.Tensor:
+        """The exact Gibbs step of ``|y|`` given the direction (``inside``: its radius)."""
         s = _truncchi(inside, beta, n, g)
-        return y * (s / y.norm(dim=1))[:, None], rho
+        return y * (s / y.norm(dim=1))[:, None]
 
     def start(k: int) -> torch.Tensor:
         nonlocal evals
@@ -337,8 +337,8 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
         log_wt = torch.zeros(reps, n_chains, dtype=torch.float64)
         min_ess, lag, before = float(reps * n_chains), 0.0, None
         while beta > 0 and len(betas) <= max_phases:
-            y, rho = radial(hit_and_run(y, beta), beta)
-            rho = rho.reshape(reps, n_chains)
+            y = hit_and_run(y, beta)
+            rho, inside = (r.reshape(reps, n_chains) for r in radii(y))
             if before is not None:  # how much a walk moved each chain's direction
                 lag = max(lag, _lag_correlation(before.log(), rho.log()))
             if schedule is None:  # never below beta / max_step: the chains must follow
@@ -359,6 +359,9 @@ def cooling_volume(line_loss: LineLoss, n: int, cutoff: float, n_chains: int = 6
                 yr[low] = torch.gather(yr[low], 1, idx[..., None].expand(-1, -1, n))
                 y, log_wt[low] = yr.reshape(-1, n), 0.0
                 rho[low] = torch.gather(rho[low], 1, idx)
+                inside[low] = torch.gather(inside[low], 1, idx)
+            if nxt > 0:  # |y| given u at the new beta: weights in u alone leave it at beta's
+                y = radial(y, inside.reshape(-1), nxt)
             before = rho
             beta = nxt
             betas.append(beta)

@@ -77,10 +77,32 @@ class TraceEstimate:
     n_matvecs: int
 
 
-def _interval(mean, var, k, level):
-    se = (var / k).sqrt()
-    half = float(student_t.ppf((1 + level) / 2, max(k - 1, 1))) * se
-    return se, torch.stack([mean - half, mean + half], -1), half
+def _interval(exact, vals, level):
+    """Standard error and Hall's skewness-corrected t interval (JRSS B 54, 1992; as
+    :func:`~minefield.intervals.weights_estimate`) of ``exact + mean(vals)`` ``(M, k)``.
+    Probes ``z^T H z`` are skewed when a few eigenvalues carry the trace (a spike of 100
+    among 99 ones: the plain t interval covered 359 of 400 at 95% with 30 probes).
+    Reported: the union of Hall's and the plain t interval."""
+    k = vals.shape[1]
+    mean, sd = vals.mean(1), vals.std(1)
+    c = vals - mean[:, None]
+    m2 = c.pow(2).mean(1)
+    gamma = torch.where(m2 > 0, c.pow(3).mean(1) / m2.clamp(min=1e-300).pow(1.5), 0.0)
+    q = float(student_t.ppf((1 + level) / 2, k - 1)) / math.sqrt(k)
+
+    def g_inv(x: float) -> torch.Tensor:  # the inverse of Hall's cubic transformation
+        v = 1 + gamma * (x - gamma / (6 * k))
+        g = torch.where(gamma.abs() < 1e-12, torch.ones_like(gamma), gamma)
+        out = 3 / g * (v.sign() * v.abs().pow(1 / 3) - 1)
+        return torch.where(gamma.abs() < 1e-12, torch.full_like(gamma, x), out)
+
+    # the union with the plain t interval: Hall's alone, on a sample skewness that heavy
+    # tails make noisy, covered 551 of 600 on an indefinite spectrum where t covered 572
+    half = q * sd
+    lo, hi = torch.minimum(mean - sd * g_inv(q), mean - half), torch.maximum(
+        mean - sd * g_inv(-q), mean + half)
+    ci = torch.stack([lo, hi], -1) + exact[:, None]
+    return sd / math.sqrt(k), ci, (ci[:, 1] - ci[:, 0]) / 2
 
 
 def hutchinson_trace(op: CurvatureOperator, rtol: float | None = 1e-2, n_probes: int = 1000,
@@ -92,10 +114,12 @@ def hutchinson_trace(op: CurvatureOperator, rtol: float | None = 1e-2, n_probes:
     half-width is ``<= rtol |estimate|`` for every member (at least ``min_probes``)
     or ``n_probes`` are spent; ``rtol=None`` always uses ``n_probes``. Each probe
     has variance ``2 (||H||_F^2 - sum_i H_ii^2)``; the sample variance is reported.
-    ``deflate=s > 0`` is Hutch++ (see :func:`hutchpp_trace`). Stopping on the
+    ``deflate=s > 0`` is Hutch++ (see :func:`hutchpp_trace`). The interval is Hall's
+    skewness-corrected t joined with the plain t (see ``_interval``). Stopping on the
     interval itself could make it optimistic; with ``min_probes=30`` the 95% interval
-    covered the truth in 94.7% (Hutchinson, rtol 0.05) and 96.3% (Hutch++, rtol 0.02)
-    of 300 seeds on the 60-dimensional test spectrum.
+    covered the truth in 280 (Hutchinson, rtol 0.05) and 281 (Hutch++ rank 3, rtol 0.02)
+    of 300 seeds on the 60-dimensional test spectrum, and 373 of 400 (rtol 0.2: 64
+    probes) with one eigenvalue of 100 among 99 ones.
 
     Raises:
         ConfigError: a non-positive rtol, ``level`` outside (0, 1) or fewer than 2 probes.
@@ -122,11 +146,11 @@ def hutchinson_trace(op: CurvatureOperator, rtol: float | None = 1e-2, n_probes:
         vals = torch.cat([vals, (op.matmat(z) * z).sum(2).double().cpu()], 1)
         if rtol is not None and vals.shape[1] >= min_probes:
             mean = exact + vals.mean(1)
-            _, _, half = _interval(mean, vals.var(1), vals.shape[1], level)
+            _, _, half = _interval(exact, vals, level)
             if bool((half <= rtol * mean.abs()).all()):
                 break
     k, mean = vals.shape[1], exact + vals.mean(1)
-    se, ci, _ = _interval(mean, vals.var(1), k, level)
+    se, ci, _ = _interval(exact, vals, level)
     return TraceEstimate(mean, se, ci, level, k, op.n_matvecs - start)
 
 
