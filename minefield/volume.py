@@ -350,8 +350,8 @@ def star_volume(line_loss: LineLoss, n: int, cutoff: float,
     ess_pairs = pair_ess(log_w)  # the draws: the two rays of a pair are one
     # rays miss any thin cap their proposal does not cover while the sample looks
     # light-tailed (a one-long-axis 10-d body: normal intervals covered 13 of 21 under
-    # gaussian's uniform rays, 21 of 49 under `is` with the Hessian's diagonal when the
-    # axis is rotated), so every estimate gets the bound whatever its sample
+    # gaussian's uniform rays, 9 of 20 under `is` with the Hessian's diagonal when the
+    # axis is rotated; tests/test_volume.py), so every estimate gets the bound
     (lo, hi), kind = honest_interval(value, normal, ess, len(r), level, upper, slack,
                                      ess_pairs, sample_ok=False)
     looked = light_tailed(normal, ess, len(r), slack, ess_pairs)
