@@ -33,6 +33,23 @@ def _cifar(root, rng):
                          b"labels": list(rng.randint(0, 10, 10))}, f)
 
 
+def _cifar_run(tmp_path, steps: int = 4):
+    """A run ``c`` trained on generated CIFAR files under ``tmp_path/data``:
+    ``(data dir, runs root, its config)``."""
+    from minefield.config import DataConfig, ModelConfig, TrainConfig
+    from minefield.stages import train_run
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _cifar(data, np.random.RandomState(0))
+    cfg = ExperimentConfig(name="c", data=DataConfig("cifar10", data_dir=str(data), n_poison=10),
+                           model=ModelConfig(widths=(4,)), train=TrainConfig(steps=steps),
+                           device="cpu")
+    root = tmp_path / "runs"
+    train_run(cfg, root, progress=False)
+    return data, root, cfg
+
+
 def test_paper_recipe_follows_paper_md():
     cfg, beta = paper_recipe(73257, 256, 0.35)
     assert cfg.optimizer.value == "sgd" and cfg.lr == 0.1 and cfg.momentum == 0.9
@@ -99,19 +116,11 @@ def test_reproduce_images_end_to_end_on_generated_files(tmp_path, fmt):
 def test_a_run_refuses_data_files_other_than_those_it_was_trained_on(tmp_path):
     """Only --data-dir was recorded: after the CIFAR files under it were replaced,
     `evaluate` reported the model on images it never saw (train loss 4.08), silently."""
-    from minefield.config import DataConfig, ModelConfig, TrainConfig
     from minefield.runs import RunError
     from minefield.stages import train_run
     from minefield.stages.train import load_run_model
 
-    data = tmp_path / "data"
-    data.mkdir()
-    _cifar(data, np.random.RandomState(0))
-    cfg = ExperimentConfig(name="c", data=DataConfig("cifar10", data_dir=str(data), n_poison=10),
-                           model=ModelConfig(widths=(4,)), train=TrainConfig(steps=4),
-                           device="cpu")
-    root = tmp_path / "runs"
-    train_run(cfg, root, progress=False)
+    data, root, cfg = _cifar_run(tmp_path)
     recorded = json.loads((root / "c" / "data.json").read_text())
     assert len(recorded["digest"]) == 32 and recorded["data_dir"] == str(data)
     load_run_model(Run.open_named("c", root))  # the same files: fine
@@ -173,18 +182,9 @@ def test_tasks_refuse_data_files_changed_after_the_command_checked_them(tmp_path
     import shutil
 
     from minefield import VolumeConfig, basin_run
-    from minefield.config import DataConfig, ModelConfig, TrainConfig
     from minefield.executor import LocalExecutor, TaskFailed
-    from minefield.stages import train_run
 
-    data = tmp_path / "data"
-    data.mkdir()
-    _cifar(data, np.random.RandomState(0))
-    cfg = ExperimentConfig(name="c", data=DataConfig("cifar10", data_dir=str(data), n_poison=10),
-                           model=ModelConfig(widths=(4,)), train=TrainConfig(steps=4),
-                           device="cpu")
-    root = tmp_path / "runs"
-    train_run(cfg, root, progress=False)
+    data, root, cfg = _cifar_run(tmp_path)
 
     class Swapping(LocalExecutor):  # the files change once the first task is done
         def map(self, fn, specs, on_result=None):
@@ -204,17 +204,8 @@ def test_tasks_refuse_data_files_changed_after_the_command_checked_them(tmp_path
 
 def test_a_hand_edited_data_record_is_one_line(tmp_path):
     """data.json holding a list: 'unexpected error AttributeError ... (this is a bug)'."""
-    from minefield.config import DataConfig, ModelConfig, TrainConfig
-    from minefield.stages import train_run
 
-    data = tmp_path / "data"
-    data.mkdir()
-    _cifar(data, np.random.RandomState(0))
-    cfg = ExperimentConfig(name="c", data=DataConfig("cifar10", data_dir=str(data), n_poison=10),
-                           model=ModelConfig(widths=(4,)), train=TrainConfig(steps=2),
-                           device="cpu")
-    root = tmp_path / "runs"
-    train_run(cfg, root, progress=False)
+    data, root, cfg = _cifar_run(tmp_path, steps=2)
     (root / "c" / "data.json").write_text("[]\n")
     out = CliRunner().invoke(main, ["--root", str(root), "evaluate", "c"])
     assert out.exit_code == 1 and "data.json is corrupt" in out.output, out.output
