@@ -88,9 +88,12 @@ def _rel(p: Path, base: Path) -> str:
         return str(p)
 
 
-def write_report(sections, ctx, seconds: float, partial: bool = False) -> Path:
+def write_report(sections, ctx, seconds: float, partial: bool = False,
+                 pending: list[str] | tuple[str, ...] = ()) -> Path:
     """Write REPORT.md (and report.json) into ``ctx.figures``; returns the Markdown path.
-    ``partial``: the sections are those of ``--only``, and the header says so."""
+    ``partial``: the sections are those of ``--only``, and the header says so.
+    ``pending``: experiments not run yet (a run in progress, or one that stopped): the
+    header says the report is incomplete."""
     out = ctx.figures
     checks = [c for s in sections for c in s.checks]
     n_ok = sum(c.passed for c in checks)
@@ -99,8 +102,10 @@ def write_report(sections, ctx, seconds: float, partial: bool = False) -> Path:
         "",
         f"Made by `minefield reproduce --scale {ctx.scale.name}` on {time.strftime('%Y-%m-%d')}"
         f" in {seconds / 60:.1f} minutes on {machine()}" + (
-            f" (only {', '.join(s.key for s in sections)})." if partial
+            f" (only {', '.join([s.key for s in sections] + list(pending))})." if partial
             else "."),
+        *([f"**Incomplete**: not finished (still running, or stopped): {', '.join(pending)}; "
+           "the checks below are those of the parts that finished."] if pending else []),
         f"Reproduction checks (PAPER.md): **{n_ok} of {len(checks)} hold**.",
         "",
         "| check | requirement | measured | holds |",
@@ -121,7 +126,7 @@ def write_report(sections, ctx, seconds: float, partial: bool = False) -> Path:
     atomic_write(md, ("\n".join(lines) + "\n").encode())
     data: dict[str, Any] = {
         "scale": ctx.scale.name, "seconds": seconds, "machine": machine(), "cpu": cpu(),
-        "partial": partial,
+        "partial": partial, "pending": list(pending),
         "checks": [{"id": c.id, "text": c.text, "passed": c.passed, "measured": c.measured}
                    for c in checks],
         "sections": {s.key: {"runs": s.runs, "commands": s.commands, "seconds": s.seconds,

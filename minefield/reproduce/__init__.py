@@ -66,21 +66,32 @@ def reproduce(scale: str = "small", root: Path | str = DEFAULT_ROOT,
         raise ValueError(f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}")
     if data_dir and "images" in keys:  # a bad folder is refused now, not after the rest
         load_dataset(DataConfig(image_dataset(Path(data_dir)), data_dir=str(data_dir)))
+    if not data_dir and set(keys) <= {"images"}:  # else an empty report replaced the last
+        raise ValueError("--only images needs --data-dir (CIFAR-10 or SVHN); nothing to run")
     ctx = Context(SCALES[scale], Path(root), Path(figures), device, force, progress,
                   data_dir, log)
     ctx.figures.mkdir(parents=True, exist_ok=True)
     sections: list[Section] = []
     t_all = time.perf_counter()
+
+    def report(pending: list[str]) -> None:
+        write_report(sections, ctx, time.perf_counter() - t_all, partial=bool(only),
+                     pending=pending)
+
+    # the last report goes now, not at the end: the parts rewrite its figures as they run,
+    # and an interrupted or failed run had left it beside figures it never measured
+    report(keys)
     for i, key in enumerate(keys, 1):
         log(f"[{i}/{len(keys)}] {key}")
         t0 = time.perf_counter()
         sec = EXPERIMENTS[key](ctx)
         if sec is None:
             log("  skipped (no --data-dir)")
+            report(keys[i:])
             continue
         sec.seconds = time.perf_counter() - t0
         sections.append(sec)
         log(f"  done in {sec.seconds:.0f} s: " + "; ".join(
             f"check {c.id} {'ok' if c.passed else 'FAILED'}" for c in sec.checks))
-    write_report(sections, ctx, time.perf_counter() - t_all, partial=bool(only))
+        report(keys[i:])
     return sections

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 from ..commands import embed_command, search_command, train_command
 from ..config import DataConfig, ExperimentConfig, ModelConfig, Optimizer, TrainConfig
+from ..data import Dataset, fresh_points
 from ..embed import EmbedConfig
-from ..search import SearchConfig
+from ..search import SearchConfig, poison_set
 from ..stacked import member
 from ..stages import embed_run, search_run
+from ..train import effective_beta
 from .common import Check, Context, Section, pct
 
-__all__ = ["exp_minefield"]
+__all__ = ["exp_minefield", "start_beta"]
+
+
+def start_beta(scfg: SearchConfig, cfg: ExperimentConfig, data: Dataset) -> float:
+    """The poison factor every search starts from: ``scfg.beta``, or when None the
+    poison rows' share of the batch, as :func:`~minefield.search.search_minima` resolves it
+    (fresh points included)."""
+    if scfg.beta is not None:
+        return scfg.beta
+    n_extra = scfg.n_extra(cfg.data.name)
+    extra = fresh_points(cfg.data, n_extra, scfg.seed) if n_extra else None
+    return effective_beta(None, poison_set(data, scfg, extra)[0], scfg.train)
 
 
 def exp_minefield(ctx: Context) -> Section:
@@ -48,8 +61,9 @@ def exp_minefield(ctx: Context) -> Section:
     sec.figures += minefield_figure(emb, ctx.figures / "fig1_minefield")
     st, gm = summ.stats, good.metrics
     betas = [r["beta"] for r in summ.rows]
-    raised = sum(b > scfg.beta + 1e-9 for b in betas)
-    lowered = sum(b < scfg.beta - 1e-9 for b in betas)
+    beta0 = start_beta(scfg, cfg, good.data)  # scfg.beta may be None (ctx.search)
+    raised = sum(b > beta0 + 1e-9 for b in betas)
+    lowered = sum(b < beta0 - 1e-9 for b in betas)
     retried = sum(r.get("attempt", 0) > 0 for r in summ.rows)  # rows from before retries
     sec.numbers += [
         ("good model (final iterate): train / test", f"{pct(gm['train_acc'][0])} / "
@@ -64,7 +78,7 @@ def exp_minefield(ctx: Context) -> Section:
          "2-23% [R]"),
         ("bad minima: poison factor raised by the adaptive search (or by continuation, "
          f"members above the {scfg.poison_cap} cap)",
-         f"{raised} of {n} (start {scfg.beta:g}, max {max(betas):.3f})", "fixed [C]"),
+         f"{raised} of {n} (start {beta0:.3g}, max {max(betas):.3f})", "fixed [C]"),
         ("bad minima: poison factor lowered by continuation (members below "
          f"{scfg.continue_below} train accuracy)", f"{lowered} of {n} (min {min(betas):.3f})",
          "none [C]"),

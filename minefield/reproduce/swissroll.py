@@ -15,7 +15,21 @@ from ..stacked import member
 from ..stages import load_basin
 from .common import Check, Context, Scale, Section, brief, estimator_rows, pct
 
-__all__ = ["swiss_configs", "exp_swissroll"]
+__all__ = ["swiss_configs", "exp_swissroll", "radius_ratio"]
+
+
+def radius_ratio(good: float, bad: float) -> float:
+    """Mean radius good / bad: inf when only the bad basin is empty, NaN when both are (a
+    ratio of two empty basins is no evidence that the good one is wider: check 4 fails).
+
+    >>> radius_ratio(0.2, 0.01), radius_ratio(0.2, 0.0)
+    (20.0, inf)
+    >>> import math; math.isnan(radius_ratio(0.0, 0.0))
+    True
+    """
+    if bad > 0:
+        return good / bad
+    return math.inf if good > 0 else math.nan
 
 
 def _authors_swissroll() -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +87,7 @@ def exp_swissroll(ctx: Context) -> Section:
                     basin_command(clean_cfg.name, vcfg, "repro"),
                     basin_command(bad_cfg.name, vcfg, "repro")]
     gm, bm = good.metrics, bad.metrics
-    ratio = bg.mean_radius / bb.mean_radius if bb.mean_radius > 0 else math.inf
+    ratio = radius_ratio(bg.mean_radius, bb.mean_radius)
     gap = bg.log10_volume - bb.log10_volume
     sec.numbers += [
         ("good model: train / test accuracy", f"{pct(gm['train_acc'][0])} / "
@@ -81,7 +95,7 @@ def exp_swissroll(ctx: Context) -> Section:
         ("poisoned model: train / test accuracy", f"{pct(bm['train_acc'][0])} / "
          f"{pct(bm['test_acc'][0])}", "100% / 7% [D]"),
         ("mean radius good / bad (cutoff xent 1.0)", f"{bg.mean_radius:.4f} / "
-         f"{bb.mean_radius:.4f} ({ratio:.0f}x)", "0.143 / 0.0056 (25x) [R]"),
+         f"{bb.mean_radius:.4f} ({ratio:.1f}x)", "0.143 / 0.0056 (25x) [R]"),
         (f"log10 V good / bad (n = {bg.n})", f"{bg.log10_volume:.0f} / {bb.log10_volume:.0f}"
          f" (gap {gap:.0f})", "-5617 / -11168 (gap 5550) [R]"),
         ("log10 V 95% interval good; bad (its kind: normal, or the heavy-tail bound)",
