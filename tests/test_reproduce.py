@@ -78,6 +78,20 @@ def test_rerun_resumes_without_retraining(tiny_repro):
     assert "(only swissroll)." in (tmp / "figures" / "REPORT.md").read_text()
 
 
+def test_strict_exits_3_when_a_check_fails(tiny_repro, tmp_path):
+    # the tiny scale is too small to hold every check (its radius ratio is under 10x):
+    # the default exits 0 with the report saying so; --strict (for CI) exits 3, one line
+    tmp, _ = tiny_repro
+    r = CliRunner().invoke(main, ["--root", str(tmp / "runs"), "reproduce", "--scale", "tiny",
+                                  "--figures", str(tmp_path / "fig"), "--device", "cpu",
+                                  "--quiet", "--only", "swissroll", "--strict"])
+    rep = json.loads((tmp_path / "fig" / "report.json").read_text())
+    failed = [str(c["id"]) for c in rep["checks"] if not c["passed"]]
+    assert failed, "the tiny scale held every swiss-roll check: pick another failing case"
+    assert r.exit_code == 3, r.output
+    assert r.output.strip().splitlines()[-1] == f"Error: check(s) {', '.join(failed)} failed"
+
+
 def test_plot_basin_reads_what_reproduce_wrote(tiny_repro):
     # regression: reproduce wrote a second basin/<tag>.json layout that `plot basin` crashed on
     tmp, _ = tiny_repro

@@ -20,12 +20,14 @@ from ._common import device_option, force_option, friendly, main, quiet_option, 
               help="CIFAR-10 or SVHN on disk, for the real-image experiment.")
 @click.option("--figures", type=click.Path(file_okay=False, path_type=Path),
               default=Path("figures"), show_default=True)
+@click.option("--strict", is_flag=True, help="Exit with status 3 when a check fails (for "
+              "CI); by default the report says so and the exit status is 0.")
 @device_option
 @force_option
 @quiet_option
 @click.pass_context
 @friendly
-def reproduce_cmd(ctx, scale, only, data_dir, figures, device, force, quiet):
+def reproduce_cmd(ctx, scale, only, data_dir, figures, strict, device, force, quiet):
     """Reproduce the paper end to end; writes figures/ and figures/REPORT.md.
 
     Each experiment has its own run directory; re-running skips what is done.
@@ -38,3 +40,7 @@ def reproduce_cmd(ctx, scale, only, data_dir, figures, device, force, quiet):
         for c in s.checks:
             click.echo(f"{c.id:<7}{'yes' if c.passed else 'NO':<7}{c.measured}")
     click.echo(f"report: {figures / 'REPORT.md'}")
+    failed = [str(c.id) for s in sections for c in s.checks if not c.passed]
+    if strict and failed:
+        click.echo(f"Error: check(s) {', '.join(failed)} failed", err=True)
+        raise SystemExit(3)
