@@ -181,12 +181,17 @@ def axis(lo: float, hi: float, points: int, anchors: Sequence[float] = (0.0,)
     return torch.unique(torch.cat([ts, torch.tensor(inside, dtype=torch.float64)]))
 
 
-def line_direction(a: Params, b: Params) -> Params:
-    """``b - a`` as a single direction ``(1, ...)``: the line from model a to model b."""
+def _check_pair(a: Params, b: Params) -> None:
+    """ValueError unless ``a`` and ``b`` are single models of the same parameter shapes."""
     check_single(a, "model a")
     check_single(b, "model b")
     if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
         raise ValueError("the two models have different parameter shapes")
+
+
+def line_direction(a: Params, b: Params) -> Params:
+    """``b - a`` as a single direction ``(1, ...)``: the line from model a to model b."""
+    _check_pair(a, b)
     return {k: b[k] - a[k] for k in a}
 
 
@@ -221,12 +226,12 @@ def line_1d(model: nn.Module, a: Params, b: Params, ts: torch.Tensor, data: Data
     round: 31 of a float32 net's 105 weights came out 1 ulp off), so t = 1 measured
     another model than b.
     """
-    d = line_direction(a, b)  # one model each, the same shapes
+    _check_pair(a, b)
     check_finite(a, "model a")
     check_finite(b, "model b")
     ts = _check_grid(ts, "ts")
     zero = {k: torch.zeros_like(v) for k, v in a.items()}
-    ends = {k: torch.cat([a[k], b[k]]) for k in d}  # (2, ...): the basis a, b
+    ends = {k: torch.cat([a[k], b[k]]) for k in a}  # (2, ...): the basis a, b
     coeffs = torch.stack([1 - ts, ts], 1)  # 0 a + 1 b is b exactly (and 1 a + 0 b is a)
     values = {}
     for s, (x, y) in check_splits(data, splits).items():

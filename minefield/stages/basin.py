@@ -180,14 +180,14 @@ def _basin_tasks(run: Run, tag: str, cfg: VolumeConfig, key: dict, checkpoint: s
     chains = cfg.estimator is Estimator.MCMC and cfg.mcmc_blocks > 1
     blocks = ([(a, min(a + step, k)) for a in range(0, k, step)] if naive else
               list(range(cfg.mcmc_blocks)) if chains else [None])
-    specs = {}
+    specs, digest = {}, recorded_digest(run, exp)  # the files every task must read
     for i in range(n_members(params)):
         for j, block in enumerate(blocks):
             tid = f"m{i:04d}" + (f"-d{block[0]:07d}-{block[1]:07d}" if naive else
                                  f"-b{block:04d}" if chains else "")
             specs[tid] = {"experiment": exp, "params": one(params, i),
                           "buffers": one(buffers or None, i), "volume": cfg,
-                          "data_digest": recorded_digest(run, exp),
+                          "data_digest": digest,
                           "block": block if naive else None,
                           "mcmc_block": block if chains else None,
                           "rollouts": n_rollouts if j == 0 else 0, "device": str(device),

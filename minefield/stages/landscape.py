@@ -58,12 +58,12 @@ def _surface_tasks(executor: Executor, run: Run, cfg: LandscapeConfig, centre, b
     todo = (~res.done).nonzero().flatten().tolist()
     blocks = [torch.tensor(todo[b:b + block_rows]) for b in range(0, len(todo), block_rows)]
     exp = ExperimentConfig.from_dict(run.config)
-    cpu = {k: v.cpu() for k, v in centre.items()}
-    specs = [{"experiment": exp, "centre": cpu, "directions": {k: v.cpu() for k, v in
-                                                               dirs.items()},
+    shared = {"experiment": exp, "centre": {k: v.cpu() for k, v in centre.items()},
+              "directions": {k: v.cpu() for k, v in dirs.items()},
               "buffers": {k: v.cpu() for k, v in bufs.items()} if bufs else None,
-              "xs": ts[rows], "ys": ts, "splits": cfg.splits, "memory_mb": memory_mb,
-              "device": device, "data_digest": recorded_digest(run, exp)} for rows in blocks]
+              "ys": ts, "splits": cfg.splits, "memory_mb": memory_mb, "device": device,
+              "data_digest": recorded_digest(run, exp)}  # one read, every block the same
+    specs = [{**shared, "xs": ts[rows]} for rows in blocks]
 
     def keep(i: int, values: dict[str, torch.Tensor]) -> None:
         for k, v in values.items():
