@@ -4,26 +4,14 @@ from __future__ import annotations
 
 from ..commands import embed_command, search_command, train_command
 from ..config import DataConfig, ExperimentConfig, ModelConfig, Optimizer, TrainConfig
-from ..data import Dataset, fresh_points
 from ..embed import EmbedConfig
-from ..search import SearchConfig, poison_set
+from ..search import SearchConfig
 from ..stacked import member
 from ..stages import embed_run, search_run
-from ..train import effective_beta
+from ..stages.search import start_beta
 from .common import Check, Context, Section, pct
 
 __all__ = ["exp_minefield", "start_beta"]
-
-
-def start_beta(scfg: SearchConfig, cfg: ExperimentConfig, data: Dataset) -> float:
-    """The poison factor every search starts from: ``scfg.beta``, or when None the
-    poison rows' share of the batch, as :func:`~minefield.search.search_minima` resolves it
-    (fresh points included)."""
-    if scfg.beta is not None:
-        return scfg.beta
-    n_extra = scfg.n_extra(cfg.data.name)
-    extra = fresh_points(cfg.data, n_extra, scfg.seed) if n_extra else None
-    return effective_beta(None, poison_set(data, scfg, extra)[0], scfg.train)
 
 
 def exp_minefield(ctx: Context) -> Section:

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigError
-from ..data import fresh_points
+from ..config import ConfigError, ExperimentConfig
+from ..data import Dataset, fresh_points
 from ..evaluate import resolve_device
 from ..executor import Executor, LocalExecutor
 from ..functional import Params, n_members, one, stack
@@ -37,9 +37,11 @@ from ..search import (
     search_minima,
     search_seed,
 )
+from ..train import effective_beta
 from .train import load_run_model, recorded_digest, run_config, task_data
 
-__all__ = ["SEARCH_DIR", "SearchSummary", "search_run", "select_checkpoints"]
+__all__ = ["SEARCH_DIR", "SearchSummary", "search_run", "select_checkpoints", "search_extra",
+           "start_beta"]
 
 SEARCH_DIR = "search"
 
@@ -88,6 +90,21 @@ class SearchSummary:
     path: Path
     new: int
     seconds: float
+
+
+def search_extra(exp: ExperimentConfig, cfg: SearchConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The fresh poison points the searches of a run of ``exp`` add (None: none)."""
+    n = cfg.n_extra(exp.data.name)
+    return fresh_points(exp.data, n, cfg.seed) if n else None
+
+
+def start_beta(cfg: SearchConfig, exp: ExperimentConfig, data: Dataset) -> float:
+    """The poison factor every search of a run of ``exp`` starts from: ``cfg.beta``, or
+    when None the poison rows' share of the batch (fresh points included), as
+    :func:`~minefield.search.search_minima` resolves it."""
+    extra = search_extra(exp, cfg)
+    return effective_beta(cfg.beta, poison_set(data, cfg, extra)[0], cfg.train)
 
 
 def search_task(spec: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +186,7 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
                           "accuracies (and stopping rules) would be wrong; search a model "
                           "without BatchNorm")
     n_extra = cfg.n_extra(run_cfg.data.name)
-    extra = fresh_points(run_cfg.data, n_extra, cfg.seed) if n_extra else None
+    extra = search_extra(run_cfg, cfg)
     if cfg.member >= n_members(final_params):
         raise ValueError(f"member {cfg.member} asked for, run {run.name} has "
                          f"{n_members(final_params)}")
