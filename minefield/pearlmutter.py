@@ -86,7 +86,10 @@ def mlp_plan(model: nn.Module) -> list[tuple[str, nn.Module | None]] | None:
 
 def _derivatives(act: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                              torch.Tensor | None]:
-    """``(phi(a), phi'(a), phi''(a) or None where it is zero a.e.)``."""
+    """``(phi(a), phi'(a), phi''(a) or None where it is zero a.e.)``; ``act=None`` (a
+    hidden ``Linear`` followed by none, or by ``Identity``) is the identity, ``phi' = 1``."""
+    if act is None:
+        return a, torch.ones_like(a), None
     if type(act) is nn.Tanh:
         h = a.tanh()
         d1 = 1 - h * h
@@ -192,9 +195,11 @@ class MLPHessian:
         ins, d1s, d2s = [xt], [], []  # layer inputs h_{l-1} (M, in, N); phi', phi''
         for i, ((wn, bn), (_, act)) in enumerate(zip(self.names, plan)):
             a = self._linear(params[wn], params[bn] if bn else None, h, i)
-            if act is None:
+            if i == len(plan) - 1:  # the logits
                 h = a
                 continue
+            # every hidden layer keeps its phi': Linear, Linear (or Identity between) had
+            # left d1s a layer short, an IndexError in every product of such a model
             h, d1, d2 = _derivatives(act, a)
             ins.append(h)
             d1s.append(d1)

@@ -44,7 +44,7 @@ import torch
 
 from .config import ConfigError
 from .hvp import Objective
-from .options import option
+from .options import integers, option
 from .stacked import flatten, one, unflatten
 
 __all__ = ["Norm", "SharpnessEstimate", "worst_case_sharpness", "average_sharpness",
@@ -113,9 +113,10 @@ def worst_case_sharpness(obj: Objective, rho: float, norm: Norm | str = "l2",
     0.78; hence 8 restarts by default (members x restarts are one stack).
 
     Raises:
-        ConfigError: rho <= 0 or not finite, steps < 1, restarts < 1, eta < 0 or not
-            finite, or an unknown norm.
+        ConfigError: rho <= 0 or not finite, steps < 1, restarts < 1 (or not integers),
+            eta < 0 or not finite, or an unknown norm.
     """
+    integers(steps=steps, restarts=restarts, seed=seed)  # 2.5 had failed deep in torch
     _positive("rho", rho)
     _positive("step_size", step_size)
     _check_eta(eta)
@@ -173,8 +174,10 @@ def average_sharpness(obj: Objective, sigma: float, n_samples: int = 64,
     error over ``n_samples`` antithetic pairs (``2 n_samples`` engine evaluations).
 
     Raises:
-        ConfigError: sigma <= 0 or not finite, eta < 0 or not finite, or n_samples < 2.
+        ConfigError: sigma <= 0 or not finite, eta < 0 or not finite, or n_samples < 2
+            (or not an integer).
     """
+    integers(n_samples=n_samples, seed=seed)
     _positive("sigma", sigma)
     _check_eta(eta)
     if n_samples < 2:
@@ -197,9 +200,10 @@ def m_sharpness(obj: Objective, rho: float, m: int, n_subsets: int | None = None
     :func:`worst_case_sharpness`. The standard error is over subsets.
 
     Raises:
-        ConfigError: m < 1 or larger than the data, n_subsets < 1, or an objective
-            without data.
+        ConfigError: m < 1 or larger than the data, n_subsets < 1 (either not an
+            integer), or an objective without data.
     """
+    integers(m=m, seed=seed, **({} if n_subsets is None else {"n_subsets": n_subsets}))
     if obj.data is None:
         raise ConfigError("m-sharpness needs a model objective with data")
     n = len(obj.data[1])
@@ -230,8 +234,10 @@ def pac_bayes_sigma(obj: Objective, bound: float = 0.1, n_samples: int = 32,
 
     Raises:
         ConfigError: bound <= 0, ``not 0 < lo < hi`` (finite), rtol <= 0, eta < 0 (or any
-            of them not finite), n_samples < 1, or a NaN loss at a perturbation.
+            of them not finite), n_samples < 1 (or not an integer), or a NaN loss at a
+            perturbation.
     """
+    integers(n_samples=n_samples, seed=seed)
     _positive("bound", bound)
     _positive("rtol", rtol)
     _check_eta(eta)

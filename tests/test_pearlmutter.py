@@ -128,3 +128,27 @@ def test_curvature_callers_agree_with_one_product_at_a_time():
     for a, b, c in zip(*runs):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("layers", [
+    lambda: [nn.Linear(3, 4), nn.Linear(4, 3)],  # no activation at all
+    lambda: [nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Identity(), nn.Linear(4, 1)],
+])
+def test_a_hidden_layer_without_activation_is_the_identity(layers):
+    """``mlp_plan`` accepts a hidden ``Linear`` with no activation (or ``Identity``) after
+    it; its products had raised IndexError (one phi' short) instead of ``H v``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*layers()).double()
+    p = {k: v.double() for k, v in init_stack(model, "glorot_uniform", [0, 1]).items()}
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(17, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (17,), generator=g)
+    op = CurvatureOperator(model_objective(model, p, (x, y)))
+    assert isinstance(op._mlp, MLPHessian)
+    v = torch.randn(2, 3, op.n, generator=g, dtype=torch.float64)
+    hv = op.matmat(v)  # the probes as a batch axis
+    for i in range(2):
+        dense = _dense(model, p, x, y, i)
+        torch.testing.assert_close(hv[i], v[i] @ dense, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(op.matvec(v[:, 0])[i], dense @ v[i, 0], rtol=1e-10,
+                                   atol=1e-12)

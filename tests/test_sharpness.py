@@ -249,6 +249,16 @@ def test_bad_inputs_raise_one_clear_error():
     for bad in (0, -1):  # no subset: torch.stack of nothing, a raw RuntimeError
         with pytest.raises(ConfigError, match=f"n_subsets must be >= 1 .*, got {bad}"):
             m_sharpness(model_objective(model, p, data), 0.1, m=2, n_subsets=bad)
+    # counts that are not integers: one ConfigError each, not a TypeError deep in torch
+    mobj = model_objective(model, p, data)
+    for call, name in ((lambda: worst_case_sharpness(obj, 0.1, steps=2.5), "steps"),
+                       (lambda: worst_case_sharpness(obj, 0.1, restarts=2.5), "restarts"),
+                       (lambda: average_sharpness(obj, 0.1, n_samples=4.5), "n_samples"),
+                       (lambda: pac_bayes_sigma(obj, n_samples=4.5), "n_samples"),
+                       (lambda: m_sharpness(mobj, 0.1, m=2.5), "m"),
+                       (lambda: m_sharpness(mobj, 0.1, m=2, n_subsets=1.5), "n_subsets")):
+        with pytest.raises(ConfigError, match=f"{name} must be an integer"):
+            call()
     p["0.bias"][0, 0] = float("inf")
     with pytest.raises(NonFiniteLoss, match="NaN or infinite"):
         average_sharpness(model_objective(model, p, data), 0.1)
