@@ -96,8 +96,8 @@ class VolumeConfig(_Config):
     ``power`` is the shape of the ``is`` / ``gaussian`` proposal body (``"2"``: the
     preconditioner's ellipsoid; ``"inf"``: its box; ``"auto"``: :func:`~.volume.fit_power`).
     ``precision`` (``naive`` only): ``bf16`` / ``tf32`` bisect in that arithmetic, then every
-    radius is checked in the parameters' own (:func:`check_radii`); if any moved, all are
-    redone."""
+    radius is checked in the parameters' own (:func:`check_radii`) and those that moved are
+    redone in it (all of them until 2026-12-02: a split's blocks redid only their own)."""
 
     cutoff: float = 1.0
     cutoff_kind: CutoffKind = CutoffKind.ABS
@@ -155,7 +155,6 @@ class VolumeConfig(_Config):
                             self.walk_length)  # bad numbers, and options another one ignores
         # one spelling per power ("2.0", "2" -> "2"; "INF" -> "inf"): one result key each
         object.__setattr__(self, "power", power_text(self.proposal_power()))
-        check_owned_options(self)  # naive's radius search and precision, mcmc's chains
         if self.mcmc_blocks != 1 and (self.estimator is not Estimator.MCMC
                                       or not 1 <= 2 * self.mcmc_blocks <= self.n_replicates):
             raise ConfigError(f"volume.mcmc_blocks={self.mcmc_blocks} needs the mcmc estimator "
@@ -182,6 +181,7 @@ class VolumeConfig(_Config):
         if self.memory_mb is not None and not (self.memory_mb > 0
                                                and math.isfinite(self.memory_mb)):
             raise ConfigError(f"volume.memory_mb must be a positive number, got {self.memory_mb}")
+        check_owned_options(self)  # naive's radius search and precision, mcmc's chains
 
 
 # --- results --------------------------------------------------------------------------------
@@ -340,7 +340,7 @@ def direction_radii(model: nn.Module, params: Params, data: Dataset | tuple[torc
     d = {k: torch.cat([v[a:], -v[a:]]) for k, v in d.items()}  # (2K, ...): d and -d
     k = 2 * (b - a)
 
-    def loss_at(precision: Precision) -> Callable[[torch.Tensor], torch.Tensor]:
+    def loss_at(precision: Precision, d: Params = d) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda ts: evaluate_points(model, centre, d, ts, x, y, buffers, cfg.memory_mb,
                                           bn=bn, precision=precision)[0]
 
@@ -348,20 +348,19 @@ def direction_radii(model: nn.Module, params: Params, data: Dataset | tuple[torc
     centre_loss = float(evaluate_points(model, centre, first, torch.zeros(1), x, y, buffers,
                                         cfg.memory_mb, bn=bn)[0][0])
     cut = cfg.cutoff * (centre_loss if cfg.cutoff_kind is CutoffKind.RELATIVE else 1.0)
-    def radii(precision: Precision) -> tuple[torch.Tensor, int]:
-        return find_radii(loss_at(precision), k, cut, cfg.r_max, cfg.rtol, cfg.method,
-                          cfg.grid_points, cfg.grid, cfg.grid_power, cfg.bracket_points,
-                          centre_loss, cfg.bracket_ratio)
+    def radii(precision: Precision, d: Params = d) -> tuple[torch.Tensor, int]:
+        return find_radii(loss_at(precision, d), len(next(iter(d.values()))), cut, cfg.r_max,
+                          cfg.rtol, cfg.method, cfg.grid_points, cfg.grid, cfg.grid_power,
+                          cfg.bracket_points, centre_loss, cfg.bracket_ratio)
 
     r, evals = radii(cfg.precision)
     moved = 0
     if cfg.precision is not Precision.FLOAT32:
-        moved = int((~check_radii(loss_at(Precision.FLOAT32), r, cut, cfg.rtol,
-                                  cfg.r_max)).sum())
-        evals += 2 * k
-        if moved:
-            r, more = radii(Precision.FLOAT32)
-            evals += more
+        bad = ~check_radii(loss_at(Precision.FLOAT32), r, cut, cfg.rtol, cfg.r_max)
+        moved, evals = int(bad.sum()), evals + 2 * k
+        if moved:  # only those: the others passed, and a radius depends on its own direction
+            r[bad], more = radii(Precision.FLOAT32, {n: v[bad] for n, v in d.items()})
+            evals += more - 1  # the centre's loss is counted once (split blocks: the same sum)
     return r, evals, centre_loss, cut, n_perturbed(theta, spec.kind, spec.bias), moved
 
 

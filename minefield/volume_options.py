@@ -20,7 +20,7 @@ from .config import ConfigError
 from .options import CurvatureKind, Estimator, option
 
 __all__ = ["parse_power", "power_text", "check_shape_options", "check_owned_options",
-           "parse_estimator", "OWNED_OPTIONS"]
+           "parse_estimator", "OWNED_OPTIONS", "METHOD_OPTIONS"]
 
 
 def parse_power(text: str | float, what: str = "power") -> float | str:
@@ -76,15 +76,27 @@ OWNED_OPTIONS = {"method": "naive", "grid_points": "naive", "grid": "naive",
                  "precision": "naive", "n_chains": "mcmc", "n_replicates": "mcmc"}
 
 
+#: the naive estimator's options that only one radius method reads (``--grid-points 50``
+#: under ``bisect`` gave the same radii under another key)
+METHOD_OPTIONS = {"grid_points": "grid", "grid": "grid", "grid_power": "grid",
+                  "bracket_points": "bisect", "bracket_ratio": "bisect"}
+
+
 def check_owned_options(cfg) -> None:
     """:class:`ConfigError` when ``cfg`` (a :class:`~minefield.basin.VolumeConfig`) sets
-    an option of :data:`OWNED_OPTIONS` that its estimator does not read."""
+    an option of :data:`OWNED_OPTIONS` that its estimator does not read, or one of
+    :data:`METHOD_OPTIONS` that its radius method does not."""
     default = {f.name: f.default for f in dataclasses.fields(cfg)}
     for name, owner in OWNED_OPTIONS.items():
         value = getattr(cfg, name)
         if cfg.estimator.value != owner and value != default[name]:
             raise ConfigError(f"volume.{name} {getattr(value, 'value', value)!r} is the "
                               f"{owner} estimator's option; {cfg.estimator.value} ignores it")
+    for name, owner in METHOD_OPTIONS.items():
+        value = getattr(cfg, name)
+        if cfg.method.value != owner and value != default[name]:
+            raise ConfigError(f"volume.{name} {getattr(value, 'value', value)!r} is the "
+                              f"{owner} method's option; method {cfg.method.value} ignores it")
 
 
 def parse_estimator(value: Estimator | str) -> Estimator:

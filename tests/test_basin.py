@@ -201,6 +201,12 @@ def test_volume_errors():
     (dict(estimator="mcmc", method="grid"), "volume.method 'grid' is the naive estimator's"),
     (dict(estimator="is", preconditioner="axes", grid_points=50), "volume.grid_points 50"),
     (dict(estimator="gaussian", bracket_ratio=2.0), "volume.bracket_ratio 2.0 is the naive"),
+    # and so did the radius method's: --grid-points 50 under bisect gave the same radii
+    (dict(grid_points=50), "volume.grid_points 50 is the grid method's option; method bisect"),
+    (dict(grid="linear"), "volume.grid 'linear' is the grid method's"),
+    (dict(grid_power=3.0), "volume.grid_power 3.0 is the grid method's"),
+    (dict(method="grid", bracket_points=8), "volume.bracket_points 8 is the bisect method's"),
+    (dict(method="grid", bracket_ratio=2.0), "volume.bracket_ratio 2.0 is the bisect method"),
     (dict(n_chains=16), "volume.n_chains 16 is the mcmc estimator's option; naive ignores"),
     (dict(estimator="gaussian", n_replicates=4), "volume.n_replicates 4 is the mcmc"),
     # a preconditioner shapes is / gaussian / mcmc; naive would drop it (or, with adam,
@@ -466,3 +472,23 @@ def test_the_naive_path_keeps_halls_interval_in_its_diagnostics_and_reports_the_
     assert len(boot) == 2 and boot != pytest.approx(list(res.ci_log10_volume), abs=1e-6)
     truth = (5 * math.log(math.pi) - math.lgamma(6) + float(a.log().sum())) / math.log(10)
     assert res.ci_log10_volume[0] <= truth <= res.ci_log10_volume[1]
+
+
+def test_bf16_radii_of_split_blocks_equal_the_unsplit_ones():
+    # bf16 radii that float32 rejects are redone; the others were kept in a split block
+    # where none moved but redone unsplit, so --directions-per-task changed radii by 1.5e-3
+    # (and counted the centre once more per redo): only the moved radii are redone now
+    from minefield.basin import direction_radii
+
+    model = build_model(ModelConfig(widths=(16, 16), init="torch"), (2,), 2)
+    g = torch.Generator().manual_seed(0)
+    c = stack([init_params(model, "torch", g)])
+    x = torch.randn(200, 2, generator=g)
+    y = (x[:, 0] > 0).long()
+    cfg = VolumeConfig(n_directions=6, cutoff=1.2, cutoff_kind="relative", rtol=1e-3,
+                       r_max=4.0, precision="bf16", n_bootstrap=0)
+    r, evals, *_, moved = direction_radii(model, c, (x, y), cfg)
+    parts = [direction_radii(model, c, (x, y), cfg, block=(i, i + 1)) for i in range(6)]
+    assert 0 < moved < 12 and moved == sum(p[5] for p in parts)  # some, not all
+    assert torch.equal(torch.cat([p[0][:1] for p in parts] + [p[0][1:] for p in parts]), r)
+    assert evals == sum(p[1] for p in parts) - 5  # the centre once

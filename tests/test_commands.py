@@ -115,6 +115,6 @@ def test_embed_command_and_unexpressible_fields():
     with pytest.raises(ValueError, match=r"volume.n_bootstrap=10 has no command-line option"):
         sweep_command(ExperimentConfig(), SweepConfig(volume=VolumeConfig(n_bootstrap=10)))
     with pytest.raises(ValueError, match=r"grid_power=3.0 has no command-line option"):
-        basin_command("good", VolumeConfig(grid_power=3.0))
+        basin_command("good", VolumeConfig(method="grid", grid_power=3.0))
     with pytest.raises(ValueError, match="one --seed"):
         basin_command("good", VolumeConfig(seed=1))

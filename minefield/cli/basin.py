@@ -115,8 +115,8 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
               help="Directions whose loss curve is stored for 'plot basin'.")
 @click.option("--precision", type=click.Choice([p.value for p in Precision]),
               default="float32", show_default=True,
-              help="Bisect in bf16/tf32, then check every radius in float32 (redone if "
-                   "any moved beyond --rtol); the naive estimator's.")
+              help="Bisect in bf16/tf32, then check every radius in float32 (those that "
+                   "moved beyond --rtol are redone); the naive estimator's.")
 @tag_option
 @device_option
 @memory_option
