@@ -83,6 +83,18 @@ def test_resume_is_bit_identical(tmp_path, tiny, monkeypatch):
     assert rows_a == rows_b
 
 
+def test_a_stacks_checkpoint_holds_every_members_metrics(tmp_path, tiny):
+    # the trajectory checkpoint's metadata kept rows[-1], the last member's row only
+    res = train_run(tiny(members=3, steps=40, log_every=20, checkpoint_every=10), tmp_path,
+                    progress=False, betas=[0.0, 0.2, 0.4])
+    logged = res.run.metrics()
+    for path in res.run.trajectory():
+        ck = res.run.load_checkpoint(path)
+        step = ck.meta["step"]
+        assert ck.meta["metrics"] == [r for r in logged if r["step"] == step]
+        assert len(ck.meta["metrics"]) == (3 if step % 20 == 0 else 0)
+
+
 def test_same_seed_same_numbers(tmp_path, tiny):
     a = train_run(tiny(), tmp_path / "a", progress=False)
     b = train_run(tiny(), tmp_path / "b", progress=False)

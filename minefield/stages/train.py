@@ -3,8 +3,9 @@
 :func:`train_run` builds data and model from an
 :class:`~minefield.config.ExperimentConfig`, starts or resumes ``runs/<name>/``
 (the run's ``config.json`` is its key: a different config refuses without
-``force``), and writes ``metrics.jsonl``, the checkpointed ``trajectory/``, the
-optimizer ``state.safetensors`` and ``summary.json``. :func:`load_run_model`
+``force``), and writes ``metrics.jsonl``, the checkpointed ``trajectory/`` (metadata
+``metrics``: the rows logged at the step, one per member; ``[]`` between log steps),
+the optimizer ``state.safetensors`` and ``summary.json``. :func:`load_run_model`
 rebuilds any checkpoint of a run.
 """
 
@@ -163,11 +164,11 @@ def train_run(cfg: ExperimentConfig, root: Path | str = DEFAULT_ROOT, force: boo
     def on_checkpoint(step, p, b, opt, diverged_at):
         if run is None:
             return
-        last = {k: v for k, v in rows[-1].items()} if rows and rows[-1]["step"] == step else {}
+        logged_here = [dict(r) for r in rows if r["step"] == step]  # every member's row
         # who diverged so far: a member frozen here between log steps has no row saying so
         meta = {**base_meta, "step": step, "diverged_at": diverged_at}
         run.save_checkpoint(f"trajectory/step_{step:08d}.safetensors", p, b,
-                            {**meta, "metrics": last})
+                            {**meta, "metrics": logged_here})
         ot, om = _opt_to_tensors(opt)
         state = {f"param.{k}": v for k, v in p.items()}
         state.update({f"buffer.{k}": v for k, v in b.items()})
