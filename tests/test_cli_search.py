@@ -52,6 +52,40 @@ def test_search_embed_plot_from_the_command_line(tmp_path, tiny):
     assert fig.with_suffix(".png").exists() and fig.with_suffix(".pdf").exists()
 
 
+def test_embed_add_with_force_reports_a_new_map(tmp_path, tiny):
+    # regression: `embed --add X --force` over a map with 3 added points printed "placed -2
+    # new points into the map (1 added in all; the map's points did not move)": the map
+    # had been fitted anew
+    train_run(tiny("good"), tmp_path, progress=False)
+    r = CliRunner()
+    root = ["--root", str(tmp_path)]
+    assert r.invoke(main, root + ["search", "good", *FAST, "--device", "cpu"]).exit_code == 0
+    emb = ["embed", "good", "--perplexity", "1", "--n-iter", "50", "--device", "cpu"]
+    assert r.invoke(main, root + emb).exit_code == 0
+    three = [a for s in (0, 20, 40) for a in ("--add", f"trajectory/step_{s:08d}.safetensors")]
+    out = r.invoke(main, root + emb + three)
+    assert "placed 3 new points into the map (3 added in all; the map's points did" in out.output
+    out = r.invoke(main, root + emb + ["--add", "trajectory/step_00000060.safetensors", "--force"])
+    assert out.exit_code == 0, out.output
+    assert "placed 1 new points into the map (1 added in all; a new map)" in out.output
+
+
+def test_a_poisoned_search_of_a_run_without_poison_set_is_refused_up_front(tmp_path, tiny):
+    # regression: each stack failed inside its task ("1 of 1 tasks failed (...); run the
+    # same command again to redo only those", which failed again), after search/ was made
+    cfg = tiny("clean").replace(data=tiny().data.replace(n_poison=0))
+    train_run(cfg, tmp_path, progress=False)
+    r = CliRunner()
+    root = ["--root", str(tmp_path)]
+    for beta in ("0.43", "concat"):
+        out = r.invoke(main, root + ["search", "clean", *FAST, "--beta", beta])
+        assert out.exit_code == 1 and len(out.output.strip().splitlines()) == 1, out.output
+        assert "needs a poison set" in out.output and "again" not in out.output
+        assert not (tmp_path / "clean" / "search").exists()
+    out = r.invoke(main, root + ["search", "clean", *FAST, "--beta", "0"])  # plain retraining
+    assert out.exit_code == 0, out.output
+
+
 def test_search_errors_are_one_line(tmp_path):
     r = CliRunner()
     out = r.invoke(main, ["--root", str(tmp_path), "search", "nope"])

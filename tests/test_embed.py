@@ -349,3 +349,51 @@ def test_a_small_maps_own_points_added_again_land_on_themselves():
         tmap = fit_map(x, EmbedConfig(perplexity=30, n_iter=250, pca_dims=10))
         z = tmap.transform(x)
         assert torch.equal(torch.cdist(z, tmap.coords).argmin(1), torch.arange(n)), n
+
+
+def test_adding_to_a_map_of_a_search_redone_with_other_settings_is_refused(tmp_path, tiny):
+    # regression: after `minefield search --force` with other settings, `embed --add` placed
+    # the new search's minima into the map of the old one (deleted), mixing both searches
+    # in one figure; so did a map of a trajectory that had grown since
+    run = train_run(tiny("good"), tmp_path, progress=False).run
+    fast = SearchConfig.make(every=1, steps=30, log_every=10, milestones=(),
+                             continue_below=None)
+    search_run(run, fast, device="cpu")
+    cfg = EmbedConfig(perplexity=2, n_iter=50)
+    embed_run(run, cfg, device="cpu")
+    mine = "search/minima/start_00000020_r00.safetensors"
+    assert embed_run(run, device="cpu", add=[mine]).kind[-1] == "added"  # same search: fine
+    # a minimum the search made after the map (here: its first, redone) may be added too
+    (run.path / mine).unlink()
+    embed_run(run, cfg, device="cpu", force=True)  # a map without start 20
+    search_run(run, fast, device="cpu")  # resumed: start 20's minimum is back
+    assert embed_run(run, device="cpu", add=[mine]).kind[-1] == "added"
+    text = (run.path / "embed" / "embed.json").read_text()
+    search_run(run, fast.replace(train=fast.train.replace(lr=0.05)), device="cpu", force=True)
+    with pytest.raises(RunError, match="holds results for other settings"):
+        embed_run(run, device="cpu", add=[mine])
+    assert (run.path / "embed" / "embed.json").read_text() == text  # nothing written
+    res = embed_run(run, cfg, device="cpu", add=[mine], force=True)  # redone: one search
+    assert res.kind.count("bad") == 3 and res.kind[-1] == "added"
+    # a trajectory that grew since (here: its last checkpoint copied one step on)
+    grown = run.path / "trajectory" / "step_00000080.safetensors"
+    grown.write_bytes((run.path / "trajectory" / "step_00000060.safetensors").read_bytes())
+    with pytest.raises(RunError, match="holds results for other settings"):
+        embed_run(run, device="cpu", add=["trajectory/step_00000020.safetensors"])
+
+
+@pytest.mark.parametrize("text", ["{", '{"key": 1}', '{"key": {}}'])
+def test_force_redoes_an_embedding_whose_file_is_corrupt(tmp_path, tiny, text):
+    # regression: the error said "use --force to redo it", and --force said it again
+    run = train_run(tiny("good"), tmp_path, progress=False).run
+    search_run(run, SearchConfig.make(every=1, steps=30, log_every=10, milestones=(),
+                                      continue_below=None), device="cpu")
+    cfg = EmbedConfig(perplexity=2, n_iter=50)
+    (run.path / "embed").mkdir()
+    (run.path / "embed" / "embed.json").write_text(text)
+    with pytest.raises(RunError, match="corrupt"):
+        embed_run(run, cfg, device="cpu")
+    assert (run.path / "embed" / "embed.json").read_text() == text  # untouched
+    res = embed_run(run, cfg, device="cpu", force=True)
+    assert res.kind.count("bad") == 3 and load_embedding(run).kind == res.kind
+    assert embed_run(run, device="cpu", add=["trajectory/step_00000020.safetensors"]).added

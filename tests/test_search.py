@@ -358,6 +358,26 @@ def test_search_run_draws_fresh_points_from_the_runs_distribution(tmp_path, tiny
     assert fresh_points(DataConfig("spiral"), 50, 0)[0].shape == (50, 2)
 
 
+def test_fresh_points_are_never_the_datasets_own_train_or_test_points(tiny):
+    # regression: `minefield search --seed 1237` on a swiss-roll run drew the swiss roll's
+    # own 200 train and 200 test points (same generator, same seed) as its "fresh" poison
+    # points, true labels and all: the search trained to be wrong on the test set
+    from minefield.stages.search import search_extra
+
+    exp = tiny("roll").replace(data=DataConfig("swissroll"))
+    data = load_dataset(exp.data)
+    x, _ = search_extra(exp, _cfg(extra_poison=400, extra_share=0.11))  # seed 0: new points
+    own = torch.cat([data.x_train, data.x_test])
+    assert torch.cdist(x.double(), own.double()).min() > 1e-3
+    with pytest.raises(ConfigError, match="search seed 1237 draws swissroll's own train"):
+        search_extra(exp, _cfg(extra_poison=400, extra_share=0.11, seed=1237))
+    # its own data seed moves the clash with it
+    moved = exp.replace(data=DataConfig("swissroll", seed=5))
+    assert search_extra(moved, _cfg(extra_poison=400, extra_share=0.11, seed=1237)) is not None
+    with pytest.raises(ConfigError, match="choose another --seed"):
+        search_extra(moved, _cfg(extra_poison=400, extra_share=0.11, seed=5))
+
+
 def test_search_config_holds_a_train_config_and_reads_the_flat_layout():
     cfg = SearchConfig.make(every=3, steps=50, lr=0.01, seed=4)
     assert cfg.train == SEARCH_TRAIN.replace(steps=50, lr=0.01, seed=4)

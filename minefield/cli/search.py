@@ -200,7 +200,9 @@ def embed(ctx, run, perplexity, seed, n_iter, pca_dims, all_params, all_checkpoi
     if add and all(ctx.get_parameter_source(o) is ParameterSource.DEFAULT for o in options):
         cfg = checkpoints = None  # add to the map that is there, whatever its settings
     r = open_run(ctx, run)
-    before = len(load_embedding(r).added) if add and r.exists(EMBED_FILE) else 0
+    # --force (or no map yet) fits a new map: its points are all placed by this call
+    redo = force or not r.exists(EMBED_FILE)
+    before = 0 if redo or not add else len(load_embedding(r).added)
     out = r.file("embed", "embed.json")
     stamp = out.stat().st_mtime_ns if out.exists() else None
     res = embed_run(r, cfg, device=device, checkpoints=checkpoints, add=add, force=force)
@@ -208,8 +210,9 @@ def embed(ctx, run, perplexity, seed, n_iter, pca_dims, all_params, all_checkpoi
     click.echo(f"embedded {int(res.mask('trajectory').sum())} checkpoints and "
                f"{int(res.mask('bad').sum())} bad minima; {wrote} {out}")
     if add:
+        kept = "a new map" if redo else "the map's points did not move"
         click.echo(f"placed {len(res.added) - before} new points into the map "
-                   f"({len(res.added)} added in all; the map's points did not move)")
+                   f"({len(res.added)} added in all; {kept})")
 
 
 @plot.command("minefield")

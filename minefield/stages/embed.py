@@ -12,6 +12,7 @@ is next embedded, and :func:`load_map` reads it meanwhile).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..embed import EmbedConfig, EmbedResult, TSNEMap, fit_map, weight_matrix
 from ..evaluate import evaluate_members, resolve_device
 from ..functional import stack
 from ..lock import locking
-from ..options import EmbedCheckpoints, option
+from ..options import ConfigError, EmbedCheckpoints, option
 from ..runs import (
     DEFAULT_ROOT,
     Checkpoint,
@@ -91,7 +92,7 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig | None = None, *,
     """
     run = run if isinstance(run, Run) else Run.open(run, root)
     run_config(run)  # a study's folder is refused here, pointing at its stacks
-    stored = _stored(run)
+    stored = _stored(run, force)
     if cfg is None:
         cfg = EmbedConfig.from_dict(stored["config"]) if stored else EmbedConfig()
     if checkpoints is None:
@@ -119,8 +120,7 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig | None = None, *,
            else None, "minima": [p.name for p in minima],
            "trajectory": [p.name for p in traj],
            "final": run.fingerprint(traj[-1], named=False)}
-    if (add and stored and not force and cfg == EmbedConfig.from_dict(stored["config"])
-            and stored["key"]["checkpoints"] == checkpoints.value):
+    if add and stored and not force and _extends(stored["key"], key):
         key = stored["key"]  # add to the map there, even if the run has minima it lacks
     model, _, _, data, _ = load_run_model(run, traj[-1], dev)
     names = {n: v.shape for n, v in model.named_parameters()}
@@ -164,6 +164,19 @@ def embed_run(run: Run | str | Path, cfg: EmbedConfig | None = None, *,
         if save:
             run.write_result(EMBED_FILE, key, res.to_dict())
     return res
+
+
+def _extends(stored: dict, key: dict) -> bool:
+    """Whether points may be added to the saved map of ``stored`` for the run as ``key``
+    describes it now: the same settings, search and final iterate (its file and weights),
+    and every minimum and trajectory checkpoint the map shows still there (the run may
+    have more: minima searched since, and with them the checkpoints they started from). A
+    search redone with other settings (``--force``) replaced the map's minima, and a
+    trajectory that grew or was retrained is another one: adding would mix them."""
+    same = json.loads(json.dumps({k: v for k, v in key.items()
+                                  if k not in ("minima", "trajectory")}))
+    return ({k: stored.get(k) for k in same} == same
+            and all(set(stored.get(k, ())) <= set(key[k]) for k in ("minima", "trajectory")))
 
 
 def _step_of(ck) -> int:
@@ -224,13 +237,22 @@ def _settle_map(run: Run) -> None:
         pending.unlink()
 
 
-def _stored(run: Run) -> dict | None:
-    """The saved embedding's ``{"key", "config"}``, or None when there is none."""
+def _stored(run: Run, force: bool = False) -> dict | None:
+    """The saved embedding's ``{"key", "config"}``, or None when there is none. One that
+    cannot be read is a RunError, or with ``force`` (which redoes it) none: the error
+    says "use --force to redo it", and --force must then do so."""
     if not run.exists(EMBED_FILE):
         return None
-    d = run.read_json(EMBED_FILE)
-    with reading(run.file(EMBED_FILE)):
-        return {"key": d["key"], "config": d["key"]["embed"]}
+    try:
+        d = run.read_json(EMBED_FILE)
+        with reading(run.file(EMBED_FILE)):
+            EmbedConfig.from_dict(d["key"]["embed"])
+            option(EmbedCheckpoints, d["key"]["checkpoints"], "checkpoints")
+            return {"key": d["key"], "config": d["key"]["embed"]}
+    except (RunError, ConfigError):
+        if force:
+            return None
+        raise
 
 
 def _resolve(run: Run, p: str | Path) -> Path:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ExperimentConfig
-from ..data import Dataset, fresh_points
+from ..data import Dataset, fresh_points, load_dataset
 from ..evaluate import resolve_device
 from ..executor import Executor, LocalExecutor
 from ..functional import Params, n_members, one, stack
@@ -94,9 +94,24 @@ class SearchSummary:
 
 def search_extra(exp: ExperimentConfig, cfg: SearchConfig
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The fresh poison points the searches of a run of ``exp`` add (None: none)."""
+    """The fresh poison points the searches of a run of ``exp`` add (None: none).
+
+    They are drawn with the search's seed; the swiss roll's own points are drawn by the
+    same generator with the data seed (1237 by default), so a search seeded with it would
+    draw the training and test sets themselves, true labels and all, and train on being
+    wrong on them: the test set in the objective. Such a seed is refused (ConfigError)."""
     n = cfg.n_extra(exp.data.name)
-    return fresh_points(exp.data, n, cfg.seed) if n else None
+    if not n:
+        return None
+    x, y = fresh_points(exp.data, n, cfg.seed)
+    data = load_dataset(exp.data)
+    for split in ("train", "test"):
+        own = data.split(split)[0].to(x)
+        if len(own) and bool((x[:, None] == own[None]).flatten(2).all(-1).any()):
+            raise ConfigError(f"search seed {cfg.seed} draws {data.name}'s own {split} points "
+                              "as fresh poison points (the dataset was drawn with that seed); "
+                              "choose another --seed")
+    return x, y
 
 
 def start_beta(cfg: SearchConfig, exp: ExperimentConfig, data: Dataset) -> float:
@@ -195,7 +210,13 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
     # every start is read and checked, and the stacks sized, before anything is written:
     # a corrupt or mismatched start must not cost a --force redo the minima already there
     loaded = {p: _load_start(run, p, model, cfg.member, "cpu") for p in chosen}
-    cap = batch_capacity(model, poison_set(data, cfg, extra)[0], cfg)
+    trained_on = poison_set(data, cfg, extra)[0]
+    if len(trained_on.y_poison) == 0 and (cfg.beta is None or cfg.beta > 0):
+        # refused here, before anything is written: in a task it failed each stack with
+        # "run the same command again", which only failed again
+        raise ConfigError(f"a search's poison factor > 0 (or 'concat') needs a poison set, "
+                          f"and run {run.name}'s data has none (n_poison = 0)")
+    cap = batch_capacity(model, trained_on, cfg)
     key = cfg.to_dict()
     if cfg.isolate:  # grouping cannot change isolated minima: resume with any --max-batch
         del key["max_batch"], key["memory_mb"]
