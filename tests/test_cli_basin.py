@@ -209,3 +209,34 @@ def test_plot_basin_names_a_file_whose_rollouts_are_ragged(runs):
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
     assert "ragged.json is corrupt" in r.output and "expected (T,), (K, T)" in r.output
     assert path.read_bytes() == before and not (runs / "fig" / "ragged.png").exists()
+
+
+def test_plot_basin_gives_a_run_one_colour_in_both_panels(runs, monkeypatch):
+    """Regression: with the first run saved without rollouts, the second run's curves
+    took the first colour (red) while its histogram beside them was blue."""
+    import minefield.plotting.style as style
+
+    for name, n in (("a", "0"), ("b", "2")):
+        assert _invoke(runs, "basin", name, "--directions", "3", "--cutoff", "2", "--relative",
+                       "--rollouts", n, "--device", "cpu", "--tag", "colours").exit_code == 0
+    seen = {}
+    real = style.save_figure
+
+    def keep(fig, path, *a, **k):
+        curves, hist = fig.axes[:2]
+        seen["curves"] = {ln.get_label(): ln.get_color() for ln in curves.get_lines()
+                          if not ln.get_label().startswith("_")}
+        handles, labels = hist.get_legend_handles_labels()
+        seen["hist"] = {lab.split(":")[0]: h.get_facecolor()[:3]
+                        for h, lab in zip(handles, labels)}
+        return real(fig, path, *a, **k)
+
+    monkeypatch.setattr(style, "save_figure", keep)
+    r = _invoke(runs, "plot", "basin", "a", "b", "--tag", "colours", "--out",
+                str(runs / "fig" / "colours"))
+    assert r.exit_code == 0, r.output
+    from matplotlib.colors import to_rgb
+
+    assert list(seen["curves"]) == ["b"]
+    assert to_rgb(seen["curves"]["b"]) == pytest.approx(seen["hist"]["b"])
+    assert to_rgb(seen["curves"]["b"]) != pytest.approx(seen["hist"]["a"])

@@ -562,3 +562,60 @@ def test_vary_splits_values_at_top_level_commas_only(text, want):
     from minefield.cli.study import parse_vary
 
     assert parse_vary(text) == want
+
+
+def test_measure_figure_colours_a_numeric_field_in_numeric_order():
+    """The colour field's values were sorted as JSON text: batch sizes 8, 16, 32, 128 ran
+    128, 16, 32, 8 along the sequential colour map and in the legend."""
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from minefield.plotting.study import plot_measure
+
+    rows = [{"train.batch_size": b, "train.seed": s, "gap": b / 800 + s / 1000,
+             "mean_radius": 1.0 / b} for b in (8, 16, 32, 128) for s in (0, 1)]
+    res = SimpleNamespace(rows=rows, design=["train.batch_size", "train.seed"], scores=[])
+    ax = plot_measure(res, "mean_radius")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        f"train.batch_size {b}" for b in (8, 16, 32, 128)]
+    cmap = plt.get_cmap("viridis", 4)
+    for k, (b, dots) in enumerate(zip((8, 16, 32, 128), ax.collections)):
+        np.testing.assert_allclose(dots.get_facecolors()[0], cmap(k))
+        np.testing.assert_allclose(dots.get_offsets()[:, 0], [b / 800, b / 800 + 0.001])
+
+
+def test_study_figures_say_how_many_models_diverged():
+    """A diverged model (a row of NaN) was dropped from the measure figures and from
+    groups.png without a word: with lr 1e30 diverging in every seed, the figures showed
+    half the study as if it were all of it (lr=1e+30 not on groups.png at all)."""
+    from types import SimpleNamespace
+
+    from minefield.plotting.study import plot_groups, plot_measure
+
+    nan = float("nan")
+    rows = [{"train.lr": lr, "train.seed": s, "diverged": lr > 1,
+             "gap": nan if lr > 1 else 0.1 * s, "mean_radius": nan if lr > 1 else 0.2 + s,
+             "test_acc": nan if lr > 1 else 0.9} for lr in (0.05, 1e30) for s in range(3)]
+    res = SimpleNamespace(rows=rows, design=["train.lr", "train.seed"], scores=[])
+    note = "3 of 6 models diverged (loss NaN/inf), not drawn: lr=1e+30 (3)"
+    assert [t.get_text() for t in plot_measure(res, "mean_radius").texts] == [note]
+    fig = plot_groups(res)
+    assert fig.get_suptitle() == note
+    fine = SimpleNamespace(rows=rows[:3], design=res.design, scores=[])
+    assert len(plot_measure(fine, "mean_radius").texts) == 0
+    assert plot_groups(fine).get_suptitle() == ""
+
+
+def test_scores_figure_marks_a_nan_score_apart_from_a_zero_one():
+    """A NaN tau got a bar of NaN width, which is not drawn: the same empty row as a
+    tau of exactly 0."""
+    from types import SimpleNamespace
+
+    from minefield.plotting.study import plot_scores
+
+    scores = [{"measure": "a", "kendall_tau": 0.0, "granulated_tau": float("nan")},
+              {"measure": "b", "kendall_tau": 0.5, "granulated_tau": 0.25}]
+    ax = plot_scores(SimpleNamespace(scores=scores))
+    assert [(t.get_text(), t.get_position()[1]) for t in ax.texts] == [("NaN", 0.2)]

@@ -202,10 +202,9 @@ def plot_basin_cmd(ctx, runs, tag, member, out):
         if member >= len(saved.members):
             raise click.BadParameter(f"{name} has {len(saved.members)} member(s)")
         results[Path(name).name] = saved.members[member]
-        if saved.rollouts[member] is not None:
-            ros[Path(name).name] = saved.rollouts[member]
+        ros[Path(name).name] = saved.rollouts[member]  # None: no curves, but its colour
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.8))
-    if ros:
+    if any(ro is not None for ro in ros.values()):
         plot_rollouts(ros, ax=a1)
     else:
         a1.set_axis_off()

@@ -22,16 +22,20 @@ def _labelled(results, kind) -> list[tuple[str, object]]:
     return [(str(i), r) for i, r in enumerate(results)]
 
 
-def plot_rollouts(results: Rollouts | Mapping[str, Rollouts] | list[Rollouts], ax=None,
-                  alpha: float = 0.35):
+def plot_rollouts(results: Rollouts | Mapping[str, Rollouts | None] | list[Rollouts | None],
+                  ax=None, alpha: float = 0.35):
     """Train loss along each random direction against the signed distance, log scale.
 
     ``results``: one :class:`Rollouts` or ``{label: Rollouts}`` (e.g. good and bad
     model, drawn in the shared GOOD/BAD colours); the cutoff is a dashed line.
+    A ``None`` (a run saved without rollouts) draws nothing but keeps its colour, so
+    each run has the colour it has in :func:`plot_radius_hist` beside it.
     """
     ax = axes(ax)
     cutoffs = set()
     for i, (label, ro) in enumerate(_labelled(results, Rollouts)):
+        if ro is None:
+            continue
         color = _COLORS[i % len(_COLORS)]
         ts, loss = ro.ts.numpy(), ro.loss.numpy()
         for k in range(loss.shape[0]):

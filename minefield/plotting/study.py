@@ -13,7 +13,7 @@ from ..study import REPLICATES, TRAJECTORY
 from .style import CMAP_ACC, axes, note_minus_inf, save_figure
 
 __all__ = ["plot_measure", "plot_scores", "plot_trajectory", "plot_groups", "group_label",
-           "study_figures"]
+           "diverged_note", "study_figures"]
 
 _TARGET = {"gap": "generalization gap (train - test accuracy)",
            "loss_gap": "test loss - train loss"}
@@ -24,10 +24,40 @@ def _colour_field(design: list[str]) -> str | None:
     return axes_[0] if axes_ else (design[0] if design else None)
 
 
+def _value_order(v: str) -> tuple:
+    """Sort key of a field's value (its JSON text): numbers by value, then the rest by
+    text. The colours of :func:`plot_measure` run along a sequential map in this order:
+    sorted as text, batch sizes 8, 16, 32, 128 came out 128, 16, 32, 8."""
+    x = json.loads(v)
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return (0, float(x), v)
+    return (1, 0.0, v)
+
+
+def diverged_note(rows: list[dict], fields: list[str]) -> str:
+    """``"2 of 6 models diverged (loss NaN/inf), not drawn: lr=1e+30 (2)"``, or ``""``.
+
+    A diverged model's row is NaN: no axis shows it, and without this note a figure
+    looked like the whole study (a setting whose every replicate diverged was simply
+    not on it)."""
+    bad = [r for r in rows if r.get("diverged")]
+    if not bad:
+        return ""
+    where = {}
+    for r in bad:
+        lab = group_label(r, fields) if fields else ""
+        where[lab] = where.get(lab, 0) + 1
+    named = ", ".join(f"{lab} ({k})" for lab, k in where.items() if lab)
+    return (f"{len(bad)} of {len(rows)} models diverged (loss NaN/inf), not drawn"
+            + (f": {named}" if named else ""))
+
+
 def plot_measure(result, measure: str, target: str = "gap", ax=None):
     """``measure`` (y) against the gap (x), one dot per model, coloured by the study's
-    first varied field; the title holds its Kendall tau and granulated tau. Models at
-    -inf (log10 V of a basin of radius 0) are counted in a note (:func:`note_minus_inf`)."""
+    first varied field (its values in numeric order along the colour map, and in the
+    legend); the title holds its Kendall tau and granulated tau. Models at
+    -inf (log10 V of a basin of radius 0) are counted in a note (:func:`note_minus_inf`),
+    and so are diverged models (:func:`diverged_note`)."""
     ax = axes(ax)
     rows = result.rows
     x = np.array([r[target] for r in rows], dtype=float)
@@ -36,7 +66,7 @@ def plot_measure(result, measure: str, target: str = "gap", ax=None):
     if by is None:
         ax.scatter(x, y, s=14)
     else:
-        values = sorted({json.dumps(r[by]) for r in rows})
+        values = sorted({json.dumps(r[by]) for r in rows}, key=_value_order)
         cmap = plt.get_cmap(CMAP_ACC, max(len(values), 2))
         for k, v in enumerate(values):
             sel = np.array([json.dumps(r[by]) == v for r in rows])
@@ -49,6 +79,10 @@ def plot_measure(result, measure: str, target: str = "gap", ax=None):
         title += f"  (tau {score['kendall_tau']:+.2f}, Psi {score['granulated_tau']:+.2f})"
     ax.set_title(title)
     note_minus_inf(ax, x, y, measure)
+    note = diverged_note(rows, [d for d in result.design if d not in REPLICATES])
+    if note:
+        ax.text(0.5, 0.98, note, transform=ax.transAxes, ha="center", va="top", fontsize=7,
+                color="C3")
     ax.set_xlabel(_TARGET.get(target, target))
     ax.set_ylabel(measure)
     return ax
@@ -56,13 +90,19 @@ def plot_measure(result, measure: str, target: str = "gap", ax=None):
 
 def plot_scores(result, ax=None):
     """Kendall tau and granulated tau of every measure against the study's target (the
-    generalization gap by default), as bars."""
+    generalization gap by default), as bars. A NaN score (too few models, a constant
+    column) is written "NaN" where its bar would start: a bar of NaN is not drawn, and
+    looked exactly like a score of 0."""
     ax = axes(ax, figsize=(6.0, 0.35 * len(result.scores) + 1.2))
     names = [s["measure"] for s in result.scores]
     pos = np.arange(len(names))
-    ax.barh(pos - 0.2, [s["kendall_tau"] for s in result.scores], 0.4, label="Kendall tau")
-    ax.barh(pos + 0.2, [s["granulated_tau"] for s in result.scores], 0.4,
-            label="granulated tau")
+    for key, shift, label in (("kendall_tau", -0.2, "Kendall tau"),
+                              ("granulated_tau", 0.2, "granulated tau")):
+        vals = np.array([s[key] for s in result.scores], dtype=float)
+        ax.barh(pos + shift, vals, 0.4, label=label)
+        for k in np.flatnonzero(np.isnan(vals)):
+            ax.text(0.02, pos[k] + shift, "NaN", ha="left", va="center", fontsize=6,
+                    color="C3")
     ax.set_yticks(pos, names)
     ax.axvline(0, color="k", lw=0.5)
     ax.set_xlim(-1, 1)
@@ -110,8 +150,9 @@ def plot_groups(result, columns: tuple[str, ...] = GROUP_COLUMNS):
     values of every varied field but the replicates, in the order of the table),
     a dot per model (replicates) and a bar at their mean. A model at -inf (log10 V of
     a basin of radius 0) is counted at the foot of its setting ("2 at -inf") and its
-    setting gets no bar: its mean is -inf, not the mean of the others. Returns the
-    figure."""
+    setting gets no bar: its mean is -inf, not the mean of the others. Diverged models
+    (rows of NaN) are not drawn; the figure's title says how many and where
+    (:func:`diverged_note`). Returns the figure."""
     fields = [d for d in result.design if d not in REPLICATES]
     rows = [r for r in result.rows if not r.get("diverged")]
     labels = list(dict.fromkeys(group_label(r, fields) for r in rows))
@@ -138,6 +179,9 @@ def plot_groups(result, columns: tuple[str, ...] = GROUP_COLUMNS):
         ax.set_title(c)
     for ax in list(axs.flat)[len(cols):]:
         ax.set_visible(False)
+    note = diverged_note(result.rows, fields)
+    if note:
+        fig.suptitle(note, fontsize=7, color="C3")
     return fig
 
 
