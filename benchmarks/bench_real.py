@@ -72,7 +72,7 @@ def evaluation(name, model, x, y, k, repeats, dev, extra_bf16=False, k_loop=2048
     t0 = time.perf_counter()
     evaluate_points(model, c, d, ts, x, y, bufs)  # first call: includes the probe
     first = time.perf_counter() - t0
-    rule = path_candidates(model, bufs, "auto", x)  # one path: the CPU's fixed rule
+    rule = path_candidates(model, bufs, "auto", x, c)  # one path: the CPU's fixed rule
     new = [kk for kk in autotune.PROBES if kk not in probed]  # the probe this call made
     chosen = autotune.PROBES[new[-1]] if len(rule) > 1 and new else (rule[0], {})
     net = plain_net(model, c, bufs)

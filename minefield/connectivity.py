@@ -280,7 +280,7 @@ def evaluate_curves(model: nn.Module, a: Params, c: Params, b: Params, ts: torch
                          "recompute its statistics along the curve")
     dtype = next(iter(a.values())).dtype
     x = x.to(dtype)
-    per = activation_elements(model, x[:1].to(next(model.parameters()).dtype)) * x.element_size()
+    per = activation_elements(model, x[:2].to(next(model.parameters()).dtype)) * x.element_size()
     n_pts = max(len(x), 0 if x_stats is None else len(x_stats))
     chunk = max(1, int(memory_mb * 2**20 // max(1, per * n_pts)))
     loss = torch.empty(p * k, dtype=torch.float64, device=y.device)

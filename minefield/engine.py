@@ -57,6 +57,7 @@ from .functional import (
     buffers_like,
     check_buffers,
     check_single,
+    covers,
     member,
     mlp_fast_path,
     mlp_workspace,
@@ -91,12 +92,13 @@ _LOOP_POINTS = 64
 
 
 def _candidates(model: nn.Module, buffers: Params | None, path: EnginePath | str,
-                x: torch.Tensor) -> list[str]:
-    """The paths ``path`` allows for this model, the preferred (unprobed) one first."""
+                x: torch.Tensor, center: Params) -> list[str]:
+    """The paths ``path`` allows for this model, the preferred (unprobed) one first; the
+    matmuls only for a centre with every parameter (:func:`~minefield.stacked.covers`)."""
     path = option(EnginePath, path, "engine path")
-    mlp_ok = mlp_fast_path(model) and not buffers
+    mlp_ok = mlp_fast_path(model) and not buffers and covers(model, center)
     if path is EnginePath.MLP and not mlp_ok:
-        raise ValueError("path 'mlp' needs a plain nn.Sequential MLP without buffers")
+        raise ValueError("path 'mlp' needs a plain nn.Sequential MLP, no buffers, a full centre")
     if path is EnginePath.LOOP_CL and x.dim() != 4:
         raise ValueError("path 'loop_cl' needs images (N, C, H, W); use 'loop'")
     if path not in (EnginePath.AUTO, EnginePath.PROBE):
@@ -121,8 +123,9 @@ def _looped_logits(model: nn.Module, p: Params, x: torch.Tensor, b: Params | Non
     """``(m, N, C)``: each point of the stack ``p`` run alone on all of ``x``, as an
     ordinary module call (one plain convolution per layer instead of a grouped one);
     a sequential conv net with its first convolution shared (:mod:`minefield.seqconv`),
-    except under autocast (its products write into a float32 buffer)."""
-    if not b and seq_conv_path(model) and not torch.is_autocast_enabled(x.device.type):
+    except under autocast (its products write into a float32 buffer) or without a full stack."""
+    if (not b and seq_conv_path(model) and covers(model, p)
+            and not torch.is_autocast_enabled(x.device.type)):
         return seq_conv_logits(model, p, x)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -155,7 +158,7 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
     version = x._version  # an in-place change of x (or of a view of it) bumps it
     size = torch.finfo(dtype).bits // 8
     mdt = next(model.parameters()).dtype  # activation_elements runs the module itself
-    sample = x[:1].to(mdt)
+    sample = x[:2].to(mdt)
     per = activation_elements(model, sample) * size  # bytes per (point, input)
     budget = memory_budget_mb(dev, memory_mb) * 2**20
     # batch statistics (asked for, or a BatchNorm without running ones) see all inputs
@@ -288,7 +291,7 @@ def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: to
     if ts.dim() not in (1, 2) or ts.shape[0] != k_dirs:
         raise ValueError(f"ts must be (K,) or (K, T) with K = {k_dirs} directions, "
                          f"got shape {tuple(ts.shape)}")
-    candidates = _candidates(model, buffers, path, x)
+    candidates = _candidates(model, buffers, path, x, center)
     dev = center[next(iter(center))].device
     t_flat = ts.reshape(-1).to(dtype=dtype, device=dev)
     k_idx = torch.arange(k_dirs, device=dev).repeat_interleave(
@@ -329,7 +332,7 @@ def evaluate_combinations(model: nn.Module, center: Params, basis: Params, coeff
     dtype = center[next(iter(center))].dtype
     n_basis = _check_points(center, basis, x, y, "basis")
     check_buffers(model, buffers, 1, bn is BNPolicy.BATCH)
-    candidates = _candidates(model, buffers, path, x)
+    candidates = _candidates(model, buffers, path, x, center)
     coeffs = torch.as_tensor(coeffs).to(dtype=dtype, device=center[next(iter(center))].device)
     if coeffs.dim() != 2 or coeffs.shape[1] != n_basis:
         raise ValueError(f"coeffs must be (N, {n_basis}), got shape {tuple(coeffs.shape)}")

@@ -40,6 +40,7 @@ from .stacked import (  # noqa: F401 - the stack operations, re-exported from th
     Stacked,
     alone,
     check_single,
+    covers,
     flatten,
     member,
     n_members,
@@ -146,8 +147,6 @@ def bn_mode(model: nn.Module, batch: bool) -> Iterator[nn.Module]:
 
 
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.LeakyReLU, nn.Identity)
-
-
 _FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -284,16 +283,17 @@ def stacked_forward(model: nn.Module, params: Params, x: torch.Tensor,
     ``per_member_x=True``. BatchNorm follows the module's mode: call
     ``model.train()`` to use batch statistics (updating the stacked ``buffers``
     in place), ``model.eval()`` (the default) to use the running statistics.
-    ``path="auto"`` runs plain MLPs (:func:`mlp_fast_path`) as batched matmuls, a
-    stack of one as the plain module (:func:`single_forward`) and everything else
-    through ``functional_call`` under ``vmap``; ``path="vmap"`` always takes the latter.
+    ``path="auto"`` runs plain MLPs (:func:`mlp_fast_path`) given all their parameters
+    (:func:`covers`) as batched matmuls, a stack of one as the plain module
+    (:func:`single_forward`), the rest (all with ``path="vmap"``) by ``vmap``.
     """
     buffers = buffers or {}
     if path not in ("auto", "vmap"):
         raise ValueError(f"unknown forward path {path!r}; use auto or vmap")
-    if path == "auto" and not buffers and not per_member_x and mlp_fast_path(model):
+    auto = path == "auto" and not per_member_x
+    if auto and not buffers and mlp_fast_path(model) and covers(model, params):
         return _mlp_forward(model, params, x)
-    if path == "auto" and not per_member_x and n_members(params) == 1:
+    if auto and n_members(params) == 1:
         return single_forward(model, params, x, buffers)
 
     def f(p, b, xx):
@@ -367,7 +367,7 @@ def activation_elements(model: nn.Module, sample: torch.Tensor, largest: bool = 
         try:
             with torch.no_grad(), bn_mode(model, False):
                 w = next(model.parameters())  # the module's own device and dtype
-                s = sample[:1].detach().to(w.device)
+                s = sample[:2].detach().to(w.device)  # 2: BatchNorm1d on batch stats refuses 1
                 model(s.to(w.dtype) if s.is_floating_point() else s)
         finally:
             for h in handles:

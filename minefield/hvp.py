@@ -47,7 +47,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 from .config import ConfigError
 from .data import Dataset
 from .engine import LOSSES, BNPolicy, evaluate_points
-from .functional import bn_mode, buffers_like, check_buffers
+from .functional import bn_mode, buffers_like, check_buffers, covers
 from .graph_hvp import GraphHessian, graph_plan
 from .kept_graph import KeptGraph, check_second_derivatives
 from .loss import check_labels
@@ -246,10 +246,10 @@ def model_objective(model: nn.Module, params: Params,
         with bn_mode(model, train):  # dropout stays off either way
             return functional_call(model, (p, b), (xx,))
 
-    if len(y) and not train:  # one input tells the logits' count (batch statistics: all)
+    if len(y) and not train:  # two inputs tell the logits' count (BatchNorm1d: not one)
         try:
             with torch.no_grad():
-                width = forward(member(params, 0), member(bufs, 0), x[:1]).shape[-1]
+                width = forward(member(params, 0), member(bufs, 0), x[:2]).shape[-1]
         except RuntimeError:  # data that do not fit: the caller's checks or the first
             width = None  # product say so
         check_labels(y, width)
@@ -258,14 +258,17 @@ def model_objective(model: nn.Module, params: Params,
 
 
 def _pearlmutter_applies(obj: Objective) -> bool:
+    """Only for params holding every parameter: a frozen one left out is a constant of
+    the module, which the R-operator would read as none (:func:`covers`)."""
     return (obj.model is not None and not obj.buffers and obj.loss == "nll"
-            and mlp_plan(obj.model) is not None)
+            and covers(obj.model, obj.params) and mlp_plan(obj.model) is not None)
 
 
 def _graph_applies(obj: Objective) -> bool:
-    """BatchNorm only with running statistics: batch statistics couple the samples."""
+    """BatchNorm only with running statistics: batch statistics couple the samples; every
+    parameter in params, as for :func:`_pearlmutter_applies`."""
     return (obj.model is not None and obj.loss == "nll" and (obj._bdim == 0 or not obj.buffers)
-            and graph_plan(obj.model) is not None)
+            and covers(obj.model, obj.params) and graph_plan(obj.model) is not None)
 
 
 class CurvatureOperator:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.func import vmap
 
-from .functional import _mlp_forward, mlp_fast_path
+from .functional import _mlp_forward, covers, mlp_fast_path
 from .stacked import member, unflatten
 
 if TYPE_CHECKING:
@@ -73,7 +73,8 @@ class KeptGraph:
         self.m = obj.n_members
         leaves = {k: v.detach().clone().requires_grad_(True) for k, v in obj.params.items()}
         with torch.enable_grad():
-            if obj.model is not None and not obj.buffers and mlp_fast_path(obj.model):
+            if (obj.model is not None and not obj.buffers and mlp_fast_path(obj.model)
+                    and covers(obj.model, leaves)):
                 # plain MLPs: the engine's batched matmuls, (M, N, C) logits at once
                 losses = sum(obj.weight * obj.per_sample(
                     _mlp_forward(obj.model, leaves, x), y).sum(-1) for x, y in obj.chunks)

@@ -222,7 +222,7 @@ def _check_fits(model: nn.Module, params: Params, buffers: Params | None,
     model.eval()  # one input through BatchNorm: its running statistics
     try:
         with torch.no_grad():
-            out = functional_call(model, {**first, **bufs}, (x[:1].to(w0),))
+            out = functional_call(model, {**first, **bufs}, (x[:2].to(w0),))
     except RuntimeError as e:
         raise ConfigError(f"the data do not fit the model: inputs of shape "
                           f"{tuple(x.shape[1:])} ({str(e).splitlines()[0][:120]})") from None

@@ -42,7 +42,7 @@ import torch
 import torch.utils._pytree as pytree
 
 __all__ = ["Params", "Stacked", "stack", "member", "one", "alone", "select", "check_single",
-           "n_members", "flatten", "unflatten"]
+           "n_members", "flatten", "unflatten", "covers"]
 
 Params = dict[str, torch.Tensor]
 
@@ -168,3 +168,19 @@ def flatten(params: Params) -> torch.Tensor:
 def unflatten(flat: torch.Tensor, like: Params) -> Params:
     """Inverse of :func:`flatten`: ``(M, n_params)`` into a dict shaped as ``like``."""
     return dict(Stacked(like).unflatten(flat))
+
+
+def covers(model, params: Params) -> bool:
+    """Whether ``params`` holds every parameter of the ``nn.Module`` ``model``.
+
+    ``functional_call`` runs a name left out as the module's own tensor (a frozen layer
+    kept out of the stack stays fixed, as on the engine's ``vmap`` path); the paths that
+    compute the layers themselves (the MLP matmuls, the sequential conv path, the
+    R-operators) would read a missing bias as none, so they take only complete stacks.
+
+    >>> from torch import nn
+    >>> m = nn.Sequential(nn.Linear(2, 1))
+    >>> covers(m, dict(m.named_parameters())), covers(m, {"0.weight": m[0].weight})
+    (True, False)
+    """
+    return all(k in params for k, _ in model.named_parameters())

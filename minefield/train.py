@@ -149,7 +149,7 @@ def _check_inputs(model: nn.Module, params: Params, data: Dataset, buffers: Para
                           "convert one (Dataset.to(device, dtype))")
     with torch.no_grad(), bn_mode(model, False):
         c = stacked_forward(model, {k: v[:1].detach() for k, v in params.items()},
-                            data.x_train[:1], {k: v[:1] for k, v in buffers.items()}
+                            data.x_train[:2], {k: v[:1] for k, v in buffers.items()}
                             ).shape[-1]
     if (c == 1 and data.n_classes > 2) or 1 < c < data.n_classes:
         raise ConfigError(f"the model has {c} output(s) for {data.n_classes} classes: give it "

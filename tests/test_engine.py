@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -9,7 +11,8 @@ from minefield.engine import (
     evaluate_points_loop,
     mlp_fast_path,
 )
-from minefield.functional import buffers_like
+from minefield.functional import buffers_like, stacked_forward
+from minefield.loss import nll
 from minefield.models import build_model, init_params
 from minefield.stacked import member, stack
 
@@ -419,3 +422,60 @@ def test_a_forward_that_changes_its_input_in_place_is_refused():
     d = random_directions({k: v[0] for k, v in centre.items()}, 2)
     with pytest.raises(ConfigError, match="changes its input in place"):
         evaluate_points(net, centre, d, torch.zeros(2), x, y)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_a_frozen_bias_left_out_of_the_centre_is_the_modules_on_every_path(conv):
+    """A centre without a frozen layer's bias runs it as the module's own (functional_call);
+    the MLP matmuls and the shared-first-convolution loop read it as none (hunt 36:
+    1.2547 for 1.3899 on the MLP, through path 'auto' too)."""
+    torch.manual_seed(0)
+    model = (torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Tanh(),
+                                 torch.nn.Flatten(), torch.nn.Linear(48, 3)) if conv else
+             torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(),
+                                 torch.nn.Linear(5, 3))).double()
+    with torch.no_grad():
+        model[0].bias.fill_(2.0)
+    model[0].bias.requires_grad_(False)
+    x = torch.randn(20, *((2, 4, 4) if conv else (4,)), dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    c = {k: v.detach()[None] for k, v in model.named_parameters() if v.requires_grad}
+    d = {k: torch.randn(2, *v.shape[1:], dtype=torch.float64) for k, v in c.items()}
+    ts = torch.tensor([0.0, 0.3], dtype=torch.float64)
+    ref = []
+    for k, t in enumerate(ts):
+        net = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if name in c:
+                    p.copy_(c[name][0] + t * d[name][k])
+            ref.append(float(nll(net(x), y).mean()))
+    for path in ("auto", "vmap", "loop") + (() if conv else ("mlp",)):
+        if path == "mlp":
+            with pytest.raises(ValueError, match="full centre"):
+                evaluate_points(model, c, d, ts, x, y, path=path)
+            continue
+        lo = evaluate_points(model, c, d, ts, x, y, path=path)[0]
+        torch.testing.assert_close(lo, torch.tensor(ref, dtype=torch.float64), **TOL)
+    if not conv:
+        torch.testing.assert_close(stacked_forward(model, c, x), model(x)[None], **TOL)
+
+
+def test_a_batchnorm1d_without_running_statistics_is_evaluated_not_refused():
+    """BatchNorm1d(track_running_stats=False) normalises with its batch in eval mode too,
+    and refuses a batch of one: the engine's one-input size probe raised torch's
+    "Expected more than 1 value per channel" before any point ran (hunt 36)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4),
+                                torch.nn.BatchNorm1d(4, track_running_stats=False),
+                                torch.nn.ReLU(), torch.nn.Linear(4, 3)).double().eval()
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 3, (16,))
+    c = {k: v.detach()[None] for k, v in model.named_parameters()}
+    d = {k: torch.randn(2, *v.shape[1:], dtype=torch.float64) for k, v in c.items()}
+    ts = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    ref = evaluate_points_loop(model, c, d, ts, x, y)[0]
+    with torch.no_grad():
+        assert float(ref[0]) == pytest.approx(float(nll(model(x), y).mean()), rel=1e-12)
+    for path in ("auto", "vmap", "loop"):
+        torch.testing.assert_close(evaluate_points(model, c, d, ts, x, y, path=path)[0], ref,
+                                   **TOL)

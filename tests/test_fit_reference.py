@@ -2,6 +2,7 @@
 a Python loop over minibatches and poison batches, the poisoned loss written out from its
 formula, ``clip_grad_norm_`` and a hand-set step schedule; float64, to 1e-10."""
 
+import copy
 import math
 
 import pytest
@@ -90,3 +91,24 @@ def test_stack_equals_members_trained_alone_with_torch_optim(k, kw):
         ref = _alone(mc, {n: v[i] for n, v in p0.items()}, data, cfg, betas[i], lrs[i], l2s[i])
         for n, v in ref.items():
             torch.testing.assert_close(res.params[n][i], v, rtol=0, atol=1e-10)
+
+
+def test_a_batchnorm1d_without_running_statistics_trains_as_torch_optim_does():
+    """Full batch, SGD with momentum, no poison: fit's one-input output-count check raised
+    torch's "Expected more than 1 value per channel" for this model (hunt 36)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4),
+                                torch.nn.BatchNorm1d(4, track_running_stats=False),
+                                torch.nn.ReLU(), torch.nn.Linear(4, 3)).double()
+    data = _data(3)
+    ref = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(20):
+        opt.zero_grad()
+        F.cross_entropy(ref(data.x_train), data.y_train).backward()
+        opt.step()
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, steps=20, log_every=10)
+    out = fit(model, {k: v.detach().clone()[None] for k, v in model.named_parameters()},
+              data, cfg)
+    for k, v in ref.named_parameters():
+        torch.testing.assert_close(out.params[k][0], v.detach(), rtol=1e-10, atol=1e-12)
