@@ -35,6 +35,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from .config import ConfigError
+from .loss import logits_only
 from .stacked import (  # noqa: F401 - the stack operations, re-exported from their home
     Params,
     Stacked,
@@ -317,7 +318,7 @@ def single_forward(model: nn.Module, params: Params, x: torch.Tensor,
     b = {k: v[0] for k, v in (buffers or {}).items()}
     if channels_last_input(model, x):
         x = x.contiguous(memory_format=torch.channels_last)
-    return functional_call(model, (p, b), (x,)).unsqueeze(0)
+    return logits_only(functional_call(model, (p, b), (x,))).unsqueeze(0)
 
 
 def channels_last_input(model: nn.Module, x: torch.Tensor) -> bool:
@@ -351,8 +352,7 @@ def activation_elements(model: nn.Module, sample: torch.Tensor, largest: bool = 
     about ``M * N * activation_elements`` floats alive, and one layer's working set is
     about ``N * activation_elements(largest=True)`` floats.
     """
-    # keyed on the module itself (weakly) and its parameter shapes: an id() is reused once
-    # the module is freed, and a layer resized in place changes the sizes
+    # keyed on the module (weakly; an id() is reused once it is freed) and parameter shapes
     cache = _ACT_CACHE.setdefault(model, {})
     key = (tuple(sample.shape[1:]), tuple(p.shape for p in model.parameters()))
     if key not in cache:
@@ -368,7 +368,7 @@ def activation_elements(model: nn.Module, sample: torch.Tensor, largest: bool = 
             with torch.no_grad(), bn_mode(model, False):
                 w = next(model.parameters())  # the module's own device and dtype
                 s = sample[:2].detach().to(w.device)  # 2: BatchNorm1d on batch stats refuses 1
-                model(s.to(w.dtype) if s.is_floating_point() else s)
+                logits_only(model(s.to(w.dtype) if s.is_floating_point() else s))
         finally:
             for h in handles:
                 h.remove()

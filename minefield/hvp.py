@@ -50,7 +50,7 @@ from .engine import LOSSES, BNPolicy, evaluate_points
 from .functional import bn_mode, buffers_like, check_buffers, covers
 from .graph_hvp import GraphHessian, graph_plan
 from .kept_graph import KeptGraph, check_second_derivatives
-from .loss import check_labels
+from .loss import check_labels, logits_only
 from .options import option
 from .pearlmutter import MLPHessian, mlp_plan
 from .stacked import Params, flatten, member, n_members, one, unflatten
@@ -249,7 +249,7 @@ def model_objective(model: nn.Module, params: Params,
     if len(y) and not train:  # two inputs tell the logits' count (BatchNorm1d: not one)
         try:
             with torch.no_grad():
-                width = forward(member(params, 0), member(bufs, 0), x[:2]).shape[-1]
+                width = logits_only(forward(member(params, 0), member(bufs, 0), x[:2])).shape[-1]
         except RuntimeError:  # data that do not fit: the caller's checks or the first
             width = None  # product say so
         check_labels(y, width)

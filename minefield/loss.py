@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .options import ConfigError
 
-__all__ = ["nll", "complement_nll", "poisoned_nll", "accuracy", "predict", "check_labels"]
+__all__ = ["nll", "complement_nll", "poisoned_nll", "accuracy", "predict", "check_labels",
+           "logits_only"]
 
 
 def _check(logits: torch.Tensor, y: torch.Tensor) -> None:
@@ -132,3 +133,21 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Fraction of correct predictions, shape ``logits.shape[:-2]``."""
     _check(logits, y)
     return (predict(logits) == y).to(logits.dtype).mean(-1)
+
+
+def logits_only(out: object) -> torch.Tensor:
+    """``out`` if a model's forward returned one tensor of logits ``(N, C)``, which every
+    loss, radius and Hessian here reads; else one clear ``ConfigError`` (a tuple or dict
+    of logits and features failed deep inside the engine with an AttributeError).
+
+    >>> try:
+    ...     logits_only({"logits": torch.zeros(2, 3)})
+    ... except ConfigError as e:
+    ...     print(str(e)[:44])
+    the model's forward returns a dict, not a te
+    """
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"the model's forward returns a {type(out).__name__}, not a tensor "
+                          "of logits (N, C): wrap it in an nn.Module whose forward returns "
+                          "only the logits")
+    return out

@@ -40,6 +40,7 @@ from .functional import (
     stacked_forward,
     stochastic_modules,
 )
+from .loss import logits_only
 from .models import init_params
 from .optim import StackedOptimizer
 from .sam import sam_update
@@ -148,9 +149,8 @@ def _check_inputs(model: nn.Module, params: Params, data: Dataset, buffers: Para
         raise ConfigError(f"the data are {data.x_train.dtype} and the parameters {dtype}: "
                           "convert one (Dataset.to(device, dtype))")
     with torch.no_grad(), bn_mode(model, False):
-        c = stacked_forward(model, {k: v[:1].detach() for k, v in params.items()},
-                            data.x_train[:2], {k: v[:1] for k, v in buffers.items()}
-                            ).shape[-1]
+        c = logits_only(stacked_forward(model, {k: v[:1].detach() for k, v in params.items()},
+                        data.x_train[:2], {k: v[:1] for k, v in buffers.items()})).shape[-1]
     if (c == 1 and data.n_classes > 2) or 1 < c < data.n_classes:
         raise ConfigError(f"the model has {c} output(s) for {data.n_classes} classes: give it "
                           "one logit for two classes, or one per class")

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from minefield.config import ConfigError, ModelConfig
+from minefield.config import ConfigError, ModelConfig, TrainConfig
 from minefield.directions import random_directions
 from minefield.engine import (
     evaluate_combinations,
@@ -479,3 +479,31 @@ def test_a_batchnorm1d_without_running_statistics_is_evaluated_not_refused():
     for path in ("auto", "vmap", "loop"):
         torch.testing.assert_close(evaluate_points(model, c, d, ts, x, y, path=path)[0], ref,
                                    **TOL)
+
+
+def test_a_model_returning_a_tuple_is_refused_in_one_line():
+    """A forward returning (logits, features) failed deep inside with an AttributeError."""
+    from minefield.hvp import model_objective
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 3)
+
+        def forward(self, x):
+            return self.fc(x), x
+
+    net = Pair()
+    p = {k: v.detach()[None] for k, v in net.named_parameters()}
+    x, y = torch.randn(5, 2), torch.tensor([0, 1, 2, 0, 1])
+    with pytest.raises(ConfigError, match="returns a tuple, not a tensor of logits"):
+        evaluate_points(net, p, {k: torch.randn_like(v) for k, v in p.items()},
+                        torch.zeros(1), x, y)
+    with pytest.raises(ConfigError, match="returns a tuple, not a tensor of logits"):
+        model_objective(net, p, (x, y))
+    from minefield.data import Dataset
+    from minefield.train import fit
+
+    data = Dataset("pair", x, y, x, y, x[:0], y[:0], 3)
+    with pytest.raises(ConfigError, match="returns a tuple, not a tensor of logits"):
+        fit(net, {k: v.clone() for k, v in p.items()}, data, TrainConfig(steps=1))
