@@ -380,10 +380,12 @@ def _bookkeeping(name: str) -> bool:
 def _clean_tmp(path: Path, top: bool = True) -> None:
     """Remove ``.*.tmp`` files left by writes that were killed before ``os.replace``:
     in ``path`` and its folders, but not in a folder that is a run of its own (a study's
-    stacks: its config or lock there), whose lock another process may hold while it
-    writes."""
-    if not path.is_dir() or (not top and ((path / "config.json").exists()
-                                          or (path / _LOCK_FILE).exists())):
+    stacks), whose lock another process may hold while it writes. Such a run is told by
+    its lock file, which :meth:`Run.create` makes before anything else there; not by a
+    ``config.json``, which every result folder also has (its key: ``search/``,
+    ``basin/<tag>.tasks/``, ``tasks/``), so their leftovers (a killed minimum's
+    checkpoint, as large as the model) had stayed for good."""
+    if not path.is_dir() or (not top and (path / _LOCK_FILE).exists()):
         return
     for p in path.iterdir():
         if p.is_dir() and not p.is_symlink():

@@ -659,6 +659,25 @@ def test_leftover_temporary_files_are_removed_when_a_run_is_written(base, tmp_pa
     assert not any(p.exists() for p in left)
 
 
+def test_leftover_temporary_files_in_a_result_folder_are_removed(tmp_path):
+    """A result folder holds its key in ``config.json`` (``search/``, a basin's
+    ``.tasks/``): it was taken for a run of its own, and a minimum's checkpoint killed
+    half-way (``search/minima/.start_...safetensors.x.tmp``) was never removed."""
+    run = tmp_path / "r"
+    (run / "search" / "minima").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "search" / "config.json").write_text('{"search": {}}')
+    left = [run / "search" / ".search.csv.ab.tmp",
+            run / "search" / "minima" / ".start_00000050_r00.safetensors.cd.tmp"]
+    for p in left:
+        p.write_bytes(b"half")
+    try:
+        Run(run).lock()
+        assert not any(p.exists() for p in left)
+    finally:
+        release(run)
+
+
 def test_locking_a_study_leaves_its_stacks_temporary_files_to_their_own_lock(tmp_path):
     """A stack is a run of its own, which another process may be writing under its own
     lock: taking the study's lock deleted that write's temporary file."""
@@ -666,6 +685,7 @@ def test_locking_a_study_leaves_its_stacks_temporary_files_to_their_own_lock(tmp
     stack.mkdir(parents=True)
     (study / "config.json").write_text('{"kind": "study"}')
     (stack / "config.json").write_text("{}")
+    (stack / ".lock").write_text("")  # made first by every writer of a run (Run.create)
     mine, theirs = study / ".study.json.ab.tmp", stack / ".models.json.cd.tmp"
     for p in (mine, theirs):
         p.write_text("half")
