@@ -221,3 +221,21 @@ def test_a_checkpoint_not_of_the_model_is_refused_in_one_line(tmp_path, change, 
         assert out.exit_code == 1 and message in out.output, out.output
         assert len(out.output.strip().splitlines()) == 1
     assert (tmp_path / "c" / "summary.json").read_bytes() == summary
+
+
+def test_evaluate_prints_test_and_poison_losses_and_refuses_a_study_by_its_stacks(cli, tmp_path):
+    # regression: the README and `evaluate --help` promise train / test / poison loss and
+    # accuracy, but only the train loss was printed; and a study's folder gave "no
+    # trajectory checkpoints (was it trained?)" where every other command names its stacks
+    assert cli("train", "--name", "a", *TINY, "--beta", "0.3", "--n-poison", "20").exit_code == 0
+    r = cli("evaluate", "a")
+    assert r.exit_code == 0, r.output
+    assert all(f"{s} loss " in r.output for s in ("train", "test", "poison"))
+    study = ["study", "--name", "st", "--dataset", "blobs", "--widths", "4", "--steps", "2",
+             "--vary", "train.seed=0,1", "--directions", "1", "--device", "cpu", "--quiet",
+             "--figures", str(tmp_path / "fig")]
+    assert cli(*study).exit_code == 0
+    for args in (["evaluate", "st"], ["evaluate", "st", "--checkpoint", "x.safetensors"]):
+        r = cli(*args)
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+        assert "st is a study, not a trained run" in r.output and "stacks" in r.output

@@ -61,3 +61,51 @@ def test_the_default_run_all_the_readme_names_is_the_local_loop(tmp_path):
     named = mf.study_run(base.replace(name="ra2"), cfg, tmp_path, progress=False,
                          run_all=getattr(mf, name))
     assert [r["test_acc"] for r in named.rows] == [r["test_acc"] for r in plain.rows]
+
+
+def _command(block_start: str) -> str:
+    """The README command line starting with ``block_start``, continuation lines joined."""
+    text = README.read_text()
+    i = text.index(block_start)
+    lines = []
+    for line in text[i:].splitlines():
+        lines.append(line.split("  #")[0].rstrip().rstrip("\\"))
+        if not line.split("  #")[0].rstrip().endswith("\\"):
+            break
+    return " ".join(lines)
+
+
+def test_the_fig1_train_command_is_the_reproductions_good_run():
+    # regression: "The command line" trained Fig. 1's good run on all 132 points with a
+    # checkpoint every 0.8 epoch (no --fit-first 118), the run the README says was off-spec
+    import shlex
+
+    from minefield.cli.train import config_from_options
+    from minefield.reproduce import fig1
+
+    cmd = _command("minefield train --name mf --dataset spiral")
+    cli_cfg = _train_config(shlex.split(cmd)[2:], config_from_options)
+    src = Path(fig1.__file__).read_text()
+    assert "fit_first=118" in src and "checkpoint_every=4" in src
+    t = cli_cfg.train
+    assert (t.fit_first, t.batch_size, t.checkpoint_every, t.steps) == (118, 32, 4, 8000)
+    assert (t.optimizer.value, t.lr, t.l2) == ("rmsprop", 0.01, 0.001)
+
+
+def _train_config(args, config_from_options):
+    """The ExperimentConfig ``minefield train ARGS`` builds (its options parsed by click)."""
+    from minefield.cli import main
+
+    with main.commands["train"].make_context("train", list(args)) as ctx:
+        return config_from_options(ctx.params)
+
+
+def test_the_reliability_table_size_the_readme_names_is_the_tables():
+    # regression: the README said 162 bad inputs after the table had grown to 170
+    import sys
+
+    sys.path.insert(0, str(README.parent / "tests"))
+    import test_reliability
+
+    said = re.search(r"tests/test_reliability\.py` runs the (\d+) bad inputs", README.read_text())
+    assert int(said.group(1)) == len(test_reliability.CASES)

@@ -12,7 +12,8 @@ from ._common import device_option, force_option, friendly, main, quiet_option, 
 
 @main.command("reproduce")
 @click.option("--scale", type=click.Choice(list(SCALES)), default="small", show_default=True,
-              help="small: under 15 min on 2 CPU cores; paper: the paper's sizes (GPU).")
+              help="small: 7-17 min on 2 CPU cores (by CPU model); paper: the paper's "
+              "sizes (GPU).")
 @click.option("--only", multiple=True, type=click.Choice(list(EXPERIMENTS)),
               help="Run only these experiments (repeatable); the report in --figures then "
               "holds only them (give another --figures to keep a full report).")

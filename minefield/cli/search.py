@@ -39,7 +39,8 @@ _D = SearchConfig()
               help="Start from every k-th trajectory checkpoint ...")
 @click.option("--start", type=click.IntRange(0), default=_D.start, show_default=True,
               help="... beginning at this index (0 = initialisation) ...")
-@click.option("--stop", type=click.IntRange(0), default=None, help="... up to this index.")
+@click.option("--stop", type=click.IntRange(0), default=None,
+              help="... up to this index, not included (start:stop:every).")
 @click.option("--checkpoints", help="Explicit start steps instead, e.g. 40,400,8000.")
 @click.option("--member", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=1, show_default=True,

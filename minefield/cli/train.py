@@ -14,6 +14,7 @@ from ..options import Activation, Init, SamKind, choices
 from ..plotting import plot_boundary, save_figure
 from ..runs import Run, RunError, load_tensors
 from ..stages import load_run_model, train_run
+from ..stages.train import run_config
 from ._common import (
     SEED,
     device_option,
@@ -174,11 +175,14 @@ def train(ctx, **opts):
                        "trained on")
 
 
-def _print_summary(name: str, m: dict[str, list[float]]) -> None:
+def _print_summary(name: str, m: dict[str, list[float]], losses: bool = False) -> None:
+    """One line per member; ``losses``: the test and poison losses too (``evaluate``)."""
     for i in range(len(m["train_acc"])):
+        more = (f"  test loss {m['test_loss'][i]:.4g}  poison loss {m['poison_loss'][i]:.4g}"
+                if losses else "")
         click.echo(f"{name}[{i}]  train acc {m['train_acc'][i]:.3f}  test acc "
                    f"{m['test_acc'][i]:.3f}  poison acc {m['poison_acc'][i]:.3f}  "
-                   f"train loss {m['train_loss'][i]:.4g}")
+                   f"train loss {m['train_loss'][i]:.4g}{more}")
 
 
 @main.command()
@@ -194,14 +198,16 @@ def evaluate(ctx, run, checkpoint, device):
     model, params, buffers, data, _ = load_run_model(r, _model_checkpoint(r, checkpoint),
                                                      resolve_device(device))
     vals = evaluate_members(model, params, data, buffers)
-    _print_summary(r.name, {k: v.tolist() for k, v in vals.items()})
+    _print_summary(r.name, {k: v.tolist() for k, v in vals.items()}, losses=True)
 
 
 def _model_checkpoint(r: Run, rel: str | None) -> Path:
     """The file ``evaluate`` measures: inside the run, as ``connect`` and ``landscape``
     resolve theirs (its numbers are printed as the run's), and a model's weights: only
     parameters and buffers, naming its model (a trajectory checkpoint, a search minimum),
-    not the optimizer state or ``connect``'s control points, which are no model."""
+    not the optimizer state or ``connect``'s control points, which are no model. A
+    study's folder is refused naming its stacks, as every other command refuses it."""
+    run_config(r)
     p = r.file(r.checkpoint(rel))
     tensors, meta = load_tensors(p)
     cfg = meta.get("config")

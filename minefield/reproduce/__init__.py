@@ -11,7 +11,7 @@ paper's (``PAPER.md``), the reproduction checks and the figures.
 :func:`minefield.report.write_report` turns the sections into
 ``figures/REPORT.md`` and ``figures/report.json``.
 
-Scales: ``tiny`` (the end-to-end test: seconds), ``small`` (under 15 minutes on
+Scales: ``tiny`` (the end-to-end test: seconds), ``small`` (7-17 minutes on
 2 CPU cores, meets the CPU checks) and ``paper`` (the paper's sizes; for a GPU).
 """
 
