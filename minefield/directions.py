@@ -146,10 +146,12 @@ def random_directions(params: Params, n: int, kind: DirectionKind | str = "filte
                 out[k][i] = raw[k] * (theta[k].norm() / raw[k].norm())
         else:
             for k in keys:
-                r, t = raw[k].reshape(raw[k].shape[0], -1), theta[k].reshape(raw[k].shape[0], -1)
-                if t.shape[0] == 0:
+                if raw[k].numel() == 0:  # checked after reshape(0, -1), which had raised
                     continue
-                # 1-D tensors are filters of size 1: d_j = sign(g_j) |theta_j|.
+                rows = raw[k].shape[0] if raw[k].dim() else 1  # a 0-d scalar: one filter
+                r, t = raw[k].reshape(rows, -1), theta[k].reshape(rows, -1)
+                # 1-D tensors are filters of size 1: d_j = sign(g_j) |theta_j|; so is a
+                # 0-d one (``shape[0]`` of it had raised IndexError under ``include``).
                 scale = t.norm(dim=1, keepdim=True) / r.norm(dim=1, keepdim=True)
                 out[k][i] = (r * scale).reshape(raw[k].shape)
     return {k: v.to(dtype=params[k].dtype, device=params[k].device) for k, v in out.items()}

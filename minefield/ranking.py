@@ -48,17 +48,46 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
-__all__ = ["kendall_tau", "granulated_tau", "cmi_score", "score_measures", "GAP_DECIMALS"]
+__all__ = ["kendall_tau", "granulated_tau", "cmi_score", "score_measures", "GAP_DECIMALS",
+           "accuracy_gap"]
 
 
 #: decimals a gap is rounded to: a difference of two accuracies (counts / n) comes out
 #: as up to 8 floats for one count difference (362 of 401 levels on 200 points), and
 #: rounding noise would count as order (three models of gap 2/200: tau -0.667, not 0)
 GAP_DECIMALS = 12
+
+#: largest split size :func:`accuracy_gap` recovers a count ratio ``c / n`` for: two ratios
+#: of denominators <= this differ by >= 2**-52, far above the float error of ``c / n``
+_MAX_SPLIT = 2**26
+
+
+def accuracy_gap(train_acc: float, test_acc: float) -> float:
+    """``train_acc - test_acc`` rounded to :data:`GAP_DECIMALS`, the same float for every
+    pair of accuracies (count ratios ``c / n``) with the same exact difference.
+
+    Each accuracy is taken back to its exact fraction ``c / n`` first (``n`` up to
+    2**26), so the difference is rounded once, from its exact value. The plain float
+    difference is off by an ulp one way or the other, which rounding to 12 decimals
+    only hides while the exact gap is not a tie of that rounding: with 8192 training
+    and 1000 test points, 1/8192 - 9/1000 and 1025/8192 - 134/1000 are both
+    -0.0088779296875 exactly, but came out as -0.008877929687 and -0.008877929688,
+    and the taus counted their order. Not finite (an empty split): the plain difference.
+
+    Example::
+
+        >>> accuracy_gap(1 / 8192, 9 / 1000) == accuracy_gap(1025 / 8192, 134 / 1000)
+        True
+    """
+    if not (math.isfinite(train_acc) and math.isfinite(test_acc)):
+        return train_acc - test_acc
+    a, b = (Fraction(v).limit_denominator(_MAX_SPLIT) for v in (train_acc, test_acc))
+    return round(float(a - b), GAP_DECIMALS)
 
 
 def _known_pairs(gap: Sequence[float], measure: Sequence[float]) -> tuple[np.ndarray, ...]:

@@ -25,7 +25,7 @@ from scipy.stats import spearmanr
 from .basin import BasinResult, VolumeConfig
 from .config import ConfigError, _Config
 from .measures import SharpnessConfig
-from .ranking import GAP_DECIMALS
+from .ranking import accuracy_gap
 from .runs import Run
 
 __all__ = ["SweepConfig", "SweepResult", "log_spaced_betas", "sweep_rows", "spearman"]
@@ -122,7 +122,7 @@ def sweep_rows(grid: list[tuple[float, int]], metrics: dict[str, list[float]],
         m = {k: metrics[k][i] for k in ("train_acc", "test_acc", "poison_acc", "train_loss",
                                         "test_loss")}
         rows.append({"member": i, "beta": beta, "seed": seed, **m,
-                     "gap": round(m["train_acc"] - m["test_acc"], GAP_DECIMALS),
+                     "gap": accuracy_gap(m["train_acc"], m["test_acc"]),
                      "mean_radius": b.mean_radius,
                      "median_radius": b.median_radius,
                      "log10_volume": b.log10_volume, "n_mean_log10_r": b.n_mean_log10_r,

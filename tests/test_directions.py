@@ -123,3 +123,18 @@ def test_spec_round_trip():
     s = DirectionSpec("layer", "include", 7)
     assert DirectionSpec.from_dict(s.to_dict()) == s
     assert s.to_dict() == {"kind": "layer", "bias": "include", "seed": 7}
+
+
+def test_filter_directions_of_a_scalar_and_of_an_empty_tensor():
+    # a 0-d parameter (a learned temperature) under ``include`` is one filter of size 1,
+    # as a 1-D entry is (shape[0] of it had raised IndexError); an empty tensor gets an
+    # empty direction (its reshape(0, -1) had raised before the guard that skips it)
+    th = {"w": torch.randn(3, 2, generator=_gen(), dtype=torch.float64),
+          "t": torch.tensor(-2.0, dtype=torch.float64),
+          "e": torch.zeros(0, 4, dtype=torch.float64)}
+    d = random_directions(th, 3, "filter", "include", _gen(5))
+    assert d["t"].shape == (3,)
+    torch.testing.assert_close(d["t"].abs(), torch.full((3,), 2.0, dtype=torch.float64))
+    assert d["e"].shape == (3, 0, 4)
+    torch.testing.assert_close(d["w"].norm(dim=2), th["w"].norm(dim=1).expand(3, -1))
+    assert torch.equal(random_directions(th, 3, "filter", "include", _gen(5))["t"], d["t"])

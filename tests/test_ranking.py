@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -63,6 +64,29 @@ def test_equal_gaps_from_accuracy_differences_tie():
     rows = [{"gap": a - b, "m": m, "lr": i} for i, (a, b, m) in
             enumerate(zip(train, test, [1.0, 2.0, 0.0]))]  # unrounded: tau -0.667
     assert score_measures(rows, ["m"], ["lr"])[0]["kendall_tau"] == 0.0
+
+
+def test_equal_gaps_tie_where_the_exact_gap_is_a_tie_of_the_rounding():
+    # 8192 train / 1000 test points: both gaps are -0.0088779296875 exactly (13 decimals),
+    # the float differences fall on either side of it: rounded alone, -0.008877929687 and
+    # -0.008877929688, an order the taus counted (tau -1.0, not 0)
+    from minefield.sweep import sweep_rows
+
+    pairs = [(1 / 8192, 9 / 1000), (1025 / 8192, 134 / 1000)]
+    assert len({round(a - b, 12) for a, b in pairs}) == 2  # the noise is real
+    basin = SimpleNamespace(mean_radius=1.0, median_radius=1.0, log10_volume=0.0,
+                            n_mean_log10_r=0.0, ci_log10_volume=(0.0, 0.0), centre_loss=0.0,
+                            n_at_r_max=0)
+    metrics = {"train_acc": [a for a, _ in pairs], "test_acc": [b for _, b in pairs],
+               **{k: [0.0, 0.0] for k in ("poison_acc", "train_loss", "test_loss")}}
+    rows = sweep_rows([(0.0, 0), (0.0, 1)], metrics, [basin, basin])
+    assert rows[0]["gap"] == rows[1]["gap"] == round(-0.0088779296875, 12)
+    assert kendall_tau([r["gap"] for r in rows], [0.0, 1.0]) == 0.0
+
+    from minefield.ranking import accuracy_gap
+
+    assert accuracy_gap(0.75, 0.5) == 0.25 and accuracy_gap(2 / 3, 1 / 3) == round(1 / 3, 12)
+    assert math.isnan(accuracy_gap(0.5, float("nan")))
 
 
 def _grid_3x2():

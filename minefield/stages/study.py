@@ -47,7 +47,7 @@ from ..executor import Executor, torch_threads
 from ..functional import Params, alone, n_members, one
 from ..lock import locking
 from ..measures import SharpnessConfig, measure_members
-from ..ranking import GAP_DECIMALS, score_measures
+from ..ranking import accuracy_gap, score_measures
 from ..runs import DEFAULT_ROOT, Run, RunError, reading
 from ..study import REPLICATES, StackSpec, StudyConfig, StudyPlan, plan_study
 from ..train import TrainingDiverged
@@ -243,7 +243,7 @@ def stack_rows(spec: StackSpec, root: Path | str, design: list[str]) -> list[dic
                 b = BasinResult.from_dict(at["basins"][i])
                 rows.append({**spec.design(i, step, design), "stack": spec.name, "member": i,
                              "step": step, "diverged": False, **m,
-                             "gap": round(m["train_acc"] - m["test_acc"], GAP_DECIMALS),
+                             "gap": accuracy_gap(m["train_acc"], m["test_acc"]),
                              "loss_gap": m["test_loss"] - m["train_loss"],
                              "mean_radius": b.mean_radius,
                              "median_radius": b.median_radius,
