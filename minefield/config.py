@@ -269,6 +269,7 @@ def _check_train(cfg: TrainConfig) -> None:
     v.finite("train.momentum", cfg.momentum)
     v.in_unit("train.momentum", cfg.momentum, closed=False)
     v.non_negative("train.l2", cfg.l2)
+    v.fits_float32("train.l2", cfg.l2)
     if cfg.clip_norm is not None:
         v.positive("train.clip_norm", cfg.clip_norm)
     v.increasing_steps("train.milestones", cfg.milestones)

@@ -43,6 +43,7 @@ from .directions import DirectionSpec, orthogonalize, random_directions
 from .engine import evaluate_combinations, evaluate_points
 from .functional import Params, check_single, n_members
 from .options import Split, choices
+from .validate import FLOAT32_MAX
 
 __all__ = ["LandscapeConfig", "Slice", "Surface", "axis", "line_direction", "line_1d", "slice_1d",
            "plane_directions", "surface", "check_finite", "check_splits", "METRICS"]
@@ -82,9 +83,11 @@ class LandscapeConfig(_Config):
                               f"{self.points} and {self.member}")
         if self.points > 10_000:
             raise ConfigError(f"--points is per axis: at most 10000, got {self.points}")
-        if self.span is not None and (len(self.span) != 2 or not all(map(math.isfinite, self.span))
+        if self.span is not None and (len(self.span) != 2 or not all(
+                math.isfinite(t) and abs(t) <= FLOAT32_MAX for t in self.span)  # run: float32
                                       or not self.span[0] < self.span[1]):
-            raise ConfigError(f"--span needs two finite numbers, low < high; got {self.span}")
+            raise ConfigError(f"--span needs two finite numbers (float32: |t| <= "
+                              f"{FLOAT32_MAX:.3g}), low < high; got {self.span}")
         if not self.splits:
             raise ConfigError("--splits needs train, test and/or poison, got none")
         for s in self.splits:
@@ -119,11 +122,14 @@ def check_finite(params: Params, what: str) -> None:
         raise ValueError(f"{what} has NaN or infinite weights: its landscape is undefined")
 
 
-def _check_grid(ts, what: str) -> torch.Tensor:
-    """``ts`` as float64 on the CPU, or a ValueError unless it is 1-D, non-empty and finite."""
+def _check_grid(ts, what: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``ts`` as float64 on the CPU, or a ValueError unless it is 1-D, non-empty and finite,
+    in ``dtype`` too (the parameters'): t = 1e39 is inf in float32, and every point but
+    the centre was NaN, drawn with accuracy 0.5 (a NaN logit's prediction)."""
     ts = torch.as_tensor(ts, dtype=torch.float64).cpu()
-    if ts.dim() != 1 or len(ts) == 0 or not bool(torch.isfinite(ts).all()):
-        raise ValueError(f"{what} must be finite coordinates (1-D, at least one)")
+    if ts.dim() != 1 or len(ts) == 0 or not bool(torch.isfinite(ts.to(dtype)).all()):
+        raise ValueError(f"{what} must be finite coordinates (1-D, at least one, each "
+                         f"finite in {str(dtype).replace('torch.', '')})")
     return ts
 
 
@@ -207,7 +213,7 @@ def slice_1d(model: nn.Module, center: Params, direction: Params, ts: torch.Tens
     check_single(direction, "the direction")
     check_finite(center, "the centre")
     check_finite(direction, "the direction")
-    ts = _check_grid(ts, "ts")
+    ts = _check_grid(ts, "ts", next(iter(center.values())).dtype)
     values = {}
     for s, (x, y) in check_splits(data, splits).items():
         lo, ac = evaluate_points(model, center, direction, ts[None], x, y, buffers, memory_mb)
@@ -229,7 +235,7 @@ def line_1d(model: nn.Module, a: Params, b: Params, ts: torch.Tensor, data: Data
     _check_pair(a, b)
     check_finite(a, "model a")
     check_finite(b, "model b")
-    ts = _check_grid(ts, "ts")
+    ts = _check_grid(ts, "ts", next(iter(a.values())).dtype)
     zero = {k: torch.zeros_like(v) for k, v in a.items()}
     ends = {k: torch.cat([a[k], b[k]]) for k in a}  # (2, ...): the basis a, b
     coeffs = torch.stack([1 - ts, ts], 1)  # 0 a + 1 b is b exactly (and 1 a + 0 b is a)
@@ -265,7 +271,8 @@ def surface(model: nn.Module, center: Params, directions: Params, xs: torch.Tens
         raise ValueError(f"a plane needs 2 directions, got {n_members(directions)}")
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-    xs, ys = _check_grid(xs, "xs"), _check_grid(ys, "ys")
+    dtype = next(iter(center.values())).dtype
+    xs, ys = _check_grid(xs, "xs", dtype), _check_grid(ys, "ys", dtype)
     sets = check_splits(data, splits)
     keys = [f"{s}_{m}" for s in sets for m in METRICS]
     if partial is not None:

@@ -22,7 +22,7 @@ from .config import ConfigError
 
 __all__ = ["finite", "positive", "non_negative", "at_least", "in_unit", "increasing_steps",
            "float32_schedule", "memory_limit_bytes", "check_memory", "model_size",
-           "check_training_memory", "MAX_PARAMS", "FLOAT32_MAX"]
+           "check_training_memory", "MAX_PARAMS", "FLOAT32_MAX", "fits_float32"]
 
 #: Largest model accepted (parameters per member): 4 GB of float32 weights.
 MAX_PARAMS = 10**9
@@ -48,6 +48,13 @@ def non_negative(where: str, v: Any) -> None:
     """``v`` is finite and >= 0 (l2 coefficients, jitter)."""
     if not _is_number(v) or not math.isfinite(v) or v < 0:
         raise ConfigError(f"{where} must be a finite number >= 0, got {v!r}")
+
+
+def fits_float32(where: str, v: float) -> None:
+    """``|v|`` fits a float32: a larger coefficient overflows the float32 tensor it fills
+    (``connect --l2 1e300`` ended in a raw RuntimeError, "this is a bug")."""
+    if abs(v) > FLOAT32_MAX:
+        raise ConfigError(f"{where} = {v:.3g}: values above {FLOAT32_MAX:.3g} overflow float32")
 
 
 def at_least(where: str, v: Any, low: int) -> None:

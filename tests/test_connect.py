@@ -441,3 +441,14 @@ def test_a_checkpoint_of_another_model_is_refused_by_every_command(cli, tmp_path
     r = cli("evaluate", "a", "--checkpoint", other)  # measures only the run's own files
     assert r.exit_code == 1 and f"no checkpoint {other!r} inside run a" in r.output, r.output
     assert _files(tmp_path / "runs") == before
+
+
+def test_a_curve_l2_beyond_float32_is_one_line_not_a_crash(cli):
+    """Regression: ``connect --l2 1e300`` passed the config (finite, >= 0) and then filled
+    the curves' float32 l2 tensor: a raw RuntimeError, "this is a bug", exit 1."""
+    with pytest.raises(ConfigError, match=r"train.l2 = 1e\+300: values above 3.4e\+38"):
+        CURVE_TRAIN.replace(l2=1e300)
+    assert cli("train", "--name", "a", *TINY).exit_code == 0
+    r = cli("connect", "a", "a", "--member-b", "0", "--steps", "1", "--l2", "1e300")
+    assert r.exit_code == 1 and r.output.count("Error:") == 1, r.output
+    assert "overflow float32" in r.output and "this is a bug" not in r.output

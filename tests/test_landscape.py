@@ -322,3 +322,24 @@ def test_a_surface_made_by_tasks_carries_the_same_config(tmp_path):
     tasks = landscape_run(run, cfg, tag="tasks", device="cpu", executor=make_executor("local"))
     assert tasks.config == serial.config and "centre" in tasks.config
     assert all(torch.equal(tasks.values[k], serial.values[k]) for k in serial.values)
+
+
+def test_coordinates_beyond_the_parameters_range_are_refused_not_drawn_as_nan(tmp_path):
+    """Regression: ``--span=1e39,2e39`` is finite in float64, so it passed, but t = 1e39 is
+    inf in the run's float32: every point but the centre was NaN, saved with exit 0 and
+    drawn with accuracy 0.5 (what a NaN logit predicts)."""
+    model, a, b, data = _setup()
+    f32 = {k: v.float() for k, v in a.items()}
+    d = line_direction(f32, {k: v.float() for k, v in b.items()})
+    with pytest.raises(ValueError, match="each finite in float32"):
+        slice_1d(model, f32, d, torch.tensor([0.0, 1e39], dtype=torch.float64), data)
+    with pytest.raises(ValueError, match="each finite in float32"):
+        surface(model, f32, plane_directions(member(f32, 0)), torch.zeros(1),
+                torch.tensor([1e39], dtype=torch.float64), data)
+    slice_1d(model, a, line_direction(a, b), torch.tensor([0.0, 1e39], dtype=torch.float64),
+             data)  # float64 parameters: a number
+    train_run(tiny_config("good"), tmp_path, progress=False)
+    r = CliRunner().invoke(main, ["--root", str(tmp_path), "landscape", "good", "--points", "3",
+                                  "--span=1e39,2e39", "--device", "cpu"])
+    assert r.exit_code == 2 and "--span needs two finite numbers (float32" in r.output, r.output
+    assert not (tmp_path / "good" / "landscape").exists()
