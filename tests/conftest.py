@@ -45,3 +45,18 @@ def interrupt_training(monkeypatch, step: int, state_only: bool = False):
 
     monkeypatch.setattr(tr, "save_tensors", killed)
     return lambda: monkeypatch.setattr(tr, "save_tensors", real)
+
+
+def frozen_bias_problem(conv: bool, n: int):
+    """``(model, x, y)`` in float64: a Tanh MLP or conv net whose first bias is frozen at
+    2.0 (``requires_grad=False``), for a stack that leaves it out (hunt 36)."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = (nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                           nn.Linear(48, 3)) if conv else
+             nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))).double()
+    with torch.no_grad():
+        model[0].bias.fill_(2.0)
+    model[0].bias.requires_grad_(False)
+    x = torch.randn(n, *((2, 4, 4) if conv else (4,)), dtype=torch.float64)
+    return model, x, torch.randint(0, 3, (n,))

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from conftest import frozen_bias_problem
 
 from minefield.config import ConfigError, ModelConfig, TrainConfig
 from minefield.directions import random_directions
@@ -429,16 +430,7 @@ def test_a_frozen_bias_left_out_of_the_centre_is_the_modules_on_every_path(conv)
     """A centre without a frozen layer's bias runs it as the module's own (functional_call);
     the MLP matmuls and the shared-first-convolution loop read it as none (hunt 36:
     1.2547 for 1.3899 on the MLP, through path 'auto' too)."""
-    torch.manual_seed(0)
-    model = (torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Tanh(),
-                                 torch.nn.Flatten(), torch.nn.Linear(48, 3)) if conv else
-             torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(),
-                                 torch.nn.Linear(5, 3))).double()
-    with torch.no_grad():
-        model[0].bias.fill_(2.0)
-    model[0].bias.requires_grad_(False)
-    x = torch.randn(20, *((2, 4, 4) if conv else (4,)), dtype=torch.float64)
-    y = torch.randint(0, 3, (20,))
+    model, x, y = frozen_bias_problem(conv, 20)
     c = {k: v.detach()[None] for k, v in model.named_parameters() if v.requires_grad}
     d = {k: torch.randn(2, *v.shape[1:], dtype=torch.float64) for k, v in c.items()}
     ts = torch.tensor([0.0, 0.3], dtype=torch.float64)

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import frozen_bias_problem
 from torch.func import functional_call
 
 from minefield.config import ConfigError, ModelConfig
@@ -292,16 +293,7 @@ def test_a_frozen_bias_left_out_of_params_is_a_constant_of_the_hessian(conv):
     """params without a frozen layer's bias: the Hessian in the others, the bias held at
     the module's value; the R-operators (MLP, traced graph) read it as none (hunt 36:
     the reverse Hessian was off by 0.26 (MLP) and 0.52 (conv) in its largest entry)."""
-    torch.manual_seed(0)
-    model = (torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Tanh(),
-                                 torch.nn.Flatten(), torch.nn.Linear(48, 3)) if conv else
-             torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(),
-                                 torch.nn.Linear(5, 3))).double()
-    with torch.no_grad():
-        model[0].bias.fill_(2.0)
-    model[0].bias.requires_grad_(False)
-    x = torch.randn(12, *((2, 4, 4) if conv else (4,)), dtype=torch.float64)
-    y = torch.randint(0, 3, (12,))
+    model, x, y = frozen_bias_problem(conv, 12)
     p = {k: v.detach()[None] for k, v in model.named_parameters() if v.requires_grad}
 
     def loss(flat):
