@@ -72,7 +72,7 @@ class Ellipsoid:
         self.a = semi_axes.double()
         self.n = len(self.a)
         self.rotation = None if rotation is None else rotation.double()
-        self._cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._cache: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def log_volume(self) -> float:
@@ -102,10 +102,14 @@ class Ellipsoid:
                  ) -> torch.Tensor:
         # L(x0 + t v) = 1/2 |y0 + t yv|^2 with y = diag(1/a) R^T x: one matmul per set of
         # lines (cached: bisection calls again with the same v), then a quadratic in t.
-        # (holding v itself keeps its memory from being reused by another tensor)
-        if self._cache is None or self._cache[0] is not v or self._cache[1] != v._version:
-            self._cache = (v, v._version, self._scaled(v.double()))
-        yv = self._cache[2]
+        # The key holds v, a and R themselves (their memory is not reused by another
+        # tensor) with their versions: a semi-axis changed in place or reassigned after a
+        # first call is seen (y0 read the new axes, yv the old: a mixed, wrong loss).
+        key = tuple((u, u._version) for u in (v, self.a, self.rotation) if u is not None)
+        if self._cache is None or len(key) != len(self._cache[0]) or any(
+                u is not w or i != j for (u, i), (w, j) in zip(key, self._cache[0])):
+            self._cache = (key, self._scaled(v.double()))
+        yv = self._cache[1]
         t = t.double()
         tt = t if t.dim() == 2 else t[:, None]
         q = yv.pow(2).sum(-1, keepdim=True) * tt.pow(2)

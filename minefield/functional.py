@@ -152,11 +152,11 @@ _FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _hooked(mod: nn.Module | None = None) -> bool:
-    """Whether ``mod`` has forward or pre-forward hooks (``None``: global ones, for all)."""
-    if mod is None:
-        g = nn.modules.module
-        return bool(g._global_forward_hooks or g._global_forward_pre_hooks)
-    return bool(mod._forward_hooks or mod._forward_pre_hooks)
+    """Whether ``mod`` has forward, pre-forward or backward hooks (``None``: global ones,
+    for all): a backward hook may change the gradients, which the MLP node would skip."""
+    kinds = ("forward_hooks", "forward_pre_hooks", "backward_hooks", "backward_pre_hooks")
+    own = nn.modules.module if mod is None else mod  # the globals are _global_<kind>
+    return any(getattr(own, ("_global_" if mod is None else "_") + k) for k in kinds)
 
 
 def _layout(model: nn.Sequential) -> tuple:
@@ -175,9 +175,9 @@ def mlp_fast_path(model: nn.Module) -> bool:
     Exact classes only: a subclass (an ``nn.ReLU`` whose ``forward`` is SiLU, a masked
     ``Linear``, a ``Sequential`` with its own ``forward``) may compute otherwise, and
     a ``Linear`` whose weight is tied to another layer's (absent from
-    ``named_parameters``) or parametrised has no parameter of its own name. No forward
-    or pre-forward hook may be set (the model's, a layer's or a global one): the matmuls
-    would skip it, where the ``vmap`` path runs it as calling the module does.
+    ``named_parameters``) or parametrised has no parameter of its own name. No forward,
+    pre-forward or backward hook may be set (the model's, a layer's or a global one): the
+    matmuls would skip it, where the ``vmap`` path runs it as calling the module does.
 
     >>> m = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
     >>> handle = m[1].register_forward_hook(lambda mod, inp, out: out * 0.5)

@@ -125,10 +125,10 @@ def _classify(gm: fx.GraphModule, node: fx.Node) -> _Step | None:
 
 
 def hooked(model: nn.Module) -> bool:
-    """Whether calling ``model`` runs a forward or pre-forward hook (its own, a submodule's
-    or a global one): a path that computes the layers itself (this R-operator, the MLP
-    matmuls of :func:`~minefield.functional.mlp_fast_path`, the sequential conv path)
-    would skip it, so it is not taken."""
+    """Whether calling ``model`` runs a forward, pre-forward or backward hook (its own, a
+    submodule's or a global one): a path that computes the layers itself (this R-operator,
+    the MLP matmuls of :func:`~minefield.functional.mlp_fast_path`, the sequential conv
+    path) would skip it, so it is not taken."""
     return _hooked() or any(_hooked(m) for m in model.modules())
 
 

@@ -76,19 +76,19 @@ class Objective:
     """The loss ``L_m`` of every member m of a stack, as differentiable pieces.
 
     ``L_m = weight * sum_chunks sum_i per_sample(forward(p_m, b_m, x_c), y_c)_i``.
-    ``params`` ``{name: (M, ...)}``; ``buffers`` ``{name: (M, ...)}`` (per-member
-    running statistics) or ``{name: None}`` (batch statistics) or ``{}``;
-    ``chunks`` is a list of ``(x, y)`` pieces of the data. ``model``, ``data``,
-    ``bn`` and ``loss`` (set by :func:`model_objective`) let
-    :meth:`perturbed_losses` use the batched engine instead of autograd.
-    """
+    ``params`` ``{name: (M, ...)}``, copied (an optimizer step on the caller's tensors
+    later must not reach an operator's cached forward pass and leave it half updated);
+    ``buffers`` ``{name: (M, ...)}`` (per-member running statistics) or ``{name: None}``
+    (batch statistics) or ``{}``; ``chunks`` is a list of ``(x, y)`` pieces of the data.
+    ``model``, ``data``, ``bn``, ``loss`` (:func:`model_objective`) let
+    :meth:`perturbed_losses` use the batched engine instead of autograd."""
 
     def __init__(self, params: Params, forward: Forward, per_sample: PerSample,
                  chunks: Sequence[tuple[torch.Tensor, torch.Tensor]], weight: float = 1.0,
                  buffers: Params | None = None, model: nn.Module | None = None,
                  data: tuple[torch.Tensor, torch.Tensor] | None = None,
                  bn: BNPolicy = BNPolicy.EVAL, loss: str = "nll"):
-        self.params = {k: v.detach() for k, v in params.items()}
+        self.params = {k: v.detach().clone() for k, v in params.items()}
         self.forward, self.per_sample = forward, per_sample
         self.chunks, self.weight = list(chunks), float(weight)
         self.buffers = dict(buffers or {})

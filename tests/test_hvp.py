@@ -323,3 +323,25 @@ def test_the_hessian_of_a_batchnorm1d_without_running_statistics():
     ref = torch.autograd.functional.hessian(loss, flatten(p)[0])
     h = dense_matrix(CurvatureOperator(model_objective(model, p, (x, y))))
     torch.testing.assert_close(h[0], ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("act,mode", [("tanh", "reverse"), ("tanh", "forward"),
+                                      ("sigmoid", "reverse")])
+def test_an_operator_is_the_curvature_where_it_was_built(act, mode):
+    """The objective copies the parameters: an optimizer step on the caller's tensors
+    after the operator is built leaves its products those at the old point (hunt 41: the
+    MLP R-operator mixed its cached forward pass with the stepped weights and was 0.38
+    off the old Hessian, 0.44 off the new one; forward mode gave the new one)."""
+    model, p, x, y = _problem(widths=(5,), m=2, classes=3)
+    model[1] = torch.nn.Tanh() if act == "tanh" else torch.nn.Sigmoid()  # sigmoid: kept graph
+    q = {k: v.clone() for k, v in p.items()}
+    op = CurvatureOperator(model_objective(model, q, (x, y)), mode=mode)
+    v = torch.randn(2, op.n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    before = op.matvec(v)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # an optimizer step in place
+        for t in q.values():
+            t.add_(0.3 * torch.randn(t.shape, generator=g, dtype=t.dtype))
+    torch.testing.assert_close(op.matvec(v), before, rtol=1e-12, atol=1e-12)
+    want = CurvatureOperator(model_objective(model, p, (x, y)), mode="forward").matvec(v)
+    torch.testing.assert_close(before, want, rtol=1e-10, atol=1e-10)

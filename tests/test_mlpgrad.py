@@ -235,3 +235,37 @@ def test_inputs_that_require_a_gradient_get_it_from_autograd():
     x2 = x.detach().clone().requires_grad_()
     (want,) = torch.autograd.grad(stacked_forward(model, p, x2).sum(), [x2])
     assert torch.equal(gx, want) and bool(gx.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("where", ["layer", "layer-pre", "global"])
+def test_a_backward_hook_is_run_as_the_module_runs_it(where):
+    """The training objective's gradients after a backward hook is registered are the
+    module's own (hunt 41: the MLP node skipped a hook zeroing the last layer's input
+    gradient, and the first layer's weights got a gradient 0.068 off; the first call had
+    cached the model as plain)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(20, 2, dtype=torch.float64), torch.randint(0, 3, (20,))
+
+    def grads():
+        p = {k: v.detach().clone()[None].requires_grad_() for k, v in model.named_parameters()}
+        loss = poisoned_objective(model, p, {}, Batch(x, y), Hyper(torch.zeros(1).double()))
+        return [g[0] for g in torch.autograd.grad(loss.sum(), list(p.values()))]
+
+    plain = grads()
+    handle = {
+        "layer": lambda: model[2].register_full_backward_hook(lambda m, gi, go: (gi[0] * 0,)),
+        "layer-pre": lambda: model[2].register_full_backward_pre_hook(
+            lambda m, go: (go[0] * 2,)),
+        "global": lambda: nn.modules.module.register_module_full_backward_hook(
+            lambda m, gi, go: (gi[0] * 0,) if m is model[2] else None),
+    }[where]()
+    try:
+        want = torch.autograd.grad(nn.functional.cross_entropy(model(x), y),
+                                   list(model.parameters()))
+        got = grads()
+        assert (want[0] - plain[0]).abs().max() > 0.01  # the hook changes the gradient
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    finally:
+        handle.remove()

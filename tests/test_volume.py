@@ -398,6 +398,25 @@ def test_ball_volume_and_gaussian_mass_helpers():
         Ellipsoid(torch.tensor([1.0, 2.0])).gaussian_log_mass(1.0)
 
 
+
+@pytest.mark.parametrize("change", ["in place", "reassigned", "rotated"])
+def test_an_ellipsoid_changed_after_a_call_gives_its_new_losses(change):
+    """The lines' cached scaling of v is keyed on the axes and rotation too (hunt 41:
+    halving ``a`` in place after one call gave 0.914 where the loss is 3.593)."""
+    g = _gen(0)
+    a = torch.tensor([1.0, 2.0, 4.0], dtype=F64)
+    body = Ellipsoid(a, random_rotation(3, g) if change == "rotated" else None)
+    v, x0 = torch.randn(5, 3, generator=g, dtype=F64), torch.randn(5, 3, generator=g, dtype=F64)
+    t = torch.rand(5, generator=g, dtype=F64)
+    body(x0, v, t)
+    if change == "in place":
+        a.mul_(0.5)
+    elif change == "reassigned":
+        body.a = body.a * 3
+    else:
+        body.rotation = random_rotation(3, g)
+    torch.testing.assert_close(body(x0, v, t), body.loss(x0 + t[:, None] * v))
+
 # --- the proposal's shape: l_p bodies ---------------------------------------------------
 
 
