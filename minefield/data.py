@@ -97,6 +97,12 @@ def _seed(cfg: DataConfig, default: int) -> int:
     return default if cfg.seed is None else cfg.seed
 
 
+def _given(n: int | None, default: int) -> int:
+    """A size the user asked for, 0 included, else the default (``n or default`` would
+    read an asked-for 0 as "the default" and then fail the size check)."""
+    return default if n is None else n
+
+
 def _make(name, xtr, ytr, xte, yte, xp, yp, k) -> Dataset:
     def tx(a):
         return torch.as_tensor(np.asarray(a), dtype=torch.float32)
@@ -131,7 +137,7 @@ def _swissroll(cfg: DataConfig) -> Dataset:
     # Same calls as the original: twospirals(ndata // 2), permutation, 50/50 split.
     seed = _seed(cfg, 1237)
     rng = np.random.RandomState(seed)
-    n_total = 2 * (cfg.n_train or 200)
+    n_total = 2 * _given(cfg.n_train, 200)
     x, y = twospirals(n_total // 2, 0.5, rng)
     order = rng.permutation(len(x))
     x, y = x[order], y[order]
@@ -234,7 +240,7 @@ def _circles(cfg: DataConfig) -> Dataset:
 
 def _blobs(cfg: DataConfig) -> Dataset:
     rng = np.random.RandomState(_seed(cfg, 0))
-    sizes = [cfg.n_train or 100, cfg.n_test or 100, 100 if cfg.n_poison is None else cfg.n_poison]
+    sizes = [_given(cfg.n_train, 100), _given(cfg.n_test, 100), _given(cfg.n_poison, 100)]
     parts = []
     for n in sizes:
         y = np.arange(n) % 2
@@ -250,9 +256,9 @@ def _split_arrays(name, x, y, k, cfg: DataConfig, default=(0.4, 0.3, 0.3)) -> Da
     rng = np.random.RandomState(_seed(cfg, 0))
     perm = rng.permutation(len(x))
     n = len(x)
-    n_tr = cfg.n_train or int(default[0] * n)
-    n_te = cfg.n_test or int(default[1] * n)
-    n_p = cfg.n_poison if cfg.n_poison is not None else n - n_tr - n_te
+    n_tr = _given(cfg.n_train, int(default[0] * n))
+    n_te = _given(cfg.n_test, int(default[1] * n))
+    n_p = _given(cfg.n_poison, max(0, n - n_tr - n_te))  # by default, what is left
     if n_p < 0 or n_tr + n_te + n_p > n:
         raise DataError(f"{name}: asked for {n_tr}+{n_te}+{n_p} points, only {n} available")
     a, b, c = perm[:n_tr], perm[n_tr:n_tr + n_te], perm[n_tr + n_te:n_tr + n_te + n_p]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig
-from .data import DataError, Dataset, _make, _seed
+from .data import DataError, Dataset, _given, _make, _seed
 
 __all__ = ["cifar10", "svhn"]
 
@@ -25,11 +25,6 @@ _MEAN_STD = {"cifar10": ((0.491, 0.482, 0.447), (0.247, 0.243, 0.262)),
 def _normalise(x_uint8: np.ndarray, name: str) -> np.ndarray:
     mean, std = (np.array(v, np.float32)[None, :, None, None] for v in _MEAN_STD[name])
     return (x_uint8.astype(np.float32) / 255.0 - mean) / std
-
-
-def _given(n: int | None, default: int) -> int:
-    """A size the user asked for (0 included), else the default."""
-    return default if n is None else n
 
 
 def _need_dir(cfg: DataConfig, name: str, hint: str) -> Path:
@@ -156,9 +151,13 @@ def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     _regular(path, "an SVHN .mat file")
     try:
         d = loadmat(path)
-        x, y = d["X"], d["y"]
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
         raise DataError(f"svhn: cannot read {path}: {e}") from None
+    held = sorted(k for k in d if not k.startswith("__"))  # not the header entries
+    if "X" not in held or "y" not in held:  # a KeyError said only "svhn: cannot read ...: 'X'"
+        raise DataError(f"{path} is not an SVHN cropped-digit file: it must hold variables X "
+                        f"(images) and y (labels), it holds {', '.join(held[:8]) or 'none'}")
+    x, y = d["X"], d["y"]
     x, y = _checked(x, y, path, "an SVHN cropped-digit file", (32, 32, 3, -1), range(1, 11))
     # (32, 32, 3, N) -> (N, 3, 32, 32); SVHN stores digit 0 as label 10
     return np.transpose(x, (3, 2, 0, 1)), y % 10

@@ -81,6 +81,30 @@ def test_digits_too_many_points():
         load_dataset(DataConfig("digits", n_train=1500, n_test=500))
 
 
+@pytest.mark.parametrize("cfg,sizes", [
+    (DataConfig("digits", n_test=0), [718, 0, 1079]),    # by default poison is what is left
+    (DataConfig("digits", n_train=1500, n_test=0), [1500, 0, 297]),
+    (DataConfig("blobs", n_test=0), [100, 0, 100]),
+    (DataConfig("swissroll", n_test=0), [200, 0, 1000]),
+])
+def test_a_size_of_zero_is_a_size_on_every_dataset(cfg, sizes):
+    # `n_test or default` read an asked-for 0 as the default, then failed the size check
+    # ("digits: n_test = 0 asked, but it gives 539 test points") where cifar10/svhn gave 0
+    d = load_dataset(cfg)
+    assert [len(d.split(s)[1]) for s in ("train", "test", "poison")] == sizes
+
+
+@pytest.mark.parametrize("name", ["digits", "blobs", "swissroll"])
+def test_n_train_zero_is_an_empty_training_set_not_the_default(name):
+    with pytest.raises(DataError, match=f"{name}: the training set is empty"):
+        load_dataset(DataConfig(name, n_train=0))
+
+
+def test_digits_too_many_points_names_sizes_not_a_negative_remainder():
+    with pytest.raises(DataError, match=r"asked for 1500\+539\+0 points, only 1797"):
+        load_dataset(DataConfig("digits", n_train=1500))  # was "1500+539+-242 points"
+
+
 def _write_cifar(root, n=20):
     root.mkdir()
     rng = np.random.RandomState(0)
@@ -211,6 +235,18 @@ def _svhn(tmp_path, x_train=None, y_train=None, n=20):
 def test_svhn_with_bad_contents_is_refused_not_cast(tmp_path, x, y):
     with pytest.raises(DataError, match="train_32x32.mat is not an SVHN cropped-digit file"):
         load_dataset(_svhn(tmp_path, x, y))
+
+
+@pytest.mark.parametrize("name", ["train", "extra"])
+def test_an_svhn_file_without_x_or_y_says_which_variables_it_holds(tmp_path, name):
+    from scipy.io import savemat
+
+    cfg = _svhn(tmp_path)
+    savemat(tmp_path / f"{name}_32x32.mat", {"images": np.zeros((32, 32, 3, 2), np.uint8),
+                                             "labels": np.ones((2, 1))})
+    with pytest.raises(DataError, match=f"{name}_32x32.mat is not an SVHN cropped-digit file: "
+                       "it must hold variables X .* it holds images, labels$"):
+        load_dataset(cfg)  # was "svhn: cannot read .../train_32x32.mat: 'X'"
 
 
 def test_svhn_sizes_of_zero_are_sizes_and_a_fifo_is_refused(tmp_path):
