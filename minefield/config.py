@@ -21,6 +21,7 @@ import dataclasses
 import enum
 import functools
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -255,8 +256,8 @@ class ExperimentConfig(_Config):
             check_name(self.name)
         except RunError as e:
             raise ConfigError(str(e)) from None
-        if not isinstance(self.device, str) or not (
-                self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+        if not isinstance(self.device, str) or not re.fullmatch(  # "cudafoo": torch's
+                r"auto|cpu|cuda(:[0-9]+)?", self.device):  # RuntimeError, "a bug"
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
 
@@ -307,12 +308,12 @@ def load_config(path: str | Path) -> ExperimentConfig:
 
     Only a regular file of at most 1 MiB is read (not ``/dev/zero``, not a FIFO).
     """
-    from .runs import RunError, read_limited
+    from .files import RunError, read_limited, unique_keys
 
     if not Path(path).exists():
         raise ConfigError(f"config file not found: {path}")
     try:
-        d = json.loads(read_limited(path, 2**20, "config file"))
+        d = json.loads(read_limited(path, 2**20, "config file"), object_pairs_hook=unique_keys)
     except RunError as e:
         raise ConfigError(str(e)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -381,6 +382,8 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
     if tp is float:
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise ConfigError(f"{where}: expected a number, got {v!r}")
+        if isinstance(v, int) and abs(v) > 1e308:  # float(10**400): OverflowError, "a bug"
+            raise ConfigError(f"{where}: {str(v)[:12]}... is too large for a number")
         return float(v)
     if tp is int:
         if isinstance(v, bool) or not isinstance(v, int):

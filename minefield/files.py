@@ -26,7 +26,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 __all__ = ["RunError", "atomic_write", "write_json", "read_json", "save_tensors", "load_tensors",
-           "read_limited", "reading", "MAX_JSON_BYTES", "MAX_CHECKPOINT_BYTES"]
+           "read_limited", "reading", "unique_keys", "MAX_JSON_BYTES", "MAX_CHECKPOINT_BYTES"]
 
 FORMAT = "minefield/1"
 #: Largest JSON file (config, results) read; larger ones are refused, not read.
@@ -120,6 +120,19 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n").encode())
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for the JSON files people write (configs, grids): ``json``
+    keeps the last of a key given twice, silently (``{"lr": 0.5, "steps": 3, "lr": 0.001}``
+    trained at 0.001); a key given twice in one object is refused."""
+    d = dict(pairs)
+    if len(d) < len(pairs):
+        seen: set[str] = set()
+        twice = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
+        raise RunError(f"a JSON object gives the key(s) {', '.join(twice)} twice (which "
+                       "value is meant?)")
+    return d
 
 
 def read_json(path: Path) -> Any:

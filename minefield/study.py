@@ -320,6 +320,9 @@ def plan_study(base: ExperimentConfig, study: StudyConfig,
     if models_per_task is not None and models_per_task < 1:
         raise ConfigError(f"models_per_task must be >= 1, got {models_per_task}")
     known = _all_fields()
+    # one spelling per value (as a config file gives it): gamma=1 and gamma=1.0 named two
+    # stacks (a rerun retrained the other's models)
+    base = ExperimentConfig.from_dict(base.to_dict())
     fields = study.design()
     points = _points(study, known)
     groups: dict[str, tuple[ExperimentConfig, list[dict], list[int]]] = {}

@@ -56,6 +56,12 @@ def test_lr_schedule():
     ({"train": {"lr": 1e300}}, r"^train.lr x train.gamma\^0 = 1e\+300 after 0 milestone"),
     ({"train": {"lr": 1e-10, "gamma": 1e300, "milestones": [5, 9]}},
      r"train.gamma\^1 = 1e\+290.*overflow float32"),
+    # an integer no float holds was "unexpected error OverflowError ... (this is a bug)"
+    ({"train": {"l2": 10**400}}, r"^ExperimentConfig.train.l2: 1000.*too large for a number$"),
+    # "cuda..." was enough: torch then failed on "cudafoo" / "cuda:x" (RuntimeError, "a bug")
+    ({"device": "cudafoo"}, r"device must be auto, cpu or cuda\[:N\], got 'cudafoo'"),
+    ({"device": "cuda:x"}, r"got 'cuda:x'"),
+    ({"device": "cuda0"}, r"got 'cuda0'"),
 ])
 def test_bad_configs_give_one_clear_error(d, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -68,6 +74,20 @@ def test_load_config_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(tmp_path / "bad.json")
+
+
+def test_load_config_refuses_a_key_given_twice(tmp_path):
+    """json keeps the last of a repeated key, silently: this file trained at lr 0.001."""
+    (tmp_path / "dup.json").write_text('{"train": {"lr": 0.5, "steps": 3, "lr": 0.001}}')
+    with pytest.raises(ConfigError, match=r"^a JSON object gives the key\(s\) lr twice"):
+        load_config(tmp_path / "dup.json")
+    (tmp_path / "ok.json").write_text('{"train": {"lr": 0.5}, "model": {"name": "mlp"}}')
+    assert load_config(tmp_path / "ok.json").train.lr == 0.5  # a name in two objects is fine
+
+
+def test_devices_the_config_accepts():
+    for d in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+        assert ExperimentConfig(device=d).device == d
 
 
 def test_beta_none_allowed_and_stage_defaults():

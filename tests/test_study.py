@@ -323,6 +323,8 @@ def _cli(root, *args):
 
 @pytest.mark.parametrize("args, match", [
     (("--vary", "train.lrr=0.1,0.2"), "unknown field 'train.lrr'"),
+    # float(10**400) was "unexpected error OverflowError ... (this is a bug)"
+    (("--vary", "train.lr=1" + "0" * 400), "train.lr: 100000000000... is too large"),
     ((), "the grid is empty"),
     (("--vary", "train.lr=fast,0.1"), "train.lr: expected a number, got 'fast'"),
     # 2**32 and -1 trained the models of seeds 0 and 2**32-1 again (counted twice in every
@@ -354,7 +356,9 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, match):
 @pytest.mark.parametrize("text, match", [
     ("{not json", "is not valid JSON"), ("3", "must hold an object"),
     # a misspelt "points" beside "grid" was read as a grid field named "grid"
-    ('{"point": [{"lr": 0.1}], "grid": {"seed": [0, 1]}}', "unknown key(s) ['point']")])
+    ('{"point": [{"lr": 0.1}], "grid": {"seed": [0, 1]}}', "unknown key(s) ['point']"),
+    # json kept the last of a repeated field: one axis silently dropped
+    ('{"train.lr": [0.1], "train.lr": [0.2]}', "gives the key(s) train.lr twice")])
 def test_cli_bad_grid_file_is_one_line(tmp_path, text, match):
     grid = tmp_path / "grid.json"
     grid.write_text(text)
@@ -551,12 +555,26 @@ def test_too_many_checkpoints_is_one_short_line():
     assert len(str(e.value)) < 300
 
 
+def test_one_value_spelt_two_ways_names_one_stack():
+    """A base from Python with gamma=1 (an int) named another stack than gamma=1.0 (the
+    digest hashed the JSON text "1" vs "1.0"): a rerun retrained every stack."""
+    from minefield.config import TrainConfig
+
+    base = tiny_config("s")
+    names = [[st.name for st in plan_study(base.replace(train=TrainConfig(
+        steps=10, gamma=g, milestones=ms)), study(grid={"train.batch_size": [8]})).stacks]
+        for g, ms in ((1, [5]), (1.0, (5,)))]
+    assert names[0] == names[1]
+
+
 @pytest.mark.parametrize("text,want", [
     ("train.lr=0.01,0.1", ("train.lr", [0.01, 0.1])),
     ("model.widths=[16,16],[8]", ("model.widths", [[16, 16], [8]])),
     ('data.path="a,b",blobs', ("data.path", ["a,b", "blobs"])),  # a comma in a JSON string
     ('data.path="q\\",x",z', ("data.path", ['q",x', "z"])),  # an escaped quote inside it
     ("train.steps=0:4:2", ("train.steps", [0, 2, 4])),
+    # a JSON string with two colons was read as a range a:b:step and refused
+    ('data.data_dir="a:b:c"', ("data.data_dir", ["a:b:c"])),
 ])
 def test_vary_splits_values_at_top_level_commas_only(text, want):
     from minefield.cli.study import parse_vary

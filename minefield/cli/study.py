@@ -11,6 +11,7 @@ import click
 from ..basin import BasinWarning, VolumeConfig
 from ..config import ConfigError
 from ..directions import DirectionSpec
+from ..files import unique_keys
 from ..measures import MEASURES, SharpnessConfig
 from ..options import Estimator
 from ..plotting.study import study_figures
@@ -67,7 +68,7 @@ def parse_vary(text: str) -> tuple[str, list]:
         raise click.BadParameter(f"expected FIELD=V1,V2,..., got {text!r}",
                                  param_hint="'--vary'")
     parts = _split_top(values)
-    if len(parts) == 1 and parts[0].count(":") == 2:
+    if len(parts) == 1 and parts[0].count(":") == 2 and not parts[0].startswith('"'):
         try:
             a, b, s = (int(x) for x in parts[0].split(":"))
         except ValueError:
@@ -84,7 +85,7 @@ def _grid_file(path: Path) -> dict:
     """``{"grid": ...}`` or ``{"points": ...}`` from a JSON file (a bare object is a grid,
     a bare list the points)."""
     try:
-        d = json.loads(read_limited(path, 2**20, "grid file"))
+        d = json.loads(read_limited(path, 2**20, "grid file"), object_pairs_hook=unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"grid file {path} is not valid JSON: {e}") from None
     if isinstance(d, list):
