@@ -174,10 +174,9 @@ def mlp_fast_path(model: nn.Module) -> bool:
 
     Exact classes only: a subclass (an ``nn.ReLU`` whose ``forward`` is SiLU, a masked
     ``Linear``, a ``Sequential`` with its own ``forward``) may compute otherwise, and
-    a ``Linear`` whose weight is tied to another layer's (absent from
-    ``named_parameters``) or parametrised has no parameter of its own name. No forward,
-    pre-forward or backward hook may be set (the model's, a layer's or a global one): the
-    matmuls would skip it, where the ``vmap`` path runs it as calling the module does.
+    a ``Linear`` whose weight is tied to another layer's (absent from ``named_parameters``)
+    or parametrised has no parameter of its own name. No forward, pre-forward or backward
+    hook may be set (the model's, a layer's, a global one): the matmuls would skip it.
 
     >>> m = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
     >>> handle = m[1].register_forward_hook(lambda mod, inp, out: out * 0.5)
@@ -186,8 +185,9 @@ def mlp_fast_path(model: nn.Module) -> bool:
     """
     if type(model) is not nn.Sequential:
         return False
-    layout = _layout(model)  # the answer is cached per model (a training step asks each time)
-    hit = _FAST.get(model)
+    if torch.compiler.is_compiling():  # no cache: dynamo guarded its weak entries, which GC
+        return _plain_mlp(model)  # dropped mid-compile once (an IndexError in a guard)
+    layout, hit = _layout(model), _FAST.get(model)  # cached: a training step asks each time
     if hit is not None and hit[0] == layout:
         return hit[1]
     _FAST[model] = (layout, _plain_mlp(model))
