@@ -176,8 +176,9 @@ class VolumeConfig(_Config):
                 and 0 < self.grid_power < math.inf):  # NaN too: no scan of [0, r_max]
             raise ConfigError("volume.grid_points must be >= 2, bracket_points >= 1, "
                               "bracket_ratio > 1 and grid_power a positive number")
-        if self.n_bootstrap < 0:
-            raise ConfigError(f"volume.n_bootstrap must be >= 0, got {self.n_bootstrap}")
+        if self.n_bootstrap < 0 or not 0 <= self.seed < 2**32:  # -1: torch's 2**64-1, 2 keys
+            raise ConfigError(f"volume.n_bootstrap must be >= 0 and seed in [0, 2**32), got "
+                              f"{self.n_bootstrap} and {self.seed}")
         if self.memory_mb is not None and not (self.memory_mb > 0
                                                and math.isfinite(self.memory_mb)):
             raise ConfigError(f"volume.memory_mb must be a positive number, got {self.memory_mb}")

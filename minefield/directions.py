@@ -70,6 +70,13 @@ class DirectionSpec(_Config):
     seed: int = 0
     _section: ClassVar[str] = "directions"
 
+    def _validate(self):
+        # -1 is torch's seed 2**64 - 1: the same directions under another key; the CLI's range
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+                0 <= self.seed < 2**32):
+            raise ConfigError(f"directions.seed must be an integer in [0, 2**32), got "
+                              f"{self.seed!r}")
+
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(int(self.seed))
 

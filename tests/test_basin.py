@@ -183,6 +183,8 @@ def test_volume_errors():
     (dict(grid="log"), "volume.grid: 'log' is not one of power, linear"),
     (dict(cutoff_kind="ratio"), "volume.cutoff_kind: 'ratio' is not one of abs, relative"),
     (dict(n_bootstrap=-1), "volume.n_bootstrap must be >= 0"),
+    # seed -1 is torch's 2**64 - 1: the same bootstrap under a second key
+    (dict(seed=-1), r"seed in \[0, 2\*\*32\), got 1000 and -1"),
     (dict(n_directions=10.5), "volume.n_directions must be an integer, got 10.5"),
     (dict(n_directions="7"), "volume.n_directions must be an integer, got '7'"),
     (dict(estimator="mcmc", walk_length=2.5), "volume.walk_length must be an integer"),

@@ -117,6 +117,10 @@ def test_bad_arguments():
         random_directions(th, -1)
     with pytest.raises(ConfigError, match="directions.kind: 'nope' is not one of filter"):
         DirectionSpec(kind="nope")
+    # -1 is torch's seed 2**64 - 1: the same directions under a second key
+    for seed in (-1, 2**32, 1.5):
+        with pytest.raises(ConfigError, match="directions.seed must be an integer in"):
+            DirectionSpec(seed=seed)
 
 
 def test_spec_round_trip():
