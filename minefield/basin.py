@@ -85,8 +85,8 @@ class VolumeConfig(_Config):
     ``t = r_max u^grid_power``, the paper's u^5; ``linear``) configure the ``grid`` method.
     ``memory_mb`` bounds the engine's chunks (``None``: the device's default,
     :func:`minefield.autotune.memory_budget_mb`); ``seed`` drives the bootstrap diagnostic
-    ``diagnostics["ci_log10_bootstrap"]`` (``n_bootstrap = 0``: none, NaN; the reported
-    interval is Hall's or the bound either way, :func:`volume_from_radii`).
+    ``diagnostics["ci_log10_bootstrap"]`` (``n_bootstrap = 0``: NaN), not the directions:
+    ``minefield basin --seed S`` is ``VolumeConfig(seed=S, directions=DirectionSpec(seed=S))``.
     ``estimator`` (:mod:`minefield.volume`): ``naive`` (the paper's), ``is``,
     ``gaussian`` (mass under ``N(theta, sigma^2 I)``, default ``sigma = r_max / sqrt(n)``)
     or ``mcmc`` (``n_chains`` x ``n_replicates`` chains, ``walk_length`` hit-and-run

@@ -221,7 +221,7 @@ def m_sharpness(obj: Objective, rho: float, m: int, n_subsets: int | None = None
     return SharpnessEstimate(vals.mean(0), se)
 
 
-def pac_bayes_sigma(obj: Objective, bound: float = 0.1, n_samples: int = 32,
+def pac_bayes_sigma(obj: Objective, bound: float = 0.1, n_samples: int = 64,
                     adaptive: bool = False, eta: float = 0.01, lo: float = 1e-5,
                     hi: float = 1.0, rtol: float = 1e-2, seed: int = 0) -> torch.Tensor:
     """Jiang et al.'s ``sigma'`` per member ``(M,)``: the largest ``sigma`` with a mean

@@ -240,3 +240,23 @@ def test_plot_basin_gives_a_run_one_colour_in_both_panels(runs, monkeypatch):
     assert list(seen["curves"]) == ["b"]
     assert to_rgb(seen["curves"]["b"]) == pytest.approx(seen["hist"]["b"])
     assert to_rgb(seen["curves"]["b"]) != pytest.approx(seen["hist"]["a"])
+
+
+def test_cli_seed_is_the_api_config_the_docs_name(runs):
+    """``minefield basin --seed 3`` seeds the directions too; ``VolumeConfig(seed=3)``
+    seeds only the bootstrap (other radii, log10 V 80.82 for 80.34 on a blobs MLP).
+    The docs name the API config with the CLI's numbers, and it has them."""
+    from minefield.basin import VolumeConfig
+    from minefield.directions import DirectionSpec
+    from minefield.stages import basin_run
+
+    res = _invoke(runs, "basin", "a", "--directions", "3", "--seed", "3", "--tag", "seed3",
+                  "--rollouts", "0", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    cli = json.loads((runs / "a" / "basin" / "seed3.json").read_text())["members"][0]
+    cfg = VolumeConfig(n_directions=3, seed=3, directions=DirectionSpec(seed=3))
+    api = basin_run("a", cfg, tag="seed3api", root=runs, n_rollouts=0, device="cpu")
+    assert api.members[0].radii.tolist() == cli["radii"]
+    assert api.members[0].log10_volume == cli["log10_volume"]
+    doc = "VolumeConfig(seed=S, directions=DirectionSpec(seed=S))"
+    assert doc in " ".join(VolumeConfig.__doc__.split())
