@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import interrupt_training
+from conftest import interrupt_training, tiny_config
 
 from minefield.config import ConfigError, DataConfig, ModelConfig, PoisonConfig, TrainConfig
 from minefield.data import load_dataset
@@ -474,3 +474,16 @@ def test_when_every_member_diverges_each_keeps_its_own_step():
         fit(model, params, data, cfg, lrs=[1e7, 1.5e5])
     first, second = e.value.diverged_at  # [2, 3] here
     assert first < second == e.value.step
+
+
+def test_load_run_model_takes_a_run_or_its_path(tmp_path):
+    """A path failed with an AttributeError (hunt 44); basin_run and landscape_run took
+    paths already."""
+    from minefield.runs import Run
+    from minefield.stages import load_run_model, train_run
+
+    train_run(tiny_config("named"), tmp_path, progress=False)
+    ref = load_run_model(Run.open(tmp_path / "named"))[1]
+    for how in (str(tmp_path / "named"), tmp_path / "named"):
+        got = load_run_model(how)[1]
+        assert all(torch.equal(got[k], ref[k]) for k in ref)

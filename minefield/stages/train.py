@@ -346,10 +346,10 @@ def task_data(exp: ExperimentConfig, digest: str | None) -> Dataset:
     return data
 
 
-def load_run_model(run: Run, checkpoint: str | Path | None = None, device="cpu"):
-    """``(model, params, buffers, data, cfg)`` of a run at its last (or a given) checkpoint;
-    RunError when its data files changed since it was trained (:func:`check_data_files`)."""
-    cfg = run_config(run)
+def load_run_model(run: Run | str | Path, checkpoint: str | Path | None = None, device="cpu"):
+    """``(model, params, buffers, data, cfg)`` of a run (a path or name too) at its last (or a
+    given) checkpoint; RunError when its data files changed since it was trained."""
+    cfg = run_config(run := run if isinstance(run, Run) else Run.open(run))
     data = load_dataset(cfg.data)
     check_data_files(run, cfg, files_digest(cfg, data))
     model = build_model(cfg.model, data.input_shape, data.n_classes)
