@@ -65,8 +65,11 @@ def test_paper_recipe_follows_paper_md():
 def test_projection_counts_the_work(monkeypatch):
     from minefield.reproduce import projection as proj
 
-    monkeypatch.setattr(proj, "unit_costs", lambda device: (1e-3, 1e-5))
+    measured_at = []  # the unit costs are measured at the recipe's batch (16 ran 20% slower)
+    monkeypatch.setattr(proj, "unit_costs",
+                        lambda device, batch: measured_at.append(batch) or (1e-3, 1e-5))
     rows = image_projection("cpu", 1000, 10, 20, 3, n_dirs=5, batch=100, rollouts=4)
+    assert measured_at == [100]
     train_imgs = 100 * (10 + 20 + 3 * 20)
     eval_imgs = (5 * 2 * 5 * proj.EVALS_PER_RADIUS + 2 * 4 * 101) * 1000
     assert rows["work: training images, basin image-evaluations"] == (
