@@ -51,12 +51,10 @@ from .stacked import (  # noqa: F401 - the stack operations, re-exported from th
     unflatten,
 )
 
-__all__ = [
-    "bn_mode", "stochastic_modules", "check_buffers",
-    "Stacked", "stack", "member", "one", "alone", "select", "check_single", "n_members", "flatten",
-    "unflatten", "is_weight", "stacked_forward", "single_forward", "channels_last_input",
-    "buffers_like", "chunked_forward", "activation_elements", "mlp_fast_path", "mlp_workspace",
-]
+__all__ = ["bn_mode", "stochastic_modules", "check_buffers", "Stacked", "stack", "member", "one",
+           "alone", "select", "check_single", "n_members", "flatten", "unflatten", "is_weight",
+           "stacked_forward", "single_forward", "channels_last_input", "buffers_like",
+           "chunked_forward", "activation_elements", "mlp_fast_path", "mlp_workspace"]
 
 
 def is_weight(name: str, per_model_shape: torch.Size | tuple[int, ...]) -> bool:
@@ -154,15 +152,17 @@ _FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _hooked(mod: nn.Module | None = None) -> bool:
     """Whether ``mod`` has forward, pre-forward or backward hooks (``None``: global ones,
     for all): a backward hook may change the gradients, which the MLP node would skip."""
-    kinds = ("forward_hooks", "forward_pre_hooks", "backward_hooks", "backward_pre_hooks")
-    own = nn.modules.module if mod is None else mod  # the globals are _global_<kind>
-    return any(getattr(own, ("_global_" if mod is None else "_") + k) for k in kinds)
+    if mod is None:  # asked at every training step: plain attributes, no names built
+        g = nn.modules.module
+        return bool(g._global_forward_hooks or g._global_forward_pre_hooks
+                    or g._global_backward_hooks or g._global_backward_pre_hooks)
+    return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
+                or mod._backward_pre_hooks)
 
 
 def _layout(model: nn.Sequential) -> tuple:
-    """What :func:`mlp_fast_path` depends on, cheap to read: each child's name, class and
-    identity and its weight's and bias's identity (a replaced, removed or tied parameter
-    changes one of them), and whether hooks are set (a hook added later is seen)."""
+    """What :func:`mlp_fast_path` depends on, cheap to read: each child's name, class,
+    identity, its weight's and bias's identity, and whether hooks are set."""
     return (_hooked(model), _hooked(), *(
         (name, type(mod), id(mod), id(getattr(mod, "weight", None)),
          id(getattr(mod, "bias", None)), _hooked(mod)) for name, mod in model._modules.items()))

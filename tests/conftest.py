@@ -60,3 +60,14 @@ def frozen_bias_problem(conv: bool, n: int):
     model[0].bias.requires_grad_(False)
     x = torch.randn(n, *((2, 4, 4) if conv else (4,)), dtype=torch.float64)
     return model, x, torch.randint(0, 3, (n,))
+
+
+def batch_stats_problem(width: int, act, n: int):
+    """``(model, x, y)`` in float64, eval mode: 3 inputs -> Linear -> BatchNorm1d without
+    running statistics (batch statistics even in eval; a batch of one refused) -> ``act``
+    -> 3 logits (hunt 36)."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(3, width), nn.BatchNorm1d(width, track_running_stats=False),
+                          act, nn.Linear(width, 3)).double().eval()
+    return model, torch.randn(n, 3, dtype=torch.float64), torch.randint(0, 3, (n,))

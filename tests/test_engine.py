@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from conftest import frozen_bias_problem
+from conftest import batch_stats_problem, frozen_bias_problem
 
 from minefield.config import ConfigError, ModelConfig, TrainConfig
 from minefield.directions import random_directions
@@ -457,11 +457,7 @@ def test_a_batchnorm1d_without_running_statistics_is_evaluated_not_refused():
     """BatchNorm1d(track_running_stats=False) normalises with its batch in eval mode too,
     and refuses a batch of one: the engine's one-input size probe raised torch's
     "Expected more than 1 value per channel" before any point ran (hunt 36)."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4),
-                                torch.nn.BatchNorm1d(4, track_running_stats=False),
-                                torch.nn.ReLU(), torch.nn.Linear(4, 3)).double().eval()
-    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 3, (16,))
+    model, x, y = batch_stats_problem(4, torch.nn.ReLU(), 16)
     c = {k: v.detach()[None] for k, v in model.named_parameters()}
     d = {k: torch.randn(2, *v.shape[1:], dtype=torch.float64) for k, v in c.items()}
     ts = torch.tensor([0.0, 0.5], dtype=torch.float64)

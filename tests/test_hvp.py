@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import frozen_bias_problem
+from conftest import batch_stats_problem, frozen_bias_problem
 from torch.func import functional_call
 
 from minefield.config import ConfigError, ModelConfig
@@ -309,11 +309,7 @@ def test_a_frozen_bias_left_out_of_params_is_a_constant_of_the_hessian(conv):
 def test_the_hessian_of_a_batchnorm1d_without_running_statistics():
     """Its one-input logit-count probe raised torch's "Expected more than 1 value per
     channel" (hunt 36); the batch statistics are part of the function differentiated."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3),
-                                torch.nn.BatchNorm1d(3, track_running_stats=False),
-                                torch.nn.Tanh(), torch.nn.Linear(3, 3)).double().eval()
-    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 3, (10,))
+    model, x, y = batch_stats_problem(3, torch.nn.Tanh(), 10)
     p = {k: v.detach()[None] for k, v in model.named_parameters()}
 
     def loss(flat):

@@ -366,16 +366,18 @@ def test_fresh_points_are_never_the_datasets_own_train_or_test_points(tiny):
 
     exp = tiny("roll").replace(data=DataConfig("swissroll"))
     data = load_dataset(exp.data)
-    x, _ = search_extra(exp, _cfg(extra_poison=400, extra_share=0.11))  # seed 0: new points
+    x, _ = search_extra(exp, _cfg(extra_poison=400, extra_share=0.11), data)  # seed 0: new
     own = torch.cat([data.x_train, data.x_test])
     assert torch.cdist(x.double(), own.double()).min() > 1e-3
     with pytest.raises(ConfigError, match="search seed 1237 draws swissroll's own train"):
-        search_extra(exp, _cfg(extra_poison=400, extra_share=0.11, seed=1237))
+        search_extra(exp, _cfg(extra_poison=400, extra_share=0.11, seed=1237), data)
     # its own data seed moves the clash with it
     moved = exp.replace(data=DataConfig("swissroll", seed=5))
-    assert search_extra(moved, _cfg(extra_poison=400, extra_share=0.11, seed=1237)) is not None
+    data5 = load_dataset(moved.data)
+    assert search_extra(moved, _cfg(extra_poison=400, extra_share=0.11, seed=1237),
+                        data5) is not None
     with pytest.raises(ConfigError, match="choose another --seed"):
-        search_extra(moved, _cfg(extra_poison=400, extra_share=0.11, seed=5))
+        search_extra(moved, _cfg(extra_poison=400, extra_share=0.11, seed=5), data5)
 
 
 def test_search_config_holds_a_train_config_and_reads_the_flat_layout():

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ExperimentConfig
-from ..data import Dataset, fresh_points, load_dataset
+from ..data import Dataset, fresh_points
 from ..evaluate import resolve_device
 from ..executor import Executor, LocalExecutor
 from ..functional import Params, n_members, one, stack
@@ -92,9 +92,10 @@ class SearchSummary:
     seconds: float
 
 
-def search_extra(exp: ExperimentConfig, cfg: SearchConfig
+def search_extra(exp: ExperimentConfig, cfg: SearchConfig, data: Dataset
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The fresh poison points the searches of a run of ``exp`` add (None: none).
+    """The fresh poison points the searches of a run of ``exp`` (its ``data``) add (None:
+    none).
 
     They are drawn with the search's seed; the swiss roll's own points are drawn by the
     same generator with the data seed (1237 by default), so a search seeded with it would
@@ -104,7 +105,6 @@ def search_extra(exp: ExperimentConfig, cfg: SearchConfig
     if not n:
         return None
     x, y = fresh_points(exp.data, n, cfg.seed)
-    data = load_dataset(exp.data)
     for split in ("train", "test"):
         own = data.split(split)[0].to(x)
         if len(own) and bool((x[:, None] == own[None]).flatten(2).all(-1).any()):
@@ -118,7 +118,7 @@ def start_beta(cfg: SearchConfig, exp: ExperimentConfig, data: Dataset) -> float
     """The poison factor every search of a run of ``exp`` starts from: ``cfg.beta``, or
     when None the poison rows' share of the batch (fresh points included), as
     :func:`~minefield.search.search_minima` resolves it."""
-    extra = search_extra(exp, cfg)
+    extra = search_extra(exp, cfg, data)
     return effective_beta(cfg.beta, poison_set(data, cfg, extra)[0], cfg.train)
 
 
@@ -201,7 +201,7 @@ def search_run(run: Run | str | Path, cfg: SearchConfig = SearchConfig(), *,
                           "accuracies (and stopping rules) would be wrong; search a model "
                           "without BatchNorm")
     n_extra = cfg.n_extra(run_cfg.data.name)
-    extra = search_extra(run_cfg, cfg)
+    extra = search_extra(run_cfg, cfg, data)
     if cfg.member >= n_members(final_params):
         raise ValueError(f"member {cfg.member} asked for, run {run.name} has "
                          f"{n_members(final_params)}")
