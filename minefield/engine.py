@@ -7,8 +7,9 @@ chunk of points becomes one *stack* of models (see :mod:`minefield.functional`)
 and runs in one forward pass:
 
 - plain MLPs (``nn.Sequential`` of ``Linear`` and elementwise activations) use
-  batched matmuls directly, ``h <- act(b + h W^T)`` via ``torch.baddbmm`` over
-  the stacked weights ``(m, out, in)``;
+  batched matmuls directly, ``h <- act(b + h W^T)`` as one ``torch.bmm`` over the
+  stacked weights in homogeneous coordinates ``(m, out + 1, in + 1)``
+  (:mod:`minefield.homogeneous`);
 - any other module goes through :func:`~minefield.functional.stacked_forward`
   (``functional_call`` under ``vmap``, path ``vmap``), or, for conv nets, runs one
   point at a time on all the data (paths ``loop`` / ``loop_cl``: plain convolutions
@@ -47,10 +48,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import homogeneous
 from .autotune import arithmetic, cache_clamped, choose_path, memory_budget_mb, probe_key
 from .functional import (
     Params,
-    _mlp_forward,
     activation_elements,
     batch_statistics,
     bn_mode,
@@ -60,7 +61,6 @@ from .functional import (
     covers,
     member,
     mlp_fast_path,
-    mlp_workspace,
     n_members,
     one,
     stacked_forward,
@@ -144,8 +144,8 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
               buffers: Params | None, memory_mb: float | None, bn: BNPolicy, loss: str,
               path: str, precision: Precision = Precision.FLOAT32
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss (n_points,), acc (n_points,))``; ``make(sl)`` builds the points ``sl``
-    (stacked parameters), ``path`` (``mlp``, ``vmap``, ``loop``, ``loop_cl``) runs them."""
+    """``(loss (n_points,), acc (n_points,))``; ``make(sl, out)`` builds the points ``sl``
+    (stacked, into the views ``out`` if it can), ``path`` (``mlp``, ``vmap``, ...) runs them."""
     loss_fn, dev, y = _check_loss(loss), y.device, check_labels(y)  # int64
     out_loss = torch.zeros(n_points, dtype=torch.float64, device=dev)
     out_acc = torch.zeros(n_points, dtype=torch.float64, device=dev)
@@ -180,7 +180,7 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
         # keep one layer's activations cache-sized: bandwidth, not FLOPs, limits on a CPU
         width = max(m.out_features for m in model if isinstance(m, nn.Linear))
         mem = max(1, min(mem, _CACHE_BYTES // (pts * width * size)))
-    work = mlp_workspace(model, mem, pts, x) if path == "mlp" else None
+    work = homogeneous.Workspace(model, mem, pts, x) if path == "mlp" else None
     stale = any(b.is_floating_point() and b.dtype != dtype for b in model.buffers())
     if not buffers and (bn is BNPolicy.BATCH or stale):  # batch statistics must not update
         buffers = buffers_like(model, 1, dev, dtype) or None  # the module's; its dtype here
@@ -188,14 +188,15 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
         with arithmetic(precision, dev):
             for i in range(0, n_points, mem):
                 sl = slice(i, min(n_points, i + mem))
-                p = make(sl)
+                p = make(sl, work.views(sl.stop - sl.start) if path == "mlp" else None)
                 m = n_members(p)
+                packed = work.pack(p) if path == "mlp" else None
                 b = ({k: v.expand(m, *v.shape[1:]).clone() for k, v in one(buffers, 0).items()}
                      if buffers else None)
                 for j in range(0, n, pts):
                     ps = slice(j, min(n, j + pts))
                     if path == "mlp":
-                        logits = _mlp_forward(model, p, x[ps], work=work)
+                        logits = homogeneous.forward(model, packed, x[ps], work)
                     elif looped:
                         logits = _looped_logits(model, p, x[ps], b, path == "loop_cl")
                     else:
@@ -301,13 +302,13 @@ def evaluate_points(model: nn.Module, center: Params, directions: Params, ts: to
     d = {k: v.to(dtype).contiguous() for k, v in directions.items()}
     s0 = None if starts is None else {k: v.to(dtype).contiguous() for k, v in starts.items()}
 
-    def make(sl: slice) -> Params:
+    def make(sl: slice, out: Params | None = None) -> Params:
         t = t_flat[sl]
         # one distance per direction: the chunk's directions are a view, not a copy
         idx = sl if ts.dim() == 1 else k_idx[sl]
         base = c if s0 is None else {k: c[k] + s0[k][idx] for k in c}
-        return {k: torch.addcmul(v, t.view(-1, *[1] * (v.dim() - 1)), d[k][idx])
-                for k, v in base.items()}
+        return {k: torch.addcmul(v, t.view(-1, *[1] * (v.dim() - 1)), d[k][idx],
+                                 out=(out or {}).get(k)) for k, v in base.items()}
 
     n_params = sum(v[0].numel() for v in center.values())
     lo, ac = _run(model, t_flat.numel(), dtype, make, n_params, x, y, buffers, memory_mb, bn,
@@ -340,7 +341,7 @@ def evaluate_combinations(model: nn.Module, center: Params, basis: Params, coeff
     c = {k: v.contiguous() for k, v in center.items()}
     v = {k: b.to(dtype).contiguous() for k, b in basis.items()}
 
-    def make(sl: slice) -> Params:
+    def make(sl: slice, out: Params | None = None) -> Params:  # out: not used
         a = coeffs[sl]
         return {k: (c0.reshape(1, -1) + a @ v[k].reshape(n_basis, -1)).reshape(
             -1, *c0.shape[1:]) for k, c0 in c.items()}
