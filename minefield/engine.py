@@ -94,9 +94,9 @@ _LOOP_POINTS = 64
 def _candidates(model: nn.Module, buffers: Params | None, path: EnginePath | str,
                 x: torch.Tensor, center: Params) -> list[str]:
     """The paths ``path`` allows for this model, the preferred (unprobed) one first; the
-    matmuls only for a centre with every parameter (:func:`~minefield.stacked.covers`)."""
+    matmuls only for a centre with every parameter at its shape (:func:`homogeneous.fits`)."""
     path = option(EnginePath, path, "engine path")
-    mlp_ok = mlp_fast_path(model) and not buffers and covers(model, center)
+    mlp_ok = mlp_fast_path(model) and not buffers and homogeneous.fits(model, center)
     if path is EnginePath.MLP and not mlp_ok:
         raise ValueError("path 'mlp' needs a plain nn.Sequential MLP, no buffers, a full centre")
     if path is EnginePath.LOOP_CL and x.dim() != 4:

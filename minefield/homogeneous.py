@@ -9,17 +9,20 @@ Appending a constant 1 to every hidden vector removes it:
 
 .. math::
 
-    [h \\mid 1] \\begin{bmatrix} W^\\top & 0 \\\\ b^\\top & 1 \\end{bmatrix}
-    = [h W^\\top + b \\mid 1],
+    [h \\mid 1] \\begin{bmatrix} W^\\top & 0 \\\\ b^\\top & 0 \\end{bmatrix}
+    = [h W^\\top + b \\mid 0],
 
-so one plain ``bmm`` writes the layer's output *and* the next layer's constant
-column, which the activation leaves alone when ``act(1) = 1`` (ReLU, LeakyReLU,
-Identity; after a Tanh the column is set back to 1). The augmented weights ``(M,
-out + 1, in + 1)`` are copied from the stacked parameters once per chunk of points,
-a few percent of the activations' size. The values are those of ``_mlp_forward``
-up to the rounding of a sum's order (the bias joins the dot product as its last
-term), no gradients (evaluation only). The chunk of the swiss-roll MLP above ran in
-0.75x the time of the ``baddbmm`` layers (idle 2-core Intel Xeon, 2026-12-02).
+so one plain ``bmm`` writes the layer's output, one column wider. That extra column
+is set to 1 before the next matmul reads it (a strided write of ``M N`` numbers, not
+``M N out``): computed as ``0 h + 1`` it would be NaN wherever a unit overflowed to
+``inf``, where the layers themselves can still give a finite value (a ReLU zeroing
+``-inf``, a Tanh saturating). The augmented weights ``(M, out + 1, in + 1)`` are
+written by the engine's point maker straight into :meth:`Workspace.views` (or copied
+by :meth:`Workspace.pack`), a few percent of the activations' size. The values are
+those of ``_mlp_forward`` up to the rounding of a sum's order (the bias joins the dot
+product as its last term); no gradients (evaluation only). The swiss-roll MLP's
+evaluation above ran 1.13-1.16x as fast as with the ``baddbmm`` layers (idle 2-core
+Intel Xeon, 2026-12-02; ``benchmarks/bench_real.py``).
 
 Example::
 
@@ -41,14 +44,25 @@ from torch import nn
 
 from .functional import Params
 
-__all__ = ["Workspace", "forward"]
-
-#: activations with act(1) = 1, which keep the constant column as it is
-_KEEPS_ONE = (nn.ReLU, nn.LeakyReLU, nn.Identity)
-
+__all__ = ["Workspace", "fits", "forward"]
 
 def _linears(model: nn.Sequential) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in model._modules.items() if isinstance(m, nn.Linear)]
+
+
+def fits(model: nn.Sequential, params: Params) -> bool:
+    """Whether the stack ``params`` holds every ``Linear``'s tensors with the shapes of
+    its ``in_features`` and ``out_features``, which size the :class:`Workspace`: a
+    centre of other widths (which ``functional_call`` runs) would be written into views
+    of the wrong shape (``out=`` resizes them) and read back scrambled."""
+    for name, lin in _linears(model):
+        want = {"weight": (lin.out_features, lin.in_features), "bias": (lin.out_features,)}
+        for kind, shape in want.items():
+            t = params.get(f"{name}.{kind}")
+            if (t is None) != (kind == "bias" and lin.bias is None) or (
+                    t is not None and tuple(t.shape[1:]) != shape):
+                return False
+    return True
 
 
 class Workspace:
@@ -63,10 +77,8 @@ class Workspace:
         self.weights: dict[str, torch.Tensor] = {}
         for name, lin in lins:  # a Linear reused at several places: one buffer
             o = lin.out_features + (name != last)
-            w = torch.zeros(members, o, lin.in_features + 1, **kw)
-            if name != last:
-                w[:, -1, -1] = 1  # the row that writes the next layer's constant 1
-            self.weights[name] = w
+            # a hidden layer's last row stays 0: it writes the column forward() sets to 1
+            self.weights[name] = torch.zeros(members, o, lin.in_features + 1, **kw)
         width = max(m.out_features for _, m in lins) + 1
         self.acts = [torch.empty(members * inputs * width, **kw) for _ in range(2)]
         self.has_bias = {name: lin.bias is not None for name, lin in lins}
@@ -86,7 +98,7 @@ class Workspace:
     @torch.no_grad()
     def pack(self, params: Params) -> dict[str, torch.Tensor]:
         """The augmented weights ``(m, out (+1), in + 1)`` of the stack ``params``
-        (``m`` members, at most the workspace's): ``[[W, b], [0, 1]]`` per ``Linear``.
+        (``m`` members, at most the workspace's): ``[[W, b], [0, 0]]`` per ``Linear``.
         Tensors already in place (:meth:`views`) are not copied."""
         m = params[next(iter(params))].shape[0]
         for name, view in self.views(m).items():
@@ -102,13 +114,15 @@ def forward(model: nn.Sequential, packed: dict[str, torch.Tensor], x: torch.Tens
     from :meth:`Workspace.pack`'s weights, ``x`` ``(N, ...)`` shared by every member."""
     m = packed[next(iter(packed))].shape[0]
     last = _linears(model)[-1][0]
-    h, seen, hidden = x, False, False  # hidden: h carries the constant column
+    h, seen = x, False
     for name, mod in model._modules.items():
         if isinstance(mod, nn.Flatten):  # only before the first Linear (mlp_fast_path)
             h = h.flatten(1)
         elif isinstance(mod, nn.Linear):
             if not seen:  # the first layer: x and its constant column, shared
                 h = torch.cat([h, h.new_ones(len(h), 1)], 1).expand(m, len(h), -1)
+            else:  # whatever the activations made of it (tanh(1), NaN from 0 * inf)
+                h[..., -1] = 1
             wt = packed[name].transpose(1, 2)  # (m, in + 1, out (+1)): a view
             if name == last:
                 h = torch.bmm(h, wt)
@@ -116,13 +130,11 @@ def forward(model: nn.Sequential, packed: dict[str, torch.Tensor], x: torch.Tens
                 buf = work.acts[1] if h.data_ptr() == work.acts[0].data_ptr() else work.acts[0]
                 h = torch.bmm(h, wt, out=buf[:m * h.shape[1] * wt.shape[2]].view(
                     m, h.shape[1], wt.shape[2]))
-            seen, hidden = True, name != last
+            seen = True
         elif not seen:  # before the first Linear: x itself, not to be overwritten
             h = _activate(mod, h.clone())
         else:
             h = _activate(mod, h)
-            if hidden and not isinstance(mod, _KEEPS_ONE):  # Tanh: act(1) != 1
-                h[..., -1] = 1
     return h
 
 

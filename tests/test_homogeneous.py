@@ -76,3 +76,45 @@ def test_engine_mlp_path_equals_the_one_point_loop(name):
         got = evaluate_points(model, centre, dirs, ts, x, y, path="mlp", memory_mb=mb)
         assert torch.allclose(got[0], ref[0], rtol=0, atol=1e-12)
         assert torch.equal(got[1], ref[1])
+
+
+def test_an_overflowed_unit_that_a_relu_zeroes_gives_the_loops_finite_loss():
+    # far out along the first weight h1 = t x overflows float32; the next layer's
+    # -inf is zeroed by its ReLU, so the logits are the last bias. The homogeneous
+    # constant column (0 * inf + 1 = NaN) made every later unit, and the loss, NaN.
+    model = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model[0].weight.fill_(1.0)
+        model[2].weight.fill_(-1.0)
+        model[4].bias.copy_(torch.tensor([1.0, 0.0]))
+    centre = stack([{n: p.detach().clone() for n, p in model.named_parameters()}])
+    dirs = {n: torch.zeros(1, *v.shape[1:]) for n, v in centre.items()}
+    dirs["0.weight"].fill_(1.0)
+    x, y, ts = torch.tensor([[10.0]]), torch.tensor([0]), torch.tensor([[1.0, 1e38]])
+    ref = evaluate_points_loop(model, centre, dirs, ts, x, y)
+    got = evaluate_points(model, centre, dirs, ts, x, y, path="mlp")
+    assert torch.isfinite(ref[0]).all()
+    assert torch.allclose(got[0], ref[0], rtol=1e-6, atol=0) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("case", ["wider", "narrower", "bias of a bias-less Linear"])
+def test_a_centre_off_the_models_shapes_is_not_run_in_the_workspace(case):
+    # functional_call (vmap) runs the centre's tensors whatever the module's widths; the
+    # workspace, sized by in/out_features, scrambled them (out= resized its views) or
+    # dropped a bias the module lacks
+    g = torch.Generator().manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 4, bias=case != "bias of a bias-less Linear"),
+                          nn.ReLU(), nn.Linear(4, 2))
+    hid = {"wider": 6, "narrower": 2}.get(case, 4)
+    shapes = {"0.weight": (hid, 3), "0.bias": (hid,), "2.weight": (2, hid), "2.bias": (2,)}
+    centre = {n: torch.randn(1, *s, generator=g) for n, s in shapes.items()}
+    dirs = {n: torch.randn(5, *s, generator=g) for n, s in shapes.items()}
+    x, y, ts = torch.randn(20, 3, generator=g), torch.randint(0, 2, (20,), generator=g), \
+        torch.rand(5, generator=g)
+    ref = evaluate_points(model, centre, dirs, ts, x, y, path="vmap")
+    got = evaluate_points(model, centre, dirs, ts, x, y)  # auto: the MLP path when it fits
+    assert torch.allclose(got[0], ref[0], rtol=1e-6, atol=0)
+    assert not homogeneous.fits(model, centre)
+    assert homogeneous.fits(model, stack([dict(model.named_parameters())]))
