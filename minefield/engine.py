@@ -158,7 +158,7 @@ def _evaluate(model: nn.Module, n_points: int, n_params: int, dtype: torch.dtype
     version = x._version  # an in-place change of x (or of a view of it) bumps it
     size = torch.finfo(dtype).bits // 8
     mdt = next(model.parameters()).dtype  # activation_elements runs the module itself
-    sample = x[:2].to(mdt)
+    sample = x[:2].to(mdt, copy=True)  # a forward may change its input in place
     per = activation_elements(model, sample) * size  # bytes per (point, input)
     budget = memory_budget_mb(dev, memory_mb) * 2**20
     # batch statistics (asked for, or a BatchNorm without running ones) see all inputs

@@ -118,3 +118,21 @@ def test_a_centre_off_the_models_shapes_is_not_run_in_the_workspace(case):
     assert torch.allclose(got[0], ref[0], rtol=1e-6, atol=0)
     assert not homogeneous.fits(model, centre)
     assert homogeneous.fits(model, stack([dict(model.named_parameters())]))
+
+
+def test_an_in_place_activation_on_the_input_leaves_the_callers_x_alone():
+    # the engine's size probe ran the module on a view of x: ReLU(inplace=True) zeroed the
+    # negatives of the caller's x[:2] (hunt 46)
+    model, _ = _models()["flatten, act on x"]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 2, 2, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (6,), generator=g)
+    x0 = x.clone()
+    centre = stack([_members(model, 1, 8)[0]])
+    dirs = {n: torch.randn(3, *v.shape[1:], generator=g, dtype=torch.float64)
+            for n, v in centre.items()}
+    ts = torch.rand(3, generator=g, dtype=torch.float64)
+    got = evaluate_points(model, centre, dirs, ts, x, y, path="mlp")
+    assert torch.equal(x, x0)
+    ref = evaluate_points_loop(model, centre, dirs, ts, x.clone(), y)  # ReLU: idempotent
+    assert torch.allclose(got[0], ref[0], rtol=0, atol=1e-12)
