@@ -337,8 +337,8 @@ def direction_radii(model: nn.Module, params: Params, data: Dataset | tuple[torc
     theta = member(centre, 0)
     spec = cfg.directions
     check_units(theta, spec.kind, spec.bias)  # a zero filter: every radius from the rest
-    d = random_directions(theta, b, spec.kind, spec.bias, spec.generator())
-    d = {k: torch.cat([v[a:], -v[a:]]) for k, v in d.items()}  # (2K, ...): d and -d
+    d = random_directions(theta, b - a, spec.kind, spec.bias, spec.generator(), skip=a)
+    d = {k: torch.cat([v, -v]) for k, v in d.items()}  # (2K, ...): d and -d, the block's only
     k = 2 * (b - a)
 
     def loss_at(precision: Precision, d: Params = d) -> Callable[[torch.Tensor], torch.Tensor]:

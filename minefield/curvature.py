@@ -251,9 +251,11 @@ def hessian_diagonal(model, params: Params, data: Dataset | tuple[torch.Tensor, 
     if n_probes is not None:
         return hutchinson_diagonal(op, n_probes, seed)[0]
     out = torch.empty(op.m, op.n, dtype=op.dtype, device=op.device)
-    eye = torch.eye(op.n, dtype=op.dtype, device=op.device)
     step = op.probe_chunk or op.n
-    for i in range(0, op.n, step):
-        cols = eye[i:i + step].expand(op.m, -1, -1)
-        out[:, i:i + step] = (op.matmat(cols) * cols).sum(2)
+    for i in range(0, op.n, step):  # the unit vectors e_i.. of one chunk: (step, n), not n^2
+        k = min(step, op.n - i)
+        cols = torch.zeros(k, op.n, dtype=op.dtype, device=op.device)
+        cols[:, i:i + k].fill_diagonal_(1)
+        cols = cols.expand(op.m, -1, -1)
+        out[:, i:i + k] = (op.matmat(cols) * cols).sum(2)
     return out

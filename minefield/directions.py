@@ -128,18 +128,23 @@ def check_units(params: Params, kind: DirectionKind | str = "filter",
 
 def random_directions(params: Params, n: int, kind: DirectionKind | str = "filter",
                       bias: BiasPolicy | str = "exclude",
-                      generator: torch.Generator | None = None) -> Params:
+                      generator: torch.Generator | None = None, skip: int = 0) -> Params:
     """``n`` random directions for the single model ``params``: a dict of ``(n, ...)``.
 
     ``generator`` (a CPU ``torch.Generator``) makes them reproducible; draws are
-    made in float64 on the CPU and cast to each tensor's dtype/device.
+    made in float64 on the CPU and cast to each tensor's dtype/device. ``skip``: the
+    first ``skip`` directions are drawn and dropped, not kept, so the result is
+    ``random_directions(params, skip + n, ...)[skip:]`` in memory for ``n`` only.
     """
     kind = option(DirectionKind, kind, "direction kind")
     bias = option(BiasPolicy, bias, "direction bias")
-    if n < 0:
-        raise ValueError(f"number of directions must be >= 0, got {n}")
+    if n < 0 or skip < 0:
+        raise ValueError(f"number of directions must be >= 0, got {n} (skip {skip})")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     keys = [k for k, v in params.items() if _perturbed(v.shape, bias)]
+    for _ in range(skip):  # the same draws, one direction at a time, as below
+        for k in keys:
+            torch.randn(params[k].shape, generator=g, dtype=torch.float64)
     theta = {k: params[k].detach().double().cpu() for k in keys}
     out = {k: torch.zeros(n, *v.shape, dtype=torch.float64) for k, v in params.items()}
     for i in range(n):
