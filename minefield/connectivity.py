@@ -47,14 +47,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from .batches import minibatch
-from .config import ConfigError, Optimizer, TrainConfig, _Config
+from .config import TrainConfig
+from .connect_config import CURVE_TRAIN, ConnectConfig
 from .data import Dataset
 from .functional import (
     Params,
@@ -71,45 +72,6 @@ from .train import TrainingDiverged, make_optimizer
 
 __all__ = ["ConnectConfig", "CURVE_TRAIN", "ConnectResult", "bezier", "curve_objective",
            "pair_seed", "fit_curves", "evaluate_curves", "barriers", "connect"]
-
-#: Training of the control points: Adam 0.01, 1000 full-batch steps (swiss-roll scale).
-CURVE_TRAIN = TrainConfig(optimizer=Optimizer.ADAM, lr=0.01, steps=1000, log_every=1000,
-                          checkpoint_every=1000)
-
-
-@dataclass(frozen=True)
-class ConnectConfig(_Config):
-    """How two minima are connected: ``n_points`` values of ``t`` in [0, 1] (both ends
-    included) to evaluate, and ``train``, the training of the control points (its
-    ``seed``, with each pair's endpoints, draws the ``t`` of each step; alone, the
-    minibatches; no SAM, ``fit_first`` or poison). ``isolate``: each curve on kernels
-    shaped for one model, so its numbers do not depend on the other curves of the stack
-    (``False``: one batched pass for all curves, faster on many cores, equal up to
-    rounding)."""
-
-    n_points: int = 41
-    train: TrainConfig = field(default_factory=lambda: CURVE_TRAIN)
-    memory_mb: float = 256.0
-    isolate: bool = True
-    _section: ClassVar[str] = "connect"
-
-    def _validate(self):
-        if isinstance(self.n_points, bool) or not isinstance(self.n_points, int) \
-                or self.n_points < 2:
-            raise ConfigError(f"connect.n_points must be an integer >= 2, got {self.n_points}")
-        if self.n_points > 10_000:  # a plot's resolution; 1e8 points took 23 GB to refuse
-            raise ConfigError(f"connect.n_points (--points): at most 10000, got {self.n_points}")
-        if not self.memory_mb > 0:
-            raise ConfigError(f"connect.memory_mb must be > 0, got {self.memory_mb}")
-        t = self.train  # a curve trains on the plain loss of all training points
-        off = [k for k in ("fit_first", "poison_batch_size") if getattr(t, k) is not None]
-        off += ["sam"] * (t.sam != "none")  # (rho and sam_m need sam: TrainConfig)
-        if off:
-            raise ConfigError(f"connect.train: {', '.join(off)} do not apply to curve training")
-
-    def ts(self) -> torch.Tensor:
-        return torch.linspace(0, 1, self.n_points, dtype=torch.float64)
-
 
 def bezier(a: Params, c: Params, b: Params, t: torch.Tensor) -> Params:
     """Points ``(1 - t)^2 a + 2 t (1 - t) c + t^2 b`` of P curves at T values of ``t``.
@@ -265,8 +227,9 @@ def evaluate_curves(model: nn.Module, a: Params, c: Params, b: Params, ts: torch
     """Mean NLL and accuracy at every point of P curves: ``(loss (P, T), acc (P, T))``.
 
     ``ts`` ``(T,)``. Points go through one stacked forward per chunk of about
-    ``memory_mb`` of activations. With BatchNorm, each point's statistics are
-    recomputed on ``x_stats`` (the training inputs; required then).
+    ``memory_mb`` of activations, the inputs in chunks too where one point's exceed it.
+    With BatchNorm, each point's statistics are recomputed on ``x_stats`` (the training
+    inputs, required then; one pass over all of them per point).
     ``isolate``: one curve at a time, in fresh storage (its numbers are then the same in
     any stack)."""
     p, k = n_members(a), len(ts)
@@ -281,7 +244,8 @@ def evaluate_curves(model: nn.Module, a: Params, c: Params, b: Params, ts: torch
     dtype = next(iter(a.values())).dtype
     x = x.to(dtype)
     per = activation_elements(model, x[:2].to(next(model.parameters()).dtype)) * x.element_size()
-    n_pts = max(len(x), 0 if x_stats is None else len(x_stats))
+    step = max(1, min(len(x), int(memory_mb * 2**20 // max(1, per))))  # inputs per forward
+    n_pts = max(step, 0 if x_stats is None else len(x_stats))
     chunk = max(1, int(memory_mb * 2**20 // max(1, per * n_pts)))
     loss = torch.empty(p * k, dtype=torch.float64, device=y.device)
     acc = torch.empty(p * k, dtype=torch.float64, device=y.device)
@@ -296,11 +260,25 @@ def evaluate_curves(model: nn.Module, a: Params, c: Params, b: Params, ts: torch
                              {n: v[sl] for n, v in c.items()},
                              {n: v[sl] for n, v in b.items()}, ts[cols])
                 bufs = _point_stats(model, pts, x_stats.to(dtype)) if bn else None
-                logits = stacked_forward(model, pts, x, bufs)
-                n_t = cols.stop - cols.start
-                loss[sl, cols] = nll(logits, y).double().mean(-1).view(-1, n_t)
-                acc[sl, cols] = (predict(logits) == y).double().mean(-1).view(-1, n_t)
+                lo, ac = _means(model, pts, x, y, bufs, step)
+                loss[sl, cols], acc[sl, cols] = (v.view(-1, cols.stop - cols.start)
+                                                 for v in (lo, ac))
     return loss, acc
+
+
+def _means(model: nn.Module, pts: Params, x: torch.Tensor, y: torch.Tensor,
+           bufs: Params | None, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean NLL and accuracy ``(m,)`` (float64) of the points on ``x``, ``step`` inputs
+    per forward (summed per chunk where the inputs do not fit one)."""
+    if step >= len(x):
+        logits = stacked_forward(model, pts, x, bufs)
+        return nll(logits, y).double().mean(-1), (predict(logits) == y).double().mean(-1)
+    lo = ac = 0
+    for i in range(0, len(x), step):
+        logits, yi = stacked_forward(model, pts, x[i:i + step], bufs), y[i:i + step]
+        lo = lo + nll(logits, yi).double().sum(-1)
+        ac = ac + (predict(logits) == yi).double().sum(-1)
+    return lo / len(x), ac / len(x)
 
 
 def barriers(ts: torch.Tensor, loss: torch.Tensor, acc: torch.Tensor) -> dict[str, torch.Tensor]:

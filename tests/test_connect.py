@@ -109,6 +109,27 @@ def test_many_points_of_one_curve_are_evaluated_in_chunks(monkeypatch):
     assert torch.equal(acc, want_a)
 
 
+def test_inputs_are_chunked_where_one_points_exceed_the_budget(monkeypatch):
+    # regression (hunt 47): a point always ran on all inputs, so memory grew with the data
+    # at any budget (ResNet-20, memory_mb=16: +70 MB for 128 images, +190 MB for 512)
+    import minefield.connectivity as conn
+
+    data = _data()
+    model = build_model(ModelConfig(widths=(6, 4)), (2,), 2).double()
+    a, b, c = _stacks(model, [0, 1]), _stacks(model, [2, 3]), _stacks(model, [4, 5])
+    ts = torch.linspace(0, 1, 5, dtype=torch.float64)
+    seen, real = [], conn.stacked_forward
+    monkeypatch.setattr(conn, "stacked_forward",
+                        lambda m, p, x, bufs=None: seen.append(len(x)) or real(m, p, x, bufs))
+    per = conn.activation_elements(model, data.x_test[:1]) * 8
+    loss, acc = evaluate_curves(model, a, c, b, ts, data.x_test, data.y_test,
+                                memory_mb=11.5 * per / 2**20)  # 11 inputs of one point
+    assert max(seen) == 11 and sum(seen) == 2 * 5 * len(data.x_test)
+    want_l, want_a = _loop(model, a, c, b, ts, data.x_test, data.y_test)
+    torch.testing.assert_close(loss, want_l, rtol=1e-12, atol=1e-14)
+    assert torch.equal(acc, want_a)
+
+
 def test_batchnorm_statistics_are_recomputed_at_every_point():
     data = _data()
     torch.manual_seed(0)
