@@ -317,3 +317,24 @@ def test_measure_functions_default_to_the_cli_settings():
     for fn, kw in want.items():
         got = {k: inspect.signature(fn).parameters[k].default for k in kw}
         assert got == kw, fn.__name__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_antithetic_probes_are_the_formula_in_contiguous_tensors(dtype, adaptive):
+    """[T z, -T z] with z ~ N(0, I) drawn in float64 from the seed and rounded to the
+    parameters' dtype, T = |w| + eta (ASAM) or I; each parameter's own contiguous tensor,
+    which the engine takes without a copy (hunt 47: 5-6 probe-sized copies before)."""
+    from minefield.sharpness import _probes
+
+    model = build_model(ModelConfig(widths=(7, 5)), (3,), 3).to(dtype)
+    p = {k: v.to(dtype) for k, v in init_stack(model, "glorot_uniform", [0, 1]).items()}
+    obj = model_objective(model, p, (torch.randn(20, 3, dtype=dtype), torch.randint(0, 3, (20,))))
+    w = flatten(one(p, 1))
+    z = torch.randn(5, w.shape[1], generator=torch.Generator().manual_seed(3),
+                    dtype=torch.float64).to(dtype)
+    d = (w.abs() + 0.01) * z if adaptive else z
+    want = unflatten(torch.cat([d, -d]), p)
+    got = _probes(obj, 5, 3, adaptive, 0.01, 1)
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) and got[k].is_contiguous() for k in want)
