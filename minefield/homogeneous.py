@@ -46,6 +46,7 @@ from .functional import Params
 
 __all__ = ["Workspace", "fits", "forward"]
 
+
 def _linears(model: nn.Sequential) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in model._modules.items() if isinstance(m, nn.Linear)]
 
@@ -75,7 +76,7 @@ class Workspace:
         lins = _linears(model)
         last = lins[-1][0]
         self.weights: dict[str, torch.Tensor] = {}
-        for name, lin in lins:  # a Linear reused at several places: one buffer
+        for name, lin in lins:  # (a reused or tied Linear never comes here: mlp_fast_path)
             o = lin.out_features + (name != last)
             # a hidden layer's last row stays 0: it writes the column forward() sets to 1
             self.weights[name] = torch.zeros(members, o, lin.in_features + 1, **kw)
@@ -89,7 +90,7 @@ class Workspace:
         ``make`` that writes them there (``out=``) spares :meth:`pack` its copy."""
         out = {}
         for name, w in self.weights.items():
-            o = w.shape[1] - (w.shape[1] != self.n_out[name])
+            o = self.n_out[name]
             out[f"{name}.weight"] = w[:m, :o, :-1]
             if self.has_bias[name]:
                 out[f"{name}.bias"] = w[:m, :o, -1]
